@@ -1,0 +1,53 @@
+# govshare — the two commands a newcomer needs: `make demo` and `make test`.
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+TYPECHECK := $(VENV)/typecheck/govshare
+
+.PHONY: demo test lint typecheck pytest protos bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+# Runtime install (what `make demo` needs).
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e .
+	touch $@
+
+# Development install: runtime plus lint, type checks, tests.
+$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(VENV)/.installed $@
+
+# mypy cannot follow setuptools' editable finder, so it reads the package through links
+# that mirror the package-dir mapping of pyproject.toml.
+$(TYPECHECK): | $(BIN)/python
+	mkdir -p $(TYPECHECK)
+	for d in cli examples node protocols; do ln -sfn "$(CURDIR)/$$d" $(TYPECHECK)/$$d; done
+	ln -sfn "$(CURDIR)/protos/govshare/v1" $(TYPECHECK)/v1
+
+demo: $(VENV)/.installed
+	$(BIN)/python -m govshare.examples.demo
+
+lint: $(VENV)/.installed-dev
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+
+typecheck: $(VENV)/.installed-dev $(TYPECHECK)
+	$(BIN)/mypy -p govshare
+	$(BIN)/mypy tests bench
+
+pytest: $(VENV)/.installed-dev
+	$(BIN)/pytest
+
+test: lint typecheck pytest
+
+protos: $(VENV)/.installed-dev
+	$(BIN)/python protos/generate.py
+
+bench: $(VENV)/.installed
+	$(BIN)/python bench/audit.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

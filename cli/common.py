@@ -1,0 +1,64 @@
+"""Shared options and rendering for govshare's click commands.
+
+The CLI only parses and renders: every command calls the client or node API and prints the
+result as a rich table, or as JSON with ``--json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def home_option(func: F) -> F:
+    """``--home``: a node's home folder (default ``$GOVSHARE_HOME`` or the current folder)."""
+    return click.option(
+        "--home",
+        type=click.Path(file_okay=False, path_type=Path),
+        default=lambda: Path(os.environ.get("GOVSHARE_HOME", ".")),
+        show_default="$GOVSHARE_HOME or .",
+        help="The node's home folder.",
+    )(func)
+
+
+def identity_option(func: F) -> F:
+    """``--identity``: a member's identity bundle (default ``$GOVSHARE_IDENTITY`` or ``.``)."""
+    return click.option(
+        "--identity",
+        type=click.Path(file_okay=False, path_type=Path),
+        default=lambda: Path(os.environ.get("GOVSHARE_IDENTITY", ".")),
+        show_default="$GOVSHARE_IDENTITY or .",
+        help="Your identity bundle from 'govshare federation enrol'.",
+    )(func)
+
+
+def json_option(func: F) -> F:
+    """``--json``: print machine-readable JSON instead of a table."""
+    return click.option("--json", "as_json", is_flag=True, help="Print JSON.")(func)
+
+
+def emit_json(value: Any) -> None:
+    click.echo(json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False))
+
+
+def render_table(
+    title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any]]
+) -> None:
+    table = Table(title=title, header_style="bold")
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*("" if cell is None else str(cell) for cell in row))
+    console.print(table)

@@ -1,0 +1,117 @@
+"""A node's TOML configuration and home folder.
+
+A node home holds ``node.toml``, the node's identity bundle (see ``govshare.node.identity``),
+the data store ``node.db`` and the audit log ``audit.db``. Every path in the config is relative
+to the home unless absolute.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from govshare.protocols.errors import MalformedInput, NotFound
+
+CONFIG_NAME = "node.toml"
+
+# gRPC worker threads. Protocol work runs in a process pool, so threads only wait on I/O.
+DEFAULT_MAX_WORKERS = 16
+# Seconds a stopping node lets in-flight RPCs finish before cancelling them.
+DEFAULT_GRACE_SECONDS = 5.0
+# Seconds between audit-log checkpoints when entries keep arriving.
+DEFAULT_CHECKPOINT_INTERVAL = 10.0
+
+TEMPLATE = """\
+# govshare node configuration. Paths are relative to this file's folder.
+[node]
+# Address the node's gRPC server listens on (mutual TLS only).
+listen = "{listen}"
+# Identity bundle: tls.key, tls.crt, signing.key, ca.crt, roster.json.
+identity = "{identity}"
+# SQLite store for datasets, grants, approvals and budgets.
+database = "node.db"
+# SQLite append-only audit log.
+audit_database = "audit.db"
+# gRPC worker threads.
+max_workers = {max_workers}
+# Seconds in-flight calls may finish after SIGTERM/SIGINT.
+grace_seconds = {grace_seconds}
+# Seconds between audit-log checkpoints.
+checkpoint_interval = {checkpoint_interval}
+"""
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    home: Path
+    listen: str
+    identity_dir: Path
+    database_path: Path
+    audit_database_path: Path
+    max_workers: int = DEFAULT_MAX_WORKERS
+    grace_seconds: float = DEFAULT_GRACE_SECONDS
+    checkpoint_interval: float = DEFAULT_CHECKPOINT_INTERVAL
+
+    @classmethod
+    def load(cls, home: Path) -> NodeConfig:
+        """Read ``home/node.toml``.
+
+        Raises:
+            NotFound: the home has no config (run ``govshare node init``).
+            MalformedInput: the config is not valid TOML or has a wrong value.
+        """
+        path = home / CONFIG_NAME
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise NotFound(
+                f"no node config at {path}; run 'govshare node init --home {home}' first"
+            ) from None
+        except tomllib.TOMLDecodeError as exc:
+            raise MalformedInput(f"{path}: {exc}", field=CONFIG_NAME) from None
+        section = raw.get("node")
+        if not isinstance(section, dict):
+            raise MalformedInput(f"{path}: missing [node] table", field="node")
+
+        def text(key: str, default: str | None = None) -> str:
+            value = section.get(key, default)
+            if not isinstance(value, str) or not value:
+                raise MalformedInput(f"{path}: node.{key} must be a non-empty string", field=key)
+            return value
+
+        def number(key: str, default: float) -> float:
+            value = section.get(key, default)
+            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+                raise MalformedInput(f"{path}: node.{key} must be a positive number", field=key)
+            return float(value)
+
+        return cls(
+            home=home,
+            listen=text("listen"),
+            identity_dir=home / text("identity", "."),
+            database_path=home / text("database", "node.db"),
+            audit_database_path=home / text("audit_database", "audit.db"),
+            max_workers=int(number("max_workers", DEFAULT_MAX_WORKERS)),
+            grace_seconds=number("grace_seconds", DEFAULT_GRACE_SECONDS),
+            checkpoint_interval=number("checkpoint_interval", DEFAULT_CHECKPOINT_INTERVAL),
+        )
+
+
+def write_default(home: Path, *, listen: str, identity: str = ".") -> Path:
+    """Write a fresh ``node.toml`` with documented defaults; refuse to overwrite one."""
+    path = home / CONFIG_NAME
+    if path.exists():
+        raise MalformedInput(f"{path} already exists; edit it or choose another home")
+    home.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        TEMPLATE.format(
+            listen=listen,
+            identity=identity,
+            max_workers=DEFAULT_MAX_WORKERS,
+            grace_seconds=DEFAULT_GRACE_SECONDS,
+            checkpoint_interval=DEFAULT_CHECKPOINT_INTERVAL,
+        ),
+        encoding="utf-8",
+    )
+    return path

@@ -1,0 +1,62 @@
+"""govshare's one error hierarchy.
+
+Every layer raises these; the gRPC layer maps them to status codes in one place
+(``govshare.node.status``) and the CLI turns them into a one-line message and exit code 1.
+
+- ``TypeError`` (builtin) stays for API misuse by a programmer.
+- :class:`MalformedInput` for bad encodings, files and requests. Parsers turn ``ValueError``,
+  ``struct.error``, ``binascii.Error`` and protobuf ``DecodeError`` into it.
+- :class:`VerificationFailed` for failed cryptographic checks. Detail-free on purpose, like
+  pyca/cryptography's ``InvalidSignature``: callers must not learn *why* a MAC or signature failed.
+- :class:`PolicyRefused` names the governance rule that refused.
+"""
+
+from __future__ import annotations
+
+
+class GovshareError(Exception):
+    """Base of every error govshare raises on purpose."""
+
+
+class MalformedInput(GovshareError):
+    """An encoding, file, message or argument is not well formed.
+
+    ``field`` names what was wrong (a message field, a CSV row, a config key) when known.
+    """
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class VerificationFailed(GovshareError):
+    """A signature, proof, MAC or consistency check failed."""
+
+
+class NotFound(GovshareError):
+    """A named dataset, member, grant, entry or query does not exist."""
+
+
+class AlreadyExists(GovshareError):
+    """Creating something that already exists (a dataset name, a member name)."""
+
+
+class PolicyRefused(GovshareError):
+    """The governance policy refused a request; ``rule`` names the rule that refused."""
+
+    def __init__(self, rule: str, message: str) -> None:
+        super().__init__(f"refused by rule {rule}: {message}")
+        self.rule = rule
+        self.reason = message
+
+
+class PermissionDenied(GovshareError):
+    """The caller's role or identity may not perform this operation."""
+
+
+class Unavailable(GovshareError):
+    """A peer could not be reached or vanished mid-protocol."""
+
+
+class Aborted(GovshareError):
+    """A multi-party protocol run was abandoned; nothing was released."""
