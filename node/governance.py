@@ -92,6 +92,13 @@ class DatasetInfo:
     description: str = ""
     created_at: int = 0  # unix seconds
     min_set_size: int = field(default=0)  # smallest filtered set a PSI may run on (0 = default)
+    # Operator tightening above the grade floors (govshare.node.policy); never loosens them.
+    # Jurisdictions (ISO 3166-1 alpha-2) whose members may receive results. Empty means: no
+    # restriction for ``general``, and only the holder node's own jurisdiction for ``important``.
+    allowed_jurisdictions: tuple[str, ...] = ()
+    min_group_size: int = 0  # smallest released group (0 = the grade's floor k)
+    require_dp: bool = False  # DP noise on every query, even where the grade does not demand it
+    require_approval: bool = False  # per-query operator approval, even for ``general``
 
     def column(self, name: str) -> ColumnRule | None:
         for rule in self.columns:
