@@ -1,0 +1,224 @@
+"""Authentication and role checks for every RPC, in one server interceptor.
+
+The caller's identity comes from the TLS-verified client certificate (``x509_pem_cert`` in the
+call's auth context), never from a request field. The certificate must be the one the signed
+roster lists for that member; its role decides which services it may call. Methods not listed
+in the access table are refused (default deny).
+
+The interceptor also turns govshare errors raised by servicers into gRPC status codes
+(``govshare.node.status``) and records every call — accepted, refused or failed — in the
+node's audit log when one is attached.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import hashlib
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from govshare.node.audit_sink import AuditSink
+from govshare.node.governance import Role
+from govshare.node.identity import CertIdentity, Member, Roster
+from govshare.node.status import status_for
+from govshare.protocols.errors import GovshareError, MalformedInput, NotFound
+
+ANY_MEMBER = frozenset(Role)
+
+# Which roles may call which service (full service names).
+SERVICE_ROLES: Mapping[str, frozenset[Role]] = {
+    "govshare.v1.Catalog": frozenset({Role.ANALYST, Role.NODE}),
+    "govshare.v1.Peer": frozenset({Role.NODE}),
+    "govshare.v1.Audit": frozenset({Role.AUDITOR}),
+    "grpc.health.v1.Health": ANY_MEMBER,
+    "grpc.reflection.v1alpha.ServerReflection": ANY_MEMBER,
+    "grpc.reflection.v1.ServerReflection": ANY_MEMBER,
+}
+
+
+@dataclass(frozen=True)
+class Caller:
+    """A verified caller: the roster member behind the client certificate."""
+
+    member: Member
+
+    @property
+    def name(self) -> str:
+        return self.member.name
+
+    @property
+    def role(self) -> Role:
+        return self.member.role
+
+    @property
+    def jurisdiction(self) -> str:
+        return self.member.jurisdiction
+
+
+_CALLER: contextvars.ContextVar[Caller] = contextvars.ContextVar("govshare_caller")
+
+
+def current_caller() -> Caller:
+    """The verified caller of the RPC being served (set by :class:`AuthInterceptor`)."""
+    try:
+        return _CALLER.get()
+    except LookupError:
+        raise RuntimeError("current_caller() outside an authenticated RPC") from None
+
+
+def authenticate(auth_context: Mapping[str, Any], roster: Roster) -> Caller:
+    """Map a call's TLS auth context to a roster member.
+
+    Raises:
+        MalformedInput: no client certificate in the context.
+        NotFound: the certificate's holder is not (or no longer) the roster's member.
+    """
+    certs = auth_context.get("x509_pem_cert") or []
+    if not certs:
+        raise MalformedInput("no client certificate")
+    who = CertIdentity.from_pem(certs[0])
+    member = roster.member(who.name)
+    if member.tls_fingerprint != who.fingerprint or member.role is not who.role:
+        raise NotFound(f"certificate of {who.name!r} is not the one the roster lists")
+    return member_caller(member)
+
+
+def member_caller(member: Member) -> Caller:
+    return Caller(member)
+
+
+def _service_of(method: str) -> str:
+    # "/govshare.v1.Catalog/ListDatasets" -> "govshare.v1.Catalog"
+    return method.lstrip("/").split("/", 1)[0]
+
+
+def _digest(message: Any) -> str:
+    serialize = getattr(message, "SerializeToString", None)
+    if serialize is None:
+        return ""
+    return hashlib.sha256(serialize(deterministic=True)).hexdigest()
+
+
+class AuthInterceptor(grpc.ServerInterceptor[Any, Any]):
+    def __init__(
+        self,
+        roster: Callable[[], Roster],
+        *,
+        audit: AuditSink | None = None,
+        service_roles: Mapping[str, frozenset[Role]] = SERVICE_ROLES,
+    ) -> None:
+        self._roster = roster
+        self._audit = audit
+        self._service_roles = service_roles
+
+    def _record(self, kind: str, fields: Mapping[str, object], actor: str) -> None:
+        if self._audit is not None:
+            self._audit.record(kind, fields, actor=actor)
+
+    def _admit(self, context: grpc.ServicerContext, method: str, request: Any) -> Caller:
+        try:
+            caller = authenticate(context.auth_context(), self._roster())
+        except GovshareError as exc:
+            self._record("rpc.refused", {"method": method, "reason": str(exc)}, "unknown")
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, f"not a federation member: {exc}")
+            raise  # unreachable: abort raises
+        allowed = self._service_roles.get(_service_of(method), frozenset())
+        if caller.role not in allowed:
+            message = f"role {caller.role.value} may not call {method}"
+            self._record("rpc.refused", {"method": method, "reason": message}, caller.name)
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, message)
+        self._record("rpc.received", {"method": method, "request": _digest(request)}, caller.name)
+        return caller
+
+    def _fail(
+        self, context: grpc.ServicerContext, method: str, caller: Caller, exc: Exception
+    ) -> None:
+        if isinstance(exc, GovshareError):
+            code = status_for(exc)
+            self._record(
+                "rpc.failed", {"method": method, "code": code.name, "reason": str(exc)}, caller.name
+            )
+            context.abort(code, str(exc))
+        raise exc
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        method: str = handler_call_details.method
+
+        if handler.unary_unary is not None:
+            behaviour = handler.unary_unary
+
+            def unary_unary(request: Any, context: grpc.ServicerContext) -> Any:
+                caller = self._admit(context, method, request)
+                token = _CALLER.set(caller)
+                try:
+                    return behaviour(request, context)
+                except Exception as exc:
+                    self._fail(context, method, caller, exc)
+                finally:
+                    _CALLER.reset(token)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary_unary, handler.request_deserializer, handler.response_serializer
+            )
+
+        if handler.unary_stream is not None:
+            stream_behaviour = handler.unary_stream
+
+            def unary_stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+                caller = self._admit(context, method, request)
+                token = _CALLER.set(caller)
+                try:
+                    yield from stream_behaviour(request, context)
+                except Exception as exc:
+                    self._fail(context, method, caller, exc)
+                finally:
+                    _CALLER.reset(token)
+
+            return grpc.unary_stream_rpc_method_handler(
+                unary_stream, handler.request_deserializer, handler.response_serializer
+            )
+
+        if handler.stream_unary is not None:
+            client_stream = handler.stream_unary
+
+            def stream_unary(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+                caller = self._admit(context, method, None)
+                token = _CALLER.set(caller)
+                try:
+                    return client_stream(requests, context)
+                except Exception as exc:
+                    self._fail(context, method, caller, exc)
+                finally:
+                    _CALLER.reset(token)
+
+            return grpc.stream_unary_rpc_method_handler(
+                stream_unary, handler.request_deserializer, handler.response_serializer
+            )
+
+        bidi = handler.stream_stream
+        if bidi is None:
+            return handler
+
+        def stream_stream(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
+            caller = self._admit(context, method, None)
+            token = _CALLER.set(caller)
+            try:
+                yield from bidi(requests, context)
+            except Exception as exc:
+                self._fail(context, method, caller, exc)
+            finally:
+                _CALLER.reset(token)
+
+        return grpc.stream_stream_rpc_method_handler(
+            stream_stream, handler.request_deserializer, handler.response_serializer
+        )

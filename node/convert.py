@@ -1,0 +1,72 @@
+"""Conversions between govshare's domain types and their protobuf messages."""
+
+from __future__ import annotations
+
+from govshare.node.governance import (
+    ColumnKind,
+    ColumnRule,
+    DatasetInfo,
+    Grade,
+    Owner,
+    OwnerKind,
+    SharingType,
+)
+from govshare.protocols.errors import MalformedInput
+from govshare.v1 import catalog_pb2
+
+
+def dataset_to_proto(node: str, info: DatasetInfo) -> catalog_pb2.Dataset:
+    return catalog_pb2.Dataset(
+        node=node,
+        name=info.name,
+        grade=info.grade.value,
+        sharing_type=info.sharing_type.value,
+        legal_basis=info.legal_basis,
+        owner=catalog_pb2.Owner(
+            kind=info.owner.kind.value, name=info.owner.name, holder=info.owner.holder
+        ),
+        columns=[
+            catalog_pb2.ColumnRule(
+                name=c.name,
+                kind=c.kind.value,
+                key_type=c.key_type or "",
+                domain=list(c.domain),
+                mask=c.mask or "",
+            )
+            for c in info.columns
+        ],
+        row_count=info.row_count,
+        description=info.description,
+        created_at=info.created_at,
+    )
+
+
+def dataset_from_proto(message: catalog_pb2.Dataset) -> DatasetInfo:
+    """Parse a peer's catalogue entry; unknown enum values raise MalformedInput."""
+    try:
+        return DatasetInfo(
+            name=message.name,
+            grade=Grade(message.grade),
+            sharing_type=SharingType(message.sharing_type),
+            legal_basis=message.legal_basis,
+            owner=Owner(
+                kind=OwnerKind(message.owner.kind),
+                name=message.owner.name,
+                holder=message.owner.holder,
+            ),
+            columns=tuple(
+                ColumnRule(
+                    name=c.name,
+                    kind=ColumnKind(c.kind),
+                    key_type=c.key_type or None,
+                    domain=tuple(c.domain),
+                    mask=c.mask or None,
+                )
+                for c in message.columns
+            ),
+            row_count=message.row_count,
+            description=message.description,
+            created_at=message.created_at,
+        )
+    except ValueError as exc:
+        raise MalformedInput(f"catalogue entry {message.name!r}: {exc}") from None
