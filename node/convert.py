@@ -38,6 +38,11 @@ def dataset_to_proto(node: str, info: DatasetInfo) -> catalog_pb2.Dataset:
         row_count=info.row_count,
         description=info.description,
         created_at=info.created_at,
+        min_set_size=info.min_set_size,
+        allowed_jurisdictions=list(info.allowed_jurisdictions),
+        min_group_size=info.min_group_size,
+        require_dp=info.require_dp,
+        require_approval=info.require_approval,
     )
 
 
@@ -67,6 +72,11 @@ def dataset_from_proto(message: catalog_pb2.Dataset) -> DatasetInfo:
             row_count=message.row_count,
             description=message.description,
             created_at=message.created_at,
+            min_set_size=message.min_set_size,
+            allowed_jurisdictions=tuple(message.allowed_jurisdictions),
+            min_group_size=message.min_group_size,
+            require_dp=message.require_dp,
+            require_approval=message.require_approval,
         )
     except ValueError as exc:
         raise MalformedInput(f"catalogue entry {message.name!r}: {exc}") from None

@@ -96,6 +96,11 @@ class Dataset(_message.Message):
     ROW_COUNT_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
+    MIN_SET_SIZE_FIELD_NUMBER: _builtins.int
+    ALLOWED_JURISDICTIONS_FIELD_NUMBER: _builtins.int
+    MIN_GROUP_SIZE_FIELD_NUMBER: _builtins.int
+    REQUIRE_DP_FIELD_NUMBER: _builtins.int
+    REQUIRE_APPROVAL_FIELD_NUMBER: _builtins.int
     node: _builtins.str
     """Node (department) that holds the dataset."""
     name: _builtins.str
@@ -107,10 +112,17 @@ class Dataset(_message.Message):
     row_count: _builtins.int
     description: _builtins.str
     created_at: _builtins.int
+    min_set_size: _builtins.int
+    """Operator tightening above the grade floors."""
+    min_group_size: _builtins.int
+    require_dp: _builtins.bool
+    require_approval: _builtins.bool
     @_builtins.property
     def owner(self) -> Global___Owner: ...
     @_builtins.property
     def columns(self) -> _containers.RepeatedCompositeFieldContainer[Global___ColumnRule]: ...
+    @_builtins.property
+    def allowed_jurisdictions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
         self,
         *,
@@ -124,10 +136,15 @@ class Dataset(_message.Message):
         row_count: _builtins.int = ...,
         description: _builtins.str = ...,
         created_at: _builtins.int = ...,
+        min_set_size: _builtins.int = ...,
+        allowed_jurisdictions: _abc.Iterable[_builtins.str] | None = ...,
+        min_group_size: _builtins.int = ...,
+        require_dp: _builtins.bool = ...,
+        require_approval: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["owner", b"owner"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["columns", b"columns", "created_at", b"created_at", "description", b"description", "grade", b"grade", "legal_basis", b"legal_basis", "name", b"name", "node", b"node", "owner", b"owner", "row_count", b"row_count", "sharing_type", b"sharing_type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_jurisdictions", b"allowed_jurisdictions", "columns", b"columns", "created_at", b"created_at", "description", b"description", "grade", b"grade", "legal_basis", b"legal_basis", "min_group_size", b"min_group_size", "min_set_size", b"min_set_size", "name", b"name", "node", b"node", "owner", b"owner", "require_approval", b"require_approval", "require_dp", b"require_dp", "row_count", b"row_count", "sharing_type", b"sharing_type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

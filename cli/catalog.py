@@ -1,0 +1,117 @@
+"""``govshare catalog``: the analyst discovers the federation's datasets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from govshare.cli.common import console, emit_json, err_console, identity_option, json_option
+from govshare.node.client import NodeClient, federation_catalog
+from govshare.node.governance import ColumnRule, DatasetInfo
+from govshare.node.identity import Identity
+
+
+def _rule_text(rule: ColumnRule) -> str:
+    detail = rule.key_type or rule.mask or ("|".join(rule.domain) if rule.domain else "")
+    if rule.domain and len(rule.domain) > 4:
+        detail = f"{len(rule.domain)} labels"
+    return f"{rule.name}:{rule.kind.value}" + (f"({detail})" if detail else "")
+
+
+def dataset_json(node: str, info: DatasetInfo) -> dict[str, Any]:
+    return {
+        "node": node,
+        "name": info.name,
+        "grade": info.grade.value,
+        "sharing_type": info.sharing_type.value,
+        "legal_basis": info.legal_basis,
+        "owner": {
+            "kind": info.owner.kind.value,
+            "name": info.owner.name,
+            "holder": info.owner.holder,
+        },
+        "row_count": info.row_count,
+        "description": info.description,
+        "columns": [
+            {
+                "name": c.name,
+                "kind": c.kind.value,
+                "key_type": c.key_type,
+                "domain": list(c.domain),
+                "mask": c.mask,
+            }
+            for c in info.columns
+        ],
+        "requires_approval": info.require_approval,
+        "allowed_jurisdictions": list(info.allowed_jurisdictions),
+    }
+
+
+@click.group("catalog")
+def group() -> None:
+    """Discover datasets across the federation (analyst)."""
+
+
+@group.command("list")
+@identity_option
+@click.option("--timeout", default=10.0, show_default=True, help="Seconds to wait per node.")
+@json_option
+def list_(identity: Path, timeout: float, as_json: bool) -> None:
+    """List every node's datasets: metadata and column rules, never rows."""
+    me = Identity.load(identity)
+    answers = federation_catalog(me, timeout=timeout)
+    if as_json:
+        emit_json(
+            {
+                "datasets": [dataset_json(a.node, d) for a in answers for d in a.datasets],
+                "unreachable": {a.node: a.error for a in answers if a.error},
+            }
+        )
+        return
+    from rich.table import Table
+
+    table = Table(title=f"federation {me.roster.federation} — catalogue", header_style="bold")
+    for column in ("node", "dataset", "grade", "sharing", "owner / holder", "rows", "columns"):
+        table.add_column(column, overflow="fold")
+    for answer in answers:
+        for d in answer.datasets:
+            table.add_row(
+                answer.node,
+                d.name,
+                d.grade.value,
+                d.sharing_type.value,
+                f"{d.owner.kind.value}: {d.owner.name} / {d.owner.holder}",
+                f"{d.row_count:,}",
+                ", ".join(_rule_text(c) for c in d.columns),
+            )
+    console.print(table)
+    for answer in answers:
+        if answer.error:
+            err_console.print(f"[yellow]unreachable:[/] {answer.error}")
+
+
+@group.command("show")
+@identity_option
+@click.argument("dataset", metavar="NODE.DATASET")
+@json_option
+def show(identity: Path, dataset: str, as_json: bool) -> None:
+    """Show one dataset's metadata and column rules."""
+    node, _, name = dataset.partition(".")
+    if not name:
+        raise click.BadParameter("expected NODE.DATASET, e.g. tax.residents", param_hint="DATASET")
+    me = Identity.load(identity)
+    with NodeClient.to(me, node) as client:
+        info = client.describe_dataset(name)
+    if as_json:
+        emit_json(dataset_json(node, info))
+        return
+    console.print(
+        f"[bold]{node}.{info.name}[/] — grade {info.grade.value}, sharing {info.sharing_type.value}"
+        + (f" ({info.legal_basis})" if info.legal_basis else "")
+    )
+    console.print(f"owner {info.owner.kind.value}: {info.owner.name}; held by {info.owner.holder}")
+    console.print(f"{info.row_count:,} rows. {info.description}")
+    for column in info.columns:
+        console.print(f"  {_rule_text(column)}")

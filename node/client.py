@@ -1,0 +1,116 @@
+"""Clients of a node's services, used by analysts, auditors and peer nodes.
+
+Every call goes over a mutual-TLS channel to the address the roster lists, with a deadline;
+a failed call becomes a govshare error whose message names the node.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TypeVar
+
+import grpc
+
+from govshare.node.convert import dataset_from_proto
+from govshare.node.governance import DatasetInfo, Role
+from govshare.node.identity import Identity, Member
+from govshare.node.status import error_for
+from govshare.node.tls import secure_channel
+from govshare.protocols.errors import GovshareError
+from govshare.v1 import catalog_pb2, catalog_pb2_grpc, peer_pb2, peer_pb2_grpc
+
+# Seconds a catalogue or control call may take before the node counts as unreachable.
+DEFAULT_TIMEOUT = 10.0
+
+T = TypeVar("T")
+
+
+class NodeClient:
+    """A connection from ``identity`` to the node ``member``."""
+
+    def __init__(self, identity: Identity, member: Member, *, timeout: float = DEFAULT_TIMEOUT):
+        self.identity = identity
+        self.member = member
+        self.timeout = timeout
+        self.channel = secure_channel(identity, member)
+        self._catalog = catalog_pb2_grpc.CatalogStub(self.channel)
+        self._peer = peer_pb2_grpc.PeerStub(self.channel)
+
+    @classmethod
+    def to(cls, identity: Identity, node: str, *, timeout: float = DEFAULT_TIMEOUT) -> NodeClient:
+        return cls(identity, identity.roster.member(node), timeout=timeout)
+
+    def __enter__(self) -> NodeClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def call(self, method: Callable[[], T]) -> T:
+        """Run one stub call, turning a gRPC failure into a govshare error naming the node."""
+        try:
+            return method()
+        except grpc.RpcError as exc:
+            code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+            details = exc.details() if hasattr(exc, "details") else str(exc)
+            raise error_for(code, f"node {self.member.name}: {details}") from None
+
+    def list_datasets(self) -> list[DatasetInfo]:
+        reply = self.call(
+            lambda: self._catalog.ListDatasets(
+                catalog_pb2.ListDatasetsRequest(), timeout=self.timeout
+            )
+        )
+        return [dataset_from_proto(d) for d in reply.datasets]
+
+    def describe_dataset(self, name: str) -> DatasetInfo:
+        reply = self.call(
+            lambda: self._catalog.DescribeDataset(
+                catalog_pb2.DescribeDatasetRequest(name=name), timeout=self.timeout
+            )
+        )
+        return dataset_from_proto(reply)
+
+    def ping(self) -> peer_pb2.PingResponse:
+        return self.call(
+            lambda: self._peer.Ping(
+                peer_pb2.PingRequest(roster_version=self.identity.roster.version),
+                timeout=self.timeout,
+            )
+        )
+
+
+@dataclass(frozen=True)
+class NodeCatalogue:
+    """One node's answer to a catalogue request: its datasets, or why it could not answer."""
+
+    node: str
+    datasets: tuple[DatasetInfo, ...] = ()
+    error: str | None = None
+
+
+def federation_catalog(
+    identity: Identity, *, timeout: float = DEFAULT_TIMEOUT
+) -> list[NodeCatalogue]:
+    """Ask every node in the roster for its catalogue, in parallel.
+
+    An unreachable or failing node is reported in its entry, never fatal to the others.
+    """
+    nodes = identity.roster.with_role(Role.NODE)
+
+    def ask(member: Member) -> NodeCatalogue:
+        try:
+            with NodeClient(identity, member, timeout=timeout) as client:
+                return NodeCatalogue(member.name, tuple(client.list_datasets()))
+        except GovshareError as exc:
+            return NodeCatalogue(member.name, error=str(exc))
+
+    if not nodes:
+        return []
+    with ThreadPoolExecutor(max_workers=min(8, len(nodes))) as pool:
+        return list(pool.map(ask, nodes))
