@@ -16,7 +16,7 @@ import contextvars
 import hashlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -102,7 +102,13 @@ def _digest(message: Any) -> str:
     return hashlib.sha256(serialize(deterministic=True)).hexdigest()
 
 
-class AuthInterceptor(grpc.ServerInterceptor[Any, Any]):
+if TYPE_CHECKING:
+    _Interceptor = grpc.ServerInterceptor[Any, Any]
+else:  # grpc's runtime class is not generic; its type stubs are.
+    _Interceptor = grpc.ServerInterceptor
+
+
+class AuthInterceptor(_Interceptor):
     def __init__(
         self,
         roster: Callable[[], Roster],
