@@ -1,0 +1,87 @@
+"""The administrator's CLI as a real subprocess, and through click's CliRunner."""
+
+from __future__ import annotations
+
+import json
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from govshare.cli.main import cli
+
+
+def govshare(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", "from govshare.cli.main import main; main()", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_init_enrol_roster_as_subprocess(tmp_path: Path) -> None:
+    assert govshare("federation", "init", "--name", "demo", cwd=tmp_path).returncode == 0
+    enrolled = govshare(
+        "federation", "enrol", "--role", "node", "--name", "tax", "--jurisdiction", "CN",
+        "--address", "127.0.0.1:7101", "--out", "tax", cwd=tmp_path,
+    )  # fmt: skip
+    assert enrolled.returncode == 0, enrolled.stderr
+    assert "roster version 2" in enrolled.stdout
+    for private in ("tax/tls.key", "tax/signing.key", "federation/ca.key"):
+        assert stat.S_IMODE((tmp_path / private).stat().st_mode) == 0o600, private
+        key_body = (tmp_path / private).read_text().splitlines()[1]
+        assert key_body not in enrolled.stdout + enrolled.stderr
+    shown = govshare("federation", "roster", "--json", cwd=tmp_path)
+    roster = json.loads(shown.stdout)
+    assert [(m["name"], m["role"], m["address"]) for m in roster["members"]] == [
+        ("tax", "node", "127.0.0.1:7101")
+    ]
+    assert roster["version"] == 2
+
+
+def test_error_is_one_line_and_exit_1(tmp_path: Path) -> None:
+    result = govshare(
+        "federation", "enrol", "--role", "analyst", "--name", "alice",
+        "--jurisdiction", "CN", "--out", "alice", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert "govshare federation init" in lines[0]  # says what to do
+
+
+def test_verbose_shows_the_trace(tmp_path: Path) -> None:
+    result = govshare(
+        "--verbose", "federation", "enrol", "--role", "analyst", "--name", "alice",
+        "--jurisdiction", "CN", "--out", "alice", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "Traceback" in result.stderr
+
+
+def test_bad_jurisdiction_and_duplicate_name_refused(tmp_path: Path) -> None:
+    runner = CliRunner()
+    with runner.isolated_filesystem(temp_dir=tmp_path):
+        assert runner.invoke(cli, ["federation", "init", "--name", "demo"]).exit_code == 0
+        bad = runner.invoke(
+            cli,
+            ["federation", "enrol", "--role", "analyst", "--name", "bob",
+             "--jurisdiction", "China", "--out", "bob"],
+        )  # fmt: skip
+        assert bad.exit_code != 0
+        assert "ISO 3166-1" in str(bad.exception)
+        args = ["federation", "enrol", "--role", "analyst", "--name", "bob",
+                "--jurisdiction", "CN", "--out"]  # fmt: skip
+        assert runner.invoke(cli, [*args, "bob"]).exit_code == 0
+        again = runner.invoke(cli, [*args, "bob2"])
+        assert "already enrolled" in str(again.exception)
+        node_without_address = runner.invoke(
+            cli,
+            ["federation", "enrol", "--role", "node", "--name", "tax",
+             "--jurisdiction", "CN", "--out", "tax"],
+        )  # fmt: skip
+        assert "--address" in str(node_without_address.exception)
