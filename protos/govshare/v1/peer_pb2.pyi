@@ -3,8 +3,10 @@
 isort:skip_file
 Node-to-node calls. Only members enrolled with the node role may call them."""
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf.internal import containers as _containers
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -60,3 +62,59 @@ class PingResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PingResponse: _TypeAlias = PingResponse  # noqa: Y015
+
+@_typing.final
+class WitnessRequest(_message.Message):
+    """C2SP tlog-witness style: a node submits its new checkpoint with a consistency proof from the
+    size the witness last cosigned; the witness checks it and returns its cosignature.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NOTE_FIELD_NUMBER: _builtins.int
+    OLD_SIZE_FIELD_NUMBER: _builtins.int
+    CONSISTENCY_PROOF_FIELD_NUMBER: _builtins.int
+    note: _builtins.bytes
+    """The node's signed checkpoint note."""
+    old_size: _builtins.int
+    """Tree size of the checkpoint this witness last cosigned for the node (0 if none)."""
+    @_builtins.property
+    def consistency_proof(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]: ...
+    def __init__(
+        self,
+        *,
+        note: _builtins.bytes = ...,
+        old_size: _builtins.int = ...,
+        consistency_proof: _abc.Iterable[_builtins.bytes] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consistency_proof", b"consistency_proof", "note", b"note", "old_size", b"old_size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WitnessRequest: _TypeAlias = WitnessRequest  # noqa: Y015
+
+@_typing.final
+class WitnessResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COSIGNATURE_FIELD_NUMBER: _builtins.int
+    WITNESS_SIZE_FIELD_NUMBER: _builtins.int
+    cosignature: _builtins.bytes
+    """One cosignature line ("— <witness> <base64>") to append to the note."""
+    witness_size: _builtins.int
+    """When the witness's last cosigned size differs from old_size, the size it holds."""
+    def __init__(
+        self,
+        *,
+        cosignature: _builtins.bytes = ...,
+        witness_size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cosignature", b"cosignature", "witness_size", b"witness_size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WitnessResponse: _TypeAlias = WitnessResponse  # noqa: Y015

@@ -39,6 +39,11 @@ class PeerStub:
                 request_serializer=govshare_dot_v1_dot_peer__pb2.PingRequest.SerializeToString,
                 response_deserializer=govshare_dot_v1_dot_peer__pb2.PingResponse.FromString,
                 _registered_method=True)
+        self.Witness = channel.unary_unary(
+                '/govshare.v1.Peer/Witness',
+                request_serializer=govshare_dot_v1_dot_peer__pb2.WitnessRequest.SerializeToString,
+                response_deserializer=govshare_dot_v1_dot_peer__pb2.WitnessResponse.FromString,
+                _registered_method=True)
 
 
 class PeerServicer:
@@ -51,6 +56,13 @@ class PeerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Witness(self, request, context):
+        """Cosign a peer's log checkpoint after checking it is consistent with the last one cosigned.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PeerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -58,6 +70,11 @@ def add_PeerServicer_to_server(servicer, server):
                     servicer.Ping,
                     request_deserializer=govshare_dot_v1_dot_peer__pb2.PingRequest.FromString,
                     response_serializer=govshare_dot_v1_dot_peer__pb2.PingResponse.SerializeToString,
+            ),
+            'Witness': grpc.unary_unary_rpc_method_handler(
+                    servicer.Witness,
+                    request_deserializer=govshare_dot_v1_dot_peer__pb2.WitnessRequest.FromString,
+                    response_serializer=govshare_dot_v1_dot_peer__pb2.WitnessResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -87,6 +104,33 @@ class Peer:
             '/govshare.v1.Peer/Ping',
             govshare_dot_v1_dot_peer__pb2.PingRequest.SerializeToString,
             govshare_dot_v1_dot_peer__pb2.PingResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Witness(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/govshare.v1.Peer/Witness',
+            govshare_dot_v1_dot_peer__pb2.WitnessRequest.SerializeToString,
+            govshare_dot_v1_dot_peer__pb2.WitnessResponse.FromString,
             options,
             channel_credentials,
             insecure,

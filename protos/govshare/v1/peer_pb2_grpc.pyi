@@ -33,12 +33,16 @@ class PeerStub:
     def __new__(cls, channel: _aio.Channel) -> PeerAsyncStub: ...
     Ping: _grpc.UnaryUnaryMultiCallable[_peer_pb2.PingRequest, _peer_pb2.PingResponse]
     """Liveness and roster agreement between two nodes."""
+    Witness: _grpc.UnaryUnaryMultiCallable[_peer_pb2.WitnessRequest, _peer_pb2.WitnessResponse]
+    """Cosign a peer's log checkpoint after checking it is consistent with the last one cosigned."""
 
 @_typing.type_check_only
 class PeerAsyncStub(PeerStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Ping: _aio.UnaryUnaryMultiCallable[_peer_pb2.PingRequest, _peer_pb2.PingResponse]  # type: ignore[assignment]
     """Liveness and roster agreement between two nodes."""
+    Witness: _aio.UnaryUnaryMultiCallable[_peer_pb2.WitnessRequest, _peer_pb2.WitnessResponse]  # type: ignore[assignment]
+    """Cosign a peer's log checkpoint after checking it is consistent with the last one cosigned."""
 
 class PeerServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -48,5 +52,13 @@ class PeerServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_peer_pb2.PingResponse, _abc.Awaitable[_peer_pb2.PingResponse]]:
         """Liveness and roster agreement between two nodes."""
+
+    @_abc_1.abstractmethod
+    def Witness(
+        self,
+        request: _peer_pb2.WitnessRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_peer_pb2.WitnessResponse, _abc.Awaitable[_peer_pb2.WitnessResponse]]:
+        """Cosign a peer's log checkpoint after checking it is consistent with the last one cosigned."""
 
 def add_PeerServicer_to_server(servicer: PeerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
