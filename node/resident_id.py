@@ -31,7 +31,7 @@ LENGTH = 18
 # mod 11 for position k counted from the right, the check character being k = 1..
 WEIGHTS = (7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2)
 # Check character for each value of (sum mod 11).
-_CHECK_BY_REMAINDER = "10X98765432"
+CHECK_BY_REMAINDER = "10X98765432"
 # Earliest birth year accepted. The standard sets no bound; no living resident was born before
 # this, so an earlier year is a typing error (e.g. 0949 for 1949), not a person.
 MIN_BIRTH_YEAR = 1850
@@ -50,7 +50,7 @@ def check_digit(first17: str) -> str:
     if len(first17) != LENGTH - 1 or not _DIGITS.issuperset(first17):
         raise MalformedInput("check digit needs exactly 17 ASCII digits", field=FIELD)
     total = sum(w * (ord(c) - 48) for w, c in zip(WEIGHTS, first17, strict=True))
-    return _CHECK_BY_REMAINDER[total % 11]
+    return CHECK_BY_REMAINDER[total % 11]
 
 
 def normalise(raw: str) -> str:
