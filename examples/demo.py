@@ -1,0 +1,297 @@
+"""``make demo``: a four-department govshare federation on localhost, end to end.
+
+Generates synthetic data, creates the federation CA and roster, enrols four department nodes,
+an analyst and an auditor, registers each department's dataset with its governance metadata,
+starts the nodes as separate processes serving gRPC over mutual TLS, shows the catalogue as the
+analyst sees it, and stops the nodes cleanly. Every step runs the real ``govshare`` command, and
+the demo prints each command before its output.
+
+    python -m govshare.examples.demo [--dir demo-run] [--size 1000] [--seed 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.rule import Rule
+
+from govshare.examples import synth
+
+console = Console(highlight=False)
+
+# Seconds a node may take to start listening, and to stop after SIGTERM.
+START_TIMEOUT = 30.0
+STOP_TIMEOUT = 15.0
+
+
+@dataclass(frozen=True)
+class Department:
+    node: str
+    title: str
+    dataset: str
+    csv: str
+    grade: str
+    sharing: str
+    owner_kind: str
+    owner: str
+    columns: tuple[str, ...]
+    legal_basis: str = ""
+
+
+def _domain(values: Sequence[str]) -> str:
+    return "|".join(values)
+
+
+DEPARTMENTS: tuple[Department, ...] = (
+    Department(
+        node="police",
+        title="Public security bureau — household registry",
+        dataset="household",
+        csv=f"{synth.POLICE}.csv",
+        grade="core",
+        sharing="none",
+        legal_basis="Household Registration Regulations, art. 3 (registry data is not shared)",
+        owner_kind="individual",
+        owner="residents (held in trust)",
+        columns=(
+            "id_number=join_key:resident_id",
+            "name=masked:redact",
+            "gender=deny",
+            f"age_band=group_key:{_domain(synth.AGE_BANDS)}",
+            f"district=group_key:{_domain(synth.DISTRICTS)}",
+            f"hukou_type=group_key:{_domain(synth.HUKOU_TYPES)}",
+        ),
+    ),
+    Department(
+        node="tax",
+        title="Tax bureau — resident income registry",
+        dataset="residents",
+        csv=f"{synth.TAX}.csv",
+        grade="general",
+        sharing="conditional",
+        owner_kind="state",
+        owner="state (tax administration records)",
+        columns=(
+            "id_number=join_key:resident_id",
+            f"district=group_key:{_domain(synth.DISTRICTS)}",
+            "year=plaintext",
+            f"income_band=group_key:{_domain(synth.INCOME_BANDS)}",
+            "annual_income=aggregate",
+        ),
+    ),
+    Department(
+        node="civil",
+        title="Civil affairs bureau — social assistance",
+        dataset="assistance",
+        csv=f"{synth.CIVIL}.csv",
+        grade="general",
+        sharing="conditional",
+        owner_kind="state",
+        owner="state (social assistance records)",
+        columns=(
+            "id_number=join_key:resident_id",
+            f"district=group_key:{_domain(synth.DISTRICTS)}",
+            "year=plaintext",
+            f"assistance_type=group_key:{_domain(synth.ASSISTANCE_TYPES)}",
+            "amount=aggregate",
+        ),
+    ),
+    Department(
+        node="health",
+        title="Health commission — clinic visits",
+        dataset="clinic_visits",
+        csv=f"{synth.HEALTH}.csv",
+        grade="important",
+        sharing="conditional",
+        owner_kind="individual",
+        owner="patients (held in trust)",
+        columns=(
+            "id_number=join_key:resident_id",
+            f"district=group_key:{_domain(synth.DISTRICTS)}",
+            f"age_band=group_key:{_domain(synth.AGE_BANDS)}",
+            "year=plaintext",
+            "visits=aggregate",
+        ),
+    ),
+)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class Demo:
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.nodes: dict[str, subprocess.Popen[str]] = {}
+
+    def step(self, title: str) -> None:
+        console.print()
+        console.print(Rule(f"[bold]{title}"))
+
+    def govshare(self, *args: str, show: bool = True, quiet: bool = False) -> str:
+        """Run the real ``govshare`` command in the demo folder; fail loudly if it fails."""
+        if show:
+            console.print(f"[dim]$ govshare {' '.join(_quote(a) for a in args)}[/]")
+        env = {**os.environ, "COLUMNS": "160"}
+        result = subprocess.run(
+            [sys.executable, "-m", "govshare.cli", *args],
+            cwd=self.workdir,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+        )
+        if result.returncode != 0:
+            console.print(result.stdout + result.stderr)
+            raise SystemExit(f"demo step failed: govshare {' '.join(args)}")
+        if not quiet and result.stdout.strip():
+            console.print(result.stdout.rstrip(), markup=False, highlight=False)
+        return result.stdout
+
+    def start_node(self, name: str) -> None:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "govshare.cli", "node", "serve", "--home", f"homes/{name}"],
+            cwd=self.workdir,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self.nodes[name] = process
+        assert process.stdout is not None
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            line = process.stdout.readline()
+            if not line:
+                break
+            if "serving on" in line:
+                console.print(f"  [green]●[/] {line.strip()}  [dim](pid {process.pid})[/]")
+                return
+        self.stop_nodes()
+        raise SystemExit(f"node {name} did not start")
+
+    def stop_nodes(self) -> dict[str, int]:
+        codes: dict[str, int] = {}
+        for process in self.nodes.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for name, process in self.nodes.items():
+            try:
+                codes[name] = process.wait(timeout=STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                codes[name] = process.wait()
+        self.nodes.clear()
+        return codes
+
+
+def _quote(arg: str) -> str:
+    return f"'{arg}'" if any(c in arg for c in " |();") else arg
+
+
+def run(workdir: Path, size: int, seed: int) -> None:
+    started = time.monotonic()
+    if workdir.exists():
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True)
+    demo = Demo(workdir)
+    try:
+        demo.step(f"1. Synthetic data for four departments ({size:,} rows each, seed {seed})")
+        manifest = synth.generate(workdir / "data", size=size, seed=seed)
+        for name, count in sorted(manifest["intersections"].items())[:3]:
+            console.print(f"  known overlap {name}: {count:,}")
+
+        demo.step("2. Federation administrator: CA, roster, members")
+        demo.govshare("federation", "init", "--name", "demo")
+        for department in DEPARTMENTS:
+            demo.govshare(
+                "federation", "enrol", "--role", "node", "--name", department.node,
+                "--jurisdiction", "CN", "--address", f"127.0.0.1:{free_port()}",
+                "--out", f"homes/{department.node}",
+            )  # fmt: skip
+        demo.govshare(
+            "federation", "enrol", "--role", "analyst", "--name", "alice",
+            "--jurisdiction", "CN", "--out", "alice",
+        )  # fmt: skip
+        demo.govshare(
+            "federation", "enrol", "--role", "auditor", "--name", "audra",
+            "--jurisdiction", "CN", "--out", "audra",
+        )  # fmt: skip
+        bundles = [f"homes/{d.node}" for d in DEPARTMENTS] + ["alice", "audra"]
+        demo.govshare("federation", "publish", *bundles)
+        demo.govshare("federation", "roster")
+
+        demo.step("3. Department operators: node config and datasets with governance metadata")
+        for department in DEPARTMENTS:
+            home = f"homes/{department.node}"
+            console.print(f"[bold]{department.title}[/]")
+            demo.govshare(
+                "node", "init", "--home", home, "--listen",
+                _address_of(workdir, department.node),
+            )  # fmt: skip
+            columns = [arg for column in department.columns for arg in ("--column", column)]
+            legal = ["--legal-basis", department.legal_basis] if department.legal_basis else []
+            demo.govshare(
+                "dataset", "add", f"data/{department.csv}", "--home", home,
+                "--name", department.dataset, "--grade", department.grade,
+                "--sharing", department.sharing, *legal,
+                "--owner-kind", department.owner_kind, "--owner", department.owner,
+                *columns,
+            )  # fmt: skip
+
+        demo.step("4. Four nodes start as separate processes, gRPC over mutual TLS")
+        for department in DEPARTMENTS:
+            demo.start_node(department.node)
+
+        demo.step("5. Analyst: the federation catalogue (metadata and column rules, never rows)")
+        demo.govshare("catalog", "list", "--identity", "alice")
+        console.print(
+            "[dim]police.household is graded core: it never takes part in a joint query, "
+            "so analysts do not see it listed.[/]"
+        )
+    finally:
+        demo.step("Stopping the nodes (SIGTERM, graceful)")
+        codes = demo.stop_nodes()
+        for name, code in codes.items():
+            console.print(f"  node {name} exited with code {code}")
+    if any(codes.values()):
+        raise SystemExit("a node did not stop cleanly")
+    console.print()
+    console.print(f"[bold green]demo finished in {time.monotonic() - started:.1f} s[/]")
+
+
+def _address_of(workdir: Path, node: str) -> str:
+    import json
+
+    roster = json.loads((workdir / "federation" / "roster.json").read_text())["roster"]
+    for member in roster["members"]:
+        if member["name"] == node:
+            return str(member["address"])
+    raise SystemExit(f"{node} is not in the roster")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Run the govshare demo federation.")
+    parser.add_argument("--dir", type=Path, default=Path("demo-run"), help="working folder")
+    parser.add_argument("--size", type=int, default=1000, help="rows per department")
+    parser.add_argument("--seed", type=int, default=7)
+    options = parser.parse_args(argv)
+    run(options.dir.resolve(), options.size, options.seed)
+
+
+if __name__ == "__main__":
+    main()
