@@ -1,0 +1,211 @@
+"""``govshare grant``: the department operator grants, lists and revokes use rights (使用权).
+
+``--expires`` takes a date ``YYYY-MM-DD`` — the grant is valid through the end of that day, UTC —
+or an ISO 8601 date-time with its UTC offset (``2027-12-31T18:00:00+08:00``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from pathlib import Path
+
+import click
+
+from govshare.cli.common import console, emit_json, home_option, json_option, render_table
+from govshare.node.catalog import Catalogue
+from govshare.node.config import NodeConfig
+from govshare.node.grants import Grant, GrantStore, format_epsilon
+from govshare.node.identity import Identity
+from govshare.protocols.errors import MalformedInput
+
+
+def parse_expiry(text: str) -> int:
+    """Unix seconds at which a grant stops being valid (see the module docstring).
+
+    Raises:
+        MalformedInput: neither a date nor a date-time with an offset.
+    """
+    try:
+        if len(text) == 10:
+            day = dt.date.fromisoformat(text)
+            end = dt.datetime.combine(day, dt.time(), dt.UTC) + dt.timedelta(days=1)
+            return int(end.timestamp())
+        moment = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise MalformedInput(
+            f"--expires {text!r}: expected YYYY-MM-DD or an ISO date-time", field="expires"
+        ) from None
+    if moment.tzinfo is None:
+        raise MalformedInput(
+            f"--expires {text!r}: a date-time needs its UTC offset, e.g. +08:00", field="expires"
+        )
+    return int(moment.timestamp())
+
+
+def _split(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _when(seconds: int | None) -> str:
+    if seconds is None:
+        return ""
+    return dt.datetime.fromtimestamp(seconds, dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _status(grant: Grant, now: int) -> str:
+    if grant.revoked:
+        return f"revoked {_when(grant.revoked_at)}"
+    if now >= grant.expires_at:
+        return "expired"
+    return "active"
+
+
+def _render(grants: list[Grant], title: str) -> None:
+    now = int(time.time())
+    render_table(
+        title,
+        (
+            "id",
+            "dataset",
+            "grantee",
+            "purpose",
+            "columns",
+            "kinds",
+            "ε",
+            "max",
+            "expires",
+            "status",
+        ),
+        (
+            (
+                g.grant_id,
+                g.dataset,
+                g.grantee,
+                g.purpose,
+                ",".join(g.columns),
+                ",".join(k.value for k in g.query_kinds),
+                format_epsilon(g.epsilon),
+                g.max_queries,
+                _when(g.expires_at),
+                _status(g, now),
+            )
+            for g in grants
+        ),
+    )
+
+
+@click.group("grant")
+def group() -> None:
+    """Grant, list and revoke use rights on the node's datasets (operator)."""
+
+
+@group.command("add")
+@home_option
+@click.option("--dataset", required=True, help="The dataset the grant is on.")
+@click.option("--grantee", required=True, help="The federation member receiving the right.")
+@click.option("--purpose", required=True, help="The stated purpose of use.")
+@click.option("--columns", required=True, help="Comma-separated columns the grant covers.")
+@click.option(
+    "--kinds",
+    required=True,
+    help="Comma-separated query kinds: psi_cardinality, psi_membership, "
+    "intersection_aggregate, horizontal_aggregate.",
+)
+@click.option("--expires", required=True, help="YYYY-MM-DD (end of day, UTC) or ISO date-time.")
+@click.option("--epsilon", required=True, help="DP budget ε, a decimal such as 1.0.")
+@click.option("--max-queries", type=int, required=True, help="Maximum number of queries.")
+@json_option
+def add(
+    home: Path,
+    dataset: str,
+    grantee: str,
+    purpose: str,
+    columns: str,
+    kinds: str,
+    expires: str,
+    epsilon: str,
+    max_queries: int,
+    as_json: bool,
+) -> None:
+    """Sign and store a grant with this node's key."""
+    config = NodeConfig.load(home)
+    me = Identity.load(config.identity_dir)
+    me.roster.member(grantee)  # the grantee must be a federation member
+    info = Catalogue(config.database_path).get(dataset)
+    # TODO(audit): pass the node's audit log once govshare.node.auditlog lands.
+    grant = GrantStore(config.database_path).issue(
+        me.signing_key,
+        issuer=me.name,
+        dataset=info,
+        grantee=grantee,
+        purpose=purpose,
+        columns=_split(columns),
+        query_kinds=_split(kinds),
+        expires_at=parse_expiry(expires),
+        epsilon=epsilon,
+        max_queries=max_queries,
+        actor=f"operator:{me.name}",
+        audit=None,
+    )
+    if as_json:
+        emit_json(grant.to_json())
+        return
+    console.print(
+        f"grant [bold]{grant.grant_id}[/] to {grant.grantee} on {grant.dataset}: "
+        f"{', '.join(grant.columns)}; ε {format_epsilon(grant.epsilon)}, "
+        f"{grant.max_queries} queries, until {_when(grant.expires_at)}"
+    )
+
+
+@group.command("list")
+@home_option
+@click.option("--grantee", default=None, help="Only this member's grants.")
+@click.option("--dataset", default=None, help="Only grants on this dataset.")
+@click.option("--active", is_flag=True, help="Hide revoked grants.")
+@json_option
+def list_(
+    home: Path, grantee: str | None, dataset: str | None, active: bool, as_json: bool
+) -> None:
+    """List grants, revoked ones included unless --active."""
+    store = GrantStore(NodeConfig.load(home).database_path)
+    grants = store.list(grantee=grantee, dataset=dataset, include_revoked=not active)
+    if as_json:
+        emit_json([g.to_json() for g in grants])
+        return
+    _render(grants, "grants")
+
+
+@group.command("show")
+@home_option
+@click.argument("grant_id")
+@json_option
+def show(home: Path, grant_id: str, as_json: bool) -> None:
+    """Show one grant, with its signature."""
+    grant = GrantStore(NodeConfig.load(home).database_path).get(grant_id)
+    if as_json:
+        emit_json(grant.to_json())
+        return
+    _render([grant], f"grant {grant.grant_id}")
+    console.print(f"issuer {grant.issuer}, signature {grant.signature.hex()}")
+    if grant.revoked:
+        console.print(f"revoked by {grant.revoked_by}: {grant.revoke_reason or '-'}")
+
+
+@group.command("revoke")
+@home_option
+@click.argument("grant_id")
+@click.option("--reason", default="", help="Why the right is withdrawn.")
+@json_option
+def revoke(home: Path, grant_id: str, reason: str, as_json: bool) -> None:
+    """Revoke a grant; it stays listed, marked revoked."""
+    config = NodeConfig.load(home)
+    me = Identity.load(config.identity_dir)
+    # TODO(audit): pass the node's audit log once govshare.node.auditlog lands.
+    grant = GrantStore(config.database_path).revoke(
+        grant_id, actor=f"operator:{me.name}", audit=None, reason=reason
+    )
+    if as_json:
+        emit_json(grant.to_json())
+        return
+    console.print(f"grant [bold]{grant.grant_id}[/] revoked")
