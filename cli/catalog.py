@@ -15,9 +15,9 @@ from govshare.node.identity import Identity
 
 def _rule_text(rule: ColumnRule) -> str:
     detail = rule.key_type or rule.mask or ("|".join(rule.domain) if rule.domain else "")
-    if rule.domain and len(rule.domain) > 4:
+    if rule.domain and len(rule.domain) > 3:
         detail = f"{len(rule.domain)} labels"
-    return f"{rule.name}:{rule.kind.value}" + (f"({detail})" if detail else "")
+    return f"{rule.name} {rule.kind.value}" + (f" ({detail})" if detail else "")
 
 
 def dataset_json(node: str, info: DatasetInfo) -> dict[str, Any]:
@@ -73,8 +73,8 @@ def list_(identity: Path, timeout: float, as_json: bool) -> None:
     from rich.table import Table
 
     table = Table(title=f"federation {me.roster.federation} — catalogue", header_style="bold")
-    for column in ("node", "dataset", "grade", "sharing", "owner / holder", "rows", "columns"):
-        table.add_column(column, overflow="fold")
+    for column in ("node", "dataset", "grade", "sharing", "owner", "rows", "columns and rules"):
+        table.add_column(column, no_wrap=column in ("columns and rules", "rows", "dataset"))
     for answer in answers:
         for d in answer.datasets:
             table.add_row(
@@ -82,9 +82,9 @@ def list_(identity: Path, timeout: float, as_json: bool) -> None:
                 d.name,
                 d.grade.value,
                 d.sharing_type.value,
-                f"{d.owner.kind.value}: {d.owner.name} / {d.owner.holder}",
+                f"{d.owner.name} ({d.owner.kind.value})",
                 f"{d.row_count:,}",
-                ", ".join(_rule_text(c) for c in d.columns),
+                "\n".join(_rule_text(c) for c in d.columns),
             )
     console.print(table)
     for answer in answers:

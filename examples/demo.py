@@ -68,9 +68,9 @@ DEPARTMENTS: tuple[Department, ...] = (
             "id_number=join_key:resident_id",
             "name=masked:redact",
             "gender=deny",
-            f"age_band=group_key:{_domain(synth.AGE_BANDS)}",
-            f"district=group_key:{_domain(synth.DISTRICTS)}",
-            f"hukou_type=group_key:{_domain(synth.HUKOU_TYPES)}",
+            f"age_band=group_key:domain={_domain(synth.AGE_BANDS)}",
+            f"district=group_key:domain={_domain(synth.DISTRICTS)}",
+            f"hukou_type=group_key:domain={_domain(synth.HUKOU_TYPES)}",
         ),
     ),
     Department(
@@ -81,12 +81,12 @@ DEPARTMENTS: tuple[Department, ...] = (
         grade="general",
         sharing="conditional",
         owner_kind="state",
-        owner="state (tax administration records)",
+        owner="State Taxation Administration",
         columns=(
             "id_number=join_key:resident_id",
-            f"district=group_key:{_domain(synth.DISTRICTS)}",
+            f"district=group_key:domain={_domain(synth.DISTRICTS)}",
             "year=plaintext",
-            f"income_band=group_key:{_domain(synth.INCOME_BANDS)}",
+            f"income_band=group_key:domain={_domain(synth.INCOME_BANDS)}",
             "annual_income=aggregate",
         ),
     ),
@@ -98,12 +98,12 @@ DEPARTMENTS: tuple[Department, ...] = (
         grade="general",
         sharing="conditional",
         owner_kind="state",
-        owner="state (social assistance records)",
+        owner="Ministry of Civil Affairs",
         columns=(
             "id_number=join_key:resident_id",
-            f"district=group_key:{_domain(synth.DISTRICTS)}",
+            f"district=group_key:domain={_domain(synth.DISTRICTS)}",
             "year=plaintext",
-            f"assistance_type=group_key:{_domain(synth.ASSISTANCE_TYPES)}",
+            f"assistance_type=group_key:domain={_domain(synth.ASSISTANCE_TYPES)}",
             "amount=aggregate",
         ),
     ),
@@ -118,8 +118,8 @@ DEPARTMENTS: tuple[Department, ...] = (
         owner="patients (held in trust)",
         columns=(
             "id_number=join_key:resident_id",
-            f"district=group_key:{_domain(synth.DISTRICTS)}",
-            f"age_band=group_key:{_domain(synth.AGE_BANDS)}",
+            f"district=group_key:domain={_domain(synth.DISTRICTS)}",
+            f"age_band=group_key:domain={_domain(synth.AGE_BANDS)}",
             "year=plaintext",
             "visits=aggregate",
         ),
@@ -146,8 +146,8 @@ class Demo:
     def govshare(self, *args: str, show: bool = True, quiet: bool = False) -> str:
         """Run the real ``govshare`` command in the demo folder; fail loudly if it fails."""
         if show:
-            console.print(f"[dim]$ govshare {' '.join(_quote(a) for a in args)}[/]")
-        env = {**os.environ, "COLUMNS": "160"}
+            console.print(f"[dim]$ govshare {' '.join(_quote(a) for a in args)}[/]", soft_wrap=True)
+        env = {**os.environ, "COLUMNS": str(max(console.width, 120))}
         result = subprocess.run(
             [sys.executable, "-m", "govshare.cli", *args],
             cwd=self.workdir,
@@ -160,7 +160,8 @@ class Demo:
             console.print(result.stdout + result.stderr)
             raise SystemExit(f"demo step failed: govshare {' '.join(args)}")
         if not quiet and result.stdout.strip():
-            console.print(result.stdout.rstrip(), markup=False, highlight=False)
+            sys.stdout.write(result.stdout.rstrip() + "\n")
+            sys.stdout.flush()
         return result.stdout
 
     def start_node(self, name: str) -> None:
