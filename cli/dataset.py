@@ -215,7 +215,7 @@ def list_(home: Path, as_json: bool) -> None:
                 d.owner.holder,
                 d.row_count,
                 len(d.columns),
-                _when(d.created_at),
+                _when(d.created_at)[:10],
             )
             for d in datasets
         ),

@@ -11,8 +11,9 @@ import time
 from pathlib import Path
 
 import click
+from rich.table import Table
 
-from govshare.cli.common import console, emit_json, home_option, json_option, render_table
+from govshare.cli.common import console, emit_json, home_option, json_option
 from govshare.node.catalog import Catalogue
 from govshare.node.config import NodeConfig
 from govshare.node.grants import Grant, GrantStore, format_epsilon
@@ -63,36 +64,25 @@ def _status(grant: Grant, now: int) -> str:
 
 def _render(grants: list[Grant], title: str) -> None:
     now = int(time.time())
-    render_table(
-        title,
-        (
-            "id",
-            "dataset",
-            "grantee",
-            "purpose",
-            "columns",
-            "kinds",
-            "ε",
-            "max",
-            "expires",
-            "status",
-        ),
-        (
-            (
-                g.grant_id,
-                g.dataset,
-                g.grantee,
-                g.purpose,
-                ",".join(g.columns),
-                ",".join(k.value for k in g.query_kinds),
-                format_epsilon(g.epsilon),
-                g.max_queries,
-                _when(g.expires_at),
-                _status(g, now),
-            )
-            for g in grants
-        ),
-    )
+    table = Table(title=title, header_style="bold")
+    table.add_column("id", no_wrap=True)  # copied into 'grant revoke': never folded
+    # The purpose is left to 'grant show': the list stays readable in 80 columns.
+    for column in ("dataset", "grantee", "columns", "kinds", "ε", "max", "expires"):
+        table.add_column(column, overflow="fold")
+    table.add_column("status", no_wrap=True)
+    for g in grants:
+        table.add_row(
+            g.grant_id,
+            g.dataset,
+            g.grantee,
+            ",".join(g.columns),
+            ",".join(k.value for k in g.query_kinds),
+            format_epsilon(g.epsilon),
+            str(g.max_queries),
+            _when(g.expires_at)[:10],
+            _status(g, now),
+        )
+    console.print(table)
 
 
 @click.group("grant")
@@ -186,10 +176,28 @@ def show(home: Path, grant_id: str, as_json: bool) -> None:
     if as_json:
         emit_json(grant.to_json())
         return
-    _render([grant], f"grant {grant.grant_id}")
-    console.print(f"issuer {grant.issuer}, signature {grant.signature.hex()}")
+    facts = [
+        ("dataset", grant.dataset),
+        ("grantee", grant.grantee),
+        ("purpose", grant.purpose),
+        ("columns", ", ".join(grant.columns)),
+        ("query kinds", ", ".join(k.value for k in grant.query_kinds)),
+        ("ε budget", format_epsilon(grant.epsilon)),
+        ("max queries", str(grant.max_queries)),
+        ("created", _when(grant.created_at)),
+        ("expires", _when(grant.expires_at)),
+        ("issuer", grant.issuer),
+        ("signature", grant.signature.hex()),
+        ("status", _status(grant, int(time.time()))),
+    ]
     if grant.revoked:
-        console.print(f"revoked by {grant.revoked_by}: {grant.revoke_reason or '-'}")
+        facts += [("revoked by", grant.revoked_by or ""), ("reason", grant.revoke_reason or "-")]
+    table = Table(title=f"grant {grant.grant_id}", show_header=False)
+    table.add_column("field", no_wrap=True)
+    table.add_column("value", overflow="fold")
+    for field, value in facts:
+        table.add_row(field, value)
+    console.print(table)
 
 
 @group.command("revoke")
