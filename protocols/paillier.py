@@ -12,9 +12,9 @@ This module adds what ``phe`` lacks:
   ``exponent_bits`` bits (default ``ceil(|n|/2)``, as in DJN). ``hs^x`` comes from a windowed
   fixed-base table (a product of ``exponent_bits / window_bits`` table entries, no squarings),
   which replaces ``phe``'s full ``r^n mod n^2`` (one exponentiation by a 3072-bit exponent).
-  ``h`` is drawn as ``-a^2 mod n`` for a random unit ``a`` (DJN's choice: ``h`` generates the
-  group of Jacobi symbol +1 elements when ``p`` and ``q`` are safe primes, and is a random element
-  of it otherwise).
+  ``h`` is drawn as ``-a^2 mod n`` for a random unit ``a`` (DJN's choice: with safe primes ``h``
+  generates, with high probability, the cyclic group of elements of Jacobi symbol +1; with phe's
+  ordinary primes it is a random element of ``{+-1} * QR_n``).
 - **Re-randomisation** by a fresh ``hs^x``.
 - **Slot packing** of several non-negative fixed-width slots into one plaintext, with the
   overflow bound checked (:class:`PackingLayout`).
@@ -176,6 +176,7 @@ class DjnPublicKey:
         "_n",
         "_nsquare",
         "_table",
+        "_unsafe",
         "_window_bits",
         "phe",
     )
@@ -228,6 +229,15 @@ class DjnPublicKey:
         self._window_bits = window_bits
         self._table: list[list[Any]] | None = None
         self._lock = threading.Lock()
+        self._unsafe = unsafe_allow_short_modulus
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # For process pools: the key travels, the table is rebuilt lazily in the worker (or
+        # inherited already built, when the pool forks after precompute()).
+        return (
+            _restore_public_key,
+            (self.n, self._hs, self._exponent_bits, self._window_bits, self._unsafe),
+        )
 
     # -- attributes ---------------------------------------------------------------------------
 
@@ -339,6 +349,13 @@ class DjnPublicKey:
 
     # -- fast encryption -----------------------------------------------------------------------
 
+    def precompute(self) -> None:
+        """Build the fixed-base table now (else on first encryption).
+
+        Call it before forking worker processes so that they share the table.
+        """
+        self._get_table()
+
     def _get_table(self) -> list[list[Any]]:
         table = self._table
         if table is not None:
@@ -389,11 +406,10 @@ class DjnPublicKey:
         w = self._window_bits
         mask = (1 << w) - 1
         nsquare = self._nsquare
-        acc = gmpy2.mpz(1)
-        shift = 0
-        for row in table:
-            acc = acc * row[(x >> shift) & mask] % nsquare
-            shift += w
+        digits = [(x >> shift) & mask for shift in range(0, w * len(table), w)]
+        acc = table[0][digits[0]]
+        for row, digit in zip(table[1:], digits[1:], strict=True):
+            acc = acc * row[digit] % nsquare
         return acc
 
     def raw_encrypt(self, plaintext: int, x: int | None = None) -> int:
@@ -522,6 +538,18 @@ class DjnPublicKey:
             raise MalformedInput("ciphertext is not a unit modulo n^2", field="ciphertext")
         # It arrived over the wire: re-randomising it again protects nothing.
         return _mark_obfuscated(EncryptedNumber(self.phe, value))
+
+
+def _restore_public_key(
+    n: int, hs: int, exponent_bits: int, window_bits: int, unsafe: bool
+) -> DjnPublicKey:
+    return DjnPublicKey(
+        PaillierPublicKey(n),
+        hs,
+        exponent_bits=exponent_bits,
+        window_bits=window_bits,
+        unsafe_allow_short_modulus=unsafe,
+    )
 
 
 def keypair_from_primes(

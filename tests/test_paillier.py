@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import pickle
 from collections.abc import Iterator
 
 import pytest
@@ -259,6 +260,16 @@ def test_malformed_public_keys_refused() -> None:
         with pytest.raises(MalformedInput):
             _parse(data)
             pytest.fail(name)
+
+
+def test_public_key_pickles_for_process_pools(
+    small_key: tuple[DjnPublicKey, PaillierPrivateKey],
+) -> None:
+    pk, sk = small_key
+    pk.precompute()
+    copy = pickle.loads(pickle.dumps(pk))
+    assert copy == pk and copy.window_bits == pk.window_bits
+    assert paillier.decrypt_raw(sk, copy.encrypt(31337)) == 31337
 
 
 def test_short_modulus_refused_without_unsafe_flag(
