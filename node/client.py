@@ -84,6 +84,14 @@ class NodeClient:
             )
         )
 
+    def witness(self, note: bytes, old_size: int, proof: list[bytes]) -> peer_pb2.WitnessResponse:
+        return self.call(
+            lambda: self._peer.Witness(
+                peer_pb2.WitnessRequest(note=note, old_size=old_size, consistency_proof=proof),
+                timeout=self.timeout,
+            )
+        )
+
 
 @dataclass(frozen=True)
 class NodeCatalogue:

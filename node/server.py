@@ -14,14 +14,22 @@ from grpc_reflection.v1alpha import reflection
 from govshare.node.auth import AuthInterceptor
 from govshare.node.config import DEFAULT_MAX_WORKERS, NodeConfig
 from govshare.node.node import Node
-from govshare.node.services import CatalogService, PeerService
+from govshare.node.services import AuditService, CatalogService, PeerService
 from govshare.node.tls import CHANNEL_OPTIONS, server_credentials
 from govshare.protocols.errors import Unavailable
-from govshare.v1 import catalog_pb2, catalog_pb2_grpc, peer_pb2, peer_pb2_grpc
+from govshare.v1 import (
+    audit_pb2,
+    audit_pb2_grpc,
+    catalog_pb2,
+    catalog_pb2_grpc,
+    peer_pb2,
+    peer_pb2_grpc,
+)
 
 SERVICE_NAMES = (
     catalog_pb2.DESCRIPTOR.services_by_name["Catalog"].full_name,
     peer_pb2.DESCRIPTOR.services_by_name["Peer"].full_name,
+    audit_pb2.DESCRIPTOR.services_by_name["Audit"].full_name,
 )
 
 
@@ -34,6 +42,7 @@ class RunningNode:
         self.health = health_servicer
 
     def stop(self, grace: float) -> None:
+        """Stop taking calls, let in-flight ones finish for ``grace`` seconds."""
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
 
@@ -49,6 +58,7 @@ def create_server(
     )
     catalog_pb2_grpc.add_CatalogServicer_to_server(CatalogService(node), server)
     peer_pb2_grpc.add_PeerServicer_to_server(PeerService(node), server)
+    audit_pb2_grpc.add_AuditServicer_to_server(AuditService(node), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -66,6 +76,7 @@ def create_server(
     if port == 0:
         raise Unavailable(f"cannot listen on {address}")
     server.start()
+    node.publisher.start()
     for name in ("", *SERVICE_NAMES):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return RunningNode(server, port, health_servicer)
@@ -91,6 +102,7 @@ def serve(config: NodeConfig, *, ready: threading.Event | None = None) -> None:
         stop.wait()
         print(f"node {node.name} stopping", flush=True)
         running.stop(config.grace_seconds)
+        node.close()
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)

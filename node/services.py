@@ -6,6 +6,7 @@ Errors are raised as govshare errors and mapped to status codes by the auth inte
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 
 import grpc
 
@@ -13,7 +14,14 @@ from govshare.node.auth import current_caller
 from govshare.node.convert import dataset_to_proto
 from govshare.node.node import Node
 from govshare.protocols.errors import MalformedInput
-from govshare.v1 import catalog_pb2, catalog_pb2_grpc, peer_pb2, peer_pb2_grpc
+from govshare.v1 import (
+    audit_pb2,
+    audit_pb2_grpc,
+    catalog_pb2,
+    catalog_pb2_grpc,
+    peer_pb2,
+    peer_pb2_grpc,
+)
 
 DATASET_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 
@@ -61,4 +69,50 @@ class PeerService(peer_pb2_grpc.PeerServicer):
             node=identity.name,
             jurisdiction=identity.jurisdiction,
             roster_version=identity.roster.version,
+        )
+
+    def Witness(
+        self, request: peer_pb2.WitnessRequest, context: grpc.ServicerContext
+    ) -> peer_pb2.WitnessResponse:
+        line, held = self._node.witness_checkpoint(
+            current_caller(), request.note, request.old_size, list(request.consistency_proof)
+        )
+        return peer_pb2.WitnessResponse(cosignature=line, witness_size=held)
+
+
+class AuditService(audit_pb2_grpc.AuditServicer):
+    def __init__(self, node: Node) -> None:
+        self._node = node
+
+    def GetCheckpoint(
+        self, request: audit_pb2.GetCheckpointRequest, context: grpc.ServicerContext
+    ) -> audit_pb2.Checkpoint:
+        return audit_pb2.Checkpoint(note=self._node.latest_checkpoint())
+
+    def GetEntries(
+        self, request: audit_pb2.GetEntriesRequest, context: grpc.ServicerContext
+    ) -> Iterator[audit_pb2.GetEntriesResponse]:
+        for page in self._node.entry_pages(request.start, request.end):
+            yield audit_pb2.GetEntriesResponse(
+                entries=[audit_pb2.Entry(index=e.index, data=e.data) for e in page]
+            )
+
+    def GetInclusionProof(
+        self, request: audit_pb2.InclusionProofRequest, context: grpc.ServicerContext
+    ) -> audit_pb2.Proof:
+        return audit_pb2.Proof(hashes=self._node.inclusion_proof(request.index, request.tree_size))
+
+    def GetConsistencyProof(
+        self, request: audit_pb2.ConsistencyProofRequest, context: grpc.ServicerContext
+    ) -> audit_pb2.Proof:
+        return audit_pb2.Proof(
+            hashes=self._node.consistency_proof(request.old_size, request.new_size)
+        )
+
+    def GetQueryEntries(
+        self, request: audit_pb2.QueryEntriesRequest, context: grpc.ServicerContext
+    ) -> audit_pb2.GetEntriesResponse:
+        entries = self._node.query_entries(request.query_id)
+        return audit_pb2.GetEntriesResponse(
+            entries=[audit_pb2.Entry(index=e.index, data=e.data) for e in entries]
         )

@@ -11,6 +11,7 @@ import grpc
 from govshare.protocols.errors import (
     Aborted,
     AlreadyExists,
+    Conflict,
     GovshareError,
     MalformedInput,
     NotFound,
@@ -27,6 +28,7 @@ _TO_STATUS: tuple[tuple[type[GovshareError], grpc.StatusCode], ...] = (
     (PolicyRefused, grpc.StatusCode.PERMISSION_DENIED),
     (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
     (VerificationFailed, grpc.StatusCode.UNAUTHENTICATED),
+    (Conflict, grpc.StatusCode.FAILED_PRECONDITION),
     (Unavailable, grpc.StatusCode.UNAVAILABLE),
     (Aborted, grpc.StatusCode.ABORTED),
 )
@@ -53,6 +55,8 @@ def error_for(code: grpc.StatusCode, message: str) -> GovshareError:
         return PermissionDenied(message)
     if code is grpc.StatusCode.UNAUTHENTICATED:
         return VerificationFailed(message)
+    if code is grpc.StatusCode.FAILED_PRECONDITION:
+        return Conflict(message)
     if code is grpc.StatusCode.ABORTED:
         return Aborted(message)
     return GovshareError(message)

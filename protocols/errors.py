@@ -54,6 +54,11 @@ class PermissionDenied(GovshareError):
     """The caller's role or identity may not perform this operation."""
 
 
+class Conflict(GovshareError):
+    """The request disagrees with state the receiver holds (a witness's last cosigned size,
+    a rolled-back or forked log); the message says what the receiver holds."""
+
+
 class Unavailable(GovshareError):
     """A peer could not be reached or vanished mid-protocol."""
 

@@ -49,6 +49,7 @@ def build_federation(root: Path, name: str = "testfed") -> FederationFixture:
     members = [
         (Role.NODE, "tax", "CN"),
         (Role.NODE, "civil", "CN"),
+        (Role.NODE, "ghost", "CN"),  # enrolled, never started: an unreachable peer
         (Role.ANALYST, "alice", "CN"),
         (Role.ANALYST, "hkana", "HK"),
         (Role.AUDITOR, "audra", "CN"),
@@ -96,3 +97,14 @@ def tax_node(fed: FederationFixture) -> Iterator[tuple[Node, RunningNode]]:
     running = create_server(node, config.listen)
     yield node, running
     running.stop(0)
+    node.close()
+
+
+@pytest.fixture(scope="session")
+def civil_node(fed: FederationFixture) -> Iterator[tuple[Node, RunningNode]]:
+    config = NodeConfig.load(fed.node_home("civil"))
+    node = Node.from_config(config)
+    running = create_server(node, config.listen)
+    yield node, running
+    running.stop(0)
+    node.close()

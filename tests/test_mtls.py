@@ -170,9 +170,8 @@ def test_unknown_dataset_is_not_found(fed: FederationFixture, tax_node: NodeFixt
 
 
 def test_unreachable_node_is_unavailable(fed: FederationFixture) -> None:
-    # 'civil' is enrolled but not started in this module.
-    with NodeClient.to(fed.identity("alice"), "civil", timeout=2) as client:
-        with pytest.raises(Unavailable, match="node civil"):
+    with NodeClient.to(fed.identity("alice"), "ghost", timeout=2) as client:
+        with pytest.raises(Unavailable, match="node ghost"):
             client.list_datasets()
 
 
