@@ -134,12 +134,17 @@ def _point_prefix(query_id: bytes) -> bytes:
 
 
 def _hash_with_prefix(prefix: bytes, key: bytes) -> bytes:
-    digest = bytearray(hashlib.sha256(prefix + key).digest())
-    digest[31] &= 0x7F
-    u = int.from_bytes(digest, "little")
-    if u >= P:  # probability 19 / 2^255; keep the encoding canonical anyway
-        return (u - P).to_bytes(POINT_SIZE, "little")
-    return bytes(digest)
+    return canonical_u(hashlib.sha256(prefix + key).digest())
+
+
+def canonical_u(digest: bytes) -> bytes:
+    """32 bytes -> the canonical u-coordinate X25519 would read: bit 255 cleared, then reduced
+    mod p (RFC 7748 section 5 decodeUCoordinate, made explicit)."""
+    top = digest[31] & 0x7F
+    if top == 0x7F:  # u may be in [p, 2^255): probability 19 / 2^255, kept canonical anyway
+        u = int.from_bytes(digest[:31] + bytes([top]), "little")
+        return (u % P).to_bytes(POINT_SIZE, "little")
+    return digest[:31] + bytes([top])
 
 
 def hash_to_point(query_id: bytes, key: bytes) -> bytes:

@@ -132,6 +132,16 @@ def test_hash_to_point_follows_its_specification() -> None:
     assert hash_to_point(b"ab", b"c") != hash_to_point(b"a", b"bc")
 
 
+def test_canonical_u_clears_bit_255_and_reduces_mod_p() -> None:
+    assert ecdh_psi.canonical_u(b"\xff" * 32) == (18).to_bytes(32, "little")  # 2^255-1 - p
+    assert ecdh_psi.canonical_u(P.to_bytes(32, "little")) == bytes(32)
+    assert ecdh_psi.canonical_u((P - 1).to_bytes(32, "little")) == (P - 1).to_bytes(32, "little")
+    below = (P - 1).to_bytes(32, "little")[:31] + b"\xff"  # bit 255 set over p - 1
+    assert ecdh_psi.canonical_u(below) == (P - 1).to_bytes(32, "little")
+    sample = bytes(range(32))
+    assert ecdh_psi.canonical_u(sample) == sample
+
+
 def test_known_answers() -> None:
     for key, (h, ma, mab) in KNOWN_ANSWERS.items():
         point = hash_to_point(QID, key)
