@@ -17,6 +17,7 @@ from pathlib import Path
 import click
 
 from govshare.cli.common import console, emit_json, home_option, json_option, render_table
+from govshare.node.auditlog import AuditLog
 from govshare.node.catalog import Catalogue, ImportReport, dataset_to_json
 from govshare.node.config import NodeConfig
 from govshare.node.governance import (
@@ -162,25 +163,25 @@ def add(
     config = NodeConfig.load(home)
     me = Identity.load(config.identity_dir)
     rules = [parse_column(spec) for spec in columns]
-    # TODO(audit): pass the node's audit log once govshare.node.auditlog lands.
-    report = Catalogue(config.database_path).add(
-        csv_file,
-        name=name,
-        grade=Grade(grade),
-        sharing_type=SharingType(sharing),
-        legal_basis=legal_basis,
-        owner=Owner(OwnerKind(owner_kind), owner, holder or me.name),
-        columns=rules,
-        description=description,
-        skip_invalid=skip_invalid,
-        actor=f"operator:{me.name}",
-        audit=None,
-        allowed_jurisdictions=jurisdictions,
-        min_group_size=min_group_size,
-        min_set_size=min_set_size,
-        require_dp=require_dp,
-        require_approval=require_approval,
-    )
+    with AuditLog.open(config.audit_database_path) as log:
+        report = Catalogue(config.database_path).add(
+            csv_file,
+            name=name,
+            grade=Grade(grade),
+            sharing_type=SharingType(sharing),
+            legal_basis=legal_basis,
+            owner=Owner(OwnerKind(owner_kind), owner, holder or me.name),
+            columns=rules,
+            description=description,
+            skip_invalid=skip_invalid,
+            actor=f"operator:{me.name}",
+            audit=log,
+            allowed_jurisdictions=jurisdictions,
+            min_group_size=min_group_size,
+            min_set_size=min_set_size,
+            require_dp=require_dp,
+            require_approval=require_approval,
+        )
     if as_json:
         emit_json(_report_json(report))
         return
@@ -272,8 +273,8 @@ def remove(home: Path, name: str, yes: bool, as_json: bool) -> None:
     info = catalogue.get(name)
     if not yes:
         click.confirm(f"remove dataset {name} and its {info.row_count} rows?", abort=True)
-    # TODO(audit): pass the node's audit log once govshare.node.auditlog lands.
-    removed = catalogue.remove(name, actor=f"operator:{me.name}", audit=None)
+    with AuditLog.open(config.audit_database_path) as log:
+        removed = catalogue.remove(name, actor=f"operator:{me.name}", audit=log)
     if as_json:
         emit_json({"removed": removed.name, "row_count": removed.row_count})
         return

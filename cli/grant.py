@@ -14,6 +14,7 @@ import click
 from rich.table import Table
 
 from govshare.cli.common import console, emit_json, home_option, json_option
+from govshare.node.auditlog import AuditLog
 from govshare.node.catalog import Catalogue
 from govshare.node.config import NodeConfig
 from govshare.node.grants import Grant, GrantStore, format_epsilon
@@ -123,21 +124,21 @@ def add(
     me = Identity.load(config.identity_dir)
     me.roster.member(grantee)  # the grantee must be a federation member
     info = Catalogue(config.database_path).get(dataset)
-    # TODO(audit): pass the node's audit log once govshare.node.auditlog lands.
-    grant = GrantStore(config.database_path).issue(
-        me.signing_key,
-        issuer=me.name,
-        dataset=info,
-        grantee=grantee,
-        purpose=purpose,
-        columns=_split(columns),
-        query_kinds=_split(kinds),
-        expires_at=parse_expiry(expires),
-        epsilon=epsilon,
-        max_queries=max_queries,
-        actor=f"operator:{me.name}",
-        audit=None,
-    )
+    with AuditLog.open(config.audit_database_path) as log:
+        grant = GrantStore(config.database_path).issue(
+            me.signing_key,
+            issuer=me.name,
+            dataset=info,
+            grantee=grantee,
+            purpose=purpose,
+            columns=_split(columns),
+            query_kinds=_split(kinds),
+            expires_at=parse_expiry(expires),
+            epsilon=epsilon,
+            max_queries=max_queries,
+            actor=f"operator:{me.name}",
+            audit=log,
+        )
     if as_json:
         emit_json(grant.to_json())
         return
@@ -209,10 +210,10 @@ def revoke(home: Path, grant_id: str, reason: str, as_json: bool) -> None:
     """Revoke a grant; it stays listed, marked revoked."""
     config = NodeConfig.load(home)
     me = Identity.load(config.identity_dir)
-    # TODO(audit): pass the node's audit log once govshare.node.auditlog lands.
-    grant = GrantStore(config.database_path).revoke(
-        grant_id, actor=f"operator:{me.name}", audit=None, reason=reason
-    )
+    with AuditLog.open(config.audit_database_path) as log:
+        grant = GrantStore(config.database_path).revoke(
+            grant_id, actor=f"operator:{me.name}", audit=log, reason=reason
+        )
     if as_json:
         emit_json(grant.to_json())
         return

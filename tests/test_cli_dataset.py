@@ -16,6 +16,7 @@ from govshare.cli.dataset import parse_column
 from govshare.cli.grant import parse_expiry
 from govshare.cli.main import cli, main
 from govshare.node import resident_id
+from govshare.node.auditlog import AuditLog
 from govshare.node.catalog import Catalogue
 from govshare.node.config import NodeConfig, write_default
 from govshare.node.governance import ColumnKind, ColumnRule, Role
@@ -58,6 +59,12 @@ def write_csv(path: Path, amounts: list[str]) -> Path:
         lines.append(f"{IDS[i]},{'east' if i % 2 else 'west'},{amount},Person{i},n")
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+def audit_kinds(home: Path) -> list[tuple[str, str]]:
+    """(kind, actor) of every entry in the node's audit log."""
+    with AuditLog.open(NodeConfig.load(home).audit_database_path) as log:
+        return [(e.decode().kind, e.decode().actor) for e in log.iter_entries()]
 
 
 @pytest.fixture
@@ -107,6 +114,10 @@ def test_add_list_show_remove(home: Path, tmp_path: Path) -> None:
     removed = run("dataset", "remove", "benefits", "--home", str(home), "--yes", "--json")
     assert json.loads(removed.output) == {"removed": "benefits", "row_count": 4}
     assert Catalogue(NodeConfig.load(home).database_path).list() == []
+    assert audit_kinds(home) == [
+        ("dataset.added", "operator:social"),
+        ("dataset.removed", "operator:social"),
+    ]
 
 
 def test_skip_invalid_reports_rejections(home: Path, tmp_path: Path) -> None:
@@ -127,6 +138,7 @@ def test_bad_row_is_one_line_error_and_exit_1(
     err = capsys.readouterr().err
     assert err.splitlines() == ["error: row 3 (line 4): column amount: not an integer"]
     assert Catalogue(NodeConfig.load(home).database_path).list() == []
+    assert audit_kinds(home) == []  # a refused import leaves no trace but its error
 
 
 def test_unknown_dataset_as_subprocess(home: Path) -> None:
@@ -242,6 +254,11 @@ def test_grant_add_list_revoke(registered: Path) -> None:
     )
     shown = run("grant", "show", grant["grant_id"], "--home", str(registered))
     assert "revoked" in shown.output and "done" in shown.output
+    assert [kind for kind, _ in audit_kinds(registered)] == [
+        "dataset.added",
+        "grant.created",
+        "grant.revoked",
+    ]
 
 
 def test_grantee_must_be_a_member(registered: Path) -> None:
