@@ -11,7 +11,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from govshare.protocols.auditverify import (
     AuditEntry,
     ProblemKind,
     decode_entry,
+    decoded_index,
     encode_entry,
     verify_log,
 )
@@ -109,6 +110,46 @@ def test_any_byte_change_decodes_canonically_or_is_malformed(
     except MalformedInput:
         return
     assert encode_entry(decoded) == bytes(raw)  # still exactly one encoding per entry
+
+
+def _outcome(check: Callable[[], object]) -> object:
+    try:
+        return check()
+    except MalformedInput:
+        return MalformedInput
+
+
+@given(entries, st.data())
+def test_verifier_fast_path_agrees_with_full_decode(entry: AuditEntry, data: st.DataObject) -> None:
+    """decoded_index (tags checked in place) accepts exactly what decode_entry accepts."""
+    raw = bytearray(encode_entry(entry))
+    for _ in range(data.draw(st.integers(0, 2))):
+        raw[data.draw(st.integers(0, len(raw) - 1))] = data.draw(st.sampled_from(b'"${}[]0=A\\'))
+    full = _outcome(lambda: decode_entry(bytes(raw)))
+    fast = _outcome(lambda: decoded_index(bytes(raw)))
+    assert fast == (full if full is MalformedInput else full.index)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"s": "$5"},
+        {"s": '{"$b64":"AA=="}'},
+        {"d": {"$b64": "AA=="}},
+        {"d": b"\x00" * 40, "e": [b"", b"\xff"]},
+    ],
+    ids=["dollar_value", "tag_inside_string", "tag_as_dict_refused", "bytes"],
+)
+def test_fast_path_edge_cases(fields: dict[str, object]) -> None:
+    if "d" in fields and isinstance(fields["d"], dict):
+        with pytest.raises(MalformedInput):
+            encode_entry(AuditEntry(0, 0, "a.b", "x", None, fields))
+        return
+    data = encode_entry(AuditEntry(0, 0, "a.b", "x", None, fields))
+    assert decode_entry(data).fields == fields
+    assert decoded_index(data) == 0
+    forged = data.replace(b"AA==", b"AB==") if b"AA==" in data else data
+    assert _outcome(lambda: decoded_index(forged)) == _outcome(lambda: decode_entry(forged).index)
 
 
 def _entry_json(**overrides: Any) -> dict[str, Any]:
