@@ -33,6 +33,7 @@ SERVICE_ROLES: Mapping[str, frozenset[Role]] = {
     "govshare.v1.Catalog": frozenset({Role.ANALYST, Role.NODE}),
     "govshare.v1.Peer": frozenset({Role.NODE}),
     "govshare.v1.Audit": frozenset({Role.AUDITOR}),
+    "govshare.v1.Query": frozenset({Role.ANALYST}),
     "grpc.health.v1.Health": ANY_MEMBER,
     "grpc.reflection.v1alpha.ServerReflection": ANY_MEMBER,
     "grpc.reflection.v1.ServerReflection": ANY_MEMBER,

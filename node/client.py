@@ -6,7 +6,7 @@ a failed call becomes a govshare error whose message names the node.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
@@ -19,7 +19,14 @@ from govshare.node.identity import Identity, Member
 from govshare.node.status import error_for
 from govshare.node.tls import secure_channel
 from govshare.protocols.errors import GovshareError
-from govshare.v1 import catalog_pb2, catalog_pb2_grpc, peer_pb2, peer_pb2_grpc
+from govshare.v1 import (
+    catalog_pb2,
+    catalog_pb2_grpc,
+    peer_pb2,
+    peer_pb2_grpc,
+    query_pb2,
+    query_pb2_grpc,
+)
 
 # Seconds a catalogue or control call may take before the node counts as unreachable.
 DEFAULT_TIMEOUT = 10.0
@@ -37,6 +44,7 @@ class NodeClient:
         self.channel = secure_channel(identity, member)
         self._catalog = catalog_pb2_grpc.CatalogStub(self.channel)
         self._peer = peer_pb2_grpc.PeerStub(self.channel)
+        self._query = query_pb2_grpc.QueryStub(self.channel)
 
     @classmethod
     def to(cls, identity: Identity, node: str, *, timeout: float = DEFAULT_TIMEOUT) -> NodeClient:
@@ -89,6 +97,51 @@ class NodeClient:
             lambda: self._peer.Witness(
                 peer_pb2.WitnessRequest(note=note, old_size=old_size, consistency_proof=proof),
                 timeout=self.timeout,
+            )
+        )
+
+    def psi_send(self, query_id: str, phase: str, points: list[bytes], *, chunk_points: int) -> int:
+        """Stream ``points`` to the node for ``query_id``; return how many it took."""
+        total = len(points)
+
+        def chunks() -> Iterator[peer_pb2.PsiChunk]:
+            for start in range(0, max(total, 1), chunk_points):
+                yield peer_pb2.PsiChunk(
+                    query_id=query_id,
+                    phase=phase,
+                    total=total,
+                    points=b"".join(points[start : start + chunk_points]),
+                )
+
+        reply = self.call(lambda: self._peer.PsiSend(chunks(), timeout=self.timeout))
+        return reply.received
+
+    # --- analyst: joint queries -------------------------------------------------------------
+
+    def submit(self, signed_request: bytes) -> query_pb2.QueryStatus:
+        return self.call(
+            lambda: self._query.Submit(
+                query_pb2.SubmitRequest(signed_request=signed_request), timeout=self.timeout
+            )
+        )
+
+    def status(self, query_id: str) -> query_pb2.QueryStatus:
+        return self.call(
+            lambda: self._query.Status(
+                query_pb2.QueryStatusRequest(query_id=query_id), timeout=self.timeout
+            )
+        )
+
+    def run(self, query_id: str, *, timeout: float) -> list[query_pb2.ResultChunk]:
+        """Run this node's part of an approved query and collect its whole output."""
+        return self.call(
+            lambda: list(self._query.Run(query_pb2.RunRequest(query_id=query_id), timeout=timeout))
+        )
+
+    def receipt(self, query_id: str) -> query_pb2.ReceiptPart:
+        return self.call(
+            lambda: self._query.Receipt(
+                query_pb2.ReceiptRequest(query_id=query_id), timeout=self.timeout
             )
         )
 

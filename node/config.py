@@ -21,6 +21,10 @@ DEFAULT_MAX_WORKERS = 16
 DEFAULT_GRACE_SECONDS = 5.0
 # Seconds between audit-log checkpoints when entries keep arriving.
 DEFAULT_CHECKPOINT_INTERVAL = 10.0
+# Seconds a node waits for its peer's part of a protocol before aborting the query.
+DEFAULT_PROTOCOL_TIMEOUT = 300.0
+# Joint queries one analyst may submit to this node per minute (a probing defence).
+DEFAULT_RATE_LIMIT_PER_MINUTE = 30
 
 TEMPLATE = """\
 # govshare node configuration. Paths are relative to this file's folder.
@@ -39,6 +43,12 @@ max_workers = {max_workers}
 grace_seconds = {grace_seconds}
 # Seconds between audit-log checkpoints.
 checkpoint_interval = {checkpoint_interval}
+# Seconds to wait for a peer's part of a protocol before aborting the query.
+protocol_timeout = {protocol_timeout}
+# Joint queries one analyst may submit per minute.
+rate_limit_per_minute = {rate_limit_per_minute}
+# Processes for the cryptographic work (0 = one per CPU).
+workers = 0
 """
 
 
@@ -52,6 +62,9 @@ class NodeConfig:
     max_workers: int = DEFAULT_MAX_WORKERS
     grace_seconds: float = DEFAULT_GRACE_SECONDS
     checkpoint_interval: float = DEFAULT_CHECKPOINT_INTERVAL
+    protocol_timeout: float = DEFAULT_PROTOCOL_TIMEOUT
+    rate_limit_per_minute: int = DEFAULT_RATE_LIMIT_PER_MINUTE
+    workers: int = 0
 
     @classmethod
     def load(cls, home: Path) -> NodeConfig:
@@ -95,7 +108,20 @@ class NodeConfig:
             max_workers=int(number("max_workers", DEFAULT_MAX_WORKERS)),
             grace_seconds=number("grace_seconds", DEFAULT_GRACE_SECONDS),
             checkpoint_interval=number("checkpoint_interval", DEFAULT_CHECKPOINT_INTERVAL),
+            protocol_timeout=number("protocol_timeout", DEFAULT_PROTOCOL_TIMEOUT),
+            rate_limit_per_minute=int(
+                number("rate_limit_per_minute", DEFAULT_RATE_LIMIT_PER_MINUTE)
+            ),
+            workers=_workers(section.get("workers", 0), path),
         )
+
+
+def _workers(value: object, path: Path) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise MalformedInput(
+            f"{path}: node.workers must be 0 or a positive integer", field="workers"
+        )
+    return value
 
 
 def write_default(home: Path, *, listen: str, identity: str = ".") -> Path:
@@ -111,6 +137,8 @@ def write_default(home: Path, *, listen: str, identity: str = ".") -> Path:
             max_workers=DEFAULT_MAX_WORKERS,
             grace_seconds=DEFAULT_GRACE_SECONDS,
             checkpoint_interval=DEFAULT_CHECKPOINT_INTERVAL,
+            protocol_timeout=DEFAULT_PROTOCOL_TIMEOUT,
+            rate_limit_per_minute=DEFAULT_RATE_LIMIT_PER_MINUTE,
         ),
         encoding="utf-8",
     )

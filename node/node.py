@@ -6,29 +6,38 @@ the verified caller as an argument so it can be tested without a server.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 from govshare.node.auditlog import AuditLog, LogEntry
 from govshare.node.auth import Caller
+from govshare.node.catalog import Catalogue
 from govshare.node.checkpointer import CheckpointPublisher
-from govshare.node.config import DEFAULT_CHECKPOINT_INTERVAL, NodeConfig
+from govshare.node.client import NodeClient
+from govshare.node.config import (
+    DEFAULT_CHECKPOINT_INTERVAL,
+    DEFAULT_PROTOCOL_TIMEOUT,
+    DEFAULT_RATE_LIMIT_PER_MINUTE,
+    NodeConfig,
+)
 from govshare.node.governance import DatasetInfo, Grade, Role
+from govshare.node.grants import GrantStore
 from govshare.node.identity import Identity
+from govshare.node.queries import QueryEngine
+from govshare.node.query_store import QueryStore
 from govshare.node.witness import Witness, WitnessStore
+from govshare.protocols import ecdh_psi
 from govshare.protocols.errors import MalformedInput, NotFound
+
+# Points per PsiSend chunk: 4096 x 32 bytes = 128 KiB messages.
+PSI_CHUNK_POINTS = 4096
 
 # Entries per GetEntries page: bounded messages whatever range an auditor asks for.
 ENTRY_PAGE = 1000
-
-
-class DatasetSource(Protocol):
-    def list(self) -> list[DatasetInfo]: ...
-
-    def get(self, name: str) -> DatasetInfo: ...
 
 
 def visible_to(caller: Caller, dataset: DatasetInfo) -> bool:
@@ -39,34 +48,71 @@ def visible_to(caller: Caller, dataset: DatasetInfo) -> bool:
 @dataclass
 class Node:
     identity: Identity
-    catalogue: DatasetSource
+    catalogue: Catalogue
+    grants: GrantStore
+    query_store: QueryStore
     audit: AuditLog
     witness_store: WitnessStore
     clock: Callable[[], float] = field(default=time.time)
     checkpoint_interval: float = DEFAULT_CHECKPOINT_INTERVAL
+    protocol_timeout: float = DEFAULT_PROTOCOL_TIMEOUT
+    rate_limit_per_minute: int = DEFAULT_RATE_LIMIT_PER_MINUTE
+    workers: int = 0  # processes for masking; 0 = one per CPU
     publisher: CheckpointPublisher = field(init=False)
     witness: Witness = field(init=False)
+    queries: QueryEngine = field(init=False)
 
     def __post_init__(self) -> None:
+        self._pool: ProcessPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
         self.publisher = CheckpointPublisher(
             self.identity, self.audit, interval=self.checkpoint_interval
         )
         self.witness = Witness(
             self.identity, self.witness_store, audit=self.audit, clock=self.clock
         )
+        self.queries = QueryEngine(
+            identity=self.identity,
+            catalogue=self.catalogue,
+            grants=self.grants,
+            store=self.query_store,
+            audit=self.audit,
+            publisher=self.publisher,
+            send=self.send_points,
+            clock=self.clock,
+            executor=self.executor,
+            protocol_timeout=self.protocol_timeout,
+            rate_limit_per_minute=self.rate_limit_per_minute,
+        )
+
+    def executor(self) -> Executor:
+        """The node's long-lived process pool for masking (forkserver, safe beside gRPC)."""
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ecdh_psi.make_pool(self.workers or None)
+            return self._pool
+
+    def send_points(self, peer: str, query_id: str, phase: str, points: list[bytes]) -> None:
+        """Stream a masked set to ``peer`` (Peer.PsiSend) in bounded chunks."""
+        member = self.identity.roster.member(peer)
+        with NodeClient(self.identity, member, timeout=self.protocol_timeout) as client:
+            client.psi_send(query_id, phase, points, chunk_points=PSI_CHUNK_POINTS)
 
     @classmethod
     def from_config(cls, config: NodeConfig) -> Node:
         """Build a node from its home: identity bundle, catalogue store, audit log."""
-        from govshare.node.catalog import Catalogue
-
         identity = Identity.load(config.identity_dir)
         return cls(
             identity=identity,
             catalogue=Catalogue(config.database_path),
+            grants=GrantStore(config.database_path),
+            query_store=QueryStore(config.database_path),
             audit=AuditLog.open(config.audit_database_path),
             witness_store=WitnessStore(config.database_path),
             checkpoint_interval=config.checkpoint_interval,
+            protocol_timeout=config.protocol_timeout,
+            rate_limit_per_minute=config.rate_limit_per_minute,
+            workers=config.workers,
         )
 
     @classmethod
@@ -79,6 +125,11 @@ class Node:
 
     def close(self) -> None:
         self.publisher.stop()
+        with self._pool_lock:
+            if self._pool is not None:
+                self._pool.shutdown(cancel_futures=True)
+                self._pool = None
+        self.query_store.close()
         self.audit.close()
         self.witness_store.close()
 

@@ -14,7 +14,7 @@ from grpc_reflection.v1alpha import reflection
 from govshare.node.auth import AuthInterceptor
 from govshare.node.config import DEFAULT_MAX_WORKERS, NodeConfig
 from govshare.node.node import Node
-from govshare.node.services import AuditService, CatalogService, PeerService
+from govshare.node.services import AuditService, CatalogService, PeerService, QueryService
 from govshare.node.tls import CHANNEL_OPTIONS, server_credentials
 from govshare.protocols.errors import Unavailable
 from govshare.v1 import (
@@ -24,12 +24,15 @@ from govshare.v1 import (
     catalog_pb2_grpc,
     peer_pb2,
     peer_pb2_grpc,
+    query_pb2,
+    query_pb2_grpc,
 )
 
 SERVICE_NAMES = (
     catalog_pb2.DESCRIPTOR.services_by_name["Catalog"].full_name,
     peer_pb2.DESCRIPTOR.services_by_name["Peer"].full_name,
     audit_pb2.DESCRIPTOR.services_by_name["Audit"].full_name,
+    query_pb2.DESCRIPTOR.services_by_name["Query"].full_name,
 )
 
 
@@ -59,6 +62,7 @@ def create_server(
     catalog_pb2_grpc.add_CatalogServicer_to_server(CatalogService(node), server)
     peer_pb2_grpc.add_PeerServicer_to_server(PeerService(node), server)
     audit_pb2_grpc.add_AuditServicer_to_server(AuditService(node), server)
+    query_pb2_grpc.add_QueryServicer_to_server(QueryService(node), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

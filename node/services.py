@@ -12,7 +12,8 @@ import grpc
 
 from govshare.node.auth import current_caller
 from govshare.node.convert import dataset_to_proto
-from govshare.node.node import Node
+from govshare.node.node import PSI_CHUNK_POINTS, Node
+from govshare.node.query_store import QueryRecord
 from govshare.protocols.errors import MalformedInput
 from govshare.v1 import (
     audit_pb2,
@@ -21,9 +22,18 @@ from govshare.v1 import (
     catalog_pb2_grpc,
     peer_pb2,
     peer_pb2_grpc,
+    query_pb2,
+    query_pb2_grpc,
 )
 
 DATASET_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+QUERY_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+def require_query_id(value: str) -> str:
+    if not QUERY_ID.match(value):
+        raise MalformedInput("field 'query_id' must be 32 hex digits", field="query_id")
+    return value
 
 
 def require_dataset_name(value: str, field: str = "name") -> str:
@@ -78,6 +88,69 @@ class PeerService(peer_pb2_grpc.PeerServicer):
             current_caller(), request.note, request.old_size, list(request.consistency_proof)
         )
         return peer_pb2.WitnessResponse(cosignature=line, witness_size=held)
+
+    def PsiSend(
+        self, request_iterator: Iterator[peer_pb2.PsiChunk], context: grpc.ServicerContext
+    ) -> peer_pb2.PsiAck:
+        chunks = (
+            (require_query_id(c.query_id), c.phase, c.total, c.points) for c in request_iterator
+        )
+        return peer_pb2.PsiAck(received=self._node.queries.receive(current_caller(), chunks))
+
+
+def _status(record: QueryRecord) -> query_pb2.QueryStatus:
+    return query_pb2.QueryStatus(
+        query_id=record.query_id,
+        state=record.state,
+        rule=record.rule,
+        message=record.message,
+        dataset=record.dataset,
+    )
+
+
+class QueryService(query_pb2_grpc.QueryServicer):
+    def __init__(self, node: Node) -> None:
+        self._node = node
+
+    def Submit(
+        self, request: query_pb2.SubmitRequest, context: grpc.ServicerContext
+    ) -> query_pb2.QueryStatus:
+        if not request.signed_request:
+            raise MalformedInput("field 'signed_request' is required", field="signed_request")
+        return _status(self._node.queries.submit(current_caller(), request.signed_request))
+
+    def Status(
+        self, request: query_pb2.QueryStatusRequest, context: grpc.ServicerContext
+    ) -> query_pb2.QueryStatus:
+        query_id = require_query_id(request.query_id)
+        return _status(self._node.queries.status(current_caller(), query_id))
+
+    def Run(
+        self, request: query_pb2.RunRequest, context: grpc.ServicerContext
+    ) -> Iterator[query_pb2.ResultChunk]:
+        query_id = require_query_id(request.query_id)
+        release = self._node.queries.run(current_caller(), query_id)
+        total = len(release.points)
+        if release.records:
+            for start in range(0, len(release.records), PSI_CHUNK_POINTS):
+                yield query_pb2.ResultChunk(
+                    records=release.records[start : start + PSI_CHUNK_POINTS],
+                    total=len(release.records),
+                )
+            return
+        for start in range(0, max(total, 1), PSI_CHUNK_POINTS):
+            yield query_pb2.ResultChunk(
+                points=b"".join(release.points[start : start + PSI_CHUNK_POINTS]), total=total
+            )
+
+    def Receipt(
+        self, request: query_pb2.ReceiptRequest, context: grpc.ServicerContext
+    ) -> query_pb2.ReceiptPart:
+        query_id = require_query_id(request.query_id)
+        index, entry, proof, checkpoint = self._node.queries.receipt(current_caller(), query_id)
+        return query_pb2.ReceiptPart(
+            node=self._node.name, index=index, entry=entry, proof=proof, checkpoint=checkpoint
+        )
 
 
 class AuditService(audit_pb2_grpc.AuditServicer):

@@ -4,14 +4,26 @@ from __future__ import annotations
 
 import datetime as dt
 import socket
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from govshare.examples import synth
 from govshare.node.config import NodeConfig, write_default
-from govshare.node.governance import Role
+from govshare.node.governance import (
+    ColumnRule,
+    Grade,
+    Owner,
+    OwnerKind,
+    QueryKind,
+    Role,
+    SharingType,
+)
 from govshare.node.identity import Federation, Identity, init_federation
 from govshare.node.node import Node
 from govshare.node.server import RunningNode, create_server
@@ -108,3 +120,98 @@ def civil_node(fed: FederationFixture) -> Iterator[tuple[Node, RunningNode]]:
     yield node, running
     running.stop(0)
     node.close()
+
+
+PURPOSE = "assistance eligibility review"
+TAX_COLUMNS = (
+    "id_number=join_key:resident_id",
+    "district=group_key:domain={districts}",
+    "year=plaintext",
+    "income_band=group_key:domain=low|middle|high",
+    "annual_income=aggregate",
+)
+
+
+@dataclass
+class PsiData:
+    manifest: dict[str, Any]
+    tax: Node
+    civil: Node
+
+
+def _rules(specs: tuple[str, ...]) -> list[ColumnRule]:
+    from govshare.cli.dataset import parse_column
+
+    districts = "|".join(synth.DISTRICTS)
+    return [parse_column(spec.format(districts=districts)) for spec in specs]
+
+
+def register(
+    node: Node,
+    csv: Path,
+    *,
+    name: str,
+    columns: tuple[str, ...],
+    grade: Grade = Grade.GENERAL,
+    sharing: SharingType = SharingType.CONDITIONAL,
+    require_approval: bool = False,
+) -> None:
+    node.catalogue.add(
+        csv,
+        name=name,
+        grade=grade,
+        sharing_type=sharing,
+        owner=Owner(OwnerKind.STATE, "state", node.name),
+        columns=_rules(columns),
+        actor=f"operator:{node.name}",
+        audit=node.audit,
+        require_approval=require_approval,
+    )
+
+
+def grant(
+    node: Node, dataset: str, grantee: str, columns: list[str], kinds: list[QueryKind]
+) -> None:
+    node.grants.issue(
+        node.identity.signing_key,
+        issuer=node.name,
+        dataset=node.catalogue.get(dataset),
+        grantee=grantee,
+        purpose=PURPOSE,
+        columns=columns,
+        query_kinds=kinds,
+        expires_at=int(time.time()) + 86400,
+        epsilon=Fraction(10),
+        max_queries=1000,
+        actor=f"operator:{node.name}",
+        audit=node.audit,
+    )
+
+
+@pytest.fixture(scope="session")
+def psi_data(
+    tmp_path_factory: pytest.TempPathFactory,
+    tax_node: tuple[Node, RunningNode],
+    civil_node: tuple[Node, RunningNode],
+) -> PsiData:
+    """tax.residents and civil.assistance registered on the session nodes, granted to alice."""
+    data = tmp_path_factory.mktemp("synth")
+    manifest = synth.generate(data, size=400, seed=3)
+    tax, civil = tax_node[0], civil_node[0]
+    register(tax, data / f"{synth.TAX}.csv", name="residents", columns=TAX_COLUMNS)
+    register(
+        civil,
+        data / f"{synth.CIVIL}.csv",
+        name="assistance",
+        columns=(
+            "id_number=join_key:resident_id",
+            "district=group_key:domain={districts}",
+            "year=plaintext",
+            "assistance_type=group_key:domain=" + "|".join(synth.ASSISTANCE_TYPES),
+            "amount=aggregate",
+        ),
+    )
+    kinds = [QueryKind.PSI_CARDINALITY]
+    grant(tax, "residents", "alice", ["id_number", "income_band", "year"], kinds)
+    grant(civil, "assistance", "alice", ["id_number", "year"], kinds)
+    return PsiData(manifest, tax, civil)

@@ -118,3 +118,57 @@ class WitnessResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WitnessResponse: _TypeAlias = WitnessResponse  # noqa: Y015
+
+@_typing.final
+class PsiChunk(_message.Message):
+    """One chunk of a node's singly masked set, sent to the other participant of a PSI."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUERY_ID_FIELD_NUMBER: _builtins.int
+    POINTS_FIELD_NUMBER: _builtins.int
+    TOTAL_FIELD_NUMBER: _builtins.int
+    PHASE_FIELD_NUMBER: _builtins.int
+    query_id: _builtins.str
+    points: _builtins.bytes
+    """Concatenated 32-byte X25519 u-coordinates."""
+    total: _builtins.int
+    """Total number of points in the set (same in every chunk)."""
+    phase: _builtins.str
+    """"own": the sender's set masked once; "returned": the receiver's own set masked again,
+    in the receiver's order (membership only).
+    """
+    def __init__(
+        self,
+        *,
+        query_id: _builtins.str = ...,
+        points: _builtins.bytes = ...,
+        total: _builtins.int = ...,
+        phase: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["phase", b"phase", "points", b"points", "query_id", b"query_id", "total", b"total"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PsiChunk: _TypeAlias = PsiChunk  # noqa: Y015
+
+@_typing.final
+class PsiAck(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECEIVED_FIELD_NUMBER: _builtins.int
+    received: _builtins.int
+    def __init__(
+        self,
+        *,
+        received: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["received", b"received"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PsiAck: _TypeAlias = PsiAck  # noqa: Y015

@@ -44,6 +44,11 @@ class PeerStub:
                 request_serializer=govshare_dot_v1_dot_peer__pb2.WitnessRequest.SerializeToString,
                 response_deserializer=govshare_dot_v1_dot_peer__pb2.WitnessResponse.FromString,
                 _registered_method=True)
+        self.PsiSend = channel.stream_unary(
+                '/govshare.v1.Peer/PsiSend',
+                request_serializer=govshare_dot_v1_dot_peer__pb2.PsiChunk.SerializeToString,
+                response_deserializer=govshare_dot_v1_dot_peer__pb2.PsiAck.FromString,
+                _registered_method=True)
 
 
 class PeerServicer:
@@ -63,6 +68,13 @@ class PeerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PsiSend(self, request_iterator, context):
+        """Stream this node's masked set to the other participant of an accepted query.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PeerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -75,6 +87,11 @@ def add_PeerServicer_to_server(servicer, server):
                     servicer.Witness,
                     request_deserializer=govshare_dot_v1_dot_peer__pb2.WitnessRequest.FromString,
                     response_serializer=govshare_dot_v1_dot_peer__pb2.WitnessResponse.SerializeToString,
+            ),
+            'PsiSend': grpc.stream_unary_rpc_method_handler(
+                    servicer.PsiSend,
+                    request_deserializer=govshare_dot_v1_dot_peer__pb2.PsiChunk.FromString,
+                    response_serializer=govshare_dot_v1_dot_peer__pb2.PsiAck.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -131,6 +148,33 @@ class Peer:
             '/govshare.v1.Peer/Witness',
             govshare_dot_v1_dot_peer__pb2.WitnessRequest.SerializeToString,
             govshare_dot_v1_dot_peer__pb2.WitnessResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PsiSend(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/govshare.v1.Peer/PsiSend',
+            govshare_dot_v1_dot_peer__pb2.PsiChunk.SerializeToString,
+            govshare_dot_v1_dot_peer__pb2.PsiAck.FromString,
             options,
             channel_credentials,
             insecure,

@@ -35,6 +35,8 @@ class PeerStub:
     """Liveness and roster agreement between two nodes."""
     Witness: _grpc.UnaryUnaryMultiCallable[_peer_pb2.WitnessRequest, _peer_pb2.WitnessResponse]
     """Cosign a peer's log checkpoint after checking it is consistent with the last one cosigned."""
+    PsiSend: _grpc.StreamUnaryMultiCallable[_peer_pb2.PsiChunk, _peer_pb2.PsiAck]
+    """Stream this node's masked set to the other participant of an accepted query."""
 
 @_typing.type_check_only
 class PeerAsyncStub(PeerStub):
@@ -43,6 +45,8 @@ class PeerAsyncStub(PeerStub):
     """Liveness and roster agreement between two nodes."""
     Witness: _aio.UnaryUnaryMultiCallable[_peer_pb2.WitnessRequest, _peer_pb2.WitnessResponse]  # type: ignore[assignment]
     """Cosign a peer's log checkpoint after checking it is consistent with the last one cosigned."""
+    PsiSend: _aio.StreamUnaryMultiCallable[_peer_pb2.PsiChunk, _peer_pb2.PsiAck]  # type: ignore[assignment]
+    """Stream this node's masked set to the other participant of an accepted query."""
 
 class PeerServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -60,5 +64,13 @@ class PeerServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_peer_pb2.WitnessResponse, _abc.Awaitable[_peer_pb2.WitnessResponse]]:
         """Cosign a peer's log checkpoint after checking it is consistent with the last one cosigned."""
+
+    @_abc_1.abstractmethod
+    def PsiSend(
+        self,
+        request_iterator: _MaybeAsyncIterator[_peer_pb2.PsiChunk],
+        context: _ServicerContext,
+    ) -> _typing.Union[_peer_pb2.PsiAck, _abc.Awaitable[_peer_pb2.PsiAck]]:
+        """Stream this node's masked set to the other participant of an accepted query."""
 
 def add_PeerServicer_to_server(servicer: PeerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

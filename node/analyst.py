@@ -1,0 +1,165 @@
+"""The analyst's side of a joint PSI query: sign, submit, wait for approvals, run, count, prove.
+
+The analyst signs the plan once, submits the same signed request to both nodes, waits while a
+node reports ``pending_approval`` (the operator decides), then runs both nodes' parts at once.
+For cardinality the analyst counts matches between the two doubly masked, shuffled sets it
+receives (``govshare.protocols.ecdh_psi``); for membership it receives the releasing node's
+matching keys through their masking rule. Finally each node's ``result.released`` entry with
+its inclusion proof under a signed checkpoint makes the receipt, verified here against the
+roster before it is returned.
+
+If a node refuses, is denied, or fails mid-protocol, nothing is counted and the error names
+the node; partial output from the other node is discarded.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from govshare.node.client import NodeClient
+from govshare.node.governance import QueryKind
+from govshare.node.identity import Identity, Roster
+from govshare.node.query_plan import PsiPlan
+from govshare.node.query_store import APPROVED, DENIED, PENDING, REFUSED
+from govshare.node.witness import log_origin
+from govshare.protocols import ecdh_psi
+from govshare.protocols.errors import Aborted, PolicyRefused, Unavailable
+from govshare.protocols.receipt import LogKey, Receipt, make_receipt, verify_receipt
+from govshare.protocols.signed_request import DEFAULT_LIFETIME_SECONDS, sign_request
+from govshare.v1 import query_pb2
+
+# Seconds to wait for operators' approvals before giving up.
+DEFAULT_APPROVAL_TIMEOUT = 600.0
+# Seconds between status polls while a query waits for approval.
+POLL_SECONDS = 1.0
+# Seconds a protocol run may take at most (both nodes' parts).
+DEFAULT_RUN_TIMEOUT = 900.0
+
+StatusCallback = Callable[[str, str, str], None]
+"""``on_status(node, state, message)``: what each node says while the query waits or runs."""
+
+
+@dataclass(frozen=True)
+class PsiOutcome:
+    query_id: str
+    kind: QueryKind
+    count: int
+    sizes: dict[str, int]
+    records: tuple[str, ...]
+    receipt: Receipt
+
+
+def log_keys(roster: Roster) -> dict[str, LogKey]:
+    """Every node's log origin and roster key, to verify receipts."""
+    return {
+        m.name: LogKey(log_origin(roster.federation, m.name), m.verify_key())
+        for m in roster.members
+        if m.address
+    }
+
+
+def run_psi(
+    identity: Identity,
+    plan: PsiPlan,
+    *,
+    on_status: StatusCallback | None = None,
+    approval_timeout: float = DEFAULT_APPROVAL_TIMEOUT,
+    run_timeout: float = DEFAULT_RUN_TIMEOUT,
+    lifetime: int = DEFAULT_LIFETIME_SECONDS,
+    poll: float = POLL_SECONDS,
+) -> PsiOutcome:
+    """Ask a PSI query of its two nodes and return the verified outcome.
+
+    Raises:
+        PermissionDenied: a node refused (the message names the node and the rule).
+        Aborted: a node was denied approval, approval timed out, or a run failed.
+        Unavailable: a node could not be reached.
+    """
+    report = on_status or (lambda node, state, message: None)
+    request = sign_request(
+        identity.signing_key,
+        analyst=identity.name,
+        kind=plan.kind.value,
+        body=plan.to_json(),
+        now=int(time.time()),
+        lifetime=lifetime,
+    )
+    query_id = request.query_id_hex
+    signed = request.encode()
+    nodes = plan.nodes
+    clients = {n: NodeClient.to(identity, n) for n in nodes}
+    try:
+        with ThreadPoolExecutor(max_workers=len(nodes)) as pool:
+            statuses = dict(
+                zip(nodes, pool.map(lambda n: clients[n].submit(signed), nodes), strict=True)
+            )
+        for node, status in statuses.items():
+            report(node, status.state, status.message)
+        _await_approval(clients, query_id, statuses, report, approval_timeout, poll)
+        for node in nodes:
+            report(node, "running", "masking and exchanging sets")
+        with ThreadPoolExecutor(max_workers=len(nodes)) as pool:
+            futures = {n: pool.submit(clients[n].run, query_id, timeout=run_timeout) for n in nodes}
+            outputs = {n: f.result() for n, f in futures.items()}
+        parts = []
+        for node in nodes:
+            part = clients[node].receipt(query_id)
+            parts.append((part.node, part.entry, part.index, list(part.proof), part.checkpoint))
+    finally:
+        for client in clients.values():
+            client.close()
+
+    receipt = make_receipt(query_id, parts)
+    verify_receipt(receipt, log_keys(identity.roster))
+    sets = {n: [c.points for c in outputs[n]] for n in nodes}
+    points = {n: ecdh_psi.decode_points(b"".join(sets[n]), max_points=2**31) for n in nodes}
+    records = tuple(r for n in nodes for c in outputs[n] for r in c.records)
+    if plan.kind is QueryKind.PSI_CARDINALITY:
+        count = ecdh_psi.count_matches(points[plan.left.node], points[plan.right.node])
+        # Each node hands over the *other* node's set, masked twice.
+        left, right = plan.left.node, plan.right.node
+        sizes = {left: len(points[right]), right: len(points[left])}
+    else:
+        count = len(records)
+        sizes = {}
+    for node in nodes:
+        report(node, "done", "result released")
+    return PsiOutcome(query_id, plan.kind, count, sizes, records, receipt)
+
+
+def _await_approval(
+    clients: dict[str, NodeClient],
+    query_id: str,
+    statuses: dict[str, query_pb2.QueryStatus],
+    report: StatusCallback,
+    timeout: float,
+    poll: float,
+) -> None:
+    deadline = time.monotonic() + timeout
+    states = {n: s.state for n, s in statuses.items()}
+    while True:
+        for node, state in states.items():
+            if state in (DENIED, REFUSED):
+                message, rule = statuses[node].message, statuses[node].rule
+                if state == REFUSED:
+                    raise PolicyRefused(rule, f"node {node}: {message}")
+                raise Aborted(f"node {node}: the operator denied the query: {message}")
+        if all(state == APPROVED for state in states.values()):
+            return
+        if time.monotonic() > deadline:
+            waiting = ", ".join(n for n, s in states.items() if s == PENDING)
+            raise Aborted(f"approval timed out after {timeout:g} s waiting for {waiting}")
+        time.sleep(poll)
+        for node, state in list(states.items()):
+            if state == PENDING:
+                try:
+                    status = clients[node].status(query_id)
+                except Unavailable:
+                    continue
+                statuses[node] = status
+                if status.state != state:
+                    report(node, status.state, status.message)
+                states[node] = status.state

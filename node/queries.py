@@ -1,0 +1,464 @@
+"""The node's side of a joint PSI query: admit, decide, run, release, prove.
+
+Flow for one query (two nodes L and R, analyst C):
+
+1. ``submit``: C sends the same signed request to L and R. Each node checks the caller is the
+   signer, the signature (roster key), the validity window and the nonce (replays refused),
+   logs the signed request, applies the rate limit, and decides by policy on its own dataset
+   — grants, grade floors, sharing type, jurisdiction, filtered set size — logging the
+   decision and its rule. A refusal ends the query here; a dataset that demands per-query
+   approval leaves it ``pending_approval`` until the operator approves or denies it.
+2. ``run``: once both nodes approved, C calls ``Run`` on each. Each node masks its own
+   distinct, filtered keys with a fresh scalar, streams them to the peer (``Peer.PsiSend``),
+   waits for the peer's set, and then
+   - cardinality: masks the peer's set again, shuffles it, and streams it to C, who counts
+     the matches (``govshare.protocols.ecdh_psi``: C learns ``|L ∩ R|`` and the set sizes);
+   - membership: R masks L's set again in L's order and returns it to L; L (the releasing
+     side) finds which of its keys match and releases them to C through the column's masking
+     rule — only where the record-level rules allowed it.
+3. ``receipt``: the node's ``result.released`` entry for the query with an inclusion proof
+   under a signed, witnessed checkpoint.
+
+No protocol message leaves a node before its policy decision allowed the query. If the peer
+does not deliver within the protocol timeout the node aborts: nothing is released, the failure
+is logged, and C gets ABORTED.
+
+Audit entries carry ``request_digest`` (SHA-256 of the signed request), ``participants`` (the two
+nodes) and, on release, ``result_digest`` and ``recipient``, so an auditor can line the nodes'
+logs up for one query.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor
+from dataclasses import dataclass, field, replace
+from fractions import Fraction
+
+from govshare.node.audit_sink import AuditSink
+from govshare.node.auditlog import AuditLog
+from govshare.node.auth import Caller
+from govshare.node.catalog import Catalogue
+from govshare.node.checkpointer import CheckpointPublisher
+from govshare.node.governance import QueryKind
+from govshare.node.grants import GrantStore
+from govshare.node.identity import Identity
+from govshare.node.masking import apply_mask
+from govshare.node.policy import AccessRequest, Obligations, decide
+from govshare.node.query_plan import PsiPlan, Side, parse_plan
+from govshare.node.query_store import (
+    APPROVED,
+    DONE,
+    FAILED,
+    PENDING,
+    REFUSED,
+    RUNNING,
+    QueryRecord,
+    QueryStore,
+)
+from govshare.protocols import ecdh_psi
+from govshare.protocols.errors import (
+    Aborted,
+    GovshareError,
+    MalformedInput,
+    NotFound,
+    PermissionDenied,
+    PolicyRefused,
+)
+from govshare.protocols.signed_request import SignedRequest, verify_request
+
+# Queries one analyst may submit per minute at one node (probing defence).
+DEFAULT_RATE_LIMIT_PER_MINUTE = 30
+# Seconds a node waits for its peer's set before it aborts the query.
+DEFAULT_PROTOCOL_TIMEOUT = 300.0
+RATE_LIMIT_RULE = "rate_limit"
+SET_SIZE_RULE = "set_size.minimum"
+
+OWN = "own"
+RETURNED = "returned"
+
+
+def digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def points_digest(points: Iterable[bytes]) -> str:
+    hasher = hashlib.sha256()
+    for point in points:
+        hasher.update(point)
+    return hasher.hexdigest()
+
+
+@dataclass
+class _Inbox:
+    """A set arriving from the peer, chunk by chunk."""
+
+    total: int = -1
+    points: list[bytes] = field(default_factory=list)
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass
+class Session:
+    plan: PsiPlan
+    own: Side
+    peer: Side
+    party: ecdh_psi.PsiParty
+    obligations: Obligations
+    request_digest: str
+    inboxes: dict[str, _Inbox] = field(default_factory=lambda: {OWN: _Inbox(), RETURNED: _Inbox()})
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def releasing(self) -> bool:
+        """In membership, the left side learns which of its keys match and releases them."""
+        return self.plan.kind is QueryKind.PSI_MEMBERSHIP and self.own is self.plan.left
+
+
+@dataclass(frozen=True)
+class Release:
+    """What a node hands the analyst: doubly masked points, or masked matching records."""
+
+    points: list[bytes] = field(default_factory=list)
+    records: list[str] = field(default_factory=list)
+
+
+PeerSender = Callable[[str, str, str, list[bytes]], None]
+"""``send(peer_node, query_id, phase, points)`` streams a set to the peer over mTLS."""
+
+
+class QueryEngine:
+    def __init__(
+        self,
+        *,
+        identity: Identity,
+        catalogue: Catalogue,
+        grants: GrantStore,
+        store: QueryStore,
+        audit: AuditLog,
+        publisher: CheckpointPublisher,
+        send: PeerSender,
+        clock: Callable[[], float] = time.time,
+        executor: Callable[[], Executor | None] = lambda: None,
+        protocol_timeout: float = DEFAULT_PROTOCOL_TIMEOUT,
+        rate_limit_per_minute: int = DEFAULT_RATE_LIMIT_PER_MINUTE,
+    ) -> None:
+        self._identity = identity
+        self._catalogue = catalogue
+        self._grants = grants
+        self._store = store
+        self._audit: AuditSink = audit
+        self._log = audit
+        self._publisher = publisher
+        self._send = send
+        self._clock = clock
+        self._executor = executor
+        self._timeout = protocol_timeout
+        self._rate_limit = rate_limit_per_minute
+        self._sessions: dict[str, Session] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def name(self) -> str:
+        return self._identity.name
+
+    # --- admission --------------------------------------------------------------------------
+
+    def submit(self, caller: Caller, signed: bytes) -> QueryRecord:
+        """Admit a signed request and decide it by policy (see the module docstring)."""
+        now = int(self._clock())
+        request = SignedRequest.decode(signed)
+        if request.analyst != caller.name:
+            raise PermissionDenied(
+                f"request is signed for {request.analyst!r} but sent by {caller.name!r}"
+            )
+        verify_request(request, caller.member.verify_key(), now=now)
+        query_id = request.query_id_hex
+        self._store.remember_nonce(
+            caller.name, request.nonce, expires_at=request.expires_at, now=now
+        )
+        request_digest = digest(signed)
+        self._audit.record(
+            "query.received",
+            {"request": signed, "request_digest": request_digest, "kind": request.kind},
+            actor=caller.name,
+            query_id=query_id,
+        )
+        plan = parse_plan(request.body_json(), kind=request.kind)
+        own, peer = plan.side_of(self.name)
+        base = QueryRecord(
+            query_id=query_id,
+            analyst=caller.name,
+            kind=plan.kind.value,
+            dataset=own.dataset,
+            purpose=plan.purpose,
+            request=signed,
+            state=REFUSED,
+            rule="",
+            message="",
+            grant_id="",
+            epsilon=Fraction(0),
+            received_at=now,
+            updated_at=now,
+        )
+        try:
+            if self._store.count_since(caller.name, now - 60) >= self._rate_limit:
+                raise PolicyRefused(
+                    RATE_LIMIT_RULE,
+                    f"{caller.name} may submit {self._rate_limit} queries a minute to {self.name}",
+                )
+            obligations = self._decide(caller, plan, own, now, query_id, request_digest)
+        except PolicyRefused as refusal:
+            self._store.create(
+                replace(base, rule=refusal.rule, message=refusal.reason, state=REFUSED)
+            )
+            raise
+        state = PENDING if obligations.requires_approval else APPROVED
+        record = replace(
+            base,
+            state=state,
+            rule="allowed",
+            message="waiting for the operator's approval" if state == PENDING else "allowed",
+            grant_id=obligations.grant_id,
+            epsilon=obligations.epsilon,
+        )
+        self._store.create(record)
+        with self._lock:
+            self._sessions[query_id] = Session(
+                plan=plan,
+                own=own,
+                peer=peer,
+                party=ecdh_psi.PsiParty.fresh(request.query_id),
+                obligations=obligations,
+                request_digest=request_digest,
+            )
+        return record
+
+    def _decide(
+        self,
+        caller: Caller,
+        plan: PsiPlan,
+        own: Side,
+        now: int,
+        query_id: str,
+        request_digest: str,
+    ) -> Obligations:
+        dataset = self._catalogue.get(own.dataset)
+        releasing = plan.kind is QueryKind.PSI_MEMBERSHIP and own is plan.left
+        access = AccessRequest(
+            requester=caller.name,
+            role=caller.role,
+            jurisdiction=caller.jurisdiction,
+            query_kind=plan.kind,
+            columns=own.accesses(release=releasing),
+            purpose=plan.purpose,
+            dp_noise=False,
+            filtered_set_size=self._catalogue.count(own.dataset, where=own.where),
+        )
+        decision = decide(
+            access,
+            dataset,
+            self._grants.list(dataset=own.dataset),
+            now=now,
+            node_jurisdiction=self._identity.jurisdiction,
+            usage=self._store.usage(),
+            issuer_key=self._identity.member.verify_key(),
+        )
+        self._audit.record(
+            "policy.decision",
+            {
+                "dataset": own.dataset,
+                "request_digest": request_digest,
+                "participants": list(plan.nodes),
+                **decision.audit_fields(),
+            },
+            actor=caller.name,
+            query_id=query_id,
+        )
+        return decision.raise_if_refused()
+
+    def status(self, caller: Caller, query_id: str) -> QueryRecord:
+        record = self._store.get(query_id)
+        if record.analyst != caller.name:
+            raise NotFound(f"no query {query_id}")  # others' queries are not discoverable
+        return record
+
+    # --- the protocol -----------------------------------------------------------------------
+
+    def _session(self, query_id: str) -> Session:
+        with self._lock:
+            session = self._sessions.get(query_id)
+        if session is None:
+            raise Aborted(f"query {query_id} is not open on {self.name}; submit it again")
+        return session
+
+    def run(self, caller: Caller, query_id: str) -> Release:
+        """Run this node's part; return what goes to the analyst."""
+        self.status(caller, query_id)
+        now = int(self._clock())
+        record = self._store.transition(query_id, from_states=[APPROVED], to=RUNNING, now=now)
+        session = self._session(query_id)
+        try:
+            release = self._run(session, query_id, record)
+        except Exception as exc:
+            reason = str(exc) if isinstance(exc, GovshareError) else f"internal error: {exc}"
+            self._store.transition(
+                query_id, from_states=[RUNNING], to=FAILED, now=int(self._clock()), message=reason
+            )
+            self._audit.record(
+                "query.failed", {"reason": reason, "released": False}, actor=self.name,
+                query_id=query_id,
+            )  # fmt: skip
+            self._close(query_id)
+            if isinstance(exc, GovshareError):
+                raise
+            raise Aborted(f"{self.name}: query aborted, nothing released") from exc
+        self._store.transition(query_id, from_states=[RUNNING], to=DONE, now=int(self._clock()))
+        self._close(query_id)
+        return release
+
+    def _close(self, query_id: str) -> None:
+        with self._lock:
+            self._sessions.pop(query_id, None)
+
+    def _run(self, session: Session, query_id: str, record: QueryRecord) -> Release:
+        own = session.own
+        keys = [k.encode() for k in self._catalogue.keys(own.dataset, own.column, where=own.where)]
+        if len(keys) < session.obligations.min_set_size:
+            self._audit.record(
+                "policy.decision",
+                {"dataset": own.dataset, "allowed": False, "rule": SET_SIZE_RULE},
+                actor=record.analyst,
+                query_id=query_id,
+            )
+            raise PolicyRefused(
+                SET_SIZE_RULE,
+                f"the filtered set of {own.dataset} has fewer than "
+                f"{session.obligations.min_set_size} keys",
+            )
+        self._store.charge(record.grant_id, record.epsilon)
+        executor = self._executor()
+        workers = None if executor is not None else 1
+        masked = session.party.mask_own(keys, workers=workers, executor=executor)
+        outgoing = (
+            ecdh_psi.shuffle(masked)
+            if session.plan.kind is QueryKind.PSI_MEMBERSHIP and not session.releasing
+            else masked
+        )
+        self._send_step(session, query_id, OWN, outgoing)
+        peer_own = self._wait(session, query_id, OWN)
+        again = session.party.mask_peer(peer_own, workers=workers, executor=executor)
+
+        if session.plan.kind is QueryKind.PSI_CARDINALITY:
+            out = ecdh_psi.shuffle(again)
+            self._released(session, query_id, record.analyst, points_digest(out), len(out))
+            return Release(points=out)
+        if not session.releasing:
+            # Return the releasing side's set, masked again, in its order.
+            self._send_step(session, query_id, RETURNED, again)
+            self._released(session, query_id, session.peer.node, points_digest(again), 0)
+            return Release()
+        returned = self._wait(session, query_id, RETURNED)
+        if len(returned) != len(keys):
+            raise MalformedInput("peer returned a set of the wrong size", field="points")
+        positions = ecdh_psi.matching_positions(returned, again)
+        masks = dict(session.obligations.masks)
+        rule = masks.get(own.column)
+        if rule is None:
+            raise PolicyRefused("column.join_key_release", f"{own.column} has no masking rule")
+        records = sorted(apply_mask(rule, keys[i].decode()) for i in positions)
+        self._released(
+            session, query_id, record.analyst, digest("\n".join(records).encode()), len(records)
+        )
+        return Release(records=records)
+
+    def _send_step(self, session: Session, query_id: str, phase: str, points: list[bytes]) -> None:
+        self._send(session.peer.node, query_id, phase, points)
+        self._audit.record(
+            "protocol.step",
+            {"peer": session.peer.node, "direction": "sent", "phase": phase,
+             "digest": points_digest(points), "size": len(points)},
+            actor=self.name, query_id=query_id,
+        )  # fmt: skip
+
+    def _wait(self, session: Session, query_id: str, phase: str) -> list[bytes]:
+        inbox = session.inboxes[phase]
+        if not inbox.done.wait(self._timeout):
+            raise Aborted(
+                f"{self.name}: node {session.peer.node} did not send its set within "
+                f"{self._timeout:g} s; query aborted, nothing released"
+            )
+        self._audit.record(
+            "protocol.step",
+            {"peer": session.peer.node, "direction": "received", "phase": phase,
+             "digest": points_digest(inbox.points), "size": len(inbox.points)},
+            actor=self.name, query_id=query_id,
+        )  # fmt: skip
+        return inbox.points
+
+    def _released(
+        self, session: Session, query_id: str, recipient: str, result_digest: str, size: int
+    ) -> None:
+        self._audit.record(
+            "result.released",
+            {"recipient": recipient, "result_digest": result_digest, "size": size,
+             "request_digest": session.request_digest, "participants": list(session.plan.nodes)},
+            actor=self.name, query_id=query_id,
+        )  # fmt: skip
+
+    def receive(self, caller: Caller, chunks: Iterator[tuple[str, str, int, bytes]]) -> int:
+        """Take a peer's set: ``(query_id, phase, total, packed points)`` chunks."""
+        received = 0
+        inbox: _Inbox | None = None
+        for query_id, phase, total, packed in chunks:
+            if inbox is None:
+                session = self._session(query_id)
+                if caller.name != session.peer.node:
+                    raise PermissionDenied(f"{caller.name} is not the peer of query {query_id}")
+                if phase not in session.inboxes:
+                    raise MalformedInput(f"field 'phase': {phase!r} is unknown", field="phase")
+                inbox = session.inboxes[phase]
+                if inbox.done.is_set() or inbox.total != -1:
+                    raise MalformedInput(
+                        f"set {phase!r} of query {query_id} was already sent", field="phase"
+                    )
+                if total < 0:
+                    raise MalformedInput("field 'total' must not be negative", field="total")
+                inbox.total = total
+            elif total != inbox.total:
+                raise MalformedInput("field 'total' changed between chunks", field="total")
+            points = ecdh_psi.decode_points(packed)
+            received += len(points)
+            if received > inbox.total:
+                raise MalformedInput("more points than the announced total", field="points")
+            inbox.points.extend(points)
+        if inbox is None:
+            raise MalformedInput("empty stream: no chunk carried a query id", field="query_id")
+        if received != inbox.total:
+            raise MalformedInput(
+                f"stream ended after {received} of {inbox.total} points", field="points"
+            )
+        inbox.done.set()
+        return received
+
+    # --- receipts ---------------------------------------------------------------------------
+
+    def receipt(self, caller: Caller, query_id: str) -> tuple[int, bytes, list[bytes], bytes]:
+        """(index, entry, inclusion proof, signed checkpoint) of this node's release entry."""
+        self.status(caller, query_id)
+        entries = [
+            e
+            for e in self._log.entries_for_query(query_id)
+            if e.decode().kind in ("result.released", "query.failed")
+        ]
+        if not entries:
+            raise NotFound(f"query {query_id} released nothing on {self.name}")
+        entry = entries[-1]
+        checkpoint = self._log.latest_checkpoint()
+        if checkpoint is None or checkpoint.size <= entry.index:
+            checkpoint = self._publisher.publish()
+        proof = self._log.inclusion_proof(entry.index, checkpoint.size)
+        return entry.index, entry.data, proof, checkpoint.note

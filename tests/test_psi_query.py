@@ -1,0 +1,148 @@
+"""Joint PSI queries end to end over real mTLS nodes: counts, receipts, refusals."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import pytest
+from conftest import PURPOSE, FederationFixture, PsiData
+
+from govshare.node.analyst import log_keys, run_psi
+from govshare.node.catalog import Condition
+from govshare.node.client import NodeClient
+from govshare.node.governance import QueryKind
+from govshare.node.query_plan import PsiPlan, Side
+from govshare.protocols.errors import (
+    AlreadyExists,
+    MalformedInput,
+    PermissionDenied,
+    VerificationFailed,
+)
+from govshare.protocols.receipt import ReceiptPart, verify_receipt
+from govshare.protocols.signed_request import sign_request
+
+
+def plan(where: tuple[Condition, ...] = (), purpose: str = PURPOSE) -> PsiPlan:
+    return PsiPlan(
+        kind=QueryKind.PSI_CARDINALITY,
+        purpose=purpose,
+        left=Side("tax", "residents", "id_number", where),
+        right=Side("civil", "assistance", "id_number"),
+    )
+
+
+def test_cardinality_matches_the_known_overlap(fed: FederationFixture, psi_data: PsiData) -> None:
+    outcome = run_psi(fed.identity("alice"), plan())
+    assert outcome.count == psi_data.manifest["intersections"]["tax.residents & civil.assistance"]
+    assert outcome.sizes == {"tax": 400, "civil": 400}
+
+
+def test_filters_run_at_the_node(fed: FederationFixture, psi_data: PsiData) -> None:
+    expected = psi_data.manifest["filtered"]["tax_high & civil"]["count"]
+    outcome = run_psi(fed.identity("alice"), plan((Condition("income_band", "=", "high"),)))
+    assert outcome.count == expected
+    assert outcome.sizes["tax"] < 400
+
+
+def test_receipt_verifies_and_tampering_is_detected(
+    fed: FederationFixture, psi_data: PsiData
+) -> None:
+    outcome = run_psi(fed.identity("alice"), plan())
+    keys = log_keys(fed.federation.roster)
+    verified = verify_receipt(outcome.receipt, keys)
+    assert {p.node for p in verified} == {"tax", "civil"}
+    assert all(p.entry.kind == "result.released" for p in verified)
+    part = outcome.receipt.parts[0]
+    flipped = bytearray(part.entry)
+    flipped[-3] ^= 1
+    tampered = dataclasses.replace(
+        outcome.receipt,
+        parts=(ReceiptPart(part.node, bytes(flipped), part.index, part.proof, part.checkpoint),
+               *outcome.receipt.parts[1:]),
+    )  # fmt: skip
+    with pytest.raises((VerificationFailed, MalformedInput)):
+        verify_receipt(tampered, keys)
+
+
+def test_both_logs_record_the_query(fed: FederationFixture, psi_data: PsiData) -> None:
+    outcome = run_psi(fed.identity("alice"), plan())
+    for node in (psi_data.tax, psi_data.civil):
+        kinds = [e.decode().kind for e in node.audit.entries_for_query(outcome.query_id)]
+        assert kinds[:2] == ["query.received", "policy.decision"]
+        assert kinds.count("protocol.step") == 2
+        assert kinds[-1] == "result.released"
+
+
+def _submit(fed: FederationFixture, sender: str, signed: bytes, node: str = "tax") -> str:
+    with NodeClient.to(fed.identity(sender), node) as client:
+        return client.submit(signed).state
+
+
+def test_replayed_request_is_refused(fed: FederationFixture, psi_data: PsiData) -> None:
+    alice = fed.identity("alice")
+    request = sign_request(
+        alice.signing_key, analyst="alice", kind="psi_cardinality", body=plan().to_json(),
+        now=int(time.time()),
+    )  # fmt: skip
+    assert _submit(fed, "alice", request.encode()) == "approved"
+    with pytest.raises(AlreadyExists, match="replayed request"):
+        _submit(fed, "alice", request.encode())
+
+
+def test_expired_request_is_refused(fed: FederationFixture, psi_data: PsiData) -> None:
+    alice = fed.identity("alice")
+    request = sign_request(
+        alice.signing_key, analyst="alice", kind="psi_cardinality", body=plan().to_json(),
+        now=int(time.time()) - 7200, lifetime=3600,
+    )  # fmt: skip
+    with pytest.raises(MalformedInput, match="expired"):
+        _submit(fed, "alice", request.encode())
+
+
+def test_tampered_request_is_refused(fed: FederationFixture, psi_data: PsiData) -> None:
+    alice = fed.identity("alice")
+    encoded = bytearray(
+        sign_request(
+            alice.signing_key, analyst="alice", kind="psi_cardinality",
+            body=plan().to_json(), now=int(time.time()),
+        ).encode()
+    )  # fmt: skip
+    encoded[-70] ^= 0x01  # inside the body, before the signature
+    with pytest.raises((VerificationFailed, MalformedInput)):
+        _submit(fed, "alice", bytes(encoded))
+
+
+def test_request_signed_by_another_analyst_is_refused(
+    fed: FederationFixture, psi_data: PsiData
+) -> None:
+    alice = fed.identity("alice")
+    request = sign_request(
+        alice.signing_key, analyst="alice", kind="psi_cardinality", body=plan().to_json(),
+        now=int(time.time()),
+    )  # fmt: skip
+    with pytest.raises(PermissionDenied, match="signed for 'alice' but sent by 'hkana'"):
+        _submit(fed, "hkana", request.encode())
+
+
+def test_analyst_without_a_grant_is_refused_by_rule(
+    fed: FederationFixture, psi_data: PsiData
+) -> None:
+    before = psi_data.tax.audit.size
+    with pytest.raises(PermissionDenied, match=r"refused by rule grant\.missing"):
+        run_psi(fed.identity("hkana"), plan())
+    decisions = [
+        e.decode() for e in psi_data.tax.audit.entries(before, psi_data.tax.audit.size)
+        if e.decode().kind == "policy.decision"
+    ]  # fmt: skip
+    assert decisions and decisions[-1].fields["rule"] == "grant.missing"
+
+
+def test_column_outside_the_grant_is_refused(fed: FederationFixture, psi_data: PsiData) -> None:
+    with pytest.raises(PermissionDenied, match=r"grant\.column"):
+        run_psi(fed.identity("alice"), plan((Condition("district", "=", "Haidian"),)))
+
+
+def test_wrong_purpose_is_refused(fed: FederationFixture, psi_data: PsiData) -> None:
+    with pytest.raises(PermissionDenied, match=r"grant\.purpose"):
+        run_psi(fed.identity("alice"), plan(purpose="marketing"))
