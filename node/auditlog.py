@@ -249,6 +249,7 @@ class AuditLog:
     @property
     def size(self) -> int:
         with self._lock:
+            self._sync()
             return self._tree.size
 
     def root(self) -> bytes:
@@ -275,31 +276,37 @@ class AuditLog:
         return self.record_many([Event(kind, fields, actor, query_id)])[0]
 
     def record_many(self, events: Sequence[Event]) -> list[int]:
-        """Append ``events`` in one transaction; return their indices. All or nothing."""
+        """Append ``events`` in one transaction; return their indices. All or nothing.
+
+        Safe beside other processes appending to the same file (an operator's command while the
+        node serves): the write lock is taken first, then the tree continues from what is
+        stored.
+        """
         if not events:
             return []
         with self._lock:
-            tree = CompactRange(self._tree.size, self._tree.hashes)
-            now = self._clock()
-            entry_rows: list[tuple[int, bytes, bytes, str | None]] = []
-            node_rows: list[tuple[int, int, bytes]] = []
-            for event in events:
-                index = tree.size
-                data = encode_entry(
-                    AuditEntry(
-                        index=index,
-                        time_ms=now,
-                        kind=event.kind,
-                        actor=event.actor,
-                        query_id=event.query_id,
-                        fields=event.fields,
-                    )
-                )
-                digest = leaf_hash(data)
-                entry_rows.append((index, data, digest, event.query_id))
-                node_rows.extend(tree.append(digest))
             self._db.execute("BEGIN IMMEDIATE")
             try:
+                self._sync()
+                tree = CompactRange(self._tree.size, self._tree.hashes)
+                now = self._clock()
+                entry_rows: list[tuple[int, bytes, bytes, str | None]] = []
+                node_rows: list[tuple[int, int, bytes]] = []
+                for event in events:
+                    index = tree.size
+                    data = encode_entry(
+                        AuditEntry(
+                            index=index,
+                            time_ms=now,
+                            kind=event.kind,
+                            actor=event.actor,
+                            query_id=event.query_id,
+                            fields=event.fields,
+                        )
+                    )
+                    digest = leaf_hash(data)
+                    entry_rows.append((index, data, digest, event.query_id))
+                    node_rows.extend(tree.append(digest))
                 self._db.executemany(
                     "INSERT INTO entries (idx, data, leaf_hash, query_id) VALUES (?, ?, ?, ?)",
                     entry_rows,
@@ -314,6 +321,13 @@ class AuditLog:
             self._tree = tree
             return [row[0] for row in entry_rows]
 
+    def _sync(self) -> None:
+        """Reload the tree if another handle appended since this one last looked."""
+        row = self._db.execute("SELECT max(idx) FROM entries").fetchone()
+        stored = 0 if row[0] is None else int(row[0]) + 1
+        if stored != self._tree.size:
+            self._tree = self._load_tree()
+
     # --- checkpoints --------------------------------------------------------------------------
 
     def checkpoint(
@@ -326,6 +340,7 @@ class AuditLog:
         stored creation time; it defaults to the injected clock.
         """
         with self._lock:
+            self._sync()
             checkpoint = Checkpoint(origin, self._tree.size, self._tree.root())
             note = sign_checkpoint(checkpoint, signing_key)
             latest = self._latest_row()

@@ -667,3 +667,24 @@ def test_random_batches_give_verifying_proofs(
         if old.size < new.size:
             proof = log.consistency_proof(old.size, new.size)
             verify_consistency(old.size, new.size, proof, old.root, new.root)
+
+
+def test_two_handles_on_one_file_append_in_turn(tmp_path: Path) -> None:
+    """An operator command appends beside the serving node: neither handle loses or clashes."""
+    path = tmp_path / "shared.db"
+    node_log, operator_log = AuditLog.open(path), AuditLog.open(path)
+    try:
+        indices = []
+        for n in range(6):
+            writer = node_log if n % 2 == 0 else operator_log
+            indices.append(writer.record("test.turn", {"n": n}, actor="a"))
+        assert indices == list(range(6))
+        assert node_log.size == operator_log.size == 6
+        assert node_log.root() == operator_log.root()
+        key = Ed25519PrivateKey.generate()
+        node_log.checkpoint(key, "govshare/test/a")
+        result = verify_log_file(path, public_key=key.public_key(), origin="govshare/test/a")
+        assert result.ok, result.first_problem
+    finally:
+        node_log.close()
+        operator_log.close()
