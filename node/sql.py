@@ -208,3 +208,28 @@ def parse_join(sql: str) -> JoinQuery:
         select=tuple(query.expressions),
         group_by=tuple(group.expressions) if group else (),
     )
+
+
+def parse_filter(text: str) -> tuple[str, str, Condition]:
+    """Parse one ``--where`` filter of the ``query psi`` command.
+
+    ``NODE.DATASET.COLUMN OP LITERAL`` or ``NODE.DATASET.COLUMN IN (LITERAL, ...)``, e.g.
+    ``tax.residents.income_band = 'high'``. Returns ``(node, dataset, condition)``.
+
+    Raises:
+        MalformedInput: anything else, naming the construct.
+    """
+    try:
+        term = sqlglot.parse_one(text, into=exp.Condition)
+    except (ParseError, TokenError):
+        raise MalformedInput(f"filter {text!r} does not parse", field="where") from None
+    column = term.this if isinstance(term, exp.In | exp.Binary) else None
+    if not isinstance(column, exp.Column) or not column.db or not column.table:
+        raise MalformedInput(
+            f"filter {text!r}: name the column as NODE.DATASET.COLUMN", field="where"
+        )
+    ref = TableRef(column.db, column.table, column.table)
+    conditions = _filters(exp.Where(this=term), {ref.alias: ref})[ref.alias]
+    if len(conditions) != 1:
+        raise unsupported(f"filter {text!r}: one comparison per --where")
+    return column.db, column.table, conditions[0]

@@ -63,3 +63,18 @@ def test_unsupported_sql_is_refused_naming_the_construct(sql: str, named: str) -
 def test_garbage_is_a_parse_error() -> None:
     with pytest.raises(MalformedInput, match="does not parse"):
         parse_join("SELECT (((")
+
+
+def test_psi_filter_names_node_dataset_column() -> None:
+    from govshare.node.sql import parse_filter
+
+    assert parse_filter("tax.residents.income_band = 'high'") == (
+        "tax", "residents", Condition("income_band", "=", "high"),
+    )  # fmt: skip
+    assert parse_filter("civil.assistance.year IN (2024, 2025)")[2] == Condition(
+        "year", "in", (2024, 2025)
+    )
+    with pytest.raises(MalformedInput, match=r"NODE\.DATASET\.COLUMN"):
+        parse_filter("income_band = 'high'")
+    with pytest.raises(MalformedInput, match="LIKE"):
+        parse_filter("tax.residents.income_band LIKE 'h%'")
