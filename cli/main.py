@@ -29,9 +29,18 @@ def cli(ctx: click.Context, verbose: bool) -> None:
 
 def _register() -> None:
     # Imported here so that each user's commands live in their own module.
-    from govshare.cli import catalog, dataset, federation, grant, node
+    from govshare.cli import (
+        approvals,
+        audit,
+        catalog,
+        dataset,
+        federation,
+        grant,
+        node,
+        query,
+    )
 
-    for module in (federation, node, dataset, grant, catalog):
+    for module in (federation, node, dataset, grant, approvals, catalog, query, audit):
         cli.add_command(module.group)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -127,6 +128,18 @@ DEPARTMENTS: tuple[Department, ...] = (
 )
 
 
+PURPOSE = "social assistance targeting review"
+# (node, dataset, columns) granted to the analyst for PSI cardinality.
+GRANTS: tuple[tuple[str, str, str], ...] = (
+    ("tax", "residents", "id_number,income_band"),
+    ("civil", "assistance", "id_number"),
+)
+SQL_COUNT = (
+    "SELECT COUNT(*) FROM civil.assistance a JOIN tax.residents t "
+    "ON a.id_number = t.id_number WHERE t.income_band = 'high'"
+)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -201,7 +214,7 @@ class Demo:
 
 
 def _quote(arg: str) -> str:
-    return f"'{arg}'" if any(c in arg for c in " |();") else arg
+    return shlex.quote(arg)
 
 
 def run(workdir: Path, size: int, seed: int) -> None:
@@ -209,6 +222,7 @@ def run(workdir: Path, size: int, seed: int) -> None:
     if workdir.exists():
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True)
+    (workdir / "receipts").mkdir()
     demo = Demo(workdir)
     try:
         demo.step(f"1. Synthetic data for four departments ({size:,} rows each, seed {seed})")
@@ -254,6 +268,15 @@ def run(workdir: Path, size: int, seed: int) -> None:
                 *columns,
             )  # fmt: skip
 
+        console.print("[bold]Use-right grants (使用权) to the analyst, signed by each node[/]")
+        for node, dataset, columns in GRANTS:
+            demo.govshare(
+                "grant", "add", "--home", f"homes/{node}", "--dataset", dataset,
+                "--grantee", "alice", "--purpose", PURPOSE, "--columns", columns,
+                "--kinds", "psi_cardinality", "--expires", "2030-12-31",
+                "--epsilon", "5", "--max-queries", "100",
+            )  # fmt: skip
+
         demo.step("4. Four nodes start as separate processes, gRPC over mutual TLS")
         for department in DEPARTMENTS:
             demo.start_node(department.node)
@@ -264,6 +287,32 @@ def run(workdir: Path, size: int, seed: int) -> None:
             "[dim]police.household is graded core: it never takes part in a joint query, "
             "so analysts do not see it listed.[/]"
         )
+
+        expected = manifest["filtered"]["tax_high & civil"]["count"]
+        demo.step("6. Analyst: a private set intersection, counted by the analyst only")
+        demo.govshare(
+            "query", "psi", "--identity", "alice",
+            "--left", "civil.assistance.id_number", "--right", "tax.residents.id_number",
+            "--where", "tax.residents.income_band = 'high'",
+            "--purpose", PURPOSE, "--receipt", "receipts/psi.json",
+        )  # fmt: skip
+        console.print(f"[dim]expected from the generator's manifest: {expected}[/]")
+
+        demo.step("7. Analyst: the same question in SQL")
+        demo.govshare(
+            "query", "sql", "--identity", "alice", "--purpose", PURPOSE,
+            "--receipt", "receipts/sql.json", SQL_COUNT,
+        )  # fmt: skip
+        console.print(
+            "[dim]neither department learned the other's list; each logged the signed "
+            "request, its policy decision, every protocol step and the release.[/]"
+        )
+
+        demo.step("8. Auditor: receipts, then every node's log pulled and verified")
+        for receipt in ("receipts/psi.json", "receipts/sql.json"):
+            demo.govshare("audit", "verify-receipt", "--identity", "audra", receipt)
+        demo.govshare("audit", "pull", "--all", "--identity", "audra")
+        demo.govshare("audit", "verify", "--all", "--identity", "audra")
     finally:
         demo.step("Stopping the nodes (SIGTERM, graceful)")
         codes = demo.stop_nodes()

@@ -1,0 +1,102 @@
+"""``govshare approvals``: the department operator approves or denies pending queries."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import click
+
+from govshare.cli.common import console, emit_json, home_option, json_option, render_table
+from govshare.node import approvals
+from govshare.node.auditlog import AuditLog
+from govshare.node.config import NodeConfig
+from govshare.node.identity import Identity
+from govshare.node.query_store import QueryStore
+
+
+@click.group("approvals")
+def group() -> None:
+    """List, approve and deny queries waiting for this node's approval (operator)."""
+
+
+def _stores(home: Path) -> tuple[NodeConfig, QueryStore]:
+    config = NodeConfig.load(home)
+    return config, QueryStore(config.database_path)
+
+
+@group.command("list")
+@home_option
+@json_option
+def list_(home: Path, as_json: bool) -> None:
+    """Queries waiting for approval at this node."""
+    _, store = _stores(home)
+    try:
+        waiting = approvals.pending(store)
+    finally:
+        store.close()
+    if as_json:
+        emit_json(
+            [
+                {
+                    "query_id": p.record.query_id,
+                    "analyst": p.record.analyst,
+                    "kind": p.record.kind,
+                    "dataset": p.record.dataset,
+                    "purpose": p.record.purpose,
+                    "received_at": p.record.received_at,
+                    "request_digest": p.request_digest,
+                }
+                for p in waiting
+            ]
+        )
+        return
+    if not waiting:
+        console.print("no queries are waiting for approval")
+        return
+    render_table(
+        "queries waiting for approval",
+        ["query", "analyst", "kind", "dataset", "purpose", "received (UTC)"],
+        (
+            (
+                p.record.query_id,
+                p.record.analyst,
+                p.record.kind,
+                p.record.dataset,
+                p.record.purpose,
+                dt.datetime.fromtimestamp(p.record.received_at, dt.UTC).strftime("%Y-%m-%d %H:%M"),
+            )
+            for p in waiting
+        ),
+    )
+
+
+def _decide(home: Path, query_id: str, *, approve: bool, reason: str) -> None:
+    config, store = _stores(home)
+    operator = f"operator:{Identity.load(config.identity_dir).name}"
+    try:
+        with AuditLog.open(config.audit_database_path) as audit:
+            record = approvals.decide(
+                store, audit, query_id, approve=approve, operator=operator, reason=reason
+            )
+    finally:
+        store.close()
+    console.print(f"query {record.query_id} {record.state}: {record.message}")
+
+
+@group.command("approve")
+@home_option
+@click.argument("query_id")
+@click.option("--reason", default="", help="Recorded in the audit log.")
+def approve(home: Path, query_id: str, reason: str) -> None:
+    """Approve a pending query."""
+    _decide(home, query_id, approve=True, reason=reason)
+
+
+@group.command("deny")
+@home_option
+@click.argument("query_id")
+@click.option("--reason", required=True, help="Told to the analyst and recorded.")
+def deny(home: Path, query_id: str, reason: str) -> None:
+    """Deny a pending query."""
+    _decide(home, query_id, approve=False, reason=reason)

@@ -1,0 +1,162 @@
+"""``govshare query``: the analyst asks joint queries and keeps their receipts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.status import Status
+
+from govshare.cli.common import console, emit_json, err_console, identity_option, json_option
+from govshare.node.analyst import PsiOutcome, run_psi
+from govshare.node.catalog import Condition
+from govshare.node.governance import QueryKind
+from govshare.node.identity import Identity
+from govshare.node.query_plan import PsiPlan, Side
+from govshare.node.sql import parse_filter, parse_join
+from govshare.protocols.receipt import encode_receipt
+
+_purpose = click.option(
+    "--purpose", required=True, help="Why you ask; must match the purpose of your grants."
+)
+_receipt = click.option(
+    "--receipt",
+    "receipt_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Where to save the receipt [default: receipt-<query id>.json].",
+)
+_approval_timeout = click.option(
+    "--approval-timeout",
+    default=600.0,
+    show_default=True,
+    help="Seconds to wait for operators' approvals.",
+)
+
+
+@click.group("query")
+def group() -> None:
+    """Ask joint queries across departments (analyst)."""
+
+
+def _column_ref(text: str, option: str) -> tuple[str, str, str]:
+    parts = text.split(".")
+    if len(parts) != 3 or not all(parts):
+        raise click.BadParameter("expected NODE.DATASET.COLUMN", param_hint=option)
+    return parts[0], parts[1], parts[2]
+
+
+def _run(identity: Path, plan: PsiPlan, approval_timeout: float, as_json: bool) -> PsiOutcome:
+    me = Identity.load(identity)
+    if as_json:
+        return run_psi(me, plan, approval_timeout=approval_timeout)
+    with Status("submitting the signed query", console=err_console) as status:
+
+        def on_status(node: str, state: str, message: str) -> None:
+            err_console.print(f"  {node}: {state} — {message}")
+            status.update(f"{node}: {state}")
+
+        return run_psi(me, plan, on_status=on_status, approval_timeout=approval_timeout)
+
+
+def _report(outcome: PsiOutcome, receipt_path: Path | None, as_json: bool) -> None:
+    path = receipt_path or Path(f"receipt-{outcome.query_id}.json")
+    path.write_bytes(encode_receipt(outcome.receipt))
+    result: dict[str, Any] = {
+        "query_id": outcome.query_id,
+        "kind": outcome.kind.value,
+        "receipt": str(path),
+        "receipt_verified": True,
+    }
+    if outcome.kind is QueryKind.PSI_CARDINALITY:
+        result.update(count=outcome.count, set_sizes=outcome.sizes)
+    else:
+        result.update(count=outcome.count, members=list(outcome.records))
+    if as_json:
+        emit_json(result)
+        return
+    if outcome.kind is QueryKind.PSI_CARDINALITY:
+        sizes = ", ".join(f"{node} {size:,}" for node, size in outcome.sizes.items())
+        console.print(f"[bold]|intersection| = {outcome.count:,}[/]  (set sizes: {sizes})")
+    else:
+        console.print(f"[bold]{outcome.count:,} matching records[/] (masked):")
+        for record in outcome.records:
+            console.print(f"  {record}")
+    nodes = ", ".join(p.node for p in outcome.receipt.parts)
+    console.print(f"query {outcome.query_id}; receipt from {nodes} verified and saved to {path}")
+
+
+@group.command("psi")
+@identity_option
+@click.option("--left", required=True, help="NODE.DATASET.COLUMN of the first join key.")
+@click.option("--right", required=True, help="NODE.DATASET.COLUMN of the second join key.")
+@click.option(
+    "--where",
+    "filters",
+    multiple=True,
+    help="A filter run at its node: \"NODE.DATASET.COLUMN = 'value'\" (repeatable).",
+)
+@click.option(
+    "--reveal",
+    type=click.Choice(["count", "members"]),
+    default="count",
+    show_default=True,
+    help="count: |left ∩ right| only; members: the left side's matching keys, masked.",
+)
+@_purpose
+@_receipt
+@_approval_timeout
+@json_option
+def psi(
+    identity: Path,
+    left: str,
+    right: str,
+    filters: tuple[str, ...],
+    reveal: str,
+    purpose: str,
+    receipt_path: Path | None,
+    approval_timeout: float,
+    as_json: bool,
+) -> None:
+    """Private set intersection between two departments' datasets."""
+    sides = [_column_ref(left, "--left"), _column_ref(right, "--right")]
+    where: dict[tuple[str, str], list[Condition]] = {(n, d): [] for n, d, _ in sides}
+    for text in filters:
+        node, dataset, condition = parse_filter(text)
+        if (node, dataset) not in where:
+            raise click.BadParameter(
+                f"{node}.{dataset} is neither --left nor --right", param_hint="--where"
+            )
+        where[(node, dataset)].append(condition)
+    plan = PsiPlan(
+        kind=QueryKind.PSI_CARDINALITY if reveal == "count" else QueryKind.PSI_MEMBERSHIP,
+        purpose=purpose,
+        left=Side(*sides[0], tuple(where[sides[0][:2]])),
+        right=Side(*sides[1], tuple(where[sides[1][:2]])),
+    )
+    _report(_run(identity, plan, approval_timeout, as_json), receipt_path, as_json)
+
+
+@group.command("sql")
+@identity_option
+@click.argument("statement")
+@_purpose
+@_receipt
+@_approval_timeout
+@json_option
+def sql(
+    identity: Path,
+    statement: str,
+    purpose: str,
+    receipt_path: Path | None,
+    approval_timeout: float,
+    as_json: bool,
+) -> None:
+    """A joint query in govshare's SQL dialect, e.g.
+
+    SELECT COUNT(*) FROM civil.assistance a JOIN tax.residents t
+    ON a.id_number = t.id_number WHERE t.income_band = 'high'
+    """
+    plan = parse_join(statement).psi_plan(purpose)
+    _report(_run(identity, plan, approval_timeout, as_json), receipt_path, as_json)

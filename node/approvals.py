@@ -1,0 +1,65 @@
+"""Per-query approval by the department operator.
+
+A dataset graded ``important``, or one the operator marked ``require_approval``, leaves every
+query that uses it ``pending_approval`` at this node. The operator lists pending queries with
+the analyst, purpose and signed request digest, and approves or denies each; the decision is
+recorded in the node's audit log with the operator's reason. The analyst's client, polling the
+query's status, proceeds on approval and stops with the operator's message on denial.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+
+from govshare.node.audit_sink import AuditSink
+from govshare.node.query_store import APPROVED, DENIED, PENDING, QueryRecord, QueryStore
+
+
+@dataclass(frozen=True)
+class PendingQuery:
+    record: QueryRecord
+    request_digest: str
+
+
+def pending(store: QueryStore) -> list[PendingQuery]:
+    return [
+        PendingQuery(r, hashlib.sha256(r.request).hexdigest()) for r in store.with_state(PENDING)
+    ]
+
+
+def decide(
+    store: QueryStore,
+    audit: AuditSink,
+    query_id: str,
+    *,
+    approve: bool,
+    operator: str,
+    reason: str = "",
+    now: int | None = None,
+) -> QueryRecord:
+    """Approve or deny a pending query and log the decision.
+
+    Raises:
+        NotFound: no such query.
+        Conflict: the query is not pending (already decided, refused, or run).
+    """
+    when = int(time.time()) if now is None else now
+    message = reason or ("approved by the operator" if approve else "denied by the operator")
+    record = store.transition(
+        query_id, from_states=[PENDING], to=APPROVED if approve else DENIED, now=when,
+        message=message,
+    )  # fmt: skip
+    audit.record(
+        "approval.granted" if approve else "approval.denied",
+        {
+            "dataset": record.dataset,
+            "analyst": record.analyst,
+            "request_digest": hashlib.sha256(record.request).hexdigest(),
+            "reason": message,
+        },
+        actor=operator,
+        query_id=query_id,
+    )
+    return record
