@@ -33,10 +33,11 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
+from typing import Protocol
 
 from govshare.node.audit_sink import AuditSink
 from govshare.node.auditlog import AuditLog
@@ -126,6 +127,25 @@ class Release:
     records: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class Admission:
+    """A signed request that passed the signature, expiry and replay checks and was logged."""
+
+    query_id: str
+    signed: bytes
+    request_digest: str
+    now: int
+
+
+class KindHandler(Protocol):
+    """Serves query kinds beyond PSI: parses its plan and decides it through
+    :meth:`QueryEngine.admit` (see ``govshare.node.aggregates``)."""
+
+    def submit(
+        self, caller: Caller, request: SignedRequest, admission: Admission
+    ) -> QueryRecord: ...
+
+
 PeerSender = Callable[[str, str, str, list[bytes]], None]
 """``send(peer_node, query_id, phase, points)`` streams a set to the peer over mTLS."""
 
@@ -159,6 +179,7 @@ class QueryEngine:
         self._timeout = protocol_timeout
         self._rate_limit = rate_limit_per_minute
         self._sessions: dict[str, Session] = {}
+        self._handlers: dict[str, KindHandler] = {}
         self._lock = threading.Lock()
 
     @property
@@ -166,6 +187,12 @@ class QueryEngine:
         return self._identity.name
 
     # --- admission --------------------------------------------------------------------------
+
+    def register(self, kinds: Iterable[QueryKind], handler: KindHandler) -> None:
+        """Serve ``kinds`` with ``handler`` (e.g. the aggregate engine) after admission."""
+        with self._lock:
+            for kind in kinds:
+                self._handlers[kind.value] = handler
 
     def submit(self, caller: Caller, signed: bytes) -> QueryRecord:
         """Admit a signed request and decide it by policy (see the module docstring)."""
@@ -187,15 +214,55 @@ class QueryEngine:
             actor=caller.name,
             query_id=query_id,
         )
+        with self._lock:
+            handler = self._handlers.get(request.kind)
+        if handler is not None:
+            return handler.submit(caller, request, Admission(query_id, signed, request_digest, now))
         plan = parse_plan(request.body_json(), kind=request.kind)
         own, peer = plan.side_of(self.name)
-        base = QueryRecord(
-            query_id=query_id,
-            analyst=caller.name,
-            kind=plan.kind.value,
+        admission = Admission(query_id, signed, request_digest, now)
+        record, obligations = self.admit(
+            caller,
+            admission,
+            kind=plan.kind,
             dataset=own.dataset,
             purpose=plan.purpose,
-            request=signed,
+            decide=lambda: self._decide(caller, plan, own, now, query_id, request_digest),
+        )
+        with self._lock:
+            self._sessions[query_id] = Session(
+                plan=plan,
+                own=own,
+                peer=peer,
+                party=ecdh_psi.PsiParty.fresh(request.query_id),
+                obligations=obligations,
+                request_digest=request_digest,
+            )
+        return record
+
+    def admit(
+        self,
+        caller: Caller,
+        admission: Admission,
+        *,
+        kind: QueryKind,
+        dataset: str,
+        purpose: str,
+        decide: Callable[[], Obligations],
+    ) -> tuple[QueryRecord, Obligations]:
+        """Rate limit, policy decision (``decide`` logs it) and the stored query record.
+
+        Raises:
+            PolicyRefused: the rate limit or the policy refused; the refusal is stored.
+        """
+        now = admission.now
+        base = QueryRecord(
+            query_id=admission.query_id,
+            analyst=caller.name,
+            kind=kind.value,
+            dataset=dataset,
+            purpose=purpose,
+            request=admission.signed,
             state=REFUSED,
             rule="",
             message="",
@@ -210,7 +277,7 @@ class QueryEngine:
                     RATE_LIMIT_RULE,
                     f"{caller.name} may submit {self._rate_limit} queries a minute to {self.name}",
                 )
-            obligations = self._decide(caller, plan, own, now, query_id, request_digest)
+            obligations = decide()
         except PolicyRefused as refusal:
             self._store.create(
                 replace(base, rule=refusal.rule, message=refusal.reason, state=REFUSED)
@@ -226,16 +293,39 @@ class QueryEngine:
             epsilon=obligations.epsilon,
         )
         self._store.create(record)
-        with self._lock:
-            self._sessions[query_id] = Session(
-                plan=plan,
-                own=own,
-                peer=peer,
-                party=ecdh_psi.PsiParty.fresh(request.query_id),
-                obligations=obligations,
-                request_digest=request_digest,
-            )
-        return record
+        return record, obligations
+
+    def decide_access(
+        self,
+        caller: Caller,
+        access: AccessRequest,
+        *,
+        dataset: str,
+        participants: Sequence[str],
+        admission: Admission,
+    ) -> Obligations:
+        """Decide ``access`` on this node's ``dataset``, log the decision, raise on refusal."""
+        decision = decide(
+            access,
+            self._catalogue.get(dataset),
+            self._grants.list(dataset=dataset),
+            now=admission.now,
+            node_jurisdiction=self._identity.jurisdiction,
+            usage=self._store.usage(),
+            issuer_key=self._identity.member.verify_key(),
+        )
+        self._audit.record(
+            "policy.decision",
+            {
+                "dataset": dataset,
+                "request_digest": admission.request_digest,
+                "participants": list(participants),
+                **decision.audit_fields(),
+            },
+            actor=caller.name,
+            query_id=admission.query_id,
+        )
+        return decision.raise_if_refused()
 
     def _decide(
         self,
@@ -246,7 +336,6 @@ class QueryEngine:
         query_id: str,
         request_digest: str,
     ) -> Obligations:
-        dataset = self._catalogue.get(own.dataset)
         releasing = plan.kind is QueryKind.PSI_MEMBERSHIP and own is plan.left
         access = AccessRequest(
             requester=caller.name,
@@ -258,27 +347,13 @@ class QueryEngine:
             dp_noise=False,
             filtered_set_size=self._catalogue.count(own.dataset, where=own.where),
         )
-        decision = decide(
+        return self.decide_access(
+            caller,
             access,
-            dataset,
-            self._grants.list(dataset=own.dataset),
-            now=now,
-            node_jurisdiction=self._identity.jurisdiction,
-            usage=self._store.usage(),
-            issuer_key=self._identity.member.verify_key(),
+            dataset=own.dataset,
+            participants=plan.nodes,
+            admission=Admission(query_id, b"", request_digest, now),
         )
-        self._audit.record(
-            "policy.decision",
-            {
-                "dataset": own.dataset,
-                "request_digest": request_digest,
-                "participants": list(plan.nodes),
-                **decision.audit_fields(),
-            },
-            actor=caller.name,
-            query_id=query_id,
-        )
-        return decision.raise_if_refused()
 
     def status(self, caller: Caller, query_id: str) -> QueryRecord:
         record = self._store.get(query_id)
