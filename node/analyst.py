@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from govshare.node.client import NodeClient
 from govshare.node.governance import QueryKind
@@ -61,6 +61,18 @@ def log_keys(roster: Roster) -> dict[str, LogKey]:
     }
 
 
+def release_mask(identity: Identity, plan: PsiPlan) -> str:
+    """The masking rule the releasing (left) side's catalogue gives its join key."""
+    with NodeClient.to(identity, plan.left.node) as client:
+        rule = client.describe_dataset(plan.left.dataset).column(plan.left.column)
+    if rule is None or rule.mask is None:
+        raise PolicyRefused(
+            "column.join_key_release",
+            f"{plan.left.label} has no masking rule, so its keys are never released",
+        )
+    return rule.mask
+
+
 def run_psi(
     identity: Identity,
     plan: PsiPlan,
@@ -79,6 +91,8 @@ def run_psi(
         Unavailable: a node could not be reached.
     """
     report = on_status or (lambda node, state, message: None)
+    if plan.kind is QueryKind.PSI_MEMBERSHIP and plan.mask is None:
+        plan = replace(plan, mask=release_mask(identity, plan))
     request = sign_request(
         identity.signing_key,
         analyst=identity.name,

@@ -77,6 +77,7 @@ DEFAULT_RATE_LIMIT_PER_MINUTE = 30
 DEFAULT_PROTOCOL_TIMEOUT = 300.0
 RATE_LIMIT_RULE = "rate_limit"
 SET_SIZE_RULE = "set_size.minimum"
+MASK_RULE = "column.mask"
 
 OWN = "own"
 RETURNED = "returned"
@@ -347,13 +348,35 @@ class QueryEngine:
             dp_noise=False,
             filtered_set_size=self._catalogue.count(own.dataset, where=own.where),
         )
-        return self.decide_access(
+        obligations = self.decide_access(
             caller,
             access,
             dataset=own.dataset,
             participants=plan.nodes,
             admission=Admission(query_id, b"", request_digest, now),
         )
+        if plan.kind is QueryKind.PSI_MEMBERSHIP:
+            self._check_release_mask(caller, plan, own, query_id, request_digest)
+        return obligations
+
+    def _check_release_mask(
+        self, caller: Caller, plan: PsiPlan, own: Side, query_id: str, request_digest: str
+    ) -> None:
+        """Released keys go through the plan's mask, which must be this side's own rule."""
+        rule = self._catalogue.get(own.dataset).column(own.column)
+        own_mask = rule.mask if rule is not None else None
+        if own_mask == plan.mask:
+            return
+        message = (
+            f"keys of {own.dataset}.{own.column} are released only as {own_mask}, not {plan.mask}"
+        )
+        self._audit.record(
+            "policy.decision",
+            {"dataset": own.dataset, "allowed": False, "rule": MASK_RULE, "message": message,
+             "request_digest": request_digest},
+            actor=caller.name, query_id=query_id,
+        )  # fmt: skip
+        raise PolicyRefused(MASK_RULE, message)
 
     def status(self, caller: Caller, query_id: str) -> QueryRecord:
         record = self._store.get(query_id)
@@ -440,10 +463,9 @@ class QueryEngine:
         if len(returned) != len(keys):
             raise MalformedInput("peer returned a set of the wrong size", field="points")
         positions = ecdh_psi.matching_positions(returned, again)
-        masks = dict(session.obligations.masks)
-        rule = masks.get(own.column)
-        if rule is None:
-            raise PolicyRefused("column.join_key_release", f"{own.column} has no masking rule")
+        rule = session.plan.mask
+        if rule is None:  # parse_plan requires it for membership
+            raise PolicyRefused(MASK_RULE, f"{own.column} has no masking rule")
         records = sorted(apply_mask(rule, keys[i].decode()) for i in positions)
         self._released(
             session, query_id, record.analyst, digest("\n".join(records).encode()), len(records)

@@ -9,7 +9,8 @@ checks every column against its rules and grants before any protocol message lea
      "left":  {"node": "tax", "dataset": "residents", "column": "id_number",
                "where": [["income_band", "=", "high"]]},
      "right": {"node": "civil", "dataset": "assistance", "column": "id_number", "where": []},
-     "recipient": null}                    # membership: the node that learns its matching rows
+     "recipient": null,
+     "mask": null}                         # membership: the masking rule of the released keys
 
 A filter is ``[column, op, value]`` with ``op`` one of the catalogue's operators, and ``value`` a
 string, an integer, or (for ``in``) a list of them.
@@ -71,6 +72,9 @@ class PsiPlan:
     left: Side
     right: Side
     recipient: str | None = None
+    # Membership: the masking rule the released keys go through. Both nodes check it is their
+    # own join column's rule, so a release honours each side's rule.
+    mask: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -79,6 +83,7 @@ class PsiPlan:
             "left": self.left.to_json(),
             "right": self.right.to_json(),
             "recipient": self.recipient,
+            "mask": self.mask,
         }
 
     def side_of(self, node: str) -> tuple[Side, Side]:
@@ -166,13 +171,19 @@ def parse_plan(raw: Any, *, kind: str) -> PsiPlan:
     recipient = raw.get("recipient")
     if recipient is not None:
         recipient = _text(recipient, "recipient")
+    mask = raw.get("mask")
+    if mask is not None:
+        mask = _text(mask, "mask")
     plan = PsiPlan(
         kind=query_kind,
         purpose=_text(raw.get("purpose"), "purpose"),
         left=_side(raw.get("left"), "left"),
         right=_side(raw.get("right"), "right"),
         recipient=recipient,
+        mask=mask,
     )
+    if plan.kind is QueryKind.PSI_MEMBERSHIP and plan.mask is None:
+        raise MalformedInput("field 'mask': membership names the masking rule", field="mask")
     if plan.kind is QueryKind.PSI_MEMBERSHIP and plan.recipient not in (None, *plan.nodes):
         raise MalformedInput("field 'recipient' must be one of the two nodes", field="recipient")
     if plan.kind is QueryKind.PSI_CARDINALITY and plan.recipient is not None:

@@ -1,0 +1,172 @@
+"""Record-level release through masking rules, and per-query operator approval."""
+
+from __future__ import annotations
+
+import csv
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from conftest import PURPOSE, TAX_COLUMNS, FederationFixture, PsiData, grant, register
+
+from govshare.examples import synth
+from govshare.node import approvals
+from govshare.node.analyst import run_psi
+from govshare.node.catalog import Condition
+from govshare.node.governance import QueryKind, SharingType
+from govshare.node.masking import apply_mask
+from govshare.node.query_plan import PsiPlan, Side
+from govshare.node.query_store import PENDING
+from govshare.protocols.errors import Aborted, Conflict, PermissionDenied
+
+MASK = "keep_last:4"
+
+
+@pytest.fixture(scope="module")
+def open_registry(psi_data: PsiData, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tax.open_registry: unconditional sharing, join key released as its last four digits."""
+    data = tmp_path_factory.mktemp("open")
+    synth.generate(data, size=400, seed=3)
+    columns = (f"id_number=join_key:resident_id:mask={MASK}", *TAX_COLUMNS[1:])
+    register(
+        psi_data.tax, data / f"{synth.TAX}.csv", name="open_registry", columns=columns,
+        sharing=SharingType.UNCONDITIONAL,
+    )  # fmt: skip
+    grant(psi_data.tax, "open_registry", "alice", ["id_number", "income_band"],
+          [QueryKind.PSI_MEMBERSHIP])  # fmt: skip
+    civil_columns = (
+        f"id_number=join_key:resident_id:mask={MASK}", "district=group_key:domain={districts}",
+        "year=plaintext",
+        "assistance_type=group_key:domain=" + "|".join(synth.ASSISTANCE_TYPES),
+        "amount=aggregate",
+    )  # fmt: skip
+    register(
+        psi_data.civil, data / f"{synth.CIVIL}.csv", name="assistance_open",
+        columns=civil_columns, sharing=SharingType.UNCONDITIONAL,
+    )  # fmt: skip
+    for dataset in ("assistance", "assistance_open"):
+        grant(psi_data.civil, dataset, "alice", ["id_number"], [QueryKind.PSI_MEMBERSHIP])
+    register(
+        psi_data.civil, data / f"{synth.CIVIL}.csv", name="assistance_review",
+        columns=(
+            "id_number=join_key:resident_id", "district=group_key:domain={districts}",
+            "year=plaintext",
+            "assistance_type=group_key:domain=" + "|".join(synth.ASSISTANCE_TYPES),
+            "amount=aggregate",
+        ),
+        require_approval=True,
+    )  # fmt: skip
+    grant(psi_data.civil, "assistance_review", "alice", ["id_number"], [QueryKind.PSI_CARDINALITY])
+    return data
+
+
+def keys(path: Path, **where: str) -> set[str]:
+    with path.open(encoding="utf-8") as handle:
+        return {
+            row["id_number"]
+            for row in csv.DictReader(handle)
+            if all(row[k] == v for k, v in where.items())
+        }
+
+
+def membership(where: tuple[Condition, ...] = ()) -> PsiPlan:
+    return PsiPlan(
+        kind=QueryKind.PSI_MEMBERSHIP,
+        purpose=PURPOSE,
+        left=Side("tax", "open_registry", "id_number", where),
+        right=Side("civil", "assistance_open", "id_number"),
+    )
+
+
+def test_membership_releases_matching_keys_masked(
+    fed: FederationFixture, open_registry: Path
+) -> None:
+    outcome = run_psi(fed.identity("alice"), membership((Condition("income_band", "=", "high"),)))
+    matching = keys(open_registry / f"{synth.TAX}.csv", income_band="high") & keys(
+        open_registry / f"{synth.CIVIL}.csv"
+    )
+    assert outcome.count == len(matching) > 0
+    assert sorted(outcome.records) == sorted(apply_mask(MASK, k) for k in matching)
+    assert all(len(r.replace("*", "")) == 4 for r in outcome.records)  # never the whole key
+
+
+def test_membership_on_a_conditional_dataset_is_refused(
+    fed: FederationFixture, psi_data: PsiData, open_registry: Path
+) -> None:
+    # Membership reveals that the released residents are in civil's set too: both sides'
+    # record-level rules apply.
+    plan = PsiPlan(
+        kind=QueryKind.PSI_MEMBERSHIP,
+        purpose=PURPOSE,
+        left=Side("tax", "open_registry", "id_number"),
+        right=Side("civil", "assistance", "id_number"),
+    )
+    with pytest.raises(PermissionDenied, match=r"record_release\.conditional"):
+        run_psi(fed.identity("alice"), plan)
+
+
+def review_plan() -> PsiPlan:
+    return PsiPlan(
+        kind=QueryKind.PSI_CARDINALITY,
+        purpose=PURPOSE,
+        left=Side("tax", "residents", "id_number"),
+        right=Side("civil", "assistance_review", "id_number"),
+    )
+
+
+def _decide_when_pending(psi_data: PsiData, approve: bool, seen: list[str]) -> None:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        waiting = approvals.pending(psi_data.civil.query_store)
+        if waiting:
+            query_id = waiting[0].record.query_id
+            seen.append(query_id)
+            approvals.decide(
+                psi_data.civil.query_store, psi_data.civil.audit, query_id, approve=approve,
+                operator="operator:civil", reason="checked" if approve else "purpose too broad",
+            )  # fmt: skip
+            return
+        time.sleep(0.05)
+
+
+def test_query_waits_for_approval_then_runs(
+    fed: FederationFixture, psi_data: PsiData, open_registry: Path
+) -> None:
+    seen: list[str] = []
+    operator = threading.Thread(target=_decide_when_pending, args=(psi_data, True, seen))
+    operator.start()
+    states: list[tuple[str, str]] = []
+    outcome = run_psi(
+        fed.identity("alice"), review_plan(), poll=0.05,
+        on_status=lambda node, state, message: states.append((node, state)),
+    )  # fmt: skip
+    operator.join()
+    assert seen == [outcome.query_id]
+    assert ("civil", PENDING) in states and ("civil", "approved") in states
+    assert outcome.count == psi_data.manifest["intersections"]["tax.residents & civil.assistance"]
+    kinds = [e.decode().kind for e in psi_data.civil.audit.entries_for_query(outcome.query_id)]
+    assert "approval.granted" in kinds
+
+
+def test_denied_query_ends_with_the_operators_message(
+    fed: FederationFixture, psi_data: PsiData, open_registry: Path
+) -> None:
+    seen: list[str] = []
+    operator = threading.Thread(target=_decide_when_pending, args=(psi_data, False, seen))
+    operator.start()
+    with pytest.raises(Aborted, match="purpose too broad"):
+        run_psi(fed.identity("alice"), review_plan(), poll=0.05)
+    operator.join()
+    with pytest.raises(Conflict, match="is denied"):
+        approvals.decide(
+            psi_data.civil.query_store, psi_data.civil.audit, seen[0], approve=True,
+            operator="operator:civil",
+        )  # fmt: skip
+
+
+def test_approval_timeout_is_a_clear_error(
+    fed: FederationFixture, psi_data: PsiData, open_registry: Path
+) -> None:
+    with pytest.raises(Aborted, match=r"approval timed out .* civil"):
+        run_psi(fed.identity("alice"), review_plan(), approval_timeout=0.3, poll=0.05)
