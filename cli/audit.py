@@ -1,0 +1,283 @@
+"""``govshare audit``: the auditor pulls, verifies and proves the nodes' signed audit logs.
+
+Parsing and rendering only; the work is :mod:`govshare.node.auditor`. Every command that checks
+something exits with code 1 when a check fails, after printing one verdict line per node.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from govshare.cli.common import console, emit_json, identity_option, json_option, render_table
+from govshare.node.auditor import (
+    DEFAULT_STATE,
+    Auditor,
+    QueryReconciliation,
+    Verdict,
+    verify_receipt,
+)
+from govshare.node.identity import Identity
+from govshare.protocols.errors import MalformedInput, VerificationFailed
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+EXIT_FAILED = 1
+
+
+def state_option(func: F) -> F:
+    """``--state``: the auditor's state folder (default ``$GOVSHARE_AUDIT_STATE`` or
+    ``./audit-state``)."""
+    return click.option(
+        "--state",
+        type=click.Path(file_okay=False, path_type=Path),
+        default=lambda: Path(os.environ.get("GOVSHARE_AUDIT_STATE", str(DEFAULT_STATE))),
+        show_default=f"$GOVSHARE_AUDIT_STATE or ./{DEFAULT_STATE}",
+        help="The auditor's state folder: pulled entries and last verified checkpoints.",
+    )(func)
+
+
+def _auditor(identity: Path, state: Path) -> Auditor:
+    return Auditor(Identity.load(identity), state)
+
+
+def verdict_line(verdict: Verdict) -> str:
+    """One line: ``tax: OK — 1,234 entries, checkpoint 1234 signed, 1/1 cosignatures valid``."""
+    if not verdict.ok:
+        problem = verdict.problems[0]
+        more = len(verdict.problems) - 1
+        extra = f" (+{more} more)" if more else ""
+        return f"{verdict.node}: FAILED — {problem.message}{extra}"
+    valid = len(verdict.cosignatures_valid)
+    present = valid + len(verdict.cosignatures_invalid)
+    new = f" ({verdict.fetched:,} new)" if verdict.action == "pull" else ""
+    return (
+        f"{verdict.node}: OK — {verdict.entries:,} entries{new}, checkpoint "
+        f"{verdict.checkpoint_size} signed, {valid}/{present} cosignatures valid"
+    )
+
+
+def _report(verdicts: Sequence[Verdict], as_json: bool) -> None:
+    ok = all(v.ok for v in verdicts)
+    if as_json:
+        emit_json({"ok": ok, "verdicts": [v.to_json() for v in verdicts]})
+    else:
+        for verdict in verdicts:
+            click.echo(verdict_line(verdict))  # plain echo: one line, never wrapped
+    if not ok:
+        click.get_current_context().exit(EXIT_FAILED)
+
+
+def _targets(
+    auditor: Auditor, node: str | None, all_nodes: bool, *, default_all: bool
+) -> list[str]:
+    if node and all_nodes:
+        raise click.UsageError("give NODE or --all, not both")
+    if node:
+        return [node]
+    if all_nodes or default_all:
+        return auditor.nodes()
+    raise click.UsageError("give NODE or --all")
+
+
+@click.group("audit")
+def group() -> None:
+    """Pull, verify and prove the nodes' signed audit logs (auditor)."""
+
+
+@group.command("pull")
+@identity_option
+@state_option
+@click.argument("node", required=False)
+@click.option("--all", "all_nodes", is_flag=True, help="Every node in the roster.")
+@click.option(
+    "--recheck", is_flag=True, help="Also re-read the entries already held and compare them."
+)
+@json_option
+def pull(
+    identity: Path, state: Path, node: str | None, all_nodes: bool, recheck: bool, as_json: bool
+) -> None:
+    """Fetch a node's latest checkpoint and new entries; keep them only if they verify."""
+    auditor = _auditor(identity, state)
+    targets = _targets(auditor, node, all_nodes, default_all=False)
+    _report([auditor.pull(name, recheck=recheck) for name in targets], as_json)
+
+
+@group.command("verify")
+@identity_option
+@state_option
+@click.argument("node", required=False)
+@click.option("--all", "all_nodes", is_flag=True, help="Every node in the roster (the default).")
+@json_option
+def verify(identity: Path, state: Path, node: str | None, all_nodes: bool, as_json: bool) -> None:
+    """Verify the pulled copies from scratch, offline: entries, checkpoints, cosignatures."""
+    auditor = _auditor(identity, state)
+    targets = _targets(auditor, node, all_nodes, default_all=True)
+    _report([auditor.verify(name) for name in targets], as_json)
+
+
+@group.command("prove")
+@identity_option
+@state_option
+@click.argument("node")
+@click.argument("index", type=click.IntRange(min=0))
+@json_option
+def prove(identity: Path, state: Path, node: str, index: int, as_json: bool) -> None:
+    """Prove that entry INDEX is in NODE's log under its latest signed checkpoint."""
+    result = _auditor(identity, state).prove(node, index)
+    entry = result.decoded
+    if as_json:
+        emit_json(
+            {
+                "node": node,
+                "index": index,
+                "entry": json.loads(result.entry),
+                "proof": [h.hex() for h in result.proof],
+                "checkpoint": {
+                    "size": result.checkpoint.size,
+                    "root": result.checkpoint.root.hex(),
+                    "note": result.note.decode("utf-8"),
+                },
+                "verified": True,
+            }
+        )
+        return
+    render_table(
+        f"{node} entry {index} — included under checkpoint {result.checkpoint.size}",
+        ("field", "value"),
+        [
+            ("kind", entry.kind),
+            ("actor", entry.actor),
+            ("query", entry.query_id or ""),
+            ("time (unix ms)", entry.time_ms),
+            ("fields", json.dumps(json.loads(result.entry)["fields"], sort_keys=True)),
+            ("checkpoint root", result.checkpoint.root.hex()),
+            ("proof", "\n".join(h.hex() for h in result.proof) or "(empty: a one-entry tree)"),
+        ],
+    )
+    click.echo(f"{node}: entry {index} inclusion proof verified")
+
+
+def _query_json(view: QueryReconciliation) -> dict[str, Any]:
+    return {
+        "query_id": view.query_id,
+        "agree": view.ok,
+        "disagreements": list(view.disagreements),
+        "nodes": [
+            {
+                "node": n.node,
+                "error": n.error,
+                "entries": [
+                    {"index": e.index, "kind": e.kind, "actor": e.actor} for e in n.entries
+                ],
+                "request_digest": list(n.request_digest),
+                "participants": [list(p) for p in n.participants],
+                "result_digest": list(n.result_digest),
+            }
+            for n in view.nodes
+        ],
+    }
+
+
+@group.command("show")
+@identity_option
+@state_option
+@click.option("--query", "query_id", required=True, help="The query id to reconcile.")
+@json_option
+def show(identity: Path, state: Path, query_id: str, as_json: bool) -> None:
+    """Show one query's entries from every node side by side, and whether they agree."""
+    view = _auditor(identity, state).show_query(query_id)
+    if as_json:
+        emit_json(_query_json(view))
+    else:
+        render_table(
+            f"query {query_id}",
+            ("node", "entries", "request digest", "participants", "result digest"),
+            [
+                (
+                    n.node,
+                    n.error or "\n".join(f"#{e.index} {e.kind}" for e in n.entries) or "—",
+                    "\n".join(d[:16] for d in n.request_digest),
+                    "\n".join(",".join(p) for p in n.participants),
+                    "\n".join(d[:16] for d in n.result_digest),
+                )
+                for n in view.nodes
+            ],
+        )
+        if view.ok:
+            click.echo(f"query {query_id}: nodes agree")
+        for issue in view.disagreements:
+            click.echo(f"query {query_id}: DISAGREE — {issue}")
+    if not view.ok:
+        click.get_current_context().exit(EXIT_FAILED)
+
+
+@group.command("export")
+@identity_option
+@state_option
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@json_option
+def export(identity: Path, state: Path, file: Path, as_json: bool) -> None:
+    """Write the verified copies and the signed roster to FILE for offline verification."""
+    nodes = _auditor(identity, state).export(file)
+    if as_json:
+        emit_json({"file": str(file), "nodes": nodes})
+    else:
+        click.echo(f"exported {len(nodes)} node log(s) to {file}: {', '.join(nodes) or 'none'}")
+
+
+@group.command("verify-export")
+@identity_option
+@state_option
+@click.argument("file", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@json_option
+def verify_export(identity: Path, state: Path, file: Path, as_json: bool) -> None:
+    """Verify an export bundle offline, against your own federation CA."""
+    verdicts = _auditor(identity, state).verify_export(file)
+    if not verdicts:
+        raise MalformedInput(f"{file} holds no node logs")
+    _report(verdicts, as_json)
+
+
+@group.command("verify-receipt")
+@identity_option
+@click.argument("file", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@json_option
+def verify_receipt_(identity: Path, file: Path, as_json: bool) -> None:
+    """Verify a query receipt: every node's entry, inclusion proof and signed checkpoint."""
+    roster = Identity.load(identity).roster
+    try:
+        parts = verify_receipt(file.read_bytes(), roster)
+    except VerificationFailed as exc:
+        if as_json:
+            emit_json({"ok": False, "error": str(exc)})
+        else:
+            click.echo(f"receipt {file}: FAILED — {exc}")
+        click.get_current_context().exit(EXIT_FAILED)
+        return
+    query_id = parts[0].entry.query_id
+    if as_json:
+        emit_json(
+            {
+                "ok": True,
+                "query_id": query_id,
+                "parts": [
+                    {
+                        "node": p.node,
+                        "index": p.index,
+                        "kind": p.entry.kind,
+                        "checkpoint_size": p.checkpoint.size,
+                    }
+                    for p in parts
+                ],
+            }
+        )
+        return
+    listed = ", ".join(f"{p.node} entry {p.index} (checkpoint {p.checkpoint.size})" for p in parts)
+    click.echo(f"receipt for query {query_id}: OK — {listed}")
+    console.print(f"{len(parts)} part(s) verified against the roster's node keys")
