@@ -1,0 +1,151 @@
+"""The analyst's and operator's query commands as real subprocesses against real nodes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import PURPOSE, FederationFixture, PsiData, grant, register
+
+from govshare.examples import synth
+from govshare.node.client import NodeClient
+from govshare.node.governance import QueryKind
+from govshare.node.query_plan import PsiPlan, Side
+from govshare.node.witness import log_origin
+from govshare.protocols.receipt import decode_receipt
+from govshare.protocols.signed_request import sign_request
+
+SQL = (
+    "SELECT COUNT(*) FROM civil.assistance a JOIN tax.residents t "
+    "ON a.id_number = t.id_number WHERE t.income_band = 'high'"
+)
+
+
+def govshare(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "govshare.cli", *args],
+        cwd=cwd, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+
+def test_query_psi_prints_json_and_saves_a_receipt(
+    fed: FederationFixture, psi_data: PsiData, tmp_path: Path
+) -> None:
+    result = govshare(
+        "query", "psi", "--identity", str(fed.bundles["alice"]),
+        "--left", "civil.assistance.id_number", "--right", "tax.residents.id_number",
+        "--where", "tax.residents.income_band = 'high'", "--purpose", PURPOSE,
+        "--receipt", "r.json", "--json", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    answer = json.loads(result.stdout)
+    assert answer["count"] == psi_data.manifest["filtered"]["tax_high & civil"]["count"]
+    receipt = decode_receipt((tmp_path / "r.json").read_bytes())
+    assert receipt.query_id == answer["query_id"]
+    checked = govshare(
+        "audit", "verify-receipt", "--identity", str(fed.bundles["audra"]), "r.json", cwd=tmp_path
+    )
+    assert checked.returncode == 0, checked.stderr
+
+
+def test_query_sql_gives_the_same_count(
+    fed: FederationFixture, psi_data: PsiData, tmp_path: Path
+) -> None:
+    result = govshare(
+        "query", "sql", "--identity", str(fed.bundles["alice"]), "--purpose", PURPOSE,
+        "--json", SQL, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert (
+        json.loads(result.stdout)["count"]
+        == psi_data.manifest["filtered"]["tax_high & civil"]["count"]
+    )
+
+
+def test_unsupported_sql_is_one_line_naming_the_construct(
+    fed: FederationFixture, tmp_path: Path
+) -> None:
+    result = govshare(
+        "query", "sql", "--identity", str(fed.bundles["alice"]), "--purpose", PURPOSE,
+        SQL.replace(" AND ", " OR ").replace("WHERE", "WHERE a.year = 2025 OR"), cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "error: unsupported SQL: OR in WHERE (a.year = 2025 OR t.income_band = 'high'); "
+        "each node's filter is a conjunction"
+    ]
+
+
+def test_refusal_names_the_node_and_rule(
+    fed: FederationFixture, psi_data: PsiData, tmp_path: Path
+) -> None:
+    result = govshare(
+        "query", "sql", "--identity", str(fed.bundles["alice"]), "--purpose", "marketing",
+        SQL, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 1
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: node ") and "refused by rule grant.purpose" in line
+
+
+@pytest.fixture(scope="module")
+def gated(psi_data: PsiData, tmp_path_factory: pytest.TempPathFactory) -> str:
+    data = tmp_path_factory.mktemp("gated")
+    synth.generate(data, size=200, seed=9)
+    register(
+        psi_data.civil, data / f"{synth.CIVIL}.csv", name="assistance_gate",
+        columns=(
+            "id_number=join_key:resident_id", "district=group_key:domain={districts}",
+            "year=plaintext",
+            "assistance_type=group_key:domain=" + "|".join(synth.ASSISTANCE_TYPES),
+            "amount=aggregate",
+        ),
+        require_approval=True,
+    )  # fmt: skip
+    grant(psi_data.civil, "assistance_gate", "alice", ["id_number"], [QueryKind.PSI_CARDINALITY])
+    return "assistance_gate"
+
+
+def test_operator_approves_from_another_process(
+    fed: FederationFixture, psi_data: PsiData, gated: str, tmp_path: Path
+) -> None:
+    alice = fed.identity("alice")
+    plan = PsiPlan(
+        kind=QueryKind.PSI_CARDINALITY, purpose=PURPOSE,
+        left=Side("tax", "residents", "id_number"), right=Side("civil", gated, "id_number"),
+    )  # fmt: skip
+    request = sign_request(
+        alice.signing_key, analyst="alice", kind=plan.kind.value, body=plan.to_json(),
+        now=int(time.time()),
+    )  # fmt: skip
+    with NodeClient.to(alice, "civil") as client:
+        assert client.submit(request.encode()).state == "pending_approval"
+    home = str(fed.node_home("civil"))
+    listed = json.loads(
+        govshare("approvals", "list", "--home", home, "--json", cwd=tmp_path).stdout
+    )
+    assert [q["query_id"] for q in listed] == [request.query_id_hex]
+    approved = govshare(
+        "approvals", "approve", request.query_id_hex, "--home", home, "--reason", "checked",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert approved.returncode == 0, approved.stderr
+    again = govshare("approvals", "deny", request.query_id_hex, "--home", home, "--reason", "x",
+                     cwd=tmp_path)  # fmt: skip
+    assert again.returncode == 1 and "is approved" in again.stderr
+    with NodeClient.to(alice, "civil") as client:
+        assert client.status(request.query_id_hex).state == "approved"
+    # The operator's entry, appended by another process, sits in a log that still verifies.
+    civil = psi_data.civil
+    kinds = [e.decode().kind for e in civil.audit.entries_for_query(request.query_id_hex)]
+    assert "approval.granted" in kinds
+    roster = fed.federation.roster
+    civil.publisher.publish()
+    verdict = civil.audit.verify(
+        roster.member("civil").verify_key(), log_origin(roster.federation, "civil")
+    )
+    assert verdict.ok, verdict.first_problem
