@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import click
 
@@ -51,7 +52,7 @@ def verdict_line(verdict: Verdict) -> str:
     if not verdict.ok:
         problem = verdict.problems[0]
         more = len(verdict.problems) - 1
-        extra = f" (+{more} more)" if more else ""
+        extra = f" (+{more} more problem{'s' if more > 1 else ''})" if more else ""
         return f"{verdict.node}: FAILED — {problem.message}{extra}"
     valid = len(verdict.cosignatures_valid)
     present = valid + len(verdict.cosignatures_invalid)
@@ -70,7 +71,13 @@ def _report(verdicts: Sequence[Verdict], as_json: bool) -> None:
         for verdict in verdicts:
             click.echo(verdict_line(verdict))  # plain echo: one line, never wrapped
     if not ok:
-        click.get_current_context().exit(EXIT_FAILED)
+        _fail()
+
+
+def _fail() -> NoReturn:
+    # SystemExit, not ctx.exit(): govshare's main() runs click with standalone_mode=False,
+    # where click returns ctx.exit()'s code instead of exiting with it.
+    sys.exit(EXIT_FAILED)
 
 
 def _targets(
@@ -214,7 +221,7 @@ def show(identity: Path, state: Path, query_id: str, as_json: bool) -> None:
         for issue in view.disagreements:
             click.echo(f"query {query_id}: DISAGREE — {issue}")
     if not view.ok:
-        click.get_current_context().exit(EXIT_FAILED)
+        _fail()
 
 
 @group.command("export")
@@ -258,8 +265,7 @@ def verify_receipt_(identity: Path, file: Path, as_json: bool) -> None:
             emit_json({"ok": False, "error": str(exc)})
         else:
             click.echo(f"receipt {file}: FAILED — {exc}")
-        click.get_current_context().exit(EXIT_FAILED)
-        return
+        _fail()
     query_id = parts[0].entry.query_id
     if as_json:
         emit_json(
