@@ -1,0 +1,202 @@
+"""PSI cardinality benchmark: two node processes over mutual TLS on loopback.
+
+For each size n, generates n rows per department (tax, civil), registers them in each node's
+store, starts both nodes as separate processes, and times one PSI-cardinality query end to end
+through the analyst client (sign, submit, policy, masking on all cores, exchange, counting,
+receipt). Printed with it, from the same run on the same cores:
+
+- items per second (2n items through the protocol);
+- peak RSS per node, its process tree (the node and its masking workers) summed;
+- the ratio of the wall time to the raw cost of the protocol's 4n X25519 scalar
+  multiplications, measured by ``bench/x25519_raw.py``'s worker loop on all cores.
+
+    .venv/bin/python bench/psi.py [--sizes 10000,100000,1000000] [--dir bench-run/psi]
+
+Targets (DESIGN.md): 1M x 1M <= 60 s on 2 cores, ratio <= 1.3, <= 1.5 GB per node.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from fractions import Fraction
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from x25519_raw import raw_x25519_ops_per_second
+
+from govshare.cli.dataset import parse_column
+from govshare.examples import synth
+from govshare.node.analyst import run_psi
+from govshare.node.config import write_default
+from govshare.node.governance import (
+    Grade,
+    Owner,
+    OwnerKind,
+    QueryKind,
+    Role,
+    SharingType,
+)
+from govshare.node.identity import Federation, Identity, init_federation
+from govshare.node.node import Node
+from govshare.node.query_plan import PsiPlan, Side
+from govshare.protocols import ecdh_psi
+
+PURPOSE = "benchmark"
+DATASETS = {
+    "tax": ("residents", synth.TAX, ("id_number=join_key:resident_id",)),
+    "civil": ("assistance", synth.CIVIL, ("id_number=join_key:resident_id",)),
+}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def key_column_csv(source: Path, target: Path) -> None:
+    """Keep only the id_number column: the benchmark measures PSI, not the import."""
+    with source.open(encoding="utf-8") as src, target.open("w", encoding="utf-8") as dst:
+        for line in src:
+            dst.write(line.split(",", 1)[0] + "\n")
+
+
+def setup(root: Path, n: int) -> int:
+    """Federation, stores and grants for size ``n``; returns the known |A ∩ B|."""
+    data = root / "data"
+    manifest = synth.generate(data, size=n, seed=11)
+    init_federation(root / "federation", "bench")
+    federation = Federation.load(root / "federation")
+    for name in DATASETS:
+        federation, _ = federation.enrol(
+            role=Role.NODE, name=name, jurisdiction="CN",
+            address=f"127.0.0.1:{free_port()}", out=root / name,
+        )  # fmt: skip
+    federation, _ = federation.enrol(
+        role=Role.ANALYST, name="alice", jurisdiction="CN", out=root / "alice"
+    )
+    for bundle in (*DATASETS, "alice"):
+        federation.publish_roster(root / bundle)
+    for name, (dataset, source, columns) in DATASETS.items():
+        write_default(root / name, listen=federation.roster.member(name).address)
+        csv = data / f"{dataset}.csv"
+        key_column_csv(data / f"{source}.csv", csv)
+        node = Node.from_home(root / name)
+        try:
+            node.catalogue.add(
+                csv, name=dataset, grade=Grade.GENERAL, sharing_type=SharingType.CONDITIONAL,
+                owner=Owner(OwnerKind.STATE, "state", name),
+                columns=[parse_column(c) for c in columns],
+                actor=f"operator:{name}", audit=node.audit,
+            )  # fmt: skip
+            node.grants.issue(
+                node.identity.signing_key, issuer=name, dataset=node.catalogue.get(dataset),
+                grantee="alice", purpose=PURPOSE, columns=["id_number"],
+                query_kinds=[QueryKind.PSI_CARDINALITY], expires_at=int(time.time()) + 86400,
+                epsilon=Fraction(1), max_queries=100, actor=f"operator:{name}", audit=node.audit,
+            )  # fmt: skip
+        finally:
+            node.close()
+    return int(manifest["intersections"][synth.intersection_name(synth.TAX, synth.CIVIL)])
+
+
+def tree_peak_rss_mb(pid: int) -> float:
+    """Sum of VmHWM (peak resident set) over ``pid`` and its descendants, in MB."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(entry.name))
+    total, stack = 0, [pid]
+    while stack:
+        current = stack.pop()
+        stack.extend(children.get(current, []))
+        try:
+            for line in Path(f"/proc/{current}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    total += int(line.split()[1])
+        except OSError:
+            continue
+    return total / 1024
+
+
+def run_size(root: Path, n: int, raw_rate: float) -> dict[str, float]:
+    expected = setup(root, n)
+    processes = {}
+    for name in DATASETS:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "govshare.cli", "node", "serve", "--home", str(root / name)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        assert process.stdout is not None
+        if "serving on" not in process.stdout.readline():
+            raise SystemExit(f"node {name} did not start")
+        processes[name] = process
+    try:
+        alice = Identity.load(root / "alice")
+        plan = PsiPlan(
+            kind=QueryKind.PSI_CARDINALITY, purpose=PURPOSE,
+            left=Side("tax", "residents", "id_number"),
+            right=Side("civil", "assistance", "id_number"),
+        )  # fmt: skip
+        start = time.perf_counter()
+        outcome = run_psi(alice, plan)
+        wall = time.perf_counter() - start
+        rss = {name: tree_peak_rss_mb(p.pid) for name, p in processes.items()}
+    finally:
+        for process in processes.values():
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=60)
+    if outcome.count != expected:
+        raise SystemExit(f"wrong count {outcome.count}, the generator says {expected}")
+    raw_seconds = 4 * n / raw_rate
+    return {
+        "n": n,
+        "count": outcome.count,
+        "wall": wall,
+        "items_per_s": 2 * n / wall,
+        "raw_seconds": raw_seconds,
+        "ratio": wall / raw_seconds,
+        "rss_tax": rss["tax"],
+        "rss_civil": rss["civil"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="10000,100000,1000000")
+    parser.add_argument("--dir", type=Path, default=Path("bench-run/psi"))
+    options = parser.parse_args()
+    workers = os.cpu_count() or 1
+    print(f"PSI cardinality, two node processes over mTLS on loopback, {workers} cores")
+    print(f"{'n per side':>12} {'wall s':>8} {'items/s':>10} {'raw 4n s':>9} {'ratio':>6} "
+          f"{'RSS tax MB':>11} {'RSS civil MB':>13} {'|A∩B|':>8}")  # fmt: skip
+    for n in (int(s) for s in options.sizes.split(",")):
+        root = options.dir / str(n)
+        shutil.rmtree(root, ignore_errors=True)
+        root.mkdir(parents=True)
+        with ecdh_psi.make_pool(workers) as pool:
+            raw_rate = raw_x25519_ops_per_second(
+                min(4 * n, 400_000), executor=pool, workers=workers
+            )
+        row = run_size(root, n, raw_rate)
+        print(f"{row['n']:>12,} {row['wall']:>8.1f} {row['items_per_s']:>10,.0f} "
+              f"{row['raw_seconds']:>9.1f} {row['ratio']:>6.2f} {row['rss_tax']:>11.0f} "
+              f"{row['rss_civil']:>13.0f} {row['count']:>8,}", flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
