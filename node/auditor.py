@@ -37,13 +37,15 @@ must follow so that logs can be compared:
 - ``request_digest`` (str, lower-case hex SHA-256 of the analyst's signed request bytes): recorded
   by every node that takes part, in the entry that accepts the query (e.g. ``query.received``);
 - ``participants`` (list of node names): the nodes taking part, recorded with ``request_digest``;
-- ``result_digest`` (str, lower-case hex SHA-256 of the released result bytes): recorded by every
-  node that releases or forwards the result (e.g. ``result.released``).
+- ``result_digest`` (str, lower-case hex SHA-256 of the bytes a node released) with
+  ``recipient`` (member name): recorded by each node for each release (``result.released``).
 
 Fields holding bytes are compared by their hex. The nodes agree when every node that recorded
-the query carries ``request_digest`` and ``participants``, all values of each of the three
-fields are equal across nodes (and within one node), every listed participant recorded the query
-and every node that recorded it is listed.
+the query carries ``request_digest`` and ``participants``, these two are equal across nodes (and
+within one node), every listed participant recorded the query and every node that recorded it
+is listed. Released results are shown side by side but compared only within a node (one node
+must not release two different results to the same recipient): in PSI each node releases its
+own masked set, so honest nodes' ``result_digest`` values differ by design.
 
 Receipts: :func:`make_receipt` and the pure verifier live in :mod:`govshare.protocols.receipt`;
 :func:`verify_receipt` here takes the keys and origins from a roster.
@@ -608,6 +610,7 @@ class NodeQueryEntries:
     request_digest: tuple[str, ...] = ()
     participants: tuple[tuple[str, ...], ...] = ()
     result_digest: tuple[str, ...] = ()
+    result_conflicts: tuple[str, ...] = ()  # recipients given two different results
 
 
 @dataclass(frozen=True)
@@ -621,7 +624,7 @@ class QueryReconciliation:
         return not self.disagreements
 
 
-QUERY_FIELDS = ("request_digest", "participants", "result_digest")
+AGREED_FIELDS = ("request_digest", "participants")  # identical at every participant
 
 
 def _digest_value(value: object) -> str | None:
@@ -639,22 +642,32 @@ def _participants_value(value: object) -> tuple[str, ...] | None:
 
 
 def _collect_fields(node: str, entries: Sequence[AuditEntry]) -> NodeQueryEntries:
-    digests: dict[str, list[str]] = {"request_digest": [], "result_digest": []}
+    request: list[str] = []
     participants: list[tuple[str, ...]] = []
+    results: dict[str, list[str]] = {}  # recipient -> result digests released to it
     for entry in entries:
-        for name in digests:
-            if name in entry.fields:
-                found = _digest_value(entry.fields[name])
-                digests[name].append(found if found is not None else repr(entry.fields[name]))
-        if "participants" in entry.fields:
-            listed = _participants_value(entry.fields["participants"])
+        fields = entry.fields
+        if "request_digest" in fields:
+            found = _digest_value(fields["request_digest"])
+            request.append(found if found is not None else repr(fields["request_digest"]))
+        if "participants" in fields:
+            listed = _participants_value(fields["participants"])
             participants.append(listed if listed is not None else ("<not a list of names>",))
+        if "result_digest" in fields:
+            found = _digest_value(fields["result_digest"])
+            recipient = fields.get("recipient")
+            results.setdefault(recipient if isinstance(recipient, str) else "", []).append(
+                found if found is not None else repr(fields["result_digest"])
+            )
     return NodeQueryEntries(
         node=node,
         entries=tuple(entries),
-        request_digest=tuple(dict.fromkeys(digests["request_digest"])),
+        request_digest=tuple(dict.fromkeys(request)),
         participants=tuple(dict.fromkeys(participants)),
-        result_digest=tuple(dict.fromkeys(digests["result_digest"])),
+        result_digest=tuple(dict.fromkeys(d for ds in results.values() for d in ds)),
+        result_conflicts=tuple(
+            recipient for recipient, digests in results.items() if len(set(digests)) > 1
+        ),
     )
 
 
@@ -668,7 +681,7 @@ def _reconcile(query_id: str, views: Sequence[NodeQueryEntries]) -> list[str]:
             issues.append(f"{v.node} recorded no request_digest")
         if not v.participants:
             issues.append(f"{v.node} recorded no participants")
-    for name in QUERY_FIELDS:
+    for name in AGREED_FIELDS:
         values: dict[object, list[str]] = {}
         for v in involved:
             own = getattr(v, name)
@@ -681,6 +694,12 @@ def _reconcile(query_id: str, views: Sequence[NodeQueryEntries]) -> list[str]:
                 f"{'/'.join(nodes)}: {_short(value)}" for value, nodes in values.items()
             )
             issues.append(f"{name} differs ({shown})")
+    for v in involved:
+        for recipient in v.result_conflicts:
+            issues.append(
+                f"{v.node} released different results to {recipient or 'an unnamed recipient'} "
+                "(two result_digest values)"
+            )
     listed = {name for v in involved for names in v.participants for name in names}
     by_node = {v.node: v for v in views}
     for name in sorted(listed):

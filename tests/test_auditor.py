@@ -120,18 +120,23 @@ def test_only_auditors_audit(fed: FederationFixture, tax_node: NodeFixture) -> N
 
 
 def record_query(
-    node: Node, query_id: str, *, participants: list[str], result: str | None = "r1"
+    node: Node,
+    query_id: str,
+    *,
+    participants: list[str],
+    result: str | None = "r1",
+    request: str = "request",
 ) -> int:
     index = node.audit.record(
         "query.received",
-        {"request_digest": digest("request " + query_id), "participants": participants},
+        {"request_digest": digest(request + query_id), "participants": participants},
         actor="alice",
         query_id=query_id,
     )
     if result is not None:
         node.audit.record(
             "result.released",
-            {"to": "alice", "result_digest": digest(result)},
+            {"recipient": "alice", "result_digest": digest(result)},
             actor=node.name,
             query_id=query_id,
         )
@@ -156,14 +161,30 @@ def test_show_query_names_each_disagreement(
     fed: FederationFixture, tax_node: NodeFixture, civil_node: NodeFixture, tmp_path: Path
 ) -> None:
     tax, civil = tax_node[0], civil_node[0]
-    record_query(tax, "q-differ", participants=["tax", "civil"], result="r1")
-    record_query(civil, "q-differ", participants=["tax", "civil"], result="r2")
+    record_query(tax, "q-differ", participants=["tax", "civil"], request="one")
+    record_query(civil, "q-differ", participants=["tax", "civil"], request="other")
     record_query(tax, "q-absent", participants=["tax", "civil"])
+    # Different releases by different nodes are normal (PSI); one node, one recipient, two
+    # different results is not.
+    record_query(tax, "q-twice", participants=["tax", "civil"], result="r1")
+    record_query(civil, "q-twice", participants=["tax", "civil"], result="r2")
+    civil.audit.record(
+        "result.released",
+        {"recipient": "alice", "result_digest": digest("r3")},
+        actor="civil",
+        query_id="q-twice",
+    )
     auditor = Auditor(fed.identity("audra"), tmp_path / "state")
     differ = auditor.show_query("q-differ")
     assert not differ.ok
-    assert any(d.startswith("result_digest differs") for d in differ.disagreements)
-    assert not any("request_digest" in d for d in differ.disagreements)
+    assert [d for d in differ.disagreements if "differs" in d] == [
+        f"request_digest differs (tax: {digest('oneq-differ')[:16]}…; "
+        f"civil: {digest('otherq-differ')[:16]}…)"
+    ]
+    twice = auditor.show_query("q-twice")
+    assert twice.disagreements == (
+        "civil released different results to alice (two result_digest values)",
+    )
     absent = auditor.show_query("q-absent")
     assert absent.disagreements == ("participant civil recorded nothing for this query",)
     assert auditor.show_query("q-never").disagreements == ("no node recorded query q-never",)

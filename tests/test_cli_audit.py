@@ -139,17 +139,17 @@ def test_prove_prints_the_verified_entry(
     assert as_json["checkpoint"]["size"] > index and as_json["proof"]
 
 
-def record(node: Node, query_id: str, result: str) -> int:
+def record(node: Node, query_id: str, result: str, request: str = "") -> int:
     index = node.audit.record(
         "query.received",
-        {"request_digest": hashlib.sha256(query_id.encode()).hexdigest(),
+        {"request_digest": hashlib.sha256((request + query_id).encode()).hexdigest(),
          "participants": ["tax", "civil"]},
         actor="alice",
         query_id=query_id,
     )  # fmt: skip
     node.audit.record(
         "result.released",
-        {"result_digest": hashlib.sha256(result.encode()).hexdigest()},
+        {"recipient": "alice", "result_digest": hashlib.sha256(result.encode()).hexdigest()},
         actor=node.name,
         query_id=query_id,
     )
@@ -164,11 +164,11 @@ def test_show_query_agreement_and_disagreement(
     record(civil, "cli-agree", "same")
     agree = audit(fed, tmp_path, "show", "--query", "cli-agree")
     assert agree.exit_code == 0 and "query cli-agree: nodes agree" in agree.output
-    record(tax, "cli-differ", "one")
-    record(civil, "cli-differ", "other")
+    record(tax, "cli-differ", "same", request="one")
+    record(civil, "cli-differ", "same", request="other")
     differ = audit(fed, tmp_path, "show", "--query", "cli-differ")
     assert differ.exit_code == 1
-    assert "query cli-differ: DISAGREE — result_digest differs" in differ.output
+    assert "query cli-differ: DISAGREE — request_digest differs" in differ.output
     as_json = json.loads(audit(fed, tmp_path, "show", "--query", "cli-differ", "--json").output)
     assert as_json["agree"] is False
     by_node = {n["node"]: n for n in as_json["nodes"]}
