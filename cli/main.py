@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
     verbose = "--verbose" in (argv or sys.argv[1:]) or "-v" in (argv or sys.argv[1:])
     try:
-        cli.main(args=argv, prog_name="govshare", standalone_mode=False)
+        # Without standalone mode click returns ctx.exit()'s code instead of exiting.
+        code = cli.main(args=argv, prog_name="govshare", standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(EXIT_ERROR)
@@ -65,3 +66,11 @@ def main(argv: list[str] | None = None) -> None:
             traceback.print_exc()
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_ERROR)
+    except Exception as exc:  # a bug or an unexpected environment: still one line
+        if verbose:
+            traceback.print_exc()
+        hint = "" if verbose else " (run with --verbose for the trace)"
+        click.echo(f"error: unexpected {type(exc).__name__}: {exc}{hint}", err=True)
+        sys.exit(EXIT_ERROR)
+    if isinstance(code, int) and code:
+        sys.exit(code)
