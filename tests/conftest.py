@@ -88,6 +88,13 @@ def build_federation(root: Path, name: str = "testfed") -> FederationFixture:
         if role is Role.NODE:
             address = federation.roster.member(member).address
             write_default(bundles[member], listen=address)
+            # The whole suite asks many queries within a minute; the rate limit has its own test.
+            config = bundles[member] / "node.toml"
+            config.write_text(
+                config.read_text().replace(
+                    "rate_limit_per_minute = 30", "rate_limit_per_minute = 100000"
+                )
+            )
     return FederationFixture(root, directory, federation, bundles)
 
 

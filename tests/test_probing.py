@@ -1,0 +1,81 @@
+"""Defences against probing: the per-analyst rate limit and the minimum filtered set size."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import PURPOSE, TAX_COLUMNS, build_federation, grant, register
+
+from govshare.examples import synth
+from govshare.node.catalog import Condition
+from govshare.node.client import NodeClient
+from govshare.node.config import NodeConfig
+from govshare.node.governance import QueryKind
+from govshare.node.identity import Identity
+from govshare.node.node import Node
+from govshare.node.query_plan import PsiPlan, Side
+from govshare.node.server import create_server
+from govshare.protocols.errors import PermissionDenied
+from govshare.protocols.signed_request import sign_request
+
+LIMIT = 3
+
+
+@pytest.fixture
+def strict_tax(tmp_path: Path) -> Iterator[tuple[Node, Identity]]:
+    fed = build_federation(tmp_path)
+    config = dataclasses.replace(NodeConfig.load(fed.node_home("tax")), rate_limit_per_minute=LIMIT)
+    node = Node.from_config(config)
+    synth.generate(tmp_path / "data", size=200, seed=2)
+    register(node, tmp_path / "data" / f"{synth.TAX}.csv", name="residents", columns=TAX_COLUMNS)
+    grant(node, "residents", "alice", ["id_number", "district"], [QueryKind.PSI_CARDINALITY])
+    running = create_server(node, config.listen)
+    yield node, fed.identity("alice")
+    running.stop(0)
+    node.close()
+
+
+def submit(alice: Identity, where: tuple[Condition, ...] = ()) -> str:
+    plan = PsiPlan(
+        kind=QueryKind.PSI_CARDINALITY, purpose=PURPOSE,
+        left=Side("tax", "residents", "id_number", where),
+        right=Side("civil", "assistance", "id_number"),
+    )  # fmt: skip
+    request = sign_request(
+        alice.signing_key, analyst="alice", kind=plan.kind.value, body=plan.to_json(),
+        now=int(time.time()),
+    )  # fmt: skip
+    with NodeClient.to(alice, "tax") as client:
+        return client.submit(request.encode()).state
+
+
+def refusals(node: Node, rule: str) -> int:
+    return sum(
+        1
+        for e in node.audit.entries(0, node.audit.size)
+        if e.decode().kind in ("policy.decision", "rpc.failed") and rule in e.data.decode()
+    )
+
+
+def test_rate_limit_refuses_and_logs(strict_tax: tuple[Node, Identity]) -> None:
+    node, alice = strict_tax
+    assert [submit(alice) for _ in range(LIMIT)] == ["approved"] * LIMIT
+    with pytest.raises(PermissionDenied, match=r"refused by rule rate_limit"):
+        submit(alice)
+    assert refusals(node, "rate_limit") >= 1
+
+
+def test_small_filtered_set_is_refused_by_rule(strict_tax: tuple[Node, Identity]) -> None:
+    node, alice = strict_tax
+    # One district of 200 residents leaves fewer rows than the general grade's k.
+    counts = {d: node.catalogue.count("residents", where=(Condition("district", "=", d),))
+              for d in synth.DISTRICTS}  # fmt: skip
+    small = min(counts, key=lambda d: counts[d])
+    assert counts[small] < 5
+    with pytest.raises(PermissionDenied, match=r"set_size\.minimum"):
+        submit(alice, (Condition("district", "=", small),))
+    assert refusals(node, "set_size.minimum") >= 1
