@@ -138,6 +138,14 @@ TAX_COLUMNS = (
     "annual_income=aggregate",
 )
 
+CIVIL_COLUMNS = (
+    "id_number=join_key:resident_id",
+    "district=group_key:domain={districts}",
+    "year=plaintext",
+    "assistance_type=group_key:domain=" + "|".join(synth.ASSISTANCE_TYPES),
+    "amount=aggregate",
+)
+
 
 @dataclass
 class PsiData:
@@ -162,12 +170,16 @@ def register(
     grade: Grade = Grade.GENERAL,
     sharing: SharingType = SharingType.CONDITIONAL,
     require_approval: bool = False,
+    legal_basis: str = "",
+    skip_invalid: bool = False,
 ) -> None:
     node.catalogue.add(
         csv,
         name=name,
         grade=grade,
         sharing_type=sharing,
+        legal_basis=legal_basis,
+        skip_invalid=skip_invalid,
         owner=Owner(OwnerKind.STATE, "state", node.name),
         columns=_rules(columns),
         actor=f"operator:{node.name}",
@@ -210,13 +222,7 @@ def psi_data(
         civil,
         data / f"{synth.CIVIL}.csv",
         name="assistance",
-        columns=(
-            "id_number=join_key:resident_id",
-            "district=group_key:domain={districts}",
-            "year=plaintext",
-            "assistance_type=group_key:domain=" + "|".join(synth.ASSISTANCE_TYPES),
-            "amount=aggregate",
-        ),
+        columns=CIVIL_COLUMNS,
     )
     kinds = [QueryKind.PSI_CARDINALITY]
     grant(tax, "residents", "alice", ["id_number", "income_band", "year"], kinds)

@@ -6,8 +6,17 @@ import dataclasses
 import time
 
 import pytest
-from conftest import PURPOSE, FederationFixture, PsiData
+from conftest import (
+    CIVIL_COLUMNS,
+    PURPOSE,
+    TAX_COLUMNS,
+    FederationFixture,
+    PsiData,
+    grant,
+    register,
+)
 
+from govshare.examples import synth
 from govshare.node.analyst import log_keys, run_psi
 from govshare.node.catalog import Condition
 from govshare.node.client import NodeClient
@@ -146,3 +155,28 @@ def test_column_outside_the_grant_is_refused(fed: FederationFixture, psi_data: P
 def test_wrong_purpose_is_refused(fed: FederationFixture, psi_data: PsiData) -> None:
     with pytest.raises(PermissionDenied, match=r"grant\.purpose"):
         run_psi(fed.identity("alice"), plan(purpose="marketing"))
+
+
+def test_duplicate_and_invalid_keys(
+    fed: FederationFixture, psi_data: PsiData, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Invalid resident IDs are rejected at import; duplicates count once in the intersection."""
+    data = tmp_path_factory.mktemp("faulty")
+    manifest = synth.generate(data, size=300, seed=8, inject_faults=True)
+    assert manifest["injected"][synth.TAX]  # the generator did inject faults
+    register(psi_data.tax, data / f"{synth.TAX}.csv", name="residents_faulty",
+             columns=TAX_COLUMNS, skip_invalid=True)  # fmt: skip
+    register(psi_data.civil, data / f"{synth.CIVIL}.csv", name="assistance_faulty",
+             columns=CIVIL_COLUMNS, skip_invalid=True)  # fmt: skip
+    grant(psi_data.tax, "residents_faulty", "alice", ["id_number"], [QueryKind.PSI_CARDINALITY])
+    grant(psi_data.civil, "assistance_faulty", "alice", ["id_number"], [QueryKind.PSI_CARDINALITY])
+    outcome = run_psi(
+        fed.identity("alice"),
+        PsiPlan(
+            kind=QueryKind.PSI_CARDINALITY, purpose=PURPOSE,
+            left=Side("tax", "residents_faulty", "id_number"),
+            right=Side("civil", "assistance_faulty", "id_number"),
+        ),
+    )  # fmt: skip
+    assert outcome.count == manifest["intersections"]["tax.residents & civil.assistance"]
+    assert outcome.sizes == {"tax": 300, "civil": 300}  # distinct valid keys only
