@@ -269,10 +269,10 @@ def run(workdir: Path, size: int, seed: int) -> None:
             )  # fmt: skip
 
         console.print("[bold]Use-right grants (使用权) to the analyst, signed by each node[/]")
-        for node, dataset, columns in GRANTS:
+        for node, dataset, granted in GRANTS:
             demo.govshare(
                 "grant", "add", "--home", f"homes/{node}", "--dataset", dataset,
-                "--grantee", "alice", "--purpose", PURPOSE, "--columns", columns,
+                "--grantee", "alice", "--purpose", PURPOSE, "--columns", granted,
                 "--kinds", "psi_cardinality", "--expires", "2030-12-31",
                 "--epsilon", "5", "--max-queries", "100",
             )  # fmt: skip
