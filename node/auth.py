@@ -34,6 +34,8 @@ SERVICE_ROLES: Mapping[str, frozenset[Role]] = {
     "govshare.v1.Peer": frozenset({Role.NODE}),
     "govshare.v1.Audit": frozenset({Role.AUDITOR}),
     "govshare.v1.Query": frozenset({Role.ANALYST}),
+    "govshare.v1.Aggregate": frozenset({Role.ANALYST}),
+    "govshare.v1.AggregatePeer": frozenset({Role.NODE}),
     "grpc.health.v1.Health": ANY_MEMBER,
     "grpc.reflection.v1alpha.ServerReflection": ANY_MEMBER,
     "grpc.reflection.v1.ServerReflection": ANY_MEMBER,

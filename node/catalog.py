@@ -820,3 +820,34 @@ class Catalogue:
             clause, params = self._where(info, where)
             row = conn.execute(f"SELECT COUNT(*) FROM {_quote(table)}{clause}", params).fetchone()
         return int(row[0])
+
+    def group_sums(
+        self,
+        name: str,
+        *,
+        group_by: str | None,
+        sums: Sequence[tuple[str, int]],
+        where: Sequence[Condition] = (),
+    ) -> dict[str, tuple[int, ...]]:
+        """Per group label: (row count, each SUM column clipped to ``[0, bound]`` and summed).
+
+        Runs as one ``GROUP BY`` in SQLite (the horizontal aggregate's local step). Without
+        ``group_by`` the single group is ``""``.
+
+        Raises: as :meth:`keys`.
+        """
+        with self._open() as conn:
+            info, table = self._table(conn, name)
+            columns = [c for c, _ in sums] + ([group_by] if group_by else [])
+            for column in columns:
+                self._column(info, column)
+            clause, params = self._where(info, where)
+            figures = ["COUNT(*)"] + [
+                f"SUM(MIN(MAX({_quote(c)}, 0), {int(bound)}))" for c, bound in sums
+            ]
+            label = _quote(group_by) if group_by else "''"
+            rows = conn.execute(
+                f"SELECT {label}, {', '.join(figures)} FROM {_quote(table)}{clause} GROUP BY 1",
+                params,
+            ).fetchall()
+        return {str(row[0]): tuple(int(v or 0) for v in row[1:]) for row in rows}

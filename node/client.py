@@ -20,6 +20,8 @@ from govshare.node.status import error_for
 from govshare.node.tls import secure_channel
 from govshare.protocols.errors import GovshareError
 from govshare.v1 import (
+    aggregate_pb2,
+    aggregate_pb2_grpc,
     catalog_pb2,
     catalog_pb2_grpc,
     peer_pb2,
@@ -30,6 +32,8 @@ from govshare.v1 import (
 
 # Seconds a catalogue or control call may take before the node counts as unreachable.
 DEFAULT_TIMEOUT = 10.0
+# Bytes of points and ciphertexts per AggregatePeer.Send chunk (under the message limit).
+AGGREGATE_CHUNK_BYTES = 1 << 20
 
 T = TypeVar("T")
 
@@ -45,6 +49,8 @@ class NodeClient:
         self._catalog = catalog_pb2_grpc.CatalogStub(self.channel)
         self._peer = peer_pb2_grpc.PeerStub(self.channel)
         self._query = query_pb2_grpc.QueryStub(self.channel)
+        self._aggregate = aggregate_pb2_grpc.AggregateStub(self.channel)
+        self._aggregate_peer = aggregate_pb2_grpc.AggregatePeerStub(self.channel)
 
     @classmethod
     def to(cls, identity: Identity, node: str, *, timeout: float = DEFAULT_TIMEOUT) -> NodeClient:
@@ -115,6 +121,47 @@ class NodeClient:
 
         reply = self.call(lambda: self._peer.PsiSend(chunks(), timeout=self.timeout))
         return reply.received
+
+    def aggregate_send(
+        self, query_id: str, phase: str, points: list[bytes], items: list[bytes]
+    ) -> int:
+        """Stream an aggregate message (points and/or items) to the node; return its count."""
+        total = max(len(points), len(items))
+        size = (32 if points else 0) + (max(len(i) for i in items) if items else 0)
+        per = max(1, AGGREGATE_CHUNK_BYTES // max(size, 1))
+
+        def chunks() -> Iterator[aggregate_pb2.AggregateChunk]:
+            for start in range(0, max(total, 1), per):
+                yield aggregate_pb2.AggregateChunk(
+                    query_id=query_id,
+                    phase=phase,
+                    total=total,
+                    points=b"".join(points[start : start + per]),
+                    items=items[start : start + per],
+                )
+
+        reply = self.call(lambda: self._aggregate_peer.Send(chunks(), timeout=self.timeout))
+        return reply.received
+
+    def aggregate_prepare(self, query_id: str) -> aggregate_pb2.EphemeralKey:
+        return self.call(
+            lambda: self._aggregate.Prepare(
+                aggregate_pb2.PrepareRequest(query_id=query_id), timeout=self.timeout
+            )
+        )
+
+    def aggregate_run(
+        self,
+        query_id: str,
+        *,
+        keys: list[aggregate_pb2.EphemeralKey] | None = None,
+        public_context: bytes = b"",
+        timeout: float,
+    ) -> aggregate_pb2.AggregateResult:
+        request = aggregate_pb2.AggregateRunRequest(
+            query_id=query_id, keys=keys or [], public_context=public_context
+        )
+        return self.call(lambda: self._aggregate.Run(request, timeout=timeout))
 
     # --- analyst: joint queries -------------------------------------------------------------
 

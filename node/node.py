@@ -13,6 +13,7 @@ from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from govshare.node.aggregates import AggregateEngine, AggregateOptions
 from govshare.node.auditlog import AuditLog, LogEntry
 from govshare.node.auth import Caller
 from govshare.node.catalog import Catalogue
@@ -58,9 +59,12 @@ class Node:
     protocol_timeout: float = DEFAULT_PROTOCOL_TIMEOUT
     rate_limit_per_minute: int = DEFAULT_RATE_LIMIT_PER_MINUTE
     workers: int = 0  # processes for masking; 0 = one per CPU
+    # Test-only switches of the aggregate engine; Node.from_config never sets them.
+    aggregate_options: AggregateOptions = field(default_factory=AggregateOptions)
     publisher: CheckpointPublisher = field(init=False)
     witness: Witness = field(init=False)
     queries: QueryEngine = field(init=False)
+    aggregates: AggregateEngine = field(init=False)
 
     def __post_init__(self) -> None:
         self._pool: ProcessPoolExecutor | None = None
@@ -84,6 +88,19 @@ class Node:
             protocol_timeout=self.protocol_timeout,
             rate_limit_per_minute=self.rate_limit_per_minute,
         )
+        self.aggregates = AggregateEngine(
+            queries=self.queries,
+            identity=self.identity,
+            catalogue=self.catalogue,
+            grants=self.grants,
+            store=self.query_store,
+            audit=self.audit,
+            send=self.send_aggregate,
+            clock=self.clock,
+            executor=self.executor,
+            protocol_timeout=self.protocol_timeout,
+            options=self.aggregate_options,
+        )
 
     def executor(self) -> Executor:
         """The node's long-lived process pool for masking (forkserver, safe beside gRPC)."""
@@ -97,6 +114,14 @@ class Node:
         member = self.identity.roster.member(peer)
         with NodeClient(self.identity, member, timeout=self.protocol_timeout) as client:
             client.psi_send(query_id, phase, points, chunk_points=PSI_CHUNK_POINTS)
+
+    def send_aggregate(
+        self, peer: str, query_id: str, phase: str, points: list[bytes], items: list[bytes]
+    ) -> None:
+        """Stream an aggregate message to ``peer`` (AggregatePeer.Send) in bounded chunks."""
+        member = self.identity.roster.member(peer)
+        with NodeClient(self.identity, member, timeout=self.protocol_timeout) as client:
+            client.aggregate_send(query_id, phase, points, items)
 
     @classmethod
     def from_config(cls, config: NodeConfig) -> Node:

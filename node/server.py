@@ -11,6 +11,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from govshare.node.aggregate_service import AggregatePeerService, AggregateService
 from govshare.node.auth import AuthInterceptor
 from govshare.node.config import DEFAULT_MAX_WORKERS, NodeConfig
 from govshare.node.node import Node
@@ -18,6 +19,8 @@ from govshare.node.services import AuditService, CatalogService, PeerService, Qu
 from govshare.node.tls import CHANNEL_OPTIONS, server_credentials
 from govshare.protocols.errors import Unavailable
 from govshare.v1 import (
+    aggregate_pb2,
+    aggregate_pb2_grpc,
     audit_pb2,
     audit_pb2_grpc,
     catalog_pb2,
@@ -33,6 +36,8 @@ SERVICE_NAMES = (
     peer_pb2.DESCRIPTOR.services_by_name["Peer"].full_name,
     audit_pb2.DESCRIPTOR.services_by_name["Audit"].full_name,
     query_pb2.DESCRIPTOR.services_by_name["Query"].full_name,
+    aggregate_pb2.DESCRIPTOR.services_by_name["Aggregate"].full_name,
+    aggregate_pb2.DESCRIPTOR.services_by_name["AggregatePeer"].full_name,
 )
 
 
@@ -63,6 +68,8 @@ def create_server(
     peer_pb2_grpc.add_PeerServicer_to_server(PeerService(node), server)
     audit_pb2_grpc.add_AuditServicer_to_server(AuditService(node), server)
     query_pb2_grpc.add_QueryServicer_to_server(QueryService(node), server)
+    aggregate_pb2_grpc.add_AggregateServicer_to_server(AggregateService(node), server)
+    aggregate_pb2_grpc.add_AggregatePeerServicer_to_server(AggregatePeerService(node), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

@@ -1,0 +1,427 @@
+"""Joint aggregates under HE over real mTLS nodes: exact figures, DP, budgets, refusals, aborts."""
+
+from __future__ import annotations
+
+import csv
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import PURPOSE, FederationFixture, build_federation, grant, register
+
+from govshare.examples import synth
+from govshare.node.aggregate_plan import (
+    BFV,
+    PAILLIER,
+    Figures,
+    GroupSpec,
+    HorizontalPlan,
+    IntersectionPlan,
+    Part,
+    SumSpec,
+)
+from govshare.node.aggregates import AggregateEngine, AggregateOptions
+from govshare.node.analyst_aggregate import (
+    run_horizontal_aggregate,
+    run_intersection_aggregate,
+)
+from govshare.node.auditlog import AuditLog
+from govshare.node.catalog import Catalogue, Condition
+from govshare.node.client import NodeClient
+from govshare.node.config import NodeConfig
+from govshare.node.governance import Grade, QueryKind
+from govshare.node.grants import GrantStore
+from govshare.node.identity import Identity
+from govshare.node.node import Node
+from govshare.node.query_plan import Side
+from govshare.node.query_store import QueryStore
+from govshare.node.server import RunningNode, create_server
+from govshare.node.witness import WitnessStore
+from govshare.protocols import dp
+from govshare.protocols.errors import Aborted, MalformedInput, PermissionDenied
+from govshare.protocols.paillier import generate_keypair
+from govshare.protocols.receipt import verify_receipt
+from govshare.protocols.signed_request import sign_request
+
+KEY_BITS = 1024  # small test keys (two plaintexts per row here); one test runs 3072
+AMOUNT_BOUND = 30_000  # above every synth amount (at most 12 x 2,093)
+VISITS_BOUND = 100
+TIMEOUT = 60.0
+EXACT = AggregateOptions(unsafe_allow_short_modulus=True, unsafe_without_noise=True)
+KINDS = [QueryKind.INTERSECTION_AGGREGATE, QueryKind.HORIZONTAL_AGGREGATE]
+HEALTH_COLUMNS = (
+    "id_number=join_key:resident_id",
+    "district=group_key:domain={districts}",
+    "age_band=group_key:domain=" + "|".join(synth.AGE_BANDS),
+    "year=plaintext",
+    "visits=aggregate",
+)
+CIVIL_COLUMNS = (
+    "id_number=join_key:resident_id",
+    "district=group_key:domain={districts}",
+    "year=plaintext",
+    "assistance_type=group_key:domain=" + "|".join(synth.ASSISTANCE_TYPES),
+    "amount=aggregate",
+)
+TAX_COLUMNS = (
+    "id_number=join_key:resident_id",
+    "district=group_key:domain={districts}",
+    "year=plaintext",
+    "income_band=group_key:domain=low|middle|high",
+    "annual_income=aggregate",
+)
+
+
+@dataclass
+class Agg:
+    fed: FederationFixture
+    nodes: dict[str, Node]
+    manifest: dict[str, Any]
+    visits: dict[str, tuple[int, int]]  # age band -> (count, sum) over all parts
+    data: Path
+
+
+def _node(fed: FederationFixture, name: str, options: AggregateOptions) -> Node:
+    config = NodeConfig.load(fed.node_home(name))
+    return Node(
+        identity=Identity.load(config.identity_dir),
+        catalogue=Catalogue(config.database_path),
+        grants=GrantStore(config.database_path),
+        query_store=QueryStore(config.database_path),
+        audit=AuditLog.open(config.audit_database_path),
+        witness_store=WitnessStore(config.database_path),
+        protocol_timeout=TIMEOUT,
+        workers=1,
+        aggregate_options=options,
+    )
+
+
+def set_options(node: Node, options: AggregateOptions, timeout: float = 60.0) -> None:
+    """Rebuild a test node's aggregate engine with other test-only switches."""
+    node.aggregates = AggregateEngine(
+        queries=node.queries, identity=node.identity, catalogue=node.catalogue,
+        grants=node.grants, store=node.query_store, audit=node.audit,
+        send=node.send_aggregate, executor=node.executor, protocol_timeout=timeout,
+        options=options,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def agg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Agg]:
+    fed = build_federation(tmp_path_factory.mktemp("aggfed"), "aggfed")
+    data = tmp_path_factory.mktemp("aggdata")
+    manifest = synth.generate(data, size=20000, seed=3)
+    names = ("tax", "civil", "ghost")
+    nodes = {n: _node(fed, n, EXACT) for n in names}
+    servers: list[RunningNode] = []
+    for name, node in nodes.items():
+        servers.append(create_server(node, NodeConfig.load(fed.node_home(name)).listen))
+    tax, civil = nodes["tax"], nodes["civil"]
+    register(tax, data / f"{synth.TAX}.csv", name="residents", columns=TAX_COLUMNS)
+    register(civil, data / f"{synth.CIVIL}.csv", name="assistance", columns=CIVIL_COLUMNS)
+    grant(tax, "residents", "alice", ["id_number", "income_band", "year"], KINDS)
+    grant(
+        civil, "assistance", "alice",
+        ["id_number", "year", "district", "amount", "assistance_type"], KINDS,
+    )  # fmt: skip
+    register(
+        civil, data / f"{synth.CIVIL}.csv", name="assistance_imp", columns=CIVIL_COLUMNS,
+        grade=Grade.IMPORTANT,
+    )  # fmt: skip
+    grant(civil, "assistance_imp", "alice", ["id_number", "year", "district", "amount"], KINDS)
+    # The health dataset cut in three same-schema parts, one per node.
+    with open(data / f"{synth.HEALTH}.csv", newline="", encoding="utf-8") as handle:
+        rows = list(csv.reader(handle))
+    header, body = rows[0], rows[1:]
+    visits: dict[str, tuple[int, int]] = {}
+    for row in body:
+        band, value = row[header.index("age_band")], int(row[header.index("visits")])
+        count, total = visits.get(band, (0, 0))
+        visits[band] = (count + 1, total + value)
+    for i, name in enumerate(names):
+        part = data / f"visits_{name}.csv"
+        with open(part, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(header)
+            writer.writerows(body[i :: len(names)])
+        register(nodes[name], part, name="visits", columns=HEALTH_COLUMNS)
+        grant(nodes[name], "visits", "alice", ["age_band", "visits"], KINDS)
+    yield Agg(fed, nodes, manifest, visits, data)
+    for server in servers:
+        server.stop(0)
+    for node in nodes.values():
+        node.close()
+
+
+def district_plan(epsilon: Fraction | None = None, dataset: str = "assistance") -> IntersectionPlan:
+    year = 2025
+    return IntersectionPlan(
+        QueryKind.INTERSECTION_AGGREGATE,
+        PURPOSE,
+        values=Side("civil", dataset, "id_number", (Condition("year", "=", year),)),
+        matcher=Side("tax", "residents", "id_number", (Condition("income_band", "=", "high"),)),
+        figures=Figures(
+            GroupSpec("district", synth.DISTRICTS), (SumSpec("amount", AMOUNT_BOUND),), epsilon
+        ),
+        public_key=b"",
+    )
+
+
+def visits_plan(epsilon: Fraction | None = None, scheme: str = PAILLIER) -> HorizontalPlan:
+    return HorizontalPlan(
+        QueryKind.HORIZONTAL_AGGREGATE,
+        PURPOSE,
+        parts=tuple(Part(n, "visits") for n in ("tax", "civil", "ghost")),
+        figures=Figures(
+            GroupSpec("age_band", synth.AGE_BANDS), (SumSpec("visits", VISITS_BOUND),), epsilon
+        ),
+        aggregator="civil",
+        scheme=scheme,
+        public_key=b"",
+    )
+
+
+def expected_districts(agg: Agg) -> dict[str, dict[str, int]]:
+    groups: dict[str, dict[str, int]] = agg.manifest["aggregates"][
+        "civil_current_year_join_tax_high_by_district"
+    ]["groups"]
+    assert agg.manifest["year"] == 2025
+    return groups
+
+
+def test_intersection_aggregate_is_exact_without_noise(agg: Agg) -> None:
+    outcome = run_intersection_aggregate(
+        agg.fed.identity("alice"), district_plan(Fraction(1)), key_bits=KEY_BITS,
+        unsafe_allow_short_modulus=True,
+    )  # fmt: skip
+    expected = expected_districts(agg)
+    k = outcome.min_group_size
+    assert k == 5
+    for group in outcome.groups:
+        want = expected[group.label]
+        if want["count"] < k:
+            assert group.suppressed and group.count.value is None
+            continue
+        assert group.count.value == want["count"]
+        assert group.sums["amount"].value == want["sum_amount"]
+        assert group.averages["amount"] == Fraction(want["sum_amount"], want["count"])
+        assert group.count.noise_scale == 2  # ε = 1 split over count and one sum
+        assert group.sums["amount"].noise_scale == 2 * AMOUNT_BOUND
+        assert group.count.interval == dp.laplace_interval(Fraction(2))
+    assert sum(not g.suppressed for g in outcome.groups) >= 3
+    assert set(outcome.budgets) == {"civil", "tax"}
+    assert all(b.epsilon_spent == 1 for b in outcome.budgets.values())
+    verified = verify_receipt(outcome.receipt, _log_keys(agg))
+    assert all(p.entry.kind == "result.released" for p in verified)
+    tax_log = [e.decode() for e in agg.nodes["tax"].audit.entries_for_query(outcome.query_id)]
+    steps = [e.fields["phase"] for e in tax_log if e.kind == "protocol.step"]
+    assert steps == ["matcher_keys", "values", "matcher_again"]
+    released = tax_log[-1]
+    assert released.kind == "result.released" and released.fields["recipient"] == "alice"
+
+
+def _log_keys(agg: Agg) -> Any:
+    from govshare.node.analyst import log_keys
+
+    return log_keys(agg.fed.federation.roster)
+
+
+def _csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_intersection_aggregate_at_3072_bits_matches_plain_sql_over_the_csvs(agg: Agg) -> None:
+    kind = "extreme_poverty"
+    base = district_plan()
+    values = Side(
+        "civil", "assistance", "id_number",
+        (Condition("year", "=", 2025), Condition("assistance_type", "=", kind)),
+    )  # fmt: skip
+    plan = IntersectionPlan(
+        base.kind, base.purpose, values, base.matcher, Figures(None, base.figures.sums, None), b""
+    )
+    outcome = run_intersection_aggregate(agg.fed.identity("alice"), plan)  # 3072 bits
+    high = {r["id_number"].upper() for r in _csv(agg.data / f"{synth.TAX}.csv")
+            if r["income_band"] == "high"}  # fmt: skip
+    rows = [
+        r for r in _csv(agg.data / f"{synth.CIVIL}.csv")
+        if r["year"] == "2025" and r["assistance_type"] == kind and r["id_number"].upper() in high
+    ]  # fmt: skip
+    (group,) = outcome.groups
+    assert group.count.value == len(rows) > 0
+    assert group.sums["amount"].value == sum(int(r["amount"]) for r in rows)
+    assert group.count.noise_scale is None and outcome.epsilon is None
+
+
+@pytest.mark.parametrize("scheme", [PAILLIER, BFV])
+def test_horizontal_aggregate_is_exact_and_masks_cancel(agg: Agg, scheme: str) -> None:
+    outcome = run_horizontal_aggregate(
+        agg.fed.identity("alice"), visits_plan(Fraction(1), scheme), key_bits=KEY_BITS,
+        unsafe_allow_short_modulus=True,
+    )  # fmt: skip
+    assert outcome.scheme == scheme
+    for group in outcome.groups:
+        count, total = agg.visits.get(group.label, (0, 0))
+        if count < outcome.min_group_size:
+            assert group.suppressed
+            continue
+        assert (group.count.value, group.sums["visits"].value) == (count, total)
+    assert set(outcome.budgets) == {"tax", "civil", "ghost"}
+    civil_log = [e.decode() for e in agg.nodes["civil"].audit.entries_for_query(outcome.query_id)]
+    received = [
+        e for e in civil_log if e.kind == "protocol.step" and e.fields["direction"] == "received"
+    ]
+    assert len(received) == 2  # the two other nodes' contributions
+    for name in ("tax", "ghost"):
+        log = [e.decode() for e in agg.nodes[name].audit.entries_for_query(outcome.query_id)]
+        assert log[-1].fields["recipient"] == "civil"
+
+
+def test_noisy_release_within_its_stated_interval_and_seeded_coverage(agg: Agg) -> None:
+    for node in agg.nodes.values():
+        set_options(node, AggregateOptions(unsafe_allow_short_modulus=True))
+    try:
+        outcome = run_horizontal_aggregate(
+            agg.fed.identity("alice"), visits_plan(Fraction(2)), key_bits=KEY_BITS,
+            unsafe_allow_short_modulus=True,
+        )  # fmt: skip
+    finally:
+        for node in agg.nodes.values():
+            set_options(node, EXACT)
+    bound = dp.laplace_tail_bound(Fraction(VISITS_BOUND), failure_bits=30)
+    for group in outcome.groups:
+        count, _ = agg.visits.get(group.label, (0, 0))
+        if group.count.value is not None:
+            assert abs(group.count.value - count) <= bound
+            assert group.count.interval == dp.laplace_interval(Fraction(1))
+    # Coverage: the stated 95% interval holds the noise the engine adds (seeded, 2000 draws).
+    rng = random.Random(7)
+    scales = visits_plan(Fraction(2)).figures.noise_scales()
+    for scale in scales.values():
+        half = dp.laplace_interval(scale)
+        inside = sum(abs(dp.discrete_laplace(scale, rng)) <= half for _ in range(2000))
+        assert inside / 2000 >= 0.93
+
+
+def test_budget_exhaustion_is_refused_and_logged(agg: Agg) -> None:
+    civil = agg.nodes["civil"]
+    civil.grants.issue(
+        civil.identity.signing_key, issuer="civil", dataset=civil.catalogue.get("visits"),
+        grantee="hkana", purpose=PURPOSE, columns=["age_band", "visits"], query_kinds=KINDS,
+        expires_at=int(time.time()) + 3600, epsilon=Fraction(1), max_queries=10,
+        actor="operator:civil", audit=civil.audit,
+    )  # fmt: skip
+    for name in ("tax", "ghost"):
+        grant(agg.nodes[name], "visits", "hkana", ["age_band", "visits"], KINDS)
+    hkana = agg.fed.identity("hkana")
+    plan = visits_plan(Fraction("0.6"))
+    first = run_horizontal_aggregate(
+        hkana, plan, key_bits=KEY_BITS, unsafe_allow_short_modulus=True
+    )
+    assert first.budgets["civil"].epsilon_remaining == Fraction("0.4")
+    before = civil.audit.size
+    with pytest.raises(PermissionDenied, match=r"grant\.budget"):
+        run_horizontal_aggregate(hkana, plan, key_bits=KEY_BITS, unsafe_allow_short_modulus=True)
+    decisions = [
+        e.decode() for e in civil.audit.entries(before, civil.audit.size)
+        if e.decode().kind == "policy.decision"
+    ]  # fmt: skip
+    assert decisions[-1].fields["rule"] == "grant.budget"
+
+
+def _signed(agg: Agg, plan: IntersectionPlan | HorizontalPlan) -> tuple[str, bytes]:
+    alice = agg.fed.identity("alice")
+    request = sign_request(
+        alice.signing_key, analyst="alice", kind=plan.kind.value, body=plan.to_json(),
+        now=int(time.time()),
+    )  # fmt: skip
+    return request.query_id_hex, request.encode()
+
+
+def _keyed(plan: IntersectionPlan, bits: int = KEY_BITS) -> IntersectionPlan:
+    public, _ = generate_keypair(bits, unsafe_allow_short_modulus=True)
+    return IntersectionPlan(
+        plan.kind, plan.purpose, plan.values, plan.matcher, plan.figures, public.to_bytes()
+    )
+
+
+def test_important_dataset_requires_dp_and_approval(agg: Agg) -> None:
+    alice = agg.fed.identity("alice")
+    with NodeClient.to(alice, "civil") as client:
+        _, signed = _signed(agg, _keyed(district_plan(None, "assistance_imp")))
+        with pytest.raises(PermissionDenied, match=r"grade\.important\.requires_dp"):
+            client.submit(signed)
+        _, signed = _signed(agg, _keyed(district_plan(Fraction(1), "assistance_imp")))
+        assert client.submit(signed).state == "pending_approval"
+
+
+def test_foreign_and_wrong_size_keys_are_refused(agg: Agg) -> None:
+    alice = agg.fed.identity("alice")
+    plan = _keyed(district_plan())
+    garbage = IntersectionPlan(
+        plan.kind, plan.purpose, plan.values, plan.matcher, plan.figures, b"GSPK" + bytes(40)
+    )
+    with NodeClient.to(alice, "tax") as client:
+        with pytest.raises(MalformedInput):
+            client.submit(_signed(agg, garbage)[1])
+        set_options(agg.nodes["tax"], AggregateOptions())  # production: no short keys
+        try:
+            with pytest.raises(MalformedInput, match="outside"):
+                client.submit(_signed(agg, plan)[1])
+        finally:
+            set_options(agg.nodes["tax"], EXACT)
+
+
+def test_tampered_ciphertexts_are_refused_and_a_dropout_aborts(agg: Agg) -> None:
+    alice = agg.fed.identity("alice")
+    plan = _keyed(district_plan())
+    query_id, signed = _signed(agg, plan)
+    set_options(agg.nodes["tax"], EXACT, timeout=2.0)  # before submit: the session lives there
+    clients = {n: NodeClient.to(alice, n) for n in ("tax", "civil")}
+    for client in clients.values():
+        assert client.submit(signed).state == "approved"
+    point = bytes.fromhex("09" + "00" * 31)
+    with NodeClient.to(agg.fed.identity("civil"), "tax") as peer:
+        with pytest.raises(MalformedInput, match="bytes"):
+            peer.aggregate_send(query_id, "values", [point], [b"\x01" * 10])
+    with NodeClient.to(agg.fed.identity("civil"), "tax") as peer:
+        with pytest.raises(MalformedInput, match=r"\[1, n\^2\)|unit"):
+            peer.aggregate_send(query_id, "values", [point], [b"\xff" * 512])
+    with NodeClient.to(agg.fed.identity("ghost"), "tax") as peer:
+        with pytest.raises(PermissionDenied):
+            peer.aggregate_send(query_id, "matcher_again", [point], [])
+    # civil never runs its part: tax waits for the values, aborts, releases nothing.
+    try:
+        with pytest.raises(Aborted, match="nothing released"):
+            clients["tax"].aggregate_run(query_id, timeout=30)
+    finally:
+        set_options(agg.nodes["tax"], EXACT)
+    entries = [e.decode() for e in agg.nodes["tax"].audit.entries_for_query(query_id)]
+    kinds = [e.kind for e in entries]
+    assert "result.released" not in kinds and kinds[-1] == "query.failed"
+    assert clients["tax"].status(query_id).state == "failed"
+    for client in clients.values():
+        client.close()
+
+
+def test_plan_round_trips_and_bad_plans_are_refused() -> None:
+    from govshare.node.aggregate_plan import parse_aggregate_plan
+
+    plan = visits_plan(Fraction("0.5"))
+    plan = HorizontalPlan(
+        plan.kind, plan.purpose, plan.parts, plan.figures, plan.aggregator, plan.scheme, b"\x01"
+    )
+    assert parse_aggregate_plan(plan.to_json(), kind=plan.kind.value) == plan
+    changes: list[dict[str, Any]] = [
+        {"aggregator": "nobody"}, {"scheme": "ckks"}, {"epsilon": "-1"},
+        {"sums": [{"column": "visits", "bound": 0}]}, {"parts": []},
+    ]  # fmt: skip
+    for change in changes:
+        with pytest.raises(MalformedInput):
+            parse_aggregate_plan(plan.to_json() | change, kind=plan.kind.value)
