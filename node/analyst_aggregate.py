@@ -296,3 +296,72 @@ def release_groups(figures: Figures, totals: Mapping[str, int], k: int) -> tuple
 
 def plan_nodes(plan: AggregatePlan) -> Sequence[str]:
     return plan.nodes
+
+
+# Clipping bound of a SUM written without one in SQL (its sensitivity under DP).
+DEFAULT_SUM_BOUND = 100_000
+
+
+def run_aggregate_sql(
+    identity: Identity,
+    sql: str,
+    purpose: str,
+    epsilon: Fraction | None,
+    *,
+    sum_bound: int = DEFAULT_SUM_BOUND,
+    on_status: StatusCallback | None = None,
+) -> AggregateOutcome:
+    """Run a joint ``SELECT g, COUNT(*), SUM(v), AVG(v) ... JOIN ... GROUP BY g`` as an
+    intersection aggregate (the side carrying the SUM/GROUP BY columns holds the values).
+
+    The GROUP BY domain is the group_key column's declared domain from the node's catalogue;
+    each SUM is clipped to ``[0, sum_bound]``.
+
+    Raises:
+        MalformedInput: SQL outside the dialect (named), or columns of both tables in the
+            aggregates.
+    """
+    from sqlglot import exp
+
+    from govshare.node.aggregate_plan import GroupSpec, SumSpec
+    from govshare.node.query_plan import Side
+    from govshare.node.sql import parse_join, unsupported
+
+    query = parse_join(sql)
+    tables = {query.left.alias: query.left, query.right.alias: query.right}
+    keys = {query.left.alias: query.left_key, query.right.alias: query.right_key}
+    used: set[str] = set()
+    sums: dict[str, SumSpec] = {}
+    for item in query.select:
+        node = item.this if isinstance(item, exp.Alias) else item
+        if isinstance(node, exp.Count) and isinstance(node.this, exp.Star):
+            continue
+        if isinstance(node, exp.Sum | exp.Avg) and isinstance(node.this, exp.Column):
+            used.add(node.this.table)
+            sums.setdefault(node.this.name, SumSpec(node.this.name, sum_bound))
+            continue
+        if isinstance(node, exp.Column) and any(node.name == g.name for g in query.group_by):
+            continue
+        raise unsupported(f"{node.sql()} in an aggregate SELECT")
+    used.update(g.table for g in query.group_by)
+    if len(used) != 1 or len(query.group_by) > 1:
+        raise unsupported("aggregates and GROUP BY over one table's columns, one group column")
+    alias = used.pop()
+    other = next(a for a in tables if a != alias)
+    group = None
+    if query.group_by:
+        column = query.group_by[0].name
+        with NodeClient.to(identity, tables[alias].node) as client:
+            rule = client.describe_dataset(tables[alias].dataset).column(column)
+        if rule is None or not rule.domain:
+            raise MalformedInput(f"{column} has no declared group domain", field="sql")
+        group = GroupSpec(column, rule.domain)
+
+    def side(a: str) -> Side:
+        return Side(tables[a].node, tables[a].dataset, keys[a], query.filters[a])
+
+    plan = IntersectionPlan(
+        QueryKind.INTERSECTION_AGGREGATE, purpose, side(alias), side(other),
+        Figures(group, tuple(sums.values()), epsilon), b"",
+    )  # fmt: skip
+    return run_intersection_aggregate(identity, plan, on_status=on_status)

@@ -425,3 +425,22 @@ def test_plan_round_trips_and_bad_plans_are_refused() -> None:
     for change in changes:
         with pytest.raises(MalformedInput):
             parse_aggregate_plan(plan.to_json() | change, kind=plan.kind.value)
+
+
+def test_sql_join_with_group_by_runs_as_an_intersection_aggregate(agg: Agg) -> None:
+    from govshare.cli.aggregate import outcome_to_json
+    from govshare.node.analyst_aggregate import run_aggregate_sql
+
+    sql = (
+        "SELECT b.district, COUNT(*), SUM(b.amount), AVG(b.amount) "
+        "FROM civil.assistance AS b JOIN tax.residents AS t ON b.id_number = t.id_number "
+        "WHERE b.year = 2025 AND t.income_band = 'high' GROUP BY b.district"
+    )
+    outcome = run_aggregate_sql(agg.fed.identity("alice"), sql, PURPOSE, Fraction(1))
+    expected = expected_districts(agg)
+    shown = [g for g in outcome.groups if not g.suppressed]
+    assert shown
+    for group in shown:
+        assert group.count.value == expected[group.label]["count"]
+        assert group.sums["amount"].value == expected[group.label]["sum_amount"]
+    assert outcome_to_json(outcome)["epsilon"] == "1"
