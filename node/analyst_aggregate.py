@@ -26,8 +26,11 @@ from govshare.node.aggregate_plan import (
     PAILLIER,
     AggregatePlan,
     Figures,
+    GroupSpec,
     HorizontalPlan,
     IntersectionPlan,
+    Part,
+    SumSpec,
     key_fingerprint,
     slot_name,
 )
@@ -43,6 +46,8 @@ from govshare.node.client import NodeClient
 from govshare.node.governance import QueryKind
 from govshare.node.grants import parse_epsilon
 from govshare.node.identity import Identity
+from govshare.node.query_plan import Side
+from govshare.node.sql import AggregateColumns, UnionQuery, aggregate_columns, parse_query
 from govshare.protocols import dp, masks
 from govshare.protocols.bfv import BfvSecretContext
 from govshare.protocols.errors import MalformedInput
@@ -311,57 +316,71 @@ def run_aggregate_sql(
     sum_bound: int = DEFAULT_SUM_BOUND,
     on_status: StatusCallback | None = None,
 ) -> AggregateOutcome:
-    """Run a joint ``SELECT g, COUNT(*), SUM(v), AVG(v) ... JOIN ... GROUP BY g`` as an
-    intersection aggregate (the side carrying the SUM/GROUP BY columns holds the values).
+    """Run an aggregate in govshare's SQL dialect (``govshare.node.sql``).
 
-    The GROUP BY domain is the group_key column's declared domain from the node's catalogue;
-    each SUM is clipped to ``[0, sum_bound]``.
+    - ``SELECT g, COUNT(*), SUM(v), AVG(v) FROM a JOIN b ON ... GROUP BY g``: an intersection
+      aggregate; the table carrying the SUM/GROUP BY columns holds the values.
+    - ``SELECT ... FROM (SELECT * FROM n1.d UNION ALL SELECT * FROM n2.d ...) AS h ...``: a
+      horizontal aggregate over every listed node, summed by the first.
+
+    The GROUP BY domain is the group_key column's declared domain from the catalogue; each SUM
+    is clipped to ``[0, sum_bound]`` (its sensitivity under DP).
 
     Raises:
         MalformedInput: SQL outside the dialect (named), or columns of both tables in the
             aggregates.
     """
-    from sqlglot import exp
-
-    from govshare.node.aggregate_plan import GroupSpec, SumSpec
-    from govshare.node.query_plan import Side
-    from govshare.node.sql import parse_join, unsupported
-
-    query = parse_join(sql)
+    query = parse_query(sql)
+    if isinstance(query, UnionQuery):
+        columns = aggregate_columns(query.select, query.group_by)
+        if columns.alias not in ("", query.alias):
+            raise MalformedInput(f"unknown table alias {columns.alias!r}", field="sql")
+        first = query.parts[0]
+        figures = _figures(identity, first.node, first.dataset, columns, sum_bound, epsilon)
+        horizontal = HorizontalPlan(
+            QueryKind.HORIZONTAL_AGGREGATE, purpose,
+            tuple(Part(p.node, p.dataset, query.filters) for p in query.parts),
+            figures, first.node, pick_scheme(figures), b"",
+        )  # fmt: skip
+        return run_horizontal_aggregate(identity, horizontal, on_status=on_status)
+    if query.is_count_star:
+        raise MalformedInput(
+            "a COUNT(*) join is a PSI cardinality: use 'govshare query sql' or 'query psi'",
+            field="sql",
+        )
+    columns = aggregate_columns(query.select, query.group_by)
     tables = {query.left.alias: query.left, query.right.alias: query.right}
     keys = {query.left.alias: query.left_key, query.right.alias: query.right_key}
-    used: set[str] = set()
-    sums: dict[str, SumSpec] = {}
-    for item in query.select:
-        node = item.this if isinstance(item, exp.Alias) else item
-        if isinstance(node, exp.Count) and isinstance(node.this, exp.Star):
-            continue
-        if isinstance(node, exp.Sum | exp.Avg) and isinstance(node.this, exp.Column):
-            used.add(node.this.table)
-            sums.setdefault(node.this.name, SumSpec(node.this.name, sum_bound))
-            continue
-        if isinstance(node, exp.Column) and any(node.name == g.name for g in query.group_by):
-            continue
-        raise unsupported(f"{node.sql()} in an aggregate SELECT")
-    used.update(g.table for g in query.group_by)
-    if len(used) != 1 or len(query.group_by) > 1:
-        raise unsupported("aggregates and GROUP BY over one table's columns, one group column")
-    alias = used.pop()
+    alias = columns.alias or query.left.alias
     other = next(a for a in tables if a != alias)
-    group = None
-    if query.group_by:
-        column = query.group_by[0].name
-        with NodeClient.to(identity, tables[alias].node) as client:
-            rule = client.describe_dataset(tables[alias].dataset).column(column)
-        if rule is None or not rule.domain:
-            raise MalformedInput(f"{column} has no declared group domain", field="sql")
-        group = GroupSpec(column, rule.domain)
+    figures = _figures(
+        identity, tables[alias].node, tables[alias].dataset, columns, sum_bound, epsilon
+    )
 
     def side(a: str) -> Side:
         return Side(tables[a].node, tables[a].dataset, keys[a], query.filters[a])
 
     plan = IntersectionPlan(
-        QueryKind.INTERSECTION_AGGREGATE, purpose, side(alias), side(other),
-        Figures(group, tuple(sums.values()), epsilon), b"",
+        QueryKind.INTERSECTION_AGGREGATE, purpose, side(alias), side(other), figures, b"",
     )  # fmt: skip
     return run_intersection_aggregate(identity, plan, on_status=on_status)
+
+
+def _figures(
+    identity: Identity,
+    node: str,
+    dataset: str,
+    columns: AggregateColumns,
+    sum_bound: int,
+    epsilon: Fraction | None,
+) -> Figures:
+    """The figures to release; a group column's domain comes from its catalogue entry."""
+    group = None
+    if columns.group is not None:
+        with NodeClient.to(identity, node) as client:
+            rule = client.describe_dataset(dataset).column(columns.group)
+        if rule is None or not rule.domain:
+            raise MalformedInput(f"{columns.group} has no declared group domain", field="sql")
+        group = GroupSpec(columns.group, rule.domain)
+    sums = tuple(SumSpec(column, sum_bound) for column in columns.sums)
+    return Figures(group, sums, epsilon)

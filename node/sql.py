@@ -11,10 +11,21 @@ Supported today (anything else is refused with a message naming the construct)::
 - ``WHERE`` is a conjunction (``AND``) of ``column op literal`` or ``column IN (literals)``
   comparisons, each naming one dataset's column; every comparison is pushed to that dataset's
   node and runs there.
-- ``SELECT COUNT(*)`` asks the intersection cardinality.
+- ``SELECT COUNT(*)`` asks the intersection cardinality; ``SELECT g, COUNT(*), SUM(v), AVG(v)
+  ... GROUP BY g`` over one table's columns asks an intersection aggregate.
 
-:func:`parse_join` returns the parsed :class:`JoinQuery`; :meth:`JoinQuery.psi_plan` turns a
-``COUNT(*)`` query into the PSI plan the analyst signs.
+A horizontal aggregate over the same-schema datasets of several nodes is written as a
+``UNION ALL`` of whole datasets, aliased, with the filters and aggregates outside::
+
+    SELECT h.age_band, COUNT(*), SUM(h.visits), AVG(h.visits)
+    FROM (SELECT * FROM health.clinic_visits
+          UNION ALL SELECT * FROM health_north.clinic_visits) AS h
+    WHERE h.year = 2025
+    GROUP BY h.age_band
+
+:func:`parse_query` returns a :class:`JoinQuery` or a :class:`UnionQuery`; :func:`parse_join`
+accepts joins only; :meth:`JoinQuery.psi_plan` turns a ``COUNT(*)`` join into the PSI plan the
+analyst signs; :func:`aggregate_columns` reads an aggregate select list.
 """
 
 from __future__ import annotations
@@ -89,6 +100,57 @@ class JoinQuery:
         )
 
 
+@dataclass(frozen=True)
+class UnionQuery:
+    """A horizontal aggregate: same-schema datasets of several nodes, filtered alike."""
+
+    parts: tuple[TableRef, ...]
+    alias: str
+    filters: tuple[Condition, ...]
+    select: tuple[exp.Expression, ...]
+    group_by: tuple[exp.Column, ...]
+
+
+@dataclass(frozen=True)
+class AggregateColumns:
+    """What an aggregate select list asks of one table: SUM/AVG columns and the group column."""
+
+    alias: str
+    sums: tuple[str, ...]
+    group: str | None
+
+
+def aggregate_columns(
+    select: tuple[exp.Expression, ...], group_by: tuple[exp.Column, ...]
+) -> AggregateColumns:
+    """Read ``g, COUNT(*), SUM(v), AVG(v)`` over one table alias and at most one group column.
+
+    Raises:
+        MalformedInput: another expression, or columns of two tables (named in the message).
+    """
+    if len(group_by) > 1:
+        raise unsupported("GROUP BY more than one column")
+    group = group_by[0] if group_by else None
+    used: set[str] = {group.table} if group is not None else set()
+    sums: list[str] = []
+    for item in select:
+        node = item.this if isinstance(item, exp.Alias) else item
+        if isinstance(node, exp.Count) and isinstance(node.this, exp.Star):
+            continue
+        if isinstance(node, exp.Sum | exp.Avg) and isinstance(node.this, exp.Column):
+            used.add(node.this.table)
+            if node.this.name not in sums:
+                sums.append(node.this.name)
+            continue
+        if isinstance(node, exp.Column) and group is not None and node.name == group.name:
+            continue
+        raise unsupported(f"{node.sql()} in an aggregate SELECT (COUNT(*), SUM, AVG, the group)")
+    if len(used) > 1:
+        raise unsupported("aggregates and GROUP BY over the columns of one table")
+    alias = used.pop() if used else ""
+    return AggregateColumns(alias, tuple(sums), group.name if group is not None else None)
+
+
 def _table(node: exp.Expression | None) -> TableRef:
     if not isinstance(node, exp.Table):
         raise unsupported("FROM and JOIN take node.dataset tables, not subqueries")
@@ -154,8 +216,8 @@ def _filters(
     return {alias: tuple(conditions) for alias, conditions in found.items()}
 
 
-def parse_join(sql: str) -> JoinQuery:
-    """Parse a joint query.
+def parse_query(sql: str) -> JoinQuery | UnionQuery:
+    """Parse a joint query: a two-dataset join, or a UNION ALL horizontal aggregate.
 
     Raises:
         MalformedInput: not SQL, or a construct govshare does not run (named in the message).
@@ -169,13 +231,20 @@ def parse_join(sql: str) -> JoinQuery:
         raise unsupported("one SELECT statement at a time")
     query = statements[0]
     if isinstance(query, exp.Union):
-        raise unsupported("UNION (horizontal aggregates are not served yet)")
+        raise unsupported("a bare UNION (write SELECT ... FROM (... UNION ALL ...) AS alias)")
     if not isinstance(query, exp.Select):
         raise unsupported(f"{type(query).__name__.upper()} statements (only SELECT)")
     for clause in ("having", "order", "limit", "offset", "with", "distinct", "qualify"):
         if query.args.get(clause):
             raise unsupported(clause.upper())
+    from_ = query.args.get("from_") or query.args.get("from")
+    group = query.args.get("group")
+    group_by = tuple(group.expressions) if group else ()
     joins = query.args.get("joins") or []
+    if from_ is not None and isinstance(from_.this, exp.Subquery):
+        if joins:
+            raise unsupported("a JOIN with a UNION ALL subquery")
+        return _union_query(from_.this, query, group_by)
     if len(joins) != 1:
         raise unsupported("a joint query joins exactly two datasets")
     join = joins[0]
@@ -185,7 +254,6 @@ def parse_join(sql: str) -> JoinQuery:
         )
     if join.args.get("using"):
         raise unsupported("JOIN ... USING (write ON a.key = b.key)")
-    from_ = query.args.get("from_") or query.args.get("from")
     left = _table(from_.this if from_ is not None else None)
     right = _table(join.this)
     if left.alias == right.alias:
@@ -198,7 +266,6 @@ def parse_join(sql: str) -> JoinQuery:
     if a_alias == b_alias:
         raise MalformedInput("the join condition must compare the two tables", field="sql")
     keys = {a_alias: a_col, b_alias: b_col}
-    group = query.args.get("group")
     return JoinQuery(
         left=left,
         right=right,
@@ -206,8 +273,59 @@ def parse_join(sql: str) -> JoinQuery:
         right_key=keys[right.alias],
         filters=_filters(query.args.get("where"), aliases),
         select=tuple(query.expressions),
-        group_by=tuple(group.expressions) if group else (),
+        group_by=group_by,
     )
+
+
+def _union_parts(node: exp.Expression) -> list[TableRef]:
+    """Flatten ``SELECT * FROM a UNION ALL SELECT * FROM b ...`` in written order."""
+    if isinstance(node, exp.Union):
+        if node.args.get("distinct"):
+            raise unsupported("UNION without ALL (rows of different nodes are never merged)")
+        return _union_parts(node.this) + _union_parts(node.expression)
+    if not isinstance(node, exp.Select):
+        raise unsupported(f"{node.sql()!r} inside UNION ALL")
+    if len(node.expressions) != 1 or not isinstance(node.expressions[0], exp.Star):
+        raise unsupported("UNION ALL parts other than SELECT * FROM node.dataset")
+    for clause in ("where", "joins", "group", "having", "order", "limit"):
+        if node.args.get(clause):
+            raise unsupported(f"{clause.upper()} inside a UNION ALL part (filter outside it)")
+    from_ = node.args.get("from_") or node.args.get("from")
+    return [_table(from_.this if from_ is not None else None)]
+
+
+def _union_query(
+    subquery: exp.Subquery, query: exp.Select, group_by: tuple[exp.Column, ...]
+) -> UnionQuery:
+    alias = subquery.alias
+    if not alias:
+        raise unsupported("a UNION ALL subquery without an alias")
+    parts = _union_parts(subquery.this)
+    if len(parts) < 2:
+        raise unsupported("a horizontal aggregate over fewer than two datasets")
+    if len({p.node for p in parts}) != len(parts):
+        raise unsupported("two datasets of one node in a UNION ALL (one dataset per node)")
+    ref = TableRef(node="", dataset="", alias=alias)
+    filters = _filters(query.args.get("where"), {alias: ref})[alias]
+    return UnionQuery(
+        parts=tuple(parts),
+        alias=alias,
+        filters=filters,
+        select=tuple(query.expressions),
+        group_by=group_by,
+    )
+
+
+def parse_join(sql: str) -> JoinQuery:
+    """Parse a two-dataset join (see :func:`parse_query`).
+
+    Raises:
+        MalformedInput: anything else, naming the construct.
+    """
+    query = parse_query(sql)
+    if not isinstance(query, JoinQuery):
+        raise unsupported("UNION ALL here: this asks a horizontal aggregate, not a join")
+    return query
 
 
 def parse_filter(text: str) -> tuple[str, str, Condition]:

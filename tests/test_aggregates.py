@@ -444,3 +444,20 @@ def test_sql_join_with_group_by_runs_as_an_intersection_aggregate(agg: Agg) -> N
         assert group.count.value == expected[group.label]["count"]
         assert group.sums["amount"].value == expected[group.label]["sum_amount"]
     assert outcome_to_json(outcome)["epsilon"] == "1"
+
+
+def test_sql_union_all_runs_as_a_horizontal_aggregate(agg: Agg) -> None:
+    from govshare.node.analyst_aggregate import run_aggregate_sql
+
+    sql = (
+        "SELECT h.age_band, COUNT(*), SUM(h.visits), AVG(h.visits) FROM ("
+        "SELECT * FROM tax.visits UNION ALL SELECT * FROM civil.visits "
+        "UNION ALL SELECT * FROM ghost.visits) AS h GROUP BY h.age_band"
+    )
+    outcome = run_aggregate_sql(agg.fed.identity("alice"), sql, PURPOSE, Fraction(1))
+    assert outcome.kind is QueryKind.HORIZONTAL_AGGREGATE
+    assert set(outcome.budgets) == {"tax", "civil", "ghost"}
+    shown = [g for g in outcome.groups if not g.suppressed]
+    assert shown
+    for group in shown:
+        assert (group.count.value, group.sums["visits"].value) == agg.visits[group.label]

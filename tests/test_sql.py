@@ -78,3 +78,57 @@ def test_psi_filter_names_node_dataset_column() -> None:
         parse_filter("income_band = 'high'")
     with pytest.raises(MalformedInput, match="LIKE"):
         parse_filter("tax.residents.income_band LIKE 'h%'")
+
+
+UNION = (
+    "SELECT h.age_band, COUNT(*), SUM(h.visits), AVG(h.visits) FROM ("
+    "SELECT * FROM health.clinic_visits UNION ALL SELECT * FROM north.clinic_visits "
+    "UNION ALL SELECT * FROM south.clinic_visits) AS h WHERE h.year = 2025 GROUP BY h.age_band"
+)
+
+
+def test_union_all_is_a_horizontal_aggregate_in_written_order() -> None:
+    from govshare.node.sql import UnionQuery, aggregate_columns, parse_query
+
+    query = parse_query(UNION)
+    assert isinstance(query, UnionQuery)
+    assert [p.node for p in query.parts] == ["health", "north", "south"]
+    assert query.filters == (Condition("year", "=", 2025),)
+    columns = aggregate_columns(query.select, query.group_by)
+    assert (columns.alias, columns.sums, columns.group) == ("h", ("visits",), "age_band")
+
+
+@pytest.mark.parametrize(
+    ("sql", "named"),
+    [
+        (
+            UNION.replace("UNION ALL SELECT * FROM north", "UNION SELECT * FROM north"),
+            "without ALL",
+        ),
+        (
+            UNION.replace(
+                "SELECT * FROM north.clinic_visits", "SELECT * FROM north.clinic_visits WHERE 1 = 1"
+            ),
+            "inside a UNION ALL part",
+        ),
+        (UNION.replace("south.clinic_visits", "health.other"), "one dataset per node"),
+        (UNION.replace("COUNT(*),", "MAX(h.visits),"), "aggregate SELECT"),
+        (
+            UNION.replace("GROUP BY h.age_band", "GROUP BY h.age_band, h.district"),
+            "more than one column",
+        ),
+        (UNION.replace(") AS h", ")"), "without an alias"),
+    ],
+)
+def test_unsupported_union_forms_are_named(sql: str, named: str) -> None:
+    from govshare.node.sql import aggregate_columns, parse_query
+
+    with pytest.raises(MalformedInput) as failure:
+        query = parse_query(sql)
+        aggregate_columns(query.select, query.group_by)
+    assert named in str(failure.value)
+
+
+def test_a_union_is_not_a_join() -> None:
+    with pytest.raises(MalformedInput, match="horizontal aggregate"):
+        parse_join(UNION)
