@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 
 import click
+from rich.table import Table
 
+from govshare.cli.common import console
 from govshare.node.analyst_aggregate import AggregateOutcome, Figure
 from govshare.node.grants import format_epsilon
 
@@ -49,24 +51,49 @@ def outcome_to_json(outcome: AggregateOutcome) -> dict[str, object]:
 def _cell(figure: Figure) -> str:
     if figure.value is None:
         return "suppressed"
-    return str(figure.value) + ("" if figure.interval is None else f" ±{figure.interval}")
+    return f"{figure.value:,}" + ("" if figure.interval is None else f" ±{figure.interval:,}")
 
 
 def render_aggregate(outcome: AggregateOutcome, as_json: bool) -> None:
-    """Print an aggregate outcome: a table (± the 95% noise interval) or JSON."""
+    """Print an aggregate outcome: a table (each figure ± its 95% noise interval) or JSON."""
     if as_json:
         click.echo(json.dumps(outcome_to_json(outcome), indent=2, ensure_ascii=False))
         return
+    columns = next(iter(outcome.groups)).sums.keys() if outcome.groups else ()
+    table = Table(
+        title=f"{outcome.kind.value} ({outcome.scheme}), query {outcome.query_id}",
+        header_style="bold",
+    )
+    table.add_column("group")
+    table.add_column("COUNT(*)", justify="right")
+    for column in columns:
+        table.add_column(f"SUM({column})", justify="right")
+        table.add_column(f"AVG({column})", justify="right")
     for group in outcome.groups:
-        sums = "  ".join(f"SUM({c})={_cell(f)}" for c, f in group.sums.items())
-        avgs = "  ".join(
-            f"AVG({c})={'suppressed' if a is None else f'{float(a):.2f}'}"
-            for c, a in group.averages.items()
+        cells = [group.label or "(all)", _cell(group.count)]
+        for column in columns:
+            average = group.averages.get(column)
+            cells += [
+                _cell(group.sums[column]),
+                "suppressed" if average is None else f"{float(average):,.2f}",
+            ]
+        table.add_row(*cells)
+    console.print(table)
+    first = next(iter(outcome.groups), None)
+    if outcome.epsilon is None or first is None:
+        console.print("no DP noise: figures are exact")
+    else:
+        scales = [f"COUNT {first.count.noise_scale}"] + [
+            f"SUM({c}) {f.noise_scale}" for c, f in first.sums.items()
+        ]
+        console.print(
+            f"discrete Laplace noise, ε = {format_epsilon(outcome.epsilon)}; scale per figure: "
+            + ", ".join(scales)
+            + "; ± is the 95% interval"
         )
-        click.echo(f"{group.label or '(all)'}: COUNT={_cell(group.count)}  {sums}  {avgs}")
+    console.print(f"groups with a noisy count under k = {outcome.min_group_size} are suppressed")
     for node, budget in outcome.budgets.items():
-        click.echo(
+        console.print(
             f"{node}: ε spent {format_epsilon(budget.epsilon_spent)}, "
             f"remaining {format_epsilon(budget.epsilon_remaining)} (grant {budget.grant_id})"
         )
-    click.echo(f"query {outcome.query_id}; groups under k={outcome.min_group_size} suppressed")

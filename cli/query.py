@@ -8,14 +8,17 @@ from typing import Any
 import click
 from rich.status import Status
 
+from govshare.cli.aggregate import outcome_to_json, render_aggregate
 from govshare.cli.common import console, emit_json, err_console, identity_option, json_option
-from govshare.node.analyst import PsiOutcome, run_psi
+from govshare.node.analyst import PsiOutcome, StatusCallback, run_psi
+from govshare.node.analyst_aggregate import DEFAULT_SUM_BOUND, run_aggregate_sql
 from govshare.node.catalog import Condition
 from govshare.node.governance import QueryKind
+from govshare.node.grants import parse_epsilon
 from govshare.node.identity import Identity
 from govshare.node.query_plan import PsiPlan, Side
-from govshare.node.sql import parse_filter, parse_join
-from govshare.protocols.receipt import encode_receipt
+from govshare.node.sql import JoinQuery, parse_filter, parse_query
+from govshare.protocols.receipt import Receipt, encode_receipt
 
 _purpose = click.option(
     "--purpose", required=True, help="Why you ask; must match the purpose of your grants."
@@ -52,17 +55,31 @@ def _run(identity: Path, plan: PsiPlan, approval_timeout: float, as_json: bool) 
     if as_json:
         return run_psi(me, plan, approval_timeout=approval_timeout)
     with Status("submitting the signed query", console=err_console) as status:
+        return run_psi(
+            me, plan, on_status=_status_printer(status), approval_timeout=approval_timeout
+        )
 
-        def on_status(node: str, state: str, message: str) -> None:
-            err_console.print(f"  {node}: {state} — {message}")
-            status.update(f"{node}: {state}")
 
-        return run_psi(me, plan, on_status=on_status, approval_timeout=approval_timeout)
+def _status_printer(status: Status) -> StatusCallback:
+    def on_status(node: str, state: str, message: str) -> None:
+        err_console.print(f"  {node}: {state} — {message}")
+        status.update(f"{node}: {state}")
+
+    return on_status
+
+
+def _save_receipt(query_id: str, receipt: Receipt, path: Path | None) -> Path:
+    target = path or Path(f"receipt-{query_id}.json")
+    target.write_bytes(encode_receipt(receipt))
+    return target
+
+
+def _nodes(receipt: Receipt) -> str:
+    return ", ".join(dict.fromkeys(p.node for p in receipt.parts))
 
 
 def _report(outcome: PsiOutcome, receipt_path: Path | None, as_json: bool) -> None:
-    path = receipt_path or Path(f"receipt-{outcome.query_id}.json")
-    path.write_bytes(encode_receipt(outcome.receipt))
+    path = _save_receipt(outcome.query_id, outcome.receipt, receipt_path)
     result: dict[str, Any] = {
         "query_id": outcome.query_id,
         "kind": outcome.kind.value,
@@ -142,6 +159,18 @@ def psi(
 @identity_option
 @click.argument("statement")
 @_purpose
+@click.option(
+    "--epsilon",
+    default=None,
+    help="DP budget ε this aggregate spends (noise on); omit for exact figures where allowed.",
+)
+@click.option(
+    "--sum-bound",
+    type=click.IntRange(min=1),
+    default=DEFAULT_SUM_BOUND,
+    show_default=True,
+    help="Each SUM clips every value to [0, bound] (its DP sensitivity).",
+)
 @_receipt
 @_approval_timeout
 @json_option
@@ -149,14 +178,46 @@ def sql(
     identity: Path,
     statement: str,
     purpose: str,
+    epsilon: str | None,
+    sum_bound: int,
     receipt_path: Path | None,
     approval_timeout: float,
     as_json: bool,
 ) -> None:
-    """A joint query in govshare's SQL dialect, e.g.
+    """A joint query in govshare's SQL dialect.
 
-    SELECT COUNT(*) FROM civil.assistance a JOIN tax.residents t
-    ON a.id_number = t.id_number WHERE t.income_band = 'high'
+    \b
+    Intersection cardinality:
+      SELECT COUNT(*) FROM civil.assistance a JOIN tax.residents t
+      ON a.id_number = t.id_number WHERE t.income_band = 'high'
+    Intersection aggregate:
+      SELECT a.district, COUNT(*), SUM(a.amount), AVG(a.amount) FROM civil.assistance a
+      JOIN tax.residents t ON a.id_number = t.id_number
+      WHERE t.income_band = 'high' GROUP BY a.district
+    Horizontal aggregate over several nodes:
+      SELECT h.age_band, COUNT(*), SUM(h.visits) FROM (SELECT * FROM health.clinic_visits
+      UNION ALL SELECT * FROM health_north.clinic_visits) AS h GROUP BY h.age_band
     """
-    plan = parse_join(statement).psi_plan(purpose)
-    _report(_run(identity, plan, approval_timeout, as_json), receipt_path, as_json)
+    query = parse_query(statement)
+    if isinstance(query, JoinQuery) and query.is_count_star:
+        if epsilon is not None:
+            raise click.BadParameter("a COUNT(*) join is exact; --epsilon is for aggregates")
+        plan = query.psi_plan(purpose)
+        _report(_run(identity, plan, approval_timeout, as_json), receipt_path, as_json)
+        return
+    me = Identity.load(identity)
+    budget = parse_epsilon(epsilon) if epsilon is not None else None
+    if as_json:
+        outcome = run_aggregate_sql(me, statement, purpose, budget, sum_bound=sum_bound)
+    else:
+        with Status("submitting the signed query", console=err_console) as status:
+            outcome = run_aggregate_sql(
+                me, statement, purpose, budget, sum_bound=sum_bound,
+                on_status=_status_printer(status),
+            )  # fmt: skip
+    path = _save_receipt(outcome.query_id, outcome.receipt, receipt_path)
+    if as_json:
+        emit_json({**outcome_to_json(outcome), "receipt": str(path), "receipt_verified": True})
+        return
+    render_aggregate(outcome, as_json=False)
+    console.print(f"receipt from {_nodes(outcome.receipt)} verified and saved to {path}")

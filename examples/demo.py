@@ -1,17 +1,21 @@
-"""``make demo``: a four-department govshare federation on localhost, end to end.
+"""``make demo``: a five-node govshare federation on localhost, end to end.
 
-Generates synthetic data, creates the federation CA and roster, enrols four department nodes,
-an analyst and an auditor, registers each department's dataset with its governance metadata,
-starts the nodes as separate processes serving gRPC over mutual TLS, shows the catalogue as the
-analyst sees it, and stops the nodes cleanly. Every step runs the real ``govshare`` command, and
-the demo prints each command before its output.
+Generates synthetic data for four departments (the clinic visits split between the city health
+commission and a district health bureau), creates the federation CA and roster, enrols five
+nodes, an analyst and an auditor, registers each dataset with its governance metadata and
+grants the analyst use rights, starts the nodes as separate processes serving gRPC over mutual
+TLS, shows the catalogue as the analyst sees it, runs a PSI, the same question in SQL, an
+intersection aggregate and a horizontal aggregate that waits for the operators' approval, has
+the auditor verify every receipt and every node's log, and stops the nodes cleanly. Every step
+runs the real ``govshare`` command, and the demo prints each command before its output.
 
-    python -m govshare.examples.demo [--dir demo-run] [--size 1000] [--seed 7]
+    python -m govshare.examples.demo [--dir demo-run] [--size 5000] [--seed 7]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import shutil
@@ -53,6 +57,17 @@ class Department:
 def _domain(values: Sequence[str]) -> str:
     return "|".join(values)
 
+
+HEALTH_COLUMNS = (
+    "id_number=join_key:resident_id",
+    f"district=group_key:domain={_domain(synth.DISTRICTS)}",
+    f"age_band=group_key:domain={_domain(synth.AGE_BANDS)}",
+    "year=plaintext",
+    "visits=aggregate",
+)
+# The generator's clinic visits, split between two health authorities of the same schema.
+CITY_VISITS = "health.city.csv"
+DISTRICT_VISITS = "health.haidian.csv"
 
 DEPARTMENTS: tuple[Department, ...] = (
     Department(
@@ -110,34 +125,62 @@ DEPARTMENTS: tuple[Department, ...] = (
     ),
     Department(
         node="health",
-        title="Health commission — clinic visits",
+        title="Municipal health commission — clinic visits at city hospitals",
         dataset="clinic_visits",
-        csv=f"{synth.HEALTH}.csv",
+        csv=CITY_VISITS,
         grade="important",
         sharing="conditional",
         owner_kind="individual",
         owner="patients (held in trust)",
-        columns=(
-            "id_number=join_key:resident_id",
-            f"district=group_key:domain={_domain(synth.DISTRICTS)}",
-            f"age_band=group_key:domain={_domain(synth.AGE_BANDS)}",
-            "year=plaintext",
-            "visits=aggregate",
-        ),
+        columns=HEALTH_COLUMNS,
+    ),
+    Department(
+        node="haidian",
+        title="Haidian district health bureau — clinic visits at district clinics",
+        dataset="clinic_visits",
+        csv=DISTRICT_VISITS,
+        grade="important",
+        sharing="conditional",
+        owner_kind="individual",
+        owner="patients (held in trust)",
+        columns=HEALTH_COLUMNS,
     ),
 )
 
 
 PURPOSE = "social assistance targeting review"
-# (node, dataset, columns) granted to the analyst for PSI cardinality.
-GRANTS: tuple[tuple[str, str, str], ...] = (
-    ("tax", "residents", "id_number,income_band"),
-    ("civil", "assistance", "id_number"),
+HEALTH_PURPOSE = "seasonal clinic load planning"
+# (node, dataset, purpose, columns, query kinds) granted to the analyst.
+GRANTS: tuple[tuple[str, str, str, str, str], ...] = (
+    ("tax", "residents", PURPOSE, "id_number,income_band",
+     "psi_cardinality,intersection_aggregate"),
+    ("civil", "assistance", PURPOSE, "id_number,assistance_type,amount",
+     "psi_cardinality,intersection_aggregate"),
+    ("health", "clinic_visits", HEALTH_PURPOSE, "age_band,visits", "horizontal_aggregate"),
+    ("haidian", "clinic_visits", HEALTH_PURPOSE, "age_band,visits", "horizontal_aggregate"),
+)  # fmt: skip
+SQL_AGGREGATE = (
+    "SELECT a.assistance_type, COUNT(*), SUM(a.amount), AVG(a.amount) "
+    "FROM civil.assistance a JOIN tax.residents t ON a.id_number = t.id_number "
+    "WHERE t.income_band = 'high' GROUP BY a.assistance_type"
+)
+SQL_HORIZONTAL = (
+    "SELECT h.age_band, COUNT(*), SUM(h.visits), AVG(h.visits) FROM ("
+    "SELECT * FROM health.clinic_visits UNION ALL SELECT * FROM haidian.clinic_visits) AS h "
+    "GROUP BY h.age_band"
 )
 SQL_COUNT = (
     "SELECT COUNT(*) FROM civil.assistance a JOIN tax.residents t "
     "ON a.id_number = t.id_number WHERE t.income_band = 'high'"
 )
+
+
+def split_visits(data: Path) -> None:
+    """Split the clinic visits between the city commission and the district bureau."""
+    with (data / f"{synth.HEALTH}.csv").open(encoding="utf-8") as source:
+        header, *rows = source.readlines()
+    for name, share in ((CITY_VISITS, rows[0::2]), (DISTRICT_VISITS, rows[1::2])):
+        (data / name).write_text(header + "".join(share), encoding="utf-8")
 
 
 def free_port() -> int:
@@ -177,6 +220,44 @@ class Demo:
             sys.stdout.flush()
         return result.stdout
 
+    def horizontal_with_approval(self, sql: str, purpose: str, nodes: Sequence[str]) -> None:
+        """Ask a query that waits for approval; each node's operator approves it."""
+        args = (
+            "query", "sql", "--identity", "alice", "--purpose", purpose, "--epsilon", "1",
+            "--sum-bound", "30", "--receipt", "receipts/horizontal.json", sql,
+        )  # fmt: skip
+        console.print(f"[dim]$ govshare {' '.join(_quote(a) for a in args)} &[/]", soft_wrap=True)
+        env = {**os.environ, "COLUMNS": str(max(console.width, 120))}
+        query = subprocess.Popen(
+            [sys.executable, "-m", "govshare.cli", *args],
+            cwd=self.workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env=env,
+        )  # fmt: skip
+        try:
+            for node in nodes:
+                home = f"homes/{node}"
+                pending: list[dict[str, str]] = []
+                deadline = time.monotonic() + START_TIMEOUT
+                while not pending and time.monotonic() < deadline:
+                    listed = self.govshare("approvals", "list", "--home", home, "--json",
+                                           show=False, quiet=True)  # fmt: skip
+                    pending = json.loads(listed)
+                    time.sleep(0.2)
+                if not pending:
+                    raise SystemExit(f"the query never reached {node}'s approval queue")
+                self.govshare("approvals", "list", "--home", home)
+                self.govshare(
+                    "approvals", "approve", pending[0]["query_id"], "--home", home,
+                    "--reason", "aggregate counts only, DP on",
+                )  # fmt: skip
+            output, _ = query.communicate(timeout=300)
+        finally:
+            if query.poll() is None:
+                query.kill()
+        sys.stdout.write(output)
+        if query.returncode != 0:
+            raise SystemExit("the horizontal aggregate failed")
+
     def start_node(self, name: str) -> None:
         process = subprocess.Popen(
             [sys.executable, "-m", "govshare.cli", "node", "serve", "--home", f"homes/{name}"],
@@ -213,6 +294,14 @@ class Demo:
         return codes
 
 
+RECEIPTS = (
+    "receipts/psi.json",
+    "receipts/sql.json",
+    "receipts/aggregate.json",
+    "receipts/horizontal.json",
+)
+
+
 def _quote(arg: str) -> str:
     return shlex.quote(arg)
 
@@ -227,6 +316,7 @@ def run(workdir: Path, size: int, seed: int) -> None:
     try:
         demo.step(f"1. Synthetic data for four departments ({size:,} rows each, seed {seed})")
         manifest = synth.generate(workdir / "data", size=size, seed=seed)
+        split_visits(workdir / "data")
         for name, count in sorted(manifest["intersections"].items())[:3]:
             console.print(f"  known overlap {name}: {count:,}")
 
@@ -269,15 +359,15 @@ def run(workdir: Path, size: int, seed: int) -> None:
             )  # fmt: skip
 
         console.print("[bold]Use-right grants (使用权) to the analyst, signed by each node[/]")
-        for node, dataset, granted in GRANTS:
+        for node, dataset, purpose, granted, kinds in GRANTS:
             demo.govshare(
                 "grant", "add", "--home", f"homes/{node}", "--dataset", dataset,
-                "--grantee", "alice", "--purpose", PURPOSE, "--columns", granted,
-                "--kinds", "psi_cardinality", "--expires", "2030-12-31",
+                "--grantee", "alice", "--purpose", purpose, "--columns", granted,
+                "--kinds", kinds, "--expires", "2030-12-31",
                 "--epsilon", "5", "--max-queries", "100",
             )  # fmt: skip
 
-        demo.step("4. Four nodes start as separate processes, gRPC over mutual TLS")
+        demo.step("4. Five nodes start as separate processes, gRPC over mutual TLS")
         for department in DEPARTMENTS:
             demo.start_node(department.node)
 
@@ -308,11 +398,26 @@ def run(workdir: Path, size: int, seed: int) -> None:
             "request, its policy decision, every protocol step and the release.[/]"
         )
 
-        demo.step("8. Auditor: receipts, then every node's log pulled and verified")
-        for receipt in ("receipts/psi.json", "receipts/sql.json"):
+        demo.step("8. Analyst: an intersection aggregate under Paillier encryption, with DP noise")
+        demo.govshare(
+            "query", "sql", "--identity", "alice", "--purpose", PURPOSE, "--epsilon", "1",
+            "--sum-bound", "30000", "--receipt", "receipts/aggregate.json", SQL_AGGREGATE,
+        )  # fmt: skip
+        console.print(
+            "[dim]civil sent one packed ciphertext per row under the analyst's fresh 3072-bit "
+            "key; tax summed the matches and added the noise; only the analyst decrypted.[/]"
+        )
+
+        demo.step("9. A horizontal aggregate over two health authorities, with approval")
+        demo.horizontal_with_approval(SQL_HORIZONTAL, HEALTH_PURPOSE, ("health", "haidian"))
+
+        demo.step("10. Auditor: receipts, then every node's log pulled and verified")
+        for receipt in RECEIPTS:
             demo.govshare("audit", "verify-receipt", "--identity", "audra", receipt)
         demo.govshare("audit", "pull", "--all", "--identity", "audra")
         demo.govshare("audit", "verify", "--all", "--identity", "audra")
+        query_id = json.loads((workdir / "receipts/aggregate.json").read_text())["query_id"]
+        demo.govshare("audit", "show", "--query", query_id, "--identity", "audra")
     finally:
         demo.step("Stopping the nodes (SIGTERM, graceful)")
         codes = demo.stop_nodes()
@@ -325,8 +430,6 @@ def run(workdir: Path, size: int, seed: int) -> None:
 
 
 def _address_of(workdir: Path, node: str) -> str:
-    import json
-
     roster = json.loads((workdir / "federation" / "roster.json").read_text())["roster"]
     for member in roster["members"]:
         if member["name"] == node:
@@ -337,7 +440,7 @@ def _address_of(workdir: Path, node: str) -> str:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Run the govshare demo federation.")
     parser.add_argument("--dir", type=Path, default=Path("demo-run"), help="working folder")
-    parser.add_argument("--size", type=int, default=1000, help="rows per department")
+    parser.add_argument("--size", type=int, default=5000, help="rows per department")
     parser.add_argument("--seed", type=int, default=7)
     options = parser.parse_args(argv)
     run(options.dir.resolve(), options.size, options.seed)
