@@ -149,3 +149,35 @@ def test_operator_approves_from_another_process(
         roster.member("civil").verify_key(), log_origin(roster.federation, "civil")
     )
     assert verdict.ok, verdict.first_problem
+
+
+def test_query_sql_aggregate_prints_figures_intervals_and_budgets(
+    fed: FederationFixture, psi_data: PsiData, tmp_path: Path
+) -> None:
+    kinds = [QueryKind.INTERSECTION_AGGREGATE]
+    grant(psi_data.tax, "residents", "alice", ["id_number", "income_band"], kinds)
+    grant(psi_data.civil, "assistance", "alice", ["id_number", "assistance_type", "amount"], kinds)
+    sql = (
+        "SELECT a.assistance_type, COUNT(*), SUM(a.amount) FROM civil.assistance a "
+        "JOIN tax.residents t ON a.id_number = t.id_number GROUP BY a.assistance_type"
+    )
+    result = govshare(
+        "query", "sql", "--identity", str(fed.bundles["alice"]), "--purpose", PURPOSE,
+        "--epsilon", "1", "--sum-bound", "30000", "--receipt", "agg.json", "--json", sql,
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    answer = json.loads(result.stdout)
+    assert answer["kind"] == "intersection_aggregate" and answer["epsilon"] == "1"
+    assert [g["group"] for g in answer["groups"]] == list(synth.ASSISTANCE_TYPES)
+    assert {b["epsilon_spent"] for b in answer["budgets"].values()} == {"1"}
+    truth = psi_data.manifest["intersections"]["tax.residents & civil.assistance"]
+    groups = answer["groups"]
+    released = [g["count"]["value"] for g in groups if not g["suppressed"]]
+    interval = groups[0]["count"]["interval95"]
+    k = answer["min_group_size"]
+    # Discrete Laplace: 4 x the 95% half-width is exceeded with probability < 1e-5 per figure;
+    # a suppressed group's true count is under k plus its noise.
+    slack = 4 * interval * len(groups) + (k + 4 * interval) * (len(groups) - len(released))
+    assert released and abs(sum(released) - truth) <= slack
+    assert decode_receipt((tmp_path / "agg.json").read_bytes()).query_id == answer["query_id"]
