@@ -15,9 +15,10 @@ the node; partial output from the other node is discarded.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from typing import Any, Generic, TypeVar
 
 from govshare.node.client import NodeClient
 from govshare.node.governance import QueryKind
@@ -73,6 +74,85 @@ def release_mask(identity: Identity, plan: PsiPlan) -> str:
     return rule.mask
 
 
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Asked(Generic[T]):
+    """A query every node ran: each node's output and the verified receipt."""
+
+    query_id: str
+    outputs: dict[str, T]
+    receipt: Receipt
+
+
+def ask(
+    identity: Identity,
+    *,
+    kind: str,
+    body: Any,
+    nodes: Sequence[str],
+    run: Callable[[NodeClient, str], T],
+    prepare: Callable[[dict[str, NodeClient], str], None] | None = None,
+    on_status: StatusCallback | None = None,
+    running: str = "running",
+    approval_timeout: float = DEFAULT_APPROVAL_TIMEOUT,
+    lifetime: int = DEFAULT_LIFETIME_SECONDS,
+    poll: float = POLL_SECONDS,
+) -> Asked[T]:
+    """The analyst's side of any joint query.
+
+    Signs ``body`` once, submits the signed request to every node, waits while any node holds
+    it for approval, calls ``prepare`` (if given) then ``run`` on every node at once, and
+    collects each node's receipt part into a receipt verified against the roster.
+
+    Raises:
+        PermissionDenied: a node refused (the message names the node and the rule).
+        Aborted: a node was denied approval, approval timed out, or a run failed.
+        Unavailable: a node could not be reached.
+        VerificationFailed: a node's receipt part does not verify.
+    """
+    report = on_status or (lambda node, state, message: None)
+    request = sign_request(
+        identity.signing_key,
+        analyst=identity.name,
+        kind=kind,
+        body=body,
+        now=int(time.time()),
+        lifetime=lifetime,
+    )
+    query_id = request.query_id_hex
+    signed = request.encode()
+    clients = {n: NodeClient.to(identity, n) for n in nodes}
+    try:
+        with ThreadPoolExecutor(max_workers=len(nodes)) as pool:
+            statuses = dict(
+                zip(nodes, pool.map(lambda n: clients[n].submit(signed), nodes), strict=True)
+            )
+        for node, status in statuses.items():
+            report(node, status.state, status.message)
+        _await_approval(clients, query_id, statuses, report, approval_timeout, poll)
+        if prepare is not None:
+            prepare(clients, query_id)
+        for node in nodes:
+            report(node, "running", running)
+        with ThreadPoolExecutor(max_workers=len(nodes)) as pool:
+            futures = {n: pool.submit(run, clients[n], query_id) for n in nodes}
+            outputs = {n: f.result() for n, f in futures.items()}
+        parts = []
+        for node in nodes:
+            part = clients[node].receipt(query_id)
+            parts.append((part.node, part.entry, part.index, list(part.proof), part.checkpoint))
+    finally:
+        for client in clients.values():
+            client.close()
+    receipt = make_receipt(query_id, parts)
+    verify_receipt(receipt, log_keys(identity.roster))
+    for node in nodes:
+        report(node, "done", "result released")
+    return Asked(query_id, outputs, receipt)
+
+
 def run_psi(
     identity: Identity,
     plan: PsiPlan,
@@ -85,49 +165,24 @@ def run_psi(
 ) -> PsiOutcome:
     """Ask a PSI query of its two nodes and return the verified outcome.
 
-    Raises:
-        PermissionDenied: a node refused (the message names the node and the rule).
-        Aborted: a node was denied approval, approval timed out, or a run failed.
-        Unavailable: a node could not be reached.
+    Raises: as :func:`ask`.
     """
-    report = on_status or (lambda node, state, message: None)
     if plan.kind is QueryKind.PSI_MEMBERSHIP and plan.mask is None:
         plan = replace(plan, mask=release_mask(identity, plan))
-    request = sign_request(
-        identity.signing_key,
-        analyst=identity.name,
+    nodes = plan.nodes
+    asked = ask(
+        identity,
         kind=plan.kind.value,
         body=plan.to_json(),
-        now=int(time.time()),
+        nodes=nodes,
+        run=lambda client, query_id: client.run(query_id, timeout=run_timeout),
+        on_status=on_status,
+        running="masking and exchanging sets",
+        approval_timeout=approval_timeout,
         lifetime=lifetime,
+        poll=poll,
     )
-    query_id = request.query_id_hex
-    signed = request.encode()
-    nodes = plan.nodes
-    clients = {n: NodeClient.to(identity, n) for n in nodes}
-    try:
-        with ThreadPoolExecutor(max_workers=len(nodes)) as pool:
-            statuses = dict(
-                zip(nodes, pool.map(lambda n: clients[n].submit(signed), nodes), strict=True)
-            )
-        for node, status in statuses.items():
-            report(node, status.state, status.message)
-        _await_approval(clients, query_id, statuses, report, approval_timeout, poll)
-        for node in nodes:
-            report(node, "running", "masking and exchanging sets")
-        with ThreadPoolExecutor(max_workers=len(nodes)) as pool:
-            futures = {n: pool.submit(clients[n].run, query_id, timeout=run_timeout) for n in nodes}
-            outputs = {n: f.result() for n, f in futures.items()}
-        parts = []
-        for node in nodes:
-            part = clients[node].receipt(query_id)
-            parts.append((part.node, part.entry, part.index, list(part.proof), part.checkpoint))
-    finally:
-        for client in clients.values():
-            client.close()
-
-    receipt = make_receipt(query_id, parts)
-    verify_receipt(receipt, log_keys(identity.roster))
+    query_id, outputs, receipt = asked.query_id, asked.outputs, asked.receipt
     sets = {n: [c.points for c in outputs[n]] for n in nodes}
     points = {n: ecdh_psi.decode_points(b"".join(sets[n]), max_points=2**31) for n in nodes}
     records = tuple(r for n in nodes for c in outputs[n] for r in c.records)
@@ -139,8 +194,6 @@ def run_psi(
     else:
         count = len(records)
         sizes = {}
-    for node in nodes:
-        report(node, "done", "result released")
     return PsiOutcome(query_id, plan.kind, count, sizes, records, receipt)
 
 

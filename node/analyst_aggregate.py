@@ -14,9 +14,7 @@ figures are withheld.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -39,8 +37,7 @@ from govshare.node.analyst import (
     DEFAULT_RUN_TIMEOUT,
     POLL_SECONDS,
     StatusCallback,
-    _await_approval,
-    log_keys,
+    ask,
 )
 from govshare.node.client import NodeClient
 from govshare.node.governance import QueryKind
@@ -52,8 +49,7 @@ from govshare.protocols import dp, masks
 from govshare.protocols.bfv import BfvSecretContext
 from govshare.protocols.errors import MalformedInput
 from govshare.protocols.paillier import DEFAULT_N_BITS, decrypt_unpack, generate_keypair
-from govshare.protocols.receipt import Receipt, make_receipt, verify_receipt
-from govshare.protocols.signed_request import DEFAULT_LIFETIME_SECONDS, sign_request
+from govshare.protocols.receipt import Receipt
 from govshare.v1 import aggregate_pb2
 
 # Horizontal vectors up to this many words go under Paillier (a few ciphertexts); wider ones
@@ -177,53 +173,27 @@ def _run(
     run_timeout: float,
     poll: float,
 ) -> AggregateOutcome:
-    report = on_status or (lambda node, state, message: None)
-    request = sign_request(
-        identity.signing_key,
-        analyst=identity.name,
+    keys: list[aggregate_pb2.EphemeralKey] = []
+
+    def prepare(clients: dict[str, NodeClient], query_id: str) -> None:
+        if isinstance(plan, HorizontalPlan):
+            keys.extend(clients[n].aggregate_prepare(query_id) for n in plan.nodes)
+
+    asked = ask(
+        identity,
         kind=plan.kind.value,
         body=plan.to_json(),
-        now=int(time.time()),
-        lifetime=DEFAULT_LIFETIME_SECONDS,
+        nodes=list(plan.nodes),
+        prepare=prepare,
+        run=lambda client, query_id: client.aggregate_run(
+            query_id, keys=keys, public_context=key.context, timeout=run_timeout
+        ),
+        on_status=on_status,
+        running="encrypting and exchanging",
+        approval_timeout=approval_timeout,
+        poll=poll,
     )
-    query_id = request.query_id_hex
-    signed = request.encode()
-    nodes = list(plan.nodes)
-    clients = {n: NodeClient.to(identity, n) for n in nodes}
-    try:
-        with ThreadPoolExecutor(max_workers=len(nodes)) as pool:
-            statuses = dict(
-                zip(nodes, pool.map(lambda n: clients[n].submit(signed), nodes), strict=True)
-            )
-        for node, status in statuses.items():
-            report(node, status.state, status.message)
-        _await_approval(clients, query_id, statuses, report, approval_timeout, poll)
-        keys: list[aggregate_pb2.EphemeralKey] = []
-        if isinstance(plan, HorizontalPlan):
-            keys = [clients[n].aggregate_prepare(query_id) for n in nodes]
-        for node in nodes:
-            report(node, "running", "encrypting and exchanging")
-        with ThreadPoolExecutor(max_workers=len(nodes)) as pool:
-            futures = {
-                n: pool.submit(
-                    clients[n].aggregate_run,
-                    query_id,
-                    keys=keys,
-                    public_context=key.context,
-                    timeout=run_timeout,
-                )
-                for n in nodes
-            }
-            results = {n: f.result() for n, f in futures.items()}
-        parts = []
-        for node in nodes:
-            part = clients[node].receipt(query_id)
-            parts.append((part.node, part.entry, part.index, list(part.proof), part.checkpoint))
-    finally:
-        for client in clients.values():
-            client.close()
-    receipt = make_receipt(query_id, parts)
-    verify_receipt(receipt, log_keys(identity.roster))
+    query_id, results, receipt = asked.query_id, asked.outputs, asked.receipt
     releasing = plan.matcher.node if isinstance(plan, IntersectionPlan) else plan.aggregator
     totals = _decrypt(plan, key, list(results[releasing].ciphertexts))
     k = max(int(r.min_group_size) for r in results.values())
@@ -231,8 +201,6 @@ def _run(
         n: Budget(r.grant_id, parse_epsilon(r.epsilon_spent), parse_epsilon(r.epsilon_remaining))
         for n, r in results.items()
     }
-    for node in nodes:
-        report(node, "done", "result released")
     return AggregateOutcome(
         query_id=query_id,
         kind=plan.kind,
