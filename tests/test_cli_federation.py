@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from govshare.cli.main import cli
@@ -63,25 +64,27 @@ def test_verbose_shows_the_trace(tmp_path: Path) -> None:
     assert "Traceback" in result.stderr
 
 
-def test_bad_jurisdiction_and_duplicate_name_refused(tmp_path: Path) -> None:
+def test_bad_jurisdiction_and_duplicate_name_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     runner = CliRunner()
-    with runner.isolated_filesystem(temp_dir=tmp_path):
-        assert runner.invoke(cli, ["federation", "init", "--name", "demo"]).exit_code == 0
-        bad = runner.invoke(
-            cli,
-            ["federation", "enrol", "--role", "analyst", "--name", "bob",
-             "--jurisdiction", "China", "--out", "bob"],
-        )  # fmt: skip
-        assert bad.exit_code != 0
-        assert "ISO 3166-1" in str(bad.exception)
-        args = ["federation", "enrol", "--role", "analyst", "--name", "bob",
-                "--jurisdiction", "CN", "--out"]  # fmt: skip
-        assert runner.invoke(cli, [*args, "bob"]).exit_code == 0
-        again = runner.invoke(cli, [*args, "bob2"])
-        assert "already enrolled" in str(again.exception)
-        node_without_address = runner.invoke(
-            cli,
-            ["federation", "enrol", "--role", "node", "--name", "tax",
-             "--jurisdiction", "CN", "--out", "tax"],
-        )  # fmt: skip
-        assert "--address" in str(node_without_address.exception)
+    monkeypatch.chdir(tmp_path)
+    assert runner.invoke(cli, ["federation", "init", "--name", "demo"]).exit_code == 0
+    bad = runner.invoke(
+        cli,
+        ["federation", "enrol", "--role", "analyst", "--name", "bob",
+         "--jurisdiction", "China", "--out", "bob"],
+    )  # fmt: skip
+    assert bad.exit_code != 0
+    assert "ISO 3166-1" in str(bad.exception)
+    args = ["federation", "enrol", "--role", "analyst", "--name", "bob",
+            "--jurisdiction", "CN", "--out"]  # fmt: skip
+    assert runner.invoke(cli, [*args, "bob"]).exit_code == 0
+    again = runner.invoke(cli, [*args, "bob2"])
+    assert "already enrolled" in str(again.exception)
+    node_without_address = runner.invoke(
+        cli,
+        ["federation", "enrol", "--role", "node", "--name", "tax",
+         "--jurisdiction", "CN", "--out", "tax"],
+    )  # fmt: skip
+    assert "--address" in str(node_without_address.exception)
