@@ -198,7 +198,10 @@ class QueryEngine:
     def submit(self, caller: Caller, signed: bytes) -> QueryRecord:
         """Admit a signed request and decide it by policy (see the module docstring)."""
         now = int(self._clock())
-        request = SignedRequest.decode(signed)
+        try:
+            request = SignedRequest.decode(signed)
+        except MalformedInput as exc:
+            raise MalformedInput(f"field 'signed_request': {exc}", field="signed_request") from None
         if request.analyst != caller.name:
             raise PermissionDenied(
                 f"request is signed for {request.analyst!r} but sent by {caller.name!r}"

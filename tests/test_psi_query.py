@@ -180,3 +180,16 @@ def test_duplicate_and_invalid_keys(
     )  # fmt: skip
     assert outcome.count == manifest["intersections"]["tax.residents & civil.assistance"]
     assert outcome.sizes == {"tax": 300, "civil": 300}  # distinct valid keys only
+
+
+def test_garbage_request_is_invalid_argument_naming_the_field(
+    fed: FederationFixture, psi_data: PsiData
+) -> None:
+    before = psi_data.tax.audit.size
+    with pytest.raises(MalformedInput, match="field 'signed_request'"):
+        _submit(fed, "alice", b"govshare/request/v1\n\x00")
+    assert psi_data.tax.audit.size > before  # the failed call is logged
+    assert _submit(fed, "alice", sign_request(
+        fed.identity("alice").signing_key, analyst="alice", kind="psi_cardinality",
+        body=plan().to_json(), now=int(time.time()),
+    ).encode()) == "approved"  # fmt: skip
