@@ -188,7 +188,9 @@ class AccessRequest:
     """What a query wants from one dataset, as the planner sees it.
 
     ``requester``/``role``/``jurisdiction`` come from the verified certificate, never from the
-    request body. ``recipient`` is who would receive the result (``None``: the requester).
+    request body. ``recipient`` is who would receive the result (``None``: the requester); a
+    ``psi_membership`` may name a participating department (``recipient_is_department``, with
+    its roster ``recipient_jurisdiction``) that learns which of its own keys match.
     ``epsilon`` is the ε this query spends when ``dp_noise`` is on. ``filtered_set_size`` is the
     number of rows left after this dataset's filters, when the node knows it.
     """
@@ -203,6 +205,8 @@ class AccessRequest:
     epsilon: Fraction = Fraction(0)
     recipient: str | None = None
     filtered_set_size: int | None = None
+    recipient_is_department: bool = False
+    recipient_jurisdiction: str | None = None
 
 
 @dataclass(frozen=True)
@@ -295,7 +299,12 @@ def allowed_jurisdictions(dataset: DatasetInfo, *, node_jurisdiction: str) -> fr
 
 
 def _check_column(
-    access: ColumnAccess, rule: ColumnRule | None, dataset: DatasetInfo, kind: QueryKind
+    access: ColumnAccess,
+    rule: ColumnRule | None,
+    dataset: DatasetInfo,
+    kind: QueryKind,
+    *,
+    keys_leave: bool = True,
 ) -> tuple[str, str] | None:
     """The (rule, message) refusing one column use, or None when the use is allowed."""
     name, use = access.column, access.use
@@ -307,7 +316,7 @@ def _check_column(
     if use is ColumnUse.JOIN:
         if rule.kind is not ColumnKind.JOIN_KEY:
             return COLUMN_NOT_JOIN_KEY, f"{where} is {rule.kind.value}, not a join key"
-        if kind is QueryKind.PSI_MEMBERSHIP and rule.mask is None:
+        if kind is QueryKind.PSI_MEMBERSHIP and keys_leave and rule.mask is None:
             return (
                 COLUMN_JOIN_KEY_RELEASE,
                 f"psi_membership reveals matched keys, and {where} has no masking rule",
@@ -437,10 +446,23 @@ def decide(
         return _refuse(SHARING_TYPE_NONE, f"{dataset.name!r} is not shared{basis}")
     if request.role not in QUERYING_ROLES:
         return _refuse(ROLE, f"a member with role {request.role.value} does not ask queries")
+    # A membership may go to a participating department, which learns which of its own keys
+    # match; its keys never leave it, and 有条件共享 (conditional sharing) is sharing between
+    # departments under conditions: the grant.
+    to_department = (
+        kind is QueryKind.PSI_MEMBERSHIP
+        and request.recipient_is_department
+        and request.recipient is not None
+        and request.recipient != request.requester
+    )
     if request.recipient is not None and request.recipient != request.requester:
-        return _refuse(RECIPIENT, "results go only to the grantee who asked")
+        if not to_department:
+            return _refuse(RECIPIENT, "results go only to the grantee who asked")
     places = allowed_jurisdictions(dataset, node_jurisdiction=node_jurisdiction)
-    if places is not None and request.jurisdiction not in places:
+    receivers = [request.jurisdiction]
+    if to_department:
+        receivers.append(request.recipient_jurisdiction or "")
+    if places is not None and any(place not in places for place in receivers):
         return _refuse(
             JURISDICTION,
             f"results of {dataset.name!r} go only to members in {', '.join(sorted(places))}",
@@ -455,7 +477,7 @@ def decide(
             return _refuse(
                 RECORD_RELEASE_QUERY_KIND, f"{kind.value} releases no record-level column"
             )
-        if dataset.sharing_type is not SharingType.UNCONDITIONAL:
+        if dataset.sharing_type is not SharingType.UNCONDITIONAL and not to_department:
             return _refuse(
                 RECORD_RELEASE_CONDITIONAL,
                 f"{dataset.name!r} is shared {dataset.sharing_type.value}ly: "
@@ -477,7 +499,9 @@ def decide(
 
     # Column rules.
     for access in request.columns:
-        failure = _check_column(access, dataset.column(access.column), dataset, kind)
+        failure = _check_column(
+            access, dataset.column(access.column), dataset, kind, keys_leave=not to_department
+        )
         if failure is not None:
             return _refuse(*failure)
 

@@ -494,3 +494,45 @@ def test_audit_fields_hold_no_floats() -> None:
 def test_inconsistent_requests_are_malformed(req: AccessRequest) -> None:
     with pytest.raises(MalformedInput):
         run(req)
+
+
+# ---------------------------------------------------------- membership to a department
+
+TO_DEPARTMENT = dict(recipient="tax", recipient_is_department=True, recipient_jurisdiction="CN")
+JOIN_ONLY = (ColumnAccess("id_number", ColumnUse.JOIN),)
+
+
+def membership_to(**overrides: object) -> AccessRequest:
+    fields: dict[str, object] = {
+        "kind": QueryKind.PSI_MEMBERSHIP, "columns": JOIN_ONLY, "dp_noise": False,
+        "epsilon": Fraction(0),
+    }  # fmt: skip
+    base = request(**fields)  # type: ignore[arg-type]
+    return replace(base, **(TO_DEPARTMENT | overrides))  # type: ignore[arg-type]
+
+
+def test_membership_to_a_department_is_allowed_on_conditional_data_without_a_mask() -> None:
+    allowed(run(membership_to()))  # keys stay with the receiving department
+
+
+def test_membership_to_a_department_needs_a_membership_grant() -> None:
+    cardinality_only = grant(kinds=(QueryKind.PSI_CARDINALITY,))
+    refused(run(membership_to(), GENERAL, (cardinality_only,)), policy.GRANT_QUERY_KIND)
+
+
+def test_membership_to_a_department_outside_the_allowed_jurisdictions_is_refused() -> None:
+    mainland_only = replace(GENERAL, allowed_jurisdictions=("CN",))
+    refused(
+        run(membership_to(recipient_jurisdiction="HK"), mainland_only, (grant(mainland_only),)),
+        policy.JURISDICTION,
+    )
+
+
+def test_membership_to_someone_not_a_department_is_refused() -> None:
+    refused(run(membership_to(recipient_is_department=False)), policy.RECIPIENT)
+
+
+def test_membership_to_a_department_never_reaches_important_data() -> None:
+    refused(
+        run(membership_to(), IMPORTANT, (grant(IMPORTANT),)), policy.GRADE_IMPORTANT_AGGREGATES_ONLY
+    )
