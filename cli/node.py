@@ -11,6 +11,7 @@ from govshare.node.client import NodeClient
 from govshare.node.config import NodeConfig, write_default
 from govshare.node.identity import Identity
 from govshare.node.node import Node
+from govshare.node.query_store import QueryStore
 from govshare.node.server import serve as serve_node
 
 
@@ -41,6 +42,25 @@ def init(home: Path, listen: str, identity: str) -> None:
 def serve(home: Path) -> None:
     """Serve the node over mutual TLS until SIGTERM or SIGINT."""
     serve_node(NodeConfig.load(home))
+
+
+@group.command("results")
+@home_option
+@click.argument("query_id")
+@json_option
+def results(home: Path, query_id: str, as_json: bool) -> None:
+    """This node's own keys that matched a membership query it received."""
+    store = QueryStore(NodeConfig.load(home).database_path)
+    try:
+        keys = store.matches(query_id)
+    finally:
+        store.close()
+    if as_json:
+        emit_json({"query_id": query_id, "matched": keys})
+        return
+    console.print(f"{len(keys):,} of this node's keys matched query {query_id}")
+    for key in keys:
+        console.print(f"  {key}")
 
 
 @group.command("ping")

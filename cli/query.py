@@ -78,7 +78,9 @@ def _nodes(receipt: Receipt) -> str:
     return ", ".join(dict.fromkeys(p.node for p in receipt.parts))
 
 
-def _report(outcome: PsiOutcome, receipt_path: Path | None, as_json: bool) -> None:
+def _report(
+    outcome: PsiOutcome, receipt_path: Path | None, as_json: bool, recipient: str | None = None
+) -> None:
     path = _save_receipt(outcome.query_id, outcome.receipt, receipt_path)
     result: dict[str, Any] = {
         "query_id": outcome.query_id,
@@ -89,13 +91,18 @@ def _report(outcome: PsiOutcome, receipt_path: Path | None, as_json: bool) -> No
     if outcome.kind is QueryKind.PSI_CARDINALITY:
         result.update(count=outcome.count, set_sizes=outcome.sizes)
     else:
-        result.update(count=outcome.count, members=list(outcome.records))
+        result.update(count=outcome.count, members=list(outcome.records), kept_by=recipient)
     if as_json:
         emit_json(result)
         return
     if outcome.kind is QueryKind.PSI_CARDINALITY:
         sizes = ", ".join(f"{node} {size:,}" for node, size in outcome.sizes.items())
         console.print(f"[bold]|intersection| = {outcome.count:,}[/]  (set sizes: {sizes})")
+    elif recipient is not None:
+        console.print(
+            f"[bold]{outcome.count:,} of {recipient}'s keys match[/]; {recipient} keeps which "
+            f"(its operator: govshare node results {outcome.query_id})"
+        )
     else:
         console.print(f"[bold]{outcome.count:,} matching records[/] (masked):")
         for record in outcome.records:
@@ -119,7 +126,15 @@ def _report(outcome: PsiOutcome, receipt_path: Path | None, as_json: bool) -> No
     type=click.Choice(["count", "members"]),
     default="count",
     show_default=True,
-    help="count: |left ∩ right| only; members: the left side's matching keys, masked.",
+    help="count: |left ∩ right| only; members: the left side's matching keys, masked "
+    "(or, with --to, kept by that node).",
+)
+@click.option(
+    "--to",
+    "recipient",
+    default=None,
+    help="With --reveal members: the node (left or right) that learns which of its own keys "
+    "match; you learn only how many.",
 )
 @_purpose
 @_receipt
@@ -131,6 +146,7 @@ def psi(
     right: str,
     filters: tuple[str, ...],
     reveal: str,
+    recipient: str | None,
     purpose: str,
     receipt_path: Path | None,
     approval_timeout: float,
@@ -151,8 +167,13 @@ def psi(
         purpose=purpose,
         left=Side(*sides[0], tuple(where[sides[0][:2]])),
         right=Side(*sides[1], tuple(where[sides[1][:2]])),
+        recipient=recipient,
     )
-    _report(_run(identity, plan, approval_timeout, as_json), receipt_path, as_json)
+    if recipient is not None and (reveal != "members" or recipient not in plan.nodes):
+        raise click.BadParameter(
+            "--to names the --left or --right node, with --reveal members", param_hint="--to"
+        )
+    _report(_run(identity, plan, approval_timeout, as_json), receipt_path, as_json, recipient)
 
 
 @group.command("sql")

@@ -167,7 +167,7 @@ def run_psi(
 
     Raises: as :func:`ask`.
     """
-    if plan.kind is QueryKind.PSI_MEMBERSHIP and plan.mask is None:
+    if plan.kind is QueryKind.PSI_MEMBERSHIP and plan.recipient is None and plan.mask is None:
         plan = replace(plan, mask=release_mask(identity, plan))
     nodes = plan.nodes
     asked = ask(
@@ -191,6 +191,9 @@ def run_psi(
         # Each node hands over the *other* node's set, masked twice.
         left, right = plan.left.node, plan.right.node
         sizes = {left: len(points[right]), right: len(points[left])}
+    elif plan.recipient is not None:
+        count = sum(c.matched for n in nodes for c in outputs[n])  # the recipient kept which
+        sizes = {}
     else:
         count = len(records)
         sizes = {}

@@ -44,7 +44,7 @@ from govshare.node.auditlog import AuditLog
 from govshare.node.auth import Caller
 from govshare.node.catalog import Catalogue
 from govshare.node.checkpointer import CheckpointPublisher
-from govshare.node.governance import QueryKind
+from govshare.node.governance import QueryKind, Role
 from govshare.node.grants import GrantStore
 from govshare.node.identity import Identity
 from govshare.node.masking import apply_mask
@@ -116,8 +116,9 @@ class Session:
 
     @property
     def releasing(self) -> bool:
-        """In membership, the left side learns which of its keys match and releases them."""
-        return self.plan.kind is QueryKind.PSI_MEMBERSHIP and self.own is self.plan.left
+        """In membership, the receiving side finds which of its keys match (and releases them,
+        masked, to the analyst when no node is named as recipient)."""
+        return self.plan.kind is QueryKind.PSI_MEMBERSHIP and self.own.node == self.plan.receiver
 
 
 @dataclass(frozen=True)
@@ -126,6 +127,7 @@ class Release:
 
     points: list[bytes] = field(default_factory=list)
     records: list[str] = field(default_factory=list)
+    matched: int = 0  # membership kept by a receiving node: how many of its keys matched
 
 
 @dataclass(frozen=True)
@@ -340,16 +342,21 @@ class QueryEngine:
         query_id: str,
         request_digest: str,
     ) -> Obligations:
-        releasing = plan.kind is QueryKind.PSI_MEMBERSHIP and own is plan.left
+        membership = plan.kind is QueryKind.PSI_MEMBERSHIP
+        to_analyst = membership and plan.recipient is None and own is plan.left
+        recipient = self._identity.roster.member(plan.recipient) if plan.recipient else None
         access = AccessRequest(
             requester=caller.name,
             role=caller.role,
             jurisdiction=caller.jurisdiction,
             query_kind=plan.kind,
-            columns=own.accesses(release=releasing),
+            columns=own.accesses(release=to_analyst),
             purpose=plan.purpose,
             dp_noise=False,
+            recipient=plan.recipient,
             filtered_set_size=self._catalogue.count(own.dataset, where=own.where),
+            recipient_is_department=recipient is not None and recipient.role is Role.NODE,
+            recipient_jurisdiction=recipient.jurisdiction if recipient is not None else None,
         )
         obligations = self.decide_access(
             caller,
@@ -358,7 +365,7 @@ class QueryEngine:
             participants=plan.nodes,
             admission=Admission(query_id, b"", request_digest, now),
         )
-        if plan.kind is QueryKind.PSI_MEMBERSHIP:
+        if membership and plan.recipient is None:
             self._check_release_mask(caller, plan, own, query_id, request_digest)
         return obligations
 
@@ -466,6 +473,14 @@ class QueryEngine:
         if len(returned) != len(keys):
             raise MalformedInput("peer returned a set of the wrong size", field="points")
         positions = ecdh_psi.matching_positions(returned, again)
+        if session.plan.recipient is not None:
+            # This node keeps which of its own keys matched; the analyst learns how many.
+            matched = sorted(keys[i].decode() for i in positions)
+            self._store.save_matches(query_id, matched)
+            self._released(
+                session, query_id, self.name, digest("\n".join(matched).encode()), len(matched)
+            )
+            return Release(matched=len(matched))
         rule = session.plan.mask
         if rule is None:  # parse_plan requires it for membership
             raise PolicyRefused(MASK_RULE, f"{own.column} has no masking rule")

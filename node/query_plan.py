@@ -104,6 +104,12 @@ class PsiPlan:
     def nodes(self) -> tuple[str, str]:
         return self.left.node, self.right.node
 
+    @property
+    def receiver(self) -> str:
+        """In membership, the node that finds which of its keys match: the recipient, or the
+        left node when the (masked) keys go to the analyst."""
+        return self.recipient or self.left.node
+
 
 def _text(raw: Any, field: str) -> str:
     if not isinstance(raw, str) or not raw:
@@ -182,7 +188,7 @@ def parse_plan(raw: Any, *, kind: str) -> PsiPlan:
         recipient=recipient,
         mask=mask,
     )
-    if plan.kind is QueryKind.PSI_MEMBERSHIP and plan.mask is None:
+    if plan.kind is QueryKind.PSI_MEMBERSHIP and plan.recipient is None and plan.mask is None:
         raise MalformedInput("field 'mask': membership names the masking rule", field="mask")
     if plan.kind is QueryKind.PSI_MEMBERSHIP and plan.recipient not in (None, *plan.nodes):
         raise MalformedInput("field 'recipient' must be one of the two nodes", field="recipient")

@@ -52,6 +52,11 @@ CREATE TABLE IF NOT EXISTS request_nonces (
     expires_at INTEGER NOT NULL,
     PRIMARY KEY (analyst, nonce)
 );
+CREATE TABLE IF NOT EXISTS query_matches (
+    query_id TEXT NOT NULL,
+    key TEXT NOT NULL,
+    PRIMARY KEY (query_id, key)
+);
 CREATE TABLE IF NOT EXISTS grant_usage (
     grant_id TEXT PRIMARY KEY,
     queries INTEGER NOT NULL,
@@ -207,6 +212,29 @@ class QueryStore:
                 self._db.execute("ROLLBACK")
                 raise
         return self.get(query_id)
+
+    def save_matches(self, query_id: str, keys: Sequence[str]) -> None:
+        """Keep the node's own keys that matched a membership query sent to this node."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany(
+                    "INSERT OR IGNORE INTO query_matches VALUES (?, ?)",
+                    ((query_id, key) for key in keys),
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def matches(self, query_id: str) -> list[str]:
+        """This node's keys that matched ``query_id`` (NotFound if it received none)."""
+        self.get(query_id)
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT key FROM query_matches WHERE query_id = ? ORDER BY key", (query_id,)
+            ).fetchall()
+        return [str(row[0]) for row in rows]
 
     def with_state(self, state: str) -> list[QueryRecord]:
         with self._lock:

@@ -140,7 +140,9 @@ class QueryService(query_pb2_grpc.QueryServicer):
             return
         for start in range(0, max(total, 1), PSI_CHUNK_POINTS):
             yield query_pb2.ResultChunk(
-                points=b"".join(release.points[start : start + PSI_CHUNK_POINTS]), total=total
+                points=b"".join(release.points[start : start + PSI_CHUNK_POINTS]),
+                total=total,
+                matched=release.matched,
             )
 
     def Receipt(

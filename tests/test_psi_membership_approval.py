@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import csv
+import json
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -18,7 +21,7 @@ from govshare.node.governance import QueryKind, SharingType
 from govshare.node.masking import apply_mask
 from govshare.node.query_plan import PsiPlan, Side
 from govshare.node.query_store import PENDING
-from govshare.protocols.errors import Aborted, Conflict, PermissionDenied
+from govshare.protocols.errors import Aborted, Conflict, MalformedInput, PermissionDenied
 
 MASK = "keep_last:4"
 
@@ -170,3 +173,45 @@ def test_approval_timeout_is_a_clear_error(
 ) -> None:
     with pytest.raises(Aborted, match=r"approval timed out .* civil"):
         run_psi(fed.identity("alice"), review_plan(), approval_timeout=0.3, poll=0.05)
+
+
+def test_membership_to_a_receiving_node_keeps_the_keys_there(
+    fed: FederationFixture, psi_data: PsiData, open_registry: Path, tmp_path: Path
+) -> None:
+    """tax learns which of its own high-income residents receive assistance; alice learns only
+    how many; civil (conditional sharing) allows it under alice's membership grant."""
+    grant(psi_data.tax, "residents", "alice", ["id_number", "income_band"],
+          [QueryKind.PSI_MEMBERSHIP])  # fmt: skip
+    plan = PsiPlan(
+        kind=QueryKind.PSI_MEMBERSHIP, purpose=PURPOSE,
+        left=Side("civil", "assistance", "id_number"),
+        right=Side("tax", "residents", "id_number", (Condition("income_band", "=", "high"),)),
+        recipient="tax",
+    )  # fmt: skip
+    outcome = run_psi(fed.identity("alice"), plan)
+    expected = psi_data.manifest["filtered"]["tax_high & civil"]["count"]
+    assert outcome.count == expected and outcome.records == ()
+    kept = psi_data.tax.query_store.matches(outcome.query_id)
+    assert len(kept) == expected and all(len(k) == 18 for k in kept)
+    civil_log = [e.decode() for e in psi_data.civil.audit.entries_for_query(outcome.query_id)]
+    assert civil_log[-1].kind == "result.released" and civil_log[-1].fields["recipient"] == "tax"
+    # The operator reads the kept keys with the CLI; nobody else holds them.
+    shown = subprocess.run(
+        [sys.executable, "-m", "govshare.cli", "node", "results", outcome.query_id,
+         "--home", str(fed.node_home("tax")), "--json"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert json.loads(shown.stdout)["matched"] == kept
+    assert psi_data.civil.query_store.matches(outcome.query_id) == []
+
+
+def test_membership_to_a_node_outside_the_query_is_refused(
+    fed: FederationFixture, psi_data: PsiData, open_registry: Path
+) -> None:
+    plan = PsiPlan(
+        kind=QueryKind.PSI_MEMBERSHIP, purpose=PURPOSE,
+        left=Side("civil", "assistance", "id_number"), right=Side("tax", "residents", "id_number"),
+        recipient="ghost",
+    )  # fmt: skip
+    with pytest.raises(MalformedInput, match="recipient"):
+        run_psi(fed.identity("alice"), plan)

@@ -121,10 +121,13 @@ class ResultChunk(_message.Message):
     POINTS_FIELD_NUMBER: _builtins.int
     TOTAL_FIELD_NUMBER: _builtins.int
     RECORDS_FIELD_NUMBER: _builtins.int
+    MATCHED_FIELD_NUMBER: _builtins.int
     points: _builtins.bytes
     """Doubly masked points (32 bytes each) for PSI cardinality."""
     total: _builtins.int
     """Total number of points this node will send."""
+    matched: _builtins.int
+    """Membership to a receiving node: how many of its keys matched (the node keeps which)."""
     @_builtins.property
     def records(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Membership released to the analyst: the matching keys through their masking rule."""
@@ -135,10 +138,11 @@ class ResultChunk(_message.Message):
         points: _builtins.bytes = ...,
         total: _builtins.int = ...,
         records: _abc.Iterable[_builtins.str] | None = ...,
+        matched: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["points", b"points", "records", b"records", "total", b"total"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["matched", b"matched", "points", b"points", "records", b"records", "total", b"total"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
