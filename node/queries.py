@@ -1,4 +1,7 @@
-"""The node's side of a joint PSI query: admit, decide, run, release, prove.
+"""The node's side of a joint query: admit, decide, run, release, prove.
+
+Admission (signature, replay, rate limit, policy, approval) is shared by every query kind;
+the PSI kinds run here, the aggregate kinds in ``govshare.node.aggregates``.
 
 Flow for one query (two nodes L and R, analyst C):
 
@@ -13,9 +16,12 @@ Flow for one query (two nodes L and R, analyst C):
    waits for the peer's set, and then
    - cardinality: masks the peer's set again, shuffles it, and streams it to C, who counts
      the matches (``govshare.protocols.ecdh_psi``: C learns ``|L ∩ R|`` and the set sizes);
-   - membership: R masks L's set again in L's order and returns it to L; L (the releasing
-     side) finds which of its keys match and releases them to C through the column's masking
-     rule — only where the record-level rules allowed it.
+   - membership: the receiving side (the plan's recipient node, else L) sends its set in its
+     own order, the other side sends its set shuffled and returns the receiver's set masked
+     again in order; the receiver finds which of its keys match. With a recipient node it
+     keeps them (``govshare node results``) and C learns only how many; without, it releases
+     them to C through the masking rule both nodes agree on — only where the record-level
+     rules allow it (``unconditional`` sharing, a membership grant).
 3. ``receipt``: the node's ``result.released`` entry for the query with an inclusion proof
    under a signed, witnessed checkpoint.
 
