@@ -29,7 +29,7 @@ def main() -> None:
     keygen_s = time.perf_counter() - start
 
     start = time.perf_counter()
-    public.encrypt(0)  # builds the fixed-base table
+    public.precompute()  # builds the fixed-base table
     table_s = time.perf_counter() - start
 
     limit = 2**64

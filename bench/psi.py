@@ -20,9 +20,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import time
 from fractions import Fraction
@@ -30,21 +27,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from common import make_federation, node_processes, tree_peak_rss_mb
 from x25519_raw import raw_x25519_ops_per_second
 
 from govshare.cli.dataset import parse_column
 from govshare.examples import synth
 from govshare.node.analyst import run_psi
-from govshare.node.config import write_default
 from govshare.node.governance import (
     Grade,
     Owner,
     OwnerKind,
     QueryKind,
-    Role,
     SharingType,
 )
-from govshare.node.identity import Federation, Identity, init_federation
+from govshare.node.identity import Identity
 from govshare.node.node import Node
 from govshare.node.query_plan import PsiPlan, Side
 from govshare.protocols import ecdh_psi
@@ -54,13 +50,6 @@ DATASETS = {
     "tax": ("residents", synth.TAX, ("id_number=join_key:resident_id",)),
     "civil": ("assistance", synth.CIVIL, ("id_number=join_key:resident_id",)),
 }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def key_column_csv(source: Path, target: Path) -> None:
@@ -74,20 +63,8 @@ def setup(root: Path, n: int) -> int:
     """Federation, stores and grants for size ``n``; returns the known |A ∩ B|."""
     data = root / "data"
     manifest = synth.generate(data, size=n, seed=11)
-    init_federation(root / "federation", "bench")
-    federation = Federation.load(root / "federation")
-    for name in DATASETS:
-        federation, _ = federation.enrol(
-            role=Role.NODE, name=name, jurisdiction="CN",
-            address=f"127.0.0.1:{free_port()}", out=root / name,
-        )  # fmt: skip
-    federation, _ = federation.enrol(
-        role=Role.ANALYST, name="alice", jurisdiction="CN", out=root / "alice"
-    )
-    for bundle in (*DATASETS, "alice"):
-        federation.publish_roster(root / bundle)
+    make_federation(root, list(DATASETS))
     for name, (dataset, source, columns) in DATASETS.items():
-        write_default(root / name, listen=federation.roster.member(name).address)
         csv = data / f"{dataset}.csv"
         key_column_csv(data / f"{source}.csv", csv)
         node = Node.from_home(root / name)
@@ -109,43 +86,9 @@ def setup(root: Path, n: int) -> int:
     return int(manifest["intersections"][synth.intersection_name(synth.TAX, synth.CIVIL)])
 
 
-def tree_peak_rss_mb(pid: int) -> float:
-    """Sum of VmHWM (peak resident set) over ``pid`` and its descendants, in MB."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            children.setdefault(ppid, []).append(int(entry.name))
-    total, stack = 0, [pid]
-    while stack:
-        current = stack.pop()
-        stack.extend(children.get(current, []))
-        try:
-            for line in Path(f"/proc/{current}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    total += int(line.split()[1])
-        except OSError:
-            continue
-    return total / 1024
-
-
 def run_size(root: Path, n: int, raw_rate: float) -> dict[str, float]:
     expected = setup(root, n)
-    processes = {}
-    for name in DATASETS:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "govshare.cli", "node", "serve", "--home", str(root / name)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )  # fmt: skip
-        assert process.stdout is not None
-        if "serving on" not in process.stdout.readline():
-            raise SystemExit(f"node {name} did not start")
-        processes[name] = process
-    try:
+    with node_processes(root, list(DATASETS)) as processes:
         alice = Identity.load(root / "alice")
         plan = PsiPlan(
             kind=QueryKind.PSI_CARDINALITY, purpose=PURPOSE,
@@ -156,10 +99,6 @@ def run_size(root: Path, n: int, raw_rate: float) -> dict[str, float]:
         outcome = run_psi(alice, plan)
         wall = time.perf_counter() - start
         rss = {name: tree_peak_rss_mb(p.pid) for name, p in processes.items()}
-    finally:
-        for process in processes.values():
-            process.send_signal(signal.SIGTERM)
-            process.wait(timeout=60)
     if outcome.count != expected:
         raise SystemExit(f"wrong count {outcome.count}, the generator says {expected}")
     raw_seconds = 4 * n / raw_rate

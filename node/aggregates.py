@@ -47,6 +47,7 @@ reach them.
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 import threading
 import time
@@ -101,6 +102,11 @@ VALUES: Final = "values"
 CONTRIBUTION: Final = "contribution"
 # Rows per encryption task sent to the process pool.
 ENCRYPT_BATCH: Final = 2048
+# Fixed-base window of the encryption workers' tables for large inputs: at 3072 bits, 11 bits
+# takes about 230 MiB and 2.7 s to build per worker (10 bits: 120 MiB, 1.5 s) and encrypts
+# about 12% faster, which pays for the build from about 7,000 encryptions per worker on.
+WIDE_WINDOW_BITS: Final = 11
+WIDE_WINDOW_MIN_ROWS: Final = 32_768
 
 AggregateSender = Callable[[str, str, str, list[bytes], list[bytes]], None]
 """``send(peer_node, query_id, phase, points, items)`` streams a message to a peer over mTLS."""
@@ -156,17 +162,23 @@ class AggregateRelease:
     epsilon_remaining: Fraction
 
 
-# Worker-process cache: one parsed key (and its fixed-base table) per key encoding.
-_WORKER_KEYS: dict[bytes, DjnPublicKey] = {}
+# Worker-process cache: one parsed key (and its fixed-base table) per key encoding and window.
+_WORKER_KEYS: dict[tuple[bytes, int | None], DjnPublicKey] = {}
 
 
-def _encrypt_task(key_bytes: bytes, unsafe: bool, plaintexts: Sequence[int]) -> bytes:
-    key = _WORKER_KEYS.get(key_bytes)
+def _encrypt_task(
+    key_bytes: bytes, unsafe: bool, window_bits: int | None, plaintexts: Sequence[int]
+) -> bytes:
+    """Encrypt ``plaintexts`` to concatenated ciphertext encodings (in a pool worker)."""
+    key = _WORKER_KEYS.get((key_bytes, window_bits))
     if key is None:
-        _WORKER_KEYS.clear()
-        key = DjnPublicKey.from_bytes(key_bytes, unsafe_allow_short_modulus=unsafe)
-        _WORKER_KEYS[key_bytes] = key
-    return b"".join(key.ciphertext_to_bytes(key.encrypt(p)) for p in plaintexts)
+        _WORKER_KEYS.clear()  # one query's key at a time: the table is large
+        key = DjnPublicKey.from_bytes(
+            key_bytes, window_bits=window_bits, unsafe_allow_short_modulus=unsafe
+        )
+        _WORKER_KEYS[(key_bytes, window_bits)] = key
+        key.precompute()
+    return key.encrypt_to_bytes(plaintexts)
 
 
 class AggregateEngine:
@@ -351,6 +363,10 @@ class AggregateEngine:
         per_key: dict[str, dict[str, int]] = {}
         rows_per_key: dict[str, int] = {}
         domain = set(group.domain) if group else {""}
+        # Let the pool's workers build their fixed-base tables while the rows are read.
+        window = self._warm_encryptors(
+            key, len(layouts) * self._catalogue.count(side.dataset, where=side.where)
+        )
         for row in self._catalogue.rows(side.dataset, columns, where=side.where):
             join_key = str(row[0])
             label = str(row[1]) if group else ""
@@ -375,7 +391,7 @@ class AggregateEngine:
             for k in join_keys
             for layout in layouts
         ]
-        blob = self._encrypt(key, plaintexts)
+        blob = self._encrypt(key, plaintexts, window)
         width = key.ciphertext_bytes * len(layouts)
         items = [blob[i * width : (i + 1) * width] for i in range(len(join_keys))]
         party = ecdh_psi.PsiParty.fresh(session.query_id)
@@ -393,16 +409,26 @@ class AggregateEngine:
         self._released(session, query_id, plan.matcher.node, digest(blob), len(items))
         return []
 
-    def _encrypt(self, key: DjnPublicKey, plaintexts: list[int]) -> bytes:
+    def _warm_encryptors(self, key: DjnPublicKey, expected: int) -> int | None:
+        """Start the table builds in the pool for about ``expected`` encryptions; the window."""
+        window = WIDE_WINDOW_BITS if expected >= WIDE_WINDOW_MIN_ROWS else None
+        executor = self._executor()
+        if executor is not None and expected > ENCRYPT_BATCH:
+            key_bytes, unsafe = key.to_bytes(), self._options.unsafe_allow_short_modulus
+            for _ in range(os.cpu_count() or 1):  # a worker that has the table returns at once
+                executor.submit(_encrypt_task, key_bytes, unsafe, window, [])
+        return window
+
+    def _encrypt(self, key: DjnPublicKey, plaintexts: list[int], window: int | None) -> bytes:
         executor = self._executor()
         unsafe = self._options.unsafe_allow_short_modulus
         if executor is None or len(plaintexts) <= ENCRYPT_BATCH:
-            return _encrypt_task(key.to_bytes(), unsafe, plaintexts)
+            return key.encrypt_to_bytes(plaintexts)  # a few: the table only if it pays
         key_bytes = key.to_bytes()
         batches = [
             plaintexts[i : i + ENCRYPT_BATCH] for i in range(0, len(plaintexts), ENCRYPT_BATCH)
         ]
-        futures = [executor.submit(_encrypt_task, key_bytes, unsafe, b) for b in batches]
+        futures = [executor.submit(_encrypt_task, key_bytes, unsafe, window, b) for b in batches]
         return b"".join(f.result() for f in futures)
 
     # -- intersection: matcher
@@ -635,7 +661,7 @@ class AggregateEngine:
     ) -> int:
         received = 0
         inbox: _Inbox | None = None
-        check: Callable[[bytes], None] = _accept_any
+        check: Callable[[list[bytes]], None] = _accept_any
         for query_id, phase, total, packed, items in chunks:
             if inbox is None:
                 session = self._session(query_id)
@@ -651,8 +677,7 @@ class AggregateEngine:
             points = ecdh_psi.decode_points(packed) if packed else []
             if phase == VALUES and len(points) != len(items):
                 raise MalformedInput("one ciphertext entry per point is required", field="items")
-            for item in items:
-                check(item)
+            check(items)
             received += max(len(points), len(items))
             if received > inbox.total:
                 raise MalformedInput("more items than the announced total", field="items")
@@ -667,7 +692,7 @@ class AggregateEngine:
 
     def _inbox_for(
         self, session: _Session, caller: Caller, phase: str
-    ) -> tuple[_Inbox, Callable[[bytes], None]]:
+    ) -> tuple[_Inbox, Callable[[list[bytes]], None]]:
         plan = session.plan
         if isinstance(plan, IntersectionPlan):
             peer = plan.matcher.node if self.name == plan.values.node else plan.values.node
@@ -685,26 +710,21 @@ class AggregateEngine:
         if isinstance(plan, HorizontalPlan) and plan.scheme == BFV:
             return inbox, _accept_any  # framing and stream checked when summed
         key = self._paillier_key(plan.public_key)
-        width = key.ciphertext_bytes
         parts = len(plan.layouts(key.n_bits)) if isinstance(plan, IntersectionPlan) else 1
 
-        def check(item: bytes) -> None:
-            if len(item) != width * parts:
-                raise MalformedInput(
-                    f"a ciphertext entry must be {width * parts} bytes", field="items"
-                )
-            for j in range(parts):
-                key.ciphertext_from_bytes(item[j * width : (j + 1) * width])
+        def check(items: list[bytes]) -> None:
+            key.check_ciphertexts(items, parts=parts)
 
         return inbox, check
 
 
-def _accept_any(item: bytes) -> None:
+def _accept_any(items: list[bytes]) -> None:
     return None
 
 
-def _no_items(item: bytes) -> None:
-    raise MalformedInput("this phase carries points only", field="items")
+def _no_items(items: list[bytes]) -> None:
+    if items:
+        raise MalformedInput("this phase carries points only", field="items")
 
 
 def _message_digest(points: Sequence[bytes], items: Sequence[bytes]) -> str:

@@ -1,0 +1,388 @@
+"""Joint aggregate benchmarks: node processes over mutual TLS (DESIGN.md protocols 2 and 3).
+
+**Intersection aggregate** (protocol 2). ``--rows`` rows per side from the synthetic generator:
+the value holder civil (``assistance``: SUM(amount) and COUNT by district, 16 groups, every row
+encrypted) and the matcher tax (``residents`` filtered on ``income_band = 'high'``), two node
+processes. Times one ``run_intersection_aggregate`` at 3072 bits end to end (fresh analyst key,
+sign, submit, policy, encryption and masking on the nodes' process pools, exchange, matching,
+sum, decryption, receipt) and checks every figure against a plain join of the CSVs. Printed
+with it, from the same run on the same cores:
+
+- rows per second (value-holder rows through the protocol);
+- the raw cost of the same number of fast encryptions (``DjnPublicKey.raw_encrypt`` with a
+  built table, all cores at once), its share of the wall time, and the ratio wall / raw;
+- the ratio wall / (raw encryptions + raw X25519 cost of the protocol's 2n + 2m scalar
+  multiplications, m the matcher's filtered set), i.e. the overhead over the crypto floor;
+- peak RSS per node, its process tree summed;
+- a 1,000,000-row figure: measured when ``--rows`` is 1,000,000, else extrapolated linearly from
+  the measured per-row cost (and labelled so).
+
+**Horizontal aggregate** (protocol 3). ``--nodes`` node processes with ``--horizontal-rows``
+health-like rows each (``visits`` by ``district``, 16 groups); COUNT, SUM and AVG by district,
+Paillier 3072, aggregator the first node. Timed end to end like the above and checked against
+the plain SQLite query ``SELECT district, COUNT(*), SUM(visits), AVG(visits) ... GROUP BY
+district`` run directly on each node's store in the same run. Two ratios:
+
+- **vs one node's plain query** (the target, <= 2): the nodes run their local GROUP BY in
+  parallel, each over its own rows, so the protocol's floor is one node's query;
+- **vs all nodes' plain queries run one after another** (what one database holding every row
+  would pay);
+- vs the parallel floor of this machine: with more nodes than cores, the nodes' queries share
+  the cores, so one node's query x nodes / cores is the least any protocol could take here.
+
+    .venv/bin/python bench/aggregate.py [--rows 100000] [--nodes 5] [--horizontal-rows 1000000]
+        [--only intersection|horizontal] [--dir bench-run/aggregate]
+
+Quick run: ``--rows 10000 --horizontal-rows 10000``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import multiprocessing
+import os
+import random
+import secrets
+import shutil
+import sqlite3
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import ANALYST, make_federation, node_processes, tree_peak_rss_mb
+from x25519_raw import raw_x25519_ops_per_second
+
+from govshare.cli.dataset import parse_column
+from govshare.examples import synth
+from govshare.node.aggregate_plan import (
+    PAILLIER,
+    Figures,
+    GroupSpec,
+    HorizontalPlan,
+    IntersectionPlan,
+    Part,
+    SumSpec,
+)
+from govshare.node.aggregates import WIDE_WINDOW_BITS, WIDE_WINDOW_MIN_ROWS
+from govshare.node.analyst_aggregate import (
+    AggregateOutcome,
+    run_horizontal_aggregate,
+    run_intersection_aggregate,
+)
+from govshare.node.catalog import Condition
+from govshare.node.config import NodeConfig
+from govshare.node.governance import Grade, Owner, OwnerKind, QueryKind, SharingType
+from govshare.node.identity import Identity
+from govshare.node.node import Node
+from govshare.node.query_plan import Side
+from govshare.protocols import ecdh_psi
+from govshare.protocols.paillier import DEFAULT_N_BITS, DjnPublicKey, generate_keypair
+
+PURPOSE = "benchmark"
+MILLION = 1_000_000
+DISTRICTS = "|".join(synth.DISTRICTS)
+AMOUNT_BOUND = 30_000  # above every synthetic amount: SUM is exact
+VISITS_BOUND = 100  # above every generated visit count
+CIVIL_COLUMNS = (
+    "id_number=join_key:resident_id",
+    f"district=group_key:domain={DISTRICTS}",
+    "year=plaintext",
+    "assistance_type=group_key:domain=" + "|".join(synth.ASSISTANCE_TYPES),
+    "amount=aggregate",
+)
+TAX_COLUMNS = (
+    "id_number=join_key:resident_id",
+    f"district=group_key:domain={DISTRICTS}",
+    "year=plaintext",
+    "income_band=group_key:domain=" + "|".join(synth.INCOME_BANDS),
+    "annual_income=aggregate",
+)
+VISITS_COLUMNS = (
+    f"district=group_key:domain={DISTRICTS}",
+    "age_band=group_key:domain=" + "|".join(synth.AGE_BANDS),
+    "year=plaintext",
+    "visits=aggregate",
+)
+# Raw encryptions timed per core for the same-run rate (about 3 s of work per core).
+RAW_ENCRYPTIONS_PER_CORE = 2000
+
+
+def register(
+    home: Path, csv_path: Path, *, dataset: str, columns: Sequence[str], granted: list[str],
+    kind: QueryKind,
+) -> None:  # fmt: skip
+    node = Node.from_home(home)
+    try:
+        node.catalogue.add(
+            csv_path, name=dataset, grade=Grade.GENERAL, sharing_type=SharingType.CONDITIONAL,
+            owner=Owner(OwnerKind.STATE, "state", node.name),
+            columns=[parse_column(c) for c in columns],
+            actor=f"operator:{node.name}", audit=node.audit,
+        )  # fmt: skip
+        node.grants.issue(
+            node.identity.signing_key, issuer=node.name, dataset=node.catalogue.get(dataset),
+            grantee=ANALYST, purpose=PURPOSE, columns=granted, query_kinds=[kind],
+            expires_at=int(time.time()) + 86400, epsilon=Fraction(10), max_queries=100,
+            actor=f"operator:{node.name}", audit=node.audit,
+        )  # fmt: skip
+    finally:
+        node.close()
+
+
+def check(outcome: AggregateOutcome, expected: dict[str, tuple[int, int]], column: str) -> None:
+    """The released (noise-free) figures must equal the plain computation, group by group."""
+    for group in outcome.groups:
+        count, total = expected.get(group.label, (0, 0))
+        if group.suppressed:
+            if count >= outcome.min_group_size:
+                raise SystemExit(f"group {group.label} of {count} rows was suppressed")
+            continue
+        got = (group.count.value, group.sums[column].value)
+        if got != (count, total):
+            raise SystemExit(f"group {group.label}: got {got}, expected {(count, total)}")
+
+
+# --- raw costs measured in the same run ----------------------------------------------------------
+
+
+def _raw_encrypt_worker(
+    key_bytes: bytes, window: int | None, count: int, barrier: Any, results: Any
+) -> None:  # pragma: no cover - runs in a child process
+    key = DjnPublicKey.from_bytes(key_bytes, window_bits=window)
+    key.precompute()
+    plaintexts = [secrets.randbits(1024) for _ in range(count)]
+    barrier.wait()
+    start = time.perf_counter()
+    for plaintext in plaintexts:
+        key.raw_encrypt(plaintext)
+    results.put(time.perf_counter() - start)
+
+
+def raw_encryptions_per_second(
+    workers: int, window: int | None, per_worker: int = RAW_ENCRYPTIONS_PER_CORE
+) -> float:
+    """Fast 3072-bit encryptions per second with every core encrypting at once (tables built,
+    of the window the node's workers use for this many rows)."""
+    public, _ = generate_keypair(DEFAULT_N_BITS)
+    context = multiprocessing.get_context("forkserver")
+    barrier, results = context.Barrier(workers), context.Queue()
+    processes = [
+        context.Process(
+            target=_raw_encrypt_worker,
+            args=(public.to_bytes(), window, per_worker, barrier, results),
+        )
+        for _ in range(workers)
+    ]
+    for process in processes:
+        process.start()
+    elapsed: list[float] = [results.get() for _ in processes]
+    for process in processes:
+        process.join()
+    return workers * per_worker / max(elapsed)
+
+
+def raw_x25519_rate(n: int, workers: int) -> float:
+    with ecdh_psi.make_pool(workers) as pool:
+        return raw_x25519_ops_per_second(min(n, 400_000), executor=pool, workers=workers)
+
+
+# --- intersection aggregate ----------------------------------------------------------------------
+
+
+def intersection_setup(root: Path, n: int) -> tuple[dict[str, tuple[int, int]], int]:
+    """Stores and grants for ``n`` rows per side; returns the expected figures by district and
+    the size of the matcher's filtered set."""
+    data = root / "data"
+    synth.generate(data, size=n, seed=11)
+    make_federation(root, ["civil", "tax"])
+    register(
+        root / "civil", data / f"{synth.CIVIL}.csv", dataset="assistance", columns=CIVIL_COLUMNS,
+        granted=["id_number", "district", "amount"], kind=QueryKind.INTERSECTION_AGGREGATE,
+    )  # fmt: skip
+    register(
+        root / "tax", data / f"{synth.TAX}.csv", dataset="residents", columns=TAX_COLUMNS,
+        granted=["id_number", "income_band"], kind=QueryKind.INTERSECTION_AGGREGATE,
+    )  # fmt: skip
+    with (data / f"{synth.TAX}.csv").open(newline="", encoding="utf-8") as handle:
+        high = {r["id_number"] for r in csv.DictReader(handle) if r["income_band"] == "high"}
+    expected: dict[str, tuple[int, int]] = {d: (0, 0) for d in synth.DISTRICTS}
+    with (data / f"{synth.CIVIL}.csv").open(newline="", encoding="utf-8") as handle:
+        for row in csv.DictReader(handle):
+            if row["id_number"] in high:
+                count, total = expected[row["district"]]
+                amount = min(max(int(row["amount"]), 0), AMOUNT_BOUND)
+                expected[row["district"]] = (count + 1, total + amount)
+    return expected, len(high)
+
+
+def intersection_plan() -> IntersectionPlan:
+    return IntersectionPlan(
+        QueryKind.INTERSECTION_AGGREGATE,
+        PURPOSE,
+        values=Side("civil", "assistance", "id_number"),
+        matcher=Side("tax", "residents", "id_number", (Condition("income_band", "=", "high"),)),
+        figures=Figures(
+            GroupSpec("district", synth.DISTRICTS), (SumSpec("amount", AMOUNT_BOUND),), None
+        ),
+        public_key=b"",
+    )
+
+
+def run_intersection(root: Path, n: int, workers: int) -> None:
+    expected, m = intersection_setup(root, n)
+    scalar_mults = 2 * n + 2 * m  # each side's set is masked once by each party
+    window = WIDE_WINDOW_BITS if n >= WIDE_WINDOW_MIN_ROWS else None
+    enc_rate = raw_encryptions_per_second(workers, window)
+    x_rate = raw_x25519_rate(scalar_mults, workers)
+    with node_processes(root, ["civil", "tax"]) as processes:
+        alice = Identity.load(root / ANALYST)
+        start = time.perf_counter()
+        outcome = run_intersection_aggregate(alice, intersection_plan())
+        wall = time.perf_counter() - start
+        rss = {name: tree_peak_rss_mb(p.pid) for name, p in processes.items()}
+    check(outcome, expected, "amount")
+    matched = sum(c for c, _ in expected.values())
+    raw_enc = n / enc_rate
+    raw_x = scalar_mults / x_rate
+    print(f"\nIntersection aggregate, Paillier {DEFAULT_N_BITS}, {n:,} x {n:,} rows, "
+          f"2 node processes over mTLS, {workers} cores")  # fmt: skip
+    line("matcher's filtered set m; |A ∩ B|", f"{m:,}; {matched:,}")
+    line("wall", f"{wall:.1f} s", f"{n / wall:,.0f} value rows/s")
+    line(f"raw encryptions ({n:,})", f"{raw_enc:.1f} s", f"{enc_rate:,.0f}/s on all cores")
+    line(f"raw X25519 (2n + 2m = {scalar_mults:,})", f"{raw_x:.1f} s",
+         f"{x_rate:,.0f}/s on all cores")  # fmt: skip
+    line("share spent encrypting", f"{raw_enc / wall:.0%}", "raw encryptions / wall")
+    line("ratio wall / raw encryptions", f"{wall / raw_enc:.2f}")
+    line("ratio wall / (raw encryptions + X25519)", f"{wall / (raw_enc + raw_x):.2f}")
+    line("peak RSS civil; tax", f"{rss['civil']:,.0f} MB; {rss['tax']:,.0f} MB")
+    if n == MILLION:
+        line("1,000,000 x 1,000,000", f"{wall:.1f} s", "measured")
+    else:
+        scale = MILLION / n
+        line("1,000,000 x 1,000,000", f"~{wall * scale:.0f} s",
+             f"EXTRAPOLATED, not measured: {wall / n * 1e3:.2f} ms per row of this run x 1M "
+             f"(raw encryptions alone {raw_enc * scale:.0f} s)")  # fmt: skip
+
+
+def line(label: str, value: str, note: str = "") -> None:
+    print(f"  {label:<44} {value:>14}" + (f"   ({note})" if note else ""))
+
+
+# --- horizontal aggregate ------------------------------------------------------------------------
+
+
+def write_visits(path: Path, rows: int, seed: int) -> None:
+    """Health-like rows: district (population-weighted), age band, year, visits in 0..30."""
+    rng = random.Random(seed)
+    weights = [population for _, _, population in synth._DISTRICT_TABLE]
+    districts = rng.choices(synth.DISTRICTS, weights=weights, k=rows)
+    bands = rng.choices(synth.AGE_BANDS, k=rows)
+    visits = rng.choices(range(31), weights=[31 - v for v in range(31)], k=rows)
+    with path.open("w", encoding="utf-8") as handle:
+        handle.write("district,age_band,year,visits\n")
+        handle.writelines(
+            f"{d},{b},2025,{v}\n" for d, b, v in zip(districts, bands, visits, strict=True)
+        )
+
+
+PLAIN_SQL = "SELECT district, COUNT(*), SUM(visits), AVG(visits) FROM {table} GROUP BY district"
+
+
+def plain_query(home: Path) -> tuple[float, dict[str, tuple[int, int]]]:
+    """Seconds for the plain GROUP BY on one node's store (fresh connection), and its result."""
+    database = NodeConfig.load(home).database_path
+    start = time.perf_counter()
+    conn = sqlite3.connect(database)
+    try:
+        (table,) = conn.execute("SELECT table_name FROM datasets WHERE name = 'visits'").fetchone()
+        rows = conn.execute(PLAIN_SQL.format(table=f'"{table}"')).fetchall()
+    finally:
+        conn.close()
+    return time.perf_counter() - start, {str(r[0]): (int(r[1]), int(r[2])) for r in rows}
+
+
+def run_horizontal(root: Path, nodes: int, rows: int, workers: int) -> None:
+    names = [f"health{i + 1}" for i in range(nodes)]
+    make_federation(root, names)
+    for i, name in enumerate(names):
+        path = root / f"visits_{name}.csv"
+        write_visits(path, rows, seed=100 + i)
+        register(
+            root / name, path, dataset="visits", columns=VISITS_COLUMNS,
+            granted=["district", "visits"], kind=QueryKind.HORIZONTAL_AGGREGATE,
+        )  # fmt: skip
+    for name in names:  # warm the page cache for both sides alike
+        plain_query(root / name)
+    single: list[float] = []
+    expected: dict[str, tuple[int, int]] = {}
+    for name in names:
+        seconds, result = plain_query(root / name)
+        single.append(seconds)
+        for district, (count, total) in result.items():
+            c, t = expected.get(district, (0, 0))
+            expected[district] = (c + count, t + total)
+    plan = HorizontalPlan(
+        QueryKind.HORIZONTAL_AGGREGATE,
+        PURPOSE,
+        parts=tuple(Part(name, "visits") for name in names),
+        figures=Figures(
+            GroupSpec("district", synth.DISTRICTS), (SumSpec("visits", VISITS_BOUND),), None
+        ),
+        aggregator=names[0],
+        scheme=PAILLIER,
+        public_key=b"",
+    )
+    with node_processes(root, names) as processes:
+        alice = Identity.load(root / ANALYST)
+        start = time.perf_counter()
+        outcome = run_horizontal_aggregate(alice, plan)
+        wall = time.perf_counter() - start
+        rss = max(tree_peak_rss_mb(p.pid) for p in processes.values())
+    check(outcome, expected, "visits")
+    one = statistics.median(single)
+    sequential = sum(single)
+    print(f"\nHorizontal aggregate, Paillier {DEFAULT_N_BITS}, {nodes} nodes x {rows:,} rows, "
+          f"COUNT/SUM/AVG by district (16 groups), {nodes} node processes over mTLS")  # fmt: skip
+    line("wall", f"{wall:.2f} s", f"{nodes * rows / wall:,.0f} rows/s")
+    line(f"plain GROUP BY, one node's {rows:,} rows", f"{one:.2f} s", f"median of {nodes}")
+    line(f"plain GROUP BY, all {nodes * rows:,} rows in turn", f"{sequential:.2f} s")
+    line("ratio wall / one node's plain query", f"{wall / one:.2f}", "target <= 2")
+    line("ratio wall / all plain queries in turn", f"{wall / sequential:.2f}")
+    floor = one * max(1.0, nodes / workers)
+    line(f"ratio wall / ({nodes} queries on {workers} cores)", f"{wall / floor:.2f}",
+         f"one node's query x {nodes}/{workers}: the parallel floor on this machine")  # fmt: skip
+    line("peak RSS per node (largest)", f"{rss:,.0f} MB")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=100_000, help="intersection rows per side")
+    parser.add_argument("--nodes", type=int, default=5, help="horizontal nodes")
+    parser.add_argument(
+        "--horizontal-rows", type=int, default=MILLION, help="horizontal rows per node"
+    )
+    parser.add_argument("--only", choices=("intersection", "horizontal"))
+    parser.add_argument("--dir", type=Path, default=Path("bench-run/aggregate"))
+    options = parser.parse_args()
+    workers = os.cpu_count() or 1
+    if options.only != "horizontal":
+        root = options.dir / f"intersection-{options.rows}"
+        shutil.rmtree(root, ignore_errors=True)
+        root.mkdir(parents=True)
+        run_intersection(root, options.rows, workers)
+    if options.only != "intersection":
+        root = options.dir / f"horizontal-{options.nodes}x{options.horizontal_rows}"
+        shutil.rmtree(root, ignore_errors=True)
+        root.mkdir(parents=True)
+        run_horizontal(root, options.nodes, options.horizontal_rows, workers)
+
+
+if __name__ == "__main__":
+    main()
