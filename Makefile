@@ -46,8 +46,11 @@ test: lint typecheck pytest
 protos: $(VENV)/.installed-dev
 	$(BIN)/python protos/generate.py
 
+# Benchmarks (minutes; figures in README.md). Smaller runs: see each script's --help.
 bench: $(VENV)/.installed
 	$(BIN)/python bench/audit.py
+	$(BIN)/python bench/psi.py
+	$(BIN)/python bench/aggregate.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
