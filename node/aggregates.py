@@ -83,12 +83,11 @@ from govshare.node.queries import (
     digest,
     points_digest,
 )
-from govshare.node.query_store import APPROVED, DONE, FAILED, RUNNING, QueryRecord, QueryStore
+from govshare.node.query_store import APPROVED, QueryRecord, QueryStore
 from govshare.protocols import dp, ecdh_psi, masks
 from govshare.protocols.bfv import BfvPublicContext
 from govshare.protocols.errors import (
     Aborted,
-    GovshareError,
     MalformedInput,
     PermissionDenied,
     PolicyRefused,
@@ -303,12 +302,9 @@ class AggregateEngine:
         public_context: bytes = b"",
     ) -> AggregateRelease:
         """Run this node's part of an approved aggregate; return what goes to the analyst."""
-        self._queries.status(caller, query_id)
-        record = self._store.transition(
-            query_id, from_states=[APPROVED], to=RUNNING, now=int(self._clock())
-        )
-        session = self._session(query_id)
-        try:
+
+        def body(record: QueryRecord) -> AggregateRelease:
+            session = self._session(query_id)
             usage = self._store.charge(record.grant_id, record.epsilon)
             remaining = self._grants.get(record.grant_id).epsilon - usage.epsilon_spent
             plan = session.plan
@@ -321,28 +317,15 @@ class AggregateEngine:
                 out = self._run_horizontal(
                     session, query_id, record.analyst, plan, keys, public_context
                 )
-        except Exception as exc:
-            reason = str(exc) if isinstance(exc, GovshareError) else f"internal error: {exc}"
-            self._store.transition(
-                query_id, from_states=[RUNNING], to=FAILED, now=int(self._clock()), message=reason
+            return AggregateRelease(
+                out,
+                session.obligations.min_group_size,
+                record.grant_id,
+                record.epsilon,
+                max(remaining, Fraction(0)),
             )
-            self._audit.record(
-                "query.failed", {"reason": reason, "released": False}, actor=self.name,
-                query_id=query_id,
-            )  # fmt: skip
-            self._close(query_id)
-            if isinstance(exc, GovshareError):
-                raise
-            raise Aborted(f"{self.name}: query aborted, nothing released") from exc
-        self._store.transition(query_id, from_states=[RUNNING], to=DONE, now=int(self._clock()))
-        self._close(query_id)
-        return AggregateRelease(
-            out,
-            session.obligations.min_group_size,
-            record.grant_id,
-            record.epsilon,
-            max(remaining, Fraction(0)),
-        )
+
+        return self._queries.execute(caller, query_id, body, close=self._close)
 
     def _close(self, query_id: str) -> None:
         with self._lock:

@@ -43,7 +43,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from govshare.node.audit_sink import AuditSink
 from govshare.node.auditlog import AuditLog
@@ -84,6 +84,8 @@ DEFAULT_PROTOCOL_TIMEOUT = 300.0
 RATE_LIMIT_RULE = "rate_limit"
 SET_SIZE_RULE = "set_size.minimum"
 MASK_RULE = "column.mask"
+
+T = TypeVar("T")
 
 OWN = "own"
 RETURNED = "returned"
@@ -409,14 +411,27 @@ class QueryEngine:
             raise Aborted(f"query {query_id} is not open on {self.name}; submit it again")
         return session
 
-    def run(self, caller: Caller, query_id: str) -> Release:
-        """Run this node's part; return what goes to the analyst."""
+    def execute(
+        self,
+        caller: Caller,
+        query_id: str,
+        body: Callable[[QueryRecord], T],
+        *,
+        close: Callable[[str], None],
+    ) -> T:
+        """Run an approved query's part on this node and record how it ended.
+
+        Moves the query to ``running``, calls ``body`` with its record, then marks it ``done``.
+        Any failure marks it ``failed`` and logs ``query.failed`` (nothing released); a
+        govshare error reaches the caller as it is, anything else as :class:`Aborted`. ``close``
+        drops the query's protocol state either way.
+        """
         self.status(caller, query_id)
-        now = int(self._clock())
-        record = self._store.transition(query_id, from_states=[APPROVED], to=RUNNING, now=now)
-        session = self._session(query_id)
+        record = self._store.transition(
+            query_id, from_states=[APPROVED], to=RUNNING, now=int(self._clock())
+        )
         try:
-            release = self._run(session, query_id, record)
+            result = body(record)
         except Exception as exc:
             reason = str(exc) if isinstance(exc, GovshareError) else f"internal error: {exc}"
             self._store.transition(
@@ -426,13 +441,22 @@ class QueryEngine:
                 "query.failed", {"reason": reason, "released": False}, actor=self.name,
                 query_id=query_id,
             )  # fmt: skip
-            self._close(query_id)
+            close(query_id)
             if isinstance(exc, GovshareError):
                 raise
             raise Aborted(f"{self.name}: query aborted, nothing released") from exc
         self._store.transition(query_id, from_states=[RUNNING], to=DONE, now=int(self._clock()))
-        self._close(query_id)
-        return release
+        close(query_id)
+        return result
+
+    def run(self, caller: Caller, query_id: str) -> Release:
+        """Run this node's part of an approved PSI; return what goes to the analyst."""
+        return self.execute(
+            caller,
+            query_id,
+            lambda record: self._run(self._session(query_id), query_id, record),
+            close=self._close,
+        )
 
     def _close(self, query_id: str) -> None:
         with self._lock:
