@@ -77,7 +77,6 @@ from govshare.node.grants import GrantStore
 from govshare.node.identity import Identity
 from govshare.node.policy import AccessRequest, Obligations
 from govshare.node.queries import (
-    SET_SIZE_RULE,
     Admission,
     QueryEngine,
     digest,
@@ -90,7 +89,6 @@ from govshare.protocols.errors import (
     Aborted,
     MalformedInput,
     PermissionDenied,
-    PolicyRefused,
 )
 from govshare.protocols.paillier import DjnPublicKey, PackingLayout
 from govshare.protocols.signed_request import SignedRequest
@@ -554,18 +552,9 @@ class AggregateEngine:
     # --- shared steps ----------------------------------------------------------------------------
 
     def _check_set_size(self, session: _Session, query_id: str, size: int) -> None:
-        if size < session.obligations.min_set_size:
-            self._audit.record(
-                "policy.decision",
-                {"dataset": session.dataset, "allowed": False, "rule": SET_SIZE_RULE},
-                actor=self.name,
-                query_id=query_id,
-            )
-            raise PolicyRefused(
-                SET_SIZE_RULE,
-                f"the filtered set of {session.dataset} has fewer than "
-                f"{session.obligations.min_set_size} rows",
-            )
+        self._queries.check_set_size(
+            query_id, session.dataset, size, session.obligations.min_set_size
+        )
 
     def _step(
         self, session: _Session, query_id: str, peer: str, direction: str, phase: str,

@@ -40,7 +40,7 @@ import re
 import sqlite3
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -58,6 +58,7 @@ from govshare.node.governance import (
 from govshare.node.identity import validate_jurisdiction
 from govshare.node.masking import parse_mask
 from govshare.node.policy import COLUMN_DENY, GRADE_MIN_GROUP_SIZE, IMPORTANT_MIN_GROUP_SIZE
+from govshare.node.store import opened
 from govshare.protocols.errors import AlreadyExists, MalformedInput, NotFound, PolicyRefused
 
 # Dataset and column names: lower-case identifiers that are safe as SQL names and as the
@@ -333,14 +334,6 @@ def _cell_converter(rule: ColumnRule) -> Callable[[str], Cell]:
 # --------------------------------------------------------------------------- the store
 
 
-def _connect(path: Path) -> sqlite3.Connection:
-    # Autocommit mode: every write below opens its own explicit transaction, DDL included.
-    conn = sqlite3.connect(path, isolation_level=None, timeout=30.0)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=FULL")
-    return conn
-
-
 def _quote(identifier: str) -> str:
     # Names are validated against NAME_PATTERN before they get here; quoting is belt and braces.
     return '"' + identifier.replace('"', '""') + '"'
@@ -432,14 +425,8 @@ class Catalogue:
         with self._open() as conn:
             conn.executescript(_SCHEMA)
 
-    @contextmanager
-    def _open(self) -> Iterator[sqlite3.Connection]:
-        conn = _connect(self.path)
-        conn.row_factory = sqlite3.Row
-        try:
-            yield conn
-        finally:
-            conn.close()
+    def _open(self) -> AbstractContextManager[sqlite3.Connection]:
+        return opened(self.path)
 
     # ----------------------------------------------------------------- registration
 

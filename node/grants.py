@@ -31,8 +31,8 @@ import re
 import secrets
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from fractions import Fraction
 from pathlib import Path
@@ -43,6 +43,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from govshare.node.audit_sink import AuditSink
 from govshare.node.governance import ColumnKind, DatasetInfo, QueryKind
 from govshare.node.identity import validate_name
+from govshare.node.store import opened
 from govshare.protocols.errors import MalformedInput, NotFound, VerificationFailed
 
 DOMAIN_TAG = b"govshare/grant/v1\n"
@@ -296,14 +297,6 @@ def issue_grant(
 # --------------------------------------------------------------------------- the store
 
 
-def _connect(path: Path) -> sqlite3.Connection:
-    # Autocommit mode: every write below opens its own explicit transaction.
-    conn = sqlite3.connect(path, isolation_level=None, timeout=30.0)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=FULL")
-    return conn
-
-
 def _grant_from_row(row: sqlite3.Row) -> Grant:
     try:
         return Grant(
@@ -335,14 +328,8 @@ class GrantStore:
         with self._open() as conn:
             conn.executescript(_SCHEMA)
 
-    @contextmanager
-    def _open(self) -> Iterator[sqlite3.Connection]:
-        conn = _connect(self.path)
-        conn.row_factory = sqlite3.Row
-        try:
-            yield conn
-        finally:
-            conn.close()
+    def _open(self) -> AbstractContextManager[sqlite3.Connection]:
+        return opened(self.path)
 
     def issue(
         self,

@@ -458,6 +458,20 @@ class QueryEngine:
             close=self._close,
         )
 
+    def check_set_size(self, query_id: str, dataset: str, size: int, minimum: int) -> None:
+        """Refuse (and log) a run whose filtered set came out smaller than the policy's floor."""
+        if size >= minimum:
+            return
+        self._audit.record(
+            "policy.decision",
+            {"dataset": dataset, "allowed": False, "rule": SET_SIZE_RULE},
+            actor=self.name,
+            query_id=query_id,
+        )
+        raise PolicyRefused(
+            SET_SIZE_RULE, f"the filtered set of {dataset} has fewer than {minimum} rows"
+        )
+
     def _close(self, query_id: str) -> None:
         with self._lock:
             self._sessions.pop(query_id, None)
@@ -465,18 +479,7 @@ class QueryEngine:
     def _run(self, session: Session, query_id: str, record: QueryRecord) -> Release:
         own = session.own
         keys = [k.encode() for k in self._catalogue.keys(own.dataset, own.column, where=own.where)]
-        if len(keys) < session.obligations.min_set_size:
-            self._audit.record(
-                "policy.decision",
-                {"dataset": own.dataset, "allowed": False, "rule": SET_SIZE_RULE},
-                actor=record.analyst,
-                query_id=query_id,
-            )
-            raise PolicyRefused(
-                SET_SIZE_RULE,
-                f"the filtered set of {own.dataset} has fewer than "
-                f"{session.obligations.min_set_size} keys",
-            )
+        self.check_set_size(query_id, own.dataset, len(keys), session.obligations.min_set_size)
         self._store.charge(record.grant_id, record.epsilon)
         executor = self._executor()
         workers = None if executor is not None else 1

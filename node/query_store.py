@@ -19,6 +19,7 @@ from pathlib import Path
 
 from govshare.node.grants import format_epsilon, parse_epsilon
 from govshare.node.policy import GrantUsage
+from govshare.node.store import connect
 from govshare.protocols.errors import AlreadyExists, Conflict, NotFound
 
 PENDING = "pending_approval"
@@ -102,12 +103,7 @@ def _record(row: sqlite3.Row) -> QueryRecord:
 
 class QueryStore:
     def __init__(self, path: Path) -> None:
-        self._db = sqlite3.connect(
-            path, isolation_level=None, check_same_thread=False, timeout=30.0
-        )
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
+        self._db = connect(path, shared=True)
         self._db.executescript(SCHEMA)
         self._lock = threading.Lock()
 

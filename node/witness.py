@@ -22,7 +22,6 @@ only; an auditor who collects cosigned checkpoints from several witnesses detect
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from pathlib import Path
 
 from govshare.node.audit_sink import AuditSink
 from govshare.node.identity import Identity, Member
+from govshare.node.store import connect
 from govshare.protocols.checkpoint import Checkpoint, cosign, open_checkpoint
 from govshare.protocols.errors import Conflict, VerificationFailed
 from govshare.protocols.merkle import EMPTY_ROOT, verify_witness_consistency
@@ -61,9 +61,7 @@ class WitnessStore:
     """The last checkpoint this node cosigned for each peer log, in the node's SQLite store."""
 
     def __init__(self, path: Path) -> None:
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
+        self._db = connect(path, shared=True)
         self._db.execute(SCHEMA)
         self._lock = threading.Lock()
 

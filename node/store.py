@@ -1,0 +1,38 @@
+"""Connections to a node's SQLite store (``node.db``: datasets, grants, queries, witness state).
+
+Every connection runs in autocommit mode, so each write opens its own explicit transaction
+(``BEGIN IMMEDIATE``), with WAL journaling and ``synchronous=FULL``: a write that returned is
+on disk, and readers never block the writer. Several processes may share the file (the serving
+node and the operator's commands); ``timeout`` waits for the write lock instead of failing.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+# Seconds a write waits for another process's write lock before failing.
+LOCK_TIMEOUT = 30.0
+
+
+def connect(path: Path, *, shared: bool = False) -> sqlite3.Connection:
+    """A configured connection; ``shared`` lets several threads use it (callers then lock)."""
+    conn = sqlite3.connect(
+        path, isolation_level=None, timeout=LOCK_TIMEOUT, check_same_thread=not shared
+    )
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.row_factory = sqlite3.Row
+    return conn
+
+
+@contextmanager
+def opened(path: Path) -> Iterator[sqlite3.Connection]:
+    """A connection for one operation, closed afterwards."""
+    conn = connect(path)
+    try:
+        yield conn
+    finally:
+        conn.close()
