@@ -63,6 +63,7 @@ import json
 import os
 import sqlite3
 import time
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -714,6 +715,42 @@ def _reconcile(query_id: str, views: Sequence[NodeQueryEntries]) -> list[str]:
         for v in involved:
             if v.node not in listed:
                 issues.append(f"{v.node} recorded the query but is not a listed participant")
+    return issues + _handoffs(involved)
+
+
+_Handoff = tuple[str, str, str, str, int]  # sender, receiver, phase, digest, size
+
+
+def _handoffs(involved: Sequence[NodeQueryEntries]) -> list[str]:
+    """Every message a node logged as sent to a peer node, that peer logged as received, with
+    the same phase, digest and size — and the other way round. Messages to or from members that
+    are not nodes of the query (the analyst) have no second log to compare with."""
+    nodes = {v.node for v in involved}
+    sent: Counter[_Handoff] = Counter()
+    received: Counter[_Handoff] = Counter()
+    for view in involved:
+        for entry in view.entries:
+            fields = entry.fields
+            peer, direction = fields.get("peer"), fields.get("direction")
+            if entry.kind != "protocol.step" or not isinstance(peer, str) or peer not in nodes:
+                continue
+            phase = str(fields.get("phase", "")).split(":")[0]
+            digest, size = str(fields.get("digest", "")), fields.get("size")
+            size = size if isinstance(size, int) else -1
+            if direction == "sent":
+                sent[(view.node, peer, phase, digest, size)] += 1
+            elif direction == "received":
+                received[(peer, view.node, phase, digest, size)] += 1
+    issues = [
+        f"{src} logged sending {phase} ({size} items, {_short(digest)}) to {dst}, "
+        "which logged no such message received"
+        for (src, dst, phase, digest, size) in (sent - received)
+    ]
+    issues += [
+        f"{dst} logged receiving {phase} ({size} items, {_short(digest)}) from {src}, "
+        "which logged no such message sent"
+        for (src, dst, phase, digest, size) in (received - sent)
+    ]
     return issues
 
 

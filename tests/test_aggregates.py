@@ -31,6 +31,7 @@ from govshare.node.analyst_aggregate import (
     run_intersection_aggregate,
 )
 from govshare.node.auditlog import AuditLog
+from govshare.node.auditor import Auditor
 from govshare.node.catalog import Catalogue, Condition
 from govshare.node.client import NodeClient
 from govshare.node.config import NodeConfig
@@ -202,6 +203,8 @@ def test_intersection_aggregate_is_exact_without_noise(agg: Agg) -> None:
     expected = expected_districts(agg)
     k = outcome.min_group_size
     assert k == 5
+    reconciled = Auditor(agg.fed.identity("audra"), agg.data / "audit").show_query(outcome.query_id)
+    assert reconciled.ok, reconciled.disagreements
     for group in outcome.groups:
         want = expected[group.label]
         if want["count"] < k:
@@ -266,6 +269,10 @@ def test_horizontal_aggregate_is_exact_and_masks_cancel(agg: Agg, scheme: str) -
         unsafe_allow_short_modulus=True,
     )  # fmt: skip
     assert outcome.scheme == scheme
+    reconciled = Auditor(agg.fed.identity("audra"), agg.data / f"audit-{scheme}").show_query(
+        outcome.query_id
+    )
+    assert reconciled.ok, reconciled.disagreements  # every hand-off logged on both sides
     for group in outcome.groups:
         count, total = agg.visits.get(group.label, (0, 0))
         if count < outcome.min_group_size:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
-from conftest import FederationFixture, build_federation
+from conftest import FederationFixture, PsiData, build_federation
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from govshare.node.auditlog import AuditLog
@@ -586,3 +586,34 @@ def test_verify_refuses_a_state_checkpoint_signed_by_another_key(lab: Lab) -> No
     path = lab.auditor.state / "tax" / "checkpoint.note"
     path.write_bytes(tax_note(lab, ed25519.Ed25519PrivateKey.generate()))
     failed(lab.auditor.verify("tax"), ProblemType.CHECKPOINT_UNKNOWN_KEY)
+
+
+def test_show_query_matches_what_each_node_sent_with_what_its_peer_received(
+    fed: FederationFixture, psi_data: PsiData, tmp_path: Path
+) -> None:
+    from conftest import PURPOSE
+
+    from govshare.node.analyst import run_psi
+    from govshare.node.governance import QueryKind
+    from govshare.node.query_plan import PsiPlan, Side
+
+    plan = PsiPlan(
+        kind=QueryKind.PSI_CARDINALITY, purpose=PURPOSE,
+        left=Side("tax", "residents", "id_number"), right=Side("civil", "assistance", "id_number"),
+    )  # fmt: skip
+    outcome = run_psi(fed.identity("alice"), plan)
+    auditor = Auditor(fed.identity("audra"), tmp_path / "state")
+    honest = auditor.show_query(outcome.query_id)
+    assert honest.ok, honest.disagreements
+    # A node that logs a message its peer never logged receiving is named.
+    psi_data.tax.audit.record(
+        "protocol.step",
+        {"peer": "civil", "direction": "sent", "phase": "own", "digest": digest("x"), "size": 7},
+        actor="tax",
+        query_id=outcome.query_id,
+    )
+    forged = auditor.show_query(outcome.query_id)
+    assert forged.disagreements == (
+        f"tax logged sending own (7 items, {digest('x')[:16]}…) to civil, "
+        "which logged no such message received",
+    )
