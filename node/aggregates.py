@@ -74,7 +74,7 @@ from govshare.node.audit_sink import AuditSink
 from govshare.node.auth import Caller
 from govshare.node.catalog import Catalogue
 from govshare.node.grants import GrantStore
-from govshare.node.identity import Identity
+from govshare.node.identity import Identity, Roster
 from govshare.node.policy import AccessRequest, Obligations
 from govshare.node.queries import (
     Admission,
@@ -184,6 +184,7 @@ class AggregateEngine:
         *,
         queries: QueryEngine,
         identity: Identity,
+        roster: Callable[[], Roster] | None = None,
         catalogue: Catalogue,
         grants: GrantStore,
         store: QueryStore,
@@ -196,6 +197,7 @@ class AggregateEngine:
     ) -> None:
         self._queries = queries
         self._identity = identity
+        self._roster = roster or (lambda: identity.roster)
         self._catalogue = catalogue
         self._grants = grants
         self._store = store
@@ -482,7 +484,7 @@ class AggregateEngine:
         by_node = {k.node: k for k in keys}
         if len(by_node) != len(keys) or set(by_node) != set(plan.nodes):
             raise MalformedInput("one signed key per participant is required", field="keys")
-        roster = self._identity.roster
+        roster = self._roster()
         for signed in keys:
             masks.verify_ephemeral(
                 roster.member(signed.node).verify_key(),

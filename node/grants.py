@@ -56,6 +56,8 @@ GRANT_ID_PATTERN = re.compile(r"^[0-9a-f]{16}$")
 MAX_PURPOSE_CHARS = 500
 # ε as an operator writes it: a plain non-negative decimal.
 _EPSILON_TEXT = re.compile(r"^[0-9]{1,6}(?:\.[0-9]{1,12})?$")
+# The largest ε text the pattern reads, plus one: no meaningful budget comes near it.
+MAX_EPSILON = 10**6
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 _SCHEMA = """
@@ -104,10 +106,13 @@ def format_epsilon(value: Fraction) -> str:
     """The canonical decimal text of an exact ε: no exponent, no trailing zeros.
 
     Raises:
-        MalformedInput: negative, or not a terminating decimal (such as 1/3).
+        MalformedInput: negative, not a terminating decimal (such as 1/3), or beyond what
+            :func:`parse_epsilon` reads back (six integer digits, twelve decimals).
     """
     if value < 0:
         raise MalformedInput("epsilon must not be negative", field="epsilon")
+    if value >= MAX_EPSILON:
+        raise MalformedInput(f"epsilon must be below {MAX_EPSILON}", field="epsilon")
     denominator = value.denominator
     twos = fives = 0
     while denominator % 2 == 0:

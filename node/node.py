@@ -27,9 +27,10 @@ from govshare.node.config import (
 )
 from govshare.node.governance import DatasetInfo, Grade, Role
 from govshare.node.grants import GrantStore
-from govshare.node.identity import Identity
+from govshare.node.identity import ROSTER, Identity, Member, Roster
 from govshare.node.queries import QueryEngine
 from govshare.node.query_store import QueryStore
+from govshare.node.roster_file import RosterFile
 from govshare.node.witness import Witness, WitnessStore
 from govshare.protocols import ecdh_psi
 from govshare.protocols.errors import MalformedInput, NotFound
@@ -69,14 +70,22 @@ class Node:
     def __post_init__(self) -> None:
         self._pool: ProcessPoolExecutor | None = None
         self._pool_lock = threading.Lock()
+        self.rosters = RosterFile(
+            self.identity.directory / ROSTER,
+            self.identity.ca_cert_pem,
+            self.identity.roster,
+            audit=self.audit,
+            actor=self.identity.name,
+        )
         self.publisher = CheckpointPublisher(
-            self.identity, self.audit, interval=self.checkpoint_interval
+            self.identity, self.audit, interval=self.checkpoint_interval, peers=self.peers
         )
         self.witness = Witness(
             self.identity, self.witness_store, audit=self.audit, clock=self.clock
         )
         self.queries = QueryEngine(
             identity=self.identity,
+            roster=self.roster,
             catalogue=self.catalogue,
             grants=self.grants,
             store=self.query_store,
@@ -91,6 +100,7 @@ class Node:
         self.aggregates = AggregateEngine(
             queries=self.queries,
             identity=self.identity,
+            roster=self.roster,
             catalogue=self.catalogue,
             grants=self.grants,
             store=self.query_store,
@@ -102,6 +112,14 @@ class Node:
             options=self.aggregate_options,
         )
 
+    def roster(self) -> Roster:
+        """The newest signed roster published into the node's bundle (see RosterFile)."""
+        return self.rosters.current()
+
+    def peers(self) -> list[Member]:
+        """The other nodes of the federation: the witnesses of this node's log."""
+        return [m for m in self.roster().with_role(Role.NODE) if m.name != self.name]
+
     def executor(self) -> Executor:
         """The node's long-lived process pool for masking (forkserver, safe beside gRPC)."""
         with self._pool_lock:
@@ -111,7 +129,7 @@ class Node:
 
     def send_points(self, peer: str, query_id: str, phase: str, points: list[bytes]) -> None:
         """Stream a masked set to ``peer`` (Peer.PsiSend) in bounded chunks."""
-        member = self.identity.roster.member(peer)
+        member = self.roster().member(peer)
         with NodeClient(self.identity, member, timeout=self.protocol_timeout) as client:
             client.psi_send(query_id, phase, points, chunk_points=PSI_CHUNK_POINTS)
 
@@ -119,7 +137,7 @@ class Node:
         self, peer: str, query_id: str, phase: str, points: list[bytes], items: list[bytes]
     ) -> None:
         """Stream an aggregate message to ``peer`` (AggregatePeer.Send) in bounded chunks."""
-        member = self.identity.roster.member(peer)
+        member = self.roster().member(peer)
         with NodeClient(self.identity, member, timeout=self.protocol_timeout) as client:
             client.aggregate_send(query_id, phase, points, items)
 

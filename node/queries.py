@@ -52,7 +52,7 @@ from govshare.node.catalog import Catalogue
 from govshare.node.checkpointer import CheckpointPublisher
 from govshare.node.governance import QueryKind, Role
 from govshare.node.grants import GrantStore
-from govshare.node.identity import Identity
+from govshare.node.identity import Identity, Roster
 from govshare.node.masking import apply_mask
 from govshare.node.policy import AccessRequest, Obligations, decide
 from govshare.node.query_plan import PsiPlan, Side, parse_plan
@@ -166,6 +166,7 @@ class QueryEngine:
         self,
         *,
         identity: Identity,
+        roster: Callable[[], Roster] | None = None,
         catalogue: Catalogue,
         grants: GrantStore,
         store: QueryStore,
@@ -178,6 +179,7 @@ class QueryEngine:
         rate_limit_per_minute: int = DEFAULT_RATE_LIMIT_PER_MINUTE,
     ) -> None:
         self._identity = identity
+        self._roster = roster or (lambda: identity.roster)
         self._catalogue = catalogue
         self._grants = grants
         self._store = store
@@ -352,7 +354,7 @@ class QueryEngine:
     ) -> Obligations:
         membership = plan.kind is QueryKind.PSI_MEMBERSHIP
         to_analyst = membership and plan.recipient is None and own is plan.left
-        recipient = self._identity.roster.member(plan.recipient) if plan.recipient else None
+        recipient = self._roster().member(plan.recipient) if plan.recipient else None
         access = AccessRequest(
             requester=caller.name,
             role=caller.role,

@@ -61,7 +61,7 @@ def create_server(
     """Start a node's server on ``address`` (``host:0`` picks a free port)."""
     server = grpc.server(
         ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=f"govshare-{node.name}"),
-        interceptors=[AuthInterceptor(lambda: node.identity.roster, audit=node.audit)],
+        interceptors=[AuthInterceptor(node.roster, audit=node.audit)],
         options=list(CHANNEL_OPTIONS),
     )
     catalog_pb2_grpc.add_CatalogServicer_to_server(CatalogService(node), server)

@@ -78,7 +78,7 @@ class PeerService(peer_pb2_grpc.PeerServicer):
         return peer_pb2.PingResponse(
             node=identity.name,
             jurisdiction=identity.jurisdiction,
-            roster_version=identity.roster.version,
+            roster_version=self._node.roster().version,
         )
 
     def Witness(

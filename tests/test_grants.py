@@ -116,10 +116,17 @@ def test_epsilon_refuses_non_terminating_fraction() -> None:
         format_epsilon(Fraction(1, 3))
 
 
-@given(st.integers(min_value=0, max_value=10**6), st.integers(min_value=0, max_value=12))
+@given(st.integers(min_value=0, max_value=10**6 - 1), st.integers(min_value=0, max_value=12))
 def test_epsilon_text_round_trips(units: int, scale: int) -> None:
     value = Fraction(units, 10**scale)
     assert parse_epsilon(format_epsilon(value)) == value
+
+
+def test_epsilon_beyond_the_text_form_is_refused_both_ways() -> None:
+    with pytest.raises(MalformedInput, match="below"):
+        format_epsilon(Fraction(10**6))
+    with pytest.raises(MalformedInput):
+        parse_epsilon("1000000")
 
 
 def test_ten_tenths_make_exactly_one() -> None:

@@ -1,0 +1,71 @@
+"""A serving node adopts a newly published roster without a restart, and refuses rollbacks."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import FederationFixture, build_federation
+
+from govshare.node.client import NodeClient
+from govshare.node.config import NodeConfig
+from govshare.node.governance import Role
+from govshare.node.identity import ROSTER, Identity
+from govshare.node.node import Node
+from govshare.node.server import create_server
+from govshare.protocols.errors import VerificationFailed
+
+
+@pytest.fixture
+def serving(tmp_path: Path) -> Iterator[tuple[FederationFixture, Node]]:
+    fed = build_federation(tmp_path)
+    config = NodeConfig.load(fed.node_home("tax"))
+    node = Node.from_config(config)
+    running = create_server(node, config.listen)
+    yield fed, node
+    running.stop(0)
+    node.close()
+
+
+def kinds(node: Node) -> list[str]:
+    return [e.decode().kind for e in node.audit.entries(0, node.audit.size)]
+
+
+def test_new_member_is_admitted_once_the_roster_is_published(
+    serving: tuple[FederationFixture, Node],
+) -> None:
+    fed, node = serving
+    federation, _ = fed.federation.enrol(
+        role=Role.ANALYST, name="bob", jurisdiction="CN", out=fed.root / "bob"
+    )
+    bob = Identity.load(fed.root / "bob")
+    with NodeClient.to(bob, "tax") as client, pytest.raises(VerificationFailed, match="bob"):
+        client.list_datasets()  # the node still holds the old roster
+    old_roster = (fed.node_home("tax") / ROSTER).read_bytes()
+    federation.publish_roster(fed.node_home("tax"))
+    with NodeClient.to(bob, "tax") as client:
+        assert client.list_datasets() == []
+    assert node.roster().version == federation.roster.version
+    assert "roster.updated" in kinds(node)
+
+    # A rollback to the older roster is refused and logged; bob stays admitted.
+    (fed.node_home("tax") / ROSTER).write_bytes(old_roster)
+    with NodeClient.to(bob, "tax") as client:
+        assert client.list_datasets() == []
+    assert node.roster().version == federation.roster.version
+    refused = [
+        e.decode().fields for e in node.audit.entries(0, node.audit.size)
+        if e.decode().kind == "roster.refused"
+    ]  # fmt: skip
+    assert refused and refused[-1]["reason"] == "rollback"
+
+
+def test_a_tampered_roster_file_is_refused(serving: tuple[FederationFixture, Node]) -> None:
+    fed, node = serving
+    path = fed.node_home("tax") / ROSTER
+    held = node.roster().version
+    path.write_bytes(path.read_bytes().replace(b'"CN"', b'"HK"', 1))
+    with NodeClient.to(fed.identity("civil"), "tax") as client:
+        assert client.ping().roster_version == held
+    assert "roster.refused" in kinds(node)
