@@ -66,6 +66,18 @@ def enrol(
     )
 
 
+@group.command("revoke")
+@_fed_dir
+@click.argument("name")
+def revoke(directory: Path, name: str) -> None:
+    """Remove a member from the roster; publish the roster for nodes to refuse it."""
+    federation = Federation.load(directory).revoke(name)
+    console.print(
+        f"{name} removed; roster version {federation.roster.version} "
+        "(run 'govshare federation publish' to hand it to the nodes)"
+    )
+
+
 @group.command("publish")
 @_fed_dir
 @click.argument(

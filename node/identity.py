@@ -351,8 +351,13 @@ class Federation:
         out: Path,
         now: dt.datetime | None = None,
         validity: dt.timedelta = MEMBER_VALIDITY,
+        reissue: bool = False,
     ) -> tuple[Federation, Member]:
         """Issue a member's keys and certificate into ``out`` and re-sign the roster.
+
+        With ``reissue`` an enrolled member gets new keys and a new certificate (a lost or
+        compromised key, a yearly renewal): once the roster is published, nodes refuse the old
+        certificate and signing key.
 
         Returns the federation with the new roster, and the new member.
         """
@@ -360,8 +365,14 @@ class Federation:
         validate_jurisdiction(jurisdiction)
         if role is Role.NODE and not ADDRESS_PATTERN.match(address):
             raise MalformedInput("a node needs --address HOST:PORT", field="address")
-        if any(m.name == name for m in self.roster.members):
-            raise AlreadyExists(f"{name!r} is already enrolled in {self.roster.federation!r}")
+        enrolled = any(m.name == name for m in self.roster.members)
+        if enrolled and not reissue:
+            raise AlreadyExists(
+                f"{name!r} is already enrolled in {self.roster.federation!r} "
+                "(--reissue replaces its keys)"
+            )
+        if reissue and not enrolled:
+            raise NotFound(f"{name!r} is not enrolled in {self.roster.federation!r}")
         now = now or _now()
         out.mkdir(parents=True, exist_ok=True)
         for filename in (TLS_KEY, SIGNING_KEY):
@@ -383,11 +394,12 @@ class Federation:
             ),
             tls_fingerprint=fingerprint(cert),
         )
+        others = tuple(m for m in self.roster.members if m.name != name)
         roster = replace(
             self.roster,
             version=self.roster.version + 1,
             issued_at=int(now.timestamp()),
-            members=(*self.roster.members, member),
+            members=(*others, member),
         )
         signed = roster.sign(self.ca_key)
         pkcs8 = serialization.PrivateFormat.PKCS8
@@ -406,6 +418,22 @@ class Federation:
         _write_atomic(self.directory / ROSTER, signed)
         _write_atomic(out / ROSTER, signed)
         return replace(self, roster=roster), member
+
+    def revoke(self, name: str, *, now: dt.datetime | None = None) -> Federation:
+        """Remove a member from the roster and re-sign it; once published, nodes refuse it.
+
+        Raises:
+            NotFound: no such member.
+        """
+        self.roster.member(name)
+        roster = replace(
+            self.roster,
+            version=self.roster.version + 1,
+            issued_at=int((now or _now()).timestamp()),
+            members=tuple(m for m in self.roster.members if m.name != name),
+        )
+        _write_atomic(self.directory / ROSTER, roster.sign(self.ca_key))
+        return replace(self, roster=roster)
 
     def publish_roster(self, bundle: Path) -> None:
         """Copy the current signed roster into a member's bundle."""

@@ -14,7 +14,7 @@ from govshare.node.governance import Role
 from govshare.node.identity import ROSTER, Identity
 from govshare.node.node import Node
 from govshare.node.server import create_server
-from govshare.protocols.errors import VerificationFailed
+from govshare.protocols.errors import NotFound, VerificationFailed
 
 
 @pytest.fixture
@@ -69,3 +69,33 @@ def test_a_tampered_roster_file_is_refused(serving: tuple[FederationFixture, Nod
     with NodeClient.to(fed.identity("civil"), "tax") as client:
         assert client.ping().roster_version == held
     assert "roster.refused" in kinds(node)
+
+
+def test_reissued_member_loses_its_old_certificate(
+    serving: tuple[FederationFixture, Node],
+) -> None:
+    fed, _ = serving
+    old = fed.identity("alice")
+    federation, _ = fed.federation.enrol(
+        role=Role.ANALYST, name="alice", jurisdiction="CN", out=fed.root / "alice-2",
+        reissue=True,
+    )  # fmt: skip
+    federation.publish_roster(fed.node_home("tax"))
+    with NodeClient.to(old, "tax") as client, pytest.raises(VerificationFailed, match="alice"):
+        client.list_datasets()
+    with NodeClient.to(Identity.load(fed.root / "alice-2"), "tax") as client:
+        assert client.list_datasets() == []
+
+
+def test_revoked_member_is_refused(serving: tuple[FederationFixture, Node]) -> None:
+    fed, node = serving
+    auditor = fed.identity("audra")
+    federation = fed.federation.revoke("hkana")
+    federation.publish_roster(fed.node_home("tax"))
+    with NodeClient.to(fed.identity("hkana"), "tax") as client:
+        with pytest.raises(VerificationFailed, match="hkana"):
+            client.list_datasets()
+    assert "hkana" not in {m.name for m in node.roster().members}
+    assert auditor.name in {m.name for m in node.roster().members}
+    with pytest.raises(NotFound):
+        federation.revoke("hkana")
