@@ -44,6 +44,7 @@ from govshare.node.audit_sink import AuditSink
 from govshare.node.governance import ColumnKind, DatasetInfo, QueryKind
 from govshare.node.identity import validate_name
 from govshare.node.store import opened
+from govshare.protocols.canonical import canonical_json
 from govshare.protocols.errors import MalformedInput, NotFound, VerificationFailed
 
 DOMAIN_TAG = b"govshare/grant/v1\n"
@@ -198,8 +199,7 @@ def canonical_bytes(grant: Grant) -> bytes:
         "max_queries": grant.max_queries,
         "issuer": grant.issuer,
     }
-    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return DOMAIN_TAG + text.encode("utf-8")
+    return DOMAIN_TAG + canonical_json(body)
 
 
 def verify_grant(grant: Grant, public_key: ed25519.Ed25519PublicKey) -> None:

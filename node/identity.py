@@ -37,6 +37,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from govshare.node.governance import Role
+from govshare.protocols.canonical import canonical_json
 from govshare.protocols.errors import (
     AlreadyExists,
     MalformedInput,
@@ -65,10 +66,6 @@ ADDRESS_PATTERN = re.compile(r"^[A-Za-z0-9.\-\[\]:]+:\d{1,5}$")
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
-
-
-def _canonical(value: Any) -> bytes:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def _write_private(path: Path, data: bytes) -> None:
@@ -175,7 +172,7 @@ class Roster:
         }
 
     def canonical_bytes(self) -> bytes:
-        return _canonical(self.to_json())
+        return canonical_json(self.to_json())
 
     def sign(self, ca_key: ec.EllipticCurvePrivateKey) -> bytes:
         """The signed-roster file: the roster and the CA's ECDSA signature over its bytes."""

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from govshare.protocols.auditverify import AuditEntry, decode_entry
+from govshare.protocols.canonical import canonical_json
 from govshare.protocols.checkpoint import MAX_NOTE_SIZE, Checkpoint, open_checkpoint
 from govshare.protocols.errors import MalformedInput, VerificationFailed
 from govshare.protocols.merkle import HASH_SIZE, MAX_TREE_SIZE, leaf_hash, verify_inclusion
@@ -173,7 +174,7 @@ def encode_receipt(receipt: Receipt) -> bytes:
             for part in receipt.parts
         ],
     }
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    return canonical_json(value)
 
 
 def _unb64(value: object, field: str) -> bytes:

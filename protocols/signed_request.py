@@ -29,6 +29,7 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from govshare.protocols.canonical import canonical_json
 from govshare.protocols.errors import MalformedInput, VerificationFailed
 
 DOMAIN = b"govshare/request/v1\n"
@@ -41,30 +42,6 @@ DEFAULT_LIFETIME_SECONDS = 3600
 # Clock skew tolerated between the analyst and a node.
 CLOCK_SKEW_SECONDS = 300
 MAX_BODY_BYTES = 1 << 20
-
-
-def canonical_json(value: Any) -> bytes:
-    """Sorted keys, no whitespace, UTF-8; floats refused (they have no canonical form)."""
-
-    def refuse_float(obj: Any) -> Any:
-        raise TypeError(f"not canonical JSON: {type(obj).__name__}")
-
-    def check(node: Any) -> None:
-        if isinstance(node, float):
-            raise TypeError("floats have no canonical encoding; use integers or strings")
-        if isinstance(node, dict):
-            for key, item in node.items():
-                if not isinstance(key, str):
-                    raise TypeError("JSON object keys must be strings")
-                check(item)
-        elif isinstance(node, list | tuple):
-            for item in node:
-                check(item)
-
-    check(value)
-    return json.dumps(
-        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=refuse_float
-    ).encode()
 
 
 @dataclass(frozen=True)

@@ -7,13 +7,9 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from govshare.protocols.canonical import canonical_json
 from govshare.protocols.errors import MalformedInput, VerificationFailed
-from govshare.protocols.signed_request import (
-    SignedRequest,
-    canonical_json,
-    sign_request,
-    verify_request,
-)
+from govshare.protocols.signed_request import SignedRequest, sign_request, verify_request
 
 KEY = ed25519.Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
 NOW = 1_790_000_000
