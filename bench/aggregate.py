@@ -201,7 +201,7 @@ def intersection_setup(root: Path, n: int) -> tuple[dict[str, tuple[int, int]], 
     the size of the matcher's filtered set."""
     data = root / "data"
     synth.generate(data, size=n, seed=11)
-    make_federation(root, ["civil", "tax"])
+    make_federation(root, ["civil", "tax"], protocol_timeout=step_timeout(n))
     register(
         root / "civil", data / f"{synth.CIVIL}.csv", dataset="assistance", columns=CIVIL_COLUMNS,
         granted=["id_number", "district", "amount"], kind=QueryKind.INTERSECTION_AGGREGATE,
@@ -220,6 +220,12 @@ def intersection_setup(root: Path, n: int) -> tuple[dict[str, tuple[int, int]], 
                 amount = min(max(int(row["amount"]), 0), AMOUNT_BOUND)
                 expected[row["district"]] = (count + 1, total + amount)
     return expected, len(high)
+
+
+def step_timeout(rows: int) -> float:
+    """Seconds one protocol step may take: the value holder encrypts every row at ~1.5 ms on
+    one core (the default 300 s would abort a 1M-row run mid-way)."""
+    return max(300.0, rows * 0.003)
 
 
 def intersection_plan() -> IntersectionPlan:
@@ -244,7 +250,9 @@ def run_intersection(root: Path, n: int, workers: int) -> None:
     with node_processes(root, ["civil", "tax"]) as processes:
         alice = Identity.load(root / ANALYST)
         start = time.perf_counter()
-        outcome = run_intersection_aggregate(alice, intersection_plan())
+        outcome = run_intersection_aggregate(
+            alice, intersection_plan(), run_timeout=2 * step_timeout(n)
+        )
         wall = time.perf_counter() - start
         rss = {name: tree_peak_rss_mb(p.pid) for name, p in processes.items()}
     check(outcome, expected, "amount")

@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from govshare.node.config import write_default
+from govshare.node.config import DEFAULT_PROTOCOL_TIMEOUT, write_default
 from govshare.node.governance import Role
 from govshare.node.identity import Federation, init_federation
 
@@ -29,8 +29,18 @@ def free_port() -> int:
         return port
 
 
-def make_federation(root: Path, nodes: Sequence[str], analyst: str = ANALYST) -> Federation:
-    """A federation under ``root``: one home per node (with its config) and the analyst's."""
+def make_federation(
+    root: Path,
+    nodes: Sequence[str],
+    analyst: str = ANALYST,
+    *,
+    protocol_timeout: float = DEFAULT_PROTOCOL_TIMEOUT,
+) -> Federation:
+    """A federation under ``root``: one home per node (with its config) and the analyst's.
+
+    ``protocol_timeout`` is how long a node waits for its peer's part: a large run's longest
+    step (the value holder encrypting every row) must fit in it.
+    """
     init_federation(root / "federation", "bench")
     federation = Federation.load(root / "federation")
     for name in nodes:
@@ -44,7 +54,13 @@ def make_federation(root: Path, nodes: Sequence[str], analyst: str = ANALYST) ->
     for bundle in (*nodes, analyst):
         federation.publish_roster(root / bundle)
     for name in nodes:
-        write_default(root / name, listen=federation.roster.member(name).address)
+        config = write_default(root / name, listen=federation.roster.member(name).address)
+        config.write_text(
+            config.read_text().replace(
+                f"protocol_timeout = {DEFAULT_PROTOCOL_TIMEOUT}",
+                f"protocol_timeout = {float(protocol_timeout)}",
+            )
+        )
     return federation
 
 
