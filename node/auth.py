@@ -162,72 +162,49 @@ class AuthInterceptor(_Interceptor):
         if handler is None:
             return None
         method: str = handler_call_details.method
+        # (behaviour, handler factory, response streams, request is one message to digest)
+        kinds: tuple[tuple[Any, Any, bool, bool], ...] = (
+            (handler.unary_unary, grpc.unary_unary_rpc_method_handler, False, True),
+            (handler.unary_stream, grpc.unary_stream_rpc_method_handler, True, True),
+            (handler.stream_unary, grpc.stream_unary_rpc_method_handler, False, False),
+            (handler.stream_stream, grpc.stream_stream_rpc_method_handler, True, False),
+        )
+        for behaviour, make, streams, single in kinds:
+            if behaviour is not None:
+                wrap = self._streaming if streams else self._unary
+                return make(  # type: ignore[no-any-return]
+                    wrap(method, behaviour, single),
+                    handler.request_deserializer,
+                    handler.response_serializer,
+                )
+        return handler
 
-        if handler.unary_unary is not None:
-            behaviour = handler.unary_unary
+    def _unary(self, method: str, behaviour: Any, single: bool) -> Any:
+        """Wrap a call with one response: admit, run as the caller, map errors."""
 
-            def unary_unary(request: Any, context: grpc.ServicerContext) -> Any:
-                caller = self._admit(context, method, request)
-                token = _CALLER.set(caller)
-                try:
-                    return behaviour(request, context)
-                except Exception as exc:
-                    self._fail(context, method, caller, exc)
-                finally:
-                    _CALLER.reset(token)
-
-            return grpc.unary_unary_rpc_method_handler(
-                unary_unary, handler.request_deserializer, handler.response_serializer
-            )
-
-        if handler.unary_stream is not None:
-            stream_behaviour = handler.unary_stream
-
-            def unary_stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-                caller = self._admit(context, method, request)
-                token = _CALLER.set(caller)
-                try:
-                    yield from stream_behaviour(request, context)
-                except Exception as exc:
-                    self._fail(context, method, caller, exc)
-                finally:
-                    _CALLER.reset(token)
-
-            return grpc.unary_stream_rpc_method_handler(
-                unary_stream, handler.request_deserializer, handler.response_serializer
-            )
-
-        if handler.stream_unary is not None:
-            client_stream = handler.stream_unary
-
-            def stream_unary(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
-                caller = self._admit(context, method, None)
-                token = _CALLER.set(caller)
-                try:
-                    return client_stream(requests, context)
-                except Exception as exc:
-                    self._fail(context, method, caller, exc)
-                finally:
-                    _CALLER.reset(token)
-
-            return grpc.stream_unary_rpc_method_handler(
-                stream_unary, handler.request_deserializer, handler.response_serializer
-            )
-
-        bidi = handler.stream_stream
-        if bidi is None:
-            return handler
-
-        def stream_stream(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
-            caller = self._admit(context, method, None)
+        def call(request: Any, context: grpc.ServicerContext) -> Any:
+            caller = self._admit(context, method, request if single else None)
             token = _CALLER.set(caller)
             try:
-                yield from bidi(requests, context)
+                return behaviour(request, context)
             except Exception as exc:
                 self._fail(context, method, caller, exc)
             finally:
                 _CALLER.reset(token)
 
-        return grpc.stream_stream_rpc_method_handler(
-            stream_stream, handler.request_deserializer, handler.response_serializer
-        )
+        return call
+
+    def _streaming(self, method: str, behaviour: Any, single: bool) -> Any:
+        """Wrap a call with streamed responses; the caller is set while the stream runs."""
+
+        def call(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            caller = self._admit(context, method, request if single else None)
+            token = _CALLER.set(caller)
+            try:
+                yield from behaviour(request, context)
+            except Exception as exc:
+                self._fail(context, method, caller, exc)
+            finally:
+                _CALLER.reset(token)
+
+        return call
