@@ -268,7 +268,7 @@ class AggregateEngine:
         with self._lock:
             session = self._sessions.get(query_id)
         if session is None:
-            raise Aborted(f"query {query_id} is not open on {self.name}; submit it again")
+            raise self._queries.not_open(query_id)
         return session
 
     # --- horizontal: ephemeral keys ------------------------------------------------------------

@@ -410,8 +410,20 @@ class QueryEngine:
         with self._lock:
             session = self._sessions.get(query_id)
         if session is None:
-            raise Aborted(f"query {query_id} is not open on {self.name}; submit it again")
+            raise self.not_open(query_id)
         return session
+
+    def not_open(self, query_id: str) -> Aborted:
+        """The error for a message about a query this node holds no protocol state for."""
+        try:
+            record = self._store.get(query_id)
+        except NotFound:
+            return Aborted(f"query {query_id} is not open on {self.name}; submit it again")
+        if record.state == FAILED:
+            return Aborted(f"query {query_id} was aborted on {self.name}: {record.message}")
+        return Aborted(
+            f"query {query_id} is {record.state} on {self.name}, not open; submit it again"
+        )
 
     def execute(
         self,

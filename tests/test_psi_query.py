@@ -23,6 +23,7 @@ from govshare.node.client import NodeClient
 from govshare.node.governance import QueryKind
 from govshare.node.query_plan import PsiPlan, Side
 from govshare.protocols.errors import (
+    Aborted,
     AlreadyExists,
     MalformedInput,
     PermissionDenied,
@@ -193,3 +194,21 @@ def test_garbage_request_is_invalid_argument_naming_the_field(
         fed.identity("alice").signing_key, analyst="alice", kind="psi_cardinality",
         body=plan().to_json(), now=int(time.time()),
     ).encode()) == "approved"  # fmt: skip
+
+
+def test_late_message_for_an_aborted_query_says_why(
+    fed: FederationFixture, psi_data: PsiData
+) -> None:
+    """civil never heard of the query, so tax's run fails; a message civil sends tax afterwards
+    is told the query was aborted there, and why."""
+    alice = fed.identity("alice")
+    request = sign_request(
+        alice.signing_key, analyst="alice", kind="psi_cardinality", body=plan().to_json(),
+        now=int(time.time()),
+    )  # fmt: skip
+    assert _submit(fed, "alice", request.encode(), node="tax") == "approved"
+    with NodeClient.to(alice, "tax") as client, pytest.raises(Aborted, match="not open on civil"):
+        client.run(request.query_id_hex, timeout=30)
+    with NodeClient.to(fed.identity("civil"), "tax") as peer:
+        with pytest.raises(Aborted, match=r"was aborted on tax: node civil: .*not open on civil"):
+            peer.psi_send(request.query_id_hex, "own", [], chunk_points=16)
