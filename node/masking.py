@@ -9,7 +9,8 @@ masking rule. The rules are a small named set, written ``name`` or ``name:N``:
 - ``hash_prefix`` — the first 16 hex digits of HMAC-SHA256 under a caller-supplied key.
   Keyed on purpose: an unkeyed hash of an 18-digit resident ID is brute-forced from the
   ~10^11 plausible IDs in minutes. Values masked under one key are linkable to each other
-  (that is the point: a recipient can count repeats) and to nothing else;
+  (that is the point: a recipient can count repeats) and to nothing else. A node keys each
+  column separately, from its own secret (``govshare.node.mask_key``);
 - ``year_only`` — a date ``YYYY-MM-DD``, ``YYYY/MM/DD`` or ``YYYYMMDD`` becomes ``YYYY``;
 - ``redact`` — the value becomes ``***`` whatever it was.
 
@@ -91,6 +92,16 @@ def parse_mask(text: str) -> MaskRule:
     if count_text is not None:
         raise MalformedInput(f"masking rule {name} takes no count", field="mask")
     return MaskRule(name)
+
+
+def needs_key(rule: str | MaskRule) -> bool:
+    """True if :func:`apply_mask` needs ``key`` for ``rule`` (``hash_prefix``).
+
+    Raises:
+        MalformedInput: the rule is unknown.
+    """
+    parsed = rule if isinstance(rule, MaskRule) else parse_mask(rule)
+    return parsed.name == HASH_PREFIX
 
 
 def apply_mask(rule: str | MaskRule, value: str, *, key: bytes | None = None) -> str:

@@ -28,6 +28,7 @@ from govshare.node.config import (
 from govshare.node.governance import DatasetInfo, Grade, Role
 from govshare.node.grants import GrantStore
 from govshare.node.identity import ROSTER, Identity, Member, Roster
+from govshare.node.mask_key import MaskSecret
 from govshare.node.queries import QueryEngine
 from govshare.node.query_store import QueryStore
 from govshare.node.roster_file import RosterFile
@@ -62,6 +63,9 @@ class Node:
     workers: int = 0  # processes for masking; 0 = one per CPU
     # Test-only switches of the aggregate engine; Node.from_config never sets them.
     aggregate_options: AggregateOptions = field(default_factory=AggregateOptions)
+    # The secret that keys hash_prefix releases (see mask_key); from_config loads it from the
+    # home, creating it on first use. A node built without one refuses hash_prefix releases.
+    mask_secret: MaskSecret | None = field(default=None, repr=False)
     publisher: CheckpointPublisher = field(init=False)
     witness: Witness = field(init=False)
     queries: QueryEngine = field(init=False)
@@ -127,6 +131,16 @@ class Node:
                 self._pool = ecdh_psi.make_pool(self.workers or None)
             return self._pool
 
+    def mask_key(self, dataset: str, column: str) -> bytes:
+        """The HMAC key of ``hash_prefix`` releases from ``dataset.column`` of this node.
+
+        Raises:
+            TypeError: the node was built without its masking secret.
+        """
+        if self.mask_secret is None:
+            raise TypeError(f"node {self.name} has no masking secret; build it with from_config")
+        return self.mask_secret.key(dataset, column)
+
     def send_points(self, peer: str, query_id: str, phase: str, points: list[bytes]) -> None:
         """Stream a masked set to ``peer`` (Peer.PsiSend) in bounded chunks."""
         member = self.roster().member(peer)
@@ -152,6 +166,7 @@ class Node:
             query_store=QueryStore(config.database_path),
             audit=AuditLog.open(config.audit_database_path),
             witness_store=WitnessStore(config.database_path),
+            mask_secret=MaskSecret.load_or_create(config.home),
             checkpoint_interval=config.checkpoint_interval,
             protocol_timeout=config.protocol_timeout,
             rate_limit_per_minute=config.rate_limit_per_minute,

@@ -1,11 +1,23 @@
-"""Masking rules: parsing, each rule's output, and refusals."""
+"""Masking rules: parsing, each rule's output, and refusals; the node's hash_prefix keys."""
 
 from __future__ import annotations
 
-import pytest
+import stat
+from pathlib import Path
 
-from govshare.node.masking import MaskRule, apply_mask, parse_mask
-from govshare.protocols.errors import MalformedInput
+import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from govshare.node.mask_key import (
+    INFO_PREFIX,
+    KEY_BYTES,
+    MASK_SECRET,
+    MaskSecret,
+    derive_mask_key,
+)
+from govshare.node.masking import MaskRule, apply_mask, needs_key, parse_mask
+from govshare.protocols.errors import AlreadyExists, MalformedInput, NotFound
 
 KEY = b"k" * 16
 
@@ -54,3 +66,94 @@ def test_bad_rules_are_malformed(text: str) -> None:
 def test_year_only_refuses_non_dates() -> None:
     with pytest.raises(MalformedInput, match="dates"):
         apply_mask("year_only", "March 1990")
+
+
+# --- the node's masking secret and its per-column hash_prefix keys --------------------------
+
+SECRET = bytes(range(32))
+
+
+def test_key_is_deterministic_per_secret_dataset_and_column() -> None:
+    key = derive_mask_key(SECRET, "residents", "id_number")
+    assert len(key) == KEY_BYTES == 32
+    assert derive_mask_key(SECRET, "residents", "id_number") == key
+    assert MaskSecret(SECRET).key("residents", "id_number") == key
+    others = {
+        derive_mask_key(SECRET, "residents", "spouse_id"),
+        derive_mask_key(SECRET, "registry", "id_number"),
+        derive_mask_key(bytes(32), "residents", "id_number"),
+        # Length prefixes keep the split between dataset and column in the derivation.
+        derive_mask_key(SECRET, "residentsi", "d_number"),
+    }
+    assert key not in others and len(others) == 4
+    released = apply_mask("hash_prefix", "110101199003071234", key=key)
+    assert released != apply_mask(
+        "hash_prefix", "110101199003071234", key=derive_mask_key(SECRET, "residents", "spouse_id")
+    )
+
+
+def test_key_is_hkdf_sha256_over_the_named_info() -> None:
+    """Pins the derivation (a changed one would silently change every released pseudonym)."""
+    info = INFO_PREFIX + b"\x00\x09residents" + b"\x00\x09id_number"
+    expected = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(SECRET)
+    assert derive_mask_key(SECRET, "residents", "id_number") == expected
+    assert b"govshare" in INFO_PREFIX
+
+
+@pytest.mark.parametrize("secret", [b"", b"x" * 31, b"x" * 33, "x" * 32])
+def test_key_needs_a_32_byte_secret(secret: object) -> None:
+    with pytest.raises(TypeError):
+        derive_mask_key(secret, "residents", "id_number")  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        MaskSecret(secret)  # type: ignore[arg-type]
+
+
+def test_secret_file_is_created_once_with_mode_0600(tmp_path: Path) -> None:
+    first = MaskSecret.load_or_create(tmp_path)
+    path = tmp_path / MASK_SECRET
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert len(path.read_bytes()) == 32
+    assert MaskSecret.load_or_create(tmp_path).key("d", "c") == first.key("d", "c")
+    assert MaskSecret.load(path).key("d", "c") == first.key("d", "c")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [MASK_SECRET]  # no temporary left
+    assert SECRET.hex() not in repr(first) and "hidden" in repr(first)
+    with pytest.raises(AlreadyExists):
+        MaskSecret.create(path, secret=SECRET)
+    assert MaskSecret.load(path).key("d", "c") == first.key("d", "c")  # never overwritten
+
+
+def test_secrets_of_two_homes_differ(tmp_path: Path) -> None:
+    for home in ("a", "b"):
+        (tmp_path / home).mkdir()
+    a, b = (MaskSecret.load_or_create(tmp_path / home) for home in ("a", "b"))
+    assert a.key("d", "c") != b.key("d", "c")
+
+
+def test_create_with_an_explicit_secret(tmp_path: Path) -> None:
+    made = MaskSecret.create(tmp_path / MASK_SECRET, secret=SECRET)
+    assert (tmp_path / MASK_SECRET).read_bytes() == SECRET
+    assert made.key("residents", "id_number") == derive_mask_key(SECRET, "residents", "id_number")
+
+
+@pytest.mark.parametrize("size", [0, 16, 31, 33])
+def test_a_secret_file_of_the_wrong_size_is_refused(tmp_path: Path, size: int) -> None:
+    path = tmp_path / MASK_SECRET
+    path.write_bytes(b"s" * size)
+    with pytest.raises(MalformedInput, match=f"holds {size} bytes, not 32") as caught:
+        MaskSecret.load(path)
+    assert caught.value.field == MASK_SECRET
+    with pytest.raises(MalformedInput, match="not 32"):
+        MaskSecret.load_or_create(tmp_path)  # a damaged secret is never silently replaced
+    assert path.read_bytes() == b"s" * size
+
+
+def test_a_missing_secret_file_is_not_found(tmp_path: Path) -> None:
+    with pytest.raises(NotFound):
+        MaskSecret.load(tmp_path / MASK_SECRET)
+
+
+def test_only_hash_prefix_needs_a_key() -> None:
+    assert needs_key("hash_prefix") and needs_key(MaskRule("hash_prefix"))
+    assert not any(needs_key(r) for r in ("keep_last:4", "keep_first:2", "year_only", "redact"))
+    with pytest.raises(MalformedInput):
+        needs_key("shuffle")
