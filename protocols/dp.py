@@ -36,11 +36,24 @@ other node adds zeros (:func:`noise_share`). Reasons and trade-offs:
 Suppression: a figure whose *noisy* count is below ``k`` is withheld (:func:`suppressed`).
 Deciding on the noisy count, never the true one, keeps suppression a post-processing of the DP
 output.
+
+Shifted, truncated discrete Laplace (for DP PSI-CA, see ``ecdh_psi``'s "DP PSI-CA"): noise
+realised as a number of *dummy keys* must be a non-negative count, so the noise is
+``d = t + Z`` with ``Z`` discrete Laplace of scale ``1/epsilon`` conditioned on ``|Z| <= t``
+(:func:`shifted_truncated_laplace`, rejection sampling over the exact sampler), ``d`` in
+``[0, 2t]``. ``x + d`` for a count ``x`` of sensitivity 1 is ``(epsilon, delta(t))``-DP with
+``delta(t) = e^{-epsilon t} (1 - e^{-epsilon}) / (1 + e^{-epsilon} - 2 e^{-epsilon (t+1)})``
+(:func:`truncated_delta`): the likelihood ratio of neighbouring outputs stays within
+``e^epsilon`` except at the two ends of the support, each of mass ``P(Z = t)``. Since
+``delta(t) < e^{-epsilon t}``, the shift :func:`truncation_shift` -- the least integer ``t``
+with ``e^{-epsilon t} <= delta``, decided exactly from the rational ``epsilon`` -- bounds the
+true delta by ``delta`` (default :data:`PSI_DELTA` = 2^-30).
 """
 
 from __future__ import annotations
 
 import decimal
+import functools
 import math
 import random
 import secrets
@@ -52,6 +65,8 @@ from govshare.protocols.errors import MalformedInput
 
 __all__ = [
     "DEFAULT_CONFIDENCE",
+    "MAX_PSI_SHIFT",
+    "PSI_DELTA",
     "bernoulli",
     "bernoulli_exp",
     "designated_node",
@@ -63,7 +78,11 @@ __all__ = [
     "laplace_tail_bound",
     "noise_share",
     "release",
+    "shifted_truncated_laplace",
     "suppressed",
+    "truncated_delta",
+    "truncated_laplace_interval",
+    "truncation_shift",
 ]
 
 DEFAULT_CONFIDENCE: Final = Fraction(95, 100)
@@ -71,6 +90,19 @@ DEFAULT_CONFIDENCE: Final = Fraction(95, 100)
 # bignum work a bad parameter can cause.
 _MAX_SCALE: Final = Fraction(2**64)
 _DECIMAL_DIGITS: Final = 60
+# delta of the DP PSI-CA release (truncated noise): 2^-30 ~ 9.3e-10, below 1/n for sets under
+# 10^9 rows. The usual rule asks delta << 1/n, so a much larger register deserves a smaller
+# delta (truncation_shift takes one; every party must then use the same).
+PSI_DELTA: Final = Fraction(1, 2**30)
+# Largest truncation shift: a node adds up to 4 * shift dummy keys (two X25519 multiplications
+# each), so 10^6 caps the overhead at about 8 * 10^6 multiplications per node (~5 core-minutes
+# here). PSI_DELTA reaches it at epsilon ~ 2.08e-5, far below any budget a grant would allow.
+MAX_PSI_SHIFT: Final = 10**6
+# ln bounds from the atanh series: 40 terms bound ln 2 within 2 * 3^-81 < 2^-127; doubled until
+# the shift is decided, up to 2^12 terms (width below 2^-12000). In practice the first step
+# decides: ln(1/delta)/epsilon would have to lie within ~2^-120 of an integer.
+_LN_FIRST_TERMS: Final = 40
+_LN_MAX_TERMS: Final = 2**12
 
 T = TypeVar("T")
 
@@ -280,3 +312,180 @@ def suppressed(noisy_count: int, k: int) -> bool:
 def release(value: T, noisy_count: int, k: int) -> T | None:
     """``value`` if its group's noisy count reaches ``k``, else None (suppressed)."""
     return None if suppressed(noisy_count, k) else value
+
+
+# -- shifted, truncated discrete Laplace (DP PSI-CA) --------------------------------------------
+
+
+def _atanh_bounds(y: Fraction, terms: int) -> tuple[Fraction, Fraction]:
+    # atanh(y) = sum_{n>=0} y^(2n+1) / (2n+1) for 0 <= y < 1; every term is positive and the
+    # tail after `terms` terms is at most y^(2 terms + 1) / ((2 terms + 1) (1 - y^2)).
+    total = Fraction(0)
+    power = y
+    y2 = y * y
+    for n in range(terms):
+        total += power / (2 * n + 1)
+        power *= y2
+    return total, total + power / ((2 * terms + 1) * (1 - y2))
+
+
+@functools.lru_cache(maxsize=64)
+def _ln_bounds(x: Fraction, terms: int) -> tuple[Fraction, Fraction]:
+    """Rational ``lo <= ln(x) <= hi`` for rational ``x >= 1``.
+
+    ``x = 2^k m`` with ``1 <= m < 2``; ``ln x = 2k atanh(1/3) + 2 atanh((m-1)/(m+1))``
+    (``ln 2 = 2 atanh(1/3)``), each series bounded as in :func:`_atanh_bounds`.
+    """
+    k = x.numerator.bit_length() - x.denominator.bit_length()
+    if x < Fraction(2) ** k:
+        k -= 1
+    m = x / Fraction(2) ** k
+    ln2_lo, ln2_hi = _atanh_bounds(Fraction(1, 3), terms)
+    m_lo, m_hi = _atanh_bounds((m - 1) / (m + 1), terms)
+    return 2 * (k * ln2_lo + m_lo), 2 * (k * ln2_hi + m_hi)
+
+
+def _positive_epsilon(epsilon: Fraction | int) -> Fraction:
+    eps = _fraction(epsilon, "epsilon")
+    if eps <= 0:
+        raise MalformedInput("epsilon must be > 0", field="epsilon")
+    return eps
+
+
+def truncation_shift(epsilon: Fraction | int, delta: Fraction = PSI_DELTA) -> int:
+    """The least integer ``t`` with ``exp(-epsilon * t) <= delta``: ``ceil(ln(1/delta) / epsilon)``.
+
+    Decided exactly, never in floating point, so that the analyst and both nodes always agree:
+    ``ln(1/delta)`` is enclosed in rational bounds (:func:`_ln_bounds`; for the default delta,
+    ``30 ln 2`` within ``2^-128``) that are tightened until both give the same ceiling.
+    ``ln(1/delta) / epsilon`` is never an integer (``ln`` of a rational other than 1 is
+    transcendental, Hermite-Lindemann), so the refinement ends; an epsilon whose fraction is so
+    long that 2^12 series terms cannot decide it is refused.
+
+    The truncated mechanism's true delta, :func:`truncated_delta`, is then below ``delta``.
+
+    Raises:
+        TypeError: a float (or other non-rational) epsilon or delta.
+        MalformedInput: ``epsilon <= 0``; ``delta`` outside ``(0, 1/2]``; or the shift would
+            exceed :data:`MAX_PSI_SHIFT` (epsilon too small).
+    """
+    eps = _positive_epsilon(epsilon)
+    target = _fraction(delta, "delta")
+    if not 0 < target <= Fraction(1, 2):
+        raise MalformedInput("delta must be in (0, 1/2]", field="delta")
+    terms = _LN_FIRST_TERMS
+    while True:
+        lo, hi = _ln_bounds(1 / target, terms)
+        shift = math.ceil(lo / eps)
+        if shift > MAX_PSI_SHIFT:
+            raise MalformedInput(
+                f"epsilon {eps} needs a truncation shift above {MAX_PSI_SHIFT}", field="epsilon"
+            )
+        if math.ceil(hi / eps) == shift:
+            return shift
+        terms *= 2
+        if terms > _LN_MAX_TERMS:
+            raise MalformedInput(
+                "epsilon's fraction is too long to decide its truncation shift", field="epsilon"
+            )
+
+
+def _check_shift(eps: Fraction, shift: int) -> int:
+    if not isinstance(shift, int) or isinstance(shift, bool):
+        raise TypeError("shift must be an int")
+    if not 1 <= shift <= MAX_PSI_SHIFT:
+        raise MalformedInput(f"shift must be in [1, {MAX_PSI_SHIFT}]", field="shift")
+    # 2 epsilon shift >= 1 keeps the rejection sampler's acceptance probability above
+    # 1 - e^(-1/2) > 0.39; every truncation_shift (delta <= 1/2) satisfies it.
+    if 2 * eps * shift < 1:
+        raise MalformedInput("shift must be at least half the scale 1/epsilon", field="shift")
+    return shift
+
+
+def shifted_truncated_laplace(
+    epsilon: Fraction | int, shift: int, rng: random.Random | None = None
+) -> int:
+    """``shift + Z``: ``Z`` discrete Laplace of scale ``1/epsilon`` conditioned on
+    ``|Z| <= shift``, so the result lies in ``[0, 2 * shift]``.
+
+    Exact: draws of :func:`discrete_laplace` outside ``[-shift, shift]`` are rejected and
+    redrawn (with ``shift = truncation_shift(epsilon)`` a rejection has probability below
+    ``2 * PSI_DELTA``). Adding it to a count of sensitivity 1 is
+    ``(epsilon, truncated_delta(epsilon, shift))``-DP.
+
+    Args:
+        epsilon: positive rational; the scale is ``1/epsilon`` (sensitivity 1).
+        shift: normally :func:`truncation_shift` of ``epsilon``; at least ``1/(2 epsilon)``.
+        rng: random source; ``secrets.SystemRandom()`` when None.
+
+    Raises:
+        TypeError: a float epsilon or a non-int shift.
+        MalformedInput: ``epsilon <= 0``, or ``shift`` out of range.
+    """
+    eps = _positive_epsilon(epsilon)
+    checked = _check_shift(eps, shift)
+    scale = _check_scale(1 / eps)
+    source = _rng(rng)
+    while True:
+        z = _discrete_laplace(scale, source)
+        if -checked <= z <= checked:
+            return checked + z
+
+
+def _exp_minus(eps: Fraction) -> decimal.Decimal:
+    return (-decimal.Decimal(eps.numerator) / decimal.Decimal(eps.denominator)).exp()
+
+
+def truncated_delta(epsilon: Fraction | int, shift: int) -> float:
+    """The exact delta of the shifted truncated mechanism, ``P(Z = shift)`` under truncation:
+    ``q^t (1 - q) / (1 + q - 2 q^(t+1))`` with ``q = e^-epsilon``, ``t = shift``.
+
+    A reporting figure (60-digit decimal, returned as a float); the sampler never uses it.
+    Always below ``q^t``, hence below ``delta`` for ``shift = truncation_shift(epsilon, delta)``.
+    """
+    eps = _positive_epsilon(epsilon)
+    t = _check_shift(eps, shift)
+    with decimal.localcontext() as ctx:
+        ctx.prec = _DECIMAL_DIGITS
+        q = _exp_minus(eps)
+        return float(q**t * (1 - q) / (1 + q - 2 * q ** (t + 1)))
+
+
+def truncated_laplace_interval(
+    epsilon: Fraction | int, shift: int, confidence: Fraction = DEFAULT_CONFIDENCE
+) -> int:
+    """The least ``h`` in ``[0, shift]`` with ``P(|Z| <= h) >= confidence`` for the truncated
+    noise ``Z`` of :func:`shifted_truncated_laplace` (``d - shift``).
+
+    The analyst's interval for a noisy count ``c = x + d`` is ``x`` in
+    ``[c - shift - h, c - shift + h]`` with at least that probability (default 95%), inside the
+    hard bounds ``[c - 2 shift, c]``. Computed like :func:`laplace_interval` in 60-digit decimal
+    and checked at ``h`` and ``h - 1``; capped at ``shift``, where the probability is 1.
+    """
+    eps = _positive_epsilon(epsilon)
+    t = _check_shift(eps, shift)
+    conf = _fraction(confidence, "confidence")
+    if not 0 < conf < 1:
+        raise MalformedInput("confidence must be in (0, 1)", field="confidence")
+    with decimal.localcontext() as ctx:
+        ctx.prec = _DECIMAL_DIGITS
+        q = _exp_minus(eps)
+        if q == 0:  # epsilon so large that P(Z = 0) rounds to 1
+            return 0
+        alpha = decimal.Decimal(conf.denominator - conf.numerator) / conf.denominator
+        beyond_shift = _tail_probability(q, t)
+
+        def tail(h: int) -> decimal.Decimal:
+            # P(|Z| > h | |Z| <= t) for the untruncated tail P(|Z| > k) = 2 q^(k+1) / (1+q).
+            return (_tail_probability(q, h) - beyond_shift) / (1 - beyond_shift)
+
+        # Truncation only shrinks the tails, so the untruncated interval (or t, where the tail
+        # is 0) is an upper end; bisect for the least h with tail(h) <= alpha (tail decreases).
+        low, high = 0, min(t, laplace_interval(1 / eps, conf))
+        while low < high:
+            middle = (low + high) // 2
+            if tail(middle) <= alpha:
+                high = middle
+            else:
+                low = middle + 1
+        return high

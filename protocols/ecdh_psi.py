@@ -70,6 +70,78 @@ from two queries would then be linkable, which the query id in H also prevents).
 parties are out of scope: a party may send any points of the right form, and a holder who
 masks a different set is not detected.
 
+DP PSI-CA
+---------
+The exact PSI-CA gives C ``|A ∩ B|``. Its DP variant (DESIGN.md "noise by default") hides it
+behind *dummy keys*, counts of which are drawn from :mod:`govshare.protocols.dp`'s shifted,
+truncated discrete Laplace: scale ``1/ε`` (sensitivity 1), shift ``t = dp.truncation_shift(ε)``
+(the least ``t`` with ``e^{-εt} <= δ``, ``δ = dp.PSI_DELTA = 2^-30``), values in ``[0, 2t]``.
+L is the plan's left node (the designated node), R the right node::
+
+    L: d   ~ t + Z, Z ~ DLap(1/ε) given |Z| <= t;  D = d dummy keys  -> R  (draw_shared_dummies)
+    L: E_L = e_L dummy keys, e_L drawn like d, kept secret              (draw_private_dummies)
+    R: checks D (check_shared_dummies); E_R = e_R dummy keys, kept secret
+    L: PSI-CA with pad_with_dummies(A, D, E_L);  R: with pad_with_dummies(B, D, E_R)
+    C: count = |A ∩ B| + d;  sizes |A| + d + e_L and |B| + d + e_R
+
+The keys of D are in both padded sets, so all ``d`` land in the intersection; private dummies
+never match. :func:`dp_cardinality_locally` runs this in one process, and
+:func:`dp_cardinality_estimate` is C's reading: estimate ``count - t`` (unbiased: ``Z`` is
+symmetric), a 95% interval from the truncated distribution, and the hard bound
+``count - 2t <= |A ∩ B| <= count`` that the truncation guarantees.
+
+Why private dummies: C sees the sizes of both doubly masked sets. With shared dummies only,
+``(|A| + d) - (|A ∩ B| + d) = |A \\ B|`` exactly, and with a one-row filter that is a membership
+oracle. With them, C's view ``(count, |A|+d+e_L, |B|+d+e_R)`` is a bijective post-processing of
+``(|A ∩ B| + d, |A \\ B| + e_L, |B \\ A| + e_R)``: three counts each with independent noise.
+
+ε and δ: adding or removing one row of either (filtered) set changes exactly one of those three
+counts by one, so the release is ``(ε, δ')``-DP per row of each set, with
+``δ' = dp.truncated_delta(ε, t) < e^{-εt} <= δ``. Charge ``ε`` per dataset under add/remove
+neighbours; a row whose key *changes* can move from ``A ∩ B`` to ``A \\ B``, which is
+``(2ε, 2δ')`` by composition.
+
+Who learns what (semi-honest; no node colludes with C):
+
+- C: ``count`` and the two sizes, i.e. the DP view above; never ``d``, ``e_L``, ``e_R`` or any
+  dummy key (D travels only from L to R).
+- L: ``d`` (it drew it), ``e_L``, and the size of R's once-masked set, ``|B| + d + e_R``, so
+  ``|B| + e_R``: a DP version of ``|B|`` where the exact PSI-CA reveals ``|B|``.
+- R: ``d`` (it receives D), ``e_R``, and ``|A| + e_L`` likewise.
+- ``d`` says nothing about the data (drawn independently of it), and neither node learns
+  ``|A ∩ B|``. Dummy points are indistinguishable from real ones under DDH, as every masked
+  point is.
+
+Assumption: *both* nodes know ``d`` -- L draws it, R must hash and mask D like its own keys. A
+node colluding with C hands it ``|A ∩ B|`` (and, with that node's own ``e``, its set's
+``|A \\ B|``) exactly: no worse than the exact PSI-CA, but without DP. This is the model of
+:mod:`~govshare.protocols.dp`'s designated-noise node (L draws the noise, the plan names it, the
+audit log records it), extended to R because R sees D. Semi-honest only: L could send more or
+fewer dummies than drawn, R only checks ``d <= 2t``.
+
+Driver rules: the dummies must look like rows in everything the peer sees. Pad *before* the first
+masking and stream the padded set (:func:`pad_with_dummies` mixes the dummies in at uniformly
+random positions); never send dummies in a separate message or chunk, whose boundary would reveal
+the real size. Draw D and both E afresh for every query: the dummies are keys hashed with the
+query id, never reused. R and C compute ``t`` themselves from the plan's exact ε.
+
+Dummy keys (:func:`dummy_keys`): 32 random bytes with bit 255 clear and value below p, i.e.
+canonical u-coordinates, so D travels as a point chunk (:func:`encode_points` /
+:func:`decode_points`); they are *keys*, hashed by ``H`` like every key. A dummy is uniform over the
+``p = 2^255 - 19`` canonical values, so it equals a given real key (normalised UTF-8 text; only a
+32-byte key could) with probability ``1/p ≈ 2^-255``: below ``2^-200`` for a whole run with sets
+under 2^30 keys. The at most ``n = 6t`` dummies of one run (D, E_L, E_R) include two equal ones
+with probability below ``n^2 / 2^256``, under ``2^-210`` for ``t <= dp.MAX_PSI_SHIFT``.
+:func:`pad_with_dummies` refuses a repeat within one node's set; a private dummy of L equal to
+one of R (same bound) would add one to the count.
+
+Overhead: ``d``, ``e_L``, ``e_R`` each lie in ``[0, 2t]`` with mean ``t``. Each node's set grows
+by ``d + e <= 4t`` keys (mean ``2t``); each extra key costs two X25519 multiplications (its
+owner's and the peer's), so a run costs at most ``16t`` more (mean ``8t``). Bytes: D is
+``32 d <= 64t`` from L to R, and each of the four point messages (``XA``, ``YB``, ``XAB``,
+``YBA``) grows by at most ``128t``. ``t`` is 208 at ε = 0.1, 42 at 0.5, 21 at 1 and 11 at 2
+(at most 832, 168, 84 and 44 extra keys per node): noise against sets of a million rows.
+
 Performance: the cost is one X25519 scalar multiplication per item per masking (each item is
 masked twice), about 29,000 per second per core here with OpenSSL. :func:`mask_many` and
 :func:`hash_and_mask_many` split the work into chunks for a process pool (the scalar travels to
@@ -85,14 +157,18 @@ import hashlib
 import math
 import multiprocessing
 import os
+import random
 import secrets
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor
+from dataclasses import dataclass
+from fractions import Fraction
 from functools import partial
 from typing import TypeVar
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
+from govshare.protocols import dp
 from govshare.protocols.errors import MalformedInput
 
 T = TypeVar("T")
@@ -110,6 +186,8 @@ DEFAULT_CHUNK_POINTS = 4096
 MAX_CHUNK_POINTS = 65_536
 # A pool worker gets at least this many chunks, so that uneven finishing times even out.
 _CHUNKS_PER_WORKER = 4
+# Most dummy keys one draw gives: a shifted truncated noise value is at most 2 * shift.
+MAX_DUMMY_KEYS = 2 * dp.MAX_PSI_SHIFT
 
 
 # --- items, scalars, masking ---------------------------------------------------------------
@@ -505,13 +583,27 @@ def cardinality_locally(
 
     The reference for a networked driver: every intermediate value here is one message.
     """
+    xab, yba = _doubly_masked_sets(a, a_keys, b, b_keys, workers=workers, executor=executor)
+    return count_matches(xab, yba)  # C
+
+
+def _doubly_masked_sets(
+    a: PsiParty,
+    a_keys: Sequence[bytes],
+    b: PsiParty,
+    b_keys: Sequence[bytes],
+    *,
+    workers: int | None,
+    executor: Executor | None,
+) -> tuple[list[bytes], list[bytes]]:
+    # The PSI-CA messages up to what reaches C: (XAB, YBA).
     if a.query_id != b.query_id:
         raise MalformedInput("parties disagree on the query id", field="query_id")
     xa = a.mask_own(a_keys, workers=workers, executor=executor)  # A -> B
     yb = b.mask_own(b_keys, workers=workers, executor=executor)  # B -> A
     xab = shuffle(b.mask_peer(xa, workers=workers, executor=executor))  # B -> C
     yba = shuffle(a.mask_peer(yb, workers=workers, executor=executor))  # A -> C
-    return count_matches(xab, yba)  # C
+    return xab, yba
 
 
 def membership_locally(
@@ -531,3 +623,242 @@ def membership_locally(
     ys = shuffle(sender.mask_own(sender_keys, workers=workers, executor=executor))  # S -> R
     ysr = receiver.mask_peer(ys, workers=workers, executor=executor)
     return matching_positions(xrs, ysr)
+
+
+# --- DP PSI-CA: dummy keys (see "DP PSI-CA" above) ---------------------------------------------
+
+
+def dummy_keys(n: int, rng: random.Random | None = None) -> list[bytes]:
+    """``n`` distinct random dummy keys: 32 bytes each, canonical u-coordinates (bit 255 clear,
+    value below p), so that they pass :func:`decode_points`.
+
+    Args:
+        n: how many, at most :data:`MAX_DUMMY_KEYS`.
+        rng: random source (``randbytes``); ``secrets.SystemRandom()`` (``os.urandom``) when
+            None. A seeded source is for tests only: dummy keys must be unpredictable.
+
+    Raises:
+        TypeError: ``n`` is not a non-negative int.
+        MalformedInput: ``n`` above :data:`MAX_DUMMY_KEYS`.
+    """
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        raise TypeError("n must be a non-negative int")
+    if n > MAX_DUMMY_KEYS:
+        raise MalformedInput(f"at most {MAX_DUMMY_KEYS} dummy keys", field="n")
+    source = rng if rng is not None else secrets.SystemRandom()
+    keys: list[bytes] = []
+    seen: set[bytes] = set()
+    while len(keys) < n:
+        raw = bytearray(source.randbytes(POINT_SIZE))
+        raw[31] &= 0x7F
+        key = bytes(raw)
+        # Redraw u >= p (probability 19 / 2^255) rather than reduce, so keys stay uniform;
+        # and a repeat (probability ~ n / 2^255).
+        if int.from_bytes(key, "little") >= P or key in seen:
+            continue
+        seen.add(key)
+        keys.append(key)
+    return keys
+
+
+def _draw_dummies(epsilon: Fraction | int, rng: random.Random | None) -> list[bytes]:
+    shift = dp.truncation_shift(epsilon)
+    return dummy_keys(dp.shifted_truncated_laplace(epsilon, shift, rng), rng)
+
+
+def draw_shared_dummies(epsilon: Fraction | int, rng: random.Random | None = None) -> list[bytes]:
+    """The designated (left) node's shared dummies D: ``d = dp.shifted_truncated_laplace(ε, t)``
+    fresh dummy keys, ``t = dp.truncation_shift(ε)``, so ``0 <= d <= 2t``.
+
+    The left node sends D to the right node (a point chunk, :func:`encode_points`) and both add
+    it to their own keys (:func:`pad_with_dummies`). Never to the analyst. Fresh per query.
+
+    Raises:
+        TypeError: a float epsilon.
+        MalformedInput: ``epsilon <= 0`` or too small (shift above ``dp.MAX_PSI_SHIFT``).
+    """
+    return _draw_dummies(epsilon, rng)
+
+
+def draw_private_dummies(epsilon: Fraction | int, rng: random.Random | None = None) -> list[bytes]:
+    """A node's private dummies E: drawn exactly like :func:`draw_shared_dummies`, independently,
+    and kept by the node (each node draws its own). They never match, and hide the node's set
+    size from the analyst (and from the peer).
+
+    Raises:
+        TypeError: a float epsilon.
+        MalformedInput: ``epsilon <= 0`` or too small.
+    """
+    return _draw_dummies(epsilon, rng)
+
+
+def check_shared_dummies(keys: Sequence[bytes], *, epsilon: Fraction | int) -> list[bytes]:
+    """The right node's check of the shared dummies D it received: at most
+    ``2 * dp.truncation_shift(ε)`` keys, each a canonical 32-byte u-coordinate, all distinct.
+
+    D may arrive in several chunks (more than :data:`MAX_CHUNK_POINTS` only for ε below about
+    6e-4): decode each with :func:`decode_points` and pass their concatenation. The count itself
+    cannot be checked further (semi-honest model).
+
+    Raises:
+        TypeError: a key is not bytes, or a float epsilon.
+        MalformedInput: too many keys, a malformed or repeated key, or a bad epsilon.
+    """
+    limit = 2 * dp.truncation_shift(epsilon)
+    if len(keys) > limit:
+        raise MalformedInput(
+            f"{len(keys)} shared dummy keys, at most {limit} for this epsilon", field="dummies"
+        )
+    checked = decode_points(encode_points(keys), max_points=limit)
+    _require_distinct(checked, "dummies")
+    return checked
+
+
+def pad_with_dummies(
+    keys: Sequence[bytes],
+    shared: Sequence[bytes],
+    private: Sequence[bytes],
+    *,
+    rng: random.Random | None = None,
+) -> list[bytes]:
+    """A node's keys with the shared and its private dummies mixed in at uniformly random
+    positions: the set the node runs PSI-CA on (:meth:`PsiParty.mask_own`).
+
+    The real keys keep their relative order; the dummies take a uniformly random set of
+    positions, in random order. (Order is not secret -- every masked point looks random -- but
+    mixing keeps the dummies out of any chunk or message of their own.)
+
+    Args:
+        rng: source of the positions; ``secrets.SystemRandom()`` when None.
+
+    Raises:
+        MalformedInput: a key occurs twice in the result (repeated keys, or a dummy equal to a
+            real key: probability about 2^-255 per pair).
+    """
+    dummies = [*shared, *private]
+    total = len(keys) + len(dummies)
+    if len(set(keys).union(dummies)) != total:
+        raise MalformedInput("keys and dummy keys must all be distinct", field="keys")
+    source = rng if rng is not None else secrets.SystemRandom()
+    source.shuffle(dummies)
+    slots = set(source.sample(range(total), len(dummies)))
+    real = iter(keys)
+    mixed = iter(dummies)
+    return [next(mixed) if i in slots else next(real) for i in range(total)]
+
+
+@dataclass(frozen=True, slots=True)
+class DpCardinality:
+    """What the analyst sees of a DP PSI-CA: the match count and both doubly masked set sizes."""
+
+    count: int  # |A ∩ B| + d
+    left_size: int  # |A| + d + e_L
+    right_size: int  # |B| + d + e_R
+
+
+@dataclass(frozen=True, slots=True)
+class DpCardinalityEstimate:
+    """The analyst's reading of a DP PSI-CA count (:func:`dp_cardinality_estimate`)."""
+
+    estimate: int  # count - t, unbiased; may be negative when |A ∩ B| is small
+    low: int  # the interval at the requested confidence, within [max(0, count - 2t), count]
+    high: int  # 0 <= low <= high <= count
+    shift: int  # t: the hard bound is max(0, count - 2t) <= |A ∩ B| <= count
+
+
+def dp_cardinality_from_dummies(
+    left: PsiParty,
+    left_keys: Sequence[bytes],
+    right: PsiParty,
+    right_keys: Sequence[bytes],
+    *,
+    shared: Sequence[bytes],
+    left_private: Sequence[bytes],
+    right_private: Sequence[bytes],
+    workers: int | None = 1,
+    executor: Executor | None = None,
+) -> DpCardinality:
+    """DP PSI-CA in one process with the dummies given (the explicit variant of
+    :func:`dp_cardinality_locally`); returns the analyst's view.
+
+    Raises:
+        MalformedInput: parties disagree on the query id, or repeated keys.
+    """
+    xab, yba = _doubly_masked_sets(
+        left,
+        pad_with_dummies(left_keys, shared, left_private),
+        right,
+        pad_with_dummies(right_keys, shared, right_private),
+        workers=workers,
+        executor=executor,
+    )
+    return DpCardinality(count_matches(xab, yba), len(xab), len(yba))
+
+
+def dp_cardinality_locally(
+    left: PsiParty,
+    left_keys: Sequence[bytes],
+    right: PsiParty,
+    right_keys: Sequence[bytes],
+    *,
+    epsilon: Fraction | int,
+    rng: random.Random | None = None,
+    workers: int | None = 1,
+    executor: Executor | None = None,
+) -> DpCardinality:
+    """Run DP PSI-CA with all three roles in this process; return the analyst's view.
+
+    The reference for a networked driver, in its order: the left (designated) node draws D
+    (:func:`draw_shared_dummies`) and its E_L, then the right node checks D
+    (:func:`check_shared_dummies`) and draws E_R (:func:`draw_private_dummies`), each from
+    ``rng`` in that order; then PSI-CA on the padded sets (:func:`dp_cardinality_from_dummies`).
+
+    Raises:
+        TypeError: a float epsilon.
+        MalformedInput: a bad epsilon, parties disagree on the query id, or repeated keys.
+    """
+    shared = draw_shared_dummies(epsilon, rng)  # left -> right
+    left_private = draw_private_dummies(epsilon, rng)
+    received = check_shared_dummies(shared, epsilon=epsilon)  # right
+    right_private = draw_private_dummies(epsilon, rng)
+    return dp_cardinality_from_dummies(
+        left,
+        left_keys,
+        right,
+        right_keys,
+        shared=received,
+        left_private=left_private,
+        right_private=right_private,
+        workers=workers,
+        executor=executor,
+    )
+
+
+def dp_cardinality_estimate(
+    count: int, *, epsilon: Fraction | int, confidence: Fraction = dp.DEFAULT_CONFIDENCE
+) -> DpCardinalityEstimate:
+    """The analyst's estimate of ``|A ∩ B|`` from a DP PSI-CA ``count``: ``count - t``, with
+    ``[low, high] = [count - t - h, count - t + h]`` (``h`` from
+    ``dp.truncated_laplace_interval``) covering it with probability at least ``confidence``.
+
+    ``h <= t`` keeps the interval inside the hard bound ``[count - 2t, count]``; both ends are
+    raised to at least 0 (a cardinality is never negative), which loses no coverage. The
+    estimate itself is left unclipped, so that it stays unbiased; a display may clip it.
+
+    Raises:
+        TypeError: ``count`` not an int, or a float epsilon.
+        MalformedInput: ``count < 0``, a bad epsilon or confidence.
+    """
+    if not isinstance(count, int) or isinstance(count, bool):
+        raise TypeError("count must be an int")
+    if count < 0:
+        raise MalformedInput("count must be >= 0", field="count")
+    shift = dp.truncation_shift(epsilon)
+    half_width = dp.truncated_laplace_interval(epsilon, shift, confidence)
+    estimate = count - shift
+    return DpCardinalityEstimate(
+        estimate=estimate,
+        low=max(0, estimate - half_width),
+        high=max(0, estimate + half_width),
+        shift=shift,
+    )
