@@ -8,8 +8,9 @@ from typing import Any
 import click
 
 from govshare.cli.common import console, emit_json, err_console, identity_option, json_option
+from govshare.cli.crossborder import when_text
 from govshare.node.client import NodeClient, federation_catalog
-from govshare.node.governance import ColumnRule, DatasetInfo
+from govshare.node.governance import ColumnRule, DatasetInfo, OwnerKind
 from govshare.node.identity import Identity
 
 
@@ -97,15 +98,21 @@ def list_(identity: Path, timeout: float, as_json: bool) -> None:
 @click.argument("dataset", metavar="NODE.DATASET")
 @json_option
 def show(identity: Path, dataset: str, as_json: bool) -> None:
-    """Show one dataset's metadata and column rules."""
+    """Show one dataset's metadata, column rules and cross-border assessments in force."""
     node, _, name = dataset.partition(".")
     if not name:
         raise click.BadParameter("expected NODE.DATASET, e.g. tax.residents", param_hint="DATASET")
     me = Identity.load(identity)
     with NodeClient.to(me, node) as client:
-        info = client.describe_dataset(name)
+        entry = client.catalog_entry(name)
+    info = entry.info
     if as_json:
-        emit_json(dataset_json(node, info))
+        payload = dataset_json(node, info)
+        payload["crossborder"] = [
+            {"destination": r.destination, "assessment": r.assessment, "expires_at": r.expires_at}
+            for r in entry.crossborder
+        ]
+        emit_json(payload)
         return
     console.print(
         f"[bold]{node}.{info.name}[/] — grade {info.grade.value}, sharing {info.sharing_type.value}"
@@ -115,3 +122,13 @@ def show(identity: Path, dataset: str, as_json: bool) -> None:
     console.print(f"{info.row_count:,} rows. {info.description}")
     for column in info.columns:
         console.print(f"  {_rule_text(column)}")
+    if entry.crossborder:
+        console.print("cross-border assessments in force:")
+        for record in entry.crossborder:
+            console.print(
+                f"  to {record.destination}: {record.assessment}, "
+                f"until {when_text(record.expires_at)}"
+            )
+    elif info.owner.kind is OwnerKind.INDIVIDUAL:
+        home = me.roster.member(node).jurisdiction
+        console.print(f"no cross-border assessment in force: results stay in {home}")

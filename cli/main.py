@@ -1,7 +1,7 @@
 """The ``govshare`` command: one click group per user.
 
-federation (administrator), node / dataset / grant / approvals (department operator),
-catalog / query (analyst), audit (auditor). Errors become one line and exit code 1;
+federation (administrator), node / dataset / grant / crossborder / approvals (department
+operator), catalog / query (analyst), audit (auditor). Errors become one line and exit code 1;
 ``--verbose`` shows the trace.
 """
 
@@ -33,6 +33,7 @@ def _register() -> None:
         approvals,
         audit,
         catalog,
+        crossborder,
         dataset,
         federation,
         grant,
@@ -40,7 +41,17 @@ def _register() -> None:
         query,
     )
 
-    for module in (federation, node, dataset, grant, approvals, catalog, query, audit):
+    for module in (
+        federation,
+        node,
+        dataset,
+        grant,
+        crossborder,
+        approvals,
+        catalog,
+        query,
+        audit,
+    ):
         cli.add_command(module.group)
 
 

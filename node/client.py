@@ -13,7 +13,8 @@ from typing import TypeVar
 
 import grpc
 
-from govshare.node.convert import dataset_from_proto
+from govshare.node.convert import catalog_entry_from_proto, dataset_from_proto
+from govshare.node.crossborder import CatalogEntry
 from govshare.node.governance import DatasetInfo, Role
 from govshare.node.identity import Identity, Member
 from govshare.node.status import error_for
@@ -89,6 +90,15 @@ class NodeClient:
             )
         )
         return dataset_from_proto(reply)
+
+    def catalog_entry(self, name: str) -> CatalogEntry:
+        """The dataset's metadata with the cross-border assessments in force at the node."""
+        reply = self.call(
+            lambda: self._catalog.DescribeDataset(
+                catalog_pb2.DescribeDatasetRequest(name=name), timeout=self.timeout
+            )
+        )
+        return catalog_entry_from_proto(reply)
 
     def ping(self) -> peer_pb2.PingResponse:
         return self.call(

@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
+from govshare.node.crossborder import (
+    Assessment,
+    CatalogEntry,
+    CrossBorderRecord,
+    validate_destination,
+)
 from govshare.node.governance import (
     ColumnKind,
     ColumnRule,
@@ -15,7 +23,11 @@ from govshare.protocols.errors import MalformedInput
 from govshare.v1 import catalog_pb2
 
 
-def dataset_to_proto(node: str, info: DatasetInfo) -> catalog_pb2.Dataset:
+def dataset_to_proto(
+    node: str, info: DatasetInfo, *, crossborder: Iterable[Assessment] = ()
+) -> catalog_pb2.Dataset:
+    """The catalogue entry of ``info``; ``crossborder`` are its assessments in force, of which
+    only destination, reference and expiry are shown (never the basis or the signature)."""
     return catalog_pb2.Dataset(
         node=node,
         name=info.name,
@@ -43,6 +55,12 @@ def dataset_to_proto(node: str, info: DatasetInfo) -> catalog_pb2.Dataset:
         min_group_size=info.min_group_size,
         require_dp=info.require_dp,
         require_approval=info.require_approval,
+        crossborder=[
+            catalog_pb2.CrossBorderRecord(
+                destination=a.destination, assessment=a.assessment, expires_at=a.expires_at
+            )
+            for a in crossborder
+        ],
     )
 
 
@@ -80,3 +98,27 @@ def dataset_from_proto(message: catalog_pb2.Dataset) -> DatasetInfo:
         )
     except ValueError as exc:
         raise MalformedInput(f"catalogue entry {message.name!r}: {exc}") from None
+
+
+def catalog_entry_from_proto(message: catalog_pb2.Dataset) -> CatalogEntry:
+    """Parse a peer's catalogue entry with its cross-border records.
+
+    Raises:
+        MalformedInput: an unknown enum value, or a record without an alpha-2 destination or
+            reference.
+    """
+    records = []
+    for record in message.crossborder:
+        if not record.assessment:
+            raise MalformedInput(
+                f"catalogue entry {message.name!r}: a cross-border record without its reference",
+                field="crossborder",
+            )
+        records.append(
+            CrossBorderRecord(
+                destination=validate_destination(record.destination),
+                assessment=record.assessment,
+                expires_at=record.expires_at,
+            )
+        )
+    return CatalogEntry(dataset_from_proto(message), tuple(records))

@@ -25,6 +25,7 @@ from govshare.node.config import (
     DEFAULT_RATE_LIMIT_PER_MINUTE,
     NodeConfig,
 )
+from govshare.node.crossborder import Assessment, CrossBorderStore
 from govshare.node.governance import DatasetInfo, Grade, Role
 from govshare.node.grants import GrantStore
 from govshare.node.identity import ROSTER, Identity, Member, Roster
@@ -56,6 +57,9 @@ class Node:
     query_store: QueryStore
     audit: AuditLog
     witness_store: WitnessStore
+    # Cross-border assessment records; from_config opens them in the node's database. A node
+    # built without them opens that same file, the catalogue's (see __post_init__).
+    crossborder_store: CrossBorderStore | None = None
     clock: Callable[[], float] = field(default=time.time)
     checkpoint_interval: float = DEFAULT_CHECKPOINT_INTERVAL
     protocol_timeout: float = DEFAULT_PROTOCOL_TIMEOUT
@@ -70,10 +74,12 @@ class Node:
     witness: Witness = field(init=False)
     queries: QueryEngine = field(init=False)
     aggregates: AggregateEngine = field(init=False)
+    crossborder: CrossBorderStore = field(init=False)
 
     def __post_init__(self) -> None:
         self._pool: ProcessPoolExecutor | None = None
         self._pool_lock = threading.Lock()
+        self.crossborder = self.crossborder_store or CrossBorderStore(self.catalogue.path)
         self.rosters = RosterFile(
             self.identity.directory / ROSTER,
             self.identity.ca_cert_pem,
@@ -163,6 +169,7 @@ class Node:
             identity=identity,
             catalogue=Catalogue(config.database_path),
             grants=GrantStore(config.database_path),
+            crossborder_store=CrossBorderStore(config.database_path),
             query_store=QueryStore(config.database_path),
             audit=AuditLog.open(config.audit_database_path),
             witness_store=WitnessStore(config.database_path),
@@ -202,6 +209,12 @@ class Node:
             # Same answer as for a dataset that does not exist: core is not discoverable.
             raise NotFound(f"no dataset {name!r} on node {self.name}")
         return dataset
+
+    def crossborder_in_force(self, dataset: str) -> list[Assessment]:
+        """The dataset's cross-border assessments in force now, verified under the node's key."""
+        return self.crossborder.in_force(
+            dataset, int(self.clock()), verify_key=self.identity.signing_key.public_key()
+        )
 
     # --- audit log ----------------------------------------------------------------------------
 

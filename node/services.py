@@ -53,17 +53,22 @@ class CatalogService(catalog_pb2_grpc.CatalogServicer):
     def ListDatasets(
         self, request: catalog_pb2.ListDatasetsRequest, context: grpc.ServicerContext
     ) -> catalog_pb2.ListDatasetsResponse:
-        datasets = self._node.list_datasets(current_caller())
+        node = self._node
+        datasets = node.list_datasets(current_caller())
         return catalog_pb2.ListDatasetsResponse(
-            datasets=[dataset_to_proto(self._node.name, d) for d in datasets]
+            datasets=[
+                dataset_to_proto(node.name, d, crossborder=node.crossborder_in_force(d.name))
+                for d in datasets
+            ]
         )
 
     def DescribeDataset(
         self, request: catalog_pb2.DescribeDatasetRequest, context: grpc.ServicerContext
     ) -> catalog_pb2.Dataset:
         name = require_dataset_name(request.name)
+        dataset = self._node.describe_dataset(current_caller(), name)
         return dataset_to_proto(
-            self._node.name, self._node.describe_dataset(current_caller(), name)
+            self._node.name, dataset, crossborder=self._node.crossborder_in_force(name)
         )
 
 

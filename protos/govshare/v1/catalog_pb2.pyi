@@ -101,6 +101,7 @@ class Dataset(_message.Message):
     MIN_GROUP_SIZE_FIELD_NUMBER: _builtins.int
     REQUIRE_DP_FIELD_NUMBER: _builtins.int
     REQUIRE_APPROVAL_FIELD_NUMBER: _builtins.int
+    CROSSBORDER_FIELD_NUMBER: _builtins.int
     node: _builtins.str
     """Node (department) that holds the dataset."""
     name: _builtins.str
@@ -123,6 +124,13 @@ class Dataset(_message.Message):
     def columns(self) -> _containers.RepeatedCompositeFieldContainer[Global___ColumnRule]: ...
     @_builtins.property
     def allowed_jurisdictions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def crossborder(self) -> _containers.RepeatedCompositeFieldContainer[Global___CrossBorderRecord]:
+        """Cross-border assessments (数据出境安全评估) in force when the node answered: where
+        `individual` data may go beyond the node's jurisdiction. Filled in by DescribeDataset and
+        ListDatasets; the node's local state, not part of the registration.
+        """
+
     def __init__(
         self,
         *,
@@ -141,14 +149,45 @@ class Dataset(_message.Message):
         min_group_size: _builtins.int = ...,
         require_dp: _builtins.bool = ...,
         require_approval: _builtins.bool = ...,
+        crossborder: _abc.Iterable[Global___CrossBorderRecord] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["owner", b"owner"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_jurisdictions", b"allowed_jurisdictions", "columns", b"columns", "created_at", b"created_at", "description", b"description", "grade", b"grade", "legal_basis", b"legal_basis", "min_group_size", b"min_group_size", "min_set_size", b"min_set_size", "name", b"name", "node", b"node", "owner", b"owner", "require_approval", b"require_approval", "require_dp", b"require_dp", "row_count", b"row_count", "sharing_type", b"sharing_type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_jurisdictions", b"allowed_jurisdictions", "columns", b"columns", "created_at", b"created_at", "crossborder", b"crossborder", "description", b"description", "grade", b"grade", "legal_basis", b"legal_basis", "min_group_size", b"min_group_size", "min_set_size", b"min_set_size", "name", b"name", "node", b"node", "owner", b"owner", "require_approval", b"require_approval", "require_dp", b"require_dp", "row_count", b"row_count", "sharing_type", b"sharing_type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Dataset: _TypeAlias = Dataset  # noqa: Y015
+
+@_typing.final
+class CrossBorderRecord(_message.Message):
+    """What the catalogue shows of one cross-border assessment record in force."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DESTINATION_FIELD_NUMBER: _builtins.int
+    ASSESSMENT_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    destination: _builtins.str
+    """ISO 3166-1 alpha-2 code of the covered destination jurisdiction."""
+    assessment: _builtins.str
+    """The assessment's reference (the authority's file number)."""
+    expires_at: _builtins.int
+    """Unix seconds at which the record stops covering the destination."""
+    def __init__(
+        self,
+        *,
+        destination: _builtins.str = ...,
+        assessment: _builtins.str = ...,
+        expires_at: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assessment", b"assessment", "destination", b"destination", "expires_at", b"expires_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CrossBorderRecord: _TypeAlias = CrossBorderRecord  # noqa: Y015
 
 @_typing.final
 class ListDatasetsRequest(_message.Message):
