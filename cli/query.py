@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +16,7 @@ from govshare.node.analyst import PsiOutcome, StatusCallback, run_psi
 from govshare.node.analyst_aggregate import DEFAULT_SUM_BOUND, run_aggregate_sql
 from govshare.node.catalog import Condition
 from govshare.node.governance import QueryKind
-from govshare.node.grants import parse_epsilon
+from govshare.node.grants import format_epsilon, parse_epsilon
 from govshare.node.identity import Identity
 from govshare.node.query_plan import PsiPlan, Side
 from govshare.node.sql import JoinQuery, parse_filter, parse_query
@@ -29,6 +31,18 @@ _receipt = click.option(
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
     help="Where to save the receipt [default: receipt-<query id>.json].",
+)
+_epsilon = click.option(
+    "--epsilon",
+    default="1",
+    show_default=True,
+    help="DP budget ε the released statistic spends (noise on by default).",
+)
+_exact = click.option(
+    "--exact",
+    is_flag=True,
+    help="Ask for an exact release instead of noise: every operator must approve it, and "
+    "GROUP BY is refused.",
 )
 _approval_timeout = click.option(
     "--approval-timeout",
@@ -74,6 +88,20 @@ def _save_receipt(query_id: str, receipt: Receipt, path: Path | None) -> Path:
     return target
 
 
+def _how(outcome: PsiOutcome) -> str:
+    """How a released count was protected, in words."""
+    if outcome.epsilon is None or outcome.interval is None:
+        return "(exact release, approved by every operator)"
+    low, high = outcome.interval
+    spent = format_epsilon(outcome.epsilon)
+    return f"(DP noise, ε {spent} spent; 95% interval {low:,} to {high:,})"
+
+
+def _release(epsilon: str, exact: bool) -> tuple[Fraction | None, bool]:
+    """(ε, exact) of a statistic: noise by default, exact only when asked."""
+    return (None, True) if exact else (parse_epsilon(epsilon), False)
+
+
 def _nodes(receipt: Receipt) -> str:
     return ", ".join(dict.fromkeys(p.node for p in receipt.parts))
 
@@ -88,20 +116,28 @@ def _report(
         "receipt": str(path),
         "receipt_verified": True,
     }
+    noise: dict[str, Any] = {"exact": outcome.epsilon is None}
+    if outcome.epsilon is not None and outcome.interval is not None:
+        noise.update(epsilon=format_epsilon(outcome.epsilon), interval_95=list(outcome.interval))
     if outcome.kind is QueryKind.PSI_CARDINALITY:
-        result.update(count=outcome.count, set_sizes=outcome.sizes)
+        result.update(count=outcome.count, set_sizes=outcome.sizes, **noise)
     else:
         result.update(count=outcome.count, members=list(outcome.records), kept_by=recipient)
+        if recipient is not None:
+            result.update(noise)
     if as_json:
         emit_json(result)
         return
+    how = _how(outcome)
     if outcome.kind is QueryKind.PSI_CARDINALITY:
         sizes = ", ".join(f"{node} {size:,}" for node, size in outcome.sizes.items())
-        console.print(f"[bold]|intersection| = {outcome.count:,}[/]  (set sizes: {sizes})")
+        sign = "=" if outcome.epsilon is None else "≈"
+        console.print(f"[bold]|intersection| {sign} {outcome.count:,}[/]  {how}")
+        console.print(f"  set sizes{' (estimated)' if outcome.epsilon else ''}: {sizes}")
     elif recipient is not None:
         console.print(
-            f"[bold]{outcome.count:,} of {recipient}'s keys match[/]; {recipient} keeps which "
-            f"(its operator: govshare node results {outcome.query_id})"
+            f"[bold]about {outcome.count:,} of {recipient}'s keys match[/] {how}; {recipient} "
+            f"keeps which (its operator: govshare node results {outcome.query_id})"
         )
     else:
         console.print(f"[bold]{outcome.count:,} matching records[/] (masked):")
@@ -137,6 +173,8 @@ def _report(
     "match; you learn only how many.",
 )
 @_purpose
+@_epsilon
+@_exact
 @_receipt
 @_approval_timeout
 @json_option
@@ -148,6 +186,8 @@ def psi(
     reveal: str,
     recipient: str | None,
     purpose: str,
+    epsilon: str,
+    exact: bool,
     receipt_path: Path | None,
     approval_timeout: float,
     as_json: bool,
@@ -162,12 +202,18 @@ def psi(
                 f"{node}.{dataset} is neither --left nor --right", param_hint="--where"
             )
         where[(node, dataset)].append(condition)
+    # A count is a statistic (noised, or exact); members released to you are records.
+    noise, exact_release = (
+        _release(epsilon, exact) if reveal == "count" or recipient else (None, False)
+    )
     plan = PsiPlan(
         kind=QueryKind.PSI_CARDINALITY if reveal == "count" else QueryKind.PSI_MEMBERSHIP,
         purpose=purpose,
         left=Side(*sides[0], tuple(where[sides[0][:2]])),
         right=Side(*sides[1], tuple(where[sides[1][:2]])),
         recipient=recipient,
+        epsilon=noise,
+        exact=exact_release,
     )
     if recipient is not None and (reveal != "members" or recipient not in plan.nodes):
         raise click.BadParameter(
@@ -180,11 +226,8 @@ def psi(
 @identity_option
 @click.argument("statement")
 @_purpose
-@click.option(
-    "--epsilon",
-    default=None,
-    help="DP budget ε this aggregate spends (noise on); omit for exact figures where allowed.",
-)
+@_epsilon
+@_exact
 @click.option(
     "--sum-bound",
     type=click.IntRange(min=1),
@@ -199,7 +242,8 @@ def sql(
     identity: Path,
     statement: str,
     purpose: str,
-    epsilon: str | None,
+    epsilon: str,
+    exact: bool,
     sum_bound: int,
     receipt_path: Path | None,
     approval_timeout: float,
@@ -220,21 +264,22 @@ def sql(
       UNION ALL SELECT * FROM health_north.clinic_visits) AS h GROUP BY h.age_band
     """
     query = parse_query(statement)
+    budget, exact_release = _release(epsilon, exact)
     if isinstance(query, JoinQuery) and query.is_count_star:
-        if epsilon is not None:
-            raise click.BadParameter("a COUNT(*) join is exact; --epsilon is for aggregates")
-        plan = query.psi_plan(purpose)
+        plan = replace(query.psi_plan(purpose), epsilon=budget, exact=exact_release)
         _report(_run(identity, plan, approval_timeout, as_json), receipt_path, as_json)
         return
     me = Identity.load(identity)
-    budget = parse_epsilon(epsilon) if epsilon is not None else None
     if as_json:
-        outcome = run_aggregate_sql(me, statement, purpose, budget, sum_bound=sum_bound)
+        outcome = run_aggregate_sql(
+            me, statement, purpose, budget, exact=exact_release, sum_bound=sum_bound,
+            approval_timeout=approval_timeout,
+        )  # fmt: skip
     else:
         with Status("submitting the signed query", console=err_console) as status:
             outcome = run_aggregate_sql(
-                me, statement, purpose, budget, sum_bound=sum_bound,
-                on_status=_status_printer(status),
+                me, statement, purpose, budget, exact=exact_release, sum_bound=sum_bound,
+                on_status=_status_printer(status), approval_timeout=approval_timeout,
             )  # fmt: skip
     path = _save_receipt(outcome.query_id, outcome.receipt, receipt_path)
     if as_json:

@@ -15,7 +15,7 @@ Intersection aggregate (``intersection_aggregate``, protocol 2)::
                  "where": [["income_band", "=", "high"]]},  # the matcher M
      "group_by": {"column": "district", "domain": ["Dongcheng", ...]},   # V's column, or null
      "sums": [{"column": "amount", "bound": 30000}],        # V's columns
-     "epsilon": "0.5",                                       # or null: no DP noise
+     "epsilon": "0.5",                 # or null with "exact": true (approved, no GROUP BY)
      "public_key": "<hex of the analyst's fresh DjnPublicKey.to_bytes()>"}
 
 Horizontal aggregate (``horizontal_aggregate``, protocol 3)::
@@ -52,9 +52,8 @@ from fractions import Fraction
 from typing import Any, Final
 
 from govshare.node.governance import QueryKind
-from govshare.node.grants import format_epsilon, parse_epsilon
 from govshare.node.policy import ColumnAccess, ColumnUse
-from govshare.node.query_plan import Side, _condition, _side, _text
+from govshare.node.query_plan import Side, _condition, _side, _text, parse_release, release_json
 from govshare.protocols import dp
 from govshare.protocols.errors import MalformedInput
 from govshare.protocols.paillier import PackingLayout, Slot
@@ -108,6 +107,7 @@ class Figures:
     group_by: GroupSpec | None
     sums: tuple[SumSpec, ...]
     epsilon: Fraction | None
+    exact: bool = False
 
     @property
     def groups(self) -> tuple[str, ...]:
@@ -156,7 +156,7 @@ class Figures:
             if self.group_by is None
             else {"column": self.group_by.column, "domain": list(self.group_by.domain)},
             "sums": [{"column": s.column, "bound": s.bound} for s in self.sums],
-            "epsilon": None if self.epsilon is None else format_epsilon(self.epsilon),
+            **release_json(self.epsilon, self.exact),
         }
 
 
@@ -325,18 +325,8 @@ def _figures(raw: dict[str, Any]) -> Figures:
         )
     if len({s.column for s in sums}) != len(sums):
         raise MalformedInput("field 'sums' repeats a column", field="sums")
-    epsilon_raw = raw.get("epsilon")
-    epsilon: Fraction | None = None
-    if epsilon_raw is not None:
-        if not isinstance(epsilon_raw, str):
-            raise MalformedInput("field 'epsilon' is a decimal or fraction string", field="epsilon")
-        try:
-            epsilon = parse_epsilon(epsilon_raw)
-        except (ValueError, MalformedInput):
-            raise MalformedInput(f"field 'epsilon': {epsilon_raw!r}", field="epsilon") from None
-        if epsilon <= 0:
-            raise MalformedInput("field 'epsilon' must be positive", field="epsilon")
-    return Figures(group, tuple(sums), epsilon)
+    epsilon, exact = parse_release(raw)
+    return Figures(group, tuple(sums), epsilon, exact)
 
 
 def _hex(raw: Any, field: str) -> bytes:

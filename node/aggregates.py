@@ -5,9 +5,11 @@ Admission is the PSI path's (``govshare.node.queries``): the analyst's signed pl
 signature, validity window and nonce, logs it, and hands it to :meth:`AggregateEngine.submit`,
 which parses the plan and decides it by policy on this node's dataset (column uses, grants,
 grade floors, ε budget) through :meth:`QueryEngine.admit`. Status and receipts are
-``Query.Status`` / ``Query.Receipt``. The ε of the query is charged to the grant when the
-node's part starts (``QueryStore.charge``); a spent budget refuses the next query at admission
-(rule ``grant.budget``).
+``Query.Status`` / ``Query.Receipt``. The ε of the query and one query of its grant are
+reserved at admission (``QueryStore.admit``), spent when the node's part releases, returned
+when it released nothing. An exact aggregate (``"exact": true``, no GROUP BY) waits for every
+operator's approval and passes the tracker check on the filtered set before anything is
+computed (``QueryEngine.check_exact``).
 
 **Intersection aggregate** (protocol 2; the shape of Private Join and Compute, the analyst holds
 the Paillier key). The value holder V and the matcher M each draw a fresh X25519 scalar.
@@ -51,7 +53,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -75,7 +77,7 @@ from govshare.node.auth import Caller
 from govshare.node.catalog import Catalogue
 from govshare.node.grants import GrantStore
 from govshare.node.identity import Identity, Roster
-from govshare.node.policy import AccessRequest, Obligations
+from govshare.node.policy import AccessRequest, Obligations, dataset_epsilon_cap
 from govshare.node.queries import (
     Admission,
     QueryEngine,
@@ -141,6 +143,7 @@ class _Session:
     inboxes: dict[str, _Inbox] = field(default_factory=dict)
     ephemeral: X25519PrivateKey | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
+    aborted_by: str | None = None
 
 
 @dataclass(frozen=True)
@@ -224,7 +227,7 @@ class AggregateEngine:
 
     def submit(self, caller: Caller, request: SignedRequest, admission: Admission) -> QueryRecord:
         plan = parse_aggregate_plan(request.body_json(), kind=request.kind)
-        dataset, uses, where = plan.accesses(self.name)
+        dataset, uses, _ = plan.accesses(self.name)
         if isinstance(plan, IntersectionPlan) or plan.scheme != BFV:
             key = self._paillier_key(plan.public_key)  # refuse a bad key before anything runs
             plan.layouts(key.n_bits)
@@ -238,17 +241,11 @@ class AggregateEngine:
             purpose=plan.purpose,
             dp_noise=epsilon is not None,
             epsilon=epsilon or Fraction(0),
-            filtered_set_size=self._catalogue.count(dataset, where=where),
+            exact=plan.figures.exact,
+            group_by=plan.figures.group_by is not None,
         )
         record, obligations = self._queries.admit(
-            caller,
-            admission,
-            kind=plan.kind,
-            dataset=dataset,
-            purpose=plan.purpose,
-            decide=lambda: self._queries.decide_access(
-                caller, access, dataset=dataset, participants=plan.nodes, admission=admission
-            ),
+            caller, admission, access=access, dataset=dataset, participants=plan.nodes
         )
         session = _Session(plan, obligations, admission.request_digest, request.query_id, dataset)
         if isinstance(plan, IntersectionPlan):
@@ -305,8 +302,6 @@ class AggregateEngine:
 
         def body(record: QueryRecord) -> AggregateRelease:
             session = self._session(query_id)
-            usage = self._store.charge(record.grant_id, record.epsilon)
-            remaining = self._grants.get(record.grant_id).epsilon - usage.epsilon_spent
             plan = session.plan
             if isinstance(plan, IntersectionPlan):
                 if self.name == plan.values.node:
@@ -322,14 +317,40 @@ class AggregateEngine:
                 session.obligations.min_group_size,
                 record.grant_id,
                 record.epsilon,
-                max(remaining, Fraction(0)),
+                self._remaining(record),
             )
 
         return self._queries.execute(caller, query_id, body, close=self._close)
 
+    def _remaining(self, record: QueryRecord) -> Fraction:
+        """ε left to the analyst on the dataset: under the grant's cap and the ledger's."""
+        grant = self._grants.get(record.grant_id)
+        used = self._store.usage(record.analyst).get(record.grant_id)
+        grants = self._grants.list(dataset=record.dataset)
+        cap = dataset_epsilon_cap(
+            grants, requester=record.analyst, dataset=record.dataset, now=int(self._clock())
+        )
+        left = min(
+            grant.epsilon - (used.epsilon_used if used else Fraction(0)),
+            cap - self._store.budget(record.analyst, record.dataset).used,
+        )
+        return max(left, Fraction(0))
+
     def _close(self, query_id: str) -> None:
         with self._lock:
             self._sessions.pop(query_id, None)
+
+    def abort(self, caller: Caller, query_id: str) -> None:
+        """Another participant's part failed: stop waiting for messages at once."""
+        with self._lock:
+            session = self._sessions.get(query_id)
+        if session is None:
+            return
+        if caller.name not in session.plan.nodes or caller.name == self.name:
+            raise PermissionDenied(f"{caller.name} does not take part in query {query_id}")
+        session.aborted_by = caller.name
+        for inbox in session.inboxes.values():
+            inbox.done.set()
 
     # -- intersection: value holder
 
@@ -367,7 +388,7 @@ class AggregateEngine:
             for name, value in zip(figures.names, values, strict=True):
                 slot = slot_name(label, name)
                 cells[slot] = cells.get(slot, 0) + value
-        self._check_set_size(session, query_id, len(per_key))
+        self._check_data(session, query_id, [k.encode() for k in per_key], len(per_key))
         join_keys = list(per_key)
         plaintexts = [
             layout.pack_named({s: v for s, v in per_key[k].items() if s in layout.names})
@@ -423,7 +444,7 @@ class AggregateEngine:
         keys = [
             k.encode() for k in self._catalogue.keys(side.dataset, side.column, where=side.where)
         ]
-        self._check_set_size(session, query_id, len(keys))
+        self._check_data(session, query_id, keys, len(keys))
         party = ecdh_psi.PsiParty.fresh(session.query_id)
         executor = self._executor()
         workers = None if executor is not None else 1
@@ -503,7 +524,19 @@ class AggregateEngine:
             sums=[(s.column, s.bound) for s in figures.sums],
             where=part.where,
         )
-        self._check_set_size(session, query_id, sum(v[0] for v in partial.values()))
+        self._check_data(
+            session,
+            query_id,
+            (
+                str(row).encode()
+                for row in (
+                    self._catalogue.row_ids(part.dataset, where=part.where)
+                    if session.obligations.exact
+                    else ()
+                )
+            ),
+            sum(v[0] for v in partial.values()),
+        )
         zeros = (0,) * len(figures.names)
         values = [v for g in figures.groups for v in partial.get(g, zeros)]
         scales = figures.noise_scales()
@@ -553,10 +586,20 @@ class AggregateEngine:
 
     # --- shared steps ----------------------------------------------------------------------------
 
-    def _check_set_size(self, session: _Session, query_id: str, size: int) -> None:
-        self._queries.check_set_size(
-            query_id, session.dataset, size, session.obligations.min_set_size
-        )
+    def _check_data(
+        self, session: _Session, query_id: str, items: Iterable[bytes], size: int
+    ) -> None:
+        """The checks that read data, after admission: the filtered set's floor, and the
+        tracker check of an exact release over the filtered set's ``items``."""
+        ob = session.obligations
+        self._queries.check_set_size(query_id, session.dataset, size, ob.min_set_size)
+        if ob.exact:
+            self._queries.check_exact(
+                query_id, self._analyst(query_id), session.dataset, items, ob.min_group_size
+            )
+
+    def _analyst(self, query_id: str) -> str:
+        return self._store.get(query_id).analyst
 
     def _step(
         self, session: _Session, query_id: str, peer: str, direction: str, phase: str,
@@ -585,6 +628,10 @@ class AggregateEngine:
             raise Aborted(
                 f"{self.name}: node {peer} did not send its {phase.split(':')[0]} within "
                 f"{self._timeout:g} s; query aborted, nothing released"
+            )
+        if session.aborted_by is not None:
+            raise Aborted(
+                f"{self.name}: node {session.aborted_by} ended the query; nothing released"
             )
         self._step(
             session, query_id, peer, "received", phase.split(":")[0],

@@ -15,9 +15,10 @@ the node; partial output from the other node is discarded.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from fractions import Fraction
 from typing import Any, Generic, TypeVar
 
 from govshare.node.client import NodeClient
@@ -26,8 +27,8 @@ from govshare.node.identity import Identity, Roster
 from govshare.node.query_plan import PsiPlan
 from govshare.node.query_store import APPROVED, DENIED, PENDING, REFUSED
 from govshare.node.witness import log_origin
-from govshare.protocols import ecdh_psi
-from govshare.protocols.errors import Aborted, PolicyRefused, Unavailable
+from govshare.protocols import dp, ecdh_psi
+from govshare.protocols.errors import Aborted, GovshareError, PolicyRefused, Unavailable
 from govshare.protocols.receipt import LogKey, Receipt, make_receipt, verify_receipt
 from govshare.protocols.signed_request import DEFAULT_LIFETIME_SECONDS, sign_request
 from govshare.v1 import query_pb2
@@ -45,12 +46,21 @@ StatusCallback = Callable[[str, str, str], None]
 
 @dataclass(frozen=True)
 class PsiOutcome:
+    """A PSI's verified outcome.
+
+    With DP (``epsilon`` set), ``count`` is the estimate ``max(0, noisy count - shift)`` with
+    ``interval`` its range at 95% confidence, and ``sizes`` are likewise estimates (each set
+    carries about ``2 * shift`` dummy keys). Without, the figures are exact.
+    """
+
     query_id: str
     kind: QueryKind
     count: int
     sizes: dict[str, int]
     records: tuple[str, ...]
     receipt: Receipt
+    epsilon: Fraction | None = None
+    interval: tuple[int, int] | None = None
 
 
 def log_keys(roster: Roster) -> dict[str, LogKey]:
@@ -138,7 +148,7 @@ def ask(
             report(node, "running", running)
         with ThreadPoolExecutor(max_workers=len(nodes)) as pool:
             futures = {n: pool.submit(run, clients[n], query_id) for n in nodes}
-            outputs = {n: f.result() for n, f in futures.items()}
+            outputs = _collect(futures)
         parts = []
         for node in nodes:
             part = clients[node].receipt(query_id)
@@ -151,6 +161,22 @@ def ask(
     for node in nodes:
         report(node, "done", "result released")
     return Asked(query_id, outputs, receipt)
+
+
+def _collect(futures: Mapping[str, Future[T]]) -> dict[str, T]:
+    """Every node's output; if any failed, the error that says why: a node's refusal rather
+    than the others' "ended the query" that it caused."""
+    outputs: dict[str, T] = {}
+    errors: list[Exception] = []
+    for node, future in futures.items():
+        try:
+            outputs[node] = future.result()
+        except GovshareError as exc:
+            errors.append(exc)
+    if errors:
+        refusals = [e for e in errors if not isinstance(e, Aborted | Unavailable)]
+        raise (refusals or errors)[0]
+    return outputs
 
 
 def run_psi(
@@ -186,18 +212,28 @@ def run_psi(
     sets = {n: [c.points for c in outputs[n]] for n in nodes}
     points = {n: ecdh_psi.decode_points(b"".join(sets[n]), max_points=2**31) for n in nodes}
     records = tuple(r for n in nodes for c in outputs[n] for r in c.records)
+    interval: tuple[int, int] | None = None
     if plan.kind is QueryKind.PSI_CARDINALITY:
         count = ecdh_psi.count_matches(points[plan.left.node], points[plan.right.node])
         # Each node hands over the *other* node's set, masked twice.
         left, right = plan.left.node, plan.right.node
         sizes = {left: len(points[right]), right: len(points[left])}
+        if plan.epsilon is not None:
+            estimate = ecdh_psi.dp_cardinality_estimate(count, epsilon=plan.epsilon)
+            count, interval = max(estimate.estimate, 0), (estimate.low, estimate.high)
+            # Each set also carries the shared and its private dummies: 2t on average.
+            sizes = {n: max(size - 2 * estimate.shift, 0) for n, size in sizes.items()}
     elif plan.recipient is not None:
         count = sum(c.matched for n in nodes for c in outputs[n])  # the recipient kept which
+        if plan.epsilon is not None:
+            scale = dp.laplace_scale(epsilon=plan.epsilon, sensitivity=1)
+            half = dp.laplace_interval(scale)
+            count, interval = max(count, 0), (max(count - half, 0), count + half)
         sizes = {}
     else:
         count = len(records)
         sizes = {}
-    return PsiOutcome(query_id, plan.kind, count, sizes, records, receipt)
+    return PsiOutcome(query_id, plan.kind, count, sizes, records, receipt, plan.epsilon, interval)
 
 
 def _await_approval(

@@ -281,8 +281,10 @@ def run_aggregate_sql(
     purpose: str,
     epsilon: Fraction | None,
     *,
+    exact: bool = False,
     sum_bound: int = DEFAULT_SUM_BOUND,
     on_status: StatusCallback | None = None,
+    approval_timeout: float = DEFAULT_APPROVAL_TIMEOUT,
 ) -> AggregateOutcome:
     """Run an aggregate in govshare's SQL dialect (``govshare.node.sql``).
 
@@ -292,7 +294,9 @@ def run_aggregate_sql(
       horizontal aggregate over every listed node, summed by the first.
 
     The GROUP BY domain is the group_key column's declared domain from the catalogue; each SUM
-    is clipped to ``[0, sum_bound]`` (its sensitivity under DP).
+    is clipped to ``[0, sum_bound]`` (its sensitivity under DP). The figures carry DP noise of
+    ``epsilon``, or are an exact release when ``exact`` (the nodes then wait for every
+    operator's approval, and refuse GROUP BY).
 
     Raises:
         MalformedInput: SQL outside the dialect (named), or columns of both tables in the
@@ -304,13 +308,15 @@ def run_aggregate_sql(
         if columns.alias not in ("", query.alias):
             raise MalformedInput(f"unknown table alias {columns.alias!r}", field="sql")
         first = query.parts[0]
-        figures = _figures(identity, first.node, first.dataset, columns, sum_bound, epsilon)
+        figures = _figures(identity, first.node, first.dataset, columns, sum_bound, epsilon, exact)
         horizontal = HorizontalPlan(
             QueryKind.HORIZONTAL_AGGREGATE, purpose,
             tuple(Part(p.node, p.dataset, query.filters) for p in query.parts),
             figures, first.node, pick_scheme(figures), b"",
         )  # fmt: skip
-        return run_horizontal_aggregate(identity, horizontal, on_status=on_status)
+        return run_horizontal_aggregate(
+            identity, horizontal, on_status=on_status, approval_timeout=approval_timeout
+        )
     if query.is_count_star:
         raise MalformedInput(
             "a COUNT(*) join is a PSI cardinality: use 'govshare query sql' or 'query psi'",
@@ -322,7 +328,7 @@ def run_aggregate_sql(
     alias = columns.alias or query.left.alias
     other = next(a for a in tables if a != alias)
     figures = _figures(
-        identity, tables[alias].node, tables[alias].dataset, columns, sum_bound, epsilon
+        identity, tables[alias].node, tables[alias].dataset, columns, sum_bound, epsilon, exact
     )
 
     def side(a: str) -> Side:
@@ -331,7 +337,9 @@ def run_aggregate_sql(
     plan = IntersectionPlan(
         QueryKind.INTERSECTION_AGGREGATE, purpose, side(alias), side(other), figures, b"",
     )  # fmt: skip
-    return run_intersection_aggregate(identity, plan, on_status=on_status)
+    return run_intersection_aggregate(
+        identity, plan, on_status=on_status, approval_timeout=approval_timeout
+    )
 
 
 def _figures(
@@ -341,6 +349,7 @@ def _figures(
     columns: AggregateColumns,
     sum_bound: int,
     epsilon: Fraction | None,
+    exact: bool = False,
 ) -> Figures:
     """The figures to release; a group column's domain comes from its catalogue entry."""
     group = None
@@ -351,4 +360,4 @@ def _figures(
             raise MalformedInput(f"{columns.group} has no declared group domain", field="sql")
         group = GroupSpec(columns.group, rule.domain)
     sums = tuple(SumSpec(column, sum_bound) for column in columns.sums)
-    return Figures(group, sums, epsilon)
+    return Figures(group, sums, epsilon, exact)

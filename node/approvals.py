@@ -51,6 +51,8 @@ def decide(
         query_id, from_states=[PENDING], to=APPROVED if approve else DENIED, now=when,
         message=message,
     )  # fmt: skip
+    # A denied query never runs: its reserved ε and query go back to the analyst.
+    returned = {} if approve else {"reservation": store.settle(query_id, spent=False, now=when)}
     audit.record(
         "approval.granted" if approve else "approval.denied",
         {
@@ -58,6 +60,7 @@ def decide(
             "analyst": record.analyst,
             "request_digest": hashlib.sha256(record.request).hexdigest(),
             "reason": message,
+            **returned,
         },
         actor=operator,
         query_id=query_id,

@@ -800,6 +800,14 @@ class Catalogue:
             for row in cursor:
                 yield tuple(row)
 
+    def row_ids(self, name: str, *, where: Sequence[Condition] = ()) -> builtins.list[int]:
+        """The import positions of the filtered rows (what an exact release's tracker keeps)."""
+        with self._open() as conn:
+            info, table = self._table(conn, name)
+            clause, params = self._where(info, where)
+            rows = conn.execute(f"SELECT _row FROM {_quote(table)}{clause}", params).fetchall()
+        return [int(row[0]) for row in rows]
+
     def count(self, name: str, *, where: Sequence[Condition] = ()) -> int:
         """The number of rows left after ``where`` (the filtered set size for the policy)."""
         with self._open() as conn:

@@ -106,6 +106,8 @@ class Node:
             executor=self.executor,
             protocol_timeout=self.protocol_timeout,
             rate_limit_per_minute=self.rate_limit_per_minute,
+            assessed=self.assessed_destinations,
+            mask_key=self.mask_key,
         )
         self.aggregates = AggregateEngine(
             queries=self.queries,
@@ -121,6 +123,8 @@ class Node:
             protocol_timeout=self.protocol_timeout,
             options=self.aggregate_options,
         )
+        # Queries that were running when the node last stopped: settle their reservations.
+        self.queries.recover()
 
     def roster(self) -> Roster:
         """The newest signed roster published into the node's bundle (see RosterFile)."""
@@ -209,6 +213,10 @@ class Node:
             # Same answer as for a dataset that does not exist: core is not discoverable.
             raise NotFound(f"no dataset {name!r} on node {self.name}")
         return dataset
+
+    def assessed_destinations(self, dataset: str, now: int) -> frozenset[str]:
+        """Jurisdictions that signed cross-border assessments in force cover for ``dataset``."""
+        return self.crossborder.destinations(dataset, now, self.identity.member.verify_key())
 
     def crossborder_in_force(self, dataset: str) -> list[Assessment]:
         """The dataset's cross-border assessments in force now, verified under the node's key."""

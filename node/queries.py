@@ -41,7 +41,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Protocol, TypeVar
 
@@ -53,22 +53,33 @@ from govshare.node.checkpointer import CheckpointPublisher
 from govshare.node.governance import QueryKind, Role
 from govshare.node.grants import GrantStore
 from govshare.node.identity import Identity, Roster
-from govshare.node.masking import apply_mask
-from govshare.node.policy import AccessRequest, Obligations, decide
+from govshare.node.masking import apply_mask, needs_key
+from govshare.node.policy import (
+    FILTER_OVERLAP,
+    RATE_LIMIT,
+    AccessRequest,
+    Decision,
+    Obligations,
+    decide,
+)
 from govshare.node.query_plan import PsiPlan, Side, parse_plan
 from govshare.node.query_store import (
     APPROVED,
     DONE,
+    EXPIRED,
     FAILED,
+    ITEM_DIGEST_BYTES,
     PENDING,
     REFUSED,
     RUNNING,
     QueryRecord,
     QueryStore,
+    Usage,
 )
-from govshare.protocols import ecdh_psi
+from govshare.protocols import dp, ecdh_psi
 from govshare.protocols.errors import (
     Aborted,
+    Conflict,
     GovshareError,
     MalformedInput,
     NotFound,
@@ -81,7 +92,7 @@ from govshare.protocols.signed_request import SignedRequest, verify_request
 DEFAULT_RATE_LIMIT_PER_MINUTE = 30
 # Seconds a node waits for its peer's set before it aborts the query.
 DEFAULT_PROTOCOL_TIMEOUT = 300.0
-RATE_LIMIT_RULE = "rate_limit"
+RATE_LIMIT_RULE = RATE_LIMIT
 SET_SIZE_RULE = "set_size.minimum"
 MASK_RULE = "column.mask"
 
@@ -89,6 +100,33 @@ T = TypeVar("T")
 
 OWN = "own"
 RETURNED = "returned"
+# DP PSI-CA: the left node's shared dummy keys, sent to the right node before the sets.
+DUMMIES = "dummies"
+# A participant whose part failed tells the others at once (no points).
+ABORT = "abort"
+
+
+def item_digest(dataset: str, item: bytes) -> bytes:
+    """What the tracker keeps of one item of an exact release's filtered set."""
+    return hashlib.sha256(b"govshare/exact-item/v1\n" + dataset.encode() + b"\n" + item).digest()[
+        :ITEM_DIGEST_BYTES
+    ]
+
+
+def _no_mask_key(dataset: str, column: str) -> bytes:
+    raise TypeError("this node was built without a masking secret: hash_prefix cannot release")
+
+
+def participants_of(request: SignedRequest) -> list[str]:
+    """The nodes a signed query names (any kind), read leniently: for notices only."""
+    body = request.body_json()
+    if not isinstance(body, dict):
+        return []
+    sides = [body.get("left"), body.get("right"), body.get("values"), body.get("matcher")]
+    parts = body.get("parts")
+    if isinstance(parts, list):
+        sides.extend(parts)
+    return sorted({str(s["node"]) for s in sides if isinstance(s, dict) and "node" in s})
 
 
 def digest(data: bytes) -> str:
@@ -119,8 +157,11 @@ class Session:
     party: ecdh_psi.PsiParty
     obligations: Obligations
     request_digest: str
-    inboxes: dict[str, _Inbox] = field(default_factory=lambda: {OWN: _Inbox(), RETURNED: _Inbox()})
+    inboxes: dict[str, _Inbox] = field(
+        default_factory=lambda: {OWN: _Inbox(), RETURNED: _Inbox(), DUMMIES: _Inbox()}
+    )
     lock: threading.Lock = field(default_factory=threading.Lock)
+    aborted_by: str | None = None
 
     @property
     def releasing(self) -> bool:
@@ -156,6 +197,8 @@ class KindHandler(Protocol):
         self, caller: Caller, request: SignedRequest, admission: Admission
     ) -> QueryRecord: ...
 
+    def abort(self, caller: Caller, query_id: str) -> None: ...
+
 
 PeerSender = Callable[[str, str, str, list[bytes]], None]
 """``send(peer_node, query_id, phase, points)`` streams a set to the peer over mTLS."""
@@ -177,6 +220,8 @@ class QueryEngine:
         executor: Callable[[], Executor | None] = lambda: None,
         protocol_timeout: float = DEFAULT_PROTOCOL_TIMEOUT,
         rate_limit_per_minute: int = DEFAULT_RATE_LIMIT_PER_MINUTE,
+        assessed: Callable[[str, int], frozenset[str]] = lambda dataset, now: frozenset(),
+        mask_key: Callable[[str, str], bytes] | None = None,
     ) -> None:
         self._identity = identity
         self._roster = roster or (lambda: identity.roster)
@@ -191,6 +236,8 @@ class QueryEngine:
         self._executor = executor
         self._timeout = protocol_timeout
         self._rate_limit = rate_limit_per_minute
+        self._assessed = assessed
+        self._mask_key = mask_key or _no_mask_key
         self._sessions: dict[str, Session] = {}
         self._handlers: dict[str, KindHandler] = {}
         self._lock = threading.Lock()
@@ -237,13 +284,34 @@ class QueryEngine:
         plan = parse_plan(request.body_json(), kind=request.kind)
         own, peer = plan.side_of(self.name)
         admission = Admission(query_id, signed, request_digest, now)
+        membership = plan.kind is QueryKind.PSI_MEMBERSHIP
+        to_analyst = membership and plan.recipient is None and own is plan.left
+        recipient = self._roster().member(plan.recipient) if plan.recipient else None
+        access = AccessRequest(
+            requester=caller.name,
+            role=caller.role,
+            jurisdiction=caller.jurisdiction,
+            query_kind=plan.kind,
+            columns=own.accesses(release=to_analyst),
+            purpose=plan.purpose,
+            dp_noise=plan.epsilon is not None,
+            epsilon=plan.epsilon or Fraction(0),
+            recipient=plan.recipient,
+            recipient_is_department=recipient is not None and recipient.role is Role.NODE,
+            recipient_jurisdiction=recipient.jurisdiction if recipient is not None else None,
+            exact=plan.exact,
+        )
         record, obligations = self.admit(
             caller,
             admission,
-            kind=plan.kind,
+            access=access,
             dataset=own.dataset,
-            purpose=plan.purpose,
-            decide=lambda: self._decide(caller, plan, own, now, query_id, request_digest),
+            participants=plan.nodes,
+            check=(
+                (lambda: self._release_mask_refusal(plan, own))
+                if membership and plan.recipient is None
+                else None
+            ),
         )
         with self._lock:
             self._sessions[query_id] = Session(
@@ -261,23 +329,29 @@ class QueryEngine:
         caller: Caller,
         admission: Admission,
         *,
-        kind: QueryKind,
+        access: AccessRequest,
         dataset: str,
-        purpose: str,
-        decide: Callable[[], Obligations],
+        participants: Sequence[str],
+        check: Callable[[], Decision | None] | None = None,
     ) -> tuple[QueryRecord, Obligations]:
-        """Rate limit, policy decision (``decide`` logs it) and the stored query record.
+        """Decide ``access`` on this node's ``dataset`` and store the query with its reservation.
+
+        In one store transaction (``QueryStore.admit``): the rate limit, the policy decision on
+        the analyst's usage so far (reservations included), then ``check`` (a further refusal
+        of the query kind's own, or None), the decision logged with its rule, and the query
+        stored with its budget reserved. See ``govshare.node.policy`` for the order of checks.
 
         Raises:
-            PolicyRefused: the rate limit or the policy refused; the refusal is stored.
+            PolicyRefused: the rate limit or the policy refused; the refusal is stored and logged.
         """
         now = admission.now
+        self.expire_stale()
         base = QueryRecord(
             query_id=admission.query_id,
             analyst=caller.name,
-            kind=kind.value,
+            kind=access.query_kind.value,
             dataset=dataset,
-            purpose=purpose,
+            purpose=access.purpose,
             request=admission.signed,
             state=REFUSED,
             rule="",
@@ -287,116 +361,123 @@ class QueryEngine:
             received_at=now,
             updated_at=now,
         )
-        try:
-            if self._store.count_since(caller.name, now - 60) >= self._rate_limit:
-                raise PolicyRefused(
+        info = self._catalogue.get(dataset)
+        grants = self._grants.list(dataset=dataset)
+
+        def decide_logged(usage: Usage) -> Decision:
+            if usage.recent >= self._rate_limit:
+                decision = Decision(
+                    False,
                     RATE_LIMIT_RULE,
                     f"{caller.name} may submit {self._rate_limit} queries a minute to {self.name}",
                 )
-            obligations = decide()
-        except PolicyRefused as refusal:
-            self._store.create(
-                replace(base, rule=refusal.rule, message=refusal.reason, state=REFUSED)
+            else:
+                decision = decide(
+                    access,
+                    info,
+                    grants,
+                    now=now,
+                    node_jurisdiction=self._identity.jurisdiction,
+                    usage=usage.grants,
+                    budget=usage.budget,
+                    issuer_key=self._identity.member.verify_key(),
+                    assessed=self._assessed(dataset, now),
+                )
+                if decision.allowed and check is not None:
+                    decision = check() or decision
+            self._audit.record(
+                "policy.decision",
+                {
+                    "dataset": dataset,
+                    "request_digest": admission.request_digest,
+                    "participants": list(participants),
+                    **decision.audit_fields(),
+                },
+                actor=caller.name,
+                query_id=admission.query_id,
             )
-            raise
-        state = PENDING if obligations.requires_approval else APPROVED
-        record = replace(
-            base,
-            state=state,
-            rule="allowed",
-            message="waiting for the operator's approval" if state == PENDING else "allowed",
-            grant_id=obligations.grant_id,
-            epsilon=obligations.epsilon,
-        )
-        self._store.create(record)
-        return record, obligations
+            return decision
 
-    def decide_access(
-        self,
-        caller: Caller,
-        access: AccessRequest,
-        *,
-        dataset: str,
-        participants: Sequence[str],
-        admission: Admission,
-    ) -> Obligations:
-        """Decide ``access`` on this node's ``dataset``, log the decision, raise on refusal."""
-        decision = decide(
-            access,
-            self._catalogue.get(dataset),
-            self._grants.list(dataset=dataset),
-            now=admission.now,
-            node_jurisdiction=self._identity.jurisdiction,
-            usage=self._store.usage(),
-            issuer_key=self._identity.member.verify_key(),
-        )
-        self._audit.record(
-            "policy.decision",
-            {
-                "dataset": dataset,
-                "request_digest": admission.request_digest,
-                "participants": list(participants),
-                **decision.audit_fields(),
-            },
-            actor=caller.name,
-            query_id=admission.query_id,
-        )
-        return decision.raise_if_refused()
+        record, decision = self._store.admit(base, since=now - 60, decide=decide_logged)
+        return record, decision.raise_if_refused()
 
-    def _decide(
-        self,
-        caller: Caller,
-        plan: PsiPlan,
-        own: Side,
-        now: int,
-        query_id: str,
-        request_digest: str,
-    ) -> Obligations:
-        membership = plan.kind is QueryKind.PSI_MEMBERSHIP
-        to_analyst = membership and plan.recipient is None and own is plan.left
-        recipient = self._roster().member(plan.recipient) if plan.recipient else None
-        access = AccessRequest(
-            requester=caller.name,
-            role=caller.role,
-            jurisdiction=caller.jurisdiction,
-            query_kind=plan.kind,
-            columns=own.accesses(release=to_analyst),
-            purpose=plan.purpose,
-            dp_noise=False,
-            recipient=plan.recipient,
-            filtered_set_size=self._catalogue.count(own.dataset, where=own.where),
-            recipient_is_department=recipient is not None and recipient.role is Role.NODE,
-            recipient_jurisdiction=recipient.jurisdiction if recipient is not None else None,
-        )
-        obligations = self.decide_access(
-            caller,
-            access,
-            dataset=own.dataset,
-            participants=plan.nodes,
-            admission=Admission(query_id, b"", request_digest, now),
-        )
-        if membership and plan.recipient is None:
-            self._check_release_mask(caller, plan, own, query_id, request_digest)
-        return obligations
-
-    def _check_release_mask(
-        self, caller: Caller, plan: PsiPlan, own: Side, query_id: str, request_digest: str
-    ) -> None:
+    def _release_mask_refusal(self, plan: PsiPlan, own: Side) -> Decision | None:
         """Released keys go through the plan's mask, which must be this side's own rule."""
         rule = self._catalogue.get(own.dataset).column(own.column)
         own_mask = rule.mask if rule is not None else None
         if own_mask == plan.mask:
-            return
-        message = (
-            f"keys of {own.dataset}.{own.column} are released only as {own_mask}, not {plan.mask}"
+            return None
+        return Decision(
+            False,
+            MASK_RULE,
+            f"keys of {own.dataset}.{own.column} are released only as {own_mask}, not {plan.mask}",
         )
-        self._audit.record(
-            "policy.decision",
-            {"dataset": own.dataset, "allowed": False, "rule": MASK_RULE, "message": message,
-             "request_digest": request_digest},
-            actor=caller.name, query_id=query_id,
-        )  # fmt: skip
-        raise PolicyRefused(MASK_RULE, message)
+
+    # --- reservations -----------------------------------------------------------------------
+
+    def _settle(self, query_id: str, *, spent: bool, reason: str) -> None:
+        """Spend or return a query's reservation, and log which (once)."""
+        state = self._store.settle(query_id, spent=spent, now=int(self._clock()))
+        if state is not None:
+            self._audit.record(
+                "budget.settled",
+                {"reservation": state, "reason": reason},
+                actor=self.name,
+                query_id=query_id,
+            )
+
+    def expire_stale(self) -> list[str]:
+        """Queries whose signed request expired while pending or approved never run: mark them
+        ``expired`` and return their reservations. Returns their ids."""
+        now = int(self._clock())
+        expired = []
+        for state in (PENDING, APPROVED):
+            for record in self._store.with_state(state):
+                if SignedRequest.decode(record.request).expires_at > now:
+                    continue
+                try:
+                    self._store.transition(
+                        record.query_id, from_states=[state], to=EXPIRED, now=now,
+                        message="the signed request expired before the query ran",
+                    )  # fmt: skip
+                except Conflict:
+                    continue  # approved, run or expired meanwhile
+                self._settle(
+                    record.query_id, spent=False, reason="the request expired before it ran"
+                )
+                with self._lock:
+                    self._sessions.pop(record.query_id, None)
+                expired.append(record.query_id)
+        return expired
+
+    def recover(self) -> None:
+        """After a restart: settle the queries that were running when the node stopped.
+
+        A query whose release this node had logged is ``done`` and its reservation spent;
+        any other is ``failed`` with its reservation returned, since nothing left the node
+        for the analyst. Queries waiting for approval or to run keep their reservations (the
+        node holds no protocol state for them any more: the analyst submits again)."""
+        now = int(self._clock())
+        for record in self._store.with_state(RUNNING):
+            released = any(
+                e.decode().kind == "result.released"
+                for e in self._log.entries_for_query(record.query_id)
+            )
+            to, reason = (
+                (DONE, "released before the node stopped")
+                if released
+                else (FAILED, "the node stopped mid-query; nothing released")
+            )
+            self._store.transition(
+                record.query_id, from_states=[RUNNING], to=to, now=now, message=reason
+            )
+            state = self._store.settle(record.query_id, spent=released, now=now)
+            self._audit.record(
+                "budget.recovered",
+                {"reservation": state or "settled before", "state": to, "reason": reason},
+                actor=self.name,
+                query_id=record.query_id,
+            )
 
     def status(self, caller: Caller, query_id: str) -> QueryRecord:
         record = self._store.get(query_id)
@@ -441,6 +522,8 @@ class QueryEngine:
         drops the query's protocol state either way.
         """
         self.status(caller, query_id)
+        if query_id in self.expire_stale():
+            raise Aborted(f"query {query_id}: the signed request expired before it ran")
         record = self._store.transition(
             query_id, from_states=[APPROVED], to=RUNNING, now=int(self._clock())
         )
@@ -451,17 +534,41 @@ class QueryEngine:
             self._store.transition(
                 query_id, from_states=[RUNNING], to=FAILED, now=int(self._clock()), message=reason
             )
+            # A refusal on the data consumes the query like a run; any other failure released
+            # nothing, so the reservation goes back.
+            refused = isinstance(exc, PolicyRefused)
             self._audit.record(
                 "query.failed", {"reason": reason, "released": False}, actor=self.name,
                 query_id=query_id,
             )  # fmt: skip
+            self._settle(
+                query_id, spent=refused,
+                reason="refused on the data" if refused else "failed; nothing released",
+            )  # fmt: skip
             close(query_id)
+            self._abort_peers(query_id, record)
             if isinstance(exc, GovshareError):
                 raise
             raise Aborted(f"{self.name}: query aborted, nothing released") from exc
         self._store.transition(query_id, from_states=[RUNNING], to=DONE, now=int(self._clock()))
+        self._settle(query_id, spent=True, reason="released")
         close(query_id)
         return result
+
+    def _abort_peers(self, query_id: str, record: QueryRecord) -> None:
+        """Tell the other nodes of a failed query at once, so they stop waiting for this one."""
+        nodes = participants_of(SignedRequest.decode(record.request))
+        for node in nodes:
+            if node != self.name:
+                threading.Thread(
+                    target=self._notify_abort, args=(node, query_id), daemon=True
+                ).start()
+
+    def _notify_abort(self, node: str, query_id: str) -> None:
+        try:
+            self._send(node, query_id, ABORT, [])
+        except Exception:  # best effort: the peer's protocol timeout still ends its wait
+            return
 
     def run(self, caller: Caller, query_id: str) -> Release:
         """Run this node's part of an approved PSI; return what goes to the analyst."""
@@ -473,41 +580,85 @@ class QueryEngine:
         )
 
     def check_set_size(self, query_id: str, dataset: str, size: int, minimum: int) -> None:
-        """Refuse (and log) a run whose filtered set came out smaller than the policy's floor."""
+        """Refuse (and log) a run whose filtered set came out smaller than the policy's floor.
+
+        The message names the rule and k, never the size: a refusal must read the same for a
+        set of 0 rows and of k - 1."""
         if size >= minimum:
             return
+        self._refuse_on_data(
+            query_id, dataset, SET_SIZE_RULE,
+            f"the filtered set of {dataset} is smaller than k = {minimum}",
+        )  # fmt: skip
+
+    def check_exact(
+        self, query_id: str, analyst: str, dataset: str, items: Iterable[bytes], k: int
+    ) -> None:
+        """The tracker check of an exact release, then remember its filtered set.
+
+        Refuses (rule ``filter.overlap``) when the filtered set differs from an earlier exact
+        release's to the same analyst by fewer than ``k`` items (symmetric difference, on this
+        node's own data): two such releases would give away the few rows between them. The
+        same set again is allowed: it releases nothing new.
+        """
+        digests = frozenset(item_digest(dataset, item) for item in items)
+        for earlier, theirs in self._store.exact_releases(analyst, dataset):
+            if earlier != query_id and 0 < len(digests ^ theirs) < k:
+                self._refuse_on_data(
+                    query_id, dataset, FILTER_OVERLAP,
+                    f"the filtered set of {dataset} differs from an earlier exact release's "
+                    f"by fewer than k = {k} rows",
+                )  # fmt: skip
+        self._store.record_exact(analyst, dataset, query_id, digests)
+
+    def _refuse_on_data(self, query_id: str, dataset: str, rule: str, message: str) -> None:
         self._audit.record(
             "policy.decision",
-            {"dataset": dataset, "allowed": False, "rule": SET_SIZE_RULE},
+            {"dataset": dataset, "allowed": False, "rule": rule, "message": message},
             actor=self.name,
             query_id=query_id,
         )
-        raise PolicyRefused(
-            SET_SIZE_RULE, f"the filtered set of {dataset} has fewer than {minimum} rows"
-        )
+        raise PolicyRefused(rule, message)
 
     def _close(self, query_id: str) -> None:
         with self._lock:
             self._sessions.pop(query_id, None)
 
     def _run(self, session: Session, query_id: str, record: QueryRecord) -> Release:
-        own = session.own
-        keys = [k.encode() for k in self._catalogue.keys(own.dataset, own.column, where=own.where)]
+        own, plan = session.own, session.plan
+        own_keys = self._catalogue.keys(own.dataset, own.column, where=own.where)
+        keys = [k.encode() for k in own_keys]
         self.check_set_size(query_id, own.dataset, len(keys), session.obligations.min_set_size)
-        self._store.charge(record.grant_id, record.epsilon)
+        if session.obligations.exact:
+            self.check_exact(
+                query_id, record.analyst, own.dataset, keys, session.obligations.min_group_size
+            )
         executor = self._executor()
         workers = None if executor is not None else 1
-        masked = session.party.mask_own(keys, workers=workers, executor=executor)
+        masked_keys = keys
+        if plan.kind is QueryKind.PSI_CARDINALITY and plan.epsilon is not None:
+            # DP PSI-CA: shared dummies (drawn by the left node) land in the intersection,
+            # private ones only in this node's set (govshare.protocols.ecdh_psi, "DP PSI-CA").
+            if own is plan.left:
+                shared = ecdh_psi.draw_shared_dummies(plan.epsilon)
+                self._send_step(session, query_id, DUMMIES, shared)
+            else:
+                shared = ecdh_psi.check_shared_dummies(
+                    self._wait(session, query_id, DUMMIES), epsilon=plan.epsilon
+                )
+            private = ecdh_psi.draw_private_dummies(plan.epsilon)
+            masked_keys = ecdh_psi.pad_with_dummies(keys, shared, private)
+        masked = session.party.mask_own(masked_keys, workers=workers, executor=executor)
         outgoing = (
             ecdh_psi.shuffle(masked)
-            if session.plan.kind is QueryKind.PSI_MEMBERSHIP and not session.releasing
+            if plan.kind is QueryKind.PSI_MEMBERSHIP and not session.releasing
             else masked
         )
         self._send_step(session, query_id, OWN, outgoing)
         peer_own = self._wait(session, query_id, OWN)
         again = session.party.mask_peer(peer_own, workers=workers, executor=executor)
 
-        if session.plan.kind is QueryKind.PSI_CARDINALITY:
+        if plan.kind is QueryKind.PSI_CARDINALITY:
             out = ecdh_psi.shuffle(again)
             self._released(session, query_id, record.analyst, points_digest(out), len(out))
             return Release(points=out)
@@ -520,18 +671,23 @@ class QueryEngine:
         if len(returned) != len(keys):
             raise MalformedInput("peer returned a set of the wrong size", field="points")
         positions = ecdh_psi.matching_positions(returned, again)
-        if session.plan.recipient is not None:
-            # This node keeps which of its own keys matched; the analyst learns how many.
+        if plan.recipient is not None:
+            # This node keeps which of its own keys matched; the analyst learns how many,
+            # noised unless the release is exact.
             matched = sorted(keys[i].decode() for i in positions)
             self._store.save_matches(query_id, matched)
             self._released(
                 session, query_id, self.name, digest("\n".join(matched).encode()), len(matched)
             )
-            return Release(matched=len(matched))
-        rule = session.plan.mask
+            count = len(matched)
+            if plan.epsilon is not None:
+                count += dp.discrete_laplace(dp.laplace_scale(epsilon=plan.epsilon, sensitivity=1))
+            return Release(matched=count)
+        rule = plan.mask
         if rule is None:  # parse_plan requires it for membership
             raise PolicyRefused(MASK_RULE, f"{own.column} has no masking rule")
-        records = sorted(apply_mask(rule, keys[i].decode()) for i in positions)
+        mask_key = self._mask_key(own.dataset, own.column) if needs_key(rule) else None
+        records = sorted(apply_mask(rule, keys[i].decode(), key=mask_key) for i in positions)
         self._released(
             session, query_id, record.analyst, digest("\n".join(records).encode()), len(records)
         )
@@ -552,6 +708,10 @@ class QueryEngine:
             raise Aborted(
                 f"{self.name}: node {session.peer.node} did not send its set within "
                 f"{self._timeout:g} s; query aborted, nothing released"
+            )
+        if session.aborted_by is not None:
+            raise Aborted(
+                f"{self.name}: node {session.aborted_by} ended the query; nothing released"
             )
         self._audit.record(
             "protocol.step",
@@ -576,6 +736,9 @@ class QueryEngine:
         received = 0
         inbox: _Inbox | None = None
         for query_id, phase, total, packed in chunks:
+            if phase == ABORT:
+                self.abort(caller, query_id)
+                return 0
             if inbox is None:
                 session = self._session(query_id)
                 if caller.name != session.peer.node:
@@ -605,6 +768,24 @@ class QueryEngine:
             )
         inbox.done.set()
         return received
+
+    def abort(self, caller: Caller, query_id: str) -> None:
+        """A participant says the query failed on its side: stop waiting for it at once."""
+        with self._lock:
+            session = self._sessions.get(query_id)
+        if session is not None:
+            if caller.name != session.peer.node:
+                raise PermissionDenied(f"{caller.name} is not the peer of query {query_id}")
+            session.aborted_by = caller.name
+            for inbox in session.inboxes.values():
+                inbox.done.set()
+            return
+        for kind_handler in self._kind_handlers():
+            kind_handler.abort(caller, query_id)
+
+    def _kind_handlers(self) -> list[KindHandler]:
+        with self._lock:
+            return list({id(h): h for h in self._handlers.values()}.values())
 
     # --- receipts ---------------------------------------------------------------------------
 

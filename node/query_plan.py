@@ -10,7 +10,13 @@ checks every column against its rules and grants before any protocol message lea
                "where": [["income_band", "=", "high"]]},
      "right": {"node": "civil", "dataset": "assistance", "column": "id_number", "where": []},
      "recipient": null,
-     "mask": null}                         # membership: the masking rule of the released keys
+     "mask": null,                         # membership: the masking rule of the released keys
+     "epsilon": "1",                       # DP noise on the released count, or null
+     "exact": false}                       # an exact release (needs every operator's approval)
+
+A statistic (the cardinality, or the count of a membership kept by a department) is released with
+DP noise of the signed ε, or exactly when ``exact`` is true and every operator approves; the
+nodes refuse one with neither (``govshare.node.policy``).
 
 A filter is ``[column, op, value]`` with ``op`` one of the catalogue's operators, and ``value`` a
 string, an integer, or (for ``in``) a list of them.
@@ -19,10 +25,12 @@ string, an integer, or (for ``in``) a list of them.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any
 
 from govshare.node.catalog import OPERATORS, Condition
 from govshare.node.governance import QueryKind
+from govshare.node.grants import format_epsilon, parse_epsilon
 from govshare.node.policy import ColumnAccess, ColumnUse
 from govshare.protocols.errors import MalformedInput
 
@@ -75,6 +83,8 @@ class PsiPlan:
     # Membership: the masking rule the released keys go through. Both nodes check it is their
     # own join column's rule, so a release honours each side's rule.
     mask: str | None = None
+    epsilon: Fraction | None = None
+    exact: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -84,7 +94,15 @@ class PsiPlan:
             "right": self.right.to_json(),
             "recipient": self.recipient,
             "mask": self.mask,
+            **release_json(self.epsilon, self.exact),
         }
+
+    @property
+    def noised(self) -> bool:
+        """Whether the released count carries DP noise (cardinality, membership to a node)."""
+        return self.epsilon is not None and (
+            self.kind is QueryKind.PSI_CARDINALITY or self.recipient is not None
+        )
 
     def side_of(self, node: str) -> tuple[Side, Side]:
         """(this node's side, the peer's side).
@@ -115,6 +133,35 @@ def _text(raw: Any, field: str) -> str:
     if not isinstance(raw, str) or not raw:
         raise MalformedInput(f"field {field!r} must be a non-empty string", field=field)
     return raw
+
+
+def release_json(epsilon: Fraction | None, exact: bool) -> dict[str, Any]:
+    """The release fields of a plan: ``epsilon`` (decimal text or null) and ``exact``."""
+    return {"epsilon": None if epsilon is None else format_epsilon(epsilon), "exact": exact}
+
+
+def parse_release(raw: dict[str, Any]) -> tuple[Fraction | None, bool]:
+    """(ε, exact) of a plan body.
+
+    Raises:
+        MalformedInput: ε not a positive decimal string, ``exact`` not a boolean, or both.
+    """
+    epsilon_raw, exact = raw.get("epsilon"), raw.get("exact", False)
+    if not isinstance(exact, bool):
+        raise MalformedInput("field 'exact' must be true or false", field="exact")
+    epsilon: Fraction | None = None
+    if epsilon_raw is not None:
+        if not isinstance(epsilon_raw, str):
+            raise MalformedInput("field 'epsilon' is a decimal string", field="epsilon")
+        try:
+            epsilon = parse_epsilon(epsilon_raw)
+        except (ValueError, MalformedInput):
+            raise MalformedInput(f"field 'epsilon': {epsilon_raw!r}", field="epsilon") from None
+        if epsilon <= 0:
+            raise MalformedInput("field 'epsilon' must be positive", field="epsilon")
+    if epsilon is not None and exact:
+        raise MalformedInput("field 'exact': an exact release carries no ε", field="exact")
+    return epsilon, exact
 
 
 def _condition(raw: Any, field: str) -> Condition:
@@ -180,6 +227,7 @@ def parse_plan(raw: Any, *, kind: str) -> PsiPlan:
     mask = raw.get("mask")
     if mask is not None:
         mask = _text(mask, "mask")
+    epsilon, exact = parse_release(raw)
     plan = PsiPlan(
         kind=query_kind,
         purpose=_text(raw.get("purpose"), "purpose"),
@@ -187,6 +235,8 @@ def parse_plan(raw: Any, *, kind: str) -> PsiPlan:
         right=_side(raw.get("right"), "right"),
         recipient=recipient,
         mask=mask,
+        epsilon=epsilon,
+        exact=exact,
     )
     if plan.kind is QueryKind.PSI_MEMBERSHIP and plan.recipient is None and plan.mask is None:
         raise MalformedInput("field 'mask': membership names the masking rule", field="mask")

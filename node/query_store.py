@@ -4,21 +4,36 @@ Lives in the node's SQLite store beside the catalogue. The operator's ``govshare
 commands change a query's state here while the node serves; the node reads it back when the
 analyst asks for the query's status.
 
-States: ``pending_approval`` → ``approved`` | ``denied``; ``approved`` → ``running`` → ``done``
-| ``failed``; a policy refusal is stored as ``refused`` with its rule.
+States: ``pending_approval`` → ``approved`` | ``denied`` | ``expired``; ``approved`` →
+``running`` → ``done`` | ``failed``, or ``expired`` when the signed request's validity ended
+before it ran; a policy refusal is stored as ``refused`` with its rule.
+
+**Reservations** (the budget ledger). :meth:`QueryStore.admit` counts the analyst's recent
+queries, hands the usage so far to the policy decision, and — in the same ``BEGIN IMMEDIATE``
+transaction — stores the query and reserves its ε and one query of its grant. Concurrent
+submissions, in threads or in other processes sharing the file, are therefore decided one after
+another on what the earlier ones reserved. A reservation is held while the query waits for
+approval, becomes ``spent`` when the node's part ends in a release (or a data-dependent refusal,
+which consumes the query like a run), and is ``returned`` only when the node knows it released
+nothing: a denial, an expiry before the run, a failure before the release, or a restart that
+finds no release in the log. The ledger per (analyst, dataset) and the usage per grant are sums
+over the reservations that are not returned.
+
+**Exact releases** keep, per (analyst, dataset), digests of the filtered set each one released
+from (:meth:`QueryStore.record_exact`), for the tracker check of ``govshare.node.queries``.
 """
 
 from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from fractions import Fraction
 from pathlib import Path
 
 from govshare.node.grants import format_epsilon, parse_epsilon
-from govshare.node.policy import GrantUsage
+from govshare.node.policy import DatasetBudget, Decision, GrantUsage
 from govshare.node.store import connect
 from govshare.protocols.errors import AlreadyExists, Conflict, NotFound
 
@@ -58,12 +73,41 @@ CREATE TABLE IF NOT EXISTS query_matches (
     key TEXT NOT NULL,
     PRIMARY KEY (query_id, key)
 );
-CREATE TABLE IF NOT EXISTS grant_usage (
-    grant_id TEXT PRIMARY KEY,
-    queries INTEGER NOT NULL,
-    epsilon TEXT NOT NULL
+CREATE TABLE IF NOT EXISTS reservations (
+    query_id TEXT PRIMARY KEY,
+    analyst TEXT NOT NULL,
+    dataset TEXT NOT NULL,
+    grant_id TEXT NOT NULL,
+    epsilon TEXT NOT NULL,      -- exact decimal text
+    state TEXT NOT NULL,        -- reserved | spent | returned
+    updated_at INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS reservations_by_ledger ON reservations (analyst, dataset);
+CREATE INDEX IF NOT EXISTS reservations_by_grant ON reservations (grant_id);
+CREATE TABLE IF NOT EXISTS exact_releases (
+    analyst TEXT NOT NULL,
+    dataset TEXT NOT NULL,
+    query_id TEXT NOT NULL,
+    items BLOB NOT NULL,        -- sorted 16-byte digests of the filtered set's items
+    PRIMARY KEY (analyst, dataset, query_id)
 );
 """
+
+RESERVED = "reserved"
+SPENT = "spent"
+RETURNED = "returned"
+EXPIRED = "expired"
+# Bytes kept of each item's digest for the tracker check: 128 bits, no collisions in practice.
+ITEM_DIGEST_BYTES = 16
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What an analyst has used at this node when a new query arrives."""
+
+    recent: int  # queries submitted in the rate-limit window
+    grants: Mapping[str, GrantUsage]
+    budget: DatasetBudget  # the ledger on the query's dataset
 
 
 @dataclass(frozen=True)
@@ -134,27 +178,30 @@ class QueryStore:
 
     def create(self, record: QueryRecord) -> None:
         with self._lock:
-            try:
-                self._db.execute(
-                    "INSERT INTO queries VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        record.query_id,
-                        record.analyst,
-                        record.kind,
-                        record.dataset,
-                        record.purpose,
-                        record.request,
-                        record.state,
-                        record.rule,
-                        record.message,
-                        record.grant_id,
-                        format_epsilon(record.epsilon),
-                        record.received_at,
-                        record.updated_at,
-                    ),
-                )
-            except sqlite3.IntegrityError:
-                raise AlreadyExists(f"query {record.query_id} was already submitted") from None
+            self._insert(record)
+
+    def _insert(self, record: QueryRecord) -> None:
+        try:
+            self._db.execute(
+                "INSERT INTO queries VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    record.query_id,
+                    record.analyst,
+                    record.kind,
+                    record.dataset,
+                    record.purpose,
+                    record.request,
+                    record.state,
+                    record.rule,
+                    record.message,
+                    record.grant_id,
+                    format_epsilon(record.epsilon),
+                    record.received_at,
+                    record.updated_at,
+                ),
+            )
+        except sqlite3.IntegrityError:
+            raise AlreadyExists(f"query {record.query_id} was already submitted") from None
 
     def get(self, query_id: str) -> QueryRecord:
         with self._lock:
@@ -242,36 +289,183 @@ class QueryStore:
     def count_since(self, analyst: str, since: int) -> int:
         """Queries ``analyst`` submitted since ``since`` (unix s), for the rate limit."""
         with self._lock:
-            row = self._db.execute(
-                "SELECT count(*) FROM queries WHERE analyst = ? AND received_at >= ?",
-                (analyst, since),
-            ).fetchone()
+            return self._count_since(analyst, since)
+
+    def _count_since(self, analyst: str, since: int) -> int:
+        row = self._db.execute(
+            "SELECT count(*) FROM queries WHERE analyst = ? AND received_at >= ?",
+            (analyst, since),
+        ).fetchone()
         return int(row[0])
 
-    def usage(self) -> Mapping[str, GrantUsage]:
-        with self._lock:
-            rows = self._db.execute("SELECT grant_id, queries, epsilon FROM grant_usage").fetchall()
-        return {
-            row["grant_id"]: GrantUsage(int(row["queries"]), parse_epsilon(row["epsilon"]))
-            for row in rows
-        }
+    # --- reservations ----------------------------------------------------------------------
 
-    def charge(self, grant_id: str, epsilon: Fraction) -> GrantUsage:
-        """Count one query (and its ε) against a grant; return the usage after it."""
+    def admit(
+        self,
+        base: QueryRecord,
+        *,
+        since: int,
+        decide: Callable[[Usage], Decision],
+    ) -> tuple[QueryRecord, Decision]:
+        """Decide and store a query, reserving its budget, in one transaction.
+
+        ``decide`` gets the analyst's :class:`Usage` (recent submissions, per-grant usage and
+        the ledger on ``base.dataset``, reservations included) and returns the decision. An
+        allowed query is stored ``approved`` or ``pending_approval`` with a reservation of its
+        ε and one query of its grant; a refused one is stored ``refused`` with its rule.
+
+        Raises:
+            AlreadyExists: the query id was submitted before.
+        """
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                row = self._db.execute(
-                    "SELECT queries, epsilon FROM grant_usage WHERE grant_id = ?", (grant_id,)
-                ).fetchone()
-                queries = (int(row["queries"]) if row else 0) + 1
-                spent = (parse_epsilon(row["epsilon"]) if row else Fraction(0)) + epsilon
-                self._db.execute(
-                    "INSERT OR REPLACE INTO grant_usage VALUES (?, ?, ?)",
-                    (grant_id, queries, format_epsilon(spent)),
+                usage = Usage(
+                    recent=self._count_since(base.analyst, since),
+                    grants=self._grant_usage(base.analyst),
+                    budget=self._budget(base.analyst, base.dataset),
                 )
+                decision = decide(usage)
+                ob = decision.obligations
+                if decision.allowed and ob is not None:
+                    state = PENDING if ob.requires_approval else APPROVED
+                    record = replace(
+                        base,
+                        state=state,
+                        rule="allowed",
+                        message="waiting for the operator's approval"
+                        if state == PENDING
+                        else "allowed",
+                        grant_id=ob.grant_id,
+                        epsilon=ob.epsilon,
+                    )
+                else:
+                    record = replace(
+                        base, state=REFUSED, rule=decision.rule, message=decision.message
+                    )
+                self._insert(record)
+                if record.state != REFUSED:
+                    self._db.execute(
+                        "INSERT INTO reservations VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (
+                            record.query_id,
+                            record.analyst,
+                            record.dataset,
+                            record.grant_id,
+                            format_epsilon(record.epsilon),
+                            RESERVED,
+                            record.received_at,
+                        ),
+                    )
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
-        return GrantUsage(queries, spent)
+        return record, decision
+
+    def settle(self, query_id: str, *, spent: bool, now: int) -> str | None:
+        """Turn a query's reservation into ``spent`` or ``returned``.
+
+        Returns the reservation's new state, or ``None`` when it had none or was already settled
+        (settling twice never counts twice).
+        """
+        to = SPENT if spent else RETURNED
+        with self._lock:
+            cursor = self._db.execute(
+                "UPDATE reservations SET state = ?, updated_at = ? "
+                "WHERE query_id = ? AND state = ?",
+                (to, now, query_id, RESERVED),
+            )
+        return to if cursor.rowcount == 1 else None
+
+    def reservation(self, query_id: str) -> str | None:
+        """The state of a query's reservation (``reserved``, ``spent``, ``returned``) or None."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT state FROM reservations WHERE query_id = ?", (query_id,)
+            ).fetchone()
+        return None if row is None else str(row[0])
+
+    def usage(self, analyst: str) -> Mapping[str, GrantUsage]:
+        """Per grant of ``analyst``: queries and ε used (reservations included)."""
+        with self._lock:
+            return self._grant_usage(analyst)
+
+    def budget(self, analyst: str, dataset: str) -> DatasetBudget:
+        """The ε ledger of ``analyst`` on ``dataset``."""
+        with self._lock:
+            return self._budget(analyst, dataset)
+
+    def _grant_usage(self, analyst: str) -> dict[str, GrantUsage]:
+        rows = self._db.execute(
+            "SELECT grant_id, epsilon, state FROM reservations WHERE analyst = ? AND state != ?",
+            (analyst, RETURNED),
+        ).fetchall()
+        totals: dict[str, list[Fraction | int]] = {}
+        for row in rows:
+            entry = totals.setdefault(row["grant_id"], [0, Fraction(0), Fraction(0)])
+            entry[0] = int(entry[0]) + 1
+            slot = 1 if row["state"] == SPENT else 2
+            entry[slot] = Fraction(entry[slot]) + parse_epsilon(row["epsilon"])
+        return {
+            grant_id: GrantUsage(int(q), Fraction(spent), Fraction(reserved))
+            for grant_id, (q, spent, reserved) in totals.items()
+        }
+
+    def _budget(self, analyst: str, dataset: str) -> DatasetBudget:
+        rows = self._db.execute(
+            "SELECT epsilon, state FROM reservations "
+            "WHERE analyst = ? AND dataset = ? AND state != ?",
+            (analyst, dataset, RETURNED),
+        ).fetchall()
+        spent = sum((parse_epsilon(r["epsilon"]) for r in rows if r["state"] == SPENT), Fraction(0))
+        held = sum(
+            (parse_epsilon(r["epsilon"]) for r in rows if r["state"] == RESERVED), Fraction(0)
+        )
+        return DatasetBudget(spent, held)
+
+    def ledger(self, dataset: str | None = None) -> list[tuple[str, str, DatasetBudget]]:
+        """(analyst, dataset, budget) for every ledger on this node (optionally one dataset)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT DISTINCT analyst, dataset FROM reservations"
+                + (" WHERE dataset = ?" if dataset is not None else "")
+                + " ORDER BY analyst, dataset",
+                (dataset,) if dataset is not None else (),
+            ).fetchall()
+            return [
+                (row["analyst"], row["dataset"], self._budget(row["analyst"], row["dataset"]))
+                for row in rows
+            ]
+
+    # --- exact releases ----------------------------------------------------------------------
+
+    def exact_releases(self, analyst: str, dataset: str) -> list[tuple[str, frozenset[bytes]]]:
+        """(query id, item digests) of every earlier exact release to ``analyst`` from
+        ``dataset``."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT query_id, items FROM exact_releases WHERE analyst = ? AND dataset = ?",
+                (analyst, dataset),
+            ).fetchall()
+        width = ITEM_DIGEST_BYTES
+        return [
+            (
+                str(row["query_id"]),
+                frozenset(
+                    bytes(row["items"][i : i + width]) for i in range(0, len(row["items"]), width)
+                ),
+            )
+            for row in rows
+        ]
+
+    def record_exact(
+        self, analyst: str, dataset: str, query_id: str, items: Iterable[bytes]
+    ) -> None:
+        """Keep the digests of the filtered set an exact release was computed from."""
+        blob = b"".join(sorted(set(items)))
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO exact_releases VALUES (?, ?, ?, ?)",
+                (analyst, dataset, query_id, blob),
+            )

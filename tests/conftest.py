@@ -27,6 +27,7 @@ from govshare.node.governance import (
 from govshare.node.identity import Federation, Identity, init_federation
 from govshare.node.node import Node
 from govshare.node.server import RunningNode, create_server
+from govshare.protocols import dp
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -130,6 +131,15 @@ def civil_node(fed: FederationFixture) -> Iterator[tuple[Node, RunningNode]]:
 
 
 PURPOSE = "assistance eligibility review"
+# The session grants' ε: room for every test's queries (budgets have tests of their own).
+GRANT_EPSILON = Fraction(1000)
+# The ε of the tests' noised PSI counts: shift t = 11, so a count is within 11 of the truth.
+PSI_EPSILON = Fraction(2)
+
+
+def psi_shift(epsilon: Fraction = PSI_EPSILON) -> int:
+    """The DP PSI-CA shift t: an estimate is within t of the true count, a set size within 2t."""
+    return dp.truncation_shift(epsilon)
 TAX_COLUMNS = (
     "id_number=join_key:resident_id",
     "district=group_key:domain={districts}",
@@ -200,7 +210,7 @@ def grant(
         columns=columns,
         query_kinds=kinds,
         expires_at=int(time.time()) + 86400,
-        epsilon=Fraction(10),
+        epsilon=GRANT_EPSILON,
         max_queries=1000,
         actor=f"operator:{node.name}",
         audit=node.audit,

@@ -25,6 +25,7 @@ from govshare.node.policy import (
     AccessRequest,
     ColumnAccess,
     ColumnUse,
+    DatasetBudget,
     Decision,
     GrantUsage,
     decide,
@@ -56,6 +57,7 @@ GENERAL = DatasetInfo(
 )
 IMPORTANT = replace(GENERAL, grade=Grade.IMPORTANT)
 UNCONDITIONAL = replace(GENERAL, sharing_type=SharingType.UNCONDITIONAL)
+STATE = replace(GENERAL, owner=Owner(OwnerKind.STATE, "state", "social"))
 ALL_COLUMNS = ("amount", "district", "id_number", "masked_id", "name", "year")
 
 
@@ -106,7 +108,8 @@ def request(
     dp_noise: bool = True,
     epsilon: Fraction = Fraction(1, 10),
     recipient: str | None = None,
-    filtered_set_size: int | None = 500,
+    exact: bool = False,
+    group_by: bool = False,
 ) -> AccessRequest:
     return AccessRequest(
         requester=requester,
@@ -118,7 +121,8 @@ def request(
         dp_noise=dp_noise,
         epsilon=epsilon,
         recipient=recipient,
-        filtered_set_size=filtered_set_size,
+        exact=exact,
+        group_by=group_by,
     )
 
 
@@ -128,8 +132,10 @@ def run(
     grants: tuple[Grant, ...] | None = None,
     *,
     usage: dict[str, GrantUsage] | None = None,
+    budget: DatasetBudget | None = None,
     issuer_key: ed25519.Ed25519PublicKey | None = None,
     now: int = NOW,
+    assessed: frozenset[str] = frozenset(),
 ) -> Decision:
     return decide(
         req,
@@ -138,7 +144,9 @@ def run(
         now=now,
         node_jurisdiction="CN",
         usage=usage,
+        budget=budget,
         issuer_key=issuer_key,
+        assessed=assessed,
     )
 
 
@@ -167,11 +175,38 @@ def test_rule_names_are_unique_and_dotted() -> None:
 
 
 def test_general_aggregate_allowed_with_general_obligations() -> None:
-    ob = allowed(run(request(dp_noise=False, epsilon=Fraction(0))))
+    ob = allowed(run(request()))
     assert ob.grant_id == "00000000000000a1"
-    assert (ob.requires_approval, ob.dp_required) == (False, False)
+    assert (ob.requires_approval, ob.dp_required, ob.exact) == (False, False, False)
     assert ob.min_group_size == policy.GENERAL_MIN_GROUP_SIZE
-    assert ob.epsilon == 0  # no DP, nothing to charge
+    assert ob.min_set_size == 0  # the noise covers small sets; no refusal on the true size
+    assert ob.epsilon == Fraction(1, 10)
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [QueryKind.PSI_CARDINALITY, QueryKind.INTERSECTION_AGGREGATE, QueryKind.HORIZONTAL_AGGREGATE],
+)
+def test_a_statistic_without_noise_is_refused_unless_exact(kind: QueryKind) -> None:
+    req = request(kind=kind, columns=AGGREGATE_COLUMNS[:2], dp_noise=False, epsilon=Fraction(0))
+    if kind is QueryKind.HORIZONTAL_AGGREGATE:
+        req = replace(req, columns=AGGREGATE_COLUMNS[1:2])
+    refused(run(req), policy.RELEASE_NOISE)
+    ob = allowed(run(replace(req, exact=True)))
+    # An exact release always waits for the operator, and keeps the filtered-set floor.
+    assert ob.exact and ob.requires_approval and ob.epsilon == 0
+    assert ob.min_set_size == policy.GENERAL_MIN_GROUP_SIZE
+
+
+def test_exact_release_with_group_by_is_refused() -> None:
+    req = request(dp_noise=False, epsilon=Fraction(0), exact=True, group_by=True)
+    refused(run(req), policy.EXACT_GROUP_BY)
+    allowed(run(replace(req, group_by=False, columns=AGGREGATE_COLUMNS[:2])))
+
+
+def test_noise_and_exact_at_once_is_malformed() -> None:
+    with pytest.raises(MalformedInput):
+        run(request(exact=True))
 
 
 def test_general_psi_cardinality_allowed() -> None:
@@ -216,12 +251,13 @@ def test_important_requires_dp() -> None:
 
 
 def test_important_min_group_size() -> None:
-    grants = (grant(IMPORTANT),)
-    refused(
-        run(request(filtered_set_size=9), IMPORTANT, grants),
-        policy.GRADE_IMPORTANT_MIN_GROUP_SIZE,
-    )
-    allowed(run(request(filtered_set_size=10), IMPORTANT, grants))
+    ob = allowed(run(request(), IMPORTANT, (grant(IMPORTANT),)))
+    assert ob.min_group_size == 10
+
+
+def test_important_exact_release_is_refused() -> None:
+    req = request(dp_noise=False, epsilon=Fraction(0), exact=True, columns=AGGREGATE_COLUMNS[:2])
+    refused(run(req, IMPORTANT, (grant(IMPORTANT),)), policy.GRADE_IMPORTANT_REQUIRES_DP)
 
 
 def test_important_jurisdiction_defaults_to_the_holder_node() -> None:
@@ -231,24 +267,41 @@ def test_important_jurisdiction_defaults_to_the_holder_node() -> None:
 
 
 def test_important_configured_jurisdictions_replace_the_default() -> None:
-    both = replace(IMPORTANT, allowed_jurisdictions=("CN", "HK"))
+    both = replace(IMPORTANT, allowed_jurisdictions=("CN", "HK"), owner=STATE.owner)
     allowed(run(request(jurisdiction="HK"), both, (grant(both),)))
     refused(run(request(jurisdiction="MO"), both, (grant(both),)), policy.JURISDICTION)
 
 
 def test_general_jurisdiction_unrestricted_unless_tightened() -> None:
-    allowed(run(request(jurisdiction="HK")))
-    tight = replace(GENERAL, allowed_jurisdictions=("CN",))
+    allowed(run(request(jurisdiction="HK"), STATE, (grant(STATE),)))
+    tight = replace(STATE, allowed_jurisdictions=("CN",))
     refused(run(request(jurisdiction="HK"), tight, (grant(tight),)), policy.JURISDICTION)
+
+
+def test_personal_data_stays_home_without_a_crossborder_assessment() -> None:
+    # GENERAL's owner kind is individual: results leave CN only where an assessment covers it.
+    decision = run(request(jurisdiction="US"))
+    refused(decision, policy.CROSSBORDER_ASSESSMENT)
+    assert "US" in decision.message
+    allowed(run(request(jurisdiction="US"), assessed=frozenset({"US"})))
+    refused(
+        run(request(jurisdiction="US"), assessed=frozenset({"HK"})), policy.CROSSBORDER_ASSESSMENT
+    )
+    allowed(run(request(jurisdiction="CN")))  # at home no assessment is needed
+    allowed(run(request(jurisdiction="US"), STATE, (grant(STATE),)))  # state data: no rule
+
+
+def test_membership_to_a_department_abroad_needs_an_assessment() -> None:
+    refused(run(membership_to(recipient_jurisdiction="HK")), policy.CROSSBORDER_ASSESSMENT)
+    allowed(run(membership_to(recipient_jurisdiction="HK"), assessed=frozenset({"HK"})))
 
 
 def test_operator_cannot_loosen_important_floor() -> None:
     # A registration bypassing the catalogue's checks still gets the floors.
     loose = replace(IMPORTANT, min_group_size=2, require_dp=False, require_approval=False)
     grants = (grant(loose),)
-    ob = allowed(run(request(filtered_set_size=10), loose, grants))
+    ob = allowed(run(request(), loose, grants))
     assert ob.min_group_size == 10 and ob.requires_approval and ob.dp_required
-    refused(run(request(filtered_set_size=5), loose, grants), policy.GRADE_IMPORTANT_MIN_GROUP_SIZE)
     refused(
         run(request(dp_noise=False, epsilon=Fraction(0)), loose, grants),
         policy.GRADE_IMPORTANT_REQUIRES_DP,
@@ -260,20 +313,22 @@ def test_operator_tightening_on_general() -> None:
         GENERAL, min_group_size=20, min_set_size=100, require_dp=True, require_approval=True
     )
     grants = (grant(tight),)
-    ob = allowed(run(request(filtered_set_size=100), tight, grants))
-    assert ob.min_group_size == 20 and ob.min_set_size == 100
+    ob = allowed(run(request(), tight, grants))
+    assert ob.min_group_size == 20
     assert ob.requires_approval and ob.dp_required
-    refused(run(request(filtered_set_size=99), tight, grants), policy.SET_SIZE_MINIMUM)
+    membership = request(kind=QueryKind.PSI_MEMBERSHIP, columns=MEMBERSHIP_COLUMNS, dp_noise=False)
+    unconditional = replace(tight, sharing_type=SharingType.UNCONDITIONAL, require_dp=False)
+    assert allowed(run(membership, unconditional, (grant(unconditional),))).min_set_size == 100
     refused(
         run(request(dp_noise=False, epsilon=Fraction(0)), tight, grants),
         policy.DATASET_REQUIRES_DP,
     )
 
 
-def test_general_min_set_size_floor() -> None:
-    refused(run(request(filtered_set_size=4)), policy.SET_SIZE_MINIMUM)
-    allowed(run(request(filtered_set_size=5)))
-    allowed(run(request(filtered_set_size=None)))  # unknown size: the planner checks later
+def test_set_size_floor_is_an_obligation_of_exact_and_record_releases() -> None:
+    exact = request(dp_noise=False, epsilon=Fraction(0), exact=True, columns=AGGREGATE_COLUMNS[:2])
+    assert allowed(run(exact)).min_set_size == policy.GENERAL_MIN_GROUP_SIZE
+    assert allowed(run(request())).min_set_size == 0
 
 
 def test_auditor_role_does_not_query() -> None:
@@ -330,8 +385,9 @@ def test_release_inside_an_aggregate_query_is_refused() -> None:
 @pytest.mark.parametrize(
     ("access", "rule"),
     [
-        (ColumnAccess("salary", ColumnUse.AGGREGATE), policy.COLUMN_UNKNOWN),
-        (ColumnAccess("notes", ColumnUse.FILTER), policy.COLUMN_DENY),
+        # No grant can name an unknown or a 'deny' column: the grant check refuses first.
+        (ColumnAccess("salary", ColumnUse.AGGREGATE), policy.GRANT_COLUMN),
+        (ColumnAccess("notes", ColumnUse.FILTER), policy.GRANT_COLUMN),
         (ColumnAccess("year", ColumnUse.JOIN), policy.COLUMN_NOT_JOIN_KEY),
         (ColumnAccess("id_number", ColumnUse.GROUP), policy.COLUMN_JOIN_KEY_RELEASE),
         (ColumnAccess("id_number", ColumnUse.FILTER), policy.COLUMN_JOIN_KEY_RELEASE),
@@ -344,6 +400,7 @@ def test_release_inside_an_aggregate_query_is_refused() -> None:
     ],
 )
 def test_column_misuse_is_refused(access: ColumnAccess, rule: str) -> None:
+    # Even a grant that names the column does not lift the column's rule.
     refused(run(request(columns=(AGGREGATE_COLUMNS[0], access))), rule)
 
 
@@ -428,9 +485,48 @@ def test_grant_epsilon_budget_is_exact() -> None:
     ob = allowed(run(request(epsilon=Fraction(1, 10)), grants=(g,), usage=spent))
     assert ob.epsilon == Fraction(1, 10)
     refused(run(request(epsilon=Fraction(2, 10)), grants=(g,), usage=spent), policy.GRANT_BUDGET)
-    # A query without DP spends no ε, so an exhausted budget does not block it on general data.
+    # Reserved ε counts like spent ε: queries waiting for approval hold their share.
+    held = {g.grant_id: GrantUsage(queries=9, epsilon_reserved=Fraction(9, 10))}
+    refused(run(request(epsilon=Fraction(2, 10)), grants=(g,), usage=held), policy.GRANT_BUDGET)
+    # An exact release spends no ε, so an exhausted budget does not block it on general data.
     done = {g.grant_id: GrantUsage(queries=10, epsilon_spent=Fraction(1))}
-    allowed(run(request(dp_noise=False, epsilon=Fraction(0)), grants=(g,), usage=done))
+    exact = request(dp_noise=False, epsilon=Fraction(0), exact=True, columns=AGGREGATE_COLUMNS[:2])
+    allowed(run(exact, grants=(g,), usage=done))
+
+
+def test_one_ledger_per_analyst_and_dataset_across_grants() -> None:
+    first = grant(epsilon="1.0", grant_id="00000000000000b1")
+    second = grant(epsilon="1.0", grant_id="00000000000000b2")
+    # The first grant is spent; the second is fresh, but the ledger over both is at its cap.
+    usage = {first.grant_id: GrantUsage(queries=1, epsilon_spent=Fraction(1))}
+    decision = run(
+        request(epsilon=Fraction(1, 2)), grants=(first, second), usage=usage,
+        budget=DatasetBudget(spent=Fraction(1)),
+    )  # fmt: skip
+    refused(decision, policy.BUDGET_DATASET)
+    # A larger grant raises the cap to its own ε, never to the sum.
+    bigger = grant(epsilon="1.5", grant_id="00000000000000b3")
+    ob = allowed(
+        run(request(epsilon=Fraction(1, 2)), grants=(first, bigger), usage=usage,
+            budget=DatasetBudget(spent=Fraction(1)))
+    )  # fmt: skip
+    assert ob.grant_id == bigger.grant_id
+    refused(
+        run(request(epsilon=Fraction(1, 2)), grants=(first, bigger), usage=usage,
+            budget=DatasetBudget(spent=Fraction(1), reserved=Fraction(1, 10))),
+        policy.BUDGET_DATASET,
+    )  # fmt: skip
+
+
+def test_grant_is_checked_before_any_rule_of_the_data() -> None:
+    # Without a grant, a core dataset, a dataset not shared and a foreign jurisdiction all
+    # give the same refusal: nothing about the dataset's rules is revealed.
+    core = replace(GENERAL, grade=Grade.CORE)
+    none = replace(GENERAL, sharing_type=SharingType.NONE, legal_basis="PIPL")
+    for dataset in (GENERAL, core, none):
+        decision = run(request(jurisdiction="US"), dataset, grants=())
+        refused(decision, policy.GRANT_MISSING)
+        assert decision.message == "'alice' holds no grant on 'benefits'"
 
 
 def test_grant_max_queries() -> None:
@@ -487,7 +583,7 @@ def test_audit_fields_hold_no_floats() -> None:
     [
         request(dp_noise=True, epsilon=Fraction(0)),
         request(epsilon=Fraction(-1)),
-        request(filtered_set_size=-1),
+        request(exact=True),
         request(columns=()),
     ],
 )
@@ -504,8 +600,8 @@ JOIN_ONLY = (ColumnAccess("id_number", ColumnUse.JOIN),)
 
 def membership_to(**overrides: object) -> AccessRequest:
     fields: dict[str, object] = {
-        "kind": QueryKind.PSI_MEMBERSHIP, "columns": JOIN_ONLY, "dp_noise": False,
-        "epsilon": Fraction(0),
+        "kind": QueryKind.PSI_MEMBERSHIP, "columns": JOIN_ONLY, "dp_noise": True,
+        "epsilon": Fraction(1),
     }  # fmt: skip
     base = request(**fields)  # type: ignore[arg-type]
     return replace(base, **(TO_DEPARTMENT | overrides))  # type: ignore[arg-type]
