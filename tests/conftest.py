@@ -140,6 +140,8 @@ PSI_EPSILON = Fraction(2)
 def psi_shift(epsilon: Fraction = PSI_EPSILON) -> int:
     """The DP PSI-CA shift t: an estimate is within t of the true count, a set size within 2t."""
     return dp.truncation_shift(epsilon)
+
+
 TAX_COLUMNS = (
     "id_number=join_key:resident_id",
     "district=group_key:domain={districts}",

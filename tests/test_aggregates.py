@@ -15,6 +15,7 @@ import pytest
 from conftest import PURPOSE, FederationFixture, build_federation, grant, register
 
 from govshare.examples import synth
+from govshare.node import approvals
 from govshare.node.aggregate_plan import (
     BFV,
     PAILLIER,
@@ -26,6 +27,7 @@ from govshare.node.aggregate_plan import (
     SumSpec,
 )
 from govshare.node.aggregates import AggregateEngine, AggregateOptions
+from govshare.node.analyst import StatusCallback
 from govshare.node.analyst_aggregate import (
     run_horizontal_aggregate,
     run_intersection_aggregate,
@@ -40,7 +42,7 @@ from govshare.node.grants import GrantStore
 from govshare.node.identity import Identity
 from govshare.node.node import Node
 from govshare.node.query_plan import Side
-from govshare.node.query_store import QueryStore
+from govshare.node.query_store import PENDING, QueryStore
 from govshare.node.server import RunningNode, create_server
 from govshare.node.witness import WitnessStore
 from govshare.protocols import dp
@@ -159,7 +161,9 @@ def agg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Agg]:
         node.close()
 
 
-def district_plan(epsilon: Fraction | None = None, dataset: str = "assistance") -> IntersectionPlan:
+def district_plan(
+    epsilon: Fraction | None = Fraction(1), dataset: str = "assistance"
+) -> IntersectionPlan:
     year = 2025
     return IntersectionPlan(
         QueryKind.INTERSECTION_AGGREGATE,
@@ -173,7 +177,7 @@ def district_plan(epsilon: Fraction | None = None, dataset: str = "assistance") 
     )
 
 
-def visits_plan(epsilon: Fraction | None = None, scheme: str = PAILLIER) -> HorizontalPlan:
+def visits_plan(epsilon: Fraction | None = Fraction(1), scheme: str = PAILLIER) -> HorizontalPlan:
     return HorizontalPlan(
         QueryKind.HORIZONTAL_AGGREGATE,
         PURPOSE,
@@ -185,6 +189,21 @@ def visits_plan(epsilon: Fraction | None = None, scheme: str = PAILLIER) -> Hori
         scheme=scheme,
         public_key=b"",
     )
+
+
+def approve_when_pending(agg: Agg) -> StatusCallback:
+    """An on_status callback: each node's operator approves what waits for approval."""
+
+    def on_status(node: str, state: str, message: str) -> None:
+        if state == PENDING:
+            store = agg.nodes[node].query_store
+            for waiting in approvals.pending(store):
+                approvals.decide(
+                    store, agg.nodes[node].audit, waiting.record.query_id, approve=True,
+                    operator=f"operator:{node}", reason="checked: exact total for a review",
+                )  # fmt: skip
+
+    return on_status
 
 
 def expected_districts(agg: Agg) -> dict[str, dict[str, int]]:
@@ -224,7 +243,7 @@ def test_intersection_aggregate_is_exact_without_noise(agg: Agg) -> None:
     tax_log = [e.decode() for e in agg.nodes["tax"].audit.entries_for_query(outcome.query_id)]
     steps = [e.fields["phase"] for e in tax_log if e.kind == "protocol.step"]
     assert steps == ["matcher_keys", "values", "matcher_again"]
-    released = tax_log[-1]
+    released = next(e for e in reversed(tax_log) if e.kind == "result.released")
     assert released.kind == "result.released" and released.fields["recipient"] == "alice"
 
 
@@ -246,10 +265,14 @@ def test_intersection_aggregate_at_3072_bits_matches_plain_sql_over_the_csvs(agg
         "civil", "assistance", "id_number",
         (Condition("year", "=", 2025), Condition("assistance_type", "=", kind)),
     )  # fmt: skip
+    # An exact release (no GROUP BY): it runs only once both operators approve it.
     plan = IntersectionPlan(
-        base.kind, base.purpose, values, base.matcher, Figures(None, base.figures.sums, None), b""
-    )
-    outcome = run_intersection_aggregate(agg.fed.identity("alice"), plan)  # 3072 bits
+        base.kind, base.purpose, values, base.matcher,
+        Figures(None, base.figures.sums, None, exact=True), b"",
+    )  # fmt: skip
+    outcome = run_intersection_aggregate(
+        agg.fed.identity("alice"), plan, on_status=approve_when_pending(agg), poll=0.05
+    )  # 3072 bits
     high = {r["id_number"].upper() for r in _csv(agg.data / f"{synth.TAX}.csv")
             if r["income_band"] == "high"}  # fmt: skip
     rows = [
@@ -260,6 +283,9 @@ def test_intersection_aggregate_at_3072_bits_matches_plain_sql_over_the_csvs(agg
     assert group.count.value == len(rows) > 0
     assert group.sums["amount"].value == sum(int(r["amount"]) for r in rows)
     assert group.count.noise_scale is None and outcome.epsilon is None
+    for node in ("tax", "civil"):
+        kinds = [e.decode().kind for e in agg.nodes[node].audit.entries_for_query(outcome.query_id)]
+        assert "approval.granted" in kinds and "result.released" in kinds
 
 
 @pytest.mark.parametrize("scheme", [PAILLIER, BFV])
@@ -287,7 +313,8 @@ def test_horizontal_aggregate_is_exact_and_masks_cancel(agg: Agg, scheme: str) -
     assert len(received) == 2  # the two other nodes' contributions
     for name in ("tax", "ghost"):
         log = [e.decode() for e in agg.nodes[name].audit.entries_for_query(outcome.query_id)]
-        assert log[-1].fields["recipient"] == "civil"
+        released = [e for e in log if e.kind == "result.released"]
+        assert [e.fields["recipient"] for e in released] == ["civil"]
 
 
 def test_noisy_release_within_its_stated_interval_and_seeded_coverage(agg: Agg) -> None:
@@ -411,7 +438,8 @@ def test_tampered_ciphertexts_are_refused_and_a_dropout_aborts(agg: Agg) -> None
         set_options(agg.nodes["tax"], EXACT)
     entries = [e.decode() for e in agg.nodes["tax"].audit.entries_for_query(query_id)]
     kinds = [e.kind for e in entries]
-    assert "result.released" not in kinds and kinds[-1] == "query.failed"
+    assert "result.released" not in kinds and kinds[-2:] == ["query.failed", "budget.settled"]
+    assert agg.nodes["tax"].query_store.reservation(query_id) == "returned"
     assert clients["tax"].status(query_id).state == "failed"
     for client in clients.values():
         client.close()

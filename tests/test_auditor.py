@@ -591,7 +591,7 @@ def test_verify_refuses_a_state_checkpoint_signed_by_another_key(lab: Lab) -> No
 def test_show_query_matches_what_each_node_sent_with_what_its_peer_received(
     fed: FederationFixture, psi_data: PsiData, tmp_path: Path
 ) -> None:
-    from conftest import PURPOSE
+    from conftest import PSI_EPSILON, PURPOSE
 
     from govshare.node.analyst import run_psi
     from govshare.node.governance import QueryKind
@@ -600,6 +600,7 @@ def test_show_query_matches_what_each_node_sent_with_what_its_peer_received(
     plan = PsiPlan(
         kind=QueryKind.PSI_CARDINALITY, purpose=PURPOSE,
         left=Side("tax", "residents", "id_number"), right=Side("civil", "assistance", "id_number"),
+        epsilon=PSI_EPSILON,
     )  # fmt: skip
     outcome = run_psi(fed.identity("alice"), plan)
     auditor = Auditor(fed.identity("audra"), tmp_path / "state")

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import PURPOSE, FederationFixture, PsiData, grant, register
+from conftest import PSI_EPSILON, PURPOSE, FederationFixture, PsiData, grant, psi_shift, register
 
 from govshare.examples import synth
 from govshare.node.client import NodeClient
@@ -39,11 +39,16 @@ def test_query_psi_prints_json_and_saves_a_receipt(
         "query", "psi", "--identity", str(fed.bundles["alice"]),
         "--left", "civil.assistance.id_number", "--right", "tax.residents.id_number",
         "--where", "tax.residents.income_band = 'high'", "--purpose", PURPOSE,
-        "--receipt", "r.json", "--json", cwd=tmp_path,
+        "--epsilon", str(PSI_EPSILON), "--receipt", "r.json", "--json", cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     answer = json.loads(result.stdout)
-    assert answer["count"] == psi_data.manifest["filtered"]["tax_high & civil"]["count"]
+    true = psi_data.manifest["filtered"]["tax_high & civil"]["count"]
+    # Noised by default: within the shift t of the truth, with its interval and ε.
+    assert abs(answer["count"] - true) <= psi_shift()
+    assert answer["exact"] is False and answer["epsilon"] == str(PSI_EPSILON)
+    low, high = answer["interval_95"]
+    assert low <= answer["count"] <= high
     receipt = decode_receipt((tmp_path / "r.json").read_bytes())
     assert receipt.query_id == answer["query_id"]
     checked = govshare(
@@ -57,13 +62,48 @@ def test_query_sql_gives_the_same_count(
 ) -> None:
     result = govshare(
         "query", "sql", "--identity", str(fed.bundles["alice"]), "--purpose", PURPOSE,
-        "--json", SQL, cwd=tmp_path,
+        "--epsilon", str(PSI_EPSILON), "--json", SQL, cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    assert (
-        json.loads(result.stdout)["count"]
-        == psi_data.manifest["filtered"]["tax_high & civil"]["count"]
-    )
+    answer = json.loads(result.stdout)
+    true = psi_data.manifest["filtered"]["tax_high & civil"]["count"]
+    assert abs(answer["count"] - true) <= psi_shift() and answer["exact"] is False
+
+
+def test_exact_count_waits_for_every_operator_then_is_exact(
+    fed: FederationFixture, psi_data: PsiData, tmp_path: Path
+) -> None:
+    """--exact: the CLI waits while both operators approve from their own processes."""
+    analyst = subprocess.Popen(
+        [sys.executable, "-m", "govshare.cli", "query", "sql", "--identity",
+         str(fed.bundles["alice"]), "--purpose", PURPOSE, "--exact", "--json", SQL],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        for node in ("tax", "civil"):
+            home = str(fed.node_home(node))
+            deadline = time.monotonic() + 120
+            pending: list[dict[str, object]] = []
+            while not pending and time.monotonic() < deadline:
+                listed = govshare("approvals", "list", "--home", home, "--json", cwd=tmp_path)
+                pending = json.loads(listed.stdout)
+            assert pending, f"{node}: the exact query never waited for approval"
+            approved = govshare(
+                "approvals", "approve", str(pending[0]["query_id"]), "--home", home,
+                "--reason", "exact count for the annual review", cwd=tmp_path,
+            )  # fmt: skip
+            assert approved.returncode == 0, approved.stderr
+        out, err = analyst.communicate(timeout=120)
+    finally:
+        if analyst.poll() is None:
+            analyst.kill()
+    assert analyst.returncode == 0, err
+    answer = json.loads(out)
+    assert answer["exact"] is True and "interval_95" not in answer
+    assert answer["count"] == psi_data.manifest["filtered"]["tax_high & civil"]["count"]
+    for holder in (psi_data.tax, psi_data.civil):
+        kinds = [e.decode().kind for e in holder.audit.entries_for_query(answer["query_id"])]
+        assert kinds.index("approval.granted") < kinds.index("result.released")
 
 
 def test_unsupported_sql_is_one_line_naming_the_construct(
@@ -117,6 +157,7 @@ def test_operator_approves_from_another_process(
     plan = PsiPlan(
         kind=QueryKind.PSI_CARDINALITY, purpose=PURPOSE,
         left=Side("tax", "residents", "id_number"), right=Side("civil", gated, "id_number"),
+        epsilon=PSI_EPSILON,
     )  # fmt: skip
     request = sign_request(
         alice.signing_key, analyst="alice", kind=plan.kind.value, body=plan.to_json(),

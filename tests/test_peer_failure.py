@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import PURPOSE, TAX_COLUMNS, build_federation, grant, register
+from conftest import PSI_EPSILON, PURPOSE, TAX_COLUMNS, build_federation, grant, register
 
 from govshare.examples import synth
 from govshare.node.auditlog import verify_log_file
@@ -81,6 +81,7 @@ def test_peer_killed_mid_protocol(two_nodes: tuple[Path, dict[str, subprocess.Po
     plan = PsiPlan(
         kind=QueryKind.PSI_CARDINALITY, purpose=PURPOSE,
         left=Side("tax", "residents", "id_number"), right=Side("civil", "assistance", "id_number"),
+        epsilon=PSI_EPSILON,
     )  # fmt: skip
     request = sign_request(
         alice.signing_key, analyst="alice", kind=plan.kind.value, body=plan.to_json(),

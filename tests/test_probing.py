@@ -1,4 +1,8 @@
-"""Defences against probing: the per-analyst rate limit and the minimum filtered set size."""
+"""Defences against probing: the per-analyst rate limit and the minimum filtered set size.
+
+The floor on the filtered set is a data-dependent check: it runs only after admission and
+approval, applies to exact and record-level releases (a noised count covers small sets itself),
+and its refusal names the rule and k, never the size."""
 
 from __future__ import annotations
 
@@ -8,9 +12,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import PURPOSE, TAX_COLUMNS, build_federation, grant, register
+from conftest import PSI_EPSILON, PURPOSE, TAX_COLUMNS, build_federation, grant, register
 
 from govshare.examples import synth
+from govshare.node import approvals
 from govshare.node.catalog import Condition
 from govshare.node.client import NodeClient
 from govshare.node.config import NodeConfig
@@ -39,18 +44,26 @@ def strict_tax(tmp_path: Path) -> Iterator[tuple[Node, Identity]]:
     node.close()
 
 
-def submit(alice: Identity, where: tuple[Condition, ...] = ()) -> str:
+def signed(alice: Identity, where: tuple[Condition, ...] = (), *, exact: bool = False) -> str:
     plan = PsiPlan(
         kind=QueryKind.PSI_CARDINALITY, purpose=PURPOSE,
         left=Side("tax", "residents", "id_number", where),
         right=Side("civil", "assistance", "id_number"),
+        epsilon=None if exact else PSI_EPSILON, exact=exact,
     )  # fmt: skip
     request = sign_request(
         alice.signing_key, analyst="alice", kind=plan.kind.value, body=plan.to_json(),
         now=int(time.time()),
     )  # fmt: skip
     with NodeClient.to(alice, "tax") as client:
-        return client.submit(request.encode()).state
+        client.submit(request.encode())
+    return request.query_id_hex
+
+
+def submit(alice: Identity, where: tuple[Condition, ...] = ()) -> str:
+    query_id = signed(alice, where)
+    with NodeClient.to(alice, "tax") as client:
+        return client.status(query_id).state
 
 
 def refusals(node: Node, rule: str) -> int:
@@ -76,6 +89,20 @@ def test_small_filtered_set_is_refused_by_rule(strict_tax: tuple[Node, Identity]
               for d in synth.DISTRICTS}  # fmt: skip
     small = min(counts, key=lambda d: counts[d])
     assert counts[small] < 5
-    with pytest.raises(PermissionDenied, match=r"set_size\.minimum"):
-        submit(alice, (Condition("district", "=", small),))
+    where = (Condition("district", "=", small),)
+    # A noised count is admitted: nothing at admission reads the rows.
+    assert submit(alice, where) == "approved"
+    # An exact count waits for approval; then, before any message leaves tax, the floor refuses.
+    query_id = signed(alice, where, exact=True)
+    approvals.decide(node.query_store, node.audit, query_id, approve=True, operator="op")
+    with NodeClient.to(alice, "tax") as client:
+        with pytest.raises(PermissionDenied) as refused:
+            client.run(query_id, timeout=30)
+        assert client.status(query_id).state == "failed"
+    message = str(refused.value)
+    assert "set_size.minimum" in message and "k = 5" in message
+    assert str(counts[small]) not in message.replace("k = 5", "")
+    assert node.query_store.reservation(query_id) == "spent"  # a refusal on the data counts
+    kinds = [e.decode().kind for e in node.audit.entries_for_query(query_id)]
+    assert "protocol.step" not in kinds and "result.released" not in kinds
     assert refusals(node, "set_size.minimum") >= 1

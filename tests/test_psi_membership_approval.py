@@ -11,7 +11,16 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import PURPOSE, TAX_COLUMNS, FederationFixture, PsiData, grant, register
+from conftest import (
+    PSI_EPSILON,
+    PURPOSE,
+    TAX_COLUMNS,
+    FederationFixture,
+    PsiData,
+    grant,
+    psi_shift,
+    register,
+)
 
 from govshare.examples import synth
 from govshare.node import approvals
@@ -115,6 +124,7 @@ def review_plan() -> PsiPlan:
         purpose=PURPOSE,
         left=Side("tax", "residents", "id_number"),
         right=Side("civil", "assistance_review", "id_number"),
+        epsilon=PSI_EPSILON,
     )
 
 
@@ -147,9 +157,11 @@ def test_query_waits_for_approval_then_runs(
     operator.join()
     assert seen == [outcome.query_id]
     assert ("civil", PENDING) in states and ("civil", "approved") in states
-    assert outcome.count == psi_data.manifest["intersections"]["tax.residents & civil.assistance"]
+    true = psi_data.manifest["intersections"]["tax.residents & civil.assistance"]
+    assert abs(outcome.count - true) <= psi_shift()
     kinds = [e.decode().kind for e in psi_data.civil.audit.entries_for_query(outcome.query_id)]
     assert "approval.granted" in kinds
+    assert psi_data.civil.query_store.reservation(outcome.query_id) == "spent"
 
 
 def test_denied_query_ends_with_the_operators_message(
@@ -166,6 +178,8 @@ def test_denied_query_ends_with_the_operators_message(
             psi_data.civil.query_store, psi_data.civil.audit, seen[0], approve=True,
             operator="operator:civil",
         )  # fmt: skip
+    # A denied query never runs: civil gives its reserved ε and query back.
+    assert psi_data.civil.query_store.reservation(seen[0]) == "returned"
 
 
 def test_approval_timeout_is_a_clear_error(
@@ -186,15 +200,18 @@ def test_membership_to_a_receiving_node_keeps_the_keys_there(
         kind=QueryKind.PSI_MEMBERSHIP, purpose=PURPOSE,
         left=Side("civil", "assistance", "id_number"),
         right=Side("tax", "residents", "id_number", (Condition("income_band", "=", "high"),)),
-        recipient="tax",
+        recipient="tax", epsilon=PSI_EPSILON,
     )  # fmt: skip
     outcome = run_psi(fed.identity("alice"), plan)
     expected = psi_data.manifest["filtered"]["tax_high & civil"]["count"]
-    assert outcome.count == expected and outcome.records == ()
+    # alice learns how many, noised (discrete Laplace, scale 1/2: |noise| > 20 has p < 1e-8).
+    assert abs(outcome.count - expected) <= 20 and outcome.records == ()
+    assert outcome.interval is not None and outcome.epsilon == PSI_EPSILON
     kept = psi_data.tax.query_store.matches(outcome.query_id)
     assert len(kept) == expected and all(len(k) == 18 for k in kept)
     civil_log = [e.decode() for e in psi_data.civil.audit.entries_for_query(outcome.query_id)]
-    assert civil_log[-1].kind == "result.released" and civil_log[-1].fields["recipient"] == "tax"
+    released = [e for e in civil_log if e.kind == "result.released"]
+    assert [e.fields["recipient"] for e in released] == ["tax"]
     # The operator reads the kept keys with the CLI; nobody else holds them.
     shown = subprocess.run(
         [sys.executable, "-m", "govshare.cli", "node", "results", outcome.query_id,
