@@ -11,6 +11,7 @@ from govshare.cli.common import console, emit_json, err_console, identity_option
 from govshare.cli.crossborder import when_text
 from govshare.node.client import NodeClient, federation_catalog
 from govshare.node.governance import ColumnRule, DatasetInfo, OwnerKind
+from govshare.node.grants import format_epsilon
 from govshare.node.identity import Identity
 
 
@@ -112,6 +113,9 @@ def show(identity: Path, dataset: str, as_json: bool) -> None:
             {"destination": r.destination, "assessment": r.assessment, "expires_at": r.expires_at}
             for r in entry.crossborder
         ]
+        if entry.ledger is not None:
+            spent, reserved, left = (format_epsilon(v) for v in entry.ledger)
+            payload["epsilon"] = {"spent": spent, "reserved": reserved, "left": left}
         emit_json(payload)
         return
     console.print(
@@ -122,6 +126,12 @@ def show(identity: Path, dataset: str, as_json: bool) -> None:
     console.print(f"{info.row_count:,} rows. {info.description}")
     for column in info.columns:
         console.print(f"  {_rule_text(column)}")
+    if entry.ledger is not None:
+        spent, reserved, left = (format_epsilon(v) for v in entry.ledger)
+        console.print(
+            f"your ε here, over all your grants: spent {spent}, reserved {reserved} "
+            f"(waiting for approval or running), left {left}"
+        )
     if entry.crossborder:
         console.print("cross-border assessments in force:")
         for record in entry.crossborder:

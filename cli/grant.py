@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import time
+from fractions import Fraction
 from pathlib import Path
 
 import click
@@ -19,6 +20,8 @@ from govshare.node.catalog import Catalogue
 from govshare.node.config import NodeConfig
 from govshare.node.grants import Grant, GrantStore, format_epsilon
 from govshare.node.identity import Identity
+from govshare.node.policy import GrantUsage
+from govshare.node.query_store import QueryStore, ledger_view
 from govshare.protocols.errors import MalformedInput
 
 
@@ -63,27 +66,44 @@ def _status(grant: Grant, now: int) -> str:
     return "active"
 
 
-def _render(grants: list[Grant], title: str) -> None:
+def _usage(store: QueryStore, grant: Grant) -> dict[str, str | int]:
+    """What a grant has used: queries, ε spent and reserved (the node's reservations)."""
+    used = store.usage(grant.grantee).get(grant.grant_id, GrantUsage())
+    left = max(grant.epsilon - used.epsilon_used, Fraction(0))
+    return {
+        "queries_used": used.queries,
+        "epsilon_spent": format_epsilon(used.epsilon_spent),
+        "epsilon_reserved": format_epsilon(used.epsilon_reserved),
+        "epsilon_left": format_epsilon(left),
+    }
+
+
+def _render(grants: list[Grant], usage: dict[str, dict[str, str | int]], title: str) -> None:
     now = int(time.time())
     table = Table(title=title, header_style="bold")
     table.add_column("id", no_wrap=True)  # copied into 'grant revoke': never folded
     # The purpose is left to 'grant show': the list stays readable in 80 columns.
-    for column in ("dataset", "grantee", "columns", "kinds", "ε", "max", "expires"):
+    for column in ("dataset", "grantee", "kinds", "ε spent/held/left", "queries", "expires"):
         table.add_column(column, overflow="fold")
     table.add_column("status", no_wrap=True)
     for g in grants:
+        u = usage[g.grant_id]
         table.add_row(
             g.grant_id,
             g.dataset,
             g.grantee,
-            ",".join(g.columns),
             ",".join(k.value for k in g.query_kinds),
-            format_epsilon(g.epsilon),
-            str(g.max_queries),
+            f"{u['epsilon_spent']}/{u['epsilon_reserved']}/{u['epsilon_left']} of "
+            f"{format_epsilon(g.epsilon)}",
+            f"{u['queries_used']}/{g.max_queries}",
             _when(g.expires_at)[:10],
             _status(g, now),
         )
     console.print(table)
+    console.print(
+        "ε over all of one grantee's grants on a dataset never exceeds its largest grant in "
+        "force: [bold]govshare grant ledger[/] shows each analyst's ledger."
+    )
 
 
 @click.group("grant")
@@ -158,13 +178,49 @@ def add(
 def list_(
     home: Path, grantee: str | None, dataset: str | None, active: bool, as_json: bool
 ) -> None:
-    """List grants, revoked ones included unless --active."""
-    store = GrantStore(NodeConfig.load(home).database_path)
-    grants = store.list(grantee=grantee, dataset=dataset, include_revoked=not active)
+    """List grants with what each has used, revoked ones included unless --active."""
+    path = NodeConfig.load(home).database_path
+    grants = GrantStore(path).list(grantee=grantee, dataset=dataset, include_revoked=not active)
+    queries = QueryStore(path)
+    try:
+        usage = {g.grant_id: _usage(queries, g) for g in grants}
+    finally:
+        queries.close()
     if as_json:
-        emit_json([g.to_json() for g in grants])
+        emit_json([g.to_json() | usage[g.grant_id] for g in grants])
         return
-    _render(grants, "grants")
+    _render(grants, usage, "grants")
+
+
+@group.command("ledger")
+@home_option
+@click.option("--dataset", default=None, help="Only ledgers on this dataset.")
+@json_option
+def ledger(home: Path, dataset: str | None, as_json: bool) -> None:
+    """Each analyst's ε on each dataset, over all its grants: spent, reserved, left."""
+    path = NodeConfig.load(home).database_path
+    store, grants = QueryStore(path), GrantStore(path)
+    now = int(time.time())
+    try:
+        rows = [
+            (analyst, name, *ledger_view(store, grants.list(dataset=name), analyst, name, now=now))
+            for analyst, name, _ in store.ledger(dataset)
+        ]
+    finally:
+        store.close()
+    if as_json:
+        emit_json([
+            {"analyst": a, "dataset": d, "spent": format_epsilon(s),
+             "reserved": format_epsilon(r), "left": format_epsilon(left)}
+            for a, d, s, r, left in rows
+        ])  # fmt: skip
+        return
+    table = Table(title="ε ledgers (one per analyst and dataset)", header_style="bold")
+    for column in ("analyst", "dataset", "spent", "reserved", "left"):
+        table.add_column(column)
+    for a, d, s, r, left in rows:
+        table.add_row(a, d, format_epsilon(s), format_epsilon(r), format_epsilon(left))
+    console.print(table)
 
 
 @group.command("show")
@@ -173,9 +229,15 @@ def list_(
 @json_option
 def show(home: Path, grant_id: str, as_json: bool) -> None:
     """Show one grant, with its signature."""
-    grant = GrantStore(NodeConfig.load(home).database_path).get(grant_id)
+    path = NodeConfig.load(home).database_path
+    grant = GrantStore(path).get(grant_id)
+    queries = QueryStore(path)
+    try:
+        usage = _usage(queries, grant)
+    finally:
+        queries.close()
     if as_json:
-        emit_json(grant.to_json())
+        emit_json(grant.to_json() | usage)
         return
     facts = [
         ("dataset", grant.dataset),
@@ -184,7 +246,13 @@ def show(home: Path, grant_id: str, as_json: bool) -> None:
         ("columns", ", ".join(grant.columns)),
         ("query kinds", ", ".join(k.value for k in grant.query_kinds)),
         ("ε budget", format_epsilon(grant.epsilon)),
+        (
+            "ε used",
+            f"spent {usage['epsilon_spent']}, reserved {usage['epsilon_reserved']}, "
+            f"left {usage['epsilon_left']}",
+        ),
         ("max queries", str(grant.max_queries)),
+        ("queries used", str(usage["queries_used"])),
         ("created", _when(grant.created_at)),
         ("expires", _when(grant.expires_at)),
         ("issuer", grant.issuer),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from fractions import Fraction
 
 from govshare.node.crossborder import (
     Assessment,
@@ -19,16 +20,22 @@ from govshare.node.governance import (
     OwnerKind,
     SharingType,
 )
+from govshare.node.grants import format_epsilon, parse_epsilon
 from govshare.protocols.errors import MalformedInput
 from govshare.v1 import catalog_pb2
 
 
 def dataset_to_proto(
-    node: str, info: DatasetInfo, *, crossborder: Iterable[Assessment] = ()
+    node: str,
+    info: DatasetInfo,
+    *,
+    crossborder: Iterable[Assessment] = (),
+    ledger: tuple[Fraction, Fraction, Fraction] | None = None,
 ) -> catalog_pb2.Dataset:
     """The catalogue entry of ``info``; ``crossborder`` are its assessments in force, of which
-    only destination, reference and expiry are shown (never the basis or the signature)."""
-    return catalog_pb2.Dataset(
+    only destination, reference and expiry are shown (never the basis or the signature);
+    ``ledger`` the asking analyst's (spent, reserved, left) ε on it."""
+    message = catalog_pb2.Dataset(
         node=node,
         name=info.name,
         grade=info.grade.value,
@@ -62,6 +69,12 @@ def dataset_to_proto(
             for a in crossborder
         ],
     )
+    if ledger is not None:
+        spent, reserved, left = (format_epsilon(v) for v in ledger)
+        message.ledger.CopyFrom(
+            catalog_pb2.EpsilonLedger(spent=spent, reserved=reserved, left=left)
+        )
+    return message
 
 
 def dataset_from_proto(message: catalog_pb2.Dataset) -> DatasetInfo:
@@ -121,4 +134,12 @@ def catalog_entry_from_proto(message: catalog_pb2.Dataset) -> CatalogEntry:
                 expires_at=record.expires_at,
             )
         )
-    return CatalogEntry(dataset_from_proto(message), tuple(records))
+    ledger = None
+    if message.HasField("ledger"):
+        entry = message.ledger
+        ledger = (
+            parse_epsilon(entry.spent),
+            parse_epsilon(entry.reserved),
+            parse_epsilon(entry.left),
+        )
+    return CatalogEntry(dataset_from_proto(message), tuple(records), ledger)

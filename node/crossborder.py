@@ -45,6 +45,7 @@ import sqlite3
 import time
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
+from fractions import Fraction
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
@@ -166,6 +167,8 @@ class CatalogEntry:
 
     info: DatasetInfo
     crossborder: tuple[CrossBorderRecord, ...] = ()
+    # The asking analyst's ε on the dataset: (spent, reserved, left), when the node told it.
+    ledger: tuple[Fraction, Fraction, Fraction] | None = None
 
 
 def canonical_bytes(record: Assessment) -> bytes:

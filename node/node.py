@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 
 from govshare.node.aggregates import AggregateEngine, AggregateOptions
@@ -31,7 +32,7 @@ from govshare.node.grants import GrantStore
 from govshare.node.identity import ROSTER, Identity, Member, Roster
 from govshare.node.mask_key import MaskSecret
 from govshare.node.queries import QueryEngine
-from govshare.node.query_store import QueryStore
+from govshare.node.query_store import QueryStore, ledger_view
 from govshare.node.roster_file import RosterFile
 from govshare.node.witness import Witness, WitnessStore
 from govshare.protocols import ecdh_psi
@@ -213,6 +214,13 @@ class Node:
             # Same answer as for a dataset that does not exist: core is not discoverable.
             raise NotFound(f"no dataset {name!r} on node {self.name}")
         return dataset
+
+    def ledger(self, analyst: str, dataset: str) -> tuple[Fraction, Fraction, Fraction]:
+        """(spent, reserved, left) of ``analyst``'s ε on ``dataset`` at this node."""
+        return ledger_view(
+            self.query_store, self.grants.list(dataset=dataset), analyst, dataset,
+            now=int(self.clock()),
+        )  # fmt: skip
 
     def assessed_destinations(self, dataset: str, now: int) -> frozenset[str]:
         """Jurisdictions that signed cross-border assessments in force cover for ``dataset``."""

@@ -32,8 +32,8 @@ from dataclasses import dataclass, replace
 from fractions import Fraction
 from pathlib import Path
 
-from govshare.node.grants import format_epsilon, parse_epsilon
-from govshare.node.policy import DatasetBudget, Decision, GrantUsage
+from govshare.node.grants import Grant, format_epsilon, parse_epsilon
+from govshare.node.policy import DatasetBudget, Decision, GrantUsage, dataset_epsilon_cap
 from govshare.node.store import connect
 from govshare.protocols.errors import AlreadyExists, Conflict, NotFound
 
@@ -99,6 +99,16 @@ RETURNED = "returned"
 EXPIRED = "expired"
 # Bytes kept of each item's digest for the tracker check: 128 bits, no collisions in practice.
 ITEM_DIGEST_BYTES = 16
+
+
+def ledger_view(
+    store: QueryStore, grants: Sequence[Grant], analyst: str, dataset: str, *, now: int
+) -> tuple[Fraction, Fraction, Fraction]:
+    """(spent, reserved, left) of ``analyst``'s ε on ``dataset``: left is the largest grant in
+    force (``policy.dataset_epsilon_cap``) less what is spent and reserved, never below 0."""
+    budget = store.budget(analyst, dataset)
+    cap = dataset_epsilon_cap(grants, requester=analyst, dataset=dataset, now=now)
+    return budget.spent, budget.reserved, max(cap - budget.used, Fraction(0))
 
 
 @dataclass(frozen=True)

@@ -66,10 +66,12 @@ class CatalogService(catalog_pb2_grpc.CatalogServicer):
         self, request: catalog_pb2.DescribeDatasetRequest, context: grpc.ServicerContext
     ) -> catalog_pb2.Dataset:
         name = require_dataset_name(request.name)
-        dataset = self._node.describe_dataset(current_caller(), name)
+        caller = current_caller()
+        dataset = self._node.describe_dataset(caller, name)
         return dataset_to_proto(
-            self._node.name, dataset, crossborder=self._node.crossborder_in_force(name)
-        )
+            self._node.name, dataset, crossborder=self._node.crossborder_in_force(name),
+            ledger=self._node.ledger(caller.name, name),
+        )  # fmt: skip
 
 
 class PeerService(peer_pb2_grpc.PeerServicer):

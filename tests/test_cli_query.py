@@ -6,10 +6,20 @@ import json
 import subprocess
 import sys
 import time
+from fractions import Fraction
 from pathlib import Path
 
 import pytest
-from conftest import PSI_EPSILON, PURPOSE, FederationFixture, PsiData, grant, psi_shift, register
+from conftest import (
+    GRANT_EPSILON,
+    PSI_EPSILON,
+    PURPOSE,
+    FederationFixture,
+    PsiData,
+    grant,
+    psi_shift,
+    register,
+)
 
 from govshare.examples import synth
 from govshare.node.client import NodeClient
@@ -222,3 +232,36 @@ def test_query_sql_aggregate_prints_figures_intervals_and_budgets(
     slack = 4 * interval * len(groups) + (k + 4 * interval) * (len(groups) - len(released))
     assert released and abs(sum(released) - truth) <= slack
     assert decode_receipt((tmp_path / "agg.json").read_bytes()).query_id == answer["query_id"]
+
+
+def test_analyst_and_operator_see_epsilon_spent_reserved_and_left(
+    fed: FederationFixture, psi_data: PsiData, tmp_path: Path
+) -> None:
+    ran = govshare(
+        "query", "sql", "--identity", str(fed.bundles["alice"]), "--purpose", PURPOSE,
+        "--epsilon", "0.5", "--json", SQL, cwd=tmp_path,
+    )  # fmt: skip
+    assert ran.returncode == 0, ran.stderr
+    spent = psi_data.tax.query_store.budget("alice", "residents").spent
+    assert spent >= Fraction("0.5")
+    shown = govshare(
+        "catalog", "show", "tax.residents", "--identity", str(fed.bundles["alice"]), "--json",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert shown.returncode == 0, shown.stderr
+    ledger = json.loads(shown.stdout)["epsilon"]
+    assert Fraction(ledger["spent"]) == spent and ledger["reserved"] == "0"
+    assert Fraction(ledger["left"]) == GRANT_EPSILON - spent
+    listed = govshare(
+        "grant", "list", "--home", str(fed.node_home("tax")), "--grantee", "alice", "--json",
+        cwd=tmp_path,
+    )  # fmt: skip
+    grants = json.loads(listed.stdout)
+    assert sum(Fraction(g["epsilon_spent"]) for g in grants) == spent
+    assert all(g["queries_used"] <= g["max_queries"] for g in grants)
+    ledgers = json.loads(
+        govshare("grant", "ledger", "--home", str(fed.node_home("tax")), "--json",
+                 cwd=tmp_path).stdout
+    )  # fmt: skip
+    assert {"analyst": "alice", "dataset": "residents", "spent": ledger["spent"],
+            "reserved": "0", "left": ledger["left"]} in ledgers  # fmt: skip

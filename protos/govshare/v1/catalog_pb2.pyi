@@ -102,6 +102,7 @@ class Dataset(_message.Message):
     REQUIRE_DP_FIELD_NUMBER: _builtins.int
     REQUIRE_APPROVAL_FIELD_NUMBER: _builtins.int
     CROSSBORDER_FIELD_NUMBER: _builtins.int
+    LEDGER_FIELD_NUMBER: _builtins.int
     node: _builtins.str
     """Node (department) that holds the dataset."""
     name: _builtins.str
@@ -131,6 +132,10 @@ class Dataset(_message.Message):
         ListDatasets; the node's local state, not part of the registration.
         """
 
+    @_builtins.property
+    def ledger(self) -> Global___EpsilonLedger:
+        """The asking analyst's own ε ledger on this dataset at this node (DescribeDataset only)."""
+
     def __init__(
         self,
         *,
@@ -150,14 +155,44 @@ class Dataset(_message.Message):
         require_dp: _builtins.bool = ...,
         require_approval: _builtins.bool = ...,
         crossborder: _abc.Iterable[Global___CrossBorderRecord] | None = ...,
+        ledger: Global___EpsilonLedger | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["owner", b"owner"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ledger", b"ledger", "owner", b"owner"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_jurisdictions", b"allowed_jurisdictions", "columns", b"columns", "created_at", b"created_at", "crossborder", b"crossborder", "description", b"description", "grade", b"grade", "legal_basis", b"legal_basis", "min_group_size", b"min_group_size", "min_set_size", b"min_set_size", "name", b"name", "node", b"node", "owner", b"owner", "require_approval", b"require_approval", "require_dp", b"require_dp", "row_count", b"row_count", "sharing_type", b"sharing_type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_jurisdictions", b"allowed_jurisdictions", "columns", b"columns", "created_at", b"created_at", "crossborder", b"crossborder", "description", b"description", "grade", b"grade", "ledger", b"ledger", "legal_basis", b"legal_basis", "min_group_size", b"min_group_size", "min_set_size", b"min_set_size", "name", b"name", "node", b"node", "owner", b"owner", "require_approval", b"require_approval", "require_dp", b"require_dp", "row_count", b"row_count", "sharing_type", b"sharing_type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Dataset: _TypeAlias = Dataset  # noqa: Y015
+
+@_typing.final
+class EpsilonLedger(_message.Message):
+    """One analyst's ε on one dataset at one node, over all its grants: exact decimal strings."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SPENT_FIELD_NUMBER: _builtins.int
+    RESERVED_FIELD_NUMBER: _builtins.int
+    LEFT_FIELD_NUMBER: _builtins.int
+    spent: _builtins.str
+    reserved: _builtins.str
+    """Held by admitted queries that have not yet released (waiting for approval or running)."""
+    left: _builtins.str
+    """What further queries may still spend: the largest grant in force, less spent and reserved."""
+    def __init__(
+        self,
+        *,
+        spent: _builtins.str = ...,
+        reserved: _builtins.str = ...,
+        left: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["left", b"left", "reserved", b"reserved", "spent", b"spent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EpsilonLedger: _TypeAlias = EpsilonLedger  # noqa: Y015
 
 @_typing.final
 class CrossBorderRecord(_message.Message):
