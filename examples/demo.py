@@ -4,10 +4,13 @@ Generates synthetic data for four departments (the clinic visits split between t
 commission and a district health bureau), creates the federation CA and roster, enrols five
 nodes, an analyst and an auditor, registers each dataset with its governance metadata and
 grants the analyst use rights, starts the nodes as separate processes serving gRPC over mutual
-TLS, shows the catalogue as the analyst sees it, runs a PSI, the same question in SQL, an
-intersection aggregate and a horizontal aggregate that waits for the operators' approval, has
-the auditor verify every receipt and every node's log, and stops the nodes cleanly. Every step
-runs the real ``govshare`` command, and the demo prints each command before its output.
+TLS, shows the catalogue as the analyst sees it, shows that a refusal reveals nothing about the
+rows (the same words for a resident who receives assistance and one who does not), runs a PSI
+whose count carries DP noise with its interval, the same question in SQL as an exact release
+that waits until both operators approve it, an intersection aggregate and a horizontal aggregate
+that waits for the operators' approval, has the auditor verify every receipt and every node's
+log, and stops the nodes cleanly. Every step runs the real ``govshare`` command, and the demo
+prints each command before its output.
 
     python -m govshare.examples.demo [--dir demo-run] [--size 5000] [--seed 7]
 """
@@ -15,6 +18,7 @@ runs the real ``govshare`` command, and the demo prints each command before its 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import shlex
@@ -220,12 +224,21 @@ class Demo:
             sys.stdout.flush()
         return result.stdout
 
-    def horizontal_with_approval(self, sql: str, purpose: str, nodes: Sequence[str]) -> None:
-        """Ask a query that waits for approval; each node's operator approves it."""
-        args = (
-            "query", "sql", "--identity", "alice", "--purpose", purpose, "--epsilon", "1",
-            "--sum-bound", "30", "--receipt", "receipts/horizontal.json", sql,
+    def refused(self, *args: str) -> str:
+        """Run a ``govshare`` command that must be refused; return its one-line error."""
+        console.print(f"[dim]$ govshare {' '.join(_quote(a) for a in args)}[/]", soft_wrap=True)
+        result = subprocess.run(
+            [sys.executable, "-m", "govshare.cli", *args],
+            cwd=self.workdir, capture_output=True, text=True, timeout=300,
         )  # fmt: skip
+        if result.returncode != 1:
+            raise SystemExit(f"demo step was not refused: govshare {' '.join(args)}")
+        line = result.stderr.strip()
+        console.print(f"  [red]{line}[/]", soft_wrap=True)
+        return line
+
+    def with_approval(self, args: Sequence[str], nodes: Sequence[str], reason: str) -> None:
+        """Ask a query that waits for approval; each node's operator approves it."""
         console.print(f"[dim]$ govshare {' '.join(_quote(a) for a in args)} &[/]", soft_wrap=True)
         env = {**os.environ, "COLUMNS": str(max(console.width, 120))}
         query = subprocess.Popen(
@@ -248,7 +261,7 @@ class Demo:
                 self.govshare("approvals", "list", "--home", home)
                 self.govshare(
                     "approvals", "approve", pending[0]["query_id"], "--home", home,
-                    "--reason", "aggregate counts only, DP on",
+                    "--reason", reason,
                 )  # fmt: skip
             output, _ = query.communicate(timeout=300)
         finally:
@@ -256,7 +269,7 @@ class Demo:
                 query.kill()
         sys.stdout.write(output)
         if query.returncode != 0:
-            raise SystemExit("the horizontal aggregate failed")
+            raise SystemExit(f"the query failed: govshare {' '.join(args)}")
 
     def start_node(self, name: str) -> None:
         process = subprocess.Popen(
@@ -333,10 +346,14 @@ def run(workdir: Path, size: int, seed: int) -> None:
             "--jurisdiction", "CN", "--out", "alice",
         )  # fmt: skip
         demo.govshare(
+            "federation", "enrol", "--role", "analyst", "--name", "mallory",
+            "--jurisdiction", "CN", "--out", "mallory",
+        )  # fmt: skip
+        demo.govshare(
             "federation", "enrol", "--role", "auditor", "--name", "audra",
             "--jurisdiction", "CN", "--out", "audra",
         )  # fmt: skip
-        bundles = [f"homes/{d.node}" for d in DEPARTMENTS] + ["alice", "audra"]
+        bundles = [f"homes/{d.node}" for d in DEPARTMENTS] + ["alice", "mallory", "audra"]
         demo.govshare("federation", "publish", *bundles)
         demo.govshare("federation", "roster")
 
@@ -378,27 +395,51 @@ def run(workdir: Path, size: int, seed: int) -> None:
             "so analysts do not see it listed.[/]"
         )
 
+        demo.step("6. A curious analyst without a grant: the refusal reveals nothing")
+        member, outsider = _member_and_outsider(workdir / "data")
+        lines = []
+        for resident in (member, outsider):
+            ask = (
+                "query", "psi", "--identity", "mallory", "--left", "civil.assistance.id_number",
+                "--right", "tax.residents.id_number", "--purpose", "curiosity",
+                "--where", f"civil.assistance.id_number = '{resident}'",
+            )  # fmt: skip
+            lines.append(demo.refused(*ask))
+        same = [line.replace(member, "X").replace(outsider, "X") for line in lines]
+        if same[0] != same[1]:
+            raise SystemExit("the two refusals differ: the refusal leaks the rows")
+        console.print(
+            "[dim]one of the two receives assistance and the other does not; the nodes decide "
+            "the grant before anything reads the rows, so both refusals read the same.[/]"
+        )
+
         expected = manifest["filtered"]["tax_high & civil"]["count"]
-        demo.step("6. Analyst: a private set intersection, counted by the analyst only")
+        demo.step("7. Analyst: a private set intersection; the count carries DP noise")
         demo.govshare(
             "query", "psi", "--identity", "alice",
             "--left", "civil.assistance.id_number", "--right", "tax.residents.id_number",
-            "--where", "tax.residents.income_band = 'high'",
+            "--where", "tax.residents.income_band = 'high'", "--epsilon", "1",
             "--purpose", PURPOSE, "--receipt", "receipts/psi.json",
         )  # fmt: skip
-        console.print(f"[dim]expected from the generator's manifest: {expected}[/]")
-
-        demo.step("7. Analyst: the same question in SQL")
-        demo.govshare(
-            "query", "sql", "--identity", "alice", "--purpose", PURPOSE,
-            "--receipt", "receipts/sql.json", SQL_COUNT,
-        )  # fmt: skip
         console.print(
-            "[dim]neither department learned the other's list; each logged the signed "
-            "request, its policy decision, every protocol step and the release.[/]"
+            f"[dim]the true count (from the generator's manifest) is {expected}; the nodes "
+            "added shared dummy keys, so the analyst sees it only through the noise.[/]"
         )
 
-        demo.step("8. Analyst: an intersection aggregate under Paillier encryption, with DP noise")
+        demo.step("8. The same question in SQL as an exact release: both operators must approve")
+        demo.with_approval(
+            ("query", "sql", "--identity", "alice", "--purpose", PURPOSE, "--exact",
+             "--receipt", "receipts/sql.json", SQL_COUNT),
+            ("civil", "tax"), "exact count for the annual targeting report",
+        )  # fmt: skip
+        console.print(
+            f"[dim]exact, as the manifest says ({expected}). Neither department learned the "
+            "other's list; each logged the signed request, its policy decision, the approval, "
+            "every protocol step and the release.[/]"
+        )
+        demo.govshare("catalog", "show", "tax.residents", "--identity", "alice")
+
+        demo.step("9. Analyst: an intersection aggregate under Paillier encryption, with DP noise")
         demo.govshare(
             "query", "sql", "--identity", "alice", "--purpose", PURPOSE, "--epsilon", "1",
             "--sum-bound", "30000", "--receipt", "receipts/aggregate.json", SQL_AGGREGATE,
@@ -408,10 +449,14 @@ def run(workdir: Path, size: int, seed: int) -> None:
             "key; tax summed the matches and added the noise; only the analyst decrypted.[/]"
         )
 
-        demo.step("9. A horizontal aggregate over two health authorities, with approval")
-        demo.horizontal_with_approval(SQL_HORIZONTAL, HEALTH_PURPOSE, ("health", "haidian"))
+        demo.step("10. A horizontal aggregate over two health authorities, with approval")
+        demo.with_approval(
+            ("query", "sql", "--identity", "alice", "--purpose", HEALTH_PURPOSE, "--epsilon", "1",
+             "--sum-bound", "30", "--receipt", "receipts/horizontal.json", SQL_HORIZONTAL),
+            ("health", "haidian"), "aggregate counts only, DP on",
+        )  # fmt: skip
 
-        demo.step("10. Auditor: receipts, then every node's log pulled and verified")
+        demo.step("11. Auditor: receipts, then every node's log pulled and verified")
         for receipt in RECEIPTS:
             demo.govshare("audit", "verify-receipt", "--identity", "audra", receipt)
         demo.govshare("audit", "pull", "--all", "--identity", "audra")
@@ -427,6 +472,16 @@ def run(workdir: Path, size: int, seed: int) -> None:
         raise SystemExit("a node did not stop cleanly")
     console.print()
     console.print(f"[bold green]demo finished in {time.monotonic() - started:.1f} s[/]")
+
+
+def _member_and_outsider(data: Path) -> tuple[str, str]:
+    """A resident who receives assistance and a taxpayer who does not (from the CSVs)."""
+    with (data / f"{synth.CIVIL}.csv").open(newline="", encoding="utf-8") as handle:
+        helped = {row["id_number"].upper() for row in csv.DictReader(handle)}
+    with (data / f"{synth.TAX}.csv").open(newline="", encoding="utf-8") as handle:
+        taxed = [row["id_number"].upper() for row in csv.DictReader(handle)]
+    outsider = next(i for i in taxed if i not in helped)
+    return min(helped), outsider
 
 
 def _address_of(workdir: Path, node: str) -> str:
