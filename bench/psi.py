@@ -8,7 +8,10 @@ receipt). Printed with it, from the same run on the same cores:
 - items per second (2n items through the protocol);
 - peak RSS per node, its process tree (the node and its masking workers) summed;
 - the ratio of the wall time to the raw cost of the protocol's 4n X25519 scalar
-  multiplications, measured by ``bench/x25519_raw.py``'s worker loop on all cores.
+  multiplications, measured by ``bench/x25519_raw.py``'s worker loop on all cores;
+- the DP PSI-CA overhead: the noised query (ε 1, shared and private dummy keys, the dummies'
+  extra message) timed against the exact release of the same query on the same running nodes
+  (approved by both operators), after a warm-up query. Target: <= 1.05 x.
 
     .venv/bin/python bench/psi.py [--sizes 10000,100000,1000000] [--dir bench-run/psi]
 
@@ -22,6 +25,7 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import replace
 from fractions import Fraction
 from pathlib import Path
 
@@ -32,7 +36,10 @@ from x25519_raw import raw_x25519_ops_per_second
 
 from govshare.cli.dataset import parse_column
 from govshare.examples import synth
-from govshare.node.analyst import run_psi
+from govshare.node import approvals
+from govshare.node.analyst import StatusCallback, run_psi
+from govshare.node.auditlog import AuditLog
+from govshare.node.config import NodeConfig
 from govshare.node.governance import (
     Grade,
     Owner,
@@ -43,9 +50,12 @@ from govshare.node.governance import (
 from govshare.node.identity import Identity
 from govshare.node.node import Node
 from govshare.node.query_plan import PsiPlan, Side
-from govshare.protocols import ecdh_psi
+from govshare.node.query_store import PENDING, QueryStore
+from govshare.protocols import dp, ecdh_psi
 
 PURPOSE = "benchmark"
+# The noised run's ε (shift t = 21 dummy keys on average, shared and private, per side).
+DP_EPSILON = Fraction(1)
 DATASETS = {
     "tax": ("residents", synth.TAX, ("id_number=join_key:resident_id",)),
     "civil": ("assistance", synth.CIVIL, ("id_number=join_key:resident_id",)),
@@ -79,11 +89,35 @@ def setup(root: Path, n: int) -> int:
                 node.identity.signing_key, issuer=name, dataset=node.catalogue.get(dataset),
                 grantee="alice", purpose=PURPOSE, columns=["id_number"],
                 query_kinds=[QueryKind.PSI_CARDINALITY], expires_at=int(time.time()) + 86400,
-                epsilon=Fraction(1), max_queries=100, actor=f"operator:{name}", audit=node.audit,
+                epsilon=Fraction(10), max_queries=100, actor=f"operator:{name}", audit=node.audit,
             )  # fmt: skip
         finally:
             node.close()
     return int(manifest["intersections"][synth.intersection_name(synth.TAX, synth.CIVIL)])
+
+
+def approve_when_pending(root: Path, running: list[float]) -> StatusCallback:
+    """Each node's operator approves the exact release (as ``govshare approvals approve``);
+    ``running`` gets the moment the nodes start their parts (approvals are not protocol time)."""
+
+    def on_status(node: str, state: str, message: str) -> None:
+        if state == "running" and not running:
+            running.append(time.perf_counter())
+        if state != PENDING:
+            return
+        config = NodeConfig.load(root / node)
+        store = QueryStore(config.database_path)
+        try:
+            with AuditLog.open(config.audit_database_path) as audit:
+                for waiting in approvals.pending(store):
+                    approvals.decide(
+                        store, audit, waiting.record.query_id, approve=True,
+                        operator=f"operator:{node}", reason="benchmark",
+                    )  # fmt: skip
+        finally:
+            store.close()
+
+    return on_status
 
 
 def run_size(root: Path, n: int, raw_rate: float) -> dict[str, float]:
@@ -95,12 +129,24 @@ def run_size(root: Path, n: int, raw_rate: float) -> dict[str, float]:
             left=Side("tax", "residents", "id_number"),
             right=Side("civil", "assistance", "id_number"),
         )  # fmt: skip
-        start = time.perf_counter()
-        outcome = run_psi(alice, plan)
-        wall = time.perf_counter() - start
+        noised = replace(plan, epsilon=DP_EPSILON)
+        run_psi(alice, noised)  # warm-up: the nodes' process pools start
+        # Both runs timed from the moment the nodes start their parts to the verified receipt.
+        exact_start: list[float] = []
+        outcome = run_psi(
+            alice, replace(plan, exact=True), on_status=approve_when_pending(root, exact_start),
+            poll=0.05,
+        )  # fmt: skip
+        wall = time.perf_counter() - exact_start[0]
+        dp_start: list[float] = []
+        dp_outcome = run_psi(alice, noised, on_status=approve_when_pending(root, dp_start))
+        dp_wall = time.perf_counter() - dp_start[0]
         rss = {name: tree_peak_rss_mb(p.pid) for name, p in processes.items()}
     if outcome.count != expected:
         raise SystemExit(f"wrong count {outcome.count}, the generator says {expected}")
+    shift = dp.truncation_shift(DP_EPSILON)
+    if abs(dp_outcome.count - expected) > shift:
+        raise SystemExit(f"noised count {dp_outcome.count} is more than {shift} from {expected}")
     raw_seconds = 4 * n / raw_rate
     return {
         "n": n,
@@ -111,6 +157,8 @@ def run_size(root: Path, n: int, raw_rate: float) -> dict[str, float]:
         "ratio": wall / raw_seconds,
         "rss_tax": rss["tax"],
         "rss_civil": rss["civil"],
+        "dp_wall": dp_wall,
+        "dp_ratio": dp_wall / wall,
     }
 
 
@@ -122,7 +170,8 @@ def main() -> None:
     workers = os.cpu_count() or 1
     print(f"PSI cardinality, two node processes over mTLS on loopback, {workers} cores")
     print(f"{'n per side':>12} {'wall s':>8} {'items/s':>10} {'raw 4n s':>9} {'ratio':>6} "
-          f"{'RSS tax MB':>11} {'RSS civil MB':>13} {'|A∩B|':>8}")  # fmt: skip
+          f"{'RSS tax MB':>11} {'RSS civil MB':>13} {'|A∩B|':>8} {'DP wall s':>10} "
+          f"{'DP/exact':>9}")  # fmt: skip
     for n in (int(s) for s in options.sizes.split(",")):
         root = options.dir / str(n)
         shutil.rmtree(root, ignore_errors=True)
@@ -134,7 +183,8 @@ def main() -> None:
         row = run_size(root, n, raw_rate)
         print(f"{row['n']:>12,} {row['wall']:>8.1f} {row['items_per_s']:>10,.0f} "
               f"{row['raw_seconds']:>9.1f} {row['ratio']:>6.2f} {row['rss_tax']:>11.0f} "
-              f"{row['rss_civil']:>13.0f} {row['count']:>8,}", flush=True)  # fmt: skip
+              f"{row['rss_civil']:>13.0f} {row['count']:>8,} {row['dp_wall']:>10.1f} "
+              f"{row['dp_ratio']:>9.3f}", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -74,7 +74,7 @@ from govshare.node.aggregate_plan import (
 )
 from govshare.node.audit_sink import AuditSink
 from govshare.node.auth import Caller
-from govshare.node.catalog import Catalogue
+from govshare.node.catalog import Catalogue, Condition
 from govshare.node.grants import GrantStore
 from govshare.node.identity import Identity, Roster
 from govshare.node.policy import AccessRequest, Obligations, dataset_epsilon_cap
@@ -388,7 +388,7 @@ class AggregateEngine:
             for name, value in zip(figures.names, values, strict=True):
                 slot = slot_name(label, name)
                 cells[slot] = cells.get(slot, 0) + value
-        self._check_data(session, query_id, [k.encode() for k in per_key], len(per_key))
+        self._check_data(session, query_id, side.where, [k.encode() for k in per_key], len(per_key))
         join_keys = list(per_key)
         plaintexts = [
             layout.pack_named({s: v for s, v in per_key[k].items() if s in layout.names})
@@ -444,7 +444,7 @@ class AggregateEngine:
         keys = [
             k.encode() for k in self._catalogue.keys(side.dataset, side.column, where=side.where)
         ]
-        self._check_data(session, query_id, keys, len(keys))
+        self._check_data(session, query_id, side.where, keys, len(keys))
         party = ecdh_psi.PsiParty.fresh(session.query_id)
         executor = self._executor()
         workers = None if executor is not None else 1
@@ -524,19 +524,7 @@ class AggregateEngine:
             sums=[(s.column, s.bound) for s in figures.sums],
             where=part.where,
         )
-        self._check_data(
-            session,
-            query_id,
-            (
-                str(row).encode()
-                for row in (
-                    self._catalogue.row_ids(part.dataset, where=part.where)
-                    if session.obligations.exact
-                    else ()
-                )
-            ),
-            sum(v[0] for v in partial.values()),
-        )
+        self._check_data(session, query_id, part.where, (), sum(v[0] for v in partial.values()))
         zeros = (0,) * len(figures.names)
         values = [v for g in figures.groups for v in partial.get(g, zeros)]
         scales = figures.noise_scales()
@@ -587,16 +575,22 @@ class AggregateEngine:
     # --- shared steps ----------------------------------------------------------------------------
 
     def _check_data(
-        self, session: _Session, query_id: str, items: Iterable[bytes], size: int
+        self,
+        session: _Session,
+        query_id: str,
+        where: Sequence[Condition],
+        keys: Iterable[bytes],
+        size: int,
     ) -> None:
         """The checks that read data, after admission: the filtered set's floor, and the
-        tracker check of an exact release over the filtered set's ``items``."""
+        tracker check of an exact release over the filtered rows (and join ``keys``)."""
         ob = session.obligations
         self._queries.check_set_size(query_id, session.dataset, size, ob.min_set_size)
         if ob.exact:
             self._queries.check_exact(
-                query_id, self._analyst(query_id), session.dataset, items, ob.min_group_size
-            )
+                query_id, self._analyst(query_id), session.dataset, where, ob.min_group_size,
+                keys=keys,
+            )  # fmt: skip
 
     def _analyst(self, query_id: str) -> str:
         return self._store.get(query_id).analyst

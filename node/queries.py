@@ -48,7 +48,7 @@ from typing import Protocol, TypeVar
 from govshare.node.audit_sink import AuditSink
 from govshare.node.auditlog import AuditLog
 from govshare.node.auth import Caller
-from govshare.node.catalog import Catalogue
+from govshare.node.catalog import Catalogue, Condition
 from govshare.node.checkpointer import CheckpointPublisher
 from govshare.node.governance import QueryKind, Role
 from govshare.node.grants import GrantStore
@@ -106,11 +106,16 @@ DUMMIES = "dummies"
 ABORT = "abort"
 
 
-def item_digest(dataset: str, item: bytes) -> bytes:
-    """What the tracker keeps of one item of an exact release's filtered set."""
-    return hashlib.sha256(b"govshare/exact-item/v1\n" + dataset.encode() + b"\n" + item).digest()[
-        :ITEM_DIGEST_BYTES
-    ]
+# What the tracker keeps of an exact release's filtered set: its rows and, where the query
+# matched on a join key, its distinct keys (a key may span several rows: one person, k rows).
+ROW_ITEM = b"r"
+KEY_ITEM = b"k"
+
+
+def item_digest(dataset: str, kind: bytes, item: bytes) -> bytes:
+    """One tracked item: its kind byte, then a truncated digest of (dataset, kind, item)."""
+    body = b"govshare/exact-item/v1\n" + dataset.encode() + b"\n" + kind + b"\n" + item
+    return kind + hashlib.sha256(body).digest()[: ITEM_DIGEST_BYTES - 1]
 
 
 def _no_mask_key(dataset: str, column: str) -> bytes:
@@ -592,24 +597,42 @@ class QueryEngine:
         )  # fmt: skip
 
     def check_exact(
-        self, query_id: str, analyst: str, dataset: str, items: Iterable[bytes], k: int
+        self,
+        query_id: str,
+        analyst: str,
+        dataset: str,
+        where: Sequence[Condition],
+        k: int,
+        *,
+        keys: Iterable[bytes] = (),
     ) -> None:
         """The tracker check of an exact release, then remember its filtered set.
 
         Refuses (rule ``filter.overlap``) when the filtered set differs from an earlier exact
-        release's to the same analyst by fewer than ``k`` items (symmetric difference, on this
-        node's own data): two such releases would give away the few rows between them. The
-        same set again is allowed: it releases nothing new.
+        release's to the same analyst — of any query kind — by fewer than ``k`` rows, or, when
+        both matched on join keys, by fewer than ``k`` distinct keys (symmetric differences, on
+        this node's own data): two such releases would give away the few rows, or the one
+        person, between them. The same set again is allowed: it releases nothing new.
         """
-        digests = frozenset(item_digest(dataset, item) for item in items)
+        rows = (str(r).encode() for r in self._catalogue.row_ids(dataset, where=where))
+        mine = frozenset(
+            [*(item_digest(dataset, ROW_ITEM, r) for r in rows),
+             *(item_digest(dataset, KEY_ITEM, key) for key in keys)]
+        )  # fmt: skip
         for earlier, theirs in self._store.exact_releases(analyst, dataset):
-            if earlier != query_id and 0 < len(digests ^ theirs) < k:
-                self._refuse_on_data(
-                    query_id, dataset, FILTER_OVERLAP,
-                    f"the filtered set of {dataset} differs from an earlier exact release's "
-                    f"by fewer than k = {k} rows",
-                )  # fmt: skip
-        self._store.record_exact(analyst, dataset, query_id, digests)
+            if earlier == query_id:
+                continue
+            for kind in (ROW_ITEM, KEY_ITEM):
+                a = {d for d in mine if d[:1] == kind}
+                b = {d for d in theirs if d[:1] == kind}
+                if a and b and 0 < len(a ^ b) < k:
+                    self._refuse_on_data(
+                        query_id, dataset, FILTER_OVERLAP,
+                        f"the filtered set of {dataset} differs from an earlier exact "
+                        f"release's by fewer than k = {k} "
+                        + ("rows" if kind == ROW_ITEM else "keys"),
+                    )  # fmt: skip
+        self._store.record_exact(analyst, dataset, query_id, mine)
 
     def _refuse_on_data(self, query_id: str, dataset: str, rule: str, message: str) -> None:
         self._audit.record(
@@ -631,8 +654,9 @@ class QueryEngine:
         self.check_set_size(query_id, own.dataset, len(keys), session.obligations.min_set_size)
         if session.obligations.exact:
             self.check_exact(
-                query_id, record.analyst, own.dataset, keys, session.obligations.min_group_size
-            )
+                query_id, record.analyst, own.dataset, own.where,
+                session.obligations.min_group_size, keys=keys,
+            )  # fmt: skip
         executor = self._executor()
         workers = None if executor is not None else 1
         masked_keys = keys
