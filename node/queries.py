@@ -7,15 +7,21 @@ Flow for one query (two nodes L and R, analyst C):
 
 1. ``submit``: C sends the same signed request to L and R. Each node checks the caller is the
    signer, the signature (roster key), the validity window and the nonce (replays refused),
-   logs the signed request, applies the rate limit, and decides by policy on its own dataset
-   — grants, grade floors, sharing type, jurisdiction, filtered set size — logging the
-   decision and its rule. A refusal ends the query here; a dataset that demands per-query
-   approval leaves it ``pending_approval`` until the operator approves or denies it.
-2. ``run``: once both nodes approved, C calls ``Run`` on each. Each node masks its own
-   distinct, filtered keys with a fresh scalar, streams them to the peer (``Peer.PsiSend``),
-   waits for the peer's set, and then
+   logs the signed request, and admits it (:meth:`QueryEngine.admit`): in one store
+   transaction, the rate limit, the policy decision on its own dataset in the order of
+   ``govshare.node.policy`` (grant and ε ledger before any rule of the data, nothing read from
+   the rows), the decision logged with its rule, and the query stored with its ε and one query
+   of its grant reserved. A refusal ends the query here; a dataset that demands per-query
+   approval, or an exact release, leaves it ``pending_approval`` until the operator decides.
+2. ``run``: once both nodes approved, C calls ``Run`` on each. Each node reads its filtered
+   keys; an exact or record-level release first passes the filtered-set floor and an exact
+   one the tracker check (:meth:`QueryEngine.check_exact`), refusals that name the rule and k.
+   Each node masks its own distinct, filtered keys with a fresh scalar — for a noised count
+   with the shared dummy keys L sends R first and its own private dummies (DP PSI-CA,
+   ``govshare.protocols.ecdh_psi``) — streams them to the peer (``Peer.PsiSend``), waits for
+   the peer's set, and then
    - cardinality: masks the peer's set again, shuffles it, and streams it to C, who counts
-     the matches (``govshare.protocols.ecdh_psi``: C learns ``|L ∩ R|`` and the set sizes);
+     the matches (C learns ``|L ∩ R|`` plus the noise, and the sizes plus their dummies);
    - membership: the receiving side (the plan's recipient node, else L) sends its set in its
      own order, the other side sends its set shuffled and returns the receiver's set masked
      again in order; the receiver finds which of its keys match. With a recipient node it
@@ -27,7 +33,10 @@ Flow for one query (two nodes L and R, analyst C):
 
 No protocol message leaves a node before its policy decision allowed the query. If the peer
 does not deliver within the protocol timeout the node aborts: nothing is released, the failure
-is logged, and C gets ABORTED.
+is logged, and C gets ABORTED. A node whose part fails tells the other participants at once
+(an ``abort`` message), so they stop waiting. The reservation is spent when the node's part
+releases (or is refused on the data), returned when it released nothing (``budget.settled``);
+after a restart, :meth:`QueryEngine.recover` settles what was running (``budget.recovered``).
 
 Audit entries carry ``request_digest`` (SHA-256 of the signed request), ``participants`` (the two
 nodes) and, on release, ``result_digest`` and ``recipient``, so an auditor can line the nodes'
