@@ -44,6 +44,7 @@ def list_(home: Path, as_json: bool) -> None:
                     "kind": p.record.kind,
                     "dataset": p.record.dataset,
                     "purpose": p.record.purpose,
+                    "release": p.release,
                     "received_at": p.record.received_at,
                     "request_digest": p.request_digest,
                 }
@@ -56,12 +57,13 @@ def list_(home: Path, as_json: bool) -> None:
         return
     render_table(
         "queries waiting for approval",
-        ["query", "analyst", "kind", "dataset", "purpose", "received (UTC)"],
+        ["query", "analyst", "kind", "release", "dataset", "purpose", "received (UTC)"],
         (
             (
                 p.record.query_id,
                 p.record.analyst,
                 p.record.kind,
+                p.release,
                 p.record.dataset,
                 p.record.purpose,
                 dt.datetime.fromtimestamp(p.record.received_at, dt.UTC).strftime("%Y-%m-%d %H:%M"),

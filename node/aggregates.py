@@ -640,6 +640,7 @@ class AggregateEngine:
             "result.released",
             {"recipient": recipient, "result_digest": result_digest, "size": size,
              "request_digest": session.request_digest,
+             "exact": session.obligations.exact,
              "participants": list(session.plan.nodes)},
             actor=self.name, query_id=query_id,
         )  # fmt: skip

@@ -14,18 +14,33 @@ import time
 from dataclasses import dataclass
 
 from govshare.node.audit_sink import AuditSink
+from govshare.node.grants import format_epsilon
 from govshare.node.query_store import APPROVED, DENIED, PENDING, QueryRecord, QueryStore
+from govshare.protocols.signed_request import SignedRequest
 
 
 @dataclass(frozen=True)
 class PendingQuery:
     record: QueryRecord
     request_digest: str
+    release: str  # "exact", "ε <value>" (noised), or "records" (a membership release)
+
+
+def release_of(record: QueryRecord) -> str:
+    """How the query's result would be released, from its signed request (what the operator
+    approves): an exact release, a noised one with its ε, or masked records."""
+    body = SignedRequest.decode(record.request).body_json()
+    if isinstance(body, dict) and body.get("exact") is True:
+        return "exact"
+    if record.epsilon > 0:
+        return f"ε {format_epsilon(record.epsilon)}"
+    return "records"
 
 
 def pending(store: QueryStore) -> list[PendingQuery]:
     return [
-        PendingQuery(r, hashlib.sha256(r.request).hexdigest()) for r in store.with_state(PENDING)
+        PendingQuery(r, hashlib.sha256(r.request).hexdigest(), release_of(r))
+        for r in store.with_state(PENDING)
     ]
 
 

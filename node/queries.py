@@ -760,7 +760,8 @@ class QueryEngine:
         self._audit.record(
             "result.released",
             {"recipient": recipient, "result_digest": result_digest, "size": size,
-             "request_digest": session.request_digest, "participants": list(session.plan.nodes)},
+             "request_digest": session.request_digest,
+             "exact": session.obligations.exact, "participants": list(session.plan.nodes)},
             actor=self.name, query_id=query_id,
         )  # fmt: skip
 

@@ -98,6 +98,7 @@ def test_exact_count_waits_for_every_operator_then_is_exact(
                 listed = govshare("approvals", "list", "--home", home, "--json", cwd=tmp_path)
                 pending = json.loads(listed.stdout)
             assert pending, f"{node}: the exact query never waited for approval"
+            assert pending[0]["release"] == "exact"  # the operator sees what it approves
             approved = govshare(
                 "approvals", "approve", str(pending[0]["query_id"]), "--home", home,
                 "--reason", "exact count for the annual review", cwd=tmp_path,
@@ -112,8 +113,11 @@ def test_exact_count_waits_for_every_operator_then_is_exact(
     assert answer["exact"] is True and "interval_95" not in answer
     assert answer["count"] == psi_data.manifest["filtered"]["tax_high & civil"]["count"]
     for holder in (psi_data.tax, psi_data.civil):
-        kinds = [e.decode().kind for e in holder.audit.entries_for_query(answer["query_id"])]
+        entries = [e.decode() for e in holder.audit.entries_for_query(answer["query_id"])]
+        kinds = [e.kind for e in entries]
         assert kinds.index("approval.granted") < kinds.index("result.released")
+        released = entries[kinds.index("result.released")]
+        assert released.fields["exact"] is True  # logged as an exact release
 
 
 def test_unsupported_sql_is_one_line_naming_the_construct(
