@@ -17,10 +17,14 @@ import click
 
 from govshare.cli.common import console, emit_json, identity_option, json_option, render_table
 from govshare.node.auditor import (
+    DEFAULT_SAMPLE,
     DEFAULT_STATE,
     Auditor,
+    ProblemType,
     QueryReconciliation,
     Verdict,
+    quorum_text,
+    refusal_summary,
     verify_receipt,
 )
 from govshare.node.identity import Identity
@@ -43,8 +47,21 @@ def state_option(func: F) -> F:
     )(func)
 
 
-def _auditor(identity: Path, state: Path) -> Auditor:
-    return Auditor(Identity.load(identity), state)
+def quorum_option(func: F) -> F:
+    """``--quorum``: witness cosignatures a node's checkpoint needs."""
+    return click.option(
+        "--quorum",
+        type=click.IntRange(min=0),
+        default=None,
+        help="Valid witness cosignatures a checkpoint needs "
+        "[default: a strict majority of the other nodes].",
+    )(func)
+
+
+def _auditor(
+    identity: Path, state: Path, *, quorum: int | None = None, sample: int = DEFAULT_SAMPLE
+) -> Auditor:
+    return Auditor(Identity.load(identity), state, quorum=quorum, sample=sample)
 
 
 def verdict_line(verdict: Verdict) -> str:
@@ -57,10 +74,23 @@ def verdict_line(verdict: Verdict) -> str:
     valid = len(verdict.cosignatures_valid)
     present = valid + len(verdict.cosignatures_invalid)
     new = f" ({verdict.fetched:,} new)" if verdict.action == "pull" else ""
+    rechecked = (
+        f", {verdict.rechecked:,} held entries re-fetched unchanged" if verdict.rechecked else ""
+    )
     return (
         f"{verdict.node}: OK — {verdict.entries:,} entries{new}, checkpoint "
-        f"{verdict.checkpoint_size} signed, {valid}/{present} cosignatures valid"
+        f"{verdict.checkpoint_size} signed, {valid}/{present} cosignatures valid "
+        f"({quorum_text(verdict.quorum, verdict.witnesses)}){rechecked}"
     )
+
+
+def refusal_line(verdict: Verdict) -> str | None:
+    """The witnesses' refusals of the node's checkpoints, when the verdict line does not
+    already show them."""
+    first = verdict.first_problem
+    if not verdict.refusals or (first and first.kind is ProblemType.WITNESS_REFUSED):
+        return None
+    return f"{verdict.node}: {refusal_summary(verdict.node, verdict.refusals)}"
 
 
 def _report(verdicts: Sequence[Verdict], as_json: bool) -> None:
@@ -70,6 +100,9 @@ def _report(verdicts: Sequence[Verdict], as_json: bool) -> None:
     else:
         for verdict in verdicts:
             click.echo(verdict_line(verdict))  # plain echo: one line, never wrapped
+            refused = refusal_line(verdict)
+            if refused is not None:
+                click.echo(refused)
     if not ok:
         _fail()
 
@@ -103,16 +136,31 @@ def group() -> None:
 @click.argument("node", required=False)
 @click.option("--all", "all_nodes", is_flag=True, help="Every node in the roster.")
 @click.option(
-    "--recheck", is_flag=True, help="Also re-read the entries already held and compare them."
+    "--recheck", is_flag=True, help="Also re-read all the entries already held and compare them."
 )
+@click.option(
+    "--sample",
+    type=click.IntRange(min=0),
+    default=DEFAULT_SAMPLE,
+    show_default=True,
+    help="Entries already held to re-fetch at random and compare (0: none).",
+)
+@quorum_option
 @json_option
 def pull(
-    identity: Path, state: Path, node: str | None, all_nodes: bool, recheck: bool, as_json: bool
+    identity: Path,
+    state: Path,
+    node: str | None,
+    all_nodes: bool,
+    recheck: bool,
+    sample: int,
+    quorum: int | None,
+    as_json: bool,
 ) -> None:
     """Fetch a node's latest checkpoint and new entries; keep them only if they verify."""
-    auditor = _auditor(identity, state)
+    auditor = _auditor(identity, state, quorum=quorum, sample=sample)
     targets = _targets(auditor, node, all_nodes, default_all=False)
-    _report([auditor.pull(name, recheck=recheck) for name in targets], as_json)
+    _report(auditor.pull_all(targets, recheck=recheck), as_json)
 
 
 @group.command("verify")
@@ -120,12 +168,20 @@ def pull(
 @state_option
 @click.argument("node", required=False)
 @click.option("--all", "all_nodes", is_flag=True, help="Every node in the roster (the default).")
+@quorum_option
 @json_option
-def verify(identity: Path, state: Path, node: str | None, all_nodes: bool, as_json: bool) -> None:
+def verify(
+    identity: Path,
+    state: Path,
+    node: str | None,
+    all_nodes: bool,
+    quorum: int | None,
+    as_json: bool,
+) -> None:
     """Verify the pulled copies from scratch, offline: entries, checkpoints, cosignatures."""
-    auditor = _auditor(identity, state)
+    auditor = _auditor(identity, state, quorum=quorum)
     targets = _targets(auditor, node, all_nodes, default_all=True)
-    _report([auditor.verify(name) for name in targets], as_json)
+    _report(auditor.verify_all(targets), as_json)
 
 
 @group.command("prove")
@@ -242,10 +298,13 @@ def export(identity: Path, state: Path, file: Path, as_json: bool) -> None:
 @identity_option
 @state_option
 @click.argument("file", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@quorum_option
 @json_option
-def verify_export(identity: Path, state: Path, file: Path, as_json: bool) -> None:
+def verify_export(
+    identity: Path, state: Path, file: Path, quorum: int | None, as_json: bool
+) -> None:
     """Verify an export bundle offline, against your own federation CA."""
-    verdicts = _auditor(identity, state).verify_export(file)
+    verdicts = _auditor(identity, state, quorum=quorum).verify_export(file)
     if not verdicts:
         raise MalformedInput(f"{file} holds no node logs")
     _report(verdicts, as_json)
@@ -254,12 +313,14 @@ def verify_export(identity: Path, state: Path, file: Path, as_json: bool) -> Non
 @group.command("verify-receipt")
 @identity_option
 @click.argument("file", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@quorum_option
 @json_option
-def verify_receipt_(identity: Path, file: Path, as_json: bool) -> None:
-    """Verify a query receipt: every node's entry, inclusion proof and signed checkpoint."""
+def verify_receipt_(identity: Path, file: Path, quorum: int | None, as_json: bool) -> None:
+    """Verify a query receipt: every node's entry, inclusion proof, signed checkpoint and its
+    witness cosignatures."""
     roster = Identity.load(identity).roster
     try:
-        parts = verify_receipt(file.read_bytes(), roster)
+        parts = verify_receipt(file.read_bytes(), roster, quorum=quorum)
     except VerificationFailed as exc:
         if as_json:
             emit_json({"ok": False, "error": str(exc)})
@@ -278,12 +339,20 @@ def verify_receipt_(identity: Path, file: Path, as_json: bool) -> None:
                         "index": p.index,
                         "kind": p.entry.kind,
                         "checkpoint_size": p.checkpoint.size,
+                        "cosignatures_valid": list(p.cosignatures_valid),
+                        "quorum": p.quorum,
+                        "witnesses": p.witnesses,
                     }
                     for p in parts
                 ],
             }
         )
         return
-    listed = ", ".join(f"{p.node} entry {p.index} (checkpoint {p.checkpoint.size})" for p in parts)
+    listed = ", ".join(
+        f"{p.node} entry {p.index} (checkpoint {p.checkpoint.size}, "
+        f"cosigned by {', '.join(p.cosignatures_valid) or 'no witness'}; "
+        f"{quorum_text(p.quorum, p.witnesses)})"
+        for p in parts
+    )
     click.echo(f"receipt for query {query_id}: OK — {listed}")
     console.print(f"{len(parts)} part(s) verified against the roster's node keys")

@@ -30,6 +30,41 @@ auditor already holds and names the first one the node now serves differently.
 ``verify(node)`` works on the local copy only: full recomputation, checkpoint signatures,
 cosignatures, consistency with every checkpoint kept in the state.
 
+Witness quorum. The node's own signature only shows that whoever holds its key signed a tree:
+an insider with that key can rewrite, truncate, delete or restore the log and sign a fresh
+checkpoint that a first-time auditor cannot tell from the real one. The other nodes witness
+each checkpoint (:mod:`govshare.node.witness`) and refuse one that does not extend what they
+cosigned, so a forged checkpoint lacks their cosignatures. ``pull``, ``verify``,
+``verify-export`` and :func:`verify_receipt` therefore accept a checkpoint only when at least
+``quorum`` of the roster's *other* nodes validly cosigned it: by default a strict majority,
+``(n - 1) // 2 + 1`` of the ``n - 1`` others (:func:`default_quorum`). A federation of one node
+has no witnesses: its quorum is 0 and the verdict says so. A node stores its checkpoint before
+its witnesses answer, so a checkpoint fetched mid-round may lack cosignatures that arrive a
+moment later: a pull that finds too few asks again for up to ``quorum_wait`` seconds before it
+reports the missing quorum (a receipt cannot be re-asked: it carries the checkpoint it got).
+
+Witness refusals. Each witness records every checkpoint it refused as a ``witness.refused``
+entry in its own log (fields ``log``, ``rule``, ``reason``, and since this version the refused
+note as ``checkpoint`` and the note it held as ``cosigned``; actor: the node whose checkpoint
+was refused). After its
+pulls the auditor reads these entries from every node's *verified* copy and attaches them to
+the refused node's verdict, which then FAILS (:attr:`ProblemType.WITNESS_REFUSED`): an honest
+node's checkpoints only ever extend each other, so a refusal means a checkpoint signed with the
+node's key showed another history — a rollback, a fork or a rewrite. The verdict stays FAILED
+as long as the refusal is in the witness's log: resolving the incident is the federation's
+decision, not the auditor's. A refusal is the witness's accusation on its own signed record;
+when it carries the refused checkpoint, the auditor also says whether that checkpoint verifies
+under the accused node's roster key (``checkpoint_signed``). The auditor keeps an index of the
+refusal entries in each copy (``refusal_entries``), filled as entries are committed; ``verify``
+re-derives it from the entries of the node it verifies and names any difference.
+
+Sampled re-fetch. A node that edits a stored entry in place, after an auditor verified it,
+still serves consistent checkpoints (it keeps the stored subtree hashes), so only re-reading old
+entries shows it. Every pull re-fetches ``sample`` entries the auditor already holds (default
+32, drawn with :mod:`secrets` unless an ``rng`` is given) and compares them byte for byte;
+``recheck=True`` re-fetches all of them. One edited entry among ``n`` held is caught by one
+pull with probability ``sample / n``, and by ``k`` pulls with ``1 - (1 - sample / n) ** k``.
+
 Query reconciliation (:meth:`Auditor.show_query`): every node in the roster is asked for the
 entries it recorded under a query id (``GetQueryEntries``). Entry-field convention the query path
 must follow so that logs can be compared:
@@ -61,11 +96,13 @@ import base64
 import binascii
 import json
 import os
+import random
+import secrets
 import sqlite3
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 from types import TracebackType
@@ -129,6 +166,9 @@ __all__ = [
     "ProblemType",
     "QueryReconciliation",
     "Verdict",
+    "WitnessRefusal",
+    "WitnessedPart",
+    "default_quorum",
     "make_receipt",
     "verify_receipt",
 ]
@@ -143,6 +183,19 @@ MAX_EXPORT_SIZE = 4 << 30  # refuse to parse a bundle beyond 4 GiB
 ENTRIES_DB = "entries.db"
 CHECKPOINT_FILE = "checkpoint.note"
 EVIDENCE_DIR = "evidence"
+
+# Held entries re-fetched and compared on every pull: 32 of a million catch one edited entry in
+# about 1 of 31,000 pulls, 32 of a thousand in 1 of 31; costs one small stream call per run of
+# adjacent indices. Configurable (``sample=``, ``--sample``); 0 turns it off.
+DEFAULT_SAMPLE = 32
+# Seconds a pull keeps asking for a checkpoint that lacks its quorum: a witnessing round asks
+# each peer in turn (a few ms each on a LAN), and the node serves its checkpoint before the
+# round ends. Long enough for a round, short enough that a forged checkpoint fails promptly.
+QUORUM_WAIT = 3.0
+QUORUM_POLL = 0.2  # seconds between two such asks
+REFUSED_KIND = "witness.refused"
+# Canonical entry bytes carry the kind as exactly this; a cheap filter before decoding.
+_REFUSAL_MARKER = b'"kind":"witness.refused"'
 
 
 class ProblemType(StrEnum):
@@ -161,6 +214,8 @@ class ProblemType(StrEnum):
     CHECKPOINT_MALFORMED = "checkpoint_malformed"
     ROLLBACK = "rollback"
     COSIGNATURE_INVALID = "cosignature_invalid"
+    QUORUM_MISSING = "quorum_missing"  # too few valid witness cosignatures
+    WITNESS_REFUSED = "witness_refused"  # a witness logged refusing the node's checkpoint
     ENTRY_OUT_OF_RANGE = "entry_out_of_range"
     UNREACHABLE = "unreachable"
     NODE_ERROR = "node_error"
@@ -192,6 +247,10 @@ class Verdict:
     fetched: int = 0  # entries added by this pull
     problems: tuple[Problem, ...] = ()
     evidence: tuple[Path, ...] = field(default=())
+    quorum: int = 0  # valid witness cosignatures the checkpoint needed
+    witnesses: int = 0  # the roster's other nodes: the witnesses that could cosign
+    rechecked: int = 0  # entries already held that this pull re-fetched and found unchanged
+    refusals: tuple[WitnessRefusal, ...] = ()  # witnesses' refusals of this node's checkpoints
 
     @property
     def ok(self) -> bool:
@@ -211,10 +270,111 @@ class Verdict:
             "signed": self.signed,
             "cosignatures_valid": list(self.cosignatures_valid),
             "cosignatures_invalid": list(self.cosignatures_invalid),
+            "quorum": self.quorum,
+            "witnesses": self.witnesses,
             "fetched": self.fetched,
+            "rechecked": self.rechecked,
             "problems": [p.to_json() for p in self.problems],
             "evidence": [str(p) for p in self.evidence],
+            "witness_refusals": [r.to_json() for r in self.refusals],
         }
+
+
+@dataclass(frozen=True)
+class WitnessRefusal:
+    """A ``witness.refused`` entry in a witness node's verified log."""
+
+    witness: str  # the node whose log holds the entry
+    index: int  # the entry's index in that log
+    node: str  # the node whose checkpoint was refused (the entry's actor)
+    rule: str  # witness.rollback, witness.fork or witness.inconsistent
+    reason: str
+    time_ms: int
+    # The refused checkpoint recorded in the entry verifies under ``node``'s roster key (True),
+    # does not (False), or was not recorded (None: entries written before witnesses kept it).
+    checkpoint_signed: bool | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "witness": self.witness,
+            "index": self.index,
+            "node": self.node,
+            "rule": self.rule,
+            "reason": self.reason,
+            "time_ms": self.time_ms,
+            "checkpoint_signed": self.checkpoint_signed,
+        }
+
+
+def default_quorum(witnesses: int) -> int:
+    """A strict majority of ``witnesses`` (the roster's other nodes); 0 when there are none."""
+    return witnesses // 2 + 1 if witnesses > 0 else 0
+
+
+def quorum_text(quorum: int, witnesses: int) -> str:
+    """``quorum 2 of 3 other nodes``, or why a lone node has none."""
+    if witnesses == 0:
+        return "no witnesses: a federation of one node, quorum 0"
+    return f"quorum {quorum} of {witnesses} other node{'s' if witnesses != 1 else ''}"
+
+
+def refusal_summary(node: str, refusals: Sequence[WitnessRefusal]) -> str:
+    """``witnesses refused 12 of pension's checkpoints: civil 6 (witness.rollback), ...``."""
+    by_witness: dict[str, Counter[str]] = {}
+    for refusal in refusals:
+        by_witness.setdefault(refusal.witness, Counter())[refusal.rule] += 1
+    parts = []
+    for witness, rules in sorted(by_witness.items()):
+        ranked = sorted(rules.items(), key=lambda item: (-item[1], item[0]))
+        shown = ranked[0][0] if len(ranked) == 1 else ", ".join(f"{r} {n}" for r, n in ranked)
+        parts.append(f"{witness} {sum(rules.values())} ({shown})")
+    return f"witnesses refused {len(refusals)} of {node}'s checkpoints: {', '.join(parts)}"
+
+
+def witness_count(roster: Roster, node: str) -> int:
+    """The roster's nodes other than ``node``: the witnesses of its log."""
+    return sum(1 for m in roster.with_role(Role.NODE) if m.name != node)
+
+
+def check_quorum(quorum: int, witnesses: int) -> None:
+    """Refuse a quorum that is not an int, is negative, or no set of witnesses could meet.
+
+    Raises:
+        TypeError: ``quorum`` is not an int.
+        MalformedInput: it is negative or more than ``witnesses``.
+    """
+    if not isinstance(quorum, int) or isinstance(quorum, bool):
+        raise TypeError("quorum must be an int")
+    if quorum < 0:
+        raise MalformedInput("quorum must be 0 or more", field="quorum")
+    if quorum > witnesses:
+        raise MalformedInput(
+            f"quorum {quorum} is more than the {witnesses} other node"
+            f"{'s' if witnesses != 1 else ''} that can cosign",
+            field="quorum",
+        )
+
+
+def resolve_quorum(roster: Roster, node: str, quorum: int | None) -> tuple[int, int]:
+    """``(cosignatures needed, witnesses)`` for ``node``'s checkpoints; ``quorum`` None is the
+    default majority."""
+    witnesses = witness_count(roster, node)
+    if quorum is None:
+        return default_quorum(witnesses), witnesses
+    check_quorum(quorum, witnesses)
+    return quorum, witnesses
+
+
+def quorum_problem(size: int, valid: Sequence[str], quorum: int, witnesses: int) -> Problem | None:
+    """The problem of a checkpoint of ``size`` with too few ``valid`` cosignatures, if any."""
+    if len(valid) >= quorum:
+        return None
+    return Problem(
+        ProblemType.QUORUM_MISSING,
+        None,
+        f"checkpoint {size} has {len(valid)} of the {quorum} witness "
+        f"cosignature{'s' if quorum != 1 else ''} it needs ({quorum_text(quorum, witnesses)})",
+    )
 
 
 class _DetectedError(Exception):
@@ -314,16 +474,31 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     size INTEGER NOT NULL,
     note BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS refusal_entries (
+    idx INTEGER PRIMARY KEY
+);
 """
+# refusal_entries: the indices of the witness.refused entries among ``entries``, so that each
+# pull reads a witness's refusals without scanning its whole copy (about 1 s per million).
 
 
 def _local_triggers() -> str:
     return "\n".join(
         f"CREATE TRIGGER IF NOT EXISTS {table}_no_{action.lower()} BEFORE {action} ON {table} "
         f"BEGIN SELECT RAISE(ABORT, 'auditor state is append-only'); END;"
-        for table in ("entries", "checkpoints")
+        for table in ("entries", "checkpoints", "refusal_entries")
         for action in ("UPDATE", "DELETE")
     )
+
+
+def is_refusal(data: bytes) -> bool:
+    """Whether canonical entry bytes ``data`` are a ``witness.refused`` entry."""
+    if _REFUSAL_MARKER not in data:
+        return False
+    try:
+        return decode_entry(data).kind == REFUSED_KIND
+    except MalformedInput:
+        return False
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -351,9 +526,28 @@ class LocalLog:
             self._db = sqlite3.connect(directory / ENTRIES_DB, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
+            indexed = self._db.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'refusal_entries'"
+            ).fetchone()
             self._db.executescript(_LOCAL_SCHEMA + _local_triggers())
+            if indexed is None:
+                self._index_refusals()  # state written before the index existed
         except sqlite3.DatabaseError as exc:
             raise MalformedInput(f"{directory / ENTRIES_DB} is not auditor state: {exc}") from None
+
+    def _index_refusals(self) -> None:
+        rows = self._db.execute(
+            "SELECT idx, data FROM entries WHERE instr(data, ?) > 0", (_REFUSAL_MARKER,)
+        ).fetchall()
+        found = [(int(idx),) for idx, data in rows if is_refusal(bytes(data))]
+        if found:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany("INSERT OR IGNORE INTO refusal_entries VALUES (?)", found)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
 
     @classmethod
     def existing(cls, directory: Path) -> LocalLog | None:
@@ -399,6 +593,17 @@ class LocalLog:
         row = self._db.execute("SELECT data FROM entries WHERE idx = ?", (index,)).fetchone()
         return None if row is None else bytes(row[0])
 
+    def refusal_entries(self) -> list[tuple[int, bytes]]:
+        """``(index, bytes)`` of the ``witness.refused`` entries held, in index order."""
+        rows = self._db.execute(
+            "SELECT e.idx, e.data FROM refusal_entries r JOIN entries e ON e.idx = r.idx "
+            "ORDER BY e.idx"
+        ).fetchall()
+        return [(int(idx), bytes(data)) for idx, data in rows]
+
+    def refusal_indices(self) -> set[int]:
+        return {int(r[0]) for r in self._db.execute("SELECT idx FROM refusal_entries")}
+
     def verified_notes(self) -> list[bytes]:
         return [bytes(r[0]) for r in self._db.execute("SELECT note FROM checkpoints ORDER BY id")]
 
@@ -413,6 +618,10 @@ class LocalLog:
             self._db.executemany(
                 "INSERT INTO entries (idx, data, leaf_hash) VALUES (?, ?, ?)",
                 [(index, data, leaf_hash(data)) for index, data in entries],
+            )
+            self._db.executemany(
+                "INSERT INTO refusal_entries (idx) VALUES (?)",
+                [(index,) for index, data in entries if is_refusal(data)],
             )
             self._db.execute("INSERT INTO checkpoints (size, note) VALUES (?, ?)", (size, note))
             self._db.execute("COMMIT")
@@ -790,16 +999,41 @@ class Auditor:
         *,
         timeout: float = DEFAULT_TIMEOUT,
         stream_timeout: float = STREAM_TIMEOUT,
+        quorum: int | None = None,
+        sample: int = DEFAULT_SAMPLE,
+        rng: random.Random | None = None,
+        quorum_wait: float = QUORUM_WAIT,
     ) -> None:
+        """``quorum``: valid witness cosignatures a checkpoint needs (None: a strict majority
+        of the roster's other nodes); ``sample``: held entries each pull re-fetches and
+        compares (0: none); ``rng``: draws that sample (default :class:`secrets.SystemRandom`;
+        tests pass a seeded one); ``quorum_wait``: seconds a pull keeps asking for a
+        checkpoint that lacks its quorum (module docstring).
+
+        Raises:
+            MalformedInput: not an auditor's identity, a negative ``sample``, or a ``quorum``
+                that is negative or larger than the number of other nodes.
+        """
         if identity.role is not Role.AUDITOR:
             raise MalformedInput(
                 f"{identity.name} is enrolled as {identity.role.value}, not auditor",
                 field="identity",
             )
+        if quorum is not None:
+            nodes = identity.roster.with_role(Role.NODE)
+            check_quorum(quorum, max(len(nodes) - 1, 0))
+        if not isinstance(sample, int) or isinstance(sample, bool):
+            raise TypeError("sample must be an int")
+        if sample < 0:
+            raise MalformedInput("sample must be 0 or more", field="sample")
         self.identity = identity
         self.state = state
         self.timeout = timeout
         self.stream_timeout = stream_timeout
+        self.quorum = quorum
+        self.sample = sample
+        self.rng: random.Random = rng if rng is not None else secrets.SystemRandom()
+        self.quorum_wait = quorum_wait
 
     @property
     def roster(self) -> Roster:
@@ -831,31 +1065,112 @@ class Auditor:
     def pull(self, node: str, *, recheck: bool = False) -> Verdict:
         """Fetch ``node``'s latest checkpoint and the entries the auditor lacks; verify; keep.
 
-        With ``recheck`` the entries already held are fetched again and compared byte for byte.
-        Nothing is committed unless everything verifies. A node that cannot be reached or that
-        fails a call is reported in the verdict, not raised.
+        The checkpoint needs the quorum of witness cosignatures; a sample of the entries
+        already held is fetched again and compared byte for byte (all of them with
+        ``recheck``). Nothing is committed unless everything verifies. The witnesses' refusals
+        of ``node``'s checkpoints found in the verified copies of every pulled node fail the
+        verdict too. A node that cannot be reached or that fails a call is reported in the
+        verdict, not raised.
 
         Raises:
             NotFound: ``node`` is not in the roster.
             MalformedInput: ``node`` is not a node, or the state folder is damaged.
         """
+        return self.pull_all([node], recheck=recheck)[0]
+
+    def pull_all(
+        self, nodes: Sequence[str] | None = None, *, recheck: bool = False
+    ) -> list[Verdict]:
+        """Pull each of ``nodes`` (default: every node of the roster), then attach to each
+        verdict what the witnesses refused of that node: refusals logged by a node pulled
+        later in the same run count too."""
+        targets = self.nodes() if nodes is None else list(nodes)
+        for node in targets:
+            self._member(node)  # an unknown name fails before anything is fetched
+        return self._with_refusals([self._pull_one(node, recheck=recheck) for node in targets])
+
+    def _pull_one(self, node: str, *, recheck: bool) -> Verdict:
         member = self._member(node)
+        needed, witnesses = resolve_quorum(self.roster, node, self.quorum)
         with LocalLog(self.state / node) as store:
             held = store.size
+
+            def failed(problem: Problem, evidence: Sequence[Path] = ()) -> Verdict:
+                return Verdict(
+                    node, "pull", held, None, False, problems=(problem,),
+                    evidence=tuple(evidence), quorum=needed, witnesses=witnesses,
+                )  # fmt: skip
+
             try:
                 with self._client(member) as client:
                     return self._pull(client, member, store, recheck=recheck)
             except _DetectedError as found:
-                return Verdict(
-                    node, "pull", held, None, False,
-                    problems=(found.problem,), evidence=found.evidence,
-                )  # fmt: skip
+                return failed(found.problem, found.evidence)
             except Unavailable as exc:
-                problem = Problem(ProblemType.UNREACHABLE, None, f"unreachable: {exc}")
-                return Verdict(node, "pull", held, None, False, problems=(problem,))
+                return failed(Problem(ProblemType.UNREACHABLE, None, f"unreachable: {exc}"))
             except GovshareError as exc:
-                problem = Problem(ProblemType.NODE_ERROR, None, f"call failed: {exc}")
-                return Verdict(node, "pull", held, None, False, problems=(problem,))
+                return failed(Problem(ProblemType.NODE_ERROR, None, f"call failed: {exc}"))
+
+    # --- witness refusals ---------------------------------------------------------------------
+
+    def witness_refusals(self) -> dict[str, tuple[WitnessRefusal, ...]]:
+        """Every ``witness.refused`` entry in the verified copies of the pulled nodes, by the
+        node whose checkpoint was refused (the entry's actor)."""
+        found: dict[str, list[WitnessRefusal]] = {}
+        for witness in self.pulled_nodes():
+            with LocalLog(self.state / witness) as store:
+                rows = store.refusal_entries()
+            for index, data in rows:
+                refusal = self._refusal(witness, index, data)
+                if refusal is not None:
+                    found.setdefault(refusal.node, []).append(refusal)
+        return {node: tuple(items) for node, items in found.items()}
+
+    def _refusal(self, witness: str, index: int, data: bytes) -> WitnessRefusal | None:
+        try:
+            entry = decode_entry(data)
+        except MalformedInput:
+            return None  # indexed when it decoded: ``verify`` names an edited copy
+        node = entry.actor
+        try:
+            member = self.roster.member(node)
+        except NotFound:
+            return None  # not a member: nobody to hold it against
+        if member.role is not Role.NODE or node == witness:
+            return None
+        fields = entry.fields
+        note = fields.get("checkpoint")
+        signed: bool | None = None
+        if isinstance(note, str):
+            try:
+                open_checkpoint(note.encode(), member.verify_key(), origin=self._origin(node))
+                signed = True
+            except (MalformedInput, VerificationFailed):
+                signed = False
+        return WitnessRefusal(
+            witness=witness,
+            index=index,
+            node=node,
+            rule=str(fields.get("rule", "")),
+            reason=str(fields.get("reason", "")),
+            time_ms=entry.time_ms,
+            checkpoint_signed=signed,
+        )
+
+    def _with_refusals(self, verdicts: Sequence[Verdict]) -> list[Verdict]:
+        """Each verdict with the witnesses' refusals of its node, which fail it."""
+        refusals = self.witness_refusals()
+        out = []
+        for verdict in verdicts:
+            against = refusals.get(verdict.node, ())
+            if not against:
+                out.append(verdict)
+                continue
+            problem = Problem(
+                ProblemType.WITNESS_REFUSED, None, refusal_summary(verdict.node, against)
+            )
+            out.append(replace(verdict, problems=(*verdict.problems, problem), refusals=against))
+        return out
 
     def _previous(self, store: LocalLog, member: Member, origin: str) -> Checkpoint | None:
         note = store.last_verified()
@@ -947,31 +1262,52 @@ class Auditor:
     ) -> Verdict:
         node = member.name
         origin = self._origin(node)
+        needed, witnesses = resolve_quorum(self.roster, node, self.quorum)
         previous = self._previous(store, member, origin)
-        note = client.checkpoint()
-        new = open_node_checkpoint(note, member, origin)
-        valid, invalid = check_cosignatures(note, self.roster, node)
         held = store.size
+        rechecked = 0
+
+        def fetch() -> tuple[bytes, Checkpoint, tuple[str, ...], tuple[str, ...]]:
+            note = client.checkpoint()
+            new = open_node_checkpoint(note, member, origin)
+            return (note, new, *check_cosignatures(note, self.roster, node))
+
+        note, new, valid, invalid = fetch()
 
         def verdict(problems: Sequence[Problem], fetched: int = 0, size: int = held) -> Verdict:
             return Verdict(
-                node, "pull", size, new.size, True, valid, invalid, fetched, tuple(problems)
-            )
+                node, "pull", size, new.size, True, valid, invalid, fetched, tuple(problems),
+                quorum=needed, witnesses=witnesses, rechecked=rechecked,
+            )  # fmt: skip
 
-        if invalid:
-            return verdict(_cosignature_problems(invalid))
-        if previous is not None:
-            self._check_extends(client, store, previous, new, note)
-            if held != previous.size:
-                raise MalformedInput(
-                    f"{store.directory} holds {held} entries but its checkpoint has size "
-                    f"{previous.size}; start a fresh state folder",
-                    field="state",
-                )
-        if recheck and held:
-            changed = self._recheck(client, store, held)
+        # A rollback or fork against what this auditor verified is named before a missing
+        # quorum (it says more); a checkpoint short of its quorum is asked for again while its
+        # witnessing round may still be running (module docstring).
+        deadline = time.monotonic() + self.quorum_wait
+        while True:
+            if invalid:
+                return verdict(_cosignature_problems(invalid))
+            if previous is not None:
+                self._check_extends(client, store, previous, new, note)
+            short = quorum_problem(new.size, valid, needed, witnesses)
+            if short is None or time.monotonic() >= deadline:
+                break
+            time.sleep(QUORUM_POLL)
+            note, new, valid, invalid = fetch()
+        if previous is not None and held != previous.size:
+            raise MalformedInput(
+                f"{store.directory} holds {held} entries but its checkpoint has size "
+                f"{previous.size}; start a fresh state folder",
+                field="state",
+            )
+        if short is not None:
+            return verdict([short])
+        if held and (recheck or self.sample):
+            indices = None if recheck else self._sample_indices(held)
+            changed = self._recheck(client, store, held, indices)
             if changed is not None:
                 return verdict([changed])
+            rechecked = held if indices is None else len(indices)
 
         incoming: list[tuple[int, bytes]] = []
         stray: list[Problem] = []
@@ -1029,18 +1365,49 @@ class Auditor:
         store.commit(incoming, note, new.size)
         return verdict([], fetched=len(incoming), size=held + len(incoming))
 
-    def _recheck(self, client: AuditClient, store: LocalLog, held: int) -> Problem | None:
+    def _sample_indices(self, held: int) -> list[int]:
+        """``sample`` distinct indices below ``held``, drawn with the auditor's rng, sorted."""
+        return sorted(self.rng.sample(range(held), min(self.sample, held)))
+
+    def _recheck(
+        self,
+        client: AuditClient,
+        store: LocalLog,
+        held: int,
+        indices: Sequence[int] | None = None,
+    ) -> Problem | None:
+        """Re-fetch held entries (all of them, or the sorted ``indices``) and compare them byte
+        for byte with the copy the auditor verified; the first difference is the problem."""
         node = client.member.name
+
+        def changed(position: int) -> Problem:
+            return Problem(
+                ProblemType.ENTRY_EDITED,
+                position,
+                f"entry {position}: {node} now serves other bytes than the entry the "
+                "auditor verified (edited, deleted or reordered after verification)",
+            )
+
+        if indices is not None:
+            for start, end in _runs(indices):
+                served = iter(list(client.entries(start, end)))  # at most ``sample`` entries
+                for position in range(start, end):
+                    got = next(served, None)
+                    if got is None:
+                        return Problem(
+                            ProblemType.LOG_TRUNCATED,
+                            position,
+                            f"{node} no longer serves entry {position}, which the auditor "
+                            "verified (truncated or deleted)",
+                        )
+                    if got[0] != position or got[1] != store.entry(position):
+                        return changed(position)
+            return None
         ours = store.iter_entries()
         count = 0
         for (index, data), (position, mine, _) in zip(client.entries(0, held), ours, strict=False):
             if index != position or data != mine:
-                return Problem(
-                    ProblemType.ENTRY_EDITED,
-                    position,
-                    f"entry {position}: {node} now serves other bytes than the entry the "
-                    "auditor verified (edited, deleted or reordered after verification)",
-                )
+                return changed(position)
             count += 1
         if count != held:
             return Problem(
@@ -1053,12 +1420,23 @@ class Auditor:
     # --- verify -------------------------------------------------------------------------------
 
     def verify(self, node: str) -> Verdict:
-        """Verify the local copy of ``node``'s log from scratch (no network).
+        """Verify the local copy of ``node``'s log from scratch (no network): entries,
+        checkpoints, cosignatures and their quorum; the witnesses' refusals of ``node``'s
+        checkpoints in the pulled copies fail the verdict too.
 
         Raises:
             NotFound: ``node`` is not in the roster.
         """
-        member = self._member(node)
+        return self.verify_all([node])[0]
+
+    def verify_all(self, nodes: Sequence[str] | None = None) -> list[Verdict]:
+        """Verify each of ``nodes`` (default: every node of the roster), with the refusals."""
+        targets = self.nodes() if nodes is None else list(nodes)
+        members = [self._member(node) for node in targets]
+        return self._with_refusals([self._verify_one(member) for member in members])
+
+    def _verify_one(self, member: Member) -> Verdict:
+        node = member.name
         store = LocalLog.existing(self.state / node)
         if store is None:
             return _not_pulled(node)
@@ -1066,14 +1444,35 @@ class Auditor:
             last = store.last_verified()
             if last is None:
                 return _not_pulled(node)
-            return _verify_material(
+            seen: set[int] = set()
+
+            def entries() -> Iterator[StoredEntry]:
+                for item in store.iter_entries():
+                    if is_refusal(item[1]):
+                        seen.add(item[0])
+                    yield item
+
+            verdict = _verify_material(
                 "verify",
                 member,
                 self.roster,
-                store.iter_entries(),
+                entries(),
                 store.verified_notes(),
                 last,
+                quorum=self.quorum,
             )
+            indexed = store.refusal_indices()
+        if seen != indexed:
+            differ = sorted(seen ^ indexed)
+            problem = Problem(
+                ProblemType.STATE_DAMAGED,
+                differ[0],
+                f"the auditor's index of witness refusals in its copy of {node} differs from "
+                f"the entries at {', '.join(map(str, differ[:5]))}"
+                f"{' …' if len(differ) > 5 else ''}",
+            )
+            verdict = replace(verdict, problems=(*verdict.problems, problem))
+        return verdict
 
     # --- prove --------------------------------------------------------------------------------
 
@@ -1201,7 +1600,19 @@ class Auditor:
 
     def verify_export(self, path: Path) -> list[Verdict]:
         """Verify an export bundle offline: see :func:`verify_export`."""
-        return verify_export(path, ca_cert_pem=self.identity.ca_cert_pem)
+        return verify_export(path, ca_cert_pem=self.identity.ca_cert_pem, quorum=self.quorum)
+
+
+def _runs(indices: Sequence[int]) -> list[tuple[int, int]]:
+    """Sorted distinct ``indices`` as half-open runs of adjacent ones: [1, 2, 5] gives
+    (1, 3) and (5, 6)."""
+    runs: list[tuple[int, int]] = []
+    for index in indices:
+        if runs and runs[-1][1] == index:
+            runs[-1] = (runs[-1][0], index + 1)
+        else:
+            runs.append((index, index + 1))
+    return runs
 
 
 def _not_pulled(node: str) -> Verdict:
@@ -1218,14 +1629,21 @@ def _verify_material(
     entries: Iterable[StoredEntry],
     notes: Sequence[bytes],
     last: bytes,
+    *,
+    quorum: int | None,
 ) -> Verdict:
-    """Verify a log copy: checkpoint signature, cosignatures, full recomputation."""
+    """Verify a log copy: checkpoint signature, cosignatures and their quorum, full
+    recomputation."""
     node = member.name
     origin = log_origin(roster.federation, node)
+    needed, witnesses = resolve_quorum(roster, node, quorum)
     try:
         checkpoint = open_node_checkpoint(last, member, origin)
     except _DetectedError as found:
-        return Verdict(node, action, 0, None, False, problems=(found.problem,))
+        return Verdict(
+            node, action, 0, None, False, problems=(found.problem,),
+            quorum=needed, witnesses=witnesses,
+        )  # fmt: skip
     valid, invalid = check_cosignatures(last, roster, node)
     result = verify_log(entries, [*notes, last], public_key=member.verify_key(), origin=origin)
     problems = [_from_log_problem(p) for p in result.problems]
@@ -1239,6 +1657,9 @@ def _verify_material(
             )
         )
     problems.extend(_cosignature_problems(invalid))
+    short = quorum_problem(checkpoint.size, valid, needed, witnesses)
+    if short is not None:
+        problems.append(short)
     return Verdict(
         node,
         action,
@@ -1248,6 +1669,8 @@ def _verify_material(
         valid,
         invalid,
         problems=tuple(problems),
+        quorum=needed,
+        witnesses=witnesses,
     )
 
 
@@ -1271,10 +1694,11 @@ def _parse_bundle(data: bytes) -> dict[str, Any]:
     return value
 
 
-def verify_export(path: Path, *, ca_cert_pem: bytes) -> list[Verdict]:
+def verify_export(path: Path, *, ca_cert_pem: bytes, quorum: int | None = None) -> list[Verdict]:
     """Verify an export bundle without network: the roster must be signed by the federation CA
     ``ca_cert_pem`` (the verifying auditor's own, never the bundle's), then every node's copy is
-    verified as :meth:`Auditor.verify` does.
+    verified as :meth:`Auditor.verify` does, each last checkpoint needing ``quorum`` witness
+    cosignatures (None: a majority of the other nodes, :func:`default_quorum`).
 
     Raises:
         MalformedInput: the bundle is not a well-formed export.
@@ -1306,22 +1730,61 @@ def verify_export(path: Path, *, ca_cert_pem: bytes) -> list[Verdict]:
                 entries,
                 [_unb64(n, "checkpoint") for n in raw["checkpoints"]],
                 _unb64(raw["checkpoint"], "checkpoint"),
+                quorum=quorum,
             )
         )
     return verdicts
 
 
-def verify_receipt(receipt: Receipt | bytes, roster: Roster) -> tuple[VerifiedPart, ...]:
-    """Verify a query receipt against the nodes' keys and origins in ``roster``.
+@dataclass(frozen=True)
+class WitnessedPart(VerifiedPart):
+    """A verified receipt part, with the witnesses that validly cosigned its checkpoint."""
+
+    cosignatures_valid: tuple[str, ...] = ()
+    quorum: int = 0
+    witnesses: int = 0
+
+
+def verify_receipt(
+    receipt: Receipt | bytes, roster: Roster, *, quorum: int | None = None
+) -> tuple[WitnessedPart, ...]:
+    """Verify a query receipt against the nodes' keys and origins in ``roster``, each part's
+    checkpoint needing ``quorum`` valid witness cosignatures (None: a majority of the roster's
+    other nodes, :func:`default_quorum`).
 
     Raises:
-        MalformedInput: the receipt (bytes) or one of its entries or notes is malformed.
+        MalformedInput: the receipt (bytes) or one of its entries or notes is malformed, or
+            ``quorum`` exceeds the other nodes.
         VerificationFailed: a part's checkpoint signature, query id, index or inclusion proof
-            does not verify, or a part names a member that is not a node.
+            does not verify, a part names a member that is not a node, or a part's checkpoint
+            has an invalid cosignature or fewer valid ones than the quorum.
     """
     parsed = decode_receipt(receipt) if isinstance(receipt, bytes) else receipt
     logs = {
         m.name: LogKey(log_origin(roster.federation, m.name), m.verify_key())
         for m in roster.with_role(Role.NODE)
     }
-    return verify_receipt_with_keys(parsed, logs)
+    witnessed: list[WitnessedPart] = []
+    for number, (part, verified) in enumerate(
+        zip(parsed.parts, verify_receipt_with_keys(parsed, logs), strict=True)
+    ):
+        where = f"receipt part {number} ({part.node}, entry {part.index})"
+        needed, witnesses = resolve_quorum(roster, part.node, quorum)
+        valid, invalid = check_cosignatures(part.checkpoint, roster, part.node)
+        if invalid:
+            raise VerificationFailed(f"{where}: cosignature by {invalid[0]} is invalid")
+        short = quorum_problem(verified.checkpoint.size, valid, needed, witnesses)
+        if short is not None:
+            raise VerificationFailed(f"{where}: {short.message}")
+        witnessed.append(
+            WitnessedPart(
+                verified.node,
+                verified.index,
+                verified.entry,
+                verified.checkpoint,
+                cosignatures_valid=valid,
+                quorum=needed,
+                witnesses=witnesses,
+            )
+        )
+    return tuple(witnessed)

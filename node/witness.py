@@ -7,7 +7,10 @@ the size that peer last cosigned (C2SP tlog-witness, adapted to gRPC). The witne
    roster (no trust on first use) under the origin ``govshare/<federation>/<node>``;
 2. refuses an ``old_size`` other than the size it holds (the node learns the witness's size
    and retries), a smaller size (rollback), the same size with another root (fork), and a proof
-   that does not show the new tree extends the old one (fork) — each refusal logged;
+   that does not show the new tree extends the old one (fork) — each refusal logged as
+   ``witness.refused`` (actor: the submitting node; fields ``log``, ``rule``, ``reason``, the
+   refused note as ``checkpoint`` and the note held as ``cosigned``), which auditors collect
+   (:mod:`govshare.node.auditor`) and hold against the submitting node;
 3. stores the new checkpoint as the latest it cosigned for that node, atomically (a
    compare-and-set on the old size and root), and only then returns its cosignature
    (tlog-cosignature/v1, with the witness's timestamp).
@@ -113,13 +116,33 @@ class Witness:
         self._audit = audit
         self._clock = clock
 
-    def _refuse(self, member: Member, origin: str, rule: str, message: str) -> Conflict:
+    def _refuse(
+        self,
+        member: Member,
+        origin: str,
+        rule: str,
+        message: str,
+        *,
+        note: bytes,
+        held: Witnessed | None,
+    ) -> Conflict:
+        """Log the refusal with its evidence and return the error to raise.
+
+        The entry keeps the refused checkpoint (``checkpoint``) and the one this witness had
+        cosigned (``cosigned``), both signed by the member: anyone can check that the member
+        did sign what was refused, and a fork (two signed checkpoints of one size with
+        different roots) proves itself.
+        """
         if self._audit is not None:
-            self._audit.record(
-                "witness.refused",
-                {"log": origin, "rule": rule, "reason": message},
-                actor=member.name,
-            )
+            fields: dict[str, object] = {
+                "log": origin,
+                "rule": rule,
+                "reason": message,
+                "checkpoint": note.decode("utf-8"),
+            }
+            if held is not None:
+                fields["cosigned"] = held.note.decode("utf-8")
+            self._audit.record("witness.refused", fields, actor=member.name)
         return Conflict(f"refused by rule {rule}: {message}")
 
     def witness(
@@ -145,11 +168,13 @@ class Witness:
                 member, origin, "witness.rollback",
                 f"checkpoint of size {checkpoint.size} is older than the {held_size} "
                 "this witness cosigned",
+                note=note, held=held,
             )  # fmt: skip
         if held is not None and checkpoint.size == held_size and checkpoint.root != held_root:
             raise self._refuse(
                 member, origin, "witness.fork",
                 f"two checkpoints of size {held_size} with different roots",
+                note=note, held=held,
             )  # fmt: skip
         if old_size != held_size:
             # Not an error: the submitter learns the size held and sends a proof from it.
@@ -162,6 +187,7 @@ class Witness:
             raise self._refuse(
                 member, origin, "witness.inconsistent",
                 f"checkpoint of size {checkpoint.size} does not extend size {held_size}",
+                note=note, held=held,
             ) from None  # fmt: skip
         now = int(self._clock())
         if held is None or checkpoint.size != held_size:
