@@ -54,17 +54,36 @@ class CheckpointPublisher:
             m for m in self._identity.roster.with_role(Role.NODE) if m.name != self._identity.name
         ]
 
+    def covering(self, size: int) -> StoredCheckpoint:
+        """A checkpoint of at least ``size`` entries whose witnessing round has ended.
+
+        The background publisher stores a checkpoint before its peers cosign it; handing that
+        one out (in a receipt, to an auditor) would show fewer cosignatures than it will have.
+        This waits for a round in progress, and signs and witnesses a new checkpoint when the
+        latest does not cover ``size`` entries.
+        """
+        with self._lock:
+            latest = self._audit.latest_checkpoint()
+            # Never one beyond the log itself (a truncated log gets a fresh, smaller checkpoint
+            # that the witnesses and auditors then refuse as a rollback).
+            if latest is not None and size <= latest.size <= self._audit.size:
+                return latest
+            return self._publish()
+
     def publish(self) -> StoredCheckpoint:
         """Sign a checkpoint of the current log and collect the peers' cosignatures."""
         with self._lock:
-            self._audit.checkpoint(self._identity.signing_key, self.origin)
-            latest = self._audit.latest_checkpoint()
-            if latest is None:  # checkpoint() always stores one
-                raise RuntimeError("checkpoint was not stored")
-            for peer in self._peers():
-                self._witness(peer, latest)
-            stored = self._audit.latest_checkpoint()
-            return stored if stored is not None else latest
+            return self._publish()
+
+    def _publish(self) -> StoredCheckpoint:
+        self._audit.checkpoint(self._identity.signing_key, self.origin)
+        latest = self._audit.latest_checkpoint()
+        if latest is None:  # checkpoint() always stores one
+            raise RuntimeError("checkpoint was not stored")
+        for peer in self._peers():
+            self._witness(peer, latest)
+        stored = self._audit.latest_checkpoint()
+        return stored if stored is not None else latest
 
     def _witness(self, peer: Member, checkpoint: StoredCheckpoint) -> None:
         if f"\n— {peer.name} ".encode() in checkpoint.note:

@@ -834,8 +834,6 @@ class QueryEngine:
         if not entries:
             raise NotFound(f"query {query_id} released nothing on {self.name}")
         entry = entries[-1]
-        checkpoint = self._log.latest_checkpoint()
-        if checkpoint is None or checkpoint.size <= entry.index:
-            checkpoint = self._publisher.publish()
+        checkpoint = self._publisher.covering(entry.index + 1)
         proof = self._log.inclusion_proof(entry.index, checkpoint.size)
         return entry.index, entry.data, proof, checkpoint.note

@@ -2,18 +2,48 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
-from conftest import FederationFixture
+from conftest import FederationFixture, build_federation
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from govshare.node.client import NodeClient
+from govshare.node.config import NodeConfig
 from govshare.node.node import Node
-from govshare.node.server import RunningNode
+from govshare.node.server import RunningNode, create_server
 from govshare.node.witness import log_origin
 from govshare.protocols.checkpoint import Checkpoint, open_cosignature, sign_checkpoint
 from govshare.protocols.errors import Conflict, PermissionDenied, VerificationFailed
 
 NodeFixture = tuple[Node, RunningNode]
+
+
+# This module's own federation: the refusals its tests provoke stay in these witnesses' logs
+# for good (an auditor fails a node its witnesses refused), so they must not reach the session
+# federation that other modules audit.
+@pytest.fixture(scope="module")
+def fed(tmp_path_factory: pytest.TempPathFactory) -> FederationFixture:
+    return build_federation(tmp_path_factory.mktemp("witnessfed"))
+
+
+def _serve(fed: FederationFixture, name: str) -> Iterator[NodeFixture]:
+    config = NodeConfig.load(fed.node_home(name))
+    node = Node.from_config(config)
+    running = create_server(node, config.listen)
+    yield node, running
+    running.stop(0)
+    node.close()
+
+
+@pytest.fixture(scope="module")
+def tax_node(fed: FederationFixture) -> Iterator[NodeFixture]:
+    yield from _serve(fed, "tax")
+
+
+@pytest.fixture(scope="module")
+def civil_node(fed: FederationFixture) -> Iterator[NodeFixture]:
+    yield from _serve(fed, "civil")
 
 
 def tax_checkpoint(
