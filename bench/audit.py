@@ -14,6 +14,11 @@ it can be read without knowing the hardware:
   them with hashlib.
 - inclusion/consistency proof size vs. 32 * ceil(log2 n), and proof generation time vs. the
   client's verification time.
+- start-up self-check (``govshare.node.selfcheck``) at 100,000 entries and at ``--entries``:
+  opening the log and checking it whole, as a node does before serving a log of up to
+  ``WHOLE_AT_START_MAX`` entries, vs. the raw read + hashlib pass; and opening it and checking
+  only the tail since the latest checkpoint (``--tail`` entries appended after it), as a node
+  does at start for a larger log before it checks the whole log in the background.
 """
 
 from __future__ import annotations
@@ -32,12 +37,15 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from govshare.node.auditlog import AuditLog, Event, verify_log_file
+from govshare.node.selfcheck import WHOLE_AT_START_MAX
 from govshare.protocols.checkpoint import open_checkpoint
 from govshare.protocols.merkle import verify_consistency, verify_inclusion
 
 ORIGIN = "bench.govshare.example/audit"
 TARGET_APPENDS_PER_S = 20_000
 TARGET_VERIFY_S_PER_MILLION = 15.0
+TARGET_START_S = 10.0  # issue 10: longer than this for a start on 2 cores -> split the check
+SELFCHECK_SIZES = (100_000,)  # checked besides --entries
 
 
 def _events(start: int, count: int) -> list[Event]:
@@ -108,6 +116,19 @@ def bench_appends(folder: Path, total: int, batch: int, key: Ed25519PrivateKey) 
     return path
 
 
+def _raw_read_and_hash(path: Path) -> float:
+    """Seconds to read every entry's bytes and hash them with hashlib: the floor of any check."""
+    raw = sqlite3.connect(path)
+    begin = time.perf_counter()
+    leaf_prefix = b"\x00"
+    sha256 = hashlib.sha256
+    for (data,) in raw.execute("SELECT data FROM entries ORDER BY idx"):
+        sha256(leaf_prefix + data).digest()
+    seconds = time.perf_counter() - begin
+    raw.close()
+    return seconds
+
+
 def bench_verify(path: Path, key: Ed25519PrivateKey, total: int) -> None:
     begin = time.perf_counter()
     report = verify_log_file(path, public_key=key.public_key(), origin=ORIGIN)
@@ -115,14 +136,7 @@ def bench_verify(path: Path, key: Ed25519PrivateKey, total: int) -> None:
     if not report.ok:
         sys.exit(f"benchmark log does not verify: {report.first_problem}")
 
-    raw = sqlite3.connect(path)
-    begin = time.perf_counter()
-    leaf_prefix = b"\x00"
-    sha256 = hashlib.sha256
-    for (data,) in raw.execute("SELECT data FROM entries ORDER BY idx"):
-        sha256(leaf_prefix + data).digest()
-    raw_s = time.perf_counter() - begin
-    raw.close()
+    raw_s = _raw_read_and_hash(path)
     per_million = verify_s * 1_000_000 / total
     print(
         f"verify {total:,} entries: {verify_s:.2f} s ({per_million:.1f} s per million, target <= "
@@ -185,12 +199,64 @@ def bench_proofs(path: Path, key: Ed25519PrivateKey, samples: int) -> None:
         )
 
 
+def _build(path: Path, total: int, batch: int, key: Ed25519PrivateKey) -> None:
+    """A log like bench_appends builds (about ten checkpoints), untimed."""
+    every = max(1, total // (10 * batch))
+    with AuditLog.open(path) as log:
+        for start in range(0, total, batch):
+            log.record_many(_events(start, min(batch, total - start)))
+            if (start // batch) % every == every - 1:
+                log.checkpoint(key, ORIGIN)
+        log.checkpoint(key, ORIGIN)
+
+
+def bench_selfcheck(
+    folder: Path, path: Path, key: Ed25519PrivateKey, total: int, batch: int, tail: int
+) -> None:
+    """Time a node's start-up self-check at each size, on logs with ``tail`` entries appended
+    after their latest checkpoint (what a node that stopped between checkpoints holds)."""
+    public_key = key.public_key()
+    for size in sorted({*(s for s in SELFCHECK_SIZES if s < total), total}):
+        log_path = path
+        if size != total:
+            log_path = folder / f"selfcheck-{size}.db"
+            _build(log_path, size, batch, key)
+        with AuditLog.open(log_path) as log:
+            log.record_many(_events(log.size, tail))
+            entries = log.size
+        raw_s = _raw_read_and_hash(log_path)
+
+        begin = time.perf_counter()
+        with AuditLog.open(log_path) as log:
+            whole = log.check_whole(public_key, ORIGIN)
+        whole_s = time.perf_counter() - begin
+        begin = time.perf_counter()
+        with AuditLog.open(log_path) as log:
+            recent = log.check_tail(public_key, ORIGIN)
+        tail_s = time.perf_counter() - begin
+        if not (whole.ok and recent.ok):
+            sys.exit(f"benchmark log fails its self-check: {whole.damage or recent.damage}")
+        at_start = "whole, before serving" if entries <= WHOLE_AT_START_MAX else "tail only"
+        print(
+            f"start-up self-check, {entries:,} entries: open + whole check {whole_s:.2f} s "
+            f"(target <= {TARGET_START_S:.0f} s: "
+            f"{'met' if whole_s <= TARGET_START_S else 'NOT met'}); raw read + hashlib pass "
+            f"{raw_s:.2f} s -> ratio {whole_s / raw_s:.1f}; open + tail check "
+            f"({entries - recent.checked_from:,} entries since checkpoint "
+            f"{recent.checkpoint:,}) {tail_s:.2f} s; a node checks this log {at_start} "
+            f"(whole up to {WHOLE_AT_START_MAX:,} entries)"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--entries", type=int, default=1_000_000, help="log size to build")
     parser.add_argument("--batch", type=int, default=1_000, help="entries per transaction")
     parser.add_argument("--proofs", type=int, default=200, help="proofs to time")
     parser.add_argument("--dir", type=Path, default=None, help="folder for the files (temp)")
+    parser.add_argument(
+        "--tail", type=int, default=1_000, help="entries after the last checkpoint (self-check)"
+    )
     args = parser.parse_args()
     if args.entries < 2 or args.batch < 1:
         parser.error("need --entries >= 2 and --batch >= 1")
@@ -199,6 +265,7 @@ def main() -> None:
         path = bench_appends(Path(folder), args.entries, args.batch, key)
         bench_verify(path, key, args.entries)
         bench_proofs(path, key, args.proofs)
+        bench_selfcheck(Path(folder), path, key, args.entries, args.batch, args.tail)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,11 @@ def init(home: Path, listen: str, identity: str) -> None:
 @group.command("serve")
 @home_option
 def serve(home: Path) -> None:
-    """Serve the node over mutual TLS until SIGTERM or SIGINT."""
+    """Serve the node over mutual TLS until SIGTERM or SIGINT.
+
+    The node first checks its own audit log and prints the verdict; from a broken log it serves
+    only auditors (read-only) and names the first broken entry.
+    """
     serve_node(NodeConfig.load(home))
 
 

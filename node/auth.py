@@ -8,6 +8,10 @@ in the access table are refused (default deny).
 The interceptor also turns govshare errors raised by servicers into gRPC status codes
 (``govshare.node.status``) and records every call — accepted, refused or failed — in the
 node's audit log when one is attached.
+
+A node whose own log check found it broken (``govshare.node.selfcheck``) answers every call
+outside ``SERVED_WHEN_BROKEN`` with ``FAILED_PRECONDITION`` and its one-line refusal, after
+authenticating the caller, and records nothing: its log is sealed.
 """
 
 from __future__ import annotations
@@ -118,13 +122,20 @@ class AuthInterceptor(_Interceptor):
         *,
         audit: AuditSink | None = None,
         service_roles: Mapping[str, frozenset[Role]] = SERVICE_ROLES,
+        refusal: Callable[[], str | None] = lambda: None,
+        served_when_refusing: frozenset[str] = frozenset(),
     ) -> None:
+        """``refusal`` returns the node's one-line refusal while it refuses to serve (its log is
+        broken), else None; ``served_when_refusing`` are the services it still answers then."""
         self._roster = roster
         self._audit = audit
         self._service_roles = service_roles
+        self._refusal = refusal
+        self._served_when_refusing = served_when_refusing
 
     def _record(self, kind: str, fields: Mapping[str, object], actor: str) -> None:
-        if self._audit is not None:
+        # A refusing node's log is sealed: nothing more is appended to it.
+        if self._audit is not None and self._refusal() is None:
             self._audit.record(kind, fields, actor=actor)
 
     def _admit(self, context: grpc.ServicerContext, method: str, request: Any) -> Caller:
@@ -134,11 +145,15 @@ class AuthInterceptor(_Interceptor):
             self._record("rpc.refused", {"method": method, "reason": str(exc)}, "unknown")
             context.abort(grpc.StatusCode.UNAUTHENTICATED, f"not a federation member: {exc}")
             raise  # unreachable: abort raises
-        allowed = self._service_roles.get(_service_of(method), frozenset())
+        service = _service_of(method)
+        allowed = self._service_roles.get(service, frozenset())
         if caller.role not in allowed:
             message = f"role {caller.role.value} may not call {method}"
             self._record("rpc.refused", {"method": method, "reason": message}, caller.name)
             context.abort(grpc.StatusCode.PERMISSION_DENIED, message)
+        refusal = self._refusal()
+        if refusal is not None and service not in self._served_when_refusing:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, refusal)
         self._record("rpc.received", {"method": method, "request": _digest(request)}, caller.name)
         return caller
 

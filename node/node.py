@@ -15,7 +15,7 @@ from fractions import Fraction
 from pathlib import Path
 
 from govshare.node.aggregates import AggregateEngine, AggregateOptions
-from govshare.node.auditlog import AuditLog, LogEntry
+from govshare.node.auditlog import AuditLog, LogBroken, LogEntry
 from govshare.node.auth import Caller
 from govshare.node.catalog import Catalogue
 from govshare.node.checkpointer import CheckpointPublisher
@@ -34,6 +34,7 @@ from govshare.node.mask_key import MaskSecret
 from govshare.node.queries import QueryEngine
 from govshare.node.query_store import QueryStore, ledger_view
 from govshare.node.roster_file import RosterFile
+from govshare.node.selfcheck import WHOLE_AT_START_MAX, LogSelfCheck
 from govshare.node.witness import Witness, WitnessStore
 from govshare.protocols import ecdh_psi
 from govshare.protocols.errors import MalformedInput, NotFound
@@ -71,11 +72,15 @@ class Node:
     # The secret that keys hash_prefix releases (see mask_key); from_config loads it from the
     # home, creating it on first use. A node built without one refuses hash_prefix releases.
     mask_secret: MaskSecret | None = field(default=None, repr=False)
+    # Logs up to this many entries are checked whole before the node serves; larger ones from
+    # their latest checkpoint, then whole in the background (see selfcheck).
+    log_check_whole_at_start: int = WHOLE_AT_START_MAX
     publisher: CheckpointPublisher = field(init=False)
     witness: Witness = field(init=False)
     queries: QueryEngine = field(init=False)
     aggregates: AggregateEngine = field(init=False)
     crossborder: CrossBorderStore = field(init=False)
+    log_check: LogSelfCheck = field(init=False)
 
     def __post_init__(self) -> None:
         self._pool: ProcessPoolExecutor | None = None
@@ -124,8 +129,19 @@ class Node:
             protocol_timeout=self.protocol_timeout,
             options=self.aggregate_options,
         )
+        # The node checks its own log before anything is appended to it; a broken log is sealed
+        # and the node refuses to serve queries (see selfcheck).
+        self.log_check = LogSelfCheck(
+            self.audit,
+            node=self.name,
+            public_key=self.roster().member(self.name).verify_key(),
+            origin=self.publisher.origin,
+            whole_at_start_max=self.log_check_whole_at_start,
+        )
+        self.log_check.run_at_start()
         # Queries that were running when the node last stopped: settle their reservations.
-        self.queries.recover()
+        if self.log_check.refusal() is None:
+            self.queries.recover()
 
     def roster(self) -> Roster:
         """The newest signed roster published into the node's bundle (see RosterFile)."""
@@ -194,6 +210,7 @@ class Node:
         return self.identity.name
 
     def close(self) -> None:
+        self.log_check.stop()
         self.publisher.stop()
         with self._pool_lock:
             if self._pool is not None:
@@ -235,7 +252,16 @@ class Node:
     # --- audit log ----------------------------------------------------------------------------
 
     def latest_checkpoint(self) -> bytes:
-        """A signed, witnessed checkpoint covering every entry so far."""
+        """A signed, witnessed checkpoint covering every entry so far.
+
+        From a broken (sealed) log: the latest stored checkpoint as it is; nothing is signed.
+        """
+        refusal = self.audit.broken
+        if refusal is not None:
+            latest = self.audit.latest_checkpoint()
+            if latest is None:
+                raise LogBroken(f"{refusal}; it holds no checkpoint")
+            return latest.note
         latest = self.audit.latest_checkpoint()
         if latest is None or latest.size != self.audit.size:
             latest = self.publisher.publish()

@@ -1,9 +1,15 @@
-"""The node's gRPC server: mutual TLS only, auth interceptor, health checking and reflection."""
+"""The node's gRPC server: mutual TLS only, auth interceptor, health checking and reflection.
+
+A node whose own log check found its log broken (``govshare.node.selfcheck``) still listens:
+it answers the Audit service (read-only) and refuses the rest, which health reports as
+``NOT_SERVING``; it neither publishes checkpoints nor witnesses other nodes'.
+"""
 
 from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from types import FrameType
 
@@ -12,9 +18,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from govshare.node.aggregate_service import AggregatePeerService, AggregateService
+from govshare.node.auditlog import SelfCheck
 from govshare.node.auth import AuthInterceptor
 from govshare.node.config import DEFAULT_MAX_WORKERS, NodeConfig
 from govshare.node.node import Node
+from govshare.node.selfcheck import SERVED_WHEN_BROKEN
 from govshare.node.services import AuditService, CatalogService, PeerService, QueryService
 from govshare.node.tls import CHANNEL_OPTIONS, server_credentials
 from govshare.protocols.errors import Unavailable
@@ -56,12 +64,26 @@ class RunningNode:
 
 
 def create_server(
-    node: Node, address: str, *, max_workers: int = DEFAULT_MAX_WORKERS
+    node: Node,
+    address: str,
+    *,
+    max_workers: int = DEFAULT_MAX_WORKERS,
+    on_log_check: Callable[[SelfCheck], None] | None = None,
 ) -> RunningNode:
-    """Start a node's server on ``address`` (``host:0`` picks a free port)."""
+    """Start a node's server on ``address`` (``host:0`` picks a free port).
+
+    If the node checked only its log's tail at start, the whole log is checked in the background
+    and ``on_log_check`` gets that verdict; damage found there makes the node refuse from then on.
+    """
+    interceptor = AuthInterceptor(
+        node.roster,
+        audit=node.audit,
+        refusal=node.log_check.refusal,
+        served_when_refusing=SERVED_WHEN_BROKEN,
+    )
     server = grpc.server(
         ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=f"govshare-{node.name}"),
-        interceptors=[AuthInterceptor(node.roster, audit=node.audit)],
+        interceptors=[interceptor],
         options=list(CHANNEL_OPTIONS),
     )
     catalog_pb2_grpc.add_CatalogServicer_to_server(CatalogService(node), server)
@@ -87,16 +109,45 @@ def create_server(
     if port == 0:
         raise Unavailable(f"cannot listen on {address}")
     server.start()
-    node.publisher.start()
     for name in ("", *SERVICE_NAMES):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    def refuse() -> None:
+        for name in SERVICE_NAMES:
+            if name not in SERVED_WHEN_BROKEN:
+                health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        node.publisher.stop()
+
+    def on_whole_check(verdict: SelfCheck) -> None:
+        if verdict.damage is not None:
+            refuse()
+        if on_log_check is not None:
+            on_log_check(verdict)
+
+    if node.log_check.refusal() is not None:
+        refuse()
+    else:
+        node.publisher.start()
+        node.log_check.start_background(on_whole_check)
     return RunningNode(server, port, health_servicer)
 
 
 def serve(config: NodeConfig, *, ready: threading.Event | None = None) -> None:
-    """Run the node until SIGTERM or SIGINT, then stop gracefully."""
+    """Run the node until SIGTERM or SIGINT, then stop gracefully.
+
+    Prints the node's address, then the verdict of its log check at start (and, for a log
+    checked in the background, that verdict when it comes).
+    """
     node = Node.from_config(config)
-    running = create_server(node, config.listen, max_workers=config.max_workers)
+    started = threading.Event()
+
+    def on_log_check(verdict: SelfCheck) -> None:
+        started.wait(timeout=10)  # after the start-up lines
+        print(node.log_check.line(verdict), flush=True)
+
+    running = create_server(
+        node, config.listen, max_workers=config.max_workers, on_log_check=on_log_check
+    )
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -108,6 +159,9 @@ def serve(config: NodeConfig, *, ready: threading.Event | None = None) -> None:
             f"node {node.name} serving on {config.listen} (port {running.port}, mutual TLS)",
             flush=True,
         )
+        if node.log_check.at_start is not None:
+            print(node.log_check.line(node.log_check.at_start), flush=True)
+        started.set()
         if ready is not None:
             ready.set()
         stop.wait()
