@@ -6,14 +6,18 @@ something exits with code 1 when a check fails, after printing one verdict line 
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
+import re
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import click
+from rich.markup import escape
 
 from govshare.cli.common import console, emit_json, identity_option, json_option, render_table
 from govshare.node.auditor import (
@@ -28,7 +32,8 @@ from govshare.node.auditor import (
     verify_receipt,
 )
 from govshare.node.identity import Identity
-from govshare.protocols.errors import MalformedInput, VerificationFailed
+from govshare.node.risk import RULES, Alert, PulledLogs, Severity
+from govshare.protocols.errors import MalformedInput, NotFound, VerificationFailed
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -356,3 +361,197 @@ def verify_receipt_(identity: Path, file: Path, quorum: int | None, as_json: boo
     )
     click.echo(f"receipt for query {query_id}: OK — {listed}")
     console.print(f"{len(parts)} part(s) verified against the roster's node keys")
+
+
+# --- risk monitoring --------------------------------------------------------------------------
+
+EXIT_HIGH = 2  # audit check: at least one HIGH alert
+EXIT_INTERRUPTED = 130  # audit check --watch stopped with Ctrl-C (128 + SIGINT)
+ENTRIES_SHOWN = 6  # entry indices listed per alert in the table
+_DURATION = re.compile(r"^(\d+)([mhd])$")
+_DURATION_MS = {"m": 60_000, "h": 3_600_000, "d": 86_400_000}
+_SEVERITY_STYLE = {Severity.HIGH: "bold red", Severity.MEDIUM: "yellow", Severity.LOW: "dim"}
+
+
+def parse_since(text: str, *, now_ms: int) -> int:
+    """``--since``: a UTC date or date and time (``2025-06-01``, ``2025-06-01T08:00``) or a
+    duration back from ``now_ms`` (``30m``, ``24h``, ``7d``); unix ms."""
+    duration = _DURATION.match(text.strip())
+    if duration:
+        return now_ms - int(duration.group(1)) * _DURATION_MS[duration.group(2)]
+    try:
+        when = dt.datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise click.BadParameter(
+            f"{text!r} is neither a date (2025-06-01, 2025-06-01T08:00) nor a duration "
+            "(30m, 24h, 7d)",
+            param_hint="--since",
+        ) from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    return int(when.timestamp() * 1000)
+
+
+def _entries_cell(alert: Alert) -> str:
+    refs = [f"#{e.index}" if e.node == alert.node else f"{e.node}#{e.index}" for e in alert.entries]
+    more = len(refs) - ENTRIES_SHOWN
+    return " ".join(refs[:ENTRIES_SHOWN]) + (f" … (+{more})" if more > 0 else "")
+
+
+def _alerts_table(title: str, alerts: Sequence[Alert]) -> None:
+    render_table(
+        title,
+        ("severity", "node", "rule", "entries", "detail"),
+        (
+            (
+                f"[{_SEVERITY_STYLE[a.severity]}]{a.severity.value}[/]",
+                escape(a.node),
+                escape(a.rule),
+                escape(_entries_cell(a)),
+                escape(a.detail),
+            )
+            for a in alerts
+        ),
+    )
+
+
+def _counts(alerts: Sequence[Alert]) -> str:
+    return ", ".join(
+        f"{sum(a.severity is s for a in alerts)} {s.value}"
+        for s in (Severity.HIGH, Severity.MEDIUM, Severity.LOW)
+    )
+
+
+@group.command("check")
+@identity_option
+@state_option
+@click.argument("node", required=False)
+@click.option("--all", "all_nodes", is_flag=True, help="Every node in the roster (the default).")
+@click.option(
+    "--since",
+    metavar="DATE",
+    help="Only alerts from DATE on: a UTC date or time (2025-06-01, 2025-06-01T08:00) or a "
+    "duration back from now (30m, 24h, 7d). The rules still read the whole logs.",
+)
+@click.option(
+    "--watch",
+    type=click.FloatRange(min=0, min_open=True),
+    metavar="SECONDS",
+    help="Pull, check and print the new alerts every SECONDS, until Ctrl-C (exit 130).",
+)
+@click.option("--iterations", type=click.IntRange(min=1), hidden=True)
+@click.option("--rules", "list_rules", is_flag=True, help="List the rules and exit.")
+@json_option
+def check(
+    identity: Path,
+    state: Path,
+    node: str | None,
+    all_nodes: bool,
+    since: str | None,
+    watch: float | None,
+    iterations: int | None,
+    list_rules: bool,
+    as_json: bool,
+) -> None:
+    """Run the risk rules over the pulled, verified logs; exit 2 when an alert is HIGH.
+
+    Without --watch, checks what 'govshare audit pull' fetched; with --watch, pulls first,
+    each round. --rules lists every rule, its severities and what it catches.
+    """
+    if list_rules:
+        _print_rules(as_json)
+        return
+    auditor = _auditor(identity, state)
+    targets = _targets(auditor, node, all_nodes, default_all=True)
+    logs = PulledLogs(state, targets)
+
+    def since_ms() -> int | None:
+        return None if since is None else parse_since(since, now_ms=time.time_ns() // 1_000_000)
+
+    since_ms()  # a malformed --since fails before any work
+    if watch is None:
+        held = logs.held()
+        if node is not None and not held:
+            raise NotFound(f"nothing pulled from {node} yet; run 'govshare audit pull {node}'")
+        alerts = logs.update(since_ms=since_ms())
+        if as_json:
+            emit_json([a.to_json() for a in alerts])
+        else:
+            _print_check(alerts, held, [n for n in targets if n not in held])
+        if any(a.severity is Severity.HIGH for a in alerts):
+            sys.exit(EXIT_HIGH)
+        return
+    try:
+        high = _watch(auditor, logs, targets, watch, iterations, since_ms, as_json)
+    except KeyboardInterrupt:
+        sys.exit(EXIT_INTERRUPTED)
+    if high:
+        sys.exit(EXIT_HIGH)
+
+
+def _print_rules(as_json: bool) -> None:
+    rules = [
+        {
+            "rule": r.name,
+            "severities": [s.value for s in r.severities],
+            "scope": r.scope.value,
+            "catches": r.description,
+        }
+        for r in RULES.values()
+    ]
+    if as_json:
+        emit_json(rules)
+        return
+    render_table(
+        "risk rules (scope log: a node also runs it on its own log)",
+        ("rule", "severity", "scope", "catches"),
+        (
+            (r["rule"], "/".join(r["severities"]), r["scope"], escape(str(r["catches"])))
+            for r in rules
+        ),
+    )
+
+
+def _print_check(alerts: Sequence[Alert], held: Sequence[str], missing: Sequence[str]) -> None:
+    scope = f"{len(held)} node log(s): {', '.join(held) or 'none'}"
+    if alerts:
+        _alerts_table(f"risk alerts over {scope}", alerts)
+    click.echo(f"audit check: {_counts(alerts)} over {scope}")
+    for name in missing:
+        click.echo(f"{name}: not pulled; run 'govshare audit pull {name}'")
+
+
+def _watch(
+    auditor: Auditor,
+    logs: PulledLogs,
+    targets: Sequence[str],
+    seconds: float,
+    iterations: int | None,
+    since_ms: Callable[[], int | None],
+    as_json: bool,
+) -> bool:
+    """Pull, check, print the new alerts; every ``seconds``. Returns whether any was HIGH."""
+    seen: set[str] = set()
+    lines: dict[str, str] = {}
+    high = False
+    round_ = 0
+    while iterations is None or round_ < iterations:
+        if round_:
+            time.sleep(seconds)
+        round_ += 1
+        for verdict in (auditor.pull(name) for name in targets):
+            line = verdict_line(verdict)
+            if not verdict.ok and lines.get(verdict.node) != line:
+                click.echo(line, err=as_json)  # JSON lines on stdout stay alerts only
+            lines[verdict.node] = line
+        new = [a for a in logs.update(since_ms=since_ms()) if a.key not in seen]
+        seen.update(a.key for a in new)
+        high = high or any(a.severity is Severity.HIGH for a in new)
+        if as_json:
+            for alert in new:  # one JSON object a line, as they come
+                click.echo(json.dumps(alert.to_json(), sort_keys=True, ensure_ascii=False))
+        elif new:
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
+            _alerts_table(f"{stamp} UTC — {len(new)} new alert(s): {_counts(new)}", new)
+        sys.stdout.flush()
+    return high

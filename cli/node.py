@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import time
 from pathlib import Path
 
 import click
+from rich.markup import escape
 
-from govshare.cli.common import console, emit_json, home_option, identity_option, json_option
+from govshare.cli.common import (
+    console,
+    emit_json,
+    home_option,
+    identity_option,
+    json_option,
+    render_table,
+)
+from govshare.node.alerts import SuspensionStore, logged_alerts
+from govshare.node.auditlog import AuditLog
 from govshare.node.client import NodeClient
 from govshare.node.config import NodeConfig, write_default
 from govshare.node.identity import Identity
@@ -88,3 +100,89 @@ def ping(identity: Path, node: str, as_json: bool) -> None:
     console.print(
         f"{reply.node} ({reply.jurisdiction}) answers; roster version {reply.roster_version}"
     )
+
+
+@group.group("alerts", invoke_without_command=True)
+@home_option
+@json_option
+@click.pass_context
+def alerts(ctx: click.Context, home: Path, as_json: bool) -> None:
+    """This node's risk alerts (risk.alert entries) and the analysts suspended here."""
+    ctx.ensure_object(dict)
+    ctx.obj["alerts_home"] = home
+    if ctx.invoked_subcommand is not None:
+        return
+    config = NodeConfig.load(home)
+    with AuditLog.open(config.audit_database_path) as audit:
+        found = list(logged_alerts(audit))
+    store = SuspensionStore(config.database_path)
+    try:
+        suspended = store.list()
+    finally:
+        store.close()
+    if as_json:
+        emit_json(
+            {"alerts": [a.to_json() for a in found], "suspended": [s.to_json() for s in suspended]}
+        )
+        return
+    if found:
+        render_table(
+            f"risk alerts at {config.home}",
+            ("time (UTC)", "severity", "rule", "analyst", "entries", "detail", "suspended"),
+            (
+                (
+                    _utc(a.time_ms // 1000),
+                    a.severity,
+                    escape(a.rule),
+                    escape(a.analyst or ""),
+                    " ".join(f"#{i}" for i in a.entries[:6]) + (" …" if len(a.entries) > 6 else ""),
+                    escape(a.detail),
+                    "yes" if a.suspended else "",
+                )
+                for a in found
+            ),
+        )
+    else:
+        console.print("no risk alerts in this node's log")
+    for s in suspended:
+        console.print(
+            f"[bold red]suspended[/]: {escape(s.analyst)} since {_utc(s.since)} "
+            f"({escape(s.rule)}); clear with 'govshare node alerts clear --analyst {s.analyst} "
+            "--reason ...'"
+        )
+
+
+@alerts.command("clear")
+@click.option(
+    "--home",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="The node's home folder (default: the one given to 'alerts', $GOVSHARE_HOME or .).",
+)
+@click.option("--analyst", required=True, help="The suspended analyst.")
+@click.option("--reason", required=True, help="Why the suspension is lifted (logged).")
+@json_option
+@click.pass_context
+def clear(ctx: click.Context, home: Path | None, analyst: str, reason: str, as_json: bool) -> None:
+    """Lift an analyst's suspension at this node; logged as risk.cleared by the operator."""
+    config = NodeConfig.load(home or ctx.obj["alerts_home"])
+    operator = f"operator:{Identity.load(config.identity_dir).name}"
+    store = SuspensionStore(config.database_path)
+    try:
+        with AuditLog.open(config.audit_database_path) as audit:
+            held = store.clear(
+                analyst, operator=operator, reason=reason, audit=audit, now=int(time.time())
+            )
+    finally:
+        store.close()
+    if as_json:
+        emit_json({"cleared": held.to_json(), "by": operator, "reason": reason.strip()})
+        return
+    console.print(
+        f"{escape(analyst)} may query this node again (suspended since {_utc(held.since)} "
+        f"by {escape(held.rule)}); logged as risk.cleared by {operator}"
+    )
+
+
+def _utc(seconds: int) -> str:
+    return dt.datetime.fromtimestamp(seconds, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")

@@ -9,7 +9,8 @@ rows (the same words for a resident who receives assistance and one who does not
 whose count carries DP noise with its interval, the same question in SQL as an exact release
 that waits until both operators approve it, an intersection aggregate and a horizontal aggregate
 that waits for the operators' approval, has the auditor verify every receipt and every node's
-log, and stops the nodes cleanly. Every step runs the real ``govshare`` command, and the demo
+log and run the risk rules over the five logs (``audit check``: no HIGH alert, or the demo
+fails), and stops the nodes cleanly. Every step runs the real ``govshare`` command, and the demo
 prints each command before its output.
 
     python -m govshare.examples.demo [--dir demo-run] [--size 5000] [--seed 7]
@@ -463,6 +464,8 @@ def run(workdir: Path, size: int, seed: int) -> None:
         demo.govshare("audit", "verify", "--all", "--identity", "audra")
         query_id = json.loads((workdir / "receipts/aggregate.json").read_text())["query_id"]
         demo.govshare("audit", "show", "--query", query_id, "--identity", "audra")
+        # Exit 2 on a HIGH alert fails the demo; the exact release is a LOW, informational one.
+        demo.govshare("audit", "check", "--all", "--identity", "audra")
     finally:
         demo.step("Stopping the nodes (SIGTERM, graceful)")
         codes = demo.stop_nodes()

@@ -49,6 +49,9 @@ protocol_timeout = {protocol_timeout}
 rate_limit_per_minute = {rate_limit_per_minute}
 # Processes for the cryptographic work (0 = one per CPU).
 workers = 0
+# A HIGH risk alert about an analyst (govshare node alerts) suspends the analyst's queries at
+# this node until the operator clears it (govshare node alerts clear).
+suspend_on_high_alert = false
 """
 
 
@@ -65,6 +68,7 @@ class NodeConfig:
     protocol_timeout: float = DEFAULT_PROTOCOL_TIMEOUT
     rate_limit_per_minute: int = DEFAULT_RATE_LIMIT_PER_MINUTE
     workers: int = 0
+    suspend_on_high_alert: bool = False
 
     @classmethod
     def load(cls, home: Path) -> NodeConfig:
@@ -113,6 +117,7 @@ class NodeConfig:
                 number("rate_limit_per_minute", DEFAULT_RATE_LIMIT_PER_MINUTE)
             ),
             workers=_workers(section.get("workers", 0), path),
+            suspend_on_high_alert=_flag(section, "suspend_on_high_alert", path),
         )
 
 
@@ -121,6 +126,13 @@ def _workers(value: object, path: Path) -> int:
         raise MalformedInput(
             f"{path}: node.workers must be 0 or a positive integer", field="workers"
         )
+    return value
+
+
+def _flag(section: dict[str, object], key: str, path: Path) -> bool:
+    value = section.get(key, False)
+    if not isinstance(value, bool):
+        raise MalformedInput(f"{path}: node.{key} must be true or false", field=key)
     return value
 
 

@@ -15,6 +15,7 @@ from fractions import Fraction
 from pathlib import Path
 
 from govshare.node.aggregates import AggregateEngine, AggregateOptions
+from govshare.node.alerts import RiskMonitor, SuspensionStore
 from govshare.node.auditlog import AuditLog, LogBroken, LogEntry
 from govshare.node.auth import Caller
 from govshare.node.catalog import Catalogue
@@ -75,17 +76,31 @@ class Node:
     # Logs up to this many entries are checked whole before the node serves; larger ones from
     # their latest checkpoint, then whole in the background (see selfcheck).
     log_check_whole_at_start: int = WHOLE_AT_START_MAX
+    # A HIGH risk alert about an analyst suspends the analyst here (govshare.node.alerts).
+    suspend_on_high_alert: bool = False
+    # Suspended analysts; a node built without opens them in the catalogue's file.
+    suspension_store: SuspensionStore | None = None
     publisher: CheckpointPublisher = field(init=False)
     witness: Witness = field(init=False)
     queries: QueryEngine = field(init=False)
     aggregates: AggregateEngine = field(init=False)
     crossborder: CrossBorderStore = field(init=False)
     log_check: LogSelfCheck = field(init=False)
+    suspensions: SuspensionStore = field(init=False)
+    risk: RiskMonitor = field(init=False)
 
     def __post_init__(self) -> None:
         self._pool: ProcessPoolExecutor | None = None
         self._pool_lock = threading.Lock()
         self.crossborder = self.crossborder_store or CrossBorderStore(self.catalogue.path)
+        self.suspensions = self.suspension_store or SuspensionStore(self.catalogue.path)
+        self.risk = RiskMonitor(
+            node=self.identity.name,
+            audit=self.audit,
+            suspensions=self.suspensions,
+            suspend_on_high_alert=self.suspend_on_high_alert,
+            clock=self.clock,
+        )
         self.rosters = RosterFile(
             self.identity.directory / ROSTER,
             self.identity.ca_cert_pem,
@@ -114,6 +129,8 @@ class Node:
             rate_limit_per_minute=self.rate_limit_per_minute,
             assessed=self.assessed_destinations,
             mask_key=self.mask_key,
+            observe=self.risk.poll,
+            suspended=self.risk.suspension_message,
         )
         self.aggregates = AggregateEngine(
             queries=self.queries,
@@ -142,6 +159,7 @@ class Node:
         # Queries that were running when the node last stopped: settle their reservations.
         if self.log_check.refusal() is None:
             self.queries.recover()
+        self.risk.start()
 
     def roster(self) -> Roster:
         """The newest signed roster published into the node's bundle (see RosterFile)."""
@@ -199,6 +217,7 @@ class Node:
             protocol_timeout=config.protocol_timeout,
             rate_limit_per_minute=config.rate_limit_per_minute,
             workers=config.workers,
+            suspend_on_high_alert=config.suspend_on_high_alert,
         )
 
     @classmethod
@@ -212,6 +231,7 @@ class Node:
     def close(self) -> None:
         self.log_check.stop()
         self.publisher.stop()
+        self.risk.stop()
         with self._pool_lock:
             if self._pool is not None:
                 self._pool.shutdown(cancel_futures=True)
@@ -219,6 +239,7 @@ class Node:
         self.query_store.close()
         self.audit.close()
         self.witness_store.close()
+        self.suspensions.close()
 
     # --- catalogue ----------------------------------------------------------------------------
 

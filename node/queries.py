@@ -85,6 +85,7 @@ from govshare.node.query_store import (
     QueryStore,
     Usage,
 )
+from govshare.node.risk import RISK_SUSPENDED
 from govshare.protocols import dp, ecdh_psi
 from govshare.protocols.errors import (
     Aborted,
@@ -236,6 +237,8 @@ class QueryEngine:
         rate_limit_per_minute: int = DEFAULT_RATE_LIMIT_PER_MINUTE,
         assessed: Callable[[str, int], frozenset[str]] = lambda dataset, now: frozenset(),
         mask_key: Callable[[str, str], bytes] | None = None,
+        observe: Callable[[], object] = lambda: None,
+        suspended: Callable[[str], str | None] = lambda analyst: None,
     ) -> None:
         self._identity = identity
         self._roster = roster or (lambda: identity.roster)
@@ -252,6 +255,10 @@ class QueryEngine:
         self._rate_limit = rate_limit_per_minute
         self._assessed = assessed
         self._mask_key = mask_key or _no_mask_key
+        # The node's risk monitor (govshare.node.alerts): told after each decision and run,
+        # and asked at admission whether the analyst is suspended after a HIGH alert.
+        self._observe = observe
+        self._suspended = suspended
         self._sessions: dict[str, Session] = {}
         self._handlers: dict[str, KindHandler] = {}
         self._lock = threading.Lock()
@@ -379,7 +386,10 @@ class QueryEngine:
         grants = self._grants.list(dataset=dataset)
 
         def decide_logged(usage: Usage) -> Decision:
-            if usage.recent >= self._rate_limit:
+            suspension = self._suspended(caller.name)
+            if suspension is not None:
+                decision = Decision(False, RISK_SUSPENDED, suspension)
+            elif usage.recent >= self._rate_limit:
                 decision = Decision(
                     False,
                     RATE_LIMIT_RULE,
@@ -413,6 +423,7 @@ class QueryEngine:
             return decision
 
         record, decision = self._store.admit(base, since=now - 60, decide=decide_logged)
+        self._observe()
         return record, decision.raise_if_refused()
 
     def _release_mask_refusal(self, plan: PsiPlan, own: Side) -> Decision | None:
@@ -561,12 +572,14 @@ class QueryEngine:
             )  # fmt: skip
             close(query_id)
             self._abort_peers(query_id, record)
+            self._observe()
             if isinstance(exc, GovshareError):
                 raise
             raise Aborted(f"{self.name}: query aborted, nothing released") from exc
         self._store.transition(query_id, from_states=[RUNNING], to=DONE, now=int(self._clock()))
         self._settle(query_id, spent=True, reason="released")
         close(query_id)
+        self._observe()
         return result
 
     def _abort_peers(self, query_id: str, record: QueryRecord) -> None:
