@@ -32,6 +32,7 @@ from govshare.node.auditor import (
     verify_receipt,
 )
 from govshare.node.identity import Identity
+from govshare.node.report import assess, summary_text, write_html
 from govshare.node.risk import RULES, Alert, PulledLogs, Severity
 from govshare.protocols.errors import MalformedInput, NotFound, VerificationFailed
 
@@ -555,3 +556,58 @@ def _watch(
             _alerts_table(f"{stamp} UTC — {len(new)} new alert(s): {_counts(new)}", new)
         sys.stdout.flush()
     return high
+
+
+# --- periodic assessment ----------------------------------------------------------------------
+
+
+@group.command("report")
+@identity_option
+@state_option
+@click.argument("nodes", nargs=-1)
+@click.option("--all", "all_nodes", is_flag=True, help="Every node in the roster (the default).")
+@click.option(
+    "--since",
+    metavar="DATE",
+    help="Only what happened from DATE on: a UTC date or time (2025-06-01, 2025-06-01T08:00) or "
+    "a duration back from now (30m, 24h, 7d) [default: the start of the logs].",
+)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the report to this file as one self-contained HTML page.",
+)
+@quorum_option
+@json_option
+def report(
+    identity: Path,
+    state: Path,
+    nodes: tuple[str, ...],
+    all_nodes: bool,
+    since: str | None,
+    out: Path | None,
+    quorum: int | None,
+    as_json: bool,
+) -> None:
+    """Write the periodic security assessment (安全评估报告) of the pulled logs: per node,
+    dataset and analyst, queries, releases, refusals, approvals, ε spent over time, and the
+    risk alerts. Each log is verified first; one that does not verify is shown as such, without
+    figures, and the command exits 1 after writing the report.
+    """
+    if nodes and all_nodes:
+        raise click.UsageError("give NODE... or --all, not both")
+    if out is None and not as_json:
+        raise click.UsageError("give --out FILE, --json, or both")
+    now_ms = time.time_ns() // 1_000_000
+    since_ms = None if since is None else parse_since(since, now_ms=now_ms)
+    auditor = _auditor(identity, state, quorum=quorum)
+    data = assess(auditor, list(nodes) or auditor.nodes(), since_ms=since_ms, now_ms=now_ms)
+    if out is not None:
+        write_html(out, data)
+    if as_json:
+        emit_json(data)
+    else:
+        click.echo(summary_text(data))
+        click.echo(f"report written to {out}")
+    if data["summary"]["not_verified"]:
+        _fail()

@@ -466,6 +466,9 @@ def run(workdir: Path, size: int, seed: int) -> None:
         demo.govshare("audit", "show", "--query", query_id, "--identity", "audra")
         # Exit 2 on a HIGH alert fails the demo; the exact release is a LOW, informational one.
         demo.govshare("audit", "check", "--all", "--identity", "audra")
+        # The periodic assessment (安全评估报告): one self-contained page, readable without a CLI.
+        demo.govshare("audit", "report", "--all", "--identity", "audra", "--out", "report.html")
+        console.print(f"[bold]Assessment report:[/] {(workdir / 'report.html').resolve().as_uri()}")
     finally:
         demo.step("Stopping the nodes (SIGTERM, graceful)")
         codes = demo.stop_nodes()
