@@ -283,10 +283,7 @@ class Node:
             if latest is None:
                 raise LogBroken(f"{refusal}; it holds no checkpoint")
             return latest.note
-        latest = self.audit.latest_checkpoint()
-        if latest is None or latest.size != self.audit.size:
-            latest = self.publisher.publish()
-        return latest.note
+        return self.publisher.covering(self.audit.size).note
 
     def entry_pages(self, start: int, end: int) -> Iterator[list[LogEntry]]:
         size = self.audit.size
