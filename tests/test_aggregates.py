@@ -54,7 +54,10 @@ from govshare.protocols.signed_request import sign_request
 KEY_BITS = 1024  # small test keys (two plaintexts per row here); one test runs 3072
 AMOUNT_BOUND = 30_000  # above every synth amount (at most 12 x 2,093)
 VISITS_BOUND = 100
-TIMEOUT = 60.0
+# Seconds a node waits for its peer. Generous on purpose: a 3072-bit step is tens of seconds
+# of work on one worker, and a loaded CI machine stretches it; only the dropout test, which
+# waits for a peer that never comes, sets a short one.
+TIMEOUT = 600.0
 EXACT = AggregateOptions(unsafe_allow_short_modulus=True, unsafe_without_noise=True)
 KINDS = [QueryKind.INTERSECTION_AGGREGATE, QueryKind.HORIZONTAL_AGGREGATE]
 HEALTH_COLUMNS = (
@@ -104,7 +107,7 @@ def _node(fed: FederationFixture, name: str, options: AggregateOptions) -> Node:
     )
 
 
-def set_options(node: Node, options: AggregateOptions, timeout: float = 60.0) -> None:
+def set_options(node: Node, options: AggregateOptions, timeout: float = TIMEOUT) -> None:
     """Rebuild a test node's aggregate engine with other test-only switches."""
     node.aggregates = AggregateEngine(
         queries=node.queries, identity=node.identity, catalogue=node.catalogue,
