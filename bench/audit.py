@@ -19,6 +19,9 @@ it can be read without knowing the hardware:
   ``WHOLE_AT_START_MAX`` entries, vs. the raw read + hashlib pass; and opening it and checking
   only the tail since the latest checkpoint (``--tail`` entries appended after it), as a node
   does at start for a larger log before it checks the whole log in the background.
+- ``audit check`` (``govshare.node.risk.check``) over a log of the same size made of realistic
+  query entries (signed request, decision, protocol steps, release, settlement; 50 analysts)
+  vs. ``verify_log_file`` over the same file. Target (issue 10): <= 2 x verify.
 """
 
 from __future__ import annotations
@@ -32,14 +35,20 @@ import statistics
 import sys
 import tempfile
 import time
+from fractions import Fraction
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from govshare.node import risk
 from govshare.node.auditlog import AuditLog, Event, verify_log_file
+from govshare.node.catalog import Condition
+from govshare.node.governance import QueryKind
+from govshare.node.query_plan import PsiPlan, Side
 from govshare.node.selfcheck import WHOLE_AT_START_MAX
 from govshare.protocols.checkpoint import open_checkpoint
 from govshare.protocols.merkle import verify_consistency, verify_inclusion
+from govshare.protocols.signed_request import sign_request
 
 ORIGIN = "bench.govshare.example/audit"
 TARGET_APPENDS_PER_S = 20_000
@@ -248,6 +257,81 @@ def bench_selfcheck(
         )
 
 
+TARGET_CHECK_VS_VERIFY = 2.0
+# Entries per query in the realistic log: received, decision, three steps, release, settlement.
+QUERY_ENTRIES = 7
+
+
+def _query_events(q: int, key: Ed25519PrivateKey) -> list[Event]:
+    plan = PsiPlan(
+        kind=QueryKind.PSI_CARDINALITY, purpose="bench",
+        left=Side("tax", "residents", "id_number", (Condition("year", "=", 2000 + q % 25),)),
+        right=Side("civil", "assistance", "id_number"), epsilon=Fraction(1, 100),
+    )  # fmt: skip
+    analyst = f"analyst{q % 50}"
+    request = sign_request(
+        key, analyst=analyst, kind=plan.kind.value, body=plan.to_json(), now=1_750_000_000 + q
+    )
+    signed = request.encode()
+    qid, digest = request.query_id_hex, hashlib.sha256(signed).hexdigest()
+    decision = {
+        "dataset": "residents", "request_digest": digest, "participants": ["civil", "tax"],
+        "allowed": True, "rule": "allowed", "message": "allowed", "grant_id": "g1",
+        "requires_approval": False, "dp_required": False, "min_group_size": 5,
+        "min_set_size": 0, "masks": [], "epsilon": "0.01", "exact": False,
+    }  # fmt: skip
+
+    def step(direction: str, phase: str) -> dict[str, object]:
+        return {"peer": "civil", "direction": direction, "phase": phase, "size": 1000,
+                "digest": hashlib.sha256(f"{q}{phase}".encode()).hexdigest()}  # fmt: skip
+
+    received = {"request": signed, "request_digest": digest, "kind": plan.kind.value}
+    released = {
+        "recipient": analyst, "result_digest": digest, "size": 1000, "request_digest": digest,
+        "exact": False, "participants": ["civil", "tax"],
+    }  # fmt: skip
+    return [
+        Event("query.received", received, analyst, qid),
+        Event("policy.decision", decision, analyst, qid),
+        Event("protocol.step", step("sent", "dummies"), "tax", qid),
+        Event("protocol.step", step("sent", "own"), "tax", qid),
+        Event("protocol.step", step("received", "own"), "tax", qid),
+        Event("result.released", released, "tax", qid),
+        Event("budget.settled", {"reservation": "spent", "reason": "released"}, "tax", qid),
+    ]
+
+
+def bench_check(folder: Path, total: int, key: Ed25519PrivateKey) -> None:
+    path = folder / "queries.db"
+    with AuditLog.open(path) as log:
+        events: list[Event] = []
+        for q in range(max(total // QUERY_ENTRIES, 1)):
+            events += _query_events(q, key)
+            if len(events) >= 7_000:
+                log.record_many(events)
+                events = []
+        if events:
+            log.record_many(events)
+        log.checkpoint(key, ORIGIN)
+        size = log.size
+        begin = time.perf_counter()
+        report = verify_log_file(path, public_key=key.public_key(), origin=ORIGIN)
+        verify_s = time.perf_counter() - begin
+        if not report.ok:
+            sys.exit(f"benchmark log does not verify: {report.first_problem}")
+        begin = time.perf_counter()
+        alerts = risk.check(
+            {"tax": (risk.read_entry(e.data) for e in log.iter_entries()), "civil": ()}
+        )
+        check_s = time.perf_counter() - begin
+    ratio = check_s / verify_s
+    print(
+        f"audit check over {size:,} query entries: {check_s:.2f} s, {len(alerts)} alerts; "
+        f"verify of the same file {verify_s:.2f} s -> ratio {ratio:.2f} (target <= "
+        f"{TARGET_CHECK_VS_VERIFY:.0f}: {'met' if ratio <= TARGET_CHECK_VS_VERIFY else 'NOT met'})"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--entries", type=int, default=1_000_000, help="log size to build")
@@ -266,6 +350,7 @@ def main() -> None:
         bench_verify(path, key, args.entries)
         bench_proofs(path, key, args.proofs)
         bench_selfcheck(Path(folder), path, key, args.entries, args.batch, args.tail)
+        bench_check(Path(folder), args.entries, key)
 
 
 if __name__ == "__main__":
