@@ -340,6 +340,10 @@ class AggregateEngine:
         with self._lock:
             self._sessions.pop(query_id, None)
 
+    def forget(self, query_id: str) -> None:
+        """Drop a withdrawn query's protocol state."""
+        self._close(query_id)
+
     def abort(self, caller: Caller, query_id: str) -> None:
         """Another participant's part failed: stop waiting for messages at once."""
         with self._lock:

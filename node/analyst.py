@@ -136,12 +136,17 @@ def ask(
     clients = {n: NodeClient.to(identity, n) for n in nodes}
     try:
         with ThreadPoolExecutor(max_workers=len(nodes)) as pool:
-            statuses = dict(
-                zip(nodes, pool.map(lambda n: clients[n].submit(signed), nodes), strict=True)
+            submitted = {n: pool.submit(clients[n].submit, signed) for n in nodes}
+            statuses = _collect(
+                submitted, withdraw=lambda admitted: _withdraw(clients, query_id, admitted)
             )
         for node, status in statuses.items():
             report(node, status.state, status.message)
-        _await_approval(clients, query_id, statuses, report, approval_timeout, poll)
+        try:
+            _await_approval(clients, query_id, statuses, report, approval_timeout, poll)
+        except GovshareError:
+            _withdraw(clients, query_id, list(nodes))
+            raise
         if prepare is not None:
             prepare(clients, query_id)
         for node in nodes:
@@ -163,9 +168,12 @@ def ask(
     return Asked(query_id, outputs, receipt)
 
 
-def _collect(futures: Mapping[str, Future[T]]) -> dict[str, T]:
+def _collect(
+    futures: Mapping[str, Future[T]], *, withdraw: Callable[[list[str]], None] | None = None
+) -> dict[str, T]:
     """Every node's output; if any failed, the error that says why: a node's refusal rather
-    than the others' "ended the query" that it caused."""
+    than the others' "ended the query" that it caused. ``withdraw`` is first told the nodes
+    that did answer (at submission: they hold a reservation for a query that will not run)."""
     outputs: dict[str, T] = {}
     errors: list[Exception] = []
     for node, future in futures.items():
@@ -174,9 +182,22 @@ def _collect(futures: Mapping[str, Future[T]]) -> dict[str, T]:
         except GovshareError as exc:
             errors.append(exc)
     if errors:
+        if withdraw is not None:
+            withdraw(list(outputs))
         refusals = [e for e in errors if not isinstance(e, Aborted | Unavailable)]
         raise (refusals or errors)[0]
     return outputs
+
+
+def _withdraw(clients: Mapping[str, NodeClient], query_id: str, nodes: Sequence[str]) -> None:
+    """Withdraw a query that will not run from ``nodes``, so they return its reservation;
+    best effort (a node that already ended it, or cannot be reached, keeps its own record, and
+    releases the reservation when the signed request expires)."""
+    for node in nodes:
+        try:
+            clients[node].cancel(query_id)
+        except GovshareError:
+            continue
 
 
 def run_psi(

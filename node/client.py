@@ -195,6 +195,13 @@ class NodeClient:
             lambda: list(self._query.Run(query_pb2.RunRequest(query_id=query_id), timeout=timeout))
         )
 
+    def cancel(self, query_id: str) -> query_pb2.QueryStatus:
+        return self.call(
+            lambda: self._query.Cancel(
+                query_pb2.CancelRequest(query_id=query_id), timeout=self.timeout
+            )
+        )
+
     def receipt(self, query_id: str) -> query_pb2.ReceiptPart:
         return self.call(
             lambda: self._query.Receipt(

@@ -74,6 +74,7 @@ from govshare.node.policy import (
 from govshare.node.query_plan import PsiPlan, Side, parse_plan
 from govshare.node.query_store import (
     APPROVED,
+    CANCELLED,
     DONE,
     EXPIRED,
     FAILED,
@@ -213,6 +214,8 @@ class KindHandler(Protocol):
     ) -> QueryRecord: ...
 
     def abort(self, caller: Caller, query_id: str) -> None: ...
+
+    def forget(self, query_id: str) -> None: ...
 
 
 PeerSender = Callable[[str, str, str, list[bytes]], None]
@@ -503,6 +506,27 @@ class QueryEngine:
                 actor=self.name,
                 query_id=record.query_id,
             )
+
+    def cancel(self, caller: Caller, query_id: str) -> QueryRecord:
+        """The analyst withdraws a query that has not started to run; its reservation returns.
+
+        Raises:
+            NotFound: no such query of the caller's.
+            Conflict: the query is running or ended (a run cannot be called back).
+        """
+        self.status(caller, query_id)
+        record = self._store.transition(
+            query_id, from_states=[PENDING, APPROVED], to=CANCELLED, now=int(self._clock()),
+            message="withdrawn by the analyst before it ran",
+        )  # fmt: skip
+        self._audit.record(
+            "query.cancelled", {"reason": record.message}, actor=caller.name, query_id=query_id
+        )
+        self._settle(query_id, spent=False, reason="withdrawn by the analyst before it ran")
+        self._close(query_id)
+        for handler in self._kind_handlers():
+            handler.forget(query_id)
+        return record
 
     def status(self, caller: Caller, query_id: str) -> QueryRecord:
         record = self._store.get(query_id)

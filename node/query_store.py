@@ -4,9 +4,10 @@ Lives in the node's SQLite store beside the catalogue. The operator's ``govshare
 commands change a query's state here while the node serves; the node reads it back when the
 analyst asks for the query's status.
 
-States: ``pending_approval`` → ``approved`` | ``denied`` | ``expired``; ``approved`` →
-``running`` → ``done`` | ``failed``, or ``expired`` when the signed request's validity ended
-before it ran; a policy refusal is stored as ``refused`` with its rule.
+States: ``pending_approval`` → ``approved`` | ``denied`` | ``expired`` | ``cancelled``;
+``approved`` → ``running`` → ``done`` | ``failed``, or ``expired`` when the signed request's
+validity ended before it ran, or ``cancelled`` when the analyst withdrew it first; a policy
+refusal is stored as ``refused`` with its rule.
 
 **Reservations** (the budget ledger). :meth:`QueryStore.admit` counts the analyst's recent
 queries, hands the usage so far to the policy decision, and — in the same ``BEGIN IMMEDIATE``
@@ -44,6 +45,7 @@ REFUSED = "refused"
 RUNNING = "running"
 DONE = "done"
 FAILED = "failed"
+CANCELLED = "cancelled"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS queries (

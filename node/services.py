@@ -152,6 +152,12 @@ class QueryService(query_pb2_grpc.QueryServicer):
                 matched=release.matched,
             )
 
+    def Cancel(
+        self, request: query_pb2.CancelRequest, context: grpc.ServicerContext
+    ) -> query_pb2.QueryStatus:
+        query_id = require_query_id(request.query_id)
+        return _status(self._node.queries.cancel(current_caller(), query_id))
+
     def Receipt(
         self, request: query_pb2.ReceiptRequest, context: grpc.ServicerContext
     ) -> query_pb2.ReceiptPart:

@@ -27,7 +27,9 @@ from govshare.node.query_plan import PsiPlan, Side
 from govshare.protocols.errors import (
     Aborted,
     AlreadyExists,
+    Conflict,
     MalformedInput,
+    NotFound,
     PermissionDenied,
     VerificationFailed,
 )
@@ -228,3 +230,32 @@ def test_late_message_for_an_aborted_query_says_why(
     with NodeClient.to(fed.identity("civil"), "tax") as peer:
         with pytest.raises(Aborted, match=r"was aborted on tax: node civil: .*not open on civil"):
             peer.psi_send(request.query_id_hex, "own", [], chunk_points=16)
+
+
+def test_a_refusal_at_one_node_withdraws_the_query_from_the_other(
+    fed: FederationFixture, psi_data: PsiData, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """civil refuses (no grant on its dataset); tax had admitted and reserved: the analyst's
+    client withdraws the query there, and tax returns the reservation at once."""
+    data = tmp_path_factory.mktemp("ungranted")
+    synth.generate(data, size=50, seed=21)
+    register(psi_data.civil, data / f"{synth.CIVIL}.csv", name="assistance_ungranted",
+             columns=CIVIL_COLUMNS)  # fmt: skip
+    tax = psi_data.tax
+    before = {r.query_id for r in tax.query_store.with_state("cancelled")}
+    refused = dataclasses.replace(plan(), right=Side("civil", "assistance_ungranted", "id_number"))
+    with pytest.raises(PermissionDenied, match=r"grant\.missing"):
+        run_psi(fed.identity("alice"), refused)
+    (withdrawn,) = [r for r in tax.query_store.with_state("cancelled") if r.query_id not in before]
+    assert tax.query_store.reservation(withdrawn.query_id) == "returned"
+    kinds = [e.decode().kind for e in tax.audit.entries_for_query(withdrawn.query_id)]
+    assert kinds[-2:] == ["query.cancelled", "budget.settled"]
+    # Another analyst cannot withdraw alice's query; a query that ran cannot be withdrawn.
+    with NodeClient.to(fed.identity("hkana"), "tax") as client:
+        with pytest.raises(NotFound):
+            client.cancel(withdrawn.query_id)
+    ran = run_psi(fed.identity("alice"), plan())
+    with NodeClient.to(fed.identity("alice"), "tax") as client:
+        with pytest.raises(Conflict, match="is done"):
+            client.cancel(ran.query_id)
+    assert tax.query_store.reservation(ran.query_id) == "spent"

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17govshare/v1/query.proto\x12\x0bgovshare.v1\"\'\n\rSubmitRequest\x12\x16\n\x0esigned_request\x18\x01 \x01(\x0c\"&\n\x12QueryStatusRequest\x12\x10\n\x08query_id\x18\x01 \x01(\t\"^\n\x0bQueryStatus\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x0c\n\x04rule\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x0f\n\x07\x64\x61taset\x18\x05 \x01(\t\"\x1e\n\nRunRequest\x12\x10\n\x08query_id\x18\x01 \x01(\t\"N\n\x0bResultChunk\x12\x0e\n\x06points\x18\x01 \x01(\x0c\x12\r\n\x05total\x18\x02 \x01(\x03\x12\x0f\n\x07records\x18\x03 \x03(\t\x12\x0f\n\x07matched\x18\x04 \x01(\x03\"\"\n\x0eReceiptRequest\x12\x10\n\x08query_id\x18\x01 \x01(\t\"\\\n\x0bReceiptPart\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x03\x12\r\n\x05\x65ntry\x18\x03 \x01(\x0c\x12\r\n\x05proof\x18\x04 \x03(\x0c\x12\x12\n\ncheckpoint\x18\x05 \x01(\x0c\x32\x8a\x02\n\x05Query\x12>\n\x06Submit\x12\x1a.govshare.v1.SubmitRequest\x1a\x18.govshare.v1.QueryStatus\x12\x43\n\x06Status\x12\x1f.govshare.v1.QueryStatusRequest\x1a\x18.govshare.v1.QueryStatus\x12:\n\x03Run\x12\x17.govshare.v1.RunRequest\x1a\x18.govshare.v1.ResultChunk0\x01\x12@\n\x07Receipt\x12\x1b.govshare.v1.ReceiptRequest\x1a\x18.govshare.v1.ReceiptPartb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17govshare/v1/query.proto\x12\x0bgovshare.v1\"\'\n\rSubmitRequest\x12\x16\n\x0esigned_request\x18\x01 \x01(\x0c\"&\n\x12QueryStatusRequest\x12\x10\n\x08query_id\x18\x01 \x01(\t\"^\n\x0bQueryStatus\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x0c\n\x04rule\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x0f\n\x07\x64\x61taset\x18\x05 \x01(\t\"\x1e\n\nRunRequest\x12\x10\n\x08query_id\x18\x01 \x01(\t\"N\n\x0bResultChunk\x12\x0e\n\x06points\x18\x01 \x01(\x0c\x12\r\n\x05total\x18\x02 \x01(\x03\x12\x0f\n\x07records\x18\x03 \x03(\t\x12\x0f\n\x07matched\x18\x04 \x01(\x03\"!\n\rCancelRequest\x12\x10\n\x08query_id\x18\x01 \x01(\t\"\"\n\x0eReceiptRequest\x12\x10\n\x08query_id\x18\x01 \x01(\t\"\\\n\x0bReceiptPart\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x03\x12\r\n\x05\x65ntry\x18\x03 \x01(\x0c\x12\r\n\x05proof\x18\x04 \x03(\x0c\x12\x12\n\ncheckpoint\x18\x05 \x01(\x0c\x32\xca\x02\n\x05Query\x12>\n\x06Submit\x12\x1a.govshare.v1.SubmitRequest\x1a\x18.govshare.v1.QueryStatus\x12\x43\n\x06Status\x12\x1f.govshare.v1.QueryStatusRequest\x1a\x18.govshare.v1.QueryStatus\x12:\n\x03Run\x12\x17.govshare.v1.RunRequest\x1a\x18.govshare.v1.ResultChunk0\x01\x12@\n\x07Receipt\x12\x1b.govshare.v1.ReceiptRequest\x1a\x18.govshare.v1.ReceiptPart\x12>\n\x06\x43\x61ncel\x12\x1a.govshare.v1.CancelRequest\x1a\x18.govshare.v1.QueryStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,10 +41,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RUNREQUEST']._serialized_end=247
   _globals['_RESULTCHUNK']._serialized_start=249
   _globals['_RESULTCHUNK']._serialized_end=327
-  _globals['_RECEIPTREQUEST']._serialized_start=329
-  _globals['_RECEIPTREQUEST']._serialized_end=363
-  _globals['_RECEIPTPART']._serialized_start=365
-  _globals['_RECEIPTPART']._serialized_end=457
-  _globals['_QUERY']._serialized_start=460
-  _globals['_QUERY']._serialized_end=726
+  _globals['_CANCELREQUEST']._serialized_start=329
+  _globals['_CANCELREQUEST']._serialized_end=362
+  _globals['_RECEIPTREQUEST']._serialized_start=364
+  _globals['_RECEIPTREQUEST']._serialized_end=398
+  _globals['_RECEIPTPART']._serialized_start=400
+  _globals['_RECEIPTPART']._serialized_end=492
+  _globals['_QUERY']._serialized_start=495
+  _globals['_QUERY']._serialized_end=825
 # @@protoc_insertion_point(module_scope)

@@ -149,6 +149,29 @@ class ResultChunk(_message.Message):
 Global___ResultChunk: _TypeAlias = ResultChunk  # noqa: Y015
 
 @_typing.final
+class CancelRequest(_message.Message):
+    """Withdraw a query that has not started to run (pending or approved): its reserved ε and
+    query go back to the analyst. The analyst's client sends it when another node refused.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUERY_ID_FIELD_NUMBER: _builtins.int
+    query_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        query_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["query_id", b"query_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelRequest: _TypeAlias = CancelRequest  # noqa: Y015
+
+@_typing.final
 class ReceiptRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -54,6 +54,11 @@ class QueryStub:
                 request_serializer=govshare_dot_v1_dot_query__pb2.ReceiptRequest.SerializeToString,
                 response_deserializer=govshare_dot_v1_dot_query__pb2.ReceiptPart.FromString,
                 _registered_method=True)
+        self.Cancel = channel.unary_unary(
+                '/govshare.v1.Query/Cancel',
+                request_serializer=govshare_dot_v1_dot_query__pb2.CancelRequest.SerializeToString,
+                response_deserializer=govshare_dot_v1_dot_query__pb2.QueryStatus.FromString,
+                _registered_method=True)
 
 
 class QueryServicer:
@@ -83,6 +88,12 @@ class QueryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Cancel(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_QueryServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -105,6 +116,11 @@ def add_QueryServicer_to_server(servicer, server):
                     servicer.Receipt,
                     request_deserializer=govshare_dot_v1_dot_query__pb2.ReceiptRequest.FromString,
                     response_serializer=govshare_dot_v1_dot_query__pb2.ReceiptPart.SerializeToString,
+            ),
+            'Cancel': grpc.unary_unary_rpc_method_handler(
+                    servicer.Cancel,
+                    request_deserializer=govshare_dot_v1_dot_query__pb2.CancelRequest.FromString,
+                    response_serializer=govshare_dot_v1_dot_query__pb2.QueryStatus.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -215,6 +231,33 @@ class Query:
             '/govshare.v1.Query/Receipt',
             govshare_dot_v1_dot_query__pb2.ReceiptRequest.SerializeToString,
             govshare_dot_v1_dot_query__pb2.ReceiptPart.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Cancel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/govshare.v1.Query/Cancel',
+            govshare_dot_v1_dot_query__pb2.CancelRequest.SerializeToString,
+            govshare_dot_v1_dot_query__pb2.QueryStatus.FromString,
             options,
             channel_credentials,
             insecure,

@@ -37,6 +37,7 @@ class QueryStub:
     Status: _grpc.UnaryUnaryMultiCallable[_query_pb2.QueryStatusRequest, _query_pb2.QueryStatus]
     Run: _grpc.UnaryStreamMultiCallable[_query_pb2.RunRequest, _query_pb2.ResultChunk]
     Receipt: _grpc.UnaryUnaryMultiCallable[_query_pb2.ReceiptRequest, _query_pb2.ReceiptPart]
+    Cancel: _grpc.UnaryUnaryMultiCallable[_query_pb2.CancelRequest, _query_pb2.QueryStatus]
 
 @_typing.type_check_only
 class QueryAsyncStub(QueryStub):
@@ -45,6 +46,7 @@ class QueryAsyncStub(QueryStub):
     Status: _aio.UnaryUnaryMultiCallable[_query_pb2.QueryStatusRequest, _query_pb2.QueryStatus]  # type: ignore[assignment]
     Run: _aio.UnaryStreamMultiCallable[_query_pb2.RunRequest, _query_pb2.ResultChunk]  # type: ignore[assignment]
     Receipt: _aio.UnaryUnaryMultiCallable[_query_pb2.ReceiptRequest, _query_pb2.ReceiptPart]  # type: ignore[assignment]
+    Cancel: _aio.UnaryUnaryMultiCallable[_query_pb2.CancelRequest, _query_pb2.QueryStatus]  # type: ignore[assignment]
 
 class QueryServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -74,5 +76,12 @@ class QueryServicer(metaclass=_abc_1.ABCMeta):
         request: _query_pb2.ReceiptRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_query_pb2.ReceiptPart, _abc.Awaitable[_query_pb2.ReceiptPart]]: ...
+
+    @_abc_1.abstractmethod
+    def Cancel(
+        self,
+        request: _query_pb2.CancelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_query_pb2.QueryStatus, _abc.Awaitable[_query_pb2.QueryStatus]]: ...
 
 def add_QueryServicer_to_server(servicer: QueryServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
