@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import settings
 
 from govshare.examples import synth
 from govshare.node.config import NodeConfig, write_default
@@ -30,6 +31,12 @@ from govshare.node.server import RunningNode, create_server
 from govshare.protocols import dp
 
 REPO = Path(__file__).resolve().parents[1]
+
+# No test depends on timing: the machine that runs the suite is shared and slow at times, so
+# Hypothesis never fails an example for taking long (its default deadline is 200 ms). Loaded
+# here, before any test module builds its own @settings, which inherit it.
+settings.register_profile("govshare", deadline=None)
+settings.load_profile("govshare")
 
 
 def free_port() -> int:
