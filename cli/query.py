@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 from fractions import Fraction
 from pathlib import Path
@@ -82,10 +83,35 @@ def _status_printer(status: Status) -> StatusCallback:
     return on_status
 
 
-def _save_receipt(query_id: str, receipt: Receipt, path: Path | None) -> Path:
+def _check_receipt_path(path: Path | None) -> None:
+    """Refuse, before anything is submitted, a receipt path that cannot be written: a released
+    result (and the budget it spent) must never be lost to a typo in a folder name."""
+    if path is None:
+        return
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise click.BadParameter(f"folder {str(folder)!r} does not exist", param_hint="--receipt")
+    if path.is_dir() or not os.access(folder, os.W_OK):
+        raise click.BadParameter(f"{str(path)!r} cannot be written", param_hint="--receipt")
+
+
+def _save_receipt(query_id: str, receipt: Receipt, path: Path | None) -> tuple[Path, str | None]:
+    """Save the receipt; (its path, None), or (the path, why it could not be saved)."""
     target = path or Path(f"receipt-{query_id}.json")
-    target.write_bytes(encode_receipt(receipt))
-    return target
+    try:
+        target.write_bytes(encode_receipt(receipt))
+    except OSError as exc:
+        return target, f"the receipt could not be saved to {target}: {exc.strerror or exc}"
+    return target, None
+
+
+def _receipt_saved(nodes: str, path: Path, problem: str | None) -> None:
+    """After the result is shown: where its receipt went, or why it did not (exit 1)."""
+    if problem is None:
+        console.print(f"receipt from {nodes} verified and saved to {path}")
+        return
+    err_console.print(f"error: the result is shown above; {problem}")
+    raise SystemExit(1)
 
 
 def _how(outcome: PsiOutcome) -> str:
@@ -109,11 +135,9 @@ def _nodes(receipt: Receipt) -> str:
 def _report(
     outcome: PsiOutcome, receipt_path: Path | None, as_json: bool, recipient: str | None = None
 ) -> None:
-    path = _save_receipt(outcome.query_id, outcome.receipt, receipt_path)
     result: dict[str, Any] = {
         "query_id": outcome.query_id,
         "kind": outcome.kind.value,
-        "receipt": str(path),
         "receipt_verified": True,
     }
     noise: dict[str, Any] = {"exact": outcome.epsilon is None}
@@ -126,7 +150,10 @@ def _report(
         if recipient is not None:
             result.update(noise)
     if as_json:
-        emit_json(result)
+        path, problem = _save_receipt(outcome.query_id, outcome.receipt, receipt_path)
+        emit_json(result | {"receipt": None if problem else str(path), "receipt_error": problem})
+        if problem:
+            raise SystemExit(1)
         return
     how = _how(outcome)
     if outcome.kind is QueryKind.PSI_CARDINALITY:
@@ -143,8 +170,9 @@ def _report(
         console.print(f"[bold]{outcome.count:,} matching records[/] (masked):")
         for record in outcome.records:
             console.print(f"  {record}")
-    nodes = ", ".join(p.node for p in outcome.receipt.parts)
-    console.print(f"query {outcome.query_id}; receipt from {nodes} verified and saved to {path}")
+    console.print(f"query {outcome.query_id}")
+    path, problem = _save_receipt(outcome.query_id, outcome.receipt, receipt_path)
+    _receipt_saved(_nodes(outcome.receipt), path, problem)
 
 
 @group.command("psi")
@@ -193,6 +221,7 @@ def psi(
     as_json: bool,
 ) -> None:
     """Private set intersection between two departments' datasets."""
+    _check_receipt_path(receipt_path)
     sides = [_column_ref(left, "--left"), _column_ref(right, "--right")]
     where: dict[tuple[str, str], list[Condition]] = {(n, d): [] for n, d, _ in sides}
     for text in filters:
@@ -263,6 +292,7 @@ def sql(
       SELECT h.age_band, COUNT(*), SUM(h.visits) FROM (SELECT * FROM health.clinic_visits
       UNION ALL SELECT * FROM health_north.clinic_visits) AS h GROUP BY h.age_band
     """
+    _check_receipt_path(receipt_path)
     query = parse_query(statement)
     budget, exact_release = _release(epsilon, exact)
     if isinstance(query, JoinQuery) and query.is_count_star:
@@ -281,9 +311,13 @@ def sql(
                 me, statement, purpose, budget, exact=exact_release, sum_bound=sum_bound,
                 on_status=_status_printer(status), approval_timeout=approval_timeout,
             )  # fmt: skip
-    path = _save_receipt(outcome.query_id, outcome.receipt, receipt_path)
     if as_json:
-        emit_json({**outcome_to_json(outcome), "receipt": str(path), "receipt_verified": True})
+        path, problem = _save_receipt(outcome.query_id, outcome.receipt, receipt_path)
+        emit_json({**outcome_to_json(outcome), "receipt": None if problem else str(path),
+                   "receipt_error": problem, "receipt_verified": True})  # fmt: skip
+        if problem:
+            raise SystemExit(1)
         return
     render_aggregate(outcome, as_json=False)
-    console.print(f"receipt from {_nodes(outcome.receipt)} verified and saved to {path}")
+    path, problem = _save_receipt(outcome.query_id, outcome.receipt, receipt_path)
+    _receipt_saved(_nodes(outcome.receipt), path, problem)

@@ -272,3 +272,30 @@ def test_analyst_and_operator_see_epsilon_spent_reserved_and_left(
     )  # fmt: skip
     assert {"analyst": "alice", "dataset": "residents", "spent": ledger["spent"],
             "reserved": "0", "left": ledger["left"]} in ledgers  # fmt: skip
+
+
+def test_a_receipt_path_that_cannot_be_written_is_refused_before_anything_is_asked(
+    fed: FederationFixture, psi_data: PsiData, tmp_path: Path
+) -> None:
+    """A typo in the receipt's folder once cost a released result and its budget."""
+    nodes = (psi_data.tax, psi_data.civil)
+    before = [n.query_store.count_since("alice", 0) for n in nodes]
+    spent = psi_data.tax.query_store.budget("alice", "residents")
+    for bad in ("missing/r.json", "."):
+        result = govshare(
+            "query", "sql", "--identity", str(fed.bundles["alice"]), "--purpose", PURPOSE,
+            "--receipt", bad, SQL, cwd=tmp_path,
+        )  # fmt: skip
+        assert result.returncode == 2, result.stderr
+        assert "--receipt" in result.stderr
+    # Nothing reached a node: no query received, no decision, no reservation.
+    assert [n.query_store.count_since("alice", 0) for n in nodes] == before
+    assert psi_data.tax.query_store.budget("alice", "residents") == spent
+    saved = govshare(
+        "query", "sql", "--identity", str(fed.bundles["alice"]), "--purpose", PURPOSE,
+        "--epsilon", str(PSI_EPSILON), "--receipt", "ok.json", SQL, cwd=tmp_path,
+    )  # fmt: skip
+    assert saved.returncode == 0, saved.stderr
+    out = saved.stdout
+    assert out.index("|intersection|") < out.index("saved to ok.json")  # the result comes first
+    assert decode_receipt((tmp_path / "ok.json").read_bytes()).query_id in out
