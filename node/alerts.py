@@ -45,7 +45,7 @@ from govshare.node.risk import (
     Thresholds,
     read_entry,
 )
-from govshare.node.store import connect
+from govshare.node.store import connect, immediate
 from govshare.protocols.auditverify import AuditEntry
 from govshare.protocols.errors import GovshareError, MalformedInput, NotFound
 
@@ -143,8 +143,7 @@ class SuspensionStore:
                 f"a reason of 1 to {MAX_REASON_CHARS} characters is required", field="reason"
             )
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
+            with immediate(self._db):
                 row = self._db.execute(
                     "SELECT * FROM risk_suspensions WHERE analyst = ?", (analyst,)
                 ).fetchone()
@@ -164,10 +163,6 @@ class SuspensionStore:
                     },
                     actor=operator,
                 )
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
         return held
 
 

@@ -58,7 +58,7 @@ from govshare.node.governance import (
 from govshare.node.identity import validate_jurisdiction
 from govshare.node.masking import parse_mask
 from govshare.node.policy import COLUMN_DENY, GRADE_MIN_GROUP_SIZE, IMPORTANT_MIN_GROUP_SIZE
-from govshare.node.store import opened
+from govshare.node.store import immediate, opened
 from govshare.protocols.errors import AlreadyExists, MalformedInput, NotFound, PolicyRefused
 
 # Dataset and column names: lower-case identifiers that are safe as SQL names and as the
@@ -482,8 +482,7 @@ class Catalogue:
             raise NotFound(f"no file {csv_path}") from None
         table = TABLE_PREFIX + info.name
         with self._open() as conn:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+            with immediate(conn):
                 if conn.execute("SELECT 1 FROM datasets WHERE name = ?", (name,)).fetchone():
                     raise AlreadyExists(f"dataset {name!r} is already registered")
                 imported, rejected, reasons = self._import_rows(
@@ -523,10 +522,6 @@ class Catalogue:
                     fields = dataset_to_json(info)
                     fields.update(rejected_rows=rejected, source_sha256=source_sha256)
                     audit.record("dataset.added", fields, actor=actor)
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
         return ImportReport(
             dataset=info.name,
             imported=imported,
@@ -649,8 +644,7 @@ class Catalogue:
         """
         validate_identifier(name, "dataset")
         with self._open() as conn:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+            with immediate(conn):
                 row = conn.execute("SELECT * FROM datasets WHERE name = ?", (name,)).fetchone()
                 if row is None:
                     raise NotFound(f"no dataset {name!r}")
@@ -663,10 +657,6 @@ class Catalogue:
                         {"name": name, "row_count": info.row_count},
                         actor=actor,
                     )
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
         return info
 
     # ----------------------------------------------------------------- metadata

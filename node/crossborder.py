@@ -54,7 +54,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from govshare.node.audit_sink import AuditSink
 from govshare.node.governance import DatasetInfo
 from govshare.node.identity import JURISDICTION_PATTERN, validate_name
-from govshare.node.store import opened
+from govshare.node.store import immediate, opened
 from govshare.protocols.canonical import canonical_json
 from govshare.protocols.errors import Conflict, MalformedInput, NotFound, VerificationFailed
 
@@ -348,40 +348,35 @@ class CrossBorderStore:
             record_id=record_id,
         )
         with self._open() as conn:
-            conn.execute("BEGIN IMMEDIATE")
             try:
-                conn.execute(
-                    "INSERT INTO crossborder (record_id, dataset, destination, assessment,"
-                    " basis, expires_at, created_at, issuer, signature)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        record.record_id,
-                        record.dataset,
-                        record.destination,
-                        record.assessment,
-                        record.basis,
-                        record.expires_at,
-                        record.created_at,
-                        record.issuer,
-                        record.signature,
-                    ),
-                )
-                if audit is not None:
-                    fields = record.to_json()
-                    fields["signature"] = record.signature
-                    fields["owner_kind"] = dataset.owner.kind.value
-                    for local in ("revoked_at", "revoked_by", "revoke_reason"):
-                        del fields[local]
-                    audit.record("crossborder.approved", fields, actor=actor)
-                conn.execute("COMMIT")
+                with immediate(conn):
+                    conn.execute(
+                        "INSERT INTO crossborder (record_id, dataset, destination, assessment,"
+                        " basis, expires_at, created_at, issuer, signature)"
+                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (
+                            record.record_id,
+                            record.dataset,
+                            record.destination,
+                            record.assessment,
+                            record.basis,
+                            record.expires_at,
+                            record.created_at,
+                            record.issuer,
+                            record.signature,
+                        ),
+                    )
+                    if audit is not None:
+                        fields = record.to_json()
+                        fields["signature"] = record.signature
+                        fields["owner_kind"] = dataset.owner.kind.value
+                        for local in ("revoked_at", "revoked_by", "revoke_reason"):
+                            del fields[local]
+                        audit.record("crossborder.approved", fields, actor=actor)
             except sqlite3.IntegrityError:
-                conn.execute("ROLLBACK")
                 raise MalformedInput(
                     f"cross-border record {record.record_id} already exists", field="record_id"
                 ) from None
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
         return record
 
     def get(self, record_id: str) -> Assessment:
@@ -459,8 +454,7 @@ class CrossBorderStore:
         reason = _check_text(reason, "reason", limit=MAX_REASON_CHARS)
         when = int(time.time()) if now is None else now
         with self._open() as conn:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+            with immediate(conn):
                 row = conn.execute(
                     "SELECT dataset, destination, revoked_at FROM crossborder WHERE record_id = ?",
                     (record_id,),
@@ -490,8 +484,4 @@ class CrossBorderStore:
                         },
                         actor=actor,
                     )
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
         return self.get(record_id)

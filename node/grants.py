@@ -43,7 +43,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from govshare.node.audit_sink import AuditSink
 from govshare.node.governance import ColumnKind, DatasetInfo, QueryKind
 from govshare.node.identity import validate_name
-from govshare.node.store import opened
+from govshare.node.store import immediate, opened
 from govshare.protocols.canonical import canonical_json
 from govshare.protocols.errors import MalformedInput, NotFound, VerificationFailed
 
@@ -374,40 +374,35 @@ class GrantStore:
             grant_id=grant_id,
         )
         with self._open() as conn:
-            conn.execute("BEGIN IMMEDIATE")
             try:
-                conn.execute(
-                    "INSERT INTO grants (grant_id, dataset, grantee, purpose, columns,"
-                    " query_kinds, expires_at, epsilon, max_queries, created_at, issuer,"
-                    " signature) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        grant.grant_id,
-                        grant.dataset,
-                        grant.grantee,
-                        grant.purpose,
-                        json.dumps(list(grant.columns)),
-                        json.dumps([kind.value for kind in grant.query_kinds]),
-                        grant.expires_at,
-                        format_epsilon(grant.epsilon),
-                        grant.max_queries,
-                        grant.created_at,
-                        grant.issuer,
-                        grant.signature,
-                    ),
-                )
-                if audit is not None:
-                    fields = grant.to_json()
-                    fields["signature"] = grant.signature
-                    for local in ("revoked_at", "revoked_by", "revoke_reason"):
-                        del fields[local]
-                    audit.record("grant.created", fields, actor=actor)
-                conn.execute("COMMIT")
+                with immediate(conn):
+                    conn.execute(
+                        "INSERT INTO grants (grant_id, dataset, grantee, purpose, columns,"
+                        " query_kinds, expires_at, epsilon, max_queries, created_at, issuer,"
+                        " signature) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (
+                            grant.grant_id,
+                            grant.dataset,
+                            grant.grantee,
+                            grant.purpose,
+                            json.dumps(list(grant.columns)),
+                            json.dumps([kind.value for kind in grant.query_kinds]),
+                            grant.expires_at,
+                            format_epsilon(grant.epsilon),
+                            grant.max_queries,
+                            grant.created_at,
+                            grant.issuer,
+                            grant.signature,
+                        ),
+                    )
+                    if audit is not None:
+                        fields = grant.to_json()
+                        fields["signature"] = grant.signature
+                        for local in ("revoked_at", "revoked_by", "revoke_reason"):
+                            del fields[local]
+                        audit.record("grant.created", fields, actor=actor)
             except sqlite3.IntegrityError:
-                conn.execute("ROLLBACK")
                 raise MalformedInput(f"grant id {grant.grant_id} already exists") from None
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
         return grant
 
     def get(self, grant_id: str) -> Grant:
@@ -463,8 +458,7 @@ class GrantStore:
             raise MalformedInput("a revocation reason is one short line", field="reason")
         when = int(time.time()) if now is None else now
         with self._open() as conn:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+            with immediate(conn):
                 row = conn.execute(
                     "SELECT revoked_at FROM grants WHERE grant_id = ?", (grant_id,)
                 ).fetchone()
@@ -483,8 +477,4 @@ class GrantStore:
                         {"grant_id": grant_id, "revoked_at": when, "reason": reason},
                         actor=actor,
                     )
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
         return self.get(grant_id)

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from govshare.node.grants import Grant, format_epsilon, parse_epsilon
 from govshare.node.policy import DatasetBudget, Decision, GrantUsage, dataset_epsilon_cap
-from govshare.node.store import connect
+from govshare.node.store import connect, immediate
 from govshare.protocols.errors import AlreadyExists, Conflict, NotFound
 
 PENDING = "pending_approval"
@@ -174,19 +174,14 @@ class QueryStore:
             AlreadyExists: the nonce was seen before.
         """
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
             try:
-                self._db.execute("DELETE FROM request_nonces WHERE expires_at < ?", (now,))
-                self._db.execute(
-                    "INSERT INTO request_nonces VALUES (?, ?, ?)", (analyst, nonce, expires_at)
-                )
-                self._db.execute("COMMIT")
+                with immediate(self._db):
+                    self._db.execute("DELETE FROM request_nonces WHERE expires_at < ?", (now,))
+                    self._db.execute(
+                        "INSERT INTO request_nonces VALUES (?, ?, ?)", (analyst, nonce, expires_at)
+                    )
             except sqlite3.IntegrityError:
-                self._db.execute("ROLLBACK")
                 raise AlreadyExists("replayed request: this nonce was already received") from None
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
 
     def create(self, record: QueryRecord) -> None:
         with self._lock:
@@ -240,8 +235,7 @@ class QueryStore:
             Conflict: the query is in another state (the message names it).
         """
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
+            with immediate(self._db):
                 row = self._db.execute(
                     "SELECT state FROM queries WHERE query_id = ?", (query_id,)
                 ).fetchone()
@@ -262,25 +256,16 @@ class QueryStore:
                         "WHERE query_id = ?",
                         (to, message, now, query_id),
                     )
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
         return self.get(query_id)
 
     def save_matches(self, query_id: str, keys: Sequence[str]) -> None:
         """Keep the node's own keys that matched a membership query sent to this node."""
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
+            with immediate(self._db):
                 self._db.executemany(
                     "INSERT OR IGNORE INTO query_matches VALUES (?, ?)",
                     ((query_id, key) for key in keys),
                 )
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
 
     def matches(self, query_id: str) -> list[str]:
         """This node's keys that matched ``query_id`` (NotFound if it received none)."""
@@ -330,8 +315,7 @@ class QueryStore:
             AlreadyExists: the query id was submitted before.
         """
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
+            with immediate(self._db):
                 usage = Usage(
                     recent=self._count_since(base.analyst, since),
                     grants=self._grant_usage(base.analyst),
@@ -369,10 +353,6 @@ class QueryStore:
                             record.received_at,
                         ),
                     )
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
         return record, decision
 
     def settle(self, query_id: str, *, spent: bool, now: int) -> str | None:

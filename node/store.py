@@ -29,6 +29,19 @@ def connect(path: Path, *, shared: bool = False) -> sqlite3.Connection:
 
 
 @contextmanager
+def immediate(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """One write transaction (``BEGIN IMMEDIATE``): committed when the block ends, rolled back
+    when it raises (the exception goes on)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+@contextmanager
 def opened(path: Path) -> Iterator[sqlite3.Connection]:
     """A connection for one operation, closed afterwards."""
     conn = connect(path)

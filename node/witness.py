@@ -32,7 +32,7 @@ from pathlib import Path
 
 from govshare.node.audit_sink import AuditSink
 from govshare.node.identity import Identity, Member
-from govshare.node.store import connect
+from govshare.node.store import connect, immediate
 from govshare.protocols.checkpoint import Checkpoint, cosign, open_checkpoint
 from govshare.protocols.errors import Conflict, VerificationFailed
 from govshare.protocols.merkle import EMPTY_ROOT, verify_witness_consistency
@@ -78,8 +78,7 @@ class WitnessStore:
     def advance(self, origin: str, old: Witnessed | None, new: Witnessed, cosigned_at: int) -> None:
         """Replace ``old`` by ``new`` atomically; a concurrent change raises Conflict."""
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
+            with immediate(self._db):
                 if old is None:
                     cursor = self._db.execute(
                         "INSERT OR IGNORE INTO witnessed VALUES (?, ?, ?, ?, ?)",
@@ -93,10 +92,6 @@ class WitnessStore:
                     )
                 if cursor.rowcount != 1:
                     raise Conflict(f"{origin}: witness state changed concurrently; retry")
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
 
     def close(self) -> None:
         self._db.close()
