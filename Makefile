@@ -24,7 +24,7 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 # that mirror the package-dir mapping of pyproject.toml.
 $(TYPECHECK): | $(BIN)/python
 	mkdir -p $(TYPECHECK)
-	for d in cli examples node protocols; do ln -sfn "$(CURDIR)/$$d" $(TYPECHECK)/$$d; done
+	for d in cli client examples model node protocols rpc; do ln -sfn "$(CURDIR)/$$d" $(TYPECHECK)/$$d; done
 	ln -sfn "$(CURDIR)/protos/govshare/v1" $(TYPECHECK)/v1
 
 demo: $(VENV)/.installed

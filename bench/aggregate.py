@@ -60,8 +60,13 @@ from common import ANALYST, make_federation, node_processes, tree_peak_rss_mb
 from x25519_raw import raw_x25519_ops_per_second
 
 from govshare.cli.dataset import parse_column
+from govshare.client.analyst_aggregate import (
+    AggregateOutcome,
+    run_horizontal_aggregate,
+    run_intersection_aggregate,
+)
 from govshare.examples import synth
-from govshare.node.aggregate_plan import (
+from govshare.model.aggregate_plan import (
     PAILLIER,
     Figures,
     GroupSpec,
@@ -70,18 +75,13 @@ from govshare.node.aggregate_plan import (
     Part,
     SumSpec,
 )
-from govshare.node.aggregates import WIDE_WINDOW_BITS, WIDE_WINDOW_MIN_ROWS
-from govshare.node.analyst_aggregate import (
-    AggregateOutcome,
-    run_horizontal_aggregate,
-    run_intersection_aggregate,
-)
-from govshare.node.catalog import Condition
+from govshare.model.governance import Grade, Owner, OwnerKind, QueryKind, SharingType
+from govshare.model.identity import Identity
+from govshare.model.query_plan import Side
 from govshare.node.config import NodeConfig
-from govshare.node.governance import Grade, Owner, OwnerKind, QueryKind, SharingType
-from govshare.node.identity import Identity
+from govshare.node.data.catalog import Condition
 from govshare.node.node import Node
-from govshare.node.query_plan import Side
+from govshare.node.queries.kinds.aggregate import WIDE_WINDOW_BITS, WIDE_WINDOW_MIN_ROWS
 from govshare.protocols import ecdh_psi
 from govshare.protocols.paillier import DEFAULT_N_BITS, DjnPublicKey, generate_keypair
 

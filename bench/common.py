@@ -15,9 +15,9 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from govshare.model.governance import Role
+from govshare.model.identity import Federation, init_federation
 from govshare.node.config import DEFAULT_PROTOCOL_TIMEOUT, write_default
-from govshare.node.governance import Role
-from govshare.node.identity import Federation, init_federation
 
 ANALYST = "alice"
 

@@ -35,22 +35,16 @@ from common import make_federation, node_processes, tree_peak_rss_mb
 from x25519_raw import raw_x25519_ops_per_second
 
 from govshare.cli.dataset import parse_column
+from govshare.client.analyst import StatusCallback, run_psi
 from govshare.examples import synth
-from govshare.node import approvals
-from govshare.node.analyst import StatusCallback, run_psi
-from govshare.node.auditlog import AuditLog
+from govshare.model.governance import Grade, Owner, OwnerKind, QueryKind, SharingType
+from govshare.model.identity import Identity
+from govshare.model.query_plan import PsiPlan, Side
+from govshare.node.audit.auditlog import AuditLog
 from govshare.node.config import NodeConfig
-from govshare.node.governance import (
-    Grade,
-    Owner,
-    OwnerKind,
-    QueryKind,
-    SharingType,
-)
-from govshare.node.identity import Identity
 from govshare.node.node import Node
-from govshare.node.query_plan import PsiPlan, Side
-from govshare.node.query_store import PENDING, QueryStore
+from govshare.node.policy import approvals
+from govshare.node.stores.query_store import PENDING, QueryStore
 from govshare.protocols import dp, ecdh_psi
 
 PURPOSE = "benchmark"

@@ -8,8 +8,8 @@ import click
 from rich.table import Table
 
 from govshare.cli.common import console
-from govshare.node.analyst_aggregate import AggregateOutcome, Figure
-from govshare.node.grants import format_epsilon
+from govshare.client.analyst_aggregate import AggregateOutcome, Figure
+from govshare.node.policy.grants import format_epsilon
 
 
 def _figure(figure: Figure) -> dict[str, object]:

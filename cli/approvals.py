@@ -8,11 +8,11 @@ from pathlib import Path
 import click
 
 from govshare.cli.common import console, emit_json, home_option, json_option, render_table
-from govshare.node import approvals
-from govshare.node.auditlog import AuditLog
+from govshare.model.identity import Identity
+from govshare.node.audit.auditlog import AuditLog
 from govshare.node.config import NodeConfig
-from govshare.node.identity import Identity
-from govshare.node.query_store import QueryStore
+from govshare.node.policy import approvals
+from govshare.node.stores.query_store import QueryStore
 
 
 @click.group("approvals")

@@ -1,6 +1,6 @@
 """``govshare audit``: the auditor pulls, verifies and proves the nodes' signed audit logs.
 
-Parsing and rendering only; the work is :mod:`govshare.node.auditor`. Every command that checks
+Parsing and rendering only; the work is :mod:`govshare.client.auditor`. Every command that checks
 something exits with code 1 when a check fails, after printing one verdict line per node.
 """
 
@@ -20,7 +20,7 @@ import click
 from rich.markup import escape
 
 from govshare.cli.common import console, emit_json, identity_option, json_option, render_table
-from govshare.node.auditor import (
+from govshare.client.auditor import (
     DEFAULT_SAMPLE,
     DEFAULT_STATE,
     Auditor,
@@ -31,9 +31,9 @@ from govshare.node.auditor import (
     refusal_summary,
     verify_receipt,
 )
-from govshare.node.identity import Identity
-from govshare.node.report import assess, summary_text, write_html
-from govshare.node.risk import RULES, Alert, PulledLogs, Severity
+from govshare.client.report import assess, summary_text, write_html
+from govshare.client.risk import RULES, Alert, PulledLogs, Severity
+from govshare.model.identity import Identity
 from govshare.protocols.errors import MalformedInput, NotFound, VerificationFailed
 
 F = TypeVar("F", bound=Callable[..., Any])

@@ -18,12 +18,12 @@ from rich.table import Table
 
 from govshare.cli.common import console, emit_json, err_console, home_option, json_option
 from govshare.cli.grant import parse_expiry
-from govshare.node.auditlog import AuditLog
-from govshare.node.catalog import Catalogue
+from govshare.model.governance import OwnerKind
+from govshare.model.identity import Identity
+from govshare.node.audit.auditlog import AuditLog
 from govshare.node.config import NodeConfig
-from govshare.node.crossborder import Assessment, CrossBorderStore, verify_assessment
-from govshare.node.governance import OwnerKind
-from govshare.node.identity import Identity
+from govshare.node.data.catalog import Catalogue
+from govshare.node.policy.crossborder import Assessment, CrossBorderStore, verify_assessment
 from govshare.protocols.errors import VerificationFailed
 
 

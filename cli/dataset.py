@@ -17,10 +17,7 @@ from pathlib import Path
 import click
 
 from govshare.cli.common import console, emit_json, home_option, json_option, render_table
-from govshare.node.auditlog import AuditLog
-from govshare.node.catalog import Catalogue, ImportReport, dataset_to_json
-from govshare.node.config import NodeConfig
-from govshare.node.governance import (
+from govshare.model.governance import (
     ColumnKind,
     ColumnRule,
     DatasetInfo,
@@ -29,7 +26,10 @@ from govshare.node.governance import (
     OwnerKind,
     SharingType,
 )
-from govshare.node.identity import Identity
+from govshare.model.identity import Identity
+from govshare.node.audit.auditlog import AuditLog
+from govshare.node.config import NodeConfig
+from govshare.node.data.catalog import Catalogue, ImportReport, dataset_to_json
 from govshare.protocols.errors import MalformedInput
 
 COLUMN_HELP = (

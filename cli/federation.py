@@ -8,8 +8,8 @@ from pathlib import Path
 import click
 
 from govshare.cli.common import console, emit_json, json_option, render_table
-from govshare.node.governance import Role
-from govshare.node.identity import Federation, init_federation
+from govshare.model.governance import Role
+from govshare.model.identity import Federation, init_federation
 
 _fed_dir = click.option(
     "--dir",

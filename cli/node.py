@@ -17,14 +17,14 @@ from govshare.cli.common import (
     json_option,
     render_table,
 )
-from govshare.node.alerts import SuspensionStore, logged_alerts
-from govshare.node.auditlog import AuditLog
-from govshare.node.client import NodeClient
+from govshare.model.identity import Identity
+from govshare.node.api.server import serve as serve_node
+from govshare.node.audit.auditlog import AuditLog
 from govshare.node.config import NodeConfig, write_default
-from govshare.node.identity import Identity
 from govshare.node.node import Node
-from govshare.node.query_store import QueryStore
-from govshare.node.server import serve as serve_node
+from govshare.node.policy.alerts import SuspensionStore, logged_alerts
+from govshare.node.stores.query_store import QueryStore
+from govshare.rpc.client import NodeClient
 
 
 @click.group("node")

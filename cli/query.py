@@ -13,14 +13,14 @@ from rich.status import Status
 
 from govshare.cli.aggregate import outcome_to_json, render_aggregate
 from govshare.cli.common import console, emit_json, err_console, identity_option, json_option
-from govshare.node.analyst import PsiOutcome, StatusCallback, run_psi
-from govshare.node.analyst_aggregate import DEFAULT_SUM_BOUND, run_aggregate_sql
-from govshare.node.catalog import Condition
-from govshare.node.governance import QueryKind
-from govshare.node.grants import format_epsilon, parse_epsilon
-from govshare.node.identity import Identity
-from govshare.node.query_plan import PsiPlan, Side
-from govshare.node.sql import JoinQuery, parse_filter, parse_query
+from govshare.client.analyst import PsiOutcome, StatusCallback, run_psi
+from govshare.client.analyst_aggregate import DEFAULT_SUM_BOUND, run_aggregate_sql
+from govshare.client.sql import JoinQuery, parse_filter, parse_query
+from govshare.model.governance import QueryKind
+from govshare.model.identity import Identity
+from govshare.model.query_plan import PsiPlan, Side
+from govshare.node.data.catalog import Condition
+from govshare.node.policy.grants import format_epsilon, parse_epsilon
 from govshare.protocols.receipt import Receipt, encode_receipt
 
 _purpose = click.option(

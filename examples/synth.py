@@ -23,7 +23,7 @@ streaming pass writes all four files in constant memory and counts the manifest 
 time. A person's resident number comes from a second seeded permutation of the space
 (district of registration, date of birth, sequence code), which makes numbers distinct by
 construction; adults and minors use disjoint date ranges. Numbers are assembled from
-precomputed parts of :func:`govshare.node.resident_id.make`'s arithmetic (its weights and check
+precomputed parts of :func:`govshare.node.data.resident_id.make`'s arithmetic (its weights and check
 table) because calling ``make`` per person would dominate the run; the tests check every number
 against ``make`` and ``normalise``.
 
@@ -55,7 +55,7 @@ from itertools import combinations
 from pathlib import Path
 from typing import Any, TextIO
 
-from govshare.node.resident_id import CHECK_BY_REMAINDER, WEIGHTS
+from govshare.node.data.resident_id import CHECK_BY_REMAINDER, WEIGHTS
 from govshare.protocols.errors import MalformedInput
 
 GENERATOR = "govshare.examples.synth/1"

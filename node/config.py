@@ -1,6 +1,6 @@
 """A node's TOML configuration and home folder.
 
-A node home holds ``node.toml``, the node's identity bundle (see ``govshare.node.identity``),
+A node home holds ``node.toml``, the node's identity bundle (see ``govshare.model.identity``),
 the data store ``node.db`` and the audit log ``audit.db``. Every path in the config is relative
 to the home unless absolute.
 """

@@ -1,6 +1,6 @@
 """The department node: its identity, stores and the operations its servicers expose.
 
-Servicers (``govshare.node.services``) are thin adapters over this class; everything here takes
+Servicers (``govshare.node.api.services``) are thin adapters over this class; everything here takes
 the verified caller as an argument so it can be tested without a server.
 """
 
@@ -14,31 +14,31 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 
-from govshare.node.aggregates import AggregateEngine, AggregateOptions
-from govshare.node.alerts import RiskMonitor, SuspensionStore
-from govshare.node.auditlog import AuditLog, LogBroken, LogEntry
-from govshare.node.auth import Caller
-from govshare.node.catalog import Catalogue
-from govshare.node.checkpointer import CheckpointPublisher
-from govshare.node.client import NodeClient
+from govshare.model.governance import DatasetInfo, Grade, Role
+from govshare.model.identity import ROSTER, Identity, Member, Roster
+from govshare.node.api.auth import Caller
+from govshare.node.audit.auditlog import AuditLog, LogBroken, LogEntry
+from govshare.node.audit.checkpointer import CheckpointPublisher
+from govshare.node.audit.selfcheck import WHOLE_AT_START_MAX, LogSelfCheck
+from govshare.node.audit.witness import Witness, WitnessStore
 from govshare.node.config import (
     DEFAULT_CHECKPOINT_INTERVAL,
     DEFAULT_PROTOCOL_TIMEOUT,
     DEFAULT_RATE_LIMIT_PER_MINUTE,
     NodeConfig,
 )
-from govshare.node.crossborder import Assessment, CrossBorderStore
-from govshare.node.governance import DatasetInfo, Grade, Role
-from govshare.node.grants import GrantStore
-from govshare.node.identity import ROSTER, Identity, Member, Roster
-from govshare.node.mask_key import MaskSecret
-from govshare.node.queries import QueryEngine
-from govshare.node.query_store import QueryStore, ledger_view
+from govshare.node.data.catalog import Catalogue
+from govshare.node.data.mask_key import MaskSecret
+from govshare.node.policy.alerts import RiskMonitor, SuspensionStore
+from govshare.node.policy.crossborder import Assessment, CrossBorderStore
+from govshare.node.policy.grants import GrantStore
+from govshare.node.queries.engine import QueryEngine
+from govshare.node.queries.kinds.aggregate import AggregateEngine, AggregateOptions
 from govshare.node.roster_file import RosterFile
-from govshare.node.selfcheck import WHOLE_AT_START_MAX, LogSelfCheck
-from govshare.node.witness import Witness, WitnessStore
+from govshare.node.stores.query_store import QueryStore, ledger_view
 from govshare.protocols import ecdh_psi
 from govshare.protocols.errors import MalformedInput, NotFound
+from govshare.rpc.client import NodeClient
 
 # Points per PsiSend chunk: 4096 x 32 bytes = 128 KiB messages.
 PSI_CHUNK_POINTS = 4096
@@ -76,7 +76,7 @@ class Node:
     # Logs up to this many entries are checked whole before the node serves; larger ones from
     # their latest checkpoint, then whole in the background (see selfcheck).
     log_check_whole_at_start: int = WHOLE_AT_START_MAX
-    # A HIGH risk alert about an analyst suspends the analyst here (govshare.node.alerts).
+    # A HIGH risk alert about an analyst suspends the analyst here (govshare.node.policy.alerts).
     suspend_on_high_alert: bool = False
     # Suspended analysts; a node built without opens them in the catalogue's file.
     suspension_store: SuspensionStore | None = None

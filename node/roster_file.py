@@ -16,8 +16,8 @@ from pathlib import Path
 
 from cryptography import x509
 
-from govshare.node.audit_sink import AuditSink
-from govshare.node.identity import Roster
+from govshare.model.identity import Roster
+from govshare.node.audit.sink import AuditSink
 from govshare.protocols.errors import GovshareError
 
 

@@ -1,6 +1,6 @@
 """The audit log's entry format and its full verifier: pure functions over bytes.
 
-Shared by the node's store (:mod:`govshare.node.auditlog`), the auditor CLI and the tests.
+Shared by the node's store (:mod:`govshare.node.audit.auditlog`), the auditor CLI and the tests.
 
 Entry encoding (version 1): canonical JSON, UTF-8, one object ::
 

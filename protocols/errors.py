@@ -1,7 +1,7 @@
 """govshare's one error hierarchy.
 
 Every layer raises these; the gRPC layer maps them to status codes in one place
-(``govshare.node.status``) and the CLI turns them into a one-line message and exit code 1.
+(``govshare.rpc.status``) and the CLI turns them into a one-line message and exit code 1.
 
 - ``TypeError`` (builtin) stays for API misuse by a programmer.
 - :class:`MalformedInput` for bad encodings, files and requests. Parsers turn ``ValueError``,

@@ -15,8 +15,7 @@ import pytest
 from hypothesis import settings
 
 from govshare.examples import synth
-from govshare.node.config import NodeConfig, write_default
-from govshare.node.governance import (
+from govshare.model.governance import (
     ColumnRule,
     Grade,
     Owner,
@@ -25,9 +24,10 @@ from govshare.node.governance import (
     Role,
     SharingType,
 )
-from govshare.node.identity import Federation, Identity, init_federation
+from govshare.model.identity import Federation, Identity, init_federation
+from govshare.node.api.server import RunningNode, create_server
+from govshare.node.config import NodeConfig, write_default
 from govshare.node.node import Node
-from govshare.node.server import RunningNode, create_server
 from govshare.protocols import dp
 
 REPO = Path(__file__).resolve().parents[1]

@@ -14,9 +14,11 @@ from typing import Any
 import pytest
 from conftest import PURPOSE, FederationFixture, build_federation, grant, register
 
+from govshare.client.analyst import StatusCallback
+from govshare.client.analyst_aggregate import run_horizontal_aggregate, run_intersection_aggregate
+from govshare.client.auditor import Auditor
 from govshare.examples import synth
-from govshare.node import approvals
-from govshare.node.aggregate_plan import (
+from govshare.model.aggregate_plan import (
     BFV,
     PAILLIER,
     Figures,
@@ -26,30 +28,25 @@ from govshare.node.aggregate_plan import (
     Part,
     SumSpec,
 )
-from govshare.node.aggregates import AggregateEngine, AggregateOptions
-from govshare.node.analyst import StatusCallback
-from govshare.node.analyst_aggregate import (
-    run_horizontal_aggregate,
-    run_intersection_aggregate,
-)
-from govshare.node.auditlog import AuditLog
-from govshare.node.auditor import Auditor
-from govshare.node.catalog import Catalogue, Condition
-from govshare.node.client import NodeClient
+from govshare.model.governance import Grade, QueryKind
+from govshare.model.identity import Identity
+from govshare.model.query_plan import Side
+from govshare.node.api.server import RunningNode, create_server
+from govshare.node.audit.auditlog import AuditLog
+from govshare.node.audit.witness import WitnessStore
 from govshare.node.config import NodeConfig
-from govshare.node.governance import Grade, QueryKind
-from govshare.node.grants import GrantStore
-from govshare.node.identity import Identity
+from govshare.node.data.catalog import Catalogue, Condition
 from govshare.node.node import Node
-from govshare.node.query_plan import Side
-from govshare.node.query_store import PENDING, QueryStore
-from govshare.node.server import RunningNode, create_server
-from govshare.node.witness import WitnessStore
+from govshare.node.policy import approvals
+from govshare.node.policy.grants import GrantStore
+from govshare.node.queries.kinds.aggregate import AggregateEngine, AggregateOptions
+from govshare.node.stores.query_store import PENDING, QueryStore
 from govshare.protocols import dp
 from govshare.protocols.errors import Aborted, MalformedInput, PermissionDenied
 from govshare.protocols.paillier import generate_keypair
 from govshare.protocols.receipt import verify_receipt
 from govshare.protocols.signed_request import sign_request
+from govshare.rpc.client import NodeClient
 
 KEY_BITS = 1024  # small test keys (two plaintexts per row here); one test runs 3072
 AMOUNT_BOUND = 30_000  # above every synth amount (at most 12 x 2,093)
@@ -251,7 +248,7 @@ def test_intersection_aggregate_is_exact_without_noise(agg: Agg) -> None:
 
 
 def _log_keys(agg: Agg) -> Any:
-    from govshare.node.analyst import log_keys
+    from govshare.client.analyst import log_keys
 
     return log_keys(agg.fed.federation.roster)
 
@@ -449,7 +446,7 @@ def test_tampered_ciphertexts_are_refused_and_a_dropout_aborts(agg: Agg) -> None
 
 
 def test_plan_round_trips_and_bad_plans_are_refused() -> None:
-    from govshare.node.aggregate_plan import parse_aggregate_plan
+    from govshare.model.aggregate_plan import parse_aggregate_plan
 
     plan = visits_plan(Fraction("0.5"))
     plan = HorizontalPlan(
@@ -467,7 +464,7 @@ def test_plan_round_trips_and_bad_plans_are_refused() -> None:
 
 def test_sql_join_with_group_by_runs_as_an_intersection_aggregate(agg: Agg) -> None:
     from govshare.cli.aggregate import outcome_to_json
-    from govshare.node.analyst_aggregate import run_aggregate_sql
+    from govshare.client.analyst_aggregate import run_aggregate_sql
 
     sql = (
         "SELECT b.district, COUNT(*), SUM(b.amount), AVG(b.amount) "
@@ -485,7 +482,7 @@ def test_sql_join_with_group_by_runs_as_an_intersection_aggregate(agg: Agg) -> N
 
 
 def test_sql_union_all_runs_as_a_horizontal_aggregate(agg: Agg) -> None:
-    from govshare.node.analyst_aggregate import run_aggregate_sql
+    from govshare.client.analyst_aggregate import run_aggregate_sql
 
     sql = (
         "SELECT h.age_band, COUNT(*), SUM(h.visits), AVG(h.visits) FROM ("

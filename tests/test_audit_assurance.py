@@ -28,8 +28,7 @@ import pytest
 from conftest import free_port
 
 from govshare.cli.audit import refusal_line, verdict_line
-from govshare.node.auditlog import AuditLog
-from govshare.node.auditor import (
+from govshare.client.auditor import (
     DEFAULT_SAMPLE,
     QUORUM_WAIT,
     Auditor,
@@ -38,11 +37,12 @@ from govshare.node.auditor import (
     make_receipt,
     verify_receipt,
 )
+from govshare.model.governance import Role
+from govshare.model.identity import Federation, Identity, init_federation
+from govshare.node.api.server import RunningNode, create_server
+from govshare.node.audit.auditlog import AuditLog
 from govshare.node.config import NodeConfig, write_default
-from govshare.node.governance import Role
-from govshare.node.identity import Federation, Identity, init_federation
 from govshare.node.node import Node
-from govshare.node.server import RunningNode, create_server
 from govshare.protocols.auditverify import decode_entry
 from govshare.protocols.errors import MalformedInput, VerificationFailed
 

@@ -15,8 +15,7 @@ import pytest
 from conftest import FederationFixture, PsiData, build_federation
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from govshare.node.auditlog import AuditLog
-from govshare.node.auditor import (
+from govshare.client.auditor import (
     AuditClient,
     Auditor,
     ProblemType,
@@ -24,10 +23,11 @@ from govshare.node.auditor import (
     make_receipt,
     verify_receipt,
 )
+from govshare.node.api.server import RunningNode, create_server
+from govshare.node.audit.auditlog import AuditLog
+from govshare.node.audit.witness import log_origin
 from govshare.node.config import NodeConfig
 from govshare.node.node import Node
-from govshare.node.server import RunningNode, create_server
-from govshare.node.witness import log_origin
 from govshare.protocols.auditverify import decode_entry, encode_entry
 from govshare.protocols.checkpoint import Checkpoint, Note, NoteSignature, sign_checkpoint
 from govshare.protocols.errors import (
@@ -600,9 +600,9 @@ def test_show_query_matches_what_each_node_sent_with_what_its_peer_received(
 ) -> None:
     from conftest import PSI_EPSILON, PURPOSE
 
-    from govshare.node.analyst import run_psi
-    from govshare.node.governance import QueryKind
-    from govshare.node.query_plan import PsiPlan, Side
+    from govshare.client.analyst import run_psi
+    from govshare.model.governance import QueryKind
+    from govshare.model.query_plan import PsiPlan, Side
 
     plan = PsiPlan(
         kind=QueryKind.PSI_CARDINALITY, purpose=PURPOSE,

@@ -10,9 +10,9 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 
 from govshare.examples import synth
-from govshare.node.client import NodeClient, federation_catalog
-from govshare.node.governance import Grade, SharingType
+from govshare.model.governance import Grade, SharingType
 from govshare.protocols.errors import NotFound
+from govshare.rpc.client import NodeClient, federation_catalog
 
 
 @pytest.fixture(scope="module")

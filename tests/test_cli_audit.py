@@ -15,9 +15,9 @@ from click.testing import CliRunner, Result
 from conftest import FederationFixture
 
 from govshare.cli.main import cli
-from govshare.node.auditor import Auditor, make_receipt
+from govshare.client.auditor import Auditor, make_receipt
+from govshare.node.api.server import RunningNode
 from govshare.node.node import Node
-from govshare.node.server import RunningNode
 from govshare.protocols.auditverify import decode_entry, encode_entry
 from govshare.protocols.receipt import encode_receipt
 

@@ -15,13 +15,13 @@ from click.testing import CliRunner, Result
 from govshare.cli.dataset import parse_column
 from govshare.cli.grant import parse_expiry
 from govshare.cli.main import cli, main
-from govshare.node import resident_id
-from govshare.node.auditlog import AuditLog
-from govshare.node.catalog import Catalogue
+from govshare.model.governance import ColumnKind, ColumnRule, Role
+from govshare.model.identity import Federation, Identity, init_federation
+from govshare.node.audit.auditlog import AuditLog
 from govshare.node.config import NodeConfig, write_default
-from govshare.node.governance import ColumnKind, ColumnRule, Role
-from govshare.node.grants import GrantStore, verify_grant
-from govshare.node.identity import Federation, Identity, init_federation
+from govshare.node.data import resident_id
+from govshare.node.data.catalog import Catalogue
+from govshare.node.policy.grants import GrantStore, verify_grant
 from govshare.protocols.errors import MalformedInput, NotFound
 
 IDS = [resident_id.make("310101", date(1960 + i, 1 + i % 12, 1 + i), 2 * i) for i in range(8)]

@@ -21,22 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from govshare.cli.crossborder import when_text
-from govshare.node import resident_id
-from govshare.node.audit_sink import AuditSink
-from govshare.node.auditlog import AuditLog
-from govshare.node.client import NodeClient
-from govshare.node.config import NodeConfig
-from govshare.node.convert import catalog_entry_from_proto, dataset_to_proto
-from govshare.node.crossborder import (
-    DOMAIN_TAG,
-    Assessment,
-    CrossBorderRecord,
-    CrossBorderStore,
-    approve_assessment,
-    canonical_bytes,
-    verify_assessment,
-)
-from govshare.node.governance import (
+from govshare.model.governance import (
     ColumnKind,
     ColumnRule,
     DatasetInfo,
@@ -45,10 +30,25 @@ from govshare.node.governance import (
     OwnerKind,
     SharingType,
 )
-from govshare.node.identity import Identity
+from govshare.model.identity import Identity
+from govshare.node.api.server import create_server
+from govshare.node.audit.auditlog import AuditLog
+from govshare.node.audit.sink import AuditSink
+from govshare.node.config import NodeConfig
+from govshare.node.data import resident_id
 from govshare.node.node import Node
-from govshare.node.server import create_server
+from govshare.node.policy.crossborder import (
+    DOMAIN_TAG,
+    Assessment,
+    CrossBorderRecord,
+    CrossBorderStore,
+    approve_assessment,
+    canonical_bytes,
+    verify_assessment,
+)
 from govshare.protocols.errors import Conflict, MalformedInput, NotFound, VerificationFailed
+from govshare.rpc.client import NodeClient
+from govshare.rpc.convert import catalog_entry_from_proto, dataset_to_proto
 from govshare.v1 import catalog_pb2, catalog_pb2_grpc
 
 NOW = 1_800_000_000

@@ -36,8 +36,8 @@ import pytest
 from conftest import PSI_EPSILON, PURPOSE, FederationFixture, build_federation, psi_shift
 
 from govshare.cli.dataset import parse_column
-from govshare.node import approvals, resident_id
-from govshare.node.aggregate_plan import (
+from govshare.client.analyst import ask, run_psi
+from govshare.model.aggregate_plan import (
     AGGREGATE_KINDS,
     PAILLIER,
     Figures,
@@ -47,26 +47,27 @@ from govshare.node.aggregate_plan import (
     SumSpec,
     slot_name,
 )
-from govshare.node.aggregates import AggregateEngine, AggregateOptions
-from govshare.node.analyst import ask, run_psi
-from govshare.node.auditlog import AuditLog
-from govshare.node.catalog import Catalogue, Condition
-from govshare.node.client import NodeClient
+from govshare.model.governance import Owner, OwnerKind, QueryKind, Role, SharingType
+from govshare.model.identity import Identity
+from govshare.model.query_plan import PsiPlan, Side
+from govshare.node.api.server import RunningNode, create_server
+from govshare.node.audit.auditlog import AuditLog
+from govshare.node.audit.witness import WitnessStore
 from govshare.node.config import NodeConfig
-from govshare.node.crossborder import CrossBorderStore
-from govshare.node.governance import Owner, OwnerKind, QueryKind, Role, SharingType
-from govshare.node.grants import Grant, GrantStore
-from govshare.node.identity import Identity
+from govshare.node.data import resident_id
+from govshare.node.data.catalog import Catalogue, Condition
 from govshare.node.node import Node
-from govshare.node.policy import DatasetBudget, GrantUsage
-from govshare.node.query_plan import PsiPlan, Side
-from govshare.node.query_store import QueryStore
-from govshare.node.server import RunningNode, create_server
-from govshare.node.witness import WitnessStore
+from govshare.node.policy import approvals
+from govshare.node.policy.crossborder import CrossBorderStore
+from govshare.node.policy.decision import DatasetBudget, GrantUsage
+from govshare.node.policy.grants import Grant, GrantStore
+from govshare.node.queries.kinds.aggregate import AggregateEngine, AggregateOptions
+from govshare.node.stores.query_store import QueryStore
 from govshare.protocols import dp, ecdh_psi, masks
 from govshare.protocols.errors import GovshareError, PermissionDenied
 from govshare.protocols.paillier import decrypt_unpack, generate_keypair
 from govshare.protocols.signed_request import SignedRequest, sign_request
+from govshare.rpc.client import NodeClient
 from govshare.v1 import aggregate_pb2, query_pb2, query_pb2_grpc
 
 # Generous deadlines: nothing below waits on time passing, only on events or states.

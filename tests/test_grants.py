@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from hypothesis import given
 from hypothesis import strategies as st
 
-from govshare.node.governance import (
+from govshare.model.governance import (
     ColumnKind,
     ColumnRule,
     DatasetInfo,
@@ -23,7 +23,7 @@ from govshare.node.governance import (
     QueryKind,
     SharingType,
 )
-from govshare.node.grants import (
+from govshare.node.policy.grants import (
     DOMAIN_TAG,
     Grant,
     GrantStore,

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from govshare.node import keys, resident_id
+from govshare.node.data import keys, resident_id
 from govshare.protocols.errors import MalformedInput
 
 VALID_ID = resident_id.make("110101", date(1990, 3, 7), 123)  # ends in a digit or X

@@ -9,14 +9,14 @@ import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from govshare.node.mask_key import (
+from govshare.node.data.mask_key import (
     INFO_PREFIX,
     KEY_BYTES,
     MASK_SECRET,
     MaskSecret,
     derive_mask_key,
 )
-from govshare.node.masking import MaskRule, apply_mask, needs_key, parse_mask
+from govshare.node.data.masking import MaskRule, apply_mask, needs_key, parse_mask
 from govshare.protocols.errors import AlreadyExists, MalformedInput, NotFound
 
 KEY = b"k" * 16

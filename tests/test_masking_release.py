@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 from conftest import PURPOSE, FederationFixture, PsiData, grant, register
 
-from govshare.node import keys as key_types
-from govshare.node import resident_id
-from govshare.node.analyst import PsiOutcome, run_psi
-from govshare.node.governance import QueryKind, SharingType
-from govshare.node.mask_key import MASK_SECRET, MaskSecret
-from govshare.node.masking import apply_mask
-from govshare.node.query_plan import PsiPlan, Side
+from govshare.client.analyst import PsiOutcome, run_psi
+from govshare.model.governance import QueryKind, SharingType
+from govshare.model.query_plan import PsiPlan, Side
+from govshare.node.data import keys as key_types
+from govshare.node.data import resident_id
+from govshare.node.data.mask_key import MASK_SECRET, MaskSecret
+from govshare.node.data.masking import apply_mask
 
 # Rules released from resident IDs; year_only needs dates and has its own datasets.
 ID_RULES = ("keep_last:4", "keep_first:3", "redact", "hash_prefix")

@@ -13,12 +13,12 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from govshare.node.client import NodeClient
-from govshare.node.governance import Role
-from govshare.node.identity import Identity, _issue_member_cert
+from govshare.model.governance import Role
+from govshare.model.identity import Identity, _issue_member_cert
+from govshare.node.api.server import RunningNode
 from govshare.node.node import Node
-from govshare.node.server import RunningNode
 from govshare.protocols.errors import PermissionDenied, Unavailable, VerificationFailed
+from govshare.rpc.client import NodeClient
 from govshare.v1 import catalog_pb2, catalog_pb2_grpc, peer_pb2, peer_pb2_grpc
 
 NodeFixture = tuple[Node, RunningNode]

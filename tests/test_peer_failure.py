@@ -16,16 +16,16 @@ import pytest
 from conftest import PSI_EPSILON, PURPOSE, TAX_COLUMNS, build_federation, grant, register
 
 from govshare.examples import synth
-from govshare.node.auditlog import verify_log_file
-from govshare.node.client import NodeClient
+from govshare.model.governance import QueryKind
+from govshare.model.identity import Identity
+from govshare.model.query_plan import PsiPlan, Side
+from govshare.node.audit.auditlog import verify_log_file
+from govshare.node.audit.witness import log_origin
 from govshare.node.config import NodeConfig
-from govshare.node.governance import QueryKind
-from govshare.node.identity import Identity
 from govshare.node.node import Node
-from govshare.node.query_plan import PsiPlan, Side
-from govshare.node.witness import log_origin
 from govshare.protocols.errors import Aborted, GovshareError, Unavailable
 from govshare.protocols.signed_request import sign_request
+from govshare.rpc.client import NodeClient
 
 PROTOCOL_TIMEOUT = 3.0
 

@@ -8,8 +8,7 @@ from fractions import Fraction
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from govshare.node import policy
-from govshare.node.governance import (
+from govshare.model.governance import (
     ColumnKind,
     ColumnRule,
     DatasetInfo,
@@ -20,8 +19,8 @@ from govshare.node.governance import (
     Role,
     SharingType,
 )
-from govshare.node.grants import Grant, issue_grant
-from govshare.node.policy import (
+from govshare.node.policy import decision as policy
+from govshare.node.policy.decision import (
     AccessRequest,
     ColumnAccess,
     ColumnUse,
@@ -31,6 +30,7 @@ from govshare.node.policy import (
     decide,
     enforce,
 )
+from govshare.node.policy.grants import Grant, issue_grant
 from govshare.protocols.errors import MalformedInput, PolicyRefused
 
 NOW = 1_800_000_000

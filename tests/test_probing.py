@@ -15,17 +15,17 @@ import pytest
 from conftest import PSI_EPSILON, PURPOSE, TAX_COLUMNS, build_federation, grant, register
 
 from govshare.examples import synth
-from govshare.node import approvals
-from govshare.node.catalog import Condition
-from govshare.node.client import NodeClient
+from govshare.model.governance import QueryKind
+from govshare.model.identity import Identity
+from govshare.model.query_plan import PsiPlan, Side
+from govshare.node.api.server import create_server
 from govshare.node.config import NodeConfig
-from govshare.node.governance import QueryKind
-from govshare.node.identity import Identity
+from govshare.node.data.catalog import Condition
 from govshare.node.node import Node
-from govshare.node.query_plan import PsiPlan, Side
-from govshare.node.server import create_server
+from govshare.node.policy import approvals
 from govshare.protocols.errors import PermissionDenied
 from govshare.protocols.signed_request import sign_request
+from govshare.rpc.client import NodeClient
 
 LIMIT = 3
 

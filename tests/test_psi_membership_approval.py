@@ -22,14 +22,14 @@ from conftest import (
     register,
 )
 
+from govshare.client.analyst import run_psi
 from govshare.examples import synth
-from govshare.node import approvals
-from govshare.node.analyst import run_psi
-from govshare.node.catalog import Condition
-from govshare.node.governance import QueryKind, SharingType
-from govshare.node.masking import apply_mask
-from govshare.node.query_plan import PsiPlan, Side
-from govshare.node.query_store import PENDING
+from govshare.model.governance import QueryKind, SharingType
+from govshare.model.query_plan import PsiPlan, Side
+from govshare.node.data.catalog import Condition
+from govshare.node.data.masking import apply_mask
+from govshare.node.policy import approvals
+from govshare.node.stores.query_store import PENDING
 from govshare.protocols.errors import Aborted, Conflict, MalformedInput, PermissionDenied
 
 MASK = "keep_last:4"

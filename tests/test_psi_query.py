@@ -18,12 +18,11 @@ from conftest import (
     register,
 )
 
+from govshare.client.analyst import log_keys, run_psi
 from govshare.examples import synth
-from govshare.node.analyst import log_keys, run_psi
-from govshare.node.catalog import Condition
-from govshare.node.client import NodeClient
-from govshare.node.governance import QueryKind
-from govshare.node.query_plan import PsiPlan, Side
+from govshare.model.governance import QueryKind
+from govshare.model.query_plan import PsiPlan, Side
+from govshare.node.data.catalog import Condition
 from govshare.protocols.errors import (
     Aborted,
     AlreadyExists,
@@ -35,6 +34,7 @@ from govshare.protocols.errors import (
 )
 from govshare.protocols.receipt import ReceiptPart, verify_receipt
 from govshare.protocols.signed_request import sign_request
+from govshare.rpc.client import NodeClient
 
 
 def plan(where: tuple[Condition, ...] = (), purpose: str = PURPOSE) -> PsiPlan:

@@ -1,4 +1,4 @@
-"""The periodic assessment report (govshare.node.report, ``govshare audit report``).
+"""The periodic assessment report (govshare.client.report, ``govshare audit report``).
 
 Real nodes answer real queries (two noised PSI-CA counts and one refused query whose purpose
 carries a ``<script>``); an auditor pulls their logs; the report's figures are compared with
@@ -28,12 +28,9 @@ import pytest
 from conftest import PSI_EPSILON, PURPOSE, FederationFixture, PsiData
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from govshare.node.analyst import run_psi
-from govshare.node.auditor import Auditor, Problem, ProblemType, Verdict
-from govshare.node.governance import QueryKind
-from govshare.node.node import Node
-from govshare.node.query_plan import PsiPlan, Side
-from govshare.node.report import (
+from govshare.client.analyst import run_psi
+from govshare.client.auditor import Auditor, Problem, ProblemType, Verdict
+from govshare.client.report import (
     NodeLog,
     assess,
     build_report,
@@ -43,7 +40,10 @@ from govshare.node.report import (
     thinned,
     write_html,
 )
-from govshare.node.risk import Alert, EntryRef, Severity
+from govshare.client.risk import Alert, EntryRef, Severity
+from govshare.model.governance import QueryKind
+from govshare.model.query_plan import PsiPlan, Side
+from govshare.node.node import Node
 from govshare.protocols.auditverify import AuditEntry, decode_entry, encode_entry
 from govshare.protocols.errors import PermissionDenied
 from govshare.protocols.signed_request import sign_request

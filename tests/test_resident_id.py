@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from govshare.node import resident_id
-from govshare.node.resident_id import check_digit, is_valid, make, normalise
+from govshare.node.data import resident_id
+from govshare.node.data.resident_id import check_digit, is_valid, make, normalise
 from govshare.protocols.errors import MalformedInput
 
 # The example printed in GB 11643-1999: region 110105, born 1949-12-31, sequence 002.

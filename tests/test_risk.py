@@ -1,4 +1,5 @@
-"""Risk rules (govshare.node.risk), the node's own monitor (govshare.node.alerts) and the CLI.
+"""Risk rules (govshare.client.risk), the node's own monitor (govshare.node.policy.alerts) and the
+CLI.
 
 Each rule fires on a real SQLite audit log built to trigger it and stays silent on its near
 miss; a federation of real nodes answering real queries raises nothing but the informational
@@ -37,21 +38,9 @@ from conftest import (
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from govshare.cli.main import cli
-from govshare.examples import synth
-from govshare.node import approvals
-from govshare.node.alerts import logged_alerts
-from govshare.node.analyst import run_psi
-from govshare.node.auditlog import AuditLog
-from govshare.node.auditor import Auditor
-from govshare.node.catalog import Condition
-from govshare.node.client import NodeClient
-from govshare.node.config import NodeConfig
-from govshare.node.governance import QueryKind
-from govshare.node.identity import Identity
-from govshare.node.node import Node
-from govshare.node.query_plan import PsiPlan, Side
-from govshare.node.query_store import PENDING
-from govshare.node.risk import (
+from govshare.client.analyst import run_psi
+from govshare.client.auditor import Auditor
+from govshare.client.risk import (
     RULES,
     Alert,
     Scope,
@@ -61,10 +50,22 @@ from govshare.node.risk import (
     check_pulled,
     one_condition_apart,
 )
-from govshare.node.server import RunningNode, create_server
+from govshare.examples import synth
+from govshare.model.governance import QueryKind
+from govshare.model.identity import Identity
+from govshare.model.query_plan import PsiPlan, Side
+from govshare.node.api.server import RunningNode, create_server
+from govshare.node.audit.auditlog import AuditLog
+from govshare.node.config import NodeConfig
+from govshare.node.data.catalog import Condition
+from govshare.node.node import Node
+from govshare.node.policy import approvals
+from govshare.node.policy.alerts import logged_alerts
+from govshare.node.stores.query_store import PENDING
 from govshare.protocols.auditverify import AuditEntry
 from govshare.protocols.errors import PermissionDenied
 from govshare.protocols.signed_request import sign_request
+from govshare.rpc.client import NodeClient
 
 T0 = 1_750_000_000  # unix seconds: the built logs' clock starts here
 

@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 from conftest import FederationFixture, build_federation
 
-from govshare.node.client import NodeClient
+from govshare.model.governance import Role
+from govshare.model.identity import ROSTER, Identity
+from govshare.node.api.server import create_server
 from govshare.node.config import NodeConfig
-from govshare.node.governance import Role
-from govshare.node.identity import ROSTER, Identity
 from govshare.node.node import Node
-from govshare.node.server import create_server
 from govshare.protocols.errors import NotFound, VerificationFailed
+from govshare.rpc.client import NodeClient
 
 
 @pytest.fixture

@@ -28,21 +28,21 @@ from conftest import FederationFixture, build_federation
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from govshare.node import auditlog
-from govshare.node.auditlog import AuditLog, Event, LogBroken, SelfCheck
-from govshare.node.catalog import Catalogue
-from govshare.node.client import NodeClient
+from govshare.model.identity import Identity
+from govshare.node.api.server import create_server
+from govshare.node.audit import auditlog
+from govshare.node.audit.auditlog import AuditLog, Event, LogBroken, SelfCheck
+from govshare.node.audit.witness import WitnessStore, log_origin
 from govshare.node.config import NodeConfig
-from govshare.node.crossborder import CrossBorderStore
-from govshare.node.grants import GrantStore
-from govshare.node.identity import Identity
+from govshare.node.data.catalog import Catalogue
 from govshare.node.node import Node
-from govshare.node.query_store import QueryStore
-from govshare.node.server import create_server
-from govshare.node.witness import WitnessStore, log_origin
+from govshare.node.policy.crossborder import CrossBorderStore
+from govshare.node.policy.grants import GrantStore
+from govshare.node.stores.query_store import QueryStore
 from govshare.protocols.auditverify import ProblemKind, decode_entry, verify_log
 from govshare.protocols.checkpoint import Checkpoint, open_checkpoint, sign_checkpoint
 from govshare.protocols.merkle import CompactRange
+from govshare.rpc.client import NodeClient
 from govshare.v1 import (
     aggregate_pb2,
     aggregate_pb2_grpc,

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from govshare.node.catalog import Condition
-from govshare.node.governance import QueryKind
-from govshare.node.sql import parse_join
+from govshare.client.sql import parse_join
+from govshare.model.governance import QueryKind
+from govshare.node.data.catalog import Condition
 from govshare.protocols.errors import MalformedInput
 
 COUNT = (
@@ -66,7 +66,7 @@ def test_garbage_is_a_parse_error() -> None:
 
 
 def test_psi_filter_names_node_dataset_column() -> None:
-    from govshare.node.sql import parse_filter
+    from govshare.client.sql import parse_filter
 
     assert parse_filter("tax.residents.income_band = 'high'") == (
         "tax", "residents", Condition("income_band", "=", "high"),
@@ -88,7 +88,7 @@ UNION = (
 
 
 def test_union_all_is_a_horizontal_aggregate_in_written_order() -> None:
-    from govshare.node.sql import UnionQuery, aggregate_columns, parse_query
+    from govshare.client.sql import UnionQuery, aggregate_columns, parse_query
 
     query = parse_query(UNION)
     assert isinstance(query, UnionQuery)
@@ -121,7 +121,7 @@ def test_union_all_is_a_horizontal_aggregate_in_written_order() -> None:
     ],
 )
 def test_unsupported_union_forms_are_named(sql: str, named: str) -> None:
-    from govshare.node.sql import aggregate_columns, parse_query
+    from govshare.client.sql import aggregate_columns, parse_query
 
     with pytest.raises(MalformedInput) as failure:
         query = parse_query(sql)

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from govshare.examples import synth
 from govshare.examples.synth import CIVIL, DATASETS, HEALTH, POLICE, TAX
-from govshare.node.resident_id import is_valid, make, normalise
+from govshare.node.data.resident_id import is_valid, make, normalise
 from govshare.protocols.errors import MalformedInput
 
 SIZE = 2_000

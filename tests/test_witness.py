@@ -8,13 +8,13 @@ import pytest
 from conftest import FederationFixture, build_federation
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from govshare.node.client import NodeClient
+from govshare.node.api.server import RunningNode, create_server
+from govshare.node.audit.witness import log_origin
 from govshare.node.config import NodeConfig
 from govshare.node.node import Node
-from govshare.node.server import RunningNode, create_server
-from govshare.node.witness import log_origin
 from govshare.protocols.checkpoint import Checkpoint, open_cosignature, sign_checkpoint
 from govshare.protocols.errors import Conflict, PermissionDenied, VerificationFailed
+from govshare.rpc.client import NodeClient
 
 NodeFixture = tuple[Node, RunningNode]
 

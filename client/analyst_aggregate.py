@@ -1,0 +1,363 @@
+"""The analyst's side of joint aggregates: fresh key, sign, submit, approve, run, decrypt, prove.
+
+Per query the analyst draws a fresh Paillier key (3072 bits by default) — or, for a wide
+horizontal vector, a fresh BFV context — signs the plan carrying the public key (BFV: its
+SHA-256; the context itself travels with ``Aggregate.Run``), submits it to every node
+(``Query.Submit``), waits for approvals, runs every node's part at once, decrypts the one
+result, and verifies the receipt made of every node's ``result.released`` entry.
+
+Released figures: per group the noisy count and sums, each with its discrete Laplace scale and
+the half-width of its 95% interval (``dp.laplace_interval``); AVG = sum / count. A group whose
+noisy count is below k (the largest of the nodes' ``min_group_size``) is suppressed: all its
+figures are withheld.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+
+from govshare.client.analyst import (
+    DEFAULT_APPROVAL_TIMEOUT,
+    DEFAULT_RUN_TIMEOUT,
+    POLL_SECONDS,
+    StatusCallback,
+    ask,
+)
+from govshare.client.sql import AggregateColumns, UnionQuery, aggregate_columns, parse_query
+from govshare.model.aggregate_plan import (
+    BFV,
+    COUNT,
+    PAILLIER,
+    AggregatePlan,
+    Figures,
+    GroupSpec,
+    HorizontalPlan,
+    IntersectionPlan,
+    Part,
+    SumSpec,
+    key_fingerprint,
+    slot_name,
+)
+from govshare.model.governance import QueryKind
+from govshare.model.identity import Identity
+from govshare.model.query_plan import Side
+from govshare.node.policy.grants import parse_epsilon
+from govshare.protocols import dp, masks
+from govshare.protocols.bfv import BfvSecretContext
+from govshare.protocols.errors import MalformedInput
+from govshare.protocols.paillier import DEFAULT_N_BITS, decrypt_unpack, generate_keypair
+from govshare.protocols.receipt import Receipt
+from govshare.rpc.client import NodeClient
+from govshare.v1 import aggregate_pb2
+
+# Horizontal vectors up to this many words go under Paillier (a few ciphertexts); wider ones
+# (histograms, cross-tabs) under BFV, whose ciphertext holds 4096 words.
+PAILLIER_MAX_WORDS = 128
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One released number: ``value`` (None when suppressed), its noise scale and the
+    half-width of its 95% interval (both None without DP)."""
+
+    value: int | None
+    noise_scale: Fraction | None
+    interval: int | None
+
+
+@dataclass(frozen=True)
+class GroupResult:
+    label: str
+    count: Figure
+    sums: dict[str, Figure]
+    averages: dict[str, Fraction | None]
+    suppressed: bool
+
+
+@dataclass(frozen=True)
+class Budget:
+    grant_id: str
+    epsilon_spent: Fraction
+    epsilon_remaining: Fraction
+
+
+@dataclass(frozen=True)
+class AggregateOutcome:
+    query_id: str
+    kind: QueryKind
+    groups: tuple[GroupResult, ...]
+    epsilon: Fraction | None
+    min_group_size: int
+    budgets: dict[str, Budget]
+    scheme: str
+    receipt: Receipt
+
+
+@dataclass
+class _Key:
+    scheme: str
+    public: bytes  # what the plan carries
+    context: bytes = b""  # BFV public context (sent with Run)
+    paillier: object = None
+    secret: object = None
+
+
+def _paillier_key(bits: int, unsafe: bool) -> _Key:
+    public, private = generate_keypair(bits, unsafe_allow_short_modulus=unsafe)
+    return _Key(PAILLIER, public.to_bytes(), paillier=public, secret=private)
+
+
+def run_intersection_aggregate(
+    identity: Identity,
+    plan: IntersectionPlan,
+    *,
+    key_bits: int = DEFAULT_N_BITS,
+    unsafe_allow_short_modulus: bool = False,
+    on_status: StatusCallback | None = None,
+    approval_timeout: float = DEFAULT_APPROVAL_TIMEOUT,
+    run_timeout: float = DEFAULT_RUN_TIMEOUT,
+    poll: float = POLL_SECONDS,
+) -> AggregateOutcome:
+    """Ask an intersection aggregate (``plan.public_key`` is replaced by a fresh key).
+
+    Raises: as :func:`govshare.client.analyst.run_psi`.
+    """
+    key = _paillier_key(key_bits, unsafe_allow_short_modulus)
+    plan = IntersectionPlan(
+        plan.kind, plan.purpose, plan.values, plan.matcher, plan.figures, key.public
+    )
+    return _run(identity, plan, key, on_status, approval_timeout, run_timeout, poll)
+
+
+def run_horizontal_aggregate(
+    identity: Identity,
+    plan: HorizontalPlan,
+    *,
+    key_bits: int = DEFAULT_N_BITS,
+    unsafe_allow_short_modulus: bool = False,
+    on_status: StatusCallback | None = None,
+    approval_timeout: float = DEFAULT_APPROVAL_TIMEOUT,
+    run_timeout: float = DEFAULT_RUN_TIMEOUT,
+    poll: float = POLL_SECONDS,
+) -> AggregateOutcome:
+    """Ask a horizontal aggregate; ``plan.scheme`` picks Paillier or BFV (fresh key either way).
+
+    Raises: as :func:`govshare.client.analyst.run_psi`.
+    """
+    if plan.scheme == BFV:
+        context = BfvSecretContext.create()
+        public_context = context.public_bytes()
+        key = _Key(BFV, key_fingerprint(public_context), context=public_context, secret=context)
+    else:
+        key = _paillier_key(key_bits, unsafe_allow_short_modulus)
+    plan = HorizontalPlan(
+        plan.kind, plan.purpose, plan.parts, plan.figures, plan.aggregator, plan.scheme,
+        key.public,
+    )  # fmt: skip
+    return _run(identity, plan, key, on_status, approval_timeout, run_timeout, poll)
+
+
+def pick_scheme(figures: Figures) -> str:
+    """Paillier for short vectors, BFV for wide ones."""
+    return PAILLIER if len(figures.cells) <= PAILLIER_MAX_WORDS else BFV
+
+
+def _run(
+    identity: Identity,
+    plan: AggregatePlan,
+    key: _Key,
+    on_status: StatusCallback | None,
+    approval_timeout: float,
+    run_timeout: float,
+    poll: float,
+) -> AggregateOutcome:
+    keys: list[aggregate_pb2.EphemeralKey] = []
+
+    def prepare(clients: dict[str, NodeClient], query_id: str) -> None:
+        if isinstance(plan, HorizontalPlan):
+            keys.extend(clients[n].aggregate_prepare(query_id) for n in plan.nodes)
+
+    asked = ask(
+        identity,
+        kind=plan.kind.value,
+        body=plan.to_json(),
+        nodes=list(plan.nodes),
+        prepare=prepare,
+        run=lambda client, query_id: client.aggregate_run(
+            query_id, keys=keys, public_context=key.context, timeout=run_timeout
+        ),
+        on_status=on_status,
+        running="encrypting and exchanging",
+        approval_timeout=approval_timeout,
+        poll=poll,
+    )
+    query_id, results, receipt = asked.query_id, asked.outputs, asked.receipt
+    releasing = plan.matcher.node if isinstance(plan, IntersectionPlan) else plan.aggregator
+    totals = _decrypt(plan, key, list(results[releasing].ciphertexts))
+    k = max(int(r.min_group_size) for r in results.values())
+    budgets = {
+        n: Budget(r.grant_id, parse_epsilon(r.epsilon_spent), parse_epsilon(r.epsilon_remaining))
+        for n, r in results.items()
+    }
+    return AggregateOutcome(
+        query_id=query_id,
+        kind=plan.kind,
+        groups=release_groups(plan.figures, totals, k),
+        epsilon=plan.figures.epsilon,
+        min_group_size=k,
+        budgets=budgets,
+        scheme=key.scheme,
+        receipt=receipt,
+    )
+
+
+def _decrypt(plan: AggregatePlan, key: _Key, ciphertexts: list[bytes]) -> dict[str, int]:
+    """Slot name -> decrypted total (noise included, masks removed)."""
+    figures = plan.figures
+    if key.scheme == BFV:
+        if not isinstance(key.secret, BfvSecretContext):  # pragma: no cover - built above
+            raise TypeError("BFV key expected")
+        words = key.secret.decrypt(ciphertexts)
+        if len(words) != len(figures.cells):
+            raise MalformedInput("the result has the wrong length", field="ciphertexts")
+        return {
+            slot_name(g, f): masks.from_u64_signed(w)
+            for (g, f), w in zip(figures.cells, words, strict=True)
+        }
+    from govshare.protocols.paillier import DjnPublicKey
+
+    public = key.paillier
+    if not isinstance(public, DjnPublicKey):  # pragma: no cover - built above
+        raise TypeError("Paillier key expected")
+    layouts = plan.layouts(public.n_bits)
+    if len(ciphertexts) != len(layouts):
+        raise MalformedInput("the result has the wrong number of ciphertexts", field="ciphertexts")
+    totals: dict[str, int] = {}
+    for layout, data in zip(layouts, ciphertexts, strict=True):
+        values = decrypt_unpack(key.secret, public.ciphertext_from_bytes(data), layout)
+        if isinstance(plan, HorizontalPlan):
+            values = {s: masks.from_u64_signed(v % masks.MASK_MODULUS) for s, v in values.items()}
+        totals.update(values)
+    return totals
+
+
+def release_groups(figures: Figures, totals: Mapping[str, int], k: int) -> tuple[GroupResult, ...]:
+    """Turn decrypted slot totals into released figures, suppressing groups under ``k``."""
+    scales = figures.noise_scales()
+    intervals = {f: dp.laplace_interval(s) for f, s in scales.items()}
+    out = []
+    for group in figures.groups:
+        count = totals[slot_name(group, COUNT)]
+        hidden = dp.suppressed(count, k)
+
+        def figure(name: str, value: int, hidden: bool = hidden) -> Figure:
+            return Figure(None if hidden else value, scales.get(name), intervals.get(name))
+
+        sums = {
+            s.column: figure(f"sum:{s.column}", totals[slot_name(group, f"sum:{s.column}")])
+            for s in figures.sums
+        }
+        averages: dict[str, Fraction | None] = {
+            c: None if hidden or f.value is None or count <= 0 else Fraction(f.value, count)
+            for c, f in sums.items()
+        }
+        out.append(GroupResult(group, figure(COUNT, count), sums, averages, hidden))
+    return tuple(out)
+
+
+def plan_nodes(plan: AggregatePlan) -> Sequence[str]:
+    return plan.nodes
+
+
+# Clipping bound of a SUM written without one in SQL (its sensitivity under DP).
+DEFAULT_SUM_BOUND = 100_000
+
+
+def run_aggregate_sql(
+    identity: Identity,
+    sql: str,
+    purpose: str,
+    epsilon: Fraction | None,
+    *,
+    exact: bool = False,
+    sum_bound: int = DEFAULT_SUM_BOUND,
+    on_status: StatusCallback | None = None,
+    approval_timeout: float = DEFAULT_APPROVAL_TIMEOUT,
+) -> AggregateOutcome:
+    """Run an aggregate in govshare's SQL dialect (``govshare.client.sql``).
+
+    - ``SELECT g, COUNT(*), SUM(v), AVG(v) FROM a JOIN b ON ... GROUP BY g``: an intersection
+      aggregate; the table carrying the SUM/GROUP BY columns holds the values.
+    - ``SELECT ... FROM (SELECT * FROM n1.d UNION ALL SELECT * FROM n2.d ...) AS h ...``: a
+      horizontal aggregate over every listed node, summed by the first.
+
+    The GROUP BY domain is the group_key column's declared domain from the catalogue; each SUM
+    is clipped to ``[0, sum_bound]`` (its sensitivity under DP). The figures carry DP noise of
+    ``epsilon``, or are an exact release when ``exact`` (the nodes then wait for every
+    operator's approval, and refuse GROUP BY).
+
+    Raises:
+        MalformedInput: SQL outside the dialect (named), or columns of both tables in the
+            aggregates.
+    """
+    query = parse_query(sql)
+    if isinstance(query, UnionQuery):
+        columns = aggregate_columns(query.select, query.group_by)
+        if columns.alias not in ("", query.alias):
+            raise MalformedInput(f"unknown table alias {columns.alias!r}", field="sql")
+        first = query.parts[0]
+        figures = _figures(identity, first.node, first.dataset, columns, sum_bound, epsilon, exact)
+        horizontal = HorizontalPlan(
+            QueryKind.HORIZONTAL_AGGREGATE, purpose,
+            tuple(Part(p.node, p.dataset, query.filters) for p in query.parts),
+            figures, first.node, pick_scheme(figures), b"",
+        )  # fmt: skip
+        return run_horizontal_aggregate(
+            identity, horizontal, on_status=on_status, approval_timeout=approval_timeout
+        )
+    if query.is_count_star:
+        raise MalformedInput(
+            "a COUNT(*) join is a PSI cardinality: use 'govshare query sql' or 'query psi'",
+            field="sql",
+        )
+    columns = aggregate_columns(query.select, query.group_by)
+    tables = {query.left.alias: query.left, query.right.alias: query.right}
+    keys = {query.left.alias: query.left_key, query.right.alias: query.right_key}
+    alias = columns.alias or query.left.alias
+    other = next(a for a in tables if a != alias)
+    figures = _figures(
+        identity, tables[alias].node, tables[alias].dataset, columns, sum_bound, epsilon, exact
+    )
+
+    def side(a: str) -> Side:
+        return Side(tables[a].node, tables[a].dataset, keys[a], query.filters[a])
+
+    plan = IntersectionPlan(
+        QueryKind.INTERSECTION_AGGREGATE, purpose, side(alias), side(other), figures, b"",
+    )  # fmt: skip
+    return run_intersection_aggregate(
+        identity, plan, on_status=on_status, approval_timeout=approval_timeout
+    )
+
+
+def _figures(
+    identity: Identity,
+    node: str,
+    dataset: str,
+    columns: AggregateColumns,
+    sum_bound: int,
+    epsilon: Fraction | None,
+    exact: bool = False,
+) -> Figures:
+    """The figures to release; a group column's domain comes from its catalogue entry."""
+    group = None
+    if columns.group is not None:
+        with NodeClient.to(identity, node) as client:
+            rule = client.describe_dataset(dataset).column(columns.group)
+        if rule is None or not rule.domain:
+            raise MalformedInput(f"{columns.group} has no declared group domain", field="sql")
+        group = GroupSpec(columns.group, rule.domain)
+    sums = tuple(SumSpec(column, sum_bound) for column in columns.sums)
+    return Figures(group, sums, epsilon, exact)

@@ -1,0 +1,67 @@
+"""gRPC servicers of joint aggregates: decode, call the node's aggregate engine, encode.
+
+``Aggregate`` is the analyst's service (role mapping in ``govshare.node.api.auth``),
+``AggregatePeer``
+the nodes'. Errors are govshare errors, mapped to status codes by the auth interceptor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import grpc
+
+from govshare.node.api.auth import current_caller
+from govshare.node.api.services import require_query_id
+from govshare.node.node import Node
+from govshare.node.policy.grants import format_epsilon
+from govshare.node.queries.kinds.aggregate import SignedKey
+from govshare.v1 import aggregate_pb2, aggregate_pb2_grpc
+
+
+class AggregateService(aggregate_pb2_grpc.AggregateServicer):
+    def __init__(self, node: Node) -> None:
+        self._node = node
+
+    def Prepare(
+        self, request: aggregate_pb2.PrepareRequest, context: grpc.ServicerContext
+    ) -> aggregate_pb2.EphemeralKey:
+        query_id = require_query_id(request.query_id)
+        key = self._node.aggregates.prepare(current_caller(), query_id)
+        return aggregate_pb2.EphemeralKey(
+            node=key.node, public_key=key.public_key, signature=key.signature
+        )
+
+    def Run(
+        self, request: aggregate_pb2.AggregateRunRequest, context: grpc.ServicerContext
+    ) -> aggregate_pb2.AggregateResult:
+        query_id = require_query_id(request.query_id)
+        keys = [SignedKey(k.node, k.public_key, k.signature) for k in request.keys]
+        release = self._node.aggregates.run(
+            current_caller(), query_id, keys=keys, public_context=request.public_context
+        )
+        return aggregate_pb2.AggregateResult(
+            ciphertexts=release.ciphertexts,
+            min_group_size=release.min_group_size,
+            grant_id=release.grant_id,
+            epsilon_spent=format_epsilon(release.epsilon_spent),
+            epsilon_remaining=format_epsilon(release.epsilon_remaining),
+        )
+
+
+class AggregatePeerService(aggregate_pb2_grpc.AggregatePeerServicer):
+    def __init__(self, node: Node) -> None:
+        self._node = node
+
+    def Send(
+        self,
+        request_iterator: Iterator[aggregate_pb2.AggregateChunk],
+        context: grpc.ServicerContext,
+    ) -> aggregate_pb2.AggregateAck:
+        chunks = (
+            (require_query_id(c.query_id), c.phase, c.total, c.points, list(c.items))
+            for c in request_iterator
+        )
+        return aggregate_pb2.AggregateAck(
+            received=self._node.aggregates.receive(current_caller(), chunks)
+        )

@@ -1,0 +1,755 @@
+"""The node's side of joint aggregates under homomorphic encryption (DESIGN.md protocols 2-4).
+
+Admission is the PSI path's (``govshare.node.queries.engine``): the analyst's signed plan
+(``govshare.model.aggregate_plan``) arrives by ``Query.Submit``; the query engine checks the
+signature, validity window and nonce, logs it, and hands it to :meth:`AggregateEngine.submit`,
+which parses the plan and decides it by policy on this node's dataset (column uses, grants,
+grade floors, ε budget) through :meth:`QueryEngine.admit`. Status and receipts are
+``Query.Status`` / ``Query.Receipt``. The ε of the query and one query of its grant are
+reserved at admission (``QueryStore.admit``), spent when the node's part releases, returned
+when it released nothing. An exact aggregate (``"exact": true``, no GROUP BY) waits for every
+operator's approval and passes the tracker check on the filtered set before anything is
+computed (``QueryEngine.check_exact``).
+
+**Intersection aggregate** (protocol 2; the shape of Private Join and Compute, the analyst holds
+the Paillier key). The value holder V and the matcher M each draw a fresh X25519 scalar.
+
+1. M masks its distinct filtered keys once and sends them to V (``matcher_keys``).
+2. V combines its filtered rows per join key (at most ``MAX_ROWS_PER_KEY``), packs each key's
+   one-hot (group x figure) values into plaintexts (``IntersectionPlan.layouts``), encrypts
+   them under the analyst's key, masks its keys once, and sends the shuffled (masked key,
+   ciphertexts) pairs to M (``values``). V masks M's keys again and returns them shuffled
+   (``matcher_again``).
+3. M masks V's keys again, finds the pairs whose doubly masked key is among its own, adds their
+   ciphertexts, adds its encrypted DP noise (M is the designated noise node), re-randomises,
+   and releases the result ciphertexts to the analyst.
+
+Leakage (semi-honest): M learns |V's keys| and |M ∩ V| (which of V's shuffled, masked pairs
+match, not whose); V learns |M's keys|; the analyst learns the noisy figures. Neither node
+decrypts anything.
+
+**Horizontal aggregate** (protocol 3). Each node draws an ephemeral X25519 key and signs it
+(``Aggregate.Prepare``); the analyst hands every node all signed keys with ``Aggregate.Run``.
+Each node checks every signature against the roster, computes its partial vector (count and
+clipped sums per group) with one ``GROUP BY`` in its store, adds its noise share (the node
+``dp.designated_node`` picks adds the whole noise, the others zeros), adds its pairwise masks
+modulo 2^64, encrypts under the analyst's key (Paillier or BFV, as the plan says) and sends it
+to the aggregator node, which adds all contributions and releases the sum to the analyst. The
+masks cancel in the sum. Leakage: the aggregator learns the number of contributions and the
+vector length; nothing else leaves a node unencrypted.
+
+A node that does not deliver within the protocol timeout aborts the query: nothing is
+released, ``query.failed`` is logged, the analyst gets ABORTED.
+
+Test-only switches (:class:`AggregateOptions`) — short Paillier keys, noise off, a seeded noise
+source — are constructor arguments that only tests pass; no configuration file or request can
+reach them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any, Final
+
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from govshare.model.aggregate_plan import (
+    AGGREGATE_KINDS,
+    BFV,
+    MAX_ROWS_PER_KEY,
+    AggregatePlan,
+    HorizontalPlan,
+    IntersectionPlan,
+    key_fingerprint,
+    parse_aggregate_plan,
+    slot_name,
+)
+from govshare.model.identity import Identity, Roster
+from govshare.node.api.auth import Caller
+from govshare.node.audit.sink import AuditSink
+from govshare.node.data.catalog import Catalogue, Condition
+from govshare.node.policy.decision import AccessRequest, Obligations, dataset_epsilon_cap
+from govshare.node.policy.grants import GrantStore
+from govshare.node.queries.engine import Admission, QueryEngine, digest, points_digest
+from govshare.node.stores.query_store import APPROVED, QueryRecord, QueryStore
+from govshare.protocols import dp, ecdh_psi, masks
+from govshare.protocols.bfv import BfvPublicContext
+from govshare.protocols.errors import (
+    Aborted,
+    MalformedInput,
+    PermissionDenied,
+)
+from govshare.protocols.paillier import DjnPublicKey, PackingLayout
+from govshare.protocols.signed_request import SignedRequest
+
+MATCHER_KEYS: Final = "matcher_keys"
+MATCHER_AGAIN: Final = "matcher_again"
+VALUES: Final = "values"
+CONTRIBUTION: Final = "contribution"
+# Rows per encryption task sent to the process pool.
+ENCRYPT_BATCH: Final = 2048
+# Fixed-base window of the encryption workers' tables for large inputs: at 3072 bits, 11 bits
+# takes about 230 MiB and 2.7 s to build per worker (10 bits: 120 MiB, 1.5 s) and encrypts
+# about 12% faster, which pays for the build from about 7,000 encryptions per worker on.
+WIDE_WINDOW_BITS: Final = 11
+WIDE_WINDOW_MIN_ROWS: Final = 32_768
+
+AggregateSender = Callable[[str, str, str, list[bytes], list[bytes]], None]
+"""``send(peer_node, query_id, phase, points, items)`` streams a message to a peer over mTLS."""
+
+
+@dataclass(frozen=True)
+class AggregateOptions:
+    """Switches for tests only; production nodes use the defaults (no config reads these).
+
+    ``unsafe_allow_short_modulus`` accepts Paillier keys below 2048 bits;
+    ``unsafe_without_noise`` adds zero noise (exact results) while the plan still asks for DP;
+    ``noise_rng`` replaces the OS random source of the noise (seeded coverage tests).
+    """
+
+    unsafe_allow_short_modulus: bool = False
+    unsafe_without_noise: bool = False
+    noise_rng: random.Random | None = None
+
+
+@dataclass
+class _Inbox:
+    total: int = -1
+    points: list[bytes] = field(default_factory=list)
+    items: list[bytes] = field(default_factory=list)
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass
+class _Session:
+    plan: AggregatePlan
+    obligations: Obligations
+    request_digest: str
+    query_id: bytes
+    dataset: str
+    inboxes: dict[str, _Inbox] = field(default_factory=dict)
+    ephemeral: X25519PrivateKey | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    aborted_by: str | None = None
+
+
+@dataclass(frozen=True)
+class SignedKey:
+    node: str
+    public_key: bytes
+    signature: bytes
+
+
+@dataclass(frozen=True)
+class AggregateRelease:
+    ciphertexts: list[bytes]
+    min_group_size: int
+    grant_id: str
+    epsilon_spent: Fraction
+    epsilon_remaining: Fraction
+
+
+# Worker-process cache: one parsed key (and its fixed-base table) per key encoding and window.
+_WORKER_KEYS: dict[tuple[bytes, int | None], DjnPublicKey] = {}
+
+
+def _encrypt_task(
+    key_bytes: bytes, unsafe: bool, window_bits: int | None, plaintexts: Sequence[int]
+) -> bytes:
+    """Encrypt ``plaintexts`` to concatenated ciphertext encodings (in a pool worker)."""
+    key = _WORKER_KEYS.get((key_bytes, window_bits))
+    if key is None:
+        _WORKER_KEYS.clear()  # one query's key at a time: the table is large
+        key = DjnPublicKey.from_bytes(
+            key_bytes, window_bits=window_bits, unsafe_allow_short_modulus=unsafe
+        )
+        _WORKER_KEYS[(key_bytes, window_bits)] = key
+        key.precompute()
+    return key.encrypt_to_bytes(plaintexts)
+
+
+class AggregateEngine:
+    def __init__(
+        self,
+        *,
+        queries: QueryEngine,
+        identity: Identity,
+        roster: Callable[[], Roster] | None = None,
+        catalogue: Catalogue,
+        grants: GrantStore,
+        store: QueryStore,
+        audit: AuditSink,
+        send: AggregateSender,
+        clock: Callable[[], float] = time.time,
+        executor: Callable[[], Executor | None] = lambda: None,
+        protocol_timeout: float = 300.0,
+        options: AggregateOptions | None = None,
+    ) -> None:
+        self._queries = queries
+        self._identity = identity
+        self._roster = roster or (lambda: identity.roster)
+        self._catalogue = catalogue
+        self._grants = grants
+        self._store = store
+        self._audit = audit
+        self._send = send
+        self._clock = clock
+        self._executor = executor
+        self._timeout = protocol_timeout
+        self._options = options or AggregateOptions()
+        self._sessions: dict[str, _Session] = {}
+        self._lock = threading.Lock()
+        queries.register(AGGREGATE_KINDS, self)
+
+    @property
+    def name(self) -> str:
+        return self._identity.name
+
+    def _paillier_key(self, data: bytes) -> DjnPublicKey:
+        return DjnPublicKey.from_bytes(
+            data, unsafe_allow_short_modulus=self._options.unsafe_allow_short_modulus
+        )
+
+    # --- admission (called by QueryEngine.submit) ----------------------------------------------
+
+    def submit(self, caller: Caller, request: SignedRequest, admission: Admission) -> QueryRecord:
+        plan = parse_aggregate_plan(request.body_json(), kind=request.kind)
+        dataset, uses, _ = plan.accesses(self.name)
+        if isinstance(plan, IntersectionPlan) or plan.scheme != BFV:
+            key = self._paillier_key(plan.public_key)  # refuse a bad key before anything runs
+            plan.layouts(key.n_bits)
+        epsilon = plan.figures.epsilon
+        access = AccessRequest(
+            requester=caller.name,
+            role=caller.role,
+            jurisdiction=caller.jurisdiction,
+            query_kind=plan.kind,
+            columns=uses,
+            purpose=plan.purpose,
+            dp_noise=epsilon is not None,
+            epsilon=epsilon or Fraction(0),
+            exact=plan.figures.exact,
+            group_by=plan.figures.group_by is not None,
+        )
+        record, obligations = self._queries.admit(
+            caller, admission, access=access, dataset=dataset, participants=plan.nodes
+        )
+        session = _Session(plan, obligations, admission.request_digest, request.query_id, dataset)
+        if isinstance(plan, IntersectionPlan):
+            phases = [MATCHER_KEYS] if self.name == plan.values.node else [VALUES, MATCHER_AGAIN]
+        else:
+            phases = (
+                [f"{CONTRIBUTION}:{n}" for n in plan.nodes if n != self.name]
+                if self.name == plan.aggregator
+                else []
+            )
+        session.inboxes = {phase: _Inbox() for phase in phases}
+        with self._lock:
+            self._sessions[admission.query_id] = session
+        return record
+
+    def _session(self, query_id: str) -> _Session:
+        with self._lock:
+            session = self._sessions.get(query_id)
+        if session is None:
+            raise self._queries.not_open(query_id)
+        return session
+
+    # --- horizontal: ephemeral keys ------------------------------------------------------------
+
+    def prepare(self, caller: Caller, query_id: str) -> SignedKey:
+        """Draw and sign this node's ephemeral masking key for an approved horizontal query."""
+        record = self._queries.status(caller, query_id)
+        if record.state != APPROVED:
+            raise Aborted(f"query {query_id} is {record.state} on {self.name}, not approved")
+        session = self._session(query_id)
+        if not isinstance(session.plan, HorizontalPlan):
+            raise MalformedInput("only a horizontal aggregate uses masking keys", field="query_id")
+        with session.lock:
+            if session.ephemeral is None:
+                session.ephemeral = masks.generate_ephemeral()
+            public = masks.public_bytes(session.ephemeral)
+        signature = masks.sign_ephemeral(
+            self._identity.signing_key, query_id=session.query_id, node=self.name, public_key=public
+        )
+        self._step(session, query_id, caller.name, "sent", "ephemeral_key", digest(public), 1)
+        return SignedKey(self.name, public, signature)
+
+    # --- the protocol ---------------------------------------------------------------------------
+
+    def run(
+        self,
+        caller: Caller,
+        query_id: str,
+        *,
+        keys: Sequence[SignedKey] = (),
+        public_context: bytes = b"",
+    ) -> AggregateRelease:
+        """Run this node's part of an approved aggregate; return what goes to the analyst."""
+
+        def body(record: QueryRecord) -> AggregateRelease:
+            session = self._session(query_id)
+            plan = session.plan
+            if isinstance(plan, IntersectionPlan):
+                if self.name == plan.values.node:
+                    out = self._run_values(session, query_id, plan)
+                else:
+                    out = self._run_matcher(session, query_id, record.analyst, plan)
+            else:
+                out = self._run_horizontal(
+                    session, query_id, record.analyst, plan, keys, public_context
+                )
+            return AggregateRelease(
+                out,
+                session.obligations.min_group_size,
+                record.grant_id,
+                record.epsilon,
+                self._remaining(record),
+            )
+
+        return self._queries.execute(caller, query_id, body, close=self._close)
+
+    def _remaining(self, record: QueryRecord) -> Fraction:
+        """ε left to the analyst on the dataset: under the grant's cap and the ledger's."""
+        grant = self._grants.get(record.grant_id)
+        used = self._store.usage(record.analyst).get(record.grant_id)
+        grants = self._grants.list(dataset=record.dataset)
+        cap = dataset_epsilon_cap(
+            grants, requester=record.analyst, dataset=record.dataset, now=int(self._clock())
+        )
+        left = min(
+            grant.epsilon - (used.epsilon_used if used else Fraction(0)),
+            cap - self._store.budget(record.analyst, record.dataset).used,
+        )
+        return max(left, Fraction(0))
+
+    def _close(self, query_id: str) -> None:
+        with self._lock:
+            self._sessions.pop(query_id, None)
+
+    def forget(self, query_id: str) -> None:
+        """Drop a withdrawn query's protocol state."""
+        self._close(query_id)
+
+    def abort(self, caller: Caller, query_id: str) -> None:
+        """Another participant's part failed: stop waiting for messages at once."""
+        with self._lock:
+            session = self._sessions.get(query_id)
+        if session is None:
+            return
+        if caller.name not in session.plan.nodes or caller.name == self.name:
+            raise PermissionDenied(f"{caller.name} does not take part in query {query_id}")
+        session.aborted_by = caller.name
+        for inbox in session.inboxes.values():
+            inbox.done.set()
+
+    # -- intersection: value holder
+
+    def _run_values(self, session: _Session, query_id: str, plan: IntersectionPlan) -> list[bytes]:
+        side, figures = plan.values, plan.figures
+        key = self._paillier_key(plan.public_key)
+        layouts = plan.layouts(key.n_bits)
+        group = figures.group_by
+        columns = [
+            side.column,
+            *([group.column] if group else []),
+            *(s.column for s in figures.sums),
+        ]
+        per_key: dict[str, dict[str, int]] = {}
+        rows_per_key: dict[str, int] = {}
+        domain = set(group.domain) if group else {""}
+        # Let the pool's workers build their fixed-base tables while the rows are read.
+        window = self._warm_encryptors(
+            key, len(layouts) * self._catalogue.count(side.dataset, where=side.where)
+        )
+        for row in self._catalogue.rows(side.dataset, columns, where=side.where):
+            join_key = str(row[0])
+            label = str(row[1]) if group else ""
+            if label not in domain:
+                continue  # outside the groups asked for, like a WHERE on the label
+            rows = rows_per_key.get(join_key, 0) + 1
+            if rows > MAX_ROWS_PER_KEY:
+                raise MalformedInput(
+                    f"more than {MAX_ROWS_PER_KEY} rows of {side.dataset} share one join key",
+                    field="values",
+                )
+            rows_per_key[join_key] = rows
+            values = figures.row_values(tuple(int(v) for v in row[2 if group else 1 :]))
+            cells = per_key.setdefault(join_key, {})
+            for name, value in zip(figures.names, values, strict=True):
+                slot = slot_name(label, name)
+                cells[slot] = cells.get(slot, 0) + value
+        self._check_data(session, query_id, side.where, [k.encode() for k in per_key], len(per_key))
+        join_keys = list(per_key)
+        plaintexts = [
+            layout.pack_named({s: v for s, v in per_key[k].items() if s in layout.names})
+            for k in join_keys
+            for layout in layouts
+        ]
+        blob = self._encrypt(key, plaintexts, window)
+        width = key.ciphertext_bytes * len(layouts)
+        items = [blob[i * width : (i + 1) * width] for i in range(len(join_keys))]
+        party = ecdh_psi.PsiParty.fresh(session.query_id)
+        executor = self._executor()
+        workers = None if executor is not None else 1
+        masked = party.mask_own([k.encode() for k in join_keys], workers=workers, executor=executor)
+        order = ecdh_psi.random_permutation(len(masked))
+        self._send_step(
+            session, query_id, plan.matcher.node, VALUES,
+            ecdh_psi.permute(masked, order), ecdh_psi.permute(items, order),
+        )  # fmt: skip
+        theirs = self._wait(session, query_id, plan.matcher.node, MATCHER_KEYS)
+        again = ecdh_psi.shuffle(party.mask_peer(theirs.points, workers=workers, executor=executor))
+        self._send_step(session, query_id, plan.matcher.node, MATCHER_AGAIN, again, [])
+        self._released(session, query_id, plan.matcher.node, digest(blob), len(items))
+        return []
+
+    def _warm_encryptors(self, key: DjnPublicKey, expected: int) -> int | None:
+        """Start the table builds in the pool for about ``expected`` encryptions; the window."""
+        window = WIDE_WINDOW_BITS if expected >= WIDE_WINDOW_MIN_ROWS else None
+        executor = self._executor()
+        if executor is not None and expected > ENCRYPT_BATCH:
+            key_bytes, unsafe = key.to_bytes(), self._options.unsafe_allow_short_modulus
+            for _ in range(os.cpu_count() or 1):  # a worker that has the table returns at once
+                executor.submit(_encrypt_task, key_bytes, unsafe, window, [])
+        return window
+
+    def _encrypt(self, key: DjnPublicKey, plaintexts: list[int], window: int | None) -> bytes:
+        executor = self._executor()
+        unsafe = self._options.unsafe_allow_short_modulus
+        if executor is None or len(plaintexts) <= ENCRYPT_BATCH:
+            return key.encrypt_to_bytes(plaintexts)  # a few: the table only if it pays
+        key_bytes = key.to_bytes()
+        batches = [
+            plaintexts[i : i + ENCRYPT_BATCH] for i in range(0, len(plaintexts), ENCRYPT_BATCH)
+        ]
+        futures = [executor.submit(_encrypt_task, key_bytes, unsafe, window, b) for b in batches]
+        return b"".join(f.result() for f in futures)
+
+    # -- intersection: matcher
+
+    def _run_matcher(
+        self, session: _Session, query_id: str, analyst: str, plan: IntersectionPlan
+    ) -> list[bytes]:
+        side = plan.matcher
+        keys = [
+            k.encode() for k in self._catalogue.keys(side.dataset, side.column, where=side.where)
+        ]
+        self._check_data(session, query_id, side.where, keys, len(keys))
+        party = ecdh_psi.PsiParty.fresh(session.query_id)
+        executor = self._executor()
+        workers = None if executor is not None else 1
+        masked = party.mask_own(keys, workers=workers, executor=executor)
+        self._send_step(session, query_id, plan.values.node, MATCHER_KEYS, masked, [])
+        values = self._wait(session, query_id, plan.values.node, VALUES)
+        again = self._wait(session, query_id, plan.values.node, MATCHER_AGAIN)
+        if len(again.points) != len(keys):
+            raise MalformedInput(
+                "the value holder returned a set of the wrong size", field="points"
+            )
+        own = set(again.points)
+        if len(own) != len(again.points):
+            raise MalformedInput("the returned set repeats a point", field="points")
+        doubled = party.mask_peer(values.points, workers=workers, executor=executor)
+        matched = [i for i, point in enumerate(doubled) if point in own]
+        key = self._paillier_key(plan.public_key)
+        layouts = plan.layouts(key.n_bits)
+        width = key.ciphertext_bytes
+        out = []
+        for j, layout in enumerate(layouts):
+            terms = [
+                key.ciphertext_from_bytes(values.items[i][j * width : (j + 1) * width])
+                for i in matched
+            ]
+            terms.append(key.encrypt(self._noise_plaintext(plan, layout)))
+            total = key.sum_ciphertexts(terms, max_terms=layout.max_rows + 1)
+            out.append(key.ciphertext_to_bytes(key.rerandomize(total)))
+        self._released(session, query_id, analyst, digest(b"".join(out)), len(out))
+        return out
+
+    def _noise(self, scale: Fraction) -> int:
+        if self._options.unsafe_without_noise:
+            return 0
+        return dp.discrete_laplace(scale, self._options.noise_rng)
+
+    def _noise_plaintext(self, plan: IntersectionPlan, layout: PackingLayout) -> int:
+        scales = plan.figures.noise_scales()
+        if not scales:
+            return 0
+        return layout.pack_noise(
+            [self._noise(scales[s.name.split("@", 1)[0]]) for s in layout.slots]
+        )
+
+    # -- horizontal
+
+    def _run_horizontal(
+        self,
+        session: _Session,
+        query_id: str,
+        analyst: str,
+        plan: HorizontalPlan,
+        keys: Sequence[SignedKey],
+        public_context: bytes,
+    ) -> list[bytes]:
+        if session.ephemeral is None:
+            raise Aborted(f"{self.name}: no masking key was prepared for query {query_id}")
+        by_node = {k.node: k for k in keys}
+        if len(by_node) != len(keys) or set(by_node) != set(plan.nodes):
+            raise MalformedInput("one signed key per participant is required", field="keys")
+        roster = self._roster()
+        for signed in keys:
+            masks.verify_ephemeral(
+                roster.member(signed.node).verify_key(),
+                query_id=session.query_id,
+                node=signed.node,
+                public_key=signed.public_key,
+                signature=signed.signature,
+            )
+        if by_node[self.name].public_key != masks.public_bytes(session.ephemeral):
+            raise MalformedInput("the key listed for this node is not its own", field="keys")
+        part, figures = plan.part(self.name), plan.figures
+        group = figures.group_by
+        partial = self._catalogue.group_sums(
+            part.dataset,
+            group_by=group.column if group else None,
+            sums=[(s.column, s.bound) for s in figures.sums],
+            where=part.where,
+        )
+        self._check_data(session, query_id, part.where, (), sum(v[0] for v in partial.values()))
+        zeros = (0,) * len(figures.names)
+        values = [v for g in figures.groups for v in partial.get(g, zeros)]
+        scales = figures.noise_scales()
+        if scales and self.name == plan.designated:
+            values = [
+                v + self._noise(scales[f]) for v, (_, f) in zip(values, figures.cells, strict=True)
+            ]
+        peers = {n: k.public_key for n, k in by_node.items() if n != self.name}
+        mask = masks.node_mask(
+            session.ephemeral, query_id=session.query_id, own=self.name, peers=peers,
+            length=len(values),
+        )  # fmt: skip
+        words = masks.mask_vector(values, mask)
+        if plan.scheme == BFV:
+            if key_fingerprint(public_context) != plan.public_key:
+                raise MalformedInput(
+                    "the BFV context is not the one the signed plan names", field="public_context"
+                )
+            context = BfvPublicContext.from_bytes(public_context)
+            mine = context.encrypt(words)
+        else:
+            key = self._paillier_key(plan.public_key)
+            layouts = plan.layouts(key.n_bits)
+            start, mine = 0, []
+            for layout in layouts:
+                chunk = words[start : start + len(layout.slots)]
+                start += len(layout.slots)
+                mine.append(key.ciphertext_to_bytes(key.encrypt(layout.pack(chunk))))
+        if self.name != plan.aggregator:
+            self._send_step(session, query_id, plan.aggregator, CONTRIBUTION, [], mine)
+            self._released(session, query_id, plan.aggregator, digest(b"".join(mine)), len(mine))
+            return []
+        contributions = [mine]
+        for node in plan.nodes:
+            if node != self.name:
+                inbox = self._wait(session, query_id, node, f"{CONTRIBUTION}:{node}")
+                contributions.append(inbox.items)
+        if plan.scheme == BFV:
+            out = context.sum(contributions)
+        else:
+            out = []
+            for j in range(len(layouts)):
+                terms = [key.ciphertext_from_bytes(c[j]) for c in contributions]
+                out.append(key.ciphertext_to_bytes(key.rerandomize(key.sum_ciphertexts(terms))))
+        self._released(session, query_id, analyst, digest(b"".join(out)), len(out))
+        return out
+
+    # --- shared steps ----------------------------------------------------------------------------
+
+    def _check_data(
+        self,
+        session: _Session,
+        query_id: str,
+        where: Sequence[Condition],
+        keys: Iterable[bytes],
+        size: int,
+    ) -> None:
+        """The checks that read data, after admission: the filtered set's floor, and the
+        tracker check of an exact release over the filtered rows (and join ``keys``)."""
+        ob = session.obligations
+        self._queries.check_set_size(query_id, session.dataset, size, ob.min_set_size)
+        if ob.exact:
+            self._queries.check_exact(
+                query_id, self._analyst(query_id), session.dataset, where, ob.min_group_size,
+                keys=keys,
+            )  # fmt: skip
+
+    def _analyst(self, query_id: str) -> str:
+        return self._store.get(query_id).analyst
+
+    def _step(
+        self, session: _Session, query_id: str, peer: str, direction: str, phase: str,
+        message_digest: str, size: int,
+    ) -> None:  # fmt: skip
+        self._audit.record(
+            "protocol.step",
+            {"peer": peer, "direction": direction, "phase": phase, "digest": message_digest,
+             "size": size},
+            actor=self.name, query_id=query_id,
+        )  # fmt: skip
+
+    def _send_step(
+        self, session: _Session, query_id: str, peer: str, phase: str,
+        points: list[bytes], items: list[bytes],
+    ) -> None:  # fmt: skip
+        self._send(peer, query_id, phase, points, items)
+        self._step(
+            session, query_id, peer, "sent", phase,
+            _message_digest(points, items), len(points) or len(items),
+        )  # fmt: skip
+
+    def _wait(self, session: _Session, query_id: str, peer: str, phase: str) -> _Inbox:
+        inbox = session.inboxes[phase]
+        if not inbox.done.wait(self._timeout):
+            raise Aborted(
+                f"{self.name}: node {peer} did not send its {phase.split(':')[0]} within "
+                f"{self._timeout:g} s; query aborted, nothing released"
+            )
+        if session.aborted_by is not None:
+            raise Aborted(
+                f"{self.name}: node {session.aborted_by} ended the query; nothing released"
+            )
+        self._step(
+            session, query_id, peer, "received", phase.split(":")[0],
+            _message_digest(inbox.points, inbox.items), len(inbox.points) or len(inbox.items),
+        )  # fmt: skip
+        return inbox
+
+    def _released(
+        self, session: _Session, query_id: str, recipient: str, result_digest: str, size: int
+    ) -> None:
+        self._audit.record(
+            "result.released",
+            {"recipient": recipient, "result_digest": result_digest, "size": size,
+             "request_digest": session.request_digest,
+             "exact": session.obligations.exact,
+             "participants": list(session.plan.nodes)},
+            actor=self.name, query_id=query_id,
+        )  # fmt: skip
+
+    # --- peer messages --------------------------------------------------------------------------
+
+    def receive(
+        self, caller: Caller, chunks: Iterator[tuple[str, str, int, bytes, list[bytes]]]
+    ) -> int:
+        """Take a peer's message: ``(query_id, phase, total, packed points, items)`` chunks.
+
+        Raises:
+            PermissionDenied: the caller is not the peer this phase comes from.
+            MalformedInput: unknown phase, a repeated message, wrong sizes or a ciphertext that
+                is not one under the analyst's key.
+        """
+        state: dict[str, _Inbox] = {}
+        try:
+            return self._receive(caller, chunks, state)
+        except BaseException:
+            inbox = state.get("inbox")
+            if inbox is not None and not inbox.done.is_set():
+                # A refused message leaves nothing behind: the sender may send it again.
+                inbox.total = -1
+                inbox.points.clear()
+                inbox.items.clear()
+            raise
+
+    def _receive(
+        self,
+        caller: Caller,
+        chunks: Iterator[tuple[str, str, int, bytes, list[bytes]]],
+        state: dict[str, _Inbox],
+    ) -> int:
+        received = 0
+        inbox: _Inbox | None = None
+        check: Callable[[list[bytes]], None] = _accept_any
+        for query_id, phase, total, packed, items in chunks:
+            if inbox is None:
+                session = self._session(query_id)
+                found, check = self._inbox_for(session, caller, phase)
+                if found.done.is_set() or found.total != -1:
+                    raise MalformedInput(f"{phase!r} of query {query_id} was already sent")
+                inbox = state["inbox"] = found
+                if total < 0:
+                    raise MalformedInput("field 'total' must not be negative", field="total")
+                inbox.total = total
+            elif total != inbox.total:
+                raise MalformedInput("field 'total' changed between chunks", field="total")
+            points = ecdh_psi.decode_points(packed) if packed else []
+            if phase == VALUES and len(points) != len(items):
+                raise MalformedInput("one ciphertext entry per point is required", field="items")
+            check(items)
+            received += max(len(points), len(items))
+            if received > inbox.total:
+                raise MalformedInput("more items than the announced total", field="items")
+            inbox.points.extend(points)
+            inbox.items.extend(items)
+        if inbox is None:
+            raise MalformedInput("empty stream: no chunk carried a query id", field="query_id")
+        if received != inbox.total:
+            raise MalformedInput(f"stream ended after {received} of {inbox.total} items")
+        inbox.done.set()
+        return received
+
+    def _inbox_for(
+        self, session: _Session, caller: Caller, phase: str
+    ) -> tuple[_Inbox, Callable[[list[bytes]], None]]:
+        plan = session.plan
+        if isinstance(plan, IntersectionPlan):
+            peer = plan.matcher.node if self.name == plan.values.node else plan.values.node
+            key_name = phase
+        else:
+            peer = caller.name if caller.name in plan.nodes else ""
+            key_name = f"{phase}:{caller.name}"
+        if caller.name != peer or caller.name == self.name:
+            raise PermissionDenied(f"{caller.name} does not take part in this query")
+        inbox = session.inboxes.get(key_name)
+        if inbox is None:
+            raise MalformedInput(f"field 'phase': {phase!r} is not expected here", field="phase")
+        if phase == MATCHER_KEYS or phase == MATCHER_AGAIN:
+            return inbox, _no_items
+        if isinstance(plan, HorizontalPlan) and plan.scheme == BFV:
+            return inbox, _accept_any  # framing and stream checked when summed
+        key = self._paillier_key(plan.public_key)
+        parts = len(plan.layouts(key.n_bits)) if isinstance(plan, IntersectionPlan) else 1
+
+        def check(items: list[bytes]) -> None:
+            key.check_ciphertexts(items, parts=parts)
+
+        return inbox, check
+
+
+def _accept_any(items: list[bytes]) -> None:
+    return None
+
+
+def _no_items(items: list[bytes]) -> None:
+    if items:
+        raise MalformedInput("this phase carries points only", field="items")
+
+
+def _message_digest(points: Sequence[bytes], items: Sequence[bytes]) -> str:
+    hasher = hashlib.sha256()
+    hasher.update(bytes.fromhex(points_digest(points)))
+    for item in items:
+        hasher.update(hashlib.sha256(item).digest())
+    return hasher.hexdigest()
+
+
+def plan_summary(plan: AggregatePlan) -> dict[str, Any]:
+    """The plan's public parameters, for logs and reports."""
+    return plan.to_json() | {"public_key": key_fingerprint(plan.public_key).hex()}

@@ -1,0 +1,241 @@
+"""Clients of a node's services, used by analysts, auditors and peer nodes.
+
+Every call goes over a mutual-TLS channel to the address the roster lists, with a deadline;
+a failed call becomes a govshare error whose message names the node.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TypeVar
+
+import grpc
+
+from govshare.model.governance import DatasetInfo, Role
+from govshare.model.identity import Identity, Member
+from govshare.node.policy.crossborder import CatalogEntry
+from govshare.protocols.errors import GovshareError
+from govshare.rpc.convert import catalog_entry_from_proto, dataset_from_proto
+from govshare.rpc.status import error_for
+from govshare.rpc.tls import secure_channel
+from govshare.v1 import (
+    aggregate_pb2,
+    aggregate_pb2_grpc,
+    catalog_pb2,
+    catalog_pb2_grpc,
+    peer_pb2,
+    peer_pb2_grpc,
+    query_pb2,
+    query_pb2_grpc,
+)
+
+# Seconds a catalogue or control call may take before the node counts as unreachable.
+DEFAULT_TIMEOUT = 10.0
+# Bytes of points and ciphertexts per AggregatePeer.Send chunk (under the message limit).
+AGGREGATE_CHUNK_BYTES = 1 << 20
+
+T = TypeVar("T")
+
+
+class NodeClient:
+    """A connection from ``identity`` to the node ``member``."""
+
+    def __init__(self, identity: Identity, member: Member, *, timeout: float = DEFAULT_TIMEOUT):
+        self.identity = identity
+        self.member = member
+        self.timeout = timeout
+        self.channel = secure_channel(identity, member)
+        self._catalog = catalog_pb2_grpc.CatalogStub(self.channel)
+        self._peer = peer_pb2_grpc.PeerStub(self.channel)
+        self._query = query_pb2_grpc.QueryStub(self.channel)
+        self._aggregate = aggregate_pb2_grpc.AggregateStub(self.channel)
+        self._aggregate_peer = aggregate_pb2_grpc.AggregatePeerStub(self.channel)
+
+    @classmethod
+    def to(cls, identity: Identity, node: str, *, timeout: float = DEFAULT_TIMEOUT) -> NodeClient:
+        return cls(identity, identity.roster.member(node), timeout=timeout)
+
+    def __enter__(self) -> NodeClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def call(self, method: Callable[[], T]) -> T:
+        """Run one stub call, turning a gRPC failure into a govshare error naming the node."""
+        try:
+            return method()
+        except grpc.RpcError as exc:
+            code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+            details = exc.details() if hasattr(exc, "details") else str(exc)
+            raise error_for(code, f"node {self.member.name}: {details}") from None
+
+    def list_datasets(self) -> list[DatasetInfo]:
+        reply = self.call(
+            lambda: self._catalog.ListDatasets(
+                catalog_pb2.ListDatasetsRequest(), timeout=self.timeout
+            )
+        )
+        return [dataset_from_proto(d) for d in reply.datasets]
+
+    def describe_dataset(self, name: str) -> DatasetInfo:
+        reply = self.call(
+            lambda: self._catalog.DescribeDataset(
+                catalog_pb2.DescribeDatasetRequest(name=name), timeout=self.timeout
+            )
+        )
+        return dataset_from_proto(reply)
+
+    def catalog_entry(self, name: str) -> CatalogEntry:
+        """The dataset's metadata with the cross-border assessments in force at the node."""
+        reply = self.call(
+            lambda: self._catalog.DescribeDataset(
+                catalog_pb2.DescribeDatasetRequest(name=name), timeout=self.timeout
+            )
+        )
+        return catalog_entry_from_proto(reply)
+
+    def ping(self) -> peer_pb2.PingResponse:
+        return self.call(
+            lambda: self._peer.Ping(
+                peer_pb2.PingRequest(roster_version=self.identity.roster.version),
+                timeout=self.timeout,
+            )
+        )
+
+    def witness(self, note: bytes, old_size: int, proof: list[bytes]) -> peer_pb2.WitnessResponse:
+        return self.call(
+            lambda: self._peer.Witness(
+                peer_pb2.WitnessRequest(note=note, old_size=old_size, consistency_proof=proof),
+                timeout=self.timeout,
+            )
+        )
+
+    def psi_send(self, query_id: str, phase: str, points: list[bytes], *, chunk_points: int) -> int:
+        """Stream ``points`` to the node for ``query_id``; return how many it took."""
+        total = len(points)
+
+        def chunks() -> Iterator[peer_pb2.PsiChunk]:
+            for start in range(0, max(total, 1), chunk_points):
+                yield peer_pb2.PsiChunk(
+                    query_id=query_id,
+                    phase=phase,
+                    total=total,
+                    points=b"".join(points[start : start + chunk_points]),
+                )
+
+        reply = self.call(lambda: self._peer.PsiSend(chunks(), timeout=self.timeout))
+        return reply.received
+
+    def aggregate_send(
+        self, query_id: str, phase: str, points: list[bytes], items: list[bytes]
+    ) -> int:
+        """Stream an aggregate message (points and/or items) to the node; return its count."""
+        total = max(len(points), len(items))
+        size = (32 if points else 0) + (max(len(i) for i in items) if items else 0)
+        per = max(1, AGGREGATE_CHUNK_BYTES // max(size, 1))
+
+        def chunks() -> Iterator[aggregate_pb2.AggregateChunk]:
+            for start in range(0, max(total, 1), per):
+                yield aggregate_pb2.AggregateChunk(
+                    query_id=query_id,
+                    phase=phase,
+                    total=total,
+                    points=b"".join(points[start : start + per]),
+                    items=items[start : start + per],
+                )
+
+        reply = self.call(lambda: self._aggregate_peer.Send(chunks(), timeout=self.timeout))
+        return reply.received
+
+    def aggregate_prepare(self, query_id: str) -> aggregate_pb2.EphemeralKey:
+        return self.call(
+            lambda: self._aggregate.Prepare(
+                aggregate_pb2.PrepareRequest(query_id=query_id), timeout=self.timeout
+            )
+        )
+
+    def aggregate_run(
+        self,
+        query_id: str,
+        *,
+        keys: list[aggregate_pb2.EphemeralKey] | None = None,
+        public_context: bytes = b"",
+        timeout: float,
+    ) -> aggregate_pb2.AggregateResult:
+        request = aggregate_pb2.AggregateRunRequest(
+            query_id=query_id, keys=keys or [], public_context=public_context
+        )
+        return self.call(lambda: self._aggregate.Run(request, timeout=timeout))
+
+    # --- analyst: joint queries -------------------------------------------------------------
+
+    def submit(self, signed_request: bytes) -> query_pb2.QueryStatus:
+        return self.call(
+            lambda: self._query.Submit(
+                query_pb2.SubmitRequest(signed_request=signed_request), timeout=self.timeout
+            )
+        )
+
+    def status(self, query_id: str) -> query_pb2.QueryStatus:
+        return self.call(
+            lambda: self._query.Status(
+                query_pb2.QueryStatusRequest(query_id=query_id), timeout=self.timeout
+            )
+        )
+
+    def run(self, query_id: str, *, timeout: float) -> list[query_pb2.ResultChunk]:
+        """Run this node's part of an approved query and collect its whole output."""
+        return self.call(
+            lambda: list(self._query.Run(query_pb2.RunRequest(query_id=query_id), timeout=timeout))
+        )
+
+    def cancel(self, query_id: str) -> query_pb2.QueryStatus:
+        return self.call(
+            lambda: self._query.Cancel(
+                query_pb2.CancelRequest(query_id=query_id), timeout=self.timeout
+            )
+        )
+
+    def receipt(self, query_id: str) -> query_pb2.ReceiptPart:
+        return self.call(
+            lambda: self._query.Receipt(
+                query_pb2.ReceiptRequest(query_id=query_id), timeout=self.timeout
+            )
+        )
+
+
+@dataclass(frozen=True)
+class NodeCatalogue:
+    """One node's answer to a catalogue request: its datasets, or why it could not answer."""
+
+    node: str
+    datasets: tuple[DatasetInfo, ...] = ()
+    error: str | None = None
+
+
+def federation_catalog(
+    identity: Identity, *, timeout: float = DEFAULT_TIMEOUT
+) -> list[NodeCatalogue]:
+    """Ask every node in the roster for its catalogue, in parallel.
+
+    An unreachable or failing node is reported in its entry, never fatal to the others.
+    """
+    nodes = identity.roster.with_role(Role.NODE)
+
+    def ask(member: Member) -> NodeCatalogue:
+        try:
+            with NodeClient(identity, member, timeout=timeout) as client:
+                return NodeCatalogue(member.name, tuple(client.list_datasets()))
+        except GovshareError as exc:
+            return NodeCatalogue(member.name, error=str(exc))
+
+    if not nodes:
+        return []
+    with ThreadPoolExecutor(max_workers=min(8, len(nodes))) as pool:
+        return list(pool.map(ask, nodes))
