@@ -75,11 +75,11 @@ from govshare.model.aggregate_plan import (
     Part,
     SumSpec,
 )
+from govshare.model.conditions import Condition
 from govshare.model.governance import Grade, Owner, OwnerKind, QueryKind, SharingType
 from govshare.model.identity import Identity
 from govshare.model.query_plan import Side
 from govshare.node.config import NodeConfig
-from govshare.node.data.catalog import Condition
 from govshare.node.node import Node
 from govshare.node.queries.kinds.aggregate import WIDE_WINDOW_BITS, WIDE_WINDOW_MIN_ROWS
 from govshare.protocols import ecdh_psi

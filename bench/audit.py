@@ -19,7 +19,7 @@ it can be read without knowing the hardware:
   ``WHOLE_AT_START_MAX`` entries, vs. the raw read + hashlib pass; and opening it and checking
   only the tail since the latest checkpoint (``--tail`` entries appended after it), as a node
   does at start for a larger log before it checks the whole log in the background.
-- ``audit check`` (``govshare.client.risk.check``) over a log of the same size made of realistic
+- ``audit check`` (``govshare.model.risk.check``) over a log of the same size made of realistic
   query entries (signed request, decision, protocol steps, release, settlement; 50 analysts)
   vs. ``verify_log_file`` over the same file. Target (issue 10): <= 2 x verify.
 """
@@ -40,12 +40,13 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from govshare.client import risk
+from govshare.model import risk
+from govshare.model.conditions import Condition
+from govshare.model.events import Event
 from govshare.model.governance import QueryKind
 from govshare.model.query_plan import PsiPlan, Side
-from govshare.node.audit.auditlog import AuditLog, Event, verify_log_file
+from govshare.node.audit.auditlog import AuditLog, verify_log_file
 from govshare.node.audit.selfcheck import WHOLE_AT_START_MAX
-from govshare.node.data.catalog import Condition
 from govshare.protocols.checkpoint import open_checkpoint
 from govshare.protocols.merkle import verify_consistency, verify_inclusion
 from govshare.protocols.signed_request import sign_request

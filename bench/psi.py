@@ -40,11 +40,12 @@ from govshare.examples import synth
 from govshare.model.governance import Grade, Owner, OwnerKind, QueryKind, SharingType
 from govshare.model.identity import Identity
 from govshare.model.query_plan import PsiPlan, Side
+from govshare.model.states import PENDING
 from govshare.node.audit.auditlog import AuditLog
 from govshare.node.config import NodeConfig
 from govshare.node.node import Node
 from govshare.node.policy import approvals
-from govshare.node.stores.query_store import PENDING, QueryStore
+from govshare.node.stores.query_store import QueryStore
 from govshare.protocols import dp, ecdh_psi
 
 PURPOSE = "benchmark"

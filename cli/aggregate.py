@@ -9,7 +9,7 @@ from rich.table import Table
 
 from govshare.cli.common import console
 from govshare.client.analyst_aggregate import AggregateOutcome, Figure
-from govshare.node.policy.grants import format_epsilon
+from govshare.model.epsilon import format_epsilon
 
 
 def _figure(figure: Figure) -> dict[str, object]:

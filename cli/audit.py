@@ -25,15 +25,16 @@ from govshare.client.auditor import (
     DEFAULT_STATE,
     Auditor,
     ProblemType,
-    QueryReconciliation,
     Verdict,
     quorum_text,
     refusal_summary,
     verify_receipt,
 )
 from govshare.client.report import assess, summary_text, write_html
-from govshare.client.risk import RULES, Alert, PulledLogs, Severity
+from govshare.client.risk import PulledLogs
 from govshare.model.identity import Identity
+from govshare.model.reconcile import QueryReconciliation
+from govshare.model.risk import RULES, Alert, Severity
 from govshare.protocols.errors import MalformedInput, NotFound, VerificationFailed
 
 F = TypeVar("F", bound=Callable[..., Any])

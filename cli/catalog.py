@@ -9,9 +9,9 @@ import click
 
 from govshare.cli.common import console, emit_json, err_console, identity_option, json_option
 from govshare.cli.crossborder import when_text
+from govshare.model.epsilon import format_epsilon
 from govshare.model.governance import ColumnRule, DatasetInfo, OwnerKind
 from govshare.model.identity import Identity
-from govshare.node.policy.grants import format_epsilon
 from govshare.rpc.client import NodeClient, federation_catalog
 
 

@@ -18,12 +18,13 @@ from rich.table import Table
 
 from govshare.cli.common import console, emit_json, err_console, home_option, json_option
 from govshare.cli.grant import parse_expiry
+from govshare.model.crossborder import Assessment, verify_assessment
 from govshare.model.governance import OwnerKind
 from govshare.model.identity import Identity
 from govshare.node.audit.auditlog import AuditLog
 from govshare.node.config import NodeConfig
 from govshare.node.data.catalog import Catalogue
-from govshare.node.policy.crossborder import Assessment, CrossBorderStore, verify_assessment
+from govshare.node.policy.crossborder import CrossBorderStore
 from govshare.protocols.errors import VerificationFailed
 
 

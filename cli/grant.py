@@ -15,12 +15,13 @@ import click
 from rich.table import Table
 
 from govshare.cli.common import console, emit_json, home_option, json_option
+from govshare.model.epsilon import format_epsilon
 from govshare.model.identity import Identity
 from govshare.node.audit.auditlog import AuditLog
 from govshare.node.config import NodeConfig
 from govshare.node.data.catalog import Catalogue
 from govshare.node.policy.decision import GrantUsage
-from govshare.node.policy.grants import Grant, GrantStore, format_epsilon
+from govshare.node.policy.grants import Grant, GrantStore
 from govshare.node.stores.query_store import QueryStore, ledger_view
 from govshare.protocols.errors import MalformedInput
 

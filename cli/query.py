@@ -16,11 +16,11 @@ from govshare.cli.common import console, emit_json, err_console, identity_option
 from govshare.client.analyst import PsiOutcome, StatusCallback, run_psi
 from govshare.client.analyst_aggregate import DEFAULT_SUM_BOUND, run_aggregate_sql
 from govshare.client.sql import JoinQuery, parse_filter, parse_query
+from govshare.model.conditions import Condition
+from govshare.model.epsilon import format_epsilon, parse_epsilon
 from govshare.model.governance import QueryKind
 from govshare.model.identity import Identity
 from govshare.model.query_plan import PsiPlan, Side
-from govshare.node.data.catalog import Condition
-from govshare.node.policy.grants import format_epsilon, parse_epsilon
 from govshare.protocols.receipt import Receipt, encode_receipt
 
 _purpose = click.option(

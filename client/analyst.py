@@ -21,11 +21,11 @@ from dataclasses import dataclass, replace
 from fractions import Fraction
 from typing import Any, Generic, TypeVar
 
+from govshare.model.events import log_origin
 from govshare.model.governance import QueryKind
 from govshare.model.identity import Identity, Roster
 from govshare.model.query_plan import PsiPlan
-from govshare.node.audit.witness import log_origin
-from govshare.node.stores.query_store import APPROVED, DENIED, PENDING, REFUSED
+from govshare.model.states import APPROVED, DENIED, PENDING, REFUSED
 from govshare.protocols import dp, ecdh_psi
 from govshare.protocols.errors import Aborted, GovshareError, PolicyRefused, Unavailable
 from govshare.protocols.receipt import LogKey, Receipt, make_receipt, verify_receipt

@@ -40,10 +40,10 @@ from govshare.model.aggregate_plan import (
     key_fingerprint,
     slot_name,
 )
+from govshare.model.epsilon import parse_epsilon
 from govshare.model.governance import QueryKind
 from govshare.model.identity import Identity
 from govshare.model.query_plan import Side
-from govshare.node.policy.grants import parse_epsilon
 from govshare.protocols import dp, masks
 from govshare.protocols.bfv import BfvSecretContext
 from govshare.protocols.errors import MalformedInput

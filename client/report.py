@@ -54,7 +54,8 @@ from pathlib import Path
 from typing import Any
 
 from govshare.client.auditor import Auditor, LocalLog, Verdict
-from govshare.client.risk import Alert, alerts_json, check_pulled, read_entry
+from govshare.client.risk import check_pulled
+from govshare.model.risk import Alert, alerts_json, read_entry
 from govshare.protocols.auditverify import AuditEntry
 from govshare.protocols.errors import GovshareError
 from govshare.protocols.signed_request import SignedRequest
@@ -79,9 +80,7 @@ PURPOSE_SHOWN = 160  # characters of one purpose shown on the page (the JSON kee
 PURPOSES_SHOWN = 5  # purposes shown per row on the page
 ENTRIES_SHOWN = 8  # entry indices listed per alert on the page
 DOTS_SHOWN = 60  # a ledger with more spends is drawn as a line alone, without a dot per spend
-EPSILON_PLACES = (
-    12  # decimals of ε in the JSON: what govshare.node.policy.grants.parse_epsilon reads
-)
+EPSILON_PLACES = 12  # decimals of ε in the JSON: what govshare.model.epsilon.parse_epsilon reads
 # Points kept per ε ledger for its chart: the last of each of this many equal slices of time
 # (the values are cumulative, so the last is the highest). The chart is 1,000 px wide; a year of
 # queries would otherwise put one point per spent reservation in the page.
@@ -431,7 +430,7 @@ def build_report(
 def _verified_entries(store: LocalLog, size: int) -> Iterator[AuditEntry]:
     """The first ``size`` entries of a verified copy (a pull may append more while the report
     reads; those were not part of the verification), decoded without the canonical-form
-    checks the verification just made (:func:`govshare.client.risk.read_entry`)."""
+    checks the verification just made (:func:`govshare.model.risk.read_entry`)."""
     for index, data, _ in store.iter_entries():
         if index >= size:
             return

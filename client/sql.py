@@ -36,9 +36,9 @@ import sqlglot
 from sqlglot import exp
 from sqlglot.errors import ParseError, TokenError
 
+from govshare.model.conditions import Condition
 from govshare.model.governance import QueryKind
 from govshare.model.query_plan import PsiPlan, Side
-from govshare.node.data.catalog import Condition
 from govshare.protocols.errors import MalformedInput
 
 _OPERATORS: dict[type[exp.Expression], str] = {

@@ -51,9 +51,8 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, Final
 
-from govshare.model.governance import QueryKind
+from govshare.model.governance import ColumnAccess, ColumnUse, QueryKind
 from govshare.model.query_plan import Side, _condition, _side, _text, parse_release, release_json
-from govshare.node.policy.decision import ColumnAccess, ColumnUse
 from govshare.protocols import dp
 from govshare.protocols.errors import MalformedInput
 from govshare.protocols.paillier import PackingLayout, Slot

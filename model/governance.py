@@ -106,3 +106,21 @@ class DatasetInfo:
             if rule.name == name:
                 return rule
         return None
+
+
+class ColumnUse(StrEnum):
+    JOIN = "join"  # matched by PSI
+    AGGREGATE = "aggregate"  # inside SUM / COUNT / AVG
+    GROUP = "group"  # a GROUP BY label
+    FILTER = "filter"  # compared in a WHERE pushed to this node
+    RELEASE = "release"  # revealed at record level (psi_membership)
+
+
+@dataclass(frozen=True)
+class ColumnAccess:
+    """One use of one column. ``values``: the labels a FILTER compares against or the groups a
+    GROUP asks for (checked against a ``group_key``'s domain; empty = the whole domain)."""
+
+    column: str
+    use: ColumnUse
+    values: tuple[str, ...] = ()

@@ -28,10 +28,9 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
-from govshare.model.governance import QueryKind
-from govshare.node.data.catalog import OPERATORS, Condition
-from govshare.node.policy.decision import ColumnAccess, ColumnUse
-from govshare.node.policy.grants import format_epsilon, parse_epsilon
+from govshare.model.conditions import OPERATORS, Condition
+from govshare.model.epsilon import format_epsilon, parse_epsilon
+from govshare.model.governance import ColumnAccess, ColumnUse, QueryKind
 from govshare.protocols.errors import MalformedInput
 
 PSI_KINDS = (QueryKind.PSI_CARDINALITY, QueryKind.PSI_MEMBERSHIP)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 
+from govshare.model.crossborder import Assessment
 from govshare.model.governance import DatasetInfo, Grade, Role
 from govshare.model.identity import ROSTER, Identity, Member, Roster
 from govshare.node.api.auth import Caller
@@ -30,7 +31,7 @@ from govshare.node.config import (
 from govshare.node.data.catalog import Catalogue
 from govshare.node.data.mask_key import MaskSecret
 from govshare.node.policy.alerts import RiskMonitor, SuspensionStore
-from govshare.node.policy.crossborder import Assessment, CrossBorderStore
+from govshare.node.policy.crossborder import CrossBorderStore
 from govshare.node.policy.grants import GrantStore
 from govshare.node.queries.engine import QueryEngine
 from govshare.node.queries.kinds.aggregate import AggregateEngine, AggregateOptions

@@ -13,9 +13,9 @@ from typing import TypeVar
 
 import grpc
 
+from govshare.model.crossborder import CatalogEntry
 from govshare.model.governance import DatasetInfo, Role
 from govshare.model.identity import Identity, Member
-from govshare.node.policy.crossborder import CatalogEntry
 from govshare.protocols.errors import GovshareError
 from govshare.rpc.convert import catalog_entry_from_proto, dataset_from_proto
 from govshare.rpc.status import error_for

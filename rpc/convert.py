@@ -5,6 +5,13 @@ from __future__ import annotations
 from collections.abc import Iterable
 from fractions import Fraction
 
+from govshare.model.crossborder import (
+    Assessment,
+    CatalogEntry,
+    CrossBorderRecord,
+    validate_destination,
+)
+from govshare.model.epsilon import format_epsilon, parse_epsilon
 from govshare.model.governance import (
     ColumnKind,
     ColumnRule,
@@ -14,13 +21,6 @@ from govshare.model.governance import (
     OwnerKind,
     SharingType,
 )
-from govshare.node.policy.crossborder import (
-    Assessment,
-    CatalogEntry,
-    CrossBorderRecord,
-    validate_destination,
-)
-from govshare.node.policy.grants import format_epsilon, parse_epsilon
 from govshare.protocols.errors import MalformedInput
 from govshare.v1 import catalog_pb2
 

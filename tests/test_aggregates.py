@@ -28,19 +28,21 @@ from govshare.model.aggregate_plan import (
     Part,
     SumSpec,
 )
+from govshare.model.conditions import Condition
 from govshare.model.governance import Grade, QueryKind
 from govshare.model.identity import Identity
 from govshare.model.query_plan import Side
+from govshare.model.states import PENDING
 from govshare.node.api.server import RunningNode, create_server
 from govshare.node.audit.auditlog import AuditLog
 from govshare.node.audit.witness import WitnessStore
 from govshare.node.config import NodeConfig
-from govshare.node.data.catalog import Catalogue, Condition
+from govshare.node.data.catalog import Catalogue
 from govshare.node.node import Node
 from govshare.node.policy import approvals
 from govshare.node.policy.grants import GrantStore
 from govshare.node.queries.kinds.aggregate import AggregateEngine, AggregateOptions
-from govshare.node.stores.query_store import PENDING, QueryStore
+from govshare.node.stores.query_store import QueryStore
 from govshare.protocols import dp
 from govshare.protocols.errors import Aborted, MalformedInput, PermissionDenied
 from govshare.protocols.paillier import generate_keypair

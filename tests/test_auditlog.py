@@ -20,7 +20,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from govshare.node.audit.auditlog import AuditLog, Event, verify_log_file
+from govshare.model.events import Event
+from govshare.node.audit.auditlog import AuditLog, verify_log_file
 from govshare.node.audit.sink import AuditSink
 from govshare.protocols.auditverify import (
     INT_MAX,
@@ -603,7 +604,8 @@ def test_clean_log_of_100000_entries_verifies(tmp_path: Path) -> None:
 CHILD = """
 import hashlib, sys
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from govshare.node.audit.auditlog import AuditLog, Event
+from govshare.node.audit.auditlog import AuditLog
+from govshare.model.events import Event
 key = Ed25519PrivateKey.from_private_bytes(hashlib.sha256(b"test log key").digest())
 log = AuditLog.open(sys.argv[1])
 round = 0

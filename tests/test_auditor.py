@@ -23,9 +23,9 @@ from govshare.client.auditor import (
     make_receipt,
     verify_receipt,
 )
+from govshare.model.events import log_origin
 from govshare.node.api.server import RunningNode, create_server
 from govshare.node.audit.auditlog import AuditLog
-from govshare.node.audit.witness import log_origin
 from govshare.node.config import NodeConfig
 from govshare.node.node import Node
 from govshare.protocols.auditverify import decode_entry, encode_entry

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from govshare.model.conditions import Condition
 from govshare.model.governance import ColumnKind, ColumnRule, Grade, Owner, OwnerKind, SharingType
 from govshare.node.data import resident_id
-from govshare.node.data.catalog import REASONS_KEPT, Catalogue, Condition, ImportReport
+from govshare.node.data.catalog import REASONS_KEPT, Catalogue, ImportReport
 from govshare.protocols.errors import AlreadyExists, MalformedInput, NotFound, PolicyRefused
 
 IDS = [resident_id.make("110101", date(1970 + i, 1 + i % 12, 1 + i), i) for i in range(12)]

@@ -22,9 +22,9 @@ from conftest import (
 )
 
 from govshare.examples import synth
+from govshare.model.events import log_origin
 from govshare.model.governance import QueryKind
 from govshare.model.query_plan import PsiPlan, Side
-from govshare.node.audit.witness import log_origin
 from govshare.protocols.receipt import decode_receipt
 from govshare.protocols.signed_request import sign_request
 from govshare.rpc.client import NodeClient

@@ -21,6 +21,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from govshare.cli.crossborder import when_text
+from govshare.model.crossborder import (
+    DOMAIN_TAG,
+    Assessment,
+    CrossBorderRecord,
+    canonical_bytes,
+    verify_assessment,
+)
 from govshare.model.governance import (
     ColumnKind,
     ColumnRule,
@@ -37,15 +44,7 @@ from govshare.node.audit.sink import AuditSink
 from govshare.node.config import NodeConfig
 from govshare.node.data import resident_id
 from govshare.node.node import Node
-from govshare.node.policy.crossborder import (
-    DOMAIN_TAG,
-    Assessment,
-    CrossBorderRecord,
-    CrossBorderStore,
-    approve_assessment,
-    canonical_bytes,
-    verify_assessment,
-)
+from govshare.node.policy.crossborder import CrossBorderStore, approve_assessment
 from govshare.protocols.errors import Conflict, MalformedInput, NotFound, VerificationFailed
 from govshare.rpc.client import NodeClient
 from govshare.rpc.convert import catalog_entry_from_proto, dataset_to_proto

@@ -47,6 +47,7 @@ from govshare.model.aggregate_plan import (
     SumSpec,
     slot_name,
 )
+from govshare.model.conditions import Condition
 from govshare.model.governance import Owner, OwnerKind, QueryKind, Role, SharingType
 from govshare.model.identity import Identity
 from govshare.model.query_plan import PsiPlan, Side
@@ -55,7 +56,7 @@ from govshare.node.audit.auditlog import AuditLog
 from govshare.node.audit.witness import WitnessStore
 from govshare.node.config import NodeConfig
 from govshare.node.data import resident_id
-from govshare.node.data.catalog import Catalogue, Condition
+from govshare.node.data.catalog import Catalogue
 from govshare.node.node import Node
 from govshare.node.policy import approvals
 from govshare.node.policy.crossborder import CrossBorderStore

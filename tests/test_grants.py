@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from hypothesis import given
 from hypothesis import strategies as st
 
+from govshare.model.epsilon import format_epsilon, parse_epsilon
 from govshare.model.governance import (
     ColumnKind,
     ColumnRule,
@@ -28,9 +29,7 @@ from govshare.node.policy.grants import (
     Grant,
     GrantStore,
     canonical_bytes,
-    format_epsilon,
     issue_grant,
-    parse_epsilon,
     verify_grant,
 )
 from govshare.protocols.errors import MalformedInput, NotFound, VerificationFailed

@@ -16,11 +16,11 @@ import pytest
 from conftest import PSI_EPSILON, PURPOSE, TAX_COLUMNS, build_federation, grant, register
 
 from govshare.examples import synth
+from govshare.model.events import log_origin
 from govshare.model.governance import QueryKind
 from govshare.model.identity import Identity
 from govshare.model.query_plan import PsiPlan, Side
 from govshare.node.audit.auditlog import verify_log_file
-from govshare.node.audit.witness import log_origin
 from govshare.node.config import NodeConfig
 from govshare.node.node import Node
 from govshare.protocols.errors import Aborted, GovshareError, Unavailable

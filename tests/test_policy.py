@@ -9,8 +9,10 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from govshare.model.governance import (
+    ColumnAccess,
     ColumnKind,
     ColumnRule,
+    ColumnUse,
     DatasetInfo,
     Grade,
     Owner,
@@ -22,8 +24,6 @@ from govshare.model.governance import (
 from govshare.node.policy import decision as policy
 from govshare.node.policy.decision import (
     AccessRequest,
-    ColumnAccess,
-    ColumnUse,
     DatasetBudget,
     Decision,
     GrantUsage,

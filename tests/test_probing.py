@@ -15,12 +15,12 @@ import pytest
 from conftest import PSI_EPSILON, PURPOSE, TAX_COLUMNS, build_federation, grant, register
 
 from govshare.examples import synth
+from govshare.model.conditions import Condition
 from govshare.model.governance import QueryKind
 from govshare.model.identity import Identity
 from govshare.model.query_plan import PsiPlan, Side
 from govshare.node.api.server import create_server
 from govshare.node.config import NodeConfig
-from govshare.node.data.catalog import Condition
 from govshare.node.node import Node
 from govshare.node.policy import approvals
 from govshare.protocols.errors import PermissionDenied

@@ -24,12 +24,12 @@ from conftest import (
 
 from govshare.client.analyst import run_psi
 from govshare.examples import synth
+from govshare.model.conditions import Condition
 from govshare.model.governance import QueryKind, SharingType
 from govshare.model.query_plan import PsiPlan, Side
-from govshare.node.data.catalog import Condition
+from govshare.model.states import PENDING
 from govshare.node.data.masking import apply_mask
 from govshare.node.policy import approvals
-from govshare.node.stores.query_store import PENDING
 from govshare.protocols.errors import Aborted, Conflict, MalformedInput, PermissionDenied
 
 MASK = "keep_last:4"

@@ -20,9 +20,9 @@ from conftest import (
 
 from govshare.client.analyst import log_keys, run_psi
 from govshare.examples import synth
+from govshare.model.conditions import Condition
 from govshare.model.governance import QueryKind
 from govshare.model.query_plan import PsiPlan, Side
-from govshare.node.data.catalog import Condition
 from govshare.protocols.errors import (
     Aborted,
     AlreadyExists,

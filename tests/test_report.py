@@ -40,9 +40,9 @@ from govshare.client.report import (
     thinned,
     write_html,
 )
-from govshare.client.risk import Alert, EntryRef, Severity
 from govshare.model.governance import QueryKind
 from govshare.model.query_plan import PsiPlan, Side
+from govshare.model.risk import Alert, EntryRef, Severity
 from govshare.node.node import Node
 from govshare.protocols.auditverify import AuditEntry, decode_entry, encode_entry
 from govshare.protocols.errors import PermissionDenied

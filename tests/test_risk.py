@@ -1,4 +1,4 @@
-"""Risk rules (govshare.client.risk), the node's own monitor (govshare.node.policy.alerts) and the
+"""Risk rules (govshare.model.risk), the node's own monitor (govshare.node.policy.alerts) and the
 CLI.
 
 Each rule fires on a real SQLite audit log built to trigger it and stays silent on its near
@@ -40,28 +40,28 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from govshare.cli.main import cli
 from govshare.client.analyst import run_psi
 from govshare.client.auditor import Auditor
-from govshare.client.risk import (
+from govshare.client.risk import check_pulled
+from govshare.examples import synth
+from govshare.model.conditions import Condition
+from govshare.model.governance import QueryKind
+from govshare.model.identity import Identity
+from govshare.model.query_plan import PsiPlan, Side
+from govshare.model.risk import (
     RULES,
     Alert,
     Scope,
     Severity,
     Thresholds,
     check,
-    check_pulled,
     one_condition_apart,
 )
-from govshare.examples import synth
-from govshare.model.governance import QueryKind
-from govshare.model.identity import Identity
-from govshare.model.query_plan import PsiPlan, Side
+from govshare.model.states import PENDING
 from govshare.node.api.server import RunningNode, create_server
 from govshare.node.audit.auditlog import AuditLog
 from govshare.node.config import NodeConfig
-from govshare.node.data.catalog import Condition
 from govshare.node.node import Node
 from govshare.node.policy import approvals
 from govshare.node.policy.alerts import logged_alerts
-from govshare.node.stores.query_store import PENDING
 from govshare.protocols.auditverify import AuditEntry
 from govshare.protocols.errors import PermissionDenied
 from govshare.protocols.signed_request import sign_request

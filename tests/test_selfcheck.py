@@ -28,11 +28,12 @@ from conftest import FederationFixture, build_federation
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from govshare.model.events import Event, log_origin
 from govshare.model.identity import Identity
 from govshare.node.api.server import create_server
 from govshare.node.audit import auditlog
-from govshare.node.audit.auditlog import AuditLog, Event, LogBroken, SelfCheck
-from govshare.node.audit.witness import WitnessStore, log_origin
+from govshare.node.audit.auditlog import AuditLog, LogBroken, SelfCheck
+from govshare.node.audit.witness import WitnessStore
 from govshare.node.config import NodeConfig
 from govshare.node.data.catalog import Catalogue
 from govshare.node.node import Node

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from govshare.client.sql import parse_join
+from govshare.model.conditions import Condition
 from govshare.model.governance import QueryKind
-from govshare.node.data.catalog import Condition
 from govshare.protocols.errors import MalformedInput
 
 COUNT = (

@@ -8,8 +8,8 @@ import pytest
 from conftest import FederationFixture, build_federation
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from govshare.model.events import log_origin
 from govshare.node.api.server import RunningNode, create_server
-from govshare.node.audit.witness import log_origin
 from govshare.node.config import NodeConfig
 from govshare.node.node import Node
 from govshare.protocols.checkpoint import Checkpoint, open_cosignature, sign_checkpoint

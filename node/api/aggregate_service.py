@@ -11,10 +11,10 @@ from collections.abc import Iterator
 
 import grpc
 
+from govshare.model.epsilon import format_epsilon
 from govshare.node.api.auth import current_caller
 from govshare.node.api.services import require_query_id
 from govshare.node.node import Node
-from govshare.node.policy.grants import format_epsilon
 from govshare.node.queries.kinds.aggregate import SignedKey
 from govshare.v1 import aggregate_pb2, aggregate_pb2_grpc
 

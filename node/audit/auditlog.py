@@ -50,6 +50,7 @@ from types import TracebackType
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from govshare.model.events import Event
 from govshare.protocols.auditverify import (
     AuditEntry,
     LogVerification,
@@ -166,16 +167,6 @@ class StoredCheckpoint:
     root: bytes
     note: bytes
     created_ms: int
-
-
-@dataclass(frozen=True)
-class Event:
-    """One event for :meth:`AuditLog.record_many`, the arguments of :meth:`AuditLog.record`."""
-
-    kind: str
-    fields: Mapping[str, object]
-    actor: str
-    query_id: str | None = None
 
 
 class AuditLog:

@@ -13,10 +13,10 @@ import logging
 import threading
 from collections.abc import Callable, Sequence
 
+from govshare.model.events import log_origin
 from govshare.model.governance import Role
 from govshare.model.identity import Identity, Member
 from govshare.node.audit.auditlog import AuditLog, StoredCheckpoint
-from govshare.node.audit.witness import log_origin
 from govshare.protocols.checkpoint import NoteSignature
 from govshare.protocols.errors import GovshareError
 from govshare.rpc.client import NodeClient

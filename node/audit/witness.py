@@ -30,6 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from govshare.model.events import log_origin
 from govshare.model.identity import Identity, Member
 from govshare.node.audit.sink import AuditSink
 from govshare.node.stores.sqlite import connect, immediate
@@ -46,11 +47,6 @@ CREATE TABLE IF NOT EXISTS witnessed (
     cosigned_at INTEGER NOT NULL
 )
 """
-
-
-def log_origin(federation: str, node: str) -> str:
-    """The checkpoint origin line of ``node``'s audit log."""
-    return f"govshare/{federation}/{node}"
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from govshare.model.conditions import OPERATORS, Condition
 from govshare.model.governance import (
     ColumnKind,
     ColumnRule,
@@ -83,7 +84,6 @@ BATCH_ROWS = 10_000
 MAX_ABS_AGGREGATE = 2**63 - 1
 # Values an ``in`` condition may list.
 MAX_IN_VALUES = 1000
-OPERATORS = ("=", "!=", "<", "<=", ">", ">=", "in")
 
 _INTEGER = re.compile(r"^[+-]?[0-9]{1,19}$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -129,15 +129,6 @@ class ImportReport:
     rejected: int
     first_rejections: tuple[RejectedRow, ...]
     source_sha256: str
-
-
-@dataclass(frozen=True)
-class Condition:
-    """``column op value`` for a pushed-down filter; ``value`` is a tuple for ``in``."""
-
-    column: str
-    op: str
-    value: str | int | tuple[str | int, ...]
 
 
 Cell = str | int

@@ -3,7 +3,7 @@
 :class:`RiskMonitor` follows the node's audit log from a cursor: each call of :meth:`poll` reads
 the entries appended since the last one (its own, and those the operator's commands appended
 from other processes, such as approvals and revocations), folds them into the rules' facts
-(:class:`govshare.client.risk.Checker`, ``Scope.LOG`` rules) and records each new alert as a
+(:class:`govshare.model.risk.Checker`, ``Scope.LOG`` rules) and records each new alert as a
 ``risk.alert`` entry (rule, severity, analyst, detail, the entries it rests on, its key). The
 query engine calls :meth:`poll` after each policy decision and at the end of each run, so the
 work per entry is constant and nothing rescans the log.
@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from govshare.client.risk import (
+from govshare.model.risk import (
     DEFAULT_THRESHOLDS,
     RISK_ALERT,
     RISK_CLEARED,

@@ -13,9 +13,10 @@ import hashlib
 import time
 from dataclasses import dataclass
 
+from govshare.model.epsilon import format_epsilon
+from govshare.model.states import APPROVED, DENIED, PENDING
 from govshare.node.audit.sink import AuditSink
-from govshare.node.policy.grants import format_epsilon
-from govshare.node.stores.query_store import APPROVED, DENIED, PENDING, QueryRecord, QueryStore
+from govshare.node.stores.query_store import QueryRecord, QueryStore
 from govshare.protocols.signed_request import SignedRequest
 
 

@@ -44,22 +44,22 @@ import secrets
 import sqlite3
 import time
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, replace
-from fractions import Fraction
+from dataclasses import replace
 from pathlib import Path
 
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from govshare.model.crossborder import (
+    Assessment,
+    canonical_bytes,
+    validate_destination,
+    verify_assessment,
+)
 from govshare.model.governance import DatasetInfo
-from govshare.model.identity import JURISDICTION_PATTERN, validate_name
+from govshare.model.identity import validate_name
 from govshare.node.audit.sink import AuditSink
 from govshare.node.stores.sqlite import immediate, opened
-from govshare.protocols.canonical import canonical_json
 from govshare.protocols.errors import Conflict, MalformedInput, NotFound, VerificationFailed
-
-DOMAIN_TAG = b"govshare/crossborder/v1\n"
-ENCODING_VERSION = 1
 
 # 64 random bits, as for grant ids: unguessable enough for a non-secret identifier, short to type.
 RECORD_ID_BYTES = 8
@@ -92,125 +92,6 @@ CREATE INDEX IF NOT EXISTS crossborder_by_dataset ON crossborder (dataset);
 
 
 # --------------------------------------------------------------------------- the record
-
-
-@dataclass(frozen=True)
-class Assessment:
-    """A signed cross-border assessment record. ``revoked_*`` fields are local state."""
-
-    record_id: str
-    dataset: str
-    destination: str
-    assessment: str
-    basis: str
-    expires_at: int
-    created_at: int
-    issuer: str
-    signature: bytes
-    revoked_at: int | None = None
-    revoked_by: str | None = None
-    revoke_reason: str = ""
-
-    @property
-    def revoked(self) -> bool:
-        return self.revoked_at is not None
-
-    def in_force_at(self, now: int) -> bool:
-        """Unrevoked, approved at or before ``now`` and not yet expired (expiry is exclusive).
-
-        The signature is not checked here; see :meth:`CrossBorderStore.in_force`.
-        """
-        return not self.revoked and self.created_at <= now < self.expires_at
-
-    def canonical_bytes(self) -> bytes:
-        """The bytes the issuer's signature covers (see the module docstring)."""
-        return canonical_bytes(self)
-
-    def public_record(self) -> CrossBorderRecord:
-        """What the catalogue shows of this record."""
-        return CrossBorderRecord(self.destination, self.assessment, self.expires_at)
-
-    def to_json(self) -> dict[str, object]:
-        """A JSON-ready view for ``--json`` output and audit entries (signature in hex)."""
-        return {
-            "record_id": self.record_id,
-            "dataset": self.dataset,
-            "destination": self.destination,
-            "assessment": self.assessment,
-            "basis": self.basis,
-            "expires_at": self.expires_at,
-            "created_at": self.created_at,
-            "issuer": self.issuer,
-            "signature": self.signature.hex(),
-            "revoked_at": self.revoked_at,
-            "revoked_by": self.revoked_by,
-            "revoke_reason": self.revoke_reason,
-        }
-
-
-@dataclass(frozen=True)
-class CrossBorderRecord:
-    """The catalogue's view of an assessment in force: where to, under which reference, until."""
-
-    destination: str
-    assessment: str
-    expires_at: int
-
-
-@dataclass(frozen=True)
-class CatalogEntry:
-    """A dataset as a node's catalogue describes it: its metadata and the assessments in force.
-
-    Kept beside :class:`DatasetInfo` rather than inside it: the records are the node's local
-    state at the time of asking, not part of the dataset's registration.
-    """
-
-    info: DatasetInfo
-    crossborder: tuple[CrossBorderRecord, ...] = ()
-    # The asking analyst's ε on the dataset: (spent, reserved, left), when the node told it.
-    ledger: tuple[Fraction, Fraction, Fraction] | None = None
-
-
-def canonical_bytes(record: Assessment) -> bytes:
-    body = {
-        "v": ENCODING_VERSION,
-        "record_id": record.record_id,
-        "dataset": record.dataset,
-        "destination": record.destination,
-        "assessment": record.assessment,
-        "basis": record.basis,
-        "expires_at": record.expires_at,
-        "created_at": record.created_at,
-        "issuer": record.issuer,
-    }
-    return DOMAIN_TAG + canonical_json(body)
-
-
-def verify_assessment(record: Assessment, public_key: ed25519.Ed25519PublicKey) -> None:
-    """Check the issuer's signature over the record's canonical encoding.
-
-    Raises:
-        VerificationFailed: the signature does not match (tampered record or wrong key).
-    """
-    try:
-        public_key.verify(record.signature, canonical_bytes(record))
-    except (InvalidSignature, MalformedInput):
-        raise VerificationFailed() from None
-
-
-def validate_destination(code: str) -> str:
-    """An ISO 3166-1 alpha-2 code (``HK``, ``SG``); surrounding blanks and case are forgiven.
-
-    Raises:
-        MalformedInput: anything else (field ``destination``).
-    """
-    normalised = code.strip().upper() if isinstance(code, str) else ""
-    if not JURISDICTION_PATTERN.match(normalised):
-        raise MalformedInput(
-            f"destination {code!r} must be an ISO 3166-1 alpha-2 code such as HK or SG",
-            field="destination",
-        )
-    return normalised
 
 
 def _check_text(value: str, what: str, *, limit: int) -> str:

@@ -93,14 +93,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from enum import StrEnum
 from fractions import Fraction
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from govshare.model.epsilon import format_epsilon
 from govshare.model.governance import (
+    ColumnAccess,
     ColumnKind,
     ColumnRule,
+    ColumnUse,
     DatasetInfo,
     Grade,
     OwnerKind,
@@ -108,7 +110,7 @@ from govshare.model.governance import (
     Role,
     SharingType,
 )
-from govshare.node.policy.grants import Grant, format_epsilon, verify_grant
+from govshare.node.policy.grants import Grant, verify_grant
 from govshare.protocols.errors import MalformedInput, PolicyRefused, VerificationFailed
 
 # --------------------------------------------------------------------------- rule names
@@ -218,24 +220,6 @@ QUERYING_ROLES = frozenset({Role.ANALYST, Role.NODE})
 
 
 # --------------------------------------------------------------------------- request
-
-
-class ColumnUse(StrEnum):
-    JOIN = "join"  # matched by PSI
-    AGGREGATE = "aggregate"  # inside SUM / COUNT / AVG
-    GROUP = "group"  # a GROUP BY label
-    FILTER = "filter"  # compared in a WHERE pushed to this node
-    RELEASE = "release"  # revealed at record level (psi_membership)
-
-
-@dataclass(frozen=True)
-class ColumnAccess:
-    """One use of one column. ``values``: the labels a FILTER compares against or the groups a
-    GROUP asks for (checked against a ``group_key``'s domain; empty = the whole domain)."""
-
-    column: str
-    use: ColumnUse
-    values: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -55,15 +55,26 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Protocol, TypeVar
 
-from govshare.client.risk import RISK_SUSPENDED
+from govshare.model.conditions import Condition
 from govshare.model.governance import QueryKind, Role
 from govshare.model.identity import Identity, Roster
 from govshare.model.query_plan import PsiPlan, Side, parse_plan
+from govshare.model.risk import RISK_SUSPENDED
+from govshare.model.states import (
+    APPROVED,
+    CANCELLED,
+    DONE,
+    EXPIRED,
+    FAILED,
+    PENDING,
+    REFUSED,
+    RUNNING,
+)
 from govshare.node.api.auth import Caller
 from govshare.node.audit.auditlog import AuditLog
 from govshare.node.audit.checkpointer import CheckpointPublisher
 from govshare.node.audit.sink import AuditSink
-from govshare.node.data.catalog import Catalogue, Condition
+from govshare.node.data.catalog import Catalogue
 from govshare.node.data.masking import apply_mask, needs_key
 from govshare.node.policy.decision import (
     FILTER_OVERLAP,
@@ -74,20 +85,7 @@ from govshare.node.policy.decision import (
     decide,
 )
 from govshare.node.policy.grants import GrantStore
-from govshare.node.stores.query_store import (
-    APPROVED,
-    CANCELLED,
-    DONE,
-    EXPIRED,
-    FAILED,
-    ITEM_DIGEST_BYTES,
-    PENDING,
-    REFUSED,
-    RUNNING,
-    QueryRecord,
-    QueryStore,
-    Usage,
-)
+from govshare.node.stores.query_store import ITEM_DIGEST_BYTES, QueryRecord, QueryStore, Usage
 from govshare.protocols import dp, ecdh_psi
 from govshare.protocols.errors import (
     Aborted,

@@ -33,19 +33,19 @@ from dataclasses import dataclass, replace
 from fractions import Fraction
 from pathlib import Path
 
+from govshare.model.epsilon import format_epsilon, parse_epsilon
+from govshare.model.states import (
+    APPROVED,
+    PENDING,
+    REFUSED,
+    RESERVED,
+    RETURNED,
+    SPENT,
+)
 from govshare.node.policy.decision import DatasetBudget, Decision, GrantUsage, dataset_epsilon_cap
-from govshare.node.policy.grants import Grant, format_epsilon, parse_epsilon
+from govshare.node.policy.grants import Grant
 from govshare.node.stores.sqlite import connect, immediate
 from govshare.protocols.errors import AlreadyExists, Conflict, NotFound
-
-PENDING = "pending_approval"
-APPROVED = "approved"
-DENIED = "denied"
-REFUSED = "refused"
-RUNNING = "running"
-DONE = "done"
-FAILED = "failed"
-CANCELLED = "cancelled"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS queries (
@@ -95,10 +95,6 @@ CREATE TABLE IF NOT EXISTS exact_releases (
 );
 """
 
-RESERVED = "reserved"
-SPENT = "spent"
-RETURNED = "returned"
-EXPIRED = "expired"
 # Bytes kept of each item's digest for the tracker check: 128 bits, no collisions in practice.
 ITEM_DIGEST_BYTES = 16
 

@@ -72,14 +72,16 @@ from govshare.model.aggregate_plan import (
     parse_aggregate_plan,
     slot_name,
 )
+from govshare.model.conditions import Condition
 from govshare.model.identity import Identity, Roster
+from govshare.model.states import APPROVED
 from govshare.node.api.auth import Caller
 from govshare.node.audit.sink import AuditSink
-from govshare.node.data.catalog import Catalogue, Condition
+from govshare.node.data.catalog import Catalogue
 from govshare.node.policy.decision import AccessRequest, Obligations, dataset_epsilon_cap
 from govshare.node.policy.grants import GrantStore
 from govshare.node.queries.engine import Admission, QueryEngine, digest, points_digest
-from govshare.node.stores.query_store import APPROVED, QueryRecord, QueryStore
+from govshare.node.stores.query_store import QueryRecord, QueryStore
 from govshare.protocols import dp, ecdh_psi, masks
 from govshare.protocols.bfv import BfvPublicContext
 from govshare.protocols.errors import (
