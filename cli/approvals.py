@@ -8,11 +8,7 @@ from pathlib import Path
 import click
 
 from govshare.cli.common import console, emit_json, home_option, json_option, render_table
-from govshare.model.identity import Identity
-from govshare.node.audit.auditlog import AuditLog
-from govshare.node.config import NodeConfig
-from govshare.node.policy import approvals
-from govshare.node.stores.query_store import QueryStore
+from govshare.node.operator import Operator
 
 
 @click.group("approvals")
@@ -20,21 +16,12 @@ def group() -> None:
     """List, approve and deny queries waiting for this node's approval (operator)."""
 
 
-def _stores(home: Path) -> tuple[NodeConfig, QueryStore]:
-    config = NodeConfig.load(home)
-    return config, QueryStore(config.database_path)
-
-
 @group.command("list")
 @home_option
 @json_option
 def list_(home: Path, as_json: bool) -> None:
     """Queries waiting for approval at this node."""
-    _, store = _stores(home)
-    try:
-        waiting = approvals.pending(store)
-    finally:
-        store.close()
+    waiting = Operator(home).pending()
     if as_json:
         emit_json(
             [
@@ -74,15 +61,7 @@ def list_(home: Path, as_json: bool) -> None:
 
 
 def _decide(home: Path, query_id: str, *, approve: bool, reason: str) -> None:
-    config, store = _stores(home)
-    operator = f"operator:{Identity.load(config.identity_dir).name}"
-    try:
-        with AuditLog.open(config.audit_database_path) as audit:
-            record = approvals.decide(
-                store, audit, query_id, approve=approve, operator=operator, reason=reason
-            )
-    finally:
-        store.close()
+    record = Operator(home).decide(query_id, approve=approve, reason=reason)
     console.print(f"query {record.query_id} {record.state}: {record.message}")
 
 

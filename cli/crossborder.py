@@ -21,10 +21,7 @@ from govshare.cli.grant import parse_expiry
 from govshare.model.crossborder import Assessment, verify_assessment
 from govshare.model.governance import OwnerKind
 from govshare.model.identity import Identity
-from govshare.node.audit.auditlog import AuditLog
-from govshare.node.config import NodeConfig
-from govshare.node.data.catalog import Catalogue
-from govshare.node.policy.crossborder import CrossBorderStore
+from govshare.node.operator import Operator
 from govshare.protocols.errors import VerificationFailed
 
 
@@ -72,22 +69,13 @@ def approve(
     as_json: bool,
 ) -> None:
     """Sign and store a cross-border assessment record with this node's key."""
-    config = NodeConfig.load(home)
-    me = Identity.load(config.identity_dir)
-    info = Catalogue(config.database_path).get(dataset)
-    with AuditLog.open(config.audit_database_path) as log:
-        record = CrossBorderStore(config.database_path).approve(
-            me.signing_key,
-            issuer=me.name,
-            dataset=info,
-            destination=destination,
-            assessment=assessment,
-            basis=basis,
-            expires_at=parse_expiry(expires),
-            actor=f"operator:{me.name}",
-            audit=log,
-            home_jurisdiction=me.jurisdiction,
-        )
+    record, info = Operator(home).approve_assessment(
+        dataset=dataset,
+        destination=destination,
+        assessment=assessment,
+        basis=basis,
+        expires_at=parse_expiry(expires),
+    )
     if info.owner.kind is not OwnerKind.INDIVIDUAL:
         err_console.print(
             f"[yellow]note:[/] {info.name} is {info.owner.kind.value} data; only individual "
@@ -108,9 +96,9 @@ def approve(
 @json_option
 def list_(home: Path, dataset: str | None, as_json: bool) -> None:
     """List cross-border records, revoked and expired ones included, with their status."""
-    config = NodeConfig.load(home)
-    me = Identity.load(config.identity_dir)
-    records = CrossBorderStore(config.database_path).list(dataset)
+    operator = Operator(home)
+    me = operator.identity()
+    records = operator.assessments(dataset)
     now = int(time.time())
     if as_json:
         emit_json([{**r.to_json(), "status": _status(r, me, now)} for r in records])
@@ -142,12 +130,7 @@ def list_(home: Path, dataset: str | None, as_json: bool) -> None:
 @json_option
 def revoke(home: Path, record_id: str, reason: str, as_json: bool) -> None:
     """Revoke a record; it stays listed, marked revoked, and covers nothing from now on."""
-    config = NodeConfig.load(home)
-    me = Identity.load(config.identity_dir)
-    with AuditLog.open(config.audit_database_path) as log:
-        record = CrossBorderStore(config.database_path).revoke(
-            record_id, actor=f"operator:{me.name}", reason=reason, audit=log
-        )
+    record = Operator(home).revoke_assessment(record_id, reason=reason)
     if as_json:
         emit_json(record.to_json())
         return

@@ -22,14 +22,10 @@ from govshare.model.governance import (
     ColumnRule,
     DatasetInfo,
     Grade,
-    Owner,
     OwnerKind,
     SharingType,
 )
-from govshare.model.identity import Identity
-from govshare.node.audit.auditlog import AuditLog
-from govshare.node.config import NodeConfig
-from govshare.node.data.catalog import Catalogue, ImportReport, dataset_to_json
+from govshare.node.operator import ImportReport, Operator, dataset_to_json
 from govshare.protocols.errors import MalformedInput
 
 COLUMN_HELP = (
@@ -106,10 +102,6 @@ def _report_json(report: ImportReport) -> dict[str, object]:
     }
 
 
-def _catalogue(home: Path) -> Catalogue:
-    return Catalogue(NodeConfig.load(home).database_path)
-
-
 @click.group("dataset")
 def group() -> None:
     """Register, list, show and remove the node's datasets (operator)."""
@@ -160,28 +152,26 @@ def add(
     as_json: bool,
 ) -> None:
     """Register CSV_FILE as a dataset; the whole file is imported or none of it."""
-    config = NodeConfig.load(home)
-    me = Identity.load(config.identity_dir)
+    operator = Operator(home)
     rules = [parse_column(spec) for spec in columns]
-    with AuditLog.open(config.audit_database_path) as log:
-        report = Catalogue(config.database_path).add(
-            csv_file,
-            name=name,
-            grade=Grade(grade),
-            sharing_type=SharingType(sharing),
-            legal_basis=legal_basis,
-            owner=Owner(OwnerKind(owner_kind), owner, holder or me.name),
-            columns=rules,
-            description=description,
-            skip_invalid=skip_invalid,
-            actor=f"operator:{me.name}",
-            audit=log,
-            allowed_jurisdictions=jurisdictions,
-            min_group_size=min_group_size,
-            min_set_size=min_set_size,
-            require_dp=require_dp,
-            require_approval=require_approval,
-        )
+    report = operator.add_dataset(
+        csv_file,
+        name=name,
+        grade=Grade(grade),
+        sharing_type=SharingType(sharing),
+        legal_basis=legal_basis,
+        owner_kind=OwnerKind(owner_kind),
+        owner=owner,
+        holder=holder,
+        columns=rules,
+        description=description,
+        skip_invalid=skip_invalid,
+        allowed_jurisdictions=jurisdictions,
+        min_group_size=min_group_size,
+        min_set_size=min_set_size,
+        require_dp=require_dp,
+        require_approval=require_approval,
+    )
     if as_json:
         emit_json(_report_json(report))
         return
@@ -200,7 +190,7 @@ def add(
 @json_option
 def list_(home: Path, as_json: bool) -> None:
     """List the node's datasets with their governance metadata."""
-    datasets = _catalogue(home).list()
+    datasets = Operator(home).datasets()
     if as_json:
         emit_json([dataset_to_json(d) for d in datasets])
         return
@@ -253,7 +243,7 @@ def _show(info: DatasetInfo) -> None:
 @json_option
 def show(home: Path, name: str, as_json: bool) -> None:
     """Show one dataset's registration and column rules."""
-    info = _catalogue(home).get(name)
+    info = Operator(home).dataset(name)
     if as_json:
         emit_json(dataset_to_json(info))
         return
@@ -267,14 +257,11 @@ def show(home: Path, name: str, as_json: bool) -> None:
 @json_option
 def remove(home: Path, name: str, yes: bool, as_json: bool) -> None:
     """Remove a dataset and its rows (grants on it stay listed)."""
-    config = NodeConfig.load(home)
-    me = Identity.load(config.identity_dir)
-    catalogue = Catalogue(config.database_path)
-    info = catalogue.get(name)
+    operator = Operator(home)
+    info = operator.dataset(name)
     if not yes:
         click.confirm(f"remove dataset {name} and its {info.row_count} rows?", abort=True)
-    with AuditLog.open(config.audit_database_path) as log:
-        removed = catalogue.remove(name, actor=f"operator:{me.name}", audit=log)
+    removed = operator.remove_dataset(name)
     if as_json:
         emit_json({"removed": removed.name, "row_count": removed.row_count})
         return

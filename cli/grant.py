@@ -16,13 +16,7 @@ from rich.table import Table
 
 from govshare.cli.common import console, emit_json, home_option, json_option
 from govshare.model.epsilon import format_epsilon
-from govshare.model.identity import Identity
-from govshare.node.audit.auditlog import AuditLog
-from govshare.node.config import NodeConfig
-from govshare.node.data.catalog import Catalogue
-from govshare.node.policy.decision import GrantUsage
-from govshare.node.policy.grants import Grant, GrantStore
-from govshare.node.stores.query_store import QueryStore, ledger_view
+from govshare.node.operator import Grant, GrantUsage, Operator
 from govshare.protocols.errors import MalformedInput
 
 
@@ -67,9 +61,8 @@ def _status(grant: Grant, now: int) -> str:
     return "active"
 
 
-def _usage(store: QueryStore, grant: Grant) -> dict[str, str | int]:
+def _usage(grant: Grant, used: GrantUsage) -> dict[str, str | int]:
     """What a grant has used: queries, ε spent and reserved (the node's reservations)."""
-    used = store.usage(grant.grantee).get(grant.grant_id, GrantUsage())
     left = max(grant.epsilon - used.epsilon_used, Fraction(0))
     return {
         "queries_used": used.queries,
@@ -141,25 +134,16 @@ def add(
     as_json: bool,
 ) -> None:
     """Sign and store a grant with this node's key."""
-    config = NodeConfig.load(home)
-    me = Identity.load(config.identity_dir)
-    me.roster.member(grantee)  # the grantee must be a federation member
-    info = Catalogue(config.database_path).get(dataset)
-    with AuditLog.open(config.audit_database_path) as log:
-        grant = GrantStore(config.database_path).issue(
-            me.signing_key,
-            issuer=me.name,
-            dataset=info,
-            grantee=grantee,
-            purpose=purpose,
-            columns=_split(columns),
-            query_kinds=_split(kinds),
-            expires_at=parse_expiry(expires),
-            epsilon=epsilon,
-            max_queries=max_queries,
-            actor=f"operator:{me.name}",
-            audit=log,
-        )
+    grant = Operator(home).issue_grant(
+        dataset=dataset,
+        grantee=grantee,
+        purpose=purpose,
+        columns=_split(columns),
+        query_kinds=_split(kinds),
+        expires_at=parse_expiry(expires),
+        epsilon=epsilon,
+        max_queries=max_queries,
+    )
     if as_json:
         emit_json(grant.to_json())
         return
@@ -180,13 +164,9 @@ def list_(
     home: Path, grantee: str | None, dataset: str | None, active: bool, as_json: bool
 ) -> None:
     """List grants with what each has used, revoked ones included unless --active."""
-    path = NodeConfig.load(home).database_path
-    grants = GrantStore(path).list(grantee=grantee, dataset=dataset, include_revoked=not active)
-    queries = QueryStore(path)
-    try:
-        usage = {g.grant_id: _usage(queries, g) for g in grants}
-    finally:
-        queries.close()
+    found = Operator(home).grants(grantee=grantee, dataset=dataset, include_revoked=not active)
+    grants = [g for g, _ in found]
+    usage = {g.grant_id: _usage(g, used) for g, used in found}
     if as_json:
         emit_json([g.to_json() | usage[g.grant_id] for g in grants])
         return
@@ -199,16 +179,7 @@ def list_(
 @json_option
 def ledger(home: Path, dataset: str | None, as_json: bool) -> None:
     """Each analyst's ε on each dataset, over all its grants: spent, reserved, left."""
-    path = NodeConfig.load(home).database_path
-    store, grants = QueryStore(path), GrantStore(path)
-    now = int(time.time())
-    try:
-        rows = [
-            (analyst, name, *ledger_view(store, grants.list(dataset=name), analyst, name, now=now))
-            for analyst, name, _ in store.ledger(dataset)
-        ]
-    finally:
-        store.close()
+    rows = Operator(home).ledgers(dataset)
     if as_json:
         emit_json([
             {"analyst": a, "dataset": d, "spent": format_epsilon(s),
@@ -230,13 +201,8 @@ def ledger(home: Path, dataset: str | None, as_json: bool) -> None:
 @json_option
 def show(home: Path, grant_id: str, as_json: bool) -> None:
     """Show one grant, with its signature."""
-    path = NodeConfig.load(home).database_path
-    grant = GrantStore(path).get(grant_id)
-    queries = QueryStore(path)
-    try:
-        usage = _usage(queries, grant)
-    finally:
-        queries.close()
+    grant, used = Operator(home).grant(grant_id)
+    usage = _usage(grant, used)
     if as_json:
         emit_json(grant.to_json() | usage)
         return
@@ -277,12 +243,7 @@ def show(home: Path, grant_id: str, as_json: bool) -> None:
 @json_option
 def revoke(home: Path, grant_id: str, reason: str, as_json: bool) -> None:
     """Revoke a grant; it stays listed, marked revoked."""
-    config = NodeConfig.load(home)
-    me = Identity.load(config.identity_dir)
-    with AuditLog.open(config.audit_database_path) as log:
-        grant = GrantStore(config.database_path).revoke(
-            grant_id, actor=f"operator:{me.name}", audit=log, reason=reason
-        )
+    grant = Operator(home).revoke_grant(grant_id, reason=reason)
     if as_json:
         emit_json(grant.to_json())
         return

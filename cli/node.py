@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import time
 from pathlib import Path
 
 import click
@@ -19,11 +18,8 @@ from govshare.cli.common import (
 )
 from govshare.model.identity import Identity
 from govshare.node.api.server import serve as serve_node
-from govshare.node.audit.auditlog import AuditLog
 from govshare.node.config import NodeConfig, write_default
-from govshare.node.node import Node
-from govshare.node.policy.alerts import SuspensionStore, logged_alerts
-from govshare.node.stores.query_store import QueryStore
+from govshare.node.operator import Operator, initialise
 from govshare.rpc.client import NodeClient
 
 
@@ -45,8 +41,8 @@ def group() -> None:
 def init(home: Path, listen: str, identity: str) -> None:
     """Write node.toml with documented defaults and create the node's stores."""
     path = write_default(home, listen=listen, identity=identity)
-    node = Node.from_home(home)
-    console.print(f"node [bold]{node.name}[/] initialised: {path}")
+    name = initialise(home)
+    console.print(f"node [bold]{name}[/] initialised: {path}")
 
 
 @group.command("serve")
@@ -66,11 +62,7 @@ def serve(home: Path) -> None:
 @json_option
 def results(home: Path, query_id: str, as_json: bool) -> None:
     """This node's own keys that matched a membership query it received."""
-    store = QueryStore(NodeConfig.load(home).database_path)
-    try:
-        keys = store.matches(query_id)
-    finally:
-        store.close()
+    keys = Operator(home).matches(query_id)
     if as_json:
         emit_json({"query_id": query_id, "matched": keys})
         return
@@ -112,14 +104,8 @@ def alerts(ctx: click.Context, home: Path, as_json: bool) -> None:
     ctx.obj["alerts_home"] = home
     if ctx.invoked_subcommand is not None:
         return
-    config = NodeConfig.load(home)
-    with AuditLog.open(config.audit_database_path) as audit:
-        found = list(logged_alerts(audit))
-    store = SuspensionStore(config.database_path)
-    try:
-        suspended = store.list()
-    finally:
-        store.close()
+    operator = Operator(home)
+    found, suspended = operator.alerts()
     if as_json:
         emit_json(
             {"alerts": [a.to_json() for a in found], "suspended": [s.to_json() for s in suspended]}
@@ -127,7 +113,7 @@ def alerts(ctx: click.Context, home: Path, as_json: bool) -> None:
         return
     if found:
         render_table(
-            f"risk alerts at {config.home}",
+            f"risk alerts at {operator.home}",
             ("time (UTC)", "severity", "rule", "analyst", "entries", "detail", "suspended"),
             (
                 (
@@ -165,16 +151,9 @@ def alerts(ctx: click.Context, home: Path, as_json: bool) -> None:
 @click.pass_context
 def clear(ctx: click.Context, home: Path | None, analyst: str, reason: str, as_json: bool) -> None:
     """Lift an analyst's suspension at this node; logged as risk.cleared by the operator."""
-    config = NodeConfig.load(home or ctx.obj["alerts_home"])
-    operator = f"operator:{Identity.load(config.identity_dir).name}"
-    store = SuspensionStore(config.database_path)
-    try:
-        with AuditLog.open(config.audit_database_path) as audit:
-            held = store.clear(
-                analyst, operator=operator, reason=reason, audit=audit, now=int(time.time())
-            )
-    finally:
-        store.close()
+    held, operator = Operator(home or ctx.obj["alerts_home"]).clear_suspension(
+        analyst, reason=reason
+    )
     if as_json:
         emit_json({"cleared": held.to_json(), "by": operator, "reason": reason.strip()})
         return

@@ -1,0 +1,306 @@
+"""The operator's façade: a node home opened for the commands its department operator runs.
+
+``govshare dataset|grant|crossborder|approvals|node`` reach the node's stores only through
+:class:`Operator` (``tests/test_layers.py`` holds the CLI to it): each method opens the stores it
+needs, and the audit log when it writes, and closes them before it returns, so a command works
+while the node serves (the stores are SQLite files shared with the serving process). Writes are
+signed with the node's key and logged with the actor ``operator:<node name>``.
+
+The types the operations return are re-exported here, so that the CLI can name them without
+importing a store module.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from fractions import Fraction
+from pathlib import Path
+
+from govshare.model.crossborder import Assessment
+from govshare.model.governance import (
+    ColumnRule,
+    DatasetInfo,
+    Grade,
+    Owner,
+    OwnerKind,
+    SharingType,
+)
+from govshare.model.identity import Identity
+from govshare.node.audit.auditlog import AuditLog
+from govshare.node.config import NodeConfig
+from govshare.node.data.catalog import Catalogue, ImportReport, dataset_to_json
+from govshare.node.node import Node
+from govshare.node.policy import approvals
+from govshare.node.policy.alerts import LoggedAlert, Suspension, SuspensionStore, logged_alerts
+from govshare.node.policy.approvals import PendingQuery
+from govshare.node.policy.crossborder import CrossBorderStore
+from govshare.node.policy.decision import GrantUsage
+from govshare.node.policy.grants import Grant, GrantStore
+from govshare.node.stores.query_store import QueryRecord, QueryStore, ledger_view
+
+__all__ = [
+    "Assessment",
+    "Grant",
+    "GrantUsage",
+    "ImportReport",
+    "LoggedAlert",
+    "Operator",
+    "PendingQuery",
+    "QueryRecord",
+    "Suspension",
+    "dataset_to_json",
+    "initialise",
+]
+
+
+def initialise(home: Path) -> str:
+    """Create the stores of the node whose ``node.toml`` was just written; return its name."""
+    return Node.from_home(home).name
+
+
+class Operator:
+    """A node home, opened for its operator (see the module docstring)."""
+
+    def __init__(self, home: Path) -> None:
+        self.config = NodeConfig.load(home)
+
+    @property
+    def home(self) -> Path:
+        return self.config.home
+
+    def identity(self) -> Identity:
+        """The node's identity bundle (its name, signing key and roster)."""
+        return Identity.load(self.config.identity_dir)
+
+    def _actor(self, me: Identity) -> str:
+        return f"operator:{me.name}"
+
+    # ------------------------------------------------------------------------ datasets
+
+    def add_dataset(
+        self,
+        csv_file: Path,
+        *,
+        name: str,
+        grade: Grade,
+        sharing_type: SharingType,
+        legal_basis: str,
+        owner_kind: OwnerKind,
+        owner: str,
+        holder: str | None,
+        columns: Sequence[ColumnRule],
+        description: str,
+        skip_invalid: bool,
+        allowed_jurisdictions: Sequence[str],
+        min_group_size: int,
+        min_set_size: int,
+        require_dp: bool,
+        require_approval: bool,
+    ) -> ImportReport:
+        """Register ``csv_file`` as a dataset held by this node (``holder`` default: the node)."""
+        me = self.identity()
+        with AuditLog.open(self.config.audit_database_path) as log:
+            return Catalogue(self.config.database_path).add(
+                csv_file,
+                name=name,
+                grade=grade,
+                sharing_type=sharing_type,
+                legal_basis=legal_basis,
+                owner=Owner(owner_kind, owner, holder or me.name),
+                columns=columns,
+                description=description,
+                skip_invalid=skip_invalid,
+                actor=self._actor(me),
+                audit=log,
+                allowed_jurisdictions=allowed_jurisdictions,
+                min_group_size=min_group_size,
+                min_set_size=min_set_size,
+                require_dp=require_dp,
+                require_approval=require_approval,
+            )
+
+    def datasets(self) -> list[DatasetInfo]:
+        return Catalogue(self.config.database_path).list()
+
+    def dataset(self, name: str) -> DatasetInfo:
+        return Catalogue(self.config.database_path).get(name)
+
+    def remove_dataset(self, name: str) -> DatasetInfo:
+        me = self.identity()
+        catalogue = Catalogue(self.config.database_path)
+        with AuditLog.open(self.config.audit_database_path) as log:
+            return catalogue.remove(name, actor=self._actor(me), audit=log)
+
+    # ------------------------------------------------------------------------ grants
+
+    def issue_grant(
+        self,
+        *,
+        dataset: str,
+        grantee: str,
+        purpose: str,
+        columns: Sequence[str],
+        query_kinds: Sequence[str],
+        expires_at: int,
+        epsilon: str,
+        max_queries: int,
+    ) -> Grant:
+        """Sign and store a grant with the node's key; the grantee must be a roster member."""
+        me = self.identity()
+        me.roster.member(grantee)
+        info = Catalogue(self.config.database_path).get(dataset)
+        with AuditLog.open(self.config.audit_database_path) as log:
+            return GrantStore(self.config.database_path).issue(
+                me.signing_key,
+                issuer=me.name,
+                dataset=info,
+                grantee=grantee,
+                purpose=purpose,
+                columns=columns,
+                query_kinds=query_kinds,
+                expires_at=expires_at,
+                epsilon=epsilon,
+                max_queries=max_queries,
+                actor=self._actor(me),
+                audit=log,
+            )
+
+    def grants(
+        self, *, grantee: str | None, dataset: str | None, include_revoked: bool
+    ) -> list[tuple[Grant, GrantUsage]]:
+        """The grants, each with what it has used (the node's reservations)."""
+        path = self.config.database_path
+        grants = GrantStore(path).list(
+            grantee=grantee, dataset=dataset, include_revoked=include_revoked
+        )
+        queries = QueryStore(path)
+        try:
+            return [(g, _usage(queries, g)) for g in grants]
+        finally:
+            queries.close()
+
+    def grant(self, grant_id: str) -> tuple[Grant, GrantUsage]:
+        path = self.config.database_path
+        grant = GrantStore(path).get(grant_id)
+        queries = QueryStore(path)
+        try:
+            return grant, _usage(queries, grant)
+        finally:
+            queries.close()
+
+    def ledgers(self, dataset: str | None) -> list[tuple[str, str, Fraction, Fraction, Fraction]]:
+        """Each analyst's ε on each dataset over all its grants: (analyst, dataset, spent,
+        reserved, left)."""
+        path = self.config.database_path
+        store, grants = QueryStore(path), GrantStore(path)
+        now = int(time.time())
+        try:
+            return [
+                (
+                    analyst,
+                    name,
+                    *ledger_view(store, grants.list(dataset=name), analyst, name, now=now),
+                )
+                for analyst, name, _ in store.ledger(dataset)
+            ]
+        finally:
+            store.close()
+
+    def revoke_grant(self, grant_id: str, *, reason: str) -> Grant:
+        me = self.identity()
+        with AuditLog.open(self.config.audit_database_path) as log:
+            return GrantStore(self.config.database_path).revoke(
+                grant_id, actor=self._actor(me), audit=log, reason=reason
+            )
+
+    # ------------------------------------------------------------------------ cross-border
+
+    def approve_assessment(
+        self, *, dataset: str, destination: str, assessment: str, basis: str, expires_at: int
+    ) -> tuple[Assessment, DatasetInfo]:
+        """Sign and store a cross-border assessment record; also returns the dataset."""
+        me = self.identity()
+        info = Catalogue(self.config.database_path).get(dataset)
+        with AuditLog.open(self.config.audit_database_path) as log:
+            record = CrossBorderStore(self.config.database_path).approve(
+                me.signing_key,
+                issuer=me.name,
+                dataset=info,
+                destination=destination,
+                assessment=assessment,
+                basis=basis,
+                expires_at=expires_at,
+                actor=self._actor(me),
+                audit=log,
+                home_jurisdiction=me.jurisdiction,
+            )
+        return record, info
+
+    def assessments(self, dataset: str | None) -> list[Assessment]:
+        return CrossBorderStore(self.config.database_path).list(dataset)
+
+    def revoke_assessment(self, record_id: str, *, reason: str) -> Assessment:
+        me = self.identity()
+        with AuditLog.open(self.config.audit_database_path) as log:
+            return CrossBorderStore(self.config.database_path).revoke(
+                record_id, actor=self._actor(me), reason=reason, audit=log
+            )
+
+    # ------------------------------------------------------------------------ approvals
+
+    def pending(self) -> list[PendingQuery]:
+        store = QueryStore(self.config.database_path)
+        try:
+            return approvals.pending(store)
+        finally:
+            store.close()
+
+    def decide(self, query_id: str, *, approve: bool, reason: str) -> QueryRecord:
+        """Approve or deny a pending query; the decision is logged."""
+        store = QueryStore(self.config.database_path)
+        operator = self._actor(self.identity())
+        try:
+            with AuditLog.open(self.config.audit_database_path) as audit:
+                return approvals.decide(
+                    store, audit, query_id, approve=approve, operator=operator, reason=reason
+                )
+        finally:
+            store.close()
+
+    # ------------------------------------------------------------------------ the node's own
+
+    def matches(self, query_id: str) -> list[str]:
+        """This node's own keys that matched a membership query it received."""
+        store = QueryStore(self.config.database_path)
+        try:
+            return store.matches(query_id)
+        finally:
+            store.close()
+
+    def alerts(self) -> tuple[list[LoggedAlert], list[Suspension]]:
+        """The node's risk alerts (its ``risk.alert`` entries) and the analysts suspended here."""
+        with AuditLog.open(self.config.audit_database_path) as audit:
+            found = list(logged_alerts(audit))
+        store = SuspensionStore(self.config.database_path)
+        try:
+            return found, store.list()
+        finally:
+            store.close()
+
+    def clear_suspension(self, analyst: str, *, reason: str) -> tuple[Suspension, str]:
+        """Lift an analyst's suspension (logged as ``risk.cleared``); also returns the actor."""
+        operator = self._actor(self.identity())
+        store = SuspensionStore(self.config.database_path)
+        try:
+            with AuditLog.open(self.config.audit_database_path) as audit:
+                held = store.clear(
+                    analyst, operator=operator, reason=reason, audit=audit, now=int(time.time())
+                )
+        finally:
+            store.close()
+        return held, operator
+
+
+def _usage(store: QueryStore, grant: Grant) -> GrantUsage:
+    return store.usage(grant.grantee).get(grant.grant_id, GrantUsage())
