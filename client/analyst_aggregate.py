@@ -37,9 +37,9 @@ from govshare.model.aggregate_plan import (
     IntersectionPlan,
     Part,
     SumSpec,
-    key_fingerprint,
     slot_name,
 )
+from govshare.model.digests import key_fingerprint
 from govshare.model.epsilon import parse_epsilon
 from govshare.model.governance import QueryKind
 from govshare.model.identity import Identity

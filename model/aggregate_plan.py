@@ -46,7 +46,6 @@ sum over the noisy count, post-processing.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, Final
@@ -278,10 +277,6 @@ def _figure_accesses(figures: Figures) -> list[ColumnAccess]:
 
 
 AggregatePlan = IntersectionPlan | HorizontalPlan
-
-
-def key_fingerprint(data: bytes) -> bytes:
-    return hashlib.sha256(data).digest()
 
 
 # --------------------------------------------------------------------------- parsing

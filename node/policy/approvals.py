@@ -9,10 +9,10 @@ query's status, proceeds on approval and stops with the operator's message on de
 
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass
 
+from govshare.model.digests import request_digest
 from govshare.model.epsilon import format_epsilon
 from govshare.model.states import APPROVED, DENIED, PENDING
 from govshare.node.audit.sink import AuditSink
@@ -40,8 +40,7 @@ def release_of(record: QueryRecord) -> str:
 
 def pending(store: QueryStore) -> list[PendingQuery]:
     return [
-        PendingQuery(r, hashlib.sha256(r.request).hexdigest(), release_of(r))
-        for r in store.with_state(PENDING)
+        PendingQuery(r, request_digest(r.request), release_of(r)) for r in store.with_state(PENDING)
     ]
 
 
@@ -74,7 +73,7 @@ def decide(
         {
             "dataset": record.dataset,
             "analyst": record.analyst,
-            "request_digest": hashlib.sha256(record.request).hexdigest(),
+            "request_digest": request_digest(record.request),
             "reason": message,
             **returned,
         },

@@ -46,7 +46,6 @@ logs up for one query.
 
 from __future__ import annotations
 
-import hashlib
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -55,7 +54,15 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Protocol, TypeVar
 
+from govshare.model import digests
 from govshare.model.conditions import Condition
+from govshare.model.digests import (
+    KEY_ITEM,
+    ROW_ITEM,
+    digest,
+    item_digest,
+    points_digest,
+)
 from govshare.model.governance import QueryKind, Role
 from govshare.model.identity import Identity, Roster
 from govshare.model.query_plan import PsiPlan, Side, parse_plan
@@ -85,7 +92,7 @@ from govshare.node.policy.decision import (
     decide,
 )
 from govshare.node.policy.grants import GrantStore
-from govshare.node.stores.query_store import ITEM_DIGEST_BYTES, QueryRecord, QueryStore, Usage
+from govshare.node.stores.query_store import QueryRecord, QueryStore, Usage
 from govshare.protocols import dp, ecdh_psi
 from govshare.protocols.errors import (
     Aborted,
@@ -116,18 +123,6 @@ DUMMIES = "dummies"
 ABORT = "abort"
 
 
-# What the tracker keeps of an exact release's filtered set: its rows and, where the query
-# matched on a join key, its distinct keys (a key may span several rows: one person, k rows).
-ROW_ITEM = b"r"
-KEY_ITEM = b"k"
-
-
-def item_digest(dataset: str, kind: bytes, item: bytes) -> bytes:
-    """One tracked item: its kind byte, then a truncated digest of (dataset, kind, item)."""
-    body = b"govshare/exact-item/v1\n" + dataset.encode() + b"\n" + kind + b"\n" + item
-    return kind + hashlib.sha256(body).digest()[: ITEM_DIGEST_BYTES - 1]
-
-
 def _no_mask_key(dataset: str, column: str) -> bytes:
     raise TypeError("this node was built without a masking secret: hash_prefix cannot release")
 
@@ -142,17 +137,6 @@ def participants_of(request: SignedRequest) -> list[str]:
     if isinstance(parts, list):
         sides.extend(parts)
     return sorted({str(s["node"]) for s in sides if isinstance(s, dict) and "node" in s})
-
-
-def digest(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def points_digest(points: Iterable[bytes]) -> str:
-    hasher = hashlib.sha256()
-    for point in points:
-        hasher.update(point)
-    return hasher.hexdigest()
 
 
 @dataclass
@@ -293,7 +277,7 @@ class QueryEngine:
         self._store.remember_nonce(
             caller.name, request.nonce, expires_at=request.expires_at, now=now
         )
-        request_digest = digest(signed)
+        request_digest = digests.request_digest(signed)
         self._audit.record(
             "query.received",
             {"request": signed, "request_digest": request_digest, "kind": request.kind},

@@ -33,6 +33,7 @@ from dataclasses import dataclass, replace
 from fractions import Fraction
 from pathlib import Path
 
+from govshare.model.digests import ITEM_DIGEST_BYTES
 from govshare.model.epsilon import format_epsilon, parse_epsilon
 from govshare.model.states import (
     APPROVED,
@@ -94,9 +95,6 @@ CREATE TABLE IF NOT EXISTS exact_releases (
     PRIMARY KEY (analyst, dataset, query_id)
 );
 """
-
-# Bytes kept of each item's digest for the tracker check: 128 bits, no collisions in practice.
-ITEM_DIGEST_BYTES = 16
 
 
 def ledger_view(

@@ -48,7 +48,6 @@ reach them.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 import threading
@@ -68,11 +67,11 @@ from govshare.model.aggregate_plan import (
     AggregatePlan,
     HorizontalPlan,
     IntersectionPlan,
-    key_fingerprint,
     parse_aggregate_plan,
     slot_name,
 )
 from govshare.model.conditions import Condition
+from govshare.model.digests import digest, key_fingerprint, message_digest
 from govshare.model.identity import Identity, Roster
 from govshare.model.states import APPROVED
 from govshare.node.api.auth import Caller
@@ -80,7 +79,7 @@ from govshare.node.audit.sink import AuditSink
 from govshare.node.data.catalog import Catalogue
 from govshare.node.policy.decision import AccessRequest, Obligations, dataset_epsilon_cap
 from govshare.node.policy.grants import GrantStore
-from govshare.node.queries.engine import Admission, QueryEngine, digest, points_digest
+from govshare.node.queries.engine import Admission, QueryEngine
 from govshare.node.stores.query_store import QueryRecord, QueryStore
 from govshare.protocols import dp, ecdh_psi, masks
 from govshare.protocols.bfv import BfvPublicContext
@@ -614,7 +613,7 @@ class AggregateEngine:
         self._send(peer, query_id, phase, points, items)
         self._step(
             session, query_id, peer, "sent", phase,
-            _message_digest(points, items), len(points) or len(items),
+            message_digest(points, items), len(points) or len(items),
         )  # fmt: skip
 
     def _wait(self, session: _Session, query_id: str, peer: str, phase: str) -> _Inbox:
@@ -630,7 +629,7 @@ class AggregateEngine:
             )
         self._step(
             session, query_id, peer, "received", phase.split(":")[0],
-            _message_digest(inbox.points, inbox.items), len(inbox.points) or len(inbox.items),
+            message_digest(inbox.points, inbox.items), len(inbox.points) or len(inbox.items),
         )  # fmt: skip
         return inbox
 
@@ -742,14 +741,6 @@ def _accept_any(items: list[bytes]) -> None:
 def _no_items(items: list[bytes]) -> None:
     if items:
         raise MalformedInput("this phase carries points only", field="items")
-
-
-def _message_digest(points: Sequence[bytes], items: Sequence[bytes]) -> str:
-    hasher = hashlib.sha256()
-    hasher.update(bytes.fromhex(points_digest(points)))
-    for item in items:
-        hasher.update(hashlib.sha256(item).digest())
-    return hasher.hexdigest()
 
 
 def plan_summary(plan: AggregatePlan) -> dict[str, Any]:
