@@ -41,17 +41,17 @@ typecheck: $(VENV)/.installed-dev $(TYPECHECK)
 pytest: $(VENV)/.installed-dev browser
 	$(BIN)/pytest
 
-# tests/test_report.py renders the auditor's report page in a real headless browser: Debian's
+# tests/client/test_report.py renders the auditor's report page in a real headless browser: Debian's
 # chromium, installed here when missing (as root, with apt-get), never skipped.
 CHROMIUM := /usr/bin/chromium
 browser:
 	@if [ ! -x $(CHROMIUM) ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    echo "installing chromium for tests/test_report.py (apt-get)"; \
+	    echo "installing chromium for tests/client/test_report.py (apt-get)"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium \
 	      >/dev/null || { echo "make: apt-get could not install chromium" >&2; exit 1; }; \
 	  else \
-	    echo "make: tests/test_report.py needs $(CHROMIUM) (Debian's chromium package):" \
+	    echo "make: tests/client/test_report.py needs $(CHROMIUM) (Debian's chromium package):" \
 	      "run 'sudo apt-get install chromium' and try again" >&2; exit 1; \
 	  fi; \
 	fi

@@ -115,7 +115,7 @@ _SMALL_PRIMES_PRODUCT: Final = math.prod(p for p in range(2, 1000) if gmpy2.is_p
 
 def _is_obfuscated(ciphertext: EncryptedNumber) -> bool:
     # phe keeps "already re-randomised" in a name-mangled attribute; ``ciphertext()`` (be_secure)
-    # re-randomises with a full r^n unless it is set. tests/test_paillier.py pins this.
+    # re-randomises with a full r^n unless it is set. tests/protocols/test_paillier.py pins this.
     # (Name mangling applies inside class bodies only, so this reads phe's private flag.)
     return bool(ciphertext._EncryptedNumber__is_obfuscated)
 

@@ -3,8 +3,9 @@
     .venv/bin/python tests/vectors/checkpoint/generate.py [OUTPUT_DIR]
 
 Deterministic: fixed test keys derived from fixed seeds, a fixed cosignature time, and Ed25519's
-deterministic signatures (RFC 8032). ``tests/test_checkpoint.py`` re-runs this script into a
-temporary folder and requires byte-identical output, so the committed files are always current.
+deterministic signatures (RFC 8032). ``tests/protocols/test_checkpoint.py`` re-runs this script
+into a temporary folder and requires byte-identical output, so the committed files are always
+current.
 
 Every ``*.txt`` is one raw note (exact bytes); ``vectors.json`` says, for each, which check to run
 and what it must give. Files are named after what is wrong with them; ``valid_*`` ones are fine.

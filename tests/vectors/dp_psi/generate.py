@@ -4,9 +4,9 @@
 
 Independent of ``govshare.protocols.dp``: this script imports nothing from govshare and
 computes every answer straight from its definition in 100-digit decimal arithmetic (the
-library uses rational series bounds and closed forms instead). ``tests/test_dp_psi.py`` re-runs
-it into a temporary folder and requires byte-identical output, then checks the library against
-the files.
+library uses rational series bounds and closed forms instead).
+``tests/protocols/test_dp_psi.py`` re-runs it into a temporary folder and requires byte-identical
+output, then checks the library against the files.
 
 - ``truncation_shift.json``: the least integer ``t`` with ``exp(-epsilon t) <= delta``, i.e.
   ``ceil(ln(1/delta) / epsilon)``; each ratio is at least 10^-40 away from an integer, so the

@@ -33,7 +33,7 @@ from govshare.protocols.checkpoint import (
 from govshare.protocols.errors import MalformedInput, VerificationFailed
 from govshare.protocols.merkle import MAX_TREE_SIZE
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 VECTORS = REPO / "tests" / "vectors" / "checkpoint"
 MANIFEST: dict[str, Any] = json.loads((VECTORS / "vectors.json").read_text("utf-8"))
 EXTERNAL: dict[str, Any] = json.loads((VECTORS / "external" / "external.json").read_text("utf-8"))

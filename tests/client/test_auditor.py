@@ -49,7 +49,7 @@ NodeFixture = tuple[Node, RunningNode]
 # The session federation (and the mutation lab's) enrols three nodes but never starts ghost:
 # tax's and civil's checkpoints can carry one witness cosignature, not the default majority of
 # two. These tests are about the log itself, so their auditors ask for the one that can exist;
-# tests/test_audit_assurance.py tests the default quorum on a federation whose witnesses run.
+# tests/client/test_audit_assurance.py tests the default quorum on a federation whose witnesses run.
 QUORUM = 1
 
 

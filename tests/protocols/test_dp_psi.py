@@ -37,7 +37,7 @@ from govshare.protocols.ecdh_psi import (
 )
 from govshare.protocols.errors import MalformedInput
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 VECTORS = REPO / "tests" / "vectors" / "dp_psi"
 SHIFT_CASES: list[dict[str, Any]] = json.loads(
     (VECTORS / "truncation_shift.json").read_text("utf-8")

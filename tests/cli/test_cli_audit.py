@@ -28,7 +28,7 @@ OK_LINE = re.compile(
 )
 # The session federation never starts ghost, so a checkpoint can carry one witness cosignature
 # of the default majority of two: the commands that check the quorum ask for that one
-# (tests/test_audit_assurance.py runs the default quorum where every witness runs).
+# (tests/client/test_audit_assurance.py runs the default quorum where every witness runs).
 QUORUM_COMMANDS = {"pull", "verify", "verify-export", "verify-receipt"}
 
 

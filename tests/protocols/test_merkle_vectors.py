@@ -33,7 +33,7 @@ def _vectors_dir() -> Path:
     override = os.environ.get("GOVSHARE_VECTORS")
     if override:
         return Path(override)
-    return Path(__file__).resolve().parents[1].parent / "shared" / "vectors" / "merkle"
+    return Path(__file__).resolve().parents[2].parent / "shared" / "vectors" / "merkle"
 
 
 VECTORS_DIR = _vectors_dir()
