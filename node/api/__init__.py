@@ -1,0 +1,1 @@
+"""The node's gRPC face: the server, the thin servicers and the authentication interceptor."""

@@ -1,0 +1,1 @@
+"""The node's audit log, the sink others write through, checkpoints, witnessing, self-check."""

@@ -1,0 +1,1 @@
+"""The node's data: catalogue and dataset tables, join-key normalisers, resident ids, masking."""

@@ -1,0 +1,1 @@
+"""Policy: the decision, grants, cross-border records, approvals, risk alerts and suspension."""

@@ -1,0 +1,1 @@
+"""The query engine: admission, decision, running and release of joint queries (kinds/)."""
