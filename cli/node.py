@@ -46,7 +46,10 @@ def init(home: Path, listen: str, identity: str) -> None:
     """Write node.toml with documented defaults and create the node's stores."""
     path = write_default(home, listen=listen, identity=identity)
     node = Node.from_home(home)
-    console.print(f"node [bold]{node.name}[/] initialised: {path}")
+    try:
+        console.print(f"node [bold]{node.name}[/] initialised: {path}")
+    finally:
+        node.close()
 
 
 @group.command("serve")
@@ -55,7 +58,8 @@ def serve(home: Path) -> None:
     """Serve the node over mutual TLS until SIGTERM or SIGINT.
 
     The node first checks its own audit log and prints the verdict; from a broken log it serves
-    only auditors (read-only) and names the first broken entry.
+    only auditors (read-only) and names the first broken entry. One node per home: while a node
+    serves a home, another refuses at once, naming the process that holds the home's lock.
     """
     serve_node(NodeConfig.load(home))
 

@@ -30,6 +30,7 @@ from govshare.node.config import (
 from govshare.node.crossborder import Assessment, CrossBorderStore
 from govshare.node.governance import DatasetInfo, Grade, Role
 from govshare.node.grants import GrantStore
+from govshare.node.home_lock import HomeLock
 from govshare.node.identity import ROSTER, Identity, Member, Roster
 from govshare.node.mask_key import MaskSecret
 from govshare.node.queries import QueryEngine
@@ -37,7 +38,7 @@ from govshare.node.query_store import QueryStore, ledger_view
 from govshare.node.roster_file import RosterFile
 from govshare.node.selfcheck import WHOLE_AT_START_MAX, LogSelfCheck
 from govshare.node.witness import Witness, WitnessStore
-from govshare.protocols import ecdh_psi
+from govshare.node.workers import make_pool
 from govshare.protocols.errors import MalformedInput, NotFound
 
 # Points per PsiSend chunk: 4096 x 32 bytes = 128 KiB messages.
@@ -80,6 +81,8 @@ class Node:
     suspend_on_high_alert: bool = False
     # Suspended analysts; a node built without opens them in the catalogue's file.
     suspension_store: SuspensionStore | None = None
+    # The lock on the node's home (one node per home); from_config takes it, close() lets it go.
+    home_lock: HomeLock | None = field(default=None, repr=False)
     publisher: CheckpointPublisher = field(init=False)
     witness: Witness = field(init=False)
     queries: QueryEngine = field(init=False)
@@ -156,9 +159,12 @@ class Node:
             whole_at_start_max=self.log_check_whole_at_start,
         )
         self.log_check.run_at_start()
-        # Queries that were running when the node last stopped: settle their reservations.
+        # Queries that were running when the node last stopped: settle their reservations; and
+        # those whose signed request expired while the node was down: expire them now, not at
+        # the next submission, so the operator is not left approving them.
         if self.log_check.refusal() is None:
             self.queries.recover()
+            self.queries.expire_stale()
         self.risk.start()
 
     def roster(self) -> Roster:
@@ -170,10 +176,13 @@ class Node:
         return [m for m in self.roster().with_role(Role.NODE) if m.name != self.name]
 
     def executor(self) -> Executor:
-        """The node's long-lived process pool for masking (forkserver, safe beside gRPC)."""
+        """The node's long-lived process pool for masking (forkserver, safe beside gRPC).
+
+        Its processes end with the node, however it ends (govshare.node.workers).
+        """
         with self._pool_lock:
             if self._pool is None:
-                self._pool = ecdh_psi.make_pool(self.workers or None)
+                self._pool = make_pool(self.workers or None)
             return self._pool
 
     def mask_key(self, dataset: str, column: str) -> bytes:
@@ -202,7 +211,20 @@ class Node:
 
     @classmethod
     def from_config(cls, config: NodeConfig) -> Node:
-        """Build a node from its home: identity bundle, catalogue store, audit log."""
+        """Build a node from its home: identity bundle, catalogue store, audit log.
+
+        Raises:
+            HomeInUse: another node holds the home (before anything in it is opened).
+        """
+        lock = HomeLock.acquire(config.home)
+        try:
+            return cls._from_config(config, lock)
+        except BaseException:
+            lock.release()
+            raise
+
+    @classmethod
+    def _from_config(cls, config: NodeConfig, lock: HomeLock) -> Node:
         identity = Identity.load(config.identity_dir)
         return cls(
             identity=identity,
@@ -218,6 +240,7 @@ class Node:
             rate_limit_per_minute=config.rate_limit_per_minute,
             workers=config.workers,
             suspend_on_high_alert=config.suspend_on_high_alert,
+            home_lock=lock,
         )
 
     @classmethod
@@ -240,6 +263,8 @@ class Node:
         self.audit.close()
         self.witness_store.close()
         self.suspensions.close()
+        if self.home_lock is not None:
+            self.home_lock.release()  # last: the home's stores are closed
 
     # --- catalogue ----------------------------------------------------------------------------
 
