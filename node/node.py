@@ -18,11 +18,14 @@ from govshare.node.aggregates import AggregateEngine, AggregateOptions
 from govshare.node.alerts import RiskMonitor, SuspensionStore
 from govshare.node.auditlog import AuditLog, LogBroken, LogEntry
 from govshare.node.auth import Caller
+from govshare.node.capacity import RunGate
 from govshare.node.catalog import Catalogue
 from govshare.node.checkpointer import CheckpointPublisher
 from govshare.node.client import NodeClient
 from govshare.node.config import (
     DEFAULT_CHECKPOINT_INTERVAL,
+    DEFAULT_MAX_QUEUED,
+    DEFAULT_MAX_RUNNING,
     DEFAULT_PROTOCOL_TIMEOUT,
     DEFAULT_RATE_LIMIT_PER_MINUTE,
     NodeConfig,
@@ -69,6 +72,9 @@ class Node:
     protocol_timeout: float = DEFAULT_PROTOCOL_TIMEOUT
     rate_limit_per_minute: int = DEFAULT_RATE_LIMIT_PER_MINUTE
     workers: int = 0  # processes for masking; 0 = one per CPU
+    # Admission control of query runs (govshare.node.capacity).
+    max_running: int = DEFAULT_MAX_RUNNING
+    max_queued: int = DEFAULT_MAX_QUEUED
     # Test-only switches of the aggregate engine; Node.from_config never sets them.
     aggregate_options: AggregateOptions = field(default_factory=AggregateOptions)
     # The secret that keys hash_prefix releases (see mask_key); from_config loads it from the
@@ -85,6 +91,7 @@ class Node:
     home_lock: HomeLock | None = field(default=None, repr=False)
     publisher: CheckpointPublisher = field(init=False)
     witness: Witness = field(init=False)
+    gate: RunGate = field(init=False)
     queries: QueryEngine = field(init=False)
     aggregates: AggregateEngine = field(init=False)
     crossborder: CrossBorderStore = field(init=False)
@@ -117,6 +124,9 @@ class Node:
         self.witness = Witness(
             self.identity, self.witness_store, audit=self.audit, clock=self.clock
         )
+        self.gate = RunGate(
+            node=self.identity.name, max_running=self.max_running, max_queued=self.max_queued
+        )
         self.queries = QueryEngine(
             identity=self.identity,
             roster=self.roster,
@@ -134,6 +144,7 @@ class Node:
             mask_key=self.mask_key,
             observe=self.risk.poll,
             suspended=self.risk.suspension_message,
+            waiting=self.gate.waiting,
         )
         self.aggregates = AggregateEngine(
             queries=self.queries,
@@ -148,6 +159,7 @@ class Node:
             executor=self.executor,
             protocol_timeout=self.protocol_timeout,
             options=self.aggregate_options,
+            waiting=self.gate.waiting,
         )
         # The node checks its own log before anything is appended to it; a broken log is sealed
         # and the node refuses to serve queries (see selfcheck).
@@ -239,6 +251,8 @@ class Node:
             protocol_timeout=config.protocol_timeout,
             rate_limit_per_minute=config.rate_limit_per_minute,
             workers=config.workers,
+            max_running=config.max_running,
+            max_queued=config.max_queued,
             suspend_on_high_alert=config.suspend_on_high_alert,
             home_lock=lock,
         )
@@ -252,6 +266,7 @@ class Node:
         return self.identity.name
 
     def close(self) -> None:
+        self.gate.close()
         self.log_check.stop()
         self.publisher.stop()
         self.risk.stop()
