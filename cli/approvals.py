@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import time
 from pathlib import Path
 
 import click
@@ -34,6 +35,7 @@ def list_(home: Path, as_json: bool) -> None:
                     "release": p.release,
                     "received_at": p.record.received_at,
                     "request_digest": p.request_digest,
+                    "expires_at": p.expires_at,
                 }
                 for p in waiting
             ]
@@ -42,9 +44,11 @@ def list_(home: Path, as_json: bool) -> None:
     if not waiting:
         console.print("no queries are waiting for approval")
         return
+    now = int(time.time())
+    columns = ["query", "analyst", "kind", "release", "dataset", "purpose", "received (UTC)"]
     render_table(
         "queries waiting for approval",
-        ["query", "analyst", "kind", "release", "dataset", "purpose", "received (UTC)"],
+        [*columns, "expires (UTC)"],
         (
             (
                 p.record.query_id,
@@ -53,11 +57,17 @@ def list_(home: Path, as_json: bool) -> None:
                 p.release,
                 p.record.dataset,
                 p.record.purpose,
-                dt.datetime.fromtimestamp(p.record.received_at, dt.UTC).strftime("%Y-%m-%d %H:%M"),
+                _utc(p.record.received_at),
+                # An expired query can no longer be approved (approving it is refused).
+                "expired" if p.expires_at <= now else _utc(p.expires_at),
             )
             for p in waiting
         ),
     )
+
+
+def _utc(seconds: int) -> str:
+    return dt.datetime.fromtimestamp(seconds, dt.UTC).strftime("%Y-%m-%d %H:%M")
 
 
 def _decide(home: Path, query_id: str, *, approve: bool, reason: str) -> None:
@@ -70,7 +80,7 @@ def _decide(home: Path, query_id: str, *, approve: bool, reason: str) -> None:
 @click.argument("query_id")
 @click.option("--reason", default="", help="Recorded in the audit log.")
 def approve(home: Path, query_id: str, reason: str) -> None:
-    """Approve a pending query."""
+    """Approve a pending query (refused once its signed request has expired)."""
     _decide(home, query_id, approve=True, reason=reason)
 
 

@@ -51,7 +51,8 @@ def serve(home: Path) -> None:
     """Serve the node over mutual TLS until SIGTERM or SIGINT.
 
     The node first checks its own audit log and prints the verdict; from a broken log it serves
-    only auditors (read-only) and names the first broken entry.
+    only auditors (read-only) and names the first broken entry. One node per home: while a node
+    serves a home, another refuses at once, naming the process that holds the home's lock.
     """
     serve_node(NodeConfig.load(home))
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
 from fractions import Fraction
 from typing import Any, Generic, TypeVar
@@ -153,6 +153,12 @@ def ask(
             report(node, "running", running)
         with ThreadPoolExecutor(max_workers=len(nodes)) as pool:
             futures = {n: pool.submit(run, clients[n], query_id) for n in nodes}
+            # A node whose part fails (a refusal on the data, RESOURCE_EXHAUSTED) ends the
+            # query: the others are told at once rather than left waiting for its set.
+            wait(futures.values(), return_when=FIRST_EXCEPTION)
+            failed = [n for n, f in futures.items() if f.done() and f.exception() is not None]
+            if failed:
+                _withdraw(clients, query_id, [n for n in nodes if n not in failed])
             outputs = _collect(futures)
         parts = []
         for node in nodes:
@@ -190,9 +196,10 @@ def _collect(
 
 
 def _withdraw(clients: Mapping[str, NodeClient], query_id: str, nodes: Sequence[str]) -> None:
-    """Withdraw a query that will not run from ``nodes``, so they return its reservation;
-    best effort (a node that already ended it, or cannot be reached, keeps its own record, and
-    releases the reservation when the signed request expires)."""
+    """Withdraw a query that will not run (or not finish) from ``nodes``, so they return its
+    reservation and a running part stops waiting; best effort (a node that already ended it,
+    or cannot be reached, keeps its own record, and releases the reservation when the signed
+    request expires)."""
     for node in nodes:
         try:
             clients[node].cancel(query_id)

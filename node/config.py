@@ -15,8 +15,13 @@ from govshare.protocols.errors import MalformedInput, NotFound
 
 CONFIG_NAME = "node.toml"
 
-# gRPC worker threads. Protocol work runs in a process pool, so threads only wait on I/O.
+# Threads for the server's store and log calls (catalogue, audit, status); the server itself
+# runs on one event loop and protocol work in a process pool.
 DEFAULT_MAX_WORKERS = 16
+# Queries computing at once, and admitted queries waiting beyond those
+# (govshare.node.queries.capacity).
+DEFAULT_MAX_RUNNING = 4
+DEFAULT_MAX_QUEUED = 124
 # Seconds a stopping node lets in-flight RPCs finish before cancelling them.
 DEFAULT_GRACE_SECONDS = 5.0
 # Seconds between audit-log checkpoints when entries keep arriving.
@@ -37,8 +42,13 @@ identity = "{identity}"
 database = "node.db"
 # SQLite append-only audit log.
 audit_database = "audit.db"
-# gRPC worker threads.
+# Threads for store and log calls (catalogue, audit, status).
 max_workers = {max_workers}
+# Queries computing at once; a query waiting for its peer gives its turn back.
+max_running = {max_running}
+# Queries admitted beyond those, waiting for a turn or a peer; a run beyond is refused with
+# RESOURCE_EXHAUSTED and a retry hint. Each admitted query holds its sets in memory.
+max_queued = {max_queued}
 # Seconds in-flight calls may finish after SIGTERM/SIGINT.
 grace_seconds = {grace_seconds}
 # Seconds between audit-log checkpoints.
@@ -63,6 +73,8 @@ class NodeConfig:
     database_path: Path
     audit_database_path: Path
     max_workers: int = DEFAULT_MAX_WORKERS
+    max_running: int = DEFAULT_MAX_RUNNING
+    max_queued: int = DEFAULT_MAX_QUEUED
     grace_seconds: float = DEFAULT_GRACE_SECONDS
     checkpoint_interval: float = DEFAULT_CHECKPOINT_INTERVAL
     protocol_timeout: float = DEFAULT_PROTOCOL_TIMEOUT
@@ -110,6 +122,8 @@ class NodeConfig:
             database_path=home / text("database", "node.db"),
             audit_database_path=home / text("audit_database", "audit.db"),
             max_workers=int(number("max_workers", DEFAULT_MAX_WORKERS)),
+            max_running=int(number("max_running", DEFAULT_MAX_RUNNING)),
+            max_queued=_count(section.get("max_queued", DEFAULT_MAX_QUEUED), "max_queued", path),
             grace_seconds=number("grace_seconds", DEFAULT_GRACE_SECONDS),
             checkpoint_interval=number("checkpoint_interval", DEFAULT_CHECKPOINT_INTERVAL),
             protocol_timeout=number("protocol_timeout", DEFAULT_PROTOCOL_TIMEOUT),
@@ -122,10 +136,12 @@ class NodeConfig:
 
 
 def _workers(value: object, path: Path) -> int:
+    return _count(value, "workers", path)
+
+
+def _count(value: object, key: str, path: Path) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise MalformedInput(
-            f"{path}: node.workers must be 0 or a positive integer", field="workers"
-        )
+        raise MalformedInput(f"{path}: node.{key} must be 0 or a positive integer", field=key)
     return value
 
 
@@ -147,6 +163,8 @@ def write_default(home: Path, *, listen: str, identity: str = ".") -> Path:
             listen=listen,
             identity=identity,
             max_workers=DEFAULT_MAX_WORKERS,
+            max_running=DEFAULT_MAX_RUNNING,
+            max_queued=DEFAULT_MAX_QUEUED,
             grace_seconds=DEFAULT_GRACE_SECONDS,
             checkpoint_interval=DEFAULT_CHECKPOINT_INTERVAL,
             protocol_timeout=DEFAULT_PROTOCOL_TIMEOUT,

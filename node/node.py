@@ -24,20 +24,24 @@ from govshare.node.audit.selfcheck import WHOLE_AT_START_MAX, LogSelfCheck
 from govshare.node.audit.witness import Witness, WitnessStore
 from govshare.node.config import (
     DEFAULT_CHECKPOINT_INTERVAL,
+    DEFAULT_MAX_QUEUED,
+    DEFAULT_MAX_RUNNING,
     DEFAULT_PROTOCOL_TIMEOUT,
     DEFAULT_RATE_LIMIT_PER_MINUTE,
     NodeConfig,
 )
 from govshare.node.data.catalog import Catalogue
 from govshare.node.data.mask_key import MaskSecret
+from govshare.node.home_lock import HomeLock
 from govshare.node.policy.alerts import RiskMonitor, SuspensionStore
 from govshare.node.policy.crossborder import CrossBorderStore
 from govshare.node.policy.grants import GrantStore
+from govshare.node.queries.capacity import RunGate
 from govshare.node.queries.engine import QueryEngine
 from govshare.node.queries.kinds.aggregate import AggregateEngine, AggregateOptions
 from govshare.node.roster_file import RosterFile
 from govshare.node.stores.query_store import QueryStore, ledger_view
-from govshare.protocols import ecdh_psi
+from govshare.node.workers import make_pool
 from govshare.protocols.errors import MalformedInput, NotFound
 from govshare.rpc.client import NodeClient
 
@@ -69,6 +73,9 @@ class Node:
     protocol_timeout: float = DEFAULT_PROTOCOL_TIMEOUT
     rate_limit_per_minute: int = DEFAULT_RATE_LIMIT_PER_MINUTE
     workers: int = 0  # processes for masking; 0 = one per CPU
+    # Admission control of query runs (govshare.node.queries.capacity).
+    max_running: int = DEFAULT_MAX_RUNNING
+    max_queued: int = DEFAULT_MAX_QUEUED
     # Test-only switches of the aggregate engine; Node.from_config never sets them.
     aggregate_options: AggregateOptions = field(default_factory=AggregateOptions)
     # The secret that keys hash_prefix releases (see mask_key); from_config loads it from the
@@ -81,8 +88,11 @@ class Node:
     suspend_on_high_alert: bool = False
     # Suspended analysts; a node built without opens them in the catalogue's file.
     suspension_store: SuspensionStore | None = None
+    # The lock on the node's home (one node per home); from_config takes it, close() lets it go.
+    home_lock: HomeLock | None = field(default=None, repr=False)
     publisher: CheckpointPublisher = field(init=False)
     witness: Witness = field(init=False)
+    gate: RunGate = field(init=False)
     queries: QueryEngine = field(init=False)
     aggregates: AggregateEngine = field(init=False)
     crossborder: CrossBorderStore = field(init=False)
@@ -115,6 +125,9 @@ class Node:
         self.witness = Witness(
             self.identity, self.witness_store, audit=self.audit, clock=self.clock
         )
+        self.gate = RunGate(
+            node=self.identity.name, max_running=self.max_running, max_queued=self.max_queued
+        )
         self.queries = QueryEngine(
             identity=self.identity,
             roster=self.roster,
@@ -132,6 +145,7 @@ class Node:
             mask_key=self.mask_key,
             observe=self.risk.poll,
             suspended=self.risk.suspension_message,
+            waiting=self.gate.waiting,
         )
         self.aggregates = AggregateEngine(
             queries=self.queries,
@@ -146,6 +160,7 @@ class Node:
             executor=self.executor,
             protocol_timeout=self.protocol_timeout,
             options=self.aggregate_options,
+            waiting=self.gate.waiting,
         )
         # The node checks its own log before anything is appended to it; a broken log is sealed
         # and the node refuses to serve queries (see selfcheck).
@@ -157,9 +172,12 @@ class Node:
             whole_at_start_max=self.log_check_whole_at_start,
         )
         self.log_check.run_at_start()
-        # Queries that were running when the node last stopped: settle their reservations.
+        # Queries that were running when the node last stopped: settle their reservations; and
+        # those whose signed request expired while the node was down: expire them now, not at
+        # the next submission, so the operator is not left approving them.
         if self.log_check.refusal() is None:
             self.queries.recover()
+            self.queries.expire_stale()
         self.risk.start()
 
     def roster(self) -> Roster:
@@ -171,10 +189,13 @@ class Node:
         return [m for m in self.roster().with_role(Role.NODE) if m.name != self.name]
 
     def executor(self) -> Executor:
-        """The node's long-lived process pool for masking (forkserver, safe beside gRPC)."""
+        """The node's long-lived process pool for masking (forkserver, safe beside gRPC).
+
+        Its processes end with the node, however it ends (govshare.node.workers).
+        """
         with self._pool_lock:
             if self._pool is None:
-                self._pool = ecdh_psi.make_pool(self.workers or None)
+                self._pool = make_pool(self.workers or None)
             return self._pool
 
     def mask_key(self, dataset: str, column: str) -> bytes:
@@ -203,7 +224,20 @@ class Node:
 
     @classmethod
     def from_config(cls, config: NodeConfig) -> Node:
-        """Build a node from its home: identity bundle, catalogue store, audit log."""
+        """Build a node from its home: identity bundle, catalogue store, audit log.
+
+        Raises:
+            HomeInUse: another node holds the home (before anything in it is opened).
+        """
+        lock = HomeLock.acquire(config.home)
+        try:
+            return cls._from_config(config, lock)
+        except BaseException:
+            lock.release()
+            raise
+
+    @classmethod
+    def _from_config(cls, config: NodeConfig, lock: HomeLock) -> Node:
         identity = Identity.load(config.identity_dir)
         return cls(
             identity=identity,
@@ -218,7 +252,10 @@ class Node:
             protocol_timeout=config.protocol_timeout,
             rate_limit_per_minute=config.rate_limit_per_minute,
             workers=config.workers,
+            max_running=config.max_running,
+            max_queued=config.max_queued,
             suspend_on_high_alert=config.suspend_on_high_alert,
+            home_lock=lock,
         )
 
     @classmethod
@@ -230,6 +267,7 @@ class Node:
         return self.identity.name
 
     def close(self) -> None:
+        self.gate.close()
         self.log_check.stop()
         self.publisher.stop()
         self.risk.stop()
@@ -241,6 +279,8 @@ class Node:
         self.audit.close()
         self.witness_store.close()
         self.suspensions.close()
+        if self.home_lock is not None:
+            self.home_lock.release()  # last: the home's stores are closed
 
     # --- catalogue ----------------------------------------------------------------------------
 

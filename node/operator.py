@@ -56,7 +56,11 @@ __all__ = [
 
 def initialise(home: Path) -> str:
     """Create the stores of the node whose ``node.toml`` was just written; return its name."""
-    return Node.from_home(home).name
+    node = Node.from_home(home)
+    try:
+        return node.name
+    finally:
+        node.close()
 
 
 class Operator:

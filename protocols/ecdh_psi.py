@@ -415,6 +415,9 @@ def matching_positions(own: Sequence[bytes], peer: Sequence[bytes]) -> list[int]
 def make_pool(workers: int | None = None) -> ProcessPoolExecutor:
     """A process pool for masking, with the ``forkserver`` start method (safe beside gRPC).
 
+    For scoped use (``with make_pool() as pool``: benchmarks, tests, one call): if the process
+    that made it is killed, its workers are orphaned. A long-lived service uses
+    ``govshare.node.workers.make_pool``, whose workers end with the node.
     ``workers`` defaults to the number of CPUs.
     """
     return ProcessPoolExecutor(

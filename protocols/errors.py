@@ -8,10 +8,14 @@ Every layer raises these; the gRPC layer maps them to status codes in one place
   ``struct.error``, ``binascii.Error`` and protobuf ``DecodeError`` into it.
 - :class:`VerificationFailed` for failed cryptographic checks. Detail-free on purpose, like
   pyca/cryptography's ``InvalidSignature``: callers must not learn *why* a MAC or signature failed.
-- :class:`PolicyRefused` names the governance rule that refused.
+- :class:`PolicyRefused` names the governance rule that refused. It is a kind of
+  :class:`PermissionDenied`, so a caller that only cares that it was refused catches that.
+- :class:`ResourceExhausted` says the receiver is too busy now and when to try again.
 """
 
 from __future__ import annotations
+
+import math
 
 
 class GovshareError(Exception):
@@ -41,17 +45,21 @@ class AlreadyExists(GovshareError):
     """Creating something that already exists (a dataset name, a member name)."""
 
 
-class PolicyRefused(GovshareError):
-    """The governance policy refused a request; ``rule`` names the rule that refused."""
-
-    def __init__(self, rule: str, message: str) -> None:
-        super().__init__(f"refused by rule {rule}: {message}")
-        self.rule = rule
-        self.reason = message
-
-
 class PermissionDenied(GovshareError):
     """The caller's role or identity may not perform this operation."""
+
+
+class PolicyRefused(PermissionDenied):
+    """The governance policy refused a request; ``rule`` names the rule that refused.
+
+    ``text`` replaces the default one-line text ``refused by rule {rule}: {message}``: a client
+    relaying a node's refusal keeps the node's words and says which node refused.
+    """
+
+    def __init__(self, rule: str, message: str, *, text: str | None = None) -> None:
+        super().__init__(f"refused by rule {rule}: {message}" if text is None else text)
+        self.rule = rule
+        self.reason = message
 
 
 class Conflict(GovshareError):
@@ -65,3 +73,19 @@ class Unavailable(GovshareError):
 
 class Aborted(GovshareError):
     """A multi-party protocol run was abandoned; nothing was released."""
+
+
+class ResourceExhausted(GovshareError):
+    """The receiver is too busy to take the request now; try again after ``retry_after`` seconds.
+
+    Raises:
+        TypeError: ``retry_after`` is negative, infinite or not a number.
+    """
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message)
+        if not (isinstance(retry_after, int | float) and math.isfinite(retry_after)):
+            raise TypeError(f"retry_after must be a finite number of seconds, not {retry_after!r}")
+        if retry_after < 0:
+            raise TypeError(f"retry_after must not be negative, not {retry_after!r}")
+        self.retry_after = float(retry_after)

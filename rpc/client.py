@@ -1,7 +1,8 @@
 """Clients of a node's services, used by analysts, auditors and peer nodes.
 
 Every call goes over a mutual-TLS channel to the address the roster lists, with a deadline;
-a failed call becomes a govshare error whose message names the node.
+a failed call becomes a govshare error whose message names the node, rebuilt from the status's
+ErrorInfo (``govshare.rpc.status``): a node's refusal arrives as ``PolicyRefused`` with its rule.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from govshare.model.governance import DatasetInfo, Role
 from govshare.model.identity import Identity, Member
 from govshare.protocols.errors import GovshareError
 from govshare.rpc.convert import catalog_entry_from_proto, dataset_from_proto
-from govshare.rpc.status import error_for
+from govshare.rpc.status import error_from_call
 from govshare.rpc.tls import secure_channel
 from govshare.v1 import (
     aggregate_pb2,
@@ -71,9 +72,7 @@ class NodeClient:
         try:
             return method()
         except grpc.RpcError as exc:
-            code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
-            details = exc.details() if hasattr(exc, "details") else str(exc)
-            raise error_for(code, f"node {self.member.name}: {details}") from None
+            raise error_from_call(exc, prefix=f"node {self.member.name}: ") from None
 
     def list_datasets(self) -> list[DatasetInfo]:
         reply = self.call(

@@ -7,13 +7,12 @@ the nodes'. Errors are govshare errors, mapped to status codes by the auth inter
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
-import grpc
+import asyncio
+from collections.abc import AsyncIterator
 
 from govshare.model.epsilon import format_epsilon
 from govshare.node.api.auth import current_caller
-from govshare.node.api.services import require_query_id
+from govshare.node.api.services import Context, admitted, require_query_id
 from govshare.node.node import Node
 from govshare.node.queries.kinds.aggregate import SignedKey
 from govshare.v1 import aggregate_pb2, aggregate_pb2_grpc
@@ -23,22 +22,26 @@ class AggregateService(aggregate_pb2_grpc.AggregateServicer):
     def __init__(self, node: Node) -> None:
         self._node = node
 
-    def Prepare(
-        self, request: aggregate_pb2.PrepareRequest, context: grpc.ServicerContext
+    async def Prepare(
+        self, request: aggregate_pb2.PrepareRequest, context: Context
     ) -> aggregate_pb2.EphemeralKey:
         query_id = require_query_id(request.query_id)
-        key = self._node.aggregates.prepare(current_caller(), query_id)
+        key = await asyncio.to_thread(self._node.aggregates.prepare, current_caller(), query_id)
         return aggregate_pb2.EphemeralKey(
             node=key.node, public_key=key.public_key, signature=key.signature
         )
 
-    def Run(
-        self, request: aggregate_pb2.AggregateRunRequest, context: grpc.ServicerContext
+    async def Run(
+        self, request: aggregate_pb2.AggregateRunRequest, context: Context
     ) -> aggregate_pb2.AggregateResult:
         query_id = require_query_id(request.query_id)
         keys = [SignedKey(k.node, k.public_key, k.signature) for k in request.keys]
-        release = self._node.aggregates.run(
-            current_caller(), query_id, keys=keys, public_context=request.public_context
+        caller, aggregates = current_caller(), self._node.aggregates
+        release = await admitted(
+            self._node,
+            lambda: aggregates.run(
+                caller, query_id, keys=keys, public_context=request.public_context
+            ),
         )
         return aggregate_pb2.AggregateResult(
             ciphertexts=release.ciphertexts,
@@ -53,15 +56,16 @@ class AggregatePeerService(aggregate_pb2_grpc.AggregatePeerServicer):
     def __init__(self, node: Node) -> None:
         self._node = node
 
-    def Send(
+    async def Send(
         self,
-        request_iterator: Iterator[aggregate_pb2.AggregateChunk],
-        context: grpc.ServicerContext,
+        request_iterator: AsyncIterator[aggregate_pb2.AggregateChunk],
+        context: Context,
     ) -> aggregate_pb2.AggregateAck:
-        chunks = (
+        chunks = [
             (require_query_id(c.query_id), c.phase, c.total, c.points, list(c.items))
-            for c in request_iterator
+            async for c in request_iterator
+        ]
+        received = await asyncio.to_thread(
+            self._node.aggregates.receive, current_caller(), iter(chunks)
         )
-        return aggregate_pb2.AggregateAck(
-            received=self._node.aggregates.receive(current_caller(), chunks)
-        )
+        return aggregate_pb2.AggregateAck(received=received)

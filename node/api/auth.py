@@ -16,9 +16,10 @@ authenticating the caller, and records nothing: its log is sealed.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import hashlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -27,8 +28,15 @@ import grpc
 from govshare.model.governance import Role
 from govshare.model.identity import CertIdentity, Member, Roster
 from govshare.node.audit.sink import AuditSink
-from govshare.protocols.errors import GovshareError, MalformedInput, NotFound
-from govshare.rpc.status import status_for
+from govshare.protocols.errors import (
+    Conflict,
+    GovshareError,
+    MalformedInput,
+    NotFound,
+    PermissionDenied,
+    VerificationFailed,
+)
+from govshare.rpc.status import abort_arguments
 
 ANY_MEMBER = frozenset(Role)
 
@@ -110,12 +118,16 @@ def _digest(message: Any) -> str:
 
 
 if TYPE_CHECKING:
-    _Interceptor = grpc.ServerInterceptor[Any, Any]
+    _Interceptor = grpc.aio.ServerInterceptor[Any, Any]
 else:  # grpc's runtime class is not generic; its type stubs are.
-    _Interceptor = grpc.ServerInterceptor
+    _Interceptor = grpc.aio.ServerInterceptor
 
 
 class AuthInterceptor(_Interceptor):
+    """The ``grpc.aio`` server's one interceptor: who calls, may they, and errors as statuses.
+
+    Audit entries are written on the loop's executor threads, never on the event loop."""
+
     def __init__(
         self,
         roster: Callable[[], Roster],
@@ -133,47 +145,62 @@ class AuthInterceptor(_Interceptor):
         self._refusal = refusal
         self._served_when_refusing = served_when_refusing
 
-    def _record(self, kind: str, fields: Mapping[str, object], actor: str) -> None:
+    async def _record(self, kind: str, fields: Mapping[str, object], actor: str) -> None:
         # A refusing node's log is sealed: nothing more is appended to it.
-        if self._audit is not None and self._refusal() is None:
-            self._audit.record(kind, fields, actor=actor)
+        audit = self._audit
+        if audit is not None and self._refusal() is None:
+            await asyncio.to_thread(audit.record, kind, fields, actor=actor)
 
-    def _admit(self, context: grpc.ServicerContext, method: str, request: Any) -> Caller:
+    async def _admit(
+        self, context: grpc.aio.ServicerContext[Any, Any], method: str, request: Any
+    ) -> Caller:
         try:
             caller = authenticate(context.auth_context(), self._roster())
         except GovshareError as exc:
-            self._record("rpc.refused", {"method": method, "reason": str(exc)}, "unknown")
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, f"not a federation member: {exc}")
+            await self._record("rpc.refused", {"method": method, "reason": str(exc)}, "unknown")
+            await context.abort(
+                *abort_arguments(VerificationFailed(f"not a federation member: {exc}"))
+            )
             raise  # unreachable: abort raises
         service = _service_of(method)
         allowed = self._service_roles.get(service, frozenset())
         if caller.role not in allowed:
             message = f"role {caller.role.value} may not call {method}"
-            self._record("rpc.refused", {"method": method, "reason": message}, caller.name)
-            context.abort(grpc.StatusCode.PERMISSION_DENIED, message)
+            await self._record("rpc.refused", {"method": method, "reason": message}, caller.name)
+            await context.abort(*abort_arguments(PermissionDenied(message)))
         refusal = self._refusal()
         if refusal is not None and service not in self._served_when_refusing:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, refusal)
-        self._record("rpc.received", {"method": method, "request": _digest(request)}, caller.name)
+            await context.abort(*abort_arguments(Conflict(refusal)))
+        await self._record(
+            "rpc.received", {"method": method, "request": _digest(request)}, caller.name
+        )
         return caller
 
-    def _fail(
-        self, context: grpc.ServicerContext, method: str, caller: Caller, exc: Exception
+    async def _fail(
+        self,
+        context: grpc.aio.ServicerContext[Any, Any],
+        method: str,
+        caller: Caller,
+        exc: Exception,
     ) -> None:
         if isinstance(exc, GovshareError):
-            code = status_for(exc)
-            self._record(
-                "rpc.failed", {"method": method, "code": code.name, "reason": str(exc)}, caller.name
+            arguments = abort_arguments(exc)
+            await self._record(
+                "rpc.failed",
+                {"method": method, "code": arguments[0].name, "reason": str(exc)},
+                caller.name,
             )
-            context.abort(code, str(exc))
+            await context.abort(*arguments)
         raise exc
 
-    def intercept_service(
+    async def intercept_service(  # type: ignore[override]  # None: no such method
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
+        ],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler = continuation(handler_call_details)
+        handler = await continuation(handler_call_details)
         if handler is None:
             return None
         method: str = handler_call_details.method
@@ -195,31 +222,33 @@ class AuthInterceptor(_Interceptor):
         return handler
 
     def _unary(self, method: str, behaviour: Any, single: bool) -> Any:
-        """Wrap a call with one response: admit, run as the caller, map errors."""
+        """Wrap a call with one response: admit, run as the caller, map errors.
 
-        def call(request: Any, context: grpc.ServicerContext) -> Any:
-            caller = self._admit(context, method, request if single else None)
-            token = _CALLER.set(caller)
+        Each call is a task of its own, so the caller set here is seen by that call only
+        (and by the threads it hands work to with ``asyncio.to_thread``, which copies it)."""
+
+        async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            caller = await self._admit(context, method, request if single else None)
+            _CALLER.set(caller)
             try:
-                return behaviour(request, context)
+                return await behaviour(request, context)
             except Exception as exc:
-                self._fail(context, method, caller, exc)
-            finally:
-                _CALLER.reset(token)
+                await self._fail(context, method, caller, exc)
 
         return call
 
     def _streaming(self, method: str, behaviour: Any, single: bool) -> Any:
         """Wrap a call with streamed responses; the caller is set while the stream runs."""
 
-        def call(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-            caller = self._admit(context, method, request if single else None)
-            token = _CALLER.set(caller)
+        async def call(
+            request: Any, context: grpc.aio.ServicerContext[Any, Any]
+        ) -> AsyncIterator[Any]:
+            caller = await self._admit(context, method, request if single else None)
+            _CALLER.set(caller)
             try:
-                yield from behaviour(request, context)
+                async for response in behaviour(request, context):
+                    yield response
             except Exception as exc:
-                self._fail(context, method, caller, exc)
-            finally:
-                _CALLER.reset(token)
+                await self._fail(context, method, caller, exc)
 
         return call

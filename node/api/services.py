@@ -1,12 +1,18 @@
 """gRPC servicers: decode the request, call the node, encode the reply.
 
-Errors are raised as govshare errors and mapped to status codes by the auth interceptor.
+The servicers are coroutines on the node's ``grpc.aio`` event loop; they never block it. Store
+and log calls go to the loop's executor threads (``asyncio.to_thread``, which also carries the
+verified caller), query runs through the admission gate to its query threads (:func:`admitted`),
+and a peer's streamed message is taken off the wire on the loop before the engine checks it.
+Errors are raised as govshare errors and mapped to statuses by the auth interceptor.
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
 
 import grpc
 
@@ -25,6 +31,10 @@ from govshare.v1 import (
     query_pb2,
     query_pb2_grpc,
 )
+
+T = TypeVar("T")
+
+Context = grpc.aio.ServicerContext[Any, Any]
 
 DATASET_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 QUERY_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -46,13 +56,23 @@ def require_dataset_name(value: str, field: str = "name") -> str:
     return value
 
 
+async def admitted(node: Node, body: Callable[[], T]) -> T:
+    """Run a query's part through the node's admission gate (``govshare.node.queries.capacity``):
+    a place at once or ResourceExhausted, then the body on a query thread of its own."""
+    enter = node.gate.admit()
+    return await asyncio.get_running_loop().run_in_executor(node.gate.threads, enter, body)
+
+
 class CatalogService(catalog_pb2_grpc.CatalogServicer):
     def __init__(self, node: Node) -> None:
         self._node = node
 
-    def ListDatasets(
-        self, request: catalog_pb2.ListDatasetsRequest, context: grpc.ServicerContext
+    async def ListDatasets(
+        self, request: catalog_pb2.ListDatasetsRequest, context: Context
     ) -> catalog_pb2.ListDatasetsResponse:
+        return await asyncio.to_thread(self._list)
+
+    def _list(self) -> catalog_pb2.ListDatasetsResponse:
         node = self._node
         datasets = node.list_datasets(current_caller())
         return catalog_pb2.ListDatasetsResponse(
@@ -62,10 +82,13 @@ class CatalogService(catalog_pb2_grpc.CatalogServicer):
             ]
         )
 
-    def DescribeDataset(
-        self, request: catalog_pb2.DescribeDatasetRequest, context: grpc.ServicerContext
+    async def DescribeDataset(
+        self, request: catalog_pb2.DescribeDatasetRequest, context: Context
     ) -> catalog_pb2.Dataset:
         name = require_dataset_name(request.name)
+        return await asyncio.to_thread(self._describe, name)
+
+    def _describe(self, name: str) -> catalog_pb2.Dataset:
         caller = current_caller()
         dataset = self._node.describe_dataset(caller, name)
         return dataset_to_proto(
@@ -78,31 +101,33 @@ class PeerService(peer_pb2_grpc.PeerServicer):
     def __init__(self, node: Node) -> None:
         self._node = node
 
-    def Ping(
-        self, request: peer_pb2.PingRequest, context: grpc.ServicerContext
-    ) -> peer_pb2.PingResponse:
+    async def Ping(self, request: peer_pb2.PingRequest, context: Context) -> peer_pb2.PingResponse:
         identity = self._node.identity
+        roster = await asyncio.to_thread(self._node.roster)
         return peer_pb2.PingResponse(
-            node=identity.name,
-            jurisdiction=identity.jurisdiction,
-            roster_version=self._node.roster().version,
+            node=identity.name, jurisdiction=identity.jurisdiction, roster_version=roster.version
         )
 
-    def Witness(
-        self, request: peer_pb2.WitnessRequest, context: grpc.ServicerContext
+    async def Witness(
+        self, request: peer_pb2.WitnessRequest, context: Context
     ) -> peer_pb2.WitnessResponse:
-        line, held = self._node.witness_checkpoint(
-            current_caller(), request.note, request.old_size, list(request.consistency_proof)
-        )
+        line, held = await asyncio.to_thread(
+            self._node.witness_checkpoint,
+            current_caller(), request.note, request.old_size, list(request.consistency_proof),
+        )  # fmt: skip
         return peer_pb2.WitnessResponse(cosignature=line, witness_size=held)
 
-    def PsiSend(
-        self, request_iterator: Iterator[peer_pb2.PsiChunk], context: grpc.ServicerContext
+    async def PsiSend(
+        self, request_iterator: AsyncIterator[peer_pb2.PsiChunk], context: Context
     ) -> peer_pb2.PsiAck:
-        chunks = (
-            (require_query_id(c.query_id), c.phase, c.total, c.points) for c in request_iterator
+        chunks = [
+            (require_query_id(c.query_id), c.phase, c.total, c.points)
+            async for c in request_iterator
+        ]
+        received = await asyncio.to_thread(
+            self._node.queries.receive, current_caller(), iter(chunks)
         )
-        return peer_pb2.PsiAck(received=self._node.queries.receive(current_caller(), chunks))
+        return peer_pb2.PsiAck(received=received)
 
 
 def _status(record: QueryRecord) -> query_pb2.QueryStatus:
@@ -119,24 +144,29 @@ class QueryService(query_pb2_grpc.QueryServicer):
     def __init__(self, node: Node) -> None:
         self._node = node
 
-    def Submit(
-        self, request: query_pb2.SubmitRequest, context: grpc.ServicerContext
+    async def Submit(
+        self, request: query_pb2.SubmitRequest, context: Context
     ) -> query_pb2.QueryStatus:
         if not request.signed_request:
             raise MalformedInput("field 'signed_request' is required", field="signed_request")
-        return _status(self._node.queries.submit(current_caller(), request.signed_request))
+        queries = self._node.queries
+        return _status(
+            await asyncio.to_thread(queries.submit, current_caller(), request.signed_request)
+        )
 
-    def Status(
-        self, request: query_pb2.QueryStatusRequest, context: grpc.ServicerContext
+    async def Status(
+        self, request: query_pb2.QueryStatusRequest, context: Context
     ) -> query_pb2.QueryStatus:
         query_id = require_query_id(request.query_id)
-        return _status(self._node.queries.status(current_caller(), query_id))
+        queries = self._node.queries
+        return _status(await asyncio.to_thread(queries.status, current_caller(), query_id))
 
-    def Run(
-        self, request: query_pb2.RunRequest, context: grpc.ServicerContext
-    ) -> Iterator[query_pb2.ResultChunk]:
+    async def Run(
+        self, request: query_pb2.RunRequest, context: Context
+    ) -> AsyncIterator[query_pb2.ResultChunk]:
         query_id = require_query_id(request.query_id)
-        release = self._node.queries.run(current_caller(), query_id)
+        caller, queries = current_caller(), self._node.queries
+        release = await admitted(self._node, lambda: queries.run(caller, query_id))
         total = len(release.points)
         if release.records:
             for start in range(0, len(release.records), PSI_CHUNK_POINTS):
@@ -152,17 +182,20 @@ class QueryService(query_pb2_grpc.QueryServicer):
                 matched=release.matched,
             )
 
-    def Cancel(
-        self, request: query_pb2.CancelRequest, context: grpc.ServicerContext
+    async def Cancel(
+        self, request: query_pb2.CancelRequest, context: Context
     ) -> query_pb2.QueryStatus:
         query_id = require_query_id(request.query_id)
-        return _status(self._node.queries.cancel(current_caller(), query_id))
+        queries = self._node.queries
+        return _status(await asyncio.to_thread(queries.cancel, current_caller(), query_id))
 
-    def Receipt(
-        self, request: query_pb2.ReceiptRequest, context: grpc.ServicerContext
+    async def Receipt(
+        self, request: query_pb2.ReceiptRequest, context: Context
     ) -> query_pb2.ReceiptPart:
         query_id = require_query_id(request.query_id)
-        index, entry, proof, checkpoint = self._node.queries.receipt(current_caller(), query_id)
+        index, entry, proof, checkpoint = await asyncio.to_thread(
+            self._node.queries.receipt, current_caller(), query_id
+        )
         return query_pb2.ReceiptPart(
             node=self._node.name, index=index, entry=entry, proof=proof, checkpoint=checkpoint
         )
@@ -172,35 +205,40 @@ class AuditService(audit_pb2_grpc.AuditServicer):
     def __init__(self, node: Node) -> None:
         self._node = node
 
-    def GetCheckpoint(
-        self, request: audit_pb2.GetCheckpointRequest, context: grpc.ServicerContext
+    async def GetCheckpoint(
+        self, request: audit_pb2.GetCheckpointRequest, context: Context
     ) -> audit_pb2.Checkpoint:
-        return audit_pb2.Checkpoint(note=self._node.latest_checkpoint())
+        return audit_pb2.Checkpoint(note=await asyncio.to_thread(self._node.latest_checkpoint))
 
-    def GetEntries(
-        self, request: audit_pb2.GetEntriesRequest, context: grpc.ServicerContext
-    ) -> Iterator[audit_pb2.GetEntriesResponse]:
-        for page in self._node.entry_pages(request.start, request.end):
+    async def GetEntries(
+        self, request: audit_pb2.GetEntriesRequest, context: Context
+    ) -> AsyncIterator[audit_pb2.GetEntriesResponse]:
+        pages = self._node.entry_pages(request.start, request.end)
+        while (page := await asyncio.to_thread(next, pages, None)) is not None:
             yield audit_pb2.GetEntriesResponse(
                 entries=[audit_pb2.Entry(index=e.index, data=e.data) for e in page]
             )
 
-    def GetInclusionProof(
-        self, request: audit_pb2.InclusionProofRequest, context: grpc.ServicerContext
+    async def GetInclusionProof(
+        self, request: audit_pb2.InclusionProofRequest, context: Context
     ) -> audit_pb2.Proof:
-        return audit_pb2.Proof(hashes=self._node.inclusion_proof(request.index, request.tree_size))
-
-    def GetConsistencyProof(
-        self, request: audit_pb2.ConsistencyProofRequest, context: grpc.ServicerContext
-    ) -> audit_pb2.Proof:
-        return audit_pb2.Proof(
-            hashes=self._node.consistency_proof(request.old_size, request.new_size)
+        hashes = await asyncio.to_thread(
+            self._node.inclusion_proof, request.index, request.tree_size
         )
+        return audit_pb2.Proof(hashes=hashes)
 
-    def GetQueryEntries(
-        self, request: audit_pb2.QueryEntriesRequest, context: grpc.ServicerContext
+    async def GetConsistencyProof(
+        self, request: audit_pb2.ConsistencyProofRequest, context: Context
+    ) -> audit_pb2.Proof:
+        hashes = await asyncio.to_thread(
+            self._node.consistency_proof, request.old_size, request.new_size
+        )
+        return audit_pb2.Proof(hashes=hashes)
+
+    async def GetQueryEntries(
+        self, request: audit_pb2.QueryEntriesRequest, context: Context
     ) -> audit_pb2.GetEntriesResponse:
-        entries = self._node.query_entries(request.query_id)
+        entries = await asyncio.to_thread(self._node.query_entries, request.query_id)
         return audit_pb2.GetEntriesResponse(
             entries=[audit_pb2.Entry(index=e.index, data=e.data) for e in entries]
         )

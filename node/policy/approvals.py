@@ -5,19 +5,34 @@ query that uses it ``pending_approval`` at this node. The operator lists pending
 the analyst, purpose and signed request digest, and approves or denies each; the decision is
 recorded in the node's audit log with the operator's reason. The analyst's client, polling the
 query's status, proceeds on approval and stops with the operator's message on denial.
+
+A query whose signed request has expired cannot be decided: the operator's decision finds it
+expired, marks it so, returns its reservation (as the node's own ``QueryEngine.expire_stale``
+does) and is refused with :class:`QueryExpired`.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import time
 from dataclasses import dataclass
 
 from govshare.model.digests import request_digest
 from govshare.model.epsilon import format_epsilon
-from govshare.model.states import APPROVED, DENIED, PENDING
+from govshare.model.states import APPROVED, DENIED, EXPIRED, PENDING
 from govshare.node.audit.sink import AuditSink
 from govshare.node.stores.query_store import QueryRecord, QueryStore
+from govshare.protocols.errors import Conflict
 from govshare.protocols.signed_request import SignedRequest
+
+# The words QueryEngine.expire_stale records for a query it expires; the same here, so that
+# the log reads alike whichever side found the query expired.
+EXPIRED_MESSAGE = "the signed request expired before the query ran"
+EXPIRED_REASON = "the request expired before it ran"
+
+
+class QueryExpired(Conflict):
+    """The query's signed request expired before the operator's decision: it will never run."""
 
 
 @dataclass(frozen=True)
@@ -25,6 +40,7 @@ class PendingQuery:
     record: QueryRecord
     request_digest: str
     release: str  # "exact", "ε <value>" (noised), or "records" (a membership release)
+    expires_at: int  # when the signed request expires; the query can be approved until then
 
 
 def release_of(record: QueryRecord) -> str:
@@ -38,9 +54,15 @@ def release_of(record: QueryRecord) -> str:
     return "records"
 
 
+def expires_at_of(record: QueryRecord) -> int:
+    """When the query's signed request expires (unix seconds)."""
+    return SignedRequest.decode(record.request).expires_at
+
+
 def pending(store: QueryStore) -> list[PendingQuery]:
     return [
-        PendingQuery(r, request_digest(r.request), release_of(r)) for r in store.with_state(PENDING)
+        PendingQuery(r, request_digest(r.request), release_of(r), expires_at_of(r))
+        for r in store.with_state(PENDING)
     ]
 
 
@@ -58,9 +80,12 @@ def decide(
 
     Raises:
         NotFound: no such query.
+        QueryExpired: the query's signed request has expired (now or before); it is marked
+            ``expired`` and its reservation returned, and no decision is logged.
         Conflict: the query is not pending (already decided, refused, or run).
     """
     when = int(time.time()) if now is None else now
+    _refuse_expired(store, audit, query_id, now=when, actor=operator)
     message = reason or ("approved by the operator" if approve else "denied by the operator")
     record = store.transition(
         query_id, from_states=[PENDING], to=APPROVED if approve else DENIED, now=when,
@@ -81,3 +106,35 @@ def decide(
         query_id=query_id,
     )
     return record
+
+
+def _refuse_expired(
+    store: QueryStore, audit: AuditSink, query_id: str, *, now: int, actor: str
+) -> None:
+    """Raise QueryExpired if the query is, or has just become, expired; expire it if pending."""
+    record = store.get(query_id)
+    expires_at = expires_at_of(record)
+    if record.state == PENDING and expires_at <= now:
+        try:
+            store.transition(
+                query_id, from_states=[PENDING], to=EXPIRED, now=now, message=EXPIRED_MESSAGE
+            )
+        except Conflict:
+            record = store.get(query_id)  # decided or expired meanwhile: refuse by its state
+        else:
+            state = store.settle(query_id, spent=False, now=now)
+            if state is not None:
+                audit.record(
+                    "budget.settled",
+                    {"reservation": state, "reason": EXPIRED_REASON},
+                    actor=actor,
+                    query_id=query_id,
+                )
+            record = store.get(query_id)
+    if record.state == EXPIRED:
+        when = dt.datetime.fromtimestamp(expires_at, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+        raise QueryExpired(
+            f"query {query_id} expired: its signed request expired at {when}, before a "
+            "decision; it will not run and its reservation was returned (the analyst may "
+            "submit it again)"
+        )

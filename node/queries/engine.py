@@ -46,6 +46,7 @@ logs up for one query.
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -92,6 +93,7 @@ from govshare.node.policy.decision import (
     decide,
 )
 from govshare.node.policy.grants import GrantStore
+from govshare.node.queries.session import NO_GATE, Mailbox, Waiting
 from govshare.node.stores.query_store import QueryRecord, QueryStore, Usage
 from govshare.protocols import dp, ecdh_psi
 from govshare.protocols.errors import (
@@ -140,15 +142,6 @@ def participants_of(request: SignedRequest) -> list[str]:
 
 
 @dataclass
-class _Inbox:
-    """A set arriving from the peer, chunk by chunk."""
-
-    total: int = -1
-    points: list[bytes] = field(default_factory=list)
-    done: threading.Event = field(default_factory=threading.Event)
-
-
-@dataclass
 class Session:
     plan: PsiPlan
     own: Side
@@ -156,11 +149,7 @@ class Session:
     party: ecdh_psi.PsiParty
     obligations: Obligations
     request_digest: str
-    inboxes: dict[str, _Inbox] = field(
-        default_factory=lambda: {OWN: _Inbox(), RETURNED: _Inbox(), DUMMIES: _Inbox()}
-    )
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    aborted_by: str | None = None
+    mailbox: Mailbox = field(default_factory=lambda: Mailbox((OWN, RETURNED, DUMMIES)))
 
     @property
     def releasing(self) -> bool:
@@ -200,6 +189,8 @@ class KindHandler(Protocol):
 
     def forget(self, query_id: str) -> None: ...
 
+    def interrupt(self, query_id: str, reason: str) -> None: ...
+
 
 PeerSender = Callable[[str, str, str, list[bytes]], None]
 """``send(peer_node, query_id, phase, points)`` streams a set to the peer over mTLS."""
@@ -225,6 +216,7 @@ class QueryEngine:
         mask_key: Callable[[str, str], bytes] | None = None,
         observe: Callable[[], object] = lambda: None,
         suspended: Callable[[str], str | None] = lambda analyst: None,
+        waiting: Waiting = NO_GATE,
     ) -> None:
         self._identity = identity
         self._roster = roster or (lambda: identity.roster)
@@ -245,6 +237,8 @@ class QueryEngine:
         # and asked at admission whether the analyst is suspended after a HIGH alert.
         self._observe = observe
         self._suspended = suspended
+        self._waiting = waiting
+        self._stopping: str | None = None
         self._sessions: dict[str, Session] = {}
         self._handlers: dict[str, KindHandler] = {}
         self._lock = threading.Lock()
@@ -492,13 +486,20 @@ class QueryEngine:
             )
 
     def cancel(self, caller: Caller, query_id: str) -> QueryRecord:
-        """The analyst withdraws a query that has not started to run; its reservation returns.
+        """The analyst withdraws a query; its reservation returns.
+
+        A query not yet running is cancelled at once. A running one is ended: its part stops
+        at its next wait for a peer and fails, nothing released — unless it had already
+        released, which cannot be called back.
 
         Raises:
             NotFound: no such query of the caller's.
-            Conflict: the query is running or ended (a run cannot be called back).
+            Conflict: the query has ended.
         """
-        self.status(caller, query_id)
+        current = self.status(caller, query_id)
+        if current.state == RUNNING:
+            self.interrupt(query_id, f"the analyst {caller.name} withdrew the query")
+            return current
         record = self._store.transition(
             query_id, from_states=[PENDING, APPROVED], to=CANCELLED, now=int(self._clock()),
             message="withdrawn by the analyst before it ran",
@@ -561,6 +562,8 @@ class QueryEngine:
             query_id, from_states=[APPROVED], to=RUNNING, now=int(self._clock())
         )
         try:
+            if self._stopping is not None:  # after RUNNING: interrupt_all sees it, or we do
+                raise Aborted(f"{self.name}: {self._stopping}; nothing released")
             result = body(record)
         except Exception as exc:
             reason = str(exc) if isinstance(exc, GovshareError) else f"internal error: {exc}"
@@ -757,16 +760,10 @@ class QueryEngine:
         )  # fmt: skip
 
     def _wait(self, session: Session, query_id: str, phase: str) -> list[bytes]:
-        inbox = session.inboxes[phase]
-        if not inbox.done.wait(self._timeout):
-            raise Aborted(
-                f"{self.name}: node {session.peer.node} did not send its set within "
-                f"{self._timeout:g} s; query aborted, nothing released"
-            )
-        if session.aborted_by is not None:
-            raise Aborted(
-                f"{self.name}: node {session.aborted_by} ended the query; nothing released"
-            )
+        inbox = session.mailbox.wait(
+            phase, node=self.name, peer=session.peer.node, what="set", timeout=self._timeout,
+            waiting=self._waiting,
+        )  # fmt: skip
         self._audit.record(
             "protocol.step",
             {"peer": session.peer.node, "direction": "received", "phase": phase,
@@ -787,42 +784,30 @@ class QueryEngine:
         )  # fmt: skip
 
     def receive(self, caller: Caller, chunks: Iterator[tuple[str, str, int, bytes]]) -> int:
-        """Take a peer's set: ``(query_id, phase, total, packed points)`` chunks."""
-        received = 0
-        inbox: _Inbox | None = None
-        for query_id, phase, total, packed in chunks:
-            if phase == ABORT:
-                self.abort(caller, query_id)
-                return 0
-            if inbox is None:
-                session = self._session(query_id)
-                if caller.name != session.peer.node:
-                    raise PermissionDenied(f"{caller.name} is not the peer of query {query_id}")
-                if phase not in session.inboxes:
-                    raise MalformedInput(f"field 'phase': {phase!r} is unknown", field="phase")
-                inbox = session.inboxes[phase]
-                if inbox.done.is_set() or inbox.total != -1:
-                    raise MalformedInput(
-                        f"set {phase!r} of query {query_id} was already sent", field="phase"
-                    )
-                if total < 0:
-                    raise MalformedInput("field 'total' must not be negative", field="total")
-                inbox.total = total
-            elif total != inbox.total:
-                raise MalformedInput("field 'total' changed between chunks", field="total")
-            points = ecdh_psi.decode_points(packed)
-            received += len(points)
-            if received > inbox.total:
-                raise MalformedInput("more points than the announced total", field="points")
-            inbox.points.extend(points)
-        if inbox is None:
+        """Take a peer's set: ``(query_id, phase, total, packed points)`` chunks, in order.
+
+        A refused set leaves nothing behind: the peer may send it again."""
+        first = next(chunks, None)
+        if first is None:
             raise MalformedInput("empty stream: no chunk carried a query id", field="query_id")
-        if received != inbox.total:
-            raise MalformedInput(
-                f"stream ended after {received} of {inbox.total} points", field="points"
-            )
-        inbox.done.set()
-        return received
+        query_id, phase, total, _ = first
+        if phase == ABORT:
+            self.abort(caller, query_id)
+            return 0
+        session = self._session(query_id)
+        if caller.name != session.peer.node:
+            raise PermissionDenied(f"{caller.name} is not the peer of query {query_id}")
+        inbox = session.mailbox.inboxes.get(phase)
+        if inbox is None:
+            raise MalformedInput(f"field 'phase': {phase!r} is unknown", field="phase")
+
+        def decoded() -> Iterator[tuple[int, list[bytes], list[bytes]]]:
+            for chunk_query, chunk_phase, chunk_total, packed in itertools.chain([first], chunks):
+                if (chunk_query, chunk_phase) != (query_id, phase):
+                    raise MalformedInput("one stream carries one set", field="phase")
+                yield chunk_total, ecdh_psi.decode_points(packed), []
+
+        return inbox.fill(total, decoded())
 
     def abort(self, caller: Caller, query_id: str) -> None:
         """A participant says the query failed on its side: stop waiting for it at once."""
@@ -831,12 +816,25 @@ class QueryEngine:
         if session is not None:
             if caller.name != session.peer.node:
                 raise PermissionDenied(f"{caller.name} is not the peer of query {query_id}")
-            session.aborted_by = caller.name
-            for inbox in session.inboxes.values():
-                inbox.done.set()
+            session.mailbox.end(f"node {caller.name} ended the query")
             return
         for kind_handler in self._kind_handlers():
             kind_handler.abort(caller, query_id)
+
+    def interrupt(self, query_id: str, reason: str) -> None:
+        """End a running query's part here, whatever its kind: its waits raise Aborted."""
+        with self._lock:
+            session = self._sessions.get(query_id)
+        if session is not None:
+            session.mailbox.end(reason)
+        for kind_handler in self._kind_handlers():
+            kind_handler.interrupt(query_id, reason)
+
+    def interrupt_all(self, reason: str) -> None:
+        """End every running query's part, and any that starts from now (the node is stopping)."""
+        self._stopping = reason
+        for record in self._store.with_state(RUNNING):
+            self.interrupt(record.query_id, reason)
 
     def _kind_handlers(self) -> list[KindHandler]:
         with self._lock:

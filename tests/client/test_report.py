@@ -45,7 +45,7 @@ from govshare.model.query_plan import PsiPlan, Side
 from govshare.model.risk import Alert, EntryRef, Severity
 from govshare.node.node import Node
 from govshare.protocols.auditverify import AuditEntry, decode_entry, encode_entry
-from govshare.protocols.errors import PermissionDenied
+from govshare.protocols.errors import PolicyRefused
 from govshare.protocols.signed_request import sign_request
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -77,8 +77,9 @@ def assessed(
         epsilon=PSI_EPSILON,
     )  # fmt: skip
     query_ids = [run_psi(alice, plan).query_id for _ in range(2)]
-    with pytest.raises(PermissionDenied, match=r"grant\.purpose"):
+    with pytest.raises(PolicyRefused) as refused:
         run_psi(alice, replace(plan, purpose=PAYLOAD))
+    assert refused.value.rule == "grant.purpose"
     state = tmp_path_factory.mktemp("report") / "state"
     # The session federation never starts ghost: one witness cosignature is all that can exist.
     auditor = Auditor(fed.identity("audra"), state, quorum=1)

@@ -63,7 +63,7 @@ from govshare.node.node import Node
 from govshare.node.policy import approvals
 from govshare.node.policy.alerts import logged_alerts
 from govshare.protocols.auditverify import AuditEntry
-from govshare.protocols.errors import PermissionDenied
+from govshare.protocols.errors import PolicyRefused
 from govshare.protocols.signed_request import sign_request
 from govshare.rpc.client import NodeClient
 
@@ -620,16 +620,18 @@ def test_a_node_suspends_a_prober_until_the_operator_clears_it(tmp_path: Path) -
         grant(node, "residents", "alice", ["id_number"], [QueryKind.PSI_CARDINALITY])
         prober, alice = fed.identity("hkana"), fed.identity("alice")
         for n in range(1, 16):
-            with pytest.raises(PermissionDenied, match=r"refused by rule grant\.missing"):
+            with pytest.raises(PolicyRefused) as refused:
                 submit(prober)
+            assert refused.value.rule == "grant.missing"
             if n == 4:
                 assert rules_logged(node) == []
             if n == 5:
                 assert rules_logged(node) == [("probing.refusal_burst", "MEDIUM", False)]
         assert rules_logged(node)[-1] == ("probing.refusal_burst", "HIGH", True)
         assert node.suspensions.get("hkana") is not None
-        with pytest.raises(PermissionDenied, match=r"refused by rule risk\.suspended"):
+        with pytest.raises(PolicyRefused) as refused:
             submit(prober)
+        assert refused.value.rule == "risk.suspended"
         assert submit(alice) == "approved"  # only the prober is suspended
 
         listed = govshare("node", "alerts", "--home", str(home), "--json")
@@ -644,8 +646,9 @@ def test_a_node_suspends_a_prober_until_the_operator_clears_it(tmp_path: Path) -
         cleared = govshare("node", "alerts", "clear", "--home", str(home), "--analyst", "hkana",
                            "--reason", "spoke to the analyst; script fixed")  # fmt: skip
         assert cleared.returncode == 0, cleared.stderr
-        with pytest.raises(PermissionDenied, match=r"refused by rule grant\.missing"):
+        with pytest.raises(PolicyRefused) as refused:
             submit(prober)
+        assert refused.value.rule == "grant.missing"
         logged = [e.decode() for e in node.audit.iter_entries()]
         [clear_entry] = [e for e in logged if e.kind == "risk.cleared"]
         assert clear_entry.actor == "operator:tax"

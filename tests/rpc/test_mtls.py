@@ -19,6 +19,7 @@ from govshare.node.api.server import RunningNode
 from govshare.node.node import Node
 from govshare.protocols.errors import PermissionDenied, Unavailable, VerificationFailed
 from govshare.rpc.client import NodeClient
+from govshare.rpc.status import error_info
 from govshare.v1 import catalog_pb2, catalog_pb2_grpc, peer_pb2, peer_pb2_grpc
 
 NodeFixture = tuple[Node, RunningNode]
@@ -157,6 +158,8 @@ def test_malformed_request_names_the_field(fed: FederationFixture, tax_node: Nod
             )
     assert failure.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert "field 'name'" in (failure.value.details() or "")
+    info = error_info(failure.value)
+    assert info is not None and dict(info.metadata) == {"field": "name"}
 
 
 def test_unknown_dataset_is_not_found(fed: FederationFixture, tax_node: NodeFixture) -> None:

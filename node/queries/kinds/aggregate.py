@@ -48,6 +48,7 @@ reach them.
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import threading
@@ -80,6 +81,7 @@ from govshare.node.data.catalog import Catalogue
 from govshare.node.policy.decision import AccessRequest, Obligations, dataset_epsilon_cap
 from govshare.node.policy.grants import GrantStore
 from govshare.node.queries.engine import Admission, QueryEngine
+from govshare.node.queries.session import NO_GATE, Inbox, Mailbox, Waiting
 from govshare.node.stores.query_store import QueryRecord, QueryStore
 from govshare.protocols import dp, ecdh_psi, masks
 from govshare.protocols.bfv import BfvPublicContext
@@ -122,24 +124,15 @@ class AggregateOptions:
 
 
 @dataclass
-class _Inbox:
-    total: int = -1
-    points: list[bytes] = field(default_factory=list)
-    items: list[bytes] = field(default_factory=list)
-    done: threading.Event = field(default_factory=threading.Event)
-
-
-@dataclass
 class _Session:
     plan: AggregatePlan
     obligations: Obligations
     request_digest: str
     query_id: bytes
     dataset: str
-    inboxes: dict[str, _Inbox] = field(default_factory=dict)
+    mailbox: Mailbox = field(default_factory=lambda: Mailbox(()))
     ephemeral: X25519PrivateKey | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
-    aborted_by: str | None = None
 
 
 @dataclass(frozen=True)
@@ -193,6 +186,7 @@ class AggregateEngine:
         executor: Callable[[], Executor | None] = lambda: None,
         protocol_timeout: float = 300.0,
         options: AggregateOptions | None = None,
+        waiting: Waiting = NO_GATE,
     ) -> None:
         self._queries = queries
         self._identity = identity
@@ -206,6 +200,7 @@ class AggregateEngine:
         self._executor = executor
         self._timeout = protocol_timeout
         self._options = options or AggregateOptions()
+        self._waiting = waiting
         self._sessions: dict[str, _Session] = {}
         self._lock = threading.Lock()
         queries.register(AGGREGATE_KINDS, self)
@@ -252,7 +247,7 @@ class AggregateEngine:
                 if self.name == plan.aggregator
                 else []
             )
-        session.inboxes = {phase: _Inbox() for phase in phases}
+        session.mailbox = Mailbox(phases)
         with self._lock:
             self._sessions[admission.query_id] = session
         return record
@@ -348,9 +343,14 @@ class AggregateEngine:
             return
         if caller.name not in session.plan.nodes or caller.name == self.name:
             raise PermissionDenied(f"{caller.name} does not take part in query {query_id}")
-        session.aborted_by = caller.name
-        for inbox in session.inboxes.values():
-            inbox.done.set()
+        session.mailbox.end(f"node {caller.name} ended the query")
+
+    def interrupt(self, query_id: str, reason: str) -> None:
+        """End a running query's part here: its waits raise Aborted with ``reason``."""
+        with self._lock:
+            session = self._sessions.get(query_id)
+        if session is not None:
+            session.mailbox.end(reason)
 
     # -- intersection: value holder
 
@@ -616,17 +616,11 @@ class AggregateEngine:
             message_digest(points, items), len(points) or len(items),
         )  # fmt: skip
 
-    def _wait(self, session: _Session, query_id: str, peer: str, phase: str) -> _Inbox:
-        inbox = session.inboxes[phase]
-        if not inbox.done.wait(self._timeout):
-            raise Aborted(
-                f"{self.name}: node {peer} did not send its {phase.split(':')[0]} within "
-                f"{self._timeout:g} s; query aborted, nothing released"
-            )
-        if session.aborted_by is not None:
-            raise Aborted(
-                f"{self.name}: node {session.aborted_by} ended the query; nothing released"
-            )
+    def _wait(self, session: _Session, query_id: str, peer: str, phase: str) -> Inbox:
+        inbox = session.mailbox.wait(
+            phase, node=self.name, peer=peer, what=phase.split(":")[0], timeout=self._timeout,
+            waiting=self._waiting,
+        )  # fmt: skip
         self._step(
             session, query_id, peer, "received", phase.split(":")[0],
             message_digest(inbox.points, inbox.items), len(inbox.points) or len(inbox.items),
@@ -652,63 +646,39 @@ class AggregateEngine:
     ) -> int:
         """Take a peer's message: ``(query_id, phase, total, packed points, items)`` chunks.
 
+        A refused message leaves nothing behind: the sender may send it again.
+
         Raises:
             PermissionDenied: the caller is not the peer this phase comes from.
             MalformedInput: unknown phase, a repeated message, wrong sizes or a ciphertext that
                 is not one under the analyst's key.
         """
-        state: dict[str, _Inbox] = {}
-        try:
-            return self._receive(caller, chunks, state)
-        except BaseException:
-            inbox = state.get("inbox")
-            if inbox is not None and not inbox.done.is_set():
-                # A refused message leaves nothing behind: the sender may send it again.
-                inbox.total = -1
-                inbox.points.clear()
-                inbox.items.clear()
-            raise
-
-    def _receive(
-        self,
-        caller: Caller,
-        chunks: Iterator[tuple[str, str, int, bytes, list[bytes]]],
-        state: dict[str, _Inbox],
-    ) -> int:
-        received = 0
-        inbox: _Inbox | None = None
-        check: Callable[[list[bytes]], None] = _accept_any
-        for query_id, phase, total, packed, items in chunks:
-            if inbox is None:
-                session = self._session(query_id)
-                found, check = self._inbox_for(session, caller, phase)
-                if found.done.is_set() or found.total != -1:
-                    raise MalformedInput(f"{phase!r} of query {query_id} was already sent")
-                inbox = state["inbox"] = found
-                if total < 0:
-                    raise MalformedInput("field 'total' must not be negative", field="total")
-                inbox.total = total
-            elif total != inbox.total:
-                raise MalformedInput("field 'total' changed between chunks", field="total")
-            points = ecdh_psi.decode_points(packed) if packed else []
-            if phase == VALUES and len(points) != len(items):
-                raise MalformedInput("one ciphertext entry per point is required", field="items")
-            check(items)
-            received += max(len(points), len(items))
-            if received > inbox.total:
-                raise MalformedInput("more items than the announced total", field="items")
-            inbox.points.extend(points)
-            inbox.items.extend(items)
-        if inbox is None:
+        first = next(chunks, None)
+        if first is None:
             raise MalformedInput("empty stream: no chunk carried a query id", field="query_id")
-        if received != inbox.total:
-            raise MalformedInput(f"stream ended after {received} of {inbox.total} items")
-        inbox.done.set()
-        return received
+        query_id, phase, total, _, _ = first
+        session = self._session(query_id)
+        inbox, check = self._inbox_for(session, caller, phase)
+
+        def decoded() -> Iterator[tuple[int, list[bytes], list[bytes]]]:
+            for chunk_query, chunk_phase, chunk_total, packed, items in itertools.chain(
+                [first], chunks
+            ):
+                if (chunk_query, chunk_phase) != (query_id, phase):
+                    raise MalformedInput("one stream carries one message", field="phase")
+                points = ecdh_psi.decode_points(packed) if packed else []
+                if phase == VALUES and len(points) != len(items):
+                    raise MalformedInput(
+                        "one ciphertext entry per point is required", field="items"
+                    )
+                check(items)
+                yield chunk_total, points, items
+
+        return inbox.fill(total, decoded())
 
     def _inbox_for(
         self, session: _Session, caller: Caller, phase: str
-    ) -> tuple[_Inbox, Callable[[list[bytes]], None]]:
+    ) -> tuple[Inbox, Callable[[list[bytes]], None]]:
         plan = session.plan
         if isinstance(plan, IntersectionPlan):
             peer = plan.matcher.node if self.name == plan.values.node else plan.values.node
@@ -718,7 +688,7 @@ class AggregateEngine:
             key_name = f"{phase}:{caller.name}"
         if caller.name != peer or caller.name == self.name:
             raise PermissionDenied(f"{caller.name} does not take part in this query")
-        inbox = session.inboxes.get(key_name)
+        inbox = session.mailbox.inboxes.get(key_name)
         if inbox is None:
             raise MalformedInput(f"field 'phase': {phase!r} is not expected here", field="phase")
         if phase == MATCHER_KEYS or phase == MATCHER_AGAIN:

@@ -44,7 +44,7 @@ from govshare.node.policy.grants import GrantStore
 from govshare.node.queries.kinds.aggregate import AggregateEngine, AggregateOptions
 from govshare.node.stores.query_store import QueryStore
 from govshare.protocols import dp
-from govshare.protocols.errors import Aborted, MalformedInput, PermissionDenied
+from govshare.protocols.errors import Aborted, MalformedInput, PermissionDenied, PolicyRefused
 from govshare.protocols.paillier import generate_keypair
 from govshare.protocols.receipt import verify_receipt
 from govshare.protocols.signed_request import sign_request
@@ -362,8 +362,9 @@ def test_budget_exhaustion_is_refused_and_logged(agg: Agg) -> None:
     )
     assert first.budgets["civil"].epsilon_remaining == Fraction("0.4")
     before = civil.audit.size
-    with pytest.raises(PermissionDenied, match=r"grant\.budget"):
+    with pytest.raises(PolicyRefused) as refused:
         run_horizontal_aggregate(hkana, plan, key_bits=KEY_BITS, unsafe_allow_short_modulus=True)
+    assert refused.value.rule == "grant.budget"
     decisions = [
         e.decode() for e in civil.audit.entries(before, civil.audit.size)
         if e.decode().kind == "policy.decision"
@@ -391,8 +392,9 @@ def test_important_dataset_requires_dp_and_approval(agg: Agg) -> None:
     alice = agg.fed.identity("alice")
     with NodeClient.to(alice, "civil") as client:
         _, signed = _signed(agg, _keyed(district_plan(None, "assistance_imp")))
-        with pytest.raises(PermissionDenied, match=r"grade\.important\.requires_dp"):
+        with pytest.raises(PolicyRefused) as refused:
             client.submit(signed)
+        assert refused.value.rule == "grade.important.requires_dp"
         _, signed = _signed(agg, _keyed(district_plan(Fraction(1), "assistance_imp")))
         assert client.submit(signed).state == "pending_approval"
 

@@ -29,11 +29,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 import pytest
 from conftest import PSI_EPSILON, PURPOSE, FederationFixture, build_federation, psi_shift
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from govshare.cli.dataset import parse_column
 from govshare.client.analyst import ask, run_psi
@@ -65,7 +67,7 @@ from govshare.node.policy.grants import Grant, GrantStore
 from govshare.node.queries.kinds.aggregate import AggregateEngine, AggregateOptions
 from govshare.node.stores.query_store import QueryStore
 from govshare.protocols import dp, ecdh_psi, masks
-from govshare.protocols.errors import GovshareError, PermissionDenied
+from govshare.protocols.errors import GovshareError, PermissionDenied, PolicyRefused
 from govshare.protocols.paillier import decrypt_unpack, generate_keypair
 from govshare.protocols.signed_request import SignedRequest, sign_request
 from govshare.rpc.client import NodeClient
@@ -303,14 +305,35 @@ def submit(identity: Identity, node: str, request: SignedRequest) -> str:
         return client.submit(request.encode()).state
 
 
-def raw_status(error: grpc.RpcError) -> tuple[grpc.StatusCode, str]:
+class Wire(NamedTuple):
+    """A failed call as the wire carries it: its status, text and ErrorInfo (all a prober sees)."""
+
+    code: grpc.StatusCode
+    details: str
+    reason: str
+    metadata: tuple[tuple[str, str], ...]
+
+    @property
+    def rule(self) -> str | None:
+        return dict(self.metadata).get("rule")
+
+
+def raw_status(error: grpc.RpcError) -> Wire:
+    """The status, text and ErrorInfo (read with grpc_status; none from the channel itself)."""
     assert isinstance(error, grpc.Call), error
-    return error.code(), error.details() or ""
+    rich = rpc_status.from_call(error)
+    infos = []
+    for detail in rich.details if rich is not None else ():
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info):
+            assert info.domain == "govshare", info
+            infos.append((info.reason, tuple(sorted(info.metadata.items()))))
+    assert len(infos) <= 1, infos
+    reason, metadata = infos[0] if infos else ("", ())
+    return Wire(error.code(), error.details() or "", reason, metadata)
 
 
-def raw_submit(
-    identity: Identity, node: str, request: SignedRequest
-) -> tuple[grpc.StatusCode, str]:
+def raw_submit(identity: Identity, node: str, request: SignedRequest) -> Wire:
     """The gRPC status of a refused submission, as the wire carries it (no client rewording)."""
     with NodeClient.to(identity, node) as client:
         stub = query_pb2_grpc.QueryStub(client.channel)
@@ -323,7 +346,7 @@ def raw_submit(
     raise AssertionError(f"{node} accepted the query: {reply.state}")
 
 
-Outcome = list[query_pb2.ResultChunk] | tuple[grpc.StatusCode, str]
+Outcome = list[query_pb2.ResultChunk] | Wire
 
 
 def run_everywhere(identity: Identity, query_id: str, nodes: Sequence[str]) -> dict[str, Outcome]:
@@ -410,22 +433,22 @@ def test_membership_probe_without_grant_reads_the_same_for_member_and_outsider(
         world.civil.catalogue.count("oracle", where=(Condition("id_number", "=", outsider),)) == 0
     )
 
-    seen: dict[str, dict[str, tuple[grpc.StatusCode, str]]] = {}
+    seen: dict[str, dict[str, Wire]] = {}
     for who, key in (("member", member), ("outsider", outsider)):
         request = sign(mallory, psi_plan("oracle", (Condition("id_number", "=", key),)))
         query_id = request.query_id_hex
         seen[who] = {}
         for node in ("tax", "civil"):
-            code, details = raw_submit(mallory, node, request)
-            seen[who][node] = (code, details.replace(query_id, "<query>"))
+            wire = raw_submit(mallory, node, request)
+            seen[who][node] = wire._replace(details=wire.details.replace(query_id, "<query>"))
             # Logged as a policy decision naming the rule; nothing was reserved or run.
             assert refusal_rules(world.nodes[node], query_id) == ["grant.missing"]
             assert world.nodes[node].query_store.reservation(query_id) is None
 
-    assert seen["member"] == seen["outsider"]
-    for code, details in seen["member"].values():
+    assert seen["member"] == seen["outsider"]  # text and ErrorInfo alike
+    for code, details, reason, metadata in seen["member"].values():
         assert code is grpc.StatusCode.PERMISSION_DENIED
-        assert details.startswith("refused by rule grant.missing:"), details
+        assert (reason, metadata) == ("POLICY_REFUSED", (("rule", "grant.missing"),))
         assert "'mallory' holds no grant on 'oracle'" in details
         assert not re.search(r"\d", details), details  # no count of rows, no size, no key
 
@@ -445,8 +468,9 @@ def test_membership_probe_with_grant_gets_no_exact_bit(world: World) -> None:
         for k in (resident(4), resident(MEMBERS + 4))
     ]
     assert on_key[0] == on_key[1]
-    assert on_key[0][0] is grpc.StatusCode.PERMISSION_DENIED
-    assert "column.join_key_release" in on_key[0][1] and not re.search(r"\d", on_key[0][1])
+    assert on_key[0].code is grpc.StatusCode.PERMISSION_DENIED
+    assert on_key[0].rule == "column.join_key_release"
+    assert not re.search(r"\d", on_key[0].details)
 
     # An exact count over a one-row filter (a member) and a zero-row filter (an outsider's
     # serial does not exist at civil): both approved by every operator, both refused at run
@@ -464,15 +488,18 @@ def test_membership_probe_with_grant_gets_no_exact_bit(world: World) -> None:
         civil_out = outputs["civil"]
         assert isinstance(civil_out, tuple), "civil ran an exact count on a set under k"
         assert isinstance(outputs["tax"], tuple), "tax released without civil's set"
-        civil_errors.append((civil_out[0], civil_out[1].replace(query_id, "<query>")))
+        civil_errors.append(
+            civil_out._replace(details=civil_out.details.replace(query_id, "<query>"))
+        )
         assert refusal_rules(world.civil, query_id) == ["set_size.minimum"]
         for node in world.nodes.values():
             assert not released(node, query_id)
         # A refusal on the data consumes the query like a run: the budget says nothing either.
         assert world.civil.query_store.reservation(query_id) == "spent"
     assert civil_errors[0] == civil_errors[1]
-    code, details = civil_errors[0]
+    code, details, _, _ = civil_errors[0]
     assert code is grpc.StatusCode.PERMISSION_DENIED
+    assert civil_errors[0].rule == "set_size.minimum"
     assert details == (
         f"refused by rule set_size.minimum: the filtered set of probe is smaller than k = {K}"
     )
@@ -558,8 +585,8 @@ def test_queries_waiting_for_approval_hold_their_epsilon(world: World) -> None:
         assert submit(alice, "civil", request) == "approved"
         try:
             return request.query_id_hex, submit(alice, "tax", request)
-        except PermissionDenied as exc:
-            assert "grant.budget" in str(exc) or "budget.dataset" in str(exc), exc
+        except PolicyRefused as exc:
+            assert exc.rule in ("grant.budget", "budget.dataset"), exc
             return request.query_id_hex, "refused"
 
     asked = [ask_one() for _ in range(5)]
@@ -604,8 +631,9 @@ def test_a_second_grant_does_not_double_the_budget(world: World) -> None:
     assert world.tax.query_store.usage("alice").get(unused.grant_id) is None
 
     request = sign(alice, psi_plan("stacked", epsilon=Fraction(1)))
-    with pytest.raises(PermissionDenied, match=r"refused by rule budget\.dataset"):
+    with pytest.raises(PolicyRefused) as refused:
         submit(alice, "tax", request)
+    assert refused.value.rule == "budget.dataset"
     assert refusal_rules(world.tax, request.query_id_hex) == ["budget.dataset"]
     assert world.tax.query_store.budget("alice", "stacked") == DatasetBudget(
         spent=Fraction(1), reserved=Fraction(0)
@@ -646,8 +674,9 @@ def test_patched_client_cannot_get_exact_groups(world: World) -> None:
         request = sign(alice, plan)
         query_id = request.query_id_hex
         for name in plan.nodes:
-            with pytest.raises(PermissionDenied, match=rf"refused by rule {re.escape(rule)}"):
+            with pytest.raises(PolicyRefused) as refused:
                 submit(alice, name, request)
+            assert refused.value.rule == rule
             node = world.nodes[name]
             assert node.query_store.get(query_id).state == "refused"
             assert node.query_store.reservation(query_id) is None
@@ -751,8 +780,8 @@ def test_two_exact_releases_one_row_apart_are_refused(world: World) -> None:
     second, outputs, _ = exact(narrow)
     civil_out = outputs["civil"]
     assert isinstance(civil_out, tuple) and isinstance(outputs["tax"], tuple), outputs
-    assert civil_out[0] is grpc.StatusCode.PERMISSION_DENIED
-    assert "refused by rule filter.overlap" in civil_out[1] and f"k = {K}" in civil_out[1]
+    assert civil_out.code is grpc.StatusCode.PERMISSION_DENIED
+    assert civil_out.rule == "filter.overlap" and f"k = {K}" in civil_out.details
     assert refusal_rules(world.civil, second) == ["filter.overlap"]
     assert world.civil.query_store.get(second).state == "failed"
     for node in world.nodes.values():
@@ -826,7 +855,9 @@ def test_exact_releases_one_row_apart_are_refused_across_query_kinds(world: Worl
         "civil released an exact count over a filtered set one row from an earlier exact "
         "release's, because the earlier one was a PSI"
     )
-    assert isinstance(errors["civil"], PermissionDenied), errors
+    civil_error = errors["civil"]
+    assert isinstance(civil_error, PolicyRefused), errors
+    assert civil_error.rule == "filter.overlap"
     assert refusal_rules(world.civil, query_id) == ["filter.overlap"]
 
 
@@ -843,8 +874,9 @@ def test_personal_data_goes_abroad_only_under_an_assessment_in_force(world: Worl
     def refused_everywhere() -> None:
         request = sign(usana, psi_plan("persons"))
         for name, node in world.nodes.items():
-            with pytest.raises(PermissionDenied, match=r"refused by rule crossborder\.assessment"):
+            with pytest.raises(PolicyRefused) as refused:
                 submit(usana, name, request)
+            assert refused.value.rule == "crossborder.assessment"
             assert refusal_rules(node, request.query_id_hex) == ["crossborder.assessment"]
 
     def assess(node: Node, *, now: int, expires_at: int) -> str:

@@ -23,7 +23,7 @@ from govshare.node.api.server import create_server
 from govshare.node.config import NodeConfig
 from govshare.node.node import Node
 from govshare.node.policy import approvals
-from govshare.protocols.errors import PermissionDenied
+from govshare.protocols.errors import PolicyRefused
 from govshare.protocols.signed_request import sign_request
 from govshare.rpc.client import NodeClient
 
@@ -77,8 +77,9 @@ def refusals(node: Node, rule: str) -> int:
 def test_rate_limit_refuses_and_logs(strict_tax: tuple[Node, Identity]) -> None:
     node, alice = strict_tax
     assert [submit(alice) for _ in range(LIMIT)] == ["approved"] * LIMIT
-    with pytest.raises(PermissionDenied, match=r"refused by rule rate_limit"):
+    with pytest.raises(PolicyRefused) as refused:
         submit(alice)
+    assert refused.value.rule == "rate_limit"
     assert refusals(node, "rate_limit") >= 1
 
 
@@ -96,11 +97,12 @@ def test_small_filtered_set_is_refused_by_rule(strict_tax: tuple[Node, Identity]
     query_id = signed(alice, where, exact=True)
     approvals.decide(node.query_store, node.audit, query_id, approve=True, operator="op")
     with NodeClient.to(alice, "tax") as client:
-        with pytest.raises(PermissionDenied) as refused:
+        with pytest.raises(PolicyRefused) as refused:
             client.run(query_id, timeout=30)
         assert client.status(query_id).state == "failed"
+    assert refused.value.rule == "set_size.minimum"
     message = str(refused.value)
-    assert "set_size.minimum" in message and "k = 5" in message
+    assert "k = 5" in message
     assert str(counts[small]) not in message.replace("k = 5", "")
     assert node.query_store.reservation(query_id) == "spent"  # a refusal on the data counts
     kinds = [e.decode().kind for e in node.audit.entries_for_query(query_id)]

@@ -30,6 +30,7 @@ from govshare.protocols.errors import (
     MalformedInput,
     NotFound,
     PermissionDenied,
+    PolicyRefused,
     VerificationFailed,
 )
 from govshare.protocols.receipt import ReceiptPart, verify_receipt
@@ -154,8 +155,9 @@ def test_analyst_without_a_grant_is_refused_by_rule(
     fed: FederationFixture, psi_data: PsiData
 ) -> None:
     before = psi_data.tax.audit.size
-    with pytest.raises(PermissionDenied, match=r"refused by rule grant\.missing"):
+    with pytest.raises(PolicyRefused) as refused:
         run_psi(fed.identity("hkana"), plan())
+    assert refused.value.rule == "grant.missing"
     decisions = [
         e.decode() for e in psi_data.tax.audit.entries(before, psi_data.tax.audit.size)
         if e.decode().kind == "policy.decision"
@@ -164,13 +166,15 @@ def test_analyst_without_a_grant_is_refused_by_rule(
 
 
 def test_column_outside_the_grant_is_refused(fed: FederationFixture, psi_data: PsiData) -> None:
-    with pytest.raises(PermissionDenied, match=r"grant\.column"):
+    with pytest.raises(PolicyRefused) as refused:
         run_psi(fed.identity("alice"), plan((Condition("district", "=", "Haidian"),)))
+    assert refused.value.rule == "grant.column"
 
 
 def test_wrong_purpose_is_refused(fed: FederationFixture, psi_data: PsiData) -> None:
-    with pytest.raises(PermissionDenied, match=r"grant\.purpose"):
+    with pytest.raises(PolicyRefused) as refused:
         run_psi(fed.identity("alice"), plan(purpose="marketing"))
+    assert refused.value.rule == "grant.purpose"
 
 
 def test_duplicate_and_invalid_keys(
@@ -244,8 +248,9 @@ def test_a_refusal_at_one_node_withdraws_the_query_from_the_other(
     tax = psi_data.tax
     before = {r.query_id for r in tax.query_store.with_state("cancelled")}
     refused = dataclasses.replace(plan(), right=Side("civil", "assistance_ungranted", "id_number"))
-    with pytest.raises(PermissionDenied, match=r"grant\.missing"):
+    with pytest.raises(PolicyRefused) as refusal:
         run_psi(fed.identity("alice"), refused)
+    assert refusal.value.rule == "grant.missing"
     (withdrawn,) = [r for r in tax.query_store.with_state("cancelled") if r.query_id not in before]
     assert tax.query_store.reservation(withdrawn.query_id) == "returned"
     kinds = [e.decode().kind for e in tax.audit.entries_for_query(withdrawn.query_id)]

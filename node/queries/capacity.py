@@ -1,0 +1,177 @@
+"""Admission control for query runs: a few computing, a bounded queue, a clear refusal beyond.
+
+A node runs the protocol part of at most ``max_running`` queries at once; up to ``max_queued``
+more are admitted and wait for a turn; a run beyond those is refused at once with
+``RESOURCE_EXHAUSTED`` and a retry hint (:class:`~govshare.protocols.errors.ResourceExhausted`),
+never left hanging.
+
+"Running" means *computing*: a query holds one of the ``max_running`` turns while it reads its
+data, masks, encrypts or sums, and gives its turn back while it waits for a peer's message
+(:meth:`RunGate.waiting`). That is what keeps two busy nodes from stalling each other: if a
+waiting query kept its turn, node A's turns could all be held by queries waiting for parts that
+sit in node B's queue behind queries waiting for A — each node waiting on the other until the
+protocol timeout. Peer messages themselves never need a turn (the server takes them on its
+event loop, ``govshare.node.api.server``), so every admitted query's peer can always deliver.
+
+Each admitted query runs its protocol part on a thread of its own (a pool of
+``max_running + max_queued`` threads); the CPU-heavy work inside goes to the node's process
+pool, so the threads only wait — on a turn, a peer, or a worker.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TypeVar
+
+from govshare.protocols.errors import ResourceExhausted
+
+T = TypeVar("T")
+
+# Runs whose durations estimate the retry hint.
+_RECENT_RUNS = 32
+# The retry hint's bounds, in seconds.
+MIN_RETRY_AFTER = 1.0
+MAX_RETRY_AFTER = 120.0
+
+
+@dataclass(frozen=True)
+class Load:
+    """A snapshot of the gate: queries computing, admitted and waiting, and the limits."""
+
+    computing: int
+    admitted: int
+    max_running: int
+    max_queued: int
+
+    @property
+    def queued(self) -> int:
+        """Admitted queries not computing: waiting for a turn or for a peer."""
+        return self.admitted - self.computing
+
+
+class RunGate:
+    """Turns and queue places for query runs (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        node: str,
+        max_running: int,
+        max_queued: int,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if max_running < 1 or max_queued < 0:
+            raise ValueError("max_running must be >= 1 and max_queued >= 0")
+        self._node = node
+        self._max_running = max_running
+        self._max_queued = max_queued
+        self._clock = clock
+        self._turns = threading.BoundedSemaphore(max_running)
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._admitted = 0
+        self._computing = 0
+        self._recent: deque[float] = deque(maxlen=_RECENT_RUNS)
+        self._holding = threading.local()
+        self._threads = ThreadPoolExecutor(
+            max_workers=max_running + max_queued, thread_name_prefix=f"govshare-{node}-query"
+        )
+
+    def load(self) -> Load:
+        with self._lock:
+            return Load(self._computing, self._admitted, self._max_running, self._max_queued)
+
+    def admit(self) -> Callable[[Callable[[], T]], T]:
+        """A place for one run, or :class:`ResourceExhausted` at once when none is left.
+
+        Returns ``enter``: call it (on the query's own thread) with the run's body; it waits
+        for a turn, runs the body holding it, and gives the place back however the body ends.
+        """
+        with self._lock:
+            if self._admitted >= self._max_running + self._max_queued:
+                retry_after = self._retry_after()
+                raise ResourceExhausted(
+                    f"node {self._node} is at capacity: {self._computing} queries running and "
+                    f"{self._admitted - self._computing} queued (limits {self._max_running} and "
+                    f"{self._max_queued}); retry in {retry_after:.0f} s",
+                    retry_after=retry_after,
+                )
+            self._admitted += 1
+        entered = threading.Event()
+
+        def enter(body: Callable[[], T]) -> T:
+            if entered.is_set():
+                raise TypeError("a place is entered once")
+            entered.set()
+            started = self._clock()
+            try:
+                with self._turn():
+                    return body()
+            finally:
+                with self._lock:
+                    self._admitted -= 1
+                    self._recent.append(self._clock() - started)
+                    self._idle.notify_all()
+
+        return enter
+
+    @property
+    def threads(self) -> ThreadPoolExecutor:
+        """The query threads: one per place, so an admitted query never waits for a thread."""
+        return self._threads
+
+    @contextmanager
+    def _turn(self) -> Iterator[None]:
+        self._turns.acquire()
+        self._set_holding(True)
+        try:
+            yield
+        finally:
+            if self._is_holding():
+                self._set_holding(False)
+                self._turns.release()
+
+    @contextmanager
+    def waiting(self) -> Iterator[None]:
+        """Give this thread's turn back while it waits for a peer; take one again after."""
+        if not self._is_holding():
+            yield
+            return
+        self._set_holding(False)
+        self._turns.release()
+        try:
+            yield
+        finally:
+            self._turns.acquire()
+            self._set_holding(True)
+
+    def _is_holding(self) -> bool:
+        return bool(getattr(self._holding, "turn", False))
+
+    def _set_holding(self, holding: bool) -> None:
+        with self._lock:
+            self._computing += 1 if holding else -1
+        self._holding.turn = holding
+
+    def _retry_after(self) -> float:
+        """About how long until a place frees: the mean recent run, over the turns."""
+        if not self._recent:
+            return MIN_RETRY_AFTER
+        mean = sum(self._recent) / len(self._recent)
+        rounds = math.ceil((self._admitted - self._max_running + 1) / self._max_running)
+        return min(MAX_RETRY_AFTER, max(MIN_RETRY_AFTER, mean * max(rounds, 1)))
+
+    def drain(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds until no run is admitted; whether none is."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._admitted == 0, timeout)
+
+    def close(self) -> None:
+        self._threads.shutdown(wait=False, cancel_futures=True)

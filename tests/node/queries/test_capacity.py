@@ -1,0 +1,411 @@
+"""Admission control: many analysts at once, a bounded queue, RESOURCE_EXHAUSTED beyond it.
+
+The gate's own rules first (no server), then a node limited to one running and one queued
+query (in-process servers, so the test can watch the gate), then a hundred concurrent queries
+through two real node processes.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import pytest
+from conftest import (
+    PSI_EPSILON,
+    PURPOSE,
+    TAX_COLUMNS,
+    FederationFixture,
+    build_federation,
+    grant,
+    psi_shift,
+    register,
+)
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from govshare.client.analyst import run_psi
+from govshare.examples import synth
+from govshare.model.governance import QueryKind
+from govshare.model.identity import Identity
+from govshare.model.query_plan import PsiPlan, Side
+from govshare.node.api.server import RunningNode, create_server
+from govshare.node.config import NodeConfig
+from govshare.node.node import Node
+from govshare.node.queries.capacity import MIN_RETRY_AFTER, RunGate
+from govshare.protocols.errors import Aborted, GovshareError, ResourceExhausted
+from govshare.protocols.signed_request import sign_request
+from govshare.rpc.client import NodeClient
+from govshare.v1 import query_pb2, query_pb2_grpc
+
+WAIT = 120.0  # generous: a condition polled, never a duration assumed
+
+CIVIL_COLUMNS = (
+    "id_number=join_key:resident_id",
+    "district=group_key:domain={districts}",
+    "year=plaintext",
+    "assistance_type=group_key:domain=" + "|".join(synth.ASSISTANCE_TYPES),
+    "amount=aggregate",
+)
+
+
+def eventually(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + WAIT
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {WAIT:g} s: {what}")
+        time.sleep(0.05)
+
+
+# --- the gate ------------------------------------------------------------------------------
+
+
+def test_runs_beyond_the_running_and_queued_places_are_refused_at_once() -> None:
+    gate = RunGate(node="tax", max_running=1, max_queued=2)
+    try:
+        places = [gate.admit() for _ in range(3)]
+        with pytest.raises(ResourceExhausted) as refused:
+            gate.admit()
+        assert refused.value.retry_after >= MIN_RETRY_AFTER
+        assert "node tax is at capacity" in str(refused.value)
+        assert gate.load().admitted == 3
+        assert places[0](lambda: "ran") == "ran"  # a finished run gives its place back
+        assert gate.load().admitted == 2
+        gate.admit()
+        with pytest.raises(ResourceExhausted):
+            gate.admit()
+    finally:
+        gate.close()
+
+
+def test_a_run_waiting_for_its_peer_gives_its_turn_back() -> None:
+    """One turn, two runs: the second computes while the first waits for its peer. A gate
+    whose waiting runs kept their turns would leave the second waiting here for ever."""
+    gate = RunGate(node="tax", max_running=1, max_queued=1)
+    first, second = gate.admit(), gate.admit()
+    peer_sent, waiting = threading.Event(), threading.Event()
+    outcomes: list[str] = []
+
+    def waits_for_its_peer() -> str:
+        with gate.waiting():
+            waiting.set()
+            assert peer_sent.wait(WAIT)
+        return "first"
+
+    runner = threading.Thread(target=lambda: outcomes.append(first(waits_for_its_peer)))
+    runner.start()
+    try:
+        assert waiting.wait(WAIT)
+        computed = threading.Event()
+
+        def computes() -> str:
+            computed.set()
+            return "second"
+
+        other = threading.Thread(target=lambda: outcomes.append(second(computes)))
+        other.start()
+        assert computed.wait(WAIT), "the waiting run kept its turn"
+        assert gate.load().computing <= 1
+        other.join(WAIT)
+    finally:
+        peer_sent.set()
+        runner.join(WAIT)
+        gate.close()
+    assert sorted(outcomes) == ["first", "second"]
+    assert gate.drain(WAIT) and gate.load().admitted == 0
+
+
+# --- one node with one running and one queued place ------------------------------------------
+
+
+def _setup_data(fed: FederationFixture, root: Path, *, rate_limit: int) -> int:
+    """Register both datasets, granted to alice; the true size of their intersection."""
+    data = root / "data"
+    manifest = synth.generate(data, size=300, seed=5)
+    for name in ("tax", "civil"):
+        path = fed.node_home(name) / "node.toml"
+        path.write_text(
+            path.read_text().replace(
+                "rate_limit_per_minute = 30", f"rate_limit_per_minute = {rate_limit}"
+            )
+        )
+        node = Node.from_home(fed.node_home(name))
+        try:
+            if name == "tax":
+                register(node, data / f"{synth.TAX}.csv", name="residents", columns=TAX_COLUMNS)
+                grant(node, "residents", "alice", ["id_number"], [QueryKind.PSI_CARDINALITY])
+            else:
+                csv = data / f"{synth.CIVIL}.csv"
+                register(node, csv, name="assistance", columns=CIVIL_COLUMNS)
+                grant(node, "assistance", "alice", ["id_number"], [QueryKind.PSI_CARDINALITY])
+        finally:
+            node.close()
+    return int(manifest["intersections"]["tax.residents & civil.assistance"])
+
+
+PLAN = PsiPlan(
+    kind=QueryKind.PSI_CARDINALITY, purpose=PURPOSE,
+    left=Side("tax", "residents", "id_number"), right=Side("civil", "assistance", "id_number"),
+    epsilon=PSI_EPSILON,
+)  # fmt: skip
+
+
+def _submitted(alice: Identity) -> str:
+    request = sign_request(
+        alice.signing_key, analyst="alice", kind=PLAN.kind.value, body=PLAN.to_json(),
+        now=int(time.time()),
+    )  # fmt: skip
+    for node in ("tax", "civil"):
+        with NodeClient.to(alice, node) as client:
+            assert client.submit(request.encode()).state == "approved"
+    return request.query_id_hex
+
+
+class Busy:
+    def __init__(self, fed: FederationFixture, nodes: dict[str, tuple[Node, RunningNode]]):
+        self.fed = fed
+        self.nodes = nodes
+
+    @property
+    def tax(self) -> Node:
+        return self.nodes["tax"][0]
+
+
+@pytest.fixture(scope="module")
+def busy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Busy]:
+    root = tmp_path_factory.mktemp("capacity")
+    fed = build_federation(root, "busyfed")
+    _setup_data(fed, root, rate_limit=1000)
+    path = fed.node_home("tax") / "node.toml"
+    path.write_text(
+        path.read_text()
+        .replace("max_running = 4", "max_running = 1")
+        .replace("max_queued = 124", "max_queued = 1")
+    )
+    nodes = {}
+    for name in ("tax", "civil"):
+        config = NodeConfig.load(fed.node_home(name))
+        node = Node.from_config(config)
+        nodes[name] = (node, create_server(node, config.listen))
+    yield Busy(fed, nodes)
+    for node, running in nodes.values():
+        running.stop(0)
+        node.close()
+
+
+def test_a_run_beyond_the_queue_is_resource_exhausted_then_admitted_on_retry(busy: Busy) -> None:
+    alice = busy.fed.identity("alice")
+    assert busy.tax.gate.load().max_running == 1 and busy.tax.gate.load().max_queued == 1
+    first, second, third = (_submitted(alice) for _ in range(3))
+    errors: dict[str, BaseException] = {}
+
+    def run_at_tax(query_id: str) -> None:
+        # Only tax is asked to run: its part waits for civil's set, holding its place.
+        try:
+            with NodeClient.to(alice, "tax") as client:
+                client.run(query_id, timeout=WAIT)
+        except GovshareError as exc:
+            errors[query_id] = exc
+
+    runners = [threading.Thread(target=run_at_tax, args=(q,)) for q in (first, second)]
+    for runner in runners:
+        runner.start()
+    eventually(lambda: busy.tax.gate.load().admitted == 2, "both runs admitted at tax")
+    # One turn, yet both run: each gives its turn back while it waits for civil.
+    eventually(lambda: _states(alice, first, second) == {"running"}, "both running at tax")
+
+    # The attacker's view too: the raw status and its ErrorInfo, not only the client's error.
+    with NodeClient.to(alice, "tax") as client:
+        with pytest.raises(ResourceExhausted) as refused:
+            client.run(third, timeout=WAIT)
+        assert refused.value.retry_after >= MIN_RETRY_AFTER
+        assert "tax is at capacity" in str(refused.value)
+        assert client.status(third).state == "approved"  # refused at the door: not consumed
+        # The node still answers everything else at once.
+        assert [d.name for d in client.list_datasets()] == ["residents"]
+
+    # The analyst withdraws the first: it stops waiting, fails, nothing released.
+    with NodeClient.to(alice, "tax") as client:
+        client.cancel(first)
+    runners[0].join(WAIT)
+    assert isinstance(errors.get(first), Aborted), errors
+    assert "withdrew" in str(errors[first])
+    eventually(lambda: busy.tax.gate.load().admitted == 1, "the withdrawn run's place freed")
+
+    # Retry: the third now runs at both nodes and answers.
+    outputs: dict[str, object] = {}
+
+    def run_at(node: str) -> None:
+        with NodeClient.to(alice, node) as client:
+            outputs[node] = client.run(third, timeout=WAIT)
+
+    with ThreadPoolExecutor(2) as pool:
+        for future in [pool.submit(run_at, n) for n in ("tax", "civil")]:
+            future.result(timeout=WAIT)
+    assert set(outputs) == {"tax", "civil"}
+    with NodeClient.to(alice, "tax") as client:
+        assert client.status(third).state == "done"
+        assert client.status(first).state == "failed"
+        client.cancel(second)
+    runners[1].join(WAIT)
+    kinds = [e.decode().kind for e in busy.tax.audit.entries_for_query(first)]
+    assert "query.failed" in kinds and "result.released" not in kinds
+    assert "budget.settled" in kinds
+
+
+def test_resource_exhausted_travels_as_a_status_with_its_retry_hint(busy: Busy) -> None:
+    """What a patched client sees on the wire: the status code, not only our client's error."""
+    alice = busy.fed.identity("alice")
+    held = [_submitted(alice) for _ in range(2)]
+    extra = _submitted(alice)
+    runners = [
+        threading.Thread(target=lambda q=q: _quietly_run(alice, q), daemon=True) for q in held
+    ]
+    for runner in runners:
+        runner.start()
+    eventually(lambda: busy.tax.gate.load().admitted == 2, "both runs admitted at tax")
+    with NodeClient.to(alice, "tax") as client:
+        stub = query_pb2_grpc.QueryStub(client.channel)
+        with pytest.raises(grpc.RpcError) as refused:
+            list(stub.Run(query_pb2.RunRequest(query_id=extra), timeout=WAIT))
+        call = refused.value
+        assert isinstance(call, grpc.Call)
+        assert call.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        status = rpc_status.from_call(call)
+        assert status is not None
+        infos, retries = error_details_pb2.ErrorInfo(), error_details_pb2.RetryInfo()
+        kinds = {d.type_url.rsplit("/", 1)[-1] for d in status.details}
+        assert {"google.rpc.ErrorInfo", "google.rpc.RetryInfo"} <= kinds
+        for detail in status.details:
+            if detail.Is(infos.DESCRIPTOR):
+                detail.Unpack(infos)
+            if detail.Is(retries.DESCRIPTOR):
+                detail.Unpack(retries)
+        assert infos.reason == "RESOURCE_EXHAUSTED" and infos.domain == "govshare"
+        assert float(infos.metadata["retry_after_seconds"]) >= MIN_RETRY_AFTER
+        assert retries.retry_delay.seconds >= MIN_RETRY_AFTER
+        for query_id in held:
+            client.cancel(query_id)
+    for runner in runners:
+        runner.join(WAIT)
+    eventually(lambda: busy.tax.gate.load().admitted == 0, "every place freed")
+
+
+def _states(alice: Identity, *query_ids: str) -> set[str]:
+    with NodeClient.to(alice, "tax") as client:
+        return {client.status(q).state for q in query_ids}
+
+
+def _quietly_run(alice: Identity, query_id: str) -> None:
+    try:
+        with NodeClient.to(alice, "tax") as client:
+            client.run(query_id, timeout=WAIT)
+    except GovshareError:
+        return
+
+
+# --- a hundred analysts' queries through real node processes ---------------------------------
+
+
+def _start(home: Path) -> subprocess.Popen[str]:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "govshare.cli", "node", "serve", "--home", str(home)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    assert "serving on" in line, line
+    return process
+
+
+def test_a_hundred_concurrent_queries_all_answer_and_the_catalogue_answers_meanwhile(
+    tmp_path: Path,
+) -> None:
+    fed = build_federation(tmp_path, "loadfed")
+    true = _setup_data(fed, tmp_path, rate_limit=10_000)
+    processes = {name: _start(fed.node_home(name)) for name in ("tax", "civil")}
+    alice = fed.identity("alice")
+    done = threading.Semaphore(0)
+    finished: list[int] = []
+    lock = threading.Lock()
+
+    def one() -> int:
+        outcome = run_psi(alice, PLAN, run_timeout=600)
+        with lock:
+            finished.append(outcome.count)
+        done.release()
+        return outcome.count
+
+    try:
+        with ThreadPoolExecutor(100) as pool:
+            futures = [pool.submit(one) for _ in range(100)]
+            assert done.acquire(timeout=600), "no query answered"
+            # The load is under way: the catalogue answers now, not after it.
+            with NodeClient.to(alice, "tax") as client:
+                listed = [d.name for d in client.list_datasets()]
+            with lock:
+                answered_by_then = len(finished)
+            counts = [f.result(timeout=900) for f in futures]
+    finally:
+        for process in processes.values():
+            process.send_signal(signal.SIGTERM)
+        for process in processes.values():
+            assert process.wait(timeout=60) == 0
+    assert listed == ["residents"]
+    assert answered_by_then < 90, answered_by_then
+    assert len(counts) == 100
+    t = psi_shift()
+    assert all(abs(count - true) <= t for count in counts), (true, counts)
+
+
+def test_sigterm_ends_a_query_waiting_for_its_peer_within_the_grace(tmp_path: Path) -> None:
+    """A stopping node does not wait out the protocol timeout (300 s here): the query it was
+    running fails with nothing released, its reservation comes back, and the node exits 0."""
+    fed = build_federation(tmp_path, "stopfed")
+    _setup_data(fed, tmp_path, rate_limit=1000)
+    alice = fed.identity("alice")
+    processes = {name: _start(fed.node_home(name)) for name in ("tax", "civil")}
+    try:
+        query_id = _submitted(alice)
+        errors: list[BaseException] = []
+
+        def run_at_tax() -> None:
+            try:
+                with NodeClient.to(alice, "tax") as client:
+                    client.run(query_id, timeout=WAIT)
+            except GovshareError as exc:
+                errors.append(exc)
+
+        runner = threading.Thread(target=run_at_tax)
+        runner.start()
+        eventually(lambda: _states(alice, query_id) == {"running"}, "running at tax")
+        processes["tax"].send_signal(signal.SIGTERM)
+        assert processes["tax"].wait(timeout=WAIT) == 0  # protocol timeout: 300 s
+        runner.join(WAIT)
+    finally:
+        for process in processes.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                process.wait(timeout=WAIT)
+    assert len(errors) == 1 and isinstance(errors[0], Aborted), errors
+    assert "tax is stopping" in str(errors[0]) and "nothing released" in str(errors[0])
+    tax = Node.from_home(fed.node_home("tax"))
+    try:
+        record = tax.query_store.get(query_id)
+        entries = [e.decode() for e in tax.audit.entries_for_query(query_id)]
+    finally:
+        tax.close()
+    assert record.state == "failed" and "stopping" in record.message
+    kinds = [e.kind for e in entries]
+    assert "query.failed" in kinds and "result.released" not in kinds
+    settled = [e for e in entries if e.kind == "budget.settled"]
+    assert [e.fields["reservation"] for e in settled] == ["returned"], settled
