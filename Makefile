@@ -20,13 +20,6 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(VENV)/.installed $@
 
-# mypy cannot follow setuptools' editable finder, so it reads the package through links
-# that mirror the package-dir mapping of pyproject.toml.
-$(TYPECHECK): | $(BIN)/python
-	mkdir -p $(TYPECHECK)
-	for d in cli client examples model node protocols rpc; do ln -sfn "$(CURDIR)/$$d" $(TYPECHECK)/$$d; done
-	ln -sfn "$(CURDIR)/protos/govshare/v1" $(TYPECHECK)/v1
-
 demo: $(VENV)/.installed
 	$(BIN)/python -m govshare.examples.demo
 
@@ -34,7 +27,12 @@ lint: $(VENV)/.installed-dev
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
 
-typecheck: $(VENV)/.installed-dev $(TYPECHECK)
+# mypy cannot follow setuptools' editable finder, so it reads the package through links that
+# mirror the package-dir mapping of pyproject.toml (refreshed on every run).
+typecheck: $(VENV)/.installed-dev
+	mkdir -p $(TYPECHECK)
+	for d in cli client examples model node protocols rpc; do ln -sfn "$(CURDIR)/$$d" $(TYPECHECK)/$$d; done
+	ln -sfn "$(CURDIR)/protos/govshare/v1" $(TYPECHECK)/v1
 	$(BIN)/mypy -p govshare
 	$(BIN)/mypy tests bench
 
