@@ -64,6 +64,7 @@ bench: $(VENV)/.installed
 	$(BIN)/python bench/audit.py
 	$(BIN)/python bench/psi.py
 	$(BIN)/python bench/aggregate.py
+	$(BIN)/python bench/load.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

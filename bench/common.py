@@ -7,6 +7,7 @@ loopback.
 
 from __future__ import annotations
 
+import re
 import signal
 import socket
 import subprocess
@@ -108,3 +109,29 @@ def tree_peak_rss_mb(pid: int) -> float:
         except OSError:
             continue
     return total / 1024
+
+
+def enrol_analysts(
+    root: Path, federation: Federation, names: Sequence[str], *, jurisdiction: str = "CN"
+) -> Federation:
+    """Enrol more analysts into ``make_federation``'s federation (each with a home under
+    ``root``) and publish the new roster to every member's bundle; before the nodes start."""
+    for name in names:
+        federation, _ = federation.enrol(
+            role=Role.ANALYST, name=name, jurisdiction=jurisdiction, out=root / name
+        )
+    for member in federation.roster.members:
+        federation.publish_roster(root / member.name)
+    return federation
+
+
+def set_node_options(home: Path, **values: int | float) -> None:
+    """Rewrite ``key = value`` lines of the ``[node]`` table in ``home/node.toml`` (as
+    ``write_default`` wrote them), such as ``rate_limit_per_minute`` or ``max_queued``."""
+    path = home / "node.toml"
+    text = path.read_text()
+    for key, value in values.items():
+        text, found = re.subn(rf"(?m)^{re.escape(key)} = .*$", f"{key} = {value}", text)
+        if found != 1:
+            raise SystemExit(f"{path} has no single '{key} = ...' line")
+    path.write_text(text)
