@@ -11,8 +11,12 @@ Storage and durability:
   leaf hash; ``nodes`` holds the hash of every complete aligned subtree, written once when its last
   leaf arrives, so inclusion and consistency proofs for any past size take ``O(log^2 n)`` lookups
   and never rescan the log.
-- ``record`` commits each entry on its own (per-append durability, the default). ``record_many``
-  commits a batch in one transaction: same durability for the whole batch, far higher throughput.
+- ``record`` returns once its entry is committed and fsynced. Entries recorded at the same time
+  by several threads share one transaction (group commit: the first waiting caller commits
+  everything queued, the others wait for it), so a busy node pays one fsync per batch, not per
+  entry, and a caller never waits behind more than one commit. An entry that cannot be encoded
+  is refused before it joins a batch, so it never fails the others. ``record_many`` commits a
+  caller's own batch in one transaction.
 
 Checkpoints: :meth:`AuditLog.checkpoint` signs the current (size, root) as a C2SP checkpoint with
 the node's Ed25519 key and stores it; witness cosignatures are stored beside it after they verify.
@@ -169,6 +173,15 @@ class StoredCheckpoint:
     created_ms: int
 
 
+@dataclass
+class _Pending:
+    """An entry of :meth:`AuditLog.record` waiting for its group's commit."""
+
+    event: Event
+    index: int | None = None
+    error: BaseException | None = None
+
+
 class AuditLog:
     """The node's audit log; implements :class:`govshare.node.audit.sink.AuditSink`."""
 
@@ -182,6 +195,10 @@ class AuditLog:
         self._db = connection
         self._clock = clock
         self._lock = threading.RLock()
+        # Group commit of record(): entries waiting for a commit, and whether one is under way.
+        self._group = threading.Condition(threading.Lock())
+        self._waiting: list[_Pending] = []
+        self._committing = False
         self._broken: str | None = None
         self._unloadable = False
         try:
@@ -335,13 +352,42 @@ class AuditLog:
         actor: str,
         query_id: str | None = None,
     ) -> int:
-        """Append one entry durably (its own transaction, fsynced) and return its index.
+        """Append one entry durably (committed and fsynced, perhaps with others' entries
+        recorded at the same time) and return its index.
 
         Raises:
             MalformedInput, TypeError: the event cannot be encoded (see
                 :func:`govshare.protocols.auditverify.encode_entry`); nothing is written.
         """
-        return self.record_many([Event(kind, fields, actor, query_id)])[0]
+        event = Event(kind, fields, actor, query_id)
+        # Refused here, alone, rather than failing a batch of other callers' entries.
+        encode_entry(AuditEntry(0, 0, kind, actor, query_id, fields))
+        mine = _Pending(event)
+        with self._group:
+            self._waiting.append(mine)
+            while mine.index is None and mine.error is None and self._committing:
+                self._group.wait()
+            if mine.index is None and mine.error is None:
+                self._committing = True
+                batch, self._waiting = self._waiting, []
+            else:
+                batch = []
+        if batch:
+            try:
+                indices = self.record_many([p.event for p in batch])
+            except BaseException as exc:
+                for pending in batch:
+                    pending.error = exc
+            else:
+                for pending, index in zip(batch, indices, strict=True):
+                    pending.index = index
+            with self._group:
+                self._committing = False
+                self._group.notify_all()
+        if mine.error is not None:
+            raise mine.error
+        assert mine.index is not None
+        return mine.index
 
     def record_many(self, events: Sequence[Event]) -> list[int]:
         """Append ``events`` in one transaction; return their indices. All or nothing.

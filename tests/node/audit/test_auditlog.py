@@ -10,6 +10,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -43,7 +44,7 @@ from govshare.protocols.checkpoint import (
     sign_checkpoint,
 )
 from govshare.protocols.errors import MalformedInput, NotFound, VerificationFailed
-from govshare.protocols.merkle import verify_consistency, verify_inclusion
+from govshare.protocols.merkle import root_hash, verify_consistency, verify_inclusion
 
 ORIGIN = "govshare.example/node-a/audit"
 LOG_KEY = Ed25519PrivateKey.from_private_bytes(hashlib.sha256(b"test log key").digest())
@@ -257,6 +258,47 @@ def test_record_many_is_one_batch_with_consecutive_indices(log: AuditLog) -> Non
     assert indices == list(range(1, 51))
     assert len(log.entries_for_query("q")) == 50
     assert log.record_many([]) == []
+
+
+def test_concurrent_records_each_get_one_index_and_a_bad_one_fails_alone(log: AuditLog) -> None:
+    """Group commit: 16 threads recording at once share transactions, yet every entry lands
+    once, in a contiguous log whose tree matches its entries; an entry that cannot be encoded
+    is refused to its caller only."""
+    threads, per_thread = 16, 25
+    start = threading.Barrier(threads + 1)
+    indices: list[int] = []
+    refused: list[BaseException] = []
+    lock = threading.Lock()
+
+    def writer(n: int) -> None:
+        start.wait()
+        for i in range(per_thread):
+            fields: dict[str, object] = {"n": n, "i": i}
+            if n == 7 and i == 12:
+                fields = {"bad": object()}
+            try:
+                index = log.record("test.concurrent", fields, actor=f"w{n}")
+            except (TypeError, MalformedInput) as exc:
+                with lock:
+                    refused.append(exc)
+            else:
+                with lock:
+                    indices.append(index)
+
+    workers = [threading.Thread(target=writer, args=(n,)) for n in range(threads)]
+    for worker in workers:
+        worker.start()
+    start.wait()
+    for worker in workers:
+        worker.join()
+    assert len(refused) == 1
+    assert sorted(indices) == list(range(threads * per_thread - 1))
+    entries = log.entries(0, log.size)
+    assert [e.index for e in entries] == sorted(indices)
+    assert {(e.decode().actor, e.decode().fields["i"]) for e in entries} == {
+        (f"w{n}", i) for n in range(threads) for i in range(per_thread) if (n, i) != (7, 12)
+    }
+    assert log.root() == root_hash([e.leaf_hash for e in entries])
 
 
 def test_file_is_wal_with_full_sync(tmp_path: Path, log: AuditLog) -> None:
