@@ -27,7 +27,14 @@ from govshare.model.identity import Identity, Roster
 from govshare.model.query_plan import PsiPlan
 from govshare.model.states import APPROVED, DENIED, PENDING, REFUSED
 from govshare.protocols import dp, ecdh_psi
-from govshare.protocols.errors import Aborted, GovshareError, PolicyRefused, Unavailable
+from govshare.protocols.errors import (
+    Aborted,
+    Conflict,
+    GovshareError,
+    PolicyRefused,
+    ResourceExhausted,
+    Unavailable,
+)
 from govshare.protocols.receipt import LogKey, Receipt, make_receipt, verify_receipt
 from govshare.protocols.signed_request import DEFAULT_LIFETIME_SECONDS, sign_request
 from govshare.rpc.client import NodeClient
@@ -190,8 +197,11 @@ def _collect(
     if errors:
         if withdraw is not None:
             withdraw(list(outputs))
-        refusals = [e for e in errors if not isinstance(e, Aborted | Unavailable)]
-        raise (refusals or errors)[0]
+        # The cause first: a node's refusal or capacity limit, not what it caused elsewhere
+        # (another node's "withdrew", "ended the query" or a state conflict).
+        causes = [e for e in errors if isinstance(e, PolicyRefused | ResourceExhausted)]
+        refusals = [e for e in errors if not isinstance(e, Aborted | Unavailable | Conflict)]
+        raise (causes or refusals or errors)[0]
     return outputs
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Executor, ProcessPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -39,14 +39,18 @@ from govshare.node.policy.grants import GrantStore
 from govshare.node.queries.capacity import RunGate
 from govshare.node.queries.engine import QueryEngine
 from govshare.node.queries.kinds.aggregate import AggregateEngine, AggregateOptions
+from govshare.node.queries.kinds.psi import PsiKind
 from govshare.node.roster_file import RosterFile
 from govshare.node.stores.query_store import QueryStore, ledger_view
 from govshare.node.workers import make_pool
 from govshare.protocols.errors import MalformedInput, NotFound
 from govshare.rpc.client import NodeClient
 
-# Points per PsiSend chunk: 4096 x 32 bytes = 128 KiB messages.
+# Points per Query.Run result chunk: 4096 x 32 bytes = 128 KiB messages.
 PSI_CHUNK_POINTS = 4096
+
+# Threads for calls that must answer promptly under load (catalogue, audit, status).
+CONTROL_THREADS = 4
 
 # Entries per GetEntries page: bounded messages whatever range an auditor asks for.
 ENTRY_PAGE = 1000
@@ -93,7 +97,9 @@ class Node:
     publisher: CheckpointPublisher = field(init=False)
     witness: Witness = field(init=False)
     gate: RunGate = field(init=False)
+    control: ThreadPoolExecutor = field(init=False)
     queries: QueryEngine = field(init=False)
+    psi: PsiKind = field(init=False)
     aggregates: AggregateEngine = field(init=False)
     crossborder: CrossBorderStore = field(init=False)
     log_check: LogSelfCheck = field(init=False)
@@ -125,6 +131,10 @@ class Node:
         self.witness = Witness(
             self.identity, self.witness_store, audit=self.audit, clock=self.clock
         )
+        # Threads for catalogue, audit, status and peer-control calls (govshare.node.api).
+        self.control = ThreadPoolExecutor(
+            max_workers=CONTROL_THREADS, thread_name_prefix=f"govshare-{self.identity.name}-control"
+        )
         self.gate = RunGate(
             node=self.identity.name, max_running=self.max_running, max_queued=self.max_queued
         )
@@ -136,15 +146,24 @@ class Node:
             store=self.query_store,
             audit=self.audit,
             publisher=self.publisher,
-            send=self.send_points,
+            notify_abort=self.send_abort,
             clock=self.clock,
-            executor=self.executor,
-            protocol_timeout=self.protocol_timeout,
             rate_limit_per_minute=self.rate_limit_per_minute,
             assessed=self.assessed_destinations,
-            mask_key=self.mask_key,
             observe=self.risk.poll,
             suspended=self.risk.suspension_message,
+        )
+        # The query kinds (govshare.node.queries.kinds), each registered with the engine.
+        self.psi = PsiKind(
+            queries=self.queries,
+            roster=self.roster,
+            catalogue=self.catalogue,
+            store=self.query_store,
+            audit=self.audit,
+            send=self.send,
+            executor=self.executor,
+            protocol_timeout=self.protocol_timeout,
+            mask_key=self.mask_key,
             waiting=self.gate.waiting,
         )
         self.aggregates = AggregateEngine(
@@ -155,7 +174,7 @@ class Node:
             grants=self.grants,
             store=self.query_store,
             audit=self.audit,
-            send=self.send_aggregate,
+            send=self.send,
             clock=self.clock,
             executor=self.executor,
             protocol_timeout=self.protocol_timeout,
@@ -177,7 +196,6 @@ class Node:
         # the next submission, so the operator is not left approving them.
         if self.log_check.refusal() is None:
             self.queries.recover()
-            self.queries.expire_stale()
         self.risk.start()
 
     def roster(self) -> Roster:
@@ -208,19 +226,24 @@ class Node:
             raise TypeError(f"node {self.name} has no masking secret; build it with from_config")
         return self.mask_secret.key(dataset, column)
 
-    def send_points(self, peer: str, query_id: str, phase: str, points: list[bytes]) -> None:
-        """Stream a masked set to ``peer`` (Peer.PsiSend) in bounded chunks."""
-        member = self.roster().member(peer)
-        with NodeClient(self.identity, member, timeout=self.protocol_timeout) as client:
-            client.psi_send(query_id, phase, points, chunk_points=PSI_CHUNK_POINTS)
-
-    def send_aggregate(
-        self, peer: str, query_id: str, phase: str, points: list[bytes], items: list[bytes]
+    def send(
+        self,
+        peer: str,
+        query_id: str,
+        phase: str,
+        points: Sequence[bytes],
+        items: Sequence[bytes] = (),
     ) -> None:
-        """Stream an aggregate message to ``peer`` (AggregatePeer.Send) in bounded chunks."""
+        """Stream one protocol message to ``peer`` (Peer.Deliver) in bounded chunks."""
         member = self.roster().member(peer)
         with NodeClient(self.identity, member, timeout=self.protocol_timeout) as client:
-            client.aggregate_send(query_id, phase, points, items)
+            client.deliver(query_id, phase, points, items)
+
+    def send_abort(self, peer: str, query_id: str) -> None:
+        """Tell ``peer`` this node's part of ``query_id`` ended (Peer.Deliver, an abort)."""
+        member = self.roster().member(peer)
+        with NodeClient(self.identity, member, timeout=self.protocol_timeout) as client:
+            client.abort(query_id)
 
     @classmethod
     def from_config(cls, config: NodeConfig) -> Node:
@@ -267,7 +290,8 @@ class Node:
         return self.identity.name
 
     def close(self) -> None:
-        self.gate.close()
+        self.gate.shutdown()
+        self.control.shutdown(wait=False, cancel_futures=True)
         self.log_check.stop()
         self.publisher.stop()
         self.risk.stop()

@@ -7,7 +7,7 @@ ErrorInfo (``govshare.rpc.status``): a node's refusal arrives as ``PolicyRefused
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
@@ -34,8 +34,8 @@ from govshare.v1 import (
 
 # Seconds a catalogue or control call may take before the node counts as unreachable.
 DEFAULT_TIMEOUT = 10.0
-# Bytes of points and ciphertexts per AggregatePeer.Send chunk (under the message limit).
-AGGREGATE_CHUNK_BYTES = 1 << 20
+# Bytes of points and ciphertexts per Peer.Deliver chunk (under the message limit).
+MESSAGE_CHUNK_BYTES = 1 << 20
 
 T = TypeVar("T")
 
@@ -52,7 +52,6 @@ class NodeClient:
         self._peer = peer_pb2_grpc.PeerStub(self.channel)
         self._query = query_pb2_grpc.QueryStub(self.channel)
         self._aggregate = aggregate_pb2_grpc.AggregateStub(self.channel)
-        self._aggregate_peer = aggregate_pb2_grpc.AggregatePeerStub(self.channel)
 
     @classmethod
     def to(cls, identity: Identity, node: str, *, timeout: float = DEFAULT_TIMEOUT) -> NodeClient:
@@ -115,42 +114,30 @@ class NodeClient:
             )
         )
 
-    def psi_send(self, query_id: str, phase: str, points: list[bytes], *, chunk_points: int) -> int:
-        """Stream ``points`` to the node for ``query_id``; return how many it took."""
-        total = len(points)
-
-        def chunks() -> Iterator[peer_pb2.PsiChunk]:
-            for start in range(0, max(total, 1), chunk_points):
-                yield peer_pb2.PsiChunk(
-                    query_id=query_id,
-                    phase=phase,
-                    total=total,
-                    points=b"".join(points[start : start + chunk_points]),
-                )
-
-        reply = self.call(lambda: self._peer.PsiSend(chunks(), timeout=self.timeout))
-        return reply.received
-
-    def aggregate_send(
-        self, query_id: str, phase: str, points: list[bytes], items: list[bytes]
+    def deliver(
+        self, query_id: str, phase: str, points: Sequence[bytes], items: Sequence[bytes] = ()
     ) -> int:
-        """Stream an aggregate message (points and/or items) to the node; return its count."""
+        """Stream one protocol message (points and/or items) to the node; return its count."""
         total = max(len(points), len(items))
         size = (32 if points else 0) + (max(len(i) for i in items) if items else 0)
-        per = max(1, AGGREGATE_CHUNK_BYTES // max(size, 1))
+        per = max(1, MESSAGE_CHUNK_BYTES // max(size, 1))
 
-        def chunks() -> Iterator[aggregate_pb2.AggregateChunk]:
+        def chunks() -> Iterator[peer_pb2.PeerMessage]:
             for start in range(0, max(total, 1), per):
-                yield aggregate_pb2.AggregateChunk(
-                    query_id=query_id,
-                    phase=phase,
+                chunk = peer_pb2.Chunk(
                     total=total,
                     points=b"".join(points[start : start + per]),
-                    items=items[start : start + per],
+                    items=list(items[start : start + per]),
                 )
+                yield peer_pb2.PeerMessage(query_id=query_id, phase=phase, chunk=chunk)
 
-        reply = self.call(lambda: self._aggregate_peer.Send(chunks(), timeout=self.timeout))
+        reply = self.call(lambda: self._peer.Deliver(chunks(), timeout=self.timeout))
         return reply.received
+
+    def abort(self, query_id: str) -> None:
+        """Tell the node this node's part of ``query_id`` ended: it stops waiting for it."""
+        notice = peer_pb2.PeerMessage(query_id=query_id, abort=peer_pb2.Abort())
+        self.call(lambda: self._peer.Deliver(iter([notice]), timeout=self.timeout))
 
     def aggregate_prepare(self, query_id: str) -> aggregate_pb2.EphemeralKey:
         return self.call(

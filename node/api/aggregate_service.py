@@ -1,14 +1,13 @@
 """gRPC servicers of joint aggregates: decode, call the node's aggregate engine, encode.
 
-``Aggregate`` is the analyst's service (role mapping in ``govshare.node.api.auth``),
-``AggregatePeer``
-the nodes'. Errors are govshare errors, mapped to status codes by the auth interceptor.
+``Aggregate`` is the analyst's service (role mapping in ``govshare.node.api.auth``); the nodes'
+messages travel on ``Peer.Deliver`` like every query kind's. Errors are govshare errors, mapped
+to status codes by the auth interceptor.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 from govshare.model.epsilon import format_epsilon
 from govshare.node.api.auth import current_caller
@@ -39,6 +38,7 @@ class AggregateService(aggregate_pb2_grpc.AggregateServicer):
         caller, aggregates = current_caller(), self._node.aggregates
         release = await admitted(
             self._node,
+            query_id,
             lambda: aggregates.run(
                 caller, query_id, keys=keys, public_context=request.public_context
             ),
@@ -50,22 +50,3 @@ class AggregateService(aggregate_pb2_grpc.AggregateServicer):
             epsilon_spent=format_epsilon(release.epsilon_spent),
             epsilon_remaining=format_epsilon(release.epsilon_remaining),
         )
-
-
-class AggregatePeerService(aggregate_pb2_grpc.AggregatePeerServicer):
-    def __init__(self, node: Node) -> None:
-        self._node = node
-
-    async def Send(
-        self,
-        request_iterator: AsyncIterator[aggregate_pb2.AggregateChunk],
-        context: Context,
-    ) -> aggregate_pb2.AggregateAck:
-        chunks = [
-            (require_query_id(c.query_id), c.phase, c.total, c.points, list(c.items))
-            async for c in request_iterator
-        ]
-        received = await asyncio.to_thread(
-            self._node.aggregates.receive, current_caller(), iter(chunks)
-        )
-        return aggregate_pb2.AggregateAck(received=received)

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import hashlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -47,7 +49,6 @@ SERVICE_ROLES: Mapping[str, frozenset[Role]] = {
     "govshare.v1.Audit": frozenset({Role.AUDITOR}),
     "govshare.v1.Query": frozenset({Role.ANALYST}),
     "govshare.v1.Aggregate": frozenset({Role.ANALYST}),
-    "govshare.v1.AggregatePeer": frozenset({Role.NODE}),
     "grpc.health.v1.Health": ANY_MEMBER,
     "grpc.reflection.v1alpha.ServerReflection": ANY_MEMBER,
     "grpc.reflection.v1.ServerReflection": ANY_MEMBER,
@@ -136,6 +137,7 @@ class AuthInterceptor(_Interceptor):
         service_roles: Mapping[str, frozenset[Role]] = SERVICE_ROLES,
         refusal: Callable[[], str | None] = lambda: None,
         served_when_refusing: frozenset[str] = frozenset(),
+        executor: Executor | None = None,
     ) -> None:
         """``refusal`` returns the node's one-line refusal while it refuses to serve (its log is
         broken), else None; ``served_when_refusing`` are the services it still answers then."""
@@ -144,12 +146,15 @@ class AuthInterceptor(_Interceptor):
         self._service_roles = service_roles
         self._refusal = refusal
         self._served_when_refusing = served_when_refusing
+        self._executor = executor  # where call records are written (None: the loop's default)
 
     async def _record(self, kind: str, fields: Mapping[str, object], actor: str) -> None:
         # A refusing node's log is sealed: nothing more is appended to it.
         audit = self._audit
         if audit is not None and self._refusal() is None:
-            await asyncio.to_thread(audit.record, kind, fields, actor=actor)
+            loop = asyncio.get_running_loop()
+            record = functools.partial(audit.record, kind, fields, actor=actor)
+            await loop.run_in_executor(self._executor, record)
 
     async def _admit(
         self, context: grpc.aio.ServicerContext[Any, Any], method: str, request: Any

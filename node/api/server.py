@@ -20,7 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 from grpc_reflection.v1alpha import reflection
 
-from govshare.node.api.aggregate_service import AggregatePeerService, AggregateService
+from govshare.node.api.aggregate_service import AggregateService
 from govshare.node.api.auth import AuthInterceptor
 from govshare.node.api.services import AuditService, CatalogService, PeerService, QueryService
 from govshare.node.audit.auditlog import SelfCheck
@@ -50,7 +50,6 @@ SERVICE_NAMES = (
     audit_pb2.DESCRIPTOR.services_by_name["Audit"].full_name,
     query_pb2.DESCRIPTOR.services_by_name["Query"].full_name,
     aggregate_pb2.DESCRIPTOR.services_by_name["Aggregate"].full_name,
-    aggregate_pb2.DESCRIPTOR.services_by_name["AggregatePeer"].full_name,
 )
 
 
@@ -99,7 +98,9 @@ class RunningNode:
         await self.health.enter_graceful_shutdown()
         stopping = asyncio.ensure_future(self.server.stop(grace))
         node = self.node
-        await asyncio.to_thread(node.queries.interrupt_all, f"node {node.name} is stopping")
+        reason = f"node {node.name} is stopping"
+        node.gate.close(reason)
+        await asyncio.to_thread(node.queries.interrupt_all, reason)
         await asyncio.to_thread(node.gate.drain, grace)
         await stopping
 
@@ -163,6 +164,7 @@ async def _start(node: Node, address: str) -> tuple[grpc.aio.Server, int, Any]:
         audit=node.audit,
         refusal=node.log_check.refusal,
         served_when_refusing=SERVED_WHEN_BROKEN,
+        executor=node.control,
     )
     server = grpc.aio.server(interceptors=[interceptor], options=list(CHANNEL_OPTIONS))
     catalog_pb2_grpc.add_CatalogServicer_to_server(CatalogService(node), server)
@@ -170,7 +172,6 @@ async def _start(node: Node, address: str) -> tuple[grpc.aio.Server, int, Any]:
     audit_pb2_grpc.add_AuditServicer_to_server(AuditService(node), server)
     query_pb2_grpc.add_QueryServicer_to_server(QueryService(node), server)
     aggregate_pb2_grpc.add_AggregateServicer_to_server(AggregateService(node), server)
-    aggregate_pb2_grpc.add_AggregatePeerServicer_to_server(AggregatePeerService(node), server)
     health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

@@ -1,15 +1,19 @@
 """gRPC servicers: decode the request, call the node, encode the reply.
 
-The servicers are coroutines on the node's ``grpc.aio`` event loop; they never block it. Store
-and log calls go to the loop's executor threads (``asyncio.to_thread``, which also carries the
-verified caller), query runs through the admission gate to its query threads (:func:`admitted`),
-and a peer's streamed message is taken off the wire on the loop before the engine checks it.
+The servicers are coroutines on the node's ``grpc.aio`` event loop; they never block it.
+Catalogue, audit, status and peer-control calls run on the node's control threads
+(:func:`control`), submissions, cancellations and peer messages on the loop's executor threads
+(``asyncio.to_thread``; both carry the verified caller), query runs through the admission gate
+to its query threads (:func:`admitted`). A peer's streamed message is taken off the wire on the
+loop before the engine checks it.
 Errors are raised as govshare errors and mapped to statuses by the auth interceptor.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 import re
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
@@ -56,10 +60,18 @@ def require_dataset_name(value: str, field: str = "name") -> str:
     return value
 
 
-async def admitted(node: Node, body: Callable[[], T]) -> T:
+async def control(node: Node, function: Callable[..., T], *args: Any) -> T:
+    """Run a catalogue, audit, status or peer-control call on the node's control threads, with
+    the call's context (the verified caller): such calls never queue behind submissions."""
+    context = contextvars.copy_context()
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(node.control, functools.partial(context.run, function, *args))
+
+
+async def admitted(node: Node, query_id: str, body: Callable[[], T]) -> T:
     """Run a query's part through the node's admission gate (``govshare.node.queries.capacity``):
     a place at once or ResourceExhausted, then the body on a query thread of its own."""
-    enter = node.gate.admit()
+    enter = node.gate.admit(query_id)
     return await asyncio.get_running_loop().run_in_executor(node.gate.threads, enter, body)
 
 
@@ -70,7 +82,7 @@ class CatalogService(catalog_pb2_grpc.CatalogServicer):
     async def ListDatasets(
         self, request: catalog_pb2.ListDatasetsRequest, context: Context
     ) -> catalog_pb2.ListDatasetsResponse:
-        return await asyncio.to_thread(self._list)
+        return await control(self._node, self._list)
 
     def _list(self) -> catalog_pb2.ListDatasetsResponse:
         node = self._node
@@ -86,7 +98,7 @@ class CatalogService(catalog_pb2_grpc.CatalogServicer):
         self, request: catalog_pb2.DescribeDatasetRequest, context: Context
     ) -> catalog_pb2.Dataset:
         name = require_dataset_name(request.name)
-        return await asyncio.to_thread(self._describe, name)
+        return await control(self._node, self._describe, name)
 
     def _describe(self, name: str) -> catalog_pb2.Dataset:
         caller = current_caller()
@@ -103,7 +115,7 @@ class PeerService(peer_pb2_grpc.PeerServicer):
 
     async def Ping(self, request: peer_pb2.PingRequest, context: Context) -> peer_pb2.PingResponse:
         identity = self._node.identity
-        roster = await asyncio.to_thread(self._node.roster)
+        roster = await control(self._node, self._node.roster)
         return peer_pb2.PingResponse(
             node=identity.name, jurisdiction=identity.jurisdiction, roster_version=roster.version
         )
@@ -111,23 +123,41 @@ class PeerService(peer_pb2_grpc.PeerServicer):
     async def Witness(
         self, request: peer_pb2.WitnessRequest, context: Context
     ) -> peer_pb2.WitnessResponse:
-        line, held = await asyncio.to_thread(
+        line, held = await control(
+            self._node,
             self._node.witness_checkpoint,
             current_caller(), request.note, request.old_size, list(request.consistency_proof),
         )  # fmt: skip
         return peer_pb2.WitnessResponse(cosignature=line, witness_size=held)
 
-    async def PsiSend(
-        self, request_iterator: AsyncIterator[peer_pb2.PsiChunk], context: Context
-    ) -> peer_pb2.PsiAck:
-        chunks = [
-            (require_query_id(c.query_id), c.phase, c.total, c.points)
-            async for c in request_iterator
-        ]
-        received = await asyncio.to_thread(
-            self._node.queries.receive, current_caller(), iter(chunks)
-        )
-        return peer_pb2.PsiAck(received=received)
+    async def Deliver(
+        self, request_iterator: AsyncIterator[peer_pb2.PeerMessage], context: Context
+    ) -> peer_pb2.PeerAck:
+        """One protocol message of any query kind, taken off the wire here, then handed to the
+        kind that holds the query (its checks run on an executor thread)."""
+        caller, queries = current_caller(), self._node.queries
+        first = await anext(aiter(request_iterator), None)
+        if first is None:
+            raise MalformedInput("empty stream: no message", field="query_id")
+        query_id, phase = require_query_id(first.query_id), first.phase
+        if first.WhichOneof("body") == "abort":
+            await asyncio.to_thread(queries.abort, caller, query_id)
+            return peer_pb2.PeerAck(received=0)
+        chunks = [_chunk(first, query_id, phase)]
+        chunks.extend([_chunk(m, query_id, phase) async for m in request_iterator])
+        received = await asyncio.to_thread(queries.deliver, caller, query_id, phase, iter(chunks))
+        return peer_pb2.PeerAck(received=received)
+
+
+def _chunk(
+    message: peer_pb2.PeerMessage, query_id: str, phase: str
+) -> tuple[int, bytes, list[bytes]]:
+    """One chunk of a message; every chunk of a stream names the same query and phase."""
+    if (message.query_id, message.phase) != (query_id, phase):
+        raise MalformedInput("one stream carries one message of one query", field="phase")
+    if message.WhichOneof("body") != "chunk":
+        raise MalformedInput("a message carries chunks, or one abort notice", field="chunk")
+    return message.chunk.total, message.chunk.points, list(message.chunk.items)
 
 
 def _status(record: QueryRecord) -> query_pb2.QueryStatus:
@@ -159,14 +189,14 @@ class QueryService(query_pb2_grpc.QueryServicer):
     ) -> query_pb2.QueryStatus:
         query_id = require_query_id(request.query_id)
         queries = self._node.queries
-        return _status(await asyncio.to_thread(queries.status, current_caller(), query_id))
+        return _status(await control(self._node, queries.status, current_caller(), query_id))
 
     async def Run(
         self, request: query_pb2.RunRequest, context: Context
     ) -> AsyncIterator[query_pb2.ResultChunk]:
         query_id = require_query_id(request.query_id)
-        caller, queries = current_caller(), self._node.queries
-        release = await admitted(self._node, lambda: queries.run(caller, query_id))
+        caller, psi = current_caller(), self._node.psi
+        release = await admitted(self._node, query_id, lambda: psi.run(caller, query_id))
         total = len(release.points)
         if release.records:
             for start in range(0, len(release.records), PSI_CHUNK_POINTS):
@@ -186,15 +216,18 @@ class QueryService(query_pb2_grpc.QueryServicer):
         self, request: query_pb2.CancelRequest, context: Context
     ) -> query_pb2.QueryStatus:
         query_id = require_query_id(request.query_id)
-        queries = self._node.queries
-        return _status(await asyncio.to_thread(queries.cancel, current_caller(), query_id))
+        caller, queries = current_caller(), self._node.queries
+        record = await asyncio.to_thread(queries.cancel, caller, query_id)
+        # A run of it still queued for a turn leaves now, not when its turn comes.
+        self._node.gate.withdraw(query_id, f"the analyst {caller.name} withdrew the query")
+        return _status(record)
 
     async def Receipt(
         self, request: query_pb2.ReceiptRequest, context: Context
     ) -> query_pb2.ReceiptPart:
         query_id = require_query_id(request.query_id)
-        index, entry, proof, checkpoint = await asyncio.to_thread(
-            self._node.queries.receipt, current_caller(), query_id
+        index, entry, proof, checkpoint = await control(
+            self._node, self._node.queries.receipt, current_caller(), query_id
         )
         return query_pb2.ReceiptPart(
             node=self._node.name, index=index, entry=entry, proof=proof, checkpoint=checkpoint
@@ -208,13 +241,13 @@ class AuditService(audit_pb2_grpc.AuditServicer):
     async def GetCheckpoint(
         self, request: audit_pb2.GetCheckpointRequest, context: Context
     ) -> audit_pb2.Checkpoint:
-        return audit_pb2.Checkpoint(note=await asyncio.to_thread(self._node.latest_checkpoint))
+        return audit_pb2.Checkpoint(note=await control(self._node, self._node.latest_checkpoint))
 
     async def GetEntries(
         self, request: audit_pb2.GetEntriesRequest, context: Context
     ) -> AsyncIterator[audit_pb2.GetEntriesResponse]:
         pages = self._node.entry_pages(request.start, request.end)
-        while (page := await asyncio.to_thread(next, pages, None)) is not None:
+        while (page := await control(self._node, next, pages, None)) is not None:
             yield audit_pb2.GetEntriesResponse(
                 entries=[audit_pb2.Entry(index=e.index, data=e.data) for e in page]
             )
@@ -222,23 +255,23 @@ class AuditService(audit_pb2_grpc.AuditServicer):
     async def GetInclusionProof(
         self, request: audit_pb2.InclusionProofRequest, context: Context
     ) -> audit_pb2.Proof:
-        hashes = await asyncio.to_thread(
-            self._node.inclusion_proof, request.index, request.tree_size
+        hashes = await control(
+            self._node, self._node.inclusion_proof, request.index, request.tree_size
         )
         return audit_pb2.Proof(hashes=hashes)
 
     async def GetConsistencyProof(
         self, request: audit_pb2.ConsistencyProofRequest, context: Context
     ) -> audit_pb2.Proof:
-        hashes = await asyncio.to_thread(
-            self._node.consistency_proof, request.old_size, request.new_size
+        hashes = await control(
+            self._node, self._node.consistency_proof, request.old_size, request.new_size
         )
         return audit_pb2.Proof(hashes=hashes)
 
     async def GetQueryEntries(
         self, request: audit_pb2.QueryEntriesRequest, context: Context
     ) -> audit_pb2.GetEntriesResponse:
-        entries = await asyncio.to_thread(self._node.query_entries, request.query_id)
+        entries = await control(self._node, self._node.query_entries, request.query_id)
         return audit_pb2.GetEntriesResponse(
             entries=[audit_pb2.Entry(index=e.index, data=e.data) for e in entries]
         )

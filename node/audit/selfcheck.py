@@ -11,7 +11,7 @@ checkpoint. The first broken entry is named.
 
 A broken log puts the node in a refusing state, for good (until an operator deals with it):
 
-- Query, Aggregate, Catalog, Peer and AggregatePeer calls get ``FAILED_PRECONDITION`` with one
+- Query, Aggregate, Catalog, and Peer calls get ``FAILED_PRECONDITION`` with one
   line, e.g. ``node tax refuses to serve: its audit log is broken at entry 17 (leaf hash
   mismatch); auditors may still pull it``. No queries, no protocol steps, no witness
   cosigning for other nodes; gRPC health reports those services ``NOT_SERVING``.

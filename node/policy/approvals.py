@@ -108,6 +108,30 @@ def decide(
     return record
 
 
+def expire(
+    store: QueryStore, audit: AuditSink, query_id: str, *, from_state: str, now: int, actor: str
+) -> bool:
+    """Mark a query whose signed request expired ``expired`` and return its reservation (logged
+    as ``budget.settled``). False if it left ``from_state`` meanwhile (decided, run, expired).
+
+    The one way a query expires, whether the node finds it (``QueryEngine.expire_stale``) or
+    an operator's decision comes too late."""
+    try:
+        store.transition(query_id, from_states=[from_state], to=EXPIRED, now=now,
+                         message=EXPIRED_MESSAGE)  # fmt: skip
+    except Conflict:
+        return False
+    state = store.settle(query_id, spent=False, now=now)
+    if state is not None:
+        audit.record(
+            "budget.settled",
+            {"reservation": state, "reason": EXPIRED_REASON},
+            actor=actor,
+            query_id=query_id,
+        )
+    return True
+
+
 def _refuse_expired(
     store: QueryStore, audit: AuditSink, query_id: str, *, now: int, actor: str
 ) -> None:
@@ -115,22 +139,8 @@ def _refuse_expired(
     record = store.get(query_id)
     expires_at = expires_at_of(record)
     if record.state == PENDING and expires_at <= now:
-        try:
-            store.transition(
-                query_id, from_states=[PENDING], to=EXPIRED, now=now, message=EXPIRED_MESSAGE
-            )
-        except Conflict:
-            record = store.get(query_id)  # decided or expired meanwhile: refuse by its state
-        else:
-            state = store.settle(query_id, spent=False, now=now)
-            if state is not None:
-                audit.record(
-                    "budget.settled",
-                    {"reservation": state, "reason": EXPIRED_REASON},
-                    actor=actor,
-                    query_id=query_id,
-                )
-            record = store.get(query_id)
+        expire(store, audit, query_id, from_state=PENDING, now=now, actor=actor)
+        record = store.get(query_id)  # expired now, or decided meanwhile: refuse by its state
     if record.state == EXPIRED:
         when = dt.datetime.fromtimestamp(expires_at, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
         raise QueryExpired(

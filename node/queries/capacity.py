@@ -23,14 +23,14 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TypeVar
 
-from govshare.protocols.errors import ResourceExhausted
+from govshare.protocols.errors import Aborted, ResourceExhausted
 
 T = TypeVar("T")
 
@@ -73,11 +73,14 @@ class RunGate:
         self._max_running = max_running
         self._max_queued = max_queued
         self._clock = clock
-        self._turns = threading.BoundedSemaphore(max_running)
         self._lock = threading.Lock()
-        self._idle = threading.Condition(self._lock)
+        self._changed = threading.Condition(self._lock)
         self._admitted = 0
         self._computing = 0
+        # Runs admitted per query id, and why a query's queued run must leave (withdrawn).
+        self._places: Counter[str] = Counter()
+        self._withdrawn: dict[str, str] = {}
+        self._closed: str | None = None
         self._recent: deque[float] = deque(maxlen=_RECENT_RUNS)
         self._holding = threading.local()
         self._threads = ThreadPoolExecutor(
@@ -88,22 +91,26 @@ class RunGate:
         with self._lock:
             return Load(self._computing, self._admitted, self._max_running, self._max_queued)
 
-    def admit(self) -> Callable[[Callable[[], T]], T]:
-        """A place for one run, or :class:`ResourceExhausted` at once when none is left.
+    def admit(self, query_id: str) -> Callable[[Callable[[], T]], T]:
+        """A place for one run of ``query_id``, or :class:`ResourceExhausted` at once when none
+        is left.
 
         Returns ``enter``: call it (on the query's own thread) with the run's body; it waits
         for a turn, runs the body holding it, and gives the place back however the body ends.
+        A run withdrawn while it waits for a turn (:meth:`withdraw`) leaves at once with
+        :class:`~govshare.protocols.errors.Aborted`.
         """
         with self._lock:
             if self._admitted >= self._max_running + self._max_queued:
                 retry_after = self._retry_after()
                 raise ResourceExhausted(
-                    f"node {self._node} is at capacity: {self._computing} queries running and "
+                    f"at capacity: {self._computing} running, "
                     f"{self._admitted - self._computing} queued (limits {self._max_running} and "
                     f"{self._max_queued}); retry in {retry_after:.0f} s",
                     retry_after=retry_after,
                 )
             self._admitted += 1
+            self._places[query_id] += 1
         entered = threading.Event()
 
         def enter(body: Callable[[], T]) -> T:
@@ -111,14 +118,19 @@ class RunGate:
                 raise TypeError("a place is entered once")
             entered.set()
             started = self._clock()
+            self._holding.query_id = query_id
             try:
                 with self._turn():
                     return body()
             finally:
                 with self._lock:
                     self._admitted -= 1
+                    self._places[query_id] -= 1
+                    if self._places[query_id] <= 0:
+                        del self._places[query_id]
+                        self._withdrawn.pop(query_id, None)
                     self._recent.append(self._clock() - started)
-                    self._idle.notify_all()
+                    self._changed.notify_all()
 
         return enter
 
@@ -127,16 +139,53 @@ class RunGate:
         """The query threads: one per place, so an admitted query never waits for a thread."""
         return self._threads
 
+    def withdraw(self, query_id: str, reason: str) -> None:
+        """A query's runs still waiting for a turn leave at once with ``reason`` (the analyst
+        withdrew it): they must not hold a place until their turn comes only to find it
+        cancelled."""
+        with self._lock:
+            if query_id in self._places:
+                self._withdrawn[query_id] = reason
+                self._changed.notify_all()
+
+    def close(self, reason: str) -> None:
+        """Every run still waiting for a turn leaves with ``reason`` (the node is stopping)."""
+        with self._lock:
+            self._closed = reason
+            self._changed.notify_all()
+
+    def _take_turn(self) -> None:
+        query_id = self._holding.query_id
+        with self._lock:
+
+            def ready() -> bool:
+                return (
+                    self._computing < self._max_running
+                    or query_id in self._withdrawn
+                    or self._closed is not None
+                )
+
+            self._changed.wait_for(ready)
+            reason = self._withdrawn.get(query_id) or self._closed
+            if reason is not None:
+                raise Aborted(f"{self._node}: {reason}; nothing released")
+            self._computing += 1
+        self._holding.turn = True
+
+    def _give_turn(self) -> None:
+        self._holding.turn = False
+        with self._lock:
+            self._computing -= 1
+            self._changed.notify_all()
+
     @contextmanager
     def _turn(self) -> Iterator[None]:
-        self._turns.acquire()
-        self._set_holding(True)
+        self._take_turn()
         try:
             yield
         finally:
             if self._is_holding():
-                self._set_holding(False)
-                self._turns.release()
+                self._give_turn()
 
     @contextmanager
     def waiting(self) -> Iterator[None]:
@@ -144,21 +193,14 @@ class RunGate:
         if not self._is_holding():
             yield
             return
-        self._set_holding(False)
-        self._turns.release()
+        self._give_turn()
         try:
             yield
         finally:
-            self._turns.acquire()
-            self._set_holding(True)
+            self._take_turn()
 
     def _is_holding(self) -> bool:
         return bool(getattr(self._holding, "turn", False))
-
-    def _set_holding(self, holding: bool) -> None:
-        with self._lock:
-            self._computing += 1 if holding else -1
-        self._holding.turn = holding
 
     def _retry_after(self) -> float:
         """About how long until a place frees: the mean recent run, over the turns."""
@@ -170,8 +212,9 @@ class RunGate:
 
     def drain(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds until no run is admitted; whether none is."""
-        with self._idle:
-            return self._idle.wait_for(lambda: self._admitted == 0, timeout)
+        with self._changed:
+            return self._changed.wait_for(lambda: self._admitted == 0, timeout)
 
-    def close(self) -> None:
+    def shutdown(self) -> None:
+        self.close("the node stopped")
         self._threads.shutdown(wait=False, cancel_futures=True)

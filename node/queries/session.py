@@ -14,7 +14,7 @@ A query ends early — a participant's part failed, the analyst withdrew it, the
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
@@ -24,6 +24,12 @@ Waiting = Callable[[], AbstractContextManager[None]]
 """Entered while a query's thread waits for a peer (a turn given back; see ``capacity``)."""
 
 NO_GATE: Waiting = nullcontext
+
+Chunks = Iterator[tuple[int, bytes, list[bytes]]]
+"""One peer message as it came off the wire: ``(total, packed points, items)`` chunks."""
+
+Send = Callable[[str, str, str, Sequence[bytes], Sequence[bytes]], None]
+"""``send(peer_node, query_id, phase, points, items)``: one message to a peer (Peer.Deliver)."""
 
 
 @dataclass

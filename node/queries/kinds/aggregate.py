@@ -1,6 +1,6 @@
 """The node's side of joint aggregates under homomorphic encryption (DESIGN.md protocols 2-4).
 
-Admission is the PSI path's (``govshare.node.queries.engine``): the analyst's signed plan
+Admission is every kind's (``govshare.node.queries.engine``): the analyst's signed plan
 (``govshare.model.aggregate_plan``) arrives by ``Query.Submit``; the query engine checks the
 signature, validity window and nonce, logs it, and hands it to :meth:`AggregateEngine.submit`,
 which parses the plan and decides it by policy on this node's dataset (column uses, grants,
@@ -81,7 +81,7 @@ from govshare.node.data.catalog import Catalogue
 from govshare.node.policy.decision import AccessRequest, Obligations, dataset_epsilon_cap
 from govshare.node.policy.grants import GrantStore
 from govshare.node.queries.engine import Admission, QueryEngine
-from govshare.node.queries.session import NO_GATE, Inbox, Mailbox, Waiting
+from govshare.node.queries.session import NO_GATE, Chunks, Inbox, Mailbox, Send, Waiting
 from govshare.node.stores.query_store import QueryRecord, QueryStore
 from govshare.protocols import dp, ecdh_psi, masks
 from govshare.protocols.bfv import BfvPublicContext
@@ -104,9 +104,6 @@ ENCRYPT_BATCH: Final = 2048
 # about 12% faster, which pays for the build from about 7,000 encryptions per worker on.
 WIDE_WINDOW_BITS: Final = 11
 WIDE_WINDOW_MIN_ROWS: Final = 32_768
-
-AggregateSender = Callable[[str, str, str, list[bytes], list[bytes]], None]
-"""``send(peer_node, query_id, phase, points, items)`` streams a message to a peer over mTLS."""
 
 
 @dataclass(frozen=True)
@@ -181,7 +178,7 @@ class AggregateEngine:
         grants: GrantStore,
         store: QueryStore,
         audit: AuditSink,
-        send: AggregateSender,
+        send: Send,
         clock: Callable[[], float] = time.time,
         executor: Callable[[], Executor | None] = lambda: None,
         protocol_timeout: float = 300.0,
@@ -641,10 +638,12 @@ class AggregateEngine:
 
     # --- peer messages --------------------------------------------------------------------------
 
-    def receive(
-        self, caller: Caller, chunks: Iterator[tuple[str, str, int, bytes, list[bytes]]]
-    ) -> int:
-        """Take a peer's message: ``(query_id, phase, total, packed points, items)`` chunks.
+    def holds(self, query_id: str) -> bool:
+        with self._lock:
+            return query_id in self._sessions
+
+    def receive(self, caller: Caller, query_id: str, phase: str, chunks: Chunks) -> int:
+        """Take a peer's message for ``phase``: ``(total, packed points, items)`` chunks.
 
         A refused message leaves nothing behind: the sender may send it again.
 
@@ -653,19 +652,14 @@ class AggregateEngine:
             MalformedInput: unknown phase, a repeated message, wrong sizes or a ciphertext that
                 is not one under the analyst's key.
         """
-        first = next(chunks, None)
-        if first is None:
-            raise MalformedInput("empty stream: no chunk carried a query id", field="query_id")
-        query_id, phase, total, _, _ = first
         session = self._session(query_id)
         inbox, check = self._inbox_for(session, caller, phase)
+        first = next(chunks, None)
+        if first is None:
+            raise MalformedInput("empty message: no chunk", field="chunk")
 
         def decoded() -> Iterator[tuple[int, list[bytes], list[bytes]]]:
-            for chunk_query, chunk_phase, chunk_total, packed, items in itertools.chain(
-                [first], chunks
-            ):
-                if (chunk_query, chunk_phase) != (query_id, phase):
-                    raise MalformedInput("one stream carries one message", field="phase")
+            for chunk_total, packed, items in itertools.chain([first], chunks):
                 points = ecdh_psi.decode_points(packed) if packed else []
                 if phase == VALUES and len(points) != len(items):
                     raise MalformedInput(
@@ -674,7 +668,7 @@ class AggregateEngine:
                 check(items)
                 yield chunk_total, points, items
 
-        return inbox.fill(total, decoded())
+        return inbox.fill(first[0], decoded())
 
     def _inbox_for(
         self, session: _Session, caller: Caller, phase: str

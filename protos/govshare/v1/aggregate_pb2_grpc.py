@@ -26,7 +26,7 @@ if _version_not_supported:
 
 
 class AggregateStub:
-    """Analyst calls.
+    """Analyst calls. The nodes' messages travel on Peer.Deliver like every query kind's.
     """
 
     def __init__(self, channel):
@@ -48,7 +48,7 @@ class AggregateStub:
 
 
 class AggregateServicer:
-    """Analyst calls.
+    """Analyst calls. The nodes' messages travel on Peer.Deliver like every query kind's.
     """
 
     def Prepare(self, request, context):
@@ -87,7 +87,7 @@ def add_AggregateServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Aggregate:
-    """Analyst calls.
+    """Analyst calls. The nodes' messages travel on Peer.Deliver like every query kind's.
     """
 
     @staticmethod
@@ -134,81 +134,6 @@ class Aggregate:
             '/govshare.v1.Aggregate/Run',
             govshare_dot_v1_dot_aggregate__pb2.AggregateRunRequest.SerializeToString,
             govshare_dot_v1_dot_aggregate__pb2.AggregateResult.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-
-class AggregatePeerStub:
-    """Node-to-node calls.
-    """
-
-    def __init__(self, channel):
-        """Constructor.
-
-        Args:
-            channel: A grpc.Channel.
-        """
-        self.Send = channel.stream_unary(
-                '/govshare.v1.AggregatePeer/Send',
-                request_serializer=govshare_dot_v1_dot_aggregate__pb2.AggregateChunk.SerializeToString,
-                response_deserializer=govshare_dot_v1_dot_aggregate__pb2.AggregateAck.FromString,
-                _registered_method=True)
-
-
-class AggregatePeerServicer:
-    """Node-to-node calls.
-    """
-
-    def Send(self, request_iterator, context):
-        """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-
-def add_AggregatePeerServicer_to_server(servicer, server):
-    rpc_method_handlers = {
-            'Send': grpc.stream_unary_rpc_method_handler(
-                    servicer.Send,
-                    request_deserializer=govshare_dot_v1_dot_aggregate__pb2.AggregateChunk.FromString,
-                    response_serializer=govshare_dot_v1_dot_aggregate__pb2.AggregateAck.SerializeToString,
-            ),
-    }
-    generic_handler = grpc.method_handlers_generic_handler(
-            'govshare.v1.AggregatePeer', rpc_method_handlers)
-    server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('govshare.v1.AggregatePeer', rpc_method_handlers)
-
-
- # This class is part of an EXPERIMENTAL API.
-class AggregatePeer:
-    """Node-to-node calls.
-    """
-
-    @staticmethod
-    def Send(request_iterator,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.stream_unary(
-            request_iterator,
-            target,
-            '/govshare.v1.AggregatePeer/Send',
-            govshare_dot_v1_dot_aggregate__pb2.AggregateChunk.SerializeToString,
-            govshare_dot_v1_dot_aggregate__pb2.AggregateAck.FromString,
             options,
             channel_credentials,
             insecure,

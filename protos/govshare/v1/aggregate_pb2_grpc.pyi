@@ -31,7 +31,7 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class AggregateStub:
-    """Analyst calls."""
+    """Analyst calls. The nodes' messages travel on Peer.Deliver like every query kind's."""
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
@@ -44,7 +44,7 @@ class AggregateStub:
 
 @_typing.type_check_only
 class AggregateAsyncStub(AggregateStub):
-    """Analyst calls."""
+    """Analyst calls. The nodes' messages travel on Peer.Deliver like every query kind's."""
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Prepare: _aio.UnaryUnaryMultiCallable[_aggregate_pb2.PrepareRequest, _aggregate_pb2.EphemeralKey]  # type: ignore[assignment]
@@ -53,7 +53,7 @@ class AggregateAsyncStub(AggregateStub):
     """Run this node's part; the matcher or the aggregator returns the result ciphertexts."""
 
 class AggregateServicer(metaclass=_abc_1.ABCMeta):
-    """Analyst calls."""
+    """Analyst calls. The nodes' messages travel on Peer.Deliver like every query kind's."""
 
     @_abc_1.abstractmethod
     def Prepare(
@@ -72,31 +72,3 @@ class AggregateServicer(metaclass=_abc_1.ABCMeta):
         """Run this node's part; the matcher or the aggregator returns the result ciphertexts."""
 
 def add_AggregateServicer_to_server(servicer: AggregateServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
-
-class AggregatePeerStub:
-    """Node-to-node calls."""
-
-    @_typing.overload
-    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
-    @_typing.overload
-    def __new__(cls, channel: _aio.Channel) -> AggregatePeerAsyncStub: ...
-    Send: _grpc.StreamUnaryMultiCallable[_aggregate_pb2.AggregateChunk, _aggregate_pb2.AggregateAck]
-
-@_typing.type_check_only
-class AggregatePeerAsyncStub(AggregatePeerStub):
-    """Node-to-node calls."""
-
-    def __init__(self, channel: _aio.Channel) -> None: ...
-    Send: _aio.StreamUnaryMultiCallable[_aggregate_pb2.AggregateChunk, _aggregate_pb2.AggregateAck]  # type: ignore[assignment]
-
-class AggregatePeerServicer(metaclass=_abc_1.ABCMeta):
-    """Node-to-node calls."""
-
-    @_abc_1.abstractmethod
-    def Send(
-        self,
-        request_iterator: _MaybeAsyncIterator[_aggregate_pb2.AggregateChunk],
-        context: _ServicerContext,
-    ) -> _typing.Union[_aggregate_pb2.AggregateAck, _abc.Awaitable[_aggregate_pb2.AggregateAck]]: ...
-
-def add_AggregatePeerServicer_to_server(servicer: AggregatePeerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

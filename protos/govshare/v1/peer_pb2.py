@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16govshare/v1/peer.proto\x12\x0bgovshare.v1\"%\n\x0bPingRequest\x12\x16\n\x0eroster_version\x18\x01 \x01(\x03\"J\n\x0cPingResponse\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x14\n\x0cjurisdiction\x18\x02 \x01(\t\x12\x16\n\x0eroster_version\x18\x03 \x01(\x03\"K\n\x0eWitnessRequest\x12\x0c\n\x04note\x18\x01 \x01(\x0c\x12\x10\n\x08old_size\x18\x02 \x01(\x03\x12\x19\n\x11\x63onsistency_proof\x18\x03 \x03(\x0c\"<\n\x0fWitnessResponse\x12\x13\n\x0b\x63osignature\x18\x01 \x01(\x0c\x12\x14\n\x0cwitness_size\x18\x02 \x01(\x03\"J\n\x08PsiChunk\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\x0e\n\x06points\x18\x02 \x01(\x0c\x12\r\n\x05total\x18\x03 \x01(\x03\x12\r\n\x05phase\x18\x04 \x01(\t\"\x1a\n\x06PsiAck\x12\x10\n\x08received\x18\x01 \x01(\x03\x32\xc2\x01\n\x04Peer\x12;\n\x04Ping\x12\x18.govshare.v1.PingRequest\x1a\x19.govshare.v1.PingResponse\x12\x44\n\x07Witness\x12\x1b.govshare.v1.WitnessRequest\x1a\x1c.govshare.v1.WitnessResponse\x12\x37\n\x07PsiSend\x12\x15.govshare.v1.PsiChunk\x1a\x13.govshare.v1.PsiAck(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16govshare/v1/peer.proto\x12\x0bgovshare.v1\"%\n\x0bPingRequest\x12\x16\n\x0eroster_version\x18\x01 \x01(\x03\"J\n\x0cPingResponse\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x14\n\x0cjurisdiction\x18\x02 \x01(\t\x12\x16\n\x0eroster_version\x18\x03 \x01(\x03\"K\n\x0eWitnessRequest\x12\x0c\n\x04note\x18\x01 \x01(\x0c\x12\x10\n\x08old_size\x18\x02 \x01(\x03\x12\x19\n\x11\x63onsistency_proof\x18\x03 \x03(\x0c\"<\n\x0fWitnessResponse\x12\x13\n\x0b\x63osignature\x18\x01 \x01(\x0c\x12\x14\n\x0cwitness_size\x18\x02 \x01(\x03\"\x80\x01\n\x0bPeerMessage\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\r\n\x05phase\x18\x02 \x01(\t\x12#\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x12.govshare.v1.ChunkH\x00\x12#\n\x05\x61\x62ort\x18\x04 \x01(\x0b\x32\x12.govshare.v1.AbortH\x00\x42\x06\n\x04\x62ody\"5\n\x05\x43hunk\x12\r\n\x05total\x18\x01 \x01(\x03\x12\x0e\n\x06points\x18\x02 \x01(\x0c\x12\r\n\x05items\x18\x03 \x03(\x0c\"\x07\n\x05\x41\x62ort\"\x1b\n\x07PeerAck\x12\x10\n\x08received\x18\x01 \x01(\x03\x32\xc6\x01\n\x04Peer\x12;\n\x04Ping\x12\x18.govshare.v1.PingRequest\x1a\x19.govshare.v1.PingResponse\x12\x44\n\x07Witness\x12\x1b.govshare.v1.WitnessRequest\x1a\x1c.govshare.v1.WitnessResponse\x12;\n\x07\x44\x65liver\x12\x18.govshare.v1.PeerMessage\x1a\x14.govshare.v1.PeerAck(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,10 +39,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WITNESSREQUEST']._serialized_end=229
   _globals['_WITNESSRESPONSE']._serialized_start=231
   _globals['_WITNESSRESPONSE']._serialized_end=291
-  _globals['_PSICHUNK']._serialized_start=293
-  _globals['_PSICHUNK']._serialized_end=367
-  _globals['_PSIACK']._serialized_start=369
-  _globals['_PSIACK']._serialized_end=395
-  _globals['_PEER']._serialized_start=398
-  _globals['_PEER']._serialized_end=592
+  _globals['_PEERMESSAGE']._serialized_start=294
+  _globals['_PEERMESSAGE']._serialized_end=422
+  _globals['_CHUNK']._serialized_start=424
+  _globals['_CHUNK']._serialized_end=477
+  _globals['_ABORT']._serialized_start=479
+  _globals['_ABORT']._serialized_end=486
+  _globals['_PEERACK']._serialized_start=488
+  _globals['_PEERACK']._serialized_end=515
+  _globals['_PEER']._serialized_start=518
+  _globals['_PEER']._serialized_end=716
 # @@protoc_insertion_point(module_scope)

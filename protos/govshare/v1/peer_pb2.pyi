@@ -120,46 +120,102 @@ class WitnessResponse(_message.Message):
 Global___WitnessResponse: _TypeAlias = WitnessResponse  # noqa: Y015
 
 @_typing.final
-class PsiChunk(_message.Message):
-    """One chunk of a node's singly masked set, sent to the other participant of a PSI."""
+class PeerMessage(_message.Message):
+    """One protocol message between the nodes of one query, whatever the query's kind: the ordered
+    chunks of one phase's message, or a notice that the sender's part of the query ended.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     QUERY_ID_FIELD_NUMBER: _builtins.int
-    POINTS_FIELD_NUMBER: _builtins.int
-    TOTAL_FIELD_NUMBER: _builtins.int
     PHASE_FIELD_NUMBER: _builtins.int
+    CHUNK_FIELD_NUMBER: _builtins.int
+    ABORT_FIELD_NUMBER: _builtins.int
     query_id: _builtins.str
-    points: _builtins.bytes
-    """Concatenated 32-byte X25519 u-coordinates."""
-    total: _builtins.int
-    """Total number of points in the set (same in every chunk)."""
     phase: _builtins.str
-    """"own": the sender's set masked once; "returned": the receiver's own set masked again,
-    in the receiver's order (membership only).
+    """The step the message belongs to. Its names belong to the query kind: "dummies", "own",
+    "returned" (PSI); "matcher_keys", "matcher_again", "values", "contribution" (aggregates).
     """
+    @_builtins.property
+    def chunk(self) -> Global___Chunk: ...
+    @_builtins.property
+    def abort(self) -> Global___Abort: ...
     def __init__(
         self,
         *,
         query_id: _builtins.str = ...,
-        points: _builtins.bytes = ...,
-        total: _builtins.int = ...,
         phase: _builtins.str = ...,
+        chunk: Global___Chunk | None = ...,
+        abort: Global___Abort | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["abort", b"abort", "body", b"body", "chunk", b"chunk"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["abort", b"abort", "body", b"body", "chunk", b"chunk", "phase", b"phase", "query_id", b"query_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["chunk", "abort"]  # noqa: Y015
+    _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
+
+Global___PeerMessage: _TypeAlias = PeerMessage  # noqa: Y015
+
+@_typing.final
+class Chunk(_message.Message):
+    """A slice of a message of ``total`` items: points and/or opaque items, one of each per item."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOTAL_FIELD_NUMBER: _builtins.int
+    POINTS_FIELD_NUMBER: _builtins.int
+    ITEMS_FIELD_NUMBER: _builtins.int
+    total: _builtins.int
+    """Items in the whole message (the same in every chunk)."""
+    points: _builtins.bytes
+    """Concatenated 32-byte X25519 u-coordinates, when the phase carries points."""
+    @_builtins.property
+    def items(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """One entry per item, when the phase carries them: a row's fixed-width Paillier ciphertexts,
+        or one framed ciphertext of a contribution.
+        """
+
+    def __init__(
+        self,
+        *,
+        total: _builtins.int = ...,
+        points: _builtins.bytes = ...,
+        items: _abc.Iterable[_builtins.bytes] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["phase", b"phase", "points", b"points", "query_id", b"query_id", "total", b"total"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["items", b"items", "points", b"points", "total", b"total"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___PsiChunk: _TypeAlias = PsiChunk  # noqa: Y015
+Global___Chunk: _TypeAlias = Chunk  # noqa: Y015
 
 @_typing.final
-class PsiAck(_message.Message):
+class Abort(_message.Message):
+    """The sender's part of the query failed or was ended: the receiver stops waiting for it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Abort: _TypeAlias = Abort  # noqa: Y015
+
+@_typing.final
+class PeerAck(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     RECEIVED_FIELD_NUMBER: _builtins.int
     received: _builtins.int
+    """Items the receiver took (0 for an abort notice)."""
     def __init__(
         self,
         *,
@@ -171,4 +227,4 @@ class PsiAck(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___PsiAck: _TypeAlias = PsiAck  # noqa: Y015
+Global___PeerAck: _TypeAlias = PeerAck  # noqa: Y015

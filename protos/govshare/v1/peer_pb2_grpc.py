@@ -44,10 +44,10 @@ class PeerStub:
                 request_serializer=govshare_dot_v1_dot_peer__pb2.WitnessRequest.SerializeToString,
                 response_deserializer=govshare_dot_v1_dot_peer__pb2.WitnessResponse.FromString,
                 _registered_method=True)
-        self.PsiSend = channel.stream_unary(
-                '/govshare.v1.Peer/PsiSend',
-                request_serializer=govshare_dot_v1_dot_peer__pb2.PsiChunk.SerializeToString,
-                response_deserializer=govshare_dot_v1_dot_peer__pb2.PsiAck.FromString,
+        self.Deliver = channel.stream_unary(
+                '/govshare.v1.Peer/Deliver',
+                request_serializer=govshare_dot_v1_dot_peer__pb2.PeerMessage.SerializeToString,
+                response_deserializer=govshare_dot_v1_dot_peer__pb2.PeerAck.FromString,
                 _registered_method=True)
 
 
@@ -68,8 +68,8 @@ class PeerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def PsiSend(self, request_iterator, context):
-        """Stream this node's masked set to the other participant of an accepted query.
+    def Deliver(self, request_iterator, context):
+        """One message of an accepted query's protocol, streamed in chunks (one phase per stream).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -88,10 +88,10 @@ def add_PeerServicer_to_server(servicer, server):
                     request_deserializer=govshare_dot_v1_dot_peer__pb2.WitnessRequest.FromString,
                     response_serializer=govshare_dot_v1_dot_peer__pb2.WitnessResponse.SerializeToString,
             ),
-            'PsiSend': grpc.stream_unary_rpc_method_handler(
-                    servicer.PsiSend,
-                    request_deserializer=govshare_dot_v1_dot_peer__pb2.PsiChunk.FromString,
-                    response_serializer=govshare_dot_v1_dot_peer__pb2.PsiAck.SerializeToString,
+            'Deliver': grpc.stream_unary_rpc_method_handler(
+                    servicer.Deliver,
+                    request_deserializer=govshare_dot_v1_dot_peer__pb2.PeerMessage.FromString,
+                    response_serializer=govshare_dot_v1_dot_peer__pb2.PeerAck.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -159,7 +159,7 @@ class Peer:
             _registered_method=True)
 
     @staticmethod
-    def PsiSend(request_iterator,
+    def Deliver(request_iterator,
             target,
             options=(),
             channel_credentials=None,
@@ -172,9 +172,9 @@ class Peer:
         return grpc.experimental.stream_unary(
             request_iterator,
             target,
-            '/govshare.v1.Peer/PsiSend',
-            govshare_dot_v1_dot_peer__pb2.PsiChunk.SerializeToString,
-            govshare_dot_v1_dot_peer__pb2.PsiAck.FromString,
+            '/govshare.v1.Peer/Deliver',
+            govshare_dot_v1_dot_peer__pb2.PeerMessage.SerializeToString,
+            govshare_dot_v1_dot_peer__pb2.PeerAck.FromString,
             options,
             channel_credentials,
             insecure,

@@ -35,8 +35,8 @@ class PeerStub:
     """Liveness and roster agreement between two nodes."""
     Witness: _grpc.UnaryUnaryMultiCallable[_peer_pb2.WitnessRequest, _peer_pb2.WitnessResponse]
     """Cosign a peer's log checkpoint after checking it is consistent with the last one cosigned."""
-    PsiSend: _grpc.StreamUnaryMultiCallable[_peer_pb2.PsiChunk, _peer_pb2.PsiAck]
-    """Stream this node's masked set to the other participant of an accepted query."""
+    Deliver: _grpc.StreamUnaryMultiCallable[_peer_pb2.PeerMessage, _peer_pb2.PeerAck]
+    """One message of an accepted query's protocol, streamed in chunks (one phase per stream)."""
 
 @_typing.type_check_only
 class PeerAsyncStub(PeerStub):
@@ -45,8 +45,8 @@ class PeerAsyncStub(PeerStub):
     """Liveness and roster agreement between two nodes."""
     Witness: _aio.UnaryUnaryMultiCallable[_peer_pb2.WitnessRequest, _peer_pb2.WitnessResponse]  # type: ignore[assignment]
     """Cosign a peer's log checkpoint after checking it is consistent with the last one cosigned."""
-    PsiSend: _aio.StreamUnaryMultiCallable[_peer_pb2.PsiChunk, _peer_pb2.PsiAck]  # type: ignore[assignment]
-    """Stream this node's masked set to the other participant of an accepted query."""
+    Deliver: _aio.StreamUnaryMultiCallable[_peer_pb2.PeerMessage, _peer_pb2.PeerAck]  # type: ignore[assignment]
+    """One message of an accepted query's protocol, streamed in chunks (one phase per stream)."""
 
 class PeerServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -66,11 +66,11 @@ class PeerServicer(metaclass=_abc_1.ABCMeta):
         """Cosign a peer's log checkpoint after checking it is consistent with the last one cosigned."""
 
     @_abc_1.abstractmethod
-    def PsiSend(
+    def Deliver(
         self,
-        request_iterator: _MaybeAsyncIterator[_peer_pb2.PsiChunk],
+        request_iterator: _MaybeAsyncIterator[_peer_pb2.PeerMessage],
         context: _ServicerContext,
-    ) -> _typing.Union[_peer_pb2.PsiAck, _abc.Awaitable[_peer_pb2.PsiAck]]:
-        """Stream this node's masked set to the other participant of an accepted query."""
+    ) -> _typing.Union[_peer_pb2.PeerAck, _abc.Awaitable[_peer_pb2.PeerAck]]:
+        """One message of an accepted query's protocol, streamed in chunks (one phase per stream)."""
 
 def add_PeerServicer_to_server(servicer: PeerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -111,7 +111,7 @@ def set_options(node: Node, options: AggregateOptions, timeout: float = TIMEOUT)
     node.aggregates = AggregateEngine(
         queries=node.queries, identity=node.identity, catalogue=node.catalogue,
         grants=node.grants, store=node.query_store, audit=node.audit,
-        send=node.send_aggregate, executor=node.executor, protocol_timeout=timeout,
+        send=node.send, executor=node.executor, protocol_timeout=timeout,
         options=options,
     )  # fmt: skip
 
@@ -427,13 +427,13 @@ def test_tampered_ciphertexts_are_refused_and_a_dropout_aborts(agg: Agg) -> None
     point = bytes.fromhex("09" + "00" * 31)
     with NodeClient.to(agg.fed.identity("civil"), "tax") as peer:
         with pytest.raises(MalformedInput, match="bytes"):
-            peer.aggregate_send(query_id, "values", [point], [b"\x01" * 10])
+            peer.deliver(query_id, "values", [point], [b"\x01" * 10])
     with NodeClient.to(agg.fed.identity("civil"), "tax") as peer:
         with pytest.raises(MalformedInput, match=r"\[1, n\^2\)|unit"):
-            peer.aggregate_send(query_id, "values", [point], [b"\xff" * 512])
+            peer.deliver(query_id, "values", [point], [b"\xff" * 512])
     with NodeClient.to(agg.fed.identity("ghost"), "tax") as peer:
         with pytest.raises(PermissionDenied):
-            peer.aggregate_send(query_id, "matcher_again", [point], [])
+            peer.deliver(query_id, "matcher_again", [point], [])
     # civil never runs its part: tax waits for the values, aborts, releases nothing.
     try:
         with pytest.raises(Aborted, match="nothing released"):

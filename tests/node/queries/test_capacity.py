@@ -70,26 +70,26 @@ def eventually(condition: Callable[[], bool], what: str) -> None:
 def test_runs_beyond_the_running_and_queued_places_are_refused_at_once() -> None:
     gate = RunGate(node="tax", max_running=1, max_queued=2)
     try:
-        places = [gate.admit() for _ in range(3)]
+        places = [gate.admit(f"q{n}") for n in range(3)]
         with pytest.raises(ResourceExhausted) as refused:
-            gate.admit()
+            gate.admit("q3")
         assert refused.value.retry_after >= MIN_RETRY_AFTER
-        assert "node tax is at capacity" in str(refused.value)
+        assert str(refused.value).startswith("at capacity: 0 running, 3 queued (limits 1 and 2)")
         assert gate.load().admitted == 3
         assert places[0](lambda: "ran") == "ran"  # a finished run gives its place back
         assert gate.load().admitted == 2
-        gate.admit()
+        gate.admit("q4")
         with pytest.raises(ResourceExhausted):
-            gate.admit()
+            gate.admit("q5")
     finally:
-        gate.close()
+        gate.shutdown()
 
 
 def test_a_run_waiting_for_its_peer_gives_its_turn_back() -> None:
     """One turn, two runs: the second computes while the first waits for its peer. A gate
     whose waiting runs kept their turns would leave the second waiting here for ever."""
     gate = RunGate(node="tax", max_running=1, max_queued=1)
-    first, second = gate.admit(), gate.admit()
+    first, second = gate.admit("first"), gate.admit("second")
     peer_sent, waiting = threading.Event(), threading.Event()
     outcomes: list[str] = []
 
@@ -117,9 +117,49 @@ def test_a_run_waiting_for_its_peer_gives_its_turn_back() -> None:
     finally:
         peer_sent.set()
         runner.join(WAIT)
-        gate.close()
+        gate.shutdown()
     assert sorted(outcomes) == ["first", "second"]
     assert gate.drain(WAIT) and gate.load().admitted == 0
+
+
+def test_a_withdrawn_run_leaves_the_queue_at_once() -> None:
+    """The analyst withdraws a query whose run waits for a turn: it leaves now (Aborted, the
+    reason named), not when a turn frees; the other queries keep their places."""
+    gate = RunGate(node="tax", max_running=1, max_queued=2)
+    holder, queued, other = gate.admit("holder"), gate.admit("queued"), gate.admit("other")
+    holding, release = threading.Event(), threading.Event()
+    outcomes: dict[str, object] = {}
+
+    def hold() -> str:
+        holding.set()
+        assert release.wait(WAIT)
+        return "held"
+
+    def run(name: str, enter: Callable[[Callable[[], str]], str], body: Callable[[], str]) -> None:
+        try:
+            outcomes[name] = enter(body)
+        except Aborted as exc:
+            outcomes[name] = exc
+
+    threads = [threading.Thread(target=run, args=("holder", holder, hold))]
+    threads[0].start()
+    assert holding.wait(WAIT)
+    for name, enter in (("queued", queued), ("other", other)):
+        threads.append(threading.Thread(target=run, args=(name, enter, lambda: "ran")))
+        threads[-1].start()
+    try:
+        gate.withdraw("queued", "the analyst alice withdrew the query")
+        threads[1].join(WAIT)
+        assert isinstance(outcomes.get("queued"), Aborted), outcomes
+        assert "alice withdrew the query" in str(outcomes["queued"])
+        assert "holder" not in outcomes and "other" not in outcomes  # the turn is still held
+        assert gate.load().admitted == 2
+    finally:
+        release.set()
+        for thread in threads:
+            thread.join(WAIT)
+        gate.shutdown()
+    assert outcomes["holder"] == "held" and outcomes["other"] == "ran"
 
 
 # --- one node with one running and one queued place ------------------------------------------
@@ -226,7 +266,7 @@ def test_a_run_beyond_the_queue_is_resource_exhausted_then_admitted_on_retry(bus
         with pytest.raises(ResourceExhausted) as refused:
             client.run(third, timeout=WAIT)
         assert refused.value.retry_after >= MIN_RETRY_AFTER
-        assert "tax is at capacity" in str(refused.value)
+        assert str(refused.value).startswith("node tax: at capacity:")
         assert client.status(third).state == "approved"  # refused at the door: not consumed
         # The node still answers everything else at once.
         assert [d.name for d in client.list_datasets()] == ["residents"]

@@ -709,7 +709,7 @@ def test_small_groups_reach_a_patched_client_only_noised(world: World) -> None:
     civil.aggregates = AggregateEngine(
         queries=civil.queries, identity=civil.identity, catalogue=civil.catalogue,
         grants=civil.grants, store=civil.query_store, audit=civil.audit,
-        send=civil.send_aggregate, executor=civil.executor, protocol_timeout=TIMEOUT,
+        send=civil.send, executor=civil.executor, protocol_timeout=TIMEOUT,
         options=AggregateOptions(unsafe_allow_short_modulus=True, noise_rng=random.Random(seed)),
     )  # fmt: skip
     try:

@@ -233,7 +233,7 @@ def test_late_message_for_an_aborted_query_says_why(
         client.run(request.query_id_hex, timeout=30)
     with NodeClient.to(fed.identity("civil"), "tax") as peer:
         with pytest.raises(Aborted, match=r"was aborted on tax: node civil: .*not open on civil"):
-            peer.psi_send(request.query_id_hex, "own", [], chunk_points=16)
+            peer.deliver(request.query_id_hex, "own", [])
 
 
 def test_a_refusal_at_one_node_withdraws_the_query_from_the_other(
