@@ -38,6 +38,7 @@ class AggregateService(aggregate_pb2_grpc.AggregateServicer):
         caller, aggregates = current_caller(), self._node.aggregates
         release = await admitted(
             self._node,
+            context,
             query_id,
             lambda: aggregates.run(
                 caller, query_id, keys=keys, public_context=request.public_context

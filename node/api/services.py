@@ -68,11 +68,21 @@ async def control(node: Node, function: Callable[..., T], *args: Any) -> T:
     return await loop.run_in_executor(node.control, functools.partial(context.run, function, *args))
 
 
-async def admitted(node: Node, query_id: str, body: Callable[[], T]) -> T:
+async def admitted(node: Node, context: Context, query_id: str, body: Callable[[], T]) -> T:
     """Run a query's part through the node's admission gate (``govshare.node.queries.capacity``):
-    a place at once or ResourceExhausted, then the body on a query thread of its own."""
-    enter = node.gate.admit(query_id)
-    return await asyncio.get_running_loop().run_in_executor(node.gate.threads, enter, body)
+    a place at once or ResourceExhausted (also when the call's deadline would pass first), then
+    the body on a query thread of its own. If the caller goes away (its deadline passed, it
+    hung up), the part ends: withdrawn from the queue, or ended at its next wait, nothing
+    released."""
+    enter = node.gate.admit(query_id, deadline=context.time_remaining())
+    loop = asyncio.get_running_loop()
+    try:
+        return await loop.run_in_executor(node.gate.threads, enter, body)
+    except asyncio.CancelledError:
+        reason = "the analyst's call ended before the query did"
+        node.gate.withdraw(query_id, reason)
+        node.queries.interrupt(query_id, reason)
+        raise
 
 
 class CatalogService(catalog_pb2_grpc.CatalogServicer):
@@ -196,7 +206,7 @@ class QueryService(query_pb2_grpc.QueryServicer):
     ) -> AsyncIterator[query_pb2.ResultChunk]:
         query_id = require_query_id(request.query_id)
         caller, psi = current_caller(), self._node.psi
-        release = await admitted(self._node, query_id, lambda: psi.run(caller, query_id))
+        release = await admitted(self._node, context, query_id, lambda: psi.run(caller, query_id))
         total = len(release.points)
         if release.records:
             for start in range(0, len(release.records), PSI_CHUNK_POINTS):

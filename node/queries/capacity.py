@@ -20,7 +20,6 @@ pool, so the threads only wait — on a turn, a peer, or a worker.
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from collections import Counter, deque
@@ -34,7 +33,7 @@ from govshare.protocols.errors import Aborted, ResourceExhausted
 
 T = TypeVar("T")
 
-# Runs whose durations estimate the retry hint.
+# Finished runs whose pace estimates waits and the retry hint.
 _RECENT_RUNS = 32
 # The retry hint's bounds, in seconds.
 MIN_RETRY_AFTER = 1.0
@@ -81,7 +80,7 @@ class RunGate:
         self._places: Counter[str] = Counter()
         self._withdrawn: dict[str, str] = {}
         self._closed: str | None = None
-        self._recent: deque[float] = deque(maxlen=_RECENT_RUNS)
+        self._finished: deque[float] = deque(maxlen=_RECENT_RUNS)
         self._holding = threading.local()
         self._threads = ThreadPoolExecutor(
             max_workers=max_running + max_queued, thread_name_prefix=f"govshare-{node}-query"
@@ -91,9 +90,13 @@ class RunGate:
         with self._lock:
             return Load(self._computing, self._admitted, self._max_running, self._max_queued)
 
-    def admit(self, query_id: str) -> Callable[[Callable[[], T]], T]:
+    def admit(
+        self, query_id: str, *, deadline: float | None = None
+    ) -> Callable[[Callable[[], T]], T]:
         """A place for one run of ``query_id``, or :class:`ResourceExhausted` at once when none
-        is left.
+        is left — or when, at the rate runs have been finishing here, this one would end only
+        after ``deadline`` (seconds the caller still waits; None: no deadline): a run that
+        cannot finish in time is refused now rather than left to hold a place in vain.
 
         Returns ``enter``: call it (on the query's own thread) with the run's body; it waits
         for a turn, runs the body holding it, and gives the place back however the body ends.
@@ -101,12 +104,23 @@ class RunGate:
         :class:`~govshare.protocols.errors.Aborted`.
         """
         with self._lock:
+            load = (
+                f"{self._computing} running, {self._admitted - self._computing} queued "
+                f"(limits {self._max_running} and {self._max_queued})"
+            )
+            rate = self._rate()
             if self._admitted >= self._max_running + self._max_queued:
-                retry_after = self._retry_after()
+                retry_after = _bounded(1 / rate if rate else MIN_RETRY_AFTER)
                 raise ResourceExhausted(
-                    f"at capacity: {self._computing} running, "
-                    f"{self._admitted - self._computing} queued (limits {self._max_running} and "
-                    f"{self._max_queued}); retry in {retry_after:.0f} s",
+                    f"at capacity: {load}; retry in {retry_after:.0f} s", retry_after=retry_after
+                )
+            expected = (self._admitted + 1) / rate if rate else None
+            if deadline is not None and expected is not None and expected > deadline:
+                retry_after = _bounded(expected - deadline)
+                raise ResourceExhausted(
+                    f"at capacity: {load}; at {rate:.2f} runs a second a run now would end in "
+                    f"about {expected:.0f} s, after its deadline in {deadline:.0f} s; retry in "
+                    f"{retry_after:.0f} s",
                     retry_after=retry_after,
                 )
             self._admitted += 1
@@ -117,7 +131,6 @@ class RunGate:
             if entered.is_set():
                 raise TypeError("a place is entered once")
             entered.set()
-            started = self._clock()
             self._holding.query_id = query_id
             try:
                 with self._turn():
@@ -129,7 +142,7 @@ class RunGate:
                     if self._places[query_id] <= 0:
                         del self._places[query_id]
                         self._withdrawn.pop(query_id, None)
-                    self._recent.append(self._clock() - started)
+                    self._finished.append(self._clock())
                     self._changed.notify_all()
 
         return enter
@@ -202,13 +215,13 @@ class RunGate:
     def _is_holding(self) -> bool:
         return bool(getattr(self._holding, "turn", False))
 
-    def _retry_after(self) -> float:
-        """About how long until a place frees: the mean recent run, over the turns."""
-        if not self._recent:
-            return MIN_RETRY_AFTER
-        mean = sum(self._recent) / len(self._recent)
-        rounds = math.ceil((self._admitted - self._max_running + 1) / self._max_running)
-        return min(MAX_RETRY_AFTER, max(MIN_RETRY_AFTER, mean * max(rounds, 1)))
+    def _rate(self) -> float | None:
+        """Runs finished per second over the recent ones, up to now (a stall lowers it); None
+        before any has finished."""
+        if not self._finished:
+            return None
+        span = self._clock() - self._finished[0]
+        return len(self._finished) / span if span > 0 else None
 
     def drain(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds until no run is admitted; whether none is."""
@@ -218,3 +231,7 @@ class RunGate:
     def shutdown(self) -> None:
         self.close("the node stopped")
         self._threads.shutdown(wait=False, cancel_futures=True)
+
+
+def _bounded(retry_after: float) -> float:
+    return min(MAX_RETRY_AFTER, max(MIN_RETRY_AFTER, retry_after))

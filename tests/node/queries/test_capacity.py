@@ -85,6 +85,30 @@ def test_runs_beyond_the_running_and_queued_places_are_refused_at_once() -> None
         gate.shutdown()
 
 
+def test_a_run_that_would_end_after_its_deadline_is_refused_now() -> None:
+    """At the pace runs finish here, a queued run that could only end after its caller's
+    deadline is refused at once, with a hint of when it would fit — not left to hold a place."""
+    now = [0.0]
+    gate = RunGate(node="tax", max_running=1, max_queued=20, clock=lambda: now[0])
+    try:
+        for n in range(4):  # four runs, one finishing every 10 s: 4 runs over 30 s
+            enter = gate.admit(f"done{n}")
+            now[0] += 10
+            enter(lambda: None)
+        held = [gate.admit(f"held{n}", deadline=1000) for n in range(8)]
+        assert gate.load().admitted == 8
+        # The ninth would end in about 9 / (4 / 30) = 67.5 s.
+        with pytest.raises(ResourceExhausted) as refused:
+            gate.admit("late", deadline=60)
+        assert "after its deadline in 60 s" in str(refused.value)
+        assert refused.value.retry_after == pytest.approx(7.5)
+        gate.admit("in time", deadline=70)
+        gate.admit("no deadline")
+        assert gate.load().admitted == len(held) + 2
+    finally:
+        gate.shutdown()
+
+
 def test_a_run_waiting_for_its_peer_gives_its_turn_back() -> None:
     """One turn, two runs: the second computes while the first waits for its peer. A gate
     whose waiting runs kept their turns would leave the second waiting here for ever."""
