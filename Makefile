@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 TYPECHECK := $(VENV)/typecheck/govshare
 
-.PHONY: demo test lint typecheck pytest browser protos bench clean
+.PHONY: demo test lint typecheck pytest browser systemd protos bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,7 +36,7 @@ typecheck: $(VENV)/.installed-dev
 	$(BIN)/mypy -p govshare
 	$(BIN)/mypy tests bench
 
-pytest: $(VENV)/.installed-dev browser
+pytest: $(VENV)/.installed-dev browser systemd
 	$(BIN)/pytest
 
 # tests/client/test_report.py renders the auditor's report page in a real headless browser: Debian's
@@ -51,6 +51,22 @@ browser:
 	  else \
 	    echo "make: tests/client/test_report.py needs $(CHROMIUM) (Debian's chromium package):" \
 	      "run 'sudo apt-get install chromium' and try again" >&2; exit 1; \
+	  fi; \
+	fi
+
+# tests/deploy/test_deploy.py checks deploy/govshare-node@.service with systemd-analyze verify:
+# Debian's systemd package, installed the same way when missing (it is not started).
+SYSTEMD_ANALYZE := /usr/bin/systemd-analyze
+systemd:
+	@if [ ! -x $(SYSTEMD_ANALYZE) ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing systemd for tests/deploy/test_deploy.py (apt-get)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	      --no-install-recommends systemd >/dev/null \
+	      || { echo "make: apt-get could not install systemd" >&2; exit 1; }; \
+	  else \
+	    echo "make: tests/deploy/test_deploy.py needs $(SYSTEMD_ANALYZE) (Debian's systemd" \
+	      "package): run 'sudo apt-get install systemd' and try again" >&2; exit 1; \
 	  fi; \
 	fi
 

@@ -7,7 +7,9 @@ to the home unless absolute.
 
 from __future__ import annotations
 
+import os
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +32,17 @@ DEFAULT_CHECKPOINT_INTERVAL = 10.0
 DEFAULT_PROTOCOL_TIMEOUT = 300.0
 # Joint queries one analyst may submit to this node per minute (a probing defence).
 DEFAULT_RATE_LIMIT_PER_MINUTE = 30
+# Structured logs (govshare.node.observability.logs): where and from which level.
+LOG_TO_STDERR = "stderr"
+DEFAULT_LOG_LEVEL = "info"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+# The metrics and health endpoint (govshare.node.observability.endpoint) is off unless set: a
+# fixed default port would collide where several nodes share a machine (the demo runs five),
+# and an unauthenticated port should be opened by the operator, not by default. The address
+# the README, the Docker image and the systemd unit use:
+DOCUMENTED_METRICS_ADDRESS = "127.0.0.1:9102"
+# Overrides [observability] metrics (the Docker image sets it for its HEALTHCHECK); "" = off.
+METRICS_ENV = "GOVSHARE_METRICS"
 
 TEMPLATE = """\
 # govshare node configuration. Paths are relative to this file's folder.
@@ -62,6 +75,17 @@ workers = 0
 # A HIGH risk alert about an analyst (govshare node alerts) suspends the analyst's queries at
 # this node until the operator clears it (govshare node alerts clear).
 suspend_on_high_alert = false
+
+[observability]
+# Structured logs, one JSON object a line: "stderr", or a file (relative to this folder).
+log = "stderr"
+# debug, info (a line per query event: received, decided, running, released or failed,
+# settled), warning or error.
+log_level = "info"
+# Plain-HTTP GET /metrics (Prometheus) and GET /healthz on this address, e.g.
+# "127.0.0.1:9102"; "" = off. Neither needs a federation certificate nor writes to the audit
+# log: keep the address local or reachable by the operator only. $GOVSHARE_METRICS overrides.
+metrics = ""
 """
 
 
@@ -81,10 +105,16 @@ class NodeConfig:
     rate_limit_per_minute: int = DEFAULT_RATE_LIMIT_PER_MINUTE
     workers: int = 0
     suspend_on_high_alert: bool = False
+    # [observability]: JSON logs to this file (None: stderr), from this level; the metrics and
+    # health endpoint's address (None: off).
+    log_file: Path | None = None
+    log_level: str = DEFAULT_LOG_LEVEL
+    metrics_address: str | None = None
 
     @classmethod
-    def load(cls, home: Path) -> NodeConfig:
-        """Read ``home/node.toml``.
+    def load(cls, home: Path, *, environ: Mapping[str, str] | None = None) -> NodeConfig:
+        """Read ``home/node.toml``; ``$GOVSHARE_METRICS`` in ``environ`` (default: the
+        process's) overrides ``[observability] metrics``.
 
         Raises:
             NotFound: the home has no config (run ``govshare node init``).
@@ -115,6 +145,9 @@ class NodeConfig:
                 raise MalformedInput(f"{path}: node.{key} must be a positive number", field=key)
             return float(value)
 
+        log_file, log_level, metrics_address = _observability(
+            raw.get("observability", {}), home, path, environ
+        )
         return cls(
             home=home,
             listen=text("listen"),
@@ -132,7 +165,43 @@ class NodeConfig:
             ),
             workers=_workers(section.get("workers", 0), path),
             suspend_on_high_alert=_flag(section, "suspend_on_high_alert", path),
+            log_file=log_file,
+            log_level=log_level,
+            metrics_address=metrics_address,
         )
+
+
+def _observability(
+    section: object, home: Path, path: Path, environ: Mapping[str, str] | None
+) -> tuple[Path | None, str, str | None]:
+    """(log file or None for stderr, log level, metrics address or None) of [observability]."""
+    if not isinstance(section, dict):
+        raise MalformedInput(f"{path}: [observability] must be a table", field="observability")
+
+    def text(key: str, default: str) -> str:
+        value = section.get(key, default)
+        if not isinstance(value, str):
+            raise MalformedInput(f"{path}: observability.{key} must be a string", field=key)
+        return value.strip()
+
+    log = text("log", LOG_TO_STDERR) or LOG_TO_STDERR
+    level = text("log_level", DEFAULT_LOG_LEVEL).lower()
+    if level not in LOG_LEVELS:
+        raise MalformedInput(
+            f"{path}: observability.log_level must be one of {', '.join(LOG_LEVELS)}",
+            field="log_level",
+        )
+    metrics = text("metrics", "")
+    env = os.environ if environ is None else environ
+    if METRICS_ENV in env:
+        metrics = env[METRICS_ENV].strip()
+    if metrics and ":" not in metrics:
+        raise MalformedInput(
+            f"{path}: observability.metrics must be host:port (e.g. "
+            f"{DOCUMENTED_METRICS_ADDRESS!r}) or empty",
+            field="metrics",
+        )
+    return (None if log == LOG_TO_STDERR else home / log), level, (metrics or None)
 
 
 def _workers(value: object, path: Path) -> int:

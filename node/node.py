@@ -33,6 +33,7 @@ from govshare.node.config import (
 from govshare.node.data.catalog import Catalogue
 from govshare.node.data.mask_key import MaskSecret
 from govshare.node.home_lock import HomeLock
+from govshare.node.observability.events import QueryEvents
 from govshare.node.policy.alerts import RiskMonitor, SuspensionStore
 from govshare.node.policy.crossborder import CrossBorderStore
 from govshare.node.policy.grants import GrantStore
@@ -94,6 +95,9 @@ class Node:
     suspension_store: SuspensionStore | None = None
     # The lock on the node's home (one node per home); from_config takes it, close() lets it go.
     home_lock: HomeLock | None = field(default=None, repr=False)
+    # Each step of each query, to whoever subscribes: the server's logs and metrics
+    # (govshare.node.observability).
+    events: QueryEvents = field(default_factory=QueryEvents, repr=False)
     publisher: CheckpointPublisher = field(init=False)
     witness: Witness = field(init=False)
     gate: RunGate = field(init=False)
@@ -152,6 +156,7 @@ class Node:
             assessed=self.assessed_destinations,
             observe=self.risk.poll,
             suspended=self.risk.suspension_message,
+            on_event=self.events.emit,
         )
         # The query kinds (govshare.node.queries.kinds), each registered with the engine.
         self.psi = PsiKind(

@@ -3,11 +3,16 @@
 A node whose own log check found its log broken (``govshare.node.audit.selfcheck``) still listens:
 it answers the Audit service (read-only) and refuses the rest, which health reports as
 ``NOT_SERVING``; it neither publishes checkpoints nor witnesses other nodes'.
+
+Beside the gRPC server, outside the audit log (``govshare.node.observability``): the node's
+query events go to its JSON logs, its metrics count them and every RPC, and, when the node's
+config sets an address, plain HTTP serves ``/metrics`` and ``/healthz`` without a certificate.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 import threading
 from collections.abc import Callable, Coroutine
@@ -27,6 +32,10 @@ from govshare.node.audit.auditlog import SelfCheck
 from govshare.node.audit.selfcheck import SERVED_WHEN_BROKEN
 from govshare.node.config import DEFAULT_MAX_WORKERS, NodeConfig
 from govshare.node.node import Node
+from govshare.node.observability.endpoint import ServiceEndpoint
+from govshare.node.observability.logs import JsonLogs, level_of, log_query_event
+from govshare.node.observability.metrics import NodeMetrics
+from govshare.node.observability.rpc_metrics import RpcMetricsInterceptor
 from govshare.protocols.errors import Unavailable
 from govshare.rpc.tls import CHANNEL_OPTIONS, server_credentials
 from govshare.v1 import (
@@ -43,6 +52,8 @@ from govshare.v1 import (
 )
 
 T = TypeVar("T")
+
+_log = logging.getLogger("govshare.node")
 
 SERVICE_NAMES = (
     catalog_pb2.DESCRIPTOR.services_by_name["Catalog"].full_name,
@@ -70,6 +81,10 @@ class RunningNode:
         server: grpc.aio.Server,
         port: int,
         health_servicer: Any,
+        *,
+        metrics: NodeMetrics | None = None,
+        endpoint: ServiceEndpoint | None = None,
+        unsubscribe: tuple[Callable[[], None], ...] = (),
     ) -> None:
         self.node = node
         self.loop = loop
@@ -77,7 +92,18 @@ class RunningNode:
         self.server = server
         self.port = port
         self.health = health_servicer
+        # The node's own metrics registry, and the HTTP /metrics and /healthz endpoint if any.
+        self.metrics = metrics
+        self.endpoint = endpoint
+        self._unsubscribe = unsubscribe
+        self.stopping = False
         self._stopped = False
+
+    def refusal(self) -> str | None:
+        """Why the node does not serve now (its log is broken, it is stopping), else None."""
+        if self.stopping:
+            return f"node {self.node.name} is stopping"
+        return self.node.log_check.refusal()
 
     def call(self, coroutine: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         """Run ``coroutine`` on the server's loop from another thread; its result."""
@@ -90,9 +116,14 @@ class RunningNode:
         if self._stopped:
             return
         self._stopped = True
+        self.stopping = True
         self.call(self._stop(grace))
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join()
+        if self.endpoint is not None:
+            self.endpoint.stop()
+        for unsubscribe in self._unsubscribe:
+            unsubscribe()
 
     async def _stop(self, grace: float) -> None:
         await self.health.enter_graceful_shutdown()
@@ -111,12 +142,28 @@ def create_server(
     *,
     max_workers: int = DEFAULT_MAX_WORKERS,
     on_log_check: Callable[[SelfCheck], None] | None = None,
+    metrics_address: str | None = None,
 ) -> RunningNode:
     """Start a node's server on ``address`` (``host:0`` picks a free port).
 
     If the node checked only its log's tail at start, the whole log is checked in the background
     and ``on_log_check`` gets that verdict; damage found there makes the node refuse from then on.
+    The node's query events are logged and counted in its own metrics registry; with
+    ``metrics_address`` (``host:port``, port 0 picks one) plain HTTP serves ``/metrics`` and
+    ``/healthz`` there.
+
+    Raises:
+        Unavailable: an address cannot be bound.
     """
+    metrics = NodeMetrics(load=node.gate.load, serving=lambda: node.log_check.refusal() is None)
+    endpoint: ServiceEndpoint | None = None
+    state: list[RunningNode] = []  # the running node, once there is one
+    if metrics_address is not None:
+        endpoint = ServiceEndpoint(
+            metrics_address,
+            metrics=metrics.exposition,
+            refusal=lambda: state[0].refusal() if state else "the node is starting",
+        ).start()
     loop = asyncio.new_event_loop()
     loop.set_default_executor(
         ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=f"govshare-{node.name}")
@@ -127,13 +174,20 @@ def create_server(
     thread.start()
     try:
         server, port, health_servicer = asyncio.run_coroutine_threadsafe(
-            _start(node, address), loop
+            _start(node, address, rpc_count=metrics.rpc), loop
         ).result()
     except BaseException:
         loop.call_soon_threadsafe(loop.stop)
         thread.join()
+        if endpoint is not None:
+            endpoint.stop()
         raise
-    running = RunningNode(node, loop, thread, server, port, health_servicer)
+    subscriptions = (node.events.subscribe(metrics.observe), node.events.subscribe(log_query_event))
+    running = RunningNode(
+        node, loop, thread, server, port, health_servicer,
+        metrics=metrics, endpoint=endpoint, unsubscribe=subscriptions,
+    )  # fmt: skip
+    state.append(running)
 
     def refuse() -> None:
         async def not_serving() -> None:
@@ -158,7 +212,9 @@ def create_server(
     return running
 
 
-async def _start(node: Node, address: str) -> tuple[grpc.aio.Server, int, Any]:
+async def _start(
+    node: Node, address: str, *, rpc_count: Callable[[str, str], None]
+) -> tuple[grpc.aio.Server, int, Any]:
     interceptor = AuthInterceptor(
         node.roster,
         audit=node.audit,
@@ -166,7 +222,11 @@ async def _start(node: Node, address: str) -> tuple[grpc.aio.Server, int, Any]:
         served_when_refusing=SERVED_WHEN_BROKEN,
         executor=node.control,
     )
-    server = grpc.aio.server(interceptors=[interceptor], options=list(CHANNEL_OPTIONS))
+    # The RPC counter is outermost: it counts the calls the auth interceptor refuses too.
+    server = grpc.aio.server(
+        interceptors=[RpcMetricsInterceptor(rpc_count), interceptor],
+        options=list(CHANNEL_OPTIONS),
+    )
     catalog_pb2_grpc.add_CatalogServicer_to_server(CatalogService(node), server)
     peer_pb2_grpc.add_PeerServicer_to_server(PeerService(node), server)
     audit_pb2_grpc.add_AuditServicer_to_server(AuditService(node), server)
@@ -198,24 +258,43 @@ def serve(config: NodeConfig, *, ready: threading.Event | None = None) -> None:
     """Run the node until SIGTERM or SIGINT, then stop gracefully.
 
     Prints the node's address, then the verdict of its log check at start (and, for a log
-    checked in the background, that verdict when it comes).
+    checked in the background, that verdict when it comes). Its JSON logs
+    (``[observability] log``) start after those lines, so where stdout and stderr share a pipe
+    the first lines are still the human ones.
     """
-    node = Node.from_config(config)
+    logs = JsonLogs(config.log_file, level=level_of(config.log_level)).attach()
+    try:
+        node = Node.from_config(config)
+    except BaseException:
+        logs.discard()  # the CLI prints the one-line error
+        raise
     started = threading.Event()
 
     def on_log_check(verdict: SelfCheck) -> None:
         started.wait(timeout=10)  # after the start-up lines
-        print(node.log_check.line(verdict), flush=True)
+        line = node.log_check.line(verdict)
+        print(line, flush=True)
+        _log.log(
+            logging.INFO if verdict.damage is None else logging.ERROR, "%s", line,
+            extra={"event": "node.log_check", "fields": {"node": node.name, "whole": True,
+                                                         "ok": verdict.damage is None}},
+        )  # fmt: skip
 
-    running = create_server(
-        node, config.listen, max_workers=config.max_workers, on_log_check=on_log_check
-    )
+    try:
+        running = create_server(
+            node, config.listen, max_workers=config.max_workers, on_log_check=on_log_check,
+            metrics_address=config.metrics_address,
+        )  # fmt: skip
+    except BaseException:
+        logs.discard()
+        raise
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         stop.set()
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    fields: dict[str, object] = {"node": node.name}
     try:
         print(
             f"node {node.name} serving on {config.listen} (port {running.port}, mutual TLS)",
@@ -224,13 +303,36 @@ def serve(config: NodeConfig, *, ready: threading.Event | None = None) -> None:
         if node.log_check.at_start is not None:
             print(node.log_check.line(node.log_check.at_start), flush=True)
         started.set()
+        logs.start()
+        refusal = node.log_check.refusal()
+        endpoint = running.endpoint
+        at_start = node.log_check.at_start
+        serving = {
+            **fields,
+            "listen": config.listen,
+            "port": running.port,
+            "metrics": None if endpoint is None else f"{endpoint.host}:{endpoint.port}",
+            "log_check": None if at_start is None else node.log_check.line(at_start),
+            "refusal": refusal,
+        }
+        _log.log(
+            logging.INFO if refusal is None else logging.ERROR,
+            "node %s serving on %s", node.name, config.listen,
+            extra={"event": "node.serving", "fields": serving},
+        )  # fmt: skip
         if ready is not None:
             ready.set()
         stop.wait()
         print(f"node {node.name} stopping", flush=True)
+        _log.info(
+            "node %s stopping", node.name,
+            extra={"event": "node.stopping", "fields": {**fields, "grace": config.grace_seconds}},
+        )  # fmt: skip
         running.stop(config.grace_seconds)
         node.close()
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     print(f"node {node.name} stopped", flush=True)
+    _log.info("node %s stopped", node.name, extra={"event": "node.stopped", "fields": fields})
+    logs.close()

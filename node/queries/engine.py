@@ -70,6 +70,8 @@ from govshare.node.audit.auditlog import AuditLog
 from govshare.node.audit.checkpointer import CheckpointPublisher
 from govshare.node.audit.sink import AuditSink
 from govshare.node.data.catalog import Catalogue
+from govshare.node.observability import events
+from govshare.node.observability.events import QueryEvent
 from govshare.node.policy import approvals
 from govshare.node.policy.decision import (
     FILTER_OVERLAP,
@@ -175,6 +177,7 @@ class QueryEngine:
         assessed: Callable[[str, int], frozenset[str]] = lambda dataset, now: frozenset(),
         observe: Callable[[], object] = lambda: None,
         suspended: Callable[[str], str | None] = lambda analyst: None,
+        on_event: Callable[[QueryEvent], None] = lambda event: None,
     ) -> None:
         self._identity = identity
         self._roster = roster or (lambda: identity.roster)
@@ -192,6 +195,8 @@ class QueryEngine:
         # and asked at admission whether the analyst is suspended after a HIGH alert.
         self._observe = observe
         self._suspended = suspended
+        # Each step of a query, for the node's logs and metrics (govshare.node.observability).
+        self._on_event = on_event
         self._stopping: str | None = None
         self._handlers: dict[str, KindHandler] = {}
         self._lock = threading.Lock()
@@ -199,6 +204,10 @@ class QueryEngine:
     @property
     def name(self) -> str:
         return self._identity.name
+
+    def _event(self, name: str, query_id: str, kind: str = "", dataset: str = "",
+               **fields: object) -> None:  # fmt: skip
+        self._on_event(QueryEvent(name, self.name, query_id, kind, dataset, fields))
 
     # --- admission --------------------------------------------------------------------------
 
@@ -231,6 +240,7 @@ class QueryEngine:
             actor=caller.name,
             query_id=query_id,
         )
+        self._event(events.RECEIVED, query_id, request.kind, analyst=caller.name)
         with self._lock:
             handler = self._handlers.get(request.kind)
         if handler is None:
@@ -318,13 +328,18 @@ class QueryEngine:
             return decision
 
         record, decision = self._store.admit(base, since=now - 60, decide=decide_logged)
+        self._event(
+            events.DECIDED, record.query_id, record.kind, dataset, allowed=decision.allowed,
+            rule=decision.rule, state=record.state, epsilon=record.epsilon,
+        )  # fmt: skip
         self._observe()
         return record, decision.raise_if_refused()
 
     # --- reservations -----------------------------------------------------------------------
 
-    def _settle(self, query_id: str, *, spent: bool, reason: str) -> None:
+    def _settle(self, record: QueryRecord, *, spent: bool, reason: str) -> None:
         """Spend or return a query's reservation, and log which (once)."""
+        query_id = record.query_id
         state = self._store.settle(query_id, spent=spent, now=int(self._clock()))
         if state is not None:
             self._audit.record(
@@ -333,6 +348,10 @@ class QueryEngine:
                 actor=self.name,
                 query_id=query_id,
             )
+            self._event(
+                events.SETTLED, query_id, record.kind, record.dataset, reservation=state,
+                epsilon=record.epsilon, reason=reason,
+            )  # fmt: skip
 
     def expire_stale(self) -> list[str]:
         """Queries whose signed request expired while pending or approved never run: mark them
@@ -350,6 +369,7 @@ class QueryEngine:
                     continue  # approved, run or expired meanwhile
                 for handler in self._kind_handlers():
                     handler.forget(record.query_id)
+                self._event(events.EXPIRED, record.query_id, record.kind, record.dataset)
                 expired.append(record.query_id)
         return expired
 
@@ -406,7 +426,8 @@ class QueryEngine:
         self._audit.record(
             "query.cancelled", {"reason": record.message}, actor=caller.name, query_id=query_id
         )
-        self._settle(query_id, spent=False, reason="withdrawn by the analyst before it ran")
+        self._event(events.CANCELLED, query_id, record.kind, record.dataset, reason=record.message)
+        self._settle(record, spent=False, reason="withdrawn by the analyst before it ran")
         for handler in self._kind_handlers():
             handler.forget(query_id)
         return record
@@ -452,6 +473,7 @@ class QueryEngine:
         record = self._store.transition(
             query_id, from_states=[APPROVED], to=RUNNING, now=int(self._clock())
         )
+        self._event(events.RUNNING, query_id, record.kind, record.dataset)
         try:
             if self._stopping is not None:  # after RUNNING: interrupt_all sees it, or we do
                 raise Aborted(f"{self.name}: {self._stopping}; nothing released")
@@ -468,8 +490,12 @@ class QueryEngine:
                 "query.failed", {"reason": reason, "released": False}, actor=self.name,
                 query_id=query_id,
             )  # fmt: skip
+            self._event(
+                events.FAILED, query_id, record.kind, record.dataset, reason=reason,
+                refused=refused,
+            )  # fmt: skip
             self._settle(
-                query_id, spent=refused,
+                record, spent=refused,
                 reason="refused on the data" if refused else "failed; nothing released",
             )  # fmt: skip
             close(query_id)
@@ -479,7 +505,8 @@ class QueryEngine:
                 raise
             raise Aborted(f"{self.name}: query aborted, nothing released") from exc
         self._store.transition(query_id, from_states=[RUNNING], to=DONE, now=int(self._clock()))
-        self._settle(query_id, spent=True, reason="released")
+        self._event(events.RELEASED, query_id, record.kind, record.dataset)
+        self._settle(record, spent=True, reason="released")
         close(query_id)
         self._observe()
         return result
