@@ -13,7 +13,7 @@ importing a store module.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from fractions import Fraction
 from pathlib import Path
 
@@ -29,7 +29,16 @@ from govshare.model.governance import (
 from govshare.model.identity import Identity
 from govshare.node.audit.auditlog import AuditLog
 from govshare.node.config import NodeConfig
-from govshare.node.data.catalog import Catalogue, ImportReport, dataset_to_json
+from govshare.node.data.catalog import (
+    Catalogue,
+    DatasetRecord,
+    ImportReport,
+    Restatement,
+    dataset_to_json,
+    record_to_json,
+)
+from govshare.node.data.column_format import ColumnFormat, NullPolicy
+from govshare.node.data.source_file import ProgressCallback, SourceFormat
 from govshare.node.node import Node
 from govshare.node.policy import approvals
 from govshare.node.policy.alerts import LoggedAlert, Suspension, SuspensionStore, logged_alerts
@@ -41,16 +50,23 @@ from govshare.node.stores.query_store import QueryRecord, QueryStore, ledger_vie
 
 __all__ = [
     "Assessment",
+    "ColumnFormat",
+    "DatasetRecord",
     "Grant",
     "GrantUsage",
     "ImportReport",
     "LoggedAlert",
+    "NullPolicy",
     "Operator",
     "PendingQuery",
+    "ProgressCallback",
     "QueryRecord",
+    "Restatement",
+    "SourceFormat",
     "Suspension",
     "dataset_to_json",
     "initialise",
+    "record_to_json",
 ]
 
 
@@ -101,11 +117,22 @@ class Operator:
         min_set_size: int,
         require_dp: bool,
         require_approval: bool,
+        formats: Mapping[str, ColumnFormat] | None = None,
+        source: SourceFormat | None = None,
+        check: bool = False,
+        progress: ProgressCallback | None = None,
     ) -> ImportReport:
-        """Register ``csv_file`` as a dataset held by this node (``holder`` default: the node)."""
+        """Register ``csv_file`` as a dataset held by this node (``holder`` default: the node).
+
+        With ``check`` nothing is written or logged: the store is read read-only and the audit
+        log is not opened.
+        """
         me = self.identity()
-        with AuditLog.open(self.config.audit_database_path) as log:
-            return Catalogue(self.config.database_path).add(
+        path = self.config.database_path
+        catalogue = Catalogue.read_only(path) if check else Catalogue(path)
+
+        def add(audit: AuditLog | None) -> ImportReport:
+            return catalogue.add(
                 csv_file,
                 name=name,
                 grade=grade,
@@ -116,19 +143,63 @@ class Operator:
                 description=description,
                 skip_invalid=skip_invalid,
                 actor=self._actor(me),
-                audit=log,
+                audit=audit,
                 allowed_jurisdictions=allowed_jurisdictions,
                 min_group_size=min_group_size,
                 min_set_size=min_set_size,
                 require_dp=require_dp,
                 require_approval=require_approval,
+                formats=formats,
+                source=source,
+                check=check,
+                progress=progress,
             )
+
+        if check:
+            return add(None)
+        with AuditLog.open(self.config.audit_database_path) as log:
+            return add(log)
+
+    def replace_dataset(
+        self,
+        csv_file: Path,
+        *,
+        name: str,
+        stated: Restatement,
+        source: SourceFormat | None,
+        skip_invalid: bool,
+        check: bool = False,
+        progress: ProgressCallback | None = None,
+    ) -> ImportReport:
+        """Refresh a dataset's rows as its next version; its registration and grants stay.
+
+        With ``check`` nothing is written or logged (as :meth:`add_dataset`).
+        """
+        me = self.identity()
+        if check:
+            return Catalogue.read_only(self.config.database_path).replace(
+                csv_file, name=name, stated=stated, source=source, skip_invalid=skip_invalid,
+                actor=self._actor(me), audit=None, check=True, progress=progress,
+            )  # fmt: skip
+        catalogue = Catalogue(self.config.database_path)
+        with AuditLog.open(self.config.audit_database_path) as log:
+            return catalogue.replace(
+                csv_file, name=name, stated=stated, source=source, skip_invalid=skip_invalid,
+                actor=self._actor(me), audit=log, progress=progress,
+            )  # fmt: skip
 
     def datasets(self) -> list[DatasetInfo]:
         return Catalogue(self.config.database_path).list()
 
     def dataset(self, name: str) -> DatasetInfo:
         return Catalogue(self.config.database_path).get(name)
+
+    def dataset_records(self) -> list[DatasetRecord]:
+        """Every dataset with its column formats, version and source file."""
+        return Catalogue(self.config.database_path).records()
+
+    def dataset_record(self, name: str) -> DatasetRecord:
+        return Catalogue(self.config.database_path).record(name)
 
     def remove_dataset(self, name: str) -> DatasetInfo:
         me = self.identity()

@@ -6,19 +6,42 @@ and a rule for every column. Registration and import are one SQLite transaction:
 ``datasets`` row, the dataset's own table ``ds_<name>`` with every row, its indexes, and the
 ``dataset.added`` audit entry either all land or none does.
 
+The file is read as :mod:`govshare.node.data.source_file` describes: its encoding named or
+detected (UTF-8, else GBK, else GB18030), its delimiter, and a header map renaming the file's
+headers (``身份证号``) to the column names the rules use (``id_number``).
+
 Import validation, per row (1-based, the header not counted; the file line is given too):
 
 - the row has as many cells as the header;
+- a blank cell follows its column's NULL policy (:mod:`govshare.node.data.column_format`):
+  refused by default where values are computed on (join, group and aggregate columns), kept as
+  an empty string in the others, or — as the operator declares — the row skipped or the
+  aggregate taken as zero;
 - a ``join_key`` cell passes its key type's normaliser (:mod:`govshare.node.data.keys`) and is
-  stored normalised; an empty key is refused;
+  stored normalised;
 - a ``group_key`` cell is one of the column's declared domain labels;
-- an ``aggregate`` cell is an integer (ASCII digits with an optional sign, |v| < 2^63);
-  an empty cell is refused, so sums and counts are over the same rows.
+- an ``aggregate`` cell is a decimal number with at most the column's scale of decimal places,
+  stored as the signed 64-bit integer ``value * 10**scale`` (an integer at scale 0), so sums
+  stay exact.
 
 A bad row refuses the whole file with its row number and reason (:class:`MalformedInput`),
 unless ``skip_invalid`` is set: then the good rows are imported and the :class:`ImportReport`
 says how many were rejected and why (the first :data:`REASONS_KEPT`). Reasons never quote a
-cell's value: it may be personal data, and reasons end up in logs and terminals.
+cell's value: it may be personal data, and reasons end up in logs and terminals. A *check*
+(``check=True``) reads the file through the same validation and reports what an import would
+do, reading the store read-only and writing nothing, to the store or to the audit log.
+
+**Versions.** :meth:`Catalogue.replace` refreshes a dataset's rows from a new file as its next
+version: the registration — name, governance metadata, column rules and formats, and its
+registration time ``created_at`` — stays as it is, so the grants bound to the dataset stay
+valid (the policy voids a grant issued before the dataset's registration,
+``grant.predates_dataset``; a replace is not a registration, a remove and add is). The new rows
+are imported into a fresh table beside the old one, in batches that each hold the write lock
+briefly, so a serving node is not blocked for the length of a large import; then one
+transaction points the registration at the new table, drops the old one and records
+``dataset.replaced`` with both row counts and both files' SHA-256. Each read sees one version;
+a read that found the old table and streams after the swap fails (its table is gone), and a
+query whose reads straddle the swap may see both, as with a remove and add.
 
 Cells are stripped of surrounding blanks. Dataset and column names match
 :data:`NAME_PATTERN` (lower-case SQL-safe identifiers), and are quoted anyway; every value goes
@@ -26,22 +49,22 @@ through parameter binding.
 
 Reads for the query path (:meth:`Catalogue.keys`, :meth:`Catalogue.rows`,
 :meth:`Catalogue.count`) return stored values as they are — normalised keys, raw masked
-values — after the policy decision; applying a decision's obligations (masks, k, DP) is the
-caller's job. They refuse ``deny`` columns outright, whatever the caller decided.
+values, aggregates in their stored unit (``10**-scale``) — after the policy decision; applying
+a decision's obligations (masks, k, DP) is the caller's job. They refuse ``deny`` columns
+outright, whatever the caller decided.
 """
 
 from __future__ import annotations
 
 import builtins
-import csv
-import hashlib
 import json
 import re
+import secrets
 import sqlite3
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from govshare.model.conditions import OPERATORS, Condition
@@ -57,7 +80,16 @@ from govshare.model.governance import (
 from govshare.model.identity import validate_jurisdiction
 from govshare.node.audit.sink import AuditSink
 from govshare.node.data import keys as key_types
+from govshare.node.data import source_file
+from govshare.node.data.column_format import (
+    ColumnFormat,
+    NullPolicy,
+    format_from_json,
+    parse_fixed_point,
+    validate_format,
+)
 from govshare.node.data.masking import parse_mask
+from govshare.node.data.source_file import ProgressCallback, ScannedFile, SourceFormat
 from govshare.node.policy.decision import (
     COLUMN_DENY,
     GRADE_MIN_GROUP_SIZE,
@@ -78,10 +110,9 @@ MAX_LABEL_CHARS = 100
 MAX_TEXT_CHARS = 2000  # description, legal basis, owner
 # How many rejection reasons an import report keeps.
 REASONS_KEPT = 5
-# Rows per executemany batch: bounded memory for million-row files.
+# Rows per executemany batch: bounded memory for million-row files; also the rows a replace
+# writes per transaction, and between two progress reports.
 BATCH_ROWS = 10_000
-# Aggregate cells are signed 64-bit integers, SQLite's INTEGER.
-MAX_ABS_AGGREGATE = 2**63 - 1
 # Values an ``in`` condition may list.
 MAX_IN_VALUES = 1000
 
@@ -108,9 +139,20 @@ CREATE TABLE IF NOT EXISTS datasets (
     min_group_size        INTEGER NOT NULL,
     require_dp            INTEGER NOT NULL,
     require_approval      INTEGER NOT NULL,
-    source_sha256         TEXT NOT NULL
+    source_sha256         TEXT NOT NULL,
+    version               INTEGER NOT NULL DEFAULT 1,
+    replaced_at           INTEGER,
+    encoding              TEXT NOT NULL DEFAULT 'utf-8',
+    source_format         TEXT NOT NULL DEFAULT '{}'  -- JSON: SourceFormat.to_json()
 );
 """
+# Columns added to ``datasets`` after its first release, added to an older store when it opens.
+_ADDED_COLUMNS = (
+    ("version", "INTEGER NOT NULL DEFAULT 1"),
+    ("replaced_at", "INTEGER"),
+    ("encoding", "TEXT NOT NULL DEFAULT 'utf-8'"),
+    ("source_format", "TEXT NOT NULL DEFAULT '{}'"),
+)
 
 
 # --------------------------------------------------------------------------- value types
@@ -124,11 +166,65 @@ class RejectedRow:
 
 @dataclass(frozen=True)
 class ImportReport:
+    """What an import did, or — for a check (``dry_run``) — would do.
+
+    ``skipped`` rows were left out by a ``null=skip-row`` policy; ``blank_cells`` counts, per
+    column, the blank cells a policy other than ``refuse`` took. ``would_import`` is false only
+    for a check whose import would be refused (bad rows without ``skip_invalid``, or no valid
+    row). A replace gives the ``version`` it made and the ``previous_row_count``.
+    """
+
     dataset: str
     imported: int
     rejected: int
     first_rejections: tuple[RejectedRow, ...]
     source_sha256: str
+    encoding: str = "utf-8"
+    skipped: int = 0
+    blank_cells: tuple[tuple[str, int], ...] = ()
+    dry_run: bool = False
+    would_import: bool = True
+    version: int = 1
+    previous_row_count: int | None = None
+
+
+@dataclass(frozen=True)
+class DatasetRecord:
+    """A registration with what the catalogue keeps beside it: each column's import format,
+    the current version (1 at registration, one more at each replace) and when it was
+    replaced, the SHA-256 and encoding of the file it came from, and how that file was read."""
+
+    info: DatasetInfo
+    formats: Mapping[str, ColumnFormat]
+    version: int
+    replaced_at: int | None
+    source_sha256: str
+    encoding: str
+    source: SourceFormat
+
+
+@dataclass(frozen=True)
+class Restatement:
+    """The registration as a ``dataset replace`` command restates it (``None``: not stated).
+
+    A replace keeps the registration, so whatever is stated must equal what is registered;
+    ``formats`` are read with ``columns`` (columns stated without them have default formats).
+    """
+
+    grade: Grade | None = None
+    sharing_type: SharingType | None = None
+    legal_basis: str | None = None
+    owner_kind: OwnerKind | None = None
+    owner: str | None = None
+    holder: str | None = None
+    description: str | None = None
+    allowed_jurisdictions: Sequence[str] | None = None
+    min_group_size: int | None = None
+    min_set_size: int | None = None
+    require_dp: bool | None = None
+    require_approval: bool | None = None
+    columns: Sequence[ColumnRule] | None = None
+    formats: Mapping[str, ColumnFormat] = field(default_factory=dict)
 
 
 Cell = str | int
@@ -292,16 +388,41 @@ def _validate_registration(
     )
 
 
-def _cell_converter(rule: ColumnRule) -> Callable[[str], Cell]:
+def validate_formats(
+    columns: Sequence[ColumnRule], formats: Mapping[str, ColumnFormat]
+) -> dict[str, ColumnFormat]:
+    """Every column's import format (default where ``formats`` has none), NULL policy explicit.
+
+    Raises:
+        MalformedInput: a format for a column without a rule, or one its kind does not take
+            (see :func:`govshare.node.data.column_format.validate_format`).
+    """
+    names = {rule.name for rule in columns}
+    unknown = sorted(set(formats) - names)
+    if unknown:
+        raise MalformedInput(
+            f"a format is given for column(s) {', '.join(map(repr, unknown))} without a rule",
+            field="columns",
+        )
+    return {
+        rule.name: validate_format(rule, formats.get(rule.name, ColumnFormat())) for rule in columns
+    }
+
+
+def _blank_reason(rule: ColumnRule, fmt: ColumnFormat) -> str:
     if rule.kind is ColumnKind.JOIN_KEY:
-        normalise = key_types.normaliser(rule.key_type or "")
+        return "empty join key (null=refuse)"
+    if rule.kind is ColumnKind.AGGREGATE:
+        number = "an integer" if fmt.scale == 0 else "a decimal number"
+        return f"not {number}: blank cell (null=refuse)"
+    return "blank cell (null=refuse)"
 
-        def join_key(cell: str) -> Cell:
-            if not cell:
-                raise MalformedInput("empty join key")
-            return normalise(cell)
 
-        return join_key
+def _cell_converter(rule: ColumnRule, fmt: ColumnFormat) -> Callable[[str], Cell]:
+    """The function reading one non-blank cell of the column (blank cells follow the NULL
+    policy before it is called)."""
+    if rule.kind is ColumnKind.JOIN_KEY:
+        return key_types.normaliser(rule.key_type or "")
     if rule.kind is ColumnKind.GROUP_KEY:
         labels = frozenset(rule.domain)
         shown = ", ".join(rule.domain[:10]) + (", ..." if len(rule.domain) > 10 else "")
@@ -313,14 +434,10 @@ def _cell_converter(rule: ColumnRule) -> Callable[[str], Cell]:
 
         return group_key
     if rule.kind is ColumnKind.AGGREGATE:
+        scale = fmt.scale
 
         def aggregate(cell: str) -> Cell:
-            if not _INTEGER.match(cell):
-                raise MalformedInput("not an integer")
-            value = int(cell)
-            if abs(value) > MAX_ABS_AGGREGATE:
-                raise MalformedInput("integer out of the signed 64-bit range")
-            return value
+            return parse_fixed_point(cell, scale)
 
         return aggregate
     return str
@@ -358,6 +475,14 @@ def _rule_from_json(raw: dict[str, object]) -> ColumnRule:
     )
 
 
+def _columns_to_json(info: DatasetInfo, formats: Mapping[str, ColumnFormat]) -> str:
+    """The stored ``columns``: each rule with its import format (``scale``, ``null``)."""
+    return json.dumps(
+        [_rule_to_json(rule) | formats[rule.name].to_json() for rule in info.columns],
+        ensure_ascii=False,
+    )
+
+
 def dataset_to_json(info: DatasetInfo) -> dict[str, object]:
     """A JSON-ready view of a registration (for ``--json`` and audit entries)."""
     return {
@@ -379,6 +504,18 @@ def dataset_to_json(info: DatasetInfo) -> dict[str, object]:
         "min_group_size": info.min_group_size,
         "require_dp": info.require_dp,
         "require_approval": info.require_approval,
+    }
+
+
+def record_to_json(record: DatasetRecord) -> dict[str, object]:
+    """:func:`dataset_to_json` with the version, the column formats and the source file."""
+    return dataset_to_json(record.info) | {
+        "version": record.version,
+        "replaced_at": record.replaced_at,
+        "column_formats": {name: fmt.to_json() for name, fmt in record.formats.items()},
+        "source_sha256": record.source_sha256,
+        "encoding": record.encoding,
+        "source_format": record.source.to_json(),
     }
 
 
@@ -404,12 +541,224 @@ def _info_from_row(row: sqlite3.Row) -> DatasetInfo:
         raise MalformedInput(f"stored dataset {row['name']!r} is corrupt: {exc}") from None
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+def _record_from_row(row: sqlite3.Row) -> DatasetRecord:
+    """The record of a ``datasets`` row; a row of a store not yet given the columns of
+    :data:`_ADDED_COLUMNS` (read read-only, so not migrated) reads as version 1."""
+    info = _info_from_row(row)
+    present = set(row.keys())
+
+    def value(column: str, default: object) -> object:
+        return row[column] if column in present else default
+
+    try:
+        kinds = {rule.name: rule.kind for rule in info.columns}
+        formats = {
+            str(raw["name"]): format_from_json(raw, kinds[str(raw["name"])])
+            for raw in json.loads(row["columns"])
+        }
+        replaced_at = value("replaced_at", None)
+        return DatasetRecord(
+            info=info,
+            formats=formats,
+            version=int(str(value("version", 1))),
+            replaced_at=None if replaced_at is None else int(str(replaced_at)),
+            source_sha256=str(row["source_sha256"]),
+            encoding=str(value("encoding", "utf-8")),
+            source=SourceFormat.from_json(json.loads(str(value("source_format", "{}")))),
+        )
+    except (ValueError, TypeError, KeyError) as exc:
+        raise MalformedInput(f"stored dataset {row['name']!r} is corrupt: {exc}") from None
+
+
+@contextmanager
+def _opened_read_only(path: Path) -> Iterator[sqlite3.Connection]:
+    """A connection SQLite itself keeps from writing (``mode=ro``): what a check reads with.
+    A store not created yet reads as an empty one (an empty database in memory)."""
+    if path.exists():
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    else:
+        conn = sqlite3.connect(":memory:")
+        conn.executescript(_SCHEMA)
+    conn.row_factory = sqlite3.Row
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+@dataclass
+class _Imported:
+    """Running totals of one import (see :class:`ImportReport`)."""
+
+    imported: int = 0
+    rejected: int = 0
+    skipped: int = 0
+    reasons: builtins.list[RejectedRow] = field(default_factory=list)
+    blanks: dict[str, int] = field(default_factory=dict)
+
+    def report(
+        self, name: str, scanned: ScannedFile, *, dry_run: bool, skip_invalid: bool, **extra: int
+    ) -> ImportReport:
+        return ImportReport(
+            dataset=name,
+            imported=self.imported,
+            rejected=self.rejected,
+            first_rejections=tuple(self.reasons),
+            source_sha256=scanned.sha256,
+            encoding=scanned.encoding,
+            skipped=self.skipped,
+            blank_cells=tuple(sorted(self.blanks.items())),
+            dry_run=dry_run,
+            would_import=self.imported > 0 and (skip_invalid or not self.rejected),
+            **extra,
+        )
+
+    def audit_fields(self, scanned: ScannedFile, source: SourceFormat) -> dict[str, object]:
+        return {
+            "rejected_rows": self.rejected,
+            "skipped_rows": self.skipped,
+            "blank_cells": dict(sorted(self.blanks.items())),
+            "source_sha256": scanned.sha256,
+            "encoding": scanned.encoding,
+            "source_format": source.to_json(),
+        }
+
+
+class _Rows:
+    """Where imported rows go: a table being written, in one transaction (``add``) or in a
+    transaction per batch (``replace``), or nowhere (a check)."""
+
+    def __init__(
+        self,
+        conn: sqlite3.Connection | None,
+        table: str,
+        ordered: Sequence[ColumnRule],
+        *,
+        batch_commits: bool,
+    ) -> None:
+        self._conn, self._table, self._ordered = conn, table, ordered
+        self._batch_commits = batch_commits
+        self._batch: builtins.list[tuple[Cell, ...]] = []
+        columns = [rule.name for rule in ordered]
+        self._insert = (
+            f"INSERT INTO {_quote(table)} (_row, {', '.join(_quote(c) for c in columns)})"
+            f" VALUES (?, {', '.join('?' for _ in columns)})"
+        )
+        if conn is not None:
+            column_sql = ", ".join(
+                f"{_quote(rule.name)} "
+                + ("INTEGER" if rule.kind is ColumnKind.AGGREGATE else "TEXT")
+                + " NOT NULL"
+                for rule in ordered
+            )
+            self._write(
+                f"CREATE TABLE {_quote(table)} (_row INTEGER PRIMARY KEY, {column_sql}) STRICT"
+            )
+
+    def _write(self, sql: str, rows: Sequence[tuple[Cell, ...]] | None = None) -> None:
+        if self._conn is None:
+            return
+        if self._batch_commits:
+            with immediate(self._conn):
+                self._run(sql, rows)
+        else:
+            self._run(sql, rows)
+
+    def _run(self, sql: str, rows: Sequence[tuple[Cell, ...]] | None) -> None:
+        if self._conn is None:  # pragma: no cover - checked by _write
+            return
+        if rows is None:
+            self._conn.execute(sql)
+        else:
+            self._conn.executemany(sql, rows)
+
+    def append(self, values: tuple[Cell, ...]) -> None:
+        if self._conn is None:
+            return
+        self._batch.append(values)
+        if len(self._batch) >= BATCH_ROWS:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._batch:
+            self._write(self._insert, self._batch)
+            self._batch = []
+
+    def finish(self) -> None:
+        """Write what is left, then the indexes of the join and group columns."""
+        self.flush()
+        for rule in self._ordered:
+            if rule.kind in (ColumnKind.JOIN_KEY, ColumnKind.GROUP_KEY):
+                self._write(
+                    f"CREATE INDEX {_quote(f'{self._table}__{rule.name}')}"
+                    f" ON {_quote(self._table)} ({_quote(rule.name)})"
+                )
+
+
+def _changes(record: DatasetRecord, stated: Restatement) -> builtins.list[str]:
+    """What ``stated`` would change of the registration ``record``, as option names.
+
+    Raises:
+        MalformedInput: ``stated`` is not a valid registration.
+    """
+    info = record.info
+
+    def pick(value: object, current: object) -> object:
+        return current if value is None else value
+
+    candidate = _validate_registration(
+        name=info.name,
+        grade=stated.grade or info.grade,
+        sharing_type=stated.sharing_type or info.sharing_type,
+        legal_basis=str(pick(stated.legal_basis, info.legal_basis)),
+        owner=Owner(
+            stated.owner_kind or info.owner.kind,
+            str(pick(stated.owner, info.owner.name)),
+            str(pick(stated.holder, info.owner.holder)),
+        ),
+        columns=info.columns if stated.columns is None else stated.columns,
+        description=str(pick(stated.description, info.description)),
+        allowed_jurisdictions=(
+            info.allowed_jurisdictions
+            if stated.allowed_jurisdictions is None
+            else stated.allowed_jurisdictions
+        ),
+        min_group_size=(
+            info.min_group_size if stated.min_group_size is None else stated.min_group_size
+        ),
+        min_set_size=info.min_set_size if stated.min_set_size is None else stated.min_set_size,
+        require_dp=info.require_dp if stated.require_dp is None else stated.require_dp,
+        require_approval=(
+            info.require_approval if stated.require_approval is None else stated.require_approval
+        ),
+        now=info.created_at,
+    )
+    changed = [
+        option
+        for option, new, old in (
+            ("--grade", candidate.grade, info.grade),
+            ("--sharing", candidate.sharing_type, info.sharing_type),
+            ("--legal-basis", candidate.legal_basis, info.legal_basis),
+            ("--owner-kind", candidate.owner.kind, info.owner.kind),
+            ("--owner", candidate.owner.name, info.owner.name),
+            ("--holder", candidate.owner.holder, info.owner.holder),
+            ("--description", candidate.description, info.description),
+            ("--jurisdiction", candidate.allowed_jurisdictions, info.allowed_jurisdictions),
+            ("--min-group-size", candidate.min_group_size, info.min_group_size),
+            ("--min-set-size", candidate.min_set_size, info.min_set_size),
+            ("--require-dp", candidate.require_dp, info.require_dp),
+            ("--require-approval", candidate.require_approval, info.require_approval),
+        )
+        if new != old
+    ]
+    if stated.columns is not None:
+        formats = validate_formats(candidate.columns, stated.formats)
+        same_rules = {r.name: r for r in candidate.columns} == {r.name: r for r in info.columns}
+        if not same_rules or formats != dict(record.formats):
+            changed.append("--column")
+    elif stated.formats:
+        raise TypeError("formats are restated with their columns")
+    return changed
 
 
 class Catalogue:
@@ -417,11 +766,34 @@ class Catalogue:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._read_only = False
         with self._open() as conn:
             conn.executescript(_SCHEMA)
+            self._migrate(conn)
+
+    @classmethod
+    def read_only(cls, path: Path) -> Catalogue:
+        """The catalogue opened for reading only (``mode=ro``; an older store is read as it
+        is, not migrated): what a check uses, so that it cannot write."""
+        catalogue = cls.__new__(cls)
+        catalogue.path = path
+        catalogue._read_only = True
+        return catalogue
+
+    @staticmethod
+    def _migrate(conn: sqlite3.Connection) -> None:
+        def missing() -> builtins.list[tuple[str, str]]:
+            present = {row[1] for row in conn.execute("PRAGMA table_info(datasets)")}
+            return [(c, ddl) for c, ddl in _ADDED_COLUMNS if c not in present]
+
+        if not missing():
+            return
+        with immediate(conn):
+            for column, ddl in missing():  # again, under the lock: another process may have
+                conn.execute(f"ALTER TABLE datasets ADD COLUMN {column} {ddl}")
 
     def _open(self) -> AbstractContextManager[sqlite3.Connection]:
-        return opened(self.path)
+        return _opened_read_only(self.path) if self._read_only else opened(self.path)
 
     # ----------------------------------------------------------------- registration
 
@@ -444,16 +816,28 @@ class Catalogue:
         min_set_size: int = 0,
         require_dp: bool = False,
         require_approval: bool = False,
+        formats: Mapping[str, ColumnFormat] | None = None,
+        source: SourceFormat | None = None,
+        check: bool = False,
+        progress: ProgressCallback | None = None,
         now: int | None = None,
     ) -> ImportReport:
         """Register a dataset and import its CSV rows in one transaction.
 
+        Args:
+            formats: per column, its decimal scale and NULL policy (default: scale 0, the
+                kind's default policy).
+            source: how to read the file: encoding (``None``: detect), delimiter, header map.
+            check: only report what the import would do; write and log nothing.
+            progress: called with ``(phase, bytes done, bytes in the file)`` as it reads.
+
         Raises:
             AlreadyExists: a dataset of that name is registered.
-            MalformedInput: a bad registration (see :func:`validate_columns`; ``none`` without
-                legal basis; k below the grade floor), a header that does not match the column
-                rules, a bad row (without ``skip_invalid``; the message starts ``row N``), a
-                file that is not UTF-8 CSV, or no valid row at all.
+            MalformedInput: a bad registration (see :func:`validate_columns`,
+                :func:`validate_formats`; ``none`` without legal basis; k below the grade
+                floor), a header that does not match the column rules after the header map, a
+                bad row (without ``skip_invalid`` or ``check``; the message starts ``row N``),
+                a file no encoding decodes, or no valid row at all (without ``check``).
             NotFound: the CSV file does not exist.
         """
         info = _validate_registration(
@@ -471,27 +855,37 @@ class Catalogue:
             require_approval=require_approval,
             now=int(time.time()) if now is None else now,
         )
-        try:
-            source_sha256 = _sha256_file(csv_path)
-        except FileNotFoundError:
-            raise NotFound(f"no file {csv_path}") from None
+        column_formats = validate_formats(info.columns, formats or {})
+        source = source_file.validate(source or SourceFormat())
+        if check:
+            with self._open() as conn:
+                self._refuse_existing(conn, name)
+        scanned = source_file.scan(csv_path, source.encoding, progress)
+        if check:
+            totals = self._import_rows(
+                None, csv_path, scanned, source, info, column_formats, "", keep_going=True,
+                skip_invalid=skip_invalid, batch_commits=False, progress=progress,
+            )  # fmt: skip
+            return totals.report(name, scanned, dry_run=True, skip_invalid=skip_invalid)
         table = TABLE_PREFIX + info.name
         with self._open() as conn:
             with immediate(conn):
-                if conn.execute("SELECT 1 FROM datasets WHERE name = ?", (name,)).fetchone():
-                    raise AlreadyExists(f"dataset {name!r} is already registered")
-                imported, rejected, reasons = self._import_rows(
-                    conn, csv_path, info, table, skip_invalid=skip_invalid
-                )
-                if imported == 0:
+                self._refuse_existing(conn, name)
+                totals = self._import_rows(
+                    conn, csv_path, scanned, source, info, column_formats, table,
+                    keep_going=skip_invalid, skip_invalid=skip_invalid, batch_commits=False,
+                    progress=progress,
+                )  # fmt: skip
+                if totals.imported == 0:
                     raise MalformedInput(f"{csv_path}: no valid row to import")
-                info = replace(info, row_count=imported)
+                info = replace(info, row_count=totals.imported)
                 conn.execute(
                     "INSERT INTO datasets (name, table_name, grade, sharing_type, legal_basis,"
                     " owner_kind, owner_name, holder, columns, row_count, description,"
                     " created_at, min_set_size, allowed_jurisdictions, min_group_size,"
-                    " require_dp, require_approval, source_sha256)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    " require_dp, require_approval, source_sha256, version, replaced_at,"
+                    " encoding, source_format)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1, NULL, ?, ?)",
                     (
                         info.name,
                         table,
@@ -501,7 +895,7 @@ class Catalogue:
                         info.owner.kind.value,
                         info.owner.name,
                         info.owner.holder,
-                        json.dumps([_rule_to_json(r) for r in info.columns], ensure_ascii=False),
+                        _columns_to_json(info, column_formats),
                         info.row_count,
                         info.description,
                         info.created_at,
@@ -510,53 +904,203 @@ class Catalogue:
                         info.min_group_size,
                         int(info.require_dp),
                         int(info.require_approval),
-                        source_sha256,
+                        scanned.sha256,
+                        scanned.encoding,
+                        json.dumps(source.to_json(), ensure_ascii=False),
                     ),
                 )
                 if audit is not None:
                     fields = dataset_to_json(info)
-                    fields.update(rejected_rows=rejected, source_sha256=source_sha256)
+                    fields.update(totals.audit_fields(scanned, source))
+                    fields.update(
+                        version=1,
+                        column_formats={n: f.to_json() for n, f in column_formats.items()},
+                    )
                     audit.record("dataset.added", fields, actor=actor)
-        return ImportReport(
-            dataset=info.name,
-            imported=imported,
-            rejected=rejected,
-            first_rejections=tuple(reasons),
-            source_sha256=source_sha256,
-        )
+        return totals.report(name, scanned, dry_run=False, skip_invalid=skip_invalid)
 
     @staticmethod
-    def _import_rows(
-        conn: sqlite3.Connection,
+    def _refuse_existing(conn: sqlite3.Connection, name: str) -> None:
+        try:
+            found = conn.execute("SELECT 1 FROM datasets WHERE name = ?", (name,)).fetchone()
+        except sqlite3.OperationalError:  # a read-only look at a store without the table yet
+            return
+        if found:
+            raise AlreadyExists(
+                f"dataset {name!r} is already registered (dataset replace refreshes its rows "
+                "and keeps its grants)"
+            )
+
+    def replace(
+        self,
         csv_path: Path,
+        *,
+        name: str,
+        stated: Restatement = Restatement(),
+        source: SourceFormat | None = None,
+        skip_invalid: bool = False,
+        actor: str,
+        audit: AuditSink | None,
+        check: bool = False,
+        progress: ProgressCallback | None = None,
+        now: int | None = None,
+    ) -> ImportReport:
+        """Refresh a dataset's rows from ``csv_path`` as its next version (module docstring).
+
+        The registration stays as it is, its grants with it. ``source`` defaults to how the
+        current version's file was read (its header map included).
+
+        Raises:
+            NotFound: no such dataset, or no such file.
+            MalformedInput: ``stated`` differs from the registration (the message names the
+                options and says to remove and add instead); the file does not fit the
+                registered columns; a bad row (without ``skip_invalid`` or ``check``); no valid
+                row (without ``check``); or the dataset was replaced, or removed and added,
+                while the file was imported.
+        """
+        validate_identifier(name, "dataset")
+        record = self.record(name)
+        changed = _changes(record, stated)
+        if changed:
+            raise MalformedInput(
+                f"dataset replace keeps the registration of {name!r}; this would change "
+                f"{', '.join(changed)}: to change the registration, remove the dataset and add "
+                "it again (its grants then no longer apply)",
+                field="registration",
+            )
+        source = source_file.validate(record.source if source is None else source)
+        scanned = source_file.scan(csv_path, source.encoding, progress)
+        version = record.version + 1
+        if check:
+            totals = self._import_rows(
+                None, csv_path, scanned, source, record.info, record.formats, "",
+                keep_going=True, skip_invalid=skip_invalid, batch_commits=False, progress=progress,
+            )  # fmt: skip
+            return totals.report(
+                name, scanned, dry_run=True, skip_invalid=skip_invalid, version=version,
+                previous_row_count=record.info.row_count,
+            )  # fmt: skip
+        # A fresh name, so that two replaces at once never write into one table.
+        table = f"{TABLE_PREFIX}{name}@{secrets.token_hex(4)}"
+        with self._open() as conn:
+            try:
+                # The staged rows need no fsync of their own: nothing refers to them until the
+                # swap, whose commit (synchronous=FULL again) syncs the log and every frame in it.
+                conn.execute("PRAGMA synchronous=NORMAL")
+                totals = self._import_rows(
+                    conn, csv_path, scanned, source, record.info, record.formats, table,
+                    keep_going=skip_invalid, skip_invalid=skip_invalid, batch_commits=True,
+                    progress=progress,
+                )  # fmt: skip
+                if totals.imported == 0:
+                    raise MalformedInput(f"{csv_path}: no valid row to import")
+                conn.execute("PRAGMA synchronous=FULL")
+                with immediate(conn):
+                    self._swap(
+                        conn, record, table, totals, scanned, source, version=version,
+                        now=int(time.time()) if now is None else now, actor=actor, audit=audit,
+                    )  # fmt: skip
+            except BaseException:
+                try:
+                    with immediate(conn):
+                        conn.execute(f"DROP TABLE IF EXISTS {_quote(table)}")
+                except sqlite3.Error:
+                    pass  # the store is locked or read-only: remove drops it later
+                raise
+        return totals.report(
+            name, scanned, dry_run=False, skip_invalid=skip_invalid, version=version,
+            previous_row_count=record.info.row_count,
+        )  # fmt: skip
+
+    @staticmethod
+    def _swap(
+        conn: sqlite3.Connection,
+        record: DatasetRecord,
+        table: str,
+        totals: _Imported,
+        scanned: ScannedFile,
+        source: SourceFormat,
+        *,
+        version: int,
+        now: int,
+        actor: str,
+        audit: AuditSink | None,
+    ) -> None:
+        """Point the registration at the imported table, drop the old one, log the replace."""
+        name = record.info.name
+        row = conn.execute("SELECT * FROM datasets WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            raise NotFound(f"dataset {name!r} was removed while its new rows were imported")
+        current = _record_from_row(row)
+        if (current.version, current.info.created_at) != (version - 1, record.info.created_at):
+            raise MalformedInput(
+                f"dataset {name!r} changed while its new rows were imported; replace it again"
+            )
+        conn.execute(f"DROP TABLE {_quote(row['table_name'])}")
+        conn.execute(
+            "UPDATE datasets SET table_name = ?, row_count = ?, version = ?, replaced_at = ?,"
+            " source_sha256 = ?, encoding = ?, source_format = ? WHERE name = ?",
+            (
+                table,
+                totals.imported,
+                version,
+                now,
+                scanned.sha256,
+                scanned.encoding,
+                json.dumps(source.to_json(), ensure_ascii=False),
+                name,
+            ),
+        )
+        if audit is not None:
+            fields: dict[str, object] = {
+                "name": name,
+                "version": version,
+                "previous_version": current.version,
+                "row_count": totals.imported,
+                "previous_row_count": current.info.row_count,
+                "previous_source_sha256": current.source_sha256,
+                "created_at": current.info.created_at,
+                "replaced_at": now,
+            }
+            fields.update(totals.audit_fields(scanned, source))
+            audit.record("dataset.replaced", fields, actor=actor)
+
+    def _import_rows(
+        self,
+        conn: sqlite3.Connection | None,
+        csv_path: Path,
+        scanned: ScannedFile,
+        source: SourceFormat,
         info: DatasetInfo,
+        formats: Mapping[str, ColumnFormat],
         table: str,
         *,
+        keep_going: bool,
         skip_invalid: bool,
-    ) -> tuple[int, int, builtins.list[RejectedRow]]:
+        batch_commits: bool,
+        progress: ProgressCallback | None,
+    ) -> _Imported:
+        """Read, check and (with ``conn``) write the rows; ``keep_going``: count bad rows
+        instead of raising at the first."""
         rules = {rule.name: rule for rule in info.columns}
-        try:
-            handle = csv_path.open(encoding="utf-8-sig", newline="")
-        except FileNotFoundError:
-            raise NotFound(f"no file {csv_path}") from None
-        imported = rejected = 0
-        reasons: builtins.list[RejectedRow] = []
-        row_number = 0
-        with handle:
-            reader = csv.reader(handle, strict=True)
-            try:
-                header = [cell.strip() for cell in next(reader)]
-            except StopIteration:
-                raise MalformedInput(f"{csv_path}: empty file, no header row") from None
-            except (csv.Error, UnicodeDecodeError) as exc:
-                raise MalformedInput(f"{csv_path}: unreadable header: {exc}") from None
+        totals = _Imported()
+        with source_file.read(csv_path, scanned, source) as reader:
+            header = reader.header
             if len(set(header)) != len(header):
-                raise MalformedInput(f"{csv_path}: the header repeats a column name")
+                raise MalformedInput(
+                    f"{csv_path}: the header repeats a column name"
+                    + (" (after the header map)" if source.header_map else "")
+                )
             unknown = [column for column in header if column not in rules]
             if unknown:
+                hint = (
+                    "; map a header to a column name with --map HEADER=NAME"
+                    if any(not NAME_PATTERN.match(c) for c in unknown)
+                    else ""
+                )
                 raise MalformedInput(
                     f"{csv_path}: column(s) {', '.join(map(repr, unknown))} have no rule; "
-                    "give every column a rule (deny to keep it out of every query)",
+                    f"give every column a rule (deny to keep it out of every query){hint}",
                     field="columns",
                 )
             missing = [column for column in rules if column not in header]
@@ -566,73 +1110,64 @@ class Catalogue:
                     f"{csv_path} does not have",
                     field="columns",
                 )
-            converters = [_cell_converter(rules[column]) for column in header]
             ordered = [rules[column] for column in header]
-            column_sql = ", ".join(
-                f"{_quote(rule.name)} "
-                + ("INTEGER" if rule.kind is ColumnKind.AGGREGATE else "TEXT")
-                + " NOT NULL"
+            readers = [
+                (rule, formats[rule.name], _cell_converter(rule, formats[rule.name]))
                 for rule in ordered
-            )
-            conn.execute(
-                f"CREATE TABLE {_quote(table)} (_row INTEGER PRIMARY KEY, {column_sql}) STRICT"
-            )
-            insert = (
-                f"INSERT INTO {_quote(table)} (_row, {', '.join(_quote(c) for c in header)})"
-                f" VALUES (?, {', '.join('?' for _ in header)})"
-            )
-            batch: builtins.list[tuple[Cell, ...]] = []
-            while True:
-                try:
-                    record = next(reader)
-                except StopIteration:
-                    break
-                except (csv.Error, UnicodeDecodeError) as exc:
-                    raise MalformedInput(
-                        f"row {row_number + 1} (line {reader.line_num}): unreadable CSV: {exc}"
-                    ) from None
-                row_number += 1
-                if not record:
+            ]
+            sink = _Rows(conn, table, ordered, batch_commits=batch_commits)
+            width = len(header)
+            for row in reader.rows():
+                if not row.cells:
                     continue  # a blank line
+                if progress is not None and row.number % BATCH_ROWS == 0:
+                    progress("importing", reader.bytes_read, scanned.size)
                 try:
-                    if len(record) != len(header):
-                        raise MalformedInput(
-                            f"has {len(record)} cells, the header has {len(header)}"
-                        )
-                    values: builtins.list[Cell] = [row_number]
-                    for rule, convert, cell in zip(ordered, converters, record, strict=True):
+                    if len(row.cells) != width:
+                        raise MalformedInput(f"has {len(row.cells)} cells, the header has {width}")
+                    values: builtins.list[Cell] = [row.number]
+                    blanks: builtins.list[str] = []
+                    skip = False
+                    for (rule, fmt, convert), cell in zip(readers, row.cells, strict=True):
+                        if not cell:
+                            if fmt.null is NullPolicy.REFUSE:
+                                raise MalformedInput(
+                                    f"column {rule.name}: {_blank_reason(rule, fmt)}"
+                                )
+                            blanks.append(rule.name)
+                            skip = skip or fmt.null is NullPolicy.SKIP_ROW
+                            values.append(0 if fmt.null is NullPolicy.ZERO else "")
+                            continue
                         try:
-                            values.append(convert(cell.strip()))
+                            values.append(convert(cell))
                         except MalformedInput as exc:
                             raise MalformedInput(f"column {rule.name}: {exc}") from None
                 except MalformedInput as exc:
-                    reason = f"row {row_number} (line {reader.line_num}): {exc}"
-                    if not skip_invalid:
-                        raise MalformedInput(reason, field=f"row {row_number}") from None
-                    rejected += 1
-                    if len(reasons) < REASONS_KEPT:
-                        reasons.append(RejectedRow(row_number, reason))
+                    reason = f"row {row.number} (line {row.line}): {exc}"
+                    if not keep_going:
+                        raise MalformedInput(reason, field=f"row {row.number}") from None
+                    totals.rejected += 1
+                    if len(totals.reasons) < REASONS_KEPT:
+                        totals.reasons.append(RejectedRow(row.number, reason))
                     continue
-                batch.append(tuple(values))
-                imported += 1
-                if len(batch) >= BATCH_ROWS:
-                    conn.executemany(insert, batch)
-                    batch.clear()
-            if batch:
-                conn.executemany(insert, batch)
-        for rule in ordered:
-            if rule.kind in (ColumnKind.JOIN_KEY, ColumnKind.GROUP_KEY):
-                conn.execute(
-                    f"CREATE INDEX {_quote(f'{table}__{rule.name}')}"
-                    f" ON {_quote(table)} ({_quote(rule.name)})"
-                )
-        return imported, rejected, reasons
+                for column in blanks:
+                    totals.blanks[column] = totals.blanks.get(column, 0) + 1
+                if skip:
+                    totals.skipped += 1
+                    continue
+                sink.append(tuple(values))
+                totals.imported += 1
+            sink.finish()
+        if progress is not None:
+            progress("importing", scanned.size, scanned.size)
+        return totals
 
     def remove(self, name: str, *, actor: str, audit: AuditSink | None) -> DatasetInfo:
         """Drop a dataset's rows and registration, and record ``dataset.removed``.
 
         Grants on it stay in the grant table; the policy refuses any grant issued before a
-        later registration under the same name (``grant.predates_dataset``).
+        later registration under the same name (``grant.predates_dataset``). Tables a replace
+        of it left behind when its process died are dropped too.
 
         Raises:
             NotFound: no such dataset.
@@ -645,6 +1180,13 @@ class Catalogue:
                     raise NotFound(f"no dataset {name!r}")
                 info = _info_from_row(row)
                 conn.execute(f"DROP TABLE {_quote(row['table_name'])}")
+                staged = f"{TABLE_PREFIX}{name}@"
+                for (left,) in conn.execute(
+                    "SELECT name FROM sqlite_master WHERE type = 'table'"
+                    " AND substr(name, 1, ?) = ?",
+                    (len(staged), staged),
+                ).fetchall():
+                    conn.execute(f"DROP TABLE {_quote(left)}")
                 conn.execute("DELETE FROM datasets WHERE name = ?", (name,))
                 if audit is not None:
                     audit.record(
@@ -658,17 +1200,25 @@ class Catalogue:
 
     def list(self) -> builtins.list[DatasetInfo]:
         """Every registered dataset, by name."""
-        with self._open() as conn:
-            rows = conn.execute("SELECT * FROM datasets ORDER BY name").fetchall()
-        return [_info_from_row(row) for row in rows]
+        return [record.info for record in self.records()]
 
     def get(self, name: str) -> DatasetInfo:
+        """Raises: NotFound for an unknown name."""
+        return self.record(name).info
+
+    def records(self) -> builtins.list[DatasetRecord]:
+        """Every registered dataset with its formats, version and source, by name."""
+        with self._open() as conn:
+            rows = conn.execute("SELECT * FROM datasets ORDER BY name").fetchall()
+        return [_record_from_row(row) for row in rows]
+
+    def record(self, name: str) -> DatasetRecord:
         """Raises: NotFound for an unknown name."""
         with self._open() as conn:
             row = conn.execute("SELECT * FROM datasets WHERE name = ?", (name,)).fetchone()
         if row is None:
             raise NotFound(f"no dataset {name!r}")
-        return _info_from_row(row)
+        return _record_from_row(row)
 
     # ----------------------------------------------------------------- rows
 
