@@ -24,6 +24,8 @@ DEFAULT_MAX_WORKERS = 16
 # (govshare.node.queries.capacity).
 DEFAULT_MAX_RUNNING = 4
 DEFAULT_MAX_QUEUED = 124
+# Submissions taken at once; beyond, RESOURCE_EXHAUSTED (govshare.node.queries.capacity.Intake).
+DEFAULT_MAX_INTAKE = 32
 # Seconds a stopping node lets in-flight RPCs finish before cancelling them.
 DEFAULT_GRACE_SECONDS = 5.0
 # Seconds between audit-log checkpoints when entries keep arriving.
@@ -62,6 +64,8 @@ max_running = {max_running}
 # Queries admitted beyond those, waiting for a turn or a peer; a run beyond is refused with
 # RESOURCE_EXHAUSTED and a retry hint. Each admitted query holds its sets in memory.
 max_queued = {max_queued}
+# Submissions taken at once (each writes the store and the log); beyond, RESOURCE_EXHAUSTED.
+max_intake = {max_intake}
 # Seconds in-flight calls may finish after SIGTERM/SIGINT.
 grace_seconds = {grace_seconds}
 # Seconds between audit-log checkpoints.
@@ -99,6 +103,7 @@ class NodeConfig:
     max_workers: int = DEFAULT_MAX_WORKERS
     max_running: int = DEFAULT_MAX_RUNNING
     max_queued: int = DEFAULT_MAX_QUEUED
+    max_intake: int = DEFAULT_MAX_INTAKE
     grace_seconds: float = DEFAULT_GRACE_SECONDS
     checkpoint_interval: float = DEFAULT_CHECKPOINT_INTERVAL
     protocol_timeout: float = DEFAULT_PROTOCOL_TIMEOUT
@@ -157,6 +162,7 @@ class NodeConfig:
             max_workers=int(number("max_workers", DEFAULT_MAX_WORKERS)),
             max_running=int(number("max_running", DEFAULT_MAX_RUNNING)),
             max_queued=_count(section.get("max_queued", DEFAULT_MAX_QUEUED), "max_queued", path),
+            max_intake=int(number("max_intake", DEFAULT_MAX_INTAKE)),
             grace_seconds=number("grace_seconds", DEFAULT_GRACE_SECONDS),
             checkpoint_interval=number("checkpoint_interval", DEFAULT_CHECKPOINT_INTERVAL),
             protocol_timeout=number("protocol_timeout", DEFAULT_PROTOCOL_TIMEOUT),
@@ -234,6 +240,7 @@ def write_default(home: Path, *, listen: str, identity: str = ".") -> Path:
             max_workers=DEFAULT_MAX_WORKERS,
             max_running=DEFAULT_MAX_RUNNING,
             max_queued=DEFAULT_MAX_QUEUED,
+            max_intake=DEFAULT_MAX_INTAKE,
             grace_seconds=DEFAULT_GRACE_SECONDS,
             checkpoint_interval=DEFAULT_CHECKPOINT_INTERVAL,
             protocol_timeout=DEFAULT_PROTOCOL_TIMEOUT,

@@ -24,6 +24,7 @@ from govshare.node.audit.selfcheck import WHOLE_AT_START_MAX, LogSelfCheck
 from govshare.node.audit.witness import Witness, WitnessStore
 from govshare.node.config import (
     DEFAULT_CHECKPOINT_INTERVAL,
+    DEFAULT_MAX_INTAKE,
     DEFAULT_MAX_QUEUED,
     DEFAULT_MAX_RUNNING,
     DEFAULT_PROTOCOL_TIMEOUT,
@@ -37,7 +38,7 @@ from govshare.node.observability.events import QueryEvents
 from govshare.node.policy.alerts import RiskMonitor, SuspensionStore
 from govshare.node.policy.crossborder import CrossBorderStore
 from govshare.node.policy.grants import GrantStore
-from govshare.node.queries.capacity import RunGate
+from govshare.node.queries.capacity import Intake, RunGate
 from govshare.node.queries.engine import QueryEngine
 from govshare.node.queries.kinds.aggregate import AggregateEngine, AggregateOptions
 from govshare.node.queries.kinds.psi import PsiKind
@@ -81,6 +82,7 @@ class Node:
     # Admission control of query runs (govshare.node.queries.capacity).
     max_running: int = DEFAULT_MAX_RUNNING
     max_queued: int = DEFAULT_MAX_QUEUED
+    max_intake: int = DEFAULT_MAX_INTAKE
     # Test-only switches of the aggregate engine; Node.from_config never sets them.
     aggregate_options: AggregateOptions = field(default_factory=AggregateOptions)
     # The secret that keys hash_prefix releases (see mask_key); from_config loads it from the
@@ -101,6 +103,7 @@ class Node:
     publisher: CheckpointPublisher = field(init=False)
     witness: Witness = field(init=False)
     gate: RunGate = field(init=False)
+    intake: Intake = field(init=False)
     control: ThreadPoolExecutor = field(init=False)
     queries: QueryEngine = field(init=False)
     psi: PsiKind = field(init=False)
@@ -139,6 +142,7 @@ class Node:
         self.control = ThreadPoolExecutor(
             max_workers=CONTROL_THREADS, thread_name_prefix=f"govshare-{self.identity.name}-control"
         )
+        self.intake = Intake(node=self.identity.name, limit=self.max_intake)
         self.gate = RunGate(
             node=self.identity.name, max_running=self.max_running, max_queued=self.max_queued
         )
@@ -282,6 +286,7 @@ class Node:
             workers=config.workers,
             max_running=config.max_running,
             max_queued=config.max_queued,
+            max_intake=config.max_intake,
             suspend_on_high_alert=config.suspend_on_high_alert,
             home_lock=lock,
         )

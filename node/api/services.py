@@ -190,9 +190,11 @@ class QueryService(query_pb2_grpc.QueryServicer):
         if not request.signed_request:
             raise MalformedInput("field 'signed_request' is required", field="signed_request")
         queries = self._node.queries
-        return _status(
-            await asyncio.to_thread(queries.submit, current_caller(), request.signed_request)
-        )
+        with self._node.intake.place():
+            record = await asyncio.to_thread(
+                queries.submit, current_caller(), request.signed_request
+            )
+        return _status(record)
 
     async def Status(
         self, request: query_pb2.QueryStatusRequest, context: Context

@@ -235,3 +235,36 @@ class RunGate:
 
 def _bounded(retry_after: float) -> float:
     return min(MAX_RETRY_AFTER, max(MIN_RETRY_AFTER, retry_after))
+
+
+class Intake:
+    """A bound on submissions being taken at once (signature, replay, policy, reservation:
+    store and log writes, one after another at the node's database). Beyond it a submission is
+    refused at once with ``RESOURCE_EXHAUSTED`` rather than left to wait past its deadline.
+
+    Used from the event loop only (no lock needed)."""
+
+    def __init__(self, *, node: str, limit: int) -> None:
+        if limit < 1:
+            raise ValueError("limit must be >= 1")
+        self._node = node
+        self._limit = limit
+        self._taking = 0
+
+    @property
+    def taking(self) -> int:
+        return self._taking
+
+    @contextmanager
+    def place(self) -> Iterator[None]:
+        if self._taking >= self._limit:
+            raise ResourceExhausted(
+                f"taking {self._taking} submissions already (limit {self._limit}); retry in "
+                f"{MIN_RETRY_AFTER:.0f} s",
+                retry_after=MIN_RETRY_AFTER,
+            )
+        self._taking += 1
+        try:
+            yield
+        finally:
+            self._taking -= 1

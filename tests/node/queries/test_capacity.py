@@ -39,7 +39,7 @@ from govshare.model.query_plan import PsiPlan, Side
 from govshare.node.api.server import RunningNode, create_server
 from govshare.node.config import NodeConfig
 from govshare.node.node import Node
-from govshare.node.queries.capacity import MIN_RETRY_AFTER, RunGate
+from govshare.node.queries.capacity import MIN_RETRY_AFTER, Intake, RunGate
 from govshare.protocols.errors import Aborted, GovshareError, ResourceExhausted
 from govshare.protocols.signed_request import sign_request
 from govshare.rpc.client import NodeClient
@@ -473,3 +473,17 @@ def test_sigterm_ends_a_query_waiting_for_its_peer_within_the_grace(tmp_path: Pa
     assert "query.failed" in kinds and "result.released" not in kinds
     settled = [e for e in entries if e.kind == "budget.settled"]
     assert [e.fields["reservation"] for e in settled] == ["returned"], settled
+
+
+def test_submissions_beyond_the_intake_are_refused_at_once() -> None:
+    intake = Intake(node="tax", limit=2)
+    with intake.place(), intake.place():
+        assert intake.taking == 2
+        with pytest.raises(ResourceExhausted) as refused:
+            with intake.place():
+                raise AssertionError("a third submission was taken")
+        assert "taking 2 submissions already (limit 2)" in str(refused.value)
+        assert refused.value.retry_after >= MIN_RETRY_AFTER
+    assert intake.taking == 0
+    with intake.place():
+        assert intake.taking == 1
