@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
+from typing import Any
 
 import click
 from rich.table import Table
@@ -48,10 +50,11 @@ def outcome_to_json(outcome: AggregateOutcome) -> dict[str, object]:
     }
 
 
-def _cell(figure: Figure) -> str:
-    if figure.value is None:
+def _cell(figure: Mapping[str, Any]) -> str:
+    value, interval = figure.get("value"), figure.get("interval95")
+    if value is None:
         return "suppressed"
-    return f"{figure.value:,}" + ("" if figure.interval is None else f" ±{figure.interval:,}")
+    return f"{value:,}" + ("" if interval is None else f" ±{interval:,}")
 
 
 def render_aggregate(outcome: AggregateOutcome, as_json: bool) -> None:
@@ -59,9 +62,16 @@ def render_aggregate(outcome: AggregateOutcome, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(outcome_to_json(outcome), indent=2, ensure_ascii=False))
         return
-    columns = next(iter(outcome.groups)).sums.keys() if outcome.groups else ()
+    render_aggregate_json(outcome_to_json(outcome))
+
+
+def render_aggregate_json(result: Mapping[str, Any]) -> None:
+    """Print an aggregate result as :func:`outcome_to_json` gives it (live, or saved in the
+    analyst's results store) as a table with its noise, suppression and budget lines."""
+    groups: list[Mapping[str, Any]] = list(result.get("groups", []))
+    columns = list(groups[0]["sums"]) if groups else []
     table = Table(
-        title=f"{outcome.kind.value} ({outcome.scheme}), query {outcome.query_id}",
+        title=f"{result['kind']} ({result['scheme']}), query {result['query_id']}",
         header_style="bold",
     )
     table.add_column("group")
@@ -69,31 +79,31 @@ def render_aggregate(outcome: AggregateOutcome, as_json: bool) -> None:
     for column in columns:
         table.add_column(f"SUM({column})", justify="right")
         table.add_column(f"AVG({column})", justify="right")
-    for group in outcome.groups:
-        cells = [group.label or "(all)", _cell(group.count)]
+    for group in groups:
+        cells = [group["group"] or "(all)", _cell(group["count"])]
         for column in columns:
-            average = group.averages.get(column)
+            average = group["averages"].get(column)
             cells += [
-                _cell(group.sums[column]),
+                _cell(group["sums"][column]),
                 "suppressed" if average is None else f"{float(average):,.2f}",
             ]
         table.add_row(*cells)
     console.print(table)
-    first = next(iter(outcome.groups), None)
-    if outcome.epsilon is None or first is None:
+    first = groups[0] if groups else None
+    if result.get("epsilon") is None or first is None:
         console.print("no DP noise: figures are exact")
     else:
-        scales = [f"COUNT {first.count.noise_scale}"] + [
-            f"SUM({c}) {f.noise_scale}" for c, f in first.sums.items()
+        scales = [f"COUNT {first['count']['noise_scale']}"] + [
+            f"SUM({c}) {f['noise_scale']}" for c, f in first["sums"].items()
         ]
         console.print(
-            f"discrete Laplace noise, ε = {format_epsilon(outcome.epsilon)}; scale per figure: "
+            f"discrete Laplace noise, ε = {result['epsilon']}; scale per figure: "
             + ", ".join(scales)
             + "; ± is the 95% interval"
         )
-    console.print(f"groups with a noisy count under k = {outcome.min_group_size} are suppressed")
-    for node, budget in outcome.budgets.items():
+    console.print(f"groups with a noisy count under k = {result['min_group_size']} are suppressed")
+    for node, budget in result.get("budgets", {}).items():
         console.print(
-            f"{node}: ε spent {format_epsilon(budget.epsilon_spent)}, "
-            f"remaining {format_epsilon(budget.epsilon_remaining)} (grant {budget.grant_id})"
+            f"{node}: ε spent {budget['epsilon_spent']}, "
+            f"remaining {budget['epsilon_remaining']} (grant {budget['grant_id']})"
         )

@@ -53,10 +53,39 @@ def emit_json(value: Any) -> None:
     click.echo(json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False))
 
 
-def render_table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+def render_table(
+    title: str | None,
+    columns: Sequence[str],
+    rows: Iterable[Sequence[Any]],
+    *,
+    whole: Sequence[str] = (),
+    plain_when_piped: bool = False,
+) -> None:
+    """Print rows as a rich table; no cell is ever cut short (long cells fold).
+
+    Args:
+        whole: columns (ids) kept whole on one line however narrow the terminal: the other
+            columns fold around them.
+        plain_when_piped: when stdout is not a terminal, print tab-separated lines instead
+            (a header line, then one line per row; no title), for ``cut`` and ``grep``.
+    """
+    cells = [["" if cell is None else str(cell) for cell in row] for row in rows]
+    if plain_when_piped and not console.is_terminal:
+        for line in (list(columns), *cells):
+            click.echo("\t".join(_plain(cell) for cell in line))
+        return
     table = Table(title=title, header_style="bold")
-    for column in columns:
-        table.add_column(column)
-    for row in rows:
-        table.add_row(*("" if cell is None else str(cell) for cell in row))
+    for index, column in enumerate(columns):
+        if column in whole:
+            width = max((len(row[index]) for row in cells), default=0)
+            table.add_column(column, no_wrap=True, min_width=max(width, len(column)))
+        else:
+            table.add_column(column, overflow="fold")
+    for row in cells:
+        table.add_row(*row)
     console.print(table)
+
+
+def _plain(cell: str) -> str:
+    """A cell on one tab-separated line: tabs and line breaks become spaces."""
+    return " ".join(cell.replace("\t", " ").splitlines())

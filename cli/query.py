@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import os
+from collections.abc import Mapping
 from dataclasses import replace
 from fractions import Fraction
 from pathlib import Path
@@ -11,10 +13,18 @@ from typing import Any
 import click
 from rich.status import Status
 
-from govshare.cli.aggregate import outcome_to_json, render_aggregate
-from govshare.cli.common import console, emit_json, err_console, identity_option, json_option
+from govshare.cli.aggregate import outcome_to_json, render_aggregate, render_aggregate_json
+from govshare.cli.common import (
+    console,
+    emit_json,
+    err_console,
+    identity_option,
+    json_option,
+    render_table,
+)
 from govshare.client.analyst import PsiOutcome, StatusCallback, run_psi
 from govshare.client.analyst_aggregate import DEFAULT_SUM_BOUND, run_aggregate_sql
+from govshare.client.results import ResultsStore, SavedResult, default_folder
 from govshare.client.sql import JoinQuery, parse_filter, parse_query
 from govshare.model.conditions import Condition
 from govshare.model.epsilon import format_epsilon, parse_epsilon
@@ -53,9 +63,51 @@ _approval_timeout = click.option(
 )
 
 
+_results = click.option(
+    "--results",
+    "results_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Folder of your saved results [default: results/ in your identity bundle].",
+)
+
+
 @click.group("query")
 def group() -> None:
-    """Ask joint queries across departments (analyst)."""
+    """Ask joint queries across departments (analyst).
+
+    Every released result is saved in your results folder the moment it arrives, before it is
+    printed or its receipt written: 'govshare query result ID' shows it again.
+    """
+
+
+def _store(identity: Path, results_dir: Path | None) -> ResultsStore:
+    return ResultsStore(results_dir or default_folder(identity))
+
+
+def _keep(
+    store: ResultsStore,
+    *,
+    query_id: str,
+    kind: str,
+    body: Mapping[str, Any],
+    result: Mapping[str, Any],
+    receipt: Receipt,
+) -> Path | None:
+    """Save a released result first of all; a failure to save is said, never fatal (the
+    result is still printed and its receipt written)."""
+    sql = body.get("sql")
+    plan = {k: v for k, v in body.items() if k != "sql"}
+    try:
+        return store.save(
+            query_id, kind=kind, plan=plan, result=result, receipt=receipt,
+            sql=sql if isinstance(sql, str) else None,
+        )  # fmt: skip
+    except OSError as exc:
+        err_console.print(
+            f"warning: the result could not be saved in {store.folder}: {exc.strerror or exc}"
+        )
+        return None
 
 
 def _column_ref(text: str, option: str) -> tuple[str, str, str]:
@@ -65,14 +117,17 @@ def _column_ref(text: str, option: str) -> tuple[str, str, str]:
     return parts[0], parts[1], parts[2]
 
 
-def _run(identity: Path, plan: PsiPlan, approval_timeout: float, as_json: bool) -> PsiOutcome:
+def _run(
+    identity: Path, plan: PsiPlan, approval_timeout: float, as_json: bool, sql: str | None = None
+) -> PsiOutcome:
     me = Identity.load(identity)
     if as_json:
-        return run_psi(me, plan, approval_timeout=approval_timeout)
+        return run_psi(me, plan, approval_timeout=approval_timeout, sql=sql)
     with Status("submitting the signed query", console=err_console) as status:
         return run_psi(
-            me, plan, on_status=_status_printer(status), approval_timeout=approval_timeout
-        )
+            me, plan, on_status=_status_printer(status), approval_timeout=approval_timeout,
+            sql=sql,
+        )  # fmt: skip
 
 
 def _status_printer(status: Status) -> StatusCallback:
@@ -114,15 +169,6 @@ def _receipt_saved(nodes: str, path: Path, problem: str | None) -> None:
     raise SystemExit(1)
 
 
-def _how(outcome: PsiOutcome) -> str:
-    """How a released count was protected, in words."""
-    if outcome.epsilon is None or outcome.interval is None:
-        return "(exact release, approved by every operator)"
-    low, high = outcome.interval
-    spent = format_epsilon(outcome.epsilon)
-    return f"(DP noise, ε {spent} spent; 95% interval {low:,} to {high:,})"
-
-
 def _release(epsilon: str, exact: bool) -> tuple[Fraction | None, bool]:
     """(ε, exact) of a statistic: noise by default, exact only when asked."""
     return (None, True) if exact else (parse_epsilon(epsilon), False)
@@ -132,9 +178,8 @@ def _nodes(receipt: Receipt) -> str:
     return ", ".join(dict.fromkeys(p.node for p in receipt.parts))
 
 
-def _report(
-    outcome: PsiOutcome, receipt_path: Path | None, as_json: bool, recipient: str | None = None
-) -> None:
+def _psi_result(outcome: PsiOutcome, recipient: str | None) -> dict[str, Any]:
+    """A PSI's result as ``--json`` prints it (and the results store keeps it)."""
     result: dict[str, Any] = {
         "query_id": outcome.query_id,
         "kind": outcome.kind.value,
@@ -149,30 +194,69 @@ def _report(
         result.update(count=outcome.count, members=list(outcome.records), kept_by=recipient)
         if recipient is not None:
             result.update(noise)
+    return result
+
+
+def _how(result: Mapping[str, Any]) -> str:
+    """How a released count was protected, in words."""
+    if result.get("epsilon") is None or result.get("interval_95") is None:
+        return "(exact release, approved by every operator)"
+    low, high = result["interval_95"]
+    return f"(DP noise, ε {result['epsilon']} spent; 95% interval {low:,} to {high:,})"
+
+
+def _print_psi(result: Mapping[str, Any]) -> None:
+    """Print a PSI result (live, or saved) from its JSON form."""
+    how, count, recipient = _how(result), result["count"], result.get("kept_by")
+    if result["kind"] == QueryKind.PSI_CARDINALITY.value:
+        sizes = ", ".join(f"{node} {size:,}" for node, size in result["set_sizes"].items())
+        sign = "=" if result.get("exact") else "≈"
+        console.print(f"[bold]|intersection| {sign} {count:,}[/]  {how}")
+        estimated = " (estimated)" if result.get("epsilon") else ""
+        console.print(f"  set sizes{estimated}: {sizes}")
+    elif recipient is not None:
+        console.print(
+            f"[bold]about {count:,} of {recipient}'s keys match[/] {how}; {recipient} "
+            f"keeps which (its operator: govshare node results {result['query_id']})"
+        )
+    else:
+        console.print(f"[bold]{count:,} matching records[/] (masked):")
+        for record in result["members"]:
+            console.print(f"  {record}")
+
+
+def _report(
+    outcome: PsiOutcome,
+    receipt_path: Path | None,
+    as_json: bool,
+    store: ResultsStore,
+    recipient: str | None = None,
+) -> None:
+    result = _psi_result(outcome, recipient)
+    kept = _keep(
+        store, query_id=outcome.query_id, kind=outcome.kind.value, body=outcome.body,
+        result=result, receipt=outcome.receipt,
+    )  # fmt: skip
     if as_json:
         path, problem = _save_receipt(outcome.query_id, outcome.receipt, receipt_path)
-        emit_json(result | {"receipt": None if problem else str(path), "receipt_error": problem})
+        emit_json(
+            result
+            | {"receipt": None if problem else str(path), "receipt_error": problem,
+               "saved": None if kept is None else str(kept)}
+        )  # fmt: skip
         if problem:
             raise SystemExit(1)
         return
-    how = _how(outcome)
-    if outcome.kind is QueryKind.PSI_CARDINALITY:
-        sizes = ", ".join(f"{node} {size:,}" for node, size in outcome.sizes.items())
-        sign = "=" if outcome.epsilon is None else "≈"
-        console.print(f"[bold]|intersection| {sign} {outcome.count:,}[/]  {how}")
-        console.print(f"  set sizes{' (estimated)' if outcome.epsilon else ''}: {sizes}")
-    elif recipient is not None:
-        console.print(
-            f"[bold]about {outcome.count:,} of {recipient}'s keys match[/] {how}; {recipient} "
-            f"keeps which (its operator: govshare node results {outcome.query_id})"
-        )
-    else:
-        console.print(f"[bold]{outcome.count:,} matching records[/] (masked):")
-        for record in outcome.records:
-            console.print(f"  {record}")
+    _print_psi(result)
     console.print(f"query {outcome.query_id}")
+    _kept_line(outcome.query_id, kept)
     path, problem = _save_receipt(outcome.query_id, outcome.receipt, receipt_path)
     _receipt_saved(_nodes(outcome.receipt), path, problem)
+
+
+def _kept_line(query_id: str, kept: Path | None) -> None:
+    if kept is not None:
+        console.print(f"result kept in {kept} (govshare query result {query_id[:12]})")
 
 
 @group.command("psi")
@@ -205,6 +289,7 @@ def _report(
 @_exact
 @_receipt
 @_approval_timeout
+@_results
 @json_option
 def psi(
     identity: Path,
@@ -218,6 +303,7 @@ def psi(
     exact: bool,
     receipt_path: Path | None,
     approval_timeout: float,
+    results_dir: Path | None,
     as_json: bool,
 ) -> None:
     """Private set intersection between two departments' datasets."""
@@ -248,7 +334,9 @@ def psi(
         raise click.BadParameter(
             "--to names the --left or --right node, with --reveal members", param_hint="--to"
         )
-    _report(_run(identity, plan, approval_timeout, as_json), receipt_path, as_json, recipient)
+    store = _store(identity, results_dir)
+    outcome = _run(identity, plan, approval_timeout, as_json)
+    _report(outcome, receipt_path, as_json, store, recipient)
 
 
 @group.command("sql")
@@ -266,6 +354,7 @@ def psi(
 )
 @_receipt
 @_approval_timeout
+@_results
 @json_option
 def sql(
     identity: Path,
@@ -276,6 +365,7 @@ def sql(
     sum_bound: int,
     receipt_path: Path | None,
     approval_timeout: float,
+    results_dir: Path | None,
     as_json: bool,
 ) -> None:
     """A joint query in govshare's SQL dialect.
@@ -293,11 +383,13 @@ def sql(
       UNION ALL SELECT * FROM health_north.clinic_visits) AS h GROUP BY h.age_band
     """
     _check_receipt_path(receipt_path)
+    store = _store(identity, results_dir)
     query = parse_query(statement)
     budget, exact_release = _release(epsilon, exact)
     if isinstance(query, JoinQuery) and query.is_count_star:
         plan = replace(query.psi_plan(purpose), epsilon=budget, exact=exact_release)
-        _report(_run(identity, plan, approval_timeout, as_json), receipt_path, as_json)
+        counted = _run(identity, plan, approval_timeout, as_json, sql=statement)
+        _report(counted, receipt_path, as_json, store)
         return
     me = Identity.load(identity)
     if as_json:
@@ -311,13 +403,104 @@ def sql(
                 me, statement, purpose, budget, exact=exact_release, sum_bound=sum_bound,
                 on_status=_status_printer(status), approval_timeout=approval_timeout,
             )  # fmt: skip
+    result = {**outcome_to_json(outcome), "receipt_verified": True}
+    kept = _keep(
+        store, query_id=outcome.query_id, kind=outcome.kind.value, body=outcome.body,
+        result=result, receipt=outcome.receipt,
+    )  # fmt: skip
     if as_json:
         path, problem = _save_receipt(outcome.query_id, outcome.receipt, receipt_path)
-        emit_json({**outcome_to_json(outcome), "receipt": None if problem else str(path),
-                   "receipt_error": problem, "receipt_verified": True})  # fmt: skip
+        saved = None if kept is None else str(kept)
+        receipt = None if problem else str(path)
+        emit_json({**result, "receipt": receipt, "receipt_error": problem, "saved": saved})
         if problem:
             raise SystemExit(1)
         return
     render_aggregate(outcome, as_json=False)
+    _kept_line(outcome.query_id, kept)
     path, problem = _save_receipt(outcome.query_id, outcome.receipt, receipt_path)
     _receipt_saved(_nodes(outcome.receipt), path, problem)
+
+
+@group.command("result")
+@identity_option
+@click.argument("query_id")
+@_results
+@click.option(
+    "--receipt",
+    "receipt_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also write the saved receipt to this file.",
+)
+@json_option
+def result(
+    identity: Path, query_id: str, results_dir: Path | None, receipt_path: Path | None,
+    as_json: bool,
+) -> None:  # fmt: skip
+    """Show an earlier result again from your results folder (a unique id prefix will do)."""
+    _check_receipt_path(receipt_path)
+    saved = _store(identity, results_dir).get(query_id)
+    if as_json:
+        emit_json(saved.to_json())
+    elif saved.kind in (QueryKind.PSI_CARDINALITY.value, QueryKind.PSI_MEMBERSHIP.value):
+        _print_psi(saved.result)
+    else:
+        render_aggregate_json(saved.result)
+    if not as_json:
+        console.print(f"query {saved.query_id} ({saved.kind}), saved {_utc(saved.saved_at)} UTC")
+        if saved.sql is not None:
+            click.echo(f"sql: {saved.sql}")  # whole, never wrapped: it may be copied
+        receipt = "verified when received" if saved.receipt is not None else "none saved"
+        console.print(f"receipt: {receipt}")
+    if receipt_path is not None and saved.receipt is not None:
+        receipt_path.write_bytes(encode_receipt(saved.receipt))
+        err_console.print(f"receipt written to {receipt_path}")
+
+
+def _summary(saved: SavedResult) -> str:
+    """A result in a few words for the listing."""
+    result = saved.result
+    if "count" in result:
+        sign = "=" if result.get("exact") else "≈"
+        if result.get("members") and result.get("kept_by") is None:
+            return f"{result['count']:,} records"
+        return f"count {sign} {result['count']:,}"
+    groups = result.get("groups", [])
+    shown = sum(1 for g in groups if not g.get("suppressed"))
+    return f"{len(groups)} groups ({shown} released)"
+
+
+@group.command("results")
+@identity_option
+@_results
+@json_option
+def results(identity: Path, results_dir: Path | None, as_json: bool) -> None:
+    """List your saved results, oldest first (ids whole; tab-separated when piped)."""
+    saved = _store(identity, results_dir).saved()
+    if as_json:
+        emit_json([s.to_json() for s in saved])
+        return
+    if not saved and console.is_terminal:
+        console.print("no saved results")
+        return
+    render_table(
+        "saved results (govshare query result ID)",
+        ["query", "kind", "saved (UTC)", "result", "receipt"],
+        (
+            (
+                s.query_id,
+                s.kind,
+                _utc(s.saved_at),
+                _summary(s),
+                "verified" if s.receipt is not None else "-",
+            )
+            for s in saved
+        ),
+        whole=["query"],
+        plain_when_piped=True,
+    )
+
+
+def _utc(seconds: int) -> str:
+    return dt.datetime.fromtimestamp(seconds, dt.UTC).strftime("%Y-%m-%d %H:%M")

@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from typing import Any, Generic, TypeVar
 
@@ -68,6 +68,7 @@ class PsiOutcome:
     receipt: Receipt
     epsilon: Fraction | None = None
     interval: tuple[int, int] | None = None
+    body: dict[str, Any] = field(default_factory=dict)  # the signed plan (and its SQL)
 
 
 def log_keys(roster: Roster) -> dict[str, LogKey]:
@@ -77,6 +78,12 @@ def log_keys(roster: Roster) -> dict[str, LogKey]:
         for m in roster.members
         if m.address
     }
+
+
+def signed_body(plan: dict[str, Any], sql: str | None) -> dict[str, Any]:
+    """A plan's signed body, carrying the SQL it came from (when it did) for the operators
+    who judge it; the nodes read the plan's own fields and ignore ``sql``."""
+    return plan if sql is None else {**plan, "sql": sql}
 
 
 def release_mask(identity: Identity, plan: PsiPlan) -> str:
@@ -151,7 +158,9 @@ def ask(
             report(node, status.state, status.message)
         try:
             _await_approval(clients, query_id, statuses, report, approval_timeout, poll)
-        except GovshareError:
+        except (GovshareError, KeyboardInterrupt):
+            # Refused or denied elsewhere, timed out, or abandoned (Ctrl-C): withdrawn
+            # everywhere, so no operator is left a query to approve that will never run.
             _withdraw(clients, query_id, list(nodes))
             raise
         if prepare is not None:
@@ -226,18 +235,22 @@ def run_psi(
     run_timeout: float = DEFAULT_RUN_TIMEOUT,
     lifetime: int = DEFAULT_LIFETIME_SECONDS,
     poll: float = POLL_SECONDS,
+    sql: str | None = None,
 ) -> PsiOutcome:
     """Ask a PSI query of its two nodes and return the verified outcome.
+
+    ``sql``: the statement the plan came from, signed with it so that operators see it.
 
     Raises: as :func:`ask`.
     """
     if plan.kind is QueryKind.PSI_MEMBERSHIP and plan.recipient is None and plan.mask is None:
         plan = replace(plan, mask=release_mask(identity, plan))
     nodes = plan.nodes
+    body = signed_body(plan.to_json(), sql)
     asked = ask(
         identity,
         kind=plan.kind.value,
-        body=plan.to_json(),
+        body=body,
         nodes=nodes,
         run=lambda client, query_id: client.run(query_id, timeout=run_timeout),
         on_status=on_status,
@@ -271,7 +284,9 @@ def run_psi(
     else:
         count = len(records)
         sizes = {}
-    return PsiOutcome(query_id, plan.kind, count, sizes, records, receipt, plan.epsilon, interval)
+    return PsiOutcome(
+        query_id, plan.kind, count, sizes, records, receipt, plan.epsilon, interval, body
+    )
 
 
 def _await_approval(

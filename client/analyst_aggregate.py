@@ -15,8 +15,9 @@ figures are withheld.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
+from typing import Any
 
 from govshare.client.analyst import (
     DEFAULT_APPROVAL_TIMEOUT,
@@ -24,6 +25,7 @@ from govshare.client.analyst import (
     POLL_SECONDS,
     StatusCallback,
     ask,
+    signed_body,
 )
 from govshare.client.sql import AggregateColumns, UnionQuery, aggregate_columns, parse_query
 from govshare.model.aggregate_plan import (
@@ -93,6 +95,7 @@ class AggregateOutcome:
     budgets: dict[str, Budget]
     scheme: str
     receipt: Receipt
+    body: dict[str, Any] = field(default_factory=dict)  # the signed plan (and its SQL)
 
 
 @dataclass
@@ -119,6 +122,7 @@ def run_intersection_aggregate(
     approval_timeout: float = DEFAULT_APPROVAL_TIMEOUT,
     run_timeout: float = DEFAULT_RUN_TIMEOUT,
     poll: float = POLL_SECONDS,
+    sql: str | None = None,
 ) -> AggregateOutcome:
     """Ask an intersection aggregate (``plan.public_key`` is replaced by a fresh key).
 
@@ -128,7 +132,7 @@ def run_intersection_aggregate(
     plan = IntersectionPlan(
         plan.kind, plan.purpose, plan.values, plan.matcher, plan.figures, key.public
     )
-    return _run(identity, plan, key, on_status, approval_timeout, run_timeout, poll)
+    return _run(identity, plan, key, on_status, approval_timeout, run_timeout, poll, sql)
 
 
 def run_horizontal_aggregate(
@@ -141,6 +145,7 @@ def run_horizontal_aggregate(
     approval_timeout: float = DEFAULT_APPROVAL_TIMEOUT,
     run_timeout: float = DEFAULT_RUN_TIMEOUT,
     poll: float = POLL_SECONDS,
+    sql: str | None = None,
 ) -> AggregateOutcome:
     """Ask a horizontal aggregate; ``plan.scheme`` picks Paillier or BFV (fresh key either way).
 
@@ -156,7 +161,7 @@ def run_horizontal_aggregate(
         plan.kind, plan.purpose, plan.parts, plan.figures, plan.aggregator, plan.scheme,
         key.public,
     )  # fmt: skip
-    return _run(identity, plan, key, on_status, approval_timeout, run_timeout, poll)
+    return _run(identity, plan, key, on_status, approval_timeout, run_timeout, poll, sql)
 
 
 def pick_scheme(figures: Figures) -> str:
@@ -172,8 +177,10 @@ def _run(
     approval_timeout: float,
     run_timeout: float,
     poll: float,
+    sql: str | None = None,
 ) -> AggregateOutcome:
     keys: list[aggregate_pb2.EphemeralKey] = []
+    body = signed_body(plan.to_json(), sql)
 
     def prepare(clients: dict[str, NodeClient], query_id: str) -> None:
         if isinstance(plan, HorizontalPlan):
@@ -182,7 +189,7 @@ def _run(
     asked = ask(
         identity,
         kind=plan.kind.value,
-        body=plan.to_json(),
+        body=body,
         nodes=list(plan.nodes),
         prepare=prepare,
         run=lambda client, query_id: client.aggregate_run(
@@ -210,6 +217,7 @@ def _run(
         budgets=budgets,
         scheme=key.scheme,
         receipt=receipt,
+        body=body,
     )
 
 
@@ -315,7 +323,7 @@ def run_aggregate_sql(
             figures, first.node, pick_scheme(figures), b"",
         )  # fmt: skip
         return run_horizontal_aggregate(
-            identity, horizontal, on_status=on_status, approval_timeout=approval_timeout
+            identity, horizontal, on_status=on_status, approval_timeout=approval_timeout, sql=sql
         )
     if query.is_count_star:
         raise MalformedInput(
@@ -338,7 +346,7 @@ def run_aggregate_sql(
         QueryKind.INTERSECTION_AGGREGATE, purpose, side(alias), side(other), figures, b"",
     )  # fmt: skip
     return run_intersection_aggregate(
-        identity, plan, on_status=on_status, approval_timeout=approval_timeout
+        identity, plan, on_status=on_status, approval_timeout=approval_timeout, sql=sql
     )
 
 

@@ -42,7 +42,7 @@ from govshare.node.data.source_file import ProgressCallback, SourceFormat
 from govshare.node.node import Node
 from govshare.node.policy import approvals
 from govshare.node.policy.alerts import LoggedAlert, Suspension, SuspensionStore, logged_alerts
-from govshare.node.policy.approvals import PendingQuery
+from govshare.node.policy.approvals import Party, PendingQuery, QueryDetails
 from govshare.node.policy.crossborder import CrossBorderStore
 from govshare.node.policy.decision import GrantUsage
 from govshare.node.policy.grants import Grant, GrantStore
@@ -58,8 +58,10 @@ __all__ = [
     "LoggedAlert",
     "NullPolicy",
     "Operator",
+    "Party",
     "PendingQuery",
     "ProgressCallback",
+    "QueryDetails",
     "QueryRecord",
     "Restatement",
     "SourceFormat",
@@ -331,8 +333,18 @@ class Operator:
         finally:
             store.close()
 
+    def query_details(self, query_id: str) -> QueryDetails:
+        """What a query asks, from the signed request this node holds (a unique id prefix
+        will do)."""
+        store = QueryStore(self.config.database_path)
+        try:
+            return approvals.details(store, query_id)
+        finally:
+            store.close()
+
     def decide(self, query_id: str, *, approve: bool, reason: str) -> QueryRecord:
-        """Approve or deny a pending query; the decision is logged."""
+        """Approve or deny a pending query (a unique id prefix will do); the decision is
+        logged."""
         store = QueryStore(self.config.database_path)
         operator = self._actor(self.identity())
         try:
@@ -349,7 +361,7 @@ class Operator:
         """This node's own keys that matched a membership query it received."""
         store = QueryStore(self.config.database_path)
         try:
-            return store.matches(query_id)
+            return store.matches(store.resolve(query_id))
         finally:
             store.close()
 

@@ -8,7 +8,16 @@ query's status, proceeds on approval and stops with the operator's message on de
 
 A query whose signed request has expired cannot be decided: the operator's decision finds it
 expired, marks it so, returns its reservation (as the node's own ``QueryEngine.expire_stale``
-does) and is refused with :class:`QueryExpired`.
+does) and is refused with :class:`QueryExpired`. The queue (:func:`pending`) holds only queries
+still waiting whose request has not expired: one the analyst withdrew — after another node
+refused or denied it, after the analyst's approval timeout, or on Ctrl-C — is ``cancelled``
+and leaves it, and deciding it is refused naming that state (:class:`QueryNotPending`).
+
+What the operator judges (:func:`describe`) is read from the signed request the node holds,
+never from what the analyst's client says about it: every party and its dataset, the columns
+each uses and how, the filters, the release (ε or exact), the SQL the plan came from when the
+analyst wrote SQL (signed with the plan), and the request's deadline. Ids may be given by a
+unique prefix (``QueryStore.resolve``).
 """
 
 from __future__ import annotations
@@ -16,9 +25,14 @@ from __future__ import annotations
 import datetime as dt
 import time
 from dataclasses import dataclass
+from typing import Any
 
+from govshare.model.aggregate_plan import IntersectionPlan, parse_aggregate_plan
+from govshare.model.conditions import Condition
 from govshare.model.digests import request_digest
 from govshare.model.epsilon import format_epsilon
+from govshare.model.governance import ColumnAccess, QueryKind
+from govshare.model.query_plan import PSI_KINDS, parse_plan
 from govshare.model.states import APPROVED, DENIED, EXPIRED, PENDING
 from govshare.node.audit.sink import AuditSink
 from govshare.node.stores.query_store import QueryRecord, QueryStore
@@ -33,6 +47,10 @@ EXPIRED_REASON = "the request expired before it ran"
 
 class QueryExpired(Conflict):
     """The query's signed request expired before the operator's decision: it will never run."""
+
+
+class QueryNotPending(Conflict):
+    """The query is not waiting for a decision (decided, refused, withdrawn, run)."""
 
 
 @dataclass(frozen=True)
@@ -59,11 +77,121 @@ def expires_at_of(record: QueryRecord) -> int:
     return SignedRequest.decode(record.request).expires_at
 
 
-def pending(store: QueryStore) -> list[PendingQuery]:
-    return [
+def pending(store: QueryStore, *, now: int | None = None) -> list[PendingQuery]:
+    """The queries waiting for this operator's decision whose signed request has not expired
+    (an expired one can never run; the node marks it ``expired`` when it next looks)."""
+    when = int(time.time()) if now is None else now
+    waiting = (
         PendingQuery(r, request_digest(r.request), release_of(r), expires_at_of(r))
         for r in store.with_state(PENDING)
-    ]
+    )
+    return [p for p in waiting if p.expires_at > when]
+
+
+@dataclass(frozen=True)
+class Party:
+    """One node's part in a query, as the signed plan states it."""
+
+    node: str
+    dataset: str
+    role: str  # "left" / "right" (PSI), "values" / "matcher", or "part" / "aggregator"
+    columns: tuple[str, ...]  # "column (use)", e.g. "id_number (join)"
+    filters: tuple[str, ...]  # "column op value"
+
+
+@dataclass(frozen=True)
+class QueryDetails:
+    """What an operator judges before deciding a query: all from the signed request."""
+
+    record: QueryRecord
+    request_digest: str
+    issued_at: int
+    expires_at: int
+    release: str  # as PendingQuery.release
+    epsilon: str | None  # the ε the plan asks for, or None (exact, or records)
+    exact: bool
+    parties: tuple[Party, ...]
+    sql: str | None  # the SQL the analyst wrote, when the plan came from SQL
+    recipient: str | None  # membership: the node that learns which of its keys match
+    mask: str | None  # membership released to the analyst: the masking rule of the keys
+
+
+def _filter_text(condition: Condition) -> str:
+    value = condition.value
+    shown = (
+        "(" + ", ".join(repr(v) for v in value) + ")" if isinstance(value, tuple) else repr(value)
+    )
+    return f"{condition.column} {condition.op} {shown}"
+
+
+def _uses(accesses: tuple[ColumnAccess, ...]) -> tuple[str, ...]:
+    """Each column once, with its uses: ``amount (aggregate)``, ``id_number (join, release)``."""
+    by_column: dict[str, list[str]] = {}
+    for access in accesses:
+        uses = by_column.setdefault(access.column, [])
+        if access.use.value not in uses:
+            uses.append(access.use.value)
+    return tuple(f"{column} ({', '.join(uses)})" for column, uses in by_column.items())
+
+
+def _parties(kind: str, body: Any) -> tuple[tuple[Party, ...], str | None, str | None]:
+    """(parties, recipient, mask) of a plan body. Raises MalformedInput as the plan parsers."""
+    if kind in {k.value for k in PSI_KINDS}:
+        plan = parse_plan(body, kind=kind)
+        releases = plan.kind is QueryKind.PSI_MEMBERSHIP and plan.recipient is None
+        sides = ((plan.left, "left", releases), (plan.right, "right", False))
+        parties = tuple(
+            Party(
+                side.node,
+                side.dataset,
+                role,
+                _uses(side.accesses(release=release)),
+                tuple(_filter_text(c) for c in side.where),
+            )
+            for side, role, release in sides
+        )
+        return parties, plan.recipient, plan.mask
+    aggregate = parse_aggregate_plan(body, kind=kind)
+    found = []
+    for node in aggregate.nodes:
+        dataset, uses, where = aggregate.accesses(node)
+        if isinstance(aggregate, IntersectionPlan):
+            role = "values" if node == aggregate.values.node else "matcher"
+        else:
+            role = "aggregator" if node == aggregate.aggregator else "part"
+        found.append(Party(node, dataset, role, _uses(uses), tuple(_filter_text(c) for c in where)))
+    return tuple(found), None, None
+
+
+def describe(record: QueryRecord) -> QueryDetails:
+    """What the query asks, read from its signed request (see the module docstring).
+
+    Raises:
+        MalformedInput: the stored request does not parse (it did when it was admitted).
+    """
+    request = SignedRequest.decode(record.request)
+    body = request.body_json()
+    parties, recipient, mask = _parties(request.kind, body)
+    epsilon_raw = body.get("epsilon") if isinstance(body, dict) else None
+    sql = body.get("sql") if isinstance(body, dict) else None
+    return QueryDetails(
+        record=record,
+        request_digest=request_digest(record.request),
+        issued_at=request.issued_at,
+        expires_at=request.expires_at,
+        release=release_of(record),
+        epsilon=epsilon_raw if isinstance(epsilon_raw, str) else None,
+        exact=isinstance(body, dict) and body.get("exact") is True,
+        parties=parties,
+        sql=sql if isinstance(sql, str) and sql.strip() else None,
+        recipient=recipient,
+        mask=mask,
+    )
+
+
+def details(store: QueryStore, query_id: str) -> QueryDetails:
+    """:func:`describe` the query ``query_id`` names (a unique prefix will do)."""
+    return describe(store.get(store.resolve(query_id)))
 
 
 def decide(
@@ -78,14 +206,25 @@ def decide(
 ) -> QueryRecord:
     """Approve or deny a pending query and log the decision.
 
+    ``query_id`` may be a unique prefix of the id.
+
     Raises:
         NotFound: no such query.
+        MalformedInput: ``query_id`` is a prefix of several ids (named).
         QueryExpired: the query's signed request has expired (now or before); it is marked
             ``expired`` and its reservation returned, and no decision is logged.
-        Conflict: the query is not pending (already decided, refused, or run).
+        QueryNotPending: the query is not pending (decided, refused, withdrawn by the
+            analyst, or run); the message names its state.
     """
     when = int(time.time()) if now is None else now
+    query_id = store.resolve(query_id)
     _refuse_expired(store, audit, query_id, now=when, actor=operator)
+    current = store.get(query_id)
+    if current.state != PENDING:
+        raise QueryNotPending(
+            f"query {query_id} is {current.state} ({current.message}): only a query waiting "
+            f"for approval can be {'approved' if approve else 'denied'}"
+        )
     message = reason or ("approved by the operator" if approve else "denied by the operator")
     record = store.transition(
         query_id, from_states=[PENDING], to=APPROVED if approve else DENIED, now=when,

@@ -46,7 +46,7 @@ from govshare.model.states import (
 from govshare.node.policy.decision import DatasetBudget, Decision, GrantUsage, dataset_epsilon_cap
 from govshare.node.policy.grants import Grant
 from govshare.node.stores.sqlite import connect, immediate
-from govshare.protocols.errors import AlreadyExists, Conflict, NotFound
+from govshare.protocols.errors import AlreadyExists, Conflict, MalformedInput, NotFound
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS queries (
@@ -95,6 +95,30 @@ CREATE TABLE IF NOT EXISTS exact_releases (
     PRIMARY KEY (analyst, dataset, query_id)
 );
 """
+
+
+# Candidates an ambiguous id prefix names in its refusal (the rest are counted as "...").
+MAX_CANDIDATES_SHOWN = 8
+
+
+def unique_id(candidates: Sequence[str], prefix: str, *, what: str) -> str:
+    """The one of ``candidates`` (the ids starting with ``prefix``), or why there is not one.
+
+    Raises:
+        NotFound: no candidate.
+        MalformedInput: several; the message names up to :data:`MAX_CANDIDATES_SHOWN`.
+    """
+    if not candidates:
+        raise NotFound(f"no {what} {prefix}")
+    if len(candidates) > 1:
+        named = ", ".join(candidates[:MAX_CANDIDATES_SHOWN])
+        more = ", ..." if len(candidates) > MAX_CANDIDATES_SHOWN else ""
+        raise MalformedInput(
+            f"{what} id prefix {prefix!r} is ambiguous: it matches {named}{more}; "
+            "give more characters",
+            field="query_id",
+        )
+    return candidates[0]
 
 
 def ledger_view(
@@ -212,6 +236,25 @@ class QueryStore:
         if row is None:
             raise NotFound(f"no query {query_id}")
         return _record(row)
+
+    def resolve(self, prefix: str) -> str:
+        """The one query id that starts with ``prefix`` (a whole id is its own prefix), so that
+        an operator may type the first characters of an id.
+
+        Raises:
+            NotFound: no query id starts with ``prefix``.
+            MalformedInput: several do (the message names them).
+        """
+        wanted = prefix.strip().lower()
+        if not wanted or not all(c in "0123456789abcdef" for c in wanted):
+            raise NotFound(f"no query {prefix}")
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT query_id FROM queries WHERE substr(query_id, 1, ?) = ? "
+                "ORDER BY query_id LIMIT ?",
+                (len(wanted), wanted, MAX_CANDIDATES_SHOWN + 1),
+            ).fetchall()
+        return unique_id([str(row[0]) for row in rows], prefix, what="query")
 
     def transition(
         self,
