@@ -30,9 +30,12 @@ from govshare.client.auditor import (
     refusal_summary,
     verify_receipt,
 )
+from govshare.client.auditor import (
+    verify_export as verify_export_bundle,  # the command below is named verify_export
+)
 from govshare.client.report import assess, summary_text, write_html
 from govshare.client.risk import PulledLogs
-from govshare.model.identity import Identity
+from govshare.model.identity import CA_CERT, Identity
 from govshare.model.reconcile import QueryReconciliation
 from govshare.model.risk import RULES, Alert, Severity
 from govshare.protocols.errors import MalformedInput, NotFound, VerificationFailed
@@ -305,13 +308,26 @@ def export(identity: Path, state: Path, file: Path, as_json: bool) -> None:
 @identity_option
 @state_option
 @click.argument("file", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.option(
+    "--ca",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="The federation CA certificate to trust [default: ca.crt in the --identity folder].",
+)
 @quorum_option
 @json_option
 def verify_export(
-    identity: Path, state: Path, file: Path, quorum: int | None, as_json: bool
+    identity: Path, state: Path, file: Path, ca: Path | None, quorum: int | None, as_json: bool
 ) -> None:
-    """Verify an export bundle offline, against your own federation CA."""
-    verdicts = _auditor(identity, state, quorum=quorum).verify_export(file)
+    """Verify an export bundle offline, against your own federation CA certificate.
+
+    Needs no private key and no network: only the CA certificate (--ca, or the ca.crt of the
+    --identity folder), never the bundle's own.
+    """
+    ca_file = ca or identity / CA_CERT
+    if not ca_file.is_file():
+        raise NotFound(f"no federation CA certificate at {ca_file}; pass --ca or --identity")
+    verdicts = verify_export_bundle(file, ca_cert_pem=ca_file.read_bytes(), quorum=quorum)
     if not verdicts:
         raise MalformedInput(f"{file} holds no node logs")
     _report(verdicts, as_json)

@@ -6,13 +6,15 @@ from pathlib import Path
 from typing import Any
 
 import click
+from rich.markup import escape
 
 from govshare.cli.common import console, emit_json, err_console, identity_option, json_option
 from govshare.cli.crossborder import when_text
 from govshare.model.epsilon import format_epsilon
 from govshare.model.governance import ColumnRule, DatasetInfo, OwnerKind
 from govshare.model.identity import Identity
-from govshare.rpc.client import NodeClient, federation_catalog
+from govshare.protocols.errors import Unavailable
+from govshare.rpc.client import NodeCatalogue, NodeClient, federation_catalog
 
 
 def _rule_text(rule: ColumnRule) -> str:
@@ -61,16 +63,24 @@ def group() -> None:
 @click.option("--timeout", default=10.0, show_default=True, help="Seconds to wait per node.")
 @json_option
 def list_(identity: Path, timeout: float, as_json: bool) -> None:
-    """List every node's datasets: metadata and column rules, never rows."""
+    """List every node's datasets: metadata and column rules, never rows.
+
+    Exits 1 when no node answers; a node that does not answer while others do is named in a
+    warning line on stderr.
+    """
     me = Identity.load(identity)
     answers = federation_catalog(me, timeout=timeout)
+    failed = [a for a in answers if a.error]
     if as_json:
         emit_json(
             {
                 "datasets": [dataset_json(a.node, d) for a in answers for d in a.datasets],
-                "unreachable": {a.node: a.error for a in answers if a.error},
+                "unreachable": {a.node: a.error for a in failed},
             }
         )
+    if answers and len(failed) == len(answers):
+        raise Unavailable(f"no node answered: {_failures(failed)}")
+    if as_json:
         return
     from rich.table import Table
 
@@ -89,9 +99,18 @@ def list_(identity: Path, timeout: float, as_json: bool) -> None:
                 "\n".join(_rule_text(c) for c in d.columns),
             )
     console.print(table)
-    for answer in answers:
-        if answer.error:
-            err_console.print(f"[yellow]unreachable:[/] {answer.error}")
+    if failed:
+        err_console.print(
+            f"[yellow]warning:[/] {len(failed)} of {len(answers)} nodes did not answer: "
+            f"{escape(_failures(failed))}",
+            soft_wrap=True,
+        )
+
+
+def _failures(failed: list[NodeCatalogue]) -> str:
+    return "; ".join(
+        a.error if a.error and a.node in a.error else f"{a.node}: {a.error}" for a in failed
+    )
 
 
 @group.command("show")

@@ -89,3 +89,8 @@ def render_table(
 def _plain(cell: str) -> str:
     """A cell on one tab-separated line: tabs and line breaks become spaces."""
     return " ".join(cell.replace("\t", " ").splitlines())
+
+
+def grouped_fingerprint(hex_digest: str) -> str:
+    """A hex fingerprint in groups of four, to read out over the telephone."""
+    return " ".join(hex_digest[i : i + 4] for i in range(0, len(hex_digest), 4))

@@ -7,9 +7,15 @@ from pathlib import Path
 
 import click
 
-from govshare.cli.common import console, emit_json, json_option, render_table
+from govshare.cli.common import (
+    console,
+    emit_json,
+    grouped_fingerprint,
+    json_option,
+    render_table,
+)
 from govshare.model.governance import Role
-from govshare.model.identity import Federation, init_federation
+from govshare.model.identity import EnrolmentRequest, Federation, init_federation
 
 _fed_dir = click.option(
     "--dir",
@@ -38,31 +44,131 @@ def init(directory: Path, name: str) -> None:
     )
 
 
+_role = click.option(
+    "--role",
+    type=click.Choice([r.value for r in Role]),
+    default=None,
+    help="Member role (required unless --reissue, which keeps the roster's).",
+)
+_jurisdiction = click.option(
+    "--jurisdiction",
+    default=None,
+    help="ISO 3166-1 alpha-2 code, e.g. CN (required unless --reissue).",
+)
+_address = click.option(
+    "--address",
+    default=None,
+    help="HOST:PORT where a node listens (nodes only; --reissue keeps the roster's).",
+)
+_reissue = click.option(
+    "--reissue",
+    is_flag=True,
+    help="Replace an enrolled member's certificate and keys; once the roster is published "
+    "nodes refuse the old ones.",
+)
+
+
+def _enrolled_line(action: str, federation: Federation, name: str, out: Path) -> str:
+    member = federation.roster.member(name)
+    return (
+        f"{action} {member.role.value} [bold]{member.name}[/] ({member.jurisdiction}) "
+        f"into {out}; roster version {federation.roster.version}"
+    )
+
+
 @group.command("enrol")
 @_fed_dir
-@click.option(
-    "--role", type=click.Choice([r.value for r in Role]), required=True, help="Member role."
-)
+@_role
 @click.option("--name", required=True, help="Member name (one DNS label).")
-@click.option("--jurisdiction", required=True, help="ISO 3166-1 alpha-2 code, e.g. CN.")
-@click.option("--address", default="", help="HOST:PORT where a node listens (nodes only).")
+@_jurisdiction
+@_address
 @click.option(
     "--out",
     type=click.Path(file_okay=False, path_type=Path),
     required=True,
     help="Folder to write the member's identity bundle into.",
 )
+@_reissue
 def enrol(
-    directory: Path, role: str, name: str, jurisdiction: str, address: str, out: Path
+    directory: Path,
+    role: str | None,
+    name: str,
+    jurisdiction: str | None,
+    address: str | None,
+    out: Path,
+    reissue: bool,
 ) -> None:
-    """Issue a member's TLS certificate and signing key, and re-sign the roster."""
-    federation = Federation.load(directory)
-    federation, member = federation.enrol(
-        role=Role(role), name=name, jurisdiction=jurisdiction, address=address, out=out
+    """Issue a member's TLS certificate and signing key, and re-sign the roster.
+
+    With --reissue an enrolled member gets new keys and a new certificate in OUT; publish the
+    roster (or hand it over with 'roster --out') and nodes refuse the old certificate.
+    """
+    federation, _ = Federation.load(directory).enrol(
+        role=Role(role) if role else None,
+        name=name,
+        jurisdiction=jurisdiction,
+        address=address,
+        out=out,
+        reissue=reissue,
+    )
+    console.print(_enrolled_line("re-issued" if reissue else "enrolled", federation, name, out))
+
+
+@group.command("sign")
+@_fed_dir
+@click.argument("request", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@_role
+@_jurisdiction
+@_address
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Folder to write the member's public bundle into: tls.crt, ca.crt, roster.json.",
+)
+@_reissue
+@json_option
+def sign(
+    directory: Path,
+    request: Path,
+    role: str | None,
+    jurisdiction: str | None,
+    address: str | None,
+    out: Path,
+    reissue: bool,
+    as_json: bool,
+) -> None:
+    """Enrol a member from its certificate request (REQUEST, from 'govshare node keygen').
+
+    The member made its keys and keeps them: OUT receives only its certificate, the CA
+    certificate and the signed roster, to copy into the member's home. Compare the request
+    fingerprint printed here with the one the member's keygen printed before handing OUT back.
+    """
+    parsed = EnrolmentRequest.from_pem(request.read_bytes())
+    federation, member, _ = Federation.load(directory).sign_request(
+        parsed,
+        role=Role(role) if role else None,
+        jurisdiction=jurisdiction,
+        address=address,
+        out=out,
+        reissue=reissue,
+    )
+    if as_json:
+        emit_json(
+            {
+                "member": member.to_json(),
+                "request_fingerprint": parsed.fingerprint,
+                "roster_version": federation.roster.version,
+                "out": str(out),
+            }
+        )
+        return
+    console.print(f"request fingerprint {grouped_fingerprint(parsed.fingerprint)}", soft_wrap=True)
+    console.print(
+        _enrolled_line("re-issued" if reissue else "enrolled", federation, member.name, out)
     )
     console.print(
-        f"enrolled {member.role.value} [bold]{member.name}[/] ({member.jurisdiction}) "
-        f"into {out}; roster version {federation.roster.version}"
+        f"copy {out}/tls.crt, ca.crt and roster.json into {member.name}'s home", soft_wrap=True
     )
 
 
@@ -95,10 +201,25 @@ def publish(directory: Path, bundles: tuple[Path, ...]) -> None:
 
 @group.command("roster")
 @_fed_dir
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write the signed roster file here, to hand to nodes on other machines "
+    "('govshare node roster install').",
+)
 @json_option
-def roster(directory: Path, as_json: bool) -> None:
-    """Show the signed roster's members."""
-    current = Federation.load(directory).roster
+def roster(directory: Path, out: Path | None, as_json: bool) -> None:
+    """Show the signed roster's members, or write the signed roster file (--out)."""
+    federation = Federation.load(directory)
+    current = federation.roster
+    if out is not None:
+        federation.export_roster(out)
+        if as_json:
+            emit_json({"out": str(out), "version": current.version})
+        else:
+            console.print(f"roster version {current.version} written to {out}")
+        return
     if as_json:
         emit_json(current.to_json())
         return

@@ -11,14 +11,15 @@ from rich.markup import escape
 from govshare.cli.common import (
     console,
     emit_json,
+    grouped_fingerprint,
     home_option,
     identity_option,
     json_option,
     render_table,
 )
-from govshare.model.identity import Identity
+from govshare.model.identity import Identity, create_request, install_roster
 from govshare.node.api.server import serve as serve_node
-from govshare.node.config import NodeConfig, write_default
+from govshare.node.config import CONFIG_NAME, NodeConfig
 from govshare.node.operator import Operator, initialise
 from govshare.rpc.client import NodeClient
 
@@ -39,10 +40,39 @@ def group() -> None:
     help="The node's identity bundle, relative to the home.",
 )
 def init(home: Path, listen: str, identity: str) -> None:
-    """Write node.toml with documented defaults and create the node's stores."""
-    path = write_default(home, listen=listen, identity=identity)
-    name = initialise(home)
+    """Write node.toml with documented defaults and create the node's stores.
+
+    The node must be enrolled first (its identity bundle in the home): otherwise nothing is
+    written, and the error says how to enrol.
+    """
+    name, path = initialise(home, listen=listen, identity=identity)
     console.print(f"node [bold]{name}[/] initialised: {path}")
+
+
+@group.command("keygen")
+@home_option
+@click.option("--name", required=True, help="The node's member name (one DNS label).")
+@json_option
+def keygen(home: Path, name: str, as_json: bool) -> None:
+    """Make the node's private keys in its home and a certificate request for the administrator.
+
+    Writes tls.key and signing.key (0600; they never leave the home) and NAME.csr, the request
+    to hand to the federation administrator ('govshare federation sign'). Read the request
+    fingerprint to the administrator over another channel. Copy the tls.crt, ca.crt and
+    roster.json the administrator returns into the home, then run 'govshare node init'.
+    """
+    request, path = create_request(home, name)
+    if as_json:
+        emit_json({"request": str(path), "fingerprint": request.fingerprint, "name": name})
+        return
+    console.print(f"keys for [bold]{name}[/] written to {home} (tls.key, signing.key; 0600)")
+    console.print(f"certificate request: {path}")
+    console.print(f"request fingerprint {grouped_fingerprint(request.fingerprint)}", soft_wrap=True)
+    console.print(
+        f"hand {path} to the federation administrator: govshare federation sign {path.name} "
+        "--role node --jurisdiction CODE --address HOST:PORT --out DIR",
+        soft_wrap=True,
+    )
 
 
 @group.command("serve")
@@ -55,6 +85,67 @@ def serve(home: Path) -> None:
     serves a home, another refuses at once, naming the process that holds the home's lock.
     """
     serve_node(NodeConfig.load(home))
+
+
+def _identity_dir(home: Path) -> Path:
+    """The node's identity bundle: as its node.toml says, or the home before ``node init``."""
+    if (home / CONFIG_NAME).exists():
+        return NodeConfig.load(home).identity_dir
+    return home
+
+
+@group.group("roster")
+def roster() -> None:
+    """The signed federation roster this node holds."""
+
+
+@roster.command("install")
+@home_option
+@click.argument("file", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@json_option
+def roster_install(home: Path, file: Path, as_json: bool) -> None:
+    """Install a signed roster (from 'govshare federation roster --out FILE').
+
+    Refused unless the federation CA in the node's bundle signed it, it is not older than the
+    roster held, and it lists this node's certificate. A serving node adopts it at its next call.
+    """
+    held, installed = install_roster(_identity_dir(home), file.read_bytes())
+    if as_json:
+        emit_json(
+            {
+                "federation": installed.federation,
+                "version": installed.version,
+                "previous_version": held.version if held else None,
+                "members": len(installed.members),
+            }
+        )
+        return
+    if held is None:
+        before = ""
+    elif held.version == installed.version:
+        before = " (already held)"
+    else:
+        before = f" (was version {held.version})"
+    console.print(
+        f"roster version {installed.version} of {installed.federation} installed{before}; "
+        f"{len(installed.members)} members"
+    )
+
+
+@roster.command("show")
+@home_option
+@json_option
+def roster_show(home: Path, as_json: bool) -> None:
+    """Show the roster this node holds."""
+    current = Identity.load(_identity_dir(home)).roster
+    if as_json:
+        emit_json(current.to_json())
+        return
+    render_table(
+        f"federation {current.federation} — roster version {current.version}",
+        ["name", "role", "jurisdiction", "address"],
+        ((m.name, m.role.value, m.jurisdiction, m.address) for m in current.members),
+    )
 
 
 @group.command("results")

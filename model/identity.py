@@ -12,10 +12,26 @@ certificate fingerprint), carries a version number, and is signed by the CA key 
 canonical JSON encoding. A node accepts a caller only if its verified certificate is the one
 the roster names, so re-enrolling a member revokes its old certificate.
 
+A member is enrolled in one of two ways. ``Federation.enrol`` makes its keys on the
+administrator's machine and writes the whole bundle. Or the member makes its own keys
+(:func:`create_request`, ``govshare node keygen``) and hands the administrator a certificate
+signing request (PKCS #10) that also carries its Ed25519 public key; ``Federation.sign_request``
+checks it and returns only public files, so the private keys never leave the member. The
+request proves possession of both keys: the CSR is signed by the TLS key, and the Ed25519 key
+signs the TLS key's SubjectPublicKeyInfo and the member name (:data:`REQUEST_CONTEXT`). What it
+cannot prove is *who* made it: the administrator compares the request's fingerprint with the
+department's over another channel before signing.
+
+A signed roster travels to nodes on other machines as a file (``govshare federation roster
+--out``); :func:`install_roster` installs it into a bundle only if the bundle's own CA signed
+it, it belongs to the same federation, it is not older than the roster held, and it still
+lists the bundle's certificate.
+
 Files (private keys are created 0600 and never printed):
 
     federation/            ca.key  ca.crt  roster.json
     <member bundle>/       tls.key tls.crt signing.key ca.crt roster.json
+    <keygen home>/         tls.key signing.key <name>.csr   (until the signed files are copied in)
 """
 
 from __future__ import annotations
@@ -40,6 +56,7 @@ from govshare.model.governance import Role
 from govshare.protocols.canonical import canonical_json
 from govshare.protocols.errors import (
     AlreadyExists,
+    Conflict,
     MalformedInput,
     NotFound,
     VerificationFailed,
@@ -51,6 +68,19 @@ ROSTER = "roster.json"
 TLS_KEY = "tls.key"
 TLS_CERT = "tls.crt"
 SIGNING_KEY = "signing.key"
+REQUEST_SUFFIX = ".csr"
+
+# The member's Ed25519 public key travels in its CSR as a private extension under the UUID arc
+# 2.25 (ITU-T X.667: an OID anyone may mint without registration). Its value is a DER OCTET
+# STRING of the raw public key (32 bytes) followed by an Ed25519 signature (64 bytes) over
+# REQUEST_CONTEXT, the member name, a zero byte and the TLS key's DER SubjectPublicKeyInfo.
+SIGNING_KEY_EXTENSION = x509.ObjectIdentifier("2.25.2239641521776467427014717858674256279")
+REQUEST_CONTEXT = b"govshare enrolment request v1\x00"
+_SIGNING_KEY_VALUE_HEADER = b"\x04\x60"  # OCTET STRING, 96 bytes
+# A CSR is well under 2 KiB; the bound keeps a hostile file from being parsed at all.
+MAX_REQUEST_BYTES = 64 * 1024
+# Roster files grow by about 300 bytes a member; 16 MiB is tens of thousands of members.
+MAX_ROSTER_BYTES = 16 * 1024 * 1024
 
 # CA lifetime: the federation outlives any one member certificate.
 CA_VALIDITY = dt.timedelta(days=3650)
@@ -79,6 +109,18 @@ def _write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)
+
+
+def _pem_private(key: ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def _raw_public(key: ed25519.Ed25519PublicKey) -> bytes:
+    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
 def validate_name(name: str) -> str:
@@ -341,10 +383,10 @@ class Federation:
     def enrol(
         self,
         *,
-        role: Role,
+        role: Role | None = None,
         name: str,
-        jurisdiction: str,
-        address: str = "",
+        jurisdiction: str | None = None,
+        address: str | None = None,
         out: Path,
         now: dt.datetime | None = None,
         validity: dt.timedelta = MEMBER_VALIDITY,
@@ -354,22 +396,17 @@ class Federation:
 
         With ``reissue`` an enrolled member gets new keys and a new certificate (a lost or
         compromised key, a yearly renewal): once the roster is published, nodes refuse the old
-        certificate and signing key.
+        certificate and signing key. A re-issue keeps the role, jurisdiction and address the
+        roster lists unless they are given.
 
         Returns the federation with the new roster, and the new member.
+
+        Raises:
+            AlreadyExists: ``name`` is enrolled (without ``reissue``), or ``out`` holds keys.
+            NotFound: ``reissue`` of a name that is not enrolled.
+            MalformedInput: a bad name, jurisdiction or node address, or no role.
         """
-        validate_name(name)
-        validate_jurisdiction(jurisdiction)
-        if role is Role.NODE and not ADDRESS_PATTERN.match(address):
-            raise MalformedInput("a node needs --address HOST:PORT", field="address")
-        enrolled = any(m.name == name for m in self.roster.members)
-        if enrolled and not reissue:
-            raise AlreadyExists(
-                f"{name!r} is already enrolled in {self.roster.federation!r} "
-                "(--reissue replaces its keys)"
-            )
-        if reissue and not enrolled:
-            raise NotFound(f"{name!r} is not enrolled in {self.roster.federation!r}")
+        role, jurisdiction, address = self._admission(name, role, jurisdiction, address, reissue)
         now = now or _now()
         out.mkdir(parents=True, exist_ok=True)
         for filename in (TLS_KEY, SIGNING_KEY):
@@ -378,43 +415,140 @@ class Federation:
 
         tls_key = ec.generate_private_key(ec.SECP256R1())
         signing_key = ed25519.Ed25519PrivateKey.generate()
+        roster, cert, member = self._issue(
+            name=name,
+            role=role,
+            jurisdiction=jurisdiction,
+            address=address,
+            tls_public=tls_key.public_key(),
+            signing_public=_raw_public(signing_key.public_key()),
+            now=now,
+            validity=validity,
+        )
+        signed = roster.sign(self.ca_key)
+        _write_private(out / TLS_KEY, _pem_private(tls_key))
+        _write_private(out / SIGNING_KEY, _pem_private(signing_key))
+        self._write_public(out, cert, signed)
+        return replace(self, roster=roster), member
+
+    def sign_request(
+        self,
+        request: EnrolmentRequest,
+        *,
+        role: Role | None = None,
+        jurisdiction: str | None = None,
+        address: str | None = None,
+        out: Path,
+        now: dt.datetime | None = None,
+        validity: dt.timedelta = MEMBER_VALIDITY,
+        reissue: bool = False,
+    ) -> tuple[Federation, Member, x509.Certificate]:
+        """Issue a certificate for the keys of a member's request and re-sign the roster.
+
+        Writes the member's public files into ``out`` — its certificate, the CA certificate and
+        the signed roster — never a private key: the member made its keys and keeps them. The
+        request's name is the member's name; role and jurisdiction are the administrator's
+        (as :meth:`enrol`, a re-issue keeps what the roster lists unless they are given).
+
+        Returns the federation with the new roster, the new member and its certificate.
+
+        Raises:
+            AlreadyExists: the name is enrolled (without ``reissue``), or another member
+                holds the request's signing key.
+            NotFound: ``reissue`` of a name that is not enrolled.
+            MalformedInput: a bad jurisdiction or node address, or no role.
+        """
+        name = request.name
+        role, jurisdiction, address = self._admission(name, role, jurisdiction, address, reissue)
+        roster, cert, member = self._issue(
+            name=name,
+            role=role,
+            jurisdiction=jurisdiction,
+            address=address,
+            tls_public=request.tls_public_key,
+            signing_public=request.signing_key,
+            now=now or _now(),
+            validity=validity,
+        )
+        out.mkdir(parents=True, exist_ok=True)
+        self._write_public(out, cert, roster.sign(self.ca_key))
+        return replace(self, roster=roster), member, cert
+
+    def _admission(
+        self,
+        name: str,
+        role: Role | None,
+        jurisdiction: str | None,
+        address: str | None,
+        reissue: bool,
+    ) -> tuple[Role, str, str]:
+        """Check that ``name`` may be enrolled (or re-issued); fill a re-issue's unset role,
+        jurisdiction and address from the roster."""
+        validate_name(name)
+        held = next((m for m in self.roster.members if m.name == name), None)
+        if held is not None and not reissue:
+            raise AlreadyExists(
+                f"{name!r} is already enrolled in {self.roster.federation!r} "
+                "(--reissue replaces its keys)"
+            )
+        if reissue and held is None:
+            raise NotFound(f"{name!r} is not enrolled in {self.roster.federation!r}")
+        if held is not None:
+            role = role or held.role
+            jurisdiction = jurisdiction or held.jurisdiction
+            address = held.address if address is None and role is held.role else address
+        if role is None:
+            raise MalformedInput("a new member needs --role", field="role")
+        if jurisdiction is None:
+            raise MalformedInput("a new member needs --jurisdiction", field="jurisdiction")
+        validate_jurisdiction(jurisdiction)
+        address = address or ""
+        if role is Role.NODE and not ADDRESS_PATTERN.match(address):
+            raise MalformedInput("a node needs --address HOST:PORT", field="address")
+        return role, jurisdiction, address
+
+    def _issue(
+        self,
+        *,
+        name: str,
+        role: Role,
+        jurisdiction: str,
+        address: str,
+        tls_public: ec.EllipticCurvePublicKey,
+        signing_public: bytes,
+        now: dt.datetime,
+        validity: dt.timedelta,
+    ) -> tuple[Roster, x509.Certificate, Member]:
+        """The member's certificate and the next roster, which lists it in place of any
+        earlier certificate of the same name."""
+        others = tuple(m for m in self.roster.members if m.name != name)
+        for other in others:
+            if other.signing_key == signing_public:
+                raise AlreadyExists(f"{other.name!r} already holds this signing key")
         cert = _issue_member_cert(
-            self.ca_key, self.ca_cert, tls_key, name, role, jurisdiction, now, validity
+            self.ca_key, self.ca_cert, tls_public, name, role, jurisdiction, now, validity
         )
         member = Member(
             name=name,
             role=role,
             jurisdiction=jurisdiction,
             address=address,
-            signing_key=signing_key.public_key().public_bytes(
-                serialization.Encoding.Raw, serialization.PublicFormat.Raw
-            ),
+            signing_key=signing_public,
             tls_fingerprint=fingerprint(cert),
         )
-        others = tuple(m for m in self.roster.members if m.name != name)
         roster = replace(
             self.roster,
             version=self.roster.version + 1,
             issued_at=int(now.timestamp()),
             members=(*others, member),
         )
-        signed = roster.sign(self.ca_key)
-        pkcs8 = serialization.PrivateFormat.PKCS8
-        _write_private(
-            out / TLS_KEY,
-            tls_key.private_bytes(serialization.Encoding.PEM, pkcs8, serialization.NoEncryption()),
-        )
-        _write_private(
-            out / SIGNING_KEY,
-            signing_key.private_bytes(
-                serialization.Encoding.PEM, pkcs8, serialization.NoEncryption()
-            ),
-        )
+        return roster, cert, member
+
+    def _write_public(self, out: Path, cert: x509.Certificate, signed: bytes) -> None:
         (out / TLS_CERT).write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         (out / CA_CERT).write_bytes(self.ca_cert.public_bytes(serialization.Encoding.PEM))
         _write_atomic(self.directory / ROSTER, signed)
         _write_atomic(out / ROSTER, signed)
-        return replace(self, roster=roster), member
 
     def revoke(self, name: str, *, now: dt.datetime | None = None) -> Federation:
         """Remove a member from the roster and re-sign it; once published, nodes refuse it.
@@ -438,11 +572,16 @@ class Federation:
             raise NotFound(f"{bundle} is not a member identity bundle")
         _write_atomic(bundle / ROSTER, (self.directory / ROSTER).read_bytes())
 
+    def export_roster(self, path: Path) -> None:
+        """Write the current signed roster to ``path``, to hand to members on other machines
+        (they install it with :func:`install_roster`, which checks the CA's signature)."""
+        _write_atomic(path, (self.directory / ROSTER).read_bytes())
+
 
 def _issue_member_cert(
     ca_key: ec.EllipticCurvePrivateKey,
     ca_cert: x509.Certificate,
-    key: ec.EllipticCurvePrivateKey,
+    key: ec.EllipticCurvePublicKey | ec.EllipticCurvePrivateKey,
     name: str,
     role: Role,
     jurisdiction: str,
@@ -460,7 +599,7 @@ def _issue_member_cert(
         x509.CertificateBuilder()
         .subject_name(subject)
         .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
+        .public_key(key.public_key() if isinstance(key, ec.EllipticCurvePrivateKey) else key)
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=5))
         .not_valid_after(now + validity)
@@ -477,6 +616,175 @@ def _issue_member_cert(
         )
         .sign(ca_key, hashes.SHA256())
     )
+
+
+# --------------------------------------------------------------------------- enrolment request
+
+
+def _request_message(name: str, tls_public: ec.EllipticCurvePublicKey) -> bytes:
+    spki = tls_public.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return REQUEST_CONTEXT + name.encode("ascii") + b"\x00" + spki
+
+
+@dataclass(frozen=True)
+class EnrolmentRequest:
+    """A member's certificate signing request, carrying its Ed25519 public key (module
+    docstring). Holds no private key: :func:`create_request` keeps those in the member's home."""
+
+    name: str
+    csr: x509.CertificateSigningRequest
+    tls_public_key: ec.EllipticCurvePublicKey
+    signing_key: bytes  # raw Ed25519 public key, 32 bytes
+
+    @property
+    def fingerprint(self) -> str:
+        """Hex SHA-256 of the request's DER encoding: read out over another channel, it tells
+        the administrator the request is the department's own."""
+        return hashlib.sha256(self.csr.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+    def to_pem(self) -> bytes:
+        return self.csr.public_bytes(serialization.Encoding.PEM)
+
+    @classmethod
+    def from_pem(cls, data: bytes) -> EnrolmentRequest:
+        """Parse a request and check both of its proofs of possession.
+
+        Raises:
+            MalformedInput: not a PEM CSR, a name that is not one DNS label, a TLS key that is
+                not ECDSA P-256, or no govshare signing key (not made by ``node keygen``).
+            VerificationFailed: the CSR's signature or the signing key's does not verify.
+        """
+        if len(data) > MAX_REQUEST_BYTES:
+            raise MalformedInput("certificate request is too large", field="request")
+        try:
+            csr = x509.load_pem_x509_csr(data)
+            public = csr.public_key()
+            extensions = csr.extensions
+        except ValueError:
+            raise MalformedInput("not a PEM certificate signing request", field="request") from None
+        if not isinstance(public, ec.EllipticCurvePublicKey) or not isinstance(
+            public.curve, ec.SECP256R1
+        ):
+            raise MalformedInput(
+                "the request's TLS key must be ECDSA P-256 (gRPC's TLS refuses Ed25519)",
+                field="request",
+            )
+        if not csr.is_signature_valid:
+            raise VerificationFailed("certificate request signature does not verify")
+        names = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        if len(names) != 1 or not isinstance(names[0].value, str):
+            raise MalformedInput("the request's subject must carry one CN", field="request")
+        name = validate_name(names[0].value)
+        try:
+            value = extensions.get_extension_for_oid(SIGNING_KEY_EXTENSION).value
+        except x509.ExtensionNotFound:
+            raise MalformedInput(
+                "the request carries no govshare signing key; make it with 'govshare node keygen'",
+                field="request",
+            ) from None
+        raw = value.value if isinstance(value, x509.UnrecognizedExtension) else b""
+        if len(raw) != 98 or not raw.startswith(_SIGNING_KEY_VALUE_HEADER):
+            raise MalformedInput("the request's signing key is malformed", field="request")
+        key, signature = raw[2:34], raw[34:]
+        try:
+            ed25519.Ed25519PublicKey.from_public_bytes(key).verify(
+                signature, _request_message(name, public)
+            )
+        except InvalidSignature:
+            raise VerificationFailed("the request's signing-key proof does not verify") from None
+        return cls(name=name, csr=csr, tls_public_key=public, signing_key=key)
+
+
+def create_request(home: Path, name: str) -> tuple[EnrolmentRequest, Path]:
+    """Make a member's TLS and signing keys in ``home`` (0600) and its request beside them.
+
+    Writes ``tls.key``, ``signing.key`` and ``<name>.csr``; the request is what the member
+    hands to the administrator (``Federation.sign_request``), the keys stay. Returns the
+    request and the path of its file.
+
+    Raises:
+        MalformedInput: ``name`` is not one lower-case DNS label.
+        AlreadyExists: ``home`` already holds keys (never overwritten).
+    """
+    validate_name(name)
+    home.mkdir(parents=True, exist_ok=True)
+    for filename in (TLS_KEY, SIGNING_KEY):
+        if (home / filename).exists():
+            raise AlreadyExists(
+                f"{home / filename} exists; a home's keys are never overwritten "
+                "(make new keys in an empty folder)"
+            )
+    tls_key = ec.generate_private_key(ec.SECP256R1())
+    signing_key = ed25519.Ed25519PrivateKey.generate()
+    proof = signing_key.sign(_request_message(name, tls_key.public_key()))
+    extension = x509.UnrecognizedExtension(
+        SIGNING_KEY_EXTENSION,
+        _SIGNING_KEY_VALUE_HEADER + _raw_public(signing_key.public_key()) + proof,
+    )
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        .add_extension(extension, critical=False)
+        .sign(tls_key, hashes.SHA256())
+    )
+    _write_private(home / TLS_KEY, _pem_private(tls_key))
+    _write_private(home / SIGNING_KEY, _pem_private(signing_key))
+    request = EnrolmentRequest.from_pem(csr.public_bytes(serialization.Encoding.PEM))
+    path = home / f"{name}{REQUEST_SUFFIX}"
+    _write_atomic(path, request.to_pem())
+    return request, path
+
+
+def install_roster(bundle: Path, data: bytes) -> tuple[Roster | None, Roster]:
+    """Install a signed roster file into a member's bundle (a node's identity folder).
+
+    Returns the roster the bundle held (None if it held none) and the one installed. A serving
+    node adopts the installed roster at its next call.
+
+    Raises:
+        NotFound: ``bundle`` holds no CA certificate or member certificate.
+        MalformedInput: not a roster file, another federation's, or one that does not list the
+            bundle's certificate (the member was revoked or re-issued).
+        VerificationFailed: the roster is not signed by the bundle's CA.
+        Conflict: the roster is older than the one the bundle holds (a rollback).
+    """
+    if len(data) > MAX_ROSTER_BYTES:
+        raise MalformedInput("roster file is too large", field="roster")
+    try:
+        ca_cert = _load_cert(bundle / CA_CERT)
+        who = CertIdentity.from_cert(_load_cert(bundle / TLS_CERT))
+    except FileNotFoundError as exc:
+        raise NotFound(
+            f"{bundle} lacks {Path(exc.filename).name}; install the roster into the folder "
+            "holding the member's certificate"
+        ) from None
+    candidate = Roster.verify(data, ca_cert)
+    held: Roster | None = None
+    if (bundle / ROSTER).exists():
+        held = Roster.verify((bundle / ROSTER).read_bytes(), ca_cert)
+        if candidate.federation != held.federation:
+            raise MalformedInput(
+                f"roster of federation {candidate.federation!r}; {bundle} belongs to "
+                f"{held.federation!r}",
+                field="roster",
+            )
+        if candidate.version < held.version:
+            raise Conflict(
+                f"roster version {candidate.version} is older than version {held.version} "
+                f"held in {bundle}; refusing a rollback"
+            )
+    listed = next((m for m in candidate.members if m.name == who.name), None)
+    if listed is None or listed.tls_fingerprint != who.fingerprint:
+        raise MalformedInput(
+            f"roster version {candidate.version} does not list the certificate in {bundle} "
+            f"for {who.name} (revoked or re-issued)",
+            field="roster",
+        )
+    _write_atomic(bundle / ROSTER, data)
+    return held, candidate
 
 
 # --------------------------------------------------------------------------- member bundle
@@ -518,12 +826,23 @@ class Identity:
             ) from None
         try:
             signing_key = serialization.load_pem_private_key(signing_pem, None)
+            tls_key = serialization.load_pem_private_key(tls_key_pem, None)
             cert = x509.load_pem_x509_certificate(tls_cert_pem)
             ca_cert = x509.load_pem_x509_certificate(ca_cert_pem)
         except ValueError:
             raise MalformedInput(f"identity bundle {directory} holds an unreadable key") from None
         if not isinstance(signing_key, ed25519.Ed25519PrivateKey):
             raise MalformedInput(f"{directory / SIGNING_KEY} is not an Ed25519 key")
+        if not isinstance(tls_key, ec.EllipticCurvePrivateKey) or tls_key.public_key() != (
+            cert.public_key()
+        ):
+            raise MalformedInput(f"the TLS key in {directory} does not match its certificate")
+        try:
+            cert.verify_directly_issued_by(ca_cert)
+        except (ValueError, TypeError, InvalidSignature):
+            raise VerificationFailed(
+                f"the certificate in {directory} is not issued by its federation CA"
+            ) from None
         roster = Roster.verify(roster_bytes, ca_cert)
         who = CertIdentity.from_cert(cert)
         member = roster.member(who.name)
@@ -531,10 +850,7 @@ class Identity:
             raise MalformedInput(
                 f"the certificate in {directory} is not the one the roster lists for {who.name}"
             )
-        public = signing_key.public_key().public_bytes(
-            serialization.Encoding.Raw, serialization.PublicFormat.Raw
-        )
-        if public != member.signing_key:
+        if _raw_public(signing_key.public_key()) != member.signing_key:
             raise MalformedInput(
                 f"the signing key in {directory} is not the one the roster lists for {who.name}"
             )
@@ -549,6 +865,39 @@ class Identity:
             signing_key=signing_key,
             roster=roster,
         )
+
+    @classmethod
+    def load_as(cls, directory: Path, role: Role) -> Identity:
+        """Load a bundle that must be a ``role``'s, saying what to do when it is not made yet.
+
+        Raises:
+            NotFound: no certificate in ``directory`` (not enrolled, or a request not yet
+                signed), or as :meth:`load`.
+            MalformedInput: the bundle is another role's, or as :meth:`load`.
+            VerificationFailed: as :meth:`load`.
+        """
+        if not (directory / TLS_CERT).exists():
+            if (directory / TLS_KEY).exists():
+                raise NotFound(
+                    f"{directory} holds keys but no certificate yet: hand its request "
+                    f"(*{REQUEST_SUFFIX}) to the federation administrator ('govshare federation "
+                    f"sign'), copy the tls.crt, ca.crt and roster.json returned into {directory}, "
+                    "then rerun"
+                )
+            keygen = ""
+            if role is Role.NODE:
+                keygen = " or 'govshare node keygen' then 'federation sign'"
+            raise NotFound(
+                f"{directory} holds no {role.value} identity: enrol it first ('govshare "
+                f"federation enrol --role {role.value} ... --out {directory}'{keygen}), then rerun"
+            )
+        identity = cls.load(directory)
+        if identity.role is not role:
+            raise MalformedInput(
+                f"{identity.name} is enrolled as {identity.role.value}, not {role.value}",
+                field="identity",
+            )
+        return identity
 
     @property
     def member(self) -> Member:

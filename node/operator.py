@@ -24,11 +24,12 @@ from govshare.model.governance import (
     Grade,
     Owner,
     OwnerKind,
+    Role,
     SharingType,
 )
 from govshare.model.identity import Identity
 from govshare.node.audit.auditlog import AuditLog
-from govshare.node.config import NodeConfig
+from govshare.node.config import NodeConfig, write_default
 from govshare.node.data.catalog import (
     Catalogue,
     DatasetRecord,
@@ -72,11 +73,23 @@ __all__ = [
 ]
 
 
-def initialise(home: Path) -> str:
-    """Create the stores of the node whose ``node.toml`` was just written; return its name."""
-    node = Node.from_home(home)
+def initialise(home: Path, *, listen: str, identity: str = ".") -> tuple[str, Path]:
+    """Write the node's ``node.toml`` with documented defaults and create its stores.
+
+    The node's identity bundle (``identity``, relative to ``home``) is checked first, so a
+    home not yet enrolled is left as it was; and the config is removed again if the stores
+    cannot be made, so that a rerun starts afresh. Returns the node's name and the config's
+    path.
+    """
+    Identity.load_as(home / identity, Role.NODE)
+    path = write_default(home, listen=listen, identity=identity)
     try:
-        return node.name
+        node = Node.from_home(home)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    try:
+        return node.name, path
     finally:
         node.close()
 
