@@ -25,7 +25,7 @@ DEFAULT_MAX_WORKERS = 16
 DEFAULT_MAX_RUNNING = 4
 DEFAULT_MAX_QUEUED = 124
 # Submissions taken at once; beyond, RESOURCE_EXHAUSTED (govshare.node.queries.capacity.Intake).
-DEFAULT_MAX_INTAKE = 32
+DEFAULT_MAX_INTAKE = 64
 # Seconds a stopping node lets in-flight RPCs finish before cancelling them.
 DEFAULT_GRACE_SECONDS = 5.0
 # Seconds between audit-log checkpoints when entries keep arriving.
