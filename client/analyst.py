@@ -44,6 +44,9 @@ from govshare.v1 import query_pb2
 DEFAULT_APPROVAL_TIMEOUT = 600.0
 # Seconds between status polls while a query waits for approval.
 POLL_SECONDS = 1.0
+# Times a busy node is asked to take a submission, and the longest wait between two asks.
+SUBMIT_ATTEMPTS = 8
+MAX_SUBMIT_WAIT = 10.0
 # Seconds a protocol run may take at most (both nodes' parts).
 DEFAULT_RUN_TIMEOUT = 900.0
 
@@ -150,7 +153,7 @@ def ask(
     clients = {n: NodeClient.to(identity, n) for n in nodes}
     try:
         with ThreadPoolExecutor(max_workers=len(nodes)) as pool:
-            submitted = {n: pool.submit(clients[n].submit, signed) for n in nodes}
+            submitted = {n: pool.submit(_submit, clients[n], signed) for n in nodes}
             statuses = _collect(
                 submitted, withdraw=lambda admitted: _withdraw(clients, query_id, admitted)
             )
@@ -188,6 +191,19 @@ def ask(
     for node in nodes:
         report(node, "done", "result released")
     return Asked(query_id, outputs, receipt)
+
+
+def _submit(client: NodeClient, signed: bytes) -> query_pb2.QueryStatus:
+    """Submit to one node, waiting out its retry hint while it is busy taking submissions.
+
+    A node refuses a submission beyond its intake before it looks at the request (nothing
+    stored, the nonce unused), so the same signed request may be sent again."""
+    for _ in range(SUBMIT_ATTEMPTS - 1):
+        try:
+            return client.submit(signed)
+        except ResourceExhausted as exc:
+            time.sleep(min(exc.retry_after, MAX_SUBMIT_WAIT))
+    return client.submit(signed)
 
 
 def _collect(

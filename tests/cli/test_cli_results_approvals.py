@@ -24,7 +24,7 @@ from govshare.model.states import CANCELLED, PENDING
 from govshare.protocols.signed_request import DEFAULT_LIFETIME_SECONDS, sign_request
 from govshare.rpc.client import NodeClient
 
-GATE = "assistance_review"  # civil's dataset that waits for its operator's approval
+GATE = "assistance_gated"  # civil's dataset that waits for its operator's approval
 SQL = (
     "SELECT COUNT(*) FROM civil.assistance a JOIN tax.residents t "
     "ON a.id_number = t.id_number WHERE t.income_band = 'high'"
@@ -221,7 +221,7 @@ def test_approvals_show_prints_what_the_signed_request_asks(
             query_id, "alice", PURPOSE, "psi_cardinality", f"DP noise, ε {PSI_EPSILON}",
             "tax.residents [right]", f"civil.{GATE} [left]  (this node)",
             "id_number (join)", "income_band (filter)", "income_band = 'high'",
-            "deadline:", "pending_approval", "FROM civil.assistance_review a JOIN",
+            "deadline:", "pending_approval", f"FROM civil.{GATE} a JOIN",
         ):  # fmt: skip
             assert expected in out, f"{expected!r} not in:\n{out}"
         data = json.loads(
