@@ -132,7 +132,13 @@ def review_plan() -> PsiPlan:
 def _decide_when_pending(psi_data: PsiData, approve: bool, seen: list[str]) -> None:
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
-        waiting = approvals.pending(psi_data.civil.query_store)
+        # Only this module's gated dataset: other modules may leave queries pending on the
+        # session's civil node.
+        waiting = [
+            p
+            for p in approvals.pending(psi_data.civil.query_store)
+            if p.record.dataset == "assistance_review"
+        ]
         if waiting:
             query_id = waiting[0].record.query_id
             seen.append(query_id)
