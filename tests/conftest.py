@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import datetime as dt
 import socket
+import subprocess
+import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,6 +40,29 @@ REPO = Path(__file__).resolve().parents[1]
 # here, before any test module builds its own @settings, which inherit it.
 settings.register_profile("govshare", deadline=None)
 settings.load_profile("govshare")
+
+
+def serve_node(home: Path) -> subprocess.Popen[str]:
+    """``govshare node serve`` on ``home`` as a real process, returned once it serves."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "govshare.cli", "node", "serve", "--home", str(home)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert process.stdout is not None
+    line = process.stdout.readline()  # blocks until the node serves (or dies)
+    assert "serving on" in line, line
+    # Keep reading, so that a node printing more never blocks on a full pipe.
+    threading.Thread(target=process.stdout.read, daemon=True).start()
+    return process
+
+
+def wait_for_next_second(second: int) -> None:
+    """Return once the wall clock reads a later whole second than ``second`` (a condition
+    polled: for rules that compare whole seconds)."""
+    while int(time.time()) <= second:
+        time.sleep(0.05)
 
 
 def free_port() -> int:

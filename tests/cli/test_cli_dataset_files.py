@@ -17,7 +17,14 @@ from fractions import Fraction
 from pathlib import Path
 
 import pytest
-from conftest import PSI_EPSILON, PURPOSE, FederationFixture, PsiData, psi_shift
+from conftest import (
+    PSI_EPSILON,
+    PURPOSE,
+    FederationFixture,
+    PsiData,
+    psi_shift,
+    wait_for_next_second,
+)
 
 from govshare.model.governance import ColumnAccess, ColumnUse, QueryKind, Role
 from govshare.model.identity import Federation, init_federation
@@ -396,7 +403,7 @@ def test_replace_keeps_grants_and_is_logged(home: Path, tmp_path: Path) -> None:
     registered = catalogue(home).get("costs").created_at
     # The refresh comes in a later second than the grant: a refresh that registered the dataset
     # anew would then void the grant (grant.predates_dataset compares whole seconds).
-    time.sleep(1.1)
+    wait_for_next_second(int(time.time()))
 
     again = govshare(*cost_args(home, v1, "--column", "notes=deny"), cwd=tmp_path)
     assert again.returncode == 1
@@ -500,7 +507,7 @@ def test_a_grant_still_admits_real_queries_after_replace(
         "--expires", "2099-12-31", "--epsilon", "100", "--max-queries", "10", cwd=tmp_path,
     )  # fmt: skip
     assert granted.returncode == 0, granted.stderr
-    time.sleep(1.1)  # as above: a re-registration would now void the grant
+    wait_for_next_second(int(time.time()))  # as above: a re-registration would void the grant
     replaced = govshare(
         "dataset", "replace", "refreshed", str(tax_file(tmp_path / "v2.csv", 120)),
         "--home", str(tax_home), cwd=tmp_path,

@@ -27,6 +27,7 @@ from conftest import (
     build_federation,
     grant,
     register,
+    serve_node,
 )
 
 from govshare.client.analyst import run_psi
@@ -74,20 +75,7 @@ def wait_for(condition: Callable[[], bool], what: str, *, timeout: float = TIMEO
         time.sleep(0.05)
 
 
-def serve(home: Path) -> subprocess.Popen[str]:
-    """``govshare node serve`` on ``home``, returned once it serves."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "govshare.cli", "node", "serve", "--home", str(home)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    assert process.stdout is not None
-    line = process.stdout.readline()  # blocks until the node serves (or dies)
-    assert "serving on" in line, line
-    # Keep reading, so that a node printing more never blocks on a full pipe.
-    threading.Thread(target=process.stdout.read, daemon=True).start()
-    return process
+serve = serve_node
 
 
 def stop(process: subprocess.Popen[str]) -> int:

@@ -8,8 +8,6 @@ through two real node processes.
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -27,6 +25,7 @@ from conftest import (
     grant,
     psi_shift,
     register,
+    serve_node,
 )
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
@@ -378,17 +377,7 @@ def _quietly_run(alice: Identity, query_id: str) -> None:
 # --- a hundred analysts' queries through real node processes ---------------------------------
 
 
-def _start(home: Path) -> subprocess.Popen[str]:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "govshare.cli", "node", "serve", "--home", str(home)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    assert process.stdout is not None
-    line = process.stdout.readline()
-    assert "serving on" in line, line
-    return process
+_start = serve_node
 
 
 def test_a_hundred_concurrent_queries_all_answer_and_the_catalogue_answers_meanwhile(

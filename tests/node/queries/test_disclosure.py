@@ -20,7 +20,6 @@ import random
 import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -33,7 +32,14 @@ from typing import Any, NamedTuple
 
 import grpc
 import pytest
-from conftest import PSI_EPSILON, PURPOSE, FederationFixture, build_federation, psi_shift
+from conftest import (
+    PSI_EPSILON,
+    PURPOSE,
+    FederationFixture,
+    build_federation,
+    psi_shift,
+    serve_node,
+)
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
@@ -912,17 +918,7 @@ def test_personal_data_goes_abroad_only_under_an_assessment_in_force(world: Worl
 # --------------------------------------------------------------------------- 8. crash mid-query
 
 
-def start_process(home: Path) -> subprocess.Popen[str]:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "govshare.cli", "node", "serve", "--home", str(home)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    assert process.stdout is not None
-    line = process.stdout.readline()  # blocks until the node serves (or dies)
-    assert "serving on" in line, line
-    return process
+start_process = serve_node
 
 
 def stop_process(process: subprocess.Popen[str]) -> None:

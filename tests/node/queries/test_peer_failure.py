@@ -6,14 +6,21 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import PSI_EPSILON, PURPOSE, TAX_COLUMNS, build_federation, grant, register
+from conftest import (
+    PSI_EPSILON,
+    PURPOSE,
+    TAX_COLUMNS,
+    build_federation,
+    grant,
+    register,
+    serve_node,
+)
 
 from govshare.examples import synth
 from govshare.model.events import log_origin
@@ -30,17 +37,7 @@ from govshare.rpc.client import NodeClient
 PROTOCOL_TIMEOUT = 3.0
 
 
-def start(home: Path) -> subprocess.Popen[str]:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "govshare.cli", "node", "serve", "--home", str(home)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    assert process.stdout is not None
-    line = process.stdout.readline()
-    assert "serving on" in line, line
-    return process
+start = serve_node
 
 
 @pytest.fixture
