@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from fractions import Fraction
 from pathlib import Path
@@ -92,7 +92,7 @@ def _keep(
     kind: str,
     body: Mapping[str, Any],
     result: Mapping[str, Any],
-    receipt: Receipt,
+    receipt: Receipt | None,
 ) -> Path | None:
     """Save a released result first of all; a failure to save is said, never fatal (the
     result is still printed and its receipt written)."""
@@ -160,15 +160,6 @@ def _save_receipt(query_id: str, receipt: Receipt, path: Path | None) -> tuple[P
     return target, None
 
 
-def _receipt_saved(nodes: str, path: Path, problem: str | None) -> None:
-    """After the result is shown: where its receipt went, or why it did not (exit 1)."""
-    if problem is None:
-        console.print(f"receipt from {nodes} verified and saved to {path}")
-        return
-    err_console.print(f"error: the result is shown above; {problem}")
-    raise SystemExit(1)
-
-
 def _release(epsilon: str, exact: bool) -> tuple[Fraction | None, bool]:
     """(ε, exact) of a statistic: noise by default, exact only when asked."""
     return (None, True) if exact else (parse_epsilon(epsilon), False)
@@ -183,7 +174,6 @@ def _psi_result(outcome: PsiOutcome, recipient: str | None) -> dict[str, Any]:
     result: dict[str, Any] = {
         "query_id": outcome.query_id,
         "kind": outcome.kind.value,
-        "receipt_verified": True,
     }
     noise: dict[str, Any] = {"exact": outcome.epsilon is None}
     if outcome.epsilon is not None and outcome.interval is not None:
@@ -233,25 +223,53 @@ def _report(
     recipient: str | None = None,
 ) -> None:
     result = _psi_result(outcome, recipient)
-    kept = _keep(
-        store, query_id=outcome.query_id, kind=outcome.kind.value, body=outcome.body,
-        result=result, receipt=outcome.receipt,
+    _finish(
+        outcome.query_id, outcome.kind.value, outcome.body, result, lambda: _print_psi(result),
+        outcome.receipt, outcome.receipt_error, receipt_path, as_json, store,
     )  # fmt: skip
+
+
+def _finish(
+    query_id: str,
+    kind: str,
+    body: Mapping[str, Any],
+    result: dict[str, Any],
+    show: Callable[[], None],
+    receipt: Receipt | None,
+    receipt_error: str | None,
+    receipt_path: Path | None,
+    as_json: bool,
+    store: ResultsStore,
+) -> None:
+    """A released result: kept, then shown, then its receipt saved. A receipt that could not
+    be fetched, did not verify or could not be saved is said after the result (exit 1)."""
+    result = result | {"receipt_verified": receipt is not None}
+    if receipt_error is not None:
+        result["receipt_error"] = receipt_error  # kept with the result: 'query result' says it
+    kept = _keep(
+        store, query_id=query_id, kind=kind, body=body, result=result, receipt=receipt
+    )  # fmt: skip
+    path: Path | None = None
+    problem = receipt_error
+    if receipt is not None:
+        path, problem = _save_receipt(query_id, receipt, receipt_path)
     if as_json:
-        path, problem = _save_receipt(outcome.query_id, outcome.receipt, receipt_path)
         emit_json(
             result
-            | {"receipt": None if problem else str(path), "receipt_error": problem,
-               "saved": None if kept is None else str(kept)}
+            | {"receipt": None if problem or path is None else str(path),
+               "receipt_error": problem, "saved": None if kept is None else str(kept)}
         )  # fmt: skip
         if problem:
             raise SystemExit(1)
         return
-    _print_psi(result)
-    console.print(f"query {outcome.query_id}")
-    _kept_line(outcome.query_id, kept)
-    path, problem = _save_receipt(outcome.query_id, outcome.receipt, receipt_path)
-    _receipt_saved(_nodes(outcome.receipt), path, problem)
+    show()
+    console.print(f"query {query_id}")
+    _kept_line(query_id, kept)
+    if problem is None and receipt is not None and path is not None:
+        console.print(f"receipt from {_nodes(receipt)} verified and saved to {path}")
+        return
+    err_console.print(f"error: the result is shown above and kept; {problem}")
+    raise SystemExit(1)
 
 
 def _kept_line(query_id: str, kept: Path | None) -> None:
@@ -403,23 +421,12 @@ def sql(
                 me, statement, purpose, budget, exact=exact_release, sum_bound=sum_bound,
                 on_status=_status_printer(status), approval_timeout=approval_timeout,
             )  # fmt: skip
-    result = {**outcome_to_json(outcome), "receipt_verified": True}
-    kept = _keep(
-        store, query_id=outcome.query_id, kind=outcome.kind.value, body=outcome.body,
-        result=result, receipt=outcome.receipt,
+    result = outcome_to_json(outcome)
+    _finish(
+        outcome.query_id, outcome.kind.value, outcome.body, result,
+        lambda: render_aggregate(outcome, as_json=False), outcome.receipt,
+        outcome.receipt_error, receipt_path, as_json, store,
     )  # fmt: skip
-    if as_json:
-        path, problem = _save_receipt(outcome.query_id, outcome.receipt, receipt_path)
-        saved = None if kept is None else str(kept)
-        receipt = None if problem else str(path)
-        emit_json({**result, "receipt": receipt, "receipt_error": problem, "saved": saved})
-        if problem:
-            raise SystemExit(1)
-        return
-    render_aggregate(outcome, as_json=False)
-    _kept_line(outcome.query_id, kept)
-    path, problem = _save_receipt(outcome.query_id, outcome.receipt, receipt_path)
-    _receipt_saved(_nodes(outcome.receipt), path, problem)
 
 
 @group.command("result")
@@ -452,7 +459,8 @@ def result(
         if saved.sql is not None:
             click.echo(f"sql: {saved.sql}")  # whole, never wrapped: it may be copied
         receipt = "verified when received" if saved.receipt is not None else "none saved"
-        console.print(f"receipt: {receipt}")
+        why = saved.result.get("receipt_error")
+        console.print(f"receipt: {receipt}" + (f" ({why})" if why else ""))
     if receipt_path is not None and saved.receipt is not None:
         receipt_path.write_bytes(encode_receipt(saved.receipt))
         err_console.print(f"receipt written to {receipt_path}")

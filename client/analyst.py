@@ -68,10 +68,11 @@ class PsiOutcome:
     count: int
     sizes: dict[str, int]
     records: tuple[str, ...]
-    receipt: Receipt
+    receipt: Receipt | None  # None: see receipt_error (the result stands)
     epsilon: Fraction | None = None
     interval: tuple[int, int] | None = None
     body: dict[str, Any] = field(default_factory=dict)  # the signed plan (and its SQL)
+    receipt_error: str | None = None
 
 
 def log_keys(roster: Roster) -> dict[str, LogKey]:
@@ -106,11 +107,16 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class Asked(Generic[T]):
-    """A query every node ran: each node's output and the verified receipt."""
+    """A query every node ran: each node's output and the verified receipt.
+
+    The nodes have released ``outputs`` (and spent the budget) before the receipt is asked
+    for, so a receipt that cannot be fetched or does not verify never costs the result:
+    ``receipt`` is then None and ``receipt_error`` says why."""
 
     query_id: str
     outputs: dict[str, T]
-    receipt: Receipt
+    receipt: Receipt | None
+    receipt_error: str | None = None
 
 
 def ask(
@@ -137,7 +143,9 @@ def ask(
         PermissionDenied: a node refused (the message names the node and the rule).
         Aborted: a node was denied approval, approval timed out, or a run failed.
         Unavailable: a node could not be reached.
-        VerificationFailed: a node's receipt part does not verify.
+
+    A receipt part that cannot be fetched or does not verify is not raised: the outputs are
+    returned with ``receipt_error`` saying what went wrong.
     """
     report = on_status or (lambda node, state, message: None)
     request = sign_request(
@@ -179,18 +187,33 @@ def ask(
             if failed:
                 _withdraw(clients, query_id, [n for n in nodes if n not in failed])
             outputs = _collect(futures)
-        parts = []
-        for node in nodes:
-            part = clients[node].receipt(query_id)
-            parts.append((part.node, part.entry, part.index, list(part.proof), part.checkpoint))
+        receipt, problem = _receipt(clients, query_id, nodes, identity)
     finally:
         for client in clients.values():
             client.close()
-    receipt = make_receipt(query_id, parts)
-    verify_receipt(receipt, log_keys(identity.roster))
     for node in nodes:
         report(node, "done", "result released")
-    return Asked(query_id, outputs, receipt)
+    return Asked(query_id, outputs, receipt, problem)
+
+
+def _receipt(
+    clients: Mapping[str, NodeClient], query_id: str, nodes: Sequence[str], identity: Identity
+) -> tuple[Receipt | None, str | None]:
+    """Each node's receipt part, made into a receipt verified against the roster; or None and
+    what went wrong (a node unreachable after it released, a part that does not verify)."""
+    parts = []
+    for node in nodes:
+        try:
+            part = clients[node].receipt(query_id)
+        except GovshareError as exc:
+            return None, f"node {node} gave no receipt: {exc}"
+        parts.append((part.node, part.entry, part.index, list(part.proof), part.checkpoint))
+    try:
+        receipt = make_receipt(query_id, parts)
+        verify_receipt(receipt, log_keys(identity.roster))
+    except GovshareError as exc:
+        return None, f"the receipt does not verify: {exc}"
+    return receipt, None
 
 
 def _submit(client: NodeClient, signed: bytes) -> query_pb2.QueryStatus:
@@ -301,8 +324,9 @@ def run_psi(
         count = len(records)
         sizes = {}
     return PsiOutcome(
-        query_id, plan.kind, count, sizes, records, receipt, plan.epsilon, interval, body
-    )
+        query_id, plan.kind, count, sizes, records, receipt, plan.epsilon, interval, body,
+        asked.receipt_error,
+    )  # fmt: skip
 
 
 def _await_approval(

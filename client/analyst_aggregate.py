@@ -94,8 +94,9 @@ class AggregateOutcome:
     min_group_size: int
     budgets: dict[str, Budget]
     scheme: str
-    receipt: Receipt
+    receipt: Receipt | None  # None: see receipt_error (the result stands)
     body: dict[str, Any] = field(default_factory=dict)  # the signed plan (and its SQL)
+    receipt_error: str | None = None
 
 
 @dataclass
@@ -218,6 +219,7 @@ def _run(
         scheme=key.scheme,
         receipt=receipt,
         body=body,
+        receipt_error=asked.receipt_error,
     )
 
 

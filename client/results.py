@@ -5,7 +5,9 @@ free, so the analyst's CLI keeps each one the moment it arrives, before it print
 writes the receipt where ``--receipt`` says: one JSON file per query in a folder (by default
 ``results/`` inside the analyst's identity bundle), holding the query id, kind, the signed plan
 (and the SQL it came from), the result as ``--json`` prints it, when it was saved and the
-receipt, which the client verified against the roster before handing the result over.
+receipt, which the client verified against the roster before handing the result over (or,
+when a node gave no receipt after releasing or it did not verify, none, and the result says
+why: the result itself is kept either way).
 
 Files are written whole to a temporary name and renamed into place (``os.replace``), so a crash
 leaves either the old file or the new one, never half of one. ``govshare query result ID``

@@ -16,13 +16,16 @@ from pathlib import Path
 import pytest
 from conftest import PSI_EPSILON, PURPOSE, FederationFixture, PsiData, grant, register
 
+from govshare.cli.main import main
 from govshare.client.results import ResultsStore
 from govshare.examples import synth
 from govshare.model.governance import QueryKind
 from govshare.model.query_plan import PsiPlan, Side
 from govshare.model.states import CANCELLED, PENDING
+from govshare.protocols.errors import Unavailable
 from govshare.protocols.signed_request import DEFAULT_LIFETIME_SECONDS, sign_request
 from govshare.rpc.client import NodeClient
+from govshare.v1 import query_pb2
 
 GATE = "assistance_gated"  # civil's dataset that waits for its operator's approval
 SQL = (
@@ -170,6 +173,55 @@ def test_an_aggregate_result_is_kept_in_the_folder_given_and_shown_as_a_table(
     saved = json.loads(shown.stdout)
     assert saved["plan"]["kind"] == "intersection_aggregate" and saved["sql"] == sql
     assert [g["group"] for g in saved["result"]["groups"]] == list(synth.ASSISTANCE_TYPES)
+
+
+@pytest.mark.parametrize("failure", ["unreachable", "tampered"])
+def test_a_receipt_lost_after_release_does_not_lose_the_result(
+    fed: FederationFixture,
+    psi_data: PsiData,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    failure: str,
+) -> None:
+    """Both nodes released (and spent the budget); then civil's receipt part never arrives, or
+    arrives altered. The analyst still sees the result and keeps it, and is told why there is
+    no receipt (exit 1). In-process, so that the network can fail at exactly that moment."""
+    fetch = NodeClient.receipt
+
+    def receipt(self: NodeClient, query_id: str) -> query_pb2.ReceiptPart:
+        part = fetch(self, query_id)
+        if part.node != "civil":
+            return part
+        if failure == "unreachable":
+            raise Unavailable("node civil is unreachable: connection reset")
+        part.entry = part.entry.replace(b"civil", b"cIvil", 1)
+        return part
+
+    monkeypatch.setattr(NodeClient, "receipt", receipt)
+    monkeypatch.chdir(tmp_path)
+    alice = str(fed.bundles["alice"])
+    with pytest.raises(SystemExit) as ended:
+        main(["query", "sql", "--identity", alice, "--purpose", PURPOSE,
+              "--epsilon", str(PSI_EPSILON), "--receipt", "r.json", SQL])  # fmt: skip
+    assert ended.value.code == 1
+    out, err = capsys.readouterr()
+    out = ANSI.sub("", out)
+    count = re.search(r"\|intersection\| ≈ ([\d,]+)", out)
+    assert count is not None, out
+    why = "node civil gave no receipt" if failure == "unreachable" else "does not verify"
+    assert "error: the result is shown above and kept;" in err and why in err
+    assert not (tmp_path / "r.json").exists()
+    ids = re.findall(r"^query ([0-9a-f]{32})$", out, flags=re.M)
+    assert len(ids) == 1, out
+    query_id = ids[0]
+    saved = ResultsStore(fed.bundles["alice"] / "results").get(query_id)
+    assert saved.receipt is None and f"{saved.result['count']:,}" == count.group(1)
+    assert why in saved.result["receipt_error"]
+    again = govshare("query", "result", query_id[:12], "--identity", alice, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert f"|intersection| ≈ {count.group(1)}" in again.stdout
+    assert "receipt: none saved" in again.stdout and why in again.stdout
 
 
 def test_a_result_prefix_must_be_unique_and_known(fed: FederationFixture, tmp_path: Path) -> None:
