@@ -1,0 +1,183 @@
+"""Batch X25519 for ECDH-PSI: whole chunks of points through libsodium in one native call.
+
+:mod:`govshare.protocols.ecdh_psi` masks a chunk of points with one X25519 scalar
+multiplication per point. Point by point through pyca/cryptography, each call builds Python
+objects (a public key, a result) around the curve operation; here a chunk goes to native code
+once, as packed bytes, and comes back packed: no Python object per point.
+
+The native code (``x25519_batch.c``, built with cffi at install time by setup.py into
+``govshare.protocols.x25519_batch_native``) is glue only: a loop over libsodium's
+``crypto_scalarmult_curve25519`` (RFC 7748 X25519, the scalar clamped as RFC 7748 section 5
+says) and ``crypto_hash_sha256``. It computes the same functions as the point-by-point path,
+byte for byte:
+
+- :func:`mask_batch`: ``X25519(scalar, u)`` for each point after the strict chunk parse of
+  ``ecdh_psi.decode_points`` (bit 255 clear, ``u < p``), refusing the first non-canonical point,
+  then the first point whose output is all zero (small order; libsodium also refuses the
+  small-order encodings up front, whose output is all zero anyway);
+- :func:`hash_and_mask_batch`: ``X25519(scalar, H(q, k))`` for each key, with ``H`` the
+  SHA-256 of ``prefix || k``, bit 255 cleared and reduced mod p (``ecdh_psi.canonical_u``).
+
+Who learns what is unchanged: the same points are computed by the same party, in its own
+process; only the library under the curve arithmetic differs (libsodium instead of OpenSSL).
+The scalar is secret: it crosses to native code as bytes and is not kept there.
+
+Fallback: where the extension was not built (libsodium's headers missing at install time) or
+does not load, importing this module warns (``RuntimeWarning``, and a log record) and
+:func:`available` is false; ``ecdh_psi`` then masks point by point as before. Setting
+``GOVSHARE_X25519_BATCH=off`` in the environment forces that fallback without a warning (for
+benchmarks and tests; the node's masking workers inherit it).
+
+Pure: no transport or storage code.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import warnings
+from array import array
+from collections.abc import Sequence
+from itertools import accumulate
+from typing import Any
+
+NATIVE_MODULE = "govshare.protocols.x25519_batch_native"
+# Environment switch: one of these values turns the batch path off in this process and in the
+# processes it starts.
+DISABLE_ENV = "GOVSHARE_X25519_BATCH"
+DISABLE_VALUES = frozenset({"0", "off", "no", "false"})
+
+_POINT_SIZE = 32
+_SCALAR_SIZE = 32
+# Status codes of x25519_batch.c.
+_OK, _NOT_CANONICAL, _SMALL_ORDER = 0, 1, 2
+
+_log = logging.getLogger(__name__)
+
+
+class RefusedPointError(Exception):
+    """A point of the batch was refused: ``index`` is the first such point, ``small_order``
+    tells the all-zero output (true) from a non-canonical encoding (false).
+
+    ``ecdh_psi`` turns it into its ``MalformedInput``; it never leaves the protocols package.
+    """
+
+    def __init__(self, index: int, *, small_order: bool) -> None:
+        super().__init__(index, small_order)
+        self.index = index
+        self.small_order = small_order
+
+
+def _load() -> tuple[Any, Any, str | None]:
+    """(ffi, lib, None) when the native module is usable, else (None, None, the reason)."""
+    if os.environ.get(DISABLE_ENV, "").strip().lower() in DISABLE_VALUES:
+        return None, None, f"turned off by {DISABLE_ENV}"
+    try:
+        native = importlib.import_module(NATIVE_MODULE)
+    except ImportError as error:
+        reason = f"{NATIVE_MODULE} could not be imported ({error})"
+    else:
+        if native.lib.govshare_x25519_batch_init() == _OK:
+            return native.ffi, native.lib, None
+        reason = "libsodium failed to initialise"
+    message = (
+        f"govshare: ECDH-PSI's native batch path is unavailable: {reason}. Masking falls back "
+        "to pyca/cryptography point by point (same results, slower). Install libsodium's "
+        "headers (Debian: libsodium-dev; `make` does it as root) and reinstall govshare."
+    )
+    warnings.warn(message, RuntimeWarning, stacklevel=2)
+    _log.warning("%s", message)
+    return None, None, reason
+
+
+_ffi, _lib, _unavailable_reason = _load()
+
+
+def available() -> bool:
+    """Whether the batch path is usable in this process."""
+    return _lib is not None
+
+
+def unavailable_reason() -> str | None:
+    """Why the batch path is off (None when :func:`available`)."""
+    return _unavailable_reason
+
+
+def _native() -> tuple[Any, Any]:
+    if _lib is None:
+        raise RuntimeError(f"the native batch path is unavailable: {_unavailable_reason}")
+    return _ffi, _lib
+
+
+def mask_batch(scalar: bytes, packed: bytes) -> bytes:
+    """``X25519(scalar, u)`` for each 32-byte point of ``packed``, packed in the same order.
+
+    The caller checks the types, the scalar's length and that ``len(packed)`` is a multiple of
+    32 (``ecdh_psi`` does, with its own messages).
+
+    Raises:
+        RefusedPointError: the first non-canonical point, or else the first of small order.
+        RuntimeError: the batch path is unavailable.
+    """
+    ffi, lib = _native()
+    count = len(packed) // _POINT_SIZE
+    if not count:
+        return b""
+    out = ffi.new("unsigned char[]", count * _POINT_SIZE)
+    bad = ffi.new("size_t *")
+    status = lib.govshare_x25519_mask_batch(
+        ffi.from_buffer("unsigned char[]", scalar),
+        ffi.from_buffer("unsigned char[]", packed),
+        count,
+        out,
+        bad,
+    )
+    if status != _OK:
+        raise RefusedPointError(int(bad[0]), small_order=status == _SMALL_ORDER)
+    return bytes(ffi.buffer(out))
+
+
+def hash_and_mask_batch(scalar: bytes, prefix: bytes, keys: Sequence[bytes]) -> bytes:
+    """``X25519(scalar, canonical_u(SHA-256(prefix || k)))`` for each key, packed in order.
+
+    The caller checks that every key is bytes (``ecdh_psi`` does).
+
+    Raises:
+        RefusedPointError: a hashed point of small order (probability about 2^-250 per key).
+        RuntimeError: the batch path is unavailable.
+    """
+    ffi, lib = _native()
+    count = len(keys)
+    if not count:
+        return b""
+    joined = b"".join(keys)
+    # End offset of each key in ``joined``: one C array, not a Python int per key handed over.
+    ends = array("Q", accumulate(map(len, keys)))
+    out = ffi.new("unsigned char[]", count * _POINT_SIZE)
+    bad = ffi.new("size_t *")
+    status = lib.govshare_x25519_hash_and_mask_batch(
+        ffi.from_buffer("unsigned char[]", scalar),
+        ffi.from_buffer("unsigned char[]", prefix),
+        len(prefix),
+        # An empty join (every key empty) is still a valid pointer for C: never read.
+        ffi.from_buffer("unsigned char[]", joined or b"\0"),
+        ffi.from_buffer("uint64_t[]", ends),
+        count,
+        out,
+        bad,
+    )
+    if status != _OK:
+        raise RefusedPointError(int(bad[0]), small_order=True)
+    return bytes(ffi.buffer(out))
+
+
+def canonical_u(u: bytes) -> bytes:
+    """The native ``canonical_u`` (bit 255 cleared, reduced mod p) of 32 bytes; the tests
+    hold it to ``ecdh_psi.canonical_u`` on inputs SHA-256 practically never produces."""
+    ffi, lib = _native()
+    if len(u) != _POINT_SIZE:
+        raise ValueError("u must have 32 bytes")
+    buffer = ffi.new("unsigned char[]", list(u))
+    lib.govshare_x25519_canonical_u(buffer)
+    return bytes(ffi.buffer(buffer))
