@@ -4,19 +4,20 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 TYPECHECK := $(VENV)/typecheck/govshare
 
-.PHONY: demo test lint typecheck pytest browser systemd protos bench clean
+.PHONY: demo test lint typecheck pytest browser systemd libsodium protos bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
-# Runtime install (what `make demo` needs).
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
+# Runtime install (what `make demo` needs). setup.py builds ECDH-PSI's native batch path
+# (protocols/x25519_batch.c) against libsodium when its headers are there (see `libsodium`).
+$(VENV)/.installed: pyproject.toml setup.py protocols/x25519_batch.c | $(BIN)/python libsodium
 	$(BIN)/pip install -q -e .
 	touch $@
 
 # Development install: runtime plus lint, type checks, tests.
-$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
+$(VENV)/.installed-dev: pyproject.toml setup.py protocols/x25519_batch.c | $(BIN)/python libsodium
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(VENV)/.installed $@
 
@@ -36,7 +37,7 @@ typecheck: $(VENV)/.installed-dev
 	$(BIN)/mypy -p govshare
 	$(BIN)/mypy tests bench
 
-pytest: $(VENV)/.installed-dev browser systemd
+pytest: $(VENV)/.installed-dev browser systemd libsodium
 	$(BIN)/pytest
 
 # tests/client/test_report.py renders the auditor's report page in a real headless browser: Debian's
@@ -67,6 +68,25 @@ systemd:
 	  else \
 	    echo "make: tests/deploy/test_deploy.py needs $(SYSTEMD_ANALYZE) (Debian's systemd" \
 	      "package): run 'sudo apt-get install systemd' and try again" >&2; exit 1; \
+	  fi; \
+	fi
+
+# ECDH-PSI's native batch path (protocols/x25519_batch.c, built by setup.py with cffi) links
+# libsodium: Debian's libsodium-dev, installed here when missing (as root, with apt-get). Without
+# it the install still succeeds and PSI masks point by point (a warning says so at run time);
+# tests/protocols/test_x25519_batch.py then fails, as it needs the native path.
+SODIUM_H := /usr/include/sodium.h
+libsodium:
+	@if [ ! -f $(SODIUM_H) ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing libsodium-dev for ECDH-PSI's native batch path (apt-get)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	      --no-install-recommends libsodium-dev >/dev/null \
+	      || { echo "make: apt-get could not install libsodium-dev" >&2; exit 1; }; \
+	  else \
+	    echo "make: warning: $(SODIUM_H) is missing (Debian's libsodium-dev): PSI will mask" \
+	      "point by point, and make pytest fails; run 'sudo apt-get install libsodium-dev'," \
+	      "then 'rm $(VENV)/.installed*' and make again" >&2; \
 	  fi; \
 	fi
 
