@@ -20,6 +20,7 @@ pool, so the threads only wait — on a turn, a peer, or a worker.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import Counter, deque
@@ -30,6 +31,10 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from govshare.protocols.errors import Aborted, ResourceExhausted
+
+# The node's own log says how loaded it was; a refusal says only "at capacity" and when to
+# come back: how many runs another department's analysts have at this node is theirs.
+logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -111,16 +116,21 @@ class RunGate:
             rate = self._rate()
             if self._admitted >= self._max_running + self._max_queued:
                 retry_after = _bounded(1 / rate if rate else MIN_RETRY_AFTER)
+                logger.info("node %s refused query %s: at capacity, %s", self._node, query_id, load)
                 raise ResourceExhausted(
-                    f"at capacity: {load}; retry in {retry_after:.0f} s", retry_after=retry_after
+                    f"at capacity; retry in {retry_after:.0f} s", retry_after=retry_after
                 )
             expected = (self._admitted + 1) / rate if rate else None
             if deadline is not None and expected is not None and expected > deadline:
                 retry_after = _bounded(expected - deadline)
+                logger.info(
+                    "node %s refused query %s: %s; at %.2f runs a second it would end in about "
+                    "%.0f s, after its deadline in %.0f s",
+                    self._node, query_id, load, rate, expected, deadline,
+                )  # fmt: skip
                 raise ResourceExhausted(
-                    f"at capacity: {load}; at {rate:.2f} runs a second a run now would end in "
-                    f"about {expected:.0f} s, after its deadline in {deadline:.0f} s; retry in "
-                    f"{retry_after:.0f} s",
+                    f"at capacity: a run now would end after the call's deadline in "
+                    f"{deadline:.0f} s; retry in {retry_after:.0f} s",
                     retry_after=retry_after,
                 )
             self._admitted += 1
@@ -258,9 +268,9 @@ class Intake:
     @contextmanager
     def place(self) -> Iterator[None]:
         if self._taking >= self._limit:
+            logger.info("node %s refused a submission: taking %d already", self._node, self._taking)
             raise ResourceExhausted(
-                f"taking {self._taking} submissions already (limit {self._limit}); retry in "
-                f"{MIN_RETRY_AFTER:.0f} s",
+                f"busy taking submissions; retry in {MIN_RETRY_AFTER:.0f} s",
                 retry_after=MIN_RETRY_AFTER,
             )
         self._taking += 1
