@@ -7,7 +7,6 @@ or an ISO 8601 date-time with its UTC offset (``2027-12-31T18:00:00+08:00``).
 from __future__ import annotations
 
 import datetime as dt
-import time
 from fractions import Fraction
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from rich.table import Table
 
 from govshare.cli.common import console, emit_json, home_option, json_option
 from govshare.model.epsilon import format_epsilon
-from govshare.node.operator import Grant, GrantUsage, Operator
+from govshare.node.operator import GRANT_EXPIRED, GRANT_REVOKED, Grant, GrantUsage, Operator
 from govshare.protocols.errors import MalformedInput
 
 
@@ -53,12 +52,17 @@ def _when(seconds: int | None) -> str:
     return dt.datetime.fromtimestamp(seconds, dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
-def _status(grant: Grant, now: int) -> str:
-    if grant.revoked:
+def _status(grant: Grant, standing: tuple[str, str] | None) -> str:
+    """A grant's status in a word or two: active, revoked, expired, or void (its dataset was
+    removed or registered again after it: queries are refused with grant.predates_dataset)."""
+    if standing is None:
+        return "active"
+    rule, why = standing
+    if rule == GRANT_REVOKED:
         return f"revoked {_when(grant.revoked_at)}"
-    if now >= grant.expires_at:
+    if rule == GRANT_EXPIRED:
         return "expired"
-    return "active"
+    return "void: dataset removed" if "was removed" in why else "void: dataset re-added"
 
 
 def _usage(grant: Grant, used: GrantUsage) -> dict[str, str | int]:
@@ -72,8 +76,12 @@ def _usage(grant: Grant, used: GrantUsage) -> dict[str, str | int]:
     }
 
 
-def _render(grants: list[Grant], usage: dict[str, dict[str, str | int]], title: str) -> None:
-    now = int(time.time())
+def _render(
+    grants: list[Grant],
+    usage: dict[str, dict[str, str | int]],
+    standing: dict[str, tuple[str, str] | None],
+    title: str,
+) -> None:
     table = Table(title=title, header_style="bold")
     table.add_column("id", no_wrap=True)  # copied into 'grant revoke': never folded
     # The purpose is left to 'grant show': the list stays readable in 80 columns.
@@ -91,13 +99,23 @@ def _render(grants: list[Grant], usage: dict[str, dict[str, str | int]], title: 
             f"{format_epsilon(g.epsilon)}",
             f"{u['queries_used']}/{g.max_queries}",
             _when(g.expires_at)[:10],
-            _status(g, now),
+            _status(g, standing[g.grant_id]),
         )
     console.print(table)
     console.print(
         "ε over all of one grantee's grants on a dataset never exceeds its largest grant in "
         "force: [bold]govshare grant ledger[/] shows each analyst's ledger."
     )
+
+
+def _standing_json(grant: Grant, standing: tuple[str, str] | None) -> dict[str, str | None]:
+    """A grant's status for --json: status (active, revoked, expired, void), and the rule and
+    reason a query using it would be refused with."""
+    return {
+        "status": _status(grant, standing).split(" ")[0].rstrip(":"),
+        "not_in_force": None if standing is None else standing[0],
+        "why": None if standing is None else standing[1],
+    }
 
 
 @click.group("grant")
@@ -167,10 +185,14 @@ def list_(
     found = Operator(home).grants(grantee=grantee, dataset=dataset, include_revoked=not active)
     grants = [g for g, _ in found]
     usage = {g.grant_id: _usage(g, used) for g, used in found}
+    standing = Operator(home).standing(grants)
     if as_json:
-        emit_json([g.to_json() | usage[g.grant_id] for g in grants])
+        emit_json([
+            g.to_json() | usage[g.grant_id] | _standing_json(g, standing[g.grant_id])
+            for g in grants
+        ])  # fmt: skip
         return
-    _render(grants, usage, "grants")
+    _render(grants, usage, standing, "grants")
 
 
 @group.command("ledger")
@@ -201,10 +223,12 @@ def ledger(home: Path, dataset: str | None, as_json: bool) -> None:
 @json_option
 def show(home: Path, grant_id: str, as_json: bool) -> None:
     """Show one grant, with its signature."""
-    grant, used = Operator(home).grant(grant_id)
+    operator = Operator(home)
+    grant, used = operator.grant(grant_id)
     usage = _usage(grant, used)
+    standing = operator.standing([grant])[grant.grant_id]
     if as_json:
-        emit_json(grant.to_json() | usage)
+        emit_json(grant.to_json() | usage | _standing_json(grant, standing))
         return
     facts = [
         ("dataset", grant.dataset),
@@ -224,7 +248,7 @@ def show(home: Path, grant_id: str, as_json: bool) -> None:
         ("expires", _when(grant.expires_at)),
         ("issuer", grant.issuer),
         ("signature", grant.signature.hex()),
-        ("status", _status(grant, int(time.time()))),
+        ("status", _status(grant, standing)),
     ]
     if grant.revoked:
         facts += [("revoked by", grant.revoked_by or ""), ("reason", grant.revoke_reason or "-")]

@@ -45,11 +45,18 @@ from govshare.node.policy import approvals
 from govshare.node.policy.alerts import LoggedAlert, Suspension, SuspensionStore, logged_alerts
 from govshare.node.policy.approvals import Party, PendingQuery, QueryDetails
 from govshare.node.policy.crossborder import CrossBorderStore
-from govshare.node.policy.decision import GrantUsage
+from govshare.node.policy.decision import (
+    GRANT_EXPIRED,
+    GRANT_REVOKED,
+    GrantUsage,
+    grant_standing,
+)
 from govshare.node.policy.grants import Grant, GrantStore
 from govshare.node.stores.query_store import QueryRecord, QueryStore, ledger_view
 
 __all__ = [
+    "GRANT_EXPIRED",
+    "GRANT_REVOKED",
     "Assessment",
     "ColumnFormat",
     "DatasetRecord",
@@ -278,6 +285,13 @@ class Operator:
             return grant, _usage(queries, grant)
         finally:
             queries.close()
+
+    def standing(self, grants: Sequence[Grant]) -> dict[str, tuple[str, str] | None]:
+        """Grant id -> (rule, why) of a grant no longer in force (revoked, expired, or void
+        because its dataset was removed or registered again since), None while in force."""
+        registered = {d.name: d for d in self.datasets()}
+        now = int(time.time())
+        return {g.grant_id: grant_standing(g, registered.get(g.dataset), now=now) for g in grants}
 
     def ledgers(self, dataset: str | None) -> list[tuple[str, str, Fraction, Fraction, Fraction]]:
         """Each analyst's ε on each dataset over all its grants: (analyst, dataset, spent,

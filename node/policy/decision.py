@@ -439,6 +439,25 @@ def _check_column(
 # --------------------------------------------------------------------------- grant checks
 
 
+def grant_standing(
+    grant: Grant, dataset: DatasetInfo | None, *, now: int
+) -> tuple[str, str] | None:
+    """Why a grant is no longer in force — revoked, expired, or void because its dataset was
+    removed (``dataset`` None) or registered again after it — or None while it is. The same
+    answer for a query's check and for an operator's ``grant list``."""
+    gid = grant.grant_id
+    if grant.revoked:
+        return GRANT_REVOKED, f"grant {gid} was revoked at {grant.revoked_at}"
+    if now >= grant.expires_at:
+        return GRANT_EXPIRED, f"grant {gid} expired at {grant.expires_at}"
+    if dataset is None:
+        return GRANT_PREDATES_DATASET, f"grant {gid}: dataset {grant.dataset!r} was removed"
+    if grant.created_at < dataset.created_at:
+        # A dataset removed and registered again under the same name is a new dataset.
+        return GRANT_PREDATES_DATASET, f"grant {gid} predates the registration of {dataset.name!r}"
+    return None
+
+
 def _grant_failure(
     grant: Grant,
     request: AccessRequest,
@@ -449,13 +468,9 @@ def _grant_failure(
     issuer_key: ed25519.Ed25519PublicKey | None,
 ) -> tuple[str, str] | None:
     gid = grant.grant_id
-    if grant.revoked:
-        return GRANT_REVOKED, f"grant {gid} was revoked at {grant.revoked_at}"
-    if now >= grant.expires_at:
-        return GRANT_EXPIRED, f"grant {gid} expired at {grant.expires_at}"
-    if grant.created_at < dataset.created_at:
-        # A dataset removed and registered again under the same name is a new dataset.
-        return GRANT_PREDATES_DATASET, f"grant {gid} predates the registration of {dataset.name!r}"
+    out_of_force = grant_standing(grant, dataset, now=now)
+    if out_of_force is not None:
+        return out_of_force
     if issuer_key is not None:
         try:
             verify_grant(grant, issuer_key)

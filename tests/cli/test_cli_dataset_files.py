@@ -450,6 +450,46 @@ def test_replace_keeps_grants_and_is_logged(home: Path, tmp_path: Path) -> None:
     assert [g["grant_id"] for g in json.loads(listed.stdout)] == [grant_id]
 
 
+def test_grants_voided_by_remove_then_add_are_listed_as_void(home: Path, tmp_path: Path) -> None:
+    """A grant outlives neither its dataset's removal nor its registration anew (queries are
+    refused with grant.predates_dataset): 'grant list' and 'grant show' say so."""
+    v1 = write_costs(tmp_path / "v1.csv", ["1.00", "2.00"])
+    assert govshare(*cost_args(home, v1, "--column", "notes=deny"), cwd=tmp_path).returncode == 0
+    added = govshare(*grant_args(home), cwd=tmp_path)
+    assert added.returncode == 0, added.stderr
+    grant_id = json.loads(added.stdout)["grant_id"]
+
+    def listed() -> dict[str, object]:
+        out = govshare("grant", "list", "--home", str(home), "--json", cwd=tmp_path)
+        assert out.returncode == 0, out.stderr
+        (only,) = json.loads(out.stdout)
+        assert only["grant_id"] == grant_id
+        return dict(only)
+
+    assert (listed()["status"], listed()["not_in_force"]) == ("active", None)
+    wait_for_next_second(int(time.time()))
+    removed = govshare("dataset", "remove", "costs", "--yes", "--home", str(home), cwd=tmp_path)
+    assert removed.returncode == 0, removed.stderr
+    gone = listed()
+    assert (gone["status"], gone["not_in_force"]) == ("void", "grant.predates_dataset")
+    assert "was removed" in str(gone["why"])
+    assert govshare(*cost_args(home, v1, "--column", "notes=deny"), cwd=tmp_path).returncode == 0
+    again = listed()
+    assert (again["status"], again["not_in_force"]) == ("void", "grant.predates_dataset")
+    assert "predates the registration of 'costs'" in str(again["why"])
+    table = govshare("grant", "list", "--home", str(home), cwd=tmp_path)
+    assert "void: dataset re-added" in table.stdout and "active" not in table.stdout
+    shown = govshare("grant", "show", grant_id, "--home", str(home), cwd=tmp_path)
+    assert "void: dataset re-added" in shown.stdout
+    # The node's own check agrees: the policy refuses the grant with the rule listed.
+    database = NodeConfig.load(home).database_path
+    decision = decide(
+        aggregate_request(), catalogue(home).get("costs"), GrantStore(database).list(),
+        now=int(time.time()), node_jurisdiction="CN",
+    )  # fmt: skip
+    assert (decision.allowed, decision.rule) == (False, "grant.predates_dataset")
+
+
 def test_replace_refuses_to_change_the_registration(home: Path, tmp_path: Path) -> None:
     v1 = write_costs(tmp_path / "v1.csv", ["1.00", "2.00"])
     assert govshare(*cost_args(home, v1, "--column", "notes=deny"), cwd=tmp_path).returncode == 0
