@@ -23,7 +23,7 @@ process; only the library under the curve arithmetic differs (libsodium instead 
 The scalar is secret: it crosses to native code as bytes and is not kept there.
 
 Fallback: where the extension was not built (libsodium's headers missing at install time) or
-does not load, importing this module warns (``RuntimeWarning``, and a log record) and
+does not load, importing this module warns (``RuntimeWarning``, once per process) and
 :func:`available` is false; ``ecdh_psi`` then masks point by point as before. Setting
 ``GOVSHARE_X25519_BATCH=off`` in the environment forces that fallback without a warning (for
 benchmarks and tests; the node's masking workers inherit it).
@@ -34,7 +34,6 @@ Pure: no transport or storage code.
 from __future__ import annotations
 
 import importlib
-import logging
 import os
 import warnings
 from array import array
@@ -52,8 +51,6 @@ _POINT_SIZE = 32
 _SCALAR_SIZE = 32
 # Status codes of x25519_batch.c.
 _OK, _NOT_CANONICAL, _SMALL_ORDER = 0, 1, 2
-
-_log = logging.getLogger(__name__)
 
 
 class RefusedPointError(Exception):
@@ -87,7 +84,6 @@ def _load() -> tuple[Any, Any, str | None]:
         "headers (Debian: libsodium-dev; `make` does it as root) and reinstall govshare."
     )
     warnings.warn(message, RuntimeWarning, stacklevel=2)
-    _log.warning("%s", message)
     return None, None, reason
 
 
