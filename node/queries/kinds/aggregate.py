@@ -16,13 +16,26 @@ the Paillier key). The value holder V and the matcher M each draw a fresh X25519
 
 1. M masks its distinct filtered keys once and sends them to V (``matcher_keys``).
 2. V combines its filtered rows per join key (at most ``MAX_ROWS_PER_KEY``), packs each key's
-   one-hot (group x figure) values into plaintexts (``IntersectionPlan.layouts``), encrypts
-   them under the analyst's key, masks its keys once, and sends the shuffled (masked key,
-   ciphertexts) pairs to M (``values``). V masks M's keys again and returns them shuffled
+   one-hot (group x figure) values into plaintexts (``IntersectionPlan.layouts``), shuffles the
+   keys and masks them once. V masks M's keys again and returns them shuffled
    (``matcher_again``).
-3. M masks V's keys again, finds the pairs whose doubly masked key is among its own, adds their
-   ciphertexts, adds its encrypted DP noise (M is the designated noise node), re-randomises,
-   and releases the result ciphertexts to the analyst.
+3. V then **streams** the shuffled (masked key, ciphertexts) pairs to M in batches
+   (``values:<i>:<n>``, batch ``i`` of ``n``): the process pool encrypts up to
+   ``stream_window`` batches ahead while the batch before them is on the wire, and no more
+   than that window is ever encrypted and not yet taken by M (:class:`StreamStats` counts it).
+   M keeps a queue of at most the same window; a full queue holds V's ``Peer.Deliver`` until M
+   has summed a batch, which is the back-pressure. M masks each batch's keys again, keeps the
+   pairs whose doubly masked key is among its own and multiplies their ciphertexts into one
+   running sum per plaintext; the batch is then dropped. Neither side ever holds the list of
+   all ciphertexts. After the last batch M adds its encrypted DP noise (M is the designated
+   noise node), re-randomises, and releases the result ciphertexts to the analyst.
+
+Deadlines follow progress: every wait (a whole message, or the next batch of the stream) has
+the protocol timeout on its own, and every send its own RPC deadline, so a long run that keeps
+moving never needs the timeout raised; a peer that falls silent mid-stream for longer than the
+timeout aborts the query. One ``protocol.step`` is logged per direction for the whole stream:
+its digest chains the batches' message digests (SHA-256 over each batch's
+``message_digest``, in order), its size the number of pairs.
 
 Leakage (semi-honest): M learns |V's keys| and |M ∩ V| (which of V's shuffled, masked pairs
 match, not whose); V learns |M's keys|; the analyst learns the noisy figures. Neither node
@@ -38,8 +51,8 @@ to the aggregator node, which adds all contributions and releases the sum to the
 masks cancel in the sum. Leakage: the aggregator learns the number of contributions and the
 vector length; nothing else leaves a node unencrypted.
 
-A node that does not deliver within the protocol timeout aborts the query: nothing is
-released, ``query.failed`` is logged, the analyst gets ABORTED.
+A node that does not deliver a message (or the next batch of a stream) within the protocol
+timeout aborts the query: nothing is released, ``query.failed`` is logged, the analyst gets ABORTED.
 
 Test-only switches (:class:`AggregateOptions`) — short Paillier keys, noise off, a seeded noise
 source — are constructor arguments that only tests pass; no configuration file or request can
@@ -48,6 +61,8 @@ reach them.
 
 from __future__ import annotations
 
+import collections
+import hashlib
 import itertools
 import os
 import random
@@ -104,6 +119,12 @@ ENCRYPT_BATCH: Final = 2048
 # about 12% faster, which pays for the build from about 7,000 encryptions per worker on.
 WIDE_WINDOW_BITS: Final = 11
 WIDE_WINDOW_MIN_ROWS: Final = 32_768
+# Join keys per streamed batch of the value holder's pairs: at 3072 bits about 0.75 MiB of
+# ciphertexts a batch (one or two Peer.Deliver chunks), and 1.4 s of one worker's encryption.
+STREAM_BATCH_KEYS: Final = 1024
+# Batches encrypted ahead and not yet taken by the matcher (and the matcher's queue length):
+# one per pool worker busy encrypting plus one on the wire, with a spare, on 2 cores.
+STREAM_WINDOW: Final = 4
 
 
 @dataclass(frozen=True)
@@ -118,6 +139,102 @@ class AggregateOptions:
     unsafe_allow_short_modulus: bool = False
     unsafe_without_noise: bool = False
     noise_rng: random.Random | None = None
+    stream_batch_keys: int = STREAM_BATCH_KEYS
+    stream_window: int = STREAM_WINDOW
+
+
+@dataclass
+class StreamStats:
+    """What one streamed message did at this node (kept for the last few queries).
+
+    ``batches`` sent or taken; ``peak_in_flight`` the most batches at once that were encrypted
+    (or being encrypted) and not yet acknowledged by the matcher (value holder), or queued and
+    not yet summed (matcher); ``window`` the bound both must keep.
+    """
+
+    window: int
+    batches: int = 0
+    peak_in_flight: int = 0
+
+
+_STATS_KEPT: Final = 64
+
+
+class _BatchStream:
+    """The matcher's bounded queue of the value holder's batches, in order.
+
+    ``put`` (the Peer.Deliver thread) blocks while ``window`` batches wait; ``take`` (the
+    query's thread) blocks until the next batch is in. Each wait has its own timeout.
+    """
+
+    def __init__(self, window: int) -> None:
+        self.window = window
+        self.stats = StreamStats(window)
+        self._queue: collections.deque[tuple[list[bytes], list[bytes]]] = collections.deque()
+        self._cond = threading.Condition()
+        self._next_put = 0
+        self._next_take = 0
+        self._count = -1
+        self.ended: str | None = None
+
+    def end(self, reason: str) -> None:
+        with self._cond:
+            if self.ended is None:
+                self.ended = reason
+            self._queue.clear()
+            self._cond.notify_all()
+
+    def put(
+        self, index: int, count: int, points: list[bytes], items: list[bytes], timeout: float
+    ) -> None:
+        with self._cond:
+            if self.ended is not None:
+                raise Aborted(f"the query ended: {self.ended}")
+            if count < 1 or (self._count != -1 and count != self._count):
+                raise MalformedInput("the batch count changed or is not positive", field="phase")
+            if index != self._next_put or index >= count:
+                raise MalformedInput(
+                    f"batch {index} arrived, batch {self._next_put} was expected", field="phase"
+                )
+            if not self._cond.wait_for(
+                lambda: self.ended is not None or len(self._queue) < self.window, timeout
+            ):
+                raise Aborted(f"the matcher took no batch within {timeout:g} s")
+            if self.ended is not None:
+                raise Aborted(f"the query ended: {self.ended}")
+            self._count = count
+            self._queue.append((points, items))
+            self._next_put += 1
+            self.stats.peak_in_flight = max(self.stats.peak_in_flight, len(self._queue))
+            self._cond.notify_all()
+
+    def take(
+        self, *, node: str, peer: str, timeout: float, waiting: Waiting
+    ) -> tuple[list[bytes], list[bytes]] | None:
+        """The next batch, or None after the last one.
+
+        Raises:
+            Aborted: the batch did not come within ``timeout``, or the query ended early.
+        """
+        with self._cond:
+            if self._count != -1 and self._next_take >= self._count:
+                return None
+            with waiting():
+                arrived = self._cond.wait_for(
+                    lambda: self.ended is not None or bool(self._queue), timeout
+                )
+            if self.ended is not None:
+                raise Aborted(f"{node}: {self.ended}; nothing released")
+            if not arrived:
+                raise Aborted(
+                    f"{node}: node {peer} did not send values batch {self._next_take} within "
+                    f"{timeout:g} s; query aborted, nothing released"
+                )
+            batch = self._queue.popleft()
+            self._next_take += 1
+            self.stats.batches = self._next_take
+            self._cond.notify_all()
+            return batch
 
 
 @dataclass
@@ -128,6 +245,7 @@ class _Session:
     query_id: bytes
     dataset: str
     mailbox: Mailbox = field(default_factory=lambda: Mailbox(()))
+    stream: _BatchStream | None = None
     ephemeral: X25519PrivateKey | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -200,11 +318,25 @@ class AggregateEngine:
         self._waiting = waiting
         self._sessions: dict[str, _Session] = {}
         self._lock = threading.Lock()
+        self.streams: dict[str, StreamStats] = {}
+        """Per query id, what its stream did here (the last few queries; read by tests)."""
         queries.register(AGGREGATE_KINDS, self)
 
     @property
     def name(self) -> str:
         return self._identity.name
+
+    @property
+    def protocol_timeout(self) -> float:
+        """Seconds any one wait may take: for a whole message, or for the stream's next batch.
+
+        Read at the start of each wait, so a change applies to the waits that follow it.
+        """
+        return self._timeout
+
+    @protocol_timeout.setter
+    def protocol_timeout(self, seconds: float) -> None:
+        self._timeout = seconds
 
     def _paillier_key(self, data: bytes) -> DjnPublicKey:
         return DjnPublicKey.from_bytes(
@@ -237,7 +369,9 @@ class AggregateEngine:
         )
         session = _Session(plan, obligations, admission.request_digest, request.query_id, dataset)
         if isinstance(plan, IntersectionPlan):
-            phases = [MATCHER_KEYS] if self.name == plan.values.node else [VALUES, MATCHER_AGAIN]
+            phases = [MATCHER_KEYS] if self.name == plan.values.node else [MATCHER_AGAIN]
+            if self.name != plan.values.node:
+                session.stream = _BatchStream(self._options.stream_window)
         else:
             phases = (
                 [f"{CONTRIBUTION}:{n}" for n in plan.nodes if n != self.name]
@@ -326,7 +460,15 @@ class AggregateEngine:
 
     def _close(self, query_id: str) -> None:
         with self._lock:
-            self._sessions.pop(query_id, None)
+            session = self._sessions.pop(query_id, None)
+        if session is not None and session.stream is not None:
+            session.stream.end("the query's part ended")  # frees a queue left by a failure
+
+    def _keep_stats(self, query_id: str, stats: StreamStats) -> None:
+        with self._lock:
+            self.streams[query_id] = stats
+            while len(self.streams) > _STATS_KEPT:
+                del self.streams[next(iter(self.streams))]
 
     def forget(self, query_id: str) -> None:
         """Drop a withdrawn query's protocol state."""
@@ -340,14 +482,14 @@ class AggregateEngine:
             return
         if caller.name not in session.plan.nodes or caller.name == self.name:
             raise PermissionDenied(f"{caller.name} does not take part in query {query_id}")
-        session.mailbox.end(f"node {caller.name} ended the query")
+        _end(session, f"node {caller.name} ended the query")
 
     def interrupt(self, query_id: str, reason: str) -> None:
         """End a running query's part here: its waits raise Aborted with ``reason``."""
         with self._lock:
             session = self._sessions.get(query_id)
         if session is not None:
-            session.mailbox.end(reason)
+            _end(session, reason)
 
     # -- intersection: value holder
 
@@ -386,29 +528,98 @@ class AggregateEngine:
                 slot = slot_name(label, name)
                 cells[slot] = cells.get(slot, 0) + value
         self._check_data(session, query_id, side.where, [k.encode() for k in per_key], len(per_key))
-        join_keys = list(per_key)
+        # Shuffle once; from here on everything is in the shuffled order M sees.
+        order = ecdh_psi.random_permutation(len(per_key))
+        join_keys = ecdh_psi.permute(list(per_key), order)
         plaintexts = [
-            layout.pack_named({s: v for s, v in per_key[k].items() if s in layout.names})
+            [layout.pack_named({s: v for s, v in per_key[k].items() if s in layout.names})
+             for layout in layouts]
             for k in join_keys
-            for layout in layouts
-        ]
-        blob = self._encrypt(key, plaintexts, window)
-        width = key.ciphertext_bytes * len(layouts)
-        items = [blob[i * width : (i + 1) * width] for i in range(len(join_keys))]
+        ]  # fmt: skip
+        del per_key, rows_per_key
         party = ecdh_psi.PsiParty.fresh(session.query_id)
         executor = self._executor()
         workers = None if executor is not None else 1
         masked = party.mask_own([k.encode() for k in join_keys], workers=workers, executor=executor)
-        order = ecdh_psi.random_permutation(len(masked))
-        self._send_step(
-            session, query_id, plan.matcher.node, VALUES,
-            ecdh_psi.permute(masked, order), ecdh_psi.permute(items, order),
-        )  # fmt: skip
+        del join_keys
+        batch = self._options.stream_batch_keys
+        starts = range(0, max(len(masked), 1), batch)  # one batch, if empty
+        stats = StreamStats(self._options.stream_window)
+        self._keep_stats(query_id, stats)
+        # The pool starts on the first window of batches while M's keys are masked again.
+        pending = self._encrypt_ahead(
+            key, (plaintexts[i : i + batch] for i in starts), window, stats
+        )
         theirs = self._wait(session, query_id, plan.matcher.node, MATCHER_KEYS)
         again = ecdh_psi.shuffle(party.mask_peer(theirs.points, workers=workers, executor=executor))
+        del theirs
         self._send_step(session, query_id, plan.matcher.node, MATCHER_AGAIN, again, [])
-        self._released(session, query_id, plan.matcher.node, digest(blob), len(items))
+        del again
+        width = key.ciphertext_bytes * len(layouts)
+        chain = hashlib.sha256()
+        for index, (start, blob) in enumerate(zip(starts, pending, strict=True)):
+            points = masked[start : start + batch]
+            items = [blob[i * width : (i + 1) * width] for i in range(len(points))]
+            self._send(
+                plan.matcher.node, query_id, f"{VALUES}:{index}:{len(starts)}", points, items
+            )
+            stats.batches = index + 1
+            chain.update(bytes.fromhex(message_digest(points, items)))
+        self._step(
+            session, query_id, plan.matcher.node, "sent", VALUES, chain.hexdigest(), len(masked)
+        )
+        self._released(session, query_id, plan.matcher.node, chain.hexdigest(), len(masked))
         return []
+
+    def _encrypt_ahead(
+        self,
+        key: DjnPublicKey,
+        batches: Iterator[list[list[int]]],
+        window: int | None,
+        stats: StreamStats,
+    ) -> Iterator[bytes]:
+        """Each batch's ciphertexts, encrypted on the pool up to ``stats.window`` batches ahead.
+
+        A batch counts as in flight from its submission until the consumer asks for the next
+        one (by then it has been sent and acknowledged); the first window is submitted at once.
+        """
+        executor = self._executor()
+        unsafe = self._options.unsafe_allow_short_modulus
+        if executor is None:
+
+            def inline() -> Iterator[bytes]:
+                for rows in batches:
+                    stats.peak_in_flight = max(stats.peak_in_flight, 1)
+                    yield key.encrypt_to_bytes(p for row in rows for p in row)
+
+            return inline()
+        key_bytes = key.to_bytes()
+        queue: collections.deque[Any] = collections.deque()
+
+        def submit() -> bool:
+            rows = next(batches, None)
+            if rows is None:
+                return False
+            flat = [p for row in rows for p in row]
+            queue.append(executor.submit(_encrypt_task, key_bytes, unsafe, window, flat))
+            stats.peak_in_flight = max(stats.peak_in_flight, len(queue))
+            return True
+
+        while len(queue) < stats.window and submit():
+            pass
+
+        def results() -> Iterator[bytes]:
+            try:
+                while queue:
+                    blob = queue[0].result()
+                    yield blob
+                    queue.popleft()  # sent and acknowledged: its place goes to the next batch
+                    submit()
+            finally:
+                for future in queue:
+                    future.cancel()
+
+        return results()
 
     def _warm_encryptors(self, key: DjnPublicKey, expected: int) -> int | None:
         """Start the table builds in the pool for about ``expected`` encryptions; the window."""
@@ -419,18 +630,6 @@ class AggregateEngine:
             for _ in range(os.cpu_count() or 1):  # a worker that has the table returns at once
                 executor.submit(_encrypt_task, key_bytes, unsafe, window, [])
         return window
-
-    def _encrypt(self, key: DjnPublicKey, plaintexts: list[int], window: int | None) -> bytes:
-        executor = self._executor()
-        unsafe = self._options.unsafe_allow_short_modulus
-        if executor is None or len(plaintexts) <= ENCRYPT_BATCH:
-            return key.encrypt_to_bytes(plaintexts)  # a few: the table only if it pays
-        key_bytes = key.to_bytes()
-        batches = [
-            plaintexts[i : i + ENCRYPT_BATCH] for i in range(0, len(plaintexts), ENCRYPT_BATCH)
-        ]
-        futures = [executor.submit(_encrypt_task, key_bytes, unsafe, window, b) for b in batches]
-        return b"".join(f.result() for f in futures)
 
     # -- intersection: matcher
 
@@ -447,7 +646,7 @@ class AggregateEngine:
         workers = None if executor is not None else 1
         masked = party.mask_own(keys, workers=workers, executor=executor)
         self._send_step(session, query_id, plan.values.node, MATCHER_KEYS, masked, [])
-        values = self._wait(session, query_id, plan.values.node, VALUES)
+        del masked
         again = self._wait(session, query_id, plan.values.node, MATCHER_AGAIN)
         if len(again.points) != len(keys):
             raise MalformedInput(
@@ -456,20 +655,45 @@ class AggregateEngine:
         own = set(again.points)
         if len(own) != len(again.points):
             raise MalformedInput("the returned set repeats a point", field="points")
-        doubled = party.mask_peer(values.points, workers=workers, executor=executor)
-        matched = [i for i, point in enumerate(doubled) if point in own]
+        again.points.clear()
         key = self._paillier_key(plan.public_key)
         layouts = plan.layouts(key.n_bits)
         width = key.ciphertext_bytes
-        out = []
-        for j, layout in enumerate(layouts):
-            terms = [
-                key.ciphertext_from_bytes(values.items[i][j * width : (j + 1) * width])
-                for i in matched
-            ]
-            terms.append(key.encrypt(self._noise_plaintext(plan, layout)))
-            total = key.sum_ciphertexts(terms, max_terms=layout.max_rows + 1)
-            out.append(key.ciphertext_to_bytes(key.rerandomize(total)))
+        # One running sum per plaintext, starting from M's encrypted noise share.
+        sums = [key.encrypt(self._noise_plaintext(plan, layout)) for layout in layouts]
+        max_rows = min(layout.max_rows for layout in layouts)
+        stream = session.stream
+        if stream is None:  # pragma: no cover - submit makes one for every matcher
+            raise Aborted(f"{self.name}: query {query_id} has no value stream")
+        chain = hashlib.sha256()
+        pairs = matched = 0
+        while True:
+            batch = stream.take(
+                node=self.name, peer=plan.values.node, timeout=self._timeout,
+                waiting=self._waiting,
+            )  # fmt: skip
+            if batch is None:
+                break
+            points, items = batch
+            chain.update(bytes.fromhex(message_digest(points, items)))
+            pairs += len(points)
+            doubled = party.mask_peer(points, workers=workers, executor=executor)
+            hits = [i for i, point in enumerate(doubled) if point in own]
+            matched += len(hits)
+            if matched > max_rows:
+                raise MalformedInput(
+                    f"more than {max_rows} matched rows: the slots could overflow", field="items"
+                )
+            for j in range(len(layouts)):
+                terms = [
+                    key.ciphertext_from_bytes(items[i][j * width : (j + 1) * width]) for i in hits
+                ]
+                sums[j] = key.sum_ciphertexts([sums[j], *terms])
+        self._keep_stats(query_id, stream.stats)
+        self._step(
+            session, query_id, plan.values.node, "received", VALUES, chain.hexdigest(), pairs
+        )
+        out = [key.ciphertext_to_bytes(key.rerandomize(total)) for total in sums]
         self._released(session, query_id, analyst, digest(b"".join(out)), len(out))
         return out
 
@@ -653,6 +877,8 @@ class AggregateEngine:
                 is not one under the analyst's key.
         """
         session = self._session(query_id)
+        if phase.startswith(f"{VALUES}:"):
+            return self._receive_batch(session, caller, phase, chunks)
         inbox, check = self._inbox_for(session, caller, phase)
         first = next(chunks, None)
         if first is None:
@@ -669,6 +895,42 @@ class AggregateEngine:
                 yield chunk_total, points, items
 
         return inbox.fill(first[0], decoded())
+
+    def _receive_batch(self, session: _Session, caller: Caller, phase: str, chunks: Chunks) -> int:
+        """One batch ``values:<index>:<count>`` of the value holder's stream, queued in order.
+
+        Blocks while the matcher's queue is full (the stream's back-pressure).
+        """
+        plan, stream = session.plan, session.stream
+        if not isinstance(plan, IntersectionPlan) or stream is None:
+            raise MalformedInput(f"field 'phase': {phase!r} is not expected here", field="phase")
+        if caller.name != plan.values.node or caller.name == self.name:
+            raise PermissionDenied(f"{caller.name} does not take part in this query")
+        try:
+            index, count = (int(part) for part in phase.split(":")[1:])
+        except ValueError:
+            raise MalformedInput("a batch phase is values:<index>:<count>", field="phase") from None
+        key = self._paillier_key(plan.public_key)
+        parts = len(plan.layouts(key.n_bits))
+        points: list[bytes] = []
+        items: list[bytes] = []
+        total = -1
+        for chunk_total, packed, chunk_items in chunks:
+            if total not in (-1, chunk_total):
+                raise MalformedInput("field 'total' changed between chunks", field="total")
+            total = chunk_total
+            chunk_points = ecdh_psi.decode_points(packed) if packed else []
+            if len(chunk_points) != len(chunk_items):
+                raise MalformedInput("one ciphertext entry per point is required", field="items")
+            key.check_ciphertexts(chunk_items, parts=parts)
+            points.extend(chunk_points)
+            items.extend(chunk_items)
+        if total < 0 or len(points) != total:
+            raise MalformedInput(
+                f"a batch of {len(points)} pairs announced {total}", field="points"
+            )
+        stream.put(index, count, points, items, self._timeout)
+        return len(points)
 
     def _inbox_for(
         self, session: _Session, caller: Caller, phase: str
@@ -696,6 +958,12 @@ class AggregateEngine:
             key.check_ciphertexts(items, parts=parts)
 
         return inbox, check
+
+
+def _end(session: _Session, reason: str) -> None:
+    session.mailbox.end(reason)
+    if session.stream is not None:
+        session.stream.end(reason)
 
 
 def _accept_any(items: list[bytes]) -> None:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import csv
 import random
+import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ from govshare.node.node import Node
 from govshare.node.policy import approvals
 from govshare.node.policy.grants import GrantStore
 from govshare.node.queries.kinds.aggregate import AggregateEngine, AggregateOptions
+from govshare.node.queries.session import Send
 from govshare.node.stores.query_store import QueryStore
 from govshare.protocols import dp
 from govshare.protocols.errors import Aborted, MalformedInput, PermissionDenied, PolicyRefused
@@ -106,12 +108,14 @@ def _node(fed: FederationFixture, name: str, options: AggregateOptions) -> Node:
     )
 
 
-def set_options(node: Node, options: AggregateOptions, timeout: float = TIMEOUT) -> None:
+def set_options(
+    node: Node, options: AggregateOptions, timeout: float = TIMEOUT, send: Send | None = None
+) -> None:
     """Rebuild a test node's aggregate engine with other test-only switches."""
     node.aggregates = AggregateEngine(
         queries=node.queries, identity=node.identity, catalogue=node.catalogue,
         grants=node.grants, store=node.query_store, audit=node.audit,
-        send=node.send, executor=node.executor, protocol_timeout=timeout,
+        send=send or node.send, executor=node.executor, protocol_timeout=timeout,
         options=options,
     )  # fmt: skip
 
@@ -240,11 +244,12 @@ def test_intersection_aggregate_is_exact_without_noise(agg: Agg) -> None:
     assert sum(not g.suppressed for g in outcome.groups) >= 3
     assert set(outcome.budgets) == {"civil", "tax"}
     assert all(b.epsilon_spent == 1 for b in outcome.budgets.values())
+    assert outcome.receipt is not None
     verified = verify_receipt(outcome.receipt, _log_keys(agg))
     assert all(p.entry.kind == "result.released" for p in verified)
     tax_log = [e.decode() for e in agg.nodes["tax"].audit.entries_for_query(outcome.query_id)]
     steps = [e.fields["phase"] for e in tax_log if e.kind == "protocol.step"]
-    assert steps == ["matcher_keys", "values", "matcher_again"]
+    assert steps == ["matcher_keys", "matcher_again", "values"]
     released = next(e for e in reversed(tax_log) if e.kind == "result.released")
     assert released.kind == "result.released" and released.fields["recipient"] == "alice"
 
@@ -427,10 +432,10 @@ def test_tampered_ciphertexts_are_refused_and_a_dropout_aborts(agg: Agg) -> None
     point = bytes.fromhex("09" + "00" * 31)
     with NodeClient.to(agg.fed.identity("civil"), "tax") as peer:
         with pytest.raises(MalformedInput, match="bytes"):
-            peer.deliver(query_id, "values", [point], [b"\x01" * 10])
+            peer.deliver(query_id, "values:0:1", [point], [b"\x01" * 10])
     with NodeClient.to(agg.fed.identity("civil"), "tax") as peer:
         with pytest.raises(MalformedInput, match=r"\[1, n\^2\)|unit"):
-            peer.deliver(query_id, "values", [point], [b"\xff" * 512])
+            peer.deliver(query_id, "values:0:1", [point], [b"\xff" * 512])
     with NodeClient.to(agg.fed.identity("ghost"), "tax") as peer:
         with pytest.raises(PermissionDenied):
             peer.deliver(query_id, "matcher_again", [point], [])
@@ -444,6 +449,92 @@ def test_tampered_ciphertexts_are_refused_and_a_dropout_aborts(agg: Agg) -> None
     kinds = [e.kind for e in entries]
     assert "result.released" not in kinds and kinds[-2:] == ["query.failed", "budget.settled"]
     assert agg.nodes["tax"].query_store.reservation(query_id) == "returned"
+    assert clients["tax"].status(query_id).state == "failed"
+    for client in clients.values():
+        client.close()
+
+
+# Small batches and a window of two: the 2025 rows of civil make well over a hundred batches.
+STREAMED = replace(EXACT, stream_batch_keys=16, stream_window=2)
+
+
+def test_stream_keeps_at_most_its_window_of_batches_in_flight(agg: Agg) -> None:
+    for name in ("tax", "civil"):
+        set_options(agg.nodes[name], STREAMED)
+    try:
+        outcome = run_intersection_aggregate(
+            agg.fed.identity("alice"), district_plan(Fraction(1)), key_bits=KEY_BITS,
+            unsafe_allow_short_modulus=True,
+        )  # fmt: skip
+        sent = agg.nodes["civil"].aggregates.streams[outcome.query_id]
+        taken = agg.nodes["tax"].aggregates.streams[outcome.query_id]
+    finally:
+        for name in ("tax", "civil"):
+            set_options(agg.nodes[name], EXACT)
+    expected = expected_districts(agg)
+    shown = [g for g in outcome.groups if not g.suppressed]
+    assert len(shown) >= 3
+    for group in shown:
+        assert group.count.value == expected[group.label]["count"]
+        assert group.sums["amount"].value == expected[group.label]["sum_amount"]
+    assert sent.batches == taken.batches >= 50 * STREAMED.stream_window
+    # The value holder filled its window (the pool encrypted ahead) and never went beyond it;
+    # the matcher's queue, which holds back the value holder's sends, never held more.
+    assert sent.window == taken.window == 2
+    assert sent.peak_in_flight == 2
+    assert 1 <= taken.peak_in_flight <= 2
+
+
+def test_value_holder_falling_silent_mid_stream_aborts_with_nothing_released(agg: Agg) -> None:
+    alice = agg.fed.identity("alice")
+    plan = _keyed(district_plan())
+    query_id, signed = _signed(agg, plan)
+    civil, tax = agg.nodes["civil"], agg.nodes["tax"]
+    release = threading.Event()
+    batches: list[str] = []
+
+    def silent_after_three(
+        peer: str, qid: str, phase: str, points: Sequence[bytes], items: Sequence[bytes]
+    ) -> None:
+        if phase.startswith("values:"):
+            # Past the single messages, every wait of tax is one batch's: make it short.
+            tax.aggregates.protocol_timeout = 2.0
+            batches.append(phase)
+            if len(batches) > 3:  # the node hangs mid-stream, then its connection drops
+                release.wait(TIMEOUT)
+                raise ConnectionError("value holder gone")
+        civil.send(peer, qid, phase, points, items)
+
+    set_options(civil, STREAMED, send=silent_after_three)
+    set_options(tax, STREAMED)
+    clients = {n: NodeClient.to(alice, n) for n in ("tax", "civil")}
+    failures: list[BaseException] = []
+
+    def run_civil() -> None:
+        try:
+            clients["civil"].aggregate_run(query_id, timeout=TIMEOUT)
+        except Exception as error:
+            failures.append(error)
+
+    try:
+        for client in clients.values():
+            assert client.submit(signed).state == "approved"
+        thread = threading.Thread(target=run_civil)
+        thread.start()
+        with pytest.raises(Aborted, match=r"values batch 3 within 2 s; .*nothing released"):
+            clients["tax"].aggregate_run(query_id, timeout=TIMEOUT)
+        release.set()
+        thread.join()
+    finally:
+        release.set()
+        for name in ("tax", "civil"):
+            set_options(agg.nodes[name], EXACT)
+    assert len(failures) == 1 and isinstance(failures[0], Aborted)
+    assert batches[:4] == [f"values:{i}:{batches[0].split(':')[2]}" for i in range(4)]
+    for node in (tax, civil):
+        kinds = [e.decode().kind for e in node.audit.entries_for_query(query_id)]
+        assert "result.released" not in kinds and "query.failed" in kinds
+        assert node.query_store.reservation(query_id) == "returned"
     assert clients["tax"].status(query_id).state == "failed"
     for client in clients.values():
         client.close()
