@@ -155,7 +155,7 @@ computes the same function as the point-by-point path through pyca/cryptography
 (:func:`mask_chunk_pointwise`, :func:`hash_and_mask_chunk_pointwise`), byte for byte, with the
 same refusals and messages (the tests compare them on random and edge inputs), so who learns
 what above is unchanged: the same party computes the same points in its own process. Where the
-extension is missing, ``x25519_batch`` warns once per process and the point-by-point path runs;
+extension is missing, the point-by-point path runs and warns once per process;
 ``GOVSHARE_X25519_BATCH=off`` forces it. Here (2 cores, CPU time per core) the batch path masks
 about 28,000 points per second against about 24,500 point by point: libsodium's ladder costs
 about what OpenSSL's does, and the gain is the per-point Python work (``bench/x25519_raw.py``).
@@ -296,6 +296,7 @@ def mask_chunk(scalar: bytes, packed: bytes) -> bytes:
         MalformedInput: bad chunk encoding, or a point of small order.
     """
     if not x25519_batch.available():
+        x25519_batch.warn_fallback()
         return mask_chunk_pointwise(scalar, packed)
     _check_scalar(scalar)
     _chunk_count(packed, MAX_CHUNK_POINTS)
@@ -321,6 +322,7 @@ def hash_and_mask_chunk(scalar: bytes, query_id: bytes, keys: Sequence[bytes]) -
     :func:`hash_and_mask_chunk_pointwise`: the same bytes either way.
     """
     if not x25519_batch.available():
+        x25519_batch.warn_fallback()
         return hash_and_mask_chunk_pointwise(scalar, query_id, keys)
     _check_scalar(scalar)
     _check_query_id(query_id)

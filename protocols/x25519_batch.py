@@ -23,10 +23,12 @@ process; only the library under the curve arithmetic differs (libsodium instead 
 The scalar is secret: it crosses to native code as bytes and is not kept there.
 
 Fallback: where the extension was not built (libsodium's headers missing at install time) or
-does not load, importing this module warns (``RuntimeWarning``, once per process) and
-:func:`available` is false; ``ecdh_psi`` then masks point by point as before. Setting
-``GOVSHARE_X25519_BATCH=off`` in the environment forces that fallback without a warning (for
-benchmarks and tests; the node's masking workers inherit it).
+does not load, :func:`available` is false and ``ecdh_psi`` masks point by point as before,
+warning (``RuntimeWarning``, :func:`warn_fallback`) once per process when it first does so. The
+warning waits for that first use, never import time: a node's first output line must be its
+"serving on" line, which the demo and the benchmarks read from a pipe shared with stderr.
+Setting ``GOVSHARE_X25519_BATCH=off`` in the environment forces the fallback without a warning
+(for benchmarks and tests; the node's masking workers inherit it).
 
 Pure: no transport or storage code.
 """
@@ -68,26 +70,41 @@ class RefusedPointError(Exception):
 
 def _load() -> tuple[Any, Any, str | None]:
     """(ffi, lib, None) when the native module is usable, else (None, None, the reason)."""
-    if os.environ.get(DISABLE_ENV, "").strip().lower() in DISABLE_VALUES:
+    if _turned_off():
         return None, None, f"turned off by {DISABLE_ENV}"
     try:
         native = importlib.import_module(NATIVE_MODULE)
     except ImportError as error:
-        reason = f"{NATIVE_MODULE} could not be imported ({error})"
-    else:
-        if native.lib.govshare_x25519_batch_init() == _OK:
-            return native.ffi, native.lib, None
-        reason = "libsodium failed to initialise"
-    message = (
-        f"govshare: ECDH-PSI's native batch path is unavailable: {reason}. Masking falls back "
-        "to pyca/cryptography point by point (same results, slower). Install libsodium's "
-        "headers (Debian: libsodium-dev; `make` does it as root) and reinstall govshare."
-    )
-    warnings.warn(message, RuntimeWarning, stacklevel=2)
-    return None, None, reason
+        return None, None, f"{NATIVE_MODULE} could not be imported ({error})"
+    if native.lib.govshare_x25519_batch_init() != _OK:
+        return None, None, "libsodium failed to initialise"
+    return native.ffi, native.lib, None
+
+
+def _turned_off() -> bool:
+    return os.environ.get(DISABLE_ENV, "").strip().lower() in DISABLE_VALUES
 
 
 _ffi, _lib, _unavailable_reason = _load()
+# Whether this process has warned about the fallback (once is enough).
+_warned = False
+
+
+def warn_fallback() -> None:
+    """Warn, once per process, that masking runs point by point because the extension is
+    missing or broken; silent when the batch path is available or turned off on purpose."""
+    global _warned
+    if _warned or _lib is not None or _turned_off():
+        return
+    _warned = True
+    warnings.warn(
+        f"govshare: ECDH-PSI's native batch path is unavailable: {_unavailable_reason}. "
+        "Masking falls back to pyca/cryptography point by point (same results, slower). "
+        "Install libsodium's headers (Debian: libsodium-dev; `make` does it as root) and "
+        "reinstall govshare.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 def available() -> bool:

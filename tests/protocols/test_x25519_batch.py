@@ -260,9 +260,11 @@ _FALLBACK_SCRIPT = """
 import json, sys, warnings
 if sys.argv[1] == "blocked":
     sys.modules["govshare.protocols.x25519_batch_native"] = None  # import fails
-with warnings.catch_warnings(record=True) as caught:
-    warnings.simplefilter("always")
-    from govshare.protocols import ecdh_psi, x25519_batch
+warnings.simplefilter("always")  # so that a second warning would show
+caught = []
+warnings.showwarning = lambda message, category, *rest: caught.append((message, category))
+from govshare.protocols import ecdh_psi, x25519_batch
+at_import = len(caught)
 scalar, query_id = bytes.fromhex(sys.argv[2]), b"query-0001"
 keys = [str(i).encode() for i in range(50)]
 with ecdh_psi.make_pool(2) as pool:
@@ -278,7 +280,8 @@ print(json.dumps({
     "available": x25519_batch.available(),
     "worker_available": worker_available,
     "reason": x25519_batch.unavailable_reason(),
-    "warnings": [str(w.message) for w in caught if w.category is RuntimeWarning],
+    "at_import": at_import,
+    "warnings": [str(m) for m, category in caught if category is RuntimeWarning],
     "hashed": hashed.hex(),
     "pooled": b"".join(pooled).hex(),
     "masked": ecdh_psi.mask_chunk(scalar, hashed).hex(),
@@ -310,6 +313,8 @@ def test_fallback_when_the_extension_cannot_be_imported() -> None:
     result = run_fallback("blocked", {})
     assert result["available"] is False
     assert "x25519_batch_native could not be imported" in result["reason"]
+    # One warning, at the first masking (not at import: a node's first line is "serving on").
+    assert result["at_import"] == 0
     assert len(result["warnings"]) == 1
     assert "falls back to pyca/cryptography point by point" in result["warnings"][0]
     hashed, masked = expected_fallback_bytes()
@@ -324,6 +329,7 @@ def test_fallback_turned_off_by_the_environment_reaches_the_workers() -> None:
     assert result["available"] is False
     assert result["worker_available"] is False
     assert result["reason"] == "turned off by GOVSHARE_X25519_BATCH"
+    assert result["at_import"] == 0
     assert result["warnings"] == []  # a deliberate choice, not a broken install
     hashed, masked = expected_fallback_bytes()
     assert (result["hashed"], result["masked"], result["pooled"]) == (hashed, masked, hashed)
