@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 TYPECHECK := $(VENV)/typecheck/govshare
 
-.PHONY: demo test lint typecheck pytest browser systemd libsodium protos bench clean
+.PHONY: demo test lint typecheck pytest browser systemd libsodium postgresql protos bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,7 +37,7 @@ typecheck: $(VENV)/.installed-dev
 	$(BIN)/mypy -p govshare
 	$(BIN)/mypy tests bench
 
-pytest: $(VENV)/.installed-dev browser systemd libsodium
+pytest: $(VENV)/.installed-dev browser systemd libsodium postgresql
 	$(BIN)/pytest
 
 # tests/client/test_report.py renders the auditor's report page in a real headless browser: Debian's
@@ -87,6 +87,23 @@ libsodium:
 	    echo "make: warning: $(SODIUM_H) is missing (Debian's libsodium-dev): PSI will mask" \
 	      "point by point, and make pytest fails; run 'sudo apt-get install libsodium-dev'," \
 	      "then 'rm $(VENV)/.installed*' and make again" >&2; \
+	  fi; \
+	fi
+
+# tests/node/data/test_source_postgresql.py starts its own PostgreSQL server with Debian's
+# initdb and pg_ctl (as nobody when run as root): the postgresql package, installed the same way
+# when missing; its own cluster is not used.
+POSTGRES_INITDB := $(wildcard /usr/lib/postgresql/*/bin/initdb)
+postgresql:
+	@if [ -z "$(POSTGRES_INITDB)" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing postgresql for tests/node/data/test_source_postgresql.py (apt-get)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	      --no-install-recommends postgresql >/dev/null \
+	      || { echo "make: apt-get could not install postgresql" >&2; exit 1; }; \
+	  else \
+	    echo "make: tests/node/data/test_source_postgresql.py needs initdb and pg_ctl (Debian's" \
+	      "postgresql package): run 'sudo apt-get install postgresql' and try again" >&2; exit 1; \
 	  fi; \
 	fi
 

@@ -63,9 +63,10 @@ import secrets
 import sqlite3
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from govshare.model.conditions import OPERATORS, Condition
 from govshare.model.governance import (
@@ -90,6 +91,7 @@ from govshare.node.data.column_format import (
 )
 from govshare.node.data.masking import parse_mask
 from govshare.node.data.source_file import ProgressCallback, ScannedFile, SourceFormat
+from govshare.node.data.sources import EMBEDDED, LiveSource, source_from_json
 from govshare.node.policy.decision import (
     COLUMN_DENY,
     GRADE_MIN_GROUP_SIZE,
@@ -97,6 +99,9 @@ from govshare.node.policy.decision import (
 )
 from govshare.node.stores.sqlite import immediate, opened
 from govshare.protocols.errors import AlreadyExists, MalformedInput, NotFound, PolicyRefused
+
+if TYPE_CHECKING:
+    from govshare.node.data.live import LiveDataset
 
 # Dataset and column names: lower-case identifiers that are safe as SQL names and as the
 # ``node.dataset`` names of the query dialect.
@@ -143,7 +148,9 @@ CREATE TABLE IF NOT EXISTS datasets (
     version               INTEGER NOT NULL DEFAULT 1,
     replaced_at           INTEGER,
     encoding              TEXT NOT NULL DEFAULT 'utf-8',
-    source_format         TEXT NOT NULL DEFAULT '{}'  -- JSON: SourceFormat.to_json()
+    source_format         TEXT NOT NULL DEFAULT '{}',  -- JSON: SourceFormat.to_json()
+    source_kind           TEXT NOT NULL DEFAULT 'embedded',  -- govshare.node.data.sources
+    source_location       TEXT NOT NULL DEFAULT '{}'  -- JSON: a live source, never a secret
 );
 """
 # Columns added to ``datasets`` after its first release, added to an older store when it opens.
@@ -152,6 +159,8 @@ _ADDED_COLUMNS = (
     ("replaced_at", "INTEGER"),
     ("encoding", "TEXT NOT NULL DEFAULT 'utf-8'"),
     ("source_format", "TEXT NOT NULL DEFAULT '{}'"),
+    ("source_kind", "TEXT NOT NULL DEFAULT 'embedded'"),
+    ("source_location", "TEXT NOT NULL DEFAULT '{}'"),
 )
 
 
@@ -192,7 +201,9 @@ class ImportReport:
 class DatasetRecord:
     """A registration with what the catalogue keeps beside it: each column's import format,
     the current version (1 at registration, one more at each replace) and when it was
-    replaced, the SHA-256 and encoding of the file it came from, and how that file was read."""
+    replaced, the SHA-256 and encoding of the file it came from, and how that file was read.
+    ``live``: the live source a dataset reads at each query (``None``: rows imported here);
+    its ``source_sha256`` is then the digest of the rows read at registration."""
 
     info: DatasetInfo
     formats: Mapping[str, ColumnFormat]
@@ -201,6 +212,7 @@ class DatasetRecord:
     source_sha256: str
     encoding: str
     source: SourceFormat
+    live: LiveSource | None = None
 
 
 @dataclass(frozen=True)
@@ -516,6 +528,9 @@ def record_to_json(record: DatasetRecord) -> dict[str, object]:
         "source_sha256": record.source_sha256,
         "encoding": record.encoding,
         "source_format": record.source.to_json(),
+        "source": {"kind": EMBEDDED}
+        if record.live is None
+        else {"kind": record.live.kind, "location": record.live.describe()},
     }
 
 
@@ -557,6 +572,12 @@ def _record_from_row(row: sqlite3.Row) -> DatasetRecord:
             for raw in json.loads(row["columns"])
         }
         replaced_at = value("replaced_at", None)
+        kind = str(value("source_kind", EMBEDDED))
+        live = (
+            None
+            if kind == EMBEDDED
+            else source_from_json(kind, json.loads(str(value("source_location", "{}"))))
+        )
         return DatasetRecord(
             info=info,
             formats=formats,
@@ -565,6 +586,7 @@ def _record_from_row(row: sqlite3.Row) -> DatasetRecord:
             source_sha256=str(row["source_sha256"]),
             encoding=str(value("encoding", "utf-8")),
             source=SourceFormat.from_json(json.loads(str(value("source_format", "{}")))),
+            live=live,
         )
     except (ValueError, TypeError, KeyError) as exc:
         raise MalformedInput(f"stored dataset {row['name']!r} is corrupt: {exc}") from None
@@ -799,7 +821,7 @@ class Catalogue:
 
     def add(
         self,
-        csv_path: Path,
+        csv_path: Path | LiveSource,
         *,
         name: str,
         grade: Grade | str,
@@ -822,7 +844,9 @@ class Catalogue:
         progress: ProgressCallback | None = None,
         now: int | None = None,
     ) -> ImportReport:
-        """Register a dataset and import its CSV rows in one transaction.
+        """Register a dataset and import its CSV rows in one transaction; or, for a live
+        source (``csv_path`` a :class:`~govshare.node.data.sources.LiveSource`), register it
+        without copying a row (see :meth:`_add_live`).
 
         Args:
             formats: per column, its decimal scale and NULL policy (default: scale 0, the
@@ -860,6 +884,11 @@ class Catalogue:
         if check:
             with self._open() as conn:
                 self._refuse_existing(conn, name)
+        if not isinstance(csv_path, Path | str):
+            return self._add_live(
+                csv_path, info, column_formats, source, skip_invalid=skip_invalid, check=check,
+                actor=actor, audit=audit,
+            )  # fmt: skip
         scanned = source_file.scan(csv_path, source.encoding, progress)
         if check:
             totals = self._import_rows(
@@ -879,35 +908,8 @@ class Catalogue:
                 if totals.imported == 0:
                     raise MalformedInput(f"{csv_path}: no valid row to import")
                 info = replace(info, row_count=totals.imported)
-                conn.execute(
-                    "INSERT INTO datasets (name, table_name, grade, sharing_type, legal_basis,"
-                    " owner_kind, owner_name, holder, columns, row_count, description,"
-                    " created_at, min_set_size, allowed_jurisdictions, min_group_size,"
-                    " require_dp, require_approval, source_sha256, version, replaced_at,"
-                    " encoding, source_format)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1, NULL, ?, ?)",
-                    (
-                        info.name,
-                        table,
-                        info.grade.value,
-                        info.sharing_type.value,
-                        info.legal_basis,
-                        info.owner.kind.value,
-                        info.owner.name,
-                        info.owner.holder,
-                        _columns_to_json(info, column_formats),
-                        info.row_count,
-                        info.description,
-                        info.created_at,
-                        info.min_set_size,
-                        json.dumps(list(info.allowed_jurisdictions)),
-                        info.min_group_size,
-                        int(info.require_dp),
-                        int(info.require_approval),
-                        scanned.sha256,
-                        scanned.encoding,
-                        json.dumps(source.to_json(), ensure_ascii=False),
-                    ),
+                self._insert(
+                    conn, info, table, column_formats, scanned.sha256, scanned.encoding, source
                 )
                 if audit is not None:
                     fields = dataset_to_json(info)
@@ -918,6 +920,131 @@ class Catalogue:
                     )
                     audit.record("dataset.added", fields, actor=actor)
         return totals.report(name, scanned, dry_run=False, skip_invalid=skip_invalid)
+
+    @staticmethod
+    def _insert(
+        conn: sqlite3.Connection,
+        info: DatasetInfo,
+        table: str,
+        formats: Mapping[str, ColumnFormat],
+        sha256: str,
+        encoding: str,
+        source: SourceFormat,
+        live: LiveSource | None = None,
+    ) -> None:
+        conn.execute(
+            "INSERT INTO datasets (name, table_name, grade, sharing_type, legal_basis,"
+            " owner_kind, owner_name, holder, columns, row_count, description,"
+            " created_at, min_set_size, allowed_jurisdictions, min_group_size,"
+            " require_dp, require_approval, source_sha256, version, replaced_at,"
+            " encoding, source_format, source_kind, source_location)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1, NULL, ?, ?, ?, ?)",
+            (
+                info.name,
+                table,
+                info.grade.value,
+                info.sharing_type.value,
+                info.legal_basis,
+                info.owner.kind.value,
+                info.owner.name,
+                info.owner.holder,
+                _columns_to_json(info, formats),
+                info.row_count,
+                info.description,
+                info.created_at,
+                info.min_set_size,
+                json.dumps(list(info.allowed_jurisdictions)),
+                info.min_group_size,
+                int(info.require_dp),
+                int(info.require_approval),
+                sha256,
+                encoding,
+                json.dumps(source.to_json(), ensure_ascii=False),
+                EMBEDDED if live is None else live.kind,
+                "{}" if live is None else json.dumps(live.to_json(), ensure_ascii=False),
+            ),
+        )
+
+    def _add_live(
+        self,
+        live_source: LiveSource,
+        info: DatasetInfo,
+        formats: Mapping[str, ColumnFormat],
+        source: SourceFormat,
+        *,
+        skip_invalid: bool,
+        check: bool,
+        actor: str,
+        audit: AuditSink | None,
+    ) -> ImportReport:
+        """Register a live table or view: its columns checked against the rules (after the
+        ``--map``), every row read once through the rules as an import would read it (a bad
+        row refuses the registration unless ``skip_invalid``), and nothing copied.
+
+        Raises:
+            Unavailable: the source cannot be reached.
+            MalformedInput: the relation's columns do not match the rules; a bad row (without
+                ``skip_invalid`` or ``check``); no valid row (without ``check``).
+        """
+        from govshare.node.data.live import LiveDataset  # it reads through this module
+
+        record = DatasetRecord(info, formats, 1, None, "", "utf-8", source, live_source)
+        reader = LiveDataset(record, live_source)
+        where = live_source.describe()
+        present = list(reader.columns())
+        renamed = dict(source.header_map)
+        mapped = [renamed.get(column, column) for column in present]
+        rules = {rule.name for rule in info.columns}
+        unknown = [c for c, m in zip(present, mapped, strict=True) if m not in rules]
+        if unknown:
+            raise MalformedInput(
+                f"{where}: column(s) {', '.join(map(repr, unknown))} have no rule; give every "
+                "column a rule (deny to keep it out of every query), or --map COLUMN=NAME",
+                field="columns",
+            )
+        missing = sorted(rules - set(mapped))
+        if missing:
+            raise MalformedInput(
+                f"rules name column(s) {', '.join(map(repr, missing))} that {where} does not have",
+                field="columns",
+            )
+        totals = reader.validate(refuse_bad=not (skip_invalid or check))
+        report = ImportReport(
+            dataset=info.name,
+            imported=totals.rows,
+            rejected=totals.rejected,
+            first_rejections=tuple(totals.reasons),
+            source_sha256=totals.digest(),
+            skipped=totals.skipped,
+            blank_cells=tuple(sorted(totals.blanks.items())),
+            dry_run=check,
+            would_import=totals.rows > 0 and (skip_invalid or not totals.rejected),
+        )
+        if check:
+            return report
+        if totals.rows == 0:
+            raise MalformedInput(f"{where}: no valid row")
+        info = replace(info, row_count=totals.rows)
+        with self._open() as conn:
+            with immediate(conn):
+                self._refuse_existing(conn, info.name)
+                self._insert(
+                    conn, info, TABLE_PREFIX + info.name, formats, report.source_sha256,
+                    "utf-8", source, live_source,
+                )  # fmt: skip
+                if audit is not None:
+                    fields = dataset_to_json(info)
+                    fields.update(
+                        version=1,
+                        column_formats={n: f.to_json() for n, f in formats.items()},
+                        source={"kind": live_source.kind, "location": where},
+                        source_format=source.to_json(),
+                        rejected_rows=totals.rejected,
+                        skipped_rows=totals.skipped,
+                        rows_sha256=report.source_sha256,
+                    )
+                    audit.record("dataset.added", fields, actor=actor)
+        return report
 
     @staticmethod
     def _refuse_existing(conn: sqlite3.Connection, name: str) -> None:
@@ -960,6 +1087,12 @@ class Catalogue:
         """
         validate_identifier(name, "dataset")
         record = self.record(name)
+        if record.live is not None:
+            raise MalformedInput(
+                f"dataset {name!r} reads its rows live from {record.live.describe()} at each "
+                "query: there is no file to replace",
+                field="source",
+            )
         changed = _changes(record, stated)
         if changed:
             raise MalformedInput(
@@ -1179,7 +1312,8 @@ class Catalogue:
                 if row is None:
                     raise NotFound(f"no dataset {name!r}")
                 info = _info_from_row(row)
-                conn.execute(f"DROP TABLE {_quote(row['table_name'])}")
+                # A live dataset has no table here.
+                conn.execute(f"DROP TABLE IF EXISTS {_quote(row['table_name'])}")
                 staged = f"{TABLE_PREFIX}{name}@"
                 for (left,) in conn.execute(
                     "SELECT name FROM sqlite_master WHERE type = 'table'"
@@ -1279,6 +1413,37 @@ class Catalogue:
             raise NotFound(f"no dataset {name!r}")
         return _info_from_row(row), str(row["table_name"])
 
+    def _live(self, conn: sqlite3.Connection, name: str) -> LiveDataset | None:
+        """The reads of a live dataset (``None`` for rows imported here)."""
+        row = conn.execute("SELECT * FROM datasets WHERE name = ?", (name,)).fetchone()
+        record = None if row is None else _record_from_row(row)
+        if record is None or record.live is None:
+            return None
+        from govshare.node.data.live import LiveDataset  # it reads through this module
+
+        return LiveDataset(record, record.live)
+
+    def reading(
+        self, name: str, *, query_id: str, audit: AuditSink, actor: str
+    ) -> AbstractContextManager[None]:
+        """The scope of one query's reads of dataset ``name`` on this node: for a live dataset,
+        one snapshot of its source for every read, each read logged (``dataset.read``, see
+        :mod:`govshare.node.data.live`); for rows imported here, nothing.
+
+        Raises:
+            Unavailable: the live source cannot be reached (the message names the dataset and
+                the source).
+        """
+        try:
+            record = self.record(name)
+        except NotFound:
+            record = None  # the query's own read says so
+        if record is None or record.live is None:
+            return nullcontext()
+        from govshare.node.data.live import query_scope
+
+        return query_scope(record, record.live, query_id=query_id, audit=audit, actor=actor)
+
     def keys(
         self, name: str, column: str, *, where: Sequence[Condition] = ()
     ) -> builtins.list[str]:
@@ -1295,6 +1460,8 @@ class Catalogue:
             if rule.kind is not ColumnKind.JOIN_KEY:
                 raise MalformedInput(f"column {column!r} of {name!r} is not a join key")
             clause, params = self._where(info, where)
+            if (live := self._live(conn, name)) is not None:
+                return live.keys(column, where)
             rows = conn.execute(
                 f"SELECT DISTINCT {_quote(column)} FROM {_quote(table)}{clause}"
                 f" ORDER BY {_quote(column)}",
@@ -1319,6 +1486,9 @@ class Catalogue:
             for column in columns:
                 self._column(info, column)
             clause, params = self._where(info, where)
+            live = self._live(conn, name)
+        if live is not None:
+            return live.rows(columns, where)
         sql = (
             f"SELECT {', '.join(_quote(c) for c in columns)} FROM {_quote(table)}"
             f"{clause} ORDER BY _row"
@@ -1340,6 +1510,8 @@ class Catalogue:
         with self._open() as conn:
             info, table = self._table(conn, name)
             clause, params = self._where(info, where)
+            if (live := self._live(conn, name)) is not None:
+                return live.row_ids(where)
             rows = conn.execute(f"SELECT _row FROM {_quote(table)}{clause}", params).fetchall()
         return [int(row[0]) for row in rows]
 
@@ -1348,6 +1520,8 @@ class Catalogue:
         with self._open() as conn:
             info, table = self._table(conn, name)
             clause, params = self._where(info, where)
+            if (live := self._live(conn, name)) is not None:
+                return live.count(where)
             row = conn.execute(f"SELECT COUNT(*) FROM {_quote(table)}{clause}", params).fetchone()
         return int(row[0])
 
@@ -1372,6 +1546,8 @@ class Catalogue:
             for column in columns:
                 self._column(info, column)
             clause, params = self._where(info, where)
+            if (live := self._live(conn, name)) is not None:
+                return live.group_sums(group_by, sums, where)
             figures = ["COUNT(*)"] + [
                 f"SUM(MIN(MAX({_quote(c)}, 0), {int(bound)}))" for c, bound in sums
             ]

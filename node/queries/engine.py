@@ -477,7 +477,12 @@ class QueryEngine:
         try:
             if self._stopping is not None:  # after RUNNING: interrupt_all sees it, or we do
                 raise Aborted(f"{self.name}: {self._stopping}; nothing released")
-            result = body(record)
+            # A live dataset's reads share one snapshot of its source (govshare.node.data.live);
+            # a source that cannot be reached refuses the query here, before any protocol step.
+            with self._catalogue.reading(
+                record.dataset, query_id=query_id, audit=self._audit, actor=self.name
+            ):
+                result = body(record)
         except Exception as exc:
             reason = str(exc) if isinstance(exc, GovshareError) else f"internal error: {exc}"
             self._store.transition(

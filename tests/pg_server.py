@@ -1,0 +1,107 @@
+"""A real PostgreSQL server for the tests: Debian's initdb and pg_ctl in a temporary directory.
+
+``make pytest`` installs Debian's ``postgresql`` package when it is missing (the Makefile's
+``postgresql`` step). PostgreSQL refuses to run as root, so when the tests run as root the
+cluster belongs to ``nobody`` and its programs run under ``runuser``; otherwise they run as the
+current user. The server listens on 127.0.0.1 at a free port (password authentication,
+SCRAM) and on a Unix socket in its own directory (trust, for the tests' superuser). Nothing
+waits on a timer: ``pg_ctl -w`` returns once the server accepts connections.
+
+The password is written to a libpq password file (``PGPASSFILE``), the way a department gives
+its node a credential; :meth:`PgServer.location` is the ``postgresql://`` location without it.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import pwd
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import psycopg
+
+# The tests' superuser and the department's database.
+SUPERUSER = "govshare"
+DATABASE = "dept"
+# Unprivileged account for the cluster when the tests run as root.
+CLUSTER_USER = "nobody"
+
+
+def binaries() -> Path:
+    """The newest ``/usr/lib/postgresql/<version>/bin`` with initdb and pg_ctl."""
+    found = sorted(
+        glob.glob("/usr/lib/postgresql/*/bin/initdb"),
+        key=lambda p: int(Path(p).parent.parent.name.split(".")[0]),
+    )
+    if not found:
+        raise RuntimeError(
+            "the PostgreSQL tests need Debian's postgresql package (initdb, pg_ctl): run "
+            "'make postgresql' as root, or 'sudo apt-get install postgresql'"
+        )
+    return Path(found[-1]).parent
+
+
+class PgServer:
+    """One PostgreSQL cluster, started by :meth:`start` and stopped by :meth:`stop`."""
+
+    def __init__(self, port: int, password: str) -> None:
+        self.port, self.password = port, password
+        self.bin = binaries()
+        self.root = Path(tempfile.mkdtemp(prefix="govshare-pg-"))
+        self.data = self.root / "data"
+        self.passfile = self.root / "pgpass"
+        self._as_root = os.geteuid() == 0
+        if self._as_root:
+            account = pwd.getpwnam(CLUSTER_USER)
+            os.chown(self.root, account.pw_uid, account.pw_gid)
+
+    def _run(self, *args: str) -> None:
+        command = [str(self.bin / args[0]), *args[1:]]
+        if self._as_root:
+            command = ["runuser", "-u", CLUSTER_USER, "--", *command]
+        subprocess.run(command, check=True, capture_output=True, cwd=self.root, text=True)
+
+    def init(self) -> None:
+        pwfile = self.root / "pwfile"
+        pwfile.write_text(self.password + "\n")
+        if self._as_root:
+            account = pwd.getpwnam(CLUSTER_USER)
+            os.chown(pwfile, account.pw_uid, account.pw_gid)
+        self._run(
+            "initdb", "-D", str(self.data), "-U", SUPERUSER, f"--pwfile={pwfile}",
+            "--auth-local=trust", "--auth-host=scram-sha-256", "-E", "UTF8", "--locale=C",
+        )  # fmt: skip
+        pwfile.unlink()
+        self.passfile.write_text(f"127.0.0.1:{self.port}:*:{SUPERUSER}:{self.password}\n")
+        self.passfile.chmod(0o600)
+
+    def start(self) -> None:
+        options = (
+            f"-c listen_addresses=127.0.0.1 -c port={self.port} "
+            f"-c unix_socket_directories={self.root} -c fsync=off -c full_page_writes=off"
+        )
+        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.root / "log"), "-o", options,
+                  "-w", "start")  # fmt: skip
+
+    def stop(self) -> None:
+        self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
+
+    def remove(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def location(self, database: str = DATABASE) -> str:
+        """The department's ``--source``: TCP, no password (libpq finds it in PGPASSFILE)."""
+        return f"postgresql://{SUPERUSER}@127.0.0.1:{self.port}/{database}"
+
+    def admin(self, database: str = DATABASE) -> psycopg.Connection[tuple[object, ...]]:
+        """A superuser connection over the Unix socket (autocommit), for the tests' own SQL."""
+        return psycopg.connect(
+            host=str(self.root), port=self.port, user=SUPERUSER, dbname=database, autocommit=True
+        )
+
+    def create_database(self, database: str = DATABASE) -> None:
+        with self.admin("postgres") as conn:
+            conn.execute(f'CREATE DATABASE "{database}"')
