@@ -22,11 +22,11 @@ from typing import Any
 
 import pytest
 from conftest import PURPOSE, FederationFixture, build_federation, free_port
-from pg_server import PgServer
 
 from govshare.client.analyst import run_psi
 from govshare.client.analyst_aggregate import run_horizontal_aggregate, run_intersection_aggregate
 from govshare.examples import synth
+from govshare.examples.postgres import PgServer
 from govshare.model.aggregate_plan import (
     Figures,
     GroupSpec,

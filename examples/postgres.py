@@ -1,14 +1,19 @@
-"""A real PostgreSQL server for the tests: Debian's initdb and pg_ctl in a temporary directory.
+"""A throwaway PostgreSQL server: Debian's initdb and pg_ctl in a temporary directory.
 
-``make pytest`` installs Debian's ``postgresql`` package when it is missing (the Makefile's
-``postgresql`` step). PostgreSQL refuses to run as root, so when the tests run as root the
-cluster belongs to ``nobody`` and its programs run under ``runuser``; otherwise they run as the
-current user. The server listens on 127.0.0.1 at a free port (password authentication,
-SCRAM) and on a Unix socket in its own directory (trust, for the tests' superuser). Nothing
-waits on a timer: ``pg_ctl -w`` returns once the server accepts connections.
+What the department's database is to a node, for the tests
+(``tests/node/data/test_source_postgresql.py``), ``python -m govshare.examples.demo
+--postgres`` and ``bench/source.py``; never a production set-up. ``make pytest`` installs
+Debian's ``postgresql`` package when it is missing (the Makefile's ``postgresql`` step).
 
-The password is written to a libpq password file (``PGPASSFILE``), the way a department gives
-its node a credential; :meth:`PgServer.location` is the ``postgresql://`` location without it.
+PostgreSQL refuses to run as root, so when its caller is root the cluster belongs to ``nobody``
+and its programs run under ``runuser``; otherwise they run as the current user. The server
+listens on 127.0.0.1 at the given port (password authentication, SCRAM) and on a Unix socket in
+its own directory (trust, for the superuser's own SQL). Nothing waits on a timer: ``pg_ctl -w``
+returns once the server accepts connections.
+
+The password is written to a libpq password file (:attr:`PgServer.passfile`, for
+``PGPASSFILE``), the way a department gives its node a credential; :meth:`PgServer.location`
+is the ``postgresql://`` location without it.
 """
 
 from __future__ import annotations
@@ -38,8 +43,8 @@ def binaries() -> Path:
     )
     if not found:
         raise RuntimeError(
-            "the PostgreSQL tests need Debian's postgresql package (initdb, pg_ctl): run "
-            "'make postgresql' as root, or 'sudo apt-get install postgresql'"
+            "a throwaway PostgreSQL server needs Debian's postgresql package (initdb, "
+            "pg_ctl): run 'make postgresql' as root, or 'sudo apt-get install postgresql'"
         )
     return Path(found[-1]).parent
 
