@@ -3,17 +3,24 @@
 For each size n, generates n rows per department (tax, civil), registers them in each node's
 store, starts both nodes as separate processes, and times one PSI-cardinality query end to end
 through the analyst client (sign, submit, policy, masking on all cores, exchange, counting,
-receipt). Printed with it, from the same run on the same cores:
+receipt). It does so once per masking path on the same data — ``batched`` (the native batch
+loop over libsodium, the default) and ``pointwise`` (pyca/cryptography point by point, the
+fallback; the nodes run with ``GOVSHARE_X25519_BATCH=off``) — and prints the ratio of the two.
+Printed with each, from the same run on the same cores:
 
 - items per second (2n items through the protocol);
+- the CPU seconds both nodes' process trees (nodes and masking workers) spent on the query, a
+  figure other work on the machine disturbs less than the wall time;
 - peak RSS per node, its process tree (the node and its masking workers) summed;
 - the ratio of the wall time to the raw cost of the protocol's 4n X25519 scalar
-  multiplications, measured by ``bench/x25519_raw.py``'s worker loop on all cores;
-- the DP PSI-CA overhead: the noised query (ε 1, shared and private dummy keys, the dummies'
-  extra message) timed against the exact release of the same query on the same running nodes
-  (approved by both operators), after a warm-up query. Target: <= 1.05 x.
+  multiplications on the path's own library (libsodium's batch loop, or OpenSSL), measured by
+  ``bench/x25519_raw.py``'s worker loops on all cores;
+- on the batched path, the DP PSI-CA overhead: the noised query (ε 1, shared and private dummy
+  keys, the dummies' extra message) timed against the exact release of the same query on the
+  same running nodes (approved by both operators), after a warm-up query. Target: <= 1.05 x.
 
     .venv/bin/python bench/psi.py [--sizes 10000,100000,1000000] [--dir bench-run/psi]
+        [--paths batched,pointwise] [--no-dp]
 
 Targets (DESIGN.md): 1M x 1M <= 60 s on 2 cores, ratio <= 1.3, <= 1.5 GB per node.
 """
@@ -21,6 +28,7 @@ Targets (DESIGN.md): 1M x 1M <= 60 s on 2 cores, ratio <= 1.3, <= 1.5 GB per nod
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shutil
 import sys
@@ -32,7 +40,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import make_federation, node_processes, tree_peak_rss_mb
-from x25519_raw import raw_x25519_ops_per_second
+from x25519_raw import raw_native_ops_per_second, raw_x25519_ops_per_second
 
 from govshare.cli.dataset import parse_column
 from govshare.client.analyst import StatusCallback, run_psi
@@ -46,7 +54,7 @@ from govshare.node.config import NodeConfig
 from govshare.node.node import Node
 from govshare.node.policy import approvals
 from govshare.node.stores.query_store import QueryStore
-from govshare.protocols import dp, ecdh_psi
+from govshare.protocols import dp, ecdh_psi, x25519_batch
 
 PURPOSE = "benchmark"
 # The noised run's ε (shift t = 21 dummy keys on average, shared and private, per side).
@@ -115,8 +123,42 @@ def approve_when_pending(root: Path, running: list[float]) -> StatusCallback:
     return on_status
 
 
-def run_size(root: Path, n: int, raw_rate: float) -> dict[str, float]:
-    expected = setup(root, n)
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` and its live descendants (its masking workers)."""
+    stats: dict[int, tuple[int, float]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            # After the command: state, ppid, ..., utime and stime are fields 12 and 13.
+            ticks = int(fields[11]) + int(fields[12])
+            stats[int(entry.name)] = (int(fields[1]), ticks / os.sysconf("SC_CLK_TCK"))
+    total, stack = 0.0, [pid]
+    while stack:
+        current = stack.pop()
+        total += stats.get(current, (0, 0.0))[1]
+        stack.extend(child for child, (parent, _) in stats.items() if parent == current)
+    return total
+
+
+def run_path(
+    root: Path, n: int, expected: int, raw_rate: float, *, path: str, with_dp: bool
+) -> dict[str, float]:
+    """One node run on ``path`` (``batched`` or ``pointwise``): warm-up, the exact release
+    timed, and with ``with_dp`` the noised query timed."""
+    if path == "pointwise":
+        os.environ[x25519_batch.DISABLE_ENV] = "off"  # the nodes and their workers inherit it
+    try:
+        return _run_nodes(root, n, expected, raw_rate, with_dp=with_dp)
+    finally:
+        os.environ.pop(x25519_batch.DISABLE_ENV, None)
+
+
+def _run_nodes(
+    root: Path, n: int, expected: int, raw_rate: float, *, with_dp: bool
+) -> dict[str, float]:
     with node_processes(root, list(DATASETS)) as processes:
         alice = Identity.load(root / "alice")
         plan = PsiPlan(
@@ -128,25 +170,32 @@ def run_size(root: Path, n: int, raw_rate: float) -> dict[str, float]:
         run_psi(alice, noised)  # warm-up: the nodes' process pools start
         # Both runs timed from the moment the nodes start their parts to the verified receipt.
         exact_start: list[float] = []
+        cpu_before = sum(tree_cpu_seconds(p.pid) for p in processes.values())
         outcome = run_psi(
             alice, replace(plan, exact=True), on_status=approve_when_pending(root, exact_start),
             poll=0.05,
         )  # fmt: skip
         wall = time.perf_counter() - exact_start[0]
-        dp_start: list[float] = []
-        dp_outcome = run_psi(alice, noised, on_status=approve_when_pending(root, dp_start))
-        dp_wall = time.perf_counter() - dp_start[0]
+        cpu = sum(tree_cpu_seconds(p.pid) for p in processes.values()) - cpu_before
+        dp_wall = math.nan
+        if with_dp:
+            dp_start: list[float] = []
+            dp_outcome = run_psi(alice, noised, on_status=approve_when_pending(root, dp_start))
+            dp_wall = time.perf_counter() - dp_start[0]
+            shift = dp.truncation_shift(DP_EPSILON)
+            if abs(dp_outcome.count - expected) > shift:
+                raise SystemExit(
+                    f"noised count {dp_outcome.count} is more than {shift} from {expected}"
+                )
         rss = {name: tree_peak_rss_mb(p.pid) for name, p in processes.items()}
     if outcome.count != expected:
         raise SystemExit(f"wrong count {outcome.count}, the generator says {expected}")
-    shift = dp.truncation_shift(DP_EPSILON)
-    if abs(dp_outcome.count - expected) > shift:
-        raise SystemExit(f"noised count {dp_outcome.count} is more than {shift} from {expected}")
     raw_seconds = 4 * n / raw_rate
     return {
         "n": n,
         "count": outcome.count,
         "wall": wall,
+        "cpu": cpu,
         "items_per_s": 2 * n / wall,
         "raw_seconds": raw_seconds,
         "ratio": wall / raw_seconds,
@@ -161,25 +210,53 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="10000,100000,1000000")
     parser.add_argument("--dir", type=Path, default=Path("bench-run/psi"))
+    parser.add_argument(
+        "--paths", default="batched,pointwise", help="masking paths to run, in this order"
+    )
+    parser.add_argument("--no-dp", action="store_true", help="skip the noised (DP) query")
     options = parser.parse_args()
+    paths = options.paths.split(",")
+    if not set(paths) <= {"batched", "pointwise"}:
+        raise SystemExit("--paths: batched, pointwise or both")
+    if "batched" in paths and not x25519_batch.available():
+        raise SystemExit(f"no batched path here: {x25519_batch.unavailable_reason()}")
     workers = os.cpu_count() or 1
     print(f"PSI cardinality, two node processes over mTLS on loopback, {workers} cores")
-    print(f"{'n per side':>12} {'wall s':>8} {'items/s':>10} {'raw 4n s':>9} {'ratio':>6} "
-          f"{'RSS tax MB':>11} {'RSS civil MB':>13} {'|A∩B|':>8} {'DP wall s':>10} "
-          f"{'DP/exact':>9}")  # fmt: skip
+    print(f"{'n per side':>12} {'path':>9} {'wall s':>8} {'CPU s':>7} {'items/s':>10} "
+          f"{'raw 4n s':>9} {'ratio':>6} {'RSS tax MB':>11} {'RSS civil MB':>13} {'|A∩B|':>8} "
+          f"{'DP wall s':>10} {'DP/exact':>9}")  # fmt: skip
     for n in (int(s) for s in options.sizes.split(",")):
         root = options.dir / str(n)
         shutil.rmtree(root, ignore_errors=True)
         root.mkdir(parents=True)
+        expected = setup(root, n)
+        raw_n = min(4 * n, 400_000)
         with ecdh_psi.make_pool(workers) as pool:
-            raw_rate = raw_x25519_ops_per_second(
-                min(4 * n, 400_000), executor=pool, workers=workers
-            )
-        row = run_size(root, n, raw_rate)
-        print(f"{row['n']:>12,} {row['wall']:>8.1f} {row['items_per_s']:>10,.0f} "
-              f"{row['raw_seconds']:>9.1f} {row['ratio']:>6.2f} {row['rss_tax']:>11.0f} "
-              f"{row['rss_civil']:>13.0f} {row['count']:>8,} {row['dp_wall']:>10.1f} "
-              f"{row['dp_ratio']:>9.3f}", flush=True)  # fmt: skip
+            raw_rates = {
+                "pointwise": raw_x25519_ops_per_second(raw_n, executor=pool, workers=workers),
+                "batched": (
+                    raw_native_ops_per_second(raw_n, executor=pool, workers=workers)
+                    if "batched" in paths
+                    else math.nan
+                ),
+            }
+        rows: dict[str, dict[str, float]] = {}
+        for path in paths:
+            with_dp = path == "batched" and not options.no_dp
+            row = run_path(root, n, expected, raw_rates[path], path=path, with_dp=with_dp)
+            rows[path] = row
+            print(f"{row['n']:>12,} {path:>9} {row['wall']:>8.1f} {row['cpu']:>7.1f} "
+                  f"{row['items_per_s']:>10,.0f} {row['raw_seconds']:>9.1f} {row['ratio']:>6.2f} "
+                  f"{row['rss_tax']:>11.0f} {row['rss_civil']:>13.0f} {row['count']:>8,} "
+                  f"{row['dp_wall']:>10.1f} {row['dp_ratio']:>9.3f}", flush=True)  # fmt: skip
+        if len(rows) == 2:
+            fast, slow = rows["batched"], rows["pointwise"]
+            print(f"{n:>12,} batched vs point by point: wall {fast['wall']:.1f} s vs "
+                  f"{slow['wall']:.1f} s ({slow['wall'] / fast['wall']:.2f} x faster); node CPU "
+                  f"{fast['cpu']:.1f} s vs {slow['cpu']:.1f} s "
+                  f"({slow['cpu'] / fast['cpu']:.2f} x less); raw X25519 libsodium "
+                  f"{raw_rates['batched']:,.0f}/s vs OpenSSL {raw_rates['pointwise']:,.0f}/s",
+                  flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":
