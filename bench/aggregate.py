@@ -14,6 +14,11 @@ with it, from the same run on the same cores:
 - the ratio wall / (raw encryptions + raw X25519 cost of the protocol's 2n + 2m scalar
   multiplications, m the matcher's filtered set), i.e. the overhead over the crypto floor;
 - peak RSS per node, its process tree summed;
+- with ``--baseline REV`` (default: the last commit before the streaming path), the same query
+  on the same stores with the nodes run from that revision's code (``git archive`` into the run
+  directory, imported ahead of the editable install), for the streaming/non-streaming ratio of
+  wall time and each node's peak RSS; ``--baseline none`` skips it. The streaming nodes run
+  with the default ``protocol_timeout``; the baseline needs it raised for large runs;
 - a 1,000,000-row figure: measured when ``--rows`` is 1,000,000, else extrapolated linearly from
   the measured per-row cost (and labelled so).
 
@@ -31,7 +36,7 @@ district`` run directly on each node's store in the same run. Two ratios:
   the cores, so one node's query x nodes / cores is the least any protocol could take here.
 
     .venv/bin/python bench/aggregate.py [--rows 100000] [--nodes 5] [--horizontal-rows 1000000]
-        [--only intersection|horizontal] [--dir bench-run/aggregate]
+        [--only intersection|horizontal] [--baseline REV|none] [--dir bench-run/aggregate]
 
 Quick run: ``--rows 10000 --horizontal-rows 10000``.
 """
@@ -40,16 +45,21 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import multiprocessing
 import os
 import random
 import secrets
 import shutil
+import signal
 import sqlite3
 import statistics
+import subprocess
 import sys
+import tarfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -110,6 +120,11 @@ VISITS_COLUMNS = (
     "year=plaintext",
     "visits=aggregate",
 )
+# ε of each intersection query (a release needs DP noise or an approved exact release, and an
+# exact one takes no GROUP BY); large, so the figures stay close to the plain join's.
+INTERSECTION_EPSILON = Fraction(8)
+# The last commit whose intersection aggregate did not stream (the baseline of --baseline).
+NON_STREAMING_REV = "4decafd"
 # Raw encryptions timed per core for the same-run rate (about 3 s of work per core).
 RAW_ENCRYPTIONS_PER_CORE = 2000
 
@@ -129,7 +144,7 @@ def register(
         node.grants.issue(
             node.identity.signing_key, issuer=node.name, dataset=node.catalogue.get(dataset),
             grantee=ANALYST, purpose=PURPOSE, columns=granted, query_kinds=[kind],
-            expires_at=int(time.time()) + 86400, epsilon=Fraction(10), max_queries=100,
+            expires_at=int(time.time()) + 86400, epsilon=Fraction(1000), max_queries=100,
             actor=f"operator:{node.name}", audit=node.audit,
         )  # fmt: skip
     finally:
@@ -137,16 +152,21 @@ def register(
 
 
 def check(outcome: AggregateOutcome, expected: dict[str, tuple[int, int]], column: str) -> None:
-    """The released (noise-free) figures must equal the plain computation, group by group."""
+    """The released figures must equal the plain computation, group by group: exactly when
+    noise-free, else within three times their stated 95% half-width (a chance miss per figure
+    of about 1e-4 for Laplace noise)."""
     for group in outcome.groups:
         count, total = expected.get(group.label, (0, 0))
         if group.suppressed:
-            if count >= outcome.min_group_size:
+            if count >= 2 * outcome.min_group_size:
                 raise SystemExit(f"group {group.label} of {count} rows was suppressed")
             continue
-        got = (group.count.value, group.sums[column].value)
-        if got != (count, total):
-            raise SystemExit(f"group {group.label}: got {got}, expected {(count, total)}")
+        for figure, want in ((group.count, count), (group.sums[column], total)):
+            if figure.value is None or abs(figure.value - want) > 3 * (figure.interval or 0):
+                raise SystemExit(
+                    f"group {group.label}: got {figure.value}, expected {want} "
+                    f"(95% half-width {figure.interval})"
+                )
 
 
 # --- raw costs measured in the same run ----------------------------------------------------------
@@ -201,7 +221,7 @@ def intersection_setup(root: Path, n: int) -> tuple[dict[str, tuple[int, int]], 
     the size of the matcher's filtered set."""
     data = root / "data"
     synth.generate(data, size=n, seed=11)
-    make_federation(root, ["civil", "tax"], protocol_timeout=step_timeout(n))
+    make_federation(root, ["civil", "tax"])  # the default protocol_timeout: streaming
     register(
         root / "civil", data / f"{synth.CIVIL}.csv", dataset="assistance", columns=CIVIL_COLUMNS,
         granted=["id_number", "district", "amount"], kind=QueryKind.INTERSECTION_AGGREGATE,
@@ -223,9 +243,63 @@ def intersection_setup(root: Path, n: int) -> tuple[dict[str, tuple[int, int]], 
 
 
 def step_timeout(rows: int) -> float:
-    """Seconds one protocol step may take: the value holder encrypts every row at ~1.5 ms on
-    one core (the default 300 s would abort a 1M-row run mid-way)."""
+    """Seconds one protocol step of the non-streaming baseline may take: its value holder
+    encrypts every row at ~1.5 ms on one core before it sends (the default 300 s would abort a
+    1M-row run mid-way). The streaming path needs no such raise."""
     return max(300.0, rows * 0.003)
+
+
+def baseline_tree(root: Path, rev: str) -> Path:
+    """``rev``'s code unpacked under ``root``, laid out as the ``govshare`` package."""
+    tree, shim = root / "baseline-src", root / "baseline-pkg"
+    tree.mkdir()
+    archive = subprocess.run(
+        ["git", "archive", rev], check=True, capture_output=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    ).stdout  # fmt: skip
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(tree, filter="data")
+    package = shim / "govshare"
+    package.mkdir(parents=True)
+    for name in ("cli", "client", "examples", "model", "node", "protocols", "rpc"):
+        (package / name).symlink_to(tree / name)
+    (package / "v1").symlink_to(tree / "protos" / "govshare" / "v1")
+    return shim
+
+
+def set_protocol_timeout(home: Path, seconds: float) -> None:
+    config = home / "node.toml"
+    lines = [
+        f"protocol_timeout = {float(seconds)}" if ln.startswith("protocol_timeout =") else ln
+        for ln in config.read_text().splitlines()
+    ]
+    config.write_text("\n".join(lines) + "\n")
+
+
+@contextmanager
+def baseline_processes(
+    root: Path, nodes: Sequence[str], shim: Path
+) -> Iterator[dict[str, subprocess.Popen[str]]]:
+    """Like ``common.node_processes``, with the nodes importing ``shim``'s ``govshare``."""
+    env = os.environ | {"PYTHONPATH": str(shim)}
+    processes: dict[str, subprocess.Popen[str]] = {}
+    try:
+        for name in nodes:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "govshare.cli", "node", "serve", "--home",
+                 str(root / name)],
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+            )  # fmt: skip
+            processes[name] = process
+            assert process.stdout is not None
+            if "serving on" not in process.stdout.readline():
+                raise SystemExit(f"baseline node {name} did not start")
+        yield processes
+    finally:
+        for process in processes.values():
+            process.send_signal(signal.SIGTERM)
+        for process in processes.values():
+            process.wait(timeout=60)
 
 
 def intersection_plan() -> IntersectionPlan:
@@ -235,20 +309,22 @@ def intersection_plan() -> IntersectionPlan:
         values=Side("civil", "assistance", "id_number"),
         matcher=Side("tax", "residents", "id_number", (Condition("income_band", "=", "high"),)),
         figures=Figures(
-            GroupSpec("district", synth.DISTRICTS), (SumSpec("amount", AMOUNT_BOUND),), None
+            GroupSpec("district", synth.DISTRICTS),
+            (SumSpec("amount", AMOUNT_BOUND),),
+            INTERSECTION_EPSILON,
         ),
         public_key=b"",
     )
 
 
-def run_intersection(root: Path, n: int, workers: int) -> None:
+def run_intersection(root: Path, n: int, workers: int, baseline: str | None) -> None:
     expected, m = intersection_setup(root, n)
     scalar_mults = 2 * n + 2 * m  # each side's set is masked once by each party
     window = WIDE_WINDOW_BITS if n >= WIDE_WINDOW_MIN_ROWS else None
     enc_rate = raw_encryptions_per_second(workers, window)
     x_rate = raw_x25519_rate(scalar_mults, workers)
+    alice = Identity.load(root / ANALYST)
     with node_processes(root, ["civil", "tax"]) as processes:
-        alice = Identity.load(root / ANALYST)
         start = time.perf_counter()
         outcome = run_intersection_aggregate(
             alice, intersection_plan(), run_timeout=2 * step_timeout(n)
@@ -256,6 +332,21 @@ def run_intersection(root: Path, n: int, workers: int) -> None:
         wall = time.perf_counter() - start
         rss = {name: tree_peak_rss_mb(p.pid) for name, p in processes.items()}
     check(outcome, expected, "amount")
+    old: tuple[float, dict[str, float]] | None = None
+    if baseline is not None:
+        shim = baseline_tree(root, baseline)
+        for name in ("civil", "tax"):
+            set_protocol_timeout(root / name, step_timeout(n))
+        with baseline_processes(root, ["civil", "tax"], shim) as processes:
+            start = time.perf_counter()
+            outcome = run_intersection_aggregate(
+                alice, intersection_plan(), run_timeout=2 * step_timeout(n)
+            )
+            old = (
+                time.perf_counter() - start,
+                {name: tree_peak_rss_mb(p.pid) for name, p in processes.items()},
+            )
+        check(outcome, expected, "amount")
     matched = sum(c for c, _ in expected.values())
     raw_enc = n / enc_rate
     raw_x = scalar_mults / x_rate
@@ -269,7 +360,16 @@ def run_intersection(root: Path, n: int, workers: int) -> None:
     line("share spent encrypting", f"{raw_enc / wall:.0%}", "raw encryptions / wall")
     line("ratio wall / raw encryptions", f"{wall / raw_enc:.2f}")
     line("ratio wall / (raw encryptions + X25519)", f"{wall / (raw_enc + raw_x):.2f}")
-    line("peak RSS civil; tax", f"{rss['civil']:,.0f} MB; {rss['tax']:,.0f} MB")
+    line("peak RSS civil; tax", f"{rss['civil']:,.0f} MB; {rss['tax']:,.0f} MB", "streaming")
+    if old is not None:
+        old_wall, old_rss = old
+        line(f"non-streaming ({baseline}) wall", f"{old_wall:.1f} s", "same stores, same run")
+        line("ratio wall streaming / non-streaming", f"{wall / old_wall:.2f}")
+        line("non-streaming peak RSS civil; tax",
+             f"{old_rss['civil']:,.0f} MB; {old_rss['tax']:,.0f} MB")  # fmt: skip
+        line("ratio peak RSS civil; tax",
+             f"{rss['civil'] / old_rss['civil']:.2f}; {rss['tax'] / old_rss['tax']:.2f}",
+             "streaming / non-streaming")  # fmt: skip
     if n == MILLION:
         line("1,000,000 x 1,000,000", f"{wall:.1f} s", "measured")
     else:
@@ -378,13 +478,18 @@ def main() -> None:
     )
     parser.add_argument("--only", choices=("intersection", "horizontal"))
     parser.add_argument("--dir", type=Path, default=Path("bench-run/aggregate"))
+    parser.add_argument(
+        "--baseline", default=NON_STREAMING_REV,
+        help="revision of the non-streaming path to compare with, or 'none'",
+    )  # fmt: skip
     options = parser.parse_args()
     workers = os.cpu_count() or 1
     if options.only != "horizontal":
         root = options.dir / f"intersection-{options.rows}"
         shutil.rmtree(root, ignore_errors=True)
         root.mkdir(parents=True)
-        run_intersection(root, options.rows, workers)
+        baseline = None if options.baseline == "none" else options.baseline
+        run_intersection(root, options.rows, workers, baseline)
     if options.only != "intersection":
         root = options.dir / f"horizontal-{options.nodes}x{options.horizontal_rows}"
         shutil.rmtree(root, ignore_errors=True)
