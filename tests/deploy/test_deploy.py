@@ -187,7 +187,8 @@ def test_the_image_builds_where_docker_answers() -> None:
 
 def test_the_license_is_the_apache_2_text_pyproject_names() -> None:
     project = tomllib.loads((REPO / "pyproject.toml").read_text())
-    assert project["project"]["license"] == {"text": "Apache-2.0"}
+    assert project["project"]["license"] == "Apache-2.0"
+    assert project["project"]["license-files"] == ["LICENSE"]
     text = (REPO / "LICENSE").read_bytes()
     assert hashlib.md5(text).hexdigest() == APACHE_2_MD5
 
