@@ -13,6 +13,7 @@ from typing import Any
 import click
 
 from govshare.cli.common import console, emit_json, home_option, json_option, render_table
+from govshare.cli.operator_identity import operator_for, operator_option
 from govshare.node.operator import Operator, QueryDetails
 
 
@@ -150,8 +151,8 @@ def show(home: Path, query_id: str, as_json: bool) -> None:
             click.echo(f"  {line.strip()}")
 
 
-def _decide(home: Path, query_id: str, *, approve: bool, reason: str) -> None:
-    record = Operator(home).decide(query_id, approve=approve, reason=reason)
+def _decide(home: Path, query_id: str, identity: str | None, *, approve: bool, reason: str) -> None:
+    record = operator_for(home, identity).decide(query_id, approve=approve, reason=reason)
     console.print(f"query {record.query_id} {record.state}: {record.message}")
 
 
@@ -159,16 +160,18 @@ def _decide(home: Path, query_id: str, *, approve: bool, reason: str) -> None:
 @home_option
 @click.argument("query_id")
 @click.option("--reason", default="", help="Recorded in the audit log.")
-def approve(home: Path, query_id: str, reason: str) -> None:
+@operator_option
+def approve(home: Path, query_id: str, reason: str, operator_identity: str | None) -> None:
     """Approve a pending query (a unique id prefix will do). Refused, naming its state, once
     it is not pending: expired, withdrawn by the analyst (cancelled), decided, or run."""
-    _decide(home, query_id, approve=True, reason=reason)
+    _decide(home, query_id, operator_identity, approve=True, reason=reason)
 
 
 @group.command("deny")
 @home_option
 @click.argument("query_id")
 @click.option("--reason", required=True, help="Told to the analyst and recorded.")
-def deny(home: Path, query_id: str, reason: str) -> None:
+@operator_option
+def deny(home: Path, query_id: str, reason: str, operator_identity: str | None) -> None:
     """Deny a pending query (a unique id prefix will do)."""
-    _decide(home, query_id, approve=False, reason=reason)
+    _decide(home, query_id, operator_identity, approve=False, reason=reason)

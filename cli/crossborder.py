@@ -18,6 +18,7 @@ from rich.table import Table
 
 from govshare.cli.common import console, emit_json, err_console, home_option, json_option
 from govshare.cli.grant import parse_expiry
+from govshare.cli.operator_identity import operator_for, operator_option
 from govshare.model.crossborder import Assessment, verify_assessment
 from govshare.model.governance import OwnerKind
 from govshare.model.identity import Identity
@@ -58,9 +59,11 @@ def group() -> None:
 @click.option("--assessment", required=True, help="The assessment's reference (file number).")
 @click.option("--expires", required=True, help="YYYY-MM-DD (end of day, UTC) or ISO date-time.")
 @click.option("--basis", required=True, help="The legal basis relied on.")
+@operator_option
 @json_option
 def approve(
     home: Path,
+    operator_identity: str | None,
     dataset: str,
     destination: str,
     assessment: str,
@@ -69,7 +72,7 @@ def approve(
     as_json: bool,
 ) -> None:
     """Sign and store a cross-border assessment record with this node's key."""
-    record, info = Operator(home).approve_assessment(
+    record, info = operator_for(home, operator_identity).approve_assessment(
         dataset=dataset,
         destination=destination,
         assessment=assessment,
@@ -127,10 +130,13 @@ def list_(home: Path, dataset: str | None, as_json: bool) -> None:
 @home_option
 @click.argument("record_id")
 @click.option("--reason", required=True, help="Why the record no longer holds.")
+@operator_option
 @json_option
-def revoke(home: Path, record_id: str, reason: str, as_json: bool) -> None:
+def revoke(
+    home: Path, record_id: str, reason: str, operator_identity: str | None, as_json: bool
+) -> None:
     """Revoke a record; it stays listed, marked revoked, and covers nothing from now on."""
-    record = Operator(home).revoke_assessment(record_id, reason=reason)
+    record = operator_for(home, operator_identity).revoke_assessment(record_id, reason=reason)
     if as_json:
         emit_json(record.to_json())
         return

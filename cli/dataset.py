@@ -40,6 +40,7 @@ from rich.progress import (
 )
 
 from govshare.cli.common import console, emit_json, home_option, json_option, render_table
+from govshare.cli.operator_identity import operator_for, operator_option
 from govshare.model.governance import (
     ColumnKind,
     ColumnRule,
@@ -359,11 +360,13 @@ def group() -> None:
 @click.option("--require-dp", is_flag=True, help="DP noise on every query.")
 @click.option("--require-approval", is_flag=True, help="Operator approval of every query.")
 @source_options
+@operator_option
 @json_option
 @click.pass_context
 def add(
     ctx: click.Context,
     home: Path,
+    operator_identity: str | None,
     csv_file: Path,
     name: str,
     grade: str,
@@ -387,7 +390,7 @@ def add(
     as_json: bool,
 ) -> None:
     """Register CSV_FILE as a dataset; the whole file is imported or none of it."""
-    operator = Operator(home)
+    operator = operator_for(home, operator_identity)
     rules, formats = _columns(columns)
     source = _source(encoding, delimiter, maps)
     with _progress(csv_file) as progress:
@@ -439,11 +442,13 @@ def add(
 @click.option("--require-dp", is_flag=True, default=None)
 @click.option("--require-approval", is_flag=True, default=None)
 @source_options
+@operator_option
 @json_option
 @click.pass_context
 def replace(
     ctx: click.Context,
     home: Path,
+    operator_identity: str | None,
     name: str,
     csv_file: Path,
     columns: tuple[str, ...],
@@ -490,7 +495,7 @@ def replace(
         columns=rules,
         formats=formats,
     )
-    operator = Operator(home)
+    operator = operator_for(home, operator_identity)
     restated_source = encoding is not None or delimiter is not None or bool(maps)
     source = _source(encoding, delimiter, maps) if restated_source else None
     with _progress(csv_file) as progress:
@@ -591,11 +596,12 @@ def show(home: Path, name: str, as_json: bool) -> None:
 @home_option
 @click.argument("name")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@operator_option
 @json_option
-def remove(home: Path, name: str, yes: bool, as_json: bool) -> None:
+def remove(home: Path, name: str, yes: bool, operator_identity: str | None, as_json: bool) -> None:
     """Remove a dataset and its rows (grants on it stay listed, and no longer apply to a
     dataset later added under the same name; 'dataset replace' refreshes rows and keeps them)."""
-    operator = Operator(home)
+    operator = operator_for(home, operator_identity)
     info = operator.dataset(name)
     if not yes:
         click.confirm(f"remove dataset {name} and its {info.row_count} rows?", abort=True)

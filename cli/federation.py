@@ -16,6 +16,7 @@ from govshare.cli.common import (
 )
 from govshare.model.governance import Role
 from govshare.model.identity import EnrolmentRequest, Federation, init_federation
+from govshare.model.operator_act import Duty, parse_duties
 
 _fed_dir = click.option(
     "--dir",
@@ -70,8 +71,9 @@ _reissue = click.option(
 
 def _enrolled_line(action: str, federation: Federation, name: str, out: Path) -> str:
     member = federation.roster.member(name)
+    duties = f" for node {member.node} ({', '.join(member.duties)})" if member.node else ""
     return (
-        f"{action} {member.role.value} [bold]{member.name}[/] ({member.jurisdiction}) "
+        f"{action} {member.role.value} [bold]{member.name}[/]{duties} ({member.jurisdiction}) "
         f"into {out}; roster version {federation.roster.version}"
     )
 
@@ -89,6 +91,14 @@ def _enrolled_line(action: str, federation: Federation, name: str, out: Path) ->
     help="Folder to write the member's identity bundle into.",
 )
 @_reissue
+@click.option("--node", default=None, help="Operators: the node the person acts for.")
+@click.option(
+    "--duties",
+    default=None,
+    help="Operators: comma-separated duties at the node: "
+    + ",".join(d.value for d in Duty)
+    + " (a re-issue keeps the roster's unless given).",
+)
 def enrol(
     directory: Path,
     role: str | None,
@@ -97,8 +107,14 @@ def enrol(
     address: str | None,
     out: Path,
     reissue: bool,
+    node: str | None,
+    duties: str | None,
 ) -> None:
     """Issue a member's TLS certificate and signing key, and re-sign the roster.
+
+    An operator (--role operator) is a named person bound to one node (--node) with duties
+    there (--duties); every act they perform at the node is signed with their key and logged
+    with their name. Publish the roster to the node for it to know them.
 
     With --reissue an enrolled member gets new keys and a new certificate in OUT; publish the
     roster (or hand it over with 'roster --out') and nodes refuse the old certificate.
@@ -110,6 +126,8 @@ def enrol(
         address=address,
         out=out,
         reissue=reissue,
+        node=node,
+        duties=parse_duties(duties) if duties else None,
     )
     console.print(_enrolled_line("re-issued" if reissue else "enrolled", federation, name, out))
 
@@ -227,7 +245,13 @@ def roster(directory: Path, out: Path | None, as_json: bool) -> None:
         f"federation {current.federation} — roster version {current.version}",
         ["name", "role", "jurisdiction", "address", "certificate (sha256)"],
         (
-            (m.name, m.role.value, m.jurisdiction, m.address, m.tls_fingerprint[:16] + "…")
+            (
+                m.name,
+                m.role.value,
+                m.jurisdiction,
+                m.address or (f"{m.node}: {','.join(m.duties)}" if m.node else ""),
+                m.tls_fingerprint[:16] + "…",
+            )
             for m in current.members
         ),
     )

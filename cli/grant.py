@@ -14,6 +14,7 @@ import click
 from rich.table import Table
 
 from govshare.cli.common import console, emit_json, home_option, json_option
+from govshare.cli.operator_identity import operator_for, operator_option
 from govshare.model.epsilon import format_epsilon
 from govshare.node.operator import GRANT_EXPIRED, GRANT_REVOKED, Grant, GrantUsage, Operator
 from govshare.protocols.errors import MalformedInput
@@ -138,9 +139,11 @@ def group() -> None:
 @click.option("--expires", required=True, help="YYYY-MM-DD (end of day, UTC) or ISO date-time.")
 @click.option("--epsilon", required=True, help="DP budget ε, a decimal such as 1.0.")
 @click.option("--max-queries", type=int, required=True, help="Maximum number of queries.")
+@operator_option
 @json_option
 def add(
     home: Path,
+    operator_identity: str | None,
     dataset: str,
     grantee: str,
     purpose: str,
@@ -151,8 +154,8 @@ def add(
     max_queries: int,
     as_json: bool,
 ) -> None:
-    """Sign and store a grant with this node's key."""
-    grant = Operator(home).issue_grant(
+    """Sign and store a grant with this node's key, issued by you (--identity)."""
+    grant = operator_for(home, operator_identity).issue_grant(
         dataset=dataset,
         grantee=grantee,
         purpose=purpose,
@@ -264,10 +267,13 @@ def show(home: Path, grant_id: str, as_json: bool) -> None:
 @home_option
 @click.argument("grant_id")
 @click.option("--reason", default="", help="Why the right is withdrawn.")
+@operator_option
 @json_option
-def revoke(home: Path, grant_id: str, reason: str, as_json: bool) -> None:
+def revoke(
+    home: Path, grant_id: str, reason: str, operator_identity: str | None, as_json: bool
+) -> None:
     """Revoke a grant; it stays listed, marked revoked."""
-    grant = Operator(home).revoke_grant(grant_id, reason=reason)
+    grant = operator_for(home, operator_identity).revoke_grant(grant_id, reason=reason)
     if as_json:
         emit_json(grant.to_json())
         return

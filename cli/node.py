@@ -17,6 +17,7 @@ from govshare.cli.common import (
     json_option,
     render_table,
 )
+from govshare.cli.operator_identity import operator_for, operator_option
 from govshare.model.identity import Identity, create_request, install_roster
 from govshare.node.api.server import serve as serve_node
 from govshare.node.config import CONFIG_NAME, NodeConfig
@@ -239,13 +240,21 @@ def alerts(ctx: click.Context, home: Path, as_json: bool) -> None:
 )
 @click.option("--analyst", required=True, help="The suspended analyst.")
 @click.option("--reason", required=True, help="Why the suspension is lifted (logged).")
+@operator_option
 @json_option
 @click.pass_context
-def clear(ctx: click.Context, home: Path | None, analyst: str, reason: str, as_json: bool) -> None:
+def clear(
+    ctx: click.Context,
+    home: Path | None,
+    analyst: str,
+    reason: str,
+    operator_identity: str | None,
+    as_json: bool,
+) -> None:
     """Lift an analyst's suspension at this node; logged as risk.cleared by the operator."""
-    held, operator = Operator(home or ctx.obj["alerts_home"]).clear_suspension(
-        analyst, reason=reason
-    )
+    held, operator = operator_for(
+        home or ctx.obj["alerts_home"], operator_identity
+    ).clear_suspension(analyst, reason=reason)
     if as_json:
         emit_json({"cleared": held.to_json(), "by": operator, "reason": reason.strip()})
         return

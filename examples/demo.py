@@ -2,7 +2,8 @@
 
 Generates synthetic data for four departments (the clinic visits split between the city health
 commission and a district health bureau), creates the federation CA and roster, enrols five
-nodes, an analyst and an auditor, registers each dataset with its governance metadata and
+nodes, a named operator for each (a person who signs every act), an analyst and an auditor,
+registers each dataset with its governance metadata and
 grants the analyst use rights, starts the nodes as separate processes serving gRPC over mutual
 TLS, shows the catalogue as the analyst sees it, shows that a refusal reveals nothing about the
 rows (the same words for a resident who receives assistance and one who does not), runs a PSI
@@ -262,7 +263,7 @@ class Demo:
                 self.govshare("approvals", "list", "--home", home)
                 self.govshare(
                     "approvals", "approve", pending[0]["query_id"], "--home", home,
-                    "--reason", reason,
+                    "--reason", reason, "--identity", operator_of(node),
                 )  # fmt: skip
             output, _ = query.communicate(timeout=300)
         finally:
@@ -316,6 +317,23 @@ RECEIPTS = (
 )
 
 
+# Each department's named operator (a person: every act they perform is signed by them and
+# logged with their name), with the duties the demo needs.
+OPERATORS = {
+    "police": "wang-fang",
+    "tax": "zhang-wei",
+    "civil": "li-na",
+    "health": "liu-yang",
+    "haidian": "chen-jie",
+}
+OPERATOR_DUTIES = "register,grant,approve"
+
+
+def operator_of(node: str) -> str:
+    """The bundle of ``node``'s operator, for ``--identity``."""
+    return f"operators/{OPERATORS[node]}"
+
+
 def _quote(arg: str) -> str:
     return shlex.quote(arg)
 
@@ -354,6 +372,11 @@ def run(workdir: Path, size: int, seed: int) -> None:
             "federation", "enrol", "--role", "auditor", "--name", "audra",
             "--jurisdiction", "CN", "--out", "audra",
         )  # fmt: skip
+        for node, person in OPERATORS.items():
+            demo.govshare(
+                "federation", "enrol", "--role", "operator", "--name", person, "--node", node,
+                "--duties", OPERATOR_DUTIES, "--jurisdiction", "CN", "--out", operator_of(node),
+            )  # fmt: skip
         bundles = [f"homes/{d.node}" for d in DEPARTMENTS] + ["alice", "mallory", "audra"]
         demo.govshare("federation", "publish", *bundles)
         demo.govshare("federation", "roster")
@@ -373,7 +396,7 @@ def run(workdir: Path, size: int, seed: int) -> None:
                 "--name", department.dataset, "--grade", department.grade,
                 "--sharing", department.sharing, *legal,
                 "--owner-kind", department.owner_kind, "--owner", department.owner,
-                *columns,
+                *columns, "--identity", operator_of(department.node),
             )  # fmt: skip
 
         console.print("[bold]Use-right grants (使用权) to the analyst, signed by each node[/]")
@@ -382,7 +405,7 @@ def run(workdir: Path, size: int, seed: int) -> None:
                 "grant", "add", "--home", f"homes/{node}", "--dataset", dataset,
                 "--grantee", "alice", "--purpose", purpose, "--columns", granted,
                 "--kinds", kinds, "--expires", "2030-12-31",
-                "--epsilon", "5", "--max-queries", "100",
+                "--epsilon", "5", "--max-queries", "100", "--identity", operator_of(node),
             )  # fmt: skip
 
         demo.step("4. Five nodes start as separate processes, gRPC over mutual TLS")

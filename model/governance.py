@@ -53,6 +53,7 @@ class Role(StrEnum):
     NODE = "node"
     ANALYST = "analyst"
     AUDITOR = "auditor"
+    OPERATOR = "operator"  # a named person who runs one node's acts (govshare.model.operator_act)
 
 
 @dataclass(frozen=True)

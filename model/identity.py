@@ -12,6 +12,9 @@ certificate fingerprint), carries a version number, and is signed by the CA key 
 canonical JSON encoding. A node accepts a caller only if its verified certificate is the one
 the roster names, so re-enrolling a member revokes its old certificate.
 
+An operator (role ``operator``) is a named person bound to one node, with duties there
+(``govshare.model.operator_act``); the roster lists both, and only for operators.
+
 A member is enrolled in one of two ways. ``Federation.enrol`` makes its keys on the
 administrator's machine and writes the whole bundle. Or the member makes its own keys
 (:func:`create_request`, ``govshare node keygen``) and hands the administrator a certificate
@@ -53,6 +56,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from govshare.model.governance import Role
+from govshare.model.operator_act import parse_duties
 from govshare.protocols.canonical import canonical_json
 from govshare.protocols.errors import (
     AlreadyExists,
@@ -154,6 +158,11 @@ class Member:
     address: str  # host:port for nodes, "" for analysts and auditors
     signing_key: bytes  # raw Ed25519 public key, 32 bytes
     tls_fingerprint: str
+    # Operators only (a named person, govshare.model.operator_act): the node they act for and
+    # their duties there. Listed in the roster only for operators, so that the signed bytes of
+    # every other member stay as they were.
+    node: str = ""
+    duties: tuple[str, ...] = ()
 
     def verify_key(self) -> ed25519.Ed25519PublicKey:
         return ed25519.Ed25519PublicKey.from_public_bytes(self.signing_key)
@@ -166,7 +175,7 @@ class Member:
             "address": self.address,
             "signing_key": base64.b64encode(self.signing_key).decode(),
             "tls_fingerprint": self.tls_fingerprint,
-        }
+        } | ({"node": self.node, "duties": list(self.duties)} if self.role is Role.OPERATOR else {})
 
     @classmethod
     def from_json(cls, raw: Any) -> Member:
@@ -179,9 +188,13 @@ class Member:
                 address=str(raw["address"]),
                 signing_key=key,
                 tls_fingerprint=str(raw["tls_fingerprint"]),
+                node=str(raw.get("node", "")),
+                duties=tuple(str(d) for d in raw.get("duties", ())),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise MalformedInput(f"roster member entry is malformed: {exc}") from None
+        if member.role is Role.OPERATOR and not (member.node and member.duties):
+            raise MalformedInput(f"roster operator {member.name}: no node or no duties")
         if len(key) != 32:
             raise MalformedInput(f"roster member {member.name}: signing key is not 32 bytes")
         return member
@@ -391,6 +404,8 @@ class Federation:
         now: dt.datetime | None = None,
         validity: dt.timedelta = MEMBER_VALIDITY,
         reissue: bool = False,
+        node: str | None = None,
+        duties: tuple[str, ...] | None = None,
     ) -> tuple[Federation, Member]:
         """Issue a member's keys and certificate into ``out`` and re-sign the roster.
 
@@ -407,6 +422,7 @@ class Federation:
             MalformedInput: a bad name, jurisdiction or node address, or no role.
         """
         role, jurisdiction, address = self._admission(name, role, jurisdiction, address, reissue)
+        node, duties = self._operator_binding(name, role, node, duties)
         now = now or _now()
         out.mkdir(parents=True, exist_ok=True)
         for filename in (TLS_KEY, SIGNING_KEY):
@@ -424,6 +440,8 @@ class Federation:
             signing_public=_raw_public(signing_key.public_key()),
             now=now,
             validity=validity,
+            node=node,
+            duties=duties,
         )
         signed = roster.sign(self.ca_key)
         _write_private(out / TLS_KEY, _pem_private(tls_key))
@@ -442,6 +460,8 @@ class Federation:
         now: dt.datetime | None = None,
         validity: dt.timedelta = MEMBER_VALIDITY,
         reissue: bool = False,
+        node: str | None = None,
+        duties: tuple[str, ...] | None = None,
     ) -> tuple[Federation, Member, x509.Certificate]:
         """Issue a certificate for the keys of a member's request and re-sign the roster.
 
@@ -460,6 +480,7 @@ class Federation:
         """
         name = request.name
         role, jurisdiction, address = self._admission(name, role, jurisdiction, address, reissue)
+        node, duties = self._operator_binding(name, role, node, duties)
         roster, cert, member = self._issue(
             name=name,
             role=role,
@@ -469,6 +490,8 @@ class Federation:
             signing_public=request.signing_key,
             now=now or _now(),
             validity=validity,
+            node=node,
+            duties=duties,
         )
         out.mkdir(parents=True, exist_ok=True)
         self._write_public(out, cert, roster.sign(self.ca_key))
@@ -507,6 +530,31 @@ class Federation:
             raise MalformedInput("a node needs --address HOST:PORT", field="address")
         return role, jurisdiction, address
 
+    def _operator_binding(
+        self, name: str, role: Role, node: str | None, duties: tuple[str, ...] | None
+    ) -> tuple[str, tuple[str, ...]]:
+        """An operator's node and duties (a re-issue keeps the roster's unless given); nothing
+        for other roles.
+
+        Raises:
+            MalformedInput: an operator without a node of the roster or without duties, or a
+                node or duties given for another role.
+        """
+        if role is not Role.OPERATOR:
+            if node or duties:
+                raise MalformedInput("--node and --duties are for operators", field="node")
+            return "", ()
+        held = next((m for m in self.roster.members if m.name == name), None)
+        if held is not None and held.role is Role.OPERATOR:
+            node = node or held.node
+            duties = duties or held.duties
+        if not node:
+            raise MalformedInput("an operator needs --node (the node they act for)", field="node")
+        bound = next((m for m in self.roster.members if m.name == node), None)
+        if bound is None or bound.role is not Role.NODE:
+            raise MalformedInput(f"{node!r} is not a node of the roster", field="node")
+        return node, parse_duties(list(duties or ()))
+
     def _issue(
         self,
         *,
@@ -518,6 +566,8 @@ class Federation:
         signing_public: bytes,
         now: dt.datetime,
         validity: dt.timedelta,
+        node: str = "",
+        duties: tuple[str, ...] = (),
     ) -> tuple[Roster, x509.Certificate, Member]:
         """The member's certificate and the next roster, which lists it in place of any
         earlier certificate of the same name."""
@@ -535,6 +585,8 @@ class Federation:
             address=address,
             signing_key=signing_public,
             tls_fingerprint=fingerprint(cert),
+            node=node,
+            duties=duties,
         )
         roster = replace(
             self.roster,

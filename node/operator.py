@@ -3,8 +3,15 @@
 ``govshare dataset|grant|crossborder|approvals|node`` reach the node's stores only through
 :class:`Operator` (``tests/test_layers.py`` holds the CLI to it): each method opens the stores it
 needs, and the audit log when it writes, and closes them before it returns, so a command works
-while the node serves (the stores are SQLite files shared with the serving process). Writes are
-signed with the node's key and logged with the actor ``operator:<node name>``.
+while the node serves (the stores are SQLite files shared with the serving process).
+
+Every write is an act of a named operator: the façade is built with that person's ``signer``
+(``govshare.model.operator_act``; the CLI makes it from ``--identity``), has the act signed
+over the exact parameters it performs, and checks it against the roster and the person's duties
+(``govshare.node.policy.operator_acts``) before it touches a store. An act without a valid
+operator identity is refused, and the refusal logged. The log names the person as the actor of
+every entry the act writes; grants and assessment records are still signed with the node's key,
+which also signs the log's checkpoints.
 
 The types the operations return are re-exported here, so that the CLI can name them without
 importing a store module.
@@ -12,10 +19,13 @@ importing a store module.
 
 from __future__ import annotations
 
+import hashlib
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 from govshare.model.crossborder import Assessment
 from govshare.model.governance import (
@@ -28,6 +38,7 @@ from govshare.model.governance import (
     SharingType,
 )
 from govshare.model.identity import Identity
+from govshare.model.operator_act import Duty, NoSigner
 from govshare.node.audit.auditlog import AuditLog
 from govshare.node.config import NodeConfig, write_default
 from govshare.node.data.catalog import (
@@ -52,6 +63,7 @@ from govshare.node.policy.decision import (
     grant_standing,
 )
 from govshare.node.policy.grants import Grant, GrantStore
+from govshare.node.policy.operator_acts import Signer, authorise
 from govshare.node.stores.query_store import QueryRecord, QueryStore, ledger_view
 
 __all__ = [
@@ -101,11 +113,58 @@ def initialise(home: Path, *, listen: str, identity: str = ".") -> tuple[str, Pa
         node.close()
 
 
-class Operator:
-    """A node home, opened for its operator (see the module docstring)."""
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
-    def __init__(self, home: Path) -> None:
+
+def _rules_json(columns: Sequence[ColumnRule]) -> list[dict[str, Any]]:
+    return [
+        {"name": c.name, "kind": c.kind.value, "key_type": c.key_type, "domain": list(c.domain),
+         "mask": c.mask}
+        for c in columns
+    ]  # fmt: skip
+
+
+class Operator:
+    """A node home, opened for its operator (see the module docstring).
+
+    ``signer`` signs the person's acts (None, or a :class:`NoSigner` saying why there is none:
+    every write is then refused and the refusal logged); reads need no signer.
+    """
+
+    def __init__(
+        self,
+        home: Path,
+        *,
+        signer: Signer | NoSigner | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.config = NodeConfig.load(home)
+        self._signer = signer
+        self._clock = clock
+
+    @contextmanager
+    def _acting(
+        self, log: AuditLog, action: str, duty: Duty, body: Mapping[str, Any]
+    ) -> Iterator[str]:
+        """Have the person sign ``action`` over ``body`` and check it, then yield their name to
+        act as; once the block succeeds, log the act (``operator.act``).
+
+        Raises:
+            PolicyRefused: no valid operator identity, or not the duty (logged).
+        """
+        me = self.identity()
+        verified = authorise(
+            self._signer, node=me.name, action=action, duty=duty.value, body=body,
+            roster=me.roster, audit=log, nonces=self.config.database_path,
+            now=int(self._clock()),
+        )  # fmt: skip
+        yield verified.operator
+        verified.record(log)
 
     @property
     def home(self) -> Path:
@@ -114,9 +173,6 @@ class Operator:
     def identity(self) -> Identity:
         """The node's identity bundle (its name, signing key and roster)."""
         return Identity.load(self.config.identity_dir)
-
-    def _actor(self, me: Identity) -> str:
-        return f"operator:{me.name}"
 
     # ------------------------------------------------------------------------ datasets
 
@@ -152,6 +208,7 @@ class Operator:
         me = self.identity()
         path = self.config.database_path
         catalogue = Catalogue.read_only(path) if check else Catalogue(path)
+        actor = ""
 
         def add(audit: AuditLog | None) -> ImportReport:
             return catalogue.add(
@@ -164,7 +221,7 @@ class Operator:
                 columns=columns,
                 description=description,
                 skip_invalid=skip_invalid,
-                actor=self._actor(me),
+                actor=actor,
                 audit=audit,
                 allowed_jurisdictions=allowed_jurisdictions,
                 min_group_size=min_group_size,
@@ -179,8 +236,15 @@ class Operator:
 
         if check:
             return add(None)
+        body = {
+            "dataset": name, "file": csv_file.name, "sha256": _file_digest(csv_file),
+            "grade": grade.value, "sharing_type": sharing_type.value, "legal_basis": legal_basis,
+            "owner_kind": owner_kind.value, "owner": owner, "holder": holder or me.name,
+            "columns": _rules_json(columns),
+        }  # fmt: skip
         with AuditLog.open(self.config.audit_database_path) as log:
-            return add(log)
+            with self._acting(log, "dataset.add", Duty.REGISTER, body) as actor:
+                return add(log)
 
     def replace_dataset(
         self,
@@ -197,18 +261,19 @@ class Operator:
 
         With ``check`` nothing is written or logged (as :meth:`add_dataset`).
         """
-        me = self.identity()
         if check:
             return Catalogue.read_only(self.config.database_path).replace(
                 csv_file, name=name, stated=stated, source=source, skip_invalid=skip_invalid,
-                actor=self._actor(me), audit=None, check=True, progress=progress,
+                actor="", audit=None, check=True, progress=progress,
             )  # fmt: skip
         catalogue = Catalogue(self.config.database_path)
+        body = {"dataset": name, "file": csv_file.name, "sha256": _file_digest(csv_file)}
         with AuditLog.open(self.config.audit_database_path) as log:
-            return catalogue.replace(
-                csv_file, name=name, stated=stated, source=source, skip_invalid=skip_invalid,
-                actor=self._actor(me), audit=log, progress=progress,
-            )  # fmt: skip
+            with self._acting(log, "dataset.replace", Duty.REGISTER, body) as actor:
+                return catalogue.replace(
+                    csv_file, name=name, stated=stated, source=source, skip_invalid=skip_invalid,
+                    actor=actor, audit=log, progress=progress,
+                )  # fmt: skip
 
     def datasets(self) -> list[DatasetInfo]:
         return Catalogue(self.config.database_path).list()
@@ -224,10 +289,10 @@ class Operator:
         return Catalogue(self.config.database_path).record(name)
 
     def remove_dataset(self, name: str) -> DatasetInfo:
-        me = self.identity()
         catalogue = Catalogue(self.config.database_path)
         with AuditLog.open(self.config.audit_database_path) as log:
-            return catalogue.remove(name, actor=self._actor(me), audit=log)
+            with self._acting(log, "dataset.remove", Duty.REGISTER, {"dataset": name}) as actor:
+                return catalogue.remove(name, actor=actor, audit=log)
 
     # ------------------------------------------------------------------------ grants
 
@@ -247,21 +312,28 @@ class Operator:
         me = self.identity()
         me.roster.member(grantee)
         info = Catalogue(self.config.database_path).get(dataset)
+        body = {
+            "dataset": dataset, "grantee": grantee, "purpose": purpose,
+            "columns": sorted(set(columns)), "query_kinds": sorted(set(query_kinds)),
+            "expires_at": expires_at, "epsilon": epsilon, "max_queries": max_queries,
+        }  # fmt: skip
         with AuditLog.open(self.config.audit_database_path) as log:
-            return GrantStore(self.config.database_path).issue(
-                me.signing_key,
-                issuer=me.name,
-                dataset=info,
-                grantee=grantee,
-                purpose=purpose,
-                columns=columns,
-                query_kinds=query_kinds,
-                expires_at=expires_at,
-                epsilon=epsilon,
-                max_queries=max_queries,
-                actor=self._actor(me),
-                audit=log,
-            )
+            with self._acting(log, "grant.add", Duty.GRANT, body) as actor:
+                return GrantStore(self.config.database_path).issue(
+                    me.signing_key,
+                    issuer=me.name,
+                    dataset=info,
+                    grantee=grantee,
+                    purpose=purpose,
+                    columns=columns,
+                    query_kinds=query_kinds,
+                    expires_at=expires_at,
+                    epsilon=epsilon,
+                    max_queries=max_queries,
+                    actor=actor,
+                    audit=log,
+                    granted_by=actor,
+                )
 
     def grants(
         self, *, grantee: str | None, dataset: str | None, include_revoked: bool
@@ -312,11 +384,12 @@ class Operator:
             store.close()
 
     def revoke_grant(self, grant_id: str, *, reason: str) -> Grant:
-        me = self.identity()
+        body = {"grant_id": grant_id, "reason": reason}
         with AuditLog.open(self.config.audit_database_path) as log:
-            return GrantStore(self.config.database_path).revoke(
-                grant_id, actor=self._actor(me), audit=log, reason=reason
-            )
+            with self._acting(log, "grant.revoke", Duty.GRANT, body) as actor:
+                return GrantStore(self.config.database_path).revoke(
+                    grant_id, actor=actor, audit=log, reason=reason
+                )
 
     # ------------------------------------------------------------------------ cross-border
 
@@ -326,30 +399,36 @@ class Operator:
         """Sign and store a cross-border assessment record; also returns the dataset."""
         me = self.identity()
         info = Catalogue(self.config.database_path).get(dataset)
+        body = {
+            "dataset": dataset, "destination": destination, "assessment": assessment,
+            "basis": basis, "expires_at": expires_at,
+        }  # fmt: skip
         with AuditLog.open(self.config.audit_database_path) as log:
-            record = CrossBorderStore(self.config.database_path).approve(
-                me.signing_key,
-                issuer=me.name,
-                dataset=info,
-                destination=destination,
-                assessment=assessment,
-                basis=basis,
-                expires_at=expires_at,
-                actor=self._actor(me),
-                audit=log,
-                home_jurisdiction=me.jurisdiction,
-            )
+            with self._acting(log, "crossborder.approve", Duty.CROSSBORDER, body) as actor:
+                record = CrossBorderStore(self.config.database_path).approve(
+                    me.signing_key,
+                    issuer=me.name,
+                    dataset=info,
+                    destination=destination,
+                    assessment=assessment,
+                    basis=basis,
+                    expires_at=expires_at,
+                    actor=actor,
+                    audit=log,
+                    home_jurisdiction=me.jurisdiction,
+                )
         return record, info
 
     def assessments(self, dataset: str | None) -> list[Assessment]:
         return CrossBorderStore(self.config.database_path).list(dataset)
 
     def revoke_assessment(self, record_id: str, *, reason: str) -> Assessment:
-        me = self.identity()
+        body = {"record_id": record_id, "reason": reason}
         with AuditLog.open(self.config.audit_database_path) as log:
-            return CrossBorderStore(self.config.database_path).revoke(
-                record_id, actor=self._actor(me), reason=reason, audit=log
-            )
+            with self._acting(log, "crossborder.revoke", Duty.CROSSBORDER, body) as actor:
+                return CrossBorderStore(self.config.database_path).revoke(
+                    record_id, actor=actor, reason=reason, audit=log
+                )
 
     # ------------------------------------------------------------------------ approvals
 
@@ -373,12 +452,20 @@ class Operator:
         """Approve or deny a pending query (a unique id prefix will do); the decision is
         logged."""
         store = QueryStore(self.config.database_path)
-        operator = self._actor(self.identity())
         try:
+            full_id = store.resolve(query_id)
+            body = {
+                "query_id": full_id,
+                "request_digest": approvals.details(store, full_id).request_digest,
+                "reason": reason,
+            }
+            action = "approval.approve" if approve else "approval.deny"
             with AuditLog.open(self.config.audit_database_path) as audit:
-                return approvals.decide(
-                    store, audit, query_id, approve=approve, operator=operator, reason=reason
-                )
+                with self._acting(audit, action, Duty.APPROVE, body) as operator:
+                    return approvals.decide(
+                        store, audit, full_id, approve=approve, operator=operator,
+                        reason=reason,
+                    )  # fmt: skip
         finally:
             store.close()
 
@@ -404,13 +491,14 @@ class Operator:
 
     def clear_suspension(self, analyst: str, *, reason: str) -> tuple[Suspension, str]:
         """Lift an analyst's suspension (logged as ``risk.cleared``); also returns the actor."""
-        operator = self._actor(self.identity())
         store = SuspensionStore(self.config.database_path)
+        body = {"analyst": analyst, "reason": reason}
         try:
             with AuditLog.open(self.config.audit_database_path) as audit:
-                held = store.clear(
-                    analyst, operator=operator, reason=reason, audit=audit, now=int(time.time())
-                )
+                with self._acting(audit, "alerts.clear", Duty.INCIDENT, body) as operator:
+                    held = store.clear(
+                        analyst, operator=operator, reason=reason, audit=audit, now=int(time.time())
+                    )
         finally:
             store.close()
         return held, operator

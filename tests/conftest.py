@@ -28,6 +28,7 @@ from govshare.model.governance import (
     SharingType,
 )
 from govshare.model.identity import Federation, Identity, init_federation
+from govshare.model.operator_act import Duty
 from govshare.node.api.server import RunningNode, create_server
 from govshare.node.config import NodeConfig, write_default
 from govshare.node.node import Node
@@ -85,6 +86,10 @@ class FederationFixture:
     def node_home(self, name: str) -> Path:
         return self.bundles[name]
 
+    def operator(self, node: str) -> str:
+        """The bundle of ``node``'s named operator (every duty), for ``--identity``."""
+        return str(self.bundles[f"op-{node}"])
+
 
 def build_federation(root: Path, name: str = "testfed") -> FederationFixture:
     """A federation with two nodes, two analysts (CN, HK), an auditor and an expired analyst."""
@@ -116,6 +121,13 @@ def build_federation(root: Path, name: str = "testfed") -> FederationFixture:
         role=Role.ANALYST, name="expired", jurisdiction="CN", out=root / "expired", now=long_ago
     )
     bundles["expired"] = root / "expired"
+    # A named operator of each served node, with every duty (govshare.model.operator_act).
+    for node in ("tax", "civil"):
+        federation, _ = federation.enrol(
+            role=Role.OPERATOR, name=f"op-{node}", jurisdiction="CN", out=root / f"op-{node}",
+            node=node, duties=tuple(d.value for d in Duty),
+        )  # fmt: skip
+        bundles[f"op-{node}"] = root / f"op-{node}"
     for bundle in bundles.values():
         federation.publish_roster(bundle)
     for role, member, _ in members:

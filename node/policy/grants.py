@@ -20,7 +20,10 @@ unique values of :class:`QueryKind`), ``expires_at``, ``created_at`` (unix secon
 ``max_queries`` and ``issuer``; keys sorted, no whitespace, non-ASCII characters written as
 themselves. Grant text never holds control characters, so this coincides with RFC 8785 (JCS)
 and another implementation can reproduce it. Revocation is local state of the holding node and
-is not covered by the signature: it is recorded in the table and the audit log instead.
+is not covered by the signature: it is recorded in the table and the audit log instead. So is
+``granted_by``, the named operator whose signed act issued the grant (local state, logged as the
+``grant.created`` entry's actor and field): the separation of duties compares it with the
+approver of a query (``govshare.node.policy.approvals``).
 """
 
 from __future__ import annotations
@@ -74,7 +77,8 @@ CREATE TABLE IF NOT EXISTS grants (
     signature     BLOB NOT NULL,
     revoked_at    INTEGER,
     revoked_by    TEXT,
-    revoke_reason TEXT NOT NULL DEFAULT ''
+    revoke_reason TEXT NOT NULL DEFAULT '',
+    granted_by    TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS grants_by_grantee ON grants (grantee);
 CREATE INDEX IF NOT EXISTS grants_by_dataset ON grants (dataset);
@@ -106,6 +110,7 @@ class Grant:
     revoked_at: int | None = None
     revoked_by: str | None = None
     revoke_reason: str = ""
+    granted_by: str = ""  # the operator whose act issued it (local state, see the docstring)
 
     @property
     def revoked(self) -> bool:
@@ -133,6 +138,7 @@ class Grant:
             "revoked_at": self.revoked_at,
             "revoked_by": self.revoked_by,
             "revoke_reason": self.revoke_reason,
+            "granted_by": self.granted_by,
         }
 
 
@@ -272,6 +278,7 @@ def _grant_from_row(row: sqlite3.Row) -> Grant:
             revoked_at=row["revoked_at"],
             revoked_by=row["revoked_by"],
             revoke_reason=row["revoke_reason"],
+            granted_by=row["granted_by"],
         )
     except (ValueError, TypeError) as exc:
         raise MalformedInput(f"stored grant {row['grant_id']!r} is corrupt: {exc}") from None
@@ -284,6 +291,9 @@ class GrantStore:
         self.path = path
         with self._open() as conn:
             conn.executescript(_SCHEMA)
+            held = {row["name"] for row in conn.execute("PRAGMA table_info(grants)")}
+            if "granted_by" not in held:  # a store made before operators were named
+                conn.execute("ALTER TABLE grants ADD COLUMN granted_by TEXT NOT NULL DEFAULT ''")
 
     def _open(self) -> AbstractContextManager[sqlite3.Connection]:
         return opened(self.path)
@@ -305,8 +315,11 @@ class GrantStore:
         audit: AuditSink | None,
         now: int | None = None,
         grant_id: str | None = None,
+        granted_by: str = "",
     ) -> Grant:
         """Sign, store and record a new grant (``grant.created``) in one transaction.
+
+        ``granted_by`` names the operator whose act issued it (local state, not signed).
 
         Raises:
             MalformedInput: see :func:`issue_grant`.
@@ -325,13 +338,14 @@ class GrantStore:
             now=int(time.time()) if now is None else now,
             grant_id=grant_id,
         )
+        grant = replace(grant, granted_by=granted_by)
         with self._open() as conn:
             try:
                 with immediate(conn):
                     conn.execute(
                         "INSERT INTO grants (grant_id, dataset, grantee, purpose, columns,"
                         " query_kinds, expires_at, epsilon, max_queries, created_at, issuer,"
-                        " signature) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        " signature, granted_by) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         (
                             grant.grant_id,
                             grant.dataset,
@@ -345,6 +359,7 @@ class GrantStore:
                             grant.created_at,
                             grant.issuer,
                             grant.signature,
+                            grant.granted_by,
                         ),
                     )
                     if audit is not None:

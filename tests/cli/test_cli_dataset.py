@@ -35,7 +35,8 @@ COLUMNS = [
 
 
 def make_home(root: Path) -> Path:
-    """A federation with one node, 'social' (CN), and an analyst; returns the node's home."""
+    """A federation with one node, 'social' (CN), an analyst, and social's operator zhang-wei
+    (every duty; bundle in HOME/operators/zhang-wei); returns the node's home."""
     init_federation(root / "federation", "testfed")
     federation = Federation.load(root / "federation")
     federation, _ = federation.enrol(
@@ -48,6 +49,11 @@ def make_home(root: Path) -> Path:
     federation, _ = federation.enrol(
         role=Role.ANALYST, name="alice", jurisdiction="CN", out=root / "alice"
     )
+    federation, _ = federation.enrol(
+        role=Role.OPERATOR, name="zhang-wei", jurisdiction="CN",
+        out=root / "social" / "operators" / "zhang-wei", node="social",
+        duties=("register", "grant"),
+    )  # fmt: skip
     federation.publish_roster(root / "social")
     write_default(root / "social", listen="127.0.0.1:7999")
     return root / "social"
@@ -65,6 +71,12 @@ def audit_kinds(home: Path) -> list[tuple[str, str]]:
     """(kind, actor) of every entry in the node's audit log."""
     with AuditLog.open(NodeConfig.load(home).audit_database_path) as log:
         return [(e.decode().kind, e.decode().actor) for e in log.iter_entries()]
+
+
+@pytest.fixture(autouse=True)
+def operator(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every command acts as zhang-wei, found by name in the home's operators folder."""
+    monkeypatch.setenv("GOVSHARE_OPERATOR", "zhang-wei")
 
 
 @pytest.fixture
@@ -115,8 +127,10 @@ def test_add_list_show_remove(home: Path, tmp_path: Path) -> None:
     assert json.loads(removed.output) == {"removed": "benefits", "row_count": 4}
     assert Catalogue(NodeConfig.load(home).database_path).list() == []
     assert audit_kinds(home) == [
-        ("dataset.added", "operator:social"),
-        ("dataset.removed", "operator:social"),
+        ("dataset.added", "zhang-wei"),
+        ("operator.act", "zhang-wei"),
+        ("dataset.removed", "zhang-wei"),
+        ("operator.act", "zhang-wei"),
     ]
 
 
@@ -254,11 +268,18 @@ def test_grant_add_list_revoke(registered: Path) -> None:
     )
     shown = run("grant", "show", grant["grant_id"], "--home", str(registered))
     assert "revoked" in shown.output and "done" in shown.output
-    assert [kind for kind, _ in audit_kinds(registered)] == [
-        "dataset.added",
-        "grant.created",
-        "grant.revoked",
+    assert audit_kinds(registered) == [
+        ("dataset.added", "zhang-wei"),
+        ("operator.act", "zhang-wei"),
+        ("grant.created", "zhang-wei"),
+        ("operator.act", "zhang-wei"),
+        ("grant.revoked", "zhang-wei"),
+        ("operator.act", "zhang-wei"),
     ]
+    assert (
+        GrantStore(NodeConfig.load(registered).database_path).get(grant["grant_id"]).granted_by
+        == "zhang-wei"
+    )
 
 
 def test_grantee_must_be_a_member(registered: Path) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import time
@@ -39,7 +40,9 @@ IDS = [resident_id.make("440106", date(1950 + i, 1 + i % 12, 1 + i % 28), i) for
 
 
 def make_home(root: Path) -> Path:
-    """A federation with one node, 'social' (CN), and an analyst; returns the node's home."""
+    """A federation with one node, 'social' (CN), an analyst, and social's operator zhang-wei
+    (bundle in HOME/operators/zhang-wei, $GOVSHARE_OPERATOR of every command here); returns
+    the node's home."""
     init_federation(root / "federation", "testfed")
     federation = Federation.load(root / "federation")
     federation, _ = federation.enrol(
@@ -49,6 +52,11 @@ def make_home(root: Path) -> Path:
     federation, _ = federation.enrol(
         role=Role.ANALYST, name="alice", jurisdiction="CN", out=root / "alice"
     )
+    federation, _ = federation.enrol(
+        role=Role.OPERATOR, name="zhang-wei", jurisdiction="CN",
+        out=root / "social" / "operators" / "zhang-wei", node="social",
+        duties=("register", "grant"),
+    )  # fmt: skip
     federation.publish_roster(root / "social")
     write_default(root / "social", listen="127.0.0.1:7999")
     return root / "social"
@@ -58,6 +66,7 @@ def govshare(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "govshare.cli", *args],
         cwd=cwd, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "GOVSHARE_OPERATOR": "zhang-wei"},
     )  # fmt: skip
 
 
@@ -130,8 +139,9 @@ def test_gbk_file_with_chinese_headers_mapped(home: Path, tmp_path: Path) -> Non
     )
     assert shown["encoding"] == "gbk"
     assert shown["source_format"]["header_map"][0] == ["身份证号", "id_number"]
-    [(kind, fields)] = audit_entries(home)
+    [(kind, fields), (act, _)] = audit_entries(home)
     assert kind == "dataset.added" and fields["encoding"] == "gbk"
+    assert act == "operator.act"
 
 
 def test_named_encoding_and_tab_delimiter(home: Path, tmp_path: Path) -> None:
@@ -366,7 +376,7 @@ def test_check_writes_nothing(home: Path, tmp_path: Path) -> None:
     assert [digest(p) for p in stores] == before
     assert [d.name for d in catalogue(home).list()] == ["costs"]
     assert catalogue(home).record("costs").version == 1
-    assert [kind for kind, _ in audit_entries(home)] == ["dataset.added"]
+    assert [kind for kind, _ in audit_entries(home)] == ["dataset.added", "operator.act"]
 
 
 def grant_args(home: Path) -> list[str]:
@@ -426,8 +436,11 @@ def test_replace_keeps_grants_and_is_logged(home: Path, tmp_path: Path) -> None:
     assert sum(int(v[0]) for v in catalogue(home).rows("costs", ["total_cost_yuan"])) == 1575
 
     kinds = [kind for kind, _ in audit_entries(home)]
-    assert kinds == ["dataset.added", "grant.created", "dataset.replaced"]
-    fields = audit_entries(home)[-1][1]
+    assert kinds == [
+        "dataset.added", "operator.act", "grant.created", "operator.act", "dataset.replaced",
+        "operator.act",
+    ]  # fmt: skip
+    fields = audit_entries(home)[-2][1]
     assert fields["name"] == "costs"
     assert (fields["previous_row_count"], fields["row_count"]) == (3, 5)
     assert (fields["previous_version"], fields["version"]) == (1, 2)
@@ -538,19 +551,20 @@ def test_a_grant_still_admits_real_queries_after_replace(
         "--owner-kind", "state", "--owner", "State Taxation Administration",
         "--map", "身份证号=id_number", "--map", "年份=year",
         "--column", "id_number=join_key:resident_id", "--column", "year=plaintext",
-        cwd=tmp_path,
+        "--identity", fed.operator("tax"), cwd=tmp_path,
     )  # fmt: skip
     assert added.returncode == 0, added.stderr
     granted = govshare(
         "grant", "add", "--home", str(tax_home), "--dataset", "refreshed", "--grantee", "alice",
         "--purpose", PURPOSE, "--columns", "id_number", "--kinds", "psi_cardinality",
-        "--expires", "2099-12-31", "--epsilon", "100", "--max-queries", "10", cwd=tmp_path,
+        "--expires", "2099-12-31", "--epsilon", "100", "--max-queries", "10",
+        "--identity", fed.operator("tax"), cwd=tmp_path,
     )  # fmt: skip
     assert granted.returncode == 0, granted.stderr
     wait_for_next_second(int(time.time()))  # as above: a re-registration would void the grant
     replaced = govshare(
         "dataset", "replace", "refreshed", str(tax_file(tmp_path / "v2.csv", 120)),
-        "--home", str(tax_home), cwd=tmp_path,
+        "--home", str(tax_home), "--identity", fed.operator("tax"), cwd=tmp_path,
     )  # fmt: skip
     assert replaced.returncode == 0, replaced.stderr
 

@@ -104,7 +104,8 @@ def test_exact_count_waits_for_every_operator_then_is_exact(
             assert pending[0]["release"] == "exact"  # the operator sees what it approves
             approved = govshare(
                 "approvals", "approve", str(pending[0]["query_id"]), "--home", home,
-                "--reason", "exact count for the annual review", cwd=tmp_path,
+                "--reason", "exact count for the annual review", "--identity", fed.operator(node),
+                cwd=tmp_path,
             )  # fmt: skip
             assert approved.returncode == 0, approved.stderr
         out, err = analyst.communicate(timeout=120)
@@ -189,11 +190,11 @@ def test_operator_approves_from_another_process(
     assert [q["query_id"] for q in listed] == [request.query_id_hex]
     approved = govshare(
         "approvals", "approve", request.query_id_hex, "--home", home, "--reason", "checked",
-        cwd=tmp_path,
+        "--identity", fed.operator("civil"), cwd=tmp_path,
     )  # fmt: skip
     assert approved.returncode == 0, approved.stderr
     again = govshare("approvals", "deny", request.query_id_hex, "--home", home, "--reason", "x",
-                     cwd=tmp_path)  # fmt: skip
+                     "--identity", fed.operator("civil"), cwd=tmp_path)  # fmt: skip
     assert again.returncode == 1 and "is approved" in again.stderr
     with NodeClient.to(alice, "civil") as client:
         assert client.status(request.query_id_hex).state == "approved"

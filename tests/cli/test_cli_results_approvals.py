@@ -290,7 +290,8 @@ def test_approvals_show_prints_what_the_signed_request_asks(
         assert parties["civil"]["dataset"] == GATE and parties["civil"]["filters"] == []
         assert data["expires_at"] - data["issued_at"] == DEFAULT_LIFETIME_SECONDS
         denied = govshare("approvals", "deny", query_id[:12], "--home", home,
-                          "--reason", "purpose too broad", cwd=tmp_path)  # fmt: skip
+                          "--reason", "purpose too broad", "--identity", fed.operator("civil"),
+                          cwd=tmp_path)  # fmt: skip
         assert denied.returncode == 0, denied.stderr
         assert f"query {query_id} denied" in denied.stdout
         _, err = analyst.communicate(timeout=TIMEOUT)
@@ -307,17 +308,18 @@ def test_an_ambiguous_or_unknown_prefix_is_refused_by_name(
     first = submit_pending(fed, query_id=bytes.fromhex("c0ffee") + os.urandom(13))
     second = submit_pending(fed, query_id=bytes.fromhex("c0ffee") + os.urandom(13))
     for command in (("approve", "--reason", "ok"), ("deny", "--reason", "no"), ("show",)):
+        signed = ("--identity", fed.operator("civil")) if command[0] != "show" else ()
         refused = govshare("approvals", command[0], "c0ffee", *command[1:], "--home", home,
-                           cwd=tmp_path)  # fmt: skip
+                           *signed, cwd=tmp_path)  # fmt: skip
         assert refused.returncode == 1
         (line,) = refused.stderr.strip().splitlines()
         assert "ambiguous" in line and first in line and second in line
     unknown = govshare("approvals", "approve", "c0ffee" + "0" * 20, "--home", home,
-                       cwd=tmp_path)  # fmt: skip
+                       "--identity", fed.operator("civil"), cwd=tmp_path)  # fmt: skip
     assert unknown.returncode == 1
     assert unknown.stderr.strip() == f"error: no query c0ffee{'0' * 20}"
     approved = govshare("approvals", "approve", first[:12], "--home", home, "--reason", "ok",
-                        cwd=tmp_path)  # fmt: skip
+                        "--identity", fed.operator("civil"), cwd=tmp_path)  # fmt: skip
     assert approved.returncode == 0, approved.stderr
     assert psi_data.civil.query_store.get(first).state == "approved"
     assert psi_data.civil.query_store.get(second).state == PENDING
@@ -358,13 +360,15 @@ def test_a_withdrawn_or_expired_query_leaves_the_queue_and_cannot_be_approved(
         time.sleep(0.2)
     waiting = pending_ids(fed, tmp_path)
     assert withdrawn not in waiting and expiring not in waiting
-    cancelled = govshare("approvals", "approve", withdrawn[:12], "--home", home, cwd=tmp_path)
+    cancelled = govshare("approvals", "approve", withdrawn[:12], "--home", home,
+                         "--identity", fed.operator("civil"), cwd=tmp_path)  # fmt: skip
     assert cancelled.returncode == 1
     assert cancelled.stderr.strip() == (
         f"error: query {withdrawn} is cancelled (withdrawn by the analyst before it ran): "
         "only a query waiting for approval can be approved"
     )
-    expired = govshare("approvals", "approve", expiring[:12], "--home", home, cwd=tmp_path)
+    expired = govshare("approvals", "approve", expiring[:12], "--home", home,
+                       "--identity", fed.operator("civil"), cwd=tmp_path)  # fmt: skip
     assert expired.returncode == 1
     assert f"query {expiring} expired" in expired.stderr
     assert psi_data.civil.query_store.get(expiring).state == "expired"

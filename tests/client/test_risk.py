@@ -644,14 +644,15 @@ def test_a_node_suspends_a_prober_until_the_operator_clears_it(tmp_path: Path) -
 
         # The operator clears it from another process while the node serves.
         cleared = govshare("node", "alerts", "clear", "--home", str(home), "--analyst", "hkana",
-                           "--reason", "spoke to the analyst; script fixed")  # fmt: skip
+                           "--reason", "spoke to the analyst; script fixed",
+                           "--identity", fed.operator("tax"))  # fmt: skip
         assert cleared.returncode == 0, cleared.stderr
         with pytest.raises(PolicyRefused) as refused:
             submit(prober)
         assert refused.value.rule == "grant.missing"
         logged = [e.decode() for e in node.audit.iter_entries()]
         [clear_entry] = [e for e in logged if e.kind == "risk.cleared"]
-        assert clear_entry.actor == "operator:tax"
+        assert clear_entry.actor == "op-tax"
         assert clear_entry.fields["analyst"] == "hkana"
         assert clear_entry.fields["reason"] == "spoke to the analyst; script fixed"
         suspended_refusals = [
@@ -660,7 +661,7 @@ def test_a_node_suspends_a_prober_until_the_operator_clears_it(tmp_path: Path) -
         ]  # fmt: skip
         assert len(suspended_refusals) == 1 and suspended_refusals[0].actor == "hkana"
         again = govshare("node", "alerts", "clear", "--home", str(home), "--analyst", "hkana",
-                         "--reason", "twice")  # fmt: skip
+                         "--reason", "twice", "--identity", fed.operator("tax"))  # fmt: skip
         assert again.returncode == 1 and "not suspended" in again.stderr
     finally:
         server.stop(0)

@@ -429,8 +429,9 @@ def test_an_expired_query_cannot_be_approved(tmp_path: Path) -> None:
 
     # The operator's command says so, in one line, from another process.
     refused = govshare(
-        "approvals", "approve", late.query_id_hex, "--home", str(fed.node_home("civil"))
-    )
+        "approvals", "approve", late.query_id_hex, "--home", str(fed.node_home("civil")),
+        "--identity", fed.operator("civil"),
+    )  # fmt: skip
     assert refused.returncode == 1, (refused.stdout, refused.stderr)
     message = refused.stderr.strip()
     assert "\n" not in message and f"query {late.query_id_hex} expired" in message, message
@@ -454,5 +455,8 @@ def test_a_node_expires_stale_queries_when_it_starts(tmp_path: Path) -> None:
         assert "budget.settled" in settled_kinds(node, query_id)
     finally:
         node.close()
-    refused = govshare("approvals", "approve", query_id, "--home", str(fed.node_home("civil")))
+    refused = govshare(
+        "approvals", "approve", query_id, "--home", str(fed.node_home("civil")),
+        "--identity", fed.operator("civil"),
+    )  # fmt: skip
     assert refused.returncode == 1 and f"query {query_id} expired" in refused.stderr

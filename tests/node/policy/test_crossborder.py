@@ -388,7 +388,10 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
             audit=node.audit,
         )
     server = create_server(node, config.listen)
-    yield Running(fed, node, home, server.port)
+    # The CLI's acts are tax's named operator's ($GOVSHARE_OPERATOR, read by the subprocesses).
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("GOVSHARE_OPERATOR", fed.operator("tax"))
+        yield Running(fed, node, home, server.port)
     server.stop(0)
     node.close()
 
@@ -459,8 +462,8 @@ def test_cli_approve_list_revoke_as_subprocess(running: Running) -> None:
         if e.kind.startswith("crossborder.") and e.fields["record_id"] == record_id
     ]
     assert ours == [
-        ("crossborder.approved", "operator:tax"),
-        ("crossborder.revoked", "operator:tax"),
+        ("crossborder.approved", "op-tax"),
+        ("crossborder.revoked", "op-tax"),
     ]
 
 
