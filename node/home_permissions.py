@@ -1,0 +1,73 @@
+"""File modes of a node's home: every file 0600, the home and every folder in it 0700 (issue 12).
+
+A node's home holds its signing and TLS keys, its data key, its database (datasets in it) and
+its audit log; a world-readable file there hands them to every local user. The check is a pure
+report, :func:`check_home_permissions`; refusing to start on a non-empty report (with the report
+as the message) is the node's start-up's job.
+
+What counts: permission bits (``mode & 0o7777``, so setuid, setgid and sticky bits offend too)
+of the home, of every folder and regular file under it, read with ``lstat``. A symbolic link
+offends whatever its target: it can point out of the home, where these modes do not hold. Other
+file types (a socket, a FIFO) must be 0600 like files. Ownership is not checked here.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+from typing import Final, NamedTuple
+
+from govshare.protocols.errors import NotFound
+
+__all__ = ["DIR_MODE", "FILE_MODE", "Offence", "check_home_permissions"]
+
+FILE_MODE: Final = 0o600
+DIR_MODE: Final = 0o700
+
+
+class Offence(NamedTuple):
+    """A path under the home whose mode is not the one required."""
+
+    path: Path
+    mode: int  # permission bits found (mode & 0o7777)
+    expected: int | None  # None: a symbolic link, which no mode makes acceptable
+
+    def describe(self) -> str:
+        if self.expected is None:
+            return f"{self.path}: a symbolic link (not allowed in a node's home)"
+        return f"{self.path}: mode {self.mode:04o}, expected {self.expected:04o}"
+
+
+def _offence(path: Path) -> Offence | None:
+    info = os.lstat(path)
+    bits = stat.S_IMODE(info.st_mode)
+    if stat.S_ISLNK(info.st_mode):
+        return Offence(path, bits, None)
+    expected = DIR_MODE if stat.S_ISDIR(info.st_mode) else FILE_MODE
+    return None if bits == expected else Offence(path, bits, expected)
+
+
+def check_home_permissions(home: Path) -> list[Offence]:
+    """Every path under ``home`` (itself included) whose mode is wrong, in walk order.
+
+    Symbolic links are reported and not followed.
+
+    Raises:
+        NotFound: ``home`` does not exist.
+    """
+    if not home.exists() and not home.is_symlink():
+        raise NotFound(f"node home {home} does not exist")
+    found = []
+    top = _offence(home)
+    if top is not None:
+        found.append(top)
+        if top.expected is None:
+            return found
+    for folder, dirs, files in os.walk(home, followlinks=False):
+        dirs.sort()
+        for name in [*sorted(dirs), *sorted(files)]:
+            offence = _offence(Path(folder) / name)
+            if offence is not None:
+                found.append(offence)
+    return found
