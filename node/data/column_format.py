@@ -127,6 +127,8 @@ def parse_fixed_point(cell: str, scale: int) -> int:
         MalformedInput: not a decimal number, more significant decimal places than ``scale``,
             or out of the signed 64-bit range. The message never quotes the cell.
     """
+    if scale == 0 and len(cell) <= 18 and cell.isascii() and cell.isdigit():
+        return int(cell)  # the common case, below 2**63 by its length
     match = _DECIMAL.match(cell) if len(cell) <= _MAX_NUMBER_CHARS else None
     if match is None:
         raise MalformedInput("not an integer" if scale == 0 else "not a decimal number")

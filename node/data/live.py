@@ -24,15 +24,14 @@ context (the engine's thread, or a context copied from it) goes through it: both
 query read the same rows. Each such read is logged as ``dataset.read`` with the query id: the
 rows it read, the rows it rejected and skipped, the source's snapshot marker, and
 ``rows_sha256``, SHA-256 over the sorted SHA-256 digests of the rows read (each row's
-normalised readable columns as canonical JSON) — order-free, so the reads of one snapshot
-show one digest. A read outside any query (a registration's check, an operator's look) opens
-a snapshot of its own and logs nothing.
+normalised readable columns as :meth:`LiveDataset.canonical` text) — order-free, so the reads
+of one snapshot show one digest. A read outside any query (a registration's check, an
+operator's look) opens a snapshot of its own and logs nothing.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -75,9 +74,9 @@ class ReadTotals:
     blanks: dict[str, int] = field(default_factory=dict)
     _digests: list[bytes] = field(default_factory=list)
 
-    def kept(self, row: tuple[Cell, ...]) -> None:
+    def kept(self, text: str) -> None:
+        """Count a row kept; ``text`` is its canonical form (:meth:`LiveDataset.canonical`)."""
         self.rows += 1
-        text = json.dumps(row, ensure_ascii=False, separators=(",", ":"))
         self._digests.append(hashlib.sha256(text.encode()).digest())
 
     def digest(self) -> str:
@@ -133,6 +132,15 @@ class LiveDataset:
         renamed = {name: header for header, name in record.source.header_map}
         self._source_columns = [renamed.get(r.name, r.name) for r in self._readable]
         self._positions = {rule.name: i for i, rule in enumerate(self._readable)}
+        # A row's canonical text, for its digest: each value as i<decimal> (aggregates) or
+        # s<text>, joined by NUL, which no PostgreSQL text holds.
+        self._template = "\x00".join(
+            "i%d" if r.kind is ColumnKind.AGGREGATE else "s%s" for r in self._readable
+        )
+
+    def canonical(self, row: tuple[Cell, ...]) -> str:
+        """A row's canonical text (module docstring): what its digest is taken over."""
+        return self._template % row
 
     @property
     def info(self) -> DatasetInfo:
@@ -234,7 +242,18 @@ class LiveDataset:
             for rule in self._readable
             for fmt in (self._record.formats[rule.name],)
         ]
+        fast = [_fast_reader(convert) for _, _, convert in readers]
+        template = self._template
         for number, raw in enumerate(snapshot.select(self._source_columns, pushdown), start=1):
+            try:  # every cell present and good: the common case, at a few calls a cell
+                row = tuple([read(cell) for read, cell in zip(fast, raw, strict=True)])
+            except _SlowPathError:
+                pass  # a blank, or a bad cell: read it again the careful way
+            else:
+                if all(check(row) for check in checks):
+                    totals.kept(template % row)
+                    yield row
+                continue
             try:
                 values: list[Cell] = []
                 blanks: list[str] = []
@@ -267,7 +286,7 @@ class LiveDataset:
                 continue
             row = tuple(values)
             if all(check(row) for check in checks):
-                totals.kept(row)
+                totals.kept(template % row)
                 yield row
 
     def _index(self, column: str) -> int:
@@ -319,9 +338,9 @@ class LiveDataset:
         totals, seen, ids = ReadTotals(), dict[str, int](), []
         with self._snapshot("row_ids") as (snapshot, log):
             for row in self._read(snapshot, where, totals):
-                text = json.dumps(row, ensure_ascii=False, separators=(",", ":"))
+                text = self.canonical(row)
                 seen[text] = seen.get(text, 0) + 1
-                digest = hashlib.sha256(f"{text}#{seen[text]}".encode()).digest()
+                digest = hashlib.sha256(f"{text}\x00#{seen[text]}".encode()).digest()
                 ids.append(int.from_bytes(digest[:8], "big") >> 1)
             log(totals)
         return ids
@@ -342,6 +361,33 @@ class LiveDataset:
                     figures[j] += min(max(int(row[i]), 0), bound)
             log(totals)
         return {label: tuple(figures) for label, figures in groups.items()}
+
+
+class _SlowPathError(Exception):
+    """A cell the fast path does not read: blank, or bad."""
+
+
+def _fast_reader(convert: Callable[[str], Cell]) -> Callable[[str | None], Cell]:
+    if convert is str:  # plaintext, masked: the stripped text itself
+
+        def text_of(cell: str | None) -> Cell:
+            if cell and (text := cell.strip()):
+                return text
+            raise _SlowPathError
+
+        return text_of
+
+    def read(cell: str | None) -> Cell:
+        if cell:
+            text = cell.strip()
+            if text:
+                try:
+                    return convert(text)
+                except MalformedInput:
+                    raise _SlowPathError from None
+        raise _SlowPathError
+
+    return read
 
 
 def _check(at: int, op: str, values: list[Cell]) -> Callable[[tuple[Cell, ...]], bool]:

@@ -37,6 +37,7 @@ import itertools
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import psycopg
 from psycopg import sql
@@ -238,8 +239,8 @@ class PostgresSnapshot:
             with self._conn.cursor(name=f"govshare_read_{next(self._cursors)}") as cursor:
                 cursor.execute(query, params)
                 while batch := cursor.fetchmany(FETCH_ROWS):
-                    for row in batch:
-                        yield tuple(None if v is None else str(v) for v in row)
+                    # Every column is cast to text: each value is a str or None.
+                    yield from cast("list[tuple[str | None, ...]]", batch)
         except psycopg.Error as exc:
             raise self._failure(exc) from None
 
