@@ -30,6 +30,7 @@ from tongsuopy.crypto import serialization as tongsuo_serialization
 from tongsuopy.crypto.ciphers.aead import SM4GCM
 
 from govshare.protocols import checkpoint, masks
+from govshare.protocols import suite as suite_module
 from govshare.protocols.errors import MalformedInput, VerificationFailed
 from govshare.protocols.suite import (
     SM,
@@ -113,6 +114,14 @@ def test_sm3_known_answers(vector: dict[str, str]) -> None:
 @given(st.binary(max_size=300))
 def test_sm3_matches_gmssl(data: bytes) -> None:
     assert SM.hash(data) == _gm_sm3(data)
+
+
+@pytest.mark.parametrize("vector", SM3_VECTORS, ids=lambda v: v["name"])
+def test_sm3_fallback_hasher(vector: dict[str, str]) -> None:
+    """The ``cryptography`` SM3 used where ``hashlib`` has none gives the same answers."""
+    hasher = suite_module._cryptography_sm3()
+    hasher.update(bytes.fromhex(vector["message_hex"]))
+    assert hasher.copy().digest() == hasher.digest() == bytes.fromhex(vector["digest"])
 
 
 @given(st.binary(max_size=300))
