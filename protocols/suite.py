@@ -71,9 +71,11 @@ Decisions:
 - **Key sizes.** AES keys are 256-bit; SM4 has 128-bit keys only. Callers derive keys of
   :attr:`Suite.cipher_key_size` with :meth:`Suite.kdf`, never by truncating a key.
 - **What stays outside the suite.** ECDH-PSI and the masks' key agreement stay on X25519 in both
-  suites for now (tongsuopy's SM2 ECDH returns x-coordinates only; PSI on the SM2 curve is the
-  wiring's decision, with a measurement). TLS stays ECDSA P-256: gRPC's TLS stack has no TLCP
-  (GB/T 38636). Paillier and BFV are not national-standard algorithms and have no SM counterpart.
+  suites: tongsuopy 1.0.1 refuses ECDH on SM2 keys (``EVP_PKEY_derive_init``: "operation not
+  supported for this keytype"; a test pins it) and exposes no point arithmetic, and ECDH-PSI
+  needs a scalar multiplication of arbitrary points. Under SM, PSI's hashing of items can still
+  use SM3. TLS stays ECDSA P-256: gRPC's TLS stack has no TLCP (GB/T 38636). Paillier and BFV
+  are not national-standard algorithms and have no SM counterpart.
 
 Leakage: none beyond the primitives'. Security: Ed25519 under EUF-CMA; SM2 signatures under the
 ECDLP on the SM2 curve (random-oracle analyses of the SM2 scheme); SM4 and AES as PRPs for CTR

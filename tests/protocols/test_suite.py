@@ -525,3 +525,15 @@ def test_sm_note_key_id() -> None:
     expected = _gm_sm3(b"log.example/a\n\xffgovshare-sm2-sm3" + public)[:4]
     assert SM.note_key_id("log.example/a", public) == expected
     assert SM.note_key_id("log.example/b", public) != expected
+
+
+def test_binding_has_no_sm2_ecdh() -> None:
+    """Why ECDH-PSI stays on X25519 under the SM suite (protocols/suite.py's docstring): the
+    binding refuses ECDH on SM2 keys. If this starts to pass, PSI on the SM2 curve is open."""
+    from tongsuopy.crypto.asymciphers import ec
+    from tongsuopy.crypto.exceptions import InternalError
+
+    ours = ec.generate_private_key(ec.SM2())
+    theirs = ec.generate_private_key(ec.SM2()).public_key()
+    with pytest.raises(InternalError, match="operation not supported for this keytype"):
+        ours.exchange(ec.ECDH(), theirs)
