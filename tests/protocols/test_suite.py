@@ -10,6 +10,7 @@ suite's stream and note key IDs.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac as std_hmac
 import json
@@ -537,3 +538,28 @@ def test_binding_has_no_sm2_ecdh() -> None:
     theirs = ec.generate_private_key(ec.SM2()).public_key()
     with pytest.raises(InternalError, match="operation not supported for this keytype"):
         ours.exchange(ec.ECDH(), theirs)
+
+
+def test_sm2_signed_note_vector() -> None:
+    """tests/vectors/sm2_note.json: the SM suite's signed-note signature, every field recomputed."""
+    vector = _load("sm2_note.json")
+    d, k = int(vector["private_key"], 16), int(vector["k"], 16)
+    text = vector["text"].encode("utf-8")
+    key = SM.signing_key_from_bytes(d.to_bytes(32, "big"))
+    public = SM.public_key(key)
+    assert public.hex() == vector["public_key"]
+    assert SM.note_signature_type.hex() == vector["signature_type"]
+    assert (
+        k == int.from_bytes(SM.hash(b"govshare/test-vector/sm2-note/k"), "big") % ref.RECOMMENDED.n
+    )
+    r, s = ref.sign_with_k(ref.RECOMMENDED, SM2_DEFAULT_ID, d, text, k)
+    signature = r.to_bytes(32, "big") + s.to_bytes(32, "big")
+    assert signature.hex() == vector["signature"]
+    SM.verify(public, text, signature)
+    key_id = SM.note_key_id(vector["key_name"], public)
+    assert key_id.hex() == vector["key_id"]
+    blob = base64.b64encode(key_id + signature).decode()
+    assert vector["signature_line"] == f"\u2014 {vector['key_name']} {blob}\n"
+    assert vector["note"] == vector["text"] + "\n" + vector["signature_line"]
+    with pytest.raises(VerificationFailed):
+        SM.verify(public, text.replace(b"42", b"43"), signature)
