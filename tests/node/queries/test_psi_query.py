@@ -73,6 +73,7 @@ def test_receipt_verifies_and_tampering_is_detected(
     fed: FederationFixture, psi_data: PsiData
 ) -> None:
     outcome = run_psi(fed.identity("alice"), plan())
+    assert outcome.receipt is not None, outcome.receipt_error
     keys = log_keys(fed.federation.roster)
     verified = verify_receipt(outcome.receipt, keys)
     assert {p.node for p in verified} == {"tax", "civil"}
