@@ -49,6 +49,7 @@ def _register() -> None:
         catalog,
         crossborder,
         dataset,
+        dataset_controls,  # noqa: F401  (its commands join the dataset group on import)
         federation,
         grant,
         node,

@@ -263,7 +263,7 @@ class Demo:
                 self.govshare("approvals", "list", "--home", home)
                 self.govshare(
                     "approvals", "approve", pending[0]["query_id"], "--home", home,
-                    "--reason", reason, "--identity", operator_of(node),
+                    "--reason", reason, "--identity", approver_of(node),
                 )  # fmt: skip
             output, _ = query.communicate(timeout=300)
         finally:
@@ -327,11 +327,19 @@ OPERATORS = {
     "haidian": "chen-jie",
 }
 OPERATOR_DUTIES = "register,grant,approve"
+# On important data the approver of a query must not be the person who issued its grant
+# (rule duty.separation): the health authorities have a second person who approves.
+APPROVERS = {"health": "zhou-min", "haidian": "sun-li"}
 
 
 def operator_of(node: str) -> str:
     """The bundle of ``node``'s operator, for ``--identity``."""
     return f"operators/{OPERATORS[node]}"
+
+
+def approver_of(node: str) -> str:
+    """The bundle of the person who approves ``node``'s queries."""
+    return f"operators/{APPROVERS[node]}" if node in APPROVERS else operator_of(node)
 
 
 def _quote(arg: str) -> str:
@@ -376,6 +384,11 @@ def run(workdir: Path, size: int, seed: int) -> None:
             demo.govshare(
                 "federation", "enrol", "--role", "operator", "--name", person, "--node", node,
                 "--duties", OPERATOR_DUTIES, "--jurisdiction", "CN", "--out", operator_of(node),
+            )  # fmt: skip
+        for node, person in APPROVERS.items():
+            demo.govshare(
+                "federation", "enrol", "--role", "operator", "--name", person, "--node", node,
+                "--duties", "approve", "--jurisdiction", "CN", "--out", approver_of(node),
             )  # fmt: skip
         bundles = [f"homes/{d.node}" for d in DEPARTMENTS] + ["alice", "mallory", "audra"]
         demo.govshare("federation", "publish", *bundles)

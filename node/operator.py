@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from govshare.model.crossborder import Assessment
+from govshare.model.digests import request_digest
 from govshare.model.governance import (
     ColumnRule,
     DatasetInfo,
@@ -51,10 +52,12 @@ from govshare.node.data.catalog import (
 )
 from govshare.node.data.column_format import ColumnFormat, NullPolicy
 from govshare.node.data.source_file import ProgressCallback, SourceFormat
+from govshare.node.data.sources import LiveSource, parse_source
 from govshare.node.node import Node
 from govshare.node.policy import approvals
 from govshare.node.policy.alerts import LoggedAlert, Suspension, SuspensionStore, logged_alerts
 from govshare.node.policy.approvals import Party, PendingQuery, QueryDetails
+from govshare.node.policy.controls import ControlStore
 from govshare.node.policy.crossborder import CrossBorderStore
 from govshare.node.policy.decision import (
     GRANT_EXPIRED,
@@ -65,6 +68,7 @@ from govshare.node.policy.decision import (
 from govshare.node.policy.grants import Grant, GrantStore
 from govshare.node.policy.operator_acts import Signer, authorise
 from govshare.node.stores.query_store import QueryRecord, QueryStore, ledger_view
+from govshare.protocols.errors import NotFound
 
 __all__ = [
     "GRANT_EXPIRED",
@@ -75,6 +79,7 @@ __all__ = [
     "Grant",
     "GrantUsage",
     "ImportReport",
+    "LiveSource",
     "LoggedAlert",
     "NullPolicy",
     "Operator",
@@ -88,6 +93,7 @@ __all__ = [
     "Suspension",
     "dataset_to_json",
     "initialise",
+    "parse_source",
     "record_to_json",
 ]
 
@@ -119,6 +125,13 @@ def _file_digest(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _origin(csv_file: Path | LiveSource) -> dict[str, str]:
+    """What an act registering a dataset names as where its rows come from."""
+    if isinstance(csv_file, Path):
+        return {"file": csv_file.name, "sha256": _file_digest(csv_file)}
+    return {"source": csv_file.describe()}
 
 
 def _rules_json(columns: Sequence[ColumnRule]) -> list[dict[str, Any]]:
@@ -178,7 +191,7 @@ class Operator:
 
     def add_dataset(
         self,
-        csv_file: Path,
+        csv_file: Path | LiveSource,
         *,
         name: str,
         grade: Grade,
@@ -200,7 +213,8 @@ class Operator:
         check: bool = False,
         progress: ProgressCallback | None = None,
     ) -> ImportReport:
-        """Register ``csv_file`` as a dataset held by this node (``holder`` default: the node).
+        """Register ``csv_file`` as a dataset held by this node (``holder`` default: the node),
+        or a live table or view (``csv_file`` a :class:`LiveSource`; nothing is copied).
 
         With ``check`` nothing is written or logged: the store is read read-only and the audit
         log is not opened.
@@ -237,7 +251,7 @@ class Operator:
         if check:
             return add(None)
         body = {
-            "dataset": name, "file": csv_file.name, "sha256": _file_digest(csv_file),
+            "dataset": name, **_origin(csv_file),
             "grade": grade.value, "sharing_type": sharing_type.value, "legal_basis": legal_basis,
             "owner_kind": owner_kind.value, "owner": owner, "holder": holder or me.name,
             "columns": _rules_json(columns),
@@ -456,18 +470,49 @@ class Operator:
             full_id = store.resolve(query_id)
             body = {
                 "query_id": full_id,
-                "request_digest": approvals.details(store, full_id).request_digest,
+                "request_digest": request_digest(store.get(full_id).request),
                 "reason": reason,
             }
             action = "approval.approve" if approve else "approval.deny"
+            duties = self._duties(store.get(full_id))
             with AuditLog.open(self.config.audit_database_path) as audit:
                 with self._acting(audit, action, Duty.APPROVE, body) as operator:
                     return approvals.decide(
                         store, audit, full_id, approve=approve, operator=operator,
-                        reason=reason,
+                        reason=reason, duties=duties,
                     )  # fmt: skip
         finally:
             store.close()
+
+    def _duties(self, record: QueryRecord) -> approvals.Duties:
+        """The separation of duties for approving ``record`` (``govshare.node.policy
+        .approvals``): the dataset's grade, who issued the query's grant, approvers required."""
+        path = self.config.database_path
+        try:
+            important = Catalogue(path).get(record.dataset).grade is Grade.IMPORTANT
+        except NotFound:
+            important = False
+        issuer = ""
+        if record.grant_id:
+            try:
+                issuer = GrantStore(path).get(record.grant_id).granted_by
+            except NotFound:
+                issuer = ""
+        required = ControlStore(path).approvers(record.dataset)
+        return approvals.Duties(important, issuer, required, path)
+
+    def set_approvers(self, dataset: str, count: int) -> None:
+        """Require ``count`` different operators to approve each query on ``dataset``."""
+        Catalogue(self.config.database_path).get(dataset)
+        body = {"dataset": dataset, "approvers": count}
+        with AuditLog.open(self.config.audit_database_path) as log:
+            with self._acting(log, "dataset.approvers", Duty.REGISTER, body) as actor:
+                ControlStore(self.config.database_path).set_approvers(
+                    dataset, count, actor=actor, audit=log
+                )
+
+    def approvers(self, dataset: str) -> int:
+        return ControlStore(self.config.database_path).approvers(dataset)
 
     # ------------------------------------------------------------------------ the node's own
 

@@ -18,6 +18,17 @@ never from what the analyst's client says about it: every party and its dataset,
 each uses and how, the filters, the release (ε or exact), the SQL the plan came from when the
 analyst wrote SQL (signed with the plan), and the request's deadline. Ids may be given by a
 unique prefix (``QueryStore.resolve``).
+
+Separation of duties (each refusal names its rule, is logged as ``approval.refused`` with the
+person, and leaves the query waiting):
+
+- ``duty.separation``: on ``important`` data the approver of a query must not be the person
+  who issued the grant it uses (the grant's ``granted_by``): nobody both gives a right and
+  approves its use.
+- ``approval.distinct``: a dataset that requires several approvers
+  (``govshare.node.policy.controls``) counts different persons; one person approving twice is
+  refused. Until the last approval each is logged as ``approval.recorded`` (``approvals`` of
+  ``required``); the last one as ``approval.granted`` with every approver.
 """
 
 from __future__ import annotations
@@ -25,6 +36,7 @@ from __future__ import annotations
 import datetime as dt
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from govshare.model.aggregate_plan import IntersectionPlan, parse_aggregate_plan
@@ -36,13 +48,60 @@ from govshare.model.query_plan import PSI_KINDS, parse_plan
 from govshare.model.states import APPROVED, DENIED, EXPIRED, PENDING
 from govshare.node.audit.sink import AuditSink
 from govshare.node.stores.query_store import QueryRecord, QueryStore
-from govshare.protocols.errors import Conflict
+from govshare.node.stores.sqlite import immediate, opened
+from govshare.protocols.errors import Conflict, PolicyRefused
 from govshare.protocols.signed_request import SignedRequest
 
 # The words QueryEngine.expire_stale records for a query it expires; the same here, so that
 # the log reads alike whichever side found the query expired.
 EXPIRED_MESSAGE = "the signed request expired before the query ran"
 EXPIRED_REASON = "the request expired before it ran"
+
+
+DUTY_SEPARATION = "duty.separation"
+APPROVAL_DISTINCT = "approval.distinct"
+
+_VOTES = """
+CREATE TABLE IF NOT EXISTS approval_votes (
+    query_id TEXT NOT NULL,
+    approver TEXT NOT NULL,
+    at       INTEGER NOT NULL,
+    reason   TEXT NOT NULL,
+    PRIMARY KEY (query_id, approver)
+) WITHOUT ROWID;
+"""
+
+
+@dataclass(frozen=True)
+class Duties:
+    """What the separation of duties compares for one query (module docstring)."""
+
+    important: bool = False  # the dataset is graded important
+    grant_issuer: str = ""  # who issued the grant the query uses
+    required: int = 1  # different approvers the dataset requires
+    votes: Path | None = None  # node.db, where the approvals so far are kept
+
+
+def _votes(path: Path, query_id: str) -> list[str]:
+    with opened(path) as conn:
+        conn.executescript(_VOTES)
+        rows = conn.execute(
+            "SELECT approver FROM approval_votes WHERE query_id = ? ORDER BY at, approver",
+            (query_id,),
+        ).fetchall()
+    return [r["approver"] for r in rows]
+
+
+def _vote(path: Path, query_id: str, approver: str, at: int, reason: str) -> list[str]:
+    with opened(path) as conn:
+        conn.executescript(_VOTES)
+        with immediate(conn):
+            conn.execute(
+                "INSERT OR IGNORE INTO approval_votes (query_id, approver, at, reason)"
+                " VALUES (?, ?, ?, ?)",
+                (query_id, approver, at, reason),
+            )
+    return _votes(path, query_id)
 
 
 class QueryExpired(Conflict):
@@ -203,10 +262,13 @@ def decide(
     operator: str,
     reason: str = "",
     now: int | None = None,
+    duties: Duties | None = None,
 ) -> QueryRecord:
     """Approve or deny a pending query and log the decision.
 
-    ``query_id`` may be a unique prefix of the id.
+    ``query_id`` may be a unique prefix of the id. ``duties``: the separation of duties to
+    hold (module docstring); an approval it leaves short of the required approvers keeps the
+    query pending.
 
     Raises:
         NotFound: no such query.
@@ -215,6 +277,7 @@ def decide(
             ``expired`` and its reservation returned, and no decision is logged.
         QueryNotPending: the query is not pending (decided, refused, withdrawn by the
             analyst, or run); the message names its state.
+        PolicyRefused: ``duty.separation`` or ``approval.distinct`` (logged).
     """
     when = int(time.time()) if now is None else now
     query_id = store.resolve(query_id)
@@ -226,6 +289,19 @@ def decide(
             f"for approval can be {'approved' if approve else 'denied'}"
         )
     message = reason or ("approved by the operator" if approve else "denied by the operator")
+    approvers: list[str] = []
+    if approve and duties is not None:
+        approvers = _separate(store, audit, current, operator, duties, when, message)
+        if len(approvers) < duties.required:
+            audit.record(
+                "approval.recorded",
+                {"dataset": current.dataset, "analyst": current.analyst,
+                 "request_digest": request_digest(current.request), "reason": message,
+                 "approvals": len(approvers), "required": duties.required,
+                 "approvers": approvers},
+                actor=operator, query_id=query_id,
+            )  # fmt: skip
+            return current
     record = store.transition(
         query_id, from_states=[PENDING], to=APPROVED if approve else DENIED, now=when,
         message=message,
@@ -240,11 +316,49 @@ def decide(
             "request_digest": request_digest(record.request),
             "reason": message,
             **returned,
+            **({"approvers": approvers} if approvers else {}),
         },
         actor=operator,
         query_id=query_id,
     )
     return record
+
+
+def _separate(
+    store: QueryStore, audit: AuditSink, record: QueryRecord, operator: str, duties: Duties,
+    now: int, message: str,
+) -> list[str]:  # fmt: skip
+    """Check the separation of duties for ``operator``'s approval of ``record`` and count it;
+    returns every approver so far (this one included).
+
+    Raises:
+        PolicyRefused: ``duty.separation`` or ``approval.distinct`` (logged).
+    """
+
+    def refuse(rule: str, why: str) -> PolicyRefused:
+        audit.record(
+            "approval.refused",
+            {"dataset": record.dataset, "analyst": record.analyst, "rule": rule, "reason": why,
+             "request_digest": request_digest(record.request)},
+            actor=operator, query_id=record.query_id,
+        )  # fmt: skip
+        return PolicyRefused(rule, why)
+
+    if duties.important and duties.grant_issuer and duties.grant_issuer == operator:
+        raise refuse(
+            DUTY_SEPARATION,
+            f"{operator} issued grant {record.grant_id} this query uses; on important data "
+            "another operator must approve it",
+        )
+    if duties.votes is None:
+        return [operator]
+    if operator in _votes(duties.votes, record.query_id):
+        raise refuse(
+            APPROVAL_DISTINCT,
+            f"{operator} already approved query {record.query_id}; dataset {record.dataset} "
+            f"requires {duties.required} different approvers",
+        )
+    return _vote(duties.votes, record.query_id, operator, now, message)
 
 
 def expire(

@@ -264,8 +264,10 @@ class QueryStore:
         to: str,
         now: int,
         message: str | None = None,
+        rule: str | None = None,
     ) -> QueryRecord:
-        """Move a query from one of ``from_states`` to ``to`` atomically.
+        """Move a query from one of ``from_states`` to ``to`` atomically (``rule``: the rule
+        that refused it, for a move to ``refused``).
 
         Raises:
             NotFound: no such query.
@@ -292,6 +294,10 @@ class QueryStore:
                         "UPDATE queries SET state = ?, message = ?, updated_at = ? "
                         "WHERE query_id = ?",
                         (to, message, now, query_id),
+                    )
+                if rule is not None:
+                    self._db.execute(
+                        "UPDATE queries SET rule = ? WHERE query_id = ?", (rule, query_id)
                     )
         return self.get(query_id)
 
