@@ -25,7 +25,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -52,11 +52,13 @@ from govshare.node.operator import (
     ColumnFormat,
     DatasetRecord,
     ImportReport,
+    LiveSource,
     NullPolicy,
     Operator,
     ProgressCallback,
     Restatement,
     SourceFormat,
+    parse_source,
     record_to_json,
 )
 from govshare.protocols.errors import MalformedInput
@@ -209,8 +211,11 @@ def _report_json(report: ImportReport) -> dict[str, object]:
     }
 
 
-def _print_report(report: ImportReport, source: SourceFormat, done: str) -> None:
-    """``done``: what a real import did (``registered``, ``replaced``)."""
+def _print_report(
+    report: ImportReport, source: SourceFormat, done: str, live: LiveSource | None = None
+) -> None:
+    """``done``: what a real import did (``registered``, ``replaced``); ``live``: the live
+    source a registration read (nothing was imported: rows are read at each query)."""
     counts = f"{report.imported} rows imported, {report.rejected} rejected"
     if report.skipped:
         counts += f", {report.skipped} skipped"
@@ -223,7 +228,13 @@ def _print_report(report: ImportReport, source: SourceFormat, done: str) -> None
     else:
         console.print(f"dataset [bold]{report.dataset}[/] {done}: {counts}", soft_wrap=True)
     how = "named" if source.encoding else "detected"
-    console.print(f"  encoding {report.encoding} ({how})", highlight=False, soft_wrap=True)
+    if live is not None:
+        console.print(
+            f"  read live from {live.describe()} at each query; nothing copied (rows read now: "
+            f"sha256 {report.source_sha256})", markup=False, highlight=False, soft_wrap=True,
+        )  # fmt: skip
+    else:
+        console.print(f"  encoding {report.encoding} ({how})", highlight=False, soft_wrap=True)
     if report.previous_row_count is not None:
         console.print(
             f"  version {report.version}, replacing {report.previous_row_count} rows",
@@ -339,7 +350,17 @@ def group() -> None:
 
 @group.command("add")
 @home_option
-@click.argument("csv_file", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("csv_file", type=click.Path(dir_okay=False, path_type=Path), required=False)
+@click.option(
+    "--source",
+    "source_location",
+    default=None,
+    metavar="LOCATION",
+    help="Instead of CSV_FILE, a live PostgreSQL database: postgresql://user@host:port/dbname "
+    "or a libpq string (service=NAME); never a password (PGPASSWORD, ~/.pgpass or a service "
+    "file in the node's environment). Rows are read at each query, never copied.",
+)
+@click.option("--table", default=None, help="With --source: the table or view, schema.name.")
 @click.option("--name", required=True, help="Dataset name: a lower-case identifier.")
 @click.option("--grade", type=click.Choice([g.value for g in Grade]), required=True)
 @click.option("--sharing", type=click.Choice([s.value for s in SharingType]), required=True)
@@ -367,7 +388,9 @@ def add(
     ctx: click.Context,
     home: Path,
     operator_identity: str | None,
-    csv_file: Path,
+    csv_file: Path | None,
+    source_location: str | None,
+    table: str | None,
     name: str,
     grade: str,
     sharing: str,
@@ -389,13 +412,26 @@ def add(
     check: bool,
     as_json: bool,
 ) -> None:
-    """Register CSV_FILE as a dataset; the whole file is imported or none of it."""
+    """Register CSV_FILE as a dataset; the whole file is imported or none of it.
+
+    Or register a live table or view (--source, --table): its columns checked against the
+    rules (--map COLUMN=NAME renames), every row read once as an import would read it, nothing
+    copied; each query then reads it in a snapshot of its own.
+    """
+    live: LiveSource | None = None
+    if csv_file is None and source_location is not None and table is not None:
+        live = parse_source(source_location, table)
+        origin: Path | LiveSource = live
+    elif csv_file is not None and source_location is None and table is None:
+        origin = csv_file
+    else:
+        raise click.UsageError("give CSV_FILE, or --source LOCATION with --table SCHEMA.NAME")
     operator = operator_for(home, operator_identity)
     rules, formats = _columns(columns)
     source = _source(encoding, delimiter, maps)
-    with _progress(csv_file) as progress:
+    with _progress(csv_file) if csv_file is not None else nullcontext(None) as progress:
         report = operator.add_dataset(
-            csv_file,
+            origin,
             name=name,
             grade=Grade(grade),
             sharing_type=SharingType(sharing),
@@ -419,7 +455,7 @@ def add(
     if as_json:
         emit_json(_report_json(report))
     else:
-        _print_report(report, source, "registered")
+        _print_report(report, source, "registered", live)
     if not report.would_import:
         ctx.exit(1)
 
@@ -563,7 +599,12 @@ def _show(record: DatasetRecord) -> None:
         ("registered", _when(info.created_at)),
         ("version", str(record.version)),
         ("replaced", "-" if record.replaced_at is None else _when(record.replaced_at)),
-        ("source file", f"sha256 {record.source_sha256}"),
+        ("source file", f"sha256 {record.source_sha256}")
+        if record.live is None
+        else (
+            "source",
+            f"{record.live.describe()} (live; rows at registration sha256 {record.source_sha256})",
+        ),
         ("read as", read_as),
         ("allowed jurisdictions", ", ".join(info.allowed_jurisdictions) or "-"),
         ("min group size", str(info.min_group_size or "grade floor")),
@@ -610,3 +651,4 @@ def remove(home: Path, name: str, yes: bool, operator_identity: str | None, as_j
         emit_json({"removed": removed.name, "row_count": removed.row_count})
         return
     console.print(f"dataset [bold]{removed.name}[/] removed ({removed.row_count} rows)")
+
