@@ -9,16 +9,51 @@ from __future__ import annotations
 import json
 import secrets
 from collections.abc import Iterator
+from datetime import date
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
 from conftest import free_port
-from test_cli_dataset import COLUMNS, IDS, audit_kinds, make_home
 
 from govshare.cli.main import cli, main
 from govshare.examples.postgres import PgServer
-from govshare.node.config import NodeConfig
+from govshare.model.governance import Role
+from govshare.model.identity import Federation, init_federation
+from govshare.node.audit.auditlog import AuditLog
+from govshare.node.config import NodeConfig, write_default
+from govshare.node.data import resident_id
+
+IDS = [resident_id.make("310101", date(1960 + i, 1 + i % 12, 1 + i), 2 * i) for i in range(6)]
+COLUMNS = [
+    "--column", "id_number=join_key:resident_id:mask=keep_last:4",
+    "--column", "district=group_key:domain=east|west",
+    "--column", "amount=aggregate",
+    "--column", "name=masked:keep_last:1",
+    "--column", "notes=deny",
+]  # fmt: skip
+
+
+def make_home(root: Path) -> Path:
+    """One node, 'social', and its operator zhang-wei (bundle in HOME/operators/zhang-wei)."""
+    init_federation(root / "federation", "testfed")
+    federation = Federation.load(root / "federation")
+    federation, _ = federation.enrol(
+        role=Role.NODE, name="social", jurisdiction="CN", address="127.0.0.1:7999",
+        out=root / "social",
+    )  # fmt: skip
+    federation, _ = federation.enrol(
+        role=Role.OPERATOR, name="zhang-wei", jurisdiction="CN",
+        out=root / "social" / "operators" / "zhang-wei", node="social", duties=("register",),
+    )  # fmt: skip
+    federation.publish_roster(root / "social")
+    write_default(root / "social", listen="127.0.0.1:7999")
+    return root / "social"
+
+
+def audit_kinds(home: Path) -> list[tuple[str, str]]:
+    with AuditLog.open(NodeConfig.load(home).audit_database_path) as log:
+        return [(e.decode().kind, e.decode().actor) for e in log.iter_entries()]
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +68,7 @@ def pg() -> Iterator[PgServer]:
                 "CREATE TABLE benefits (id_number text, district text, amount integer,"
                 " name text, notes text)"
             )
-            for i, id_number in enumerate(IDS[:6]):
+            for i, id_number in enumerate(IDS):
                 conn.execute(
                     "INSERT INTO benefits VALUES (%s, %s, %s, %s, %s)",
                     (id_number.lower(), "east" if i % 2 else "west", 100 * i, f"P{i}", None),
