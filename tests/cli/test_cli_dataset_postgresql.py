@@ -158,3 +158,17 @@ def test_a_rule_missing_for_a_column_is_refused(tmp_path: Path, pg: PgServer) ->
     assert refused.exit_code != 0
     assert "column(s) 'notes' have no rule" in str(refused.exception)
     assert "deny to keep it out of every query" in str(refused.exception)
+
+
+def test_check_writes_nothing_and_remove_leaves_the_table(tmp_path: Path, pg: PgServer) -> None:
+    home = make_home(tmp_path)
+    checked = run(*add_args(home, pg.location(), "--check", "--json"))
+    assert checked.exit_code == 0, checked.output
+    assert json.loads(checked.output)["check"] is True
+    assert run("dataset", "list", "--home", str(home), "--json").output.strip() == "[]"
+    assert run(*add_args(home, pg.location())).exit_code == 0
+    removed = run("dataset", "remove", "benefits", "--home", str(home), "--yes", "--json")
+    assert json.loads(removed.output) == {"removed": "benefits", "row_count": 6}
+    with pg.admin() as conn:
+        row = conn.execute("SELECT count(*) FROM benefits").fetchone()
+    assert row is not None and row[0] == 6  # the department's table is untouched

@@ -22,9 +22,10 @@ the query.
 parameter. Each column is read as its text (``col::text``, what ``COPY ... CSV`` would write),
 so the catalogue validates and normalises it exactly as it does a CSV cell. Filters are pushed
 down only where SQL gives the very answer the catalogue's own check gives (it checks again):
-text compared after ``btrim`` of Python's white space, in code-point order (``COLLATE "C"``,
-byte order in a UTF-8 database); numbers compared exactly as ``numeric``. Rows stream through a
-server-side cursor, :data:`FETCH_ROWS` at a time.
+text compared after ``btrim`` of Python's white space, for equality anywhere and for order
+only in a UTF-8 database (``COLLATE "C"``: byte order, there code-point order); numbers
+compared exactly as ``numeric``. Rows stream through a server-side cursor, :data:`FETCH_ROWS`
+at a time. PostgreSQL 13 or later (``pg_current_snapshot``).
 
 **Failures.** A server that cannot be reached, or stops answering, raises
 :class:`Unavailable`; a relation or column that is gone, or a privilege that is missing,
@@ -157,20 +158,25 @@ class PostgresSource:
         try:
             conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
             conn.read_only = True
-            row = conn.execute("SELECT pg_current_snapshot()::text").fetchone()
-            marker = str(row[0]) if row else ""
+            row = conn.execute(
+                "SELECT pg_current_snapshot()::text, current_setting('server_encoding')"
+            ).fetchone()
         except psycopg.Error as exc:
             conn.close()
             raise self._unavailable(exc) from None
-        return PostgresSnapshot(self, conn, marker)
+        marker, encoding = (str(row[0]), str(row[1])) if row else ("", "")
+        return PostgresSnapshot(self, conn, marker, utf8=encoding.upper() in ("UTF8", "UTF-8"))
 
 
 class PostgresSnapshot:
     """One query's read-only transaction on a :class:`PostgresSource`."""
 
     def __init__(self, source: PostgresSource, conn: psycopg.Connection[tuple[object, ...]],
-                 marker: str) -> None:  # fmt: skip
+                 marker: str, *, utf8: bool) -> None:  # fmt: skip
         self._source, self._conn, self._marker = source, conn, marker
+        # Byte order is code-point order only in UTF-8: elsewhere text is compared here only
+        # for equality (the catalogue orders it itself).
+        self._utf8 = utf8
         self._relation = sql.Identifier(source.schema, source.relation)
         self._columns: dict[str, str] | None = None
         self._cursors = itertools.count()
@@ -228,6 +234,7 @@ class PostgresSnapshot:
         fields = sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier(c)) for c in columns)
         query = sql.SQL("SELECT {} FROM {}").format(fields, self._relation)
         params: list[object] = []
+        pushdown = [f for f in pushdown if f.numeric or self._utf8 or f.op in ("=", "!=", "in")]
         if pushdown:
             clauses = []
             for filter_ in pushdown:
