@@ -54,6 +54,7 @@ def _register() -> None:
         grant,
         node,
         query,
+        rights,  # noqa: F401  (its commands join the grant group on import)
     )
 
     for module in (

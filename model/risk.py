@@ -70,7 +70,7 @@ BODY_CACHE = 1024
 # Refusals that are consequences of other rules, not attempts on the data: they have rules of
 # their own (rate limit) or follow an alert (suspension), and counting them as probing would
 # make one alert feed the next.
-_NOT_PROBING = frozenset({"rate_limit", RISK_SUSPENDED})
+_NOT_PROBING = frozenset({"rate_limit", RISK_SUSPENDED, "node.frozen", "dataset.frozen"})
 FILTER_OVERLAP = (
     "filter.overlap"  # govshare.node.policy.decision.FILTER_OVERLAP, the tracker's refusal
 )
@@ -321,6 +321,10 @@ class LogFacts:
         self.history: dict[tuple[str, str], OrderedDict[frozenset[Condition], Earlier]] = {}
         self._bodies: OrderedDict[bytes, dict[str, frozenset[Condition]]] = OrderedDict()
         self.raised: set[str] = set()  # keys of the risk.alert entries this log holds
+        # Access applications still open: request id -> (deadline ms, received index,
+        # applicant, dataset); and, for the entry just folded, an answer that came late.
+        self.applications: dict[str, tuple[int, int, str, str]] = {}
+        self.late_answer: tuple[str, int, int, str, str] | None = None
         self.last_ms = 0
         self.size = 0
         # The hand-off rule's material (keep_steps only).
@@ -340,6 +344,7 @@ class LogFacts:
         self.size = entry.index + 1
         self.last_ms = max(self.last_ms, entry.time_ms)
         self.current, self.admission, self.apart = None, False, None
+        self.late_answer = None
         fields = entry.fields
         kind = entry.kind
         qid = entry.query_id
@@ -390,6 +395,16 @@ class LogFacts:
             self.datasets.pop(str(fields.get("name")), None)
         elif kind == RISK_ALERT:
             self.raised.add(str(fields.get("key")))
+        elif kind == "application.received":
+            deadline = fields.get("deadline_at")
+            if isinstance(deadline, int):
+                self.applications[str(fields.get("request_id"))] = (
+                    deadline * 1000, entry.index, entry.actor, str(fields.get("dataset")),
+                )  # fmt: skip
+        elif kind in ("application.approved", "application.refused"):
+            held = self.applications.pop(str(fields.get("request_id")), None)
+            if held is not None and entry.time_ms > held[0]:
+                self.late_answer = (str(fields.get("request_id")), *held)
 
     def _decision(self, entry: AuditEntry, qid: str, query: QueryFacts) -> None:
         fields = entry.fields
@@ -928,6 +943,65 @@ def witness_refused(entry: AuditEntry, facts: LogFacts) -> Iterator[Alert]:
         f"witness {facts.node} refused {refused}'s checkpoint ({entry.fields.get('rule')}: "
         f"{entry.fields.get('reason')})",
         [entry.index], node=refused,
+    )  # fmt: skip
+
+
+@_entry_rule("application.overdue", Severity.MEDIUM)
+def application_overdue(entry: AuditEntry, facts: LogFacts) -> Iterator[Alert]:
+    """An analyst's access application was still unanswered past its deadline (the working
+    days of the node's ``application_deadline_days``, written in the received entry), seen from
+    the first entry logged after the deadline, or from a late answer.
+
+    权利可查: a department must answer an application for a use right within its deadline."""
+    late = facts.late_answer
+    if late is not None:
+        request_id, deadline_ms, received, applicant, dataset = late
+        yield _alert(
+            "application.overdue", Severity.MEDIUM, facts, entry, request_id,
+            f"{applicant}'s application {request_id} on {dataset} was answered after its "
+            "deadline",
+            [received, entry.index], analyst=applicant, dataset=dataset,
+        )  # fmt: skip
+    if not facts.applications:
+        return
+    for request_id, (deadline_ms, received, applicant, dataset) in facts.applications.items():
+        if entry.time_ms > deadline_ms:
+            yield _alert(
+                "application.overdue", Severity.MEDIUM, facts, entry, request_id,
+                f"{applicant}'s application {request_id} on {dataset} is unanswered past its "
+                "deadline",
+                [received], analyst=applicant, dataset=dataset,
+            )  # fmt: skip
+
+
+@_entry_rule("incident.frozen", Severity.MEDIUM)
+def incident_frozen(entry: AuditEntry, facts: LogFacts) -> Iterator[Alert]:
+    """An operator froze the node or one of its datasets (an incident control: every query
+    on it refused until unfrozen), with the person and the reason."""
+    if entry.kind not in ("node.frozen", "dataset.frozen"):
+        return
+    dataset = entry.fields.get("dataset")
+    what = f"dataset {dataset}" if isinstance(dataset, str) else "the node"
+    yield _alert(
+        "incident.frozen", Severity.MEDIUM, facts, entry, f"{entry.index}",
+        f"{entry.actor} froze {what}: {entry.fields.get('reason')}",
+        [entry.index], dataset=dataset if isinstance(dataset, str) else None,
+    )  # fmt: skip
+
+
+@_entry_rule("operator.refused", Severity.MEDIUM)
+def operator_refused(entry: AuditEntry, facts: LogFacts) -> Iterator[Alert]:
+    """An operator act was refused: no valid operator identity (none, a key the roster does
+    not list, another node's operator, a replayed or altered act) or a missing duty.
+
+    Someone tried to change the node without being a named operator with that duty."""
+    if entry.kind != "operator.refused":
+        return
+    yield _alert(
+        "operator.refused", Severity.MEDIUM, facts, entry, f"{entry.index}",
+        f"{entry.fields.get('action')} refused ({entry.fields.get('rule')}): "
+        f"{entry.fields.get('reason')} (claimed: {entry.fields.get('claimed') or 'nobody'})",
+        [entry.index],
     )  # fmt: skip
 
 

@@ -34,6 +34,9 @@ DEFAULT_CHECKPOINT_INTERVAL = 10.0
 DEFAULT_PROTOCOL_TIMEOUT = 300.0
 # Joint queries one analyst may submit to this node per minute (a probing defence).
 DEFAULT_RATE_LIMIT_PER_MINUTE = 30
+# Working days (Monday to Friday) the operator has to answer an access application before it
+# is overdue and `audit check` warns (govshare.node.policy.applications).
+DEFAULT_APPLICATION_DEADLINE_DAYS = 5
 # Structured logs (govshare.node.observability.logs): where and from which level.
 LOG_TO_STDERR = "stderr"
 DEFAULT_LOG_LEVEL = "info"
@@ -79,6 +82,9 @@ workers = 0
 # A HIGH risk alert about an analyst (govshare node alerts) suspends the analyst's queries at
 # this node until the operator clears it (govshare node alerts clear).
 suspend_on_high_alert = false
+# Working days to answer an analyst's access application (govshare grant request) before it
+# is overdue (an alert in govshare audit check); 0 = overdue once anything else is logged.
+application_deadline_days = {application_deadline_days}
 
 [observability]
 # Structured logs, one JSON object a line: "stderr", or a file (relative to this folder).
@@ -110,6 +116,7 @@ class NodeConfig:
     rate_limit_per_minute: int = DEFAULT_RATE_LIMIT_PER_MINUTE
     workers: int = 0
     suspend_on_high_alert: bool = False
+    application_deadline_days: int = DEFAULT_APPLICATION_DEADLINE_DAYS
     # [observability]: JSON logs to this file (None: stderr), from this level; the metrics and
     # health endpoint's address (None: off).
     log_file: Path | None = None
@@ -171,6 +178,11 @@ class NodeConfig:
             ),
             workers=_workers(section.get("workers", 0), path),
             suspend_on_high_alert=_flag(section, "suspend_on_high_alert", path),
+            application_deadline_days=_count(
+                section.get("application_deadline_days", DEFAULT_APPLICATION_DEADLINE_DAYS),
+                "application_deadline_days",
+                path,
+            ),
             log_file=log_file,
             log_level=log_level,
             metrics_address=metrics_address,
@@ -245,6 +257,7 @@ def write_default(home: Path, *, listen: str, identity: str = ".") -> Path:
             checkpoint_interval=DEFAULT_CHECKPOINT_INTERVAL,
             protocol_timeout=DEFAULT_PROTOCOL_TIMEOUT,
             rate_limit_per_minute=DEFAULT_RATE_LIMIT_PER_MINUTE,
+            application_deadline_days=DEFAULT_APPLICATION_DEADLINE_DAYS,
         ),
         encoding="utf-8",
     )

@@ -23,6 +23,7 @@ from govshare.node.audit.checkpointer import CheckpointPublisher
 from govshare.node.audit.selfcheck import WHOLE_AT_START_MAX, LogSelfCheck
 from govshare.node.audit.witness import Witness, WitnessStore
 from govshare.node.config import (
+    DEFAULT_APPLICATION_DEADLINE_DAYS,
     DEFAULT_CHECKPOINT_INTERVAL,
     DEFAULT_MAX_INTAKE,
     DEFAULT_MAX_QUEUED,
@@ -36,8 +37,11 @@ from govshare.node.data.mask_key import MaskSecret
 from govshare.node.home_lock import HomeLock
 from govshare.node.observability.events import QueryEvents
 from govshare.node.policy.alerts import RiskMonitor, SuspensionStore
+from govshare.node.policy.applications import Application, ApplicationStore
+from govshare.node.policy.applications import parse_body as parse_application
+from govshare.node.policy.applications import status_of as grant_status
 from govshare.node.policy.crossborder import CrossBorderStore
-from govshare.node.policy.grants import GrantStore
+from govshare.node.policy.grants import Grant, GrantStore
 from govshare.node.queries.capacity import Intake, RunGate
 from govshare.node.queries.engine import QueryEngine
 from govshare.node.queries.kinds.aggregate import AggregateEngine, AggregateOptions
@@ -45,7 +49,8 @@ from govshare.node.queries.kinds.psi import PsiKind
 from govshare.node.roster_file import RosterFile
 from govshare.node.stores.query_store import QueryStore, ledger_view
 from govshare.node.workers import make_pool
-from govshare.protocols.errors import MalformedInput, NotFound
+from govshare.protocols.errors import MalformedInput, NotFound, PermissionDenied
+from govshare.protocols.signed_request import SignedRequest, verify_request
 from govshare.rpc.client import NodeClient
 
 # Points per Query.Run result chunk: 4096 x 32 bytes = 128 KiB messages.
@@ -95,6 +100,9 @@ class Node:
     suspend_on_high_alert: bool = False
     # Suspended analysts; a node built without opens them in the catalogue's file.
     suspension_store: SuspensionStore | None = None
+    # Working days an operator has to answer an access application (govshare.node.policy
+    # .applications).
+    application_deadline_days: int = DEFAULT_APPLICATION_DEADLINE_DAYS
     # The lock on the node's home (one node per home); from_config takes it, close() lets it go.
     home_lock: HomeLock | None = field(default=None, repr=False)
     # Each step of each query, to whoever subscribes: the server's logs and metrics
@@ -288,6 +296,7 @@ class Node:
             max_queued=config.max_queued,
             max_intake=config.max_intake,
             suspend_on_high_alert=config.suspend_on_high_alert,
+            application_deadline_days=config.application_deadline_days,
             home_lock=lock,
         )
 
@@ -320,6 +329,47 @@ class Node:
 
     def list_datasets(self, caller: Caller) -> list[DatasetInfo]:
         return [d for d in self.catalogue.list() if visible_to(caller, d)]
+
+    # --- access applications (govshare.node.policy.applications) ---------------------------
+
+    def apply(self, caller: Caller, signed: bytes) -> Application:
+        """Receive an analyst's signed access application.
+
+        Raises:
+            PermissionDenied: signed for another member than the caller.
+            VerificationFailed, MalformedInput: a bad signature, window, nonce or body.
+            NotFound: no such dataset here (core data is not discoverable).
+        """
+        now = int(self.clock())
+        try:
+            request = SignedRequest.decode(signed)
+        except MalformedInput as exc:
+            raise MalformedInput(f"field 'signed_request': {exc}", field="signed_request") from None
+        if request.analyst != caller.name:
+            raise PermissionDenied(
+                f"application is signed for {request.analyst!r} but sent by {caller.name!r}"
+            )
+        verify_request(request, caller.member.verify_key(), now=now)
+        asked = parse_application(request)
+        dataset = self.describe_dataset(caller, asked.dataset)
+        self.query_store.remember_nonce(
+            caller.name, request.nonce, expires_at=request.expires_at, now=now
+        )
+        return ApplicationStore(self.catalogue.path).receive(
+            request, signed, node=self.name, dataset=dataset,
+            deadline_days=self.application_deadline_days, audit=self.audit, now=now,
+        )  # fmt: skip
+
+    def rights_of(self, caller: Caller) -> tuple[list[Application], list[tuple[Grant, str]]]:
+        """The caller's applications here, and the grants it holds with their status."""
+        applications = ApplicationStore(self.catalogue.path).list(applicant=caller.name)
+        registered = {d.name: d for d in self.catalogue.list()}
+        now = int(self.clock())
+        grants = [
+            (g, grant_status(g, registered.get(g.dataset), now))
+            for g in self.grants.list(grantee=caller.name)
+        ]
+        return applications, grants
 
     def describe_dataset(self, caller: Caller, name: str) -> DatasetInfo:
         dataset = self.catalogue.get(name)

@@ -56,6 +56,9 @@ from govshare.node.data.sources import LiveSource, parse_source
 from govshare.node.node import Node
 from govshare.node.policy import approvals
 from govshare.node.policy.alerts import LoggedAlert, Suspension, SuspensionStore, logged_alerts
+from govshare.node.policy.applications import PENDING as APPLICATION_PENDING
+from govshare.node.policy.applications import Application, ApplicationStore
+from govshare.node.policy.applications import check_reason as check_application_reason
 from govshare.node.policy.approvals import Party, PendingQuery, QueryDetails
 from govshare.node.policy.controls import ControlStore
 from govshare.node.policy.crossborder import CrossBorderStore
@@ -68,11 +71,12 @@ from govshare.node.policy.decision import (
 from govshare.node.policy.grants import Grant, GrantStore
 from govshare.node.policy.operator_acts import Signer, authorise
 from govshare.node.stores.query_store import QueryRecord, QueryStore, ledger_view
-from govshare.protocols.errors import NotFound
+from govshare.protocols.errors import Conflict, NotFound
 
 __all__ = [
     "GRANT_EXPIRED",
     "GRANT_REVOKED",
+    "Application",
     "Assessment",
     "ColumnFormat",
     "DatasetRecord",
@@ -513,6 +517,60 @@ class Operator:
 
     def approvers(self, dataset: str) -> int:
         return ControlStore(self.config.database_path).approvers(dataset)
+
+    # ------------------------------------------------------------------------ applications
+
+    def applications(self, *, state: str | None = None) -> list[Application]:
+        """Access applications received here (``state``: pending, approved, refused)."""
+        return ApplicationStore(self.config.database_path).list(state=state)
+
+    def application(self, request_id: str) -> Application:
+        return ApplicationStore(self.config.database_path).get(request_id)
+
+    def approve_application(
+        self, request_id: str, *, epsilon: str, expires_at: int, max_queries: int
+    ) -> tuple[Application, Grant]:
+        """Issue the grant an application asked for (the node's key signs it; the person is
+        its ``granted_by``) and record the answer; one signed act of duty ``grant``."""
+        store = ApplicationStore(self.config.database_path)
+        asked = store.get(request_id)
+        if asked.state != APPLICATION_PENDING:
+            raise Conflict(
+                f"application {asked.request_id} was {asked.state} by {asked.answered_by}; it "
+                "cannot be answered again"
+            )
+        me = self.identity()
+        info = Catalogue(self.config.database_path).get(asked.dataset)
+        body = {
+            "request_id": asked.request_id, "epsilon": epsilon, "expires_at": expires_at,
+            "max_queries": max_queries,
+        }  # fmt: skip
+        with AuditLog.open(self.config.audit_database_path) as log:
+            with self._acting(log, "application.approve", Duty.GRANT, body) as actor:
+                grant = GrantStore(self.config.database_path).issue(
+                    me.signing_key, issuer=me.name, dataset=info, grantee=asked.applicant,
+                    purpose=asked.purpose, columns=asked.columns, query_kinds=asked.query_kinds,
+                    expires_at=expires_at, epsilon=epsilon, max_queries=max_queries,
+                    actor=actor, audit=log, granted_by=actor,
+                )  # fmt: skip
+                answered = store.answer(
+                    asked.request_id, approve=True, person=actor, reason="",
+                    grant_id=grant.grant_id, audit=log, now=int(self._clock()),
+                )  # fmt: skip
+        return answered, grant
+
+    def refuse_application(self, request_id: str, *, reason: str) -> Application:
+        """Refuse an application; a reason is required (told to the analyst, logged)."""
+        reason = check_application_reason(reason)
+        store = ApplicationStore(self.config.database_path)
+        asked = store.get(request_id)
+        body = {"request_id": asked.request_id, "reason": reason}
+        with AuditLog.open(self.config.audit_database_path) as log:
+            with self._acting(log, "application.refuse", Duty.GRANT, body) as actor:
+                return store.answer(
+                    asked.request_id, approve=False, person=actor, reason=reason, grant_id="",
+                    audit=log, now=int(self._clock()),
+                )  # fmt: skip
 
     # ------------------------------------------------------------------------ the node's own
 

@@ -30,6 +30,8 @@ from govshare.v1 import (
     peer_pb2_grpc,
     query_pb2,
     query_pb2_grpc,
+    rights_pb2,
+    rights_pb2_grpc,
 )
 
 # Seconds a catalogue or control call may take before the node counts as unreachable.
@@ -52,6 +54,7 @@ class NodeClient:
         self._peer = peer_pb2_grpc.PeerStub(self.channel)
         self._query = query_pb2_grpc.QueryStub(self.channel)
         self._aggregate = aggregate_pb2_grpc.AggregateStub(self.channel)
+        self._rights = rights_pb2_grpc.RightsStub(self.channel)
 
     @classmethod
     def to(cls, identity: Identity, node: str, *, timeout: float = DEFAULT_TIMEOUT) -> NodeClient:
@@ -187,6 +190,20 @@ class NodeClient:
                 query_pb2.CancelRequest(query_id=query_id), timeout=self.timeout
             )
         )
+
+    # --- analyst: use rights ----------------------------------------------------------------
+
+    def apply(self, signed_request: bytes) -> rights_pb2.Application:
+        """Send a signed access application (govshare.node.policy.applications)."""
+        return self.call(
+            lambda: self._rights.Apply(
+                rights_pb2.ApplyRequest(signed_request=signed_request), timeout=self.timeout
+            )
+        )
+
+    def mine(self) -> rights_pb2.MineResponse:
+        """The caller's applications at this node and the grants it holds there."""
+        return self.call(lambda: self._rights.Mine(rights_pb2.MineRequest(), timeout=self.timeout))
 
     def receipt(self, query_id: str) -> query_pb2.ReceiptPart:
         return self.call(

@@ -49,6 +49,7 @@ SERVICE_ROLES: Mapping[str, frozenset[Role]] = {
     "govshare.v1.Audit": frozenset({Role.AUDITOR}),
     "govshare.v1.Query": frozenset({Role.ANALYST}),
     "govshare.v1.Aggregate": frozenset({Role.ANALYST}),
+    "govshare.v1.Rights": frozenset({Role.ANALYST}),
     "grpc.health.v1.Health": ANY_MEMBER,
     "grpc.reflection.v1alpha.ServerReflection": ANY_MEMBER,
     "grpc.reflection.v1.ServerReflection": ANY_MEMBER,

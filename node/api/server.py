@@ -27,7 +27,13 @@ from grpc_reflection.v1alpha import reflection
 
 from govshare.node.api.aggregate_service import AggregateService
 from govshare.node.api.auth import AuthInterceptor
-from govshare.node.api.services import AuditService, CatalogService, PeerService, QueryService
+from govshare.node.api.services import (
+    AuditService,
+    CatalogService,
+    PeerService,
+    QueryService,
+    RightsService,
+)
 from govshare.node.audit.auditlog import SelfCheck
 from govshare.node.audit.selfcheck import SERVED_WHEN_BROKEN
 from govshare.node.config import DEFAULT_MAX_WORKERS, NodeConfig
@@ -49,6 +55,8 @@ from govshare.v1 import (
     peer_pb2_grpc,
     query_pb2,
     query_pb2_grpc,
+    rights_pb2,
+    rights_pb2_grpc,
 )
 
 T = TypeVar("T")
@@ -61,6 +69,7 @@ SERVICE_NAMES = (
     audit_pb2.DESCRIPTOR.services_by_name["Audit"].full_name,
     query_pb2.DESCRIPTOR.services_by_name["Query"].full_name,
     aggregate_pb2.DESCRIPTOR.services_by_name["Aggregate"].full_name,
+    rights_pb2.DESCRIPTOR.services_by_name["Rights"].full_name,
 )
 
 
@@ -231,6 +240,7 @@ async def _start(
     peer_pb2_grpc.add_PeerServicer_to_server(PeerService(node), server)
     audit_pb2_grpc.add_AuditServicer_to_server(AuditService(node), server)
     query_pb2_grpc.add_QueryServicer_to_server(QueryService(node), server)
+    rights_pb2_grpc.add_RightsServicer_to_server(RightsService(node), server)
     aggregate_pb2_grpc.add_AggregateServicer_to_server(AggregateService(node), server)
     health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

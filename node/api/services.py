@@ -20,8 +20,10 @@ from typing import Any, TypeVar
 
 import grpc
 
+from govshare.model.epsilon import format_epsilon
 from govshare.node.api.auth import current_caller
 from govshare.node.node import PSI_CHUNK_POINTS, Node
+from govshare.node.policy.applications import Application
 from govshare.node.stores.query_store import QueryRecord
 from govshare.protocols.errors import MalformedInput
 from govshare.rpc.convert import dataset_to_proto
@@ -34,6 +36,8 @@ from govshare.v1 import (
     peer_pb2_grpc,
     query_pb2,
     query_pb2_grpc,
+    rights_pb2,
+    rights_pb2_grpc,
 )
 
 T = TypeVar("T")
@@ -287,3 +291,48 @@ class AuditService(audit_pb2_grpc.AuditServicer):
         return audit_pb2.GetEntriesResponse(
             entries=[audit_pb2.Entry(index=e.index, data=e.data) for e in entries]
         )
+
+
+class RightsService(rights_pb2_grpc.RightsServicer):
+    """Access applications and the rights an analyst holds (govshare.node.policy.applications)."""
+
+    def __init__(self, node: Node) -> None:
+        self._node = node
+
+    async def Apply(
+        self, request: rights_pb2.ApplyRequest, context: Context
+    ) -> rights_pb2.Application:
+        if not request.signed_request:
+            raise MalformedInput("field 'signed_request' is required", field="signed_request")
+        node = self._node
+        application = await asyncio.to_thread(node.apply, current_caller(), request.signed_request)
+        return application_to_proto(node.name, application)
+
+    async def Mine(
+        self, request: rights_pb2.MineRequest, context: Context
+    ) -> rights_pb2.MineResponse:
+        node = self._node
+        applications, grants = await control(node, node.rights_of, current_caller())
+        return rights_pb2.MineResponse(
+            applications=[application_to_proto(node.name, a) for a in applications],
+            grants=[
+                rights_pb2.HeldGrant(
+                    grant_id=g.grant_id, node=node.name, dataset=g.dataset,
+                    columns=list(g.columns), query_kinds=[k.value for k in g.query_kinds],
+                    purpose=g.purpose, epsilon=format_epsilon(g.epsilon),
+                    max_queries=g.max_queries, expires_at=g.expires_at, status=status,
+                    granted_by=g.granted_by,
+                )
+                for g, status in grants
+            ],
+        )  # fmt: skip
+
+
+def application_to_proto(node: str, a: Application) -> rights_pb2.Application:
+    return rights_pb2.Application(
+        request_id=a.request_id, node=node, dataset=a.dataset, columns=list(a.columns),
+        query_kinds=list(a.query_kinds), purpose=a.purpose, legal_basis=a.legal_basis,
+        received_at=a.received_at, deadline_at=a.deadline_at, state=a.state,
+        answered_by=a.answered_by, answered_at=a.answered_at or 0, reason=a.reason,
+        grant_id=a.grant_id,
+    )  # fmt: skip
