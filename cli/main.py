@@ -44,6 +44,7 @@ def cli(ctx: click.Context, verbose: bool) -> None:
 def _register() -> None:
     # Imported here so that each user's commands live in their own module.
     from govshare.cli import (
+        accountability,  # noqa: F401  (its commands join the audit group on import)
         approvals,
         audit,
         catalog,

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from govshare.node.audit.auditlog import AuditLog
 from govshare.node.config import NodeConfig
 from govshare.node.data import resident_id
 from govshare.node.policy.grants import GrantStore
+from govshare.protocols.auditverify import decode_entry, encode_entry
 
 IDS = [resident_id.make("320102", date(1955 + i, 1 + i % 12, 1 + i % 28), i) for i in range(40)]
 PURPOSE = "housing subsidy review"
@@ -228,3 +230,94 @@ def test_an_unanswered_application_past_its_deadline_is_an_alert(
     alerts = json.loads(checked.stdout)
     overdue = [a for a in alerts if a["rule"] == "application.overdue"]
     assert any(request_id in a["detail"] and a["analyst"] == "alice" for a in overdue), alerts
+
+
+# ------------------------------------------------------------------ item 4: the rights register
+
+
+def pull(running: Running, state: Path) -> str:
+    audra = str(running.fed.bundles["audra"])
+    for node in ("tax", "civil"):
+        ok("audit", "pull", node, "--identity", audra, "--state", str(state), "--quorum", "1")
+    return audra
+
+
+def test_the_rights_register_from_the_logs_matches_the_grant_stores(
+    running: Running, tmp_path: Path
+) -> None:
+    # A grant issued directly and one revoked, besides those applications produced.
+    issued = ok_json(
+        "grant", "add", "--home", running.home("civil"), "--dataset", "people", "--grantee",
+        "hkana", "--purpose", PURPOSE, "--columns", "id_number", "--kinds", "psi_cardinality",
+        "--expires", "2099-01-01", "--epsilon", "0.5", "--max-queries", "3",
+        "--identity", running.fed.operator("civil"),
+    )  # fmt: skip
+    assert isinstance(issued, dict)
+    ok(
+        "grant", "revoke", str(issued["grant_id"]), "--home", running.home("civil"), "--reason",
+        "project ended", "--identity", running.fed.operator("civil"),
+    )  # fmt: skip
+    audra = pull(running, tmp_path)
+    result = govshare("audit", "rights", "--all", "--identity", audra, "--state", str(tmp_path),
+                      "--quorum", "1", "--json")  # fmt: skip
+    assert result.returncode == 1  # ghost was never pulled: the register says it is incomplete
+    register = json.loads(result.stdout)
+    assert register["verified"] == ["tax", "civil"] and list(register["not_verified"]) == ["ghost"]
+    for node in ("tax", "civil"):
+        [people] = [
+            d for d in register["datasets"] if (d["node"], d["dataset"]) == (node, "people")
+        ]
+        assert (people["grade"], people["owner_kind"], people["responsible"]) == (
+            "general",
+            "individual",
+            f"op-{node}",
+        )
+        stored = GrantStore(NodeConfig.load(Path(running.home(node))).database_path).list()
+        assert stored, node
+        from_log = {r["grant_id"]: r for r in people["rights"]}
+        assert set(from_log) == {g.grant_id for g in stored}
+        for g in stored:
+            r = from_log[g.grant_id]
+            assert (r["holder"], r["columns"], r["granted_by"], r["expires_at"]) == (
+                g.grantee,
+                list(g.columns),
+                g.granted_by,
+                g.expires_at,
+            )
+            assert r["status"] == ("revoked" if g.revoked else "active")
+            assert r["epsilon"] == ok_json("grant", "show", g.grant_id, "--home",
+                                           running.home(node))["epsilon"]  # type: ignore[index]  # fmt: skip
+    [revoked] = [
+        r for d in register["datasets"] for r in d["rights"] if r["grant_id"] == issued["grant_id"]
+    ]
+    assert (revoked["status"], revoked["revoked_by"], revoked["granted_by"]) == (
+        "revoked",
+        "op-civil",
+        "op-civil",
+    )
+    table = govshare(
+        "audit", "rights", "tax", "--identity", audra, "--state", str(tmp_path), "--quorum", "1"
+    )
+    assert table.returncode == 0 and "responsible: op-tax" in " ".join(table.stdout.split())
+
+
+def test_a_copy_edited_after_its_pull_is_left_out_of_the_register(
+    running: Running, tmp_path: Path
+) -> None:
+    audra = pull(running, tmp_path)
+    # An insider with the auditor's disk rewrites who holds a right in tax's pulled copy.
+    db = sqlite3.connect(tmp_path / "tax" / "entries.db", isolation_level=None)
+    for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'").fetchall():
+        db.execute(f"DROP TRIGGER {name}")
+    rows = db.execute("SELECT idx, data FROM entries").fetchall()
+    [(index, data)] = [(i, d) for i, d in rows if decode_entry(d).kind == "grant.created"][:1]
+    entry = decode_entry(data)
+    forged = encode_entry(replace(entry, fields={**entry.fields, "grantee": "mallory"}))
+    db.execute("UPDATE entries SET data = ? WHERE idx = ?", (forged, index))
+    db.close()
+    result = govshare("audit", "rights", "tax", "--identity", audra, "--state", str(tmp_path),
+                      "--quorum", "1", "--json")  # fmt: skip
+    assert result.returncode == 1
+    register = json.loads(result.stdout)
+    assert register["datasets"] == [] and list(register["not_verified"]) == ["tax"]
+    assert "mallory" not in result.stdout
