@@ -55,6 +55,7 @@ def _register() -> None:
         grant,
         node,
         query,
+        responsibility,
         rights,  # noqa: F401  (its commands join the grant group on import)
     )
 
@@ -68,6 +69,7 @@ def _register() -> None:
         catalog,
         query,
         audit,
+        responsibility,
     ):
         cli.add_command(module.group)
 

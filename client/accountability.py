@@ -11,19 +11,31 @@ copy does not verify is listed as such, and nothing of it is read.
   ε, expiry, status, who granted it). Status is ``active``, ``revoked`` (a ``grant.revoked``
   entry), ``expired`` (by ``now``) or ``void`` (its dataset was removed, or registered again,
   after the grant).
+- :func:`fold_responsibility` (pure) lists who answers for one dataset: the responsible person,
+  the grant issuers, the approvers and the analysts of record, each with the entries they
+  acted in and their last signed act in the log (an operator's ``operator.act``, an analyst's
+  signed request or application), its signature checked against the roster's key.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
+from cryptography.exceptions import InvalidSignature
+
 from govshare.client.auditor import Auditor, LocalLog
+from govshare.model.identity import Roster
+from govshare.model.operator_act import OperatorAct
 from govshare.model.risk import read_entry
-from govshare.protocols.auditverify import AuditEntry
+from govshare.protocols.auditverify import BYTES_TAG, AuditEntry
+from govshare.protocols.errors import GovshareError, MalformedInput, NotFound, VerificationFailed
+from govshare.protocols.signed_request import SignedRequest
 
 
 @dataclass
@@ -202,3 +214,163 @@ def rights_register(auditor: Auditor, nodes: Sequence[str], *, now: int | None =
             )
             verified.append(verdict.node)
     return Register(datasets, verified, failed)
+
+
+# --- the responsibility list -------------------------------------------------------------------
+
+
+@dataclass
+class SignedAct:
+    """A person's last signed act in a node's log: an operator's act (``operator.act``) or an
+    analyst's signed request or application, with whether its signature verifies under the
+    roster's key for that person."""
+
+    entry: int
+    time_ms: int
+    kind: str  # the entry kind: operator.act, query.received, application.received
+    action: str  # the act's action, or the request's kind
+    verified: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "entry": self.entry, "time_ms": self.time_ms, "kind": self.kind,
+            "action": self.action, "signature_verified": self.verified,
+        }  # fmt: skip
+
+
+@dataclass
+class Person:
+    name: str
+    duty: str  # responsible | grant_issuer | approver | analyst
+    entries: list[int] = field(default_factory=list)  # what they did on the dataset
+    last_act: SignedAct | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "duty": self.duty,
+            "entries": self.entries,
+            "last_signed_act": None if self.last_act is None else self.last_act.to_json(),
+        }
+
+
+@dataclass
+class Responsibility:
+    node: str
+    dataset: str
+    people: list[Person]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "node": self.node,
+            "dataset": self.dataset,
+            "people": [p.to_json() for p in self.people],
+        }
+
+
+def _verify_signed(entry: AuditEntry, roster: Roster) -> SignedAct | None:
+    """The signed act an entry carries, checked against the roster; None if it carries none."""
+    fields = entry.fields
+    try:
+        if entry.kind == "operator.act":
+            raw = fields.get("act")
+            act = OperatorAct.decode(raw if isinstance(raw, bytes) else _untag(raw))
+            key = roster.member(act.operator).verify_key()
+            ok = act.operator == entry.actor
+            try:
+                key.verify(act.signature, act.signed_bytes())
+            except InvalidSignature:
+                ok = False
+            return SignedAct(entry.index, entry.time_ms, entry.kind, act.action, ok)
+        if entry.kind in ("query.received", "application.received"):
+            raw = fields.get("request")
+            request = SignedRequest.decode(raw if isinstance(raw, bytes) else _untag(raw))
+            key = roster.member(request.analyst).verify_key()
+            ok = request.analyst == entry.actor
+            try:
+                key.verify(request.signature, request.signed_bytes())
+            except InvalidSignature:
+                ok = False
+            return SignedAct(entry.index, entry.time_ms, entry.kind, request.kind, ok)
+    except GovshareError:
+        return SignedAct(entry.index, entry.time_ms, entry.kind, "", False)
+    return None
+
+
+def _untag(value: object) -> bytes:
+    """Bytes a verified entry holds in their tagged JSON form (``{"$bytes": base64}``)."""
+    if isinstance(value, dict) and isinstance(value.get(BYTES_TAG), str):
+        try:
+            return base64.b64decode(value[BYTES_TAG], validate=True)
+        except (ValueError, binascii.Error):
+            pass
+    raise MalformedInput("entry holds no signed bytes", field="act")
+
+
+def fold_responsibility(
+    node: str, dataset: str, entries: Iterable[AuditEntry], roster: Roster
+) -> Responsibility:
+    """Who answers for ``dataset`` at ``node``, from its verified entries in log order: the
+    responsible person (registered it), the grant issuers, the approvers and the analysts of
+    record, each with the entries they acted in on the dataset and their last signed act in
+    the log (any act of theirs at this node), its signature checked against the roster."""
+    people: dict[tuple[str, str], Person] = {}
+    last: dict[str, SignedAct] = {}
+    grants: set[str] = set()
+
+    def record(name: str, duty: str, index: int) -> None:
+        people.setdefault((name, duty), Person(name, duty)).entries.append(index)
+
+    for entry in entries:
+        fields = entry.fields
+        signed = _verify_signed(entry, roster)
+        if signed is not None:
+            last[entry.actor] = signed
+        if entry.kind == "dataset.added" and fields.get("name") == dataset:
+            people.pop(next((k for k in people if k[1] == "responsible"), ("", "")), None)
+            record(entry.actor, "responsible", entry.index)
+        elif entry.kind == "grant.created" and fields.get("dataset") == dataset:
+            grants.add(str(fields.get("grant_id")))
+            record(str(fields.get("granted_by") or entry.actor), "grant_issuer", entry.index)
+        elif entry.kind == "grant.revoked" and fields.get("grant_id") in grants:
+            record(entry.actor, "grant_issuer", entry.index)
+        elif entry.kind.startswith("approval.") and fields.get("dataset") == dataset:
+            record(entry.actor, "approver", entry.index)
+        elif (
+            entry.kind == "policy.decision"
+            and fields.get("dataset") == dataset
+            and entry.actor != node
+            and "was" not in fields  # a freeze's refusal of a waiting query, not the analyst's
+        ):
+            record(entry.actor, "analyst", entry.index)
+        elif entry.kind == "application.received" and fields.get("dataset") == dataset:
+            record(entry.actor, "analyst", entry.index)
+    order = {"responsible": 0, "grant_issuer": 1, "approver": 2, "analyst": 3}
+    found = sorted(people.values(), key=lambda p: (order[p.duty], p.name))
+    for person in found:
+        person.last_act = last.get(person.name)
+    return Responsibility(node, dataset, found)
+
+
+def responsibility(auditor: Auditor, node: str, dataset: str) -> Responsibility:
+    """:func:`fold_responsibility` over ``node``'s pulled copy, verified first.
+
+    Raises:
+        NotFound: ``node`` is not in the roster, or the dataset was never registered there.
+        VerificationFailed: the copy is missing or does not verify (nothing of it is read).
+    """
+    [verdict] = auditor.verify_all([node])
+    store = LocalLog.existing(auditor.state / node) if verdict.ok else None
+    if store is None:
+        problem = verdict.first_problem
+        raise VerificationFailed(
+            f"{node}'s pulled log does not verify: "
+            f"{problem.message if problem is not None else 'not pulled'}"
+        )
+    with store:
+        found = fold_responsibility(
+            node, dataset, verified_entries(store, verdict.entries), auditor.roster
+        )
+    if not any(p.duty == "responsible" for p in found.people):
+        raise NotFound(f"{node}'s verified log never registered a dataset {dataset!r}")
+    return found

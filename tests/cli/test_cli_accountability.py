@@ -321,3 +321,40 @@ def test_a_copy_edited_after_its_pull_is_left_out_of_the_register(
     register = json.loads(result.stdout)
     assert register["datasets"] == [] and list(register["not_verified"]) == ["tax"]
     assert "mallory" not in result.stdout
+
+
+# ------------------------------------------------------------------ item 5: responsibility
+
+
+def test_the_responsibility_list_names_each_person_with_their_last_signed_act(
+    running: Running, tmp_path: Path
+) -> None:
+    audra = pull(running, tmp_path)
+    shown = ok_json(
+        "responsibility", "show", "civil.people", "--identity", audra, "--state", str(tmp_path),
+        "--quorum", "1",
+    )  # fmt: skip
+    assert isinstance(shown, dict)
+    people = {(p["name"], p["duty"]): p for p in shown["people"]}
+    assert {"responsible", "grant_issuer", "analyst"} <= {duty for _, duty in people}
+    assert ("op-civil", "responsible") in people and ("alice", "analyst") in people
+    # Each person's last signed act is their latest act in civil's own log, and verifies.
+    log = entries(running.home("civil"))
+    pulled = len(log)  # the pull covered at most this many
+    for (name, _duty), person in people.items():
+        act = person["last_signed_act"]
+        assert act is not None and act["signature_verified"] is True, (name, act)
+        kinds = {"op-civil": "operator.act", "alice": "application.received"}
+        if name in kinds:
+            mine = [i for i, (k, a, _) in enumerate(log[:pulled]) if k == kinds[name] and a == name]
+            assert act["entry"] <= mine[-1] and log[act["entry"]][:2] == (kinds[name], name)
+    unknown = govshare(
+        "responsibility", "show", "civil.nothing", "--identity", audra, "--state",
+        str(tmp_path), "--quorum", "1",
+    )  # fmt: skip
+    assert unknown.returncode == 1 and "never registered" in unknown.stderr
+    table = govshare(
+        "responsibility", "show", "civil.people", "--identity", audra, "--state",
+        str(tmp_path), "--quorum", "1",
+    )  # fmt: skip
+    assert table.returncode == 0 and "verified" in table.stdout and "op-civil" in table.stdout
