@@ -335,12 +335,12 @@ def run_intersection(root: Path, n: int, workers: int, baseline: str | None) -> 
     old: tuple[float, dict[str, float]] | None = None
     if baseline is not None:
         shim = baseline_tree(root, baseline)
-        for name in ("civil", "tax"):
-            set_protocol_timeout(root / name, step_timeout(n))
+        for name in ("civil", "tax"):  # generous: the whole encryption is one step there
+            set_protocol_timeout(root / name, 6 * step_timeout(n))
         with baseline_processes(root, ["civil", "tax"], shim) as processes:
             start = time.perf_counter()
             outcome = run_intersection_aggregate(
-                alice, intersection_plan(), run_timeout=2 * step_timeout(n)
+                alice, intersection_plan(), run_timeout=12 * step_timeout(n)
             )
             old = (
                 time.perf_counter() - start,

@@ -15,7 +15,7 @@ figures are withheld.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from typing import Any
 
@@ -30,6 +30,7 @@ from govshare.client.analyst import (
 from govshare.client.sql import AggregateColumns, UnionQuery, aggregate_columns, parse_query
 from govshare.model.aggregate_plan import (
     BFV,
+    BFV_SIMD,
     COUNT,
     PAILLIER,
     AggregatePlan,
@@ -48,6 +49,7 @@ from govshare.model.identity import Identity
 from govshare.model.query_plan import Side
 from govshare.protocols import dp, masks
 from govshare.protocols.bfv import BfvSecretContext
+from govshare.protocols.bfv_simd import SimdSecretKeys
 from govshare.protocols.errors import MalformedInput
 from govshare.protocols.paillier import DEFAULT_N_BITS, decrypt_unpack, generate_keypair
 from govshare.protocols.receipt import Receipt
@@ -117,6 +119,7 @@ def run_intersection_aggregate(
     identity: Identity,
     plan: IntersectionPlan,
     *,
+    scheme: str | None = None,
     key_bits: int = DEFAULT_N_BITS,
     unsafe_allow_short_modulus: bool = False,
     on_status: StatusCallback | None = None,
@@ -127,11 +130,24 @@ def run_intersection_aggregate(
 ) -> AggregateOutcome:
     """Ask an intersection aggregate (``plan.public_key`` is replaced by a fresh key).
 
+    ``scheme`` (default: the plan's) is ``paillier`` (one DJN-Paillier ciphertext per key,
+    ``key_bits``) or ``bfv-simd`` (BFV slots, ``govshare.protocols.bfv_simd``: fresh keys per
+    query; only the public and Galois keys leave this program).
+
     Raises: as :func:`govshare.client.analyst.run_psi`.
     """
-    key = _paillier_key(key_bits, unsafe_allow_short_modulus)
+    scheme = scheme or plan.scheme
+    if scheme == BFV_SIMD:
+        plan = replace(plan, scheme=BFV_SIMD)
+        secret = SimdSecretKeys(plan.simd_shape())
+        bundle = secret.public_bundle()
+        key = _Key(BFV_SIMD, key_fingerprint(bundle), context=bundle, secret=secret)
+    elif scheme == PAILLIER:
+        key = _paillier_key(key_bits, unsafe_allow_short_modulus)
+    else:
+        raise MalformedInput(f"unknown scheme {scheme!r}", field="scheme")
     plan = IntersectionPlan(
-        plan.kind, plan.purpose, plan.values, plan.matcher, plan.figures, key.public
+        plan.kind, plan.purpose, plan.values, plan.matcher, plan.figures, key.public, scheme
     )
     return _run(identity, plan, key, on_status, approval_timeout, run_timeout, poll, sql)
 
@@ -226,6 +242,11 @@ def _run(
 def _decrypt(plan: AggregatePlan, key: _Key, ciphertexts: list[bytes]) -> dict[str, int]:
     """Slot name -> decrypted total (noise included, masks removed)."""
     figures = plan.figures
+    if key.scheme == BFV_SIMD:
+        if not isinstance(key.secret, SimdSecretKeys):  # pragma: no cover - built above
+            raise TypeError("BFV-SIMD keys expected")
+        cells = key.secret.decrypt(ciphertexts)
+        return {slot_name(g, f): v for (g, f), v in zip(figures.cells, cells, strict=True)}
     if key.scheme == BFV:
         if not isinstance(key.secret, BfvSecretContext):  # pragma: no cover - built above
             raise TypeError("BFV key expected")

@@ -16,7 +16,13 @@ Intersection aggregate (``intersection_aggregate``, protocol 2)::
      "group_by": {"column": "district", "domain": ["Dongcheng", ...]},   # V's column, or null
      "sums": [{"column": "amount", "bound": 30000}],        # V's columns
      "epsilon": "0.5",                 # or null with "exact": true (approved, no GROUP BY)
-     "public_key": "<hex of the analyst's fresh DjnPublicKey.to_bytes()>"}
+     "scheme": "bfv-simd",             # or "paillier" (absent: paillier)
+     "public_key": "<hex>"}            # paillier: the fresh DjnPublicKey.to_bytes();
+                                       # bfv-simd: SHA-256 of the public key bundle
+
+Under ``bfv-simd`` (``govshare.protocols.bfv_simd``) every node derives the slot layout and the
+number of CRT plaintext moduli from the plan (:meth:`IntersectionPlan.simd_shape`); the bundle
+of public and Galois keys travels with ``Aggregate.Run`` and must hash to ``public_key``.
 
 Horizontal aggregate (``horizontal_aggregate``, protocol 3)::
 
@@ -60,6 +66,8 @@ AGGREGATE_KINDS: Final = (QueryKind.INTERSECTION_AGGREGATE, QueryKind.HORIZONTAL
 PAILLIER: Final = "paillier"
 BFV: Final = "bfv"
 SCHEMES: Final = (PAILLIER, BFV)
+BFV_SIMD: Final = "bfv-simd"
+INTERSECTION_SCHEMES: Final = (PAILLIER, BFV_SIMD)
 # Groups one query may ask for (a declared domain is short; this bounds the vector a plan
 # can make every node compute and encrypt).
 MAX_GROUPS: Final = 4096
@@ -170,6 +178,7 @@ class IntersectionPlan:
     matcher: Side
     figures: Figures
     public_key: bytes
+    scheme: str = PAILLIER
 
     @property
     def nodes(self) -> tuple[str, str]:
@@ -182,8 +191,23 @@ class IntersectionPlan:
             "values": self.values.to_json(),
             "matcher": self.matcher.to_json(),
             **self.figures.to_json(),
+            "scheme": self.scheme,
             "public_key": self.public_key.hex(),
         }
+
+    def max_abs_total(self) -> int:
+        """The largest |total + noise| of any cell: every key summed at its bound."""
+        figures = self.figures
+        largest = max(figures.sensitivity(f) for f in figures.names)
+        return MAX_KEYS * MAX_ROWS_PER_KEY * largest + figures.noise_bound()
+
+    def simd_shape(self) -> Any:
+        """The ``bfv-simd`` layout: one slot per (group, figure) cell, and the CRT moduli."""
+        from govshare.protocols import bfv_simd  # TenSEAL is loaded only where it is used
+
+        return bfv_simd.SimdShape(
+            len(self.figures.cells), bfv_simd.moduli_for(self.max_abs_total())
+        )
 
     def layouts(self, modulus_bits: int) -> tuple[PackingLayout, ...]:
         """The packing of one key's row values (one-hot over groups) into plaintexts.
@@ -350,7 +374,18 @@ def parse_aggregate_plan(raw: Any, *, kind: str) -> AggregatePlan:
         values, matcher = _side(raw.get("values"), "values"), _side(raw.get("matcher"), "matcher")
         if values.node == matcher.node:
             raise MalformedInput("an intersection joins two different nodes", field="matcher")
-        return IntersectionPlan(query_kind, purpose, values, matcher, figures, public_key)
+        scheme = raw.get("scheme", PAILLIER)
+        if scheme not in INTERSECTION_SCHEMES:
+            raise MalformedInput(
+                f"field 'scheme' must be one of {', '.join(INTERSECTION_SCHEMES)}", field="scheme"
+            )
+        if scheme == BFV_SIMD and len(public_key) != 32:
+            raise MalformedInput(
+                "field 'public_key': a bfv-simd plan carries a SHA-256", field="public_key"
+            )
+        return IntersectionPlan(
+            query_kind, purpose, values, matcher, figures, public_key, str(scheme)
+        )
     parts_raw = raw.get("parts")
     if not isinstance(parts_raw, list) or not 2 <= len(parts_raw) <= MAX_PARTS:
         raise MalformedInput(f"field 'parts' must list 2 to {MAX_PARTS} parts", field="parts")

@@ -37,6 +37,15 @@ timeout aborts the query. One ``protocol.step`` is logged per direction for the 
 its digest chains the batches' message digests (SHA-256 over each batch's
 ``message_digest``, in order), its size the number of pairs.
 
+Under the plan's ``scheme`` ``bfv-simd`` (``govshare.protocols.bfv_simd``) the same rounds carry
+BFV ciphertexts instead: a batch holds whole ciphertexts of ``N / block`` keys (one per CRT
+plaintext modulus), M multiplies each by the selection mask of its matched positions and keeps
+one running sum per modulus; after the stream it folds the slots under the analyst's Galois
+keys, adds its DP noise to every block, re-randomises and floods the noise. The analyst's
+public and Galois keys come with ``Aggregate.Run`` and must hash to the plan's ``public_key``;
+M loads every ciphertext into contexts it builds itself, so keys or ciphertexts for other
+parameters are refused as they arrive.
+
 Leakage (semi-honest): M learns |V's keys| and |M ∩ V| (which of V's shuffled, masked pairs
 match, not whose); V learns |M's keys|; the analyst learns the noisy figures. Neither node
 decrypts anything.
@@ -79,7 +88,9 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from govshare.model.aggregate_plan import (
     AGGREGATE_KINDS,
     BFV,
+    BFV_SIMD,
     MAX_ROWS_PER_KEY,
+    PAILLIER,
     AggregatePlan,
     HorizontalPlan,
     IntersectionPlan,
@@ -98,7 +109,7 @@ from govshare.node.policy.grants import GrantStore
 from govshare.node.queries.engine import Admission, QueryEngine
 from govshare.node.queries.session import NO_GATE, Chunks, Inbox, Mailbox, Send, Waiting
 from govshare.node.stores.query_store import QueryRecord, QueryStore
-from govshare.protocols import dp, ecdh_psi, masks
+from govshare.protocols import bfv_simd, dp, ecdh_psi, masks
 from govshare.protocols.bfv import BfvPublicContext
 from govshare.protocols.errors import (
     Aborted,
@@ -170,7 +181,7 @@ class _BatchStream:
     def __init__(self, window: int) -> None:
         self.window = window
         self.stats = StreamStats(window)
-        self._queue: collections.deque[tuple[list[bytes], list[bytes]]] = collections.deque()
+        self._queue: collections.deque[tuple[list[bytes], list[Any], bytes]] = collections.deque()
         self._cond = threading.Condition()
         self._next_put = 0
         self._next_take = 0
@@ -185,7 +196,13 @@ class _BatchStream:
             self._cond.notify_all()
 
     def put(
-        self, index: int, count: int, points: list[bytes], items: list[bytes], timeout: float
+        self,
+        index: int,
+        count: int,
+        points: list[bytes],
+        items: list[Any],
+        batch_digest: bytes,
+        timeout: float,
     ) -> None:
         with self._cond:
             if self.ended is not None:
@@ -203,15 +220,15 @@ class _BatchStream:
             if self.ended is not None:
                 raise Aborted(f"the query ended: {self.ended}")
             self._count = count
-            self._queue.append((points, items))
+            self._queue.append((points, items, batch_digest))
             self._next_put += 1
             self.stats.peak_in_flight = max(self.stats.peak_in_flight, len(self._queue))
             self._cond.notify_all()
 
     def take(
         self, *, node: str, peer: str, timeout: float, waiting: Waiting
-    ) -> tuple[list[bytes], list[bytes]] | None:
-        """The next batch, or None after the last one.
+    ) -> tuple[list[bytes], list[Any], bytes] | None:
+        """The next batch ``(points, items, digest)``, or None after the last one.
 
         Raises:
             Aborted: the batch did not come within ``timeout``, or the query ended early.
@@ -246,6 +263,7 @@ class _Session:
     dataset: str
     mailbox: Mailbox = field(default_factory=lambda: Mailbox(()))
     stream: _BatchStream | None = None
+    simd: bfv_simd.SimdPublic | None = None
     ephemeral: X25519PrivateKey | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -348,9 +366,11 @@ class AggregateEngine:
     def submit(self, caller: Caller, request: SignedRequest, admission: Admission) -> QueryRecord:
         plan = parse_aggregate_plan(request.body_json(), kind=request.kind)
         dataset, uses, _ = plan.accesses(self.name)
-        if isinstance(plan, IntersectionPlan) or plan.scheme != BFV:
+        if plan.scheme == PAILLIER:
             key = self._paillier_key(plan.public_key)  # refuse a bad key before anything runs
             plan.layouts(key.n_bits)
+        elif isinstance(plan, IntersectionPlan):
+            plan.simd_shape()  # refuse a plan beyond the scheme's bounds before anything runs
         epsilon = plan.figures.epsilon
         access = AccessRequest(
             requester=caller.name,
@@ -427,9 +447,9 @@ class AggregateEngine:
             plan = session.plan
             if isinstance(plan, IntersectionPlan):
                 if self.name == plan.values.node:
-                    out = self._run_values(session, query_id, plan)
+                    out = self._run_values(session, query_id, plan, public_context)
                 else:
-                    out = self._run_matcher(session, query_id, record.analyst, plan)
+                    out = self._run_matcher(session, query_id, record.analyst, plan, public_context)
             else:
                 out = self._run_horizontal(
                     session, query_id, record.analyst, plan, keys, public_context
@@ -493,10 +513,16 @@ class AggregateEngine:
 
     # -- intersection: value holder
 
-    def _run_values(self, session: _Session, query_id: str, plan: IntersectionPlan) -> list[bytes]:
+    def _run_values(
+        self, session: _Session, query_id: str, plan: IntersectionPlan, public_context: bytes
+    ) -> list[bytes]:
         side, figures = plan.values, plan.figures
-        key = self._paillier_key(plan.public_key)
-        layouts = plan.layouts(key.n_bits)
+        simd = plan.scheme == BFV_SIMD
+        key = None if simd else self._paillier_key(plan.public_key)
+        layouts = () if key is None else plan.layouts(key.n_bits)
+        if simd:
+            shape = plan.simd_shape()
+            _check_bundle(plan, public_context)
         group = figures.group_by
         columns = [
             side.column,
@@ -507,8 +533,12 @@ class AggregateEngine:
         rows_per_key: dict[str, int] = {}
         domain = set(group.domain) if group else {""}
         # Let the pool's workers build their fixed-base tables while the rows are read.
-        window = self._warm_encryptors(
-            key, len(layouts) * self._catalogue.count(side.dataset, where=side.where)
+        window = (
+            None
+            if key is None
+            else self._warm_encryptors(
+                key, len(layouts) * self._catalogue.count(side.dataset, where=side.where)
+            )
         )
         for row in self._catalogue.rows(side.dataset, columns, where=side.where):
             join_key = str(row[0])
@@ -531,11 +561,15 @@ class AggregateEngine:
         # Shuffle once; from here on everything is in the shuffled order M sees.
         order = ecdh_psi.random_permutation(len(per_key))
         join_keys = ecdh_psi.permute(list(per_key), order)
-        plaintexts = [
-            [layout.pack_named({s: v for s, v in per_key[k].items() if s in layout.names})
-             for layout in layouts]
-            for k in join_keys
-        ]  # fmt: skip
+        if simd:
+            names = [slot_name(g, f) for g, f in figures.cells]
+            plaintexts = [[per_key[k].get(n, 0) for n in names] for k in join_keys]
+        else:
+            plaintexts = [
+                [layout.pack_named({s: v for s, v in per_key[k].items() if s in layout.names})
+                 for layout in layouts]
+                for k in join_keys
+            ]  # fmt: skip
         del per_key, rows_per_key
         party = ecdh_psi.PsiParty.fresh(session.query_id)
         executor = self._executor()
@@ -543,23 +577,42 @@ class AggregateEngine:
         masked = party.mask_own([k.encode() for k in join_keys], workers=workers, executor=executor)
         del join_keys
         batch = self._options.stream_batch_keys
+        jobs: Iterator[tuple[Callable[..., Any], tuple[Any, ...]]]
+        if simd:
+            per = shape.keys_per_ciphertext
+            batch = max(per, batch // per * per)  # whole ciphertexts of keys
+            jobs = (
+                (_simd_encrypt_task, (public_context, shape, plaintexts[i : i + batch]))
+                for i in range(0, max(len(masked), 1), batch)
+            )
+        elif key is not None:
+            key_bytes, unsafe = key.to_bytes(), self._options.unsafe_allow_short_modulus
+            jobs = (
+                (_encrypt_task, (key_bytes, unsafe, window, [p for r in rows for p in r]))
+                for rows in (
+                    plaintexts[i : i + batch] for i in range(0, max(len(masked), 1), batch)
+                )
+            )
+        else:  # pragma: no cover - a Paillier plan has its key
+            raise TypeError("a Paillier plan without its key")
         starts = range(0, max(len(masked), 1), batch)  # one batch, if empty
         stats = StreamStats(self._options.stream_window)
         self._keep_stats(query_id, stats)
         # The pool starts on the first window of batches while M's keys are masked again.
-        pending = self._encrypt_ahead(
-            key, (plaintexts[i : i + batch] for i in starts), window, stats
-        )
+        pending = self._encrypt_ahead(jobs, stats)
         theirs = self._wait(session, query_id, plan.matcher.node, MATCHER_KEYS)
         again = ecdh_psi.shuffle(party.mask_peer(theirs.points, workers=workers, executor=executor))
         del theirs
         self._send_step(session, query_id, plan.matcher.node, MATCHER_AGAIN, again, [])
         del again
-        width = key.ciphertext_bytes * len(layouts)
+        width = 0 if key is None else key.ciphertext_bytes * len(layouts)
         chain = hashlib.sha256()
-        for index, (start, blob) in enumerate(zip(starts, pending, strict=True)):
+        for index, (start, encrypted) in enumerate(zip(starts, pending, strict=True)):
             points = masked[start : start + batch]
-            items = [blob[i * width : (i + 1) * width] for i in range(len(points))]
+            if simd:
+                items = list(encrypted)
+            else:
+                items = [encrypted[i * width : (i + 1) * width] for i in range(len(points))]
             self._send(
                 plan.matcher.node, query_id, f"{VALUES}:{index}:{len(starts)}", points, items
             )
@@ -572,47 +625,40 @@ class AggregateEngine:
         return []
 
     def _encrypt_ahead(
-        self,
-        key: DjnPublicKey,
-        batches: Iterator[list[list[int]]],
-        window: int | None,
-        stats: StreamStats,
-    ) -> Iterator[bytes]:
+        self, jobs: Iterator[tuple[Callable[..., Any], tuple[Any, ...]]], stats: StreamStats
+    ) -> Iterator[Any]:
         """Each batch's ciphertexts, encrypted on the pool up to ``stats.window`` batches ahead.
 
         A batch counts as in flight from its submission until the consumer asks for the next
         one (by then it has been sent and acknowledged); the first window is submitted at once.
         """
         executor = self._executor()
-        unsafe = self._options.unsafe_allow_short_modulus
         if executor is None:
 
-            def inline() -> Iterator[bytes]:
-                for rows in batches:
+            def inline() -> Iterator[Any]:
+                for task, args in jobs:
                     stats.peak_in_flight = max(stats.peak_in_flight, 1)
-                    yield key.encrypt_to_bytes(p for row in rows for p in row)
+                    yield task(*args)
 
             return inline()
-        key_bytes = key.to_bytes()
         queue: collections.deque[Any] = collections.deque()
 
         def submit() -> bool:
-            rows = next(batches, None)
-            if rows is None:
+            job = next(jobs, None)
+            if job is None:
                 return False
-            flat = [p for row in rows for p in row]
-            queue.append(executor.submit(_encrypt_task, key_bytes, unsafe, window, flat))
+            queue.append(executor.submit(job[0], *job[1]))
             stats.peak_in_flight = max(stats.peak_in_flight, len(queue))
             return True
 
         while len(queue) < stats.window and submit():
             pass
 
-        def results() -> Iterator[bytes]:
+        def results() -> Iterator[Any]:
             try:
                 while queue:
-                    blob = queue[0].result()
-                    yield blob
+                    encrypted = queue[0].result()
+                    yield encrypted
                     queue.popleft()  # sent and acknowledged: its place goes to the next batch
                     submit()
             finally:
@@ -634,9 +680,19 @@ class AggregateEngine:
     # -- intersection: matcher
 
     def _run_matcher(
-        self, session: _Session, query_id: str, analyst: str, plan: IntersectionPlan
+        self,
+        session: _Session,
+        query_id: str,
+        analyst: str,
+        plan: IntersectionPlan,
+        public_context: bytes,
     ) -> list[bytes]:
         side = plan.matcher
+        simd = None
+        if plan.scheme == BFV_SIMD:
+            _check_bundle(plan, public_context)
+            simd = bfv_simd.SimdPublic.from_bundle(plan.simd_shape(), public_context)
+            session.simd = simd  # before M's keys go out: V's batches come after them
         keys = [
             k.encode() for k in self._catalogue.keys(side.dataset, side.column, where=side.where)
         ]
@@ -656,29 +712,50 @@ class AggregateEngine:
         if len(own) != len(again.points):
             raise MalformedInput("the returned set repeats a point", field="points")
         again.points.clear()
+        stream = session.stream
+        if stream is None:  # pragma: no cover - submit makes one for every matcher
+            raise Aborted(f"{self.name}: query {query_id} has no value stream")
+        chain = hashlib.sha256()
+        pairs = 0
+
+        def batches() -> Iterator[tuple[list[bool], list[Any]]]:
+            nonlocal pairs
+            while True:
+                batch = stream.take(
+                    node=self.name, peer=plan.values.node, timeout=self._timeout,
+                    waiting=self._waiting,
+                )  # fmt: skip
+                if batch is None:
+                    return
+                points, items, batch_digest = batch
+                chain.update(batch_digest)
+                pairs += len(points)
+                doubled = party.mask_peer(points, workers=workers, executor=executor)
+                yield [p in own for p in doubled], items
+
+        if simd is None:
+            out = self._sum_paillier(plan, batches())
+        else:
+            out = self._sum_simd(plan, simd, batches())
+        self._keep_stats(query_id, stream.stats)
+        self._step(
+            session, query_id, plan.values.node, "received", VALUES, chain.hexdigest(), pairs
+        )
+        self._released(session, query_id, analyst, digest(b"".join(out)), len(out))
+        return out
+
+    def _sum_paillier(
+        self, plan: IntersectionPlan, batches: Iterator[tuple[list[bool], list[Any]]]
+    ) -> list[bytes]:
         key = self._paillier_key(plan.public_key)
         layouts = plan.layouts(key.n_bits)
         width = key.ciphertext_bytes
         # One running sum per plaintext, starting from M's encrypted noise share.
         sums = [key.encrypt(self._noise_plaintext(plan, layout)) for layout in layouts]
         max_rows = min(layout.max_rows for layout in layouts)
-        stream = session.stream
-        if stream is None:  # pragma: no cover - submit makes one for every matcher
-            raise Aborted(f"{self.name}: query {query_id} has no value stream")
-        chain = hashlib.sha256()
-        pairs = matched = 0
-        while True:
-            batch = stream.take(
-                node=self.name, peer=plan.values.node, timeout=self._timeout,
-                waiting=self._waiting,
-            )  # fmt: skip
-            if batch is None:
-                break
-            points, items = batch
-            chain.update(bytes.fromhex(message_digest(points, items)))
-            pairs += len(points)
-            doubled = party.mask_peer(points, workers=workers, executor=executor)
-            hits = [i for i, point in enumerate(doubled) if point in own]
+        matched = 0
+        for selected, items in batches:
+            hits = [i for i, hit in enumerate(selected) if hit]
             matched += len(hits)
             if matched > max_rows:
                 raise MalformedInput(
@@ -689,13 +766,26 @@ class AggregateEngine:
                     key.ciphertext_from_bytes(items[i][j * width : (j + 1) * width]) for i in hits
                 ]
                 sums[j] = key.sum_ciphertexts([sums[j], *terms])
-        self._keep_stats(query_id, stream.stats)
-        self._step(
-            session, query_id, plan.values.node, "received", VALUES, chain.hexdigest(), pairs
-        )
-        out = [key.ciphertext_to_bytes(key.rerandomize(total)) for total in sums]
-        self._released(session, query_id, analyst, digest(b"".join(out)), len(out))
-        return out
+        return [key.ciphertext_to_bytes(key.rerandomize(total)) for total in sums]
+
+    def _sum_simd(
+        self,
+        plan: IntersectionPlan,
+        simd: bfv_simd.SimdPublic,
+        batches: Iterator[tuple[list[bool], list[Any]]],
+    ) -> list[bytes]:
+        shape = simd.shape
+        per, moduli = shape.keys_per_ciphertext, shape.moduli
+        total = simd.accumulator()
+        for selected, loaded in batches:
+            for position in range(len(loaded) // moduli):
+                total.add(
+                    loaded[position * moduli : (position + 1) * moduli],
+                    selected[position * per : (position + 1) * per],
+                )
+        scales = plan.figures.noise_scales()
+        noise = [self._noise(scales[f]) if scales else 0 for _, f in plan.figures.cells]
+        return total.result(noise)
 
     def _noise(self, scale: Fraction) -> int:
         if self._options.unsafe_without_noise:
@@ -910,8 +1000,14 @@ class AggregateEngine:
             index, count = (int(part) for part in phase.split(":")[1:])
         except ValueError:
             raise MalformedInput("a batch phase is values:<index>:<count>", field="phase") from None
-        key = self._paillier_key(plan.public_key)
-        parts = len(plan.layouts(key.n_bits))
+        simd = session.simd
+        key = None
+        if plan.scheme == BFV_SIMD:
+            if simd is None:
+                raise MalformedInput("values before the matcher's keys", field="phase")
+        else:
+            key = self._paillier_key(plan.public_key)
+            parts = len(plan.layouts(key.n_bits))
         points: list[bytes] = []
         items: list[bytes] = []
         total = -1
@@ -920,17 +1016,29 @@ class AggregateEngine:
                 raise MalformedInput("field 'total' changed between chunks", field="total")
             total = chunk_total
             chunk_points = ecdh_psi.decode_points(packed) if packed else []
-            if len(chunk_points) != len(chunk_items):
-                raise MalformedInput("one ciphertext entry per point is required", field="items")
-            key.check_ciphertexts(chunk_items, parts=parts)
+            if key is not None:
+                if len(chunk_points) != len(chunk_items):
+                    raise MalformedInput(
+                        "one ciphertext entry per point is required", field="items"
+                    )
+                key.check_ciphertexts(chunk_items, parts=parts)
             points.extend(chunk_points)
             items.extend(chunk_items)
-        if total < 0 or len(points) != total:
+        loaded: list[Any] = items
+        if simd is not None:
+            shape = simd.shape
+            if len(items) != shape.ciphertexts_for(len(points)) * shape.moduli:
+                raise MalformedInput(
+                    "one ciphertext per modulus per block of keys is required", field="items"
+                )
+            loaded = [simd.load_ciphertext(i % shape.moduli, c) for i, c in enumerate(items)]
+        if total < 0 or max(len(points), len(items)) != total:
             raise MalformedInput(
                 f"a batch of {len(points)} pairs announced {total}", field="points"
             )
-        stream.put(index, count, points, items, self._timeout)
-        return len(points)
+        batch_digest = bytes.fromhex(message_digest(points, items))
+        stream.put(index, count, points, loaded, batch_digest, self._timeout)
+        return total
 
     def _inbox_for(
         self, session: _Session, caller: Caller, phase: str
@@ -958,6 +1066,35 @@ class AggregateEngine:
             key.check_ciphertexts(items, parts=parts)
 
         return inbox, check
+
+
+def _check_bundle(plan: IntersectionPlan, public_context: bytes) -> None:
+    if key_fingerprint(public_context) != plan.public_key:
+        raise MalformedInput(
+            "the BFV keys are not the ones the signed plan names", field="public_context"
+        )
+
+
+# Worker-process cache of the bfv-simd public keys: one query's at a time.
+_WORKER_SIMD: dict[bytes, bfv_simd.SimdPublic] = {}
+
+
+def _simd_encrypt_task(
+    bundle: bytes, shape: bfv_simd.SimdShape, rows: Sequence[Sequence[int]]
+) -> list[bytes]:
+    """Encrypt one batch of keys' cell values (in a pool worker): per ciphertext of keys, one
+    ciphertext per plaintext modulus."""
+    fingerprint = key_fingerprint(bundle)
+    public = _WORKER_SIMD.get(fingerprint)
+    if public is None:
+        _WORKER_SIMD.clear()
+        public = bfv_simd.SimdPublic.from_bundle(shape, bundle, galois=False)
+        _WORKER_SIMD[fingerprint] = public
+    per = shape.keys_per_ciphertext
+    out: list[bytes] = []
+    for start in range(0, max(len(rows), 1), per):
+        out.extend(public.encrypt_keys(rows[start : start + per]))
+    return out
 
 
 def _end(session: _Session, reason: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import random
+import sqlite3
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -21,6 +22,7 @@ from govshare.client.auditor import Auditor
 from govshare.examples import synth
 from govshare.model.aggregate_plan import (
     BFV,
+    BFV_SIMD,
     PAILLIER,
     Figures,
     GroupSpec,
@@ -45,7 +47,8 @@ from govshare.node.policy.grants import GrantStore
 from govshare.node.queries.kinds.aggregate import AggregateEngine, AggregateOptions
 from govshare.node.queries.session import Send
 from govshare.node.stores.query_store import QueryStore
-from govshare.protocols import dp
+from govshare.protocols import bfv_simd, dp
+from govshare.protocols.bfv_simd import SimdPublic, SimdSecretKeys
 from govshare.protocols.errors import Aborted, MalformedInput, PermissionDenied, PolicyRefused
 from govshare.protocols.paillier import generate_keypair
 from govshare.protocols.receipt import verify_receipt
@@ -485,9 +488,23 @@ def test_stream_keeps_at_most_its_window_of_batches_in_flight(agg: Agg) -> None:
     assert 1 <= taken.peak_in_flight <= 2
 
 
-def test_value_holder_falling_silent_mid_stream_aborts_with_nothing_released(agg: Agg) -> None:
+def _simd_keyed(plan: IntersectionPlan) -> tuple[IntersectionPlan, SimdSecretKeys]:
+    simd = replace(plan, scheme=BFV_SIMD)
+    secret = SimdSecretKeys(simd.simd_shape())
+    return replace(simd, public_key=secret.fingerprint()), secret
+
+
+@pytest.mark.parametrize("scheme", [PAILLIER, BFV_SIMD])
+def test_value_holder_falling_silent_mid_stream_aborts_with_nothing_released(
+    agg: Agg, scheme: str
+) -> None:
     alice = agg.fed.identity("alice")
-    plan = _keyed(district_plan())
+    bundle = b""
+    if scheme == BFV_SIMD:
+        plan, secret = _simd_keyed(district_plan())
+        bundle = secret.public_bundle()
+    else:
+        plan = _keyed(district_plan())
     query_id, signed = _signed(agg, plan)
     civil, tax = agg.nodes["civil"], agg.nodes["tax"]
     release = threading.Event()
@@ -512,7 +529,7 @@ def test_value_holder_falling_silent_mid_stream_aborts_with_nothing_released(agg
 
     def run_civil() -> None:
         try:
-            clients["civil"].aggregate_run(query_id, timeout=TIMEOUT)
+            clients["civil"].aggregate_run(query_id, public_context=bundle, timeout=TIMEOUT)
         except Exception as error:
             failures.append(error)
 
@@ -522,7 +539,7 @@ def test_value_holder_falling_silent_mid_stream_aborts_with_nothing_released(agg
         thread = threading.Thread(target=run_civil)
         thread.start()
         with pytest.raises(Aborted, match=r"values batch 3 within 2 s; .*nothing released"):
-            clients["tax"].aggregate_run(query_id, timeout=TIMEOUT)
+            clients["tax"].aggregate_run(query_id, public_context=bundle, timeout=TIMEOUT)
         release.set()
         thread.join()
     finally:
@@ -538,6 +555,145 @@ def test_value_holder_falling_silent_mid_stream_aborts_with_nothing_released(agg
     assert clients["tax"].status(query_id).state == "failed"
     for client in clients.values():
         client.close()
+
+
+def test_bfv_simd_refuses_foreign_keys_and_tampered_or_foreign_ciphertexts(agg: Agg) -> None:
+    alice = agg.fed.identity("alice")
+    plan, secret = _simd_keyed(district_plan())
+    query_id, signed = _signed(agg, plan)
+    set_options(agg.nodes["tax"], EXACT, timeout=5.0)  # before submit: the session lives there
+    clients = {n: NodeClient.to(alice, n) for n in ("tax", "civil")}
+    for client in clients.values():
+        assert client.submit(signed).state == "approved"
+    shape = plan.simd_shape()
+    outcome: list[BaseException] = []
+
+    def run_tax() -> None:
+        try:
+            clients["tax"].aggregate_run(
+                query_id, public_context=secret.public_bundle(), timeout=TIMEOUT
+            )
+        except Exception as error:
+            outcome.append(error)
+
+    thread = threading.Thread(target=run_tax)
+    thread.start()
+    try:
+        # tax loads the keys before it sends its masked keys to civil; then it takes values.
+        civil_session = agg.nodes["civil"].aggregates._session(query_id)
+        assert civil_session.mailbox.inboxes["matcher_keys"].done.wait(TIMEOUT)
+        point = bytes.fromhex("09" + "00" * 31)
+        good = SimdPublic.from_bundle(shape, secret.public_bundle(), galois=False)
+        (fresh,) = good.encrypt_keys([[1] * shape.cells])[:1]
+        tampered = bytearray(fresh)
+        tampered[9] ^= 0x55  # the SEAL header's size
+        foreign_shape = bfv_simd.SimdShape(shape.cells, shape.moduli + 1)
+        foreign = SimdPublic.from_bundle(
+            foreign_shape, SimdSecretKeys(foreign_shape).public_bundle(), galois=False
+        ).encrypt_keys([[1] * shape.cells])
+        wrong_parameters = next(
+            c for c, t in zip(foreign, foreign_shape.plain_moduli, strict=True)
+            if t != shape.plain_moduli[0]
+        )  # fmt: skip
+        with NodeClient.to(agg.fed.identity("civil"), "tax") as peer:
+            for items in (
+                [bytes(tampered), fresh],
+                [wrong_parameters, fresh],
+                [fresh[:-40], fresh],
+            ):
+                with pytest.raises(MalformedInput, match="BFV ciphertext"):
+                    peer.deliver(query_id, "values:0:1", [point], items)
+            with pytest.raises(MalformedInput, match="one ciphertext per modulus"):
+                peer.deliver(query_id, "values:0:1", [point], [fresh])
+        thread.join()  # civil never answers: tax gives up, nothing released
+    finally:
+        set_options(agg.nodes["tax"], EXACT)
+    assert len(outcome) == 1 and isinstance(outcome[0], Aborted)
+    kinds = [e.decode().kind for e in agg.nodes["tax"].audit.entries_for_query(query_id)]
+    assert "result.released" not in kinds and "query.failed" in kinds
+    # Keys other than the ones the signed plan names: refused before anything is read.
+    query_id, signed = _signed(agg, plan)
+    for client in clients.values():
+        assert client.submit(signed).state == "approved"
+    other = SimdSecretKeys(shape).public_bundle()
+    with pytest.raises(MalformedInput, match="not the ones the signed plan names"):
+        clients["civil"].aggregate_run(query_id, public_context=other, timeout=TIMEOUT)
+    assert clients["civil"].status(query_id).state == "failed"
+    for client in clients.values():
+        client.close()
+
+
+def _plain_sql(agg: Agg, plan: IntersectionPlan) -> dict[str, tuple[int, int]]:
+    """The plan's figures by plain SQL over the two CSVs (SQLite, in memory): group -> (count,
+    SUM(amount)); join keys upper-cased as the resident_id rule normalises them."""
+    db = sqlite3.connect(":memory:")
+    for name, table in ((synth.CIVIL, "v"), (synth.TAX, "m")):
+        rows = _csv(agg.data / f"{name}.csv")
+        columns = list(rows[0])
+        db.execute(f"CREATE TABLE {table} ({', '.join(columns)})")
+        db.executemany(
+            f"INSERT INTO {table} VALUES ({', '.join('?' * len(columns))})",
+            [[r[c].upper() if c == "id_number" else r[c] for c in columns] for r in rows],
+        )
+    where = ["1 = 1"]
+    params: list[Any] = []
+    for table, side in (("v", plan.values), ("m", plan.matcher)):
+        for condition in side.where:
+            where.append(f"{table}.{condition.column} {condition.op} ?")
+            params.append(str(condition.value))
+    group = plan.figures.group_by
+    label = f"v.{group.column}" if group else "''"
+    query = (
+        f"SELECT {label}, COUNT(*), SUM(CAST(v.amount AS INTEGER)) FROM v "
+        "WHERE v.id_number IN (SELECT m.id_number FROM m WHERE "
+        + " AND ".join(w for w in where if w.startswith("m.") or w == "1 = 1")
+        + ") AND "
+        + " AND ".join(w for w in where if not w.startswith("m."))
+        + f" GROUP BY {label}"
+    )
+    v_params = [p for w, p in zip(where[1:], params, strict=True) if w.startswith("v.")]
+    m_params = [p for w, p in zip(where[1:], params, strict=True) if w.startswith("m.")]
+    return {str(g): (c, t) for g, c, t in db.execute(query, m_params + v_params)}
+
+
+SIMD_PLANS = {
+    "by_district_2025_high": district_plan(Fraction(1)),
+    # about 3e7 in all: beyond one 24-bit plaintext modulus
+    "all_years_all_residents_one_total": replace(
+        district_plan(Fraction(1)),
+        values=Side("civil", "assistance", "id_number"),
+        matcher=Side("tax", "residents", "id_number"),
+        figures=Figures(None, (SumSpec("amount", AMOUNT_BOUND),), Fraction(1)),
+    ),
+    "by_district_all_years_low": replace(
+        district_plan(Fraction(1)),
+        values=Side("civil", "assistance", "id_number"),
+        matcher=Side("tax", "residents", "id_number", (Condition("income_band", "=", "low"),)),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SIMD_PLANS))
+def test_bfv_simd_sums_are_exact_against_plain_sql(agg: Agg, name: str) -> None:
+    plan = SIMD_PLANS[name]
+    outcome = run_intersection_aggregate(agg.fed.identity("alice"), plan, scheme=BFV_SIMD)
+    assert outcome.scheme == BFV_SIMD
+    want = _plain_sql(agg, plan)
+    k = outcome.min_group_size
+    moduli = replace(plan, scheme=BFV_SIMD).simd_shape().plain_moduli
+    assert len(moduli) >= 2
+    overflows = False
+    for group in outcome.groups:
+        count, total = want.get(group.label, (0, 0))
+        if count < k:
+            assert group.suppressed
+            continue
+        assert (group.count.value, group.sums["amount"].value) == (count, total)
+        overflows |= total >= moduli[0]
+    if name == "all_years_all_residents_one_total":
+        assert overflows  # one plaintext modulus alone would have wrapped
+    reconciled = Auditor(agg.fed.identity("audra"), agg.data / "audit").show_query(outcome.query_id)
+    assert reconciled.ok, reconciled.disagreements
 
 
 def test_plan_round_trips_and_bad_plans_are_refused() -> None:

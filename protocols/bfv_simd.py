@@ -1,0 +1,593 @@
+"""SIMD-packed BFV sums for the intersection aggregate (issue 15; DESIGN.md protocol 2).
+
+The value holder V encrypts its shuffled keys' values in the slots of BFV ciphertexts (Fan and
+Vercauteren 2012, via Microsoft SEAL 4 in TenSEAL's ``sealapi``) instead of one Paillier
+ciphertext per key; the matcher M, who learns which shuffled positions are in the intersection
+exactly as under Paillier, multiplies each ciphertext by a plaintext **selection mask**, adds
+the products, **folds** the slots with rotations under the analyst's Galois keys, adds its DP
+noise, re-randomises and **floods** the noise before anything leaves it.
+
+**Layout.** A figure cell is one (group, figure) of the plan, so a key carries ``cells`` values
+(one-hot over V's groups, as in the Paillier packing). Each key takes a block of ``block``
+slots (``cells`` rounded up to a power of two); a ciphertext holds ``N / block`` keys (256 at
+N = 8192 and 32 cells). The mask is 1 over a matched key's block, 0 elsewhere. Folding adds the
+ciphertext to its rotations by ``block * 2^j`` (``j < log2(N / 2 / block)``) and then to its
+column swap, so that every block holds the cell totals; the DP noise is added to every block
+alike (an unnoised copy would otherwise be readable in another block).
+
+**Sums beyond one plaintext modulus: CRT.** Each plaintext modulus t_i is a 24-bit batching
+prime (``PlainModulus.Batching(N, 24)``: prime, t_i = 1 mod 2N); V encrypts its values modulo
+every t_i under its own key set, M computes the same circuit under each, and the analyst
+combines the per-modulus totals by the CRT modulo T = prod t_i and reads them centred in
+(-T/2, T/2). :func:`moduli_for` picks the fewest moduli with T > 2 * (the largest possible
+|total + noise|): ``MAX_KEYS * MAX_ROWS_PER_KEY * sensitivity + noise bound`` per cell (the
+plan's bounds, so every party derives the same count without a message; checked in tests
+against a sum that overflows one modulus).
+
+**Parameters (128-bit security).** N = 8192 and a coefficient modulus of 54 + 54 + 55 + 55 =
+218 bits (three data primes and SEAL's special key-switching prime): the largest log2(q) that
+the Homomorphic Encryption Standard (Albrecht et al., homomorphicencryption.org, 2018, Table
+1, classical, ternary secret) allows at N = 8192 for 128-bit security; SEAL's ``TC128`` check
+refuses more. Every party builds this context itself from the constants here and loads the
+analyst's keys into it, so keys or ciphertexts for other parameters fail to load
+(:class:`~govshare.protocols.errors.MalformedInput`).
+
+**Noise, flooding and the statistical parameter.** Circuit privacy (the analyst, holding the
+secret key, learns only the totals — nothing of V's unselected rows or of M's mask) needs the
+released ciphertext's noise to be independent of the inputs: after ``c * p`` the noise carries
+a term ``-(q mod t) * floor(m * p / t)`` that depends on *every* slot of m, selected or not.
+Worst-case bounds in the infinity norm (:func:`noise_bounds`; B_e = 21 bounds SEAL's fresh
+error, N = 8192, t < 2^24, K ciphertexts summed, R fold steps):
+
+- fresh: E0 = B_e (2N + 1);
+- times a mask (coefficients in [0, t)): E1 = N t (E0 + t);
+- sum of K products: E2 = K (E1 + t);
+- R fold steps (each adds a rotation, key switching adds at most E_ks = 2 * 3 * N * B_e + N,
+  the special prime being at least every data prime): E3 = 2^R (E2 + E_ks).
+
+M then adds a fresh encryption of zero (so the second component is fresh too) and a
+*transparent* ciphertext ``(e, 0)`` whose coefficients are uniform on [-F, F], F =
+2^STATISTICAL_BITS * N * E3: for any two inputs the flooded noises are within statistical
+distance N * E3 / F = 2^-40 (:data:`STATISTICAL_BITS`). Decryption stays correct while
+t (E3 + F + E0) < q / 4; :func:`max_ciphertexts` is the largest K for which that holds (about
+16k ciphertexts, 4M keys of 32 cells), and M refuses a stream that would exceed it.
+
+TenSEAL has no flooding and no way to set a ciphertext's polynomials, and ``sealapi`` saves
+and loads only through files: the flooding ciphertext is written in SEAL's own uncompressed
+serialisation (header, parms_id, size, polynomials in RNS form) and loaded with SEAL's checks;
+:func:`_transparent` documents the layout. Galois keys are made for the fold's rotations only
+(``KeyGenerator.create_galois_keys`` with explicit Galois elements 3^step mod 2N and 2N - 1).
+
+**Who learns what, beside Private Join and Compute** (semi-honest, as today):
+
+=====================  ====================================  ====================================
+party                  PJC / ``paillier``                      ``bfv-simd``
+=====================  ====================================  ====================================
+matcher M              |V's keys|, |M ∩ V| (which shuffled    the same; |V's keys| rounded up to a
+                       masked pairs match, not whose)         ciphertext of N / block keys
+value holder V         |M's keys|                             the same
+analyst                the noisy figures                      the same (flooded, re-randomised
+                                                              noise: 2^-40 statistical distance)
+=====================  ====================================  ====================================
+
+Only public material leaves the analyst: per modulus the public key and the fold's Galois keys
+(:meth:`SimdSecretKeys.public_bundle`), fresh per query; the plan carries its SHA-256. No
+party decrypts a ciphertext another party multiplied by a private plaintext other than the
+analyst after flooding, which is what DESIGN.md protocol 5 asks of a released number.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import secrets
+import struct
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any, Final
+
+import tenseal.sealapi as seal
+
+from govshare.protocols.errors import MalformedInput
+
+POLY_DEGREE: Final = 8192
+SLOTS: Final = POLY_DEGREE
+# HE Standard, Table 1 (128-bit classical, ternary secret): log2(q) <= 218 at N = 8192.
+COEFF_BITS: Final = (54, 54, 55, 55)
+PLAIN_BITS: Final = 24
+STATISTICAL_BITS: Final = 40
+# SEAL's fresh error: a centred binomial / clipped normal of sigma 3.2, never beyond 21.
+FRESH_ERROR_BOUND: Final = 21
+MAX_MODULI: Final = 8
+_BUNDLE_MAGIC: Final = b"GSSIMD1\n"
+_U32: Final = struct.Struct(">I")
+_SEAL_ERRORS: Final = (ValueError, RuntimeError, TypeError, OSError)
+_SHM: Final = "/dev/shm"
+
+
+def _tmpdir() -> str:
+    return _SHM if os.path.isdir(_SHM) and os.access(_SHM, os.W_OK) else tempfile.gettempdir()
+
+
+class _Files:
+    """SEAL objects to and from bytes (``sealapi`` saves and loads through paths only)."""
+
+    def __init__(self) -> None:
+        self._dir = tempfile.TemporaryDirectory(prefix="gs-simd-", dir=_tmpdir())
+        self._path = os.path.join(self._dir.name, "obj")
+
+    def dump(self, obj: Any) -> bytes:
+        obj.save(self._path)
+        with open(self._path, "rb") as handle:
+            return handle.read()
+
+    def load(self, obj: Any, context: Any, data: bytes) -> Any:
+        with open(self._path, "wb") as handle:
+            handle.write(data)
+        obj.load(context, self._path)
+        return obj
+
+
+@dataclass(frozen=True)
+class SimdShape:
+    """What every party derives from the plan: cells per key, block, and the CRT moduli."""
+
+    cells: int
+    moduli: int
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.cells <= SLOTS // 2:
+            raise MalformedInput(f"1 to {SLOTS // 2} cells per key", field="cells")
+        if not 1 <= self.moduli <= MAX_MODULI:
+            raise MalformedInput(f"1 to {MAX_MODULI} plaintext moduli", field="moduli")
+
+    @property
+    def block(self) -> int:
+        return 1 << (self.cells - 1).bit_length()
+
+    @property
+    def keys_per_ciphertext(self) -> int:
+        return SLOTS // self.block
+
+    @property
+    def fold_steps(self) -> tuple[int, ...]:
+        """Row rotations of the fold (the column swap follows them)."""
+        steps, step = [], self.block
+        while step < SLOTS // 2:
+            steps.append(step)
+            step *= 2
+        return tuple(steps)
+
+    @property
+    def galois_elements(self) -> list[int]:
+        return [pow(3, s, 2 * POLY_DEGREE) for s in self.fold_steps] + [2 * POLY_DEGREE - 1]
+
+    @cached_property
+    def plain_moduli(self) -> tuple[int, ...]:
+        return tuple(
+            m.value() for m in seal.PlainModulus.Batching(POLY_DEGREE, [PLAIN_BITS] * self.moduli)
+        )
+
+    def ciphertexts_for(self, keys: int) -> int:
+        return max(1, -(-keys // self.keys_per_ciphertext))
+
+
+def moduli_for(max_abs_total: int) -> int:
+    """The fewest 24-bit plaintext moduli whose product exceeds 2 * ``max_abs_total``."""
+    for count in range(1, MAX_MODULI + 1):
+        moduli = SimdShape(1, count).plain_moduli
+        if math.prod(moduli) > 2 * max_abs_total:
+            return count
+    raise MalformedInput("the sums' bound needs too many plaintext moduli", field="sums")
+
+
+def _data_primes() -> list[int]:
+    return [m.value() for m in seal.CoeffModulus.Create(POLY_DEGREE, list(COEFF_BITS))][:-1]
+
+
+def noise_bounds(ciphertexts: int, fold_steps: int) -> tuple[int, int]:
+    """(E3, F): the worst-case noise before flooding and the flooding half-width (docstring)."""
+    n, t, b = POLY_DEGREE, 1 << PLAIN_BITS, FRESH_ERROR_BOUND
+    e0 = b * (2 * n + 1)
+    e1 = n * t * (e0 + t)
+    e2 = ciphertexts * (e1 + t)
+    e_ks = 2 * len(COEFF_BITS[:-1]) * n * b + n
+    e3 = (1 << fold_steps) * (e2 + e_ks)
+    return e3, (1 << STATISTICAL_BITS) * n * e3
+
+
+def max_ciphertexts(fold_steps: int) -> int:
+    """The most ciphertexts one modulus may sum with flooding and correct decryption."""
+    q, t = math.prod(_data_primes()), 1 << PLAIN_BITS
+    e0 = FRESH_ERROR_BOUND * (2 * POLY_DEGREE + 1)
+    low, high = 0, 1 << 30
+    while low < high:
+        mid = (low + high + 1) // 2
+        e3, flood = noise_bounds(mid, fold_steps)
+        if 4 * t * (e3 + flood + e0) < q:
+            low = mid
+        else:
+            high = mid - 1
+    return low
+
+
+class _Modulus:
+    """One plaintext modulus: its SEAL context, built here from the constants, never received."""
+
+    def __init__(self, plain: int) -> None:
+        parms = seal.EncryptionParameters(seal.SCHEME_TYPE.BFV)
+        parms.set_poly_modulus_degree(POLY_DEGREE)
+        parms.set_coeff_modulus(seal.CoeffModulus.Create(POLY_DEGREE, list(COEFF_BITS)))
+        parms.set_plain_modulus(seal.Modulus(plain))
+        self.context = seal.SEALContext(parms, True, seal.SEC_LEVEL_TYPE.TC128)
+        if not self.context.parameters_set():  # pragma: no cover - constants are checked
+            raise MalformedInput("BFV parameters refused by SEAL", field="parameters")
+        self.plain = plain
+        self.encoder = seal.BatchEncoder(self.context)
+        self.evaluator = seal.Evaluator(self.context)
+        self.primes = [m.value() for m in self.context.first_context_data().parms().coeff_modulus()]
+
+    def encode(self, slots: Sequence[int]) -> Any:
+        plaintext = seal.Plaintext()
+        self.encoder.encode([v % self.plain for v in slots], plaintext)
+        return plaintext
+
+
+class SimdPublic:
+    """The analyst's public material for one query, as V and M hold it."""
+
+    def __init__(
+        self, shape: SimdShape, moduli: list[_Modulus], public: list[Any], galois: list[Any]
+    ) -> None:
+        self.shape = shape
+        self._moduli = moduli
+        self._public = public
+        self._galois = galois
+        self._files = _Files()
+        self._encryptors = [
+            seal.Encryptor(m.context, pk) for m, pk in zip(moduli, public, strict=True)
+        ]
+
+    @classmethod
+    def from_bundle(cls, shape: SimdShape, bundle: bytes, *, galois: bool = True) -> SimdPublic:
+        """Load :meth:`SimdSecretKeys.public_bundle` into contexts built from the constants.
+
+        Raises:
+            MalformedInput: a bad encoding, or keys for other parameters or other rotations.
+        """
+        parts = _split_bundle(bundle, shape.moduli)
+        moduli = [_Modulus(t) for t in shape.plain_moduli]
+        files = _Files()
+        public, keys = [], []
+        try:
+            for modulus, (pk_bytes, gk_bytes) in zip(moduli, parts, strict=True):
+                public.append(files.load(seal.PublicKey(), modulus.context, pk_bytes))
+                if galois:
+                    gk = files.load(seal.GaloisKeys(), modulus.context, gk_bytes)
+                    if not all(gk.has_key(e) for e in shape.galois_elements):
+                        raise MalformedInput(
+                            "the Galois keys lack a fold rotation", field="public_context"
+                        )
+                    keys.append(gk)
+        except _SEAL_ERRORS:
+            raise MalformedInput(
+                "the BFV keys do not load under the query's parameters", field="public_context"
+            ) from None
+        return cls(shape, moduli, public, keys)
+
+    # --- value holder ---------------------------------------------------------------------
+
+    def encrypt_keys(self, rows: Sequence[Sequence[int]]) -> list[bytes]:
+        """One ciphertext per modulus holding up to ``keys_per_ciphertext`` keys' cell values."""
+        shape = self.shape
+        if len(rows) > shape.keys_per_ciphertext:
+            raise TypeError("more keys than one ciphertext holds")
+        slots = [0] * SLOTS
+        for r, row in enumerate(rows):
+            if len(row) != shape.cells:
+                raise TypeError("one value per cell")
+            slots[r * shape.block : r * shape.block + shape.cells] = row
+        out = []
+        for modulus, encryptor in zip(self._moduli, self._encryptors, strict=True):
+            ciphertext = seal.Ciphertext(modulus.context)
+            encryptor.encrypt(modulus.encode(slots), ciphertext)
+            out.append(self._files.dump(ciphertext))
+        return out
+
+    # --- matcher --------------------------------------------------------------------------
+
+    def load_ciphertext(self, index: int, data: bytes) -> Any:
+        """A fresh ciphertext of modulus ``index``, checked.
+
+        Raises:
+            MalformedInput: not a size-2, coefficient-form, non-transparent ciphertext at the
+                first data level of the query's parameters.
+        """
+        modulus = self._moduli[index]
+        try:
+            ciphertext = self._files.load(seal.Ciphertext(modulus.context), modulus.context, data)
+        except _SEAL_ERRORS:
+            raise MalformedInput(
+                "not a BFV ciphertext under the query's parameters", field="items"
+            ) from None
+        if (
+            ciphertext.size() != 2
+            or ciphertext.is_ntt_form()
+            or ciphertext.is_transparent()
+            or list(ciphertext.parms_id()) != list(modulus.context.first_parms_id())
+        ):
+            raise MalformedInput(
+                "not a fresh BFV ciphertext under the query's parameters", field="items"
+            )
+        return ciphertext
+
+    def accumulator(self) -> SimdSum:
+        return SimdSum(self)
+
+
+class SimdSum:
+    """The matcher's running masked sum, one ciphertext per plaintext modulus."""
+
+    def __init__(self, public: SimdPublic) -> None:
+        self._public = public
+        self._sums: list[Any | None] = [None] * public.shape.moduli
+        self.ciphertexts = 0
+        self._done = False
+        self._limit = max_ciphertexts(len(public.shape.fold_steps) + 1)
+
+    def add(self, ciphertexts: Sequence[Any], selected: Sequence[bool]) -> None:
+        """Add one position's ciphertexts (one per modulus; encodings, or ciphertexts that
+        :meth:`SimdPublic.load_ciphertext` checked) times the selection mask.
+
+        Raises:
+            MalformedInput: a bad ciphertext, the wrong count, or more positions than the
+                noise budget allows (:func:`max_ciphertexts`).
+        """
+        public = self._public
+        shape = public.shape
+        if len(ciphertexts) != shape.moduli or len(selected) > shape.keys_per_ciphertext:
+            raise MalformedInput("one ciphertext per plaintext modulus", field="items")
+        self.ciphertexts += 1
+        if self.ciphertexts > self._limit:
+            raise MalformedInput(
+                f"more than {self._limit} ciphertexts: beyond the noise budget", field="items"
+            )
+        loaded = [
+            public.load_ciphertext(i, c) if isinstance(c, bytes) else c
+            for i, c in enumerate(ciphertexts)
+        ]
+        if not any(selected):
+            return
+        mask = [0] * SLOTS
+        for r, hit in enumerate(selected):
+            if hit:
+                mask[r * shape.block : (r + 1) * shape.block] = [1] * shape.block
+        for i, (modulus, ciphertext) in enumerate(zip(public._moduli, loaded, strict=True)):
+            modulus.evaluator.multiply_plain_inplace(ciphertext, modulus.encode(mask))
+            total = self._sums[i]
+            if total is None:
+                self._sums[i] = ciphertext
+            else:
+                modulus.evaluator.add_inplace(total, ciphertext)
+
+    def result(
+        self,
+        noise: Sequence[int],
+        *,
+        rng: Callable[[int], int] = secrets.randbits,
+        unsafe_without_flooding: bool = False,
+    ) -> list[bytes]:
+        """Fold, add ``noise`` (one value per cell) to every block, re-randomise, flood.
+
+        ``rng(bits)`` draws the flooding noise and is a parameter for tests;
+        ``unsafe_without_flooding`` skips the fresh zero and the flooding (the distinguishing
+        test's control: never in a node).
+        """
+        public = self._public
+        shape = public.shape
+        if len(noise) != shape.cells:
+            raise TypeError("one noise value per cell")
+        tiled = [0] * SLOTS
+        for start in range(0, SLOTS, shape.block):
+            tiled[start : start + shape.cells] = noise
+        if self._done:
+            raise TypeError("a sum's result is taken once (its ciphertexts are folded in place)")
+        self._done = True
+        _, flood = noise_bounds(max(self.ciphertexts, 1), len(shape.fold_steps) + 1)
+        out = []
+        for i, modulus in enumerate(public._moduli):
+            evaluator, galois = modulus.evaluator, public._galois[i]
+            total = self._sums[i]
+            if total is None:  # nothing matched: an encryption of zero, flooded like any sum
+                total = seal.Ciphertext(modulus.context)
+                public._encryptors[i].encrypt(modulus.encode([0] * SLOTS), total)
+            rotated = seal.Ciphertext(modulus.context)
+            for step in shape.fold_steps:
+                evaluator.rotate_rows(total, step, galois, rotated)
+                evaluator.add_inplace(total, rotated)
+            evaluator.rotate_columns(total, galois, rotated)
+            evaluator.add_inplace(total, rotated)
+            evaluator.add_plain_inplace(total, modulus.encode(tiled))
+            if not unsafe_without_flooding:
+                zero = seal.Ciphertext(modulus.context)
+                public._encryptors[i].encrypt(modulus.encode([0] * SLOTS), zero)
+                evaluator.add_inplace(total, zero)
+                evaluator.add_inplace(total, self._flooding(modulus, flood, rng))
+            out.append(public._files.dump(total))
+        return out
+
+    def _flooding(self, modulus: _Modulus, half_width: int, rng: Callable[[int], int]) -> Any:
+        bits = half_width.bit_length()
+        span = 2 * half_width + 1
+        coefficients = []
+        for _ in range(POLY_DEGREE):
+            while True:  # uniform on [0, span) by rejection
+                x = rng(bits + 1)
+                if x < span:
+                    break
+            coefficients.append(x - half_width)
+        data = _transparent(modulus, coefficients)
+        return self._public._files.load(seal.Ciphertext(modulus.context), modulus.context, data)
+
+
+_VERSION: list[bytes] = []
+
+
+def _seal_version() -> bytes:
+    """The (major, minor) bytes SEAL writes in its headers, read off one of its own files."""
+    if not _VERSION:
+        files = _Files()
+        _VERSION.append(files.dump(seal.EncryptionParameters(seal.SCHEME_TYPE.BFV))[3:5])
+    return _VERSION[0]
+
+
+def _seal_header(total: int) -> bytes:
+    """SEAL's 16-byte SEALHeader: magic 0xA15E, header size 16, SEAL's version, compression
+    none (0), reserved, the total size including the header (little-endian)."""
+    return struct.pack("<HB", 0xA15E, 16) + _seal_version() + struct.pack("<BHQ", 0, 0, total)
+
+
+def _transparent(modulus: _Modulus, coefficients: Sequence[int]) -> bytes:
+    """The SEAL serialisation of the ciphertext ``(e, 0)`` with ``e`` the given polynomial.
+
+    ``Ciphertext::save`` (SEAL 4.1, compression none): header; parms_id (4 x u64);
+    is_ntt_form (1 byte); size, poly_modulus_degree, coeff_modulus_size (u64 each); scale
+    (f64); correction_factor (u64); then the data ``DynArray`` as its own header, its length
+    (u64) and ``size x coeff_modulus_size x N`` u64 coefficients, polynomial-major then
+    prime-major, in coefficient form (BFV). SEAL's ``load`` checks all of it.
+    """
+    primes, n = modulus.primes, POLY_DEGREE
+    data = b"".join(struct.pack(f"<{n}Q", *(c % q for c in coefficients)) for q in primes)
+    data += bytes(8 * n * len(primes))
+    array = struct.pack("<Q", 2 * len(primes) * n) + data
+    array = _seal_header(16 + len(array)) + array
+    members = (
+        struct.pack("<4Q", *modulus.context.first_parms_id())
+        + b"\x00"
+        + struct.pack("<QQQdQ", 2, n, len(primes), 1.0, 1)
+        + array
+    )
+    return _seal_header(16 + len(members)) + members
+
+
+def _split_bundle(bundle: bytes, moduli: int) -> list[tuple[bytes, bytes]]:
+    if not isinstance(bundle, bytes):
+        raise TypeError("bundle must be bytes")
+    if not bundle.startswith(_BUNDLE_MAGIC):
+        raise MalformedInput("not a govshare BFV-SIMD key bundle", field="public_context")
+    at, parts = len(_BUNDLE_MAGIC), []
+    try:
+        (count,) = _U32.unpack_from(bundle, at)
+        at += 4
+        if count != moduli:
+            raise MalformedInput(
+                "the key bundle has the wrong number of moduli", field="public_context"
+            )
+        for _ in range(count):
+            pair = []
+            for _ in range(2):
+                (size,) = _U32.unpack_from(bundle, at)
+                at += 4
+                if at + size > len(bundle):
+                    raise MalformedInput("the key bundle is truncated", field="public_context")
+                pair.append(bundle[at : at + size])
+                at += size
+            parts.append((pair[0], pair[1]))
+    except struct.error:
+        raise MalformedInput("the key bundle is truncated", field="public_context") from None
+    if at != len(bundle):
+        raise MalformedInput("trailing bytes after the key bundle", field="public_context")
+    return parts
+
+
+class SimdSecretKeys:
+    """The analyst's fresh keys for one query: one key set per plaintext modulus."""
+
+    def __init__(self, shape: SimdShape) -> None:
+        self.shape = shape
+        self._moduli = [_Modulus(t) for t in shape.plain_moduli]
+        self._files = _Files()
+        self._bundle_parts: list[tuple[bytes, bytes]] = []
+        self._decryptors = []
+        self._secrets: list[Any] = []
+        for modulus in self._moduli:
+            keygen = seal.KeyGenerator(modulus.context)
+            public = seal.PublicKey()
+            keygen.create_public_key(public)
+            galois = keygen.create_galois_keys(shape.galois_elements)  # seeded: half the size
+            self._bundle_parts.append((self._files.dump(public), self._files.dump(galois)))
+            self._decryptors.append(seal.Decryptor(modulus.context, keygen.secret_key()))
+            self._secrets.append(keygen.secret_key())
+
+    def public_bundle(self) -> bytes:
+        """Public keys and the fold's Galois keys: all that leaves the analyst."""
+        out = [_BUNDLE_MAGIC, _U32.pack(len(self._bundle_parts))]
+        for public, galois in self._bundle_parts:
+            out += [_U32.pack(len(public)), public, _U32.pack(len(galois)), galois]
+        return b"".join(out)
+
+    def fingerprint(self) -> bytes:
+        return hashlib.sha256(self.public_bundle()).digest()
+
+    def decrypt(self, ciphertexts: Sequence[bytes]) -> list[int]:
+        """Cell totals, CRT-combined and centred in (-T/2, T/2).
+
+        Raises:
+            MalformedInput: the wrong count, a bad ciphertext, or blocks that disagree (the
+                fold did not run as the protocol says).
+        """
+        shape = self.shape
+        if len(ciphertexts) != shape.moduli:
+            raise MalformedInput("one result ciphertext per plaintext modulus", field="ciphertexts")
+        residues = []
+        for modulus, decryptor, data in zip(
+            self._moduli, self._decryptors, ciphertexts, strict=True
+        ):
+            try:
+                ciphertext = self._files.load(
+                    seal.Ciphertext(modulus.context), modulus.context, data
+                )
+                plaintext = seal.Plaintext()
+                decryptor.decrypt(ciphertext, plaintext)
+                slots = modulus.encoder.decode_uint64(plaintext)
+            except _SEAL_ERRORS:
+                raise MalformedInput(
+                    "not a BFV ciphertext under the query's keys", field="ciphertexts"
+                ) from None
+            first = slots[: shape.cells]
+            for start in range(0, SLOTS, shape.block):
+                if slots[start : start + shape.cells] != first:
+                    raise MalformedInput("the result's blocks disagree", field="ciphertexts")
+            residues.append(first)
+        moduli = shape.plain_moduli
+        total = math.prod(moduli)
+        out = []
+        for cell in range(shape.cells):
+            x = 0
+            for t, r in zip(moduli, residues, strict=True):
+                rest = total // t
+                x += r[cell] * rest * pow(rest, -1, t)
+            x %= total
+            out.append(x - total if x > total // 2 else x)
+        return out
+
+    def unsafe_secret_key(self, index: int) -> Any:
+        """The SEAL secret key of modulus ``index``, for the distinguishing tests only."""
+        return self._secrets[index]
+
+    def unsafe_modulus(self, index: int) -> Any:
+        """The SEAL context of modulus ``index`` and its data primes, for tests only."""
+        return self._moduli[index]
+
+    def unsafe_noise_budgets(self, ciphertexts: Sequence[bytes]) -> list[int]:
+        """SEAL's invariant noise budget of each result (bits): for tests and benchmarks."""
+        out = []
+        for modulus, decryptor, data in zip(
+            self._moduli, self._decryptors, ciphertexts, strict=True
+        ):
+            ciphertext = self._files.load(seal.Ciphertext(modulus.context), modulus.context, data)
+            out.append(decryptor.invariant_noise_budget(ciphertext))
+        return out
