@@ -60,6 +60,7 @@ import tarfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,7 @@ from govshare.client.analyst_aggregate import (
 )
 from govshare.examples import synth
 from govshare.model.aggregate_plan import (
+    BFV_SIMD,
     PAILLIER,
     Figures,
     GroupSpec,
@@ -93,6 +95,7 @@ from govshare.node.config import NodeConfig
 from govshare.node.node import Node
 from govshare.node.queries.kinds.aggregate import WIDE_WINDOW_BITS, WIDE_WINDOW_MIN_ROWS
 from govshare.protocols import ecdh_psi
+from govshare.protocols.bfv_simd import SimdPublic, SimdSecretKeys
 from govshare.protocols.paillier import DEFAULT_N_BITS, DjnPublicKey, generate_keypair
 
 PURPOSE = "benchmark"
@@ -216,9 +219,9 @@ def raw_x25519_rate(n: int, workers: int) -> float:
 # --- intersection aggregate ----------------------------------------------------------------------
 
 
-def intersection_setup(root: Path, n: int) -> tuple[dict[str, tuple[int, int]], int]:
-    """Stores and grants for ``n`` rows per side; returns the expected figures by district and
-    the size of the matcher's filtered set."""
+def intersection_setup(root: Path, n: int) -> tuple[dict[str, tuple[int, int]], int, int]:
+    """Stores and grants for ``n`` rows per side; returns the expected figures by district, the
+    size of the matcher's filtered set and the value holder's distinct keys."""
     data = root / "data"
     synth.generate(data, size=n, seed=11)
     make_federation(root, ["civil", "tax"])  # the default protocol_timeout: streaming
@@ -233,13 +236,15 @@ def intersection_setup(root: Path, n: int) -> tuple[dict[str, tuple[int, int]], 
     with (data / f"{synth.TAX}.csv").open(newline="", encoding="utf-8") as handle:
         high = {r["id_number"] for r in csv.DictReader(handle) if r["income_band"] == "high"}
     expected: dict[str, tuple[int, int]] = {d: (0, 0) for d in synth.DISTRICTS}
+    keys: set[str] = set()
     with (data / f"{synth.CIVIL}.csv").open(newline="", encoding="utf-8") as handle:
         for row in csv.DictReader(handle):
+            keys.add(row["id_number"].upper())
             if row["id_number"] in high:
                 count, total = expected[row["district"]]
                 amount = min(max(int(row["amount"]), 0), AMOUNT_BOUND)
                 expected[row["district"]] = (count + 1, total + amount)
-    return expected, len(high)
+    return expected, len(high), len(keys)
 
 
 def step_timeout(rows: int) -> float:
@@ -317,66 +322,104 @@ def intersection_plan() -> IntersectionPlan:
     )
 
 
-def run_intersection(root: Path, n: int, workers: int, baseline: str | None) -> None:
-    expected, m = intersection_setup(root, n)
-    scalar_mults = 2 * n + 2 * m  # each side's set is masked once by each party
-    window = WIDE_WINDOW_BITS if n >= WIDE_WINDOW_MIN_ROWS else None
-    enc_rate = raw_encryptions_per_second(workers, window)
-    x_rate = raw_x25519_rate(scalar_mults, workers)
+def timed_intersection(
+    root: Path, scheme: str, expected: dict[str, tuple[int, int]], shim: Path | None = None,
+    timeout: float = 300.0,
+) -> tuple[float, dict[str, float]]:  # fmt: skip
+    """One intersection aggregate under ``scheme`` on fresh node processes (``shim``: the
+    baseline revision's code): wall seconds and each node's peak RSS (MB)."""
     alice = Identity.load(root / ANALYST)
-    with node_processes(root, ["civil", "tax"]) as processes:
+    starting = node_processes(root, ["civil", "tax"]) if shim is None else (
+        baseline_processes(root, ["civil", "tax"], shim))  # fmt: skip
+    with starting as processes:
         start = time.perf_counter()
         outcome = run_intersection_aggregate(
-            alice, intersection_plan(), run_timeout=2 * step_timeout(n)
+            alice, replace(intersection_plan(), scheme=scheme), run_timeout=timeout
         )
         wall = time.perf_counter() - start
         rss = {name: tree_peak_rss_mb(p.pid) for name, p in processes.items()}
     check(outcome, expected, "amount")
-    old: tuple[float, dict[str, float]] | None = None
-    if baseline is not None:
-        shim = baseline_tree(root, baseline)
-        for name in ("civil", "tax"):  # generous: the whole encryption is one step there
-            set_protocol_timeout(root / name, 6 * step_timeout(n))
-        with baseline_processes(root, ["civil", "tax"], shim) as processes:
-            start = time.perf_counter()
-            outcome = run_intersection_aggregate(
-                alice, intersection_plan(), run_timeout=12 * step_timeout(n)
-            )
-            old = (
-                time.perf_counter() - start,
-                {name: tree_peak_rss_mb(p.pid) for name, p in processes.items()},
-            )
-        check(outcome, expected, "amount")
-    matched = sum(c for c, _ in expected.values())
-    raw_enc = n / enc_rate
-    raw_x = scalar_mults / x_rate
-    print(f"\nIntersection aggregate, Paillier {DEFAULT_N_BITS}, {n:,} x {n:,} rows, "
-          f"2 node processes over mTLS, {workers} cores")  # fmt: skip
-    line("matcher's filtered set m; |A ∩ B|", f"{m:,}; {matched:,}")
-    line("wall", f"{wall:.1f} s", f"{n / wall:,.0f} value rows/s")
-    line(f"raw encryptions ({n:,})", f"{raw_enc:.1f} s", f"{enc_rate:,.0f}/s on all cores")
-    line(f"raw X25519 (2n + 2m = {scalar_mults:,})", f"{raw_x:.1f} s",
-         f"{x_rate:,.0f}/s on all cores")  # fmt: skip
-    line("share spent encrypting", f"{raw_enc / wall:.0%}", "raw encryptions / wall")
-    line("ratio wall / raw encryptions", f"{wall / raw_enc:.2f}")
-    line("ratio wall / (raw encryptions + X25519)", f"{wall / (raw_enc + raw_x):.2f}")
-    line("peak RSS civil; tax", f"{rss['civil']:,.0f} MB; {rss['tax']:,.0f} MB", "streaming")
-    if old is not None:
-        old_wall, old_rss = old
-        line(f"non-streaming ({baseline}) wall", f"{old_wall:.1f} s", "same stores, same run")
-        line("ratio wall streaming / non-streaming", f"{wall / old_wall:.2f}")
-        line("non-streaming peak RSS civil; tax",
-             f"{old_rss['civil']:,.0f} MB; {old_rss['tax']:,.0f} MB")  # fmt: skip
-        line("ratio peak RSS civil; tax",
-             f"{rss['civil'] / old_rss['civil']:.2f}; {rss['tax'] / old_rss['tax']:.2f}",
-             "streaming / non-streaming")  # fmt: skip
-    if n == MILLION:
-        line("1,000,000 x 1,000,000", f"{wall:.1f} s", "measured")
+    return wall, rss
+
+
+def message_bytes(scheme: str, keys: int, m: int) -> dict[str, int]:
+    """Bytes of points and ciphertexts each side sends (gRPC framing aside): the matcher its
+    m masked keys and the result, the value holder m points back and per key a point and its
+    ciphertexts (Paillier: one per plaintext of the packing; bfv-simd: whole BFV ciphertexts of
+    keys_per_ciphertext keys, one per CRT modulus, sized by encrypting one here)."""
+    plan = replace(intersection_plan(), scheme=scheme)
+    if scheme == BFV_SIMD:
+        shape = plan.simd_shape()
+        secret = SimdSecretKeys(shape)
+        sample = SimdPublic.from_bundle(shape, secret.public_bundle(), galois=False)
+        size = max(len(c) for c in sample.encrypt_keys([[1] * shape.cells]))
+        values = shape.ciphertexts_for(keys) * shape.moduli * size
+        result = shape.moduli * size
+        analyst = len(secret.public_bundle())
     else:
+        layouts = plan.layouts(DEFAULT_N_BITS)
+        size = 2 * DEFAULT_N_BITS // 8
+        values, result = keys * len(layouts) * size, len(layouts) * size
+        analyst = DEFAULT_N_BITS // 8
+    return {
+        "civil": 32 * m + 32 * keys + values,
+        "tax": 32 * m + result,
+        "analyst keys to each node": analyst,
+    }
+
+
+def run_intersection(
+    root: Path, n: int, workers: int, baseline: str | None, schemes: Sequence[str]
+) -> None:
+    expected, m, keys = intersection_setup(root, n)
+    scalar_mults = 2 * n + 2 * m  # each side's set is masked once by each party
+    matched = sum(c for c, _ in expected.values())
+    print(f"\nIntersection aggregate, {n:,} x {n:,} rows, 2 node processes over mTLS, "
+          f"{workers} cores; matcher's filtered set m = {m:,}, |A ∩ B| = {matched:,}")  # fmt: skip
+    walls: dict[str, float] = {}
+    for scheme in schemes:
+        wall, rss = timed_intersection(root, scheme, expected, timeout=2 * step_timeout(n))
+        walls[scheme] = wall
+        sent = message_bytes(scheme, keys, m)
+        print(f"  {scheme}" + (f" (DJN-Paillier {DEFAULT_N_BITS})" if scheme == PAILLIER else
+              " (BFV N=8192, CRT, flooded)"))  # fmt: skip
+        line("wall", f"{wall:.1f} s", f"{n / wall:,.0f} value rows/s")
+        line("peak RSS civil; tax", f"{rss['civil']:,.0f} MB; {rss['tax']:,.0f} MB", "streaming")
+        keys_mb = sent["analyst keys to each node"] / 1e6
+        line("bytes sent civil; tax",
+             f"{sent['civil'] / 1e6:,.1f} MB; {sent['tax'] / 1e6:,.2f} MB",
+             f"analyst's keys to each node {keys_mb:.2f} MB")  # fmt: skip
+        if scheme == PAILLIER:
+            window = WIDE_WINDOW_BITS if n >= WIDE_WINDOW_MIN_ROWS else None
+            enc_rate = raw_encryptions_per_second(workers, window)
+            x_rate = raw_x25519_rate(scalar_mults, workers)
+            raw_enc, raw_x = n / enc_rate, scalar_mults / x_rate
+            line(f"raw encryptions ({n:,})", f"{raw_enc:.1f} s", f"{enc_rate:,.0f}/s on all cores")
+            line(f"raw X25519 (2n + 2m = {scalar_mults:,})", f"{raw_x:.1f} s",
+                 f"{x_rate:,.0f}/s on all cores")  # fmt: skip
+            line("ratio wall / (raw encryptions + X25519)", f"{wall / (raw_enc + raw_x):.2f}")
+            if baseline is not None:
+                shim = baseline_tree(root, baseline)
+                for name in ("civil", "tax"):  # generous: the whole encryption is one step there
+                    set_protocol_timeout(root / name, 6 * step_timeout(n))
+                old_wall, old_rss = timed_intersection(
+                    root, PAILLIER, expected, shim, timeout=12 * step_timeout(n)
+                )
+                for name in ("civil", "tax"):
+                    set_protocol_timeout(root / name, 300.0)
+                line(f"non-streaming ({baseline}) wall", f"{old_wall:.1f} s", "same stores")
+                line("ratio wall streaming / non-streaming", f"{wall / old_wall:.2f}")
+                line("non-streaming peak RSS civil; tax",
+                     f"{old_rss['civil']:,.0f} MB; {old_rss['tax']:,.0f} MB")  # fmt: skip
+                line("ratio peak RSS civil; tax",
+                     f"{rss['civil'] / old_rss['civil']:.2f}; {rss['tax'] / old_rss['tax']:.2f}",
+                     "streaming / non-streaming")  # fmt: skip
         scale = MILLION / n
-        line("1,000,000 x 1,000,000", f"~{wall * scale:.0f} s",
-             f"EXTRAPOLATED, not measured: {wall / n * 1e3:.2f} ms per row of this run x 1M "
-             f"(raw encryptions alone {raw_enc * scale:.0f} s)")  # fmt: skip
+        line("1,000,000 x 1,000,000", f"{wall:.1f} s" if n == MILLION else f"~{wall * scale:.0f} s",
+             "measured" if n == MILLION else "EXTRAPOLATED linearly, not measured")  # fmt: skip
+    if PAILLIER in walls and BFV_SIMD in walls:
+        line("ratio paillier / bfv-simd wall", f"{walls[PAILLIER] / walls[BFV_SIMD]:.1f} x",
+             "same stores, same run")  # fmt: skip
 
 
 def line(label: str, value: str, note: str = "") -> None:
@@ -479,6 +522,10 @@ def main() -> None:
     parser.add_argument("--only", choices=("intersection", "horizontal"))
     parser.add_argument("--dir", type=Path, default=Path("bench-run/aggregate"))
     parser.add_argument(
+        "--scheme", choices=(PAILLIER, BFV_SIMD, "both"), default="both",
+        help="intersection scheme(s); both: each on the same stores, with their ratio",
+    )  # fmt: skip
+    parser.add_argument(
         "--baseline", default=NON_STREAMING_REV,
         help="revision of the non-streaming path to compare with, or 'none'",
     )  # fmt: skip
@@ -489,7 +536,8 @@ def main() -> None:
         shutil.rmtree(root, ignore_errors=True)
         root.mkdir(parents=True)
         baseline = None if options.baseline == "none" else options.baseline
-        run_intersection(root, options.rows, workers, baseline)
+        schemes = (PAILLIER, BFV_SIMD) if options.scheme == "both" else (options.scheme,)
+        run_intersection(root, options.rows, workers, baseline, schemes)
     if options.only != "intersection":
         root = options.dir / f"horizontal-{options.nodes}x{options.horizontal_rows}"
         shutil.rmtree(root, ignore_errors=True)
