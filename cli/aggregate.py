@@ -1,4 +1,5 @@
-"""Rendering of joint aggregate results for ``govshare query sql`` (the CLI only renders)."""
+"""Rendering of joint aggregate results for ``govshare query sql`` (the CLI only renders), and
+the aggregate options that command takes."""
 
 from __future__ import annotations
 
@@ -10,8 +11,22 @@ import click
 from rich.table import Table
 
 from govshare.cli.common import console
-from govshare.client.analyst_aggregate import AggregateOutcome, Figure
+from govshare.client.analyst_aggregate import (
+    DEFAULT_INTERSECTION_SCHEME,
+    AggregateOutcome,
+    Figure,
+)
+from govshare.model.aggregate_plan import INTERSECTION_SCHEMES
 from govshare.model.epsilon import format_epsilon
+
+scheme_option = click.option(
+    "--scheme",
+    type=click.Choice(INTERSECTION_SCHEMES),
+    default=DEFAULT_INTERSECTION_SCHEME,
+    show_default=True,
+    help="Encryption of an intersection aggregate: BFV slots (bfv-simd) or one Paillier "
+    "ciphertext per key (paillier).",
+)
 
 
 def _figure(figure: Figure) -> dict[str, object]:

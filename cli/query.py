@@ -13,7 +13,12 @@ from typing import Any
 import click
 from rich.status import Status
 
-from govshare.cli.aggregate import outcome_to_json, render_aggregate, render_aggregate_json
+from govshare.cli.aggregate import (
+    outcome_to_json,
+    render_aggregate,
+    render_aggregate_json,
+    scheme_option,
+)
 from govshare.cli.common import (
     console,
     emit_json,
@@ -370,6 +375,7 @@ def psi(
     show_default=True,
     help="Each SUM clips every value to [0, bound] (its DP sensitivity).",
 )
+@scheme_option
 @_receipt
 @_approval_timeout
 @_results
@@ -381,6 +387,7 @@ def sql(
     epsilon: str,
     exact: bool,
     sum_bound: int,
+    scheme: str,
     receipt_path: Path | None,
     approval_timeout: float,
     results_dir: Path | None,
@@ -413,13 +420,14 @@ def sql(
     if as_json:
         outcome = run_aggregate_sql(
             me, statement, purpose, budget, exact=exact_release, sum_bound=sum_bound,
-            approval_timeout=approval_timeout,
+            scheme=scheme, approval_timeout=approval_timeout,
         )  # fmt: skip
     else:
         with Status("submitting the signed query", console=err_console) as status:
             outcome = run_aggregate_sql(
                 me, statement, purpose, budget, exact=exact_release, sum_bound=sum_bound,
-                on_status=_status_printer(status), approval_timeout=approval_timeout,
+                scheme=scheme, on_status=_status_printer(status),
+                approval_timeout=approval_timeout,
             )  # fmt: skip
     result = outcome_to_json(outcome)
     _finish(

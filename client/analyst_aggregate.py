@@ -304,6 +304,9 @@ def plan_nodes(plan: AggregatePlan) -> Sequence[str]:
 
 # Clipping bound of a SUM written without one in SQL (its sensitivity under DP).
 DEFAULT_SUM_BOUND = 100_000
+# The intersection aggregate's scheme unless the analyst picks one: bfv-simd measured well ahead
+# of per-key Paillier in bench/aggregate.py (README, "Benchmarks").
+DEFAULT_INTERSECTION_SCHEME = BFV_SIMD
 
 
 def run_aggregate_sql(
@@ -314,10 +317,13 @@ def run_aggregate_sql(
     *,
     exact: bool = False,
     sum_bound: int = DEFAULT_SUM_BOUND,
+    scheme: str = DEFAULT_INTERSECTION_SCHEME,
     on_status: StatusCallback | None = None,
     approval_timeout: float = DEFAULT_APPROVAL_TIMEOUT,
 ) -> AggregateOutcome:
     """Run an aggregate in govshare's SQL dialect (``govshare.client.sql``).
+
+    ``scheme`` is the intersection aggregate's (``bfv-simd`` or ``paillier``).
 
     - ``SELECT g, COUNT(*), SUM(v), AVG(v) FROM a JOIN b ON ... GROUP BY g``: an intersection
       aggregate; the table carrying the SUM/GROUP BY columns holds the values.
@@ -369,8 +375,9 @@ def run_aggregate_sql(
         QueryKind.INTERSECTION_AGGREGATE, purpose, side(alias), side(other), figures, b"",
     )  # fmt: skip
     return run_intersection_aggregate(
-        identity, plan, on_status=on_status, approval_timeout=approval_timeout, sql=sql
-    )
+        identity, plan, scheme=scheme, on_status=on_status, approval_timeout=approval_timeout,
+        sql=sql,
+    )  # fmt: skip
 
 
 def _figures(
