@@ -49,8 +49,8 @@ M then adds a fresh encryption of zero (so the second component is fresh too) an
 *transparent* ciphertext ``(e, 0)`` whose coefficients are uniform on [-F, F], F =
 2^STATISTICAL_BITS * N * E3: for any two inputs the flooded noises are within statistical
 distance N * E3 / F = 2^-40 (:data:`STATISTICAL_BITS`). Decryption stays correct while
-t (E3 + F + E0) < q / 4; :func:`max_ciphertexts` is the largest K for which that holds (about
-16k ciphertexts, 4M keys of 32 cells), and M refuses a stream that would exceed it.
+t (E3 + F + E0) < q / 4; :func:`max_ciphertexts` is the largest K for which that holds (32,109
+ciphertexts at 32 cells, i.e. 8.2M keys), and M refuses a stream that would exceed it.
 
 TenSEAL has no flooding and no way to set a ciphertext's polynomials, and ``sealapi`` saves
 and loads only through files: the flooding ciphertext is written in SEAL's own uncompressed
@@ -84,6 +84,7 @@ import os
 import secrets
 import struct
 import tempfile
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -118,16 +119,19 @@ class _Files:
     def __init__(self) -> None:
         self._dir = tempfile.TemporaryDirectory(prefix="gs-simd-", dir=_tmpdir())
         self._path = os.path.join(self._dir.name, "obj")
+        self._lock = threading.Lock()  # one file: one object at a time
 
     def dump(self, obj: Any) -> bytes:
-        obj.save(self._path)
-        with open(self._path, "rb") as handle:
-            return handle.read()
+        with self._lock:
+            obj.save(self._path)
+            with open(self._path, "rb") as handle:
+                return handle.read()
 
     def load(self, obj: Any, context: Any, data: bytes) -> Any:
-        with open(self._path, "wb") as handle:
-            handle.write(data)
-        obj.load(context, self._path)
+        with self._lock:
+            with open(self._path, "wb") as handle:
+                handle.write(data)
+            obj.load(context, self._path)
         return obj
 
 
