@@ -202,6 +202,64 @@ def revoke(directory: Path, name: str) -> None:
     )
 
 
+@group.command("suspend")
+@_fed_dir
+@click.argument("name")
+@click.option("--reason", required=True, help="Why (signed into the roster; nodes log it).")
+@click.option(
+    "--by",
+    default=lambda: os.environ.get("USER", "administrator"),
+    show_default="$USER",
+    help="Who suspends (the administrator's name, signed into the roster).",
+)
+@click.option(
+    "--publish",
+    "publish_now",
+    is_flag=True,
+    help="Hand the new roster at once to every bundle this federation folder wrote.",
+)
+@json_option
+def suspend(
+    directory: Path, name: str, reason: str, by: str, publish_now: bool, as_json: bool
+) -> None:
+    """Suspend a member at once (an incident): remove it from the roster with the reason, and
+    with --publish hand the new roster to every node this folder enrolled, which refuse the
+    member from their next call and log the suspension (roster.updated; audit check reports
+    member.suspended)."""
+    text = reason.strip()
+    if not text:
+        raise click.UsageError("--reason must not be empty")
+    note = {"kind": "suspend", "member": name, "reason": text, "by": by}
+    federation = Federation.load(directory).revoke(name, note=note)
+    published: list[Path] = []
+    gone: list[Path] = []
+    if publish_now:
+        published, gone = federation.publish_everywhere()
+    if as_json:
+        emit_json(
+            {
+                "suspended": name,
+                "reason": text,
+                "by": by,
+                "roster_version": federation.roster.version,
+                "published": [str(p) for p in published],
+                "unreachable": [str(p) for p in gone],
+            }
+        )
+        return
+    console.print(
+        f"{name} suspended by {by}: {text}; roster version {federation.roster.version}"
+        + (
+            f" published to {len(published)} bundle(s)"
+            if publish_now
+            else " (run 'govshare federation publish' to hand it to the nodes)"
+        ),
+        soft_wrap=True,
+    )
+    for folder in gone:
+        console.print(f"[yellow]not published[/] (no bundle any more): {folder}", soft_wrap=True)
+
+
 @group.command("publish")
 @_fed_dir
 @click.argument(

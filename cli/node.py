@@ -266,3 +266,58 @@ def clear(
 
 def _utc(seconds: int) -> str:
     return dt.datetime.fromtimestamp(seconds, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+@group.command("freeze")
+@home_option
+@click.option("--reason", required=True, help="Why (logged with your name).")
+@operator_option
+@json_option
+def freeze(home: Path, reason: str, operator_identity: str | None, as_json: bool) -> None:
+    """Stop every query at this node at once (rule node.frozen): new ones are refused, those
+    waiting for approval or to run are refused now, until 'node unfreeze'. A signed act of
+    duty incident, logged with your name and the reason; audit check reports it."""
+    held, stopped = operator_for(home, operator_identity).freeze(None, reason=reason)
+    if as_json:
+        emit_json({**held.to_json(), "stopped": stopped})
+        return
+    console.print(
+        f"node frozen by {escape(held.frozen_by)}: {escape(held.reason)}; {len(stopped)} "
+        f"waiting quer{'y' if len(stopped) == 1 else 'ies'} refused"
+    )
+
+
+@group.command("unfreeze")
+@home_option
+@click.option("--reason", required=True, help="Why queries may run again (logged).")
+@operator_option
+@json_option
+def unfreeze(home: Path, reason: str, operator_identity: str | None, as_json: bool) -> None:
+    """Let queries be admitted at this node again."""
+    held = operator_for(home, operator_identity).unfreeze(None, reason=reason)
+    if as_json:
+        emit_json({"unfrozen": "node", "was": held.to_json(), "reason": reason.strip()})
+        return
+    console.print(f"node unfrozen (frozen by {escape(held.frozen_by)} since {_utc(held.since)})")
+
+
+@group.command("freezes")
+@home_option
+@json_option
+def freezes(home: Path, as_json: bool) -> None:
+    """The freezes in force at this node: the node's own, and each dataset's."""
+    held = Operator(home).freezes()
+    if as_json:
+        emit_json([f.to_json() for f in held])
+        return
+    if not held:
+        console.print("nothing is frozen")
+        return
+    render_table(
+        "freezes in force",
+        ["scope", "rule", "by", "since (UTC)", "reason"],
+        (
+            (f.to_json()["scope"], f.rule, escape(f.frozen_by), _utc(f.since), escape(f.reason))
+            for f in held
+        ),
+    )

@@ -69,6 +69,7 @@ from govshare.protocols.errors import (
 CA_KEY = "ca.key"
 CA_CERT = "ca.crt"
 ROSTER = "roster.json"
+BUNDLES = "bundles.json"
 TLS_KEY = "tls.key"
 TLS_CERT = "tls.crt"
 SIGNING_KEY = "signing.key"
@@ -208,6 +209,9 @@ class Roster:
     version: int
     issued_at: int
     members: tuple[Member, ...]
+    # Why this version was issued, when the administrator said (a suspension: member, reason,
+    # by whom); signed with the roster, listed only when present.
+    note: dict[str, str] | None = None
 
     def member(self, name: str) -> Member:
         for member in self.members:
@@ -224,7 +228,7 @@ class Roster:
             "version": self.version,
             "issued_at": self.issued_at,
             "members": [m.to_json() for m in self.members],
-        }
+        } | ({"note": dict(self.note)} if self.note else {})
 
     def canonical_bytes(self) -> bytes:
         return canonical_json(self.to_json())
@@ -252,6 +256,7 @@ class Roster:
                 version=int(raw["version"]),
                 issued_at=int(raw["issued_at"]),
                 members=tuple(Member.from_json(m) for m in raw["members"]),
+                note={str(k): str(v) for k, v in raw["note"].items()} if "note" in raw else None,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise MalformedInput(f"roster file is malformed: {exc}", field="roster") from None
@@ -593,6 +598,7 @@ class Federation:
             version=self.roster.version + 1,
             issued_at=int(now.timestamp()),
             members=(*others, member),
+            note=None,
         )
         return roster, cert, member
 
@@ -601,9 +607,42 @@ class Federation:
         (out / CA_CERT).write_bytes(self.ca_cert.public_bytes(serialization.Encoding.PEM))
         _write_atomic(self.directory / ROSTER, signed)
         _write_atomic(out / ROSTER, signed)
+        self._remember_bundle(out)
 
-    def revoke(self, name: str, *, now: dt.datetime | None = None) -> Federation:
+    def _remember_bundle(self, out: Path) -> None:
+        """Note where a bundle was written (``bundles.json``), for :meth:`publish_everywhere`."""
+        path = self.directory / BUNDLES
+        known = self.bundles()
+        known.append(str(out.resolve()))
+        _write_atomic(path, json.dumps(sorted(set(known)), indent=2).encode())
+
+    def bundles(self) -> list[str]:
+        """The bundle folders this federation folder wrote (enrol, sign)."""
+        try:
+            raw = json.loads((self.directory / BUNDLES).read_bytes())
+        except FileNotFoundError:
+            return []
+        except ValueError:
+            raise MalformedInput(f"{self.directory / BUNDLES} is not JSON") from None
+        return [str(p) for p in raw] if isinstance(raw, list) else []
+
+    def publish_everywhere(self) -> tuple[list[Path], list[Path]]:
+        """Copy the current signed roster into every bundle this folder wrote that still holds
+        a member certificate; returns (published, gone)."""
+        published, gone = [], []
+        for folder in map(Path, self.bundles()):
+            if (folder / TLS_CERT).exists():
+                self.publish_roster(folder)
+                published.append(folder)
+            else:
+                gone.append(folder)
+        return published, gone
+
+    def revoke(
+        self, name: str, *, now: dt.datetime | None = None, note: dict[str, str] | None = None
+    ) -> Federation:
         """Remove a member from the roster and re-sign it; once published, nodes refuse it.
+        ``note`` says why (a suspension's reason), signed with the roster.
 
         Raises:
             NotFound: no such member.
@@ -614,6 +653,7 @@ class Federation:
             version=self.roster.version + 1,
             issued_at=int((now or _now()).timestamp()),
             members=tuple(m for m in self.roster.members if m.name != name),
+            note=note,
         )
         _write_atomic(self.directory / ROSTER, roster.sign(self.ca_key))
         return replace(self, roster=roster)

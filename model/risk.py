@@ -989,6 +989,32 @@ def incident_frozen(entry: AuditEntry, facts: LogFacts) -> Iterator[Alert]:
     )  # fmt: skip
 
 
+@_entry_rule("member.suspended", Severity.MEDIUM)
+def member_suspended(entry: AuditEntry, facts: LogFacts) -> Iterator[Alert]:
+    """A node adopted a roster that suspends a member (``govshare federation suspend``), with
+    the administrator's reason, signed with the roster; or one that drops members without
+    saying why."""
+    if entry.kind != "roster.updated":
+        return
+    note = entry.fields.get("note")
+    removed = entry.fields.get("removed")
+    if isinstance(note, dict) and note.get("kind") == "suspend":
+        member = str(note.get("member"))
+        yield _alert(
+            "member.suspended", Severity.MEDIUM, facts, entry, f"{member}/{entry.index}",
+            f"{member} suspended by {note.get('by')}: {note.get('reason')} (roster version "
+            f"{entry.fields.get('version')})",
+            [entry.index], analyst=member,
+        )  # fmt: skip
+    elif isinstance(removed, list) and removed:
+        yield _alert(
+            "member.suspended", Severity.MEDIUM, facts, entry, f"{entry.index}",
+            f"roster version {entry.fields.get('version')} removed "
+            f"{', '.join(str(r) for r in removed)} (no reason given)",
+            [entry.index],
+        )  # fmt: skip
+
+
 @_entry_rule("operator.refused", Severity.MEDIUM)
 def operator_refused(entry: AuditEntry, facts: LogFacts) -> Iterator[Alert]:
     """An operator act was refused: no valid operator identity (none, a key the roster does

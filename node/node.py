@@ -40,6 +40,7 @@ from govshare.node.policy.alerts import RiskMonitor, SuspensionStore
 from govshare.node.policy.applications import Application, ApplicationStore
 from govshare.node.policy.applications import parse_body as parse_application
 from govshare.node.policy.applications import status_of as grant_status
+from govshare.node.policy.controls import ControlStore
 from govshare.node.policy.crossborder import CrossBorderStore
 from govshare.node.policy.grants import Grant, GrantStore
 from govshare.node.queries.capacity import Intake, RunGate
@@ -126,6 +127,7 @@ class Node:
         self._pool_lock = threading.Lock()
         self.crossborder = self.crossborder_store or CrossBorderStore(self.catalogue.path)
         self.suspensions = self.suspension_store or SuspensionStore(self.catalogue.path)
+        self.controls = ControlStore(self.catalogue.path)
         self.risk = RiskMonitor(
             node=self.identity.name,
             audit=self.audit,
@@ -168,6 +170,7 @@ class Node:
             assessed=self.assessed_destinations,
             observe=self.risk.poll,
             suspended=self.risk.suspension_message,
+            frozen=self.frozen,
             on_event=self.events.emit,
         )
         # The query kinds (govshare.node.queries.kinds), each registered with the engine.
@@ -214,6 +217,12 @@ class Node:
         if self.log_check.refusal() is None:
             self.queries.recover()
         self.risk.start()
+
+    def frozen(self, dataset: str) -> tuple[str, str] | None:
+        """The (rule, message) of an operator's freeze of this node or ``dataset``, or None
+        (govshare.node.policy.controls; the table is shared with the operator's commands)."""
+        held = self.controls.frozen(dataset)
+        return None if held is None else (held.rule, held.message(self.name))
 
     def roster(self) -> Roster:
         """The newest signed roster published into the node's bundle (see RosterFile)."""

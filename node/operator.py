@@ -60,7 +60,7 @@ from govshare.node.policy.applications import PENDING as APPLICATION_PENDING
 from govshare.node.policy.applications import Application, ApplicationStore
 from govshare.node.policy.applications import check_reason as check_application_reason
 from govshare.node.policy.approvals import Party, PendingQuery, QueryDetails
-from govshare.node.policy.controls import ControlStore
+from govshare.node.policy.controls import WHOLE_NODE, ControlStore, Freeze, check_reason
 from govshare.node.policy.crossborder import CrossBorderStore
 from govshare.node.policy.decision import (
     GRANT_EXPIRED,
@@ -80,6 +80,7 @@ __all__ = [
     "Assessment",
     "ColumnFormat",
     "DatasetRecord",
+    "Freeze",
     "Grant",
     "GrantUsage",
     "ImportReport",
@@ -571,6 +572,45 @@ class Operator:
                     asked.request_id, approve=False, person=actor, reason=reason, grant_id="",
                     audit=log, now=int(self._clock()),
                 )  # fmt: skip
+
+    # ------------------------------------------------------------------------ incidents
+
+    def freezes(self) -> list[Freeze]:
+        """The freezes in force: the node's, and each dataset's."""
+        return ControlStore(self.config.database_path).freezes()
+
+    def freeze(self, dataset: str | None, *, reason: str) -> tuple[Freeze, list[str]]:
+        """Freeze the node (``dataset`` None) or one dataset: every query on it is refused
+        (rule ``node.frozen`` / ``dataset.frozen``), those waiting too. Returns the freeze and
+        the queries it stopped."""
+        if dataset is not None:
+            Catalogue(self.config.database_path).get(dataset)
+        check_reason(reason)
+        scope = WHOLE_NODE if dataset is None else dataset
+        action = "node.freeze" if dataset is None else "dataset.freeze"
+        body = {"scope": scope, "reason": reason}
+        store = QueryStore(self.config.database_path)
+        try:
+            with AuditLog.open(self.config.audit_database_path) as log:
+                with self._acting(log, action, Duty.INCIDENT, body) as actor:
+                    return ControlStore(self.config.database_path).freeze(
+                        scope, reason=reason, actor=actor, audit=log, queries=store,
+                        node=self.identity().name, now=int(self._clock()),
+                    )  # fmt: skip
+        finally:
+            store.close()
+
+    def unfreeze(self, dataset: str | None, *, reason: str) -> Freeze:
+        """Lift the node's freeze (``dataset`` None) or one dataset's."""
+        check_reason(reason)
+        scope = WHOLE_NODE if dataset is None else dataset
+        action = "node.unfreeze" if dataset is None else "dataset.unfreeze"
+        body = {"scope": scope, "reason": reason}
+        with AuditLog.open(self.config.audit_database_path) as log:
+            with self._acting(log, action, Duty.INCIDENT, body) as actor:
+                return ControlStore(self.config.database_path).unfreeze(
+                    scope, reason=reason, actor=actor, audit=log
+                )
 
     # ------------------------------------------------------------------------ the node's own
 

@@ -74,10 +74,16 @@ class RosterFile:
             )  # fmt: skip
             return
         if candidate.version > self._roster.version:
-            self._record(
-                "roster.updated",
-                {"version": candidate.version, "members": len(candidate.members)},
-            )
+            kept = {m.name for m in candidate.members}
+            removed = sorted(m.name for m in self._roster.members if m.name not in kept)
+            fields: dict[str, object] = {
+                "version": candidate.version, "members": len(candidate.members),
+            }  # fmt: skip
+            if removed:
+                fields["removed"] = removed
+            if candidate.note:
+                fields["note"] = dict(candidate.note)
+            self._record("roster.updated", fields)
         self._roster = candidate
 
     def _record(self, kind: str, fields: dict[str, object]) -> None:

@@ -199,14 +199,21 @@ class ControlStore:
                     )  # fmt: skip
                 except Conflict:
                     continue  # decided, run or withdrawn meanwhile
-                returned = queries.settle(record.query_id, spent=False, now=now)
                 audit.record(
                     "policy.decision",
                     {"dataset": record.dataset, "allowed": False, "rule": held.rule,
-                     "message": message, "reservation": returned, "was": state},
+                     "message": message, "was": state},
                     actor=held.frozen_by,
                     query_id=record.query_id,
                 )  # fmt: skip
+                returned = queries.settle(record.query_id, spent=False, now=now)
+                if returned is not None:
+                    audit.record(
+                        "budget.settled",
+                        {"reservation": returned, "reason": f"refused: {held.rule}"},
+                        actor=node,
+                        query_id=record.query_id,
+                    )
                 stopped.append(record.query_id)
         return stopped
 

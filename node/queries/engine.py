@@ -86,6 +86,7 @@ from govshare.node.queries.session import Chunks
 from govshare.node.stores.query_store import QueryRecord, QueryStore, Usage
 from govshare.protocols.errors import (
     Aborted,
+    Conflict,
     GovshareError,
     MalformedInput,
     NotFound,
@@ -177,6 +178,7 @@ class QueryEngine:
         assessed: Callable[[str, int], frozenset[str]] = lambda dataset, now: frozenset(),
         observe: Callable[[], object] = lambda: None,
         suspended: Callable[[str], str | None] = lambda analyst: None,
+        frozen: Callable[[str], tuple[str, str] | None] = lambda dataset: None,
         on_event: Callable[[QueryEvent], None] = lambda event: None,
     ) -> None:
         self._identity = identity
@@ -195,6 +197,9 @@ class QueryEngine:
         # and asked at admission whether the analyst is suspended after a HIGH alert.
         self._observe = observe
         self._suspended = suspended
+        # An operator's freeze of the node or a dataset (govshare.node.policy.controls): the
+        # (rule, message) that refuses every query on the dataset, at admission and at run.
+        self._frozen = frozen
         # Each step of a query, for the node's logs and metrics (govshare.node.observability).
         self._on_event = on_event
         self._stopping: str | None = None
@@ -292,7 +297,10 @@ class QueryEngine:
 
         def decide_logged(usage: Usage) -> Decision:
             suspension = self._suspended(caller.name)
-            if suspension is not None:
+            freeze = self._frozen(dataset)
+            if freeze is not None:
+                decision = Decision(False, *freeze)
+            elif suspension is not None:
                 decision = Decision(False, RISK_SUSPENDED, suspension)
             elif usage.recent >= self._rate_limit:
                 decision = Decision(
@@ -467,9 +475,12 @@ class QueryEngine:
         govshare error reaches the caller as it is, anything else as :class:`Aborted`. ``close``
         drops the query's protocol state either way.
         """
-        self.status(caller, query_id)
+        current = self.status(caller, query_id)
         if query_id in self.expire_stale():
             raise Aborted(f"query {query_id}: the signed request expired before it ran")
+        freeze = self._frozen(current.dataset)
+        if freeze is not None:
+            self._refuse_frozen(current, *freeze)
         record = self._store.transition(
             query_id, from_states=[APPROVED], to=RUNNING, now=int(self._clock())
         )
@@ -515,6 +526,32 @@ class QueryEngine:
         close(query_id)
         self._observe()
         return result
+
+    def _refuse_frozen(self, record: QueryRecord, rule: str, message: str) -> None:
+        """Refuse an approved query on a frozen node or dataset before it runs: stored
+        ``refused`` with the freeze's rule, logged, its reservation returned.
+
+        Raises:
+            PolicyRefused: always, with the freeze's rule.
+        """
+        try:
+            self._store.transition(
+                record.query_id, from_states=[APPROVED], to=REFUSED, now=int(self._clock()),
+                message=message, rule=rule,
+            )  # fmt: skip
+        except Conflict:
+            pass  # refused by the freeze itself meanwhile, or withdrawn: refuse all the same
+        else:
+            self._audit.record(
+                "policy.decision",
+                {"dataset": record.dataset, "allowed": False, "rule": rule, "message": message,
+                 "was": APPROVED},
+                actor=self.name, query_id=record.query_id,
+            )  # fmt: skip
+            self._settle(record, spent=False, reason=f"refused: {rule}")
+        for handler in self._kind_handlers():
+            handler.forget(record.query_id)
+        raise PolicyRefused(rule, message)
 
     def _abort_peers(self, query_id: str, record: QueryRecord) -> None:
         """Tell the other nodes of a failed query at once, so they stop waiting for this one."""

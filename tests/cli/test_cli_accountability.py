@@ -3,7 +3,12 @@ two node processes serving over mutual TLS, their named operators, an analyst, a
 
 Access applications (item 3): the analyst applies, the operator sees the time left and answers;
 a refusal needs a reason; the analyst reads every node's answers; an application left past its
-deadline is an alert in ``audit check``.
+deadline is an alert in ``audit check``. The rights register (item 4) from the verified logs
+matches the nodes' own grant stores, and leaves out a copy edited after its pull. The
+responsibility list (item 5) names each person with their last signed act. Incident controls
+(item 6): a freeze stops every query, one waiting for approval included, each freeze is logged
+with the person and reason and reported by ``audit check``; a suspended member is refused by
+every node once the roster is handed out.
 """
 
 from __future__ import annotations
@@ -13,20 +18,27 @@ import os
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from datetime import date
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import FederationFixture, build_federation, serve_node
 
+from govshare.model.governance import QueryKind
+from govshare.model.query_plan import PsiPlan, Side
 from govshare.node.audit.auditlog import AuditLog
 from govshare.node.config import NodeConfig
 from govshare.node.data import resident_id
 from govshare.node.policy.grants import GrantStore
 from govshare.protocols.auditverify import decode_entry, encode_entry
+from govshare.protocols.errors import GovshareError, PolicyRefused
+from govshare.protocols.signed_request import sign_request
+from govshare.rpc.client import NodeClient
 
 IDS = [resident_id.make("320102", date(1955 + i, 1 + i % 12, 1 + i % 28), i) for i in range(40)]
 PURPOSE = "housing subsidy review"
@@ -358,3 +370,136 @@ def test_the_responsibility_list_names_each_person_with_their_last_signed_act(
         str(tmp_path), "--quorum", "1",
     )  # fmt: skip
     assert table.returncode == 0 and "verified" in table.stdout and "op-civil" in table.stdout
+
+
+# ------------------------------------------------------------------ item 6: incident controls
+
+
+def submit(running: Running, dataset: str) -> str:
+    """A PSI on tax's ``dataset`` submitted to tax alone, as alice; returns its id (raises
+    PolicyRefused when tax refuses it)."""
+    alice = running.fed.identity("alice")
+    plan = PsiPlan(
+        kind=QueryKind.PSI_CARDINALITY, purpose=PURPOSE,
+        left=Side("civil", "people", "id_number"), right=Side("tax", dataset, "id_number"),
+        epsilon=Fraction(2),
+    )  # fmt: skip
+    request = sign_request(
+        alice.signing_key, analyst="alice", kind=plan.kind.value, body=plan.to_json(),
+        now=int(time.time()),
+    )  # fmt: skip
+    with NodeClient.to(alice, "tax") as client:
+        client.submit(request.encode())
+    return request.query_id_hex
+
+
+def status(running: Running, query_id: str) -> tuple[str, str]:
+    with NodeClient.to(running.fed.identity("alice"), "tax") as client:
+        reply = client.status(query_id)
+    return reply.state, reply.rule
+
+
+def test_a_freeze_stops_every_query_including_one_waiting_for_approval(
+    running: Running, tmp_path: Path
+) -> None:
+    home, operator = running.home("tax"), running.fed.operator("tax")
+    ok(
+        "dataset", "add", str(running.root / "people.csv"), "--home", home, "--name", "gated",
+        "--grade", "general", "--sharing", "conditional", "--owner-kind", "state", "--owner",
+        "state", "--column", "id_number=join_key:resident_id", "--column", "amount=aggregate",
+        "--column", "notes=deny", "--require-approval", "--identity", operator,
+    )  # fmt: skip
+    ok(
+        "grant", "add", "--home", home, "--dataset", "gated", "--grantee", "alice", "--purpose",
+        PURPOSE, "--columns", "id_number", "--kinds", "psi_cardinality", "--expires",
+        "2099-01-01", "--epsilon", "100", "--max-queries", "100", "--identity", operator,
+    )  # fmt: skip
+    waiting = submit(running, "gated")
+    assert status(running, waiting)[0] == "pending_approval"
+
+    unnamed = govshare("node", "freeze", "--home", home, "--reason", "x")
+    assert unnamed.returncode == 1 and "operator.identity" in unnamed.stderr
+    frozen = ok_json("node", "freeze", "--home", home, "--reason", "suspected leak",
+                     "--identity", operator)  # fmt: skip
+    assert isinstance(frozen, dict)
+    assert (frozen["rule"], frozen["frozen_by"], frozen["stopped"]) == (
+        "node.frozen",
+        "op-tax",
+        [waiting],
+    )
+    assert status(running, waiting) == ("refused", "node.frozen")
+    approve = govshare("approvals", "approve", waiting, "--home", home, "--identity", operator)
+    assert approve.returncode == 1 and "is refused" in approve.stderr
+    with pytest.raises(PolicyRefused) as refused:
+        submit(running, "gated")
+    assert refused.value.rule == "node.frozen"
+    with pytest.raises(PolicyRefused) as other:
+        submit(running, "people")  # every dataset of the node
+    assert other.value.rule == "node.frozen"
+    listed = ok_json("node", "freezes", "--home", home)
+    assert isinstance(listed, list) and [f["scope"] for f in listed] == ["node"]
+
+    ok("node", "unfreeze", "--home", home, "--reason", "leak ruled out", "--identity", operator)
+    again = submit(running, "gated")
+    assert status(running, again)[0] == "pending_approval"
+
+    # One dataset frozen: its queries stop, the node's others go on.
+    ok("dataset", "freeze", "gated", "--home", home, "--reason", "column mislabelled",
+       "--identity", operator)  # fmt: skip
+    assert status(running, again) == ("refused", "dataset.frozen")
+    with pytest.raises(PolicyRefused) as one:
+        submit(running, "gated")
+    assert one.value.rule == "dataset.frozen"
+    ok("dataset", "unfreeze", "gated", "--home", home, "--reason", "fixed", "--identity", operator)
+
+    logged = [(k, a, f) for k, a, f in entries(home) if k.endswith("frozen")]
+    assert [(k, a, f["reason"]) for k, a, f in logged] == [
+        ("node.frozen", "op-tax", "suspected leak"),
+        ("node.unfrozen", "op-tax", "leak ruled out"),
+        ("dataset.frozen", "op-tax", "column mislabelled"),
+        ("dataset.unfrozen", "op-tax", "fixed"),
+    ]
+    audra = pull(running, tmp_path)
+    checked = govshare("audit", "check", "tax", "--identity", audra, "--state", str(tmp_path),
+                       "--json")  # fmt: skip
+    incidents = [a for a in json.loads(checked.stdout) if a["rule"] == "incident.frozen"]
+    assert sorted(a["detail"] for a in incidents) == [
+        "op-tax froze dataset gated: column mislabelled",
+        "op-tax froze the node: suspected leak",
+    ]
+    refused_acts = [a for a in json.loads(checked.stdout) if a["rule"] == "operator.refused"]
+    assert any("node.freeze" in a["detail"] for a in refused_acts)
+
+
+def test_a_suspended_member_is_refused_by_every_node_at_once(
+    running: Running, tmp_path: Path
+) -> None:
+    """Last in the module: hkana leaves the federation."""
+    hkana = running.fed.identity("hkana")  # loaded while still a member
+    with NodeClient.to(hkana, "tax") as client:
+        assert client.list_datasets()
+    suspended = ok_json(
+        "federation", "suspend", "hkana", "--dir", str(running.fed.directory), "--reason",
+        "credentials found on a shared drive", "--by", "admin-zhao", "--publish",
+    )  # fmt: skip
+    assert isinstance(suspended, dict)
+    published = set(suspended["published"])
+    for node in ("tax", "civil"):
+        assert str(running.fed.node_home(node).resolve()) in published
+    for node in ("tax", "civil"):
+        with NodeClient.to(hkana, node) as client, pytest.raises(GovshareError):
+            client.list_datasets()
+    updated = [f for k, _, f in entries(running.home("tax")) if k == "roster.updated"]
+    assert updated[-1]["removed"] == ["hkana"]
+    assert updated[-1]["note"] == {
+        "kind": "suspend", "member": "hkana", "reason": "credentials found on a shared drive",
+        "by": "admin-zhao",
+    }  # fmt: skip
+    audra = pull(running, tmp_path)
+    checked = govshare("audit", "check", "tax", "--identity", audra, "--state", str(tmp_path),
+                       "--json")  # fmt: skip
+    details = [a["detail"] for a in json.loads(checked.stdout) if a["rule"] == "member.suspended"]
+    assert details == [
+        "hkana suspended by admin-zhao: credentials found on a shared drive (roster version "
+        f"{suspended['roster_version']})"
+    ]

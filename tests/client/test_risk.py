@@ -162,7 +162,8 @@ def test_every_rule_is_registered_with_a_docstring() -> None:
     assert set(RULES) == {
         "release.without_decision", "approval.missing", "grant.used_after_end",
         "probing.refusal_burst", "rate_limit.hit", "budget.mostly_spent", "release.exact",
-        "differencing.filters", "witness.refused", "handoff.missing",
+        "differencing.filters", "witness.refused", "handoff.missing", "application.overdue",
+        "incident.frozen", "member.suspended", "operator.refused",
     }  # fmt: skip
     for rule in RULES.values():
         assert rule.severities and len(rule.description) > 40, rule.name
