@@ -19,8 +19,14 @@ Printed with each, from the same run on the same cores:
   keys, the dummies' extra message) timed against the exact release of the same query on the
   same running nodes (approved by both operators), after a warm-up query. Target: <= 1.05 x.
 
+With ``--anchor secretflow`` it also runs SecretFlow's PSI (``spu`` 0.9.5's libpsi, two local
+processes, ECDH on Curve25519 and RR22) on the same keys (``bench/secretflow_psi.py``, in its
+own virtual environment: spu's numpy < 2 and jax clash with govshare's; made under
+``bench-run/secretflow-venv`` with pip when missing, or ``--secretflow-python``), and prints
+govshare's ratios to both.
+
     .venv/bin/python bench/psi.py [--sizes 10000,100000,1000000] [--dir bench-run/psi]
-        [--paths batched,pointwise] [--no-dp]
+        [--paths batched,pointwise] [--no-dp] [--anchor secretflow]
 
 Targets (DESIGN.md): 1M x 1M <= 60 s on 2 cores, ratio <= 1.3, <= 1.5 GB per node.
 """
@@ -28,9 +34,11 @@ Targets (DESIGN.md): 1M x 1M <= 60 s on 2 cores, ratio <= 1.3, <= 1.5 GB per nod
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import shutil
+import subprocess
 import sys
 import time
 from dataclasses import replace
@@ -121,6 +129,39 @@ def approve_when_pending(root: Path, running: list[float]) -> StatusCallback:
             store.close()
 
     return on_status
+
+
+SECRETFLOW_SPU = "spu==0.9.5"
+SECRETFLOW_DRIVER = Path(__file__).resolve().parent / "secretflow_psi.py"
+
+
+def secretflow_python(given: Path | None) -> Path:
+    """The interpreter of a virtual environment with spu: ``given``, or one made (once) under
+    bench-run/ with this Python and pip."""
+    if given is not None:
+        return given
+    venv = Path("bench-run/secretflow-venv")
+    python = venv / "bin" / "python"
+    if not python.exists():
+        print(f"making {venv} with {SECRETFLOW_SPU} (once)", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", SECRETFLOW_SPU], check=True)
+    return python
+
+
+def run_secretflow(python: Path, root: Path, protocol: str) -> dict[str, float]:
+    """SecretFlow's PSI on the keys the nodes hold (tax receives); returns its outcome."""
+    inputs = [str(root / "data" / f"{DATASETS[name][0]}.csv") for name in ("tax", "civil")]
+    out = subprocess.run(
+        [str(python), str(SECRETFLOW_DRIVER), "--protocol", protocol, "--inputs", *inputs,
+         "--key", "id_number", "--dir", str(root / "secretflow")],
+        capture_output=True, text=True, check=True, timeout=3600,
+    )  # fmt: skip
+    for line in out.stdout.splitlines():
+        if line.startswith("secretflow-result:"):
+            result: dict[str, float] = json.loads(line.split(":", 1)[1])
+            return result
+    raise SystemExit(f"no result from SecretFlow {protocol}: {out.stdout[-2000:]}")
 
 
 def tree_cpu_seconds(pid: int) -> float:
@@ -214,12 +255,17 @@ def main() -> None:
         "--paths", default="batched,pointwise", help="masking paths to run, in this order"
     )
     parser.add_argument("--no-dp", action="store_true", help="skip the noised (DP) query")
+    parser.add_argument("--anchor", choices=["none", "secretflow"], default="none")
+    parser.add_argument("--secretflow-python", type=Path, help="a Python with spu installed")
     options = parser.parse_args()
     paths = options.paths.split(",")
     if not set(paths) <= {"batched", "pointwise"}:
         raise SystemExit("--paths: batched, pointwise or both")
     if "batched" in paths and not x25519_batch.available():
         raise SystemExit(f"no batched path here: {x25519_batch.unavailable_reason()}")
+    anchor = (
+        secretflow_python(options.secretflow_python) if options.anchor == "secretflow" else None
+    )
     workers = os.cpu_count() or 1
     print(f"PSI cardinality, two node processes over mTLS on loopback, {workers} cores")
     print(f"{'n per side':>12} {'path':>9} {'wall s':>8} {'CPU s':>7} {'items/s':>10} "
@@ -257,6 +303,15 @@ def main() -> None:
                   f"({slow['cpu'] / fast['cpu']:.2f} x less); raw X25519 libsodium "
                   f"{raw_rates['batched']:,.0f}/s vs OpenSSL {raw_rates['pointwise']:,.0f}/s",
                   flush=True)  # fmt: skip
+        if anchor is not None:
+            ours = rows[paths[0]]
+            for protocol in ("ecdh", "rr22"):
+                theirs = run_secretflow(anchor, root, protocol)
+                if theirs["intersection"] != expected:
+                    raise SystemExit(f"SecretFlow {protocol} found {theirs['intersection']}")
+                print(f"{n:>12,} SecretFlow {protocol.upper():<5} (spu 0.9.5): wall "
+                      f"{theirs['wall']:.1f} s; govshare PSI-CA {ours['wall']:.1f} s is "
+                      f"{ours['wall'] / theirs['wall']:.2f} x its time", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":
