@@ -14,7 +14,11 @@ log and run the risk rules over the five logs (``audit check``: no HIGH alert, o
 fails), and stops the nodes cleanly. Every step runs the real ``govshare`` command, and the demo
 prints each command before its output.
 
-    python -m govshare.examples.demo [--dir demo-run] [--size 5000] [--seed 7]
+    python -m govshare.examples.demo [--dir demo-run] [--size 5000] [--seed 7] [--postgres]
+
+With ``--postgres`` the tax and civil affairs bureaus keep their records in a PostgreSQL server
+the demo starts (``govshare.examples.postgres``; Debian's postgresql package): their nodes
+register the live tables and read them at each query, nothing copied.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.rule import Rule
 
-from govshare.examples import synth
+from govshare.examples import postgres, synth
 
 console = Console(highlight=False)
 
@@ -346,19 +350,38 @@ def _quote(arg: str) -> str:
     return shlex.quote(arg)
 
 
-def run(workdir: Path, size: int, seed: int) -> None:
+# With --postgres: the departments whose records stay in PostgreSQL (node -> table, CSV file,
+# column types; the other columns are text).
+LIVE = {
+    "tax": ("residents", f"{synth.TAX}.csv", {"year": "integer", "annual_income": "bigint"}),
+    "civil": ("assistance", f"{synth.CIVIL}.csv", {"year": "integer", "amount": "integer"}),
+}
+
+
+def run(workdir: Path, size: int, seed: int, *, live: bool = False) -> None:
     started = time.monotonic()
     if workdir.exists():
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True)
     (workdir / "receipts").mkdir()
     demo = Demo(workdir)
+    databases: postgres.Departments | None = None
     try:
         demo.step(f"1. Synthetic data for four departments ({size:,} rows each, seed {seed})")
         manifest = synth.generate(workdir / "data", size=size, seed=seed)
         split_visits(workdir / "data")
         for name, count in sorted(manifest["intersections"].items())[:3]:
             console.print(f"  known overlap {name}: {count:,}")
+        if live:
+            databases = postgres.start_departments(
+                free_port(),
+                {n: (t, workdir / "data" / f, types) for n, (t, f, types) in LIVE.items()},
+            )
+            for node, args in ((n, databases.dataset_args(n)) for n in LIVE):
+                console.print(
+                    f"  {node} keeps its records in PostgreSQL: {args[1]} {args[3]}",
+                    soft_wrap=True,
+                )
 
         demo.step("2. Federation administrator: CA, roster, members")
         demo.govshare("federation", "init", "--name", "demo")
@@ -404,8 +427,13 @@ def run(workdir: Path, size: int, seed: int) -> None:
             )  # fmt: skip
             columns = [arg for column in department.columns for arg in ("--column", column)]
             legal = ["--legal-basis", department.legal_basis] if department.legal_basis else []
+            rows = (
+                databases.dataset_args(department.node)
+                if databases is not None and department.node in LIVE
+                else [f"data/{department.csv}"]
+            )
             demo.govshare(
-                "dataset", "add", f"data/{department.csv}", "--home", home,
+                "dataset", "add", *rows, "--home", home,
                 "--name", department.dataset, "--grade", department.grade,
                 "--sharing", department.sharing, *legal,
                 "--owner-kind", department.owner_kind, "--owner", department.owner,
@@ -510,6 +538,8 @@ def run(workdir: Path, size: int, seed: int) -> None:
         codes = demo.stop_nodes()
         for name, code in codes.items():
             console.print(f"  node {name} exited with code {code}")
+        if databases is not None:
+            databases.stop()
     if any(codes.values()):
         raise SystemExit("a node did not stop cleanly")
     console.print()
@@ -539,8 +569,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--dir", type=Path, default=Path("demo-run"), help="working folder")
     parser.add_argument("--size", type=int, default=5000, help="rows per department")
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument(
+        "--postgres", action="store_true",
+        help="tax and civil affairs read their records live from a PostgreSQL server it starts",
+    )  # fmt: skip
     options = parser.parse_args(argv)
-    run(options.dir.resolve(), options.size, options.seed)
+    run(options.dir.resolve(), options.size, options.seed, live=options.postgres)
 
 
 if __name__ == "__main__":

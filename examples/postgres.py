@@ -18,15 +18,21 @@ is the ``postgresql://`` location without it.
 
 from __future__ import annotations
 
+import csv
 import glob
 import os
 import pwd
+import secrets
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 
 import psycopg
+from psycopg import sql
 
 # The tests' superuser and the department's database.
 SUPERUSER = "govshare"
@@ -109,4 +115,67 @@ class PgServer:
 
     def create_database(self, database: str = DATABASE) -> None:
         with self.admin("postgres") as conn:
-            conn.execute(f'CREATE DATABASE "{database}"')
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(database)))
+
+
+def load_csv(
+    conn: psycopg.Connection[tuple[object, ...]],
+    table: str,
+    csv_path: Path,
+    types: Mapping[str, str] = MappingProxyType({}),
+) -> None:
+    """Create ``table`` with the CSV's header as its columns (``types`` by name, else
+    ``text``) and copy the file's rows into it."""
+    with csv_path.open(encoding="utf-8", newline="") as handle:
+        header = next(csv.reader(handle))
+    columns = sql.SQL(", ").join(
+        sql.SQL("{} {}").format(sql.Identifier(name), sql.SQL(types.get(name, "text")))
+        for name in header
+    )
+    conn.execute(sql.SQL("CREATE TABLE {} ({})").format(sql.Identifier(table), columns))
+    copy = sql.SQL("COPY {} FROM STDIN WITH (FORMAT csv, HEADER true)").format(
+        sql.Identifier(table)
+    )
+    with conn.cursor().copy(copy) as target, csv_path.open("rb") as source:
+        while block := source.read(1 << 20):
+            target.write(block)
+
+
+@dataclass
+class Departments:
+    """The demo's departments that keep their records in PostgreSQL: one database each on one
+    server, and where each node's dataset is (node -> (database, table))."""
+
+    server: PgServer
+    tables: dict[str, tuple[str, str]]
+
+    def dataset_args(self, node: str) -> list[str]:
+        """``dataset add`` arguments naming the node's live table (no password)."""
+        database, table = self.tables[node]
+        return ["--source", self.server.location(database), "--table", f"public.{table}"]
+
+    def stop(self) -> None:
+        self.server.stop()
+        self.server.remove()
+
+
+def start_departments(
+    port: int, datasets: Mapping[str, tuple[str, Path, Mapping[str, str]]]
+) -> Departments:
+    """Start a server, and for each node a database of its name holding its CSV as a table
+    (node -> (table, CSV file, column types)). The credential goes where libpq looks for it,
+    ``PGPASSFILE`` in this process's environment, which the nodes it starts inherit."""
+    server = PgServer(port, secrets.token_hex(16))
+    server.init()
+    server.start()
+    os.environ["PGPASSFILE"] = str(server.passfile)
+    try:
+        for node, (table, csv_path, types) in datasets.items():
+            server.create_database(node)
+            with server.admin(node) as conn:
+                load_csv(conn, table, csv_path, types)
+    except BaseException:
+        server.stop()
+        server.remove()
+        raise
+    return Departments(server, {node: (node, table) for node, (table, _, _) in datasets.items()})
