@@ -651,4 +651,3 @@ def remove(home: Path, name: str, yes: bool, operator_identity: str | None, as_j
         emit_json({"removed": removed.name, "row_count": removed.row_count})
         return
     console.print(f"dataset [bold]{removed.name}[/] removed ({removed.row_count} rows)")
-
