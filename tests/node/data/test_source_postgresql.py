@@ -55,7 +55,7 @@ from govshare.node.policy.grants import GrantStore
 from govshare.node.queries.kinds.aggregate import AggregateOptions
 from govshare.node.stores.query_store import QueryStore
 from govshare.protocols import dp
-from govshare.protocols.errors import MalformedInput, Unavailable
+from govshare.protocols.errors import Conflict, MalformedInput, Unavailable
 
 KEY_BITS = 1024  # small test keys; the aggregate tests run 3072
 EXACT = AggregateOptions(unsafe_allow_short_modulus=True, unsafe_without_noise=True)
@@ -667,3 +667,25 @@ def test_pushed_down_filters_agree_with_the_catalogue_on_blanks_and_white_space(
         pg_rows = sorted(tax.catalogue.rows("edges_pg", columns, where=(condition,)))
         assert pg_rows == sql_rows, condition
         assert len(sql_rows) == kept, condition
+
+
+def test_a_relation_that_changed_under_the_registration_is_a_conflict_naming_it(
+    live: Live,
+) -> None:
+    tax = live.nodes["tax"]
+    load(live.pg, "residents_moving", live.csvs["residents"])
+    add(tax, PostgresSource.parse(live.pg.location(), "residents_moving"), "moving", "residents")
+    assert tax.catalogue.keys("moving", "id_number") == tax.catalogue.keys(
+        "residents_pg", "id_number"
+    )
+    with live.pg.admin() as conn:
+        conn.execute("ALTER TABLE residents_moving RENAME COLUMN income_band TO band")
+    with pytest.raises(Conflict, match=r"residents_moving has no column\(s\) 'income_band'"):
+        tax.catalogue.keys("moving", "id_number")
+    with live.pg.admin() as conn:
+        conn.execute("ALTER TABLE residents_moving RENAME TO residents_gone")
+    with pytest.raises(Conflict) as gone:
+        tax.catalogue.count("moving")
+    assert f"source {live.pg.location()} table public.residents_moving cannot be read" in str(
+        gone.value
+    )
