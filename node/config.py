@@ -10,9 +10,10 @@ from __future__ import annotations
 import os
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from govshare.node.compute import BACKENDS, RAY, ComputeSettings
 from govshare.protocols.errors import MalformedInput, NotFound
 
 CONFIG_NAME = "node.toml"
@@ -96,6 +97,16 @@ log_level = "info"
 # "127.0.0.1:9102"; "" = off. Neither needs a federation certificate nor writes to the audit
 # log: keep the address local or reachable by the operator only. $GOVSHARE_METRICS overrides.
 metrics = ""
+
+[compute]
+# Where the per-row cryptography runs: "local" (this machine's processes, see workers) or
+# "ray" (tasks on the department's own Ray cluster, which must run this govshare version;
+# README, "Heavy work on a Ray cluster").
+backend = "local"
+# ray: "auto" (the cluster this machine belongs to), "host:6379" or "ray://host:10001".
+address = "auto"
+# ray: CPUs each task asks for.
+num_cpus = 1
 """
 
 
@@ -122,6 +133,8 @@ class NodeConfig:
     log_file: Path | None = None
     log_level: str = DEFAULT_LOG_LEVEL
     metrics_address: str | None = None
+    # [compute]: the backend of the per-row work (govshare.node.compute).
+    compute: ComputeSettings = field(default_factory=ComputeSettings)
 
     @classmethod
     def load(cls, home: Path, *, environ: Mapping[str, str] | None = None) -> NodeConfig:
@@ -186,7 +199,39 @@ class NodeConfig:
             log_file=log_file,
             log_level=log_level,
             metrics_address=metrics_address,
+            compute=_compute(raw.get("compute", {}), path),
         )
+
+
+def _compute(section: object, path: Path) -> ComputeSettings:
+    """The [compute] table; absent: the local process pool."""
+    if not isinstance(section, dict):
+        raise MalformedInput(f"{path}: [compute] must be a table", field="compute")
+    backend = section.get("backend", "local")
+    if backend not in BACKENDS:
+        raise MalformedInput(
+            f"{path}: compute.backend must be one of {', '.join(BACKENDS)}", field="backend"
+        )
+    address = section.get("address", "auto")
+    if not isinstance(address, str) or not address.strip():
+        raise MalformedInput(f"{path}: compute.address must be a non-empty string", field="address")
+    numbers = {}
+    for key, default in (("num_cpus", 1.0), ("connect_timeout", ComputeSettings.connect_timeout)):
+        value = section.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            raise MalformedInput(f"{path}: compute.{key} must be a positive number", field=key)
+        numbers[key] = float(value)
+    if backend == RAY and not (address == "auto" or ":" in address):
+        raise MalformedInput(
+            f"{path}: compute.address must be 'auto', host:port or ray://host:port",
+            field="address",
+        )
+    return ComputeSettings(
+        backend=backend,
+        address=address.strip(),
+        num_cpus=numbers["num_cpus"],
+        connect_timeout=numbers["connect_timeout"],
+    )
 
 
 def _observability(

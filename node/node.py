@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -17,6 +17,7 @@ from pathlib import Path
 from govshare.model.crossborder import Assessment
 from govshare.model.governance import DatasetInfo, Grade, Role
 from govshare.model.identity import ROSTER, Identity, Member, Roster
+from govshare.node import compute
 from govshare.node.api.auth import Caller
 from govshare.node.audit.auditlog import AuditLog, LogBroken, LogEntry
 from govshare.node.audit.checkpointer import CheckpointPublisher
@@ -49,7 +50,6 @@ from govshare.node.queries.kinds.aggregate import AggregateEngine, AggregateOpti
 from govshare.node.queries.kinds.psi import PsiKind
 from govshare.node.roster_file import RosterFile
 from govshare.node.stores.query_store import QueryStore, ledger_view
-from govshare.node.workers import make_pool
 from govshare.protocols.errors import MalformedInput, NotFound, PermissionDenied
 from govshare.protocols.signed_request import SignedRequest, verify_request
 from govshare.rpc.client import NodeClient
@@ -85,6 +85,8 @@ class Node:
     protocol_timeout: float = DEFAULT_PROTOCOL_TIMEOUT
     rate_limit_per_minute: int = DEFAULT_RATE_LIMIT_PER_MINUTE
     workers: int = 0  # processes for masking; 0 = one per CPU
+    # Where that work runs: these processes, or a Ray cluster (govshare.node.compute).
+    compute_settings: compute.ComputeSettings = field(default_factory=compute.ComputeSettings)
     # Admission control of query runs (govshare.node.queries.capacity).
     max_running: int = DEFAULT_MAX_RUNNING
     max_queued: int = DEFAULT_MAX_QUEUED
@@ -123,7 +125,7 @@ class Node:
     risk: RiskMonitor = field(init=False)
 
     def __post_init__(self) -> None:
-        self._pool: ProcessPoolExecutor | None = None
+        self._pool: Executor | None = None
         self._pool_lock = threading.Lock()
         self.crossborder = self.crossborder_store or CrossBorderStore(self.catalogue.path)
         self.suspensions = self.suspension_store or SuspensionStore(self.catalogue.path)
@@ -233,13 +235,17 @@ class Node:
         return [m for m in self.roster().with_role(Role.NODE) if m.name != self.name]
 
     def executor(self) -> Executor:
-        """The node's long-lived process pool for masking (forkserver, safe beside gRPC).
-
-        Its processes end with the node, however it ends (govshare.node.workers).
+        """The node's long-lived executor for the per-row work: its process pool (forkserver,
+        safe beside gRPC; its processes end with the node, however it ends: govshare.node
+        .workers) or its Ray cluster's (govshare.node.compute). Opened on first use, so a node
+        starts without importing Ray; one whose cluster went away is replaced by a new one.
         """
         with self._pool_lock:
+            if self._pool is not None and not compute.usable(self._pool):
+                self._pool.shutdown(wait=False, cancel_futures=True)
+                self._pool = None
             if self._pool is None:
-                self._pool = make_pool(self.workers or None)
+                self._pool = compute.open_executor(self.compute_settings, self.workers or None)
             return self._pool
 
     def mask_key(self, dataset: str, column: str) -> bytes:
@@ -301,6 +307,7 @@ class Node:
             protocol_timeout=config.protocol_timeout,
             rate_limit_per_minute=config.rate_limit_per_minute,
             workers=config.workers,
+            compute_settings=config.compute,
             max_running=config.max_running,
             max_queued=config.max_queued,
             max_intake=config.max_intake,
