@@ -8,7 +8,8 @@ chunks), one loop per core, timed inside each worker — and, in the same run, w
 :func:`govshare.protocols.ecdh_psi.mask_many` and ``hash_and_mask_many`` achieve through a
 process pool on the batch path, against the point-by-point path (``mask_chunk_pointwise``,
 ``hash_and_mask_chunk_pointwise``) through the same pool (parsing, chunking, pickling and pool
-overhead included).
+overhead included). The one-core rows run in this process and are timed in CPU seconds
+(``time.process_time``), which other work on a shared machine disturbs least.
 
     .venv/bin/python bench/x25519_raw.py [--n 100000] [--workers 2] [--rounds 3]
 
@@ -36,18 +37,20 @@ def _bench_points(count: int) -> list[bytes]:
     return [ecdh_psi.hash_to_point(b"bench", i.to_bytes(8, "big")) for i in range(count)]
 
 
-def _raw_worker(count: int) -> tuple[int, float]:
+def _raw_worker(count: int, clock: Callable[[], float] = time.perf_counter) -> tuple[int, float]:
     """Time ``count`` OpenSSL exchanges with prebuilt keys; returns (count, seconds)."""
     private = X25519PrivateKey.generate()
     peers = [X25519PublicKey.from_public_bytes(point) for point in _bench_points(count)]
     exchange = private.exchange
-    start = time.perf_counter()
+    start = clock()
     for peer in peers:
         exchange(peer)
-    return count, time.perf_counter() - start
+    return count, clock() - start
 
 
-def _raw_native_worker(count: int) -> tuple[int, float]:
+def _raw_native_worker(
+    count: int, clock: Callable[[], float] = time.perf_counter
+) -> tuple[int, float]:
     """Time ``count`` libsodium scalar multiplications through the batch loop, over prebuilt
     packed chunks of the protocol's chunk size; returns (count, seconds)."""
     scalar = ecdh_psi.generate_scalar()
@@ -55,10 +58,10 @@ def _raw_native_worker(count: int) -> tuple[int, float]:
     stride = ecdh_psi.DEFAULT_CHUNK_POINTS * ecdh_psi.POINT_SIZE
     chunks = [packed[i : i + stride] for i in range(0, len(packed), stride)]
     mask_batch = x25519_batch.mask_batch
-    start = time.perf_counter()
+    start = clock()
     for chunk in chunks:
         mask_batch(scalar, chunk)
-    return count, time.perf_counter() - start
+    return count, clock() - start
 
 
 def _rate_over_workers(
@@ -141,6 +144,8 @@ def main() -> None:
         "raw libsodium 1 core": [],
         "mask_many 1 core": [],
         "mask pointwise 1 core": [],
+        "hash+mask batched 1 core": [],
+        "hash+mask pointwise 1 core": [],
         "raw OpenSSL pool": [],
         "raw libsodium pool": [],
         "mask_many pool": [],
@@ -151,18 +156,24 @@ def main() -> None:
     with ecdh_psi.make_pool(workers) as pool:
         list(pool.map(_noop, range(workers * 4)))  # start the workers before timing
         for _ in range(rounds):
-            rows["raw OpenSSL 1 core"].append(
-                raw_x25519_ops_per_second(single_n, executor=None, workers=1)
-            )
-            rows["raw libsodium 1 core"].append(
-                raw_native_ops_per_second(single_n, executor=None, workers=1)
-            )
-            start = time.perf_counter()
+            # One core in this process, timed in CPU seconds: steadier than the wall clock
+            # where other work shares the machine.
+            count, seconds = _raw_worker(single_n, time.process_time)
+            rows["raw OpenSSL 1 core"].append(count / seconds)
+            count, seconds = _raw_native_worker(single_n, time.process_time)
+            rows["raw libsodium 1 core"].append(count / seconds)
+            start = time.process_time()
             ecdh_psi.mask_many(scalar, points[:single_n], workers=1)
-            rows["mask_many 1 core"].append(_rate(single_n, start))
-            start = time.perf_counter()
+            rows["mask_many 1 core"].append(single_n / (time.process_time() - start))
+            start = time.process_time()
             ecdh_psi.mask_chunk_pointwise(scalar, single_packed)
-            rows["mask pointwise 1 core"].append(_rate(single_n, start))
+            rows["mask pointwise 1 core"].append(single_n / (time.process_time() - start))
+            start = time.process_time()
+            ecdh_psi.hash_and_mask_chunk(scalar, query_id, keys[:single_n])
+            rows["hash+mask batched 1 core"].append(single_n / (time.process_time() - start))
+            start = time.process_time()
+            ecdh_psi.hash_and_mask_chunk_pointwise(scalar, query_id, keys[:single_n])
+            rows["hash+mask pointwise 1 core"].append(single_n / (time.process_time() - start))
             rows["raw OpenSSL pool"].append(
                 raw_x25519_ops_per_second(n, executor=pool, workers=workers)
             )
@@ -191,6 +202,12 @@ def main() -> None:
         print(f"{name:<26} best {max(rates):8,.0f} {unit:<7}  rounds: {shown}")
     for label, fast, slow in (
         ("batched / pointwise, mask, 1 core", "mask_many 1 core", "mask pointwise 1 core"),
+        (
+            "batched / pointwise, hash+mask, 1 core",
+            "hash+mask batched 1 core",
+            "hash+mask pointwise 1 core",
+        ),
+        ("libsodium / OpenSSL, raw, 1 core", "raw libsodium 1 core", "raw OpenSSL 1 core"),
         ("batched / pointwise, mask, pool", "mask_many pool", "mask pointwise pool"),
         (
             "batched / pointwise, hash+mask, pool",
