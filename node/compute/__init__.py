@@ -74,6 +74,6 @@ def open_executor(settings: ComputeSettings, workers: int | None = None) -> Exec
 def usable(executor: Executor) -> bool:
     """Whether ``executor`` can still take work: a Ray executor whose cluster went away, or a
     process pool one of whose workers died, cannot; the node then opens a new one."""
-    if isinstance(executor, ray_cluster.RayExecutor):
-        return not executor.broken
+    if getattr(executor, "broken", None):  # a RayExecutor, or a wrapper saying the same
+        return False
     return not getattr(executor, "_broken", False)  # ProcessPoolExecutor's BrokenProcessPool
