@@ -711,6 +711,14 @@ def test_plan_round_trips_and_bad_plans_are_refused() -> None:
     for change in changes:
         with pytest.raises(MalformedInput):
             parse_aggregate_plan(plan.to_json() | change, kind=plan.kind.value)
+    simd = replace(district_plan(), scheme=BFV_SIMD, public_key=b"\x02" * 32)
+    assert parse_aggregate_plan(simd.to_json(), kind=simd.kind.value) == simd
+    older = simd.to_json()
+    del older["scheme"]  # a plan written before the field: paillier
+    assert parse_aggregate_plan(older, kind=simd.kind.value).scheme == PAILLIER
+    for change in ({"scheme": "bfv"}, {"scheme": "ckks"}, {"public_key": "02" * 31}):
+        with pytest.raises(MalformedInput):
+            parse_aggregate_plan(simd.to_json() | change, kind=simd.kind.value)
 
 
 def test_sql_join_with_group_by_runs_as_an_intersection_aggregate(agg: Agg) -> None:
