@@ -521,6 +521,21 @@ def run(workdir: Path, size: int, seed: int, *, live: bool = False) -> None:
             ("health", "haidian"), "aggregate counts only, DP on",
         )  # fmt: skip
 
+        demo.step("10b. An analyst applies for a right (使用权申请); the named operator answers")
+        applied = demo.govshare(
+            "grant", "request", "--identity", "alice", "--node", "tax", "--dataset", "residents",
+            "--columns", "district,income_band", "--kinds", "psi_cardinality",
+            "--purpose", "district income profile",
+            "--legal-basis", "Interim Measures on Government Information Sharing, art. 9", "--json",
+        )  # fmt: skip
+        asked = json.loads(applied)
+        demo.govshare("grant", "requests", "--home", "homes/tax")
+        demo.govshare(
+            "grant", "approve", asked["request_id"], "--home", "homes/tax", "--epsilon", "1",
+            "--expires", "2030-12-31", "--identity", operator_of("tax"),
+        )  # fmt: skip
+        demo.govshare("grant", "mine", "--identity", "alice")
+
         demo.step("11. Auditor: receipts, then every node's log pulled and verified")
         for receipt in RECEIPTS:
             demo.govshare("audit", "verify-receipt", "--identity", "audra", receipt)
@@ -528,6 +543,9 @@ def run(workdir: Path, size: int, seed: int, *, live: bool = False) -> None:
         demo.govshare("audit", "verify", "--all", "--identity", "audra")
         query_id = json.loads((workdir / "receipts/aggregate.json").read_text())["query_id"]
         demo.govshare("audit", "show", "--query", query_id, "--identity", "audra")
+        # 权利可查 and 谁主管谁负责: who holds which right, and who answers for a dataset.
+        demo.govshare("audit", "rights", "--all", "--identity", "audra")
+        demo.govshare("responsibility", "show", "tax.residents", "--identity", "audra")
         # Exit 2 on a HIGH alert fails the demo; the exact release is a LOW, informational one.
         demo.govshare("audit", "check", "--all", "--identity", "audra")
         # The periodic assessment (安全评估报告): one self-contained page, readable without a CLI.

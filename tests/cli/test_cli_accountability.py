@@ -30,6 +30,7 @@ import pytest
 from conftest import FederationFixture, build_federation, serve_node
 
 from govshare.model.governance import QueryKind
+from govshare.model.operator_act import OperatorAct, verify_act
 from govshare.model.query_plan import PsiPlan, Side
 from govshare.node.audit.auditlog import AuditLog
 from govshare.node.config import NodeConfig
@@ -469,6 +470,37 @@ def test_a_freeze_stops_every_query_including_one_waiting_for_approval(
     ]
     refused_acts = [a for a in json.loads(checked.stdout) if a["rule"] == "operator.refused"]
     assert any("node.freeze" in a["detail"] for a in refused_acts)
+    # The auditor's reconciliation of the stopped query names who stopped it.
+    # (It exits 1: the query reached tax only, so the nodes' views of it differ.)
+    shown = json.loads(
+        govshare("audit", "show", "--query", waiting, "--identity", audra, "--state",
+                 str(tmp_path), "--json").stdout
+    )  # fmt: skip
+    [tax] = [n for n in shown["nodes"] if n["node"] == "tax"]
+    assert {"kind": "policy.decision", "actor": "op-tax"} in [
+        {"kind": e["kind"], "actor": e["actor"]} for e in tax["entries"]
+    ]
+
+
+def test_every_operator_act_names_its_person(running: Running) -> None:
+    """No entry of either node is an anonymous operator's: each act's entries name a person,
+    followed by the act that person signed."""
+    for node in ("tax", "civil"):
+        log = entries(running.home(node))
+        roster = running.fed.identity("audra").roster
+        acts = [(i, a, f) for i, (k, a, f) in enumerate(log) if k == "operator.act"]
+        assert len(acts) >= 3, node
+        previous = -1
+        for index, actor, fields in acts:
+            act = OperatorAct.decode(fields["act"])  # type: ignore[arg-type]
+            assert (act.operator, act.node) == (actor, node)
+            member = roster.member(actor)
+            assert member.role.value == "operator" and member.node == node
+            verify_act(act, member.verify_key(), now=act.issued_at)
+            # What the act did, logged just before it since the previous act, names them.
+            assert actor in {a for _, a, _ in log[previous + 1 : index]}, (node, index)
+            previous = index
+        assert not [a for _, a, _ in log if a.startswith("operator:") and a != "operator:unknown"]
 
 
 def test_a_suspended_member_is_refused_by_every_node_at_once(
