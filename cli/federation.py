@@ -78,6 +78,16 @@ def _enrolled_line(action: str, federation: Federation, name: str, out: Path) ->
     )
 
 
+_node = click.option("--node", default=None, help="Operators: the node the person acts for.")
+_duties = click.option(
+    "--duties",
+    default=None,
+    help="Operators: comma-separated duties at the node: "
+    + ",".join(d.value for d in Duty)
+    + " (a re-issue keeps the roster's unless given).",
+)
+
+
 @group.command("enrol")
 @_fed_dir
 @_role
@@ -91,14 +101,8 @@ def _enrolled_line(action: str, federation: Federation, name: str, out: Path) ->
     help="Folder to write the member's identity bundle into.",
 )
 @_reissue
-@click.option("--node", default=None, help="Operators: the node the person acts for.")
-@click.option(
-    "--duties",
-    default=None,
-    help="Operators: comma-separated duties at the node: "
-    + ",".join(d.value for d in Duty)
-    + " (a re-issue keeps the roster's unless given).",
-)
+@_node
+@_duties
 def enrol(
     directory: Path,
     role: str | None,
@@ -145,6 +149,8 @@ def enrol(
     help="Folder to write the member's public bundle into: tls.crt, ca.crt, roster.json.",
 )
 @_reissue
+@_node
+@_duties
 @json_option
 def sign(
     directory: Path,
@@ -154,6 +160,8 @@ def sign(
     address: str | None,
     out: Path,
     reissue: bool,
+    node: str | None,
+    duties: str | None,
     as_json: bool,
 ) -> None:
     """Enrol a member from its certificate request (REQUEST, from 'govshare node keygen').
@@ -170,6 +178,8 @@ def sign(
         address=address,
         out=out,
         reissue=reissue,
+        node=node,
+        duties=parse_duties(duties) if duties else None,
     )
     if as_json:
         emit_json(

@@ -88,3 +88,52 @@ def test_bad_jurisdiction_and_duplicate_name_refused(
          "--jurisdiction", "CN", "--out", "tax"],
     )  # fmt: skip
     assert "--address" in str(node_without_address.exception)
+
+
+def test_an_operator_is_enrolled_for_one_node_with_duties(tmp_path: Path) -> None:
+    assert govshare("federation", "init", "--name", "demo", cwd=tmp_path).returncode == 0
+    node = govshare(
+        "federation", "enrol", "--role", "node", "--name", "tax", "--jurisdiction", "CN",
+        "--address", "127.0.0.1:7101", "--out", "tax", cwd=tmp_path,
+    )  # fmt: skip
+    assert node.returncode == 0, node.stderr
+    base = ("federation", "enrol", "--role", "operator", "--jurisdiction", "CN")
+    for extra, why in (
+        (("--name", "li-na", "--out", "li-na", "--duties", "grant"), "needs --node"),
+        (("--name", "li-na", "--out", "li-na", "--node", "tax"), "at least one duty"),
+        (("--name", "li-na", "--out", "li-na", "--node", "civil", "--duties", "grant"),
+         "not a node of the roster"),
+        (("--name", "li-na", "--out", "li-na", "--node", "tax", "--duties", "grant,root"),
+         "unknown duties root"),
+    ):  # fmt: skip
+        refused = govshare(*base, *extra, cwd=tmp_path)
+        assert refused.returncode == 1 and why in refused.stderr, (extra, refused.stderr)
+    analyst = govshare(
+        "federation", "enrol", "--role", "analyst", "--name", "alice", "--jurisdiction", "CN",
+        "--out", "alice", "--node", "tax", cwd=tmp_path,
+    )  # fmt: skip
+    assert analyst.returncode == 1 and "for operators" in analyst.stderr
+    enrolled = govshare(
+        *base, "--name", "zhang-wei", "--node", "tax", "--duties", "register,grant,approve",
+        "--out", "zhang-wei", cwd=tmp_path,
+    )  # fmt: skip
+    assert enrolled.returncode == 0, enrolled.stderr
+    assert "operator zhang-wei for node tax (approve, grant, register)" in " ".join(
+        enrolled.stdout.split()
+    )
+    # A department's own keys, signed by the administrator: the same binding.
+    keygen = govshare("node", "keygen", "--home", "wang", "--name", "wang-fang", cwd=tmp_path)
+    assert keygen.returncode == 0, keygen.stderr
+    signed = govshare(
+        "federation", "sign", "wang/wang-fang.csr", "--role", "operator", "--jurisdiction", "CN",
+        "--node", "tax", "--duties", "incident", "--out", "wang-public", cwd=tmp_path,
+    )  # fmt: skip
+    assert signed.returncode == 0, signed.stderr
+    roster = json.loads(govshare("federation", "roster", "--json", cwd=tmp_path).stdout)
+    operators = {m["name"]: (m["node"], m["duties"]) for m in roster["members"] if "node" in m}
+    assert operators == {
+        "zhang-wei": ("tax", ["approve", "grant", "register"]),
+        "wang-fang": ("tax", ["incident"]),
+    }
+    # Other members' entries carry no operator fields: their signed bytes are unchanged.
+    assert [m for m in roster["members"] if m["role"] != "operator" and "duties" in m] == []
