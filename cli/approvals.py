@@ -14,6 +14,7 @@ import click
 
 from govshare.cli.common import console, emit_json, home_option, json_option, render_table
 from govshare.cli.operator_identity import operator_for, operator_option
+from govshare.model.states import PENDING
 from govshare.node.operator import Operator, QueryDetails
 
 
@@ -152,7 +153,14 @@ def show(home: Path, query_id: str, as_json: bool) -> None:
 
 
 def _decide(home: Path, query_id: str, identity: str | None, *, approve: bool, reason: str) -> None:
-    record = operator_for(home, identity).decide(query_id, approve=approve, reason=reason)
+    operator = operator_for(home, identity)
+    record = operator.decide(query_id, approve=approve, reason=reason)
+    if approve and record.state == PENDING:
+        console.print(
+            f"query {record.query_id}: your approval is recorded; dataset {record.dataset} "
+            f"needs {operator.approvers(record.dataset)} different approvers"
+        )
+        return
     console.print(f"query {record.query_id} {record.state}: {record.message}")
 
 

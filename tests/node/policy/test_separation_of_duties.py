@@ -153,7 +153,13 @@ def test_a_dataset_requiring_two_approvers_counts_different_persons(
     assert json.loads(set_two.stdout) == {"dataset": "visits_two", "approvers": 2}
     query_id = pending(fed, "visits_two", grant_id)
 
-    operator(fed, "li-na").decide(query_id, approve=True, reason="first look")
+    first = subprocess.run(
+        [sys.executable, "-m", "govshare.cli", "approvals", "approve", query_id[:12],
+         "--home", str(home), "--reason", "first look", "--identity", str(fed.bundles["li-na"])],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert first.returncode == 0, first.stderr
+    assert "your approval is recorded" in first.stdout and "2 different" in first.stdout
     assert state(fed, query_id) == PENDING
     with pytest.raises(PolicyRefused, match="already approved") as again:
         operator(fed, "li-na").decide(query_id, approve=True, reason="me again")
