@@ -112,7 +112,9 @@ def run(
     queue = context.Queue()
     parties = [
         context.Process(
-            target=_party, args=(rank, protocol, inputs, key, out_dir, ports, cert_dir, queue)
+            target=_party,
+            args=(rank, protocol, inputs, key, out_dir, ports, cert_dir, queue),
+            daemon=True,  # ended with this process on a normal exit
         )
         for rank in (0, 1)
     ]
