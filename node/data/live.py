@@ -32,16 +32,19 @@ operator's look) opens a snapshot of its own and logs nothing.
 from __future__ import annotations
 
 import hashlib
+import itertools
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from decimal import Decimal
+from typing import cast
 
 from govshare.model.conditions import Condition
 from govshare.model.governance import ColumnKind, ColumnRule, DatasetInfo
 from govshare.node.audit.sink import AuditSink
 from govshare.node.data.catalog import (
+    BATCH_ROWS,
     REASONS_KEPT,
     Catalogue,
     Cell,
@@ -50,7 +53,7 @@ from govshare.node.data.catalog import (
     _blank_reason,
     _cell_converter,
 )
-from govshare.node.data.column_format import NullPolicy
+from govshare.node.data.column_format import ColumnFormat, NullPolicy
 from govshare.node.data.sources import (
     INTEGER,
     NUMERIC,
@@ -67,21 +70,20 @@ READ_EVENT = "dataset.read"
 class ReadTotals:
     """What one read saw: rows kept (after filters), rejected and skipped, and their digest."""
 
-    rows: int = 0
     rejected: int = 0
     skipped: int = 0
     reasons: list[RejectedRow] = field(default_factory=list)
     blanks: dict[str, int] = field(default_factory=dict)
-    _digests: list[bytes] = field(default_factory=list)
+    # One SHA-256 per row kept, of its canonical text (:meth:`LiveDataset.canonical`).
+    digests: list[bytes] = field(default_factory=list)
 
-    def kept(self, text: str) -> None:
-        """Count a row kept; ``text`` is its canonical form (:meth:`LiveDataset.canonical`)."""
-        self.rows += 1
-        self._digests.append(hashlib.sha256(text.encode()).digest())
+    @property
+    def rows(self) -> int:
+        return len(self.digests)
 
     def digest(self) -> str:
         """SHA-256 over the rows' sorted digests (module docstring)."""
-        return hashlib.sha256(b"".join(sorted(self._digests))).hexdigest()
+        return hashlib.sha256(b"".join(sorted(self.digests))).hexdigest()
 
 
 @dataclass
@@ -242,52 +244,74 @@ class LiveDataset:
             for rule in self._readable
             for fmt in (self._record.formats[rule.name],)
         ]
+        whole = [_column_reader(rule, convert) for rule, _, convert in readers]
         fast = [_fast_reader(convert) for _, _, convert in readers]
         template = self._template
-        for number, raw in enumerate(snapshot.select(self._source_columns, pushdown), start=1):
-            try:  # every cell present and good: the common case, at a few calls a cell
-                row = tuple([read(cell) for read, cell in zip(fast, raw, strict=True)])
+        selected = iter(snapshot.select(self._source_columns, pushdown))
+        number, keep, sha256 = 0, totals.digests.append, hashlib.sha256
+        while batch := list(itertools.islice(selected, BATCH_ROWS)):
+            rows: list[tuple[Cell, ...] | None]
+            try:  # a batch whose every cell is present and good: column by column
+                columns = zip(*batch, strict=True)
+                read = [reader(cells) for reader, cells in zip(whole, columns, strict=True)]
+                rows = list(zip(*read, strict=True))
             except _SlowPathError:
-                pass  # a blank, or a bad cell: read it again the careful way
-            else:
-                if all(check(row) for check in checks):
-                    totals.kept(template % row)
-                    yield row
-                continue
-            try:
-                values: list[Cell] = []
-                blanks: list[str] = []
-                skip = False
-                for (rule, fmt, convert), cell in zip(readers, raw, strict=True):
-                    text = "" if cell is None else cell.strip()
-                    if not text:
-                        if fmt.null is NullPolicy.REFUSE:
-                            raise MalformedInput(f"column {rule.name}: {_blank_reason(rule, fmt)}")
-                        blanks.append(rule.name)
-                        skip = skip or fmt.null is NullPolicy.SKIP_ROW
-                        values.append(0 if fmt.null is NullPolicy.ZERO else "")
-                        continue
-                    try:
-                        values.append(convert(text))
-                    except MalformedInput as exc:
-                        raise MalformedInput(f"column {rule.name}: {exc}") from None
-            except MalformedInput as exc:
-                reason = f"row {number} of the read: {exc}"
-                if refuse_bad:
-                    raise MalformedInput(reason, field=f"row {number}") from None
-                totals.rejected += 1
-                if len(totals.reasons) < REASONS_KEPT:
-                    totals.reasons.append(RejectedRow(number, reason))
-                continue
-            for column in blanks:
-                totals.blanks[column] = totals.blanks.get(column, 0) + 1
-            if skip:
-                totals.skipped += 1
-                continue
-            row = tuple(values)
-            if all(check(row) for check in checks):
-                totals.kept(template % row)
+                rows = [None] * len(batch)  # a blank or a bad cell in the batch: row by row
+            for raw, row in zip(batch, rows, strict=True):
+                number += 1
+                if row is None:
+                    row = self._row(number, raw, readers, fast, totals, refuse_bad=refuse_bad)
+                if row is None or (checks and not all(check(row) for check in checks)):
+                    continue
+                keep(sha256((template % row).encode()).digest())
                 yield row
+
+    @staticmethod
+    def _row(
+        number: int,
+        raw: Sequence[str | None],
+        readers: list[tuple[ColumnRule, ColumnFormat, Callable[[str], Cell]]],
+        fast: list[Callable[[str | None], Cell]],
+        totals: ReadTotals,
+        *,
+        refuse_bad: bool,
+    ) -> tuple[Cell, ...] | None:
+        """One row, or ``None`` when it is rejected or skipped (counted in ``totals``)."""
+        try:  # every cell present and good: a call a cell
+            return tuple([read(cell) for read, cell in zip(fast, raw, strict=True)])
+        except _SlowPathError:
+            pass  # a blank, or a bad cell: read it again the careful way
+        values: list[Cell] = []
+        blanks: list[str] = []
+        skip = False
+        try:
+            for (rule, fmt, convert), cell in zip(readers, raw, strict=True):
+                text = "" if cell is None else cell.strip()
+                if not text:
+                    if fmt.null is NullPolicy.REFUSE:
+                        raise MalformedInput(f"column {rule.name}: {_blank_reason(rule, fmt)}")
+                    blanks.append(rule.name)
+                    skip = skip or fmt.null is NullPolicy.SKIP_ROW
+                    values.append(0 if fmt.null is NullPolicy.ZERO else "")
+                    continue
+                try:
+                    values.append(convert(text))
+                except MalformedInput as exc:
+                    raise MalformedInput(f"column {rule.name}: {exc}") from None
+        except MalformedInput as exc:
+            reason = f"row {number} of the read: {exc}"
+            if refuse_bad:
+                raise MalformedInput(reason, field=f"row {number}") from None
+            totals.rejected += 1
+            if len(totals.reasons) < REASONS_KEPT:
+                totals.reasons.append(RejectedRow(number, reason))
+            return None
+        for column in blanks:
+            totals.blanks[column] = totals.blanks.get(column, 0) + 1
+        if skip:
+            totals.skipped += 1
+            return None
+        return tuple(values)
 
     def _index(self, column: str) -> int:
         return self._positions[column]
@@ -365,6 +389,33 @@ class LiveDataset:
 
 class _SlowPathError(Exception):
     """A cell the fast path does not read: blank, or bad."""
+
+
+def _column_reader(
+    rule: ColumnRule, convert: Callable[[str], Cell]
+) -> Callable[[tuple[str | None, ...]], list[Cell]]:
+    """A whole column of a batch read at once (most of it in C), or :class:`_SlowPathError`
+    for a blank or bad cell anywhere in it."""
+    labels = frozenset(rule.domain) if rule.kind is ColumnKind.GROUP_KEY else None
+
+    def read(cells: tuple[str | None, ...]) -> list[Cell]:
+        if None in cells:
+            raise _SlowPathError
+        texts = [cell.strip() for cell in cast("tuple[str, ...]", cells)]
+        if not all(texts):
+            raise _SlowPathError
+        if convert is str:
+            return list(texts)
+        if labels is not None:
+            if labels.issuperset(texts):
+                return list(texts)
+            raise _SlowPathError
+        try:
+            return list(map(convert, texts))
+        except MalformedInput:
+            raise _SlowPathError from None
+
+    return read
 
 
 def _fast_reader(convert: Callable[[str], Cell]) -> Callable[[str | None], Cell]:

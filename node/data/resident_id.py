@@ -22,6 +22,7 @@ The first-generation 15-digit numbers (withdrawn in 2013) are refused, not conve
 
 from __future__ import annotations
 
+import re
 from datetime import date
 
 from govshare.protocols.errors import MalformedInput
@@ -37,6 +38,8 @@ CHECK_BY_REMAINDER = "10X98765432"
 MIN_BIRTH_YEAR = 1850
 FIELD = "resident_id"
 _DIGITS = frozenset("0123456789")
+# 17 ASCII digits then a digit or X: a number the checks below need not take apart.
+_SHAPE = re.compile(r"[0-9]{17}[0-9X]")
 
 
 def check_digit(first17: str) -> str:
@@ -70,6 +73,11 @@ def normalise(raw: str) -> str:
     if not isinstance(raw, str):
         raise TypeError("resident id must be a str")
     value = raw.strip().upper()
+    if _SHAPE.fullmatch(value) is not None:  # the common case: 17 digits and a digit or X
+        _check_birth_date(value)
+        if CHECK_BY_REMAINDER[2 * int(value[:17], 13) % 11] != value[17]:
+            raise MalformedInput("resident id check character is wrong (character 18)", field=FIELD)
+        return value
     if len(value) == 15 and _DIGITS.issuperset(value):
         raise MalformedInput(
             "15-digit first-generation resident ids are not accepted; 18 characters required",
@@ -87,6 +95,13 @@ def normalise(raw: str) -> str:
     last = value[17]
     if last not in _DIGITS and last != "X":
         raise MalformedInput("resident id character 18 must be an ASCII digit or X", field=FIELD)
+    _check_birth_date(value)
+    if check_digit(value[:17]) != last:
+        raise MalformedInput("resident id check character is wrong (character 18)", field=FIELD)
+    return value
+
+
+def _check_birth_date(value: str) -> None:
     year, month, day = int(value[6:10]), int(value[10:12]), int(value[12:14])
     if year < MIN_BIRTH_YEAR:
         raise MalformedInput(
@@ -98,9 +113,6 @@ def normalise(raw: str) -> str:
         raise MalformedInput(
             "resident id birth date is not a calendar date (characters 7-14)", field=FIELD
         ) from None
-    if check_digit(value[:17]) != last:
-        raise MalformedInput("resident id check character is wrong (character 18)", field=FIELD)
-    return value
 
 
 def is_valid(raw: str) -> bool:
