@@ -8,8 +8,9 @@ one cluster would be two Ray jobs, whose workers Ray keeps restarting as the CPU
 one job to the other. It then times the exact PSI-cardinality query of ``bench/psi.py`` (two
 node processes over mutual TLS on loopback, a warm-up query first: pools start, Ray connects)
 with both nodes on ``[compute] backend = "local"`` and on ``backend = "ray"``, in the order
-local, ray, ray, local, so that drift in the machine's load falls on both alike. Prints each
-wall time, the counts (which must agree with the generator), and the ratio ray / local.
+local, ray, ray, local (``--rounds 1``: local, ray), so that drift in the machine's load falls
+on both alike. Prints each wall time, the counts (which must agree with the generator), and
+the ratio ray / local.
 
 On one machine, Ray brings no cores of its own: the ratio is what the backend costs (the
 driver process's pipe, Ray's scheduling and object store) against the process pool. Target
@@ -79,6 +80,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="100000")
     parser.add_argument("--dir", type=Path, default=Path("bench-run/compute"))
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="1: local, ray; 2: local, ray, ray, local"
+    )
     options = parser.parse_args()
     cores = os.cpu_count() or 1
     print(f"PSI cardinality (exact), two node processes over mTLS, {cores} cores; "
@@ -92,14 +96,15 @@ def main() -> None:
             root.mkdir(parents=True)
             expected = setup(root, n)
             walls: dict[str, list[float]] = {"local": [], "ray": []}
-            for backend in ("local", "ray", "ray", "local"):
+            order = ("local", "ray", "ray", "local")[: 2 * options.rounds]
+            for backend in order:
                 use_backend(root, backend, addresses)
                 row = run_path(root, n, expected, math.nan, path="batched", with_dp=False)
                 walls[backend].append(row["wall"])
                 print(f"{n:>10,} {backend:>6}: wall {row['wall']:7.1f} s, |A∩B| "
                       f"{int(row['count']):,} (expected {expected:,})", flush=True)  # fmt: skip
-            local = sum(walls["local"]) / 2
-            ray = sum(walls["ray"]) / 2
+            local = sum(walls["local"]) / len(walls["local"])
+            ray = sum(walls["ray"]) / len(walls["ray"])
             print(
                 f"{n:>10,} mean wall: local {local:.1f} s, ray {ray:.1f} s; "
                 f"ray / local = {ray / local:.2f} x (target <= 1.15 x)",
