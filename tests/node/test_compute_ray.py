@@ -38,7 +38,7 @@ from govshare.node.api.server import RunningNode, create_server
 from govshare.node.audit.auditlog import AuditLog
 from govshare.node.audit.witness import WitnessStore
 from govshare.node.compute.ray_cluster import RayExecutor
-from govshare.node.config import NodeConfig
+from govshare.node.config import NodeConfig, write_default
 from govshare.node.data.catalog import Catalogue
 from govshare.node.node import Node
 from govshare.node.policy.grants import GrantStore
@@ -351,3 +351,47 @@ def test_head_killed_mid_query_aborts_with_nothing_released_and_the_node_serves_
         assert len(opened) > 2  # the nodes opened new executors on the new cluster
     finally:
         serving.close()
+
+
+# --- configuration ----------------------------------------------------------------------------
+
+
+def test_compute_section_is_parsed_and_bad_values_refused(tmp_path: Path) -> None:
+    write_default(tmp_path, listen="127.0.0.1:1")
+    config = tmp_path / "node.toml"
+    template = config.read_text(encoding="utf-8")
+    assert NodeConfig.load(tmp_path).compute == compute.ComputeSettings()  # the template's
+    config.write_text(
+        template.replace('backend = "local"', 'backend = "ray"')
+        .replace('address = "auto"', 'address = "ray://head.tax.local:10001"')
+        .replace("num_cpus = 1", "num_cpus = 2"),
+        encoding="utf-8",
+    )
+    assert NodeConfig.load(tmp_path).compute == compute.ComputeSettings(
+        "ray", "ray://head.tax.local:10001", num_cpus=2.0
+    )
+    for old, new, field in [
+        ('backend = "local"', 'backend = "spark"', "backend"),
+        ('backend = "local"', 'backend = "ray"\naddress = "head"', "address"),
+        ("num_cpus = 1", "num_cpus = 0", "num_cpus"),
+        ("num_cpus = 1", 'num_cpus = "one"', "num_cpus"),
+    ]:
+        config.write_text(template.replace(old, new, 1).replace('address = "auto"\n', ""))
+        with pytest.raises(MalformedInput) as refused:
+            NodeConfig.load(tmp_path)
+        assert refused.value.field == field, (new, refused.value)
+
+
+def test_a_node_on_the_local_backend_never_imports_ray() -> None:
+    code = (
+        "import sys\n"
+        "from govshare.node import compute\n"
+        "from govshare.node.node import Node\n"
+        "from govshare.node.api import server\n"
+        "pool = compute.open_executor(compute.ComputeSettings(), 1)\n"
+        "assert pool.submit(sum, [1, 2]).result() == 3\n"
+        "pool.shutdown()\n"
+        "print('ray' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
