@@ -504,14 +504,15 @@ def run(workdir: Path, size: int, seed: int, *, live: bool = False) -> None:
         )
         demo.govshare("catalog", "show", "tax.residents", "--identity", "alice")
 
-        demo.step("9. Analyst: an intersection aggregate under Paillier encryption, with DP noise")
+        demo.step("9. Analyst: an intersection aggregate under SIMD-packed BFV, with DP noise")
         demo.govshare(
             "query", "sql", "--identity", "alice", "--purpose", PURPOSE, "--epsilon", "1",
             "--sum-bound", "30000", "--receipt", "receipts/aggregate.json", SQL_AGGREGATE,
         )  # fmt: skip
         console.print(
-            "[dim]civil sent one packed ciphertext per row under the analyst's fresh 3072-bit "
-            "key; tax summed the matches and added the noise; only the analyst decrypted.[/]"
+            "[dim]civil streamed its values in the slots of BFV ciphertexts under the analyst's "
+            "fresh keys; tax masked out the non-matches, summed, added the noise and flooded "
+            "it; only the analyst decrypted (--scheme paillier: one ciphertext per row).[/]"
         )
 
         demo.step("10. A horizontal aggregate over two health authorities, with approval")
