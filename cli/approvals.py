@@ -152,13 +152,22 @@ def show(home: Path, query_id: str, as_json: bool) -> None:
             click.echo(f"  {line.strip()}")
 
 
-def _decide(home: Path, query_id: str, identity: str | None, *, approve: bool, reason: str) -> None:
+def _decide(
+    home: Path, query_id: str, identity: str | None, *, approve: bool, reason: str, as_json: bool
+) -> None:
     operator = operator_for(home, identity)
     record = operator.decide(query_id, approve=approve, reason=reason)
-    if approve and record.state == PENDING:
+    needed = operator.approvers(record.dataset) if approve and record.state == PENDING else None
+    if as_json:
+        emit_json({
+            "query_id": record.query_id, "dataset": record.dataset, "state": record.state,
+            "message": record.message, "approvers_needed": needed,
+        })  # fmt: skip
+        return
+    if needed is not None:
         console.print(
             f"query {record.query_id}: your approval is recorded; dataset {record.dataset} "
-            f"needs {operator.approvers(record.dataset)} different approvers"
+            f"needs {needed} different approvers"
         )
         return
     console.print(f"query {record.query_id} {record.state}: {record.message}")
@@ -169,10 +178,13 @@ def _decide(home: Path, query_id: str, identity: str | None, *, approve: bool, r
 @click.argument("query_id")
 @click.option("--reason", default="", help="Recorded in the audit log.")
 @operator_option
-def approve(home: Path, query_id: str, reason: str, operator_identity: str | None) -> None:
+@json_option
+def approve(
+    home: Path, query_id: str, reason: str, operator_identity: str | None, as_json: bool
+) -> None:
     """Approve a pending query (a unique id prefix will do). Refused, naming its state, once
     it is not pending: expired, withdrawn by the analyst (cancelled), decided, or run."""
-    _decide(home, query_id, operator_identity, approve=True, reason=reason)
+    _decide(home, query_id, operator_identity, approve=True, reason=reason, as_json=as_json)
 
 
 @group.command("deny")
@@ -180,6 +192,9 @@ def approve(home: Path, query_id: str, reason: str, operator_identity: str | Non
 @click.argument("query_id")
 @click.option("--reason", required=True, help="Told to the analyst and recorded.")
 @operator_option
-def deny(home: Path, query_id: str, reason: str, operator_identity: str | None) -> None:
+@json_option
+def deny(
+    home: Path, query_id: str, reason: str, operator_identity: str | None, as_json: bool
+) -> None:
     """Deny a pending query (a unique id prefix will do)."""
-    _decide(home, query_id, operator_identity, approve=False, reason=reason)
+    _decide(home, query_id, operator_identity, approve=False, reason=reason, as_json=as_json)

@@ -36,9 +36,16 @@ def group() -> None:
 @group.command("init")
 @_fed_dir
 @click.option("--name", required=True, help="Federation name (one DNS label).")
-def init(directory: Path, name: str) -> None:
+@json_option
+def init(directory: Path, name: str, as_json: bool) -> None:
     """Create the federation CA and an empty signed roster."""
     cert, roster = init_federation(directory, name)
+    if as_json:
+        emit_json({
+            "federation": name, "directory": str(directory), "roster_version": roster.version,
+            "ca_valid_until": cert.not_valid_after_utc.isoformat(),
+        })  # fmt: skip
+        return
     console.print(
         f"federation [bold]{name}[/] created in {directory} "
         f"(CA valid until {cert.not_valid_after_utc:%Y-%m-%d}, roster version {roster.version})"
@@ -103,6 +110,7 @@ _duties = click.option(
 @_reissue
 @_node
 @_duties
+@json_option
 def enrol(
     directory: Path,
     role: str | None,
@@ -113,6 +121,7 @@ def enrol(
     reissue: bool,
     node: str | None,
     duties: str | None,
+    as_json: bool,
 ) -> None:
     """Issue a member's TLS certificate and signing key, and re-sign the roster.
 
@@ -133,6 +142,12 @@ def enrol(
         node=node,
         duties=parse_duties(duties) if duties else None,
     )
+    if as_json:
+        emit_json({
+            "member": federation.roster.member(name).to_json(), "reissued": reissue,
+            "roster_version": federation.roster.version, "out": str(out),
+        })  # fmt: skip
+        return
     console.print(_enrolled_line("re-issued" if reissue else "enrolled", federation, name, out))
 
 
@@ -203,9 +218,13 @@ def sign(
 @group.command("revoke")
 @_fed_dir
 @click.argument("name")
-def revoke(directory: Path, name: str) -> None:
+@json_option
+def revoke(directory: Path, name: str, as_json: bool) -> None:
     """Remove a member from the roster; publish the roster for nodes to refuse it."""
     federation = Federation.load(directory).revoke(name)
+    if as_json:
+        emit_json({"revoked": name, "roster_version": federation.roster.version})
+        return
     console.print(
         f"{name} removed; roster version {federation.roster.version} "
         "(run 'govshare federation publish' to hand it to the nodes)"
@@ -275,11 +294,17 @@ def suspend(
 @click.argument(
     "bundles", nargs=-1, required=True, type=click.Path(file_okay=False, path_type=Path)
 )
-def publish(directory: Path, bundles: tuple[Path, ...]) -> None:
+@json_option
+def publish(directory: Path, bundles: tuple[Path, ...], as_json: bool) -> None:
     """Copy the current signed roster into members' identity bundles."""
     federation = Federation.load(directory)
     for bundle in bundles:
         federation.publish_roster(bundle)
+    if as_json:
+        emit_json({
+            "roster_version": federation.roster.version, "published": [str(b) for b in bundles]
+        })  # fmt: skip
+        return
     console.print(
         f"roster version {federation.roster.version} published to {len(bundles)} bundle(s)"
     )

@@ -40,13 +40,17 @@ def group() -> None:
     show_default=True,
     help="The node's identity bundle, relative to the home.",
 )
-def init(home: Path, listen: str, identity: str) -> None:
+@json_option
+def init(home: Path, listen: str, identity: str, as_json: bool) -> None:
     """Write node.toml with documented defaults and create the node's stores.
 
     The node must be enrolled first (its identity bundle in the home): otherwise nothing is
     written, and the error says how to enrol.
     """
     name, path = initialise(home, listen=listen, identity=identity)
+    if as_json:
+        emit_json({"node": name, "config": str(path), "listen": listen})
+        return
     console.print(f"node [bold]{name}[/] initialised: {path}")
 
 

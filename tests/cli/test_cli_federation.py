@@ -44,6 +44,33 @@ def test_init_enrol_roster_as_subprocess(tmp_path: Path) -> None:
     assert roster["version"] == 2
 
 
+def test_the_administrators_commands_answer_in_json(tmp_path: Path) -> None:
+    """Every command that prints data takes --json: one JSON document on stdout, nothing else."""
+
+    def answer(*args: str) -> dict[str, object]:
+        ran = govshare(*args, "--json", cwd=tmp_path)
+        assert ran.returncode == 0, ran.stderr
+        return dict(json.loads(ran.stdout))
+
+    created = answer("federation", "init", "--name", "demo")
+    assert (created["federation"], created["roster_version"]) == ("demo", 1)
+    assert str(created["ca_valid_until"]) > "2026"
+    enrolled = answer(
+        "federation", "enrol", "--role", "node", "--name", "tax", "--jurisdiction", "CN",
+        "--address", "127.0.0.1:7101", "--out", "tax",
+    )  # fmt: skip
+    member = enrolled["member"]
+    assert isinstance(member, dict)
+    assert (member["name"], member["role"], enrolled["roster_version"]) == ("tax", "node", 2)
+    assert enrolled["reissued"] is False and enrolled["out"] == "tax"
+    published = answer("federation", "publish", "tax")
+    assert published == {"roster_version": 2, "published": ["tax"]}
+    initialised = answer("node", "init", "--home", "tax", "--listen", "127.0.0.1:7101")
+    assert initialised["node"] == "tax" and str(initialised["config"]).endswith("node.toml")
+    revoked = answer("federation", "revoke", "tax")
+    assert revoked == {"revoked": "tax", "roster_version": 3}
+
+
 def test_error_is_one_line_and_exit_1(tmp_path: Path) -> None:
     result = govshare(
         "federation", "enrol", "--role", "analyst", "--name", "alice",
