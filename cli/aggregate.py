@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from decimal import Decimal
 from typing import Any
 
 import click
 from rich.table import Table
 
-from govshare.cli.common import console
+from govshare.cli.common import console, err_console
 from govshare.client.analyst_aggregate import (
     DEFAULT_INTERSECTION_SCHEME,
     AggregateOutcome,
@@ -29,12 +30,22 @@ scheme_option = click.option(
 )
 
 
-def _figure(figure: Figure) -> dict[str, object]:
-    return {
+def _figure(figure: Figure, places: int = 0) -> dict[str, object]:
+    """A figure for --json: ``value`` and ``interval95`` as summed (stored units); with
+    ``places`` (a column kept at a scale) also ``amount``, the value in the declared unit."""
+    out: dict[str, object] = {
         "value": figure.value,
         "noise_scale": None if figure.noise_scale is None else str(figure.noise_scale),
         "interval95": figure.interval,
     }
+    if places:
+        out["amount"] = None if figure.value is None else _decimal(figure.value, places)
+    return out
+
+
+def _decimal(value: int, places: int) -> str:
+    """``value / 10^places`` as exact decimal text (12345, 2 -> "123.45")."""
+    return f"{Decimal(value).scaleb(-places):f}"
 
 
 def outcome_to_json(outcome: AggregateOutcome) -> dict[str, object]:
@@ -44,13 +55,19 @@ def outcome_to_json(outcome: AggregateOutcome) -> dict[str, object]:
         "scheme": outcome.scheme,
         "epsilon": None if outcome.epsilon is None else format_epsilon(outcome.epsilon),
         "min_group_size": outcome.min_group_size,
+        "units": dict(outcome.units),
+        "unit_warning": outcome.unit_warning,
         "groups": [
             {
                 "group": g.label,
                 "suppressed": g.suppressed,
                 "count": _figure(g.count),
-                "sums": {c: _figure(f) for c, f in g.sums.items()},
-                "averages": {c: None if a is None else float(a) for c, a in g.averages.items()},
+                "sums": {c: _figure(f, outcome.units.get(c, 0)) for c, f in g.sums.items()},
+                # In the column's declared unit.
+                "averages": {
+                    c: None if a is None else float(a / 10 ** outcome.units.get(c, 0))
+                    for c, a in g.averages.items()
+                },
             }
             for g in outcome.groups
         ],
@@ -65,10 +82,14 @@ def outcome_to_json(outcome: AggregateOutcome) -> dict[str, object]:
     }
 
 
-def _cell(figure: Mapping[str, Any]) -> str:
+def _cell(figure: Mapping[str, Any], places: int = 0) -> str:
     value, interval = figure.get("value"), figure.get("interval95")
     if value is None:
         return "suppressed"
+    if places:  # in the declared unit, grouped: 1,575.00 ±3.20
+        shown = f"{Decimal(value).scaleb(-places):,.{places}f}"
+        spread = None if interval is None else f"{Decimal(interval).scaleb(-places):,.{places}f}"
+        return shown + ("" if spread is None else f" ±{spread}")
     return f"{value:,}" + ("" if interval is None else f" ±{interval:,}")
 
 
@@ -85,6 +106,7 @@ def render_aggregate_json(result: Mapping[str, Any]) -> None:
     analyst's results store) as a table with its noise, suppression and budget lines."""
     groups: list[Mapping[str, Any]] = list(result.get("groups", []))
     columns = list(groups[0]["sums"]) if groups else []
+    units: Mapping[str, int] = result.get("units") or {}
     table = Table(
         title=f"{result['kind']} ({result['scheme']}), query {result['query_id']}",
         header_style="bold",
@@ -99,7 +121,7 @@ def render_aggregate_json(result: Mapping[str, Any]) -> None:
         for column in columns:
             average = group["averages"].get(column)
             cells += [
-                _cell(group["sums"][column]),
+                _cell(group["sums"][column], units.get(column, 0)),
                 "suppressed" if average is None else f"{float(average):,.2f}",
             ]
         table.add_row(*cells)
@@ -117,6 +139,13 @@ def render_aggregate_json(result: Mapping[str, Any]) -> None:
             + "; ± is the 95% interval"
         )
     console.print(f"groups with a noisy count under k = {result['min_group_size']} are suppressed")
+    if units:
+        places = ", ".join(f"{c} to {p} decimal places" for c, p in units.items())
+        console.print(
+            f"sums and averages in each column's declared unit ({places})", soft_wrap=True
+        )
+    if result.get("unit_warning"):
+        err_console.print(f"warning: {result['unit_warning']}")
     for node, budget in result.get("budgets", {}).items():
         console.print(
             f"{node}: ε spent {budget['epsilon_spent']}, "

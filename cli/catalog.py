@@ -135,6 +135,8 @@ def show(identity: Path, dataset: str, as_json: bool) -> None:
         if entry.ledger is not None:
             spent, reserved, left = (format_epsilon(v) for v in entry.ledger)
             payload["epsilon"] = {"spent": spent, "reserved": reserved, "left": left}
+        for column in payload["columns"]:
+            column["scale"] = entry.scales.get(column["name"], 0)
         emit_json(payload)
         return
     console.print(
@@ -144,7 +146,13 @@ def show(identity: Path, dataset: str, as_json: bool) -> None:
     console.print(f"owner {info.owner.kind.value}: {info.owner.name}; held by {info.owner.holder}")
     console.print(f"{info.row_count:,} rows. {info.description}")
     for column in info.columns:
-        console.print(f"  {_rule_text(column)}")
+        places = entry.scales.get(column.name)
+        unit = (
+            f", kept to {places} decimal places (SUM bounds in 1/10^{places} units)"
+            if places
+            else ""
+        )
+        console.print(f"  {_rule_text(column)}{unit}")
     if entry.ledger is not None:
         spent, reserved, left = (format_epsilon(v) for v in entry.ledger)
         console.print(

@@ -373,7 +373,8 @@ def psi(
     type=click.IntRange(min=1),
     default=DEFAULT_SUM_BOUND,
     show_default=True,
-    help="Each SUM clips every value to [0, bound] (its DP sensitivity).",
+    help="Each SUM clips every value to [0, bound] (its DP sensitivity), in the column's "
+    "stored units: for a column kept to 2 decimal places (catalog show says), 30000 is 300.00.",
 )
 @scheme_option
 @_receipt

@@ -44,7 +44,7 @@ from govshare.model.aggregate_plan import (
 )
 from govshare.model.digests import key_fingerprint
 from govshare.model.epsilon import parse_epsilon
-from govshare.model.governance import QueryKind
+from govshare.model.governance import QueryKind, column_scales
 from govshare.model.identity import Identity
 from govshare.model.query_plan import Side
 from govshare.protocols import dp, masks
@@ -99,6 +99,10 @@ class AggregateOutcome:
     receipt: Receipt | None  # None: see receipt_error (the result stands)
     body: dict[str, Any] = field(default_factory=dict)  # the signed plan (and its SQL)
     receipt_error: str | None = None
+    # Decimal places of each SUM column kept at a scale: a sum s reads s / 10^places in the
+    # column's declared unit (the nodes holding it said so); ``unit_warning`` when they differ.
+    units: dict[str, int] = field(default_factory=dict)
+    unit_warning: str | None = None
 
 
 @dataclass
@@ -236,7 +240,42 @@ def _run(
         receipt=receipt,
         body=body,
         receipt_error=asked.receipt_error,
+        **result_units(plan, results),
     )
+
+
+def result_units(
+    plan: AggregatePlan, results: Mapping[str, aggregate_pb2.AggregateResult]
+) -> dict[str, Any]:
+    """``units`` and ``unit_warning`` of an outcome from the nodes' column scales. A column the
+    nodes keep at different scales (a horizontal sum of fen and yuan) gets no unit, and a
+    warning that its sum mixes units; a scale out of range is a warning too (the result was
+    released: it is shown as summed, never lost)."""
+    told: dict[str, dict[str, int]] = {}
+    problems: list[str] = []
+    for node, result in results.items():
+        try:
+            told[node] = column_scales(dict(result.column_scales), where=f"node {node}'s result")
+        except MalformedInput as exc:
+            told[node] = {}
+            problems.append(f"{exc}; its sums are shown as summed")
+    holders = (
+        [plan.values.node] if isinstance(plan, IntersectionPlan) else [p.node for p in plan.parts]
+    )
+    units: dict[str, int] = {}
+    mixed: list[str] = []
+    for column in (s.column for s in plan.figures.sums):
+        places = {told[n].get(column, 0) for n in holders if n in told}
+        if len(places) > 1:
+            mixed.append(column)
+        elif places and (only := places.pop()):
+            units[column] = only
+    if mixed:
+        problems.append(
+            f"SUM({', '.join(mixed)}) adds values the nodes keep at different decimal scales: "
+            "the total mixes units"
+        )
+    return {"units": units, "unit_warning": "; ".join(problems) or None}
 
 
 def _decrypt(plan: AggregatePlan, key: _Key, ciphertexts: list[bytes]) -> dict[str, int]:

@@ -7,7 +7,8 @@ docstring gives the encoding and the rules.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from fractions import Fraction
 
 from cryptography.exceptions import InvalidSignature
@@ -97,6 +98,8 @@ class CatalogEntry:
     crossborder: tuple[CrossBorderRecord, ...] = ()
     # The asking analyst's ε on the dataset: (spent, reserved, left), when the node told it.
     ledger: tuple[Fraction, Fraction, Fraction] | None = None
+    # Decimal places of its columns kept at a scale (a stored v reads v / 10^scale).
+    scales: Mapping[str, int] = field(default_factory=dict)
 
 
 def canonical_bytes(record: Assessment) -> bytes:

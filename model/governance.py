@@ -11,8 +11,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+
+from govshare.protocols.errors import MalformedInput
 
 
 class Grade(StrEnum):
@@ -25,6 +28,24 @@ class SharingType(StrEnum):
     UNCONDITIONAL = "unconditional"
     CONDITIONAL = "conditional"
     NONE = "none"
+
+
+# Decimal places an aggregate column may be kept at (``aggregate:scale=N``): at 9 a 64-bit
+# column still holds ±9.2 billion whole units; more places than that is a unit error (store the
+# smaller unit instead).
+MAX_SCALE = 9
+
+
+def column_scales(pairs: Mapping[str, int], *, where: str) -> dict[str, int]:
+    """Column -> decimal places as a node tells them (catalogue entry, aggregate result).
+
+    Raises:
+        MalformedInput: a scale outside 1..MAX_SCALE (0 is never listed).
+    """
+    bad = sorted(c for c, s in pairs.items() if not 0 < s <= MAX_SCALE)
+    if bad:
+        raise MalformedInput(f"{where}: column {bad[0]!r} has no valid scale", field="scale")
+    return dict(pairs)
 
 
 class ColumnKind(StrEnum):

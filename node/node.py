@@ -387,6 +387,12 @@ class Node:
         ]
         return applications, grants
 
+    def column_scales(self, name: str) -> dict[str, int]:
+        """Decimal places of ``name``'s columns kept at a scale (a stored v reads v / 10^scale
+        in the column's declared unit): what the catalogue and an aggregate's result tell."""
+        formats = self.catalogue.record(name).formats
+        return {column: fmt.scale for column, fmt in formats.items() if fmt.scale}
+
     def describe_dataset(self, caller: Caller, name: str) -> DatasetInfo:
         dataset = self.catalogue.get(name)
         if not visible_to(caller, dataset):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from fractions import Fraction
 
 from govshare.model.crossborder import (
@@ -20,6 +20,7 @@ from govshare.model.governance import (
     Owner,
     OwnerKind,
     SharingType,
+    column_scales,
 )
 from govshare.protocols.errors import MalformedInput
 from govshare.v1 import catalog_pb2
@@ -31,10 +32,13 @@ def dataset_to_proto(
     *,
     crossborder: Iterable[Assessment] = (),
     ledger: tuple[Fraction, Fraction, Fraction] | None = None,
+    scales: Mapping[str, int] | None = None,
 ) -> catalog_pb2.Dataset:
     """The catalogue entry of ``info``; ``crossborder`` are its assessments in force, of which
     only destination, reference and expiry are shown (never the basis or the signature);
-    ``ledger`` the asking analyst's (spent, reserved, left) ε on it."""
+    ``ledger`` the asking analyst's (spent, reserved, left) ε on it; ``scales`` the decimal
+    places of its columns kept at a scale."""
+    scales = scales or {}
     message = catalog_pb2.Dataset(
         node=node,
         name=info.name,
@@ -51,6 +55,7 @@ def dataset_to_proto(
                 key_type=c.key_type or "",
                 domain=list(c.domain),
                 mask=c.mask or "",
+                scale=scales.get(c.name, 0),
             )
             for c in info.columns
         ],
@@ -142,4 +147,8 @@ def catalog_entry_from_proto(message: catalog_pb2.Dataset) -> CatalogEntry:
             parse_epsilon(entry.reserved),
             parse_epsilon(entry.left),
         )
-    return CatalogEntry(dataset_from_proto(message), tuple(records), ledger)
+    scales = column_scales(
+        {c.name: c.scale for c in message.columns if c.scale},
+        where=f"catalogue entry {message.name!r}",
+    )
+    return CatalogEntry(dataset_from_proto(message), tuple(records), ledger, scales)

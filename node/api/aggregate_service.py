@@ -50,4 +50,5 @@ class AggregateService(aggregate_pb2_grpc.AggregateServicer):
             grant_id=release.grant_id,
             epsilon_spent=format_epsilon(release.epsilon_spent),
             epsilon_remaining=format_epsilon(release.epsilon_remaining),
+            column_scales=release.column_scales,
         )

@@ -103,7 +103,12 @@ class CatalogService(catalog_pb2_grpc.CatalogServicer):
         datasets = node.list_datasets(current_caller())
         return catalog_pb2.ListDatasetsResponse(
             datasets=[
-                dataset_to_proto(node.name, d, crossborder=node.crossborder_in_force(d.name))
+                dataset_to_proto(
+                    node.name,
+                    d,
+                    crossborder=node.crossborder_in_force(d.name),
+                    scales=node.column_scales(d.name),
+                )
                 for d in datasets
             ]
         )
@@ -119,7 +124,7 @@ class CatalogService(catalog_pb2_grpc.CatalogServicer):
         dataset = self._node.describe_dataset(caller, name)
         return dataset_to_proto(
             self._node.name, dataset, crossborder=self._node.crossborder_in_force(name),
-            ledger=self._node.ledger(caller.name, name),
+            ledger=self._node.ledger(caller.name, name), scales=self._node.column_scales(name),
         )  # fmt: skip
 
 

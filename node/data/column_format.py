@@ -27,14 +27,11 @@ import re
 from dataclasses import dataclass
 from enum import StrEnum
 
-from govshare.model.governance import ColumnKind, ColumnRule
+from govshare.model.governance import MAX_SCALE, ColumnKind, ColumnRule
 from govshare.protocols.errors import MalformedInput
 
 # Aggregate cells are signed 64-bit integers, SQLite's INTEGER.
 MAX_ABS_AGGREGATE = 2**63 - 1
-# At scale 9 a 64-bit column still holds ±9.2 billion whole units; more places than that is a
-# unit error (store the smaller unit instead).
-MAX_SCALE = 9
 
 _DECIMAL = re.compile(r"^([+-]?)([0-9]+)(?:\.([0-9]+))?$")
 # Longer than any 64-bit value at any scale, with sign, point and trailing zeros to spare:

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from datetime import date
+from decimal import Decimal
 from fractions import Fraction
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from conftest import (
     PURPOSE,
     FederationFixture,
     PsiData,
+    grant,
     psi_shift,
     wait_for_next_second,
 )
@@ -577,3 +579,74 @@ def test_a_grant_still_admits_real_queries_after_replace(
     answer = json.loads(asked.stdout)
     # Of the refreshed rows: 120 shared keys, not the first version's 60.
     assert abs(answer["count"] - 120) <= psi_shift()
+
+
+def test_sums_of_a_decimal_column_are_shown_in_its_declared_unit(
+    fed: FederationFixture, psi_data: PsiData, tmp_path: Path
+) -> None:
+    """Yuan imported at scale 2 are summed as fen and read back as yuan: the catalogue says
+    the scale, the result carries it, and the table and --json show the sum in yuan."""
+    tax_home = fed.node_home("tax")
+    keys = psi_data.civil.catalogue.keys("assistance", "id_number")[:80]
+    costs = [f"{100 + i}.{(7 * i) % 100:02d}" for i in range(len(keys))]
+    fen = sum(int(c.replace(".", "")) for c in costs)
+    path = tmp_path / "costs.csv"
+    lines = ["id_number,total_cost_yuan"] + [f"{k},{c}" for k, c in zip(keys, costs, strict=True)]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    added = govshare(
+        "dataset", "add", str(path), "--home", str(tax_home), "--name", "costs_yuan",
+        "--grade", "general", "--sharing", "conditional", "--owner-kind", "state",
+        "--owner", "State Taxation Administration", "--column", "id_number=join_key:resident_id",
+        "--column", "total_cost_yuan=aggregate:scale=2", "--identity", fed.operator("tax"),
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert added.returncode == 0, added.stderr
+    granted = govshare(
+        "grant", "add", "--home", str(tax_home), "--dataset", "costs_yuan", "--grantee", "alice",
+        "--purpose", PURPOSE, "--columns", "id_number,total_cost_yuan",
+        "--kinds", "intersection_aggregate", "--expires", "2099-12-31", "--epsilon", "100",
+        "--max-queries", "10", "--identity", fed.operator("tax"), cwd=tmp_path,
+    )  # fmt: skip
+    assert granted.returncode == 0, granted.stderr
+    grant(psi_data.civil, "assistance", "alice", ["id_number"], [QueryKind.INTERSECTION_AGGREGATE])
+    alice = str(fed.bundles["alice"])
+
+    shown = govshare("catalog", "show", "tax.costs_yuan", "--identity", alice, cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    assert "total_cost_yuan aggregate, kept to 2 decimal places" in shown.stdout
+    entry = json.loads(
+        govshare("catalog", "show", "tax.costs_yuan", "--identity", alice, "--json",
+                 cwd=tmp_path).stdout
+    )  # fmt: skip
+    assert {c["name"]: c["scale"] for c in entry["columns"]} == {
+        "id_number": 0, "total_cost_yuan": 2
+    }  # fmt: skip
+
+    sql = (
+        "SELECT COUNT(*), SUM(t.total_cost_yuan) FROM civil.assistance a "
+        "JOIN tax.costs_yuan t ON a.id_number = t.id_number"
+    )
+    asked = govshare(
+        "query", "sql", "--identity", alice, "--purpose", PURPOSE, "--epsilon", "8",
+        "--sum-bound", "50000", "--json", sql, cwd=tmp_path,
+    )  # fmt: skip
+    assert asked.returncode == 0, asked.stderr
+    answer = json.loads(asked.stdout)
+    assert answer["units"] == {"total_cost_yuan": 2} and answer["unit_warning"] is None
+    (group,) = answer["groups"]
+    total = group["sums"]["total_cost_yuan"]
+    # The noisy sum, in fen, within a generous multiple of its 95% half-width of the truth...
+    assert abs(total["value"] - fen) <= 4 * total["interval95"] + 1
+    # ...and the same figure in yuan, exactly: value / 100 as decimal text, two places.
+    assert Decimal(total["amount"]) == Decimal(total["value"]) / 100
+    assert len(total["amount"].split(".")[1]) == 2
+    average = group["averages"]["total_cost_yuan"]
+    assert average == pytest.approx(total["value"] / group["count"]["value"] / 100)
+
+    table = govshare(
+        "query", "sql", "--identity", alice, "--purpose", PURPOSE, "--epsilon", "8",
+        "--sum-bound", "50000", sql, cwd=tmp_path,
+    )  # fmt: skip
+    assert table.returncode == 0, table.stderr
+    assert "sums and averages in each column's declared unit" in table.stdout
+    assert "total_cost_yuan to 2 decimal places" in table.stdout

@@ -282,6 +282,9 @@ class AggregateRelease:
     grant_id: str
     epsilon_spent: Fraction
     epsilon_remaining: Fraction
+    # Decimal places of this node's summed columns kept at a scale (the analyst reads each SUM
+    # in its declared unit).
+    column_scales: dict[str, int] = field(default_factory=dict)
 
 
 # Worker-process cache: one parsed key (and its fixed-base table) per key encoding and window.
@@ -460,9 +463,25 @@ class AggregateEngine:
                 record.grant_id,
                 record.epsilon,
                 self._remaining(record),
+                self._sum_scales(plan),
             )
 
         return self._queries.execute(caller, query_id, body, close=self._close)
+
+    def _sum_scales(self, plan: AggregatePlan) -> dict[str, int]:
+        """Decimal places of the SUM columns this node holds, where kept at a scale."""
+        if isinstance(plan, IntersectionPlan):
+            datasets = [plan.values.dataset] if self.name == plan.values.node else []
+        else:
+            datasets = [p.dataset for p in plan.parts if p.node == self.name]
+        summed = {s.column for s in plan.figures.sums}
+        scales: dict[str, int] = {}
+        for dataset in datasets:
+            formats = self._catalogue.record(dataset).formats
+            scales.update(
+                (c, f.scale) for c, f in formats.items() if c in summed and f.scale
+            )  # fmt: skip
+        return scales
 
     def _remaining(self, record: QueryRecord) -> Fraction:
         """ε left to the analyst on the dataset: under the grant's cap and the ledger's."""

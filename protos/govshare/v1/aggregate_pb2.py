@@ -24,13 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bgovshare/v1/aggregate.proto\x12\x0bgovshare.v1\"C\n\x0c\x45phemeralKey\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x12\n\npublic_key\x18\x02 \x01(\x0c\x12\x11\n\tsignature\x18\x03 \x01(\x0c\"\"\n\x0ePrepareRequest\x12\x10\n\x08query_id\x18\x01 \x01(\t\"h\n\x13\x41ggregateRunRequest\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\'\n\x04keys\x18\x02 \x03(\x0b\x32\x19.govshare.v1.EphemeralKey\x12\x16\n\x0epublic_context\x18\x03 \x01(\x0c\"\x82\x01\n\x0f\x41ggregateResult\x12\x13\n\x0b\x63iphertexts\x18\x01 \x03(\x0c\x12\x16\n\x0emin_group_size\x18\x02 \x01(\x03\x12\x10\n\x08grant_id\x18\x03 \x01(\t\x12\x15\n\repsilon_spent\x18\x04 \x01(\t\x12\x19\n\x11\x65psilon_remaining\x18\x05 \x01(\t2\x95\x01\n\tAggregate\x12\x41\n\x07Prepare\x12\x1b.govshare.v1.PrepareRequest\x1a\x19.govshare.v1.EphemeralKey\x12\x45\n\x03Run\x12 .govshare.v1.AggregateRunRequest\x1a\x1c.govshare.v1.AggregateResultb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bgovshare/v1/aggregate.proto\x12\x0bgovshare.v1\"C\n\x0c\x45phemeralKey\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x12\n\npublic_key\x18\x02 \x01(\x0c\x12\x11\n\tsignature\x18\x03 \x01(\x0c\"\"\n\x0ePrepareRequest\x12\x10\n\x08query_id\x18\x01 \x01(\t\"h\n\x13\x41ggregateRunRequest\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\'\n\x04keys\x18\x02 \x03(\x0b\x32\x19.govshare.v1.EphemeralKey\x12\x16\n\x0epublic_context\x18\x03 \x01(\x0c\"\xfe\x01\n\x0f\x41ggregateResult\x12\x13\n\x0b\x63iphertexts\x18\x01 \x03(\x0c\x12\x16\n\x0emin_group_size\x18\x02 \x01(\x03\x12\x10\n\x08grant_id\x18\x03 \x01(\t\x12\x15\n\repsilon_spent\x18\x04 \x01(\t\x12\x19\n\x11\x65psilon_remaining\x18\x05 \x01(\t\x12\x45\n\rcolumn_scales\x18\x06 \x03(\x0b\x32..govshare.v1.AggregateResult.ColumnScalesEntry\x1a\x33\n\x11\x43olumnScalesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\x32\x95\x01\n\tAggregate\x12\x41\n\x07Prepare\x12\x1b.govshare.v1.PrepareRequest\x1a\x19.govshare.v1.EphemeralKey\x12\x45\n\x03Run\x12 .govshare.v1.AggregateRunRequest\x1a\x1c.govshare.v1.AggregateResultb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'govshare.v1.aggregate_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_AGGREGATERESULT_COLUMNSCALESENTRY']._loaded_options = None
+  _globals['_AGGREGATERESULT_COLUMNSCALESENTRY']._serialized_options = b'8\001'
   _globals['_EPHEMERALKEY']._serialized_start=44
   _globals['_EPHEMERALKEY']._serialized_end=111
   _globals['_PREPAREREQUEST']._serialized_start=113
@@ -38,7 +40,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_AGGREGATERUNREQUEST']._serialized_start=149
   _globals['_AGGREGATERUNREQUEST']._serialized_end=253
   _globals['_AGGREGATERESULT']._serialized_start=256
-  _globals['_AGGREGATERESULT']._serialized_end=386
-  _globals['_AGGREGATE']._serialized_start=389
-  _globals['_AGGREGATE']._serialized_end=538
+  _globals['_AGGREGATERESULT']._serialized_end=510
+  _globals['_AGGREGATERESULT_COLUMNSCALESENTRY']._serialized_start=459
+  _globals['_AGGREGATERESULT_COLUMNSCALESENTRY']._serialized_end=510
+  _globals['_AGGREGATE']._serialized_start=513
+  _globals['_AGGREGATE']._serialized_end=662
 # @@protoc_insertion_point(module_scope)

@@ -103,11 +103,32 @@ Global___AggregateRunRequest: _TypeAlias = AggregateRunRequest  # noqa: Y015
 class AggregateResult(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class ColumnScalesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     CIPHERTEXTS_FIELD_NUMBER: _builtins.int
     MIN_GROUP_SIZE_FIELD_NUMBER: _builtins.int
     GRANT_ID_FIELD_NUMBER: _builtins.int
     EPSILON_SPENT_FIELD_NUMBER: _builtins.int
     EPSILON_REMAINING_FIELD_NUMBER: _builtins.int
+    COLUMN_SCALES_FIELD_NUMBER: _builtins.int
     min_group_size: _builtins.int
     """This node's smallest releasable group (k): groups with a noisy count below it are withheld."""
     grant_id: _builtins.str
@@ -118,6 +139,12 @@ class AggregateResult(_message.Message):
     def ciphertexts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
         """For the analyst: the result ciphertexts (matcher or aggregator); empty on other nodes."""
 
+    @_builtins.property
+    def column_scales(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Decimal places of this node's summed columns (catalog.ColumnRule.scale), for the analyst
+        to read each SUM in its declared unit; only columns kept at a scale are listed.
+        """
+
     def __init__(
         self,
         *,
@@ -126,10 +153,11 @@ class AggregateResult(_message.Message):
         grant_id: _builtins.str = ...,
         epsilon_spent: _builtins.str = ...,
         epsilon_remaining: _builtins.str = ...,
+        column_scales: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ciphertexts", b"ciphertexts", "epsilon_remaining", b"epsilon_remaining", "epsilon_spent", b"epsilon_spent", "grant_id", b"grant_id", "min_group_size", b"min_group_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ciphertexts", b"ciphertexts", "column_scales", b"column_scales", "epsilon_remaining", b"epsilon_remaining", "epsilon_spent", b"epsilon_spent", "grant_id", b"grant_id", "min_group_size", b"min_group_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19govshare/v1/catalog.proto\x12\x0bgovshare.v1\"X\n\nColumnRule\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x10\n\x08key_type\x18\x03 \x01(\t\x12\x0e\n\x06\x64omain\x18\x04 \x03(\t\x12\x0c\n\x04mask\x18\x05 \x01(\t\"3\n\x05Owner\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0e\n\x06holder\x18\x03 \x01(\t\"\xc4\x03\n\x07\x44\x61taset\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05grade\x18\x03 \x01(\t\x12\x14\n\x0csharing_type\x18\x04 \x01(\t\x12\x13\n\x0blegal_basis\x18\x05 \x01(\t\x12!\n\x05owner\x18\x06 \x01(\x0b\x32\x12.govshare.v1.Owner\x12(\n\x07\x63olumns\x18\x07 \x03(\x0b\x32\x17.govshare.v1.ColumnRule\x12\x11\n\trow_count\x18\x08 \x01(\x03\x12\x13\n\x0b\x64\x65scription\x18\t \x01(\t\x12\x12\n\ncreated_at\x18\n \x01(\x03\x12\x14\n\x0cmin_set_size\x18\x0b \x01(\x03\x12\x1d\n\x15\x61llowed_jurisdictions\x18\x0c \x03(\t\x12\x16\n\x0emin_group_size\x18\r \x01(\x03\x12\x12\n\nrequire_dp\x18\x0e \x01(\x08\x12\x18\n\x10require_approval\x18\x0f \x01(\x08\x12\x33\n\x0b\x63rossborder\x18\x10 \x03(\x0b\x32\x1e.govshare.v1.CrossBorderRecord\x12*\n\x06ledger\x18\x11 \x01(\x0b\x32\x1a.govshare.v1.EpsilonLedger\">\n\rEpsilonLedger\x12\r\n\x05spent\x18\x01 \x01(\t\x12\x10\n\x08reserved\x18\x02 \x01(\t\x12\x0c\n\x04left\x18\x03 \x01(\t\"P\n\x11\x43rossBorderRecord\x12\x13\n\x0b\x64\x65stination\x18\x01 \x01(\t\x12\x12\n\nassessment\x18\x02 \x01(\t\x12\x12\n\nexpires_at\x18\x03 \x01(\x03\"\x15\n\x13ListDatasetsRequest\">\n\x14ListDatasetsResponse\x12&\n\x08\x64\x61tasets\x18\x01 \x03(\x0b\x32\x14.govshare.v1.Dataset\"&\n\x16\x44\x65scribeDatasetRequest\x12\x0c\n\x04name\x18\x01 \x01(\t2\xac\x01\n\x07\x43\x61talog\x12S\n\x0cListDatasets\x12 .govshare.v1.ListDatasetsRequest\x1a!.govshare.v1.ListDatasetsResponse\x12L\n\x0f\x44\x65scribeDataset\x12#.govshare.v1.DescribeDatasetRequest\x1a\x14.govshare.v1.Datasetb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19govshare/v1/catalog.proto\x12\x0bgovshare.v1\"g\n\nColumnRule\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x10\n\x08key_type\x18\x03 \x01(\t\x12\x0e\n\x06\x64omain\x18\x04 \x03(\t\x12\x0c\n\x04mask\x18\x05 \x01(\t\x12\r\n\x05scale\x18\x06 \x01(\x05\"3\n\x05Owner\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0e\n\x06holder\x18\x03 \x01(\t\"\xc4\x03\n\x07\x44\x61taset\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05grade\x18\x03 \x01(\t\x12\x14\n\x0csharing_type\x18\x04 \x01(\t\x12\x13\n\x0blegal_basis\x18\x05 \x01(\t\x12!\n\x05owner\x18\x06 \x01(\x0b\x32\x12.govshare.v1.Owner\x12(\n\x07\x63olumns\x18\x07 \x03(\x0b\x32\x17.govshare.v1.ColumnRule\x12\x11\n\trow_count\x18\x08 \x01(\x03\x12\x13\n\x0b\x64\x65scription\x18\t \x01(\t\x12\x12\n\ncreated_at\x18\n \x01(\x03\x12\x14\n\x0cmin_set_size\x18\x0b \x01(\x03\x12\x1d\n\x15\x61llowed_jurisdictions\x18\x0c \x03(\t\x12\x16\n\x0emin_group_size\x18\r \x01(\x03\x12\x12\n\nrequire_dp\x18\x0e \x01(\x08\x12\x18\n\x10require_approval\x18\x0f \x01(\x08\x12\x33\n\x0b\x63rossborder\x18\x10 \x03(\x0b\x32\x1e.govshare.v1.CrossBorderRecord\x12*\n\x06ledger\x18\x11 \x01(\x0b\x32\x1a.govshare.v1.EpsilonLedger\">\n\rEpsilonLedger\x12\r\n\x05spent\x18\x01 \x01(\t\x12\x10\n\x08reserved\x18\x02 \x01(\t\x12\x0c\n\x04left\x18\x03 \x01(\t\"P\n\x11\x43rossBorderRecord\x12\x13\n\x0b\x64\x65stination\x18\x01 \x01(\t\x12\x12\n\nassessment\x18\x02 \x01(\t\x12\x12\n\nexpires_at\x18\x03 \x01(\x03\"\x15\n\x13ListDatasetsRequest\">\n\x14ListDatasetsResponse\x12&\n\x08\x64\x61tasets\x18\x01 \x03(\x0b\x32\x14.govshare.v1.Dataset\"&\n\x16\x44\x65scribeDatasetRequest\x12\x0c\n\x04name\x18\x01 \x01(\t2\xac\x01\n\x07\x43\x61talog\x12S\n\x0cListDatasets\x12 .govshare.v1.ListDatasetsRequest\x1a!.govshare.v1.ListDatasetsResponse\x12L\n\x0f\x44\x65scribeDataset\x12#.govshare.v1.DescribeDatasetRequest\x1a\x14.govshare.v1.Datasetb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,21 +32,21 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'govshare.v1.catalog_pb2', _
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_COLUMNRULE']._serialized_start=42
-  _globals['_COLUMNRULE']._serialized_end=130
-  _globals['_OWNER']._serialized_start=132
-  _globals['_OWNER']._serialized_end=183
-  _globals['_DATASET']._serialized_start=186
-  _globals['_DATASET']._serialized_end=638
-  _globals['_EPSILONLEDGER']._serialized_start=640
-  _globals['_EPSILONLEDGER']._serialized_end=702
-  _globals['_CROSSBORDERRECORD']._serialized_start=704
-  _globals['_CROSSBORDERRECORD']._serialized_end=784
-  _globals['_LISTDATASETSREQUEST']._serialized_start=786
-  _globals['_LISTDATASETSREQUEST']._serialized_end=807
-  _globals['_LISTDATASETSRESPONSE']._serialized_start=809
-  _globals['_LISTDATASETSRESPONSE']._serialized_end=871
-  _globals['_DESCRIBEDATASETREQUEST']._serialized_start=873
-  _globals['_DESCRIBEDATASETREQUEST']._serialized_end=911
-  _globals['_CATALOG']._serialized_start=914
-  _globals['_CATALOG']._serialized_end=1086
+  _globals['_COLUMNRULE']._serialized_end=145
+  _globals['_OWNER']._serialized_start=147
+  _globals['_OWNER']._serialized_end=198
+  _globals['_DATASET']._serialized_start=201
+  _globals['_DATASET']._serialized_end=653
+  _globals['_EPSILONLEDGER']._serialized_start=655
+  _globals['_EPSILONLEDGER']._serialized_end=717
+  _globals['_CROSSBORDERRECORD']._serialized_start=719
+  _globals['_CROSSBORDERRECORD']._serialized_end=799
+  _globals['_LISTDATASETSREQUEST']._serialized_start=801
+  _globals['_LISTDATASETSREQUEST']._serialized_end=822
+  _globals['_LISTDATASETSRESPONSE']._serialized_start=824
+  _globals['_LISTDATASETSRESPONSE']._serialized_end=886
+  _globals['_DESCRIBEDATASETREQUEST']._serialized_start=888
+  _globals['_DESCRIBEDATASETREQUEST']._serialized_end=926
+  _globals['_CATALOG']._serialized_start=929
+  _globals['_CATALOG']._serialized_end=1101
 # @@protoc_insertion_point(module_scope)

@@ -27,6 +27,7 @@ class ColumnRule(_message.Message):
     KEY_TYPE_FIELD_NUMBER: _builtins.int
     DOMAIN_FIELD_NUMBER: _builtins.int
     MASK_FIELD_NUMBER: _builtins.int
+    SCALE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     kind: _builtins.str
     """join_key | aggregate | group_key | masked | plaintext | deny"""
@@ -34,6 +35,10 @@ class ColumnRule(_message.Message):
     """Key normaliser of a join_key column (resident_id, text)."""
     mask: _builtins.str
     """Masking rule of a masked column."""
+    scale: _builtins.int
+    """Decimal places an aggregate column's values are kept at: a stored v means v / 10^scale in
+    the column's declared unit (scale 2: yuan kept as fen). SUM bounds are in stored units.
+    """
     @_builtins.property
     def domain(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Declared labels of a group_key column."""
@@ -46,10 +51,11 @@ class ColumnRule(_message.Message):
         key_type: _builtins.str = ...,
         domain: _abc.Iterable[_builtins.str] | None = ...,
         mask: _builtins.str = ...,
+        scale: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["domain", b"domain", "key_type", b"key_type", "kind", b"kind", "mask", b"mask", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["domain", b"domain", "key_type", b"key_type", "kind", b"kind", "mask", b"mask", "name", b"name", "scale", b"scale"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

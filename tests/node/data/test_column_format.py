@@ -8,10 +8,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from govshare.model.governance import ColumnKind, ColumnRule
+from govshare.model.governance import MAX_SCALE, ColumnKind, ColumnRule
 from govshare.node.data.column_format import (
     MAX_ABS_AGGREGATE,
-    MAX_SCALE,
     ColumnFormat,
     NullPolicy,
     format_from_json,
