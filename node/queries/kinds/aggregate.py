@@ -580,16 +580,19 @@ class AggregateEngine:
         # Shuffle once; from here on everything is in the shuffled order M sees.
         order = ecdh_psi.random_permutation(len(per_key))
         join_keys = ecdh_psi.permute(list(per_key), order)
+        del rows_per_key
+        # Each key's cells leave per_key as its plaintexts are made: one copy at a time.
+        plaintexts: list[Sequence[int]]
         if simd:
             names = [slot_name(g, f) for g, f in figures.cells]
-            plaintexts = [[per_key[k].get(n, 0) for n in names] for k in join_keys]
+            plaintexts = [tuple(c.get(n, 0) for n in names) for c in _popped(per_key, join_keys)]
         else:
             plaintexts = [
-                [layout.pack_named({s: v for s, v in per_key[k].items() if s in layout.names})
-                 for layout in layouts]
-                for k in join_keys
+                tuple(layout.pack_named({s: v for s, v in c.items() if s in layout.names})
+                      for layout in layouts)
+                for c in _popped(per_key, join_keys)
             ]  # fmt: skip
-        del per_key, rows_per_key
+        del per_key
         party = ecdh_psi.PsiParty.fresh(session.query_id)
         executor = self._executor()
         workers = None if executor is not None else 1
@@ -1114,6 +1117,11 @@ def _simd_encrypt_task(
     for start in range(0, max(len(rows), 1), per):
         out.extend(public.encrypt_keys(rows[start : start + per]))
     return out
+
+
+def _popped(table: dict[str, dict[str, int]], keys: Iterable[str]) -> Iterator[dict[str, int]]:
+    for key in keys:
+        yield table.pop(key)
 
 
 def _end(session: _Session, reason: str) -> None:
