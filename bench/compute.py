@@ -53,7 +53,11 @@ def start_head(cores: int) -> tuple[subprocess.Popen[str], str]:
             "--ray-client-server-port", str(free_port()),
             "--dashboard-agent-listen-port", str(free_port()),
         ],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        # A process group of its own (killed whole at the end), in this session: with the
+        # kernel's autogroup scheduling a new session would be a CPU share of its own, which on
+        # a loaded machine hands Ray's workers more of the cores than the nodes' pools get.
+        process_group=0,
     )  # fmt: skip
     assert process.stdout is not None
     for line in process.stdout:
