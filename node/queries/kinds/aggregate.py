@@ -593,31 +593,40 @@ class AggregateEngine:
                 for c in _popped(per_key, join_keys)
             ]  # fmt: skip
         del per_key
-        party = ecdh_psi.PsiParty.fresh(session.query_id)
+        own_keys = [k.encode() for k in join_keys]
+        del join_keys
+        count = len(own_keys)
+        # A fresh scalar for this query: the pool's jobs mask each batch's keys with it.
+        scalar = ecdh_psi.generate_scalar()
+        party = ecdh_psi.PsiParty(session.query_id, scalar)
         executor = self._executor()
         workers = None if executor is not None else 1
-        masked = party.mask_own([k.encode() for k in join_keys], workers=workers, executor=executor)
-        del join_keys
         batch = self._options.stream_batch_keys
-        jobs: Iterator[tuple[Callable[..., Any], tuple[Any, ...]]]
         if simd:
             per = shape.keys_per_ciphertext
             batch = max(per, batch // per * per)  # whole ciphertexts of keys
-            jobs = (
-                (_simd_encrypt_task, (public_context, shape, plaintexts[i : i + batch]))
-                for i in range(0, max(len(masked), 1), batch)
-            )
+        starts = range(0, max(count, 1), batch)  # one batch, if empty
+        encryption: Callable[[int], tuple[Callable[..., Any], tuple[Any, ...]]]
+        if simd:
+
+            def encryption(i: int) -> tuple[Callable[..., Any], tuple[Any, ...]]:
+                return _simd_encrypt_task, (public_context, shape, plaintexts[i : i + batch])
+
         elif key is not None:
             key_bytes, unsafe = key.to_bytes(), self._options.unsafe_allow_short_modulus
-            jobs = (
-                (_encrypt_task, (key_bytes, unsafe, window, [p for r in rows for p in r]))
-                for rows in (
-                    plaintexts[i : i + batch] for i in range(0, max(len(masked), 1), batch)
-                )
-            )
+
+            def encryption(i: int) -> tuple[Callable[..., Any], tuple[Any, ...]]:
+                flat = [p for row in plaintexts[i : i + batch] for p in row]
+                return _encrypt_task, (key_bytes, unsafe, window, flat)
+
         else:  # pragma: no cover - a Paillier plan has its key
             raise TypeError("a Paillier plan without its key")
-        starts = range(0, max(len(masked), 1), batch)  # one batch, if empty
+        # Each job masks its batch's keys and encrypts their values: the first batch is ready
+        # after one job, not after all keys are masked (each of M's waits has its own timeout).
+        jobs = (
+            (_values_task, (scalar, session.query_id, own_keys[i : i + batch], *encryption(i)))
+            for i in starts
+        )
         stats = StreamStats(self._options.stream_window)
         self._keep_stats(query_id, stats)
         # The pool starts on the first window of batches while M's keys are masked again.
@@ -629,8 +638,8 @@ class AggregateEngine:
         del again
         width = 0 if key is None else key.ciphertext_bytes * len(layouts)
         chain = hashlib.sha256()
-        for index, (start, encrypted) in enumerate(zip(starts, pending, strict=True)):
-            points = masked[start : start + batch]
+        for index, (packed, encrypted) in enumerate(pending):
+            points = ecdh_psi.decode_points(packed) if packed else []
             if simd:
                 items = list(encrypted)
             else:
@@ -640,10 +649,8 @@ class AggregateEngine:
             )
             stats.batches = index + 1
             chain.update(bytes.fromhex(message_digest(points, items)))
-        self._step(
-            session, query_id, plan.matcher.node, "sent", VALUES, chain.hexdigest(), len(masked)
-        )
-        self._released(session, query_id, plan.matcher.node, chain.hexdigest(), len(masked))
+        self._step(session, query_id, plan.matcher.node, "sent", VALUES, chain.hexdigest(), count)
+        self._released(session, query_id, plan.matcher.node, chain.hexdigest(), count)
         return []
 
     def _encrypt_ahead(
@@ -1099,6 +1106,19 @@ def _check_bundle(plan: IntersectionPlan, public_context: bytes) -> None:
 
 # Worker-process cache of the bfv-simd public keys: one query's at a time.
 _WORKER_SIMD: dict[bytes, bfv_simd.SimdPublic] = {}
+
+
+def _values_task(
+    scalar: bytes,
+    query_id: bytes,
+    keys: Sequence[bytes],
+    encrypt: Callable[..., Any],
+    encrypt_args: tuple[Any, ...],
+) -> tuple[bytes, Any]:
+    """One batch of the value holder's stream (in a pool worker): its keys masked once (packed
+    points) and what ``encrypt(*encrypt_args)`` makes of their values."""
+    packed = ecdh_psi.hash_and_mask_chunk(scalar, query_id, keys) if keys else b""
+    return packed, encrypt(*encrypt_args)
 
 
 def _simd_encrypt_task(
