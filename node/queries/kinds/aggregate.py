@@ -16,11 +16,11 @@ the Paillier key). The value holder V and the matcher M each draw a fresh X25519
 
 1. M masks its distinct filtered keys once and sends them to V (``matcher_keys``).
 2. V combines its filtered rows per join key (at most ``MAX_ROWS_PER_KEY``), packs each key's
-   one-hot (group x figure) values into plaintexts (``IntersectionPlan.layouts``), shuffles the
-   keys and masks them once. V masks M's keys again and returns them shuffled
-   (``matcher_again``).
+   one-hot (group x figure) values into plaintexts (``IntersectionPlan.layouts``) and shuffles
+   the keys. V masks M's keys again and returns them shuffled (``matcher_again``).
 3. V then **streams** the shuffled (masked key, ciphertexts) pairs to M in batches
-   (``values:<i>:<n>``, batch ``i`` of ``n``): the process pool encrypts up to
+   (``values:<i>:<n>``, batch ``i`` of ``n``): each pool job masks one batch's keys once and
+   encrypts their values, so M's first batch never waits for all keys; the pool works up to
    ``stream_window`` batches ahead while the batch before them is on the wire, and no more
    than that window is ever encrypted and not yet taken by M (:class:`StreamStats` counts it).
    M keeps a queue of at most the same window; a full queue holds V's ``Peer.Deliver`` until M
