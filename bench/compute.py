@@ -116,8 +116,35 @@ def main() -> None:
             )
     finally:
         for head, _ in heads.values():
+            # Its process group, and every descendant (Ray puts some workers in process
+            # groups of their own), found before the kill re-parents them.
+            tree = descendants(head.pid)
             os.killpg(head.pid, signal.SIGKILL)
+            for pid in tree:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
             head.wait()
+
+
+def descendants(pid: int) -> list[int]:
+    """The live descendants of ``pid`` (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text(encoding="ascii", errors="replace")
+            except OSError:
+                continue
+            parent = int(stat.rpartition(")")[2].split()[1])
+            children.setdefault(parent, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
 
 
 if __name__ == "__main__":

@@ -74,10 +74,32 @@ class Head:
     process: subprocess.Popen[str]
 
     def kill(self) -> None:
-        """End the head and every process of it (GCS, raylet, workers) at once."""
+        """End the head and every process of it (GCS, raylet, workers) at once: its process
+        group, then whatever else is in its session (Ray puts some workers in process groups
+        of their own)."""
         if self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGKILL)
         self.process.wait()
+        for pid in in_session(self.process.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def in_session(sid: int) -> list[int]:
+    """The processes of session ``sid`` (from /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text(encoding="ascii", errors="replace")
+            except OSError:
+                continue
+            # "pid (comm) state ppid pgrp session ...": comm may hold spaces; split after it.
+            if int(stat.rpartition(")")[2].split()[3]) == sid:
+                found.append(int(entry.name))
+    return found
 
 
 def start_head(port: int | None = None) -> Head:
