@@ -14,9 +14,12 @@ from conftest import PURPOSE, FederationFixture, PsiData, grant
 from govshare.model.governance import QueryKind
 
 TIMEOUT = 300  # a subprocess waits for real nodes on a shared, sometimes slow machine
+# The whole intersection (84 keys in the session's data), far above the smallest releasable
+# group: with a filter to tax's high incomes (7 keys) the noisy count fell under k at random
+# and the group was suppressed.
 SQL = (
     "SELECT COUNT(*), SUM(a.amount) FROM civil.assistance a "
-    "JOIN tax.residents t ON a.id_number = t.id_number WHERE t.income_band = 'high'"
+    "JOIN tax.residents t ON a.id_number = t.id_number"
 )
 
 
