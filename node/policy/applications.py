@@ -25,15 +25,13 @@ import datetime as dt
 import json
 import re
 import sqlite3
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from pathlib import Path
 
 from govshare.model.governance import ColumnKind, DatasetInfo, QueryKind
 from govshare.node.audit.sink import AuditSink
 from govshare.node.policy.decision import GRANT_EXPIRED, GRANT_REVOKED, grant_standing
 from govshare.node.policy.grants import Grant
-from govshare.node.stores.sqlite import immediate, opened
+from govshare.node.stores.sqlite import Tables, immediate
 from govshare.protocols.errors import Conflict, MalformedInput, NotFound
 from govshare.protocols.signed_request import SignedRequest
 
@@ -213,16 +211,10 @@ def _from_row(row: sqlite3.Row) -> Application:
     )
 
 
-class ApplicationStore:
+class ApplicationStore(Tables):
     """The node's ``applications`` table in ``node.db``."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        with self._open() as conn:
-            conn.executescript(_SCHEMA)
-
-    def _open(self) -> AbstractContextManager[sqlite3.Connection]:
-        return opened(self.path)
+    schema = _SCHEMA
 
     def receive(
         self,

@@ -20,14 +20,12 @@ from __future__ import annotations
 
 import re
 import sqlite3
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from pathlib import Path
 
 from govshare.model.states import APPROVED, PENDING, REFUSED
 from govshare.node.audit.sink import AuditSink
 from govshare.node.stores.query_store import QueryStore
-from govshare.node.stores.sqlite import immediate, opened
+from govshare.node.stores.sqlite import Tables, immediate
 from govshare.protocols.errors import Conflict, MalformedInput
 
 NODE_FROZEN = "node.frozen"
@@ -89,16 +87,10 @@ def check_reason(reason: str) -> str:
     return text
 
 
-class ControlStore:
+class ControlStore(Tables):
     """The node's ``dataset_controls`` and ``freezes`` tables (see the module docstring)."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        with self._open() as conn:
-            conn.executescript(_SCHEMA)
-
-    def _open(self) -> AbstractContextManager[sqlite3.Connection]:
-        return opened(self.path)
+    schema = _SCHEMA
 
     # --- approvers ---------------------------------------------------------------------------
 

@@ -43,9 +43,7 @@ import re
 import secrets
 import sqlite3
 import time
-from contextlib import AbstractContextManager
 from dataclasses import replace
-from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
@@ -58,7 +56,7 @@ from govshare.model.crossborder import (
 from govshare.model.governance import DatasetInfo
 from govshare.model.identity import validate_name
 from govshare.node.audit.sink import AuditSink
-from govshare.node.stores.sqlite import immediate, opened
+from govshare.node.stores.sqlite import Tables, immediate
 from govshare.protocols.errors import Conflict, MalformedInput, NotFound, VerificationFailed
 
 # 64 random bits, as for grant ids: unguessable enough for a non-secret identifier, short to type.
@@ -182,16 +180,10 @@ def _record_from_row(row: sqlite3.Row) -> Assessment:
         ) from None
 
 
-class CrossBorderStore:
+class CrossBorderStore(Tables):
     """The cross-border assessment records of one node, in its SQLite database."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        with self._open() as conn:
-            conn.executescript(_SCHEMA)
-
-    def _open(self) -> AbstractContextManager[sqlite3.Connection]:
-        return opened(self.path)
+    schema = _SCHEMA
 
     def approve(
         self,

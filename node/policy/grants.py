@@ -35,10 +35,8 @@ import secrets
 import sqlite3
 import time
 from collections.abc import Iterable
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from fractions import Fraction
-from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ed25519
@@ -47,7 +45,7 @@ from govshare.model.epsilon import format_epsilon, parse_epsilon
 from govshare.model.governance import ColumnKind, DatasetInfo, QueryKind
 from govshare.model.identity import validate_name
 from govshare.node.audit.sink import AuditSink
-from govshare.node.stores.sqlite import immediate, opened
+from govshare.node.stores.sqlite import Tables, immediate
 from govshare.protocols.canonical import canonical_json
 from govshare.protocols.errors import MalformedInput, NotFound, VerificationFailed
 
@@ -284,19 +282,15 @@ def _grant_from_row(row: sqlite3.Row) -> Grant:
         raise MalformedInput(f"stored grant {row['grant_id']!r} is corrupt: {exc}") from None
 
 
-class GrantStore:
+class GrantStore(Tables):
     """The grants of one node, in its SQLite database (``NodeConfig.database_path``)."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        with self._open() as conn:
-            conn.executescript(_SCHEMA)
-            held = {row["name"] for row in conn.execute("PRAGMA table_info(grants)")}
-            if "granted_by" not in held:  # a store made before operators were named
-                conn.execute("ALTER TABLE grants ADD COLUMN granted_by TEXT NOT NULL DEFAULT ''")
+    schema = _SCHEMA
 
-    def _open(self) -> AbstractContextManager[sqlite3.Connection]:
-        return opened(self.path)
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        held = {row["name"] for row in conn.execute("PRAGMA table_info(grants)")}
+        if "granted_by" not in held:  # a store made before operators were named
+            conn.execute("ALTER TABLE grants ADD COLUMN granted_by TEXT NOT NULL DEFAULT ''")
 
     def issue(
         self,

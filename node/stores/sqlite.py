@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
+from typing import ClassVar
 
 # Seconds a write waits for another process's write lock before failing.
 LOCK_TIMEOUT = 30.0
@@ -49,3 +50,22 @@ def opened(path: Path) -> Iterator[sqlite3.Connection]:
         yield conn
     finally:
         conn.close()
+
+
+class Tables:
+    """Tables of the node's store that one class owns: created when it is opened (its
+    ``schema`` says ``IF NOT EXISTS``), each operation on a connection of its own."""
+
+    schema: ClassVar[str]
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        with self._open() as conn:
+            conn.executescript(self.schema)
+            self._migrate(conn)
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        """Bring tables an earlier version made up to date (nothing to do by default)."""
+
+    def _open(self) -> AbstractContextManager[sqlite3.Connection]:
+        return opened(self.path)
