@@ -45,13 +45,12 @@ from govshare.node.policy.controls import ControlStore
 from govshare.node.policy.crossborder import CrossBorderStore
 from govshare.node.policy.grants import Grant, GrantStore
 from govshare.node.queries.capacity import Intake, RunGate
-from govshare.node.queries.engine import QueryEngine
+from govshare.node.queries.engine import QueryEngine, verified_request
 from govshare.node.queries.kinds.aggregate import AggregateEngine, AggregateOptions
 from govshare.node.queries.kinds.psi import PsiKind
 from govshare.node.roster_file import RosterFile
 from govshare.node.stores.query_store import QueryStore, ledger_view
-from govshare.protocols.errors import MalformedInput, NotFound, PermissionDenied
-from govshare.protocols.signed_request import SignedRequest, verify_request
+from govshare.protocols.errors import MalformedInput, NotFound
 from govshare.rpc.client import NodeClient
 
 # Points per Query.Run result chunk: 4096 x 32 bytes = 128 KiB messages.
@@ -357,15 +356,7 @@ class Node:
             NotFound: no such dataset here (core data is not discoverable).
         """
         now = int(self.clock())
-        try:
-            request = SignedRequest.decode(signed)
-        except MalformedInput as exc:
-            raise MalformedInput(f"field 'signed_request': {exc}", field="signed_request") from None
-        if request.analyst != caller.name:
-            raise PermissionDenied(
-                f"application is signed for {request.analyst!r} but sent by {caller.name!r}"
-            )
-        verify_request(request, caller.member.verify_key(), now=now)
+        request = verified_request(caller, signed, now=now, what="application")
         asked = parse_application(request)
         dataset = self.describe_dataset(caller, asked.dataset)
         self.query_store.remember_nonce(

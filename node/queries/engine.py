@@ -161,6 +161,27 @@ AbortNotice = Callable[[str, str], None]
 """``notify(peer_node, query_id)``: tell a peer this node's part ended (Peer.Deliver)."""
 
 
+def verified_request(caller: Caller, signed: bytes, *, now: int, what: str) -> SignedRequest:
+    """``signed`` decoded and verified as ``caller``'s own (a query or an access application):
+    signed by the member who sent it, under its key in the roster, within its window.
+
+    Raises:
+        MalformedInput: not a signed request.
+        PermissionDenied: signed for another member than the caller.
+        VerificationFailed: a bad signature or window.
+    """
+    try:
+        request = SignedRequest.decode(signed)
+    except MalformedInput as exc:
+        raise MalformedInput(f"field 'signed_request': {exc}", field="signed_request") from None
+    if request.analyst != caller.name:
+        raise PermissionDenied(
+            f"{what} is signed for {request.analyst!r} but sent by {caller.name!r}"
+        )
+    verify_request(request, caller.member.verify_key(), now=now)
+    return request
+
+
 class QueryEngine:
     def __init__(
         self,
@@ -225,15 +246,7 @@ class QueryEngine:
     def submit(self, caller: Caller, signed: bytes) -> QueryRecord:
         """Admit a signed request and decide it by policy (see the module docstring)."""
         now = int(self._clock())
-        try:
-            request = SignedRequest.decode(signed)
-        except MalformedInput as exc:
-            raise MalformedInput(f"field 'signed_request': {exc}", field="signed_request") from None
-        if request.analyst != caller.name:
-            raise PermissionDenied(
-                f"request is signed for {request.analyst!r} but sent by {caller.name!r}"
-            )
-        verify_request(request, caller.member.verify_key(), now=now)
+        request = verified_request(caller, signed, now=now, what="request")
         query_id = request.query_id_hex
         self._store.remember_nonce(
             caller.name, request.nonce, expires_at=request.expires_at, now=now
