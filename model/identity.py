@@ -45,7 +45,7 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +65,7 @@ from govshare.protocols.errors import (
     NotFound,
     VerificationFailed,
 )
+from govshare.protocols.suite import STANDARD, Suite, suite_by_name
 
 CA_KEY = "ca.key"
 CA_CERT = "ca.crt"
@@ -157,13 +158,16 @@ class Member:
     role: Role
     jurisdiction: str
     address: str  # host:port for nodes, "" for analysts and auditors
-    signing_key: bytes  # raw Ed25519 public key, 32 bytes
+    signing_key: bytes  # raw public key of the roster's suite (Ed25519 32 bytes, SM2 65)
     tls_fingerprint: str
     # Operators only (a named person, govshare.model.operator_act): the node they act for and
     # their duties there. Listed in the roster only for operators, so that the signed bytes of
     # every other member stay as they were.
     node: str = ""
     duties: tuple[str, ...] = ()
+    # The roster's crypto suite (govshare.protocols.suite), which its signing key is of; set by
+    # the roster, not serialised per member.
+    suite: str = field(default=STANDARD.name, compare=False)
 
     def verify_key(self) -> ed25519.Ed25519PublicKey:
         return ed25519.Ed25519PublicKey.from_public_bytes(self.signing_key)
@@ -179,7 +183,7 @@ class Member:
         } | ({"node": self.node, "duties": list(self.duties)} if self.role is Role.OPERATOR else {})
 
     @classmethod
-    def from_json(cls, raw: Any) -> Member:
+    def from_json(cls, raw: Any, suite: Suite = STANDARD) -> Member:
         try:
             key = base64.b64decode(raw["signing_key"], validate=True)
             member = cls(
@@ -191,13 +195,19 @@ class Member:
                 tls_fingerprint=str(raw["tls_fingerprint"]),
                 node=str(raw.get("node", "")),
                 duties=tuple(str(d) for d in raw.get("duties", ())),
+                suite=suite.name,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise MalformedInput(f"roster member entry is malformed: {exc}") from None
         if member.role is Role.OPERATOR and not (member.node and member.duties):
             raise MalformedInput(f"roster operator {member.name}: no node or no duties")
-        if len(key) != 32:
-            raise MalformedInput(f"roster member {member.name}: signing key is not 32 bytes")
+        try:
+            suite.verify_key(key)
+        except MalformedInput:
+            raise MalformedInput(
+                f"roster member {member.name}: signing key is not a {suite.signature_algorithm} "
+                f"key (the federation's suite is {suite.name!r})"
+            ) from None
         return member
 
 
@@ -212,6 +222,14 @@ class Roster:
     # Why this version was issued, when the administrator said (a suspension: member, reason,
     # by whom); signed with the roster, listed only when present.
     note: dict[str, str] | None = None
+    # The federation's crypto suite (govshare.protocols.suite.SUITE_NAMES), chosen at
+    # `federation init --suite` and fixed for the federation's life.
+    suite: str = STANDARD.name
+
+    @property
+    def crypto(self) -> Suite:
+        """The suite object every member signs, hashes and encrypts with."""
+        return suite_by_name(self.suite)
 
     def member(self, name: str) -> Member:
         for member in self.members:
@@ -227,6 +245,7 @@ class Roster:
             "federation": self.federation,
             "version": self.version,
             "issued_at": self.issued_at,
+            "suite": self.suite,
             "members": [m.to_json() for m in self.members],
         } | ({"note": dict(self.note)} if self.note else {})
 
@@ -251,12 +270,15 @@ class Roster:
             envelope = json.loads(data)
             raw = envelope["roster"]
             signature = base64.b64decode(envelope["signature"], validate=True)
+            # A roster written before suites were recorded is the standard suite's.
+            suite = suite_by_name(str(raw.get("suite", STANDARD.name)))
             roster = cls(
                 federation=str(raw["federation"]),
                 version=int(raw["version"]),
                 issued_at=int(raw["issued_at"]),
-                members=tuple(Member.from_json(m) for m in raw["members"]),
+                members=tuple(Member.from_json(m, suite) for m in raw["members"]),
                 note={str(k): str(v) for k, v in raw["note"].items()} if "note" in raw else None,
+                suite=suite.name,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise MalformedInput(f"roster file is malformed: {exc}", field="roster") from None

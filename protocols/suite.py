@@ -91,8 +91,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
-from cryptography.exceptions import InvalidSignature, InvalidTag
-from cryptography.hazmat.primitives import hashes
+from cryptography.exceptions import InvalidSignature, InvalidTag, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.utils import (
     decode_dss_signature,
@@ -104,6 +104,7 @@ from tongsuopy.crypto import hashes as tongsuo_hashes
 from tongsuopy.crypto import serialization as tongsuo_serialization
 from tongsuopy.crypto.asymciphers import ec as tongsuo_ec
 from tongsuopy.crypto.exceptions import InvalidSignature as TongsuoInvalidSignature
+from tongsuopy.crypto.exceptions import UnsupportedAlgorithm as TongsuoUnsupportedAlgorithm
 
 from govshare.protocols.errors import MalformedInput, VerificationFailed
 
@@ -115,6 +116,7 @@ __all__ = [
     "Hasher",
     "SigningKey",
     "Suite",
+    "VerifyKey",
     "suite_by_name",
 ]
 
@@ -166,10 +168,46 @@ class _CryptographyHasher:
 
 @dataclass(frozen=True)
 class SigningKey:
-    """A member's private signing key, tagged with the name of the suite that made it."""
+    """A member's private signing key, tagged with the name of the suite that made it.
+
+    Shaped like ``cryptography``'s private keys (``sign``, ``public_key``) so that callers hold
+    one object and never name the algorithm."""
 
     suite: str
     _key: Any = field(repr=False)
+
+    def sign(self, message: bytes) -> bytes:
+        """64-byte signature under this key's suite."""
+        return suite_by_name(self.suite).sign(self, message)
+
+    def public_key(self) -> VerifyKey:
+        suite = suite_by_name(self.suite)
+        return VerifyKey(self.suite, suite.public_key(self))
+
+    def to_pem(self) -> bytes:
+        """PKCS #8 PEM, unencrypted (the identity bundle's ``signing.key``, mode 0600)."""
+        return suite_by_name(self.suite)._signatures.private_pem(self._key)
+
+
+@dataclass(frozen=True)
+class VerifyKey:
+    """A member's public signing key (raw bytes, see :meth:`Suite.public_key`) with its suite.
+
+    Build it with :meth:`Suite.verify_key`, which checks the encoding."""
+
+    suite: str
+    raw: bytes
+
+    def verify(self, signature: bytes, message: bytes) -> None:
+        """``cryptography``'s argument order (signature, then message).
+
+        Raises:
+            VerificationFailed: the signature does not verify under this key and suite.
+        """
+        suite_by_name(self.suite).verify(self.raw, message, signature)
+
+    def public_bytes_raw(self) -> bytes:
+        return self.raw
 
 
 class _Signatures(Protocol):
@@ -181,6 +219,10 @@ class _Signatures(Protocol):
     def from_private_bytes(self, raw: bytes) -> Any: ...
 
     def private_bytes(self, key: Any) -> bytes: ...
+
+    def private_pem(self, key: Any) -> bytes: ...
+
+    def from_private_pem(self, pem: bytes) -> Any: ...
 
     def public_bytes(self, key: Any) -> bytes: ...
 
@@ -207,6 +249,22 @@ class _Ed25519Signatures:
 
     def private_bytes(self, key: Ed25519PrivateKey) -> bytes:
         return key.private_bytes_raw()
+
+    def private_pem(self, key: Ed25519PrivateKey) -> bytes:
+        return key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+
+    def from_private_pem(self, pem: bytes) -> Ed25519PrivateKey:
+        try:
+            key = serialization.load_pem_private_key(pem, None)
+        except (ValueError, TypeError, UnsupportedAlgorithm):
+            raise MalformedInput("not a PEM private key of the standard suite") from None
+        if not isinstance(key, Ed25519PrivateKey):
+            raise MalformedInput("not an Ed25519 private key (the standard suite's)")
+        return key
 
     def public_bytes(self, key: Ed25519PrivateKey) -> bytes:
         return key.public_key().public_bytes_raw()
@@ -261,6 +319,23 @@ class _SM2Signatures:
     def private_bytes(self, key: Any) -> bytes:
         value: int = key.private_numbers().private_value
         return value.to_bytes(_SCALAR_BYTES, "big")
+
+    def private_pem(self, key: Any) -> bytes:
+        pem: bytes = key.private_bytes(
+            tongsuo_serialization.Encoding.PEM,
+            tongsuo_serialization.PrivateFormat.PKCS8,
+            tongsuo_serialization.NoEncryption(),
+        )
+        return pem
+
+    def from_private_pem(self, pem: bytes) -> Any:
+        try:
+            key = tongsuo_serialization.load_pem_private_key(pem, None)
+        except (ValueError, TypeError, TongsuoUnsupportedAlgorithm):
+            raise MalformedInput("not an SM2 private key (the SM suite's)") from None
+        if not isinstance(key, tongsuo_ec.EllipticCurvePrivateKey) or key.curve.name != "SM2":
+            raise MalformedInput("not an SM2 private key (the SM suite's)")
+        return key
 
     def public_bytes(self, key: Any) -> bytes:
         raw: bytes = key.public_key().public_bytes(
@@ -352,6 +427,23 @@ class Suite:
             MalformedInput: wrong length, or an SM2 scalar outside [1, n-2].
         """
         return SigningKey(self.name, self._signatures.from_private_bytes(bytes(raw)))
+
+    def signing_key_from_pem(self, pem: bytes) -> SigningKey:
+        """Load a PKCS #8 PEM private key of this suite (what :meth:`SigningKey.to_pem` wrote).
+
+        Raises:
+            MalformedInput: not PEM, or a key of another algorithm or suite.
+        """
+        return SigningKey(self.name, self._signatures.from_private_pem(bytes(pem)))
+
+    def verify_key(self, public_key: bytes) -> VerifyKey:
+        """A checked :class:`VerifyKey` from raw public bytes.
+
+        Raises:
+            MalformedInput: not a public key of this suite.
+        """
+        self._signatures.public_der(bytes(public_key))
+        return VerifyKey(self.name, bytes(public_key))
 
     def signing_key_bytes(self, key: SigningKey) -> bytes:
         """The 32 private bytes of ``key``: a secret, for the keystore only."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,8 @@ from govshare.model.identity import (
     EnrolmentRequest,
     Federation,
     Identity,
+    Member,
+    Roster,
     create_request,
     init_federation,
     install_roster,
@@ -29,6 +32,7 @@ from govshare.protocols.errors import (
     NotFound,
     VerificationFailed,
 )
+from govshare.protocols.suite import SM, STANDARD
 
 ADDRESS = "127.0.0.1:7102"
 
@@ -233,3 +237,28 @@ def test_load_as_says_what_to_do_before_enrolment(tmp_path: Path) -> None:
     create_request(tmp_path, "tax")
     with pytest.raises(NotFound, match="keys but no certificate yet"):
         Identity.load_as(tmp_path, Role.NODE)
+
+
+def test_roster_records_its_suite_and_refuses_keys_of_another(tmp_path: Path) -> None:
+    init_federation(tmp_path / "federation", "cityfed")
+    federation = Federation.load(tmp_path / "federation")
+    ca_key, ca_cert = federation.ca_key, federation.ca_cert
+    sm_member = Member(
+        name="tax",
+        role=Role.NODE,
+        jurisdiction="CN",
+        address="localhost:1",
+        signing_key=SM.public_key(SM.generate_signing_key()),
+        tls_fingerprint="00",
+    )
+    roster = Roster(federation="f", version=1, issued_at=1, members=(sm_member,), suite="sm")
+    back = Roster.verify(roster.sign(ca_key), ca_cert)
+    assert back.suite == "sm" and back.crypto is SM
+    assert back.member("tax").suite == "sm"
+    ed_member = replace(sm_member, signing_key=STANDARD.public_key(STANDARD.generate_signing_key()))
+    mixed = Roster(federation="f", version=1, issued_at=1, members=(ed_member,), suite="sm")
+    with pytest.raises(MalformedInput, match="not a SM2-with-SM3 key"):
+        Roster.verify(mixed.sign(ca_key), ca_cert)
+    unknown = Roster(federation="f", version=1, issued_at=1, members=(), suite="rot13")
+    with pytest.raises(MalformedInput, match="unknown crypto suite"):
+        Roster.verify(unknown.sign(ca_key), ca_cert)

@@ -431,6 +431,28 @@ def test_sign_verify_round_trip_and_tampering(suite: Suite) -> None:
     assert "_key" not in repr(key) and suite.signing_key_bytes(key).hex() not in repr(key)
 
 
+@pytest.mark.parametrize("suite", SUITES, ids=lambda s: s.name)
+def test_key_objects_carry_their_suite(suite: Suite) -> None:
+    key = suite.generate_signing_key()
+    restored = suite.signing_key_from_pem(key.to_pem())
+    public = suite.verify_key(suite.public_key(key))
+    assert restored.public_key() == public == key.public_key()
+    assert public.public_bytes_raw() == suite.public_key(key)
+    message = b"a grant"
+    public.verify(restored.sign(message), message)
+    with pytest.raises(VerificationFailed):
+        public.verify(restored.sign(message), message + b"!")
+    other = SM if suite is STANDARD else STANDARD
+    with pytest.raises(MalformedInput):
+        other.signing_key_from_pem(key.to_pem())
+    with pytest.raises(MalformedInput):
+        other.verify_key(public.raw)
+    with pytest.raises(MalformedInput):
+        suite.signing_key_from_pem(
+            b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n"
+        )
+
+
 def test_mixed_suites_refused() -> None:
     ed_key, sm_key = STANDARD.generate_signing_key(), SM.generate_signing_key()
     ed_public, sm_public = STANDARD.public_key(ed_key), SM.public_key(sm_key)
