@@ -112,8 +112,13 @@ def _write_private(path: Path, data: bytes) -> None:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` at once; the file is 0600, as everything in a node's home
+    must be (govshare.node.home_permissions), public as a roster or a certificate is."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        os.fchmod(handle.fileno(), 0o600)
+        handle.write(data)
     os.replace(tmp, path)
 
 
@@ -625,8 +630,8 @@ class Federation:
         return roster, cert, member
 
     def _write_public(self, out: Path, cert: x509.Certificate, signed: bytes) -> None:
-        (out / TLS_CERT).write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        (out / CA_CERT).write_bytes(self.ca_cert.public_bytes(serialization.Encoding.PEM))
+        _write_atomic(out / TLS_CERT, cert.public_bytes(serialization.Encoding.PEM))
+        _write_atomic(out / CA_CERT, self.ca_cert.public_bytes(serialization.Encoding.PEM))
         _write_atomic(self.directory / ROSTER, signed)
         _write_atomic(out / ROSTER, signed)
         self._remember_bundle(out)
