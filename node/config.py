@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from govshare.node.compute import BACKENDS, RAY, ComputeSettings
+from govshare.node.queries.engines import EngineSettings
 from govshare.protocols.errors import MalformedInput, NotFound
 
 CONFIG_NAME = "node.toml"
@@ -107,6 +108,15 @@ backend = "local"
 address = "auto"
 # ray: CPUs each task asks for.
 num_cpus = 1
+
+[engines]
+# Membership's RR22 engine (govshare query psi --engine rr22): the Python of a virtual
+# environment with spu 0.9.5 (make secretflow builds .venv/secretflow); "" = not offered, and
+# such queries are refused. Its link listens on the host of [node] listen, mutual TLS with this
+# node's certificate.
+rr22_python = ""
+# libpsi's RR22 low-communication mode (less traffic, more computation).
+rr22_low_comm = false
 """
 
 
@@ -135,6 +145,8 @@ class NodeConfig:
     metrics_address: str | None = None
     # [compute]: the backend of the per-row work (govshare.node.compute).
     compute: ComputeSettings = field(default_factory=ComputeSettings)
+    # [engines]: PSI engines beside ECDH-PSI (govshare.node.queries.engines).
+    engines: EngineSettings = field(default_factory=EngineSettings)
 
     @classmethod
     def load(cls, home: Path, *, environ: Mapping[str, str] | None = None) -> NodeConfig:
@@ -200,7 +212,28 @@ class NodeConfig:
             log_level=log_level,
             metrics_address=metrics_address,
             compute=_compute(raw.get("compute", {}), path),
+            engines=_engines(raw.get("engines", {}), home, path, text("listen")),
         )
+
+
+def _engines(section: object, home: Path, path: Path, listen: str) -> EngineSettings:
+    """The [engines] table; absent: ECDH-PSI only."""
+    if not isinstance(section, dict):
+        raise MalformedInput(f"{path}: [engines] must be a table", field="engines")
+    python = section.get("rr22_python", "")
+    if not isinstance(python, str):
+        raise MalformedInput(f"{path}: engines.rr22_python must be a path", field="rr22_python")
+    low_comm = section.get("rr22_low_comm", False)
+    if not isinstance(low_comm, bool):
+        raise MalformedInput(
+            f"{path}: engines.rr22_low_comm must be true or false", field="rr22_low_comm"
+        )
+    host = listen.rsplit(":", 1)[0].strip("[]") or "0.0.0.0"
+    return EngineSettings(
+        rr22_python=home / python if python.strip() else None,
+        rr22_low_comm=low_comm,
+        link_host=host,
+    )
 
 
 def _compute(section: object, path: Path) -> ComputeSettings:
