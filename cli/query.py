@@ -35,7 +35,7 @@ from govshare.model.conditions import Condition
 from govshare.model.epsilon import format_epsilon, parse_epsilon
 from govshare.model.governance import QueryKind
 from govshare.model.identity import Identity
-from govshare.model.query_plan import PsiPlan, Side
+from govshare.model.query_plan import ECDH, ENGINES, PsiPlan, Side
 from govshare.protocols.receipt import Receipt, encode_receipt
 
 _purpose = click.option(
@@ -307,6 +307,14 @@ def _kept_line(query_id: str, kept: Path | None) -> None:
     help="With --reveal members: the node (left or right) that learns which of its own keys "
     "match; you learn only how many.",
 )
+@click.option(
+    "--engine",
+    type=click.Choice(ENGINES),
+    default=ECDH,
+    show_default=True,
+    help="With --reveal members: the PSI engine, signed with the query. rr22: SecretFlow's "
+    "OT-extension PSI, where both nodes offer it ([engines] in node.toml).",
+)
 @_purpose
 @_epsilon
 @_exact
@@ -321,6 +329,7 @@ def psi(
     filters: tuple[str, ...],
     reveal: str,
     recipient: str | None,
+    engine: str,
     purpose: str,
     epsilon: str,
     exact: bool,
@@ -352,7 +361,13 @@ def psi(
         recipient=recipient,
         epsilon=noise,
         exact=exact_release,
+        engine=engine,
     )
+    if engine != ECDH and reveal != "members":
+        raise click.BadParameter(
+            f"{engine} serves --reveal members only (its receiver learns the intersection)",
+            param_hint="--engine",
+        )
     if recipient is not None and (reveal != "members" or recipient not in plan.nodes):
         raise click.BadParameter(
             "--to names the --left or --right node, with --reveal members", param_hint="--to"

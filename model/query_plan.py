@@ -12,7 +12,8 @@ checks every column against its rules and grants before any protocol message lea
      "recipient": null,
      "mask": null,                         # membership: the masking rule of the released keys
      "epsilon": "1",                       # DP noise on the released count, or null
-     "exact": false}                       # an exact release (needs every operator's approval)
+     "exact": false,                       # an exact release (needs every operator's approval)
+     "engine": "rr22"}                     # membership's engine; absent: "ecdh"
 
 A statistic (the cardinality, or the count of a membership kept by a department) is released with
 DP noise of the signed ε, or exactly when ``exact`` is true and every operator approves; the
@@ -34,6 +35,11 @@ from govshare.model.governance import ColumnAccess, ColumnUse, QueryKind
 from govshare.protocols.errors import MalformedInput
 
 PSI_KINDS = (QueryKind.PSI_CARDINALITY, QueryKind.PSI_MEMBERSHIP)
+# The PSI engines: ECDH-PSI (govshare.protocols.ecdh_psi, every PSI kind) and RR22, an
+# OT-extension engine for membership (govshare.node.queries.engines.rr22). Signed with the plan,
+# so nobody changes it after the analyst signed.
+ECDH, RR22 = "ecdh", "rr22"
+ENGINES = (ECDH, RR22)
 MAX_FILTERS = 16
 
 
@@ -84,6 +90,7 @@ class PsiPlan:
     mask: str | None = None
     epsilon: Fraction | None = None
     exact: bool = False
+    engine: str = ECDH
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -94,6 +101,8 @@ class PsiPlan:
             "recipient": self.recipient,
             "mask": self.mask,
             **release_json(self.epsilon, self.exact),
+            # Absent for the default, so plans signed before engines existed read the same.
+            **({"engine": self.engine} if self.engine != ECDH else {}),
         }
 
     @property
@@ -227,6 +236,11 @@ def parse_plan(raw: Any, *, kind: str) -> PsiPlan:
     if mask is not None:
         mask = _text(mask, "mask")
     epsilon, exact = parse_release(raw)
+    engine = raw.get("engine", ECDH)
+    if engine not in ENGINES:
+        raise MalformedInput(
+            f"field 'engine': {engine!r} is not one of {', '.join(ENGINES)}", field="engine"
+        )
     plan = PsiPlan(
         kind=query_kind,
         purpose=_text(raw.get("purpose"), "purpose"),
@@ -236,7 +250,13 @@ def parse_plan(raw: Any, *, kind: str) -> PsiPlan:
         mask=mask,
         epsilon=epsilon,
         exact=exact,
+        engine=engine,
     )
+    if plan.engine == RR22 and plan.kind is not QueryKind.PSI_MEMBERSHIP:
+        raise MalformedInput(
+            "field 'engine': rr22 serves membership only (its receiver learns the intersection)",
+            field="engine",
+        )
     if plan.kind is QueryKind.PSI_MEMBERSHIP and plan.recipient is None and plan.mask is None:
         raise MalformedInput("field 'mask': membership names the masking rule", field="mask")
     if plan.kind is QueryKind.PSI_MEMBERSHIP and plan.recipient not in (None, *plan.nodes):

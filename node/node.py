@@ -46,6 +46,8 @@ from govshare.node.policy.crossborder import CrossBorderStore
 from govshare.node.policy.grants import Grant, GrantStore
 from govshare.node.queries.capacity import Intake, RunGate
 from govshare.node.queries.engine import QueryEngine, verified_request
+from govshare.node.queries.engines import EngineSettings
+from govshare.node.queries.engines.rr22 import Rr22Engine
 from govshare.node.queries.kinds.aggregate import AggregateEngine, AggregateOptions
 from govshare.node.queries.kinds.psi import PsiKind
 from govshare.node.roster_file import RosterFile
@@ -86,6 +88,8 @@ class Node:
     workers: int = 0  # processes for masking; 0 = one per CPU
     # Where that work runs: these processes, or a Ray cluster (govshare.node.compute).
     compute_settings: compute.ComputeSettings = field(default_factory=compute.ComputeSettings)
+    # PSI engines beside ECDH-PSI ([engines] in node.toml; govshare.node.queries.engines).
+    engine_settings: EngineSettings = field(default_factory=EngineSettings)
     # Admission control of query runs (govshare.node.queries.capacity).
     max_running: int = DEFAULT_MAX_RUNNING
     max_queued: int = DEFAULT_MAX_QUEUED
@@ -186,6 +190,12 @@ class Node:
             protocol_timeout=self.protocol_timeout,
             mask_key=self.mask_key,
             waiting=self.gate.waiting,
+            rr22=Rr22Engine.configured(
+                node=self.identity.name,
+                settings=self.engine_settings,
+                identity_dir=self.identity.directory,
+                timeout=self.protocol_timeout,
+            ),
         )
         self.aggregates = AggregateEngine(
             queries=self.queries,
@@ -307,6 +317,7 @@ class Node:
             rate_limit_per_minute=config.rate_limit_per_minute,
             workers=config.workers,
             compute_settings=config.compute,
+            engine_settings=config.engines,
             max_running=config.max_running,
             max_queued=config.max_queued,
             max_intake=config.max_intake,

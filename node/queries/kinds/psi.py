@@ -20,7 +20,14 @@ then
   through the masking rule both nodes agree on — only where the record-level rules allow it
   (``unconditional`` sharing, a membership grant).
 
-Who learns what, and under which assumptions: ``govshare.protocols.ecdh_psi``.
+Membership may run on the RR22 engine instead (the signed plan's ``engine``; ``--engine rr22``):
+the same admission, checks and storage or release, with the intersection computed by
+SecretFlow's libpsi in a driver process whose port the nodes agree here (phase ``link``); a node
+without the engine configured refuses the query at submission (FAILED_PRECONDITION, naming the
+setting). See ``govshare.node.queries.engines.rr22``.
+
+Who learns what, and under which assumptions: ``govshare.protocols.ecdh_psi`` (and, for RR22,
+``govshare.node.queries.engines.rr22``).
 """
 
 from __future__ import annotations
@@ -35,17 +42,18 @@ from fractions import Fraction
 from govshare.model.digests import digest, points_digest
 from govshare.model.governance import QueryKind, Role
 from govshare.model.identity import Roster
-from govshare.model.query_plan import PsiPlan, Side, parse_plan
+from govshare.model.query_plan import RR22, PsiPlan, Side, parse_plan
 from govshare.node.api.auth import Caller
 from govshare.node.audit.sink import AuditSink
 from govshare.node.data.catalog import Catalogue
 from govshare.node.data.masking import apply_mask, needs_key
 from govshare.node.policy.decision import AccessRequest, Decision, Obligations
 from govshare.node.queries.engine import Admission, QueryEngine
+from govshare.node.queries.engines.rr22 import Rr22Engine, Rr22Run, not_configured
 from govshare.node.queries.session import NO_GATE, Chunks, Mailbox, Send, Waiting
 from govshare.node.stores.query_store import QueryRecord, QueryStore
 from govshare.protocols import dp, ecdh_psi
-from govshare.protocols.errors import MalformedInput, PermissionDenied, PolicyRefused
+from govshare.protocols.errors import Aborted, MalformedInput, PermissionDenied, PolicyRefused
 from govshare.protocols.signed_request import SignedRequest
 
 PSI_KINDS = (QueryKind.PSI_CARDINALITY, QueryKind.PSI_MEMBERSHIP)
@@ -55,6 +63,13 @@ OWN = "own"
 RETURNED = "returned"
 # DP PSI-CA: the left node's shared dummy keys, sent to the right node before the sets.
 DUMMIES = "dummies"
+# RR22: each node's link offer (port and token) for its engine's driver, one item.
+LINK = "link"
+# RR22: this node's own driver's news (never a peer's message); the query's end wakes it too.
+ENGINE = "engine"
+# The refusal (policy.decision, then FAILED_PRECONDITION) of an engine this node does not offer.
+ENGINE_RULE = "engine.rr22"
+MAX_OFFER = 256  # bytes of a link offer (JSON of a port and a 32-hex-digit token)
 
 
 def _no_mask_key(dataset: str, column: str) -> bytes:
@@ -69,7 +84,9 @@ class Session:
     party: ecdh_psi.PsiParty
     obligations: Obligations
     request_digest: str
-    mailbox: Mailbox = field(default_factory=lambda: Mailbox((OWN, RETURNED, DUMMIES)))
+    mailbox: Mailbox = field(
+        default_factory=lambda: Mailbox((OWN, RETURNED, DUMMIES, LINK, ENGINE))
+    )
 
     @property
     def releasing(self) -> bool:
@@ -103,6 +120,7 @@ class PsiKind:
         protocol_timeout: float,
         mask_key: Callable[[str, str], bytes] | None = None,
         waiting: Waiting = NO_GATE,
+        rr22: Rr22Engine | None = None,
     ) -> None:
         self._queries = queries
         self._roster = roster
@@ -114,6 +132,8 @@ class PsiKind:
         self._timeout = protocol_timeout
         self._mask_key = mask_key or _no_mask_key
         self._waiting = waiting
+        # The RR22 engine, where the node's [engines] table configures one.
+        self.rr22 = rr22
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
         queries.register(PSI_KINDS, self)
@@ -144,18 +164,28 @@ class PsiKind:
             recipient_jurisdiction=recipient.jurisdiction if recipient is not None else None,
             exact=plan.exact,
         )
-        record, obligations = self._queries.admit(
-            caller,
-            admission,
-            access=access,
-            dataset=own.dataset,
-            participants=plan.nodes,
-            check=(
-                (lambda: self._release_mask_refusal(plan, own))
-                if membership and plan.recipient is None
-                else None
-            ),
-        )
+        without_engine = plan.engine == RR22 and self.rr22 is None
+
+        def check() -> Decision | None:
+            if without_engine:
+                return Decision(False, ENGINE_RULE, str(not_configured(self.name)))
+            if membership and plan.recipient is None:
+                return self._release_mask_refusal(plan, own)
+            return None
+
+        try:
+            record, obligations = self._queries.admit(
+                caller,
+                admission,
+                access=access,
+                dataset=own.dataset,
+                participants=plan.nodes,
+                check=check,
+            )
+        except PolicyRefused as exc:
+            if exc.rule == ENGINE_RULE:  # stored and logged as refused; a precondition
+                raise not_configured(self.name) from None
+            raise
         with self._lock:
             self._sessions[admission.query_id] = Session(
                 plan=plan,
@@ -215,6 +245,12 @@ class PsiKind:
                 query_id, record.analyst, own.dataset, own.where,
                 session.obligations.min_group_size, keys=keys,
             )  # fmt: skip
+        if plan.engine == RR22:
+            positions, sent_digest = self._run_rr22(session, query_id, keys)
+            if not session.releasing:
+                self._released(session, query_id, session.peer.node, sent_digest, 0)
+                return Release()
+            return self._membership(session, query_id, record, keys, positions)
         executor = self._executor()
         workers = None if executor is not None else 1
         masked_keys = keys
@@ -253,6 +289,19 @@ class PsiKind:
         if len(returned) != len(keys):
             raise MalformedInput("peer returned a set of the wrong size", field="points")
         positions = ecdh_psi.matching_positions(returned, again)
+        return self._membership(session, query_id, record, keys, positions)
+
+    def _membership(
+        self,
+        session: Session,
+        query_id: str,
+        record: QueryRecord,
+        keys: Sequence[bytes],
+        positions: Sequence[int],
+    ) -> Release:
+        """The receiver's result, whichever engine found ``positions`` (of ``keys``) matching:
+        kept by this node, or released to the analyst through the plan's mask."""
+        own, plan = session.own, session.plan
         if plan.recipient is not None:
             # This node keeps which of its own keys matched; the analyst learns how many,
             # noised unless the release is exact.
@@ -275,27 +324,73 @@ class PsiKind:
         )
         return Release(records=records)
 
+    def _run_rr22(
+        self, session: Session, query_id: str, keys: Sequence[bytes]
+    ) -> tuple[list[int], str]:
+        """This node's part on the RR22 engine: (matching positions at the receiver, the
+        digest of what this node put in)."""
+        engine = self.rr22
+        if engine is None:  # submit refused it; a node reconfigured since refuses here
+            raise Aborted(str(not_configured(self.name)))
+        peer = session.peer.node
+        put_in: list[str] = []
+
+        def exchange(offer: bytes) -> bytes:
+            self._send(peer, query_id, LINK, (), [offer])
+            self._step(query_id, peer, "sent", LINK, digest(offer), 1)
+            inbox = session.mailbox.wait(
+                LINK, node=self.name, peer=peer, what="link offer", timeout=self._timeout,
+                waiting=self._waiting,
+            )  # fmt: skip
+            if len(inbox.items) != 1:
+                raise MalformedInput("a link offer is one item", field="items")
+            self._step(query_id, peer, "received", LINK, digest(inbox.items[0]), 1)
+            return inbox.items[0]
+
+        def step(word: str, step_digest: str, size: int) -> None:
+            if word == "started":
+                put_in.append(step_digest)
+            self._step(query_id, peer, "engine", f"rr22.{word}", step_digest, size)
+
+        positions = engine.run(
+            Rr22Run(
+                query_id=query_id,
+                keys=keys,
+                receiver=session.releasing,
+                peer=peer,
+                peer_host=self._roster().member(peer).address.rsplit(":", 1)[0].strip("[]"),
+                exchange=exchange,
+                wake=session.mailbox.inboxes[ENGINE].done,
+                ended=lambda: session.mailbox.ended,
+                step=step,
+            )
+        )
+        return positions, put_in[0] if put_in else digest(b"")
+
+    def _step(
+        self, query_id: str, peer: str, direction: str, phase: str, step_digest: str, size: int
+    ) -> None:
+        self._audit.record(
+            "protocol.step",
+            {"peer": peer, "direction": direction, "phase": phase, "digest": step_digest,
+             "size": size},
+            actor=self.name, query_id=query_id,
+        )  # fmt: skip
+
     def _send_step(
         self, session: Session, query_id: str, phase: str, points: Sequence[bytes]
     ) -> None:
         self._send(session.peer.node, query_id, phase, points, ())
-        self._audit.record(
-            "protocol.step",
-            {"peer": session.peer.node, "direction": "sent", "phase": phase,
-             "digest": points_digest(points), "size": len(points)},
-            actor=self.name, query_id=query_id,
-        )  # fmt: skip
+        self._step(query_id, session.peer.node, "sent", phase, points_digest(points), len(points))
 
     def _wait(self, session: Session, query_id: str, phase: str) -> list[bytes]:
         inbox = session.mailbox.wait(
             phase, node=self.name, peer=session.peer.node, what="set", timeout=self._timeout,
             waiting=self._waiting,
         )  # fmt: skip
-        self._audit.record(
-            "protocol.step",
-            {"peer": session.peer.node, "direction": "received", "phase": phase,
-             "digest": points_digest(inbox.points), "size": len(inbox.points)},
-            actor=self.name, query_id=query_id,
+        self._step(
+            query_id, session.peer.node, "received", phase, points_digest(inbox.points),
+            len(inbox.points),
         )  # fmt: skip
         return inbox.points
 
@@ -319,7 +414,7 @@ class PsiKind:
         session = self._session(query_id)
         if caller.name != session.peer.node:
             raise PermissionDenied(f"{caller.name} is not the peer of query {query_id}")
-        inbox = session.mailbox.inboxes.get(phase)
+        inbox = session.mailbox.inboxes.get(phase) if phase != ENGINE else None
         if inbox is None:
             raise MalformedInput(f"field 'phase': {phase!r} is unknown", field="phase")
         first = next(chunks, None)
@@ -328,7 +423,7 @@ class PsiKind:
 
         def decoded() -> Iterator[tuple[int, list[bytes], list[bytes]]]:
             for chunk in itertools.chain([first], chunks):
-                yield _points(chunk)
+                yield _offer(chunk) if phase == LINK else _points(chunk)
 
         return inbox.fill(first[0], decoded())
 
@@ -344,6 +439,13 @@ class PsiKind:
             session = self._sessions.get(query_id)
         if session is not None:
             session.mailbox.end(reason)
+
+
+def _offer(chunk: tuple[int, bytes, list[bytes]]) -> tuple[int, list[bytes], list[bytes]]:
+    total, packed, items = chunk
+    if packed or total != 1 or len(items) != 1 or len(items[0]) > MAX_OFFER:
+        raise MalformedInput("a link offer is one short item and no points", field="items")
+    return total, [], items
 
 
 def _points(chunk: tuple[int, bytes, list[bytes]]) -> tuple[int, list[bytes], list[bytes]]:

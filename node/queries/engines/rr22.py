@@ -1,0 +1,370 @@
+"""Membership on RR22: SecretFlow's libpsi in a driver process, its link under federation mTLS.
+
+A membership query whose signed plan says ``"engine": "rr22"`` (``govshare query psi --engine
+rr22``) runs its set intersection here instead of on ECDH-PSI; everything before and after is
+the PSI kind's as for ECDH (``govshare.node.queries.kinds.psi``): admission, the policy gate,
+approvals, the filtered-set floor and the tracker check, and with the matches the same storage
+(``govshare node results``) or masked release. Flow at each of the two nodes, once approved:
+
+1. The node hashes its distinct, filtered, normalised join keys (SHA-256 over a domain tag, the
+   query id and the key, 128 bits) and writes them to a CSV in a private temporary folder
+   (0700, files 0600), removed when the run ends, however it ends.
+2. It picks a free port on the host of its ``[node] listen`` and a random token, and sends both
+   to the peer node over their gRPC channel (``Peer.Deliver``, phase ``link``, logged sent and
+   received like every protocol message); it waits for the peer's.
+3. It starts the driver (``rr22_driver.py``, importing only spu and the standard library) under
+   the interpreter of ``[engines] rr22_python``. The two drivers connect over libpsi's link
+   (brpc) with mutual TLS: each presents its node's federation TLS certificate and key and
+   accepts only a certificate chaining to the federation CA; then each sends its token and
+   checks the peer's against the one the peer node sent over gRPC. The receiving node (the
+   plan's recipient, else the left node) is rank 0 and alone gets libpsi's output.
+4. The node logs each step of the driver (``protocol.step``, direction ``engine``: started with
+   the digest and size of its input, linked, done with the digest and size of the output), reads
+   the receiver's output and maps the hashes back to its keys.
+
+Any failure ends the run with nothing released: the driver killed, the folder removed, the
+query failed and the peer told (``query.failed`` names why). A driver that exits non-zero (its
+peer vanished, the link broke or timed out, the token did not match), a TLS handshake that
+fails on the link (seen on the driver's log at the first attempt, so a wrong certificate is
+refused at once rather than after the link's retries), the peer node's abort notice, the
+analyst's withdrawal or the node stopping, and the protocol timeout for the whole run. A
+driver whose node dies sees its standard input close and exits.
+
+Who learns what (semi-honest model, as ECDH-PSI's; ``govshare.protocols.ecdh_psi``):
+
+- The receiving node learns which of its keys are in the intersection, and the other set's
+  size (libpsi's report) — as with ECDH-PSI's membership, which also shows it the peer's set
+  size. The sending node learns the receiver's set size and nothing else: no output is
+  written for it. The analyst learns what the ECDH path gives: how many matched (noised
+  unless exact), or the masked keys.
+- RR22 (Raghuraman and Rindal, 2022: an OPRF built from VOLE over OT extension, with an OKVS) is
+  secure against semi-honest parties here; libpsi's malicious variant is not offered by
+  spu 0.9.5's Python API, so a node that deviates from the protocol is not caught by it (it is
+  by ECDH-PSI neither: both are semi-honest). Unlike ECDH-PSI its security rests on OT
+  extension and a random-oracle hash rather than on the hardness of X25519's CDH, and no
+  doubly-masked points ever leave a node: each node's messages are OKVS encodings and OPRF
+  values of hashes.
+- The link: TLS with the federation's certificates, so an eavesdropper learns only traffic
+  sizes and a party outside the federation cannot join. The link checks the certificate's
+  chain, not its name; the token, sent over the nodes' authenticated gRPC channel, makes the
+  drivers take only their peer node's driver as the peer.
+- The driver process sees its node's hashed keys (never the keys themselves: the hash is keyed
+  with the query id, but a guessable key space can be searched by whoever reads the file, as
+  with any unkeyed hash), the node's TLS key (it reads the node's own file) and, at the
+  receiver, which hashes matched. It runs with the node's user and permissions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import queue
+import secrets
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from govshare.model.digests import digest
+from govshare.model.identity import CA_CERT, TLS_CERT, TLS_KEY
+from govshare.node.queries.engines import EngineSettings
+from govshare.protocols.errors import Aborted, Conflict, MalformedInput
+
+ENGINE = "rr22"
+DRIVER = Path(__file__).resolve().with_name("rr22_driver.py")
+KEY_DOMAIN = b"govshare/rr22/key/v1\x00"
+HASH_HEX = 32  # 128 bits of SHA-256, in hex: the CSV's key column
+INPUT, OUTPUT, RESULT, JOB = "keys.csv", "intersection.csv", "result.json", "job.json"
+RANK_RECEIVER = 0
+# The driver's link: a connection attempt a second, as long as the protocol timeout allows.
+CONNECT_RETRY_INTERVAL_MS = 1000
+# brpc's log line when a TLS handshake on the link fails.
+HANDSHAKE_FAILED = "SSL_do_handshake"
+# The steps logged (``protocol.step`` phase ``rr22.<word>``), from the driver's status lines.
+STARTED, LINKED, DONE = "started", "linked", "done"
+
+
+def not_configured(node: str) -> Conflict:
+    """The refusal of a node that has no RR22 engine configured (FAILED_PRECONDITION)."""
+    return Conflict(
+        f"node {node} does not offer the rr22 engine: its operator sets [engines] rr22_python "
+        "in node.toml to the Python of a virtual environment with spu 0.9.5 "
+        "('make secretflow' builds .venv/secretflow)"
+    )
+
+
+def hashed_keys(query_id: str, keys: Sequence[bytes]) -> list[str]:
+    """The driver's input: each key hashed with the domain tag and the query id, in order."""
+    prefix = hashlib.sha256(KEY_DOMAIN + query_id.encode() + b"\x00")
+    out = []
+    for key in keys:
+        h = prefix.copy()
+        h.update(key)
+        out.append(h.hexdigest()[:HASH_HEX])
+    return out
+
+
+@dataclass(frozen=True)
+class LinkOffer:
+    """What a node sends its peer before the drivers start: its link port and its token."""
+
+    port: int
+    token: str
+
+    def encode(self) -> bytes:
+        return json.dumps({"port": self.port, "token": self.token}, sort_keys=True).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes) -> LinkOffer:
+        """Raises: MalformedInput: not an offer (a port and a 32-hex-digit token)."""
+        try:
+            data = json.loads(raw)
+        except ValueError:
+            raise MalformedInput("the link offer is not JSON", field="items") from None
+        port, token = (data.get("port"), data.get("token")) if isinstance(data, dict) else (0, 0)
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+            raise MalformedInput("the link offer's port is not a TCP port", field="items")
+        if not isinstance(token, str) or len(token) != 32 or not _is_hex(token):
+            raise MalformedInput("the link offer's token is not 32 hex digits", field="items")
+        return cls(port, token)
+
+
+def _is_hex(text: str) -> bool:
+    try:
+        bytes.fromhex(text)
+    except ValueError:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class LinkTls:
+    """The files the driver's link presents and checks: this node's TLS certificate and key,
+    and the federation CA that the peer's certificate must chain to."""
+
+    cert: Path
+    key: Path
+    ca: Path
+
+    @classmethod
+    def of_identity(cls, directory: Path) -> LinkTls:
+        directory = directory.resolve()
+        return cls(directory / TLS_CERT, directory / TLS_KEY, directory / CA_CERT)
+
+
+@dataclass(frozen=True)
+class Rr22Run:
+    """One node's part of one RR22 run, as the PSI kind hands it over."""
+
+    query_id: str
+    keys: Sequence[bytes]
+    receiver: bool
+    peer: str
+    peer_host: str
+    # Send this node's link offer to the peer and return the peer's (logged by the caller).
+    exchange: Callable[[bytes], bytes]
+    # Set when anything the run waits for happens; also by the query's early end.
+    wake: threading.Event
+    # Why the query ended early (the peer's abort, a withdrawal, the node stopping), or None.
+    ended: Callable[[], str | None]
+    # Log one step: (word, digest, size).
+    step: Callable[[str, str, int], None]
+
+
+class Rr22Engine:
+    """Runs RR22 for this node with the driver under the configured interpreter."""
+
+    def __init__(
+        self, *, node: str, settings: EngineSettings, identity_dir: Path, timeout: float
+    ) -> None:
+        if settings.rr22_python is None:
+            raise ValueError("no rr22_python configured")
+        self._node = node
+        self._python = settings.rr22_python
+        self._low_comm = settings.rr22_low_comm
+        self._host = settings.link_host
+        self.tls = LinkTls.of_identity(identity_dir)
+        self._timeout = timeout
+
+    @classmethod
+    def configured(
+        cls, *, node: str, settings: EngineSettings, identity_dir: Path, timeout: float
+    ) -> Rr22Engine | None:
+        if settings.rr22_python is None:
+            return None
+        return cls(node=node, settings=settings, identity_dir=identity_dir, timeout=timeout)
+
+    def run(self, run: Rr22Run) -> list[int]:
+        """This node's part; the receiver gets the positions in ``run.keys`` that matched.
+
+        Raises:
+            Aborted: the run failed or was ended; nothing was released, no file is left.
+            MalformedInput: the peer's link offer was malformed.
+        """
+        folder = Path(tempfile.mkdtemp(prefix=f"govshare-rr22-{self._node}-"))
+        try:
+            return self._run(run, folder)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def _run(self, run: Rr22Run, folder: Path) -> list[int]:
+        hashed = hashed_keys(run.query_id, run.keys)
+        data = ("key\n" + "".join(h + "\n" for h in hashed)).encode()
+        _write_private(folder / INPUT, data)
+        offer = LinkOffer(_free_port(self._host), secrets.token_hex(16))
+        peer = LinkOffer.decode(run.exchange(offer.encode()))
+        own_address = f"{self._host}:{offer.port}"
+        peer_address = f"{run.peer_host}:{peer.port}"
+        parties = [own_address, peer_address] if run.receiver else [peer_address, own_address]
+        job = {
+            "rank": RANK_RECEIVER if run.receiver else 1 - RANK_RECEIVER,
+            "link_id": f"govshare-{run.query_id}",
+            "parties": parties,
+            "tls": {"cert": str(self.tls.cert), "key": str(self.tls.key), "ca": str(self.tls.ca)},
+            "input": str(folder / INPUT),
+            "output": str(folder / OUTPUT),
+            "result": str(folder / RESULT),
+            "timeout_ms": int(self._timeout * 1000),
+            "connect_retries": max(1, int(self._timeout * 1000 / CONNECT_RETRY_INTERVAL_MS)),
+            "connect_retry_interval_ms": CONNECT_RETRY_INTERVAL_MS,
+            "low_comm": self._low_comm,
+            "token": offer.token,
+            "peer_token": peer.token,
+        }
+        _write_private(folder / JOB, json.dumps(job).encode())
+        try:
+            process = subprocess.Popen(
+                [str(self._python), str(DRIVER), str(folder / JOB)],
+                stdin=subprocess.PIPE,  # closes when this node dies: the driver then exits
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                cwd=folder,
+            )
+        except OSError as exc:
+            raise Aborted(
+                f"{self._node}: cannot start the rr22 engine with {self._python}: "
+                f"{exc.strerror or exc}; query aborted, nothing released"
+            ) from None
+        try:
+            run.step(STARTED, digest(data), len(hashed))
+            self._wait(process, run)
+        finally:
+            if process.poll() is None:
+                process.kill()
+            process.wait()
+            if process.stdin is not None:
+                process.stdin.close()
+        if not run.receiver:
+            run.step(DONE, digest(b""), 0)
+            return []
+        try:
+            lines = (folder / OUTPUT).read_text(encoding="utf-8").splitlines()
+        except OSError as exc:
+            raise Aborted(
+                f"{self._node}: the rr22 engine wrote no intersection ({exc.strerror}); "
+                "nothing released"
+            ) from None
+        index = {h: i for i, h in enumerate(hashed)}
+        matched = sorted({index.get(line.strip().strip('"'), -1) for line in lines[1:]})
+        if matched and matched[0] < 0:
+            raise Aborted(f"{self._node}: the rr22 engine's output names a key it was not given")
+        run.step(DONE, digest("\n".join(hashed[i] for i in matched).encode()), len(matched))
+        return matched
+
+    def _wait(self, process: subprocess.Popen[str], run: Rr22Run) -> None:
+        """Until the driver exits 0; raises Aborted on anything else."""
+        events: queue.Queue[tuple[str, str]] = queue.Queue()
+        errors: list[str] = []
+
+        def said(kind: str, text: str) -> None:
+            events.put((kind, text))
+            run.wake.set()
+
+        def read_stdout() -> None:
+            assert process.stdout is not None
+            with process.stdout:  # closed at the driver's end, by this reader
+                for line in process.stdout:
+                    word = line.strip()
+                    if word in (LINKED, DONE):
+                        said("status", word)
+
+        def read_stderr() -> None:
+            assert process.stderr is not None
+            with process.stderr:
+                for line in process.stderr:
+                    if line.startswith("error:"):
+                        errors.append(line[len("error:") :].strip())
+                    elif HANDSHAKE_FAILED in line:
+                        said("tls", line.rsplit(":", 1)[-1].strip())
+
+        def watch() -> None:
+            said("exit", str(process.wait()))
+
+        readers = [threading.Thread(target=t, daemon=True) for t in (read_stdout, read_stderr)]
+        for thread in [*readers, threading.Thread(target=watch, daemon=True)]:
+            thread.start()
+        deadline = time.monotonic() + self._timeout
+        code: int | None = None
+        while code is None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise Aborted(
+                    f"{self._node}: the rr22 engine did not finish with node {run.peer} within "
+                    f"{self._timeout:g} s; query aborted, nothing released"
+                )
+            run.wake.wait(remaining)
+            run.wake.clear()
+            code = self._drain(events, run)
+            reason = run.ended()
+            if reason is not None:
+                raise Aborted(f"{self._node}: {reason}; nothing released")
+        for thread in readers:  # the pipes close with the driver: its last words are in
+            thread.join(timeout=self._timeout)
+        self._drain(events, run)
+        if code != 0:
+            why = errors[-1] if errors else f"exit status {code}"
+            raise Aborted(
+                f"{self._node}: the rr22 engine failed with node {run.peer}: {why}; "
+                "query aborted, nothing released"
+            )
+
+    def _drain(self, events: queue.Queue[tuple[str, str]], run: Rr22Run) -> int | None:
+        """Log the driver's news; returns its exit status once it exited.
+
+        Raises:
+            Aborted: a TLS handshake on the link failed."""
+        code = None
+        while not events.empty():
+            kind, text = events.get()
+            if kind == "status" and text == LINKED:
+                run.step(LINKED, "", 0)
+            elif kind == "tls":
+                raise Aborted(
+                    f"{self._node}: the rr22 engine's link to node {run.peer} was refused "
+                    f"in the TLS handshake ({text}); query aborted, nothing released"
+                )
+            elif kind == "exit":
+                code = int(text)
+        return code
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(data)
+
+
+def _free_port(host: str) -> int:
+    """A port free on ``host`` now, for the driver to listen on."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+    return port

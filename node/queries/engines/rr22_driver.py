@@ -1,0 +1,136 @@
+"""One party of an RR22 PSI run, started by a node under its configured engine interpreter.
+
+Imports only ``spu`` (SecretFlow's libpsi, Apache-2.0) and the standard library: it runs under
+the Python of the engine's own virtual environment (``[engines] rr22_python`` in node.toml;
+``make secretflow`` builds one), never beside govshare, whose dependencies clash with spu's.
+``govshare.node.queries.engines.rr22`` writes its job file and reads what it writes; who learns
+what is stated there.
+
+    PYTHON rr22_driver.py JOB.json
+
+The job file (JSON, private to the node) names this party's rank (0 receives), the two link
+addresses, the TLS files (this node's certificate and key, the federation CA), the input CSV
+(one column ``key``: the node's hashed keys), where rank 0 writes the intersection, where the
+result JSON goes, the link timeout, and two tokens: this node's, and the one the peer node sent
+over the nodes' gRPC channel. After the link is up each driver sends its token and checks the
+peer's against the expected one, so only the peer node's own driver is taken as the peer.
+
+Prints one status word a line on stdout, which the node logs: ``ready`` (spu imported),
+``linked`` (the link is up and the peer's token checked), ``done`` (the result written). On
+any failure it prints ``error: <one line>`` on stderr and exits 1.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import os
+import sys
+import threading
+from typing import Any
+
+RANK_RECEIVER = 0
+TOKEN_MISMATCH = "the peer on the link did not present the token its node sent"
+
+
+def _status(word: str) -> None:
+    sys.stdout.write(word + "\n")
+    sys.stdout.flush()
+
+
+def _link(job: dict[str, Any]) -> Any:
+    # The engine's environment only: not installed beside govshare, so mypy does not see it.
+    import spu.libspu.link as link  # type: ignore[import-not-found]
+
+    desc = link.Desc()
+    desc.id = str(job["link_id"])
+    for rank, address in enumerate(job["parties"]):
+        desc.add_party(f"party{rank}", str(address))
+    timeout_ms = int(job["timeout_ms"])
+    desc.recv_timeout_ms = timeout_ms
+    desc.http_timeout_ms = timeout_ms
+    desc.connect_retry_times = int(job["connect_retries"])
+    desc.connect_retry_interval_ms = int(job["connect_retry_interval_ms"])
+    desc.brpc_channel_protocol = "baidu_std"
+    desc.enable_ssl = True
+    tls = job["tls"]
+    for opts in (desc.server_ssl_opts, desc.client_ssl_opts):
+        opts.cert.certificate_path = str(tls["cert"])
+        opts.cert.private_key_path = str(tls["key"])
+        opts.verify.ca_file_path = str(tls["ca"])
+        opts.verify.verify_depth = 1
+    return link.create_brpc(desc, int(job["rank"]))
+
+
+def _check_peer(lctx: Any, job: dict[str, Any]) -> None:
+    """Exchange tokens over the link; the peer's must be the one its node sent us."""
+    rank = int(job["rank"])
+    lctx.send(1 - rank, str(job["token"]))
+    got = lctx.recv(1 - rank)
+    got = got.decode() if isinstance(got, bytes) else str(got)
+    if not hmac.compare_digest(got.encode(), str(job["peer_token"]).encode()):
+        raise RuntimeError(TOKEN_MISMATCH)
+
+
+def run(job: dict[str, Any]) -> dict[str, int]:
+    import spu.psi as psi  # type: ignore[import-not-found]
+
+    _status("ready")
+    lctx = _link(job)
+    _check_peer(lctx, job)
+    _status("linked")
+    rank = int(job["rank"])
+    config = psi.PsiExecuteConfig()
+    config.protocol_conf.protocol = psi.PsiProtocol.PROTOCOL_RR22
+    config.protocol_conf.rr22_params.low_comm_mode = bool(job.get("low_comm", False))
+    config.protocol_conf.receiver_rank = RANK_RECEIVER
+    config.protocol_conf.broadcast_result = False
+    config.input_params.type = psi.SourceType.SOURCE_TYPE_FILE_CSV
+    config.input_params.path = str(job["input"])
+    config.input_params.selected_keys = ["key"]
+    config.input_params.keys_unique = True
+    config.output_params.type = psi.SourceType.SOURCE_TYPE_FILE_CSV
+    config.output_params.path = str(job["output"])
+    config.output_params.disable_alignment = True
+    report = psi.psi_execute(config, lctx)
+    outcome = {"rank": rank, "intersection": int(report.intersection_count),
+               "size": int(report.original_count)}  # fmt: skip
+    fd = os.open(str(job["result"]), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as out:
+        json.dump(outcome, out)
+    _status("done")
+    return outcome
+
+
+def _leave_with_node() -> None:
+    """The node holds our standard input open while it runs: at its end (the node died, or
+    killed us), leave at once."""
+    sys.stdin.read()
+    sys.stderr.write("error: the node that started this driver has gone\n")
+    sys.stderr.flush()
+    os._exit(1)
+
+
+def main() -> None:
+    if len(sys.argv) != 2:
+        sys.stderr.write("error: usage: rr22_driver.py JOB.json\n")
+        sys.exit(2)
+    threading.Thread(target=_leave_with_node, daemon=True).start()
+    try:
+        with open(sys.argv[1], encoding="utf-8") as file:
+            job = json.load(file)
+        run(job)
+    except BaseException as exc:  # one line for the node's log, whatever failed
+        # libpsi's errors carry a native stack trace: the first words say what failed.
+        message = " ".join(str(exc).split(" stacktrace:")[0].split()) or type(exc).__name__
+        sys.stderr.write(f"error: {message[:400]}\n")
+        sys.stderr.flush()
+        os._exit(1)
+    sys.stdout.flush()
+    # Tearing down the link's threads can take minutes after the protocol has ended; the
+    # result is written, so the driver leaves at once.
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,337 @@
+"""Membership on the RR22 engine: real node servers over mutual TLS, the driver under the engine's
+own interpreter (``make secretflow`` builds .venv/secretflow), its link under the federation's
+certificates.
+
+Both engines give the same membership on the same data; a node without the engine refuses with
+FAILED_PRECONDITION; a link certificate from another federation is refused; a peer's driver
+killed mid-protocol aborts both nodes. After each run no driver and no temporary file is left.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+
+import pytest
+from conftest import (
+    PSI_EPSILON,
+    PURPOSE,
+    REPO,
+    FederationFixture,
+    build_federation,
+    grant,
+    register,
+)
+
+from govshare.client.analyst import run_psi
+from govshare.model.governance import QueryKind
+from govshare.model.query_plan import ECDH, RR22, PsiPlan, Side
+from govshare.model.states import DONE, FAILED, REFUSED
+from govshare.node.api.server import RunningNode, create_server
+from govshare.node.config import NodeConfig
+from govshare.node.data import resident_id
+from govshare.node.node import Node
+from govshare.node.queries.engines.rr22 import DRIVER, LinkTls
+from govshare.node.queries.kinds.psi import ENGINE_RULE
+from govshare.protocols.errors import Conflict, GovshareError, MalformedInput
+
+ENGINE_PYTHON = REPO / ".venv" / "secretflow" / "bin" / "python"
+# Generous: a run here takes seconds; a failure mode that hangs fails the test, not the suite.
+PROTOCOL_TIMEOUT = 120
+WAIT = 120.0
+
+
+@dataclass
+class Nodes:
+    fed: FederationFixture
+    tax: Node
+    civil: Node
+    ghost: Node  # serves, without the rr22 engine
+    foreign: FederationFixture
+
+
+def _serve(home: Path) -> tuple[Node, RunningNode]:
+    config = NodeConfig.load(home)
+    node = Node.from_config(config)
+    return node, create_server(node, config.listen)
+
+
+@pytest.fixture(scope="module")
+def nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Nodes]:
+    if not ENGINE_PYTHON.exists():
+        pytest.fail(f"{ENGINE_PYTHON} is missing: run 'make secretflow' (make pytest does)")
+    fed = build_federation(tmp_path_factory.mktemp("rr22"), "rr22fed")
+    foreign = build_federation(tmp_path_factory.mktemp("rr22foreign"), "otherfed")
+    for name in ("tax", "civil", "ghost"):
+        config = fed.node_home(name) / "node.toml"
+        text = config.read_text()
+        text = text.replace("protocol_timeout = 300.0", f"protocol_timeout = {PROTOCOL_TIMEOUT}")
+        if name != "ghost":
+            assert 'rr22_python = ""' in text
+            text = text.replace('rr22_python = ""', f'rr22_python = "{ENGINE_PYTHON}"')
+        config.write_text(text)
+    served = {name: _serve(fed.node_home(name)) for name in ("tax", "civil", "ghost")}
+    assert served["tax"][0].psi.rr22 is not None and served["ghost"][0].psi.rr22 is None
+    yield Nodes(fed, served["tax"][0], served["civil"][0], served["ghost"][0], foreign)
+    for node, running in served.values():
+        running.stop(0)
+        node.close()
+
+
+def resident(rng: random.Random, sequence: int) -> str:
+    birth = date(1950 + rng.randrange(60), 1 + rng.randrange(12), 1 + rng.randrange(28))
+    return resident_id.make("110101", birth, sequence)
+
+
+def write_keys(path: Path, keys: list[str]) -> Path:
+    path.write_text("id_number\n" + "".join(k + "\n" for k in keys), encoding="utf-8")
+    return path
+
+
+def datasets(
+    nodes: Nodes, tmp: Path, name: str, left: list[str], right: list[str], *, node: str = "civil"
+) -> tuple[str, str]:
+    """``left`` as tax's dataset, ``right`` as ``node``'s, both granted to alice for membership;
+    rows that are not resident ids are left out on import, as an operator would with
+    --skip-invalid."""
+    peer = getattr(nodes, node)
+    for holder, keys, dataset in ((nodes.tax, left, f"{name}_t"), (peer, right, f"{name}_p")):
+        register(
+            holder, write_keys(tmp / f"{dataset}.csv", keys), name=dataset,
+            columns=("id_number=join_key:resident_id",), skip_invalid=True,
+        )  # fmt: skip
+        grant(holder, dataset, "alice", ["id_number"], [QueryKind.PSI_MEMBERSHIP])
+    return f"{name}_t", f"{name}_p"
+
+
+def plan(names: tuple[str, str], engine: str, *, peer: str = "civil") -> PsiPlan:
+    return PsiPlan(
+        kind=QueryKind.PSI_MEMBERSHIP, purpose=PURPOSE,
+        left=Side("tax", names[0], "id_number"), right=Side(peer, names[1], "id_number"),
+        recipient="tax", epsilon=PSI_EPSILON, engine=engine,
+    )  # fmt: skip
+
+
+def kept(nodes: Nodes, names: tuple[str, str], engine: str) -> list[str]:
+    outcome = run_psi(nodes.fed.identity("alice"), plan(names, engine))
+    assert nodes.tax.query_store.get(outcome.query_id).state == DONE
+    assert nodes.civil.query_store.get(outcome.query_id).state == DONE
+    return nodes.tax.query_store.matches(outcome.query_id)
+
+
+def leftovers() -> tuple[list[str], list[int]]:
+    """The engine's temporary folders and driver processes still there."""
+    folders = sorted(str(p) for p in Path(tempfile.gettempdir()).glob("govshare-rr22-*"))
+    return folders, drivers()
+
+
+def drivers(node: str = "") -> list[int]:
+    """Live driver processes (of ``node``'s runs, when named): their job files name the node."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if (
+            state != "Z"
+            and str(DRIVER).encode() in argv
+            and f"govshare-rr22-{node}".encode() in (b" ".join(argv))
+        ):
+            found.append(int(entry.name))
+    return found
+
+
+def test_rr22_and_ecdh_keep_the_same_matches(nodes: Nodes, tmp_path: Path) -> None:
+    rng = random.Random(2026)
+    pool = [resident(rng, i) for i in range(600)]
+    rng.shuffle(pool)
+    # Random sets with a random overlap, then the edges: nothing in common, every row in
+    # common, and duplicates (also as a lower-case check letter) and bad keys, which the import
+    # leaves out for both engines alike.
+    left, right = pool[:260], pool[180:420]
+    with_x = next(k for k in pool[420:] if k.endswith("X"))
+    bad = ["110101199001011234", "not-an-id", "11010119900101123"]  # checksum, shape, length
+    cases = {
+        "random": (left, right),
+        "disjoint": (pool[:200], pool[200:400]),
+        "all": (pool[:150], list(reversed(pool[:150]))),
+        "dupes": (
+            [*left[:120], *left[:30], with_x, with_x.lower(), *bad],
+            [*left[60:200], *left[60:90], with_x.lower(), *bad],
+        ),
+    }
+    for case, (a, b) in cases.items():
+        names = datasets(nodes, tmp_path, case, a, b)
+        expected = sorted({k.upper() for k in a if resident_id.is_valid(k)}
+                          & {k.upper() for k in b if resident_id.is_valid(k)})  # fmt: skip
+        by_rr22, by_ecdh = kept(nodes, names, RR22), kept(nodes, names, ECDH)
+        assert by_rr22 == by_ecdh == expected, case
+    assert len(expected) == 61 and with_x in expected  # dupes: left[60:120] and with_x
+    assert leftovers() == ([], [])
+
+
+def test_rr22_steps_are_logged_and_reconcile(nodes: Nodes, tmp_path: Path) -> None:
+    rng = random.Random(7)
+    pool = [resident(rng, i) for i in range(100)]
+    names = datasets(nodes, tmp_path, "logged", pool[:70], pool[40:])
+    outcome = run_psi(nodes.fed.identity("alice"), plan(names, RR22))
+    steps = {}
+    for node in (nodes.tax, nodes.civil):
+        entries = [e.decode() for e in node.audit.entries_for_query(outcome.query_id)]
+        steps[node.name] = [
+            (e.fields["direction"], e.fields["phase"], e.fields["size"])
+            for e in entries
+            if e.kind == "protocol.step"
+        ]
+        released = [e.fields for e in entries if e.kind == "result.released"]
+        assert [r["recipient"] for r in released] == ["tax"]
+    # tax receives (30 matched of its 70 keys); civil sends its 60 and learns nothing.
+    assert steps["tax"] == [
+        ("sent", "link", 1), ("received", "link", 1), ("engine", "rr22.started", 70),
+        ("engine", "rr22.linked", 0), ("engine", "rr22.done", 30),
+    ]  # fmt: skip
+    assert steps["civil"] == [
+        ("sent", "link", 1), ("received", "link", 1), ("engine", "rr22.started", 60),
+        ("engine", "rr22.linked", 0), ("engine", "rr22.done", 0),
+    ]  # fmt: skip
+    assert len(nodes.tax.query_store.matches(outcome.query_id)) == 30
+
+
+def test_a_node_without_the_engine_refuses_with_a_precondition(
+    nodes: Nodes, tmp_path: Path
+) -> None:
+    rng = random.Random(5)
+    pool = [resident(rng, i) for i in range(60)]
+    names = datasets(nodes, tmp_path, "noengine", pool[:40], pool[20:], node="ghost")
+    with pytest.raises(Conflict, match=r"node ghost does not offer the rr22 engine.*rr22_python"):
+        run_psi(nodes.fed.identity("alice"), plan(names, RR22, peer="ghost"))
+    refused = [r for r in nodes.ghost.query_store.with_state(REFUSED) if r.dataset == names[1]]
+    assert [r.rule for r in refused] == [ENGINE_RULE]
+    decisions = [
+        e.decode().fields
+        for e in nodes.ghost.audit.entries_for_query(refused[0].query_id)
+        if e.decode().kind == "policy.decision"
+    ]
+    assert [(d["allowed"], d["rule"]) for d in decisions] == [(False, ENGINE_RULE)]
+    # The same node serves the query on ECDH-PSI.
+    outcome = run_psi(nodes.fed.identity("alice"), plan(names, ECDH, peer="ghost"))
+    assert len(nodes.tax.query_store.matches(outcome.query_id)) == 20
+
+
+def test_rr22_is_for_membership_only() -> None:
+    cardinality = {
+        "kind": "psi_cardinality", "purpose": PURPOSE, "epsilon": "1", "engine": "rr22",
+        "left": {"node": "tax", "dataset": "a", "column": "id_number", "where": []},
+        "right": {"node": "civil", "dataset": "b", "column": "id_number", "where": []},
+    }  # fmt: skip
+    from govshare.model.query_plan import parse_plan
+
+    with pytest.raises(MalformedInput, match="rr22 serves membership only"):
+        parse_plan(cardinality, kind="psi_cardinality")
+    with pytest.raises(MalformedInput, match="'engine': 'kkrt' is not one of ecdh, rr22"):
+        parse_plan({**cardinality, "engine": "kkrt"}, kind="psi_cardinality")
+
+
+def failed_query(node: Node, dataset: str) -> str:
+    records = [r for r in node.query_store.with_state(FAILED) if r.dataset == dataset]
+    assert len(records) == 1, records
+    return records[0].query_id
+
+
+def assert_nothing_released(nodes: Nodes, names: tuple[str, str], reason: str) -> None:
+    for node, dataset in ((nodes.tax, names[0]), (nodes.civil, names[1])):
+        query_id = failed_query(node, dataset)
+        entries = [e.decode() for e in node.audit.entries_for_query(query_id)]
+        assert not [e for e in entries if e.kind == "result.released"]
+        failed = [e.fields for e in entries if e.kind == "query.failed"]
+        assert len(failed) == 1 and failed[0]["released"] is False
+        if node is nodes.tax:
+            assert reason in failed[0]["reason"], failed[0]["reason"]
+            assert nodes.tax.query_store.matches(query_id) == []
+    assert leftovers() == ([], [])
+
+
+def test_a_link_certificate_of_another_federation_is_refused(
+    nodes: Nodes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """civil's driver presents a certificate named civil, issued by another federation's CA
+    (and checks tax's against that CA): each side refuses the other in the handshake."""
+    rng = random.Random(11)
+    pool = [resident(rng, i) for i in range(80)]
+    names = datasets(nodes, tmp_path, "wrongcert", pool[:50], pool[25:])
+    engine = nodes.civil.psi.rr22
+    assert engine is not None
+    monkeypatch.setattr(engine, "tls", LinkTls.of_identity(nodes.foreign.node_home("civil")))
+    with pytest.raises(GovshareError, match="refused in the TLS handshake"):
+        run_psi(nodes.fed.identity("alice"), plan(names, RR22))
+    assert_nothing_released(nodes, names, "TLS handshake")
+
+
+def test_a_peer_driver_killed_mid_protocol_aborts_both_nodes(nodes: Nodes, tmp_path: Path) -> None:
+    rng = random.Random(13)
+    pool = [resident(rng, i) for i in range(80)]
+    names = datasets(nodes, tmp_path, "killed", pool[:50], pool[25:])
+    errors: list[BaseException] = []
+
+    def ask() -> None:
+        try:
+            run_psi(nodes.fed.identity("alice"), plan(names, RR22))
+        except BaseException as exc:  # the outcome the test checks
+            errors.append(exc)
+
+    thread = threading.Thread(target=ask)
+    thread.start()
+    deadline = time.monotonic() + WAIT
+    while not (started := drivers("civil")) and thread.is_alive():
+        assert time.monotonic() < deadline, "civil's driver never started"
+        time.sleep(0.02)
+    assert started, errors
+    os.kill(started[0], signal.SIGKILL)
+    thread.join(WAIT)
+    assert not thread.is_alive()
+    assert len(errors) == 1 and isinstance(errors[0], GovshareError), errors
+    assert_nothing_released(nodes, names, "ended the query")
+    civil_failed = [
+        e.decode().fields["reason"]
+        for e in nodes.civil.audit.entries_for_query(failed_query(nodes.civil, names[1]))
+        if e.decode().kind == "query.failed"
+    ]
+    assert "the rr22 engine failed with node tax" in civil_failed[0]
+
+
+def test_cli_asks_membership_on_rr22(nodes: Nodes, tmp_path: Path) -> None:
+    rng = random.Random(17)
+    pool = [resident(rng, i) for i in range(60)]
+    names = datasets(nodes, tmp_path, "cli", pool[:40], pool[10:])
+    base = [
+        sys.executable, "-m", "govshare.cli", "query", "psi",
+        "--identity", str(nodes.fed.bundles["alice"]),
+        "--left", f"tax.{names[0]}.id_number", "--right", f"civil.{names[1]}.id_number",
+        "--purpose", PURPOSE, "--engine", "rr22", "--results", str(tmp_path / "results"),
+    ]  # fmt: skip
+    asked = subprocess.run(
+        [*base, "--reveal", "members", "--to", "tax", "--epsilon", "2", "--json"],
+        capture_output=True, text=True, timeout=WAIT, cwd=REPO,
+    )  # fmt: skip
+    assert asked.returncode == 0, asked.stderr
+    done = [r for r in nodes.tax.query_store.with_state(DONE) if r.dataset == names[0]]
+    assert len(done) == 1 and len(nodes.tax.query_store.matches(done[0].query_id)) == 30
+    refused = subprocess.run(
+        [*base, "--reveal", "count"], capture_output=True, text=True, timeout=WAIT, cwd=REPO
+    )
+    assert refused.returncode == 2
+    assert "rr22 serves --reveal members only" in refused.stderr
