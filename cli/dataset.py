@@ -640,14 +640,32 @@ def show(home: Path, name: str, as_json: bool) -> None:
 @operator_option
 @json_option
 def remove(home: Path, name: str, yes: bool, operator_identity: str | None, as_json: bool) -> None:
-    """Remove a dataset and its rows (grants on it stay listed, and no longer apply to a
-    dataset later added under the same name; 'dataset replace' refreshes rows and keeps them)."""
+    """Remove a dataset and destroy its rows (grants on it stay listed, and no longer apply to a
+    dataset later added under the same name; 'dataset replace' refreshes rows and keeps them).
+
+    The rows are overwritten and the file compacted (secure_delete, VACUUM, WAL truncated), the
+    rows' key is deleted, and the destruction is logged (dataset.destroyed: rows, digest, you).
+    """
     operator = operator_for(home, operator_identity)
     info = operator.dataset(name)
     if not yes:
         click.confirm(f"remove dataset {name} and its {info.row_count} rows?", abort=True)
-    removed = operator.remove_dataset(name)
+    destroyed = operator.remove_dataset(name)
+    removed = destroyed.info
     if as_json:
-        emit_json({"removed": removed.name, "row_count": removed.row_count})
+        emit_json(
+            {
+                "removed": removed.name,
+                "row_count": removed.row_count,
+                "destroyed": destroyed.to_json(),
+            }
+        )
         return
     console.print(f"dataset [bold]{removed.name}[/] removed ({removed.row_count} rows)")
+    how = "overwritten, key shredded" if destroyed.key_shredded else "overwritten"
+    wal = "" if destroyed.wal_truncated else "; the WAL is cut at the node's next checkpoint"
+    console.print(
+        f"destroyed {destroyed.rows} rows ({how}; {destroyed.hash_name} "
+        f"{destroyed.digest[:16]}…){wal}; logged as dataset.destroyed",
+        soft_wrap=True,
+    )

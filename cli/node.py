@@ -17,6 +17,7 @@ from govshare.cli.common import (
     json_option,
     render_table,
 )
+from govshare.cli.node_key import key as key_group
 from govshare.cli.operator_identity import operator_for, operator_option
 from govshare.model.identity import Identity, create_request, install_roster
 from govshare.node.api.server import serve as serve_node
@@ -28,6 +29,9 @@ from govshare.rpc.client import NodeClient
 @click.group("node")
 def group() -> None:
     """Initialise and run a department node (operator)."""
+
+
+group.add_command(key_group)  # node key split|recover (cli/node_key.py)
 
 
 @group.command("init")

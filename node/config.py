@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from govshare.node.compute import BACKENDS, RAY, ComputeSettings
+from govshare.node.home_permissions import make_private
 from govshare.node.queries.engines import EngineSettings
 from govshare.protocols.errors import MalformedInput, NotFound
 
@@ -50,6 +51,10 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 DOCUMENTED_METRICS_ADDRESS = "127.0.0.1:9102"
 # Overrides [observability] metrics (the Docker image sets it for its HEALTHCHECK); "" = off.
 METRICS_ENV = "GOVSHARE_METRICS"
+# Days a receiving node keeps the keys of its own that matched a membership query (its
+# results) before it deletes them, overwritten, and logs it: long enough for the department to
+# act on them, short enough that the node holds no standing list of matches.
+DEFAULT_RESULTS_DAYS = 90
 
 TEMPLATE = """\
 # govshare node configuration. Paths are relative to this file's folder.
@@ -109,6 +114,12 @@ address = "auto"
 # ray: CPUs each task asks for.
 num_cpus = 1
 
+[retention]
+# Days this node keeps the keys of its own that matched a membership query sent to it
+# (govshare node results); older ones are deleted, overwritten, and the deletion logged
+# (results.expired), at start and then hourly. 0 = kept until removed by hand.
+results_days = {results_days}
+
 [engines]
 # Membership's RR22 engine (govshare query psi --engine rr22): the Python of a virtual
 # environment with spu 0.9.5 (make secretflow builds .venv/secretflow); "" = not offered, and
@@ -145,6 +156,8 @@ class NodeConfig:
     metrics_address: str | None = None
     # [compute]: the backend of the per-row work (govshare.node.compute).
     compute: ComputeSettings = field(default_factory=ComputeSettings)
+    # [retention] results_days: days membership results are kept here (0 = no limit).
+    results_days: int = DEFAULT_RESULTS_DAYS
     # [engines]: PSI engines beside ECDH-PSI (govshare.node.queries.engines).
     engines: EngineSettings = field(default_factory=EngineSettings)
 
@@ -212,6 +225,7 @@ class NodeConfig:
             log_level=log_level,
             metrics_address=metrics_address,
             compute=_compute(raw.get("compute", {}), path),
+            results_days=_retention(raw.get("retention", {}), path),
             engines=_engines(raw.get("engines", {}), home, path, text("listen")),
         )
 
@@ -234,6 +248,18 @@ def _engines(section: object, home: Path, path: Path, listen: str) -> EngineSett
         rr22_low_comm=low_comm,
         link_host=host,
     )
+
+
+def _retention(section: object, path: Path) -> int:
+    """[retention] results_days; absent: :data:`DEFAULT_RESULTS_DAYS`."""
+    if not isinstance(section, dict):
+        raise MalformedInput(f"{path}: [retention] must be a table", field="retention")
+    days = section.get("results_days", DEFAULT_RESULTS_DAYS)
+    if isinstance(days, bool) or not isinstance(days, int) or days < 0:
+        raise MalformedInput(
+            f"{path}: retention.results_days must be 0 or a positive integer", field="results_days"
+        )
+    return days
 
 
 def _compute(section: object, path: Path) -> ComputeSettings:
@@ -318,11 +344,18 @@ def _flag(section: dict[str, object], key: str, path: Path) -> bool:
 
 
 def write_default(home: Path, *, listen: str, identity: str = ".") -> Path:
-    """Write a fresh ``node.toml`` with documented defaults; refuse to overwrite one."""
+    """Write a fresh ``node.toml`` with documented defaults; refuse to overwrite one.
+
+    The folder becomes a node home: it and everything in it are made private (folders 0700,
+    files 0600, :func:`~govshare.node.home_permissions.make_private`), as the node checks at
+    every start.
+    """
     path = home / CONFIG_NAME
     if path.exists():
         raise MalformedInput(f"{path} already exists; edit it or choose another home")
     home.mkdir(parents=True, exist_ok=True)
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    make_private(home)
     path.write_text(
         TEMPLATE.format(
             listen=listen,
@@ -336,6 +369,7 @@ def write_default(home: Path, *, listen: str, identity: str = ".") -> Path:
             protocol_timeout=DEFAULT_PROTOCOL_TIMEOUT,
             rate_limit_per_minute=DEFAULT_RATE_LIMIT_PER_MINUTE,
             application_deadline_days=DEFAULT_APPLICATION_DEADLINE_DAYS,
+            results_days=DEFAULT_RESULTS_DAYS,
         ),
         encoding="utf-8",
     )

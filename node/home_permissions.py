@@ -2,8 +2,15 @@
 
 A node's home holds its signing and TLS keys, its data key, its database (datasets in it) and
 its audit log; a world-readable file there hands them to every local user. The check is a pure
-report, :func:`check_home_permissions`; refusing to start on a non-empty report (with the report
-as the message) is the node's start-up's job.
+report, :func:`check_home_permissions`; :func:`refuse_unless_private` turns a non-empty report
+into :class:`HomeNotPrivate`, one line naming the first offence, its mode and the ``chmod`` that
+fixes it, which the node's start-up raises before it opens anything.
+
+:func:`make_private` sets those modes on a home and everything in it: ``node init`` runs it
+(``write_default``), when a folder of keys and certificates handed over by the federation
+administrator becomes a node home. After that the node keeps them: everything it creates is
+made 0600 (the stores' files before SQLite opens them; SQLite gives a database's ``-wal`` and
+``-shm`` the database's own mode).
 
 What counts: permission bits (``mode & 0o7777``, so setuid, setgid and sticky bits offend too)
 of the home, of every folder and regular file under it, read with ``lstat``. A symbolic link
@@ -18,9 +25,17 @@ import stat
 from pathlib import Path
 from typing import Final, NamedTuple
 
-from govshare.protocols.errors import NotFound
+from govshare.protocols.errors import NotFound, PermissionDenied
 
-__all__ = ["DIR_MODE", "FILE_MODE", "Offence", "check_home_permissions"]
+__all__ = [
+    "DIR_MODE",
+    "FILE_MODE",
+    "HomeNotPrivate",
+    "Offence",
+    "check_home_permissions",
+    "make_private",
+    "refuse_unless_private",
+]
 
 FILE_MODE: Final = 0o600
 DIR_MODE: Final = 0o700
@@ -37,6 +52,16 @@ class Offence(NamedTuple):
         if self.expected is None:
             return f"{self.path}: a symbolic link (not allowed in a node's home)"
         return f"{self.path}: mode {self.mode:04o}, expected {self.expected:04o}"
+
+    def fix(self) -> str:
+        """The command that clears this offence."""
+        if self.expected is None:
+            return f"rm '{self.path}' (and put the file itself there)"
+        return f"chmod {self.expected:o} '{self.path}'"
+
+
+class HomeNotPrivate(PermissionDenied):
+    """A node's home, or something in it, is open to other local users."""
 
 
 def _offence(path: Path) -> Offence | None:
@@ -71,3 +96,40 @@ def check_home_permissions(home: Path) -> list[Offence]:
             if offence is not None:
                 found.append(offence)
     return found
+
+
+def refuse_unless_private(home: Path) -> None:
+    """Raise unless every path under ``home`` has the required mode.
+
+    Raises:
+        HomeNotPrivate: one line: the first offence, the fix, and how many more there are.
+        NotFound: ``home`` does not exist.
+    """
+    found = check_home_permissions(home)
+    if not found:
+        return
+    first = found[0]
+    more = ""
+    if len(found) > 1:
+        more = (
+            f"; {len(found) - 1} more path(s) offend (fix them all: find '{home}' -type d "
+            "-exec chmod 700 {} + -o -type f -exec chmod 600 {} +)"
+        )
+    raise HomeNotPrivate(
+        f"refusing to start: node home not private: {first.describe()}; fix: {first.fix()}{more}"
+    )
+
+
+def make_private(home: Path) -> None:
+    """Give ``home`` and every folder in it 0700 and every file 0600 (symbolic links are left
+    for :func:`check_home_permissions` to report)."""
+    os.chmod(home, DIR_MODE)
+    for folder, dirs, files in os.walk(home, followlinks=False):
+        for name in dirs:
+            path = Path(folder) / name
+            if not path.is_symlink():
+                os.chmod(path, DIR_MODE)
+        for name in files:
+            path = Path(folder) / name
+            if not path.is_symlink():
+                os.chmod(path, FILE_MODE)

@@ -6,6 +6,7 @@ the verified caller as an argument so it can be tested without a server.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -33,9 +34,11 @@ from govshare.node.config import (
     DEFAULT_RATE_LIMIT_PER_MINUTE,
     NodeConfig,
 )
+from govshare.node.data.at_rest import open_at_rest
 from govshare.node.data.catalog import Catalogue
 from govshare.node.data.mask_key import MaskSecret
 from govshare.node.home_lock import HomeLock
+from govshare.node.home_permissions import FILE_MODE, refuse_unless_private
 from govshare.node.observability.events import QueryEvents
 from govshare.node.policy.alerts import RiskMonitor, SuspensionStore
 from govshare.node.policy.applications import Application, ApplicationStore
@@ -52,6 +55,7 @@ from govshare.node.queries.kinds.aggregate import AggregateEngine, AggregateOpti
 from govshare.node.queries.kinds.psi import PsiKind
 from govshare.node.roster_file import RosterFile
 from govshare.node.stores.query_store import QueryStore, ledger_view
+from govshare.node.stores.retention import ResultsRetention
 from govshare.protocols.errors import MalformedInput, NotFound
 from govshare.rpc.client import NodeClient
 
@@ -111,6 +115,8 @@ class Node:
     application_deadline_days: int = DEFAULT_APPLICATION_DEADLINE_DAYS
     # The lock on the node's home (one node per home); from_config takes it, close() lets it go.
     home_lock: HomeLock | None = field(default=None, repr=False)
+    # Days membership results are kept here ([retention] results_days; 0: no limit).
+    results_days: int = 0
     # Each step of each query, to whoever subscribes: the server's logs and metrics
     # (govshare.node.observability).
     events: QueryEvents = field(default_factory=QueryEvents, repr=False)
@@ -126,6 +132,7 @@ class Node:
     log_check: LogSelfCheck = field(init=False)
     suspensions: SuspensionStore = field(init=False)
     risk: RiskMonitor = field(init=False)
+    retention: ResultsRetention = field(init=False)
 
     def __post_init__(self) -> None:
         self._pool: Executor | None = None
@@ -228,6 +235,12 @@ class Node:
         if self.log_check.refusal() is None:
             self.queries.recover()
         self.risk.start()
+        # Membership results older than the retention go now, then hourly (stores/retention).
+        self.retention = ResultsRetention(
+            self.query_store, self.audit, self.results_days, self.name, clock=self.clock
+        )
+        if self.log_check.refusal() is None:
+            self.retention.start()
 
     def frozen(self, dataset: str) -> tuple[str, str] | None:
         """The (rule, message) of an operator's freeze of this node or ``dataset``, or None
@@ -292,6 +305,9 @@ class Node:
 
         Raises:
             HomeInUse: another node holds the home (before anything in it is opened).
+            HomeNotPrivate: a path under the home is open to other users (one line naming it,
+                its mode and the chmod that fixes it).
+            WrongDataKey: the data key is missing or not the one node.db was sealed under.
         """
         lock = HomeLock.acquire(config.home)
         try:
@@ -302,13 +318,18 @@ class Node:
 
     @classmethod
     def _from_config(cls, config: NodeConfig, lock: HomeLock) -> Node:
+        refuse_unless_private(config.home)
+        for store in (config.database_path, config.audit_database_path):
+            # Made 0600 before SQLite opens them; their -wal and -shm take the same mode.
+            os.close(os.open(store, os.O_RDWR | os.O_CREAT, FILE_MODE))
         identity = Identity.load(config.identity_dir)
+        at_rest = open_at_rest(config.home, config.database_path, identity.roster.crypto)
         return cls(
             identity=identity,
-            catalogue=Catalogue(config.database_path),
+            catalogue=Catalogue(config.database_path, at_rest=at_rest),
             grants=GrantStore(config.database_path),
             crossborder_store=CrossBorderStore(config.database_path),
-            query_store=QueryStore(config.database_path),
+            query_store=QueryStore(config.database_path, at_rest=at_rest),
             audit=AuditLog.open(config.audit_database_path),
             witness_store=WitnessStore(config.database_path),
             mask_secret=MaskSecret.load_or_create(config.home),
@@ -324,6 +345,7 @@ class Node:
             suspend_on_high_alert=config.suspend_on_high_alert,
             application_deadline_days=config.application_deadline_days,
             home_lock=lock,
+            results_days=config.results_days,
         )
 
     @classmethod
@@ -340,6 +362,7 @@ class Node:
         self.log_check.stop()
         self.publisher.stop()
         self.risk.stop()
+        self.retention.stop()
         with self._pool_lock:
             if self._pool is not None:
                 self._pool.shutdown(cancel_futures=True)

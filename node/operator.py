@@ -42,9 +42,11 @@ from govshare.model.identity import Identity
 from govshare.model.operator_act import Duty, NoSigner
 from govshare.node.audit.auditlog import AuditLog
 from govshare.node.config import NodeConfig, write_default
+from govshare.node.data.at_rest import AtRest, open_at_rest
 from govshare.node.data.catalog import (
     Catalogue,
     DatasetRecord,
+    Destruction,
     ImportReport,
     Restatement,
     dataset_to_json,
@@ -80,6 +82,7 @@ __all__ = [
     "Assessment",
     "ColumnFormat",
     "DatasetRecord",
+    "Destruction",
     "Freeze",
     "Grant",
     "GrantUsage",
@@ -192,6 +195,13 @@ class Operator:
         """The node's identity bundle (its name, signing key and roster)."""
         return Identity.load(self.config.identity_dir)
 
+    def _at_rest(self) -> AtRest:
+        """The node's data key with its federation's suite, what rows and results are sealed
+        under (govshare.node.data.at_rest; a home without a key gets one)."""
+        return open_at_rest(
+            self.config.home, self.config.database_path, self.identity().roster.crypto
+        )
+
     # ------------------------------------------------------------------------ datasets
 
     def add_dataset(
@@ -226,7 +236,7 @@ class Operator:
         """
         me = self.identity()
         path = self.config.database_path
-        catalogue = Catalogue.read_only(path) if check else Catalogue(path)
+        catalogue = Catalogue.read_only(path) if check else Catalogue(path, at_rest=self._at_rest())
         actor = ""
 
         def add(audit: AuditLog | None) -> ImportReport:
@@ -285,7 +295,7 @@ class Operator:
                 csv_file, name=name, stated=stated, source=source, skip_invalid=skip_invalid,
                 actor="", audit=None, check=True, progress=progress,
             )  # fmt: skip
-        catalogue = Catalogue(self.config.database_path)
+        catalogue = Catalogue(self.config.database_path, at_rest=self._at_rest())
         body = {"dataset": name, "file": csv_file.name, "sha256": _file_digest(csv_file)}
         with AuditLog.open(self.config.audit_database_path) as log:
             with self._acting(log, "dataset.replace", Duty.REGISTER, body) as actor:
@@ -307,11 +317,12 @@ class Operator:
     def dataset_record(self, name: str) -> DatasetRecord:
         return Catalogue(self.config.database_path).record(name)
 
-    def remove_dataset(self, name: str) -> DatasetInfo:
-        catalogue = Catalogue(self.config.database_path)
+    def remove_dataset(self, name: str) -> Destruction:
+        """Remove a dataset and destroy its rows (overwritten, key shredded, logged)."""
+        catalogue = Catalogue(self.config.database_path, at_rest=self._at_rest())
         with AuditLog.open(self.config.audit_database_path) as log:
             with self._acting(log, "dataset.remove", Duty.REGISTER, {"dataset": name}) as actor:
-                return catalogue.remove(name, actor=actor, audit=log)
+                return catalogue.destroy(name, actor=actor, audit=log)
 
     # ------------------------------------------------------------------------ grants
 
@@ -616,7 +627,7 @@ class Operator:
 
     def matches(self, query_id: str) -> list[str]:
         """This node's own keys that matched a membership query it received."""
-        store = QueryStore(self.config.database_path)
+        store = QueryStore(self.config.database_path, at_rest=self._at_rest())
         try:
             return store.matches(store.resolve(query_id))
         finally:

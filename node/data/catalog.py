@@ -58,15 +58,16 @@ from __future__ import annotations
 
 import builtins
 import json
+import operator
 import re
 import secrets
 import sqlite3
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from govshare.model.conditions import OPERATORS, Condition
 from govshare.model.governance import (
@@ -82,6 +83,7 @@ from govshare.model.identity import validate_jurisdiction
 from govshare.node.audit.sink import AuditSink
 from govshare.node.data import keys as key_types
 from govshare.node.data import source_file
+from govshare.node.data.at_rest import AtRest, WrongDataKey, purge
 from govshare.node.data.column_format import (
     ColumnFormat,
     NullPolicy,
@@ -99,6 +101,7 @@ from govshare.node.policy.decision import (
 )
 from govshare.node.stores.sqlite import immediate, opened
 from govshare.protocols.errors import AlreadyExists, MalformedInput, NotFound, PolicyRefused
+from govshare.protocols.suite import STANDARD, Suite
 
 if TYPE_CHECKING:
     from govshare.node.data.live import LiveDataset
@@ -151,6 +154,16 @@ CREATE TABLE IF NOT EXISTS datasets (
     source_format         TEXT NOT NULL DEFAULT '{}',  -- JSON: SourceFormat.to_json()
     source_kind           TEXT NOT NULL DEFAULT 'embedded',  -- govshare.node.data.sources
     source_location       TEXT NOT NULL DEFAULT '{}'  -- JSON: a live source, never a secret
+);
+"""
+# Made when a catalogue is first opened with a data key (a store without it seals nothing).
+_SEALED_SCHEMA = """
+-- Tables whose rows are sealed (govshare.node.data.at_rest): their column order and their key,
+-- wrapped under the node's data key. Deleting a row here shreds its table.
+CREATE TABLE IF NOT EXISTS sealed_tables (
+    table_name  TEXT PRIMARY KEY,
+    columns     TEXT NOT NULL,  -- JSON list, the order of the cells after _row in each row
+    wrapped_key BLOB NOT NULL
 );
 """
 # Columns added to ``datasets`` after its first release, added to an older store when it opens.
@@ -240,6 +253,18 @@ class Restatement:
 
 
 Cell = str | int
+
+# Operators of the query dialect, as Python evaluates them over decrypted rows (the same
+# answers as SQLite's: text by code point, which is UTF-8's byte order; integers as integers).
+_PY_OPERATORS: dict[str, Callable[[Any, Any], bool]] = {
+    "=": operator.eq,
+    "!=": operator.ne,
+    "<": operator.lt,
+    "<=": operator.le,
+    ">": operator.gt,
+    ">=": operator.ge,
+    "in": lambda cell, values: cell in values,
+}
 
 
 # --------------------------------------------------------------------------- validation
@@ -648,7 +673,9 @@ class _Imported:
 
 class _Rows:
     """Where imported rows go: a table being written, in one transaction (``add``) or in a
-    transaction per batch (``replace``), or nowhere (a check)."""
+    transaction per batch (``replace``), or nowhere (a check). With ``at_rest`` the table
+    holds sealed chunks, one per batch (:mod:`govshare.node.data.at_rest`), and its wrapped key
+    goes into ``sealed_tables`` with it."""
 
     def __init__(
         self,
@@ -657,16 +684,23 @@ class _Rows:
         ordered: Sequence[ColumnRule],
         *,
         batch_commits: bool,
+        at_rest: AtRest | None = None,
     ) -> None:
         self._conn, self._table, self._ordered = conn, table, ordered
         self._batch_commits = batch_commits
         self._batch: builtins.list[tuple[Cell, ...]] = []
+        self._at_rest = at_rest
+        self._key = b""
+        self._chunks = 0
         columns = [rule.name for rule in ordered]
         self._insert = (
             f"INSERT INTO {_quote(table)} (_row, {', '.join(_quote(c) for c in columns)})"
             f" VALUES (?, {', '.join('?' for _ in columns)})"
         )
-        if conn is not None:
+        if conn is not None and at_rest is not None:
+            self._key, wrapped = at_rest.new_table_key(table)
+            self._write(_create_sealed(table, columns, wrapped))
+        elif conn is not None:
             column_sql = ", ".join(
                 f"{_quote(rule.name)} "
                 + ("INTEGER" if rule.kind is ColumnKind.AGGREGATE else "TEXT")
@@ -677,7 +711,11 @@ class _Rows:
                 f"CREATE TABLE {_quote(table)} (_row INTEGER PRIMARY KEY, {column_sql}) STRICT"
             )
 
-    def _write(self, sql: str, rows: Sequence[tuple[Cell, ...]] | None = None) -> None:
+    def _write(
+        self,
+        sql: str | Callable[[sqlite3.Connection], None],
+        rows: Sequence[tuple[Any, ...]] | None = None,
+    ) -> None:
         if self._conn is None:
             return
         if self._batch_commits:
@@ -686,10 +724,16 @@ class _Rows:
         else:
             self._run(sql, rows)
 
-    def _run(self, sql: str, rows: Sequence[tuple[Cell, ...]] | None) -> None:
+    def _run(
+        self,
+        sql: str | Callable[[sqlite3.Connection], None],
+        rows: Sequence[tuple[Any, ...]] | None,
+    ) -> None:
         if self._conn is None:  # pragma: no cover - checked by _write
             return
-        if rows is None:
+        if callable(sql):
+            sql(self._conn)
+        elif rows is None:
             self._conn.execute(sql)
         else:
             self._conn.executemany(sql, rows)
@@ -702,19 +746,62 @@ class _Rows:
             self.flush()
 
     def flush(self) -> None:
-        if self._batch:
+        if self._batch and self._at_rest is not None:
+            sealed = self._at_rest.seal_chunk(self._key, self._table, self._chunks, self._batch)
+            self._write(
+                f"INSERT INTO {_quote(self._table)} (chunk, rows, sealed) VALUES (?, ?, ?)",
+                [(self._chunks, len(self._batch), sealed)],
+            )
+            self._chunks += 1
+            self._batch = []
+        elif self._batch:
             self._write(self._insert, self._batch)
             self._batch = []
 
     def finish(self) -> None:
-        """Write what is left, then the indexes of the join and group columns."""
+        """Write what is left, then the indexes of the join and group columns (none over
+        sealed chunks: an index would hold the values in the clear)."""
         self.flush()
+        if self._at_rest is not None:
+            return
         for rule in self._ordered:
             if rule.kind in (ColumnKind.JOIN_KEY, ColumnKind.GROUP_KEY):
                 self._write(
                     f"CREATE INDEX {_quote(f'{self._table}__{rule.name}')}"
                     f" ON {_quote(self._table)} ({_quote(rule.name)})"
                 )
+
+
+def _create_sealed(
+    table: str, columns: Sequence[str], wrapped: bytes
+) -> Callable[[sqlite3.Connection], None]:
+    """The statements that make a table of sealed chunks and record its wrapped key."""
+
+    def create(conn: sqlite3.Connection) -> None:
+        conn.execute(
+            f"CREATE TABLE {_quote(table)} (chunk INTEGER PRIMARY KEY, rows INTEGER NOT NULL,"
+            " sealed BLOB NOT NULL) STRICT"
+        )
+        conn.execute(
+            "INSERT INTO sealed_tables (table_name, columns, wrapped_key) VALUES (?, ?, ?)",
+            (table, json.dumps(list(columns)), wrapped),
+        )
+
+    return create
+
+
+def _drop_table(conn: sqlite3.Connection, table: str) -> None:
+    """Drop ``table`` if it exists, and shred it: its wrapped key goes too."""
+    conn.execute(f"DROP TABLE IF EXISTS {_quote(table)}")
+    if _has_table(conn, "sealed_tables"):
+        conn.execute("DELETE FROM sealed_tables WHERE table_name = ?", (table,))
+
+
+def _has_table(conn: sqlite3.Connection, name: str) -> bool:
+    found = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)
+    ).fetchone()
+    return found is not None
 
 
 def _changes(record: DatasetRecord, stated: Restatement) -> builtins.list[str]:
@@ -783,15 +870,73 @@ def _changes(record: DatasetRecord, stated: Restatement) -> builtins.list[str]:
     return changed
 
 
-class Catalogue:
-    """The datasets of one node, in its SQLite database (``NodeConfig.database_path``)."""
+@dataclass(frozen=True)
+class Destruction:
+    """What :meth:`Catalogue.destroy` destroyed: the registration, its rows, the digest of
+    what they held (the suite's hash over one JSON line ``[_row, cell, ...]`` per row, in
+    import order; ``digest_of`` says ``"rows"``, or ``"sealed chunks"`` when the catalogue had no
+    data key to read them), whether a wrapped key was deleted (crypto-shredding), and whether
+    the WAL could be cut to zero bytes (a reader of an older snapshot keeps it until the node's
+    next checkpoint)."""
 
-    def __init__(self, path: Path) -> None:
+    info: DatasetInfo
+    rows: int
+    digest: str
+    digest_of: str
+    hash_name: str
+    key_shredded: bool
+    wal_truncated: bool
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "name": self.info.name,
+            "rows": self.rows,
+            "digest": self.digest,
+            "digest_of": self.digest_of,
+            "hash": self.hash_name,
+            "key_shredded": self.key_shredded,
+            "secure_delete": True,
+            "vacuumed": True,
+            "wal_truncated": self.wal_truncated,
+        }
+
+
+@dataclass(frozen=True)
+class _SealedTable:
+    """A sealed table's column order (the cells after ``_row`` in each row) and its key."""
+
+    columns: tuple[str, ...]
+    key: bytes = field(repr=False)
+
+
+@contextmanager
+def _opened_overwriting(path: Path) -> Iterator[sqlite3.Connection]:
+    """A writable connection whose deletes overwrite what they free (``secure_delete``)."""
+    with opened(path) as conn:
+        conn.execute("PRAGMA secure_delete=ON")
+        yield conn
+
+
+class Catalogue:
+    """The datasets of one node, in its SQLite database (``NodeConfig.database_path``).
+
+    With ``at_rest`` (the node's data key and suite) imported rows are stored sealed
+    (:mod:`govshare.node.data.at_rest`), and tables an older version stored in the clear are
+    sealed when the catalogue opens. Without it, rows are stored and read in the clear (stores
+    of tests, and reads of metadata, which is never sealed); reading a sealed table without it
+    is refused.
+    """
+
+    def __init__(self, path: Path, *, at_rest: AtRest | None = None) -> None:
         self.path = path
         self._read_only = False
+        self._at_rest = at_rest
         with self._open() as conn:
             conn.executescript(_SCHEMA)
             self._migrate(conn)
+            if at_rest is not None:
+                conn.executescript(_SEALED_SCHEMA)
+                self._seal_clear_tables(conn, at_rest)
 
     @classmethod
     def read_only(cls, path: Path) -> Catalogue:
@@ -800,7 +945,46 @@ class Catalogue:
         catalogue = cls.__new__(cls)
         catalogue.path = path
         catalogue._read_only = True
+        catalogue._at_rest = None
         return catalogue
+
+    def _seal_clear_tables(self, conn: sqlite3.Connection, at_rest: AtRest) -> None:
+        """Seal the rows of datasets an older version stored in the clear, each into a new
+        table in one transaction, then overwrite and reclaim the clear ones (:func:`purge`)."""
+        sealed_any = False
+        for name, table in conn.execute(
+            "SELECT name, table_name FROM datasets WHERE source_kind = ?"
+            " AND table_name NOT IN (SELECT table_name FROM sealed_tables)",
+            (EMBEDDED,),
+        ).fetchall():
+            with immediate(conn):
+                present = [row[1] for row in conn.execute(f"PRAGMA table_info({_quote(table)})")]
+                if not present:
+                    continue  # no such table (a live dataset, or already gone)
+                columns = [c for c in present if c != "_row"]
+                fresh = f"{TABLE_PREFIX}{name}@{secrets.token_hex(4)}"
+                key, wrapped = at_rest.new_table_key(fresh)
+                _create_sealed(fresh, columns, wrapped)(conn)
+                cursor = conn.execute(
+                    f"SELECT _row, {', '.join(_quote(c) for c in columns)} FROM {_quote(table)}"
+                    " ORDER BY _row"
+                )
+                chunk = 0
+                while batch := cursor.fetchmany(BATCH_ROWS):
+                    conn.execute(
+                        f"INSERT INTO {_quote(fresh)} (chunk, rows, sealed) VALUES (?, ?, ?)",
+                        (
+                            chunk,
+                            len(batch),
+                            at_rest.seal_chunk(key, fresh, chunk, [list(r) for r in batch]),
+                        ),
+                    )
+                    chunk += 1
+                conn.execute("UPDATE datasets SET table_name = ? WHERE name = ?", (fresh, name))
+                _drop_table(conn, table)
+            sealed_any = True
+        if sealed_any:
+            purge(conn)
 
     @staticmethod
     def _migrate(conn: sqlite3.Connection) -> None:
@@ -815,7 +999,7 @@ class Catalogue:
                 conn.execute(f"ALTER TABLE datasets ADD COLUMN {column} {ddl}")
 
     def _open(self) -> AbstractContextManager[sqlite3.Connection]:
-        return _opened_read_only(self.path) if self._read_only else opened(self.path)
+        return _opened_read_only(self.path) if self._read_only else _opened_overwriting(self.path)
 
     # ----------------------------------------------------------------- registration
 
@@ -1136,7 +1320,7 @@ class Catalogue:
             except BaseException:
                 try:
                     with immediate(conn):
-                        conn.execute(f"DROP TABLE IF EXISTS {_quote(table)}")
+                        _drop_table(conn, table)
                 except sqlite3.Error:
                     pass  # the store is locked or read-only: remove drops it later
                 raise
@@ -1169,7 +1353,7 @@ class Catalogue:
             raise MalformedInput(
                 f"dataset {name!r} changed while its new rows were imported; replace it again"
             )
-        conn.execute(f"DROP TABLE {_quote(row['table_name'])}")
+        _drop_table(conn, row["table_name"])
         conn.execute(
             "UPDATE datasets SET table_name = ?, row_count = ?, version = ?, replaced_at = ?,"
             " source_sha256 = ?, encoding = ?, source_format = ? WHERE name = ?",
@@ -1248,7 +1432,7 @@ class Catalogue:
                 (rule, formats[rule.name], _cell_converter(rule, formats[rule.name]))
                 for rule in ordered
             ]
-            sink = _Rows(conn, table, ordered, batch_commits=batch_commits)
+            sink = _Rows(conn, table, ordered, batch_commits=batch_commits, at_rest=self._at_rest)
             width = len(header)
             for row in reader.rows():
                 if not row.cells:
@@ -1296,31 +1480,45 @@ class Catalogue:
         return totals
 
     def remove(self, name: str, *, actor: str, audit: AuditSink | None) -> DatasetInfo:
-        """Drop a dataset's rows and registration, and record ``dataset.removed``.
+        """:meth:`destroy`, returning the registration that was removed."""
+        return self.destroy(name, actor=actor, audit=audit).info
+
+    def destroy(self, name: str, *, actor: str, audit: AuditSink | None) -> Destruction:
+        """Remove a dataset's rows and registration and leave nothing of them in the files.
+
+        In one transaction, with ``secure_delete`` (freed pages are zeroed): the dataset's
+        table and any a replace of it left behind when its process died, their wrapped keys
+        (crypto-shredding), the registration, and ``dataset.removed``. Then :func:`purge`
+        (``VACUUM``, WAL checkpoint ``TRUNCATE``) and ``dataset.destroyed`` (rows, digest of
+        what was destroyed, whether a key was shredded and the WAL cut). ``actor`` is the person
+        whose signed act removes it.
 
         Grants on it stay in the grant table; the policy refuses any grant issued before a
-        later registration under the same name (``grant.predates_dataset``). Tables a replace
-        of it left behind when its process died are dropped too.
+        later registration under the same name (``grant.predates_dataset``).
 
         Raises:
             NotFound: no such dataset.
         """
         validate_identifier(name, "dataset")
+        suite = STANDARD if self._at_rest is None else self._at_rest.suite
         with self._open() as conn:
             with immediate(conn):
                 row = conn.execute("SELECT * FROM datasets WHERE name = ?", (name,)).fetchone()
                 if row is None:
                     raise NotFound(f"no dataset {name!r}")
                 info = _info_from_row(row)
+                table = str(row["table_name"])
+                rows, digest, digest_of = self._digest_rows(conn, table, suite)
+                shredded = self._sealed(conn, table, need_key=False) is not None
                 # A live dataset has no table here.
-                conn.execute(f"DROP TABLE IF EXISTS {_quote(row['table_name'])}")
+                _drop_table(conn, table)
                 staged = f"{TABLE_PREFIX}{name}@"
                 for (left,) in conn.execute(
                     "SELECT name FROM sqlite_master WHERE type = 'table'"
                     " AND substr(name, 1, ?) = ?",
                     (len(staged), staged),
                 ).fetchall():
-                    conn.execute(f"DROP TABLE {_quote(left)}")
+                    _drop_table(conn, left)
                 conn.execute("DELETE FROM datasets WHERE name = ?", (name,))
                 if audit is not None:
                     audit.record(
@@ -1328,7 +1526,37 @@ class Catalogue:
                         {"name": name, "row_count": info.row_count},
                         actor=actor,
                     )
-        return info
+            truncated = purge(conn)
+        destruction = Destruction(
+            info, rows, digest, digest_of, suite.hash_name, shredded, truncated
+        )
+        if audit is not None:
+            audit.record("dataset.destroyed", destruction.to_json(), actor=actor)
+        return destruction
+
+    def _digest_rows(
+        self, conn: sqlite3.Connection, table: str, suite: Suite
+    ) -> tuple[int, str, str]:
+        """(rows, hex digest, what was hashed) of ``table`` (see :class:`Destruction`)."""
+        hasher = suite.new_hasher()
+        count = 0
+        sealed = self._sealed(conn, table, need_key=False)
+        if sealed is not None and self._at_rest is None:
+            for (blob,) in conn.execute(f"SELECT sealed FROM {_quote(table)} ORDER BY chunk"):
+                hasher.update(bytes(blob))
+            found = conn.execute(f"SELECT COALESCE(SUM(rows), 0) FROM {_quote(table)}")
+            return int(found.fetchone()[0]), hasher.digest().hex(), "sealed chunks"
+        keyed = None if sealed is None else self._sealed(conn, table)
+        if keyed is not None:
+            every: Iterable[Sequence[Cell]] = self._sealed_rows(conn, table, keyed)
+        elif conn.execute(f"PRAGMA table_info({_quote(table)})").fetchone() is None:
+            every = ()  # a live dataset
+        else:
+            every = conn.execute(f"SELECT * FROM {_quote(table)} ORDER BY _row")
+        for values in every:
+            hasher.update(json.dumps(list(values), ensure_ascii=False).encode("utf-8") + b"\n")
+            count += 1
+        return count, hasher.digest().hex(), "rows"
 
     # ----------------------------------------------------------------- metadata
 
@@ -1369,6 +1597,20 @@ class Catalogue:
     ) -> tuple[str, builtins.list[Cell]]:
         clauses: builtins.list[str] = []
         params: builtins.list[Cell] = []
+        for rule, op, value in self._conditions(info, where):
+            if isinstance(value, tuple):
+                clauses.append(f"{_quote(rule.name)} IN ({', '.join('?' for _ in value)})")
+                params.extend(value)
+            else:
+                clauses.append(f"{_quote(rule.name)} {op} ?")
+                params.append(value)
+        return (" WHERE " + " AND ".join(clauses) if clauses else ""), params
+
+    def _conditions(
+        self, info: DatasetInfo, where: Sequence[Condition]
+    ) -> builtins.list[tuple[ColumnRule, str, Cell | tuple[Cell, ...]]]:
+        """Each condition checked, with its value typed as the column stores it."""
+        checked: builtins.list[tuple[ColumnRule, str, Cell | tuple[Cell, ...]]] = []
         for condition in where:
             rule = self._column(info, condition.column)
             if condition.op not in OPERATORS:
@@ -1382,15 +1624,69 @@ class Catalogue:
                     raise MalformedInput(
                         f"'in' takes a tuple of 1 to {MAX_IN_VALUES} values", field="where"
                     )
-                values = [self._typed(rule, value) for value in raw]
-                clauses.append(f"{_quote(rule.name)} IN ({', '.join('?' for _ in values)})")
-                params.extend(values)
+                checked.append((rule, "in", tuple(self._typed(rule, value) for value in raw)))
             else:
                 if isinstance(raw, tuple):
                     raise MalformedInput(f"{condition.op!r} takes one value", field="where")
-                clauses.append(f"{_quote(rule.name)} {condition.op} ?")
-                params.append(self._typed(rule, raw))
-        return (" WHERE " + " AND ".join(clauses) if clauses else ""), params
+                checked.append((rule, condition.op, self._typed(rule, raw)))
+        return checked
+
+    def _sealed(
+        self, conn: sqlite3.Connection, table: str, *, need_key: bool = True
+    ) -> _SealedTable | None:
+        """The column order and key of a sealed ``table`` (None: stored in the clear); the key
+        is unwrapped unless ``need_key`` is false.
+
+        Raises:
+            WrongDataKey: sealed, and this catalogue has no data key, or another one.
+        """
+        if not _has_table(conn, "sealed_tables"):
+            return None
+        row = conn.execute(
+            "SELECT columns, wrapped_key FROM sealed_tables WHERE table_name = ?", (table,)
+        ).fetchone()
+        if row is None:
+            return None
+        columns = tuple(json.loads(row["columns"]))
+        if not need_key:
+            return _SealedTable(columns, b"")
+        if self._at_rest is None:
+            raise WrongDataKey(
+                f"the rows of {table.split('@')[0].removeprefix(TABLE_PREFIX)!r} are sealed "
+                "at rest: open the catalogue with the node's data key"
+            )
+        return _SealedTable(columns, self._at_rest.unwrap_table_key(table, row["wrapped_key"]))
+
+    def _sealed_rows(
+        self, conn: sqlite3.Connection, table: str, sealed: _SealedTable
+    ) -> Iterator[builtins.list[Cell]]:
+        """Every row of a sealed table, ``[_row, cell, ...]`` in import order."""
+        if self._at_rest is None:  # pragma: no cover - _sealed refused already
+            raise TypeError("no data key")
+        try:
+            cursor = conn.execute(f"SELECT chunk, sealed FROM {_quote(table)} ORDER BY chunk")
+        except sqlite3.OperationalError:
+            raise NotFound("the dataset was removed while being read") from None
+        for chunk, blob in cursor:
+            yield from self._at_rest.open_chunk(sealed.key, table, int(chunk), bytes(blob))
+
+    def _matching(
+        self,
+        conn: sqlite3.Connection,
+        info: DatasetInfo,
+        table: str,
+        sealed: _SealedTable,
+        where: Sequence[Condition],
+    ) -> Iterator[builtins.list[Cell]]:
+        """The rows of a sealed table that pass ``where``, decrypted and filtered here."""
+        position = {column: i + 1 for i, column in enumerate(sealed.columns)}
+        tests = [
+            (position[rule.name], _PY_OPERATORS[op], value)
+            for rule, op, value in self._conditions(info, where)
+        ]
+        for row in self._sealed_rows(conn, table, sealed):
+            if all(test(row[i], value) for i, test, value in tests):
+                yield row
 
     @staticmethod
     def _typed(rule: ColumnRule, value: str | int) -> Cell:
@@ -1462,6 +1758,11 @@ class Catalogue:
             clause, params = self._where(info, where)
             if (live := self._live(conn, name)) is not None:
                 return live.keys(column, where)
+            if (sealed := self._sealed(conn, table)) is not None:
+                at = sealed.columns.index(column) + 1
+                return sorted(
+                    {str(r[at]) for r in self._matching(conn, info, table, sealed, where)}
+                )
             rows = conn.execute(
                 f"SELECT DISTINCT {_quote(column)} FROM {_quote(table)}{clause}"
                 f" ORDER BY {_quote(column)}",
@@ -1487,13 +1788,29 @@ class Catalogue:
                 self._column(info, column)
             clause, params = self._where(info, where)
             live = self._live(conn, name)
+            sealed = None if live is not None else self._sealed(conn, table)
         if live is not None:
             return live.rows(columns, where)
+        if sealed is not None:
+            return self._stream_sealed(info, table, sealed, columns, where)
         sql = (
             f"SELECT {', '.join(_quote(c) for c in columns)} FROM {_quote(table)}"
             f"{clause} ORDER BY _row"
         )
         return self._stream(sql, params)
+
+    def _stream_sealed(
+        self,
+        info: DatasetInfo,
+        table: str,
+        sealed: _SealedTable,
+        columns: Sequence[str],
+        where: Sequence[Condition],
+    ) -> Iterator[tuple[Cell, ...]]:
+        picked = [sealed.columns.index(column) + 1 for column in columns]
+        with self._open() as conn:
+            for row in self._matching(conn, info, table, sealed, where):
+                yield tuple(row[i] for i in picked)
 
     def _stream(self, sql: str, params: Sequence[Cell]) -> Iterator[tuple[Cell, ...]]:
         with self._open() as conn:
@@ -1512,6 +1829,8 @@ class Catalogue:
             clause, params = self._where(info, where)
             if (live := self._live(conn, name)) is not None:
                 return live.row_ids(where)
+            if (sealed := self._sealed(conn, table)) is not None:
+                return [int(r[0]) for r in self._matching(conn, info, table, sealed, where)]
             rows = conn.execute(f"SELECT _row FROM {_quote(table)}{clause}", params).fetchall()
         return [int(row[0]) for row in rows]
 
@@ -1522,6 +1841,8 @@ class Catalogue:
             clause, params = self._where(info, where)
             if (live := self._live(conn, name)) is not None:
                 return live.count(where)
+            if (sealed := self._sealed(conn, table)) is not None:
+                return sum(1 for _ in self._matching(conn, info, table, sealed, where))
             row = conn.execute(f"SELECT COUNT(*) FROM {_quote(table)}{clause}", params).fetchone()
         return int(row[0])
 
@@ -1548,6 +1869,8 @@ class Catalogue:
             clause, params = self._where(info, where)
             if (live := self._live(conn, name)) is not None:
                 return live.group_sums(group_by, sums, where)
+            if (sealed := self._sealed(conn, table)) is not None:
+                return self._group_sums_sealed(conn, info, table, sealed, group_by, sums, where)
             figures = ["COUNT(*)"] + [
                 f"SUM(MIN(MAX({_quote(c)}, 0), {int(bound)}))" for c, bound in sums
             ]
@@ -1557,3 +1880,26 @@ class Catalogue:
                 params,
             ).fetchall()
         return {str(row[0]): tuple(int(v or 0) for v in row[1:]) for row in rows}
+
+    def _group_sums_sealed(
+        self,
+        conn: sqlite3.Connection,
+        info: DatasetInfo,
+        table: str,
+        sealed: _SealedTable,
+        group_by: str | None,
+        sums: Sequence[tuple[str, int]],
+        where: Sequence[Condition],
+    ) -> dict[str, tuple[int, ...]]:
+        """:meth:`group_sums` over decrypted rows: what the SQL computes, in Python."""
+        label = None if group_by is None else sealed.columns.index(group_by) + 1
+        summed = [(sealed.columns.index(c) + 1, int(bound)) for c, bound in sums]
+        groups: dict[str, builtins.list[int]] = {}
+        for row in self._matching(conn, info, table, sealed, where):
+            totals = groups.setdefault(
+                "" if label is None else str(row[label]), [0] * (1 + len(summed))
+            )
+            totals[0] += 1
+            for slot, (at, bound) in enumerate(summed, start=1):
+                totals[slot] += min(max(int(row[at]), 0), bound)
+        return {group: tuple(totals) for group, totals in groups.items()}

@@ -196,7 +196,7 @@ class JsonLogs(logging.Handler):
         if self._destination is None:
             fd, owned = sys.stderr.fileno(), False
         else:
-            fd = os.open(self._destination, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+            fd = os.open(self._destination, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
             owned = True
         pipe = stat.S_ISFIFO(os.fstat(fd).st_mode)
         try:

@@ -20,6 +20,13 @@ nothing: a denial, an expiry before the run, a failure before the release, or a 
 finds no release in the log. The ledger per (analyst, dataset) and the usage per grant are sums
 over the reservations that are not returned.
 
+**Membership results** a receiving node keeps (its own keys that matched) are sealed under the
+node's data key when the store has one (:mod:`govshare.node.data.at_rest`), one seal per query,
+with the time they were saved; :meth:`QueryStore.expire_results` deletes those older than the
+node's retention (``[retention] results_days``), overwriting them (``secure_delete``) and
+cutting the WAL. A store opened without a key keeps them in the clear (``query_matches``),
+as before issue 12.
+
 **Exact releases** keep, per (analyst, dataset), digests of the filtered set each one released
 from (:meth:`QueryStore.record_exact`), for the tracker check of ``govshare.node.queries.engine``.
 """
@@ -28,6 +35,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from fractions import Fraction
@@ -43,6 +51,7 @@ from govshare.model.states import (
     RETURNED,
     SPENT,
 )
+from govshare.node.data.at_rest import AtRest, WrongDataKey
 from govshare.node.policy.decision import DatasetBudget, Decision, GrantUsage, dataset_epsilon_cap
 from govshare.node.policy.grants import Grant
 from govshare.node.stores.sqlite import connect, immediate
@@ -75,6 +84,12 @@ CREATE TABLE IF NOT EXISTS query_matches (
     query_id TEXT NOT NULL,
     key TEXT NOT NULL,
     PRIMARY KEY (query_id, key)
+);
+CREATE TABLE IF NOT EXISTS sealed_matches (
+    query_id TEXT PRIMARY KEY,
+    saved_at INTEGER NOT NULL,
+    keys INTEGER NOT NULL,      -- how many (the count the analyst learned anyway)
+    sealed BLOB NOT NULL        -- at_rest.seal_results: the sorted keys
 );
 CREATE TABLE IF NOT EXISTS reservations (
     query_id TEXT PRIMARY KEY,
@@ -176,10 +191,12 @@ def _record(row: sqlite3.Row) -> QueryRecord:
 
 
 class QueryStore:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, at_rest: AtRest | None = None) -> None:
         self._db = connect(path, shared=True)
+        self._db.execute("PRAGMA secure_delete=ON")  # deleted results are overwritten
         self._db.executescript(SCHEMA)
         self._lock = threading.Lock()
+        self._at_rest = at_rest
 
     def close(self) -> None:
         with self._lock:
@@ -301,23 +318,82 @@ class QueryStore:
                     )
         return self.get(query_id)
 
-    def save_matches(self, query_id: str, keys: Sequence[str]) -> None:
-        """Keep the node's own keys that matched a membership query sent to this node."""
+    def save_matches(self, query_id: str, keys: Sequence[str], *, now: int | None = None) -> None:
+        """Keep the node's own keys that matched a membership query sent to this node (sealed,
+        with ``now`` as the time they were saved, when the store has a data key)."""
+        saved_at = int(time.time()) if now is None else now
         with self._lock:
             with immediate(self._db):
-                self._db.executemany(
-                    "INSERT OR IGNORE INTO query_matches VALUES (?, ?)",
-                    ((query_id, key) for key in keys),
+                if self._at_rest is None:
+                    self._db.executemany(
+                        "INSERT OR IGNORE INTO query_matches VALUES (?, ?)",
+                        ((query_id, key) for key in keys),
+                    )
+                    return
+                ordered = sorted(set(keys))
+                self._db.execute(
+                    "INSERT OR IGNORE INTO sealed_matches VALUES (?, ?, ?, ?)",
+                    (
+                        query_id,
+                        saved_at,
+                        len(ordered),
+                        self._at_rest.seal_results(query_id, ordered),
+                    ),
                 )
 
     def matches(self, query_id: str) -> list[str]:
-        """This node's keys that matched ``query_id`` (NotFound if it received none)."""
+        """This node's keys that matched ``query_id`` (NotFound if it received none).
+
+        Raises:
+            WrongDataKey: the results are sealed and the store has no data key or another one.
+        """
         self.get(query_id)
         with self._lock:
+            sealed = self._db.execute(
+                "SELECT sealed FROM sealed_matches WHERE query_id = ?", (query_id,)
+            ).fetchone()
             rows = self._db.execute(
                 "SELECT key FROM query_matches WHERE query_id = ? ORDER BY key", (query_id,)
             ).fetchall()
+        if sealed is not None:
+            if self._at_rest is None:
+                raise WrongDataKey(
+                    f"the results of query {query_id} are sealed at rest: open the store with "
+                    "the node's data key"
+                )
+            return self._at_rest.open_results(query_id, bytes(sealed[0]))
         return [str(row[0]) for row in rows]
+
+    def expire_results(self, *, saved_before: int) -> tuple[list[tuple[str, int]], bool]:
+        """Delete the membership results saved before ``saved_before`` (unix s; results kept in
+        the clear by an older version count from their query's last update), overwritten.
+
+        Returns ((query id, keys) of each deleted result, whether the WAL was cut to zero
+        bytes: a reader of an older snapshot keeps it until the next checkpoint).
+        """
+        with self._lock:
+            with immediate(self._db):
+                sealed = self._db.execute(
+                    "SELECT query_id, keys FROM sealed_matches WHERE saved_at < ?",
+                    (saved_before,),
+                ).fetchall()
+                clear = self._db.execute(
+                    "SELECT m.query_id, COUNT(*) FROM query_matches m"
+                    " LEFT JOIN queries q ON q.query_id = m.query_id"
+                    " WHERE COALESCE(q.updated_at, 0) < ? GROUP BY m.query_id",
+                    (saved_before,),
+                ).fetchall()
+                self._db.execute("DELETE FROM sealed_matches WHERE saved_at < ?", (saved_before,))
+                self._db.executemany(
+                    "DELETE FROM query_matches WHERE query_id = ?",
+                    [(row[0],) for row in clear],
+                )
+            deleted = sorted((str(r[0]), int(r[1])) for r in [*sealed, *clear])
+            truncated = True
+            if deleted:
+                busy, _, _ = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+                truncated = not busy
+        return deleted, truncated
 
     def with_state(self, state: str) -> list[QueryRecord]:
         with self._lock:

@@ -124,12 +124,15 @@ def test_add_list_show_remove(home: Path, tmp_path: Path) -> None:
     assert "east|west" in table.output and "keep_last:1" in table.output
 
     removed = run("dataset", "remove", "benefits", "--home", str(home), "--yes", "--json")
-    assert json.loads(removed.output) == {"removed": "benefits", "row_count": 4}
+    said = json.loads(removed.output)
+    assert (said["removed"], said["row_count"]) == ("benefits", 4)
+    assert (said["destroyed"]["rows"], said["destroyed"]["key_shredded"]) == (4, True)
     assert Catalogue(NodeConfig.load(home).database_path).list() == []
     assert audit_kinds(home) == [
         ("dataset.added", "zhang-wei"),
         ("operator.act", "zhang-wei"),
         ("dataset.removed", "zhang-wei"),
+        ("dataset.destroyed", "zhang-wei"),
         ("operator.act", "zhang-wei"),
     ]
 

@@ -327,9 +327,16 @@ def test_remove_drops_rows_and_records(catalogue: Catalogue, tmp_path: Path) -> 
     audit = Recorder()
     removed = catalogue.remove("benefits", actor="operator:social", audit=audit)
     assert removed.row_count == 12
-    assert audit.entries == [
-        ("dataset.removed", {"name": "benefits", "row_count": 12}, "operator:social")
+    assert audit.entries[0] == (
+        "dataset.removed",
+        {"name": "benefits", "row_count": 12},
+        "operator:social",
+    )
+    # Then the destruction record (tests/node/data/test_at_rest.py checks what it says).
+    assert [(kind, actor) for kind, _, actor in audit.entries[1:]] == [
+        ("dataset.destroyed", "operator:social")
     ]
+    assert audit.entries[1][1]["rows"] == 12
     assert catalogue.list() == []
     assert tables(catalogue.path) == {"datasets"}
     with pytest.raises(NotFound):
