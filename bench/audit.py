@@ -38,8 +38,6 @@ import time
 from fractions import Fraction
 from pathlib import Path
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
 from govshare.model import risk
 from govshare.model.conditions import Condition
 from govshare.model.events import Event
@@ -50,6 +48,7 @@ from govshare.node.audit.selfcheck import WHOLE_AT_START_MAX
 from govshare.protocols.checkpoint import open_checkpoint
 from govshare.protocols.merkle import verify_consistency, verify_inclusion
 from govshare.protocols.signed_request import sign_request
+from govshare.protocols.suite import STANDARD, SigningKey
 
 ORIGIN = "bench.govshare.example/audit"
 TARGET_APPENDS_PER_S = 20_000
@@ -75,7 +74,7 @@ def _events(start: int, count: int) -> list[Event]:
     ]
 
 
-def bench_appends(folder: Path, total: int, batch: int, key: Ed25519PrivateKey) -> Path:
+def bench_appends(folder: Path, total: int, batch: int, key: SigningKey) -> Path:
     path = folder / "audit.db"
     with AuditLog.open(path) as log:
         elapsed = 0.0
@@ -139,7 +138,7 @@ def _raw_read_and_hash(path: Path) -> float:
     return seconds
 
 
-def bench_verify(path: Path, key: Ed25519PrivateKey, total: int) -> None:
+def bench_verify(path: Path, key: SigningKey, total: int) -> None:
     begin = time.perf_counter()
     report = verify_log_file(path, public_key=key.public_key(), origin=ORIGIN)
     verify_s = time.perf_counter() - begin
@@ -157,7 +156,7 @@ def bench_verify(path: Path, key: Ed25519PrivateKey, total: int) -> None:
     )
 
 
-def bench_proofs(path: Path, key: Ed25519PrivateKey, samples: int) -> None:
+def bench_proofs(path: Path, key: SigningKey, samples: int) -> None:
     rng = random.Random(7)
     with AuditLog.open(path) as log:
         latest = log.latest_checkpoint()
@@ -209,7 +208,7 @@ def bench_proofs(path: Path, key: Ed25519PrivateKey, samples: int) -> None:
         )
 
 
-def _build(path: Path, total: int, batch: int, key: Ed25519PrivateKey) -> None:
+def _build(path: Path, total: int, batch: int, key: SigningKey) -> None:
     """A log like bench_appends builds (about ten checkpoints), untimed."""
     every = max(1, total // (10 * batch))
     with AuditLog.open(path) as log:
@@ -221,7 +220,7 @@ def _build(path: Path, total: int, batch: int, key: Ed25519PrivateKey) -> None:
 
 
 def bench_selfcheck(
-    folder: Path, path: Path, key: Ed25519PrivateKey, total: int, batch: int, tail: int
+    folder: Path, path: Path, key: SigningKey, total: int, batch: int, tail: int
 ) -> None:
     """Time a node's start-up self-check at each size, on logs with ``tail`` entries appended
     after their latest checkpoint (what a node that stopped between checkpoints holds)."""
@@ -263,7 +262,7 @@ TARGET_CHECK_VS_VERIFY = 2.0
 QUERY_ENTRIES = 7
 
 
-def _query_events(q: int, key: Ed25519PrivateKey) -> list[Event]:
+def _query_events(q: int, key: SigningKey) -> list[Event]:
     plan = PsiPlan(
         kind=QueryKind.PSI_CARDINALITY, purpose="bench",
         left=Side("tax", "residents", "id_number", (Condition("year", "=", 2000 + q % 25),)),
@@ -302,7 +301,7 @@ def _query_events(q: int, key: Ed25519PrivateKey) -> list[Event]:
     ]
 
 
-def bench_check(folder: Path, total: int, key: Ed25519PrivateKey) -> None:
+def bench_check(folder: Path, total: int, key: SigningKey) -> None:
     path = folder / "queries.db"
     with AuditLog.open(path) as log:
         events: list[Event] = []
@@ -345,7 +344,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.entries < 2 or args.batch < 1:
         parser.error("need --entries >= 2 and --batch >= 1")
-    key = Ed25519PrivateKey.generate()
+    key = STANDARD.generate_signing_key()
     with tempfile.TemporaryDirectory(dir=args.dir) as folder:
         path = bench_appends(Path(folder), args.entries, args.batch, key)
         bench_verify(path, key, args.entries)

@@ -27,8 +27,6 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
-from cryptography.exceptions import InvalidSignature
-
 from govshare.client.auditor import Auditor, LocalLog
 from govshare.model.identity import Roster
 from govshare.model.operator_act import OperatorAct
@@ -279,7 +277,7 @@ def _verify_signed(entry: AuditEntry, roster: Roster) -> SignedAct | None:
             ok = act.operator == entry.actor
             try:
                 key.verify(act.signature, act.signed_bytes())
-            except InvalidSignature:
+            except VerificationFailed:
                 ok = False
             return SignedAct(entry.index, entry.time_ms, entry.kind, act.action, ok)
         if entry.kind in ("query.received", "application.received"):
@@ -289,7 +287,7 @@ def _verify_signed(entry: AuditEntry, roster: Roster) -> SignedAct | None:
             ok = request.analyst == entry.actor
             try:
                 key.verify(request.signature, request.signed_bytes())
-            except InvalidSignature:
+            except VerificationFailed:
                 ok = False
             return SignedAct(entry.index, entry.time_ms, entry.kind, request.kind, ok)
     except GovshareError:

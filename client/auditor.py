@@ -131,10 +131,10 @@ from govshare.protocols.checkpoint import (
     Checkpoint,
     Note,
     cosignature_key_id,
-    ed25519_key_id,
     open_checkpoint,
     open_cosignature,
     parse_checkpoint_unverified,
+    signer_key_id,
 )
 from govshare.protocols.errors import (
     GovshareError,
@@ -674,7 +674,7 @@ def open_node_checkpoint(note: bytes, member: Member, origin: str) -> Checkpoint
                 f"checkpoint is for the log {checkpoint.origin!r}, not {origin!r}",
             )
         )
-    expected = ed25519_key_id(origin, member.verify_key())
+    expected = signer_key_id(origin, member.verify_key())
     own = [s for s in parsed.signatures if s.name == origin]
     if any(s.key_id == expected for s in own):
         raise _DetectedError(

@@ -11,13 +11,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from fractions import Fraction
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric import ed25519
-
 from govshare.model.governance import DatasetInfo
 from govshare.model.identity import JURISDICTION_PATTERN
 from govshare.protocols.canonical import canonical_json
 from govshare.protocols.errors import MalformedInput, VerificationFailed
+from govshare.protocols.suite import VerifyKey
 
 DOMAIN_TAG = b"govshare/crossborder/v1\n"
 ENCODING_VERSION = 1
@@ -117,7 +115,7 @@ def canonical_bytes(record: Assessment) -> bytes:
     return DOMAIN_TAG + canonical_json(body)
 
 
-def verify_assessment(record: Assessment, public_key: ed25519.Ed25519PublicKey) -> None:
+def verify_assessment(record: Assessment, public_key: VerifyKey) -> None:
     """Check the issuer's signature over the record's canonical encoding.
 
     Raises:
@@ -125,7 +123,7 @@ def verify_assessment(record: Assessment, public_key: ed25519.Ed25519PublicKey) 
     """
     try:
         public_key.verify(record.signature, canonical_bytes(record))
-    except (InvalidSignature, MalformedInput):
+    except (VerificationFailed, MalformedInput):
         raise VerificationFailed() from None
 
 

@@ -52,7 +52,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from govshare.model.governance import Role
@@ -65,7 +65,7 @@ from govshare.protocols.errors import (
     NotFound,
     VerificationFailed,
 )
-from govshare.protocols.suite import STANDARD, Suite, suite_by_name
+from govshare.protocols.suite import SM, STANDARD, SigningKey, Suite, VerifyKey, suite_by_name
 
 CA_KEY = "ca.key"
 CA_CERT = "ca.crt"
@@ -76,13 +76,13 @@ TLS_CERT = "tls.crt"
 SIGNING_KEY = "signing.key"
 REQUEST_SUFFIX = ".csr"
 
-# The member's Ed25519 public key travels in its CSR as a private extension under the UUID arc
+# The member's public signing key travels in its CSR as a private extension under the UUID arc
 # 2.25 (ITU-T X.667: an OID anyone may mint without registration). Its value is a DER OCTET
-# STRING of the raw public key (32 bytes) followed by an Ed25519 signature (64 bytes) over
-# REQUEST_CONTEXT, the member name, a zero byte and the TLS key's DER SubjectPublicKeyInfo.
+# STRING of the raw public key (Ed25519: 32 bytes; SM2: the 65-byte uncompressed point) followed
+# by the suite's 64-byte signature over REQUEST_CONTEXT, the member name, a zero byte and the TLS
+# key's DER SubjectPublicKeyInfo. The key's length tells the suite the member chose.
 SIGNING_KEY_EXTENSION = x509.ObjectIdentifier("2.25.2239641521776467427014717858674256279")
 REQUEST_CONTEXT = b"govshare enrolment request v1\x00"
-_SIGNING_KEY_VALUE_HEADER = b"\x04\x60"  # OCTET STRING, 96 bytes
 # A CSR is well under 2 KiB; the bound keeps a hostile file from being parsed at all.
 MAX_REQUEST_BYTES = 64 * 1024
 # Roster files grow by about 300 bytes a member; 16 MiB is tens of thousands of members.
@@ -122,7 +122,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _pem_private(key: ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey) -> bytes:
+def _pem_private(key: ec.EllipticCurvePrivateKey) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
@@ -130,8 +130,14 @@ def _pem_private(key: ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey) ->
     )
 
 
-def _raw_public(key: ed25519.Ed25519PublicKey) -> bytes:
-    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+def _signing_key_suite(raw: bytes) -> Suite:
+    """The suite a raw public signing key is of, by its encoding (32 bytes: Ed25519; a 65-byte
+    uncompressed point: SM2), or MalformedInput."""
+    for suite in (STANDARD, SM):
+        if len(raw) == suite.public_key_size:
+            suite.verify_key(raw)
+            return suite
+    raise MalformedInput("the signing key is of no known crypto suite", field="signing_key")
 
 
 def validate_name(name: str) -> str:
@@ -174,8 +180,9 @@ class Member:
     # the roster, not serialised per member.
     suite: str = field(default=STANDARD.name, compare=False)
 
-    def verify_key(self) -> ed25519.Ed25519PublicKey:
-        return ed25519.Ed25519PublicKey.from_public_bytes(self.signing_key)
+    def verify_key(self) -> VerifyKey:
+        """The member's public signing key under the roster's suite."""
+        return suite_by_name(self.suite).verify_key(self.signing_key)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -347,9 +354,10 @@ class CertIdentity:
 
 
 def init_federation(
-    directory: Path, name: str, *, now: dt.datetime | None = None
+    directory: Path, name: str, *, now: dt.datetime | None = None, suite: Suite = STANDARD
 ) -> tuple[x509.Certificate, Roster]:
-    """Create the federation CA and an empty signed roster (version 1) in ``directory``."""
+    """Create the federation CA and an empty signed roster (version 1) in ``directory``, on the
+    crypto ``suite`` every member will sign and hash with (fixed for the federation's life)."""
     validate_name(name)
     directory.mkdir(parents=True, exist_ok=True)
     if (directory / CA_KEY).exists():
@@ -397,7 +405,9 @@ def init_federation(
         ),
     )
     (directory / CA_CERT).write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    roster = Roster(federation=name, version=1, issued_at=int(now.timestamp()), members=())
+    roster = Roster(
+        federation=name, version=1, issued_at=int(now.timestamp()), members=(), suite=suite.name
+    )
     _write_atomic(directory / ROSTER, roster.sign(key))
     return cert, roster
 
@@ -462,14 +472,14 @@ class Federation:
                 raise AlreadyExists(f"{out / filename} exists; enrol into an empty folder")
 
         tls_key = ec.generate_private_key(ec.SECP256R1())
-        signing_key = ed25519.Ed25519PrivateKey.generate()
+        signing_key = self.roster.crypto.generate_signing_key()
         roster, cert, member = self._issue(
             name=name,
             role=role,
             jurisdiction=jurisdiction,
             address=address,
             tls_public=tls_key.public_key(),
-            signing_public=_raw_public(signing_key.public_key()),
+            signing_public=signing_key.public_key().raw,
             now=now,
             validity=validity,
             node=node,
@@ -477,7 +487,7 @@ class Federation:
         )
         signed = roster.sign(self.ca_key)
         _write_private(out / TLS_KEY, _pem_private(tls_key))
-        _write_private(out / SIGNING_KEY, _pem_private(signing_key))
+        _write_private(out / SIGNING_KEY, signing_key.to_pem())
         self._write_public(out, cert, signed)
         return replace(self, roster=roster), member
 
@@ -511,6 +521,13 @@ class Federation:
             MalformedInput: a bad jurisdiction or node address, or no role.
         """
         name = request.name
+        if request.suite is not self.roster.crypto:
+            raise MalformedInput(
+                f"the request's signing key is of the {request.suite.name!r} suite but federation "
+                f"{self.roster.federation!r} runs on {self.roster.suite!r}; make the keys again "
+                f"with 'govshare node keygen --suite {self.roster.suite}'",
+                field="request",
+            )
         role, jurisdiction, address = self._admission(name, role, jurisdiction, address, reissue)
         node, duties = self._operator_binding(name, role, node, duties)
         roster, cert, member = self._issue(
@@ -749,13 +766,14 @@ def _request_message(name: str, tls_public: ec.EllipticCurvePublicKey) -> bytes:
 
 @dataclass(frozen=True)
 class EnrolmentRequest:
-    """A member's certificate signing request, carrying its Ed25519 public key (module
+    """A member's certificate signing request, carrying its public signing key (module
     docstring). Holds no private key: :func:`create_request` keeps those in the member's home."""
 
     name: str
     csr: x509.CertificateSigningRequest
     tls_public_key: ec.EllipticCurvePublicKey
-    signing_key: bytes  # raw Ed25519 public key, 32 bytes
+    signing_key: bytes  # raw public key of ``suite``
+    suite: Suite
 
     @property
     def fingerprint(self) -> str:
@@ -804,20 +822,26 @@ class EnrolmentRequest:
                 field="request",
             ) from None
         raw = value.value if isinstance(value, x509.UnrecognizedExtension) else b""
-        if len(raw) != 98 or not raw.startswith(_SIGNING_KEY_VALUE_HEADER):
+        body = raw[2:]
+        if len(raw) < 2 or raw[:2] != bytes([0x04, len(body)]) or len(body) <= 64:
             raise MalformedInput("the request's signing key is malformed", field="request")
-        key, signature = raw[2:34], raw[34:]
+        key, signature = body[:-64], body[-64:]
         try:
-            ed25519.Ed25519PublicKey.from_public_bytes(key).verify(
-                signature, _request_message(name, public)
-            )
-        except InvalidSignature:
+            suite = _signing_key_suite(key)
+        except MalformedInput:
+            raise MalformedInput(
+                "the request's signing key is malformed", field="request"
+            ) from None
+        try:
+            suite.verify_key(key).verify(signature, _request_message(name, public))
+        except VerificationFailed:
             raise VerificationFailed("the request's signing-key proof does not verify") from None
-        return cls(name=name, csr=csr, tls_public_key=public, signing_key=key)
+        return cls(name=name, csr=csr, tls_public_key=public, signing_key=key, suite=suite)
 
 
-def create_request(home: Path, name: str) -> tuple[EnrolmentRequest, Path]:
-    """Make a member's TLS and signing keys in ``home`` (0600) and its request beside them.
+def create_request(home: Path, name: str, suite: Suite = STANDARD) -> tuple[EnrolmentRequest, Path]:
+    """Make a member's TLS and ``suite`` signing keys in ``home`` (0600) and its request beside
+    them (the suite is the federation's: its administrator says which).
 
     Writes ``tls.key``, ``signing.key`` and ``<name>.csr``; the request is what the member
     hands to the administrator (``Federation.sign_request``), the keys stay. Returns the
@@ -836,12 +860,10 @@ def create_request(home: Path, name: str) -> tuple[EnrolmentRequest, Path]:
                 "(make new keys in an empty folder)"
             )
     tls_key = ec.generate_private_key(ec.SECP256R1())
-    signing_key = ed25519.Ed25519PrivateKey.generate()
+    signing_key = suite.generate_signing_key()
     proof = signing_key.sign(_request_message(name, tls_key.public_key()))
-    extension = x509.UnrecognizedExtension(
-        SIGNING_KEY_EXTENSION,
-        _SIGNING_KEY_VALUE_HEADER + _raw_public(signing_key.public_key()) + proof,
-    )
+    body = signing_key.public_key().raw + proof
+    extension = x509.UnrecognizedExtension(SIGNING_KEY_EXTENSION, bytes([0x04, len(body)]) + body)
     csr = (
         x509.CertificateSigningRequestBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
@@ -850,7 +872,7 @@ def create_request(home: Path, name: str) -> tuple[EnrolmentRequest, Path]:
         .sign(tls_key, hashes.SHA256())
     )
     _write_private(home / TLS_KEY, _pem_private(tls_key))
-    _write_private(home / SIGNING_KEY, _pem_private(signing_key))
+    _write_private(home / SIGNING_KEY, signing_key.to_pem())
     request = EnrolmentRequest.from_pem(csr.public_bytes(serialization.Encoding.PEM))
     path = home / f"{name}{REQUEST_SUFFIX}"
     _write_atomic(path, request.to_pem())
@@ -920,7 +942,7 @@ class Identity:
     tls_key_pem: bytes
     tls_cert_pem: bytes
     ca_cert_pem: bytes
-    signing_key: ed25519.Ed25519PrivateKey
+    signing_key: SigningKey  # of the roster's suite
     roster: Roster
 
     @classmethod
@@ -944,14 +966,11 @@ class Identity:
                 "pass --identity with the folder 'govshare federation enrol' wrote"
             ) from None
         try:
-            signing_key = serialization.load_pem_private_key(signing_pem, None)
             tls_key = serialization.load_pem_private_key(tls_key_pem, None)
             cert = x509.load_pem_x509_certificate(tls_cert_pem)
             ca_cert = x509.load_pem_x509_certificate(ca_cert_pem)
         except ValueError:
             raise MalformedInput(f"identity bundle {directory} holds an unreadable key") from None
-        if not isinstance(signing_key, ed25519.Ed25519PrivateKey):
-            raise MalformedInput(f"{directory / SIGNING_KEY} is not an Ed25519 key")
         if not isinstance(tls_key, ec.EllipticCurvePrivateKey) or tls_key.public_key() != (
             cert.public_key()
         ):
@@ -963,13 +982,20 @@ class Identity:
                 f"the certificate in {directory} is not issued by its federation CA"
             ) from None
         roster = Roster.verify(roster_bytes, ca_cert)
+        try:
+            signing_key = roster.crypto.signing_key_from_pem(signing_pem)
+        except MalformedInput:
+            raise MalformedInput(
+                f"{directory / SIGNING_KEY} is not a {roster.crypto.signature_algorithm} key: "
+                f"federation {roster.federation!r} runs on the {roster.suite!r} crypto suite"
+            ) from None
         who = CertIdentity.from_cert(cert)
         member = roster.member(who.name)
         if member.tls_fingerprint != who.fingerprint or member.role is not who.role:
             raise MalformedInput(
                 f"the certificate in {directory} is not the one the roster lists for {who.name}"
             )
-        if _raw_public(signing_key.public_key()) != member.signing_key:
+        if signing_key.public_key().raw != member.signing_key:
             raise MalformedInput(
                 f"the signing key in {directory} is not the one the roster lists for {who.name}"
             )

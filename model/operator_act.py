@@ -32,11 +32,9 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric import ed25519
-
 from govshare.protocols.canonical import canonical_json
 from govshare.protocols.errors import MalformedInput, VerificationFailed
+from govshare.protocols.suite import SigningKey, VerifyKey
 
 DOMAIN = b"govshare/operator-act/v1\n"
 ENCODING_VERSION = 1
@@ -144,7 +142,7 @@ class OperatorAct:
 
 
 def sign_act(
-    key: ed25519.Ed25519PrivateKey,
+    key: SigningKey,
     *,
     operator: str,
     node: str,
@@ -170,7 +168,7 @@ def sign_act(
     return OperatorAct(operator, node, action, dict(body), nonce, now, now + lifetime, signature)
 
 
-def verify_act(act: OperatorAct, public_key: ed25519.Ed25519PublicKey, *, now: int) -> None:
+def verify_act(act: OperatorAct, public_key: VerifyKey, *, now: int) -> None:
     """Check the signature and the validity window.
 
     Raises:
@@ -179,7 +177,7 @@ def verify_act(act: OperatorAct, public_key: ed25519.Ed25519PublicKey, *, now: i
     """
     try:
         public_key.verify(act.signature, act.signed_bytes())
-    except (InvalidSignature, TypeError):
+    except (VerificationFailed, TypeError):
         raise VerificationFailed("operator act signature does not verify") from None
     if act.expires_at - act.issued_at > MAX_LIFETIME_SECONDS:
         raise MalformedInput("operator act lifetime exceeds one hour", field="expires_at")
@@ -194,7 +192,7 @@ class ActSigner:
     """A person's key, ready to sign acts for one node (the CLI builds it from their bundle)."""
 
     operator: str
-    key: ed25519.Ed25519PrivateKey
+    key: SigningKey
 
     def sign(self, *, node: str, action: str, body: Mapping[str, Any], now: int) -> OperatorAct:
         return sign_act(self.key, operator=self.operator, node=node, action=action, body=body,

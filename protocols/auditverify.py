@@ -40,11 +40,10 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
 from govshare.protocols.checkpoint import Checkpoint, open_checkpoint
 from govshare.protocols.errors import MalformedInput, VerificationFailed
 from govshare.protocols.merkle import CompactRange, leaf_hash
+from govshare.protocols.suite import VerifyKey
 
 ENTRY_FORMAT_VERSION = 1
 MAX_ENTRY_SIZE = 1 << 20  # an entry holds digests and names, never data sets
@@ -350,7 +349,7 @@ def verify_log(
     entries: Iterable[StoredEntry],
     checkpoints: Iterable[bytes],
     *,
-    public_key: Ed25519PublicKey,
+    public_key: VerifyKey,
     origin: str,
 ) -> LogVerification:
     """Recompute the whole log from entry bytes and check it against signed checkpoints.

@@ -1,4 +1,5 @@
-"""Signed checkpoints: C2SP signed-note, tlog-checkpoint and tlog-cosignature (Ed25519).
+"""Signed checkpoints: C2SP signed-note, tlog-checkpoint and tlog-cosignature, under the
+federation's crypto suite (Ed25519 in ``standard``, SM2-with-SM3 in ``sm``).
 
 Specs: https://c2sp.org/signed-note@v1.0.0, https://c2sp.org/tlog-checkpoint@v1.0.0,
 https://c2sp.org/tlog-cosignature@v1.0.0.
@@ -10,7 +11,11 @@ A checkpoint is a signed note whose text is ::
 followed by a blank line and signature lines ``— <key name> <base64(key id || signature)>\\n``.
 
 - The log signs the note text with Ed25519 (signature type 0x01); key ID =
-  ``SHA-256(name || 0x0A || 0x01 || public key)[:4]``. A valid log signature means: the log's key
+  ``SHA-256(name || 0x0A || 0x01 || public key)[:4]``. Under the SM suite the same note carries
+  an SM2 signature of type ``0xff || "govshare-sm2-sm3"`` and an SM3 key ID, and a cosignature
+  is of type ``0xff || "govshare-sm2-sm3-cosignature/v1"`` (:mod:`govshare.protocols.suite`
+  documents both). Keys carry their suite, so one verifier never accepts the other suite's
+  signature. A valid log signature means: the log's key
   holder asserts that its tree of ``size`` leaves has root ``root``. Because the log never signs two
   inconsistent checkpoints, two valid checkpoints that fail a consistency proof prove misbehaviour.
 - A witness cosignature (type 0x04) signs ``"cosignature/v1\\ntime <t>\\n" || note text`` and
@@ -37,16 +42,14 @@ import struct
 import time
 from dataclasses import dataclass
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-
 from govshare.protocols.errors import MalformedInput, VerificationFailed
 from govshare.protocols.merkle import HASH_SIZE, MAX_TREE_SIZE
+from govshare.protocols.suite import SM, STANDARD, SigningKey, Suite, VerifyKey, suite_by_name
 
 SIGNATURE_TYPE_ED25519 = 0x01  # signed-note §Signature types
 SIGNATURE_TYPE_COSIGNATURE_V1 = 0x04  # signed-note §Signature types, tlog-cosignature
 KEY_ID_SIZE = 4  # signed-note: uint32 key ID
-ED25519_SIGNATURE_SIZE = 64  # RFC 8032
+SIGNATURE_SIZE = 64  # Ed25519 (RFC 8032) and SM2 as r || s
 MAX_SIGNATURES = 100  # Go's golang.org/x/mod/sumdb/note cap; signed-note requires at least 16
 MAX_NOTE_SIZE = 1 << 20  # defensive cap on a whole note; ours are a few hundred bytes
 MAX_COSIGNATURE_TIME = 2**63 - 1  # tlog-cosignature: timestamp MUST NOT exceed 2^63 - 1
@@ -79,14 +82,21 @@ def _check_key_name(name: object) -> str:
     return name
 
 
-def _public_bytes(public_key: object) -> bytes:
-    if not isinstance(public_key, Ed25519PublicKey):
-        raise TypeError("public_key must be an Ed25519PublicKey")
-    return public_key.public_bytes_raw()
+def _suite_of(key: object) -> Suite:
+    """The suite of a public key (a :class:`VerifyKey`; anything else is a TypeError)."""
+    if not isinstance(key, VerifyKey):
+        raise TypeError("public_key must be a suite's VerifyKey")
+    return suite_by_name(key.suite)
+
+
+def _signing_suite(key: object) -> Suite:
+    if not isinstance(key, SigningKey):
+        raise TypeError("private_key must be a suite's SigningKey")
+    return suite_by_name(key.suite)
 
 
 def key_id(name: str, signature_type: int, public_key: bytes) -> bytes:
-    """signed-note key ID: ``SHA-256(name || 0x0A || type || public key)[:4]``."""
+    """signed-note key ID of an Ed25519 key: ``SHA-256(name || 0x0A || type || key)[:4]``."""
     _check_key_name(name)
     if not 0 <= signature_type <= 0xFF:
         raise MalformedInput("signature type is one byte", field="signature_type")
@@ -96,39 +106,57 @@ def key_id(name: str, signature_type: int, public_key: bytes) -> bytes:
     return digest[:KEY_ID_SIZE]
 
 
-def ed25519_key_id(name: str, public_key: Ed25519PublicKey) -> bytes:
-    """Key ID of a log's Ed25519 note signer (type 0x01)."""
-    return key_id(name, SIGNATURE_TYPE_ED25519, _public_bytes(public_key))
+def signer_key_id(name: str, public_key: VerifyKey) -> bytes:
+    """Key ID of a log's note signer (Ed25519: type 0x01; SM2: its suite's type)."""
+    _check_key_name(name)
+    return _suite_of(public_key).note_key_id(name, public_key.raw)
 
 
-def cosignature_key_id(name: str, public_key: Ed25519PublicKey) -> bytes:
-    """Key ID of an Ed25519 witness cosigner (type 0x04)."""
-    return key_id(name, SIGNATURE_TYPE_COSIGNATURE_V1, _public_bytes(public_key))
+def cosignature_key_id(name: str, public_key: VerifyKey) -> bytes:
+    """Key ID of a witness cosigner (Ed25519: type 0x04; SM2: its suite's type)."""
+    _check_key_name(name)
+    suite = _suite_of(public_key)
+    return suite.note_key_id(name, public_key.raw, signature_type=suite.cosignature_type)
+
+
+def _vkey_types() -> dict[bytes, tuple[Suite, bool]]:
+    """Every known vkey type prefix: its suite, and whether it is a cosigner's."""
+    return {
+        kind: (suite, cosigner)
+        for suite in (STANDARD, SM)
+        for kind, cosigner in ((suite.note_signature_type, False), (suite.cosignature_type, True))
+    }
 
 
 @dataclass(frozen=True)
 class VerifierKey:
     """A signed-note verifier key ("vkey"): ``<name>+<hex key ID>+<base64(type || key)>``.
 
-    Only Ed25519 types are supported: 0x01 (note signer, e.g. a log) and 0x04 (cosigner).
+    Types: the suite's note signer (Ed25519 0x01, e.g. a log) and cosigner (Ed25519 0x04), and
+    their SM2 counterparts (:mod:`govshare.protocols.suite`).
     """
 
     name: str
-    signature_type: int
-    public_key: Ed25519PublicKey
+    cosigner: bool
+    public_key: VerifyKey
 
     def __post_init__(self) -> None:
         _check_key_name(self.name)
-        _public_bytes(self.public_key)
-        if self.signature_type not in (SIGNATURE_TYPE_ED25519, SIGNATURE_TYPE_COSIGNATURE_V1):
-            raise MalformedInput("unsupported signature type", field="signature_type")
+        _suite_of(self.public_key)
+
+    @property
+    def signature_type(self) -> bytes:
+        suite = _suite_of(self.public_key)
+        return suite.cosignature_type if self.cosigner else suite.note_signature_type
 
     @property
     def key_id(self) -> bytes:
-        return key_id(self.name, self.signature_type, _public_bytes(self.public_key))
+        if self.cosigner:
+            return cosignature_key_id(self.name, self.public_key)
+        return signer_key_id(self.name, self.public_key)
 
     def encode(self) -> str:
-        blob = bytes([self.signature_type]) + _public_bytes(self.public_key)
+        blob = self.signature_type + self.public_key.raw
         return f"{self.name}+{self.key_id.hex()}+{base64.b64encode(blob).decode('ascii')}"
 
     @classmethod
@@ -145,13 +173,23 @@ class VerifierKey:
             raise _malformed("vkey must be <name>+<8 hex digits>+<base64>", "vkey")
         name, kid_hex, blob_text = parts
         blob = _strict_b64decode(blob_text, "vkey")
-        if len(blob) != 1 + 32:
-            raise _malformed("vkey must hold a type byte and a 32-byte Ed25519 key", "vkey")
+        match = next(
+            (
+                (kind, suite, cosigner)
+                for kind, (suite, cosigner) in _vkey_types().items()
+                if blob.startswith(kind) and len(blob) == len(kind) + suite.public_key_size
+            ),
+            None,
+        )
+        if match is None:
+            raise _malformed("vkey must hold a known signature type and its key", "vkey")
+        kind, suite, cosigner = match
         try:
-            public_key = Ed25519PublicKey.from_public_bytes(blob[1:])
-        except ValueError as exc:
-            raise _malformed("vkey holds an invalid Ed25519 key", "vkey") from exc
-        vkey = cls(_check_key_name(name), blob[0], public_key)
+            public_key = suite.verify_key(blob[len(kind) :])
+        except MalformedInput as exc:
+            what = suite.signature_algorithm
+            raise _malformed(f"vkey holds an invalid {what} key", "vkey") from exc
+        vkey = cls(_check_key_name(name), cosigner, public_key)
         if vkey.key_id.hex() != kid_hex:
             raise _malformed("vkey key ID does not match its name and key", "vkey")
         return vkey
@@ -252,15 +290,15 @@ class Note:
         return cls(text, signatures)
 
 
-def sign_note(text: bytes, name: str, private_key: Ed25519PrivateKey) -> NoteSignature:
-    """Ed25519 (type 0x01) note signature over ``text``. Ed25519 is deterministic: no nonce."""
-    if not isinstance(private_key, Ed25519PrivateKey):
-        raise TypeError("private_key must be an Ed25519PrivateKey")
-    kid = ed25519_key_id(name, private_key.public_key())
+def sign_note(text: bytes, name: str, private_key: SigningKey) -> NoteSignature:
+    """Note signature over ``text`` under the key's suite (Ed25519 type 0x01, deterministic;
+    SM2 with the suite's type, randomised inside Tongsuo)."""
+    _signing_suite(private_key)
+    kid = signer_key_id(name, private_key.public_key())
     return NoteSignature(name, kid, private_key.sign(text))
 
 
-def verify_note(note: Note, name: str, public_key: Ed25519PublicKey) -> None:
+def verify_note(note: Note, name: str, public_key: VerifyKey) -> None:
     """Verify the note under the known key (name, public key), per signed-note §Signatures.
 
     Lines from other keys are ignored; any line matching the key that fails rejects the note.
@@ -268,17 +306,14 @@ def verify_note(note: Note, name: str, public_key: Ed25519PublicKey) -> None:
     Raises:
         VerificationFailed: no line of this key, or one that does not verify.
     """
-    kid = ed25519_key_id(name, public_key)
+    kid = signer_key_id(name, public_key)
     matching = [s for s in note.signatures if s.name == name and s.key_id == kid]
     if not matching:
         raise VerificationFailed()
     for sig in matching:
-        if len(sig.signature) != ED25519_SIGNATURE_SIZE:
-            raise MalformedInput("Ed25519 note signature must be 64 bytes", field="signature")
-        try:
-            public_key.verify(sig.signature, note.text)
-        except InvalidSignature as exc:
-            raise VerificationFailed() from exc
+        if len(sig.signature) != SIGNATURE_SIZE:
+            raise MalformedInput("a note signature must be 64 bytes", field="signature")
+        public_key.verify(sig.signature, note.text)
 
 
 # --- checkpoints ------------------------------------------------------------------------------
@@ -352,7 +387,7 @@ def _has_control(value: str) -> bool:
 
 
 def sign_checkpoint(
-    checkpoint: Checkpoint, private_key: Ed25519PrivateKey, *, name: str | None = None
+    checkpoint: Checkpoint, private_key: SigningKey, *, name: str | None = None
 ) -> bytes:
     """Return the signed note for ``checkpoint``; the key name defaults to the origin.
 
@@ -365,7 +400,7 @@ def sign_checkpoint(
 
 def open_checkpoint(
     data: bytes,
-    public_key: Ed25519PublicKey,
+    public_key: VerifyKey,
     *,
     origin: str,
     name: str | None = None,
@@ -404,7 +439,7 @@ def _cosigned_message(text: bytes, timestamp: int) -> bytes:
 
 def cosign(
     checkpoint: Checkpoint,
-    private_key: Ed25519PrivateKey,
+    private_key: SigningKey,
     *,
     name: str,
     now: int | None = None,
@@ -418,8 +453,7 @@ def cosign(
     Raises:
         MalformedInput: ``now`` is negative or beyond 2^63 - 1.
     """
-    if not isinstance(private_key, Ed25519PrivateKey):
-        raise TypeError("private_key must be an Ed25519PrivateKey")
+    _signing_suite(private_key)
     timestamp = int(time.time()) if now is None else now
     if not isinstance(timestamp, int) or isinstance(timestamp, bool):
         raise TypeError("now must be an int")
@@ -430,9 +464,7 @@ def cosign(
     return NoteSignature(name, kid, struct.pack(">Q", timestamp) + signature)
 
 
-def open_cosignature(
-    data: bytes, public_key: Ed25519PublicKey, *, name: str
-) -> tuple[Checkpoint, int]:
+def open_cosignature(data: bytes, public_key: VerifyKey, *, name: str) -> tuple[Checkpoint, int]:
     """Verify the witness ``name``'s cosignature on a checkpoint note; return it and its time.
 
     This checks the witness only; check the log's own signature with :func:`open_checkpoint`.
@@ -449,14 +481,11 @@ def open_cosignature(
         raise VerificationFailed()
     timestamps: list[int] = []
     for sig in matching:
-        if len(sig.signature) != 8 + ED25519_SIGNATURE_SIZE:
+        if len(sig.signature) != 8 + SIGNATURE_SIZE:
             raise MalformedInput("cosignature must be 8 + 64 bytes", field="cosignature")
         (timestamp,) = struct.unpack(">Q", sig.signature[:8])
         if timestamp > MAX_COSIGNATURE_TIME:
             raise MalformedInput("cosignature time exceeds 2**63 - 1", field="cosignature")
-        try:
-            public_key.verify(sig.signature[8:], _cosigned_message(note.text, timestamp))
-        except InvalidSignature as exc:
-            raise VerificationFailed() from exc
+        public_key.verify(sig.signature[8:], _cosigned_message(note.text, timestamp))
         timestamps.append(timestamp)
     return checkpoint, max(timestamps)

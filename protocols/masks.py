@@ -35,15 +35,14 @@ import struct
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Final
 
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from govshare.protocols.errors import MalformedInput, VerificationFailed
+from govshare.protocols.suite import SigningKey, VerifyKey
 
 __all__ = [
     "MASK_MODULUS",
@@ -128,18 +127,18 @@ def ephemeral_statement(*, query_id: bytes, node: str, public_key: bytes) -> byt
 
 
 def sign_ephemeral(
-    signing_key: Ed25519PrivateKey, *, query_id: bytes, node: str, public_key: bytes
+    signing_key: SigningKey, *, query_id: bytes, node: str, public_key: bytes
 ) -> bytes:
     """Ed25519 signature over :func:`ephemeral_statement`."""
-    if not isinstance(signing_key, Ed25519PrivateKey):
-        raise TypeError("signing_key must be an Ed25519PrivateKey")
+    if not isinstance(signing_key, SigningKey):
+        raise TypeError("signing_key must be an SigningKey")
     return signing_key.sign(
         ephemeral_statement(query_id=query_id, node=node, public_key=public_key)
     )
 
 
 def verify_ephemeral(
-    verify_key: Ed25519PublicKey,
+    verify_key: VerifyKey,
     *,
     query_id: bytes,
     node: str,
@@ -152,14 +151,14 @@ def verify_ephemeral(
         VerificationFailed: the signature does not verify (detail-free on purpose).
         MalformedInput: the public key or the identifiers are malformed.
     """
-    if not isinstance(verify_key, Ed25519PublicKey):
-        raise TypeError("verify_key must be an Ed25519PublicKey")
+    if not isinstance(verify_key, VerifyKey):
+        raise TypeError("verify_key must be an VerifyKey")
     if not isinstance(signature, bytes):
         raise TypeError("signature must be bytes")
     statement = ephemeral_statement(query_id=query_id, node=node, public_key=public_key)
     try:
         verify_key.verify(signature, statement)
-    except InvalidSignature:
+    except VerificationFailed:
         raise VerificationFailed() from None
 
 

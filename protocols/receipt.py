@@ -35,13 +35,12 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
 from govshare.protocols.auditverify import AuditEntry, decode_entry
 from govshare.protocols.canonical import canonical_json
 from govshare.protocols.checkpoint import MAX_NOTE_SIZE, Checkpoint, open_checkpoint
 from govshare.protocols.errors import MalformedInput, VerificationFailed
 from govshare.protocols.merkle import HASH_SIZE, MAX_TREE_SIZE, leaf_hash, verify_inclusion
+from govshare.protocols.suite import VerifyKey
 
 RECEIPT_FORMAT = "govshare-receipt/1"
 MAX_PARTS = 1000  # one part per entry of a query per node; a federation has tens of nodes
@@ -117,7 +116,7 @@ class LogKey:
     """How to check one node's checkpoints: its log origin and its roster Ed25519 key."""
 
     origin: str
-    public_key: Ed25519PublicKey
+    public_key: VerifyKey
 
 
 @dataclass(frozen=True)

@@ -26,11 +26,9 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric import ed25519
-
 from govshare.protocols.canonical import canonical_json
 from govshare.protocols.errors import MalformedInput, VerificationFailed
+from govshare.protocols.suite import SigningKey, VerifyKey
 
 DOMAIN = b"govshare/request/v1\n"
 QUERY_ID_BYTES = 16
@@ -160,7 +158,7 @@ class _Reader:
 
 
 def sign_request(
-    key: ed25519.Ed25519PrivateKey,
+    key: SigningKey,
     *,
     analyst: str,
     kind: str,
@@ -184,9 +182,7 @@ def sign_request(
     )
 
 
-def verify_request(
-    request: SignedRequest, public_key: ed25519.Ed25519PublicKey, *, now: int
-) -> None:
+def verify_request(request: SignedRequest, public_key: VerifyKey, *, now: int) -> None:
     """Check the signature and the validity window.
 
     Raises:
@@ -195,7 +191,7 @@ def verify_request(
     """
     try:
         public_key.verify(request.signature, request.signed_bytes())
-    except InvalidSignature:
+    except VerificationFailed:
         raise VerificationFailed("request signature does not verify") from None
     if request.expires_at - request.issued_at > MAX_LIFETIME_SECONDS:
         raise MalformedInput("request lifetime exceeds 24 hours", field="expires_at")

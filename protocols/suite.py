@@ -17,6 +17,8 @@ key derivation          HKDF-SHA256 (RFC 5869)             HKDF-SM3 (RFC 5869 wi
 mask streams            AES-256-CTR                        SM4-CTR (GB/T 32907-2016)
 data at rest            AES-256-GCM                        SM4-GCM (GB/T 36624-2018, RFC 8998)
 signed-note type        0x01 (C2SP signed-note)            0xff ‖ ``"govshare-sm2-sm3"``
+cosignature type        0x04 (C2SP tlog-cosignature/v1)    0xff ‖ ``"govshare-sm2-sm3-``
+                                                           ``cosignature/v1"``
 ======================  =================================  ========================================
 
 Signed-note signature types (c2sp.org/signed-note; a key ID is an identifier, not security):
@@ -30,6 +32,10 @@ Signed-note signature types (c2sp.org/signed-note; a key ID is an identifier, no
   "govshare-sm2-sm3" ‖ 65-byte uncompressed public key 0x04 ‖ x ‖ y)[:4]``. The key ID hashes with
   SM3, not with the SHA-256 that C2SP recommends for its assigned types, so that the SM suite uses
   no algorithm outside GB/T; a verifier knows the suite from the roster before it reads a note.
+- **SM2 witness cosignatures, type 0xff ‖ "govshare-sm2-sm3-cosignature/v1"**: the shape of
+  tlog-cosignature/v1 with SM2 in place of Ed25519: the signed message is ``"cosignature/v1\n"
+  "time <t>\n"`` ‖ note text, the signature ``u64 big-endian t ‖ r ‖ s`` (72 bytes); key ID as
+  above with this type.
 
 Encodings: :meth:`Suite.public_key` is the raw key (Ed25519: 32 bytes; SM2: 65-byte uncompressed
 X9.62/SEC1 point); :meth:`Suite.public_key_der` the stable SubjectPublicKeyInfo DER (Ed25519 OID
@@ -135,6 +141,7 @@ _SM2_SPKI_PREFIX: Final = bytes.fromhex(
     "3059301306072a8648ce3d020106082a811ccf5501822d034200"
 )  # id-ecPublicKey, curve sm2p256v1 (1.2.156.10197.1.301)
 _SM2_NOTE_TYPE: Final = b"\xff" + b"govshare-sm2-sm3"
+_SM2_COSIGNATURE_TYPE: Final = b"\xff" + b"govshare-sm2-sm3-cosignature/v1"
 
 
 class Hasher(Protocol):
@@ -397,6 +404,7 @@ class Suite:
     cipher_name: str
     cipher_key_size: int  # bytes, for stream() and seal()/open()
     note_signature_type: bytes  # type byte(s) of a signed-note signature, see module docstring
+    cosignature_type: bytes  # type byte(s) of a witness cosignature (tlog-cosignature/v1 shape)
     _signatures: _Signatures = field(repr=False)
     _hash_algorithm: Callable[[], hashes.HashAlgorithm] = field(repr=False)
     _new_hasher: Callable[[], Hasher] = field(repr=False)
@@ -479,13 +487,15 @@ class Suite:
         """
         self._signatures.verify(bytes(public_key), bytes(message), bytes(signature))
 
-    def note_key_id(self, key_name: str, public_key: bytes) -> bytes:
+    def note_key_id(
+        self, key_name: str, public_key: bytes, *, signature_type: bytes | None = None
+    ) -> bytes:
         """4-byte signed-note key ID: ``H(name ‖ 0x0A ‖ type ‖ public key)[:4]`` with this
-        suite's hash (see the module docstring)."""
+        suite's hash; the type is :attr:`note_signature_type` unless given (a cosigner's is
+        :attr:`cosignature_type`). See the module docstring."""
         self._signatures.public_der(bytes(public_key))  # refuses another suite's key
-        return self.hash(
-            key_name.encode("utf-8") + b"\n" + self.note_signature_type + bytes(public_key)
-        )[:4]
+        kind = self.note_signature_type if signature_type is None else signature_type
+        return self.hash(key_name.encode("utf-8") + b"\n" + kind + bytes(public_key))[:4]
 
     def _own(self, key: SigningKey) -> Any:
         if not isinstance(key, SigningKey) or key.suite != self.name:
@@ -585,6 +595,7 @@ STANDARD: Final = Suite(
     cipher_name="AES-256",
     cipher_key_size=32,
     note_signature_type=b"\x01",
+    cosignature_type=b"\x04",
     _signatures=_Ed25519Signatures(),
     _hash_algorithm=hashes.SHA256,
     _new_hasher=hashlib.sha256,
@@ -597,6 +608,7 @@ SM: Final = Suite(
     cipher_name="SM4",
     cipher_key_size=16,
     note_signature_type=_SM2_NOTE_TYPE,
+    cosignature_type=_SM2_COSIGNATURE_TYPE,
     _signatures=_SM2Signatures(),
     _hash_algorithm=hashes.SM3,
     _new_hasher=_sm3_factory(),

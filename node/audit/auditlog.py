@@ -52,8 +52,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-
 from govshare.model.events import Event
 from govshare.protocols.auditverify import (
     AuditEntry,
@@ -80,6 +78,7 @@ from govshare.protocols.merkle import (
     leaf_hash,
     subtree_hash_from_complete,
 )
+from govshare.protocols.suite import SigningKey, VerifyKey
 
 SCHEMA_VERSION = 1
 READ_PAGE = 10_000  # rows per SELECT when streaming the whole log
@@ -445,9 +444,7 @@ class AuditLog:
 
     # --- checkpoints --------------------------------------------------------------------------
 
-    def checkpoint(
-        self, signing_key: Ed25519PrivateKey, origin: str, now: int | None = None
-    ) -> bytes:
+    def checkpoint(self, signing_key: SigningKey, origin: str, now: int | None = None) -> bytes:
         """Sign and store a checkpoint of the current size and root; return the signed note.
 
         If the latest stored checkpoint already covers this size with the same origin, it is
@@ -537,8 +534,8 @@ class AuditLog:
         checkpoint_id: int,
         signature: NoteSignature,
         *,
-        witness_key: Ed25519PublicKey,
-        log_key: Ed25519PublicKey,
+        witness_key: VerifyKey,
+        log_key: VerifyKey,
     ) -> int:
         """Store a witness's cosignature on checkpoint ``checkpoint_id``; return its time.
 
@@ -654,7 +651,7 @@ class AuditLog:
 
     def verify(
         self,
-        public_key: Ed25519PublicKey,
+        public_key: VerifyKey,
         origin: str,
         *,
         trusted_checkpoints: Sequence[bytes] = (),
@@ -669,7 +666,7 @@ class AuditLog:
                 trusted_checkpoints=trusted_checkpoints,
             )
 
-    def check_tail(self, public_key: Ed25519PublicKey, origin: str) -> SelfCheck:
+    def check_tail(self, public_key: VerifyKey, origin: str) -> SelfCheck:
         """:func:`self_check` of the entries since the latest checkpoint, on this handle.
 
         Holds the log's lock (nothing is appended meanwhile); cheap when checkpoints are
@@ -682,7 +679,7 @@ class AuditLog:
 
     def check_whole(
         self,
-        public_key: Ed25519PublicKey,
+        public_key: VerifyKey,
         origin: str,
         *,
         stop: threading.Event | None = None,
@@ -701,7 +698,7 @@ class AuditLog:
 def verify_log_file(
     path: str | Path,
     *,
-    public_key: Ed25519PublicKey,
+    public_key: VerifyKey,
     origin: str,
     trusted_checkpoints: Sequence[bytes] = (),
 ) -> LogVerification:
@@ -733,7 +730,7 @@ def verify_log_file(
 def _verify_connection(
     connection: sqlite3.Connection,
     *,
-    public_key: Ed25519PublicKey,
+    public_key: VerifyKey,
     origin: str,
     trusted_checkpoints: Sequence[bytes],
 ) -> LogVerification:
@@ -816,7 +813,7 @@ def _entry_damage(index: int, reason: str) -> _DamageError:
 def self_check(
     connection: sqlite3.Connection,
     *,
-    public_key: Ed25519PublicKey,
+    public_key: VerifyKey,
     origin: str,
     whole: bool,
     stop: threading.Event | None = None,
@@ -854,7 +851,7 @@ def self_check(
 
 def _self_check(
     db: sqlite3.Connection,
-    public_key: Ed25519PublicKey,
+    public_key: VerifyKey,
     origin: str,
     whole: bool,
     stop: threading.Event | None,

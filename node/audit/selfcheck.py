@@ -55,9 +55,8 @@ import threading
 from collections.abc import Callable
 from dataclasses import replace
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
 from govshare.node.audit.auditlog import AuditLog, LogDamage, SelfCheck
+from govshare.protocols.suite import VerifyKey
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +89,7 @@ class LogSelfCheck:
         audit: AuditLog,
         *,
         node: str,
-        public_key: Ed25519PublicKey,
+        public_key: VerifyKey,
         origin: str,
         whole_at_start_max: int = WHOLE_AT_START_MAX,
     ) -> None:

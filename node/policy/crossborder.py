@@ -45,8 +45,6 @@ import sqlite3
 import time
 from dataclasses import replace
 
-from cryptography.hazmat.primitives.asymmetric import ed25519
-
 from govshare.model.crossborder import (
     Assessment,
     canonical_bytes,
@@ -58,6 +56,7 @@ from govshare.model.identity import validate_name
 from govshare.node.audit.sink import AuditSink
 from govshare.node.stores.sqlite import Tables, immediate
 from govshare.protocols.errors import Conflict, MalformedInput, NotFound, VerificationFailed
+from govshare.protocols.suite import SigningKey, VerifyKey
 
 # 64 random bits, as for grant ids: unguessable enough for a non-secret identifier, short to type.
 RECORD_ID_BYTES = 8
@@ -104,7 +103,7 @@ def _check_text(value: str, what: str, *, limit: int) -> str:
 
 
 def approve_assessment(
-    signing_key: ed25519.Ed25519PrivateKey,
+    signing_key: SigningKey,
     *,
     issuer: str,
     dataset: DatasetInfo,
@@ -187,7 +186,7 @@ class CrossBorderStore(Tables):
 
     def approve(
         self,
-        signing_key: ed25519.Ed25519PrivateKey,
+        signing_key: SigningKey,
         *,
         issuer: str,
         dataset: DatasetInfo,
@@ -276,7 +275,7 @@ class CrossBorderStore(Tables):
         dataset: str,
         now: int,
         *,
-        verify_key: ed25519.Ed25519PublicKey | None = None,
+        verify_key: VerifyKey | None = None,
     ) -> builtins.list[Assessment]:
         """The dataset's records in force at ``now`` (unrevoked, approved, unexpired), oldest first.
 
@@ -299,7 +298,7 @@ class CrossBorderStore(Tables):
         self,
         dataset: str,
         now: int,
-        verify_key: ed25519.Ed25519PublicKey | None = None,
+        verify_key: VerifyKey | None = None,
     ) -> frozenset[str]:
         """The destination jurisdictions the dataset's records in force cover at ``now``.
 

@@ -95,8 +95,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 
-from cryptography.hazmat.primitives.asymmetric import ed25519
-
 from govshare.model.epsilon import format_epsilon
 from govshare.model.governance import (
     ColumnAccess,
@@ -112,6 +110,7 @@ from govshare.model.governance import (
 )
 from govshare.node.policy.grants import Grant, verify_grant
 from govshare.protocols.errors import MalformedInput, PolicyRefused, VerificationFailed
+from govshare.protocols.suite import VerifyKey
 
 # --------------------------------------------------------------------------- rule names
 
@@ -465,7 +464,7 @@ def _grant_failure(
     *,
     now: int,
     usage: GrantUsage,
-    issuer_key: ed25519.Ed25519PublicKey | None,
+    issuer_key: VerifyKey | None,
 ) -> tuple[str, str] | None:
     gid = grant.grant_id
     out_of_force = grant_standing(grant, dataset, now=now)
@@ -507,7 +506,7 @@ def decide(
     node_jurisdiction: str,
     usage: Mapping[str, GrantUsage] | None = None,
     budget: DatasetBudget | None = None,
-    issuer_key: ed25519.Ed25519PublicKey | None = None,
+    issuer_key: VerifyKey | None = None,
     assessed: frozenset[str] = frozenset(),
 ) -> Decision:
     """Decide one request on one dataset, in the admission order of the module docstring.
@@ -694,7 +693,7 @@ def enforce(
     node_jurisdiction: str,
     usage: Mapping[str, GrantUsage] | None = None,
     budget: DatasetBudget | None = None,
-    issuer_key: ed25519.Ed25519PublicKey | None = None,
+    issuer_key: VerifyKey | None = None,
     assessed: frozenset[str] = frozenset(),
 ) -> Obligations:
     """:func:`decide`, raising :class:`PolicyRefused` on refusal (for callers that log the

@@ -38,9 +38,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from fractions import Fraction
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric import ed25519
-
 from govshare.model.epsilon import format_epsilon, parse_epsilon
 from govshare.model.governance import ColumnKind, DatasetInfo, QueryKind
 from govshare.model.identity import validate_name
@@ -48,6 +45,7 @@ from govshare.node.audit.sink import AuditSink
 from govshare.node.stores.sqlite import Tables, immediate
 from govshare.protocols.canonical import canonical_json
 from govshare.protocols.errors import MalformedInput, NotFound, VerificationFailed
+from govshare.protocols.suite import SigningKey, VerifyKey
 
 DOMAIN_TAG = b"govshare/grant/v1\n"
 ENCODING_VERSION = 1
@@ -158,7 +156,7 @@ def canonical_bytes(grant: Grant) -> bytes:
     return DOMAIN_TAG + canonical_json(body)
 
 
-def verify_grant(grant: Grant, public_key: ed25519.Ed25519PublicKey) -> None:
+def verify_grant(grant: Grant, public_key: VerifyKey) -> None:
     """Check the issuer's signature over the grant's canonical encoding.
 
     Raises:
@@ -166,7 +164,7 @@ def verify_grant(grant: Grant, public_key: ed25519.Ed25519PublicKey) -> None:
     """
     try:
         public_key.verify(grant.signature, canonical_bytes(grant))
-    except (InvalidSignature, MalformedInput):
+    except (VerificationFailed, MalformedInput):
         raise VerificationFailed() from None
 
 
@@ -182,7 +180,7 @@ def _check_text(value: str, what: str, *, limit: int) -> str:
 
 
 def issue_grant(
-    signing_key: ed25519.Ed25519PrivateKey,
+    signing_key: SigningKey,
     *,
     issuer: str,
     dataset: DatasetInfo,
@@ -294,7 +292,7 @@ class GrantStore(Tables):
 
     def issue(
         self,
-        signing_key: ed25519.Ed25519PrivateKey,
+        signing_key: SigningKey,
         *,
         issuer: str,
         dataset: DatasetInfo,

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 from conftest import FederationFixture, PsiData, build_federation
-from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from govshare.client.auditor import (
     AuditClient,
@@ -43,6 +42,7 @@ from govshare.protocols.receipt import (
     decode_receipt,
     encode_receipt,
 )
+from govshare.protocols.suite import STANDARD, SigningKey
 
 NodeFixture = tuple[Node, RunningNode]
 
@@ -536,7 +536,7 @@ def serve_checkpoint(lab: Lab, monkeypatch: pytest.MonkeyPatch, note: bytes) -> 
     monkeypatch.setattr(lab.node("tax"), "latest_checkpoint", lambda: note)
 
 
-def tax_note(lab: Lab, key: ed25519.Ed25519PrivateKey | None = None) -> bytes:
+def tax_note(lab: Lab, key: SigningKey | None = None) -> bytes:
     tax = lab.node("tax")
     origin = log_origin(lab.fed.federation.roster.federation, "tax")
     checkpoint = Checkpoint(origin, tax.audit.size, tax.audit.root())
@@ -555,7 +555,7 @@ def test_forged_checkpoint_signature_is_named(lab: Lab, monkeypatch: pytest.Monk
 def test_checkpoint_signed_by_a_key_not_in_the_roster_is_named(
     lab: Lab, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    serve_checkpoint(lab, monkeypatch, tax_note(lab, ed25519.Ed25519PrivateKey.generate()))
+    serve_checkpoint(lab, monkeypatch, tax_note(lab, STANDARD.generate_signing_key()))
     message = failed(lab.auditor.pull("tax"), ProblemType.CHECKPOINT_UNKNOWN_KEY)
     assert "signed by a key not in the roster" in message
 
@@ -591,7 +591,7 @@ def test_verify_names_an_edit_of_the_auditors_own_copy(lab: Lab) -> None:
 def test_verify_refuses_a_state_checkpoint_signed_by_another_key(lab: Lab) -> None:
     assert lab.auditor.pull("tax").ok
     path = lab.auditor.state / "tax" / "checkpoint.note"
-    path.write_bytes(tax_note(lab, ed25519.Ed25519PrivateKey.generate()))
+    path.write_bytes(tax_note(lab, STANDARD.generate_signing_key()))
     failed(lab.auditor.verify("tax"), ProblemType.CHECKPOINT_UNKNOWN_KEY)
 
 

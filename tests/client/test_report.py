@@ -26,7 +26,6 @@ from typing import Any
 
 import pytest
 from conftest import PSI_EPSILON, PURPOSE, FederationFixture, PsiData
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from govshare.client.analyst import run_psi
 from govshare.client.auditor import Auditor, Problem, ProblemType, Verdict
@@ -47,6 +46,7 @@ from govshare.node.node import Node
 from govshare.protocols.auditverify import AuditEntry, decode_entry, encode_entry
 from govshare.protocols.errors import PolicyRefused
 from govshare.protocols.signed_request import sign_request
+from govshare.protocols.suite import STANDARD
 
 CHROMIUM = Path("/usr/bin/chromium")
 # The refused query's purpose: markup that must reach the page as text, never as markup.
@@ -226,7 +226,7 @@ def test_a_log_that_does_not_verify_is_shown_without_figures(
 # --- the fold, over a log built by hand -----------------------------------------------------------
 
 T0 = 1_750_000_000_000  # unix ms: the built log's clock starts here
-KEY = Ed25519PrivateKey.generate()
+KEY = STANDARD.generate_signing_key()
 
 
 class HandLog:

@@ -35,7 +35,6 @@ from conftest import (
     grant,
     register,
 )
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from govshare.cli.main import cli
 from govshare.client.analyst import run_psi
@@ -65,6 +64,7 @@ from govshare.node.policy.alerts import logged_alerts
 from govshare.protocols.auditverify import AuditEntry
 from govshare.protocols.errors import PolicyRefused
 from govshare.protocols.signed_request import sign_request
+from govshare.protocols.suite import STANDARD, SigningKey
 from govshare.rpc.client import NodeClient
 
 T0 = 1_750_000_000  # unix seconds: the built logs' clock starts here
@@ -326,7 +326,7 @@ def test_exact_releases_are_informational(logs: dict[str, Log]) -> None:
     ]
 
 
-def received(key: Ed25519PrivateKey, where: tuple[Condition, ...]) -> tuple[str, dict[str, Any]]:
+def received(key: SigningKey, where: tuple[Condition, ...]) -> tuple[str, dict[str, Any]]:
     """A real signed PSI request filtering tax.residents by ``where``: (query id, fields)."""
     plan = PsiPlan(
         kind=QueryKind.PSI_CARDINALITY, purpose=PURPOSE,
@@ -342,7 +342,7 @@ def received(key: Ed25519PrivateKey, where: tuple[Condition, ...]) -> tuple[str,
 
 def test_filters_one_condition_apart_are_differencing(logs: dict[str, Log]) -> None:
     tax = logs["tax"]
-    key = Ed25519PrivateKey.generate()
+    key = STANDARD.generate_signing_key()
     year = Condition("year", "=", 2025)
     asked = [
         (year,),

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -32,6 +31,7 @@ from govshare.protocols.checkpoint import (
 )
 from govshare.protocols.errors import MalformedInput, VerificationFailed
 from govshare.protocols.merkle import MAX_TREE_SIZE
+from govshare.protocols.suite import STANDARD
 
 REPO = Path(__file__).resolve().parents[2]
 VECTORS = REPO / "tests" / "vectors" / "checkpoint"
@@ -102,7 +102,7 @@ def test_go_sumdb_note_example_is_reproduced_byte_for_byte() -> None:
     vkey = VerifierKey.parse(meta["vkey"])
     assert vkey.encode() == meta["vkey"]
     seed = base64.b64decode(meta["skey"].split("+", 4)[4])[1:]  # type byte, then the seed
-    private_key = Ed25519PrivateKey.from_private_bytes(seed)
+    private_key = STANDARD.signing_key_from_bytes(seed)
     text = meta["text"].encode()
     ours = Note(text, (sign_note(text, "PeterNeumann", private_key),)).encode()
     assert ours == data
@@ -142,8 +142,8 @@ def test_log_signature_of_unknown_type_is_ignored_not_trusted() -> None:
 
 # --- round trips and fuzz ---------------------------------------------------------------------
 
-KEY = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
-WITNESS_KEY = Ed25519PrivateKey.from_private_bytes(bytes(range(32, 64)))
+KEY = STANDARD.signing_key_from_bytes(bytes(range(32)))
+WITNESS_KEY = STANDARD.signing_key_from_bytes(bytes(range(32, 64)))
 
 line_text = st.text(alphabet=st.characters(min_codepoint=0x20, codec="utf-8"), min_size=1)
 key_names = st.text(

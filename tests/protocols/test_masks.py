@@ -7,13 +7,13 @@ import hmac
 import struct
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from govshare.protocols import masks
 from govshare.protocols.errors import MalformedInput, VerificationFailed
+from govshare.protocols.suite import STANDARD
 
 QUERY = b"query-7f3a"
 
@@ -132,7 +132,7 @@ def test_pairwise_stream_is_aes_ctr_little_endian() -> None:
 
 
 def test_signed_ephemeral_round_trip_and_tamper() -> None:
-    signer = Ed25519PrivateKey.generate()
+    signer = STANDARD.generate_signing_key()
     verify = signer.public_key()
     eph = masks.public_bytes(masks.generate_ephemeral())
     sig = masks.sign_ephemeral(signer, query_id=QUERY, node="tax", public_key=eph)
@@ -152,7 +152,7 @@ def test_signed_ephemeral_round_trip_and_tamper() -> None:
             masks.verify_ephemeral(verify, **case)  # type: ignore[arg-type]
     with pytest.raises(VerificationFailed):
         masks.verify_ephemeral(
-            Ed25519PrivateKey.generate().public_key(),
+            STANDARD.generate_signing_key().public_key(),
             query_id=QUERY,
             node="tax",
             public_key=eph,

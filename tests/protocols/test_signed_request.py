@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric import ed25519
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from govshare.protocols.canonical import canonical_json
 from govshare.protocols.errors import MalformedInput, VerificationFailed
 from govshare.protocols.signed_request import SignedRequest, sign_request, verify_request
+from govshare.protocols.suite import STANDARD
 
-KEY = ed25519.Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
+KEY = STANDARD.signing_key_from_bytes(bytes(range(32)))
 NOW = 1_790_000_000
 
 json_values = st.recursive(
@@ -67,7 +67,7 @@ def test_any_flipped_byte_is_refused(data: st.DataObject) -> None:
 
 
 def test_wrong_key_is_refused() -> None:
-    other = ed25519.Ed25519PrivateKey.generate().public_key()
+    other = STANDARD.generate_signing_key().public_key()
     with pytest.raises(VerificationFailed):
         verify_request(make(), other, now=NOW)
 

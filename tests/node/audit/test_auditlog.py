@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -45,10 +44,11 @@ from govshare.protocols.checkpoint import (
 )
 from govshare.protocols.errors import MalformedInput, NotFound, VerificationFailed
 from govshare.protocols.merkle import root_hash, verify_consistency, verify_inclusion
+from govshare.protocols.suite import STANDARD
 
 ORIGIN = "govshare.example/node-a/audit"
-LOG_KEY = Ed25519PrivateKey.from_private_bytes(hashlib.sha256(b"test log key").digest())
-WITNESS_KEY = Ed25519PrivateKey.from_private_bytes(hashlib.sha256(b"test witness").digest())
+LOG_KEY = STANDARD.signing_key_from_bytes(hashlib.sha256(b"test log key").digest())
+WITNESS_KEY = STANDARD.signing_key_from_bytes(hashlib.sha256(b"test witness").digest())
 PUBLIC = LOG_KEY.public_key()
 
 
@@ -395,7 +395,7 @@ def test_cosignatures_are_verified_then_served(log: AuditLog) -> None:
     assert stored is not None
     checkpoint = open_checkpoint(note, PUBLIC, origin=ORIGIN)
     witness = WITNESS_KEY.public_key()
-    forged = cosign(checkpoint, Ed25519PrivateKey.generate(), name="w", now=7)
+    forged = cosign(checkpoint, STANDARD.generate_signing_key(), name="w", now=7)
     with pytest.raises(VerificationFailed):
         log.add_cosignature(stored.id, forged, witness_key=witness, log_key=PUBLIC)
     good = cosign(checkpoint, WITNESS_KEY, name="w", now=7)
@@ -645,10 +645,10 @@ def test_clean_log_of_100000_entries_verifies(tmp_path: Path) -> None:
 
 CHILD = """
 import hashlib, sys
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from govshare.node.audit.auditlog import AuditLog
 from govshare.model.events import Event
-key = Ed25519PrivateKey.from_private_bytes(hashlib.sha256(b"test log key").digest())
+from govshare.protocols.suite import STANDARD
+key = STANDARD.signing_key_from_bytes(hashlib.sha256(b"test log key").digest())
 log = AuditLog.open(sys.argv[1])
 round = 0
 while True:
@@ -725,7 +725,7 @@ def test_two_handles_on_one_file_append_in_turn(tmp_path: Path) -> None:
         assert indices == list(range(6))
         assert node_log.size == operator_log.size == 6
         assert node_log.root() == operator_log.root()
-        key = Ed25519PrivateKey.generate()
+        key = STANDARD.generate_signing_key()
         node_log.checkpoint(key, "govshare/test/a")
         result = verify_log_file(path, public_key=key.public_key(), origin="govshare/test/a")
         assert result.ok, result.first_problem

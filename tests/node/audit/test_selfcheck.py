@@ -25,7 +25,6 @@ from typing import Any
 import grpc
 import pytest
 from conftest import FederationFixture, build_federation
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from govshare.model.events import Event, log_origin
@@ -43,6 +42,7 @@ from govshare.node.stores.query_store import QueryStore
 from govshare.protocols.auditverify import ProblemKind, decode_entry, verify_log
 from govshare.protocols.checkpoint import Checkpoint, open_checkpoint, sign_checkpoint
 from govshare.protocols.merkle import CompactRange
+from govshare.protocols.suite import STANDARD, VerifyKey
 from govshare.rpc.client import NodeClient
 from govshare.v1 import (
     aggregate_pb2,
@@ -57,7 +57,7 @@ from govshare.v1 import (
     query_pb2_grpc,
 )
 
-KEY = Ed25519PrivateKey.generate()
+KEY = STANDARD.generate_signing_key()
 PUBLIC = KEY.public_key()
 ORIGIN = "test.govshare.example/selfcheck"
 BULK = auditlog.BULK_PAGE
@@ -278,7 +278,7 @@ def test_checkpoint_with_a_broken_signature_is_named(copy: Path) -> None:
 def test_checkpoint_signed_by_another_key_is_refused(copy: Path) -> None:
     with AuditLog.open(copy) as log:
         root = log.root_at(40)
-    forged = sign_checkpoint(Checkpoint(ORIGIN, 40, root), Ed25519PrivateKey.generate())
+    forged = sign_checkpoint(Checkpoint(ORIGIN, 40, root), STANDARD.generate_signing_key())
     tamper(copy, ("UPDATE checkpoints SET note = ? WHERE size = 40", (forged,)))
     assert "signature does not verify" in damage_of(whole(copy))[1]
 
@@ -511,7 +511,7 @@ def pull(fed: FederationFixture) -> tuple[bytes, list[tuple[int, bytes]]]:
     return note, entries
 
 
-def tax_key(fed: FederationFixture) -> Ed25519PublicKey:
+def tax_key(fed: FederationFixture) -> VerifyKey:
     """tax's log key as the roster lists it."""
     return fed.federation.roster.member("tax").verify_key()
 
@@ -605,7 +605,7 @@ def test_latest_checkpoint_that_does_not_match_is_refused(
         forged = corrupt_signature(note)
     elif forgery == "other_key":
         forged = sign_checkpoint(
-            Checkpoint(tax_origin(fed), 40, root), Ed25519PrivateKey.generate()
+            Checkpoint(tax_origin(fed), 40, root), STANDARD.generate_signing_key()
         )
     else:
         tax_key = fed.identity("tax").signing_key

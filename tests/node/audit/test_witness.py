@@ -6,7 +6,6 @@ from collections.abc import Iterator
 
 import pytest
 from conftest import FederationFixture, build_federation
-from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from govshare.model.events import log_origin
 from govshare.node.api.server import RunningNode, create_server
@@ -14,6 +13,7 @@ from govshare.node.config import NodeConfig
 from govshare.node.node import Node
 from govshare.protocols.checkpoint import Checkpoint, open_cosignature, sign_checkpoint
 from govshare.protocols.errors import Conflict, PermissionDenied, VerificationFailed
+from govshare.protocols.suite import STANDARD, SigningKey
 from govshare.rpc.client import NodeClient
 
 NodeFixture = tuple[Node, RunningNode]
@@ -47,7 +47,7 @@ def civil_node(fed: FederationFixture) -> Iterator[NodeFixture]:
 
 
 def tax_checkpoint(
-    fed: FederationFixture, size: int, root: bytes, key: ed25519.Ed25519PrivateKey | None = None
+    fed: FederationFixture, size: int, root: bytes, key: SigningKey | None = None
 ) -> bytes:
     origin = log_origin(fed.federation.roster.federation, "tax")
     signer = key or fed.identity("tax").signing_key
@@ -130,7 +130,7 @@ def test_fork_by_inconsistent_extension_is_refused(
 def test_checkpoint_signed_by_a_key_not_in_the_roster_is_refused(
     fed: FederationFixture, tax_node: NodeFixture, civil_node: NodeFixture
 ) -> None:
-    rogue = ed25519.Ed25519PrivateKey.generate()
+    rogue = STANDARD.generate_signing_key()
     with NodeClient.to(fed.identity("tax"), "civil") as client:
         with pytest.raises(VerificationFailed):
             client.witness(tax_checkpoint(fed, 1, b"\x44" * 32, rogue), 0, [])

@@ -8,7 +8,6 @@ from fractions import Fraction
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from govshare.model.aggregate_plan import (
     PAILLIER,
@@ -25,9 +24,10 @@ from govshare.node.policy import approvals
 from govshare.node.stores.query_store import QueryRecord, QueryStore
 from govshare.protocols.errors import MalformedInput, NotFound
 from govshare.protocols.signed_request import sign_request
+from govshare.protocols.suite import STANDARD
 
 NOW = 1_800_000_000
-KEY = ed25519.Ed25519PrivateKey.from_private_bytes(b"\x05" * 32)
+KEY = STANDARD.signing_key_from_bytes(b"\x05" * 32)
 PURPOSE = "clinic capacity planning"
 
 

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 from conftest import FederationFixture, build_federation
-from cryptography.hazmat.primitives.asymmetric import ed25519
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -46,14 +45,15 @@ from govshare.node.data import resident_id
 from govshare.node.node import Node
 from govshare.node.policy.crossborder import CrossBorderStore, approve_assessment
 from govshare.protocols.errors import Conflict, MalformedInput, NotFound, VerificationFailed
+from govshare.protocols.suite import STANDARD
 from govshare.rpc.client import NodeClient
 from govshare.rpc.convert import catalog_entry_from_proto, dataset_to_proto
 from govshare.v1 import catalog_pb2, catalog_pb2_grpc
 
 NOW = 1_800_000_000
 YEAR = 365 * 24 * 3600
-KEY = ed25519.Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
-OTHER_KEY = ed25519.Ed25519PrivateKey.from_private_bytes(bytes(range(1, 33)))
+KEY = STANDARD.signing_key_from_bytes(bytes(range(32)))
+OTHER_KEY = STANDARD.signing_key_from_bytes(bytes(range(1, 33)))
 PEOPLE = DatasetInfo(
     name="people",
     grade=Grade.GENERAL,

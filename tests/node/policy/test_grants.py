@@ -9,7 +9,6 @@ from fractions import Fraction
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from govshare.model.governance import (
     ColumnKind,
@@ -30,6 +29,7 @@ from govshare.node.policy.grants import (
     verify_grant,
 )
 from govshare.protocols.errors import MalformedInput, NotFound, VerificationFailed
+from govshare.protocols.suite import STANDARD
 
 NOW = 1_800_000_000
 YEAR = 365 * 24 * 3600
@@ -45,7 +45,7 @@ DATASET = DatasetInfo(
     ),
     row_count=10,
 )
-KEY = ed25519.Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
+KEY = STANDARD.signing_key_from_bytes(bytes(range(32)))
 
 
 class Recorder:
@@ -127,7 +127,7 @@ def test_tampered_grant_fails_verification(change: dict[str, object]) -> None:
 
 
 def test_wrong_key_fails_verification() -> None:
-    other = ed25519.Ed25519PrivateKey.from_private_bytes(bytes(32))
+    other = STANDARD.signing_key_from_bytes(bytes(32))
     with pytest.raises(VerificationFailed):
         verify_grant(make(), other.public_key())
 

@@ -18,7 +18,6 @@ from typing import Any
 
 import pytest
 from conftest import FederationFixture, build_federation
-from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from govshare.model.governance import ColumnKind, ColumnRule, Grade, OwnerKind, Role, SharingType
 from govshare.model.identity import Identity
@@ -36,6 +35,7 @@ from govshare.node.operator import Operator
 from govshare.node.policy.grants import GrantStore
 from govshare.protocols.auditverify import AuditEntry
 from govshare.protocols.errors import PolicyRefused
+from govshare.protocols.suite import STANDARD, SigningKey
 
 IDS = [resident_id.make("310101", date(1970 + i, 1 + i % 12, 1 + i), i) for i in range(6)]
 RULES = [
@@ -96,9 +96,7 @@ class Forger:
     """Signs as ``name`` with its own key (not the roster's)."""
 
     name: str
-    key: ed25519.Ed25519PrivateKey = dataclasses.field(
-        default_factory=ed25519.Ed25519PrivateKey.generate
-    )
+    key: SigningKey = dataclasses.field(default_factory=STANDARD.generate_signing_key)
 
     def sign(self, *, node: str, action: str, body: Mapping[str, Any], now: int) -> OperatorAct:
         return sign_act(self.key, operator=self.name, node=node, action=action, body=body, now=now)

@@ -6,7 +6,6 @@ from dataclasses import replace
 from fractions import Fraction
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from govshare.model.governance import (
     ColumnAccess,
@@ -32,10 +31,11 @@ from govshare.node.policy.decision import (
 )
 from govshare.node.policy.grants import Grant, issue_grant
 from govshare.protocols.errors import MalformedInput, PolicyRefused
+from govshare.protocols.suite import STANDARD, VerifyKey
 
 NOW = 1_800_000_000
 DAY = 24 * 3600
-KEY = ed25519.Ed25519PrivateKey.from_private_bytes(b"\x07" * 32)
+KEY = STANDARD.signing_key_from_bytes(b"\x07" * 32)
 PURPOSE = "poverty relief evaluation"
 
 GENERAL = DatasetInfo(
@@ -133,7 +133,7 @@ def run(
     *,
     usage: dict[str, GrantUsage] | None = None,
     budget: DatasetBudget | None = None,
-    issuer_key: ed25519.Ed25519PublicKey | None = None,
+    issuer_key: VerifyKey | None = None,
     now: int = NOW,
     assessed: frozenset[str] = frozenset(),
 ) -> Decision:

@@ -22,8 +22,6 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
 from govshare.protocols.checkpoint import (
     Checkpoint,
     Note,
@@ -33,6 +31,7 @@ from govshare.protocols.checkpoint import (
     sign_note,
 )
 from govshare.protocols.merkle import EMPTY_ROOT, leaf_hash, root_hash
+from govshare.protocols.suite import STANDARD, SigningKey
 
 ORIGIN = "govshare.example/node-a/audit"
 OTHER_ORIGIN = "govshare.example/node-z/audit"
@@ -41,8 +40,8 @@ STRANGER = "stranger.example/log"
 COSIGNED_AT = 1_700_000_000  # 2023-11-14T22:13:20Z, fixed so cosignatures are reproducible
 
 
-def _key(label: str) -> Ed25519PrivateKey:
-    return Ed25519PrivateKey.from_private_bytes(hashlib.sha256(label.encode()).digest())
+def _key(label: str) -> SigningKey:
+    return STANDARD.signing_key_from_bytes(hashlib.sha256(label.encode()).digest())
 
 
 LOG_KEY = _key("govshare checkpoint test vector: log key")
@@ -311,9 +310,9 @@ def build() -> tuple[dict[str, bytes], list[dict[str, object]]]:
 
 def keys_document() -> dict[str, str]:
     return {
-        "log": VerifierKey(ORIGIN, 0x01, LOG_KEY.public_key()).encode(),
-        "witness": VerifierKey(WITNESS, 0x04, WITNESS_KEY.public_key()).encode(),
-        "stranger": VerifierKey(STRANGER, 0x01, STRANGER_KEY.public_key()).encode(),
+        "log": VerifierKey(ORIGIN, False, LOG_KEY.public_key()).encode(),
+        "witness": VerifierKey(WITNESS, True, WITNESS_KEY.public_key()).encode(),
+        "stranger": VerifierKey(STRANGER, False, STRANGER_KEY.public_key()).encode(),
     }
 
 
