@@ -17,6 +17,7 @@ from govshare.cli.common import (
 from govshare.model.governance import Role
 from govshare.model.identity import EnrolmentRequest, Federation, init_federation
 from govshare.model.operator_act import Duty, parse_duties
+from govshare.protocols.suite import STANDARD, SUITE_NAMES, suite_by_name
 
 _fed_dir = click.option(
     "--dir",
@@ -36,19 +37,29 @@ def group() -> None:
 @group.command("init")
 @_fed_dir
 @click.option("--name", required=True, help="Federation name (one DNS label).")
+@click.option(
+    "--suite",
+    type=click.Choice(SUITE_NAMES),
+    default=STANDARD.name,
+    show_default=True,
+    help="Crypto suite every member signs, hashes and encrypts with: 'standard' (Ed25519, "
+    "SHA-256, AES) or 'sm' (SM2, SM3, SM4). Fixed for the federation's life.",
+)
 @json_option
-def init(directory: Path, name: str, as_json: bool) -> None:
+def init(directory: Path, name: str, suite: str, as_json: bool) -> None:
     """Create the federation CA and an empty signed roster."""
-    cert, roster = init_federation(directory, name)
+    crypto = suite_by_name(suite)
+    cert, roster = init_federation(directory, name, suite=crypto)
     if as_json:
         emit_json({
             "federation": name, "directory": str(directory), "roster_version": roster.version,
-            "ca_valid_until": cert.not_valid_after_utc.isoformat(),
+            "ca_valid_until": cert.not_valid_after_utc.isoformat(), "suite": roster.suite,
         })  # fmt: skip
         return
     console.print(
-        f"federation [bold]{name}[/] created in {directory} "
-        f"(CA valid until {cert.not_valid_after_utc:%Y-%m-%d}, roster version {roster.version})"
+        f"federation [bold]{name}[/] created in {directory} on the {roster.suite} suite "
+        f"({crypto.signature_algorithm}, {crypto.hash_name}, {crypto.cipher_name}; "
+        f"CA valid until {cert.not_valid_after_utc:%Y-%m-%d}, roster version {roster.version})"
     )
 
 

@@ -23,6 +23,7 @@ from govshare.model.identity import Identity, create_request, install_roster
 from govshare.node.api.server import serve as serve_node
 from govshare.node.config import CONFIG_NAME, NodeConfig
 from govshare.node.operator import Operator, initialise
+from govshare.protocols.suite import STANDARD, SUITE_NAMES, suite_by_name
 from govshare.rpc.client import NodeClient
 
 
@@ -61,8 +62,16 @@ def init(home: Path, listen: str, identity: str, as_json: bool) -> None:
 @group.command("keygen")
 @home_option
 @click.option("--name", required=True, help="The node's member name (one DNS label).")
+@click.option(
+    "--suite",
+    type=click.Choice(SUITE_NAMES),
+    default=STANDARD.name,
+    show_default=True,
+    help="The federation's crypto suite (its administrator says which); the signing key is "
+    "made for it.",
+)
 @json_option
-def keygen(home: Path, name: str, as_json: bool) -> None:
+def keygen(home: Path, name: str, suite: str, as_json: bool) -> None:
     """Make the node's private keys in its home and a certificate request for the administrator.
 
     Writes tls.key and signing.key (0600; they never leave the home) and NAME.csr, the request
@@ -70,9 +79,11 @@ def keygen(home: Path, name: str, as_json: bool) -> None:
     fingerprint to the administrator over another channel. Copy the tls.crt, ca.crt and
     roster.json the administrator returns into the home, then run 'govshare node init'.
     """
-    request, path = create_request(home, name)
+    request, path = create_request(home, name, suite_by_name(suite))
     if as_json:
-        emit_json({"request": str(path), "fingerprint": request.fingerprint, "name": name})
+        emit_json({
+            "request": str(path), "fingerprint": request.fingerprint, "name": name, "suite": suite,
+        })  # fmt: skip
         return
     console.print(f"keys for [bold]{name}[/] written to {home} (tls.key, signing.key; 0600)")
     console.print(f"certificate request: {path}")

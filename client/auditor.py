@@ -143,13 +143,7 @@ from govshare.protocols.errors import (
     Unavailable,
     VerificationFailed,
 )
-from govshare.protocols.merkle import (
-    leaf_hash,
-    node_hash,
-    subtree_hash_from_complete,
-    verify_consistency,
-    verify_inclusion,
-)
+from govshare.protocols.merkle import TreeHasher, tree_hasher
 from govshare.protocols.receipt import (
     LogKey,
     Receipt,
@@ -525,9 +519,12 @@ def _write_atomic(path: Path, data: bytes) -> None:
 class LocalLog:
     """The auditor's append-only copy of one node's log (see the module docstring)."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, merkle: TreeHasher | None = None) -> None:
+        """``merkle``: the federation's suite's tree, which :meth:`commit` hashes new entries
+        with (a copy opened without it is read only)."""
         directory.mkdir(parents=True, exist_ok=True)
         self.directory = directory
+        self._merkle = merkle
         try:
             self._db = sqlite3.connect(directory / ENTRIES_DB, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -556,8 +553,8 @@ class LocalLog:
                 raise
 
     @classmethod
-    def existing(cls, directory: Path) -> LocalLog | None:
-        return cls(directory) if (directory / ENTRIES_DB).is_file() else None
+    def existing(cls, directory: Path, merkle: TreeHasher | None = None) -> LocalLog | None:
+        return cls(directory, merkle) if (directory / ENTRIES_DB).is_file() else None
 
     def close(self) -> None:
         self._db.close()
@@ -619,11 +616,14 @@ class LocalLog:
 
     def commit(self, entries: Sequence[tuple[int, bytes]], note: bytes, size: int) -> None:
         """Append verified ``entries`` and record ``note`` as the last verified checkpoint."""
+        merkle = self._merkle
+        if merkle is None:
+            raise TypeError("this copy was opened read only (no tree hasher)")
         self._db.execute("BEGIN IMMEDIATE")
         try:
             self._db.executemany(
                 "INSERT INTO entries (idx, data, leaf_hash) VALUES (?, ?, ?)",
-                [(index, data, leaf_hash(data)) for index, data in entries],
+                [(index, data, merkle.leaf_hash(data)) for index, data in entries],
             )
             self._db.executemany(
                 "INSERT INTO refusal_entries (idx) VALUES (?)",
@@ -744,21 +744,28 @@ def _from_log_problem(problem: LogProblem) -> Problem:
     return Problem(ProblemType(problem.kind.value), problem.index, problem.message)
 
 
-def _complete_levels(leaves: list[bytes]) -> list[list[bytes]]:
+def _complete_levels(leaves: list[bytes], merkle: TreeHasher) -> list[list[bytes]]:
     """Hashes of every complete aligned subtree, level by level (level 0: the leaves)."""
     levels = [leaves]
     while len(levels[-1]) > 1:
         below = levels[-1]
-        levels.append([node_hash(below[i], below[i + 1]) for i in range(0, len(below) - 1, 2)])
+        levels.append(
+            [merkle.node_hash(below[i], below[i + 1]) for i in range(0, len(below) - 1, 2)]
+        )
     return levels
 
 
-def _prefix_root(levels: list[list[bytes]], size: int) -> bytes:
-    return subtree_hash_from_complete(0, size, lambda level, index: levels[level][index])
+def _prefix_root(levels: list[list[bytes]], size: int, merkle: TreeHasher) -> bytes:
+    return merkle.subtree_hash_from_complete(0, size, lambda level, index: levels[level][index])
 
 
 def agreeing_prefix(
-    client: AuditClient, leaves: Sequence[bytes], signed: Checkpoint, *, known: int = 0
+    client: AuditClient,
+    leaves: Sequence[bytes],
+    signed: Checkpoint,
+    merkle: TreeHasher,
+    *,
+    known: int = 0,
 ) -> int:
     """The largest ``m`` such that our first ``m`` leaves are a prefix of the signed tree.
 
@@ -769,16 +776,16 @@ def agreeing_prefix(
     makes the answer smaller, never lets a differing leaf pass.
     """
     limit = min(len(leaves), signed.size)
-    levels = _complete_levels(list(leaves[:limit]))
+    levels = _complete_levels(list(leaves[:limit]), merkle)
 
     def consistent(m: int) -> bool:
         if m == 0:
             return True
-        ours = _prefix_root(levels, m)
+        ours = _prefix_root(levels, m, merkle)
         if m == signed.size:
             return ours == signed.root
         try:
-            verify_consistency(
+            merkle.verify_consistency(
                 m, signed.size, client.consistency_proof(m, signed.size), ours, signed.root
             )
         except (VerificationFailed, MalformedInput):
@@ -885,6 +892,11 @@ class Auditor:
     def roster(self) -> Roster:
         return self.identity.roster
 
+    @property
+    def merkle(self) -> TreeHasher:
+        """The tree over the federation's suite's hash, which every node's log uses."""
+        return tree_hasher(self.roster.crypto)
+
     def nodes(self) -> list[str]:
         """Every node of the roster, in roster order."""
         return [m.name for m in self.roster.with_role(Role.NODE)]
@@ -938,7 +950,7 @@ class Auditor:
     def _pull_one(self, node: str, *, recheck: bool) -> Verdict:
         member = self._member(node)
         needed, witnesses = resolve_quorum(self.roster, node, self.quorum)
-        with LocalLog(self.state / node) as store:
+        with LocalLog(self.state / node, self.merkle) as store:
             held = store.size
 
             def failed(problem: Problem, evidence: Sequence[Path] = ()) -> Verdict:
@@ -964,7 +976,7 @@ class Auditor:
         node whose checkpoint was refused (the entry's actor)."""
         found: dict[str, list[WitnessRefusal]] = {}
         for witness in self.pulled_nodes():
-            with LocalLog(self.state / witness) as store:
+            with LocalLog(self.state / witness, self.merkle) as store:
                 rows = store.refusal_entries()
             for index, data in rows:
                 refusal = self._refusal(witness, index, data)
@@ -1048,7 +1060,7 @@ class Auditor:
         """The new checkpoint must extend the last verified one (RFC 9162 consistency)."""
         node = client.member.name
         if new.size < previous.size:
-            agree = agreeing_prefix(client, store.leaf_hashes(), new)
+            agree = agreeing_prefix(client, store.leaf_hashes(), new, self.merkle)
             kept = (
                 "a consistent prefix of it"
                 if agree == new.size
@@ -1069,7 +1081,7 @@ class Auditor:
             )
         if new.size == previous.size:
             if new.root != previous.root:
-                agree = agreeing_prefix(client, store.leaf_hashes(), new)
+                agree = agreeing_prefix(client, store.leaf_hashes(), new, self.merkle)
                 evidence = store.save_evidence("fork", [store.last_verified() or b"", note])
                 raise _DetectedError(
                     Problem(
@@ -1087,9 +1099,9 @@ class Auditor:
             return  # every tree extends the empty tree
         proof = client.consistency_proof(previous.size, new.size)
         try:
-            verify_consistency(previous.size, new.size, proof, previous.root, new.root)
+            self.merkle.verify_consistency(previous.size, new.size, proof, previous.root, new.root)
         except (VerificationFailed, MalformedInput):
-            agree = agreeing_prefix(client, store.leaf_hashes(), new)
+            agree = agreeing_prefix(client, store.leaf_hashes(), new, self.merkle)
             evidence = store.save_evidence("fork", [store.last_verified() or b"", note])
             raise _DetectedError(
                 Problem(
@@ -1194,8 +1206,8 @@ class Auditor:
                     f"{new.size} (truncated)",
                 )
         if problems and problems[0].kind is ProblemType.CHECKPOINT_MISMATCH:
-            leaves = store.leaf_hashes() + [leaf_hash(data) for _, data in incoming]
-            edited = agreeing_prefix(client, leaves, new, known=held)
+            leaves = store.leaf_hashes() + [self.merkle.leaf_hash(data) for _, data in incoming]
+            edited = agreeing_prefix(client, leaves, new, self.merkle, known=held)
             if len(leaves) == new.size and edited < new.size:
                 problems.insert(
                     0,
@@ -1283,7 +1295,7 @@ class Auditor:
 
     def _verify_one(self, member: Member) -> Verdict:
         node = member.name
-        store = LocalLog.existing(self.state / node)
+        store = LocalLog.existing(self.state / node, self.merkle)
         if store is None:
             return _not_pulled(node)
         with store:
@@ -1339,7 +1351,7 @@ class Auditor:
             raise MalformedInput("index must be a non-negative integer", field="index")
         member = self._member(node)
         origin = self._origin(node)
-        with LocalLog(self.state / node) as store, self._client(member) as client:
+        with LocalLog(self.state / node, self.merkle) as store, self._client(member) as client:
             try:
                 previous = self._previous(store, member, origin)
                 note = client.checkpoint()
@@ -1359,7 +1371,10 @@ class Auditor:
             data = served[0][1]
             proof = tuple(client.inclusion_proof(index, checkpoint.size))
             try:
-                verify_inclusion(index, checkpoint.size, leaf_hash(data), proof, checkpoint.root)
+                merkle = self.merkle
+                merkle.verify_inclusion(
+                    index, checkpoint.size, merkle.leaf_hash(data), proof, checkpoint.root
+                )
             except (VerificationFailed, MalformedInput):
                 raise VerificationFailed(
                     f"entry {index} of {node}: inclusion proof does not verify under the signed "
@@ -1388,7 +1403,7 @@ class Auditor:
                 views.append(NodeQueryEntries(member.name, error=str(exc)))
                 continue
             entries: list[AuditEntry] = []
-            local = LocalLog.existing(self.state / member.name)
+            local = LocalLog.existing(self.state / member.name, self.merkle)
             try:
                 for index, data in served:
                     try:
@@ -1425,7 +1440,7 @@ class Auditor:
         Roster.verify(roster_bytes, x509.load_pem_x509_certificate(self.identity.ca_cert_pem))
         nodes: dict[str, Any] = {}
         for node in self.pulled_nodes():
-            with LocalLog(self.state / node) as store:
+            with LocalLog(self.state / node, self.merkle) as store:
                 last = store.last_verified()
                 if last is None:
                     continue

@@ -330,7 +330,7 @@ class Node:
             grants=GrantStore(config.database_path),
             crossborder_store=CrossBorderStore(config.database_path),
             query_store=QueryStore(config.database_path, at_rest=at_rest),
-            audit=AuditLog.open(config.audit_database_path),
+            audit=AuditLog.open(config.audit_database_path, suite=identity.roster.crypto),
             witness_store=WitnessStore(config.database_path),
             mask_secret=MaskSecret.load_or_create(config.home),
             checkpoint_interval=config.checkpoint_interval,

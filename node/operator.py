@@ -202,6 +202,10 @@ class Operator:
             self.config.home, self.config.database_path, self.identity().roster.crypto
         )
 
+    def _audit_log(self) -> AuditLog:
+        """The node's audit log, on its federation's suite."""
+        return AuditLog.open(self.config.audit_database_path, suite=self.identity().roster.crypto)
+
     # ------------------------------------------------------------------------ datasets
 
     def add_dataset(
@@ -271,7 +275,7 @@ class Operator:
             "owner_kind": owner_kind.value, "owner": owner, "holder": holder or me.name,
             "columns": _rules_json(columns),
         }  # fmt: skip
-        with AuditLog.open(self.config.audit_database_path) as log:
+        with self._audit_log() as log:
             with self._acting(log, "dataset.add", Duty.REGISTER, body) as actor:
                 return add(log)
 
@@ -297,7 +301,7 @@ class Operator:
             )  # fmt: skip
         catalogue = Catalogue(self.config.database_path, at_rest=self._at_rest())
         body = {"dataset": name, "file": csv_file.name, "sha256": _file_digest(csv_file)}
-        with AuditLog.open(self.config.audit_database_path) as log:
+        with self._audit_log() as log:
             with self._acting(log, "dataset.replace", Duty.REGISTER, body) as actor:
                 return catalogue.replace(
                     csv_file, name=name, stated=stated, source=source, skip_invalid=skip_invalid,
@@ -320,7 +324,7 @@ class Operator:
     def remove_dataset(self, name: str) -> Destruction:
         """Remove a dataset and destroy its rows (overwritten, key shredded, logged)."""
         catalogue = Catalogue(self.config.database_path, at_rest=self._at_rest())
-        with AuditLog.open(self.config.audit_database_path) as log:
+        with self._audit_log() as log:
             with self._acting(log, "dataset.remove", Duty.REGISTER, {"dataset": name}) as actor:
                 return catalogue.destroy(name, actor=actor, audit=log)
 
@@ -347,7 +351,7 @@ class Operator:
             "columns": sorted(set(columns)), "query_kinds": sorted(set(query_kinds)),
             "expires_at": expires_at, "epsilon": epsilon, "max_queries": max_queries,
         }  # fmt: skip
-        with AuditLog.open(self.config.audit_database_path) as log:
+        with self._audit_log() as log:
             with self._acting(log, "grant.add", Duty.GRANT, body) as actor:
                 return GrantStore(self.config.database_path).issue(
                     me.signing_key,
@@ -415,7 +419,7 @@ class Operator:
 
     def revoke_grant(self, grant_id: str, *, reason: str) -> Grant:
         body = {"grant_id": grant_id, "reason": reason}
-        with AuditLog.open(self.config.audit_database_path) as log:
+        with self._audit_log() as log:
             with self._acting(log, "grant.revoke", Duty.GRANT, body) as actor:
                 return GrantStore(self.config.database_path).revoke(
                     grant_id, actor=actor, audit=log, reason=reason
@@ -433,7 +437,7 @@ class Operator:
             "dataset": dataset, "destination": destination, "assessment": assessment,
             "basis": basis, "expires_at": expires_at,
         }  # fmt: skip
-        with AuditLog.open(self.config.audit_database_path) as log:
+        with self._audit_log() as log:
             with self._acting(log, "crossborder.approve", Duty.CROSSBORDER, body) as actor:
                 record = CrossBorderStore(self.config.database_path).approve(
                     me.signing_key,
@@ -454,7 +458,7 @@ class Operator:
 
     def revoke_assessment(self, record_id: str, *, reason: str) -> Assessment:
         body = {"record_id": record_id, "reason": reason}
-        with AuditLog.open(self.config.audit_database_path) as log:
+        with self._audit_log() as log:
             with self._acting(log, "crossborder.revoke", Duty.CROSSBORDER, body) as actor:
                 return CrossBorderStore(self.config.database_path).revoke(
                     record_id, actor=actor, reason=reason, audit=log
@@ -491,7 +495,7 @@ class Operator:
             }
             action = "approval.approve" if approve else "approval.deny"
             duties = self._duties(store.get(full_id))
-            with AuditLog.open(self.config.audit_database_path) as audit:
+            with self._audit_log() as audit:
                 with self._acting(audit, action, Duty.APPROVE, body) as operator:
                     return approvals.decide(
                         store, audit, full_id, approve=approve, operator=operator,
@@ -521,7 +525,7 @@ class Operator:
         """Require ``count`` different operators to approve each query on ``dataset``."""
         Catalogue(self.config.database_path).get(dataset)
         body = {"dataset": dataset, "approvers": count}
-        with AuditLog.open(self.config.audit_database_path) as log:
+        with self._audit_log() as log:
             with self._acting(log, "dataset.approvers", Duty.REGISTER, body) as actor:
                 ControlStore(self.config.database_path).set_approvers(
                     dataset, count, actor=actor, audit=log
@@ -557,7 +561,7 @@ class Operator:
             "request_id": asked.request_id, "epsilon": epsilon, "expires_at": expires_at,
             "max_queries": max_queries,
         }  # fmt: skip
-        with AuditLog.open(self.config.audit_database_path) as log:
+        with self._audit_log() as log:
             with self._acting(log, "application.approve", Duty.GRANT, body) as actor:
                 grant = GrantStore(self.config.database_path).issue(
                     me.signing_key, issuer=me.name, dataset=info, grantee=asked.applicant,
@@ -577,7 +581,7 @@ class Operator:
         store = ApplicationStore(self.config.database_path)
         asked = store.get(request_id)
         body = {"request_id": asked.request_id, "reason": reason}
-        with AuditLog.open(self.config.audit_database_path) as log:
+        with self._audit_log() as log:
             with self._acting(log, "application.refuse", Duty.GRANT, body) as actor:
                 return store.answer(
                     asked.request_id, approve=False, person=actor, reason=reason, grant_id="",
@@ -602,7 +606,7 @@ class Operator:
         body = {"scope": scope, "reason": reason}
         store = QueryStore(self.config.database_path)
         try:
-            with AuditLog.open(self.config.audit_database_path) as log:
+            with self._audit_log() as log:
                 with self._acting(log, action, Duty.INCIDENT, body) as actor:
                     return ControlStore(self.config.database_path).freeze(
                         scope, reason=reason, actor=actor, audit=log, queries=store,
@@ -617,7 +621,7 @@ class Operator:
         scope = WHOLE_NODE if dataset is None else dataset
         action = "node.unfreeze" if dataset is None else "dataset.unfreeze"
         body = {"scope": scope, "reason": reason}
-        with AuditLog.open(self.config.audit_database_path) as log:
+        with self._audit_log() as log:
             with self._acting(log, action, Duty.INCIDENT, body) as actor:
                 return ControlStore(self.config.database_path).unfreeze(
                     scope, reason=reason, actor=actor, audit=log
@@ -635,7 +639,7 @@ class Operator:
 
     def alerts(self) -> tuple[list[LoggedAlert], list[Suspension]]:
         """The node's risk alerts (its ``risk.alert`` entries) and the analysts suspended here."""
-        with AuditLog.open(self.config.audit_database_path) as audit:
+        with self._audit_log() as audit:
             found = list(logged_alerts(audit))
         store = SuspensionStore(self.config.database_path)
         try:
@@ -648,7 +652,7 @@ class Operator:
         store = SuspensionStore(self.config.database_path)
         body = {"analyst": analyst, "reason": reason}
         try:
-            with AuditLog.open(self.config.audit_database_path) as audit:
+            with self._audit_log() as audit:
                 with self._acting(audit, "alerts.clear", Duty.INCIDENT, body) as operator:
                     held = store.clear(
                         analyst, operator=operator, reason=reason, audit=audit, now=int(time.time())

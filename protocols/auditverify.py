@@ -42,8 +42,8 @@ from typing import Any
 
 from govshare.protocols.checkpoint import Checkpoint, open_checkpoint
 from govshare.protocols.errors import MalformedInput, VerificationFailed
-from govshare.protocols.merkle import CompactRange, leaf_hash
-from govshare.protocols.suite import VerifyKey
+from govshare.protocols.merkle import tree_hasher
+from govshare.protocols.suite import VerifyKey, suite_by_name
 
 ENTRY_FORMAT_VERSION = 1
 MAX_ENTRY_SIZE = 1 << 20  # an entry holds digests and names, never data sets
@@ -397,7 +397,9 @@ def verify_log(
     next_target = next(target_iter)
     last_matching_size = 0
     mismatch_reported = False
-    tree = CompactRange()
+    merkle = tree_hasher(suite_by_name(public_key.suite))
+    leaf_hash = merkle.leaf_hash
+    tree = merkle.compact_range()
     append = tree._append_unchecked
     displaced: dict[int, int] = {}  # position -> index found there, when they differ
     found_at: dict[int, int] = {}  # index -> position, for displaced indices
@@ -465,7 +467,7 @@ def verify_log(
         entry_problems.append(LogProblem(kind, position, message))
 
     size = tree.size
-    if 0 in by_size and by_size[0].root != CompactRange().root():
+    if 0 in by_size and by_size[0].root != merkle.empty_root:
         entry_problems.append(
             LogProblem(ProblemKind.CHECKPOINT_MISMATCH, 0, "signed empty checkpoint is wrong")
         )

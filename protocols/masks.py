@@ -5,13 +5,14 @@ Privacy-Preserving Machine Learning" (CCS 2017), without its dropout recovery: a
 completes with every node or is aborted.
 
 Per query, every node draws an ephemeral X25519 key (RFC 7748) and publishes its public key,
-signed with its long-term Ed25519 key over a canonical statement binding the query id and the
-node's name (:func:`sign_ephemeral` / :func:`verify_ephemeral`; the caller takes the Ed25519
-public key from the federation roster). For each pair of nodes ``a < b`` (names ordered by their
-UTF-8 bytes) both compute the X25519 shared secret, derive a 256-bit key with HKDF-SHA256
-(RFC 5869; info = domain tag, query id, ``a``, ``b``), and expand it with AES-256-CTR (zero
-initial counter block: each key is used for exactly one stream) into a vector of unsigned 64-bit
-words ``m_ab``. Node ``i`` adds ``+m_ij`` for every peer ``j > i`` and ``-m_ji`` for every peer
+signed with its long-term key of the federation's suite (Ed25519, or SM2 under ``sm``) over a
+canonical statement binding the query id and the node's name (:func:`sign_ephemeral` /
+:func:`verify_ephemeral`; the caller takes the public key from the federation roster). For each
+pair of nodes ``a < b`` (names ordered by their UTF-8 bytes) both compute the X25519 shared
+secret, derive a key with HKDF over the suite's hash (RFC 5869; HKDF-SHA256 or HKDF-SM3; info =
+domain tag, query id, ``a``, ``b``), and expand it with the suite's cipher in CTR mode (AES-256
+or SM4; zero initial counter block: each key is used for exactly one stream) into a vector of
+unsigned 64-bit words ``m_ab``. X25519 stays in both suites (:mod:`govshare.protocols.suite`). Node ``i`` adds ``+m_ij`` for every peer ``j > i`` and ``-m_ji`` for every peer
 ``j < i``, all modulo 2^64, so the masks cancel in the sum over all nodes.
 
 Who learns what (semi-honest; the Ed25519 signatures also stop a man-in-the-middle from
@@ -19,7 +20,7 @@ substituting ephemeral keys):
 
 - A party that sees one node's masked vector, but not every other node's masking key towards
   that node, learns nothing about the vector: it is one-time-padded by a pseudorandom mask
-  (X25519 CDH/gap-DH in the random-oracle view of HKDF, AES as a PRF).
+  (X25519 CDH/gap-DH in the random-oracle view of HKDF, AES or SM4 as a PRF).
 - The sum of all masked vectors equals the sum of the plain vectors modulo 2^64: whoever sees
   all masked vectors learns that sum and nothing more. In govshare the masked vectors are also
   encrypted under the analyst's key, so the aggregator sees neither.
@@ -35,14 +36,11 @@ import struct
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Final
 
-from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from govshare.protocols.errors import MalformedInput, VerificationFailed
-from govshare.protocols.suite import SigningKey, VerifyKey
+from govshare.protocols.suite import STANDARD, SigningKey, Suite, VerifyKey
 
 __all__ = [
     "MASK_MODULUS",
@@ -163,9 +161,16 @@ def verify_ephemeral(
 
 
 def pairwise_key(
-    private_key: X25519PrivateKey, peer_public_key: bytes, *, query_id: bytes, own: str, peer: str
+    private_key: X25519PrivateKey,
+    peer_public_key: bytes,
+    *,
+    query_id: bytes,
+    own: str,
+    peer: str,
+    suite: Suite = STANDARD,
 ) -> bytes:
-    """The 32-byte AES key shared by ``own`` and ``peer`` for this query.
+    """The stream-cipher key shared by ``own`` and ``peer`` for this query: HKDF with the
+    federation's suite's hash, of its cipher's key size (AES-256: 32 bytes; SM4: 16).
 
     Raises:
         MalformedInput: malformed public key, equal names.
@@ -188,16 +193,16 @@ def pairwise_key(
         + _length_prefixed("node", low)
         + _length_prefixed("node", high)
     )
-    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(shared)
+    return suite.kdf(shared, info=info, length=suite.cipher_key_size)
 
 
-def pairwise_stream(key: bytes, length: int) -> list[int]:
-    """AES-256-CTR keystream (zero counter block) read as ``length`` little-endian u64 words."""
-    if not isinstance(key, bytes) or len(key) != 32:
-        raise TypeError("key must be 32 bytes")
+def pairwise_stream(key: bytes, length: int, *, suite: Suite = STANDARD) -> list[int]:
+    """CTR keystream of the suite's cipher (AES-256 or SM4; zero counter block) read as
+    ``length`` little-endian u64 words."""
+    if not isinstance(key, bytes) or len(key) != suite.cipher_key_size:
+        raise TypeError(f"key must be {suite.cipher_key_size} bytes")
     _check_length(length)
-    encryptor = Cipher(algorithms.AES(key), modes.CTR(_ZERO_COUNTER_BLOCK)).encryptor()
-    stream = encryptor.update(bytes(8 * length)) + encryptor.finalize()
+    stream = suite.stream(key, _ZERO_COUNTER_BLOCK, 8 * length)
     return list(struct.unpack(f"<{length}Q", stream))
 
 
@@ -215,6 +220,7 @@ def node_mask(
     own: str,
     peers: Mapping[str, bytes],
     length: int,
+    suite: Suite = STANDARD,
 ) -> list[int]:
     """The total mask node ``own`` adds: ``sum_{j>own} m - sum_{j<own} m`` modulo 2^64.
 
@@ -235,8 +241,10 @@ def node_mask(
     own_b = _name_bytes(own)
     total = [0] * length
     for peer, peer_public in peers.items():
-        key = pairwise_key(private_key, peer_public, query_id=query_id, own=own, peer=peer)
-        stream = pairwise_stream(key, length)
+        key = pairwise_key(
+            private_key, peer_public, query_id=query_id, own=own, peer=peer, suite=suite
+        )
+        stream = pairwise_stream(key, length, suite=suite)
         if own_b < _name_bytes(peer):
             total = [(t + s) % MASK_MODULUS for t, s in zip(total, stream, strict=True)]
         else:

@@ -42,12 +42,13 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Sequence
+from typing import Final
 
 from govshare.protocols.errors import MalformedInput, VerificationFailed
+from govshare.protocols.suite import Suite
 
 HASH_SIZE = 32  # SHA-256 digest size, RFC 9162 §2.1.1
 MAX_TREE_SIZE = 2**64  # tree sizes and indices are uint64 (RFC 9162 §4.1 TreeHeadDataV2)
-EMPTY_ROOT = hashlib.sha256(b"").digest()
 
 _LEAF_PREFIX = b"\x00"
 _NODE_PREFIX = b"\x01"
@@ -61,52 +62,6 @@ power of two not exceeding ``end - start``, i.e. ranges made of complete aligned
 CompleteSubtreeHash = Callable[[int, int], bytes]
 """``complete(level, index)`` returns the hash of the complete subtree over leaves
 ``index * 2**level .. (index + 1) * 2**level - 1`` (level 0 is the leaf hash)."""
-
-
-def leaf_hash(data: bytes) -> bytes:
-    """Return the RFC 6962 leaf hash ``SHA-256(0x00 || data)``."""
-    return _sha256(_LEAF_PREFIX + data).digest()
-
-
-def node_hash(left: bytes, right: bytes) -> bytes:
-    """Return the RFC 6962 interior node hash ``SHA-256(0x01 || left || right)``.
-
-    Raises:
-        MalformedInput: ``left`` or ``right`` is not a 32-byte hash.
-    """
-    _check_hash(left, "left")
-    _check_hash(right, "right")
-    return _sha256(_NODE_PREFIX + left + right).digest()
-
-
-def root_hash(leaf_hashes: Sequence[bytes]) -> bytes:
-    """Return MTH(D[n]), the root of the tree over ``leaf_hashes`` (``EMPTY_ROOT`` when empty).
-
-    Bottom-up and iterative: each level pairs neighbours and promotes an unpaired last node, which
-    builds exactly RFC 6962's tree (the split at the largest power of two below ``n``).
-
-    Raises:
-        MalformedInput: a leaf hash is not 32 bytes.
-    """
-    for position, value in enumerate(leaf_hashes):
-        if not isinstance(value, bytes) or len(value) != HASH_SIZE:
-            raise MalformedInput(f"leaf hash {position} is not {HASH_SIZE} bytes", field="leaf")
-    return _root_unchecked(leaf_hashes)
-
-
-def _root_unchecked(leaf_hashes: Sequence[bytes]) -> bytes:
-    if not leaf_hashes:
-        return EMPTY_ROOT
-    level = list(leaf_hashes)
-    prefix = _NODE_PREFIX
-    while len(level) > 1:
-        paired = [
-            _sha256(prefix + level[i] + level[i + 1]).digest() for i in range(0, len(level) - 1, 2)
-        ]
-        if len(level) % 2:
-            paired.append(level[-1])
-        level = paired
-    return level[0]
 
 
 def _split(n: int) -> int:
@@ -180,53 +135,237 @@ def consistency_proof_from_subtrees(
     return proof
 
 
-def _list_subtree_hash(leaf_hashes: Sequence[bytes]) -> SubtreeHash:
-    def subtree(start: int, end: int) -> bytes:
-        return _root_unchecked(leaf_hashes[start:end])
+class TreeHasher:
+    """RFC 9162's tree over one hash function (SHA-256 in the RFC; the SM suite's SM3).
 
-    return subtree
-
-
-def inclusion_proof(index: int, leaf_hashes: Sequence[bytes]) -> list[bytes]:
-    """Inclusion proof for leaf ``index`` in the tree over all of ``leaf_hashes``."""
-    root_hash(leaf_hashes)  # validates every hash once
-    return inclusion_proof_from_subtrees(index, len(leaf_hashes), _list_subtree_hash(leaf_hashes))
-
-
-def consistency_proof(old_size: int, leaf_hashes: Sequence[bytes]) -> list[bytes]:
-    """Consistency proof from the first ``old_size`` leaves to all of ``leaf_hashes``."""
-    root_hash(leaf_hashes)
-    return consistency_proof_from_subtrees(
-        old_size, len(leaf_hashes), _list_subtree_hash(leaf_hashes)
-    )
-
-
-def subtree_hash_from_complete(start: int, end: int, complete: CompleteSubtreeHash) -> bytes:
-    """MTH(D[start:end]) from the hashes of complete aligned subtrees.
-
-    ``[start, end)`` splits into blocks of the sizes of the binary digits of ``end - start``,
-    largest first; RFC 6962's tree over the range is the right fold of those blocks. Each block must
-    be aligned (its start a multiple of its size), which holds for every range proof generation
-    asks for.
-
-    Raises:
-        MalformedInput: the range is empty or not made of aligned blocks.
+    The structure — prefixes, splits, proofs — is the RFC's whatever the hash; only the digest
+    changes. Use :data:`SHA256_TREE` or :func:`tree_hasher`; the module-level functions are
+    :data:`SHA256_TREE`'s (what the RFC's and C2SP's vectors check).
     """
-    if not 0 <= start < end:
-        raise MalformedInput(f"empty or negative range [{start}, {end})", field="range")
-    blocks: list[bytes] = []
-    position = start
-    width = end - start
-    for level in range(width.bit_length() - 1, -1, -1):
-        if width >> level & 1:
-            if position % (1 << level):
-                raise MalformedInput(f"range [{start}, {end}) is not aligned", field="range")
-            blocks.append(complete(level, position >> level))
-            position += 1 << level
-    result = blocks[-1]
-    for block in reversed(blocks[:-1]):
-        result = _sha256(_NODE_PREFIX + block + result).digest()
-    return result
+
+    __slots__ = ("_h", "empty_root", "name")
+
+    def __init__(self, name: str, digest: Callable[[bytes], bytes]) -> None:
+        self.name = name
+        self._h = digest
+        self.empty_root = digest(b"")
+        if len(self.empty_root) != HASH_SIZE:
+            raise TypeError(f"a Merkle hash is {HASH_SIZE} bytes")
+
+    def compact_range(self, size: int = 0, hashes: Sequence[bytes] = ()) -> CompactRange:
+        """A :class:`CompactRange` of this tree's hash."""
+        return CompactRange(size, hashes, tree=self)
+
+    def leaf_hash(self, data: bytes) -> bytes:
+        """Return the RFC 6962 leaf hash ``SHA-256(0x00 || data)``."""
+        return self._h(_LEAF_PREFIX + data)
+
+    def node_hash(self, left: bytes, right: bytes) -> bytes:
+        """Return the RFC 6962 interior node hash ``SHA-256(0x01 || left || right)``.
+
+        Raises:
+            MalformedInput: ``left`` or ``right`` is not a 32-byte hash.
+        """
+        _check_hash(left, "left")
+        _check_hash(right, "right")
+        return self._h(_NODE_PREFIX + left + right)
+
+    def root_hash(self, leaf_hashes: Sequence[bytes]) -> bytes:
+        """Return MTH(D[n]), the root of the tree over ``leaf_hashes`` (``self.empty_root`` when
+        empty).
+
+        Bottom-up and iterative: each level pairs neighbours and promotes an unpaired last node,
+        which builds exactly RFC 6962's tree (the split at the largest power of two below ``n``).
+
+        Raises:
+            MalformedInput: a leaf hash is not 32 bytes.
+        """
+        for position, value in enumerate(leaf_hashes):
+            if not isinstance(value, bytes) or len(value) != HASH_SIZE:
+                raise MalformedInput(f"leaf hash {position} is not {HASH_SIZE} bytes", field="leaf")
+        return self._root_unchecked(leaf_hashes)
+
+    def _root_unchecked(self, leaf_hashes: Sequence[bytes]) -> bytes:
+        if not leaf_hashes:
+            return self.empty_root
+        level = list(leaf_hashes)
+        prefix = _NODE_PREFIX
+        while len(level) > 1:
+            paired = [
+                self._h(prefix + level[i] + level[i + 1]) for i in range(0, len(level) - 1, 2)
+            ]
+            if len(level) % 2:
+                paired.append(level[-1])
+            level = paired
+        return level[0]
+
+    def _list_subtree_hash(self, leaf_hashes: Sequence[bytes]) -> SubtreeHash:
+        def subtree(start: int, end: int) -> bytes:
+            return self._root_unchecked(leaf_hashes[start:end])
+
+        return subtree
+
+    def inclusion_proof(self, index: int, leaf_hashes: Sequence[bytes]) -> list[bytes]:
+        """Inclusion proof for leaf ``index`` in the tree over all of ``leaf_hashes``."""
+        self.root_hash(leaf_hashes)  # validates every hash once
+        return inclusion_proof_from_subtrees(
+            index, len(leaf_hashes), self._list_subtree_hash(leaf_hashes)
+        )
+
+    def consistency_proof(self, old_size: int, leaf_hashes: Sequence[bytes]) -> list[bytes]:
+        """Consistency proof from the first ``old_size`` leaves to all of ``leaf_hashes``."""
+        self.root_hash(leaf_hashes)
+        return consistency_proof_from_subtrees(
+            old_size, len(leaf_hashes), self._list_subtree_hash(leaf_hashes)
+        )
+
+    def subtree_hash_from_complete(
+        self, start: int, end: int, complete: CompleteSubtreeHash
+    ) -> bytes:
+        """MTH(D[start:end]) from the hashes of complete aligned subtrees.
+
+        ``[start, end)`` splits into blocks of the sizes of the binary digits of ``end - start``,
+        largest first; RFC 6962's tree over the range is the right fold of those blocks. Each block
+        must be aligned (its start a multiple of its size), which holds for every range proof
+        generation asks for.
+
+        Raises:
+            MalformedInput: the range is empty or not made of aligned blocks.
+        """
+        if not 0 <= start < end:
+            raise MalformedInput(f"empty or negative range [{start}, {end})", field="range")
+        blocks: list[bytes] = []
+        position = start
+        width = end - start
+        for level in range(width.bit_length() - 1, -1, -1):
+            if width >> level & 1:
+                if position % (1 << level):
+                    raise MalformedInput(f"range [{start}, {end}) is not aligned", field="range")
+                blocks.append(complete(level, position >> level))
+                position += 1 << level
+        result = blocks[-1]
+        for block in reversed(blocks[:-1]):
+            result = self._h(_NODE_PREFIX + block + result)
+        return result
+
+    def verify_inclusion(
+        self, index: int, size: int, leaf: bytes, proof: Sequence[bytes], root: bytes
+    ) -> None:
+        """Check that ``leaf`` is at ``index`` in the tree of ``size`` leaves with root ``root``.
+
+        RFC 9162 §2.1.3.2. Returns ``None`` on success.
+
+        Raises:
+            VerificationFailed: the proof does not prove it (including ``index >= size``).
+            MalformedInput: a hash is not 32 bytes, or an index/size is negative or beyond uint64.
+            TypeError: an index/size is not an ``int``.
+        """
+        _check_size(index, "index")
+        _check_size(size, "size")
+        _check_hash(leaf, "leaf")
+        _check_hash(root, "root")
+        for value in proof:
+            _check_hash(value, "proof")
+        if index >= size:
+            raise VerificationFailed()
+        fn, sn = index, size - 1
+        r = leaf
+        for p in proof:
+            if sn == 0:
+                raise VerificationFailed()
+            if fn & 1 or fn == sn:
+                r = self._h(_NODE_PREFIX + p + r)
+                while fn and not fn & 1:
+                    fn >>= 1
+                    sn >>= 1
+            else:
+                r = self._h(_NODE_PREFIX + r + p)
+            fn >>= 1
+            sn >>= 1
+        if sn != 0 or r != root:
+            raise VerificationFailed()
+
+    def verify_consistency(
+        self, size1: int, size2: int, proof: Sequence[bytes], root1: bytes, root2: bytes
+    ) -> None:
+        """Check that the tree (size1, root1) is a prefix of the tree (size2, root2).
+
+        RFC 9162 §2.1.4.2, with the preconditions of transparency-dev/merkle: ``size1 > size2``
+        fails; ``size1 == size2`` needs an empty proof and equal roots; ``size1 == 0`` always fails
+        (see the module docstring; the witness rule is :func:`verify_witness_consistency`).
+
+        Raises:
+            VerificationFailed: the proof does not prove it.
+            MalformedInput: a hash that enters the computation is not 32 bytes, or a size is
+            negative
+                or beyond uint64.
+            TypeError: a size is not an ``int``.
+        """
+        _check_size(size1, "size1")
+        _check_size(size2, "size2")
+        if not isinstance(root1, bytes) or not isinstance(root2, bytes):
+            raise TypeError("roots must be bytes")
+        if size1 > size2:
+            raise VerificationFailed()
+        if size1 == size2:
+            # Opaque comparison, see "Equal sizes" in the module docstring.
+            if size1 == 0 or proof or root1 != root2:
+                raise VerificationFailed()
+            return
+        if size1 == 0 or not proof:
+            raise VerificationFailed()
+        _check_hash(root1, "root1")
+        _check_hash(root2, "root2")
+        for value in proof:
+            _check_hash(value, "proof")
+
+        path = list(proof)
+        if size1 & (size1 - 1) == 0:  # size1 is an exact power of two
+            path.insert(0, root1)
+        fn, sn = size1 - 1, size2 - 1
+        while fn & 1:
+            fn >>= 1
+            sn >>= 1
+        fr = sr = path[0]
+        for c in path[1:]:
+            if sn == 0:
+                raise VerificationFailed()
+            if fn & 1 or fn == sn:
+                fr = self._h(_NODE_PREFIX + c + fr)
+                sr = self._h(_NODE_PREFIX + c + sr)
+                while fn and not fn & 1:
+                    fn >>= 1
+                    sn >>= 1
+            else:
+                sr = self._h(_NODE_PREFIX + sr + c)
+            fn >>= 1
+            sn >>= 1
+        if sn != 0 or fr != root1 or sr != root2:
+            raise VerificationFailed()
+
+    def verify_witness_consistency(
+        self, old_size: int, new_size: int, proof: Sequence[bytes], old_root: bytes, new_root: bytes
+    ) -> None:
+        """Consistency as a C2SP tlog-witness checks it: old size 0 with an empty proof is accepted.
+
+        A witness's first contact with a log has no previous checkpoint; every tree extends the
+        empty tree, so the only check left is that the proof is empty and ``old_root`` is the empty
+        tree's root (a size-0 checkpoint must carry ``SHA-256("")``). Everything else is
+        :func:`verify_consistency`.
+
+        Raises:
+            VerificationFailed, MalformedInput, TypeError: as :func:`verify_consistency`.
+        """
+        _check_size(old_size, "old_size")
+        _check_size(new_size, "new_size")
+        if old_size != 0:
+            self.verify_consistency(old_size, new_size, proof, old_root, new_root)
+            return
+        if proof or old_root != self.empty_root:
+            raise VerificationFailed()
+        _check_hash(new_root, "new_root")
+        if new_size == 0 and new_root != self.empty_root:
+            raise VerificationFailed()
 
 
 class CompactRange:
@@ -237,9 +376,11 @@ class CompactRange:
     Memory is ``O(log n)``; appending is amortised one node hash per leaf.
     """
 
-    __slots__ = ("_size", "_stack")
+    __slots__ = ("_size", "_stack", "_tree")
 
-    def __init__(self, size: int = 0, hashes: Sequence[bytes] = ()) -> None:
+    def __init__(
+        self, size: int = 0, hashes: Sequence[bytes] = (), *, tree: TreeHasher | None = None
+    ) -> None:
         """Resume at ``size`` with the hashes at :meth:`positions` ``(size)``, largest first.
 
         Raises:
@@ -254,6 +395,7 @@ class CompactRange:
             )
         for value in hashes:
             _check_hash(value, "hashes")
+        self._tree = SHA256_TREE if tree is None else tree
         self._size = size
         self._stack = [(level, value) for (level, _), value in zip(positions, hashes, strict=True)]
 
@@ -283,9 +425,10 @@ class CompactRange:
         completed: list[tuple[int, int, bytes]] = []
         value, level, index = leaf, 0, self._size
         stack = self._stack
+        digest = self._tree._h
         while stack and stack[-1][0] == level:
             _, left = stack.pop()
-            value = _sha256(_NODE_PREFIX + left + value).digest()
+            value = digest(_NODE_PREFIX + left + value)
             level += 1
             index >>= 1
             completed.append((level, index, value))
@@ -296,135 +439,43 @@ class CompactRange:
     def root(self) -> bytes:
         """MTH of the whole range ``[0, size)``."""
         if not self._stack:
-            return EMPTY_ROOT
+            return self._tree.empty_root
         result = self._stack[-1][1]
         for _, value in reversed(self._stack[:-1]):
-            result = _sha256(_NODE_PREFIX + value + result).digest()
+            result = self._tree._h(_NODE_PREFIX + value + result)
         return result
 
 
 # --- verification -----------------------------------------------------------------------------
 
 
-def verify_inclusion(
-    index: int, size: int, leaf: bytes, proof: Sequence[bytes], root: bytes
-) -> None:
-    """Check that ``leaf`` is at ``index`` in the tree of ``size`` leaves with root ``root``.
-
-    RFC 9162 §2.1.3.2. Returns ``None`` on success.
-
-    Raises:
-        VerificationFailed: the proof does not prove it (including ``index >= size``).
-        MalformedInput: a hash is not 32 bytes, or an index/size is negative or beyond uint64.
-        TypeError: an index/size is not an ``int``.
-    """
-    _check_size(index, "index")
-    _check_size(size, "size")
-    _check_hash(leaf, "leaf")
-    _check_hash(root, "root")
-    for value in proof:
-        _check_hash(value, "proof")
-    if index >= size:
-        raise VerificationFailed()
-    fn, sn = index, size - 1
-    r = leaf
-    for p in proof:
-        if sn == 0:
-            raise VerificationFailed()
-        if fn & 1 or fn == sn:
-            r = _sha256(_NODE_PREFIX + p + r).digest()
-            while fn and not fn & 1:
-                fn >>= 1
-                sn >>= 1
-        else:
-            r = _sha256(_NODE_PREFIX + r + p).digest()
-        fn >>= 1
-        sn >>= 1
-    if sn != 0 or r != root:
-        raise VerificationFailed()
+def _sha256_digest(data: bytes) -> bytes:
+    return _sha256(data).digest()
 
 
-def verify_consistency(
-    size1: int, size2: int, proof: Sequence[bytes], root1: bytes, root2: bytes
-) -> None:
-    """Check that the tree (size1, root1) is a prefix of the tree (size2, root2).
+SHA256_TREE: Final = TreeHasher("SHA-256", _sha256_digest)
+EMPTY_ROOT: Final = SHA256_TREE.empty_root
 
-    RFC 9162 §2.1.4.2, with the preconditions of transparency-dev/merkle: ``size1 > size2`` fails;
-    ``size1 == size2`` needs an empty proof and equal roots; ``size1 == 0`` always fails (see the
-    module docstring; the witness rule is :func:`verify_witness_consistency`).
-
-    Raises:
-        VerificationFailed: the proof does not prove it.
-        MalformedInput: a hash that enters the computation is not 32 bytes, or a size is negative
-            or beyond uint64.
-        TypeError: a size is not an ``int``.
-    """
-    _check_size(size1, "size1")
-    _check_size(size2, "size2")
-    if not isinstance(root1, bytes) or not isinstance(root2, bytes):
-        raise TypeError("roots must be bytes")
-    if size1 > size2:
-        raise VerificationFailed()
-    if size1 == size2:
-        # Opaque comparison, see "Equal sizes" in the module docstring.
-        if size1 == 0 or proof or root1 != root2:
-            raise VerificationFailed()
-        return
-    if size1 == 0 or not proof:
-        raise VerificationFailed()
-    _check_hash(root1, "root1")
-    _check_hash(root2, "root2")
-    for value in proof:
-        _check_hash(value, "proof")
-
-    path = list(proof)
-    if size1 & (size1 - 1) == 0:  # size1 is an exact power of two
-        path.insert(0, root1)
-    fn, sn = size1 - 1, size2 - 1
-    while fn & 1:
-        fn >>= 1
-        sn >>= 1
-    fr = sr = path[0]
-    for c in path[1:]:
-        if sn == 0:
-            raise VerificationFailed()
-        if fn & 1 or fn == sn:
-            fr = _sha256(_NODE_PREFIX + c + fr).digest()
-            sr = _sha256(_NODE_PREFIX + c + sr).digest()
-            while fn and not fn & 1:
-                fn >>= 1
-                sn >>= 1
-        else:
-            sr = _sha256(_NODE_PREFIX + sr + c).digest()
-        fn >>= 1
-        sn >>= 1
-    if sn != 0 or fr != root1 or sr != root2:
-        raise VerificationFailed()
+# RFC 9162 with SHA-256, as module functions (the vectors' and the standard suite's tree).
+leaf_hash = SHA256_TREE.leaf_hash
+node_hash = SHA256_TREE.node_hash
+root_hash = SHA256_TREE.root_hash
+inclusion_proof = SHA256_TREE.inclusion_proof
+consistency_proof = SHA256_TREE.consistency_proof
+subtree_hash_from_complete = SHA256_TREE.subtree_hash_from_complete
+verify_inclusion = SHA256_TREE.verify_inclusion
+verify_consistency = SHA256_TREE.verify_consistency
+verify_witness_consistency = SHA256_TREE.verify_witness_consistency
 
 
-def verify_witness_consistency(
-    old_size: int, new_size: int, proof: Sequence[bytes], old_root: bytes, new_root: bytes
-) -> None:
-    """Consistency as a C2SP tlog-witness checks it: old size 0 with an empty proof is accepted.
+def tree_hasher(suite: Suite) -> TreeHasher:
+    """The RFC 9162 tree over ``suite``'s hash (SHA-256 for ``standard``, SM3 for ``sm``)."""
+    if suite.hash_name == SHA256_TREE.name:
+        return SHA256_TREE
+    return _other_trees.setdefault(suite.name, TreeHasher(suite.hash_name, suite.hash))
 
-    A witness's first contact with a log has no previous checkpoint; every tree extends the empty
-    tree, so the only check left is that the proof is empty and ``old_root`` is the empty tree's
-    root (a size-0 checkpoint must carry ``SHA-256("")``). Everything else is
-    :func:`verify_consistency`.
 
-    Raises:
-        VerificationFailed, MalformedInput, TypeError: as :func:`verify_consistency`.
-    """
-    _check_size(old_size, "old_size")
-    _check_size(new_size, "new_size")
-    if old_size != 0:
-        verify_consistency(old_size, new_size, proof, old_root, new_root)
-        return
-    if proof or old_root != EMPTY_ROOT:
-        raise VerificationFailed()
-    _check_hash(new_root, "new_root")
-    if new_size == 0 and new_root != EMPTY_ROOT:
-        raise VerificationFailed()
+_other_trees: dict[str, TreeHasher] = {}
 
 
 # --- input checks -----------------------------------------------------------------------------

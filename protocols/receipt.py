@@ -39,8 +39,8 @@ from govshare.protocols.auditverify import AuditEntry, decode_entry
 from govshare.protocols.canonical import canonical_json
 from govshare.protocols.checkpoint import MAX_NOTE_SIZE, Checkpoint, open_checkpoint
 from govshare.protocols.errors import MalformedInput, VerificationFailed
-from govshare.protocols.merkle import HASH_SIZE, MAX_TREE_SIZE, leaf_hash, verify_inclusion
-from govshare.protocols.suite import VerifyKey
+from govshare.protocols.merkle import HASH_SIZE, MAX_TREE_SIZE, tree_hasher
+from govshare.protocols.suite import VerifyKey, suite_by_name
 
 RECEIPT_FORMAT = "govshare-receipt/1"
 MAX_PARTS = 1000  # one part per entry of a query per node; a federation has tens of nodes
@@ -293,8 +293,13 @@ def verify_receipt(receipt: Receipt, logs: Mapping[str, LogKey]) -> tuple[Verifi
         if entry.index != part.index:
             raise VerificationFailed(f"{where}: the entry carries index {entry.index}")
         try:
-            verify_inclusion(
-                part.index, checkpoint.size, leaf_hash(part.entry), part.proof, checkpoint.root
+            merkle = tree_hasher(suite_by_name(log.public_key.suite))
+            merkle.verify_inclusion(
+                part.index,
+                checkpoint.size,
+                merkle.leaf_hash(part.entry),
+                part.proof,
+                checkpoint.root,
             )
         except VerificationFailed:
             raise VerificationFailed(

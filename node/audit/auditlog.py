@@ -42,7 +42,6 @@ clock is injected (unix milliseconds) so tests and replays are deterministic.
 
 from __future__ import annotations
 
-import hashlib
 import sqlite3
 import threading
 import time
@@ -71,14 +70,13 @@ from govshare.protocols.checkpoint import (
 )
 from govshare.protocols.errors import Conflict, MalformedInput, NotFound, VerificationFailed
 from govshare.protocols.merkle import (
-    EMPTY_ROOT,
     CompactRange,
+    TreeHasher,
     consistency_proof_from_subtrees,
     inclusion_proof_from_subtrees,
-    leaf_hash,
-    subtree_hash_from_complete,
+    tree_hasher,
 )
-from govshare.protocols.suite import SigningKey, VerifyKey
+from govshare.protocols.suite import STANDARD, SigningKey, Suite, VerifyKey, suite_by_name
 
 SCHEMA_VERSION = 1
 READ_PAGE = 10_000  # rows per SELECT when streaming the whole log
@@ -145,6 +143,26 @@ def _triggers() -> str:
     return "\n".join(statements)
 
 
+def _claim_hash(connection: sqlite3.Connection, path: str | Path, suite: Suite) -> None:
+    """Record the tree's hash in a new log, or check a log's record against ``suite``."""
+    row = connection.execute("SELECT value FROM meta WHERE key = 'hash'").fetchone()
+    if row is None:
+        (entries,) = connection.execute("SELECT count(*) FROM entries").fetchone()
+        if entries and suite.hash_name != STANDARD.hash_name:
+            raise MalformedInput(
+                f"{path} was written before logs recorded their hash (SHA-256); the federation's "
+                f"suite hashes with {suite.hash_name}",
+                field="path",
+            )
+        connection.execute("INSERT INTO meta (key, value) VALUES ('hash', ?)", (suite.hash_name,))
+    elif row[0] != suite.hash_name:
+        raise MalformedInput(
+            f"{path} hashes with {row[0]} but the federation's {suite.name!r} suite hashes with "
+            f"{suite.hash_name}",
+            field="path",
+        )
+
+
 class LogBroken(Conflict):
     """The log was found broken (see :meth:`AuditLog.seal`): it refuses every append."""
 
@@ -184,7 +202,13 @@ class _Pending:
 class AuditLog:
     """The node's audit log; implements :class:`govshare.node.audit.sink.AuditSink`."""
 
-    def __init__(self, connection: sqlite3.Connection, *, clock: Clock = system_clock_ms) -> None:
+    def __init__(
+        self,
+        connection: sqlite3.Connection,
+        *,
+        clock: Clock = system_clock_ms,
+        suite: Suite = STANDARD,
+    ) -> None:
         """Use :meth:`open`; this takes an already configured connection.
 
         A file whose stored tree cannot be loaded (entries not contiguous, subtree hashes
@@ -193,6 +217,8 @@ class AuditLog:
         """
         self._db = connection
         self._clock = clock
+        self._suite = suite
+        self._merkle = tree_hasher(suite)
         self._lock = threading.RLock()
         # Group commit of record(): entries waiting for a commit, and whether one is under way.
         self._group = threading.Condition(threading.Lock())
@@ -203,17 +229,21 @@ class AuditLog:
         try:
             self._tree = self._load_tree()
         except MalformedInput as exc:
-            self._tree = CompactRange()
+            self._tree = self._merkle.compact_range()
             self._unloadable = True
             self._broken = f"its stored tree cannot be loaded: {exc}"
 
     @classmethod
-    def open(cls, path: str | Path, *, clock: Clock = system_clock_ms) -> AuditLog:
-        """Open (creating if needed) the log file at ``path``.
+    def open(
+        cls, path: str | Path, *, clock: Clock = system_clock_ms, suite: Suite = STANDARD
+    ) -> AuditLog:
+        """Open (creating if needed) the log file at ``path``, whose tree hashes with ``suite``'s
+        hash (recorded when the log is made; a log made before that record is SHA-256's).
 
         Raises:
-            MalformedInput: the file is not a govshare audit log of a supported version. (A
-                file whose stored tree is damaged opens sealed: see :attr:`broken`.)
+            MalformedInput: the file is not a govshare audit log of a supported version, or its
+                tree hashes with another suite's hash. (A file whose stored tree is damaged opens
+                sealed: see :attr:`broken`.)
         """
         connection = sqlite3.connect(
             str(path), isolation_level=None, check_same_thread=False, timeout=30.0
@@ -233,6 +263,7 @@ class AuditLog:
                 )
             elif row[0] != str(SCHEMA_VERSION):
                 raise MalformedInput(f"unsupported audit log schema {row[0]}", field="path")
+            _claim_hash(connection, path, suite)
             connection.execute("COMMIT")
         except sqlite3.DatabaseError as exc:
             connection.close()
@@ -241,7 +272,7 @@ class AuditLog:
             connection.close()
             raise
         try:
-            return cls(connection, clock=clock)
+            return cls(connection, clock=clock, suite=suite)
         except BaseException:
             connection.close()
             raise
@@ -273,7 +304,7 @@ class AuditLog:
             hashes = [self._complete(level, index) for level, index in positions]
         except NotFound as exc:
             raise MalformedInput("audit log subtree hashes are missing", field="nodes") from exc
-        return CompactRange(count, hashes)
+        return self._merkle.compact_range(count, hashes)
 
     def _complete(self, level: int, index: int) -> bytes:
         if level == 0:
@@ -289,7 +320,12 @@ class AuditLog:
         return value
 
     def _subtree(self, start: int, end: int) -> bytes:
-        return subtree_hash_from_complete(start, end, self._complete)
+        return self._merkle.subtree_hash_from_complete(start, end, self._complete)
+
+    @property
+    def suite(self) -> Suite:
+        """The crypto suite whose hash builds this log's tree."""
+        return self._suite
 
     @property
     def size(self) -> int:
@@ -402,7 +438,8 @@ class AuditLog:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 self._sync()
-                tree = CompactRange(self._tree.size, self._tree.hashes)
+                tree = self._merkle.compact_range(self._tree.size, self._tree.hashes)
+                leaf_hash = self._merkle.leaf_hash
                 now = self._clock()
                 entry_rows: list[tuple[int, bytes, bytes, str | None]] = []
                 node_rows: list[tuple[int, int, bytes]] = []
@@ -451,6 +488,11 @@ class AuditLog:
         returned (with its cosignatures) and nothing new is stored. ``now`` (unix ms) is the
         stored creation time; it defaults to the injected clock.
         """
+        if signing_key.suite != self._suite.name:
+            raise MalformedInput(
+                f"a {signing_key.suite!r} key cannot sign a log of the {self._suite.name!r} suite",
+                field="signing_key",
+            )
         with self._lock:
             self._refuse_if_broken()
             self._sync()
@@ -634,7 +676,7 @@ class AuditLog:
         with self._lock:
             self._check_range(0, size, self._loaded_tree().size)
             if size == 0:
-                return CompactRange().root()
+                return self._merkle.empty_root
             return self._subtree(0, size)
 
     @staticmethod
@@ -892,7 +934,8 @@ def _self_check(
                 size,
             )
         )
-    if signed.get(0, EMPTY_ROOT) != EMPTY_ROOT:
+    merkle = tree_hasher(suite_by_name(public_key.suite))
+    if signed.get(0, merkle.empty_root) != merkle.empty_root:
         return verdict(LogDamage("checkpoint of size 0", "its root is not the empty tree's"))
 
     try:
@@ -901,8 +944,8 @@ def _self_check(
                 raise _DamageError(LogDamage("entries", f"{size - int(count)} of the first {size} "
                                          "positions hold no entry (deleted)"))  # fmt: skip
             start = latest
-        tree = _anchor(db, start, signed[start]) if start else CompactRange()
-        interrupted = _scan(db, tree, start, size, latest or 0, signed, stop)
+        tree = _anchor(db, start, signed[start], merkle) if start else merkle.compact_range()
+        interrupted = _scan(db, merkle, tree, start, size, latest or 0, signed, stop)
     except _DamageError as exc:
         return verdict(exc.damage)
     return verdict(interrupted=interrupted)
@@ -913,7 +956,9 @@ def _blob(value: object) -> bytes:
     return value if isinstance(value, bytes) else repr(value).encode()
 
 
-def _anchor(db: sqlite3.Connection, size: int, signed_root: bytes | None) -> CompactRange:
+def _anchor(
+    db: sqlite3.Connection, size: int, signed_root: bytes | None, merkle: TreeHasher
+) -> CompactRange:
     """The tree's right edge at ``size`` from the stored hashes, checked against its signed
     root: what the tail check starts from."""
     hashes: list[bytes] = []
@@ -932,7 +977,7 @@ def _anchor(db: sqlite3.Connection, size: int, signed_root: bytes | None) -> Com
                 "is missing",
             )
         hashes.append(bytes(row[0]))
-    tree = CompactRange(size, hashes)
+    tree = merkle.compact_range(size, hashes)
     if tree.root() != signed_root:
         raise _DamageError(
             LogDamage(
@@ -963,6 +1008,7 @@ def _stored_nodes(db: sqlite3.Connection, start: int, end: int) -> dict[tuple[in
 
 def _scan(
     db: sqlite3.Connection,
+    merkle: TreeHasher,
     tree: CompactRange,
     start: int,
     size: int,
@@ -974,18 +1020,15 @@ def _scan(
 
     Returns True when ``stop`` interrupted it.
     """
-    return _Scan(db, tree, start, size, strict_from, signed).run(stop)
+    return _Scan(db, merkle, tree, start, size, strict_from, signed).run(stop)
 
 
-def _fold(blocks: Sequence[bytes]) -> bytes:
+def _fold(blocks: Sequence[bytes], digest: Callable[[bytes], bytes]) -> bytes:
     """RFC 6962 root over complete-subtree hashes listed largest first (``CompactRange.root``)."""
     result = blocks[-1]
     for block in reversed(blocks[:-1]):
-        result = _sha256(b"\x01" + block + result).digest()
+        result = digest(b"\x01" + block + result)
     return result
-
-
-_sha256 = hashlib.sha256
 
 
 class _Scan:
@@ -1000,6 +1043,7 @@ class _Scan:
     def __init__(
         self,
         db: sqlite3.Connection,
+        merkle: TreeHasher,
         tree: CompactRange,
         start: int,
         size: int,
@@ -1007,6 +1051,8 @@ class _Scan:
         signed: Mapping[int, bytes],
     ) -> None:
         self.db = db
+        self.merkle = merkle
+        self.digest = merkle._h
         self.tree = tree
         self.position = start
         self.size = size
@@ -1044,13 +1090,14 @@ class _Scan:
     def _leaves(self, rows: Sequence[tuple[int, object, object]], end: int) -> None:
         position = self.position
         stored = _stored_nodes(self.db, position, end)
-        append = self.tree._append_unchecked  # leaf hashes come from sha256: always 32 bytes
+        append = self.tree._append_unchecked  # leaf hashes are digests: always 32 bytes
+        h = self.digest
         for index, data, stored_leaf in rows:
             if index != position:
                 raise _entry_damage(position, "missing (deleted)")
             if type(data) is not bytes:
                 raise _entry_damage(position, "its stored bytes are not a blob")
-            digest = _sha256(b"\x00" + data).digest()
+            digest = h(b"\x00" + data)
             if digest != stored_leaf:
                 raise _entry_damage(position, "leaf hash mismatch")
             if position >= self.strict_from:
@@ -1077,18 +1124,16 @@ class _Scan:
         begin = self.position
         if len(rows) != BULK_PAGE or rows[0][0] != begin or rows[-1][0] != begin + BULK_PAGE - 1:
             return False
+        h = self.digest
         try:
-            level = [_sha256(b"\x00" + row[1]).digest() for row in rows]  # type: ignore[operator]
+            level = [h(b"\x00" + row[1]) for row in rows]  # type: ignore[operator]
         except TypeError:  # a value that is not a blob
             return False
         if level != [row[2] for row in rows]:
             return False
         levels = [level]
         for height in range(1, BULK_PAGE_LEVEL + 1):
-            level = [
-                _sha256(b"\x01" + a + b).digest()
-                for a, b in zip(level[::2], level[1::2], strict=True)
-            ]
+            level = [h(b"\x01" + a + b) for a, b in zip(level[::2], level[1::2], strict=True)]
             stored = [
                 value
                 for (value,) in self.db.execute(
@@ -1110,10 +1155,10 @@ class _Scan:
                 if width >> height & 1:
                     blocks.append(levels[height][(position - begin) >> height])
                     position += 1 << height
-            if _fold(blocks) != self.signed[target]:
+            if _fold(blocks, h) != self.signed[target]:
                 raise self._mismatch(target)
             self._target_reached()
-        upper = CompactRange(begin >> BULK_PAGE_LEVEL, edge)
+        upper = self.merkle.compact_range(begin >> BULK_PAGE_LEVEL, edge)
         for height, node, value in upper._append_unchecked(levels[-1][0]):
             height += BULK_PAGE_LEVEL
             row = self.db.execute(
@@ -1121,7 +1166,7 @@ class _Scan:
             ).fetchone()
             if row is None or row[0] != value:
                 raise _node_damage(height, node, row is not None)
-        self.tree = CompactRange(end, upper.hashes)
+        self.tree = self.merkle.compact_range(end, upper.hashes)
         self.position = end
         if self.targets and self.targets[0] == end:
             if self.tree.root() != self.signed[end]:

@@ -36,7 +36,7 @@ from govshare.node.audit.sink import AuditSink
 from govshare.node.stores.sqlite import connect, immediate
 from govshare.protocols.checkpoint import Checkpoint, cosign, open_checkpoint
 from govshare.protocols.errors import Conflict, VerificationFailed
-from govshare.protocols.merkle import EMPTY_ROOT, verify_witness_consistency
+from govshare.protocols.merkle import tree_hasher
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS witnessed (
@@ -153,7 +153,8 @@ class Witness:
         checkpoint: Checkpoint = open_checkpoint(note, member.verify_key(), origin=origin)
         held = self._store.get(origin)
         held_size = held.size if held else 0
-        held_root = held.root if held else EMPTY_ROOT
+        merkle = tree_hasher(self._identity.roster.crypto)
+        held_root = held.root if held else merkle.empty_root
         if checkpoint.size < held_size:
             raise self._refuse(
                 member, origin, "witness.rollback",
@@ -171,7 +172,7 @@ class Witness:
             # Not an error: the submitter learns the size held and sends a proof from it.
             return b"", held_size
         try:
-            verify_witness_consistency(
+            merkle.verify_witness_consistency(
                 held_size, checkpoint.size, list(proof), held_root, checkpoint.root
             )
         except VerificationFailed:

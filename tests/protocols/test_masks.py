@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from govshare.protocols import masks
 from govshare.protocols.errors import MalformedInput, VerificationFailed
-from govshare.protocols.suite import STANDARD
+from govshare.protocols.suite import SM, STANDARD
 
 QUERY = b"query-7f3a"
 
@@ -206,3 +206,55 @@ def test_malformed_inputs() -> None:
 @given(v=st.integers(-(2**63), 2**63 - 1))
 def test_u64_signed_round_trip(v: int) -> None:
     assert masks.from_u64_signed(masks.to_u64(v)) == v
+
+
+def test_sm_suite_masks_are_hkdf_sm3_and_sm4_ctr_and_cancel() -> None:
+    """Under the SM suite the pairwise key is HKDF-SM3 (16 bytes, SM4's) and the stream SM4-CTR:
+    checked against gmssl's SM3 and SM4, a second implementation."""
+    from gmssl import sm3 as gm_sm3
+    from gmssl import sm4 as gm_sm4
+
+    def sm3(data: bytes) -> bytes:
+        return bytes.fromhex(gm_sm3.sm3_hash(list(data)))
+
+    def hmac_sm3(key: bytes, data: bytes) -> bytes:
+        key = key.ljust(64, b"\0")
+        inner = sm3(bytes(k ^ 0x36 for k in key) + data)
+        return sm3(bytes(k ^ 0x5C for k in key) + inner)
+
+    a = X25519PrivateKey.from_private_bytes(bytes(range(32)))
+    b = X25519PrivateKey.from_private_bytes(bytes(range(32, 64)))
+    shared = a.exchange(b.public_key())
+
+    def lp(x: bytes) -> bytes:
+        return struct.pack(">I", len(x)) + x
+
+    info = lp(b"govshare/masks/pairwise/v1") + lp(QUERY) + lp(b"alpha") + lp(b"beta")
+    prk = hmac_sm3(bytes(32), shared)  # RFC 5869 extract, salt = HashLen zeros
+    expected_key = hmac_sm3(prk, info + b"\x01")[:16]
+    key = masks.pairwise_key(
+        a, masks.public_bytes(b), query_id=QUERY, own="alpha", peer="beta", suite=SM
+    )
+    assert key == expected_key
+    assert key != masks.pairwise_key(a, masks.public_bytes(b), query_id=QUERY, own="alpha",
+                                     peer="beta")[:16]  # fmt: skip
+    cipher = gm_sm4.CryptSM4()
+    cipher.set_key(key, gm_sm4.SM4_ENCRYPT)
+    blocks = b"".join(
+        bytes(cipher.crypt_ecb(i.to_bytes(16, "big"))[:16]) for i in range(2)
+    )  # CTR from the zero counter block
+    assert masks.pairwise_stream(key, 4, suite=SM) == list(struct.unpack("<4Q", blocks))
+    with pytest.raises(TypeError):
+        masks.pairwise_stream(bytes(32), 4, suite=SM)  # an AES-256 key is not SM4's
+    # Whole vectors still cancel.
+    keys = [X25519PrivateKey.from_private_bytes(bytes([i]) * 32) for i in (1, 2, 3)]
+    names = ["civil", "health", "tax"]
+    publics = [masks.public_bytes(k) for k in keys]
+    values = [[5, -3], [7, 11], [2**40, 1]]
+    masked = []
+    for i, name in enumerate(names):
+        peers = {n: publics[j] for j, n in enumerate(names) if j != i}
+        mask = masks.node_mask(keys[i], query_id=QUERY, own=name, peers=peers, length=2, suite=SM)
+        masked.append(masks.mask_vector(values[i], mask))
+    total = masks.add_vectors(masked)
+    assert [masks.from_u64_signed(w) for w in total] == [5 + 7 + 2**40, -3 + 11 + 1]
