@@ -36,7 +36,12 @@ district`` run directly on each node's store in the same run. Two ratios:
   the cores, so one node's query x nodes / cores is the least any protocol could take here.
 
     .venv/bin/python bench/aggregate.py [--rows 100000] [--nodes 5] [--horizontal-rows 1000000]
-        [--only intersection|horizontal] [--baseline REV|none] [--dir bench-run/aggregate]
+        [--only intersection|horizontal] [--scheme paillier|bfv-simd|both]
+        [--group-side values|matcher|both] [--baseline REV|none] [--dir bench-run/aggregate]
+
+``--group-side matcher`` groups by the matcher's (tax's) district instead of the value
+holder's: the value holder then packs 2 cells a key instead of 32 (16 times fewer BFV
+ciphertexts and bytes), and the matcher masks each streamed key under up to 16 groups' scalars.
 
 Quick run: ``--rows 10000 --horizontal-rows 10000``.
 """
@@ -80,7 +85,9 @@ from govshare.client.analyst_aggregate import (
 from govshare.examples import synth
 from govshare.model.aggregate_plan import (
     BFV_SIMD,
+    MATCHER_SIDE,
     PAILLIER,
+    VALUES_SIDE,
     Figures,
     GroupSpec,
     HorizontalPlan,
@@ -100,6 +107,7 @@ from govshare.protocols.bfv_simd import SimdPublic, SimdSecretKeys
 from govshare.protocols.paillier import DEFAULT_N_BITS, DjnPublicKey, generate_keypair
 
 PURPOSE = "benchmark"
+GROUP_SIDES = (VALUES_SIDE, MATCHER_SIDE)
 MILLION = 1_000_000
 DISTRICTS = "|".join(synth.DISTRICTS)
 AMOUNT_BOUND = 30_000  # above every synthetic amount: SUM is exact
@@ -222,9 +230,13 @@ def raw_x25519_rate(n: int, workers: int) -> float:
 # --- intersection aggregate ----------------------------------------------------------------------
 
 
-def intersection_setup(root: Path, n: int) -> tuple[dict[str, tuple[int, int]], int, int]:
-    """Stores and grants for ``n`` rows per side; returns the expected figures by district, the
-    size of the matcher's filtered set and the value holder's distinct keys."""
+Expected = dict[str, dict[str, tuple[int, int]]]
+
+
+def intersection_setup(root: Path, n: int) -> tuple[Expected, int, int]:
+    """Stores and grants for ``n`` rows per side; returns the expected figures by district (per
+    group side: the value holder's district, or the matcher's), the size of the matcher's
+    filtered set and the value holder's distinct keys."""
     data = root / "data"
     synth.generate(data, size=n, seed=11)
     make_federation(root, ["civil", "tax"])  # the default protocol_timeout: streaming
@@ -234,19 +246,26 @@ def intersection_setup(root: Path, n: int) -> tuple[dict[str, tuple[int, int]], 
     )  # fmt: skip
     register(
         root / "tax", data / f"{synth.TAX}.csv", dataset="residents", columns=TAX_COLUMNS,
-        granted=["id_number", "income_band"], kind=QueryKind.INTERSECTION_AGGREGATE,
+        granted=["id_number", "income_band", "district"], kind=QueryKind.INTERSECTION_AGGREGATE,
     )  # fmt: skip
     with (data / f"{synth.TAX}.csv").open(newline="", encoding="utf-8") as handle:
-        high = {r["id_number"] for r in csv.DictReader(handle) if r["income_band"] == "high"}
-    expected: dict[str, tuple[int, int]] = {d: (0, 0) for d in synth.DISTRICTS}
+        high = {
+            r["id_number"]: r["district"]
+            for r in csv.DictReader(handle)
+            if r["income_band"] == "high"
+        }
+    expected: Expected = {side: {d: (0, 0) for d in synth.DISTRICTS} for side in GROUP_SIDES}
     keys: set[str] = set()
     with (data / f"{synth.CIVIL}.csv").open(newline="", encoding="utf-8") as handle:
         for row in csv.DictReader(handle):
             keys.add(row["id_number"].upper())
             if row["id_number"] in high:
-                count, total = expected[row["district"]]
                 amount = min(max(int(row["amount"]), 0), AMOUNT_BOUND)
-                expected[row["district"]] = (count + 1, total + amount)
+                for side, district in zip(
+                    GROUP_SIDES, (row["district"], high[row["id_number"]]), strict=True
+                ):
+                    count, total = expected[side][district]
+                    expected[side][district] = (count + 1, total + amount)
     return expected, len(high), len(keys)
 
 
@@ -310,14 +329,15 @@ def baseline_processes(
             process.wait(timeout=60)
 
 
-def intersection_plan() -> IntersectionPlan:
+def intersection_plan(side: str = VALUES_SIDE) -> IntersectionPlan:
+    """COUNT and SUM(amount) by district: civil's district, or (``matcher``) tax's."""
     return IntersectionPlan(
         QueryKind.INTERSECTION_AGGREGATE,
         PURPOSE,
         values=Side("civil", "assistance", "id_number"),
         matcher=Side("tax", "residents", "id_number", (Condition("income_band", "=", "high"),)),
         figures=Figures(
-            GroupSpec("district", synth.DISTRICTS),
+            GroupSpec("district", synth.DISTRICTS, side),
             (SumSpec("amount", AMOUNT_BOUND),),
             INTERSECTION_EPSILON,
         ),
@@ -327,17 +347,18 @@ def intersection_plan() -> IntersectionPlan:
 
 def timed_intersection(
     root: Path, scheme: str, expected: dict[str, tuple[int, int]], shim: Path | None = None,
-    timeout: float = 300.0,
+    timeout: float = 300.0, side: str = VALUES_SIDE,
 ) -> tuple[float, dict[str, float]]:  # fmt: skip
     """One intersection aggregate under ``scheme`` on fresh node processes (``shim``: the
-    baseline revision's code): wall seconds and each node's peak RSS (MB)."""
+    baseline revision's code), grouped on ``side``: wall seconds and each node's peak RSS
+    (MB)."""
     alice = Identity.load(root / ANALYST)
     starting = node_processes(root, ["civil", "tax"]) if shim is None else (
         baseline_processes(root, ["civil", "tax"], shim))  # fmt: skip
     with starting as processes:
         start = time.perf_counter()
         outcome = run_intersection_aggregate(
-            alice, replace(intersection_plan(), scheme=scheme), run_timeout=timeout
+            alice, replace(intersection_plan(side), scheme=scheme), run_timeout=timeout
         )
         wall = time.perf_counter() - start
         rss = {name: tree_peak_rss_mb(p.pid) for name, p in processes.items()}
@@ -345,24 +366,26 @@ def timed_intersection(
     return wall, rss
 
 
-def message_bytes(scheme: str, keys: int, m: int) -> dict[str, int]:
+def message_bytes(scheme: str, keys: int, m: int, side: str = VALUES_SIDE) -> dict[str, int]:
     """Bytes of points and ciphertexts each side sends (gRPC framing aside): the matcher its
     m masked keys and the result, the value holder m points back and per key a point and its
     ciphertexts (Paillier: one per plaintext of the packing; bfv-simd: whole BFV ciphertexts of
-    keys_per_ciphertext keys, one per CRT modulus, sized by encrypting one here)."""
-    plan = replace(intersection_plan(), scheme=scheme)
+    keys_per_ciphertext keys, one per CRT modulus, sized by encrypting one here); with the
+    groups on the matcher's side its result is one per group."""
+    plan = replace(intersection_plan(side), scheme=scheme)
     if scheme == BFV_SIMD:
         shape = plan.simd_shape()
         secret = SimdSecretKeys(shape)
         sample = SimdPublic.from_bundle(shape, secret.public_bundle(), galois=False)
         size = max(len(c) for c in sample.encrypt_keys([[1] * shape.cells]))
         values = shape.ciphertexts_for(keys) * shape.moduli * size
-        result = shape.moduli * size
+        result = shape.groups * shape.moduli * size
         analyst = len(secret.public_bundle())
     else:
         layouts = plan.layouts(DEFAULT_N_BITS)
         size = 2 * DEFAULT_N_BITS // 8
-        values, result = keys * len(layouts) * size, len(layouts) * size
+        groups = len(plan.matcher_groups)
+        values, result = keys * len(layouts) * size, groups * len(layouts) * size
         analyst = DEFAULT_N_BITS // 8
     return {
         "civil": 32 * m + 32 * keys + values,
@@ -372,27 +395,31 @@ def message_bytes(scheme: str, keys: int, m: int) -> dict[str, int]:
 
 
 def run_intersection(
-    root: Path, n: int, workers: int, baseline: str | None, schemes: Sequence[str]
-) -> None:
-    expected, m, keys = intersection_setup(root, n)
+    root: Path, n: int, workers: int, baseline: str | None, schemes: Sequence[str],
+    sides: Sequence[str] = (VALUES_SIDE,),
+) -> None:  # fmt: skip
+    everything, m, keys = intersection_setup(root, n)
     scalar_mults = 2 * n + 2 * m  # each side's set is masked once by each party
-    matched = sum(c for c, _ in expected.values())
+    matched = sum(c for c, _ in everything[VALUES_SIDE].values())
     print(f"\nIntersection aggregate, {n:,} x {n:,} rows, 2 node processes over mTLS, "
           f"{workers} cores; matcher's filtered set m = {m:,}, |A ∩ B| = {matched:,}")  # fmt: skip
     walls: dict[str, float] = {}
-    for scheme in schemes:
-        wall, rss = timed_intersection(root, scheme, expected, timeout=2 * step_timeout(n))
-        walls[scheme] = wall
-        sent = message_bytes(scheme, keys, m)
+    for scheme, side in ((scheme, side) for side in sides for scheme in schemes):
+        expected = everything[side]
+        wall, rss = timed_intersection(
+            root, scheme, expected, timeout=2 * step_timeout(n), side=side
+        )
+        walls[scheme if side == VALUES_SIDE else f"{scheme}, {side}"] = wall
+        sent = message_bytes(scheme, keys, m, side)
         print(f"  {scheme}" + (f" (DJN-Paillier {DEFAULT_N_BITS})" if scheme == PAILLIER else
-              " (BFV N=8192, CRT, flooded)"))  # fmt: skip
+              " (BFV N=8192, CRT, flooded)") + f", groups on the {side} side")  # fmt: skip
         line("wall", f"{wall:.1f} s", f"{n / wall:,.0f} value rows/s")
         line("peak RSS civil; tax", f"{rss['civil']:,.0f} MB; {rss['tax']:,.0f} MB", "streaming")
         keys_mb = sent["analyst keys to each node"] / 1e6
         line("bytes sent civil; tax",
              f"{sent['civil'] / 1e6:,.1f} MB; {sent['tax'] / 1e6:,.2f} MB",
              f"analyst's keys to each node {keys_mb:.2f} MB")  # fmt: skip
-        if scheme == PAILLIER:
+        if scheme == PAILLIER and side == VALUES_SIDE:
             window = WIDE_WINDOW_BITS if n >= WIDE_WINDOW_MIN_ROWS else None
             enc_rate = raw_encryptions_per_second(workers, window)
             x_rate = raw_x25519_rate(scalar_mults, workers)
@@ -423,6 +450,11 @@ def run_intersection(
     if PAILLIER in walls and BFV_SIMD in walls:
         line("ratio paillier / bfv-simd wall", f"{walls[PAILLIER] / walls[BFV_SIMD]:.1f} x",
              "same stores, same run")  # fmt: skip
+    for scheme in schemes:
+        if scheme in walls and f"{scheme}, {MATCHER_SIDE}" in walls:
+            ratio = walls[f"{scheme}, {MATCHER_SIDE}"] / walls[scheme]
+            line(f"ratio {scheme} wall matcher / values groups", f"{ratio:.2f} x",
+                 "same stores, same run")  # fmt: skip
 
 
 def line(label: str, value: str, note: str = "") -> None:
@@ -529,6 +561,11 @@ def main() -> None:
         help="intersection scheme(s); both: each on the same stores, with their ratio",
     )  # fmt: skip
     parser.add_argument(
+        "--group-side", choices=(*GROUP_SIDES, "both"), default=VALUES_SIDE,
+        help="whose district groups the intersection: the value holder's (civil), the "
+        "matcher's (tax), or both in turn on the same stores",
+    )  # fmt: skip
+    parser.add_argument(
         "--baseline", default=NON_STREAMING_REV,
         help="revision of the non-streaming path to compare with, or 'none'",
     )  # fmt: skip
@@ -540,7 +577,8 @@ def main() -> None:
         root.mkdir(parents=True)
         baseline = None if options.baseline == "none" else options.baseline
         schemes = (PAILLIER, BFV_SIMD) if options.scheme == "both" else (options.scheme,)
-        run_intersection(root, options.rows, workers, baseline, schemes)
+        sides = GROUP_SIDES if options.group_side == "both" else (options.group_side,)
+        run_intersection(root, options.rows, workers, baseline, schemes, sides)
     if options.only != "intersection":
         root = options.dir / f"horizontal-{options.nodes}x{options.horizontal_rows}"
         shutil.rmtree(root, ignore_errors=True)

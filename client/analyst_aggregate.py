@@ -32,7 +32,10 @@ from govshare.model.aggregate_plan import (
     BFV,
     BFV_SIMD,
     COUNT,
+    MATCHER_SIDE,
+    MAX_MATCHER_GROUPS,
     PAILLIER,
+    VALUES_SIDE,
     AggregatePlan,
     Figures,
     GroupSpec,
@@ -302,14 +305,22 @@ def _decrypt(plan: AggregatePlan, key: _Key, ciphertexts: list[bytes]) -> dict[s
     if not isinstance(public, DjnPublicKey):  # pragma: no cover - built above
         raise TypeError("Paillier key expected")
     layouts = plan.layouts(public.n_bits)
-    if len(ciphertexts) != len(layouts):
+    # The matcher's groups (intersection, group column on its side): one set of layouts each.
+    groups = plan.matcher_groups if isinstance(plan, IntersectionPlan) else ("",)
+    if len(ciphertexts) != len(layouts) * len(groups):
         raise MalformedInput("the result has the wrong number of ciphertexts", field="ciphertexts")
     totals: dict[str, int] = {}
-    for layout, data in zip(layouts, ciphertexts, strict=True):
-        values = decrypt_unpack(key.secret, public.ciphertext_from_bytes(data), layout)
-        if isinstance(plan, HorizontalPlan):
-            values = {s: masks.from_u64_signed(v % masks.MASK_MODULUS) for s, v in values.items()}
-        totals.update(values)
+    for g, group in enumerate(groups):
+        mine = ciphertexts[g * len(layouts) : (g + 1) * len(layouts)]
+        for layout, data in zip(layouts, mine, strict=True):
+            values = decrypt_unpack(key.secret, public.ciphertext_from_bytes(data), layout)
+            if isinstance(plan, HorizontalPlan):
+                values = {
+                    s: masks.from_u64_signed(v % masks.MASK_MODULUS) for s, v in values.items()
+                }
+            if group:  # V packed the figures alone: the group is the matcher's
+                values = {slot_name(group, s.split("@", 1)[0]): v for s, v in values.items()}
+            totals.update(values)
     return totals
 
 
@@ -365,7 +376,8 @@ def run_aggregate_sql(
     ``scheme`` is the intersection aggregate's (``bfv-simd`` or ``paillier``).
 
     - ``SELECT g, COUNT(*), SUM(v), AVG(v) FROM a JOIN b ON ... GROUP BY g``: an intersection
-      aggregate; the table carrying the SUM/GROUP BY columns holds the values.
+      aggregate; the table carrying the SUM columns (without SUMs, the GROUP BY column) holds
+      the values; a GROUP BY column of the other table is grouped by the matcher.
     - ``SELECT ... FROM (SELECT * FROM n1.d UNION ALL SELECT * FROM n2.d ...) AS h ...``: a
       horizontal aggregate over every listed node, summed by the first.
 
@@ -381,7 +393,7 @@ def run_aggregate_sql(
     query = parse_query(sql)
     if isinstance(query, UnionQuery):
         columns = aggregate_columns(query.select, query.group_by)
-        if columns.alias not in ("", query.alias):
+        if {columns.alias, columns.group_alias} - {"", query.alias}:
             raise MalformedInput(f"unknown table alias {columns.alias!r}", field="sql")
         first = query.parts[0]
         figures = _figures(identity, first.node, first.dataset, columns, sum_bound, epsilon, exact)
@@ -403,9 +415,13 @@ def run_aggregate_sql(
     keys = {query.left.alias: query.left_key, query.right.alias: query.right_key}
     alias = columns.alias or query.left.alias
     other = next(a for a in tables if a != alias)
+    # GROUP BY the other table's column (SUMs on one table, groups on the other): the
+    # matcher groups (at most MAX_MATCHER_GROUPS labels).
+    group_table = tables[columns.group_alias or alias]
     figures = _figures(
-        identity, tables[alias].node, tables[alias].dataset, columns, sum_bound, epsilon, exact
-    )
+        identity, group_table.node, group_table.dataset, columns, sum_bound, epsilon, exact,
+        side=MATCHER_SIDE if columns.group_alias == other else VALUES_SIDE,
+    )  # fmt: skip
 
     def side(a: str) -> Side:
         return Side(tables[a].node, tables[a].dataset, keys[a], query.filters[a])
@@ -427,14 +443,22 @@ def _figures(
     sum_bound: int,
     epsilon: Fraction | None,
     exact: bool = False,
+    side: str = VALUES_SIDE,
 ) -> Figures:
-    """The figures to release; a group column's domain comes from its catalogue entry."""
+    """The figures to release; a group column's domain comes from its catalogue entry (at
+    ``node``'s ``dataset``, the group column's table; ``side`` says whose it is)."""
     group = None
     if columns.group is not None:
         with NodeClient.to(identity, node) as client:
             rule = client.describe_dataset(dataset).column(columns.group)
         if rule is None or not rule.domain:
             raise MalformedInput(f"{columns.group} has no declared group domain", field="sql")
-        group = GroupSpec(columns.group, rule.domain)
+        if side == MATCHER_SIDE and len(rule.domain) > MAX_MATCHER_GROUPS:
+            raise MalformedInput(
+                f"GROUP BY {columns.group}: {len(rule.domain)} groups on the table without the "
+                f"sums; at most {MAX_MATCHER_GROUPS} there",
+                field="sql",
+            )
+        group = GroupSpec(columns.group, rule.domain, side)
     sums = tuple(SumSpec(column, sum_bound) for column in columns.sums)
     return Figures(group, sums, epsilon, exact)

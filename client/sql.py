@@ -118,20 +118,22 @@ class AggregateColumns:
     alias: str
     sums: tuple[str, ...]
     group: str | None
+    group_alias: str = ""  # the group column's table (a join may group by the other one)
 
 
 def aggregate_columns(
     select: tuple[exp.Expression, ...], group_by: tuple[exp.Column, ...]
 ) -> AggregateColumns:
-    """Read ``g, COUNT(*), SUM(v), AVG(v)`` over one table alias and at most one group column.
+    """Read ``g, COUNT(*), SUM(v), AVG(v)``: SUM/AVG over one table alias, at most one group
+    column (of that table or, in a join, of the other: ``group_alias`` names it).
 
     Raises:
-        MalformedInput: another expression, or columns of two tables (named in the message).
+        MalformedInput: another expression, or SUM/AVG columns of two tables (named).
     """
     if len(group_by) > 1:
         raise unsupported("GROUP BY more than one column")
     group = group_by[0] if group_by else None
-    used: set[str] = {group.table} if group is not None else set()
+    used: set[str] = set()
     sums: list[str] = []
     for item in select:
         node = item.this if isinstance(item, exp.Alias) else item
@@ -146,9 +148,12 @@ def aggregate_columns(
             continue
         raise unsupported(f"{node.sql()} in an aggregate SELECT (COUNT(*), SUM, AVG, the group)")
     if len(used) > 1:
-        raise unsupported("aggregates and GROUP BY over the columns of one table")
-    alias = used.pop() if used else ""
-    return AggregateColumns(alias, tuple(sums), group.name if group is not None else None)
+        raise unsupported("aggregates over the columns of one table")
+    group_alias = group.table if group is not None else ""
+    alias = used.pop() if used else group_alias
+    return AggregateColumns(
+        alias, tuple(sums), group.name if group is not None else None, group_alias
+    )
 
 
 def _table(node: exp.Expression | None) -> TableRef:

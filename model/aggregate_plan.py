@@ -14,6 +14,8 @@ Intersection aggregate (``intersection_aggregate``, protocol 2)::
      "matcher": {"node": "tax", "dataset": "residents", "column": "id_number",
                  "where": [["income_band", "=", "high"]]},  # the matcher M
      "group_by": {"column": "district", "domain": ["Dongcheng", ...]},   # V's column, or null
+                                       # {"column": ..., "domain": [...], "side": "matcher"}:
+                                       # M's column (at most MAX_MATCHER_GROUPS labels)
      "sums": [{"column": "amount", "bound": 30000}],        # V's columns
      "epsilon": "0.5",                 # or null with "exact": true (approved, no GROUP BY)
      "scheme": "bfv-simd",             # or "paillier" (absent: paillier)
@@ -23,6 +25,16 @@ Intersection aggregate (``intersection_aggregate``, protocol 2)::
 Under ``bfv-simd`` (``govshare.protocols.bfv_simd``) every node derives the slot layout and the
 number of CRT plaintext moduli from the plan (:meth:`IntersectionPlan.simd_shape`); the bundle
 of public and Galois keys travels with ``Aggregate.Run`` and must hash to ``public_key``.
+
+**Groups on either side.** With the group column on V's side (the default, ``"side"`` absent)
+V packs each key's figures one-hot over the groups (:attr:`IntersectionPlan.value_cells` is
+every (group, figure) cell) and M sums one result. With ``"side": "matcher"`` V packs only the
+figures of each key (count, sums) and M sums them into one result per group of its own
+(:attr:`IntersectionPlan.matcher_groups`): M masks the keys of each group under a scalar of
+their own, so it tells a matched position's group without learning which of its keys it is.
+A join key of M's filtered rows must carry one label of the domain (M refuses a key with two:
+the groups must stay disjoint for the DP accounting below). Either way the result is the same
+(group, figure) cells in the same order, so the analyst reads both alike.
 
 Horizontal aggregate (``horizontal_aggregate``, protocol 3)::
 
@@ -47,12 +59,14 @@ with ``r`` rows is protected at ``r * epsilon``). One row changes exactly one gr
 ``sum``. The query's ε is split evenly over the ``1 + len(sums)`` figures of a group, so figure
 ``f`` gets discrete Laplace noise of scale ``sensitivity_f * (1 + len(sums)) / epsilon``
 (:func:`noise_scales`), and the whole release is ε-DP by basic composition. AVG is the noisy
-sum over the noisy count, post-processing.
+sum over the noisy count, post-processing. With M's groups the same holds: M refuses a join key
+in two of its groups, so a row of V's still lands in one group, and a row of M's changes one
+group's figures as it would change the one total of a plan without groups.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fractions import Fraction
 from typing import Any, Final
 
@@ -71,6 +85,11 @@ INTERSECTION_SCHEMES: Final = (PAILLIER, BFV_SIMD)
 # Groups one query may ask for (a declared domain is short; this bounds the vector a plan
 # can make every node compute and encrypt).
 MAX_GROUPS: Final = 4096
+# Groups on the matcher's side: each is one more masking of every streamed key at the matcher
+# and one more result per plaintext (issue 15 asks for up to 16).
+MAX_MATCHER_GROUPS: Final = 16
+VALUES_SIDE: Final = "values"
+MATCHER_SIDE: Final = "matcher"
 MAX_SUMS: Final = 8
 MAX_PARTS: Final = 64
 # Largest SUM clipping bound: a 2^40 bound keeps every packed slot far inside a 3072-bit
@@ -95,6 +114,9 @@ class SumSpec:
 class GroupSpec:
     column: str
     domain: tuple[str, ...]
+    # An intersection aggregate's group column belongs to the value holder (``values``) or to
+    # the matcher (``matcher``); a horizontal aggregate's to every part (``values``).
+    side: str = VALUES_SIDE
 
 
 @dataclass(frozen=True)
@@ -157,10 +179,13 @@ class Figures:
         return (1, *(min(max(v, 0), s.bound) for v, s in zip(values, self.sums, strict=True)))
 
     def to_json(self) -> dict[str, Any]:
+        group: dict[str, Any] | None = None
+        if self.group_by is not None:
+            group = {"column": self.group_by.column, "domain": list(self.group_by.domain)}
+            if self.group_by.side != VALUES_SIDE:  # plans of V's groups read as they always did
+                group["side"] = self.group_by.side
         return {
-            "group_by": None
-            if self.group_by is None
-            else {"column": self.group_by.column, "domain": list(self.group_by.domain)},
+            "group_by": group,
             "sums": [{"column": s.column, "bound": s.bound} for s in self.sums],
             **release_json(self.epsilon, self.exact),
         }
@@ -195,6 +220,24 @@ class IntersectionPlan:
             "public_key": self.public_key.hex(),
         }
 
+    @property
+    def groups_on_matcher(self) -> bool:
+        group = self.figures.group_by
+        return group is not None and group.side == MATCHER_SIDE
+
+    @property
+    def value_cells(self) -> tuple[tuple[str, str], ...]:
+        """The (group, figure) cells V packs per key: every cell with V's groups (one-hot), the
+        figures alone (group ``""``) with M's."""
+        if self.groups_on_matcher:
+            return tuple(("", f) for f in self.figures.names)
+        return self.figures.cells
+
+    @property
+    def matcher_groups(self) -> tuple[str, ...]:
+        """The groups M sums separately, one result each (``("",)``: one result)."""
+        return self.figures.groups if self.groups_on_matcher else ("",)
+
     def max_abs_total(self) -> int:
         """The largest |total + noise| of any cell: every key summed at its bound."""
         figures = self.figures
@@ -206,11 +249,14 @@ class IntersectionPlan:
         from govshare.protocols import bfv_simd  # TenSEAL is loaded only where it is used
 
         return bfv_simd.SimdShape(
-            len(self.figures.cells), bfv_simd.moduli_for(self.max_abs_total())
+            len(self.value_cells),
+            bfv_simd.moduli_for(self.max_abs_total()),
+            len(self.matcher_groups),
         )
 
     def layouts(self, modulus_bits: int) -> tuple[PackingLayout, ...]:
-        """The packing of one key's row values (one-hot over groups) into plaintexts.
+        """The packing of one key's row values (:attr:`value_cells`) into plaintexts; with M's
+        groups, M sums one set of these per group.
 
         Each slot takes at most :data:`MAX_ROWS_PER_KEY` rows' worth per key and
         :data:`MAX_KEYS` keys; with DP, one noise share (the matcher's) per slot.
@@ -218,7 +264,7 @@ class IntersectionPlan:
         figures = self.figures
         slots = [
             Slot(slot_name(g, f), MAX_ROWS_PER_KEY * figures.sensitivity(f))
-            for g, f in figures.cells
+            for g, f in self.value_cells
         ]
         return PackingLayout.split(
             slots,
@@ -230,12 +276,16 @@ class IntersectionPlan:
 
     def accesses(self, node: str) -> tuple[str, tuple[ColumnAccess, ...], tuple[Any, ...]]:
         """(dataset, column uses, filters) of ``node``'s side, for the policy decision."""
+        on_matcher = self.groups_on_matcher
         if node == self.values.node:
             uses = list(self.values.accesses(release=False))
-            uses.extend(_figure_accesses(self.figures))
+            uses.extend(_figure_accesses(self.figures, group=not on_matcher))
             return self.values.dataset, tuple(uses), self.values.where
         if node == self.matcher.node:
-            return self.matcher.dataset, self.matcher.accesses(release=False), self.matcher.where
+            uses = list(self.matcher.accesses(release=False))
+            if on_matcher:
+                uses.extend(_figure_accesses(replace(self.figures, sums=()), group=True))
+            return self.matcher.dataset, tuple(uses), self.matcher.where
         raise MalformedInput(f"the query does not involve node {node}", field="values")
 
 
@@ -293,9 +343,9 @@ class HorizontalPlan:
         return part.dataset, (*_figure_accesses(self.figures), *filters), part.where
 
 
-def _figure_accesses(figures: Figures) -> list[ColumnAccess]:
+def _figure_accesses(figures: Figures, *, group: bool = True) -> list[ColumnAccess]:
     uses = [ColumnAccess(s.column, ColumnUse.AGGREGATE) for s in figures.sums]
-    if figures.group_by is not None:
+    if group and figures.group_by is not None:
         uses.append(ColumnAccess(figures.group_by.column, ColumnUse.GROUP, figures.group_by.domain))
     return uses
 
@@ -327,7 +377,19 @@ def _figures(raw: dict[str, Any]) -> Figures:
         labels = tuple(_text(d, "group_by.domain") for d in domain)
         if len(set(labels)) != len(labels):
             raise MalformedInput("field 'group_by.domain' repeats a label", field="group_by")
-        group = GroupSpec(_text(group_raw.get("column"), "group_by.column"), labels)
+        side = group_raw.get("side", VALUES_SIDE)
+        if side not in (VALUES_SIDE, MATCHER_SIDE):
+            raise MalformedInput(
+                f"field 'group_by.side' must be {VALUES_SIDE} or {MATCHER_SIDE}",
+                field="group_by.side",
+            )
+        if side == MATCHER_SIDE and len(labels) > MAX_MATCHER_GROUPS:
+            raise MalformedInput(
+                f"field 'group_by.domain': at most {MAX_MATCHER_GROUPS} groups on the matcher's "
+                "side",
+                field="group_by.domain",
+            )
+        group = GroupSpec(_text(group_raw.get("column"), "group_by.column"), labels, side)
     sums_raw = raw.get("sums", [])
     if not isinstance(sums_raw, list) or len(sums_raw) > MAX_SUMS:
         raise MalformedInput(f"field 'sums' must list at most {MAX_SUMS} sums", field="sums")
@@ -409,6 +471,11 @@ def parse_aggregate_plan(raw: Any, *, kind: str) -> AggregatePlan:
     if aggregator not in {p.node for p in parts}:
         raise MalformedInput(
             "field 'aggregator' must be one of the parts' nodes", field="aggregator"
+        )
+    if figures.group_by is not None and figures.group_by.side != VALUES_SIDE:
+        raise MalformedInput(
+            "field 'group_by.side': a horizontal aggregate groups every part alike",
+            field="group_by.side",
         )
     scheme = raw.get("scheme")
     if scheme not in SCHEMES:

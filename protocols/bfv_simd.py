@@ -15,6 +15,15 @@ ciphertext to its rotations by ``block * 2^j`` (``j < log2(N / 2 / block)``) and
 column swap, so that every block holds the cell totals; the DP noise is added to every block
 alike (an unnoised copy would otherwise be readable in another block).
 
+**Groups on the matcher's side.** When the GROUP BY column is M's, V packs only the figures
+of each key (``cells`` = count and sums) and M keeps one running sum per group and modulus
+(``SimdShape.groups``, at most :data:`MAX_GROUPS`): for group g it multiplies each ciphertext by
+the mask of the matched positions whose key is in its group g (selection AND group g), adds,
+and folds, noises, re-randomises and floods each group's sum as above; the result lists the
+groups in turn. The noise bound per sum is unchanged (each still sums at most K masked
+ciphertexts), so :func:`max_ciphertexts` holds per group; the cost is one product per group and
+ciphertext at M and ``groups`` times the result's size.
+
 **Sums beyond one plaintext modulus: CRT.** Each plaintext modulus t_i is a 24-bit batching
 prime (``PlainModulus.Batching(N, 24)``: prime, t_i = 1 mod 2N); V encrypts its values modulo
 every t_i under its own key set, M computes the same circuit under each, and the analyst
@@ -70,6 +79,15 @@ analyst                the noisy figures                      the same (flooded,
                                                               noise: 2^-40 statistical distance)
 =====================  ====================================  ====================================
 
+With the groups on M's side (either scheme; ``govshare.node.queries.kinds.aggregate``) M masks
+each group's keys under a scalar of its own and sends them as one shuffled set, so V learns
+|M's keys in the groups| and nothing of the groups (the points are indistinguishable under
+DDH). M learns, for each of V's shuffled positions, whether it matched and *in which of M's
+groups*: the sizes |M_g ∩ V|, which the analyst could have had M learn anyway by G queries with
+a WHERE on M's column, and still not which of its keys matched. The analyst learns the noisy
+figures per group, as with V's groups: the flooding hides which positions M put in which group
+beyond the totals (tested by a distinguisher holding the secret key).
+
 Only public material leaves the analyst: per modulus the public key and the fold's Galois keys
 (:meth:`SimdSecretKeys.public_bundle`), fresh per query; the plan carries its SHA-256. No
 party decrypts a ciphertext another party multiplied by a private plaintext other than the
@@ -103,6 +121,9 @@ STATISTICAL_BITS: Final = 40
 # SEAL's fresh error: a centred binomial / clipped normal of sigma 3.2, never beyond 21.
 FRESH_ERROR_BOUND: Final = 21
 MAX_MODULI: Final = 8
+MAX_GROUPS: Final = 16
+# A key the matcher leaves out of every group (not in the intersection, or outside its groups).
+UNSELECTED: Final = -1
 _BUNDLE_MAGIC: Final = b"GSSIMD1\n"
 _U32: Final = struct.Struct(">I")
 _SEAL_ERRORS: Final = (ValueError, RuntimeError, TypeError, OSError)
@@ -137,16 +158,20 @@ class _Files:
 
 @dataclass(frozen=True)
 class SimdShape:
-    """What every party derives from the plan: cells per key, block, and the CRT moduli."""
+    """What every party derives from the plan: cells per key, block, the CRT moduli, and the
+    matcher's groups (one masked sum and one result per group and modulus)."""
 
     cells: int
     moduli: int
+    groups: int = 1
 
     def __post_init__(self) -> None:
         if not 1 <= self.cells <= SLOTS // 2:
             raise MalformedInput(f"1 to {SLOTS // 2} cells per key", field="cells")
         if not 1 <= self.moduli <= MAX_MODULI:
             raise MalformedInput(f"1 to {MAX_MODULI} plaintext moduli", field="moduli")
+        if not 1 <= self.groups <= MAX_GROUPS:
+            raise MalformedInput(f"1 to {MAX_GROUPS} matcher groups", field="groups")
 
     @property
     def block(self) -> int:
@@ -333,18 +358,22 @@ class SimdPublic:
 
 
 class SimdSum:
-    """The matcher's running masked sum, one ciphertext per plaintext modulus."""
+    """The matcher's running masked sums: one ciphertext per group and plaintext modulus."""
 
     def __init__(self, public: SimdPublic) -> None:
         self._public = public
-        self._sums: list[Any | None] = [None] * public.shape.moduli
+        shape = public.shape
+        self._sums: list[list[Any | None]] = [[None] * shape.moduli for _ in range(shape.groups)]
         self.ciphertexts = 0
         self._done = False
-        self._limit = max_ciphertexts(len(public.shape.fold_steps) + 1)
+        self._limit = max_ciphertexts(len(shape.fold_steps) + 1)
 
-    def add(self, ciphertexts: Sequence[Any], selected: Sequence[bool]) -> None:
+    def add(self, ciphertexts: Sequence[Any], selected: Sequence[bool | int]) -> None:
         """Add one position's ciphertexts (one per modulus; encodings, or ciphertexts that
-        :meth:`SimdPublic.load_ciphertext` checked) times the selection mask.
+        :meth:`SimdPublic.load_ciphertext` checked) times the selection masks.
+
+        ``selected`` has one entry per key of the position: its group (``0 <= g < groups``)
+        or :data:`UNSELECTED`; with one group, True and False say the same.
 
         Raises:
             MalformedInput: a bad ciphertext, the wrong count, or more positions than the
@@ -363,19 +392,21 @@ class SimdSum:
             public.load_ciphertext(i, c) if isinstance(c, bytes) else c
             for i, c in enumerate(ciphertexts)
         ]
-        if not any(selected):
-            return
-        mask = [0] * SLOTS
-        for r, hit in enumerate(selected):
-            if hit:
-                mask[r * shape.block : (r + 1) * shape.block] = [1] * shape.block
-        for i, (modulus, ciphertext) in enumerate(zip(public._moduli, loaded, strict=True)):
-            modulus.evaluator.multiply_plain_inplace(ciphertext, modulus.encode(mask))
-            total = self._sums[i]
-            if total is None:
-                self._sums[i] = ciphertext
-            else:
-                modulus.evaluator.add_inplace(total, ciphertext)
+        groups = [_group_of(s, shape.groups) for s in selected]
+        for group in sorted(set(groups) - {UNSELECTED}):
+            mask = [0] * SLOTS
+            for r, g in enumerate(groups):
+                if g == group:
+                    mask[r * shape.block : (r + 1) * shape.block] = [1] * shape.block
+            sums = self._sums[group]
+            for i, (modulus, ciphertext) in enumerate(zip(public._moduli, loaded, strict=True)):
+                product = seal.Ciphertext(modulus.context)
+                modulus.evaluator.multiply_plain(ciphertext, modulus.encode(mask), product)
+                total = sums[i]
+                if total is None:
+                    sums[i] = product
+                else:
+                    modulus.evaluator.add_inplace(total, product)
 
     def result(
         self,
@@ -384,7 +415,8 @@ class SimdSum:
         rng: Callable[[int], int] = secrets.randbits,
         unsafe_without_flooding: bool = False,
     ) -> list[bytes]:
-        """Fold, add ``noise`` (one value per cell) to every block, re-randomise, flood.
+        """Per group, fold, add that group's ``noise`` (one value per cell; ``noise`` lists the
+        groups' in turn) to every block, re-randomise, flood; group-major, then modulus.
 
         ``rng(bits)`` draws the flooding noise and is a parameter for tests;
         ``unsafe_without_flooding`` skips the fresh zero and the flooding (the distinguishing
@@ -392,35 +424,38 @@ class SimdSum:
         """
         public = self._public
         shape = public.shape
-        if len(noise) != shape.cells:
-            raise TypeError("one noise value per cell")
-        tiled = [0] * SLOTS
-        for start in range(0, SLOTS, shape.block):
-            tiled[start : start + shape.cells] = noise
+        if len(noise) != shape.cells * shape.groups:
+            raise TypeError("one noise value per cell and group")
         if self._done:
             raise TypeError("a sum's result is taken once (its ciphertexts are folded in place)")
         self._done = True
         _, flood = noise_bounds(max(self.ciphertexts, 1), len(shape.fold_steps) + 1)
         out = []
-        for i, modulus in enumerate(public._moduli):
-            evaluator, galois = modulus.evaluator, public._galois[i]
-            total = self._sums[i]
-            if total is None:  # nothing matched: an encryption of zero, flooded like any sum
-                total = seal.Ciphertext(modulus.context)
-                public._encryptors[i].encrypt(modulus.encode([0] * SLOTS), total)
-            rotated = seal.Ciphertext(modulus.context)
-            for step in shape.fold_steps:
-                evaluator.rotate_rows(total, step, galois, rotated)
+        for group, sums in enumerate(self._sums):
+            cells = noise[group * shape.cells : (group + 1) * shape.cells]
+            tiled = [0] * SLOTS
+            for start in range(0, SLOTS, shape.block):
+                tiled[start : start + shape.cells] = cells
+            for i, modulus in enumerate(public._moduli):
+                evaluator, galois = modulus.evaluator, public._galois[i]
+                total = sums[i]
+                if total is None:  # nothing matched: an encryption of zero, flooded like any sum
+                    total = seal.Ciphertext(modulus.context)
+                    public._encryptors[i].encrypt(modulus.encode([0] * SLOTS), total)
+                rotated = seal.Ciphertext(modulus.context)
+                for step in shape.fold_steps:
+                    evaluator.rotate_rows(total, step, galois, rotated)
+                    evaluator.add_inplace(total, rotated)
+                evaluator.rotate_columns(total, galois, rotated)
                 evaluator.add_inplace(total, rotated)
-            evaluator.rotate_columns(total, galois, rotated)
-            evaluator.add_inplace(total, rotated)
-            evaluator.add_plain_inplace(total, modulus.encode(tiled))
-            if not unsafe_without_flooding:
-                zero = seal.Ciphertext(modulus.context)
-                public._encryptors[i].encrypt(modulus.encode([0] * SLOTS), zero)
-                evaluator.add_inplace(total, zero)
-                evaluator.add_inplace(total, self._flooding(modulus, flood, rng))
-            out.append(public._files.dump(total))
+                evaluator.add_plain_inplace(total, modulus.encode(tiled))
+                if not unsafe_without_flooding:
+                    zero = seal.Ciphertext(modulus.context)
+                    public._encryptors[i].encrypt(modulus.encode([0] * SLOTS), zero)
+                    evaluator.add_inplace(total, zero)
+                    evaluator.add_inplace(total, self._flooding(modulus, flood, rng))
+                out.append(public._files.dump(total))
+                sums[i] = None
         return out
 
     def _flooding(self, modulus: _Modulus, half_width: int, rng: Callable[[int], int]) -> Any:
@@ -435,6 +470,14 @@ class SimdSum:
             coefficients.append(x - half_width)
         data = _transparent(modulus, coefficients)
         return self._public._files.load(seal.Ciphertext(modulus.context), modulus.context, data)
+
+
+def _group_of(selected: bool | int, groups: int) -> int:
+    if isinstance(selected, bool):
+        return 0 if selected else UNSELECTED
+    if not UNSELECTED <= selected < groups:
+        raise TypeError("a key's group is UNSELECTED or one of the matcher's groups")
+    return selected
 
 
 _VERSION: list[bytes] = []
@@ -537,15 +580,28 @@ class SimdSecretKeys:
         return hashlib.sha256(self.public_bundle()).digest()
 
     def decrypt(self, ciphertexts: Sequence[bytes]) -> list[int]:
-        """Cell totals, CRT-combined and centred in (-T/2, T/2).
+        """Cell totals, CRT-combined and centred in (-T/2, T/2); with several matcher groups
+        the groups' cells in turn (group-major, as :meth:`SimdSum.result` lists them).
 
         Raises:
             MalformedInput: the wrong count, a bad ciphertext, or blocks that disagree (the
                 fold did not run as the protocol says).
         """
         shape = self.shape
-        if len(ciphertexts) != shape.moduli:
-            raise MalformedInput("one result ciphertext per plaintext modulus", field="ciphertexts")
+        if len(ciphertexts) != shape.moduli * shape.groups:
+            raise MalformedInput(
+                "one result ciphertext per matcher group and plaintext modulus",
+                field="ciphertexts",
+            )
+        out: list[int] = []
+        for group in range(shape.groups):
+            out += self._decrypt_group(
+                ciphertexts[group * shape.moduli : (group + 1) * shape.moduli]
+            )
+        return out
+
+    def _decrypt_group(self, ciphertexts: Sequence[bytes]) -> list[int]:
+        shape = self.shape
         residues = []
         for modulus, decryptor, data in zip(
             self._moduli, self._decryptors, ciphertexts, strict=True

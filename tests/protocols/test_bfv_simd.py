@@ -181,3 +181,60 @@ def test_bad_keys_and_ciphertexts_are_refused(keys: SimdSecretKeys, public: Simd
 
 def _bundle_for(shape: SimdShape) -> bytes:
     return SimdSecretKeys(shape).public_bundle()
+
+
+@pytest.mark.parametrize("rows", [5, 5000])
+def test_matcher_groups_sum_apart_and_exact_across_crt_moduli(rows: int) -> None:
+    """Groups on the matcher's side: one masked sum per group (its keys' positions), each
+    folded with its own noise; the analyst reads the groups' cells in turn."""
+    rng = random.Random(rows)
+    bound, groups = 1 << 28, 5
+    shape = SimdShape(cells=2, moduli=bfv_simd.moduli_for(rows * bound + 1000), groups=groups)
+    assert shape.moduli >= 2
+    secret = SimdSecretKeys(shape)
+    public = SimdPublic.from_bundle(shape, secret.public_bundle())
+    values = [[1, rng.randrange(bound)] for _ in range(rows)]
+    chosen = [rng.choice([bfv_simd.UNSELECTED, *range(groups - 1)]) for _ in range(rows)]
+    total = public.accumulator()
+    per = shape.keys_per_ciphertext
+    for start in range(0, rows, per):
+        total.add(public.encrypt_keys(values[start : start + per]), chosen[start : start + per])
+    noise = [g * 10 + c for g in range(groups) for c in range(2)]
+    result = total.result(noise)
+    assert len(result) == groups * shape.moduli
+    got = secret.decrypt(result)
+    want = [
+        sum(v[c] for v, g in zip(values, chosen, strict=True) if g == group) + noise[group * 2 + c]
+        for group in range(groups)
+        for c in range(2)
+    ]
+    assert got == want
+    assert want[-2:] == noise[-2:]  # the last group had no key: its noise alone
+    with pytest.raises(MalformedInput, match="per matcher group"):
+        secret.decrypt(result[:-1])
+    with pytest.raises(TypeError, match="group"):
+        public.accumulator().add(public.encrypt_keys(values[:1]), [groups])
+
+
+def test_flooding_hides_which_keys_the_matcher_put_in_which_group() -> None:
+    """Two group assignments of the matcher with the same totals per group: unflooded, the
+    key holder tells them apart by the noise; flooded, the residuals are alike."""
+    shape = SimdShape(cells=1, moduli=1, groups=2)
+    secret = SimdSecretKeys(shape)
+    public = SimdPublic.from_bundle(shape, secret.public_bundle())
+    ciphertexts = public.encrypt_keys([[7], [7], [(1 << 21) + 99], [(1 << 21) + 99]])
+    assignments = {"A": [0, 1, 0, 1], "B": [1, 0, 1, 0]}  # per group: 7 + (2^21 + 99) alike
+
+    def evaluate(groups: list[int], *, flood: bool) -> list[bytes]:
+        total = public.accumulator()
+        total.add(ciphertexts, groups)
+        return total.result([0, 0], unsafe_without_flooding=not flood)
+
+    unflooded = {name: evaluate(g, flood=False) for name, g in assignments.items()}
+    assert secret.decrypt(unflooded["A"]) == secret.decrypt(unflooded["B"]) == [(1 << 21) + 106] * 2
+    assert unflooded["A"] != unflooded["B"]
+    keys = secret
+    for secret_input in ("A", "B", "B", "A"):
+        seen = evaluate(assignments[secret_input], flood=True)[0]
+        budgets = {n: _residual_budget(keys, seen, u[0]) for n, u in unflooded.items()}
+        assert budgets["A"] == budgets["B"]

@@ -46,9 +46,22 @@ public and Galois keys come with ``Aggregate.Run`` and must hash to the plan's `
 M loads every ciphertext into contexts it builds itself, so keys or ciphertexts for other
 parameters are refused as they arrive.
 
+**Groups on the matcher's side** (``group_by.side`` ``matcher``, at most
+``MAX_MATCHER_GROUPS``): V packs each key's figures without groups; M reads (key, label) rows,
+refuses a key carrying two labels of the domain, and masks the keys of each group under a fresh
+scalar of its own, sending all of them as one shuffled set. For each batch M masks V's points
+again under each group's scalar in turn (the points found in its set drop out of the next
+rounds): a point that lands in M's set under group g's scalar is a match of group g. M keeps
+one running sum per group (Paillier: per group and plaintext; bfv-simd: per group and modulus,
+each multiplied by the selection AND group mask) and releases them group by group, each with
+its own DP noise. The price is up to one X25519 masking per group for each of V's keys at M.
+
 Leakage (semi-honest): M learns |V's keys| and |M ∩ V| (which of V's shuffled, masked pairs
 match, not whose); V learns |M's keys|; the analyst learns the noisy figures. Neither node
-decrypts anything.
+decrypts anything. With M's groups, M also learns in which of its groups each matched position
+falls, i.e. |M_g ∩ V| per group g — what G queries with a WHERE on M's group column would tell
+it — and still not which of its keys matched; V learns |M's keys in the groups| and nothing of
+their groups (one point per key, under scalars V cannot tell apart).
 
 **Horizontal aggregate** (protocol 3). Each node draws an ephemeral X25519 key and signs it
 (``Aggregate.Prepare``); the analyst hands every node all signed keys with ``Aggregate.Run``.
@@ -70,6 +83,7 @@ reach them.
 
 from __future__ import annotations
 
+import array
 import collections
 import hashlib
 import itertools
@@ -542,15 +556,14 @@ class AggregateEngine:
         if simd:
             shape = plan.simd_shape()
             _check_bundle(plan, public_context)
-        group = figures.group_by
+        group = None if plan.groups_on_matcher else figures.group_by  # M's groups: M sums them
         columns = [
             side.column,
             *([group.column] if group else []),
             *(s.column for s in figures.sums),
         ]
-        per_key: dict[str, dict[str, int]] = {}
-        rows_per_key: dict[str, int] = {}
-        domain = set(group.domain) if group else {""}
+        domain = group.domain if group else ("",)
+        table = _KeyValues(len(domain), len(figures.names))
         # Let the pool's workers build their fixed-base tables while the rows are read.
         window = (
             None
@@ -559,42 +572,48 @@ class AggregateEngine:
                 key, len(layouts) * self._catalogue.count(side.dataset, where=side.where)
             )
         )
+        numbers = {label: i for i, label in enumerate(domain)}
         for row in self._catalogue.rows(side.dataset, columns, where=side.where):
-            join_key = str(row[0])
-            label = str(row[1]) if group else ""
-            if label not in domain:
+            g = numbers.get(str(row[1])) if group else 0
+            if g is None:
                 continue  # outside the groups asked for, like a WHERE on the label
-            rows = rows_per_key.get(join_key, 0) + 1
-            if rows > MAX_ROWS_PER_KEY:
+            values = figures.row_values(tuple(int(v) for v in row[2 if group else 1 :]))
+            if not table.add(str(row[0]), g, values):
                 raise MalformedInput(
                     f"more than {MAX_ROWS_PER_KEY} rows of {side.dataset} share one join key",
                     field="values",
                 )
-            rows_per_key[join_key] = rows
-            values = figures.row_values(tuple(int(v) for v in row[2 if group else 1 :]))
-            cells = per_key.setdefault(join_key, {})
-            for name, value in zip(figures.names, values, strict=True):
-                slot = slot_name(label, name)
-                cells[slot] = cells.get(slot, 0) + value
-        self._check_data(session, query_id, side.where, [k.encode() for k in per_key], len(per_key))
+        self._check_data(
+            session, query_id, side.where, (k.encode() for k in table.keys), len(table.keys)
+        )
         # Shuffle once; from here on everything is in the shuffled order M sees.
-        order = ecdh_psi.random_permutation(len(per_key))
-        join_keys = ecdh_psi.permute(list(per_key), order)
-        del rows_per_key
-        # Each key's cells leave per_key as its plaintexts are made: one copy at a time.
-        plaintexts: list[Sequence[int]]
+        order = table.shuffle()
+        own_keys = [table.keys[k].encode() for k in order]
+        table.drop_keys()
+        names = [slot_name(g, f) for g, f in plan.value_cells]
+
+        def cells(start: int, stop: int) -> list[dict[str, int]]:
+            """The cells of the keys at shuffled positions ``start`` to ``stop``, by name."""
+            return [
+                {n: v for n, v in zip(names, table.cells(order[p]), strict=True) if v}
+                for p in range(start, min(stop, len(order)))
+            ]
+
+        plaintexts: Callable[[int, int], list[Sequence[int]]]
         if simd:
-            names = [slot_name(g, f) for g, f in figures.cells]
-            plaintexts = [tuple(c.get(n, 0) for n in names) for c in _popped(per_key, join_keys)]
+
+            def plaintexts(start: int, stop: int) -> list[Sequence[int]]:
+                return [table.cells(order[p]) for p in range(start, min(stop, len(order)))]
+
         else:
-            plaintexts = [
-                tuple(layout.pack_named({s: v for s, v in c.items() if s in layout.names})
-                      for layout in layouts)
-                for c in _popped(per_key, join_keys)
-            ]  # fmt: skip
-        del per_key
-        own_keys = [k.encode() for k in join_keys]
-        del join_keys
+
+            def plaintexts(start: int, stop: int) -> list[Sequence[int]]:
+                return [
+                    tuple(layout.pack_named({s: v for s, v in c.items() if s in layout.names})
+                          for layout in layouts)
+                    for c in cells(start, stop)
+                ]  # fmt: skip
+
         count = len(own_keys)
         # A fresh scalar for this query: the pool's jobs mask each batch's keys with it.
         scalar = ecdh_psi.generate_scalar()
@@ -610,13 +629,13 @@ class AggregateEngine:
         if simd:
 
             def encryption(i: int) -> tuple[Callable[..., Any], tuple[Any, ...]]:
-                return _simd_encrypt_task, (public_context, shape, plaintexts[i : i + batch])
+                return _simd_encrypt_task, (public_context, shape, plaintexts(i, i + batch))
 
         elif key is not None:
             key_bytes, unsafe = key.to_bytes(), self._options.unsafe_allow_short_modulus
 
             def encryption(i: int) -> tuple[Callable[..., Any], tuple[Any, ...]]:
-                flat = [p for row in plaintexts[i : i + batch] for p in row]
+                flat = [p for row in plaintexts(i, i + batch) for p in row]
                 return _encrypt_task, (key_bytes, unsafe, window, flat)
 
         else:  # pragma: no cover - a Paillier plan has its key
@@ -722,16 +741,22 @@ class AggregateEngine:
             _check_bundle(plan, public_context)
             simd = bfv_simd.SimdPublic.from_bundle(plan.simd_shape(), public_context)
             session.simd = simd  # before M's keys go out: V's batches come after them
-        keys = [
-            k.encode() for k in self._catalogue.keys(side.dataset, side.column, where=side.where)
-        ]
+        # One key list and one fresh scalar per group of M's (one of each without them).
+        grouped = self._matcher_keys(plan)
+        keys = [k for group in grouped for k in group]
         self._check_data(session, query_id, side.where, keys, len(keys))
-        party = ecdh_psi.PsiParty.fresh(session.query_id)
+        parties = [ecdh_psi.PsiParty.fresh(session.query_id) for _ in grouped]
         executor = self._executor()
         workers = None if executor is not None else 1
-        masked = party.mask_own(keys, workers=workers, executor=executor)
+        masked = ecdh_psi.shuffle(
+            [
+                point
+                for party, group in zip(parties, grouped, strict=True)
+                for point in party.mask_own(group, workers=workers, executor=executor)
+            ]
+        )  # one set, in an order that says nothing of the groups
         self._send_step(session, query_id, plan.values.node, MATCHER_KEYS, masked, [])
-        del masked
+        del masked, grouped
         again = self._wait(session, query_id, plan.values.node, MATCHER_AGAIN)
         if len(again.points) != len(keys):
             raise MalformedInput(
@@ -747,7 +772,7 @@ class AggregateEngine:
         chain = hashlib.sha256()
         pairs = 0
 
-        def batches() -> Iterator[tuple[list[bool], list[Any]]]:
+        def batches() -> Iterator[tuple[list[int], list[Any]]]:
             nonlocal pairs
             while True:
                 batch = stream.take(
@@ -759,8 +784,20 @@ class AggregateEngine:
                 points, items, batch_digest = batch
                 chain.update(batch_digest)
                 pairs += len(points)
-                doubled = party.mask_peer(points, workers=workers, executor=executor)
-                yield [p in own for p in doubled], items
+                # Each position's group: the one whose scalar lands its point in M's set.
+                found = [bfv_simd.UNSELECTED] * len(points)
+                left = list(range(len(points)))
+                for g, party in enumerate(parties):
+                    if not left:
+                        break
+                    doubled = party.mask_peer(
+                        [points[i] for i in left], workers=workers, executor=executor
+                    )
+                    for i, point in zip(left, doubled, strict=True):
+                        if point in own:
+                            found[i] = g
+                    left = [i for i in left if found[i] == bfv_simd.UNSELECTED]
+                yield found, items
 
         if simd is None:
             out = self._sum_paillier(plan, batches())
@@ -773,35 +810,79 @@ class AggregateEngine:
         self._released(session, query_id, analyst, digest(b"".join(out)), len(out))
         return out
 
+    def _matcher_keys(self, plan: IntersectionPlan) -> list[list[bytes]]:
+        """M's distinct filtered keys: one list, or one per group of M's (in domain order).
+
+        Raises:
+            MalformedInput: with M's groups, a key whose rows carry two labels of the domain
+                (the groups must not share a key: one row of V's would count in both).
+        """
+        side, group = plan.matcher, plan.figures.group_by
+        if group is None or not plan.groups_on_matcher:
+            return [
+                [k.encode() for k in self._catalogue.keys(side.dataset, side.column,
+                                                          where=side.where)]
+            ]  # fmt: skip
+        index = {label: i for i, label in enumerate(group.domain)}
+        labels: dict[str, int] = {}
+        for key, label in self._catalogue.rows(
+            side.dataset, [side.column, group.column], where=side.where
+        ):
+            g = index.get(str(label))
+            if g is None:
+                continue  # outside the groups asked for, like a WHERE on the label
+            if labels.setdefault(str(key), g) != g:
+                raise MalformedInput(
+                    f"a join key of {side.dataset} has rows in two groups of {group.column}: "
+                    "the groups must not share a key",
+                    field="group_by",
+                )
+        out: list[list[bytes]] = [[] for _ in group.domain]
+        for key, g in labels.items():
+            out[g].append(key.encode())
+        return out
+
     def _sum_paillier(
-        self, plan: IntersectionPlan, batches: Iterator[tuple[list[bool], list[Any]]]
+        self, plan: IntersectionPlan, batches: Iterator[tuple[list[int], list[Any]]]
     ) -> list[bytes]:
         key = self._paillier_key(plan.public_key)
         layouts = plan.layouts(key.n_bits)
         width = key.ciphertext_bytes
-        # One running sum per plaintext, starting from M's encrypted noise share.
-        sums = [key.encrypt(self._noise_plaintext(plan, layout)) for layout in layouts]
+        # Per group of M's (one without them), one running sum per plaintext, starting from
+        # M's encrypted noise share.
+        sums = [
+            [key.encrypt(self._noise_plaintext(plan, layout)) for layout in layouts]
+            for _ in plan.matcher_groups
+        ]
         max_rows = min(layout.max_rows for layout in layouts)
         matched = 0
         for selected, items in batches:
-            hits = [i for i, hit in enumerate(selected) if hit]
+            hits = [(i, g) for i, g in enumerate(selected) if g != bfv_simd.UNSELECTED]
             matched += len(hits)
             if matched > max_rows:
                 raise MalformedInput(
                     f"more than {max_rows} matched rows: the slots could overflow", field="items"
                 )
-            for j in range(len(layouts)):
-                terms = [
-                    key.ciphertext_from_bytes(items[i][j * width : (j + 1) * width]) for i in hits
-                ]
-                sums[j] = key.sum_ciphertexts([sums[j], *terms])
-        return [key.ciphertext_to_bytes(key.rerandomize(total)) for total in sums]
+            for g, group_sums in enumerate(sums):
+                for j in range(len(layouts)):
+                    terms = [
+                        key.ciphertext_from_bytes(items[i][j * width : (j + 1) * width])
+                        for i, hit in hits
+                        if hit == g
+                    ]
+                    if terms:
+                        group_sums[j] = key.sum_ciphertexts([group_sums[j], *terms])
+        return [
+            key.ciphertext_to_bytes(key.rerandomize(total))
+            for group_sums in sums
+            for total in group_sums
+        ]
 
     def _sum_simd(
         self,
         plan: IntersectionPlan,
         simd: bfv_simd.SimdPublic,
-        batches: Iterator[tuple[list[bool], list[Any]]],
+        batches: Iterator[tuple[list[int], list[Any]]],
     ) -> list[bytes]:
         shape = simd.shape
         per, moduli = shape.keys_per_ciphertext, shape.moduli
@@ -813,6 +894,7 @@ class AggregateEngine:
                     selected[position * per : (position + 1) * per],
                 )
         scales = plan.figures.noise_scales()
+        # Per group of M's, its cells (figures.cells is group-major either way).
         noise = [self._noise(scales[f]) if scales else 0 for _, f in plan.figures.cells]
         return total.result(noise)
 
@@ -1139,9 +1221,60 @@ def _simd_encrypt_task(
     return out
 
 
-def _popped(table: dict[str, dict[str, int]], keys: Iterable[str]) -> Iterator[dict[str, int]]:
-    for key in keys:
-        yield table.pop(key)
+class _KeyValues:
+    """The value holder's filtered rows combined per join key, in flat arrays: per row its
+    group and figure values, chained to the key's previous row; per key its first-seen number,
+    row count and last row. About 30 bytes a row and a byte and a word a key, beside the keys'
+    own strings (dropped once they are encoded in the shuffled order)."""
+
+    def __init__(self, groups: int, figures: int) -> None:
+        self.figures = figures
+        self.width = groups * figures
+        self.keys: list[str] = []
+        self._number: dict[str, int] = {}
+        self._rows = bytearray()  # per key
+        self._last = array.array("i")  # per key: its last row
+        self._previous = array.array("i")  # per row: the key's row before it (-1: none)
+        self._group = array.array("H")  # per row
+        self._values = array.array("q")  # per row: its figures
+
+    def add(self, key: str, group: int, values: Sequence[int]) -> bool:
+        """Add one row; False when its key already has ``MAX_ROWS_PER_KEY`` rows."""
+        number = self._number.get(key)
+        if number is None:
+            number = self._number[key] = len(self.keys)
+            self.keys.append(key)
+            self._rows.append(0)
+            self._last.append(-1)
+        if self._rows[number] >= MAX_ROWS_PER_KEY:
+            return False
+        self._rows[number] += 1
+        self._previous.append(self._last[number])
+        self._last[number] = len(self._group)
+        self._group.append(group)
+        self._values.extend(values)
+        return True
+
+    def shuffle(self) -> array.array[int]:
+        """A fresh random order of the key numbers."""
+        return array.array("i", ecdh_psi.random_permutation(len(self.keys)))
+
+    def drop_keys(self) -> None:
+        self.keys, self._number = [], {}
+
+    def cells(self, number: int) -> list[int]:
+        """Key ``number``'s cells: its rows' figures summed, group-major."""
+        out = [0] * self.width
+        figures, row = self.figures, self._last[number]
+        values = self._values
+        while row >= 0:
+            base = self._group[row] * figures
+            part = values[row * figures : (row + 1) * figures]
+            if any(out[base : base + figures]):
+                part = array.array("q", map(sum, zip(part, out[base : base + figures])))
+            out[base : base + figures] = part
+            row = self._previous[row]
+        return out
 
 
 def _end(session: _Session, reason: str) -> None:

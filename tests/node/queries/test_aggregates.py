@@ -755,3 +755,183 @@ def test_sql_union_all_runs_as_a_horizontal_aggregate(agg: Agg) -> None:
     assert shown
     for group in shown:
         assert (group.count.value, group.sums["visits"].value) == agg.visits[group.label]
+
+
+# --- groups on the matcher's side (issue 15 item 2) ------------------------------------------
+
+MONTHS_BOUND = 12
+
+
+@pytest.fixture(scope="module")
+def two_sums(agg: Agg) -> Path:
+    """civil's assistance with a second SUM column (``months``, 1 to 12, from the key) as
+    ``assistance_months``; and tax's residents with one key in two districts as ``split``."""
+    rows = _csv(agg.data / f"{synth.CIVIL}.csv")
+    path = agg.data / "assistance_months.csv"
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, [*rows[0], "months"])
+        writer.writeheader()
+        for row in rows:
+            writer.writerow(row | {"months": 1 + int(row["id_number"][-5:-1]) % MONTHS_BOUND})
+    civil, tax = agg.nodes["civil"], agg.nodes["tax"]
+    register(civil, path, name="assistance_months", columns=(*CIVIL_COLUMNS, "months=aggregate"))
+    grant(
+        civil, "assistance_months", "alice",
+        ["id_number", "year", "district", "amount", "months"], KINDS,
+    )  # fmt: skip
+    grant(tax, "residents", "alice", ["id_number", "income_band", "year", "district"], KINDS)
+    residents = _csv(agg.data / f"{synth.TAX}.csv")
+    split = agg.data / "split.csv"
+    twin = residents[0] | {"district": next(d for d in synth.DISTRICTS
+                                            if d != residents[0]["district"])}  # fmt: skip
+    with open(split, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, list(residents[0]))
+        writer.writeheader()
+        writer.writerows([*residents, twin])
+    register(tax, split, name="split", columns=TAX_COLUMNS)
+    grant(tax, "split", "alice", ["id_number", "income_band", "year", "district"], KINDS)
+    return path
+
+
+def _two_sum_plan(side: str, column: str, domain: tuple[str, ...]) -> IntersectionPlan:
+    return IntersectionPlan(
+        QueryKind.INTERSECTION_AGGREGATE,
+        PURPOSE,
+        values=Side("civil", "assistance_months", "id_number", (Condition("year", "=", 2025),)),
+        matcher=Side("tax", "residents", "id_number"),
+        figures=Figures(
+            GroupSpec(column, domain, side),
+            (SumSpec("amount", AMOUNT_BOUND), SumSpec("months", MONTHS_BOUND)),
+            Fraction(1),
+        ),
+        public_key=b"",
+    )
+
+
+def _grouped_sql(agg: Agg, months: Path, plan: IntersectionPlan) -> dict[str, tuple[int, ...]]:
+    """Plain SQL (SQLite) over the CSVs: group -> (COUNT(*), SUM(amount), SUM(months)) of V's
+    2025 rows whose key is in M; the group from whichever table the plan names."""
+    db = sqlite3.connect(":memory:")
+    for path, table in ((months, "v"), (agg.data / f"{synth.TAX}.csv", "m")):
+        rows = _csv(path)
+        columns = list(rows[0])
+        db.execute(f"CREATE TABLE {table} ({', '.join(columns)})")
+        db.executemany(
+            f"INSERT INTO {table} VALUES ({', '.join('?' * len(columns))})",
+            [[r[c].upper() if c == "id_number" else r[c] for c in columns] for r in rows],
+        )
+    group = plan.figures.group_by
+    assert group is not None
+    table = "m" if group.side == "matcher" else "v"
+    query = (
+        f"SELECT {table}.{group.column}, COUNT(*), SUM(CAST(v.amount AS INTEGER)),"
+        " SUM(CAST(v.months AS INTEGER))"
+        " FROM v JOIN (SELECT DISTINCT id_number, district, income_band FROM m) AS m"
+        " ON v.id_number = m.id_number WHERE v.year = '2025'"
+        f" GROUP BY {table}.{group.column}"
+    )
+    return {str(g): tuple(rest) for g, *rest in db.execute(query)}
+
+
+GROUPED = {
+    "values_side_two_sums_bfv_simd": ("values", "district", synth.DISTRICTS, BFV_SIMD),
+    "matcher_side_income_band_bfv_simd": ("matcher", "income_band", ("low", "middle", "high"),
+                                          BFV_SIMD),
+    "matcher_side_income_band_paillier": ("matcher", "income_band", ("low", "middle", "high"),
+                                          PAILLIER),
+    "matcher_side_16_districts_bfv_simd": ("matcher", "district", synth.DISTRICTS, BFV_SIMD),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(GROUPED))
+def test_groups_on_either_side_are_exact_against_plain_sql(
+    agg: Agg, two_sums: Path, name: str
+) -> None:
+    side, column, domain, scheme = GROUPED[name]
+    plan = _two_sum_plan(side, column, domain)
+    outcome = run_intersection_aggregate(
+        agg.fed.identity("alice"), plan, scheme=scheme, key_bits=KEY_BITS,
+        unsafe_allow_short_modulus=True,
+    )  # fmt: skip
+    assert outcome.scheme == scheme
+    want = _grouped_sql(agg, two_sums, plan)
+    k = outcome.min_group_size
+    shown = 0
+    assert [g.label for g in outcome.groups] == list(domain)
+    for group in outcome.groups:
+        count, amount, months = want.get(group.label, (0, 0, 0))
+        if count < k:
+            assert group.suppressed
+            continue
+        shown += 1
+        got = (group.count.value, group.sums["amount"].value, group.sums["months"].value)
+        assert got == (count, amount, months)
+    assert shown >= min(3, len(domain))
+    reconciled = Auditor(agg.fed.identity("audra"), agg.data / "audit").show_query(outcome.query_id)
+    assert reconciled.ok, reconciled.disagreements
+
+
+def test_matcher_groups_that_share_a_key_are_refused(agg: Agg, two_sums: Path) -> None:
+    plan = replace(
+        _two_sum_plan("matcher", "district", synth.DISTRICTS),
+        matcher=Side("tax", "split", "id_number"),
+    )
+    with pytest.raises(MalformedInput, match="rows in two groups of district"):
+        run_intersection_aggregate(agg.fed.identity("alice"), plan, scheme=BFV_SIMD)
+    # The node keeps serving: the same plan over residents runs.
+    outcome = run_intersection_aggregate(
+        agg.fed.identity("alice"), _two_sum_plan("matcher", "income_band", ("low", "high")),
+        scheme=BFV_SIMD,
+    )  # fmt: skip
+    assert [g.label for g in outcome.groups] == ["low", "high"]
+
+
+def test_sql_groups_by_the_matchers_column_when_the_sums_are_the_other_tables(
+    agg: Agg, two_sums: Path
+) -> None:
+    from govshare.client.analyst_aggregate import run_aggregate_sql
+
+    sql = (
+        "SELECT t.income_band, COUNT(*), SUM(b.amount), SUM(b.months) "
+        "FROM civil.assistance_months AS b JOIN tax.residents AS t ON b.id_number = t.id_number "
+        "WHERE b.year = 2025 GROUP BY t.income_band"
+    )
+    outcome = run_aggregate_sql(
+        agg.fed.identity("alice"), sql, PURPOSE, Fraction(1), sum_bound=AMOUNT_BOUND
+    )
+    assert outcome.body["group_by"]["side"] == "matcher"
+    assert outcome.body["values"]["node"] == "civil"  # the SUMs' table holds the values
+    want = _grouped_sql(agg, two_sums, _two_sum_plan("matcher", "income_band", ("low",)))
+    assert outcome.scheme == BFV_SIMD
+    for group in outcome.groups:
+        count, amount, months = want[group.label]
+        assert not group.suppressed
+        assert (group.count.value, group.sums["amount"].value, group.sums["months"].value) == (
+            count, amount, months,
+        )  # fmt: skip
+
+
+def test_matcher_side_groups_in_plans_round_trip_and_are_bounded() -> None:
+    from govshare.model.aggregate_plan import MAX_MATCHER_GROUPS, parse_aggregate_plan
+
+    plan = replace(
+        _two_sum_plan("matcher", "income_band", ("low", "high")),
+        scheme=BFV_SIMD, public_key=b"\x02" * 32,
+    )  # fmt: skip
+    raw = plan.to_json()
+    assert raw["group_by"]["side"] == "matcher"
+    assert parse_aggregate_plan(raw, kind=plan.kind.value) == plan
+    assert "side" not in district_plan().to_json()["group_by"]  # V's groups read as before
+    assert plan.value_cells == (("", "count"), ("", "sum:amount"), ("", "sum:months"))
+    assert plan.simd_shape().groups == 2 and plan.simd_shape().cells == 3
+    assert any(a.column == "income_band" for a in plan.accesses("tax")[1])
+    assert not any(a.column == "income_band" for a in plan.accesses("civil")[1])
+    too_many = raw | {"group_by": raw["group_by"] | {
+        "domain": [str(i) for i in range(MAX_MATCHER_GROUPS + 1)]}}  # fmt: skip
+    for bad in (too_many, raw | {"group_by": raw["group_by"] | {"side": "both"}}):
+        with pytest.raises(MalformedInput, match="group_by"):
+            parse_aggregate_plan(bad, kind=plan.kind.value)
+    horizontal = replace(visits_plan(), public_key=b"\x01").to_json()
+    horizontal["group_by"]["side"] = "matcher"
+    with pytest.raises(MalformedInput, match="horizontal"):
+        parse_aggregate_plan(horizontal, kind=QueryKind.HORIZONTAL_AGGREGATE.value)
