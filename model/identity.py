@@ -636,6 +636,7 @@ class Federation:
             tls_fingerprint=fingerprint(cert),
             node=node,
             duties=duties,
+            suite=self.roster.suite,
         )
         roster = replace(
             self.roster,

@@ -33,6 +33,7 @@ from govshare.node.api.server import RunningNode, create_server
 from govshare.node.config import NodeConfig, write_default
 from govshare.node.node import Node
 from govshare.protocols import dp
+from govshare.protocols.suite import STANDARD, Suite
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -91,10 +92,12 @@ class FederationFixture:
         return str(self.bundles[f"op-{node}"])
 
 
-def build_federation(root: Path, name: str = "testfed") -> FederationFixture:
+def build_federation(
+    root: Path, name: str = "testfed", suite: Suite = STANDARD
+) -> FederationFixture:
     """A federation with two nodes, two analysts (CN, HK), an auditor and an expired analyst."""
     directory = root / "federation"
-    init_federation(directory, name)
+    init_federation(directory, name, suite=suite)
     federation = Federation.load(directory)
     bundles: dict[str, Path] = {}
     members = [
