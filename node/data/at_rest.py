@@ -248,15 +248,17 @@ def open_at_rest(home: Path, database: Path, suite: Suite | str) -> AtRest:
     return at_rest
 
 
-def purge(conn: sqlite3.Connection) -> bool:
+def purge(conn: sqlite3.Connection, *, vacuum: bool = True) -> bool:
     """Overwrite and reclaim what the store freed: ``VACUUM`` (rebuilds the file without free
-    pages), then a ``TRUNCATE`` checkpoint (copies the WAL into the file and cuts the WAL to
-    zero bytes, so no old frame survives in it). Run with ``PRAGMA secure_delete=ON`` on the
-    connection that freed the pages, so that they were zeroed as they were freed.
+    pages; skipped with ``vacuum=False``), then a ``TRUNCATE`` checkpoint (copies the WAL into
+    the file, so the zeroed pages replace the old ones there, and cuts the WAL to zero bytes, so
+    no old frame survives in it). Run with ``PRAGMA secure_delete=ON`` on the connection that
+    deleted, so that what it deleted was zeroed in the pages.
 
     Returns whether the WAL was truncated: a reader of an older snapshot (another process's
     open read) keeps it, and the node's next checkpoint truncates it.
     """
-    conn.execute("VACUUM")
+    if vacuum:
+        conn.execute("VACUUM")
     busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
     return not busy

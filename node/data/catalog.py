@@ -1324,6 +1324,9 @@ class Catalogue:
                 except sqlite3.Error:
                     pass  # the store is locked or read-only: remove drops it later
                 raise
+            # The old version's pages were zeroed as they were freed; put those over the old
+            # ones in the file and cut the WAL that still holds them.
+            purge(conn, vacuum=False)
         return totals.report(
             name, scanned, dry_run=False, skip_invalid=skip_invalid, version=version,
             previous_row_count=record.info.row_count,
@@ -1657,10 +1660,10 @@ class Catalogue:
             )
         return _SealedTable(columns, self._at_rest.unwrap_table_key(table, row["wrapped_key"]))
 
-    def _sealed_rows(
+    def _sealed_chunks(
         self, conn: sqlite3.Connection, table: str, sealed: _SealedTable
-    ) -> Iterator[builtins.list[Cell]]:
-        """Every row of a sealed table, ``[_row, cell, ...]`` in import order."""
+    ) -> Iterator[builtins.list[builtins.list[Cell]]]:
+        """Each chunk of a sealed table, its rows ``[_row, cell, ...]`` in import order."""
         if self._at_rest is None:  # pragma: no cover - _sealed refused already
             raise TypeError("no data key")
         try:
@@ -1668,7 +1671,37 @@ class Catalogue:
         except sqlite3.OperationalError:
             raise NotFound("the dataset was removed while being read") from None
         for chunk, blob in cursor:
-            yield from self._at_rest.open_chunk(sealed.key, table, int(chunk), bytes(blob))
+            yield self._at_rest.open_chunk(sealed.key, table, int(chunk), bytes(blob))
+
+    def _sealed_rows(
+        self, conn: sqlite3.Connection, table: str, sealed: _SealedTable
+    ) -> Iterator[builtins.list[Cell]]:
+        for rows in self._sealed_chunks(conn, table, sealed):
+            yield from rows
+
+    def _matching_chunks(
+        self,
+        conn: sqlite3.Connection,
+        info: DatasetInfo,
+        table: str,
+        sealed: _SealedTable,
+        where: Sequence[Condition],
+    ) -> Iterator[builtins.list[builtins.list[Cell]]]:
+        """The rows of a sealed table that pass ``where``, a chunk at a time, decrypted and
+        filtered here (a list per chunk: cheaper per row than a generator)."""
+        position = {column: i + 1 for i, column in enumerate(sealed.columns)}
+        tests = [
+            (position[rule.name], _PY_OPERATORS[op], value)
+            for rule, op, value in self._conditions(info, where)
+        ]
+        for rows in self._sealed_chunks(conn, table, sealed):
+            if not tests:
+                yield rows
+            elif len(tests) == 1:
+                [(at, test, value)] = tests
+                yield [row for row in rows if test(row[at], value)]
+            else:
+                yield [row for row in rows if all(t(row[i], v) for i, t, v in tests)]
 
     def _matching(
         self,
@@ -1678,15 +1711,9 @@ class Catalogue:
         sealed: _SealedTable,
         where: Sequence[Condition],
     ) -> Iterator[builtins.list[Cell]]:
-        """The rows of a sealed table that pass ``where``, decrypted and filtered here."""
-        position = {column: i + 1 for i, column in enumerate(sealed.columns)}
-        tests = [
-            (position[rule.name], _PY_OPERATORS[op], value)
-            for rule, op, value in self._conditions(info, where)
-        ]
-        for row in self._sealed_rows(conn, table, sealed):
-            if all(test(row[i], value) for i, test, value in tests):
-                yield row
+        """The rows of a sealed table that pass ``where``, one by one."""
+        for rows in self._matching_chunks(conn, info, table, sealed, where):
+            yield from rows
 
     @staticmethod
     def _typed(rule: ColumnRule, value: str | int) -> Cell:
@@ -1760,9 +1787,8 @@ class Catalogue:
                 return live.keys(column, where)
             if (sealed := self._sealed(conn, table)) is not None:
                 at = sealed.columns.index(column) + 1
-                return sorted(
-                    {str(r[at]) for r in self._matching(conn, info, table, sealed, where)}
-                )
+                chunks = self._matching_chunks(conn, info, table, sealed, where)
+                return sorted({str(row[at]) for rows in chunks for row in rows})
             rows = conn.execute(
                 f"SELECT DISTINCT {_quote(column)} FROM {_quote(table)}{clause}"
                 f" ORDER BY {_quote(column)}",
@@ -1842,7 +1868,7 @@ class Catalogue:
             if (live := self._live(conn, name)) is not None:
                 return live.count(where)
             if (sealed := self._sealed(conn, table)) is not None:
-                return sum(1 for _ in self._matching(conn, info, table, sealed, where))
+                return sum(map(len, self._matching_chunks(conn, info, table, sealed, where)))
             row = conn.execute(f"SELECT COUNT(*) FROM {_quote(table)}{clause}", params).fetchone()
         return int(row[0])
 
@@ -1895,11 +1921,13 @@ class Catalogue:
         label = None if group_by is None else sealed.columns.index(group_by) + 1
         summed = [(sealed.columns.index(c) + 1, int(bound)) for c, bound in sums]
         groups: dict[str, builtins.list[int]] = {}
-        for row in self._matching(conn, info, table, sealed, where):
-            totals = groups.setdefault(
-                "" if label is None else str(row[label]), [0] * (1 + len(summed))
-            )
-            totals[0] += 1
-            for slot, (at, bound) in enumerate(summed, start=1):
-                totals[slot] += min(max(int(row[at]), 0), bound)
+        for rows in self._matching_chunks(conn, info, table, sealed, where):
+            for row in rows:
+                group = "" if label is None else str(row[label])
+                totals = groups.get(group)
+                if totals is None:
+                    totals = groups[group] = [0] * (1 + len(summed))
+                totals[0] += 1
+                for slot, (at, bound) in enumerate(summed, start=1):
+                    totals[slot] += min(max(int(row[at]), 0), bound)
         return {group: tuple(totals) for group, totals in groups.items()}

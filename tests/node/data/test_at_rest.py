@@ -19,7 +19,7 @@ from govshare.model.governance import ColumnKind, ColumnRule, Owner, OwnerKind
 from govshare.node.audit.auditlog import AuditLog
 from govshare.node.data import resident_id
 from govshare.node.data.at_rest import AtRest, WrongDataKey, open_at_rest
-from govshare.node.data.catalog import BATCH_ROWS, Catalogue
+from govshare.node.data.catalog import BATCH_ROWS, Catalogue, Restatement
 from govshare.node.keystore import create_data_key, data_key_path, read_data_key
 from govshare.protocols.errors import MalformedInput
 from govshare.protocols.suite import SM, STANDARD, Suite
@@ -266,3 +266,33 @@ def test_remove_shreds_a_sealed_dataset_and_logs_its_digest(tmp_path: Path) -> N
     kinds = [(kind, actor) for kind, _, actor in logged(audit)]
     assert kinds == [("dataset.removed", ACTOR), ("dataset.destroyed", ACTOR)]
     assert logged(audit)[1][1]["hash"] == "SHA-256"
+
+
+def test_a_replace_seals_the_new_version_and_shreds_the_old(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    catalogue = Catalogue(home / "node.db", at_rest=at_rest_in(home, SM))
+    add(catalogue, write_csv(tmp_path / "v1.csv", 30))
+    [(old_table, old_key)] = (
+        sqlite3.connect(home / "node.db")
+        .execute("SELECT table_name, wrapped_key FROM sealed_tables")
+        .fetchall()
+    )
+    v2 = tmp_path / "v2.csv"
+    v2.write_text(
+        "id_number,district,amount,name,year\n"
+        + "".join(f"{IDS[i]},west,{i},New{i},2024\n" for i in range(100, 140)),
+        encoding="utf-8",
+    )
+    report = catalogue.replace(v2, name="benefits", stated=Restatement(), source=None,
+                               skip_invalid=False, actor=ACTOR, audit=None)  # fmt: skip
+    assert (report.version, report.imported) == (2, 40)
+    assert catalogue.keys("benefits", "id_number") == sorted(IDS[100:140])
+    [(table, _)] = (
+        sqlite3.connect(home / "node.db")
+        .execute("SELECT table_name, wrapped_key FROM sealed_tables")
+        .fetchall()
+    )
+    assert table != old_table  # the old version's key went with its table
+    assert holding(home, bytes(old_key)[-16:]) == []
+    for needle in (IDS[0], IDS[100], "New101"):
+        assert holding(home, needle.encode()) == [], needle
