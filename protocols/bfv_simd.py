@@ -80,13 +80,14 @@ analyst                the noisy figures                      the same (flooded,
 =====================  ====================================  ====================================
 
 With the groups on M's side (either scheme; ``govshare.node.queries.kinds.aggregate``) M masks
-each group's keys under a scalar of its own and sends them as one shuffled set, so V learns
-|M's keys in the groups| and nothing of the groups (the points are indistinguishable under
-DDH). M learns, for each of V's shuffled positions, whether it matched and *in which of M's
-groups*: the sizes |M_g ∩ V|, which the analyst could have had M learn anyway by G queries with
-a WHERE on M's column, and still not which of its keys matched. The analyst learns the noisy
-figures per group, as with V's groups: the flooding hides which positions M put in which group
-beyond the totals (tested by a distinguisher holding the secret key).
+every key under a common scalar and each group's keys again under a scalar of the group's, and
+sends both as one shuffled set, so V learns |M's keys in the groups| and nothing of the groups
+(the points are indistinguishable and unlinkable under DDH). M learns, for each of V's shuffled
+positions, whether it matched and *in which of M's groups*: the sizes |M_g ∩ V|, which the
+analyst could have had M learn anyway by G queries with a WHERE on M's column, and still not
+which of its keys matched. The analyst learns the noisy figures per group, as with V's groups:
+the flooding hides which positions M put in which group beyond the totals (tested by a
+distinguisher holding the secret key).
 
 Only public material leaves the analyst: per modulus the public key and the fold's Galois keys
 (:meth:`SimdSecretKeys.public_bundle`), fresh per query; the plan carries its SHA-256. No

@@ -48,20 +48,23 @@ parameters are refused as they arrive.
 
 **Groups on the matcher's side** (``group_by.side`` ``matcher``, at most
 ``MAX_MATCHER_GROUPS``): V packs each key's figures without groups; M reads (key, label) rows,
-refuses a key carrying two labels of the domain, and masks the keys of each group under a fresh
-scalar of its own, sending all of them as one shuffled set. For each batch M masks V's points
-again under each group's scalar in turn (the points found in its set drop out of the next
-rounds): a point that lands in M's set under group g's scalar is a match of group g. M keeps
-one running sum per group (Paillier: per group and plaintext; bfv-simd: per group and modulus,
-each multiplied by the selection AND group mask) and releases them group by group, each with
-its own DP noise. The price is up to one X25519 masking per group for each of V's keys at M.
+refuses a key carrying two labels of the domain, and masks every key under its common scalar
+and each group's keys once more under a fresh scalar of the group's, sending all 2|M| points
+as one shuffled set (V masks them all again). For each batch M masks V's points again under
+the common scalar, which tells the matches as without groups, and only the matched points
+under each group's scalar in turn until one lands in its set: that is the position's group. M
+keeps one running sum per group (Paillier: per group and plaintext; bfv-simd: per group and
+modulus, each multiplied by the selection AND group mask) and releases them group by group,
+each with its own DP noise. The price: M's keys masked twice on each side, and up to one more
+masking per group for each *matched* key at M.
 
 Leakage (semi-honest): M learns |V's keys| and |M ∩ V| (which of V's shuffled, masked pairs
 match, not whose); V learns |M's keys|; the analyst learns the noisy figures. Neither node
 decrypts anything. With M's groups, M also learns in which of its groups each matched position
 falls, i.e. |M_g ∩ V| per group g — what G queries with a WHERE on M's group column would tell
-it — and still not which of its keys matched; V learns |M's keys in the groups| and nothing of
-their groups (one point per key, under scalars V cannot tell apart).
+it — and still not which of its keys matched (both of its sets come back shuffled); V learns
+|M's keys in the groups| (half the points) and nothing of their groups (two points per key,
+under scalars V cannot tell apart or link under DDH).
 
 **Horizontal aggregate** (protocol 3). Each node draws an ephemeral X25519 key and signs it
 (``Aggregate.Prepare``); the analyst hands every node all signed keys with ``Aggregate.Run``.
@@ -741,24 +744,27 @@ class AggregateEngine:
             _check_bundle(plan, public_context)
             simd = bfv_simd.SimdPublic.from_bundle(plan.simd_shape(), public_context)
             session.simd = simd  # before M's keys go out: V's batches come after them
-        # One key list and one fresh scalar per group of M's (one of each without them).
+        # Every key under one fresh scalar; with M's groups, each group's keys once more under a
+        # fresh scalar of the group's.
         grouped = self._matcher_keys(plan)
         keys = [k for group in grouped for k in group]
         self._check_data(session, query_id, side.where, keys, len(keys))
-        parties = [ecdh_psi.PsiParty.fresh(session.query_id) for _ in grouped]
+        party = ecdh_psi.PsiParty.fresh(session.query_id)
+        parties = (
+            [ecdh_psi.PsiParty.fresh(session.query_id) for _ in grouped]
+            if plan.groups_on_matcher
+            else []
+        )
         executor = self._executor()
         workers = None if executor is not None else 1
-        masked = ecdh_psi.shuffle(
-            [
-                point
-                for party, group in zip(parties, grouped, strict=True)
-                for point in party.mask_own(group, workers=workers, executor=executor)
-            ]
-        )  # one set, in an order that says nothing of the groups
+        masked = party.mask_own(keys, workers=workers, executor=executor)
+        for group_party, group in zip(parties, grouped if parties else [], strict=True):
+            masked += group_party.mask_own(group, workers=workers, executor=executor)
+        masked = ecdh_psi.shuffle(masked)  # one set, in an order that says nothing of the groups
         self._send_step(session, query_id, plan.values.node, MATCHER_KEYS, masked, [])
         del masked, grouped
         again = self._wait(session, query_id, plan.values.node, MATCHER_AGAIN)
-        if len(again.points) != len(keys):
+        if len(again.points) != len(keys) * (1 + bool(parties)):
             raise MalformedInput(
                 "the value holder returned a set of the wrong size", field="points"
             )
@@ -784,19 +790,22 @@ class AggregateEngine:
                 points, items, batch_digest = batch
                 chain.update(batch_digest)
                 pairs += len(points)
-                # Each position's group: the one whose scalar lands its point in M's set.
-                found = [bfv_simd.UNSELECTED] * len(points)
-                left = list(range(len(points)))
-                for g, party in enumerate(parties):
-                    if not left:
-                        break
-                    doubled = party.mask_peer(
-                        [points[i] for i in left], workers=workers, executor=executor
-                    )
-                    for i, point in zip(left, doubled, strict=True):
-                        if point in own:
-                            found[i] = g
-                    left = [i for i in left if found[i] == bfv_simd.UNSELECTED]
+                doubled = party.mask_peer(points, workers=workers, executor=executor)
+                found = [0 if p in own else bfv_simd.UNSELECTED for p in doubled]
+                if parties:
+                    # A matched position's group: the one whose scalar lands it in M's set.
+                    left = [i for i, g in enumerate(found) if g == 0]
+                    found = [bfv_simd.UNSELECTED] * len(points)
+                    for g, group_party in enumerate(parties):
+                        if not left:
+                            break
+                        doubled = group_party.mask_peer(
+                            [points[i] for i in left], workers=workers, executor=executor
+                        )
+                        for i, point in zip(left, doubled, strict=True):
+                            if point in own:
+                                found[i] = g
+                        left = [i for i in left if found[i] == bfv_simd.UNSELECTED]
                 yield found, items
 
         if simd is None:
@@ -1270,8 +1279,9 @@ class _KeyValues:
         while row >= 0:
             base = self._group[row] * figures
             part = values[row * figures : (row + 1) * figures]
-            if any(out[base : base + figures]):
-                part = array.array("q", map(sum, zip(part, out[base : base + figures])))
+            held = out[base : base + figures]
+            if any(held):
+                part = array.array("q", map(sum, zip(part, held, strict=True)))
             out[base : base + figures] = part
             row = self._previous[row]
         return out
