@@ -1,17 +1,23 @@
-"""Every digest two parties must agree on, in one place.
+"""Every digest two parties must agree on, in one place, with the federation's suite's hash.
 
 A node logs, for each query, the digest of the signed request (``request_digest``), of each
 message it sent or received (``protocol.step`` ``digest``: a set of points, or points and
 ciphertext items) and of each result it released (``result_digest``); the auditor reconciles
 these fields across the nodes' logs (``govshare.model.reconcile``), so sender and receiver must
 compute them identically. Also here: the tracker's digests of the items of an exact release, and
-the fingerprint by which a plan names the analyst's public key. All are SHA-256.
+the fingerprint by which a plan names the analyst's public key.
+
+The hash is the federation's suite's (:mod:`govshare.protocols.suite`): SHA-256 under
+``standard``, SM3 under ``sm``; take a :class:`Digests` with :func:`digests_for`. Both are 32
+bytes, so every field keeps its width.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable, Sequence
+from typing import Final
+
+from govshare.protocols.suite import STANDARD, Suite
 
 # Bytes kept of each item's digest for the tracker check: 128 bits, no collisions in practice.
 ITEM_DIGEST_BYTES = 16
@@ -23,40 +29,64 @@ ROW_ITEM = b"r"
 KEY_ITEM = b"k"
 
 
-def item_digest(dataset: str, kind: bytes, item: bytes) -> bytes:
-    """One tracked item: its kind byte, then a truncated digest of (dataset, kind, item)."""
-    body = b"govshare/exact-item/v1\n" + dataset.encode() + b"\n" + kind + b"\n" + item
-    return kind + hashlib.sha256(body).digest()[: ITEM_DIGEST_BYTES - 1]
+class Digests:
+    """The digests of one suite (use :func:`digests_for`)."""
+
+    __slots__ = ("suite",)
+
+    def __init__(self, suite: Suite) -> None:
+        self.suite = suite
+
+    def item_digest(self, dataset: str, kind: bytes, item: bytes) -> bytes:
+        """One tracked item: its kind byte, then a truncated digest of (dataset, kind, item)."""
+        body = b"govshare/exact-item/v1\n" + dataset.encode() + b"\n" + kind + b"\n" + item
+        return kind + self.suite.hash(body)[: ITEM_DIGEST_BYTES - 1]
+
+    def digest(self, data: bytes) -> str:
+        """Hex digest of one blob: a released result (``result_digest``), a public key sent."""
+        return self.suite.hash(data).hex()
+
+    def request_digest(self, signed_request: bytes) -> str:
+        """Hex digest of a signed request's encoding: how every node, the operator approving
+        it and the auditor name the request (``request_digest``)."""
+        return self.digest(signed_request)
+
+    def points_digest(self, points: Iterable[bytes]) -> str:
+        """Hex digest over a set of points in the order sent (a PSI message, a released set)."""
+        hasher = self.suite.new_hasher()
+        for point in points:
+            hasher.update(point)
+        return hasher.digest().hex()
+
+    def message_digest(self, points: Sequence[bytes], items: Sequence[bytes]) -> str:
+        """Hex digest of an aggregate message: its points' digest, then each item's digest."""
+        hasher = self.suite.new_hasher()
+        hasher.update(bytes.fromhex(self.points_digest(points)))
+        for item in items:
+            hasher.update(self.suite.hash(item))
+        return hasher.digest().hex()
+
+    def key_fingerprint(self, data: bytes) -> bytes:
+        """Digest of a public key's encoding: how a plan names the analyst's key."""
+        return self.suite.hash(data)
 
 
-def digest(data: bytes) -> str:
-    """Hex SHA-256 of one blob: a released result (``result_digest``), a public key sent."""
-    return hashlib.sha256(data).hexdigest()
+_BY_SUITE: Final[dict[str, Digests]] = {}
 
 
-def request_digest(signed_request: bytes) -> str:
-    """Hex SHA-256 of a signed request's encoding: how every node, the operator approving it
-    and the auditor name the request (``request_digest``)."""
-    return digest(signed_request)
+def digests_for(suite: Suite) -> Digests:
+    """The digests of ``suite`` (a federation's: ``roster.crypto``)."""
+    found = _BY_SUITE.get(suite.name)
+    if found is None:
+        found = _BY_SUITE.setdefault(suite.name, Digests(suite))
+    return found
 
 
-def points_digest(points: Iterable[bytes]) -> str:
-    """Hex SHA-256 over a set of points in the order sent (a PSI message, a released set)."""
-    hasher = hashlib.sha256()
-    for point in points:
-        hasher.update(point)
-    return hasher.hexdigest()
-
-
-def message_digest(points: Sequence[bytes], items: Sequence[bytes]) -> str:
-    """Hex SHA-256 of an aggregate message: its points' digest, then each item's SHA-256."""
-    hasher = hashlib.sha256()
-    hasher.update(bytes.fromhex(points_digest(points)))
-    for item in items:
-        hasher.update(hashlib.sha256(item).digest())
-    return hasher.hexdigest()
-
-
-def key_fingerprint(data: bytes) -> bytes:
-    """SHA-256 of a public key's encoding: how a plan names the analyst's key."""
-    return hashlib.sha256(data).digest()
+# The standard suite's digests as module functions, for code that is the standard suite's only.
+_STANDARD: Final = digests_for(STANDARD)
+item_digest = _STANDARD.item_digest
+digest = _STANDARD.digest
+request_digest = _STANDARD.request_digest
+points_digest = _STANDARD.points_digest
+message_digest = _STANDARD.message_digest
+key_fingerprint = _STANDARD.key_fingerprint

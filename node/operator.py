@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from govshare.model.crossborder import Assessment
-from govshare.model.digests import request_digest
+from govshare.model.digests import digests_for
 from govshare.model.governance import (
     ColumnRule,
     DatasetInfo,
@@ -469,7 +469,7 @@ class Operator:
     def pending(self) -> list[PendingQuery]:
         store = QueryStore(self.config.database_path)
         try:
-            return approvals.pending(store)
+            return approvals.pending(store, suite=self.identity().roster.crypto)
         finally:
             store.close()
 
@@ -478,7 +478,7 @@ class Operator:
         will do)."""
         store = QueryStore(self.config.database_path)
         try:
-            return approvals.details(store, query_id)
+            return approvals.details(store, query_id, suite=self.identity().roster.crypto)
         finally:
             store.close()
 
@@ -488,9 +488,10 @@ class Operator:
         store = QueryStore(self.config.database_path)
         try:
             full_id = store.resolve(query_id)
+            suite = self.identity().roster.crypto
             body = {
                 "query_id": full_id,
-                "request_digest": request_digest(store.get(full_id).request),
+                "request_digest": digests_for(suite).request_digest(store.get(full_id).request),
                 "reason": reason,
             }
             action = "approval.approve" if approve else "approval.deny"
@@ -499,7 +500,7 @@ class Operator:
                 with self._acting(audit, action, Duty.APPROVE, body) as operator:
                     return approvals.decide(
                         store, audit, full_id, approve=approve, operator=operator,
-                        reason=reason, duties=duties,
+                        reason=reason, duties=duties, suite=suite,
                     )  # fmt: skip
         finally:
             store.close()

@@ -35,13 +35,14 @@ from __future__ import annotations
 
 import datetime as dt
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from govshare.model.aggregate_plan import IntersectionPlan, parse_aggregate_plan
 from govshare.model.conditions import Condition
-from govshare.model.digests import request_digest
+from govshare.model.digests import digests_for
 from govshare.model.epsilon import format_epsilon
 from govshare.model.governance import ColumnAccess, QueryKind
 from govshare.model.query_plan import PSI_KINDS, parse_plan
@@ -51,6 +52,7 @@ from govshare.node.stores.query_store import QueryRecord, QueryStore
 from govshare.node.stores.sqlite import immediate, opened
 from govshare.protocols.errors import Conflict, PolicyRefused
 from govshare.protocols.signed_request import SignedRequest
+from govshare.protocols.suite import STANDARD, Suite
 
 # The words QueryEngine.expire_stale records for a query it expires; the same here, so that
 # the log reads alike whichever side found the query expired.
@@ -136,10 +138,14 @@ def expires_at_of(record: QueryRecord) -> int:
     return SignedRequest.decode(record.request).expires_at
 
 
-def pending(store: QueryStore, *, now: int | None = None) -> list[PendingQuery]:
+def pending(
+    store: QueryStore, *, now: int | None = None, suite: Suite = STANDARD
+) -> list[PendingQuery]:
     """The queries waiting for this operator's decision whose signed request has not expired
-    (an expired one can never run; the node marks it ``expired`` when it next looks)."""
+    (an expired one can never run; the node marks it ``expired`` when it next looks).
+    ``suite``: the federation's, whose hash names the requests."""
     when = int(time.time()) if now is None else now
+    request_digest = digests_for(suite).request_digest
     waiting = (
         PendingQuery(r, request_digest(r.request), release_of(r), expires_at_of(r))
         for r in store.with_state(PENDING)
@@ -222,7 +228,7 @@ def _parties(kind: str, body: Any) -> tuple[tuple[Party, ...], str | None, str |
     return tuple(found), None, None
 
 
-def describe(record: QueryRecord) -> QueryDetails:
+def describe(record: QueryRecord, *, suite: Suite = STANDARD) -> QueryDetails:
     """What the query asks, read from its signed request (see the module docstring).
 
     Raises:
@@ -235,7 +241,7 @@ def describe(record: QueryRecord) -> QueryDetails:
     sql = body.get("sql") if isinstance(body, dict) else None
     return QueryDetails(
         record=record,
-        request_digest=request_digest(record.request),
+        request_digest=digests_for(suite).request_digest(record.request),
         issued_at=request.issued_at,
         expires_at=request.expires_at,
         release=release_of(record),
@@ -248,9 +254,9 @@ def describe(record: QueryRecord) -> QueryDetails:
     )
 
 
-def details(store: QueryStore, query_id: str) -> QueryDetails:
+def details(store: QueryStore, query_id: str, *, suite: Suite = STANDARD) -> QueryDetails:
     """:func:`describe` the query ``query_id`` names (a unique prefix will do)."""
-    return describe(store.get(store.resolve(query_id)))
+    return describe(store.get(store.resolve(query_id)), suite=suite)
 
 
 def decide(
@@ -263,8 +269,10 @@ def decide(
     reason: str = "",
     now: int | None = None,
     duties: Duties | None = None,
+    suite: Suite = STANDARD,
 ) -> QueryRecord:
-    """Approve or deny a pending query and log the decision.
+    """Approve or deny a pending query and log the decision (``request_digest`` with the
+    federation ``suite``'s hash).
 
     ``query_id`` may be a unique prefix of the id. ``duties``: the separation of duties to
     hold (module docstring); an approval it leaves short of the required approvers keeps the
@@ -280,6 +288,7 @@ def decide(
         PolicyRefused: ``duty.separation`` or ``approval.distinct`` (logged).
     """
     when = int(time.time()) if now is None else now
+    request_digest = digests_for(suite).request_digest
     query_id = store.resolve(query_id)
     _refuse_expired(store, audit, query_id, now=when, actor=operator)
     current = store.get(query_id)
@@ -291,7 +300,9 @@ def decide(
     message = reason or ("approved by the operator" if approve else "denied by the operator")
     approvers: list[str] = []
     if approve and duties is not None:
-        approvers = _separate(store, audit, current, operator, duties, when, message)
+        approvers = _separate(
+            store, audit, current, operator, duties, when, message, request_digest
+        )
         if len(approvers) < duties.required:
             audit.record(
                 "approval.recorded",
@@ -326,7 +337,7 @@ def decide(
 
 def _separate(
     store: QueryStore, audit: AuditSink, record: QueryRecord, operator: str, duties: Duties,
-    now: int, message: str,
+    now: int, message: str, request_digest: Callable[[bytes], str],
 ) -> list[str]:  # fmt: skip
     """Check the separation of duties for ``operator``'s approval of ``record`` and count it;
     returns every approver so far (this one included).

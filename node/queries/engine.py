@@ -46,13 +46,8 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Protocol, TypeVar
 
-from govshare.model import digests
 from govshare.model.conditions import Condition
-from govshare.model.digests import (
-    KEY_ITEM,
-    ROW_ITEM,
-    item_digest,
-)
+from govshare.model.digests import KEY_ITEM, ROW_ITEM, Digests, digests_for
 from govshare.model.governance import QueryKind
 from govshare.model.identity import Identity, Roster
 from govshare.model.risk import RISK_SUSPENDED
@@ -231,6 +226,11 @@ class QueryEngine:
     def name(self) -> str:
         return self._identity.name
 
+    @property
+    def digests(self) -> Digests:
+        """The digests of the federation's suite (what the other nodes log too)."""
+        return digests_for(self._identity.roster.crypto)
+
     def _event(self, name: str, query_id: str, kind: str = "", dataset: str = "",
                **fields: object) -> None:  # fmt: skip
         self._on_event(QueryEvent(name, self.name, query_id, kind, dataset, fields))
@@ -251,7 +251,7 @@ class QueryEngine:
         self._store.remember_nonce(
             caller.name, request.nonce, expires_at=request.expires_at, now=now
         )
-        request_digest = digests.request_digest(signed)
+        request_digest = self.digests.request_digest(signed)
         self._audit.record(
             "query.received",
             {"request": signed, "request_digest": request_digest, "kind": request.kind},
@@ -613,8 +613,8 @@ class QueryEngine:
         """
         rows = (str(r).encode() for r in self._catalogue.row_ids(dataset, where=where))
         mine = frozenset(
-            [*(item_digest(dataset, ROW_ITEM, r) for r in rows),
-             *(item_digest(dataset, KEY_ITEM, key) for key in keys)]
+            [*(self.digests.item_digest(dataset, ROW_ITEM, r) for r in rows),
+             *(self.digests.item_digest(dataset, KEY_ITEM, key) for key in keys)]
         )  # fmt: skip
         for earlier, theirs in self._store.exact_releases(analyst, dataset):
             if earlier == query_id:
