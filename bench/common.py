@@ -19,6 +19,7 @@ from pathlib import Path
 from govshare.model.governance import Role
 from govshare.model.identity import Federation, init_federation
 from govshare.node.config import DEFAULT_PROTOCOL_TIMEOUT, write_default
+from govshare.protocols.suite import STANDARD, Suite
 
 ANALYST = "alice"
 
@@ -36,13 +37,15 @@ def make_federation(
     analyst: str = ANALYST,
     *,
     protocol_timeout: float = DEFAULT_PROTOCOL_TIMEOUT,
+    suite: Suite = STANDARD,
 ) -> Federation:
     """A federation under ``root``: one home per node (with its config) and the analyst's.
 
     ``protocol_timeout`` is how long a node waits for its peer's part: a large run's longest
-    step (the value holder encrypting every row) must fit in it.
+    step (the value holder encrypting every row) must fit in it. ``suite``: the federation's
+    crypto suite.
     """
-    init_federation(root / "federation", "bench")
+    init_federation(root / "federation", "bench", suite=suite)
     federation = Federation.load(root / "federation")
     for name in nodes:
         federation, _ = federation.enrol(

@@ -15,10 +15,13 @@ fails), and stops the nodes cleanly. Every step runs the real ``govshare`` comma
 prints each command before its output.
 
     python -m govshare.examples.demo [--dir demo-run] [--size 5000] [--seed 7] [--postgres]
+                                     [--suite standard|sm]
 
 With ``--postgres`` the tax and civil affairs bureaus keep their records in a PostgreSQL server
 the demo starts (``govshare.examples.postgres``; Debian's postgresql package): their nodes
-register the live tables and read them at each query, nothing copied.
+register the live tables and read them at each query, nothing copied. With ``--suite sm`` the
+same story runs on a federation made with the national algorithms (SM2 signatures, SM3 logs and
+key derivation, SM4 masks and data at rest; ``govshare.protocols.suite``).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from rich.console import Console
 from rich.rule import Rule
 
 from govshare.examples import postgres, synth
+from govshare.protocols.suite import STANDARD, SUITE_NAMES
 
 console = Console(highlight=False)
 
@@ -193,11 +197,19 @@ def split_visits(data: Path) -> None:
         (data / name).write_text(header + "".join(share), encoding="utf-8")
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    """A loopback port free now and not handed out before in this run: nothing listens on the
+    ports until the nodes start, so the kernel may offer the same free port twice."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port: int = sock.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 class Demo:
@@ -358,7 +370,9 @@ LIVE = {
 }
 
 
-def run(workdir: Path, size: int, seed: int, *, live: bool = False) -> None:
+def run(
+    workdir: Path, size: int, seed: int, *, live: bool = False, suite: str = STANDARD.name
+) -> None:
     started = time.monotonic()
     if workdir.exists():
         shutil.rmtree(workdir)
@@ -383,8 +397,8 @@ def run(workdir: Path, size: int, seed: int, *, live: bool = False) -> None:
                     soft_wrap=True,
                 )
 
-        demo.step("2. Federation administrator: CA, roster, members")
-        demo.govshare("federation", "init", "--name", "demo")
+        demo.step(f"2. Federation administrator: CA, roster, members ({suite} crypto suite)")
+        demo.govshare("federation", "init", "--name", "demo", "--suite", suite)
         for department in DEPARTMENTS:
             demo.govshare(
                 "federation", "enrol", "--role", "node", "--name", department.node,
@@ -592,8 +606,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--postgres", action="store_true",
         help="tax and civil affairs read their records live from a PostgreSQL server it starts",
     )  # fmt: skip
+    parser.add_argument(
+        "--suite", choices=SUITE_NAMES, default=STANDARD.name,
+        help="the federation's crypto suite: standard (Ed25519, SHA-256, AES) or sm (SM2, SM3, "
+        "SM4)",
+    )  # fmt: skip
     options = parser.parse_args(argv)
-    run(options.dir.resolve(), options.size, options.seed, live=options.postgres)
+    run(
+        options.dir.resolve(), options.size, options.seed, live=options.postgres,
+        suite=options.suite,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":
