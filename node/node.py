@@ -278,7 +278,7 @@ class Node:
         """
         if self.mask_secret is None:
             raise TypeError(f"node {self.name} has no masking secret; build it with from_config")
-        return self.mask_secret.key(dataset, column)
+        return self.mask_secret.key(dataset, column, self.identity.roster.crypto)
 
     def send(
         self,

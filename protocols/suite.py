@@ -98,7 +98,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
 from cryptography.exceptions import InvalidSignature, InvalidTag, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes, hmac, serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.utils import (
     decode_dss_signature,
@@ -512,6 +512,12 @@ class Suite:
     def new_hasher(self) -> Hasher:
         """An incremental hasher (Merkle leaves and nodes, entry digests)."""
         return self._new_hasher()
+
+    def mac(self, key: bytes, data: bytes) -> bytes:
+        """HMAC (RFC 2104) with this suite's hash: HMAC-SHA256 or HMAC-SM3."""
+        mac = hmac.HMAC(bytes(key), self._hash_algorithm())
+        mac.update(bytes(data))
+        return mac.finalize()
 
     def kdf(self, secret: bytes, *, info: bytes, length: int, salt: bytes | None = None) -> bytes:
         """HKDF (RFC 5869) with this suite's hash: extract with ``salt`` (default: zeros of

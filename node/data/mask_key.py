@@ -1,12 +1,13 @@
 """The node's masking secret, and the ``hash_prefix`` key of each of its columns.
 
-``hash_prefix`` (see ``govshare.node.data.masking``) releases HMAC-SHA256 pseudonyms, so the node
-needs a key no one else holds. Each node keeps one secret, 32 random bytes in the file
-``mask.secret`` of its home (mode 0600, never printed, logged or sent), and derives from it one
-key per (dataset, column) with HKDF-SHA256 (RFC 5869)::
+``hash_prefix`` (see ``govshare.node.data.masking``) releases HMAC pseudonyms (HMAC-SHA256, or
+HMAC-SM3 in a federation on the ``sm`` suite), so the node needs a key no one else holds. Each
+node keeps one secret, 32 random bytes in the file ``mask.secret`` of its home (mode 0600, never
+printed, logged or sent), and derives from it one key per (dataset, column) with HKDF over the
+suite's hash (RFC 5869; HKDF-SHA256 or HKDF-SM3)::
 
-    key = HKDF-SHA256(ikm=secret, salt=none, info=INFO_PREFIX || u16 len(dataset) || dataset
-                                                   || u16 len(column) || column, L=32)
+    key = HKDF(ikm=secret, salt=none, info=INFO_PREFIX || u16 len(dataset) || dataset
+                                            || u16 len(column) || column, L=32)
 
 Consequences:
 
@@ -14,7 +15,7 @@ Consequences:
   queries and analysts (that is what ``hash_prefix`` is for: a recipient can count repeats);
 - they are linkable to nothing else: another column, another dataset, another node, or anyone
   hashing candidate IDs without the secret (HKDF outputs for distinct ``info`` are independent
-  under HKDF's PRF assumption on HMAC-SHA256);
+  under HKDF's PRF assumption on the HMAC);
 - a dataset removed and registered again under the same name keeps its pseudonyms;
 - losing or replacing the secret file changes every pseudonym the node releases from then on
   (nothing else depends on it; no released value can be recomputed without it).
@@ -33,10 +34,8 @@ import secrets
 import struct
 from pathlib import Path
 
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-
 from govshare.protocols.errors import AlreadyExists, MalformedInput, NotFound
+from govshare.protocols.suite import STANDARD, Suite
 
 MASK_SECRET = "mask.secret"
 # 256 bits of secret: HKDF-SHA256's full strength.
@@ -47,8 +46,9 @@ KEY_BYTES = 32
 INFO_PREFIX = b"govshare/v1/mask-key/hash_prefix"
 
 
-def derive_mask_key(secret: bytes, dataset: str, column: str) -> bytes:
-    """The ``hash_prefix`` HMAC key of ``dataset.column`` under a node's masking secret.
+def derive_mask_key(secret: bytes, dataset: str, column: str, suite: Suite = STANDARD) -> bytes:
+    """The ``hash_prefix`` HMAC key of ``dataset.column`` under a node's masking secret, with
+    HKDF of the federation ``suite``'s hash (HKDF-SHA256, or HKDF-SM3 under ``sm``).
 
     Raises:
         TypeError: ``secret`` is not 32 bytes, or a name is not a non-empty str.
@@ -56,7 +56,7 @@ def derive_mask_key(secret: bytes, dataset: str, column: str) -> bytes:
     if not isinstance(secret, bytes) or len(secret) != SECRET_BYTES:
         raise TypeError(f"a masking secret is {SECRET_BYTES} bytes")
     info = INFO_PREFIX + _length_prefixed(dataset, "dataset") + _length_prefixed(column, "column")
-    return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None, info=info).derive(secret)
+    return suite.kdf(secret, info=info, length=KEY_BYTES)
 
 
 def _length_prefixed(name: str, what: str) -> bytes:
@@ -82,9 +82,9 @@ class MaskSecret:
     def __repr__(self) -> str:
         return "MaskSecret(<hidden>)"
 
-    def key(self, dataset: str, column: str) -> bytes:
+    def key(self, dataset: str, column: str, suite: Suite = STANDARD) -> bytes:
         """The ``hash_prefix`` key of ``dataset.column`` (see :func:`derive_mask_key`)."""
-        return derive_mask_key(self._secret, dataset, column)
+        return derive_mask_key(self._secret, dataset, column, suite)
 
     @classmethod
     def load(cls, path: Path) -> MaskSecret:

@@ -6,7 +6,8 @@ masking rule. The rules are a small named set, written ``name`` or ``name:N``:
 - ``keep_last:N`` — every character but the last N becomes ``*`` (a value no longer than N is
   masked whole, so the rule never reveals a short value entirely);
 - ``keep_first:N`` — likewise, keeping the first N characters;
-- ``hash_prefix`` — the first 16 hex digits of HMAC-SHA256 under a caller-supplied key.
+- ``hash_prefix`` — the first 16 hex digits of an HMAC under a caller-supplied key (HMAC-SHA256,
+  or HMAC-SM3 on the ``sm`` suite).
   Keyed on purpose: an unkeyed hash of an 18-digit resident ID is brute-forced from the
   ~10^11 plausible IDs in minutes. Values masked under one key are linkable to each other
   (that is the point: a recipient can count repeats) and to nothing else. A node keys each
@@ -20,12 +21,11 @@ at release time.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import re
 from dataclasses import dataclass
 
 from govshare.protocols.errors import MalformedInput
+from govshare.protocols.suite import STANDARD, Suite
 
 KEEP_LAST = "keep_last"
 KEEP_FIRST = "keep_first"
@@ -104,7 +104,9 @@ def needs_key(rule: str | MaskRule) -> bool:
     return parsed.name == HASH_PREFIX
 
 
-def apply_mask(rule: str | MaskRule, value: str, *, key: bytes | None = None) -> str:
+def apply_mask(
+    rule: str | MaskRule, value: str, *, key: bytes | None = None, suite: Suite = STANDARD
+) -> str:
     """Return ``value`` as the masking rule lets it be released.
 
     Args:
@@ -135,5 +137,5 @@ def apply_mask(rule: str | MaskRule, value: str, *, key: bytes | None = None) ->
     # hash_prefix
     if key is None or len(key) < MIN_HASH_KEY_BYTES:
         raise TypeError(f"hash_prefix needs a key of at least {MIN_HASH_KEY_BYTES} bytes")
-    digest = hmac.new(key, value.encode("utf-8"), hashlib.sha256).hexdigest()
+    digest = suite.mac(key, value.encode("utf-8")).hex()
     return digest[:HASH_PREFIX_HEX]

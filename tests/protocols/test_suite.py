@@ -258,6 +258,13 @@ def test_hmac_sm3_by_hand_matches_cryptography() -> None:
         assert mac.finalize() == _hmac_gm_sm3(key, b"message")
 
 
+@pytest.mark.parametrize("key", [b"k", b"k" * 64, b"k" * 65], ids=["short", "block", "long"])
+def test_suite_mac_is_the_suites_hmac(key: bytes) -> None:
+    """The masking pseudonyms' HMAC: HMAC-SM3 (checked against gmssl's SM3 by hand) under sm."""
+    assert SM.mac(key, b"110101199003070011") == _hmac_gm_sm3(key, b"110101199003070011")
+    assert STANDARD.mac(key, b"x") == std_hmac.new(key, b"x", hashlib.sha256).digest()
+
+
 # -- SM2 --------------------------------------------------------------------------------------
 
 
