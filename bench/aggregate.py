@@ -387,9 +387,11 @@ def message_bytes(scheme: str, keys: int, m: int, side: str = VALUES_SIDE) -> di
         groups = len(plan.matcher_groups)
         values, result = keys * len(layouts) * size, groups * len(layouts) * size
         analyst = DEFAULT_N_BITS // 8
+    # With the matcher's groups its keys go twice (common scalar, group scalar) each way.
+    twice = 2 if side == MATCHER_SIDE else 1
     return {
-        "civil": 32 * m + 32 * keys + values,
-        "tax": 32 * m + result,
+        "civil": 32 * twice * m + 32 * keys + values,
+        "tax": 32 * twice * m + result,
         "analyst keys to each node": analyst,
     }
 
