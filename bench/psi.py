@@ -19,14 +19,22 @@ Printed with each, from the same run on the same cores:
   keys, the dummies' extra message) timed against the exact release of the same query on the
   same running nodes (approved by both operators), after a warm-up query. Target: <= 1.05 x.
 
+With ``--engine rr22`` it times membership kept by a receiving node instead (tax learns which
+of its keys match, the analyst how many, noised; after a warm-up query): on the RR22 engine
+(``govshare.node.queries.engines.rr22``, its driver under the engine's interpreter) and on
+ECDH-PSI's batched path, on the same running nodes, with the ratio of the two. Peak RSS there
+is the node's process tree, and a driver's own peak (sampled) beside it.
+
 With ``--anchor secretflow`` it also runs SecretFlow's PSI (``spu`` 0.9.5's libpsi, two local
-processes, ECDH on Curve25519 and RR22) on the same keys (``bench/secretflow_psi.py``, in its
-own virtual environment: spu's numpy < 2 and jax clash with govshare's; made under
-``bench-run/secretflow-venv`` with pip when missing, or ``--secretflow-python``), and prints
-govshare's ratios to both.
+processes, ECDH on Curve25519 and RR22) on the same keys (``bench/secretflow_psi.py``), and
+prints govshare's ratios to both: PSI-CA's to SecretFlow's ECDH and RR22, or with ``--engine
+rr22`` membership on RR22 to SecretFlow's RR22 (target <= 1.5 x). SecretFlow and the RR22
+engine run in the engine's own virtual environment (spu's numpy < 2 and jax clash with
+govshare's): ``make secretflow`` builds .venv/secretflow, run here when missing; or
+``--secretflow-python``.
 
     .venv/bin/python bench/psi.py [--sizes 10000,100000,1000000] [--dir bench-run/psi]
-        [--paths batched,pointwise] [--no-dp] [--anchor secretflow]
+        [--paths batched,pointwise] [--no-dp] [--engine ecdh|rr22] [--anchor secretflow]
 
 Targets (DESIGN.md): 1M x 1M <= 60 s on 2 cores, ratio <= 1.3, <= 1.5 GB per node.
 """
@@ -40,6 +48,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import replace
 from fractions import Fraction
@@ -55,12 +64,13 @@ from govshare.client.analyst import StatusCallback, run_psi
 from govshare.examples import synth
 from govshare.model.governance import Grade, Owner, OwnerKind, QueryKind, SharingType
 from govshare.model.identity import Identity
-from govshare.model.query_plan import PsiPlan, Side
+from govshare.model.query_plan import ECDH, ENGINES, RR22, PsiPlan, Side
 from govshare.model.states import PENDING
 from govshare.node.audit.auditlog import AuditLog
 from govshare.node.config import NodeConfig
 from govshare.node.node import Node
 from govshare.node.policy import approvals
+from govshare.node.queries.engines import rr22
 from govshare.node.stores.query_store import QueryStore
 from govshare.protocols import dp, ecdh_psi, x25519_batch
 
@@ -99,7 +109,8 @@ def setup(root: Path, n: int) -> int:
             node.grants.issue(
                 node.identity.signing_key, issuer=name, dataset=node.catalogue.get(dataset),
                 grantee="alice", purpose=PURPOSE, columns=["id_number"],
-                query_kinds=[QueryKind.PSI_CARDINALITY], expires_at=int(time.time()) + 86400,
+                query_kinds=[QueryKind.PSI_CARDINALITY, QueryKind.PSI_MEMBERSHIP],
+                expires_at=int(time.time()) + 86400,
                 epsilon=Fraction(10), max_queries=100, actor=f"operator:{name}", audit=node.audit,
             )  # fmt: skip
         finally:
@@ -131,22 +142,64 @@ def approve_when_pending(root: Path, running: list[float]) -> StatusCallback:
     return on_status
 
 
-SECRETFLOW_SPU = "spu==0.9.5"
-SECRETFLOW_DRIVER = Path(__file__).resolve().parent / "secretflow_psi.py"
+REPO = Path(__file__).resolve().parents[1]
+SECRETFLOW_DRIVER = REPO / "bench" / "secretflow_psi.py"
+SECRETFLOW_PYTHON = REPO / ".venv" / "secretflow" / "bin" / "python"
 
 
 def secretflow_python(given: Path | None) -> Path:
-    """The interpreter of a virtual environment with spu: ``given``, or one made (once) under
-    bench-run/ with this Python and pip."""
+    """The interpreter of a virtual environment with spu: ``given``, or the one ``make
+    secretflow`` builds (the RR22 engine's, whose version the Makefile pins), made when
+    missing."""
     if given is not None:
         return given
-    venv = Path("bench-run/secretflow-venv")
-    python = venv / "bin" / "python"
-    if not python.exists():
-        print(f"making {venv} with {SECRETFLOW_SPU} (once)", flush=True)
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        subprocess.run([str(python), "-m", "pip", "install", "-q", SECRETFLOW_SPU], check=True)
-    return python
+    subprocess.run(["make", "--no-print-directory", "secretflow"], cwd=REPO, check=True)
+    return SECRETFLOW_PYTHON
+
+
+def enable_rr22(root: Path, python: Path) -> None:
+    """Both nodes offer the RR22 engine, under ``python`` ([engines] rr22_python)."""
+    for name in DATASETS:
+        config = root / name / "node.toml"
+        text = config.read_text()
+        if 'rr22_python = ""' not in text:
+            raise SystemExit(f"{config} has no default [engines] rr22_python to set")
+        config.write_text(text.replace('rr22_python = ""', f'rr22_python = "{python.absolute()}"'))
+
+
+class DriverPeak:
+    """The peak RSS of each RR22 driver process while it runs, sampled from /proc (a driver
+    is not a node's descendant for long enough for tree_peak_rss_mb to see it)."""
+
+    def __init__(self) -> None:
+        self.peak_mb: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> DriverPeak:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _sample(self) -> None:
+        marker = str(rr22.DRIVER).encode()
+        while not self._stop.wait(0.05):
+            for entry in Path("/proc").iterdir():
+                try:
+                    if not entry.name.isdigit() or marker not in (entry / "cmdline").read_bytes():
+                        continue
+                    status = (entry / "status").read_text().splitlines()
+                except OSError:
+                    continue
+                for line in status:
+                    if line.startswith("VmHWM:"):
+                        mb = int(line.split()[1]) / 1024
+                        self.peak_mb[int(entry.name)] = max(
+                            mb, self.peak_mb.get(int(entry.name), 0)
+                        )
 
 
 def run_secretflow(python: Path, root: Path, protocol: str) -> dict[str, float]:
@@ -247,6 +300,63 @@ def _run_nodes(
     }
 
 
+def run_membership(root: Path, expected: int, python: Path) -> dict[str, dict[str, float]]:
+    """Membership kept by tax on each engine, RR22 first, on the same running nodes."""
+    enable_rr22(root, python)
+    rows: dict[str, dict[str, float]] = {}
+    with node_processes(root, list(DATASETS)) as processes:
+        alice = Identity.load(root / "alice")
+        plan = PsiPlan(
+            kind=QueryKind.PSI_MEMBERSHIP, purpose=PURPOSE,
+            left=Side("tax", "residents", "id_number"),
+            right=Side("civil", "assistance", "id_number"),
+            recipient="tax", epsilon=DP_EPSILON,
+        )  # fmt: skip
+        for engine in (RR22, ECDH):
+            engined = replace(plan, engine=engine)
+            run_psi(alice, engined, on_status=approve_when_pending(root, []), poll=0.05)  # warm-up
+            start: list[float] = []
+            with DriverPeak() as drivers:
+                outcome = run_psi(
+                    alice, engined, on_status=approve_when_pending(root, start), poll=0.05
+                )
+                wall = time.perf_counter() - start[0]
+            # The count is noised (ε 1, discrete Laplace of scale 1: |noise| > 30 has p < 1e-12);
+            # tax keeps the exact matches.
+            if abs(outcome.count - expected) > 30:
+                raise SystemExit(f"{engine}: about {outcome.count} matched, not {expected}")
+            rss = {name: tree_peak_rss_mb(p.pid) for name, p in processes.items()}
+            driver_peaks = sorted(drivers.peak_mb.values())
+            rows[engine] = {
+                "wall": wall,
+                "count": outcome.count,
+                "rss_tax": rss["tax"],
+                "rss_civil": rss["civil"],
+                "driver_mb": max(driver_peaks) if driver_peaks else 0.0,
+            }
+    return rows
+
+
+def membership_bench(root: Path, n: int, expected: int, python: Path, anchor: bool) -> None:
+    rows = run_membership(root, expected, python)
+    for engine in ENGINES:
+        row = rows[engine]
+        print(f"{n:>12,} membership to tax on {engine.upper():<4}: wall {row['wall']:.1f} s, "
+              f"{2 * n / row['wall']:,.0f} items/s, about {row['count']:,} kept; peak RSS tax "
+              f"{row['rss_tax']:.0f} MB, civil {row['rss_civil']:.0f} MB, a driver "
+              f"{row['driver_mb']:.0f} MB", flush=True)  # fmt: skip
+    print(f"{n:>12,} membership RR22 vs ECDH: {rows[ECDH]['wall'] / rows[RR22]['wall']:.2f} x "
+          "faster", flush=True)  # fmt: skip
+    if anchor:
+        theirs = run_secretflow(python, root, RR22)
+        if theirs["intersection"] != expected:
+            raise SystemExit(f"SecretFlow rr22 found {theirs['intersection']}")
+        ours = rows[RR22]["wall"]
+        print(f"{n:>12,} SecretFlow RR22  (spu 0.9.5): wall {theirs['wall']:.1f} s; govshare "
+              f"membership on RR22 {ours:.1f} s is {ours / theirs['wall']:.2f} x its time "
+              "(target <= 1.5 x)", flush=True)  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="10000,100000,1000000")
@@ -256,6 +366,11 @@ def main() -> None:
     )
     parser.add_argument("--no-dp", action="store_true", help="skip the noised (DP) query")
     parser.add_argument("--anchor", choices=["none", "secretflow"], default="none")
+    parser.add_argument(
+        "--engine", choices=ENGINES, default=ECDH,
+        help="ecdh: PSI cardinality on the masking paths; rr22: membership kept by a node, on "
+        "the RR22 engine and on ECDH-PSI",
+    )  # fmt: skip
     parser.add_argument("--secretflow-python", type=Path, help="a Python with spu installed")
     options = parser.parse_args()
     paths = options.paths.split(",")
@@ -264,9 +379,21 @@ def main() -> None:
     if "batched" in paths and not x25519_batch.available():
         raise SystemExit(f"no batched path here: {x25519_batch.unavailable_reason()}")
     anchor = (
-        secretflow_python(options.secretflow_python) if options.anchor == "secretflow" else None
+        secretflow_python(options.secretflow_python)
+        if options.anchor == "secretflow" or options.engine == RR22
+        else None
     )
     workers = os.cpu_count() or 1
+    if options.engine == RR22 and anchor is not None:
+        print(f"PSI membership kept by tax, two node processes over mTLS on loopback, {workers} "
+              "cores")  # fmt: skip
+        for n in (int(s) for s in options.sizes.split(",")):
+            root = options.dir / str(n)
+            shutil.rmtree(root, ignore_errors=True)
+            root.mkdir(parents=True)
+            expected = setup(root, n)
+            membership_bench(root, n, expected, anchor, options.anchor == "secretflow")
+        return
     print(f"PSI cardinality, two node processes over mTLS on loopback, {workers} cores")
     print(f"{'n per side':>12} {'path':>9} {'wall s':>8} {'CPU s':>7} {'items/s':>10} "
           f"{'raw 4n s':>9} {'ratio':>6} {'RSS tax MB':>11} {'RSS civil MB':>13} {'|A∩B|':>8} "

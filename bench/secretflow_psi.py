@@ -1,13 +1,14 @@
 """SecretFlow's PSI (``spu``'s libpsi) between two local processes: the anchor of bench/psi.py.
 
-Runs under the Python of a virtual environment that has ``spu`` (``pip install spu==0.9.5``):
-its dependencies (numpy < 2, jax) clash with govshare's, so this script imports no govshare
-code and bench/psi.py starts it with that environment's interpreter. Both parties read a
-one-column CSV of keys; party 0 receives the intersection (written to ``--dir``, not read).
+Runs under the Python of a virtual environment that has ``spu`` (``make secretflow`` builds
+.venv/secretflow, the RR22 engine's): its dependencies (numpy < 2, jax) clash with govshare's,
+so this script imports no govshare code and bench/psi.py starts it with that interpreter.
+Both parties read a one-column CSV of keys; party 0 receives the intersection (written to
+``--dir``, not read).
 With ``--cert-dir`` the parties' link runs over mutual TLS (``ca.pem``, ``party{0,1}.pem`` and
 ``party{0,1}.key`` there).
 
-    PY=bench-run/secretflow-venv/bin/python
+    PY=.venv/secretflow/bin/python
     $PY bench/secretflow_psi.py --protocol rr22 --inputs a.csv b.csv --key id_number --dir out
 
 Prints one line, ``secretflow-result:`` and JSON (libpsi logs to stdout too): the protocol, the
@@ -83,6 +84,11 @@ def _party(
     config.output_params.path = os.path.join(out_dir, f"{protocol}-party{rank}.csv")
     config.output_params.disable_alignment = True
     report = psi.psi_execute(config, lctx)
+    # Both parties past the protocol before either leaves (as govshare's RR22 driver does):
+    # libpsi's last messages may still be in flight, and a party leaving with them left its
+    # peer waiting for the link's timeout (seen at 100k).
+    lctx.send(1 - rank, "done")
+    lctx.recv(1 - rank)
     queue.put(
         {
             "rank": rank,

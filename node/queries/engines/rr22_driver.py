@@ -23,10 +23,12 @@ any failure it prints ``error: <one line>`` on stderr and exits 1.
 from __future__ import annotations
 
 import hmac
+import importlib.util
 import json
 import os
 import sys
 import threading
+import types
 from typing import Any
 
 RANK_RECEIVER = 0
@@ -38,10 +40,23 @@ def _status(word: str) -> None:
     sys.stdout.flush()
 
 
-def _link(job: dict[str, Any]) -> Any:
+def _spu() -> tuple[Any, Any]:
+    """spu's link and libpsi extension modules, without running spu's package ``__init__``:
+    it imports jax (1.5 s and more per driver here), which PSI does not use."""
+    spec = importlib.util.find_spec("spu")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(f"spu is not installed for {sys.executable}")
+    package = types.ModuleType("spu")
+    package.__path__ = list(spec.submodule_search_locations)
+    sys.modules.setdefault("spu", package)
     # The engine's environment only: not installed beside govshare, so mypy does not see it.
-    import spu.libspu.link as link  # type: ignore[import-not-found]
+    import spu.libpsi as libpsi  # type: ignore[import-not-found]
+    import spu.libspu as libspu  # type: ignore[import-not-found]
 
+    return libspu.link, libpsi
+
+
+def _link(link: Any, job: dict[str, Any]) -> Any:
     desc = link.Desc()
     desc.id = str(job["link_id"])
     for rank, address in enumerate(job["parties"]):
@@ -72,11 +87,19 @@ def _check_peer(lctx: Any, job: dict[str, Any]) -> None:
         raise RuntimeError(TOKEN_MISMATCH)
 
 
-def run(job: dict[str, Any]) -> dict[str, int]:
-    import spu.psi as psi  # type: ignore[import-not-found]
+def _farewell(lctx: Any, rank: int) -> None:
+    """Both parties past the protocol before either leaves: libpsi's last messages may still be
+    in flight when psi_execute returns (sent asynchronously), and a driver leaving with them
+    would leave its peer waiting until the link's timeout. ``send`` returns once the peer has
+    taken the message."""
+    lctx.send(1 - rank, "done")
+    lctx.recv(1 - rank)
 
+
+def run(job: dict[str, Any]) -> dict[str, int]:
+    link, psi = _spu()
     _status("ready")
-    lctx = _link(job)
+    lctx = _link(link, job)
     _check_peer(lctx, job)
     _status("linked")
     rank = int(job["rank"])
@@ -93,6 +116,7 @@ def run(job: dict[str, Any]) -> dict[str, int]:
     config.output_params.path = str(job["output"])
     config.output_params.disable_alignment = True
     report = psi.psi_execute(config, lctx)
+    _farewell(lctx, rank)
     outcome = {"rank": rank, "intersection": int(report.intersection_count),
                "size": int(report.original_count)}  # fmt: skip
     fd = os.open(str(job["result"]), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
