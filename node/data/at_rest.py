@@ -6,12 +6,14 @@ What is encrypted, and how (the federation's suite, ``roster.crypto``: AES-256-G
 - **Dataset rows.** Each stored table of imported rows has a key of its own, random
   (``os.urandom``), kept only *wrapped*: sealed under the node's wrap key, which
   :func:`govshare.node.keystore.at_rest_key` derives from the data key (purpose
-  ``table-keys``), with the table's name as associated data. Rows are sealed in chunks of up to
-  :data:`CHUNK_ROWS` (one seal per row would cost a nonce, a tag and a call per row); a chunk is
-  the JSON list of its rows (``[_row, cell, ...]``, import order), associated data
-  ``govshare/rows/v1 ‖ table ‖ chunk number``, so a chunk moved to another table or position
-  fails to open. Removing a dataset deletes its wrapped key (crypto-shredding) as well as its
-  chunks; :func:`purge` then overwrites and reclaims what SQLite freed.
+  ``table-keys``), with the table's name as associated data. Rows are sealed in chunks, one
+  per import batch (``catalog.BATCH_ROWS``, 10,000 rows; one seal per row would cost a nonce, a
+  tag and a call per row); a chunk is the JSON list of its columns (the rows' import positions
+  ``_row``, then each column's cells, in import order: reads filter and sum a whole column at a
+  time), with associated data ``govshare/rows/v1 ‖ table ‖ chunk number``, so a chunk moved to
+  another table or position fails to open. Removing a dataset deletes its wrapped key
+  (crypto-shredding) as well as its chunks; :func:`purge` then overwrites and reclaims what
+  SQLite freed.
 - **Membership results** a receiving node keeps (its own keys that matched): one seal per query
   under the ``membership-results`` key, the query id as associated data.
 
@@ -45,7 +47,7 @@ import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final
+from typing import Final, overload
 
 from govshare.node.keystore import (
     at_rest_key,
@@ -58,16 +60,12 @@ from govshare.protocols.key_shares import key_check_value
 from govshare.protocols.suite import Suite, suite_by_name
 
 __all__ = [
-    "CHUNK_ROWS",
     "AtRest",
     "WrongDataKey",
     "open_at_rest",
     "purge",
 ]
 
-# Rows per sealed chunk: large enough that sealing and JSON decoding cost about nothing per
-# row, small enough that a chunk (a few MB at most) is one SQLite blob read at once.
-CHUNK_ROWS: Final = 10_000
 _TABLE_KEYS: Final = "table-keys"
 _RESULTS: Final = "membership-results"
 _ROWS_AAD: Final = b"govshare/rows/v1\x00"
@@ -83,6 +81,33 @@ CREATE TABLE IF NOT EXISTS at_rest (
 """
 
 Cell = str | int
+
+
+class SealedColumns(Sequence[list[Cell]]):
+    """An opened chunk's columns (``_row`` first), each JSON-decoded when first indexed."""
+
+    __slots__ = ("_decoded", "_parts")
+
+    def __init__(self, parts: list[bytes]) -> None:
+        self._parts = parts
+        self._decoded: dict[int, list[Cell]] = {}
+
+    def __len__(self) -> int:
+        return len(self._parts)
+
+    @overload
+    def __getitem__(self, index: int) -> list[Cell]: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[list[Cell]]: ...
+
+    def __getitem__(self, index: int | slice) -> list[Cell] | Sequence[list[Cell]]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(len(self))[index]]
+        column = self._decoded.get(index)
+        if column is None:
+            column = self._decoded[index] = json.loads(self._parts[index])
+        return column
 
 
 class WrongDataKey(VerificationFailed):
@@ -125,16 +150,25 @@ class AtRest:
     # -- row chunks -------------------------------------------------------------------
 
     def seal_chunk(
-        self, key: bytes, table: str, chunk: int, rows: Sequence[Sequence[Cell]]
+        self, key: bytes, table: str, chunk: int, columns: Sequence[Sequence[Cell]]
     ) -> bytes:
-        plain = json.dumps(rows, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        """Seal one chunk, given as its columns (``_row`` first): one JSON array per column,
+        a line each (JSON text never holds a raw newline), so a read decodes only the columns
+        it needs."""
+        plain = b"\n".join(
+            json.dumps(column, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+            for column in columns
+        )
         return self.suite.seal(key, plain, aad=_chunk_aad(table, chunk))
 
-    def open_chunk(self, key: bytes, table: str, chunk: int, sealed: bytes) -> list[list[Cell]]:
-        """Raises: VerificationFailed: the chunk was altered, moved or sealed under another key."""
+    def open_chunk(self, key: bytes, table: str, chunk: int, sealed: bytes) -> SealedColumns:
+        """The chunk's columns, each decoded when first read.
+
+        Raises:
+            VerificationFailed: the chunk was altered, moved or sealed under another key.
+        """
         plain = self.suite.open(key, bytes(sealed), aad=_chunk_aad(table, chunk))
-        rows: list[list[Cell]] = json.loads(plain)
-        return rows
+        return SealedColumns(plain.split(b"\n"))
 
     # -- membership results -----------------------------------------------------------
 

@@ -63,9 +63,11 @@ import re
 import secrets
 import sqlite3
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
+from itertools import compress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -83,7 +85,7 @@ from govshare.model.identity import validate_jurisdiction
 from govshare.node.audit.sink import AuditSink
 from govshare.node.data import keys as key_types
 from govshare.node.data import source_file
-from govshare.node.data.at_rest import AtRest, WrongDataKey, purge
+from govshare.node.data.at_rest import AtRest, SealedColumns, WrongDataKey, purge
 from govshare.node.data.column_format import (
     ColumnFormat,
     NullPolicy,
@@ -747,7 +749,9 @@ class _Rows:
 
     def flush(self) -> None:
         if self._batch and self._at_rest is not None:
-            sealed = self._at_rest.seal_chunk(self._key, self._table, self._chunks, self._batch)
+            sealed = self._at_rest.seal_chunk(
+                self._key, self._table, self._chunks, _columns_of(self._batch)
+            )
             self._write(
                 f"INSERT INTO {_quote(self._table)} (chunk, rows, sealed) VALUES (?, ?, ?)",
                 [(self._chunks, len(self._batch), sealed)],
@@ -788,6 +792,18 @@ def _create_sealed(
         )
 
     return create
+
+
+def _columns_of(rows: Sequence[Sequence[Cell]]) -> builtins.list[builtins.list[Cell]]:
+    """A batch of rows ``(_row, cell, ...)`` as its columns (what a sealed chunk holds)."""
+    return [builtins.list(column) for column in zip(*rows, strict=True)]
+
+
+def _clip(values: Sequence[Cell], bound: int) -> builtins.list[int]:
+    """``MIN(MAX(value, 0), bound)`` of each value, as the SQL of ``group_sums`` computes it."""
+    if bound < 0:
+        return [bound] * len(values)
+    return [0 if v < 0 else bound if v > bound else v for v in map(int, values)]
 
 
 def _drop_table(conn: sqlite3.Connection, table: str) -> None:
@@ -976,7 +992,7 @@ class Catalogue:
                         (
                             chunk,
                             len(batch),
-                            at_rest.seal_chunk(key, fresh, chunk, [list(r) for r in batch]),
+                            at_rest.seal_chunk(key, fresh, chunk, _columns_of(batch)),
                         ),
                     )
                     chunk += 1
@@ -1662,8 +1678,9 @@ class Catalogue:
 
     def _sealed_chunks(
         self, conn: sqlite3.Connection, table: str, sealed: _SealedTable
-    ) -> Iterator[builtins.list[builtins.list[Cell]]]:
-        """Each chunk of a sealed table, its rows ``[_row, cell, ...]`` in import order."""
+    ) -> Iterator[SealedColumns]:
+        """Each chunk of a sealed table as its columns: the import positions (``_row``), then
+        each column's cells, in import order."""
         if self._at_rest is None:  # pragma: no cover - _sealed refused already
             raise TypeError("no data key")
         try:
@@ -1675,9 +1692,10 @@ class Catalogue:
 
     def _sealed_rows(
         self, conn: sqlite3.Connection, table: str, sealed: _SealedTable
-    ) -> Iterator[builtins.list[Cell]]:
-        for rows in self._sealed_chunks(conn, table, sealed):
-            yield from rows
+    ) -> Iterator[tuple[Cell, ...]]:
+        """Every row of a sealed table, ``(_row, cell, ...)`` in import order."""
+        for columns in self._sealed_chunks(conn, table, sealed):
+            yield from zip(*columns, strict=True)
 
     def _matching_chunks(
         self,
@@ -1686,34 +1704,38 @@ class Catalogue:
         table: str,
         sealed: _SealedTable,
         where: Sequence[Condition],
-    ) -> Iterator[builtins.list[builtins.list[Cell]]]:
-        """The rows of a sealed table that pass ``where``, a chunk at a time, decrypted and
-        filtered here (a list per chunk: cheaper per row than a generator)."""
+    ) -> Iterator[tuple[SealedColumns, builtins.list[bool] | None]]:
+        """Each chunk of a sealed table with which of its rows pass ``where`` (None: all),
+        decrypted and filtered here, a whole column at a time."""
         position = {column: i + 1 for i, column in enumerate(sealed.columns)}
         tests = [
             (position[rule.name], _PY_OPERATORS[op], value)
             for rule, op, value in self._conditions(info, where)
         ]
-        for rows in self._sealed_chunks(conn, table, sealed):
-            if not tests:
-                yield rows
-            elif len(tests) == 1:
-                [(at, test, value)] = tests
-                yield [row for row in rows if test(row[at], value)]
-            else:
-                yield [row for row in rows if all(t(row[i], v) for i, t, v in tests)]
+        for columns in self._sealed_chunks(conn, table, sealed):
+            keep: builtins.list[bool] | None = None
+            for at, test, value in tests:
+                passed = [test(cell, value) for cell in columns[at]]
+                keep = (
+                    passed if keep is None else [a and b for a, b in zip(keep, passed, strict=True)]
+                )
+            yield columns, keep
 
-    def _matching(
+    def _matching_columns(
         self,
         conn: sqlite3.Connection,
         info: DatasetInfo,
         table: str,
         sealed: _SealedTable,
         where: Sequence[Condition],
-    ) -> Iterator[builtins.list[Cell]]:
-        """The rows of a sealed table that pass ``where``, one by one."""
-        for rows in self._matching_chunks(conn, info, table, sealed, where):
-            yield from rows
+        picked: Sequence[int],
+    ) -> Iterator[builtins.list[Iterable[Cell]]]:
+        """Per chunk, the columns at ``picked`` (0: ``_row``) of the rows that pass ``where``."""
+        for columns, keep in self._matching_chunks(conn, info, table, sealed, where):
+            if keep is None:
+                yield [columns[i] for i in picked]
+            else:
+                yield [compress(columns[i], keep) for i in picked]
 
     @staticmethod
     def _typed(rule: ColumnRule, value: str | int) -> Cell:
@@ -1787,8 +1809,10 @@ class Catalogue:
                 return live.keys(column, where)
             if (sealed := self._sealed(conn, table)) is not None:
                 at = sealed.columns.index(column) + 1
-                chunks = self._matching_chunks(conn, info, table, sealed, where)
-                return sorted({str(row[at]) for rows in chunks for row in rows})
+                found: set[Cell] = set()
+                for (cells,) in self._matching_columns(conn, info, table, sealed, where, [at]):
+                    found.update(cells)
+                return sorted(map(str, found))
             rows = conn.execute(
                 f"SELECT DISTINCT {_quote(column)} FROM {_quote(table)}{clause}"
                 f" ORDER BY {_quote(column)}",
@@ -1835,8 +1859,8 @@ class Catalogue:
     ) -> Iterator[tuple[Cell, ...]]:
         picked = [sealed.columns.index(column) + 1 for column in columns]
         with self._open() as conn:
-            for row in self._matching(conn, info, table, sealed, where):
-                yield tuple(row[i] for i in picked)
+            for chosen in self._matching_columns(conn, info, table, sealed, where, picked):
+                yield from zip(*chosen, strict=True)
 
     def _stream(self, sql: str, params: Sequence[Cell]) -> Iterator[tuple[Cell, ...]]:
         with self._open() as conn:
@@ -1856,7 +1880,11 @@ class Catalogue:
             if (live := self._live(conn, name)) is not None:
                 return live.row_ids(where)
             if (sealed := self._sealed(conn, table)) is not None:
-                return [int(r[0]) for r in self._matching(conn, info, table, sealed, where)]
+                return [
+                    int(row_id)
+                    for (ids,) in self._matching_columns(conn, info, table, sealed, where, [0])
+                    for row_id in ids
+                ]
             rows = conn.execute(f"SELECT _row FROM {_quote(table)}{clause}", params).fetchall()
         return [int(row[0]) for row in rows]
 
@@ -1868,7 +1896,13 @@ class Catalogue:
             if (live := self._live(conn, name)) is not None:
                 return live.count(where)
             if (sealed := self._sealed(conn, table)) is not None:
-                return sum(map(len, self._matching_chunks(conn, info, table, sealed, where)))
+                if not where:  # the chunks' row counts, stored beside them
+                    total = conn.execute(f"SELECT COALESCE(SUM(rows), 0) FROM {_quote(table)}")
+                    return int(total.fetchone()[0])
+                return sum(
+                    len(columns[0]) if keep is None else sum(keep)
+                    for columns, keep in self._matching_chunks(conn, info, table, sealed, where)
+                )
             row = conn.execute(f"SELECT COUNT(*) FROM {_quote(table)}{clause}", params).fetchone()
         return int(row[0])
 
@@ -1918,16 +1952,31 @@ class Catalogue:
         where: Sequence[Condition],
     ) -> dict[str, tuple[int, ...]]:
         """:meth:`group_sums` over decrypted rows: what the SQL computes, in Python."""
-        label = None if group_by is None else sealed.columns.index(group_by) + 1
-        summed = [(sealed.columns.index(c) + 1, int(bound)) for c, bound in sums]
+        # Each SUM column, then the GROUP BY column; _row only to count rows without either.
+        picked = [sealed.columns.index(c) + 1 for c, _ in sums]
+        if group_by is not None:
+            picked.append(sealed.columns.index(group_by) + 1)
+        bounds = [int(bound) for _, bound in sums]
         groups: dict[str, builtins.list[int]] = {}
-        for rows in self._matching_chunks(conn, info, table, sealed, where):
-            for row in rows:
-                group = "" if label is None else str(row[label])
-                totals = groups.get(group)
-                if totals is None:
-                    totals = groups[group] = [0] * (1 + len(summed))
-                totals[0] += 1
-                for slot, (at, bound) in enumerate(summed, start=1):
-                    totals[slot] += min(max(int(row[at]), 0), bound)
+        for chosen in self._matching_columns(conn, info, table, sealed, where, picked or [0]):
+            cells = [builtins.list(column) for column in chosen]
+            count = len(cells[0])
+            if not count:
+                continue
+            clipped = [_clip(column, bound) for column, bound in zip(cells, bounds, strict=False)]
+            if group_by is None:
+                totals = groups.setdefault("", [0] * (1 + len(bounds)))
+                totals[0] += count
+                for slot, values in enumerate(clipped, start=1):
+                    totals[slot] += sum(values)
+                continue
+            labels = builtins.list(map(str, cells[-1]))
+            for group, rows in Counter(labels).items():
+                groups.setdefault(group, [0] * (1 + len(bounds)))[0] += rows
+            for slot, values in enumerate(clipped, start=1):
+                sums_by_group: dict[str, int] = {}
+                for group, value in zip(labels, values, strict=True):
+                    sums_by_group[group] = sums_by_group.get(group, 0) + value
+                for group, total in sums_by_group.items():
+                    groups[group][slot] += total
         return {group: tuple(totals) for group, totals in groups.items()}

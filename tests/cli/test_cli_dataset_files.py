@@ -30,10 +30,11 @@ from conftest import (
 )
 
 from govshare.model.governance import ColumnAccess, ColumnUse, QueryKind, Role
-from govshare.model.identity import Federation, init_federation
+from govshare.model.identity import Federation, Identity, init_federation
 from govshare.node.audit.auditlog import AuditLog
 from govshare.node.config import NodeConfig, write_default
 from govshare.node.data import resident_id
+from govshare.node.data.at_rest import open_at_rest
 from govshare.node.data.catalog import Catalogue
 from govshare.node.policy.decision import ALLOWED, AccessRequest, decide
 from govshare.node.policy.grants import GrantStore
@@ -78,7 +79,10 @@ def audit_entries(home: Path) -> list[tuple[str, dict[str, object]]]:
 
 
 def catalogue(home: Path) -> Catalogue:
-    return Catalogue(NodeConfig.load(home).database_path)
+    """The node's catalogue with its data key (rows the CLI imported are sealed at rest)."""
+    config = NodeConfig.load(home)
+    suite = Identity.load(config.identity_dir).roster.crypto
+    return Catalogue(config.database_path, at_rest=open_at_rest(home, config.database_path, suite))
 
 
 def digest(path: Path) -> tuple[int, str]:
