@@ -16,6 +16,8 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from govshare.protocols.suite import STANDARD, SUITE_NAMES
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 console = Console()
@@ -47,6 +49,14 @@ def identity_option(func: F) -> F:
 def json_option(func: F) -> F:
     """``--json``: print machine-readable JSON instead of a table."""
     return click.option("--json", "as_json", is_flag=True, help="Print JSON.")(func)
+
+
+def suite_option(help_text: str) -> Callable[[F], F]:
+    """``--suite standard|sm``: a federation's crypto suite (govshare.protocols.suite)."""
+    return click.option(
+        "--suite", type=click.Choice(SUITE_NAMES), default=STANDARD.name, show_default=True,
+        help=help_text,
+    )  # fmt: skip
 
 
 def emit_json(value: Any) -> None:

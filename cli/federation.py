@@ -13,11 +13,12 @@ from govshare.cli.common import (
     grouped_fingerprint,
     json_option,
     render_table,
+    suite_option,
 )
 from govshare.model.governance import Role
 from govshare.model.identity import EnrolmentRequest, Federation, init_federation
 from govshare.model.operator_act import Duty, parse_duties
-from govshare.protocols.suite import STANDARD, SUITE_NAMES, suite_by_name
+from govshare.protocols.suite import suite_by_name
 
 _fed_dir = click.option(
     "--dir",
@@ -37,13 +38,9 @@ def group() -> None:
 @group.command("init")
 @_fed_dir
 @click.option("--name", required=True, help="Federation name (one DNS label).")
-@click.option(
-    "--suite",
-    type=click.Choice(SUITE_NAMES),
-    default=STANDARD.name,
-    show_default=True,
-    help="Crypto suite every member signs, hashes and encrypts with: 'standard' (Ed25519, "
-    "SHA-256, AES) or 'sm' (SM2, SM3, SM4). Fixed for the federation's life.",
+@suite_option(
+    "Crypto suite every member signs, hashes and encrypts with: 'standard' (Ed25519, SHA-256, "
+    "AES) or 'sm' (SM2, SM3, SM4). Fixed for the federation's life."
 )
 @json_option
 def init(directory: Path, name: str, suite: str, as_json: bool) -> None:

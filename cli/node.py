@@ -16,6 +16,7 @@ from govshare.cli.common import (
     identity_option,
     json_option,
     render_table,
+    suite_option,
 )
 from govshare.cli.node_key import key as key_group
 from govshare.cli.operator_identity import operator_for, operator_option
@@ -23,7 +24,7 @@ from govshare.model.identity import Identity, create_request, install_roster
 from govshare.node.api.server import serve as serve_node
 from govshare.node.config import CONFIG_NAME, NodeConfig
 from govshare.node.operator import Operator, initialise
-from govshare.protocols.suite import STANDARD, SUITE_NAMES, suite_by_name
+from govshare.protocols.suite import suite_by_name
 from govshare.rpc.client import NodeClient
 
 
@@ -62,13 +63,8 @@ def init(home: Path, listen: str, identity: str, as_json: bool) -> None:
 @group.command("keygen")
 @home_option
 @click.option("--name", required=True, help="The node's member name (one DNS label).")
-@click.option(
-    "--suite",
-    type=click.Choice(SUITE_NAMES),
-    default=STANDARD.name,
-    show_default=True,
-    help="The federation's crypto suite (its administrator says which); the signing key is "
-    "made for it.",
+@suite_option(
+    "The federation's crypto suite (its administrator says which); the signing key is made for it."
 )
 @json_option
 def keygen(home: Path, name: str, suite: str, as_json: bool) -> None:

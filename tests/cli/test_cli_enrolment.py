@@ -225,3 +225,33 @@ def test_sign_refuses_what_is_not_a_request(tmp_path: Path) -> None:
     assert junk.stderr.strip() == "error: not a PEM certificate signing request"
     assert roster_json(tmp_path)["version"] == 1  # nothing enrolled
     assert not (tmp_path / "out").exists()
+
+
+def test_an_sm_federation_refuses_a_request_of_the_standard_suite(tmp_path: Path) -> None:
+    """The administrator makes an SM federation; a department that made standard-suite keys is
+    refused at signing, with the command that makes the right ones; those are accepted and the
+    department's bundle loads with an SM2 signing key."""
+    shown = json.loads(
+        ok(govshare("federation", "init", "--name", "smfed", "--suite", "sm", "--json",
+                    cwd=tmp_path)).stdout
+    )  # fmt: skip
+    assert shown["suite"] == "sm" and roster_json(tmp_path)["suite"] == "sm"
+    ok(govshare("node", "keygen", "--home", "wrong", "--name", "tax", cwd=tmp_path))
+    refused = govshare(
+        "federation", "sign", "wrong/tax.csr", "--role", "node", "--jurisdiction", "CN",
+        "--address", f"127.0.0.1:{free_port()}", "--out", "wrong-public", cwd=tmp_path,
+    )  # fmt: skip
+    assert refused.returncode != 0
+    assert "'standard' suite but federation 'smfed' runs on 'sm'" in refused.stderr
+    assert "node keygen --suite sm" in refused.stderr
+    assert not (tmp_path / "wrong-public" / "tls.crt").exists()
+    ok(govshare("node", "keygen", "--home", "homes/tax", "--name", "tax", "--suite", "sm",
+                cwd=tmp_path))  # fmt: skip
+    ok(govshare(
+        "federation", "sign", "homes/tax/tax.csr", "--role", "node", "--jurisdiction", "CN",
+        "--address", f"127.0.0.1:{free_port()}", "--out", "public", cwd=tmp_path,
+    ))  # fmt: skip
+    for name in ("tls.crt", "ca.crt", "roster.json"):
+        shutil.copy(tmp_path / "public" / name, tmp_path / "homes" / "tax" / name)
+    identity = Identity.load(tmp_path / "homes" / "tax")
+    assert identity.signing_key.suite == "sm" and identity.roster.suite == "sm"
