@@ -6,21 +6,24 @@ the PSI kind's as for ECDH (``govshare.node.queries.kinds.psi``): admission, the
 approvals, the filtered-set floor and the tracker check, and with the matches the same storage
 (``govshare node results``) or masked release. Flow at each of the two nodes, once approved:
 
-1. The node hashes its distinct, filtered, normalised join keys (SHA-256 over a domain tag, the
-   query id and the key, 128 bits) and writes them to a CSV in a private temporary folder
-   (0700, files 0600), removed when the run ends, however it ends.
-2. It picks a free port on the host of its ``[node] listen`` and a random token, and sends both
-   to the peer node over their gRPC channel (``Peer.Deliver``, phase ``link``, logged sent and
-   received like every protocol message); it waits for the peer's.
-3. It starts the driver (``rr22_driver.py``, importing only spu and the standard library) under
+1. The node picks a free port on the host of its ``[node] listen`` and a random token, and sends
+   both to the peer node over their gRPC channel (``Peer.Deliver``, phase ``link``, logged sent
+   and received like every protocol message); it waits for the peer's.
+2. It starts the driver (``rr22_driver.py``, importing only spu and the standard library) under
    the interpreter of ``[engines] rr22_python``. The two drivers connect over libpsi's link
    (brpc) with mutual TLS: each presents its node's federation TLS certificate and key and
    accepts only a certificate chaining to the federation CA; then each sends its token and
    checks the peer's against the one the peer node sent over gRPC. The receiving node (the
    plan's recipient, else the left node) is rank 0 and alone gets libpsi's output.
-4. The node logs each step of the driver (``protocol.step``, direction ``engine``: started with
-   the digest and size of its input, linked, done with the digest and size of the output), reads
-   the receiver's output and maps the hashes back to its keys.
+3. Meanwhile the node reads its distinct, filtered, normalised join keys and runs the data
+   checks (the filtered-set floor, the tracker check of an exact release), hashes the keys
+   (SHA-256 over a domain tag, the query id and the key, 128 bits) into a CSV in a private
+   temporary folder (0700, files 0600, removed when the run ends, however it ends), and only
+   then tells its driver to go: no driver reads a key before its node's checks passed.
+4. The node logs each step (``protocol.step``, direction ``engine``: ``rr22.started``,
+   ``rr22.input`` with the digest and size of its input, ``rr22.linked``, ``rr22.done`` with
+   the digest and size of the output), reads the receiver's output and maps the hashes back to
+   its keys.
 
 Any failure ends the run with nothing released: the driver killed, the folder removed, the
 query failed and the peer told (``query.failed`` names why). A driver that exits non-zero (its
@@ -87,7 +90,8 @@ CONNECT_RETRY_INTERVAL_MS = 1000
 # brpc's log line when a TLS handshake on the link fails.
 HANDSHAKE_FAILED = "SSL_do_handshake"
 # The steps logged (``protocol.step`` phase ``rr22.<word>``), from the driver's status lines.
-STARTED, LINKED, DONE = "started", "linked", "done"
+STARTED, INPUT, LINKED, DONE = "started", "input", "linked", "done"
+GO = "go"  # the node to its driver, on stdin: the input is written, run the protocol
 
 
 def not_configured(node: str) -> Conflict:
@@ -163,7 +167,8 @@ class Rr22Run:
     """One node's part of one RR22 run, as the PSI kind hands it over."""
 
     query_id: str
-    keys: Sequence[bytes]
+    # This node's keys, read and checked (it may refuse): called once the driver is starting.
+    prepare: Callable[[], Sequence[bytes]]
     receiver: bool
     peer: str
     peer_host: str
@@ -201,7 +206,7 @@ class Rr22Engine:
         return cls(node=node, settings=settings, identity_dir=identity_dir, timeout=timeout)
 
     def run(self, run: Rr22Run) -> list[int]:
-        """This node's part; the receiver gets the positions in ``run.keys`` that matched.
+        """This node's part; the receiver gets the positions in its prepared keys that matched.
 
         Raises:
             Aborted: the run failed or was ended; nothing was released, no file is left.
@@ -214,9 +219,6 @@ class Rr22Engine:
             shutil.rmtree(folder, ignore_errors=True)
 
     def _run(self, run: Rr22Run, folder: Path) -> list[int]:
-        hashed = hashed_keys(run.query_id, run.keys)
-        data = ("key\n" + "".join(h + "\n" for h in hashed)).encode()
-        _write_private(folder / INPUT, data)
         offer = LinkOffer(_free_port(self._host), secrets.token_hex(16))
         peer = LinkOffer.decode(run.exchange(offer.encode()))
         own_address = f"{self._host}:{offer.port}"
@@ -241,7 +243,7 @@ class Rr22Engine:
         try:
             process = subprocess.Popen(
                 [str(self._python), str(DRIVER), str(folder / JOB)],
-                stdin=subprocess.PIPE,  # closes when this node dies: the driver then exits
+                stdin=subprocess.PIPE,  # "go", then held open: closes when this node dies
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 text=True,
@@ -253,14 +255,28 @@ class Rr22Engine:
                 f"{exc.strerror or exc}; query aborted, nothing released"
             ) from None
         try:
-            run.step(STARTED, digest(data), len(hashed))
+            run.step(STARTED, digest(b""), 0)
+            # The driver starts and links meanwhile; it reads nothing before "go".
+            hashed = hashed_keys(run.query_id, run.prepare())
+            data = ("key\n" + "".join(h + "\n" for h in hashed)).encode()
+            _write_private(folder / INPUT, data)
+            run.step(INPUT, digest(data), len(hashed))
+            assert process.stdin is not None
+            try:
+                process.stdin.write(GO + "\n")
+                process.stdin.flush()
+            except OSError:
+                pass  # the driver has ended: _wait says why
             self._wait(process, run)
         finally:
             if process.poll() is None:
                 process.kill()
             process.wait()
             if process.stdin is not None:
-                process.stdin.close()
+                try:
+                    process.stdin.close()
+                except OSError:
+                    pass
         if not run.receiver:
             run.step(DONE, digest(b""), 0)
             return []

@@ -102,6 +102,8 @@ def run(job: dict[str, Any]) -> dict[str, int]:
     lctx = _link(link, job)
     _check_peer(lctx, job)
     _status("linked")
+    if not GO.wait(int(job["timeout_ms"]) / 1000):
+        raise RuntimeError("the node did not write the input in time")
     rank = int(job["rank"])
     config = psi.PsiExecuteConfig()
     config.protocol_conf.protocol = psi.PsiProtocol.PROTOCOL_RR22
@@ -126,10 +128,15 @@ def run(job: dict[str, Any]) -> dict[str, int]:
     return outcome
 
 
-def _leave_with_node() -> None:
-    """The node holds our standard input open while it runs: at its end (the node died, or
-    killed us), leave at once."""
-    sys.stdin.read()
+GO = threading.Event()
+
+
+def _listen_to_node() -> None:
+    """The node says "go" on our standard input once our input file is written, and holds it
+    open while it runs: at its end (the node died, or killed us), leave at once."""
+    for line in sys.stdin:
+        if line.strip() == "go":
+            GO.set()
     sys.stderr.write("error: the node that started this driver has gone\n")
     sys.stderr.flush()
     os._exit(1)
@@ -139,7 +146,7 @@ def main() -> None:
     if len(sys.argv) != 2:
         sys.stderr.write("error: usage: rr22_driver.py JOB.json\n")
         sys.exit(2)
-    threading.Thread(target=_leave_with_node, daemon=True).start()
+    threading.Thread(target=_listen_to_node, daemon=True).start()
     try:
         with open(sys.argv[1], encoding="utf-8") as file:
             job = json.load(file)

@@ -236,21 +236,10 @@ class PsiKind:
             self._sessions.pop(query_id, None)
 
     def _run(self, session: Session, query_id: str, record: QueryRecord) -> Release:
-        own, plan, queries = session.own, session.plan, self._queries
-        own_keys = self._catalogue.keys(own.dataset, own.column, where=own.where)
-        keys = [k.encode() for k in own_keys]
-        queries.check_set_size(query_id, own.dataset, len(keys), session.obligations.min_set_size)
-        if session.obligations.exact:
-            queries.check_exact(
-                query_id, record.analyst, own.dataset, own.where,
-                session.obligations.min_group_size, keys=keys,
-            )  # fmt: skip
-        if plan.engine == RR22:
-            positions, sent_digest = self._run_rr22(session, query_id, keys)
-            if not session.releasing:
-                self._released(session, query_id, session.peer.node, sent_digest, 0)
-                return Release()
-            return self._membership(session, query_id, record, keys, positions)
+        if session.plan.engine == RR22:
+            return self._run_rr22(session, query_id, record)
+        own, plan = session.own, session.plan
+        keys = self._checked_keys(session, query_id, record)
         executor = self._executor()
         workers = None if executor is not None else 1
         masked_keys = keys
@@ -291,6 +280,20 @@ class PsiKind:
         positions = ecdh_psi.matching_positions(returned, again)
         return self._membership(session, query_id, record, keys, positions)
 
+    def _checked_keys(self, session: Session, query_id: str, record: QueryRecord) -> list[bytes]:
+        """This node's distinct filtered keys, once the filtered-set floor and (for an exact
+        release) the tracker check pass."""
+        own, queries = session.own, self._queries
+        own_keys = self._catalogue.keys(own.dataset, own.column, where=own.where)
+        keys = [k.encode() for k in own_keys]
+        queries.check_set_size(query_id, own.dataset, len(keys), session.obligations.min_set_size)
+        if session.obligations.exact:
+            queries.check_exact(
+                query_id, record.analyst, own.dataset, own.where,
+                session.obligations.min_group_size, keys=keys,
+            )  # fmt: skip
+        return keys
+
     def _membership(
         self,
         session: Session,
@@ -324,16 +327,19 @@ class PsiKind:
         )
         return Release(records=records)
 
-    def _run_rr22(
-        self, session: Session, query_id: str, keys: Sequence[bytes]
-    ) -> tuple[list[int], str]:
-        """This node's part on the RR22 engine: (matching positions at the receiver, the
-        digest of what this node put in)."""
+    def _run_rr22(self, session: Session, query_id: str, record: QueryRecord) -> Release:
+        """This node's part on the RR22 engine. The driver starts (and links) while the node
+        reads and checks its keys; it gets them once the checks passed."""
         engine = self.rr22
         if engine is None:  # submit refused it; a node reconfigured since refuses here
             raise Aborted(str(not_configured(self.name)))
         peer = session.peer.node
         put_in: list[str] = []
+        keys: list[bytes] = []
+
+        def prepare() -> list[bytes]:
+            keys.extend(self._checked_keys(session, query_id, record))
+            return keys
 
         def exchange(offer: bytes) -> bytes:
             self._send(peer, query_id, LINK, (), [offer])
@@ -348,14 +354,14 @@ class PsiKind:
             return inbox.items[0]
 
         def step(word: str, step_digest: str, size: int) -> None:
-            if word == "started":
+            if word == "input":
                 put_in.append(step_digest)
             self._step(query_id, peer, "engine", f"rr22.{word}", step_digest, size)
 
         positions = engine.run(
             Rr22Run(
                 query_id=query_id,
-                keys=keys,
+                prepare=prepare,
                 receiver=session.releasing,
                 peer=peer,
                 peer_host=self._roster().member(peer).address.rsplit(":", 1)[0].strip("[]"),
@@ -365,7 +371,10 @@ class PsiKind:
                 step=step,
             )
         )
-        return positions, put_in[0] if put_in else digest(b"")
+        if not session.releasing:
+            self._released(session, query_id, peer, put_in[0] if put_in else digest(b""), 0)
+            return Release()
+        return self._membership(session, query_id, record, keys, positions)
 
     def _step(
         self, query_id: str, peer: str, direction: str, phase: str, step_digest: str, size: int
