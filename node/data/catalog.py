@@ -1697,16 +1697,18 @@ class Catalogue:
         for columns in self._sealed_chunks(conn, table, sealed):
             yield from zip(*columns, strict=True)
 
-    def _matching_chunks(
+    def _matching_columns(
         self,
         conn: sqlite3.Connection,
         info: DatasetInfo,
         table: str,
         sealed: _SealedTable,
         where: Sequence[Condition],
-    ) -> Iterator[tuple[SealedColumns, builtins.list[bool] | None]]:
-        """Each chunk of a sealed table with which of its rows pass ``where`` (None: all),
-        decrypted and filtered here, a whole column at a time."""
+        picked: Sequence[int],
+    ) -> Iterator[builtins.list[Iterable[Cell]]]:
+        """Per chunk, the columns at ``picked`` (0: ``_row``) of the rows that pass ``where``,
+        decrypted and filtered here a whole column at a time (only the columns read are
+        decoded)."""
         position = {column: i + 1 for i, column in enumerate(sealed.columns)}
         tests = [
             (position[rule.name], _PY_OPERATORS[op], value)
@@ -1719,19 +1721,6 @@ class Catalogue:
                 keep = (
                     passed if keep is None else [a and b for a, b in zip(keep, passed, strict=True)]
                 )
-            yield columns, keep
-
-    def _matching_columns(
-        self,
-        conn: sqlite3.Connection,
-        info: DatasetInfo,
-        table: str,
-        sealed: _SealedTable,
-        where: Sequence[Condition],
-        picked: Sequence[int],
-    ) -> Iterator[builtins.list[Iterable[Cell]]]:
-        """Per chunk, the columns at ``picked`` (0: ``_row``) of the rows that pass ``where``."""
-        for columns, keep in self._matching_chunks(conn, info, table, sealed, where):
             if keep is None:
                 yield [columns[i] for i in picked]
             else:
@@ -1900,8 +1889,8 @@ class Catalogue:
                     total = conn.execute(f"SELECT COALESCE(SUM(rows), 0) FROM {_quote(table)}")
                     return int(total.fetchone()[0])
                 return sum(
-                    len(columns[0]) if keep is None else sum(keep)
-                    for columns, keep in self._matching_chunks(conn, info, table, sealed, where)
+                    sum(1 for _ in ids)
+                    for (ids,) in self._matching_columns(conn, info, table, sealed, where, [0])
                 )
             row = conn.execute(f"SELECT COUNT(*) FROM {_quote(table)}{clause}", params).fetchone()
         return int(row[0])
