@@ -320,8 +320,13 @@ class Node:
     def _from_config(cls, config: NodeConfig, lock: HomeLock) -> Node:
         refuse_unless_private(config.home)
         for store in (config.database_path, config.audit_database_path):
-            # Made 0600 before SQLite opens them; their -wal and -shm take the same mode.
-            os.close(os.open(store, os.O_RDWR | os.O_CREAT, FILE_MODE))
+            # Made 0600 before SQLite first opens them; their -wal and -shm take the same mode.
+            # Only a file that does not exist yet: closing a descriptor of a database that this
+            # process has open would drop SQLite's POSIX locks on it.
+            try:
+                os.close(os.open(store, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE))
+            except FileExistsError:
+                pass
         identity = Identity.load(config.identity_dir)
         at_rest = open_at_rest(config.home, config.database_path, identity.roster.crypto)
         return cls(
