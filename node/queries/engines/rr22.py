@@ -298,6 +298,7 @@ class Rr22Engine:
         """Until the driver exits 0; raises Aborted on anything else."""
         events: queue.Queue[tuple[str, str]] = queue.Queue()
         errors: list[str] = []
+        last: list[str] = [""]  # libpsi's last log line: what a native failure said
 
         def said(kind: str, text: str) -> None:
             events.put((kind, text))
@@ -319,6 +320,8 @@ class Rr22Engine:
                         errors.append(line[len("error:") :].strip())
                     elif HANDSHAKE_FAILED in line:
                         said("tls", line.rsplit(":", 1)[-1].strip())
+                    elif line.strip():
+                        last[0] = " ".join(line.split())[:300]
 
         def watch() -> None:
             said("exit", str(process.wait()))
@@ -345,7 +348,7 @@ class Rr22Engine:
             thread.join(timeout=self._timeout)
         self._drain(events, run)
         if code != 0:
-            why = errors[-1] if errors else f"exit status {code}"
+            why = errors[-1] if errors else f"exit status {code} after: {last[0]}"
             raise Aborted(
                 f"{self._node}: the rr22 engine failed with node {run.peer}: {why}; "
                 "query aborted, nothing released"
