@@ -7,10 +7,13 @@ Real parts: the session federation's serving nodes over mutual TLS, ``govshare n
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
+from contextlib import closing
 from datetime import date
 from pathlib import Path
 
@@ -40,13 +43,28 @@ from govshare.protocols.suite import STANDARD
 IDS = [resident_id.make("110101", date(1970, 1 + i, 1 + i), i) for i in range(2)]
 
 
+# Reads every file under a home in a child process: a read here would open and close node.db in
+# the process that serves it, which drops SQLite's POSIX locks on it (sqlite.org/howtocorrupt).
+_GREP = """
+import json, pathlib, sys
+home, needles = pathlib.Path(sys.argv[1]), [bytes.fromhex(h) for h in sys.argv[2:]]
+files = [(str(p.relative_to(home)), p.read_bytes()) for p in home.rglob("*") if p.is_file()]
+print(json.dumps([[name for name, data in files if n in data] for n in needles]))
+"""
+
+
+def grep_homes(home: Path, needles: list[bytes]) -> list[list[str]]:
+    """For each needle, the files under ``home`` holding it (node.db, its WAL, the log, all)."""
+    found = subprocess.run(
+        [sys.executable, "-c", _GREP, str(home), *(n.hex() for n in needles)],
+        capture_output=True, text=True, timeout=120, check=True,
+    )  # fmt: skip
+    result: list[list[str]] = json.loads(found.stdout)
+    return result
+
+
 def grep_home(home: Path, needle: bytes) -> list[str]:
-    """Every file under ``home`` holding ``needle`` (node.db, its WAL, the log, everything)."""
-    return [
-        str(p.relative_to(home))
-        for p in home.rglob("*")
-        if p.is_file() and needle in p.read_bytes()
-    ]
+    return grep_homes(home, [needle])[0]
 
 
 def govshare(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -152,8 +170,8 @@ def test_a_serving_node_keeps_its_home_private_and_holds_no_plaintext_id(
     home = fed.node_home("tax")
     ids = psi_data.tax.catalogue.keys("residents", "id_number")
     assert len(ids) > 300
-    for needle in [*kept, *ids[::7]]:
-        assert grep_home(home, needle.encode()) == [], needle
+    needles = [k.encode() for k in [*kept, *ids[::7]]]
+    assert grep_homes(home, needles) == [[] for _ in needles]
 
 
 # --------------------------------------------------------------------------- key recovery
@@ -261,3 +279,49 @@ def test_a_pass_runs_at_start_with_the_clock_it_is_given(tmp_path: Path) -> None
         store.close()
     never = ResultsRetention(QueryStore(db), audit, days=0, actor="tax")
     assert never.run(now=10**12) == []
+
+
+# --------------------------------------------------------------------------- destruction
+
+
+def test_dataset_remove_on_a_serving_node_leaves_no_byte_of_it(
+    fed: FederationFixture, psi_data: PsiData, tmp_path: Path
+) -> None:
+    """The operator removes a dataset with the CLI while tax serves: its rows' key and chunks
+    are gone from every file of the home, and the log names the person who signed the act."""
+    home = fed.node_home("tax")
+    ids = [resident_id.make("440103", date(1988, 3, 1 + i), 700 + i) for i in range(25)]
+    rows = tmp_path / "doomed.csv"
+    rows.write_text("id_number,amount\n" + "".join(f"{k},{i}\n" for i, k in enumerate(ids)))
+    added = govshare(
+        "dataset", "add", str(rows), "--home", str(home), "--name", "doomed", "--grade",
+        "general", "--sharing", "conditional", "--owner-kind", "state", "--owner", "state",
+        "--column", "id_number=join_key:resident_id", "--column", "amount=aggregate",
+        "--identity", fed.operator("tax"),
+    )  # fmt: skip
+    assert added.returncode == 0, added.stderr
+    assert psi_data.tax.catalogue.count("doomed") == 25  # the serving node reads it
+    db = NodeConfig.load(home).database_path
+    with closing(sqlite3.connect(db)) as conn:  # SQLite's own locks: safe in this process
+        [(table, wrapped)] = conn.execute(
+            "SELECT table_name, wrapped_key FROM sealed_tables JOIN datasets USING (table_name)"
+            " WHERE name = 'doomed'"
+        ).fetchall()
+        [(chunk,)] = conn.execute(f'SELECT sealed FROM "{table}"').fetchall()
+    assert grep_home(home, bytes(wrapped)[-16:]) and grep_home(home, bytes(chunk)[40:72])
+    removed = govshare(
+        "dataset", "remove", "doomed", "--home", str(home), "--yes", "--json",
+        "--identity", fed.operator("tax"),
+    )  # fmt: skip
+    assert removed.returncode == 0, removed.stderr
+    destroyed = json.loads(removed.stdout)["destroyed"]
+    assert (destroyed["rows"], destroyed["key_shredded"]) == (25, True)
+    assert destroyed["wal_truncated"] is True  # no reader held an older snapshot
+    needles = [bytes(wrapped)[-16:], bytes(chunk)[40:72], *(k.encode() for k in ids)]
+    assert grep_homes(home, needles) == [[] for _ in needles]
+    person = fed.identity("op-tax").name
+    entries = [e.decode() for e in psi_data.tax.audit.entries(0, psi_data.tax.audit.size)]
+    [record] = [
+        e for e in entries if e.kind == "dataset.destroyed" and e.fields["name"] == "doomed"
+    ]
+    assert record.actor == person and record.fields["digest"] == destroyed["digest"]
