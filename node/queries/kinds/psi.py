@@ -39,7 +39,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from fractions import Fraction
 
-from govshare.model.digests import digest, points_digest
+from govshare.model.digests import Digests, digests_for
 from govshare.model.governance import QueryKind, Role
 from govshare.model.identity import Roster
 from govshare.model.query_plan import RR22, PsiPlan, Side, parse_plan
@@ -137,6 +137,11 @@ class PsiKind:
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
         queries.register(PSI_KINDS, self)
+
+    @property
+    def _digests(self) -> Digests:
+        """The federation's suite's digests: what the peer logs for the same messages."""
+        return digests_for(self._roster().crypto)
 
     @property
     def name(self) -> str:
@@ -267,12 +272,16 @@ class PsiKind:
 
         if plan.kind is QueryKind.PSI_CARDINALITY:
             out = ecdh_psi.shuffle(again)
-            self._released(session, query_id, record.analyst, points_digest(out), len(out))
+            self._released(
+                session, query_id, record.analyst, self._digests.points_digest(out), len(out)
+            )
             return Release(points=out)
         if not session.releasing:
             # Return the releasing side's set, masked again, in its order.
             self._send_step(session, query_id, RETURNED, again)
-            self._released(session, query_id, session.peer.node, points_digest(again), 0)
+            self._released(
+                session, query_id, session.peer.node, self._digests.points_digest(again), 0
+            )
             return Release()
         returned = self._wait(session, query_id, RETURNED)
         if len(returned) != len(keys):
@@ -311,7 +320,11 @@ class PsiKind:
             matched = sorted(keys[i].decode() for i in positions)
             self._store.save_matches(query_id, matched)
             self._released(
-                session, query_id, self.name, digest("\n".join(matched).encode()), len(matched)
+                session,
+                query_id,
+                self.name,
+                self._digests.digest("\n".join(matched).encode()),
+                len(matched),
             )
             count = len(matched)
             if plan.epsilon is not None:
@@ -321,9 +334,16 @@ class PsiKind:
         if rule is None:  # parse_plan requires it for membership
             raise PolicyRefused(MASK_RULE, f"{own.column} has no masking rule")
         mask_key = self._mask_key(own.dataset, own.column) if needs_key(rule) else None
-        records = sorted(apply_mask(rule, keys[i].decode(), key=mask_key) for i in positions)
+        records = sorted(
+            apply_mask(rule, keys[i].decode(), key=mask_key, suite=self._roster().crypto)
+            for i in positions
+        )
         self._released(
-            session, query_id, record.analyst, digest("\n".join(records).encode()), len(records)
+            session,
+            query_id,
+            record.analyst,
+            self._digests.digest("\n".join(records).encode()),
+            len(records),
         )
         return Release(records=records)
 
@@ -343,14 +363,14 @@ class PsiKind:
 
         def exchange(offer: bytes) -> bytes:
             self._send(peer, query_id, LINK, (), [offer])
-            self._step(query_id, peer, "sent", LINK, digest(offer), 1)
+            self._step(query_id, peer, "sent", LINK, self._digests.digest(offer), 1)
             inbox = session.mailbox.wait(
                 LINK, node=self.name, peer=peer, what="link offer", timeout=self._timeout,
                 waiting=self._waiting,
             )  # fmt: skip
             if len(inbox.items) != 1:
                 raise MalformedInput("a link offer is one item", field="items")
-            self._step(query_id, peer, "received", LINK, digest(inbox.items[0]), 1)
+            self._step(query_id, peer, "received", LINK, self._digests.digest(inbox.items[0]), 1)
             return inbox.items[0]
 
         def step(word: str, step_digest: str, size: int) -> None:
@@ -372,7 +392,9 @@ class PsiKind:
             )
         )
         if not session.releasing:
-            self._released(session, query_id, peer, put_in[0] if put_in else digest(b""), 0)
+            self._released(
+                session, query_id, peer, put_in[0] if put_in else self._digests.digest(b""), 0
+            )
             return Release()
         return self._membership(session, query_id, record, keys, positions)
 
@@ -390,16 +412,23 @@ class PsiKind:
         self, session: Session, query_id: str, phase: str, points: Sequence[bytes]
     ) -> None:
         self._send(session.peer.node, query_id, phase, points, ())
-        self._step(query_id, session.peer.node, "sent", phase, points_digest(points), len(points))
+        self._step(
+            query_id,
+            session.peer.node,
+            "sent",
+            phase,
+            self._digests.points_digest(points),
+            len(points),
+        )
 
     def _wait(self, session: Session, query_id: str, phase: str) -> list[bytes]:
         inbox = session.mailbox.wait(
             phase, node=self.name, peer=session.peer.node, what="set", timeout=self._timeout,
             waiting=self._waiting,
         )  # fmt: skip
+        received = self._digests.points_digest(inbox.points)
         self._step(
-            query_id, session.peer.node, "received", phase, points_digest(inbox.points),
-            len(inbox.points),
+            query_id, session.peer.node, "received", phase, received, len(inbox.points)
         )  # fmt: skip
         return inbox.points
 
