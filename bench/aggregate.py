@@ -105,6 +105,7 @@ from govshare.node.queries.kinds.aggregate import WIDE_WINDOW_BITS, WIDE_WINDOW_
 from govshare.protocols import ecdh_psi
 from govshare.protocols.bfv_simd import SimdPublic, SimdSecretKeys
 from govshare.protocols.paillier import DEFAULT_N_BITS, DjnPublicKey, generate_keypair
+from govshare.protocols.suite import STANDARD, Suite
 
 PURPOSE = "benchmark"
 GROUP_SIDES = (VALUES_SIDE, MATCHER_SIDE)
@@ -233,13 +234,13 @@ def raw_x25519_rate(n: int, workers: int) -> float:
 Expected = dict[str, dict[str, tuple[int, int]]]
 
 
-def intersection_setup(root: Path, n: int) -> tuple[Expected, int, int]:
+def intersection_setup(root: Path, n: int, *, suite: Suite = STANDARD) -> tuple[Expected, int, int]:
     """Stores and grants for ``n`` rows per side; returns the expected figures by district (per
     group side: the value holder's district, or the matcher's), the size of the matcher's
     filtered set and the value holder's distinct keys."""
     data = root / "data"
     synth.generate(data, size=n, seed=11)
-    make_federation(root, ["civil", "tax"])  # the default protocol_timeout: streaming
+    make_federation(root, ["civil", "tax"], suite=suite)  # the default protocol_timeout
     register(
         root / "civil", data / f"{synth.CIVIL}.csv", dataset="assistance", columns=CIVIL_COLUMNS,
         granted=["id_number", "district", "amount"], kind=QueryKind.INTERSECTION_AGGREGATE,

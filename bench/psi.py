@@ -73,6 +73,7 @@ from govshare.node.policy import approvals
 from govshare.node.queries.engines import rr22
 from govshare.node.stores.query_store import QueryStore
 from govshare.protocols import dp, ecdh_psi, x25519_batch
+from govshare.protocols.suite import STANDARD, Suite
 
 PURPOSE = "benchmark"
 # The noised run's ε (shift t = 21 dummy keys on average, shared and private, per side).
@@ -90,11 +91,11 @@ def key_column_csv(source: Path, target: Path) -> None:
             dst.write(line.split(",", 1)[0] + "\n")
 
 
-def setup(root: Path, n: int) -> int:
-    """Federation, stores and grants for size ``n``; returns the known |A ∩ B|."""
+def setup(root: Path, n: int, *, suite: Suite = STANDARD) -> int:
+    """Federation (on ``suite``), stores and grants for size ``n``; returns the known |A ∩ B|."""
     data = root / "data"
     manifest = synth.generate(data, size=n, seed=11)
-    make_federation(root, list(DATASETS))
+    make_federation(root, list(DATASETS), suite=suite)
     for name, (dataset, source, columns) in DATASETS.items():
         csv = data / f"{dataset}.csv"
         key_column_csv(data / f"{source}.csv", csv)
