@@ -129,13 +129,14 @@ def approve_when_pending(root: Path, running: list[float]) -> StatusCallback:
         if state != PENDING:
             return
         config = NodeConfig.load(root / node)
+        suite = Identity.load(config.identity_dir).roster.crypto
         store = QueryStore(config.database_path)
         try:
-            with AuditLog.open(config.audit_database_path) as audit:
-                for waiting in approvals.pending(store):
+            with AuditLog.open(config.audit_database_path, suite=suite) as audit:
+                for waiting in approvals.pending(store, suite=suite):
                     approvals.decide(
                         store, audit, waiting.record.query_id, approve=True,
-                        operator=f"operator:{node}", reason="benchmark",
+                        operator=f"operator:{node}", reason="benchmark", suite=suite,
                     )  # fmt: skip
         finally:
             store.close()
