@@ -45,7 +45,7 @@ from govshare.model.aggregate_plan import (
     SumSpec,
     slot_name,
 )
-from govshare.model.digests import key_fingerprint
+from govshare.model.digests import digests_for
 from govshare.model.epsilon import parse_epsilon
 from govshare.model.governance import QueryKind, column_scales
 from govshare.model.identity import Identity
@@ -148,7 +148,8 @@ def run_intersection_aggregate(
         plan = replace(plan, scheme=BFV_SIMD)
         secret = SimdSecretKeys(plan.simd_shape())
         bundle = secret.public_bundle()
-        key = _Key(BFV_SIMD, key_fingerprint(bundle), context=bundle, secret=secret)
+        fingerprint = digests_for(identity.roster.crypto).key_fingerprint(bundle)
+        key = _Key(BFV_SIMD, fingerprint, context=bundle, secret=secret)
     elif scheme == PAILLIER:
         key = _paillier_key(key_bits, unsafe_allow_short_modulus)
     else:
@@ -178,7 +179,8 @@ def run_horizontal_aggregate(
     if plan.scheme == BFV:
         context = BfvSecretContext.create()
         public_context = context.public_bytes()
-        key = _Key(BFV, key_fingerprint(public_context), context=public_context, secret=context)
+        fingerprint = digests_for(identity.roster.crypto).key_fingerprint(public_context)
+        key = _Key(BFV, fingerprint, context=public_context, secret=context)
     else:
         key = _paillier_key(key_bits, unsafe_allow_short_modulus)
     plan = HorizontalPlan(

@@ -88,7 +88,6 @@ from __future__ import annotations
 
 import array
 import collections
-import hashlib
 import itertools
 import os
 import random
@@ -115,7 +114,7 @@ from govshare.model.aggregate_plan import (
     slot_name,
 )
 from govshare.model.conditions import Condition
-from govshare.model.digests import digest, key_fingerprint, message_digest
+from govshare.model.digests import Digests, digests_for
 from govshare.model.identity import Identity, Roster
 from govshare.model.states import APPROVED
 from govshare.node.api.auth import Caller
@@ -365,6 +364,11 @@ class AggregateEngine:
         return self._identity.name
 
     @property
+    def _digests(self) -> Digests:
+        """The federation's suite's digests: what the peers log for the same messages."""
+        return digests_for(self._roster().crypto)
+
+    @property
     def protocol_timeout(self) -> float:
         """Seconds any one wait may take: for a whole message, or for the stream's next batch.
 
@@ -447,7 +451,9 @@ class AggregateEngine:
         signature = masks.sign_ephemeral(
             self._identity.signing_key, query_id=session.query_id, node=self.name, public_key=public
         )
-        self._step(session, query_id, caller.name, "sent", "ephemeral_key", digest(public), 1)
+        self._step(
+            session, query_id, caller.name, "sent", "ephemeral_key", self._digests.digest(public), 1
+        )
         return SignedKey(self.name, public, signature)
 
     # --- the protocol ---------------------------------------------------------------------------
@@ -558,7 +564,7 @@ class AggregateEngine:
         layouts = () if key is None else plan.layouts(key.n_bits)
         if simd:
             shape = plan.simd_shape()
-            _check_bundle(plan, public_context)
+            _check_bundle(plan, public_context, self._digests)
         group = None if plan.groups_on_matcher else figures.group_by  # M's groups: M sums them
         columns = [
             side.column,
@@ -632,7 +638,12 @@ class AggregateEngine:
         if simd:
 
             def encryption(i: int) -> tuple[Callable[..., Any], tuple[Any, ...]]:
-                return _simd_encrypt_task, (public_context, shape, plaintexts(i, i + batch))
+                return _simd_encrypt_task, (
+                    plan.public_key,
+                    public_context,
+                    shape,
+                    plaintexts(i, i + batch),
+                )
 
         elif key is not None:
             key_bytes, unsafe = key.to_bytes(), self._options.unsafe_allow_short_modulus
@@ -659,7 +670,7 @@ class AggregateEngine:
         self._send_step(session, query_id, plan.matcher.node, MATCHER_AGAIN, again, [])
         del again
         width = 0 if key is None else key.ciphertext_bytes * len(layouts)
-        chain = hashlib.sha256()
+        chain = self._digests.suite.new_hasher()
         for index, (packed, encrypted) in enumerate(pending):
             points = ecdh_psi.decode_points(packed) if packed else []
             if simd:
@@ -670,9 +681,11 @@ class AggregateEngine:
                 plan.matcher.node, query_id, f"{VALUES}:{index}:{len(starts)}", points, items
             )
             stats.batches = index + 1
-            chain.update(bytes.fromhex(message_digest(points, items)))
-        self._step(session, query_id, plan.matcher.node, "sent", VALUES, chain.hexdigest(), count)
-        self._released(session, query_id, plan.matcher.node, chain.hexdigest(), count)
+            chain.update(bytes.fromhex(self._digests.message_digest(points, items)))
+        self._step(
+            session, query_id, plan.matcher.node, "sent", VALUES, chain.digest().hex(), count
+        )
+        self._released(session, query_id, plan.matcher.node, chain.digest().hex(), count)
         return []
 
     def _encrypt_ahead(
@@ -741,7 +754,7 @@ class AggregateEngine:
         side = plan.matcher
         simd = None
         if plan.scheme == BFV_SIMD:
-            _check_bundle(plan, public_context)
+            _check_bundle(plan, public_context, self._digests)
             simd = bfv_simd.SimdPublic.from_bundle(plan.simd_shape(), public_context)
             session.simd = simd  # before M's keys go out: V's batches come after them
         # Every key under one fresh scalar; with M's groups, each group's keys once more under a
@@ -775,7 +788,7 @@ class AggregateEngine:
         stream = session.stream
         if stream is None:  # pragma: no cover - submit makes one for every matcher
             raise Aborted(f"{self.name}: query {query_id} has no value stream")
-        chain = hashlib.sha256()
+        chain = self._digests.suite.new_hasher()
         pairs = 0
 
         def batches() -> Iterator[tuple[list[int], list[Any]]]:
@@ -814,9 +827,9 @@ class AggregateEngine:
             out = self._sum_simd(plan, simd, batches())
         self._keep_stats(query_id, stream.stats)
         self._step(
-            session, query_id, plan.values.node, "received", VALUES, chain.hexdigest(), pairs
+            session, query_id, plan.values.node, "received", VALUES, chain.digest().hex(), pairs
         )
-        self._released(session, query_id, analyst, digest(b"".join(out)), len(out))
+        self._released(session, query_id, analyst, self._digests.digest(b"".join(out)), len(out))
         return out
 
     def _matcher_keys(self, plan: IntersectionPlan) -> list[list[bytes]]:
@@ -966,11 +979,11 @@ class AggregateEngine:
         peers = {n: k.public_key for n, k in by_node.items() if n != self.name}
         mask = masks.node_mask(
             session.ephemeral, query_id=session.query_id, own=self.name, peers=peers,
-            length=len(values),
+            length=len(values), suite=self._roster().crypto,
         )  # fmt: skip
         words = masks.mask_vector(values, mask)
         if plan.scheme == BFV:
-            if key_fingerprint(public_context) != plan.public_key:
+            if self._digests.key_fingerprint(public_context) != plan.public_key:
                 raise MalformedInput(
                     "the BFV context is not the one the signed plan names", field="public_context"
                 )
@@ -986,7 +999,9 @@ class AggregateEngine:
                 mine.append(key.ciphertext_to_bytes(key.encrypt(layout.pack(chunk))))
         if self.name != plan.aggregator:
             self._send_step(session, query_id, plan.aggregator, CONTRIBUTION, [], mine)
-            self._released(session, query_id, plan.aggregator, digest(b"".join(mine)), len(mine))
+            self._released(
+                session, query_id, plan.aggregator, self._digests.digest(b"".join(mine)), len(mine)
+            )
             return []
         contributions = [mine]
         for node in plan.nodes:
@@ -1000,7 +1015,7 @@ class AggregateEngine:
             for j in range(len(layouts)):
                 terms = [key.ciphertext_from_bytes(c[j]) for c in contributions]
                 out.append(key.ciphertext_to_bytes(key.rerandomize(key.sum_ciphertexts(terms))))
-        self._released(session, query_id, analyst, digest(b"".join(out)), len(out))
+        self._released(session, query_id, analyst, self._digests.digest(b"".join(out)), len(out))
         return out
 
     # --- shared steps ----------------------------------------------------------------------------
@@ -1044,7 +1059,7 @@ class AggregateEngine:
         self._send(peer, query_id, phase, points, items)
         self._step(
             session, query_id, peer, "sent", phase,
-            message_digest(points, items), len(points) or len(items),
+            self._digests.message_digest(points, items), len(points) or len(items),
         )  # fmt: skip
 
     def _wait(self, session: _Session, query_id: str, peer: str, phase: str) -> Inbox:
@@ -1054,7 +1069,8 @@ class AggregateEngine:
         )  # fmt: skip
         self._step(
             session, query_id, peer, "received", phase.split(":")[0],
-            message_digest(inbox.points, inbox.items), len(inbox.points) or len(inbox.items),
+            self._digests.message_digest(inbox.points, inbox.items),
+            len(inbox.points) or len(inbox.items),
         )  # fmt: skip
         return inbox
 
@@ -1156,7 +1172,7 @@ class AggregateEngine:
             raise MalformedInput(
                 f"a batch of {len(points)} pairs announced {total}", field="points"
             )
-        batch_digest = bytes.fromhex(message_digest(points, items))
+        batch_digest = bytes.fromhex(self._digests.message_digest(points, items))
         stream.put(index, count, points, loaded, batch_digest, self._timeout)
         return total
 
@@ -1188,8 +1204,8 @@ class AggregateEngine:
         return inbox, check
 
 
-def _check_bundle(plan: IntersectionPlan, public_context: bytes) -> None:
-    if key_fingerprint(public_context) != plan.public_key:
+def _check_bundle(plan: IntersectionPlan, public_context: bytes, digests: Digests) -> None:
+    if digests.key_fingerprint(public_context) != plan.public_key:
         raise MalformedInput(
             "the BFV keys are not the ones the signed plan names", field="public_context"
         )
@@ -1213,11 +1229,11 @@ def _values_task(
 
 
 def _simd_encrypt_task(
-    bundle: bytes, shape: bfv_simd.SimdShape, rows: Sequence[Sequence[int]]
+    fingerprint: bytes, bundle: bytes, shape: bfv_simd.SimdShape, rows: Sequence[Sequence[int]]
 ) -> list[bytes]:
     """Encrypt one batch of keys' cell values (in a pool worker): per ciphertext of keys, one
-    ciphertext per plaintext modulus."""
-    fingerprint = key_fingerprint(bundle)
+    ciphertext per plaintext modulus. ``fingerprint``: the bundle's, as the signed plan names it
+    (checked against the bundle before any batch), the worker's cache key."""
     public = _WORKER_SIMD.get(fingerprint)
     if public is None:
         _WORKER_SIMD.clear()
@@ -1300,8 +1316,3 @@ def _accept_any(items: list[bytes]) -> None:
 def _no_items(items: list[bytes]) -> None:
     if items:
         raise MalformedInput("this phase carries points only", field="items")
-
-
-def plan_summary(plan: AggregatePlan) -> dict[str, Any]:
-    """The plan's public parameters, for logs and reports."""
-    return plan.to_json() | {"public_key": key_fingerprint(plan.public_key).hex()}
