@@ -12,10 +12,11 @@ pair of nodes ``a < b`` (names ordered by their UTF-8 bytes) both compute the X2
 secret, derive a key with HKDF over the suite's hash (RFC 5869; HKDF-SHA256 or HKDF-SM3; info =
 domain tag, query id, ``a``, ``b``), and expand it with the suite's cipher in CTR mode (AES-256
 or SM4; zero initial counter block: each key is used for exactly one stream) into a vector of
-unsigned 64-bit words ``m_ab``. X25519 stays in both suites (:mod:`govshare.protocols.suite`). Node ``i`` adds ``+m_ij`` for every peer ``j > i`` and ``-m_ji`` for every peer
-``j < i``, all modulo 2^64, so the masks cancel in the sum over all nodes.
+unsigned 64-bit words ``m_ab``. X25519 stays in both suites (:mod:`govshare.protocols.suite`).
+Node ``i`` adds ``+m_ij`` for every peer ``j > i`` and ``-m_ji`` for every peer ``j < i``, all
+modulo 2^64, so the masks cancel in the sum over all nodes.
 
-Who learns what (semi-honest; the Ed25519 signatures also stop a man-in-the-middle from
+Who learns what (semi-honest; the signatures also stop a man-in-the-middle from
 substituting ephemeral keys):
 
 - A party that sees one node's masked vector, but not every other node's masking key towards
