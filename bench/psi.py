@@ -34,7 +34,8 @@ govshare's): ``make secretflow`` builds .venv/secretflow, run here when missing;
 ``--secretflow-python``.
 
     .venv/bin/python bench/psi.py [--sizes 10000,100000,1000000] [--dir bench-run/psi]
-        [--paths batched,pointwise] [--no-dp] [--engine ecdh|rr22] [--anchor secretflow]
+        [--paths batched,pointwise] [--no-dp] [--engine ecdh|rr22 [--no-ecdh]]
+        [--anchor secretflow]
 
 Targets (DESIGN.md): 1M x 1M <= 60 s on 2 cores, ratio <= 1.3, <= 1.5 GB per node.
 """
@@ -314,8 +315,10 @@ def _run_nodes(
     }
 
 
-def run_membership(root: Path, expected: int, python: Path) -> dict[str, dict[str, float]]:
-    """Membership kept by tax on each engine, RR22 first, on the same running nodes."""
+def run_membership(
+    root: Path, expected: int, python: Path, engines: tuple[str, ...]
+) -> dict[str, dict[str, float]]:
+    """Membership kept by tax on each of ``engines`` in turn, on the same running nodes."""
     enable_rr22(root, python)
     rows: dict[str, dict[str, float]] = {}
     with node_processes(root, list(DATASETS)) as processes:
@@ -326,7 +329,7 @@ def run_membership(root: Path, expected: int, python: Path) -> dict[str, dict[st
             right=Side("civil", "assistance", "id_number"),
             recipient="tax", epsilon=DP_EPSILON,
         )  # fmt: skip
-        for engine in (RR22, ECDH):
+        for engine in engines:
             engined = replace(plan, engine=engine)
             run_psi(alice, engined, on_status=approve_when_pending(root, []), poll=0.05)  # warm-up
             start: list[float] = []
@@ -351,16 +354,19 @@ def run_membership(root: Path, expected: int, python: Path) -> dict[str, dict[st
     return rows
 
 
-def membership_bench(root: Path, n: int, expected: int, python: Path, anchor: bool) -> None:
-    rows = run_membership(root, expected, python)
-    for engine in ENGINES:
+def membership_bench(
+    root: Path, n: int, expected: int, python: Path, *, anchor: bool, with_ecdh: bool
+) -> None:
+    rows = run_membership(root, expected, python, (RR22, ECDH) if with_ecdh else (RR22,))
+    for engine in rows:
         row = rows[engine]
         print(f"{n:>12,} membership to tax on {engine.upper():<4}: wall {row['wall']:.1f} s, "
               f"{2 * n / row['wall']:,.0f} items/s, about {row['count']:,} kept; peak RSS tax "
               f"{row['rss_tax']:.0f} MB, civil {row['rss_civil']:.0f} MB, a driver "
               f"{row['driver_mb']:.0f} MB", flush=True)  # fmt: skip
-    print(f"{n:>12,} membership RR22 vs ECDH: {rows[ECDH]['wall'] / rows[RR22]['wall']:.2f} x "
-          "faster", flush=True)  # fmt: skip
+    if with_ecdh:
+        print(f"{n:>12,} membership RR22 vs ECDH: {rows[ECDH]['wall'] / rows[RR22]['wall']:.2f} "
+              "x faster", flush=True)  # fmt: skip
     if anchor:
         # SecretFlow as its bench runs it (plain TCP), and with mutual TLS on the nodes'
         # certificates, as the engine's link always runs.
@@ -383,6 +389,10 @@ def main() -> None:
         "--paths", default="batched,pointwise", help="masking paths to run, in this order"
     )
     parser.add_argument("--no-dp", action="store_true", help="skip the noised (DP) query")
+    parser.add_argument(
+        "--no-ecdh", action="store_true",
+        help="with --engine rr22: skip membership on ECDH-PSI (many minutes at 1M)",
+    )  # fmt: skip
     parser.add_argument("--anchor", choices=["none", "secretflow"], default="none")
     parser.add_argument(
         "--engine", choices=ENGINES, default=ECDH,
@@ -410,7 +420,10 @@ def main() -> None:
             shutil.rmtree(root, ignore_errors=True)
             root.mkdir(parents=True)
             expected = setup(root, n)
-            membership_bench(root, n, expected, anchor, options.anchor == "secretflow")
+            membership_bench(
+                root, n, expected, anchor, anchor=options.anchor == "secretflow",
+                with_ecdh=not options.no_ecdh,
+            )  # fmt: skip
         return
     print(f"PSI cardinality, two node processes over mTLS on loopback, {workers} cores")
     print(f"{'n per side':>12} {'path':>9} {'wall s':>8} {'CPU s':>7} {'items/s':>10} "

@@ -267,7 +267,7 @@ class Rr22Engine:
                 process.stdin.flush()
             except OSError:
                 pass  # the driver has ended: _wait says why
-            self._wait(process, run)
+            self._wait(process, run, finished=(folder / RESULT).exists)
         finally:
             if process.poll() is None:
                 process.kill()
@@ -294,8 +294,13 @@ class Rr22Engine:
         run.step(DONE, digest("\n".join(hashed[i] for i in matched).encode()), len(matched))
         return matched
 
-    def _wait(self, process: subprocess.Popen[str], run: Rr22Run) -> None:
-        """Until the driver exits 0; raises Aborted on anything else."""
+    def _wait(
+        self, process: subprocess.Popen[str], run: Rr22Run, *, finished: Callable[[], bool]
+    ) -> None:
+        """Until the driver exits having ``finished`` (written its result, which it does past
+        the protocol and the closing exchange with its peer); raises Aborted on anything else.
+        The exit status alone does not decide: libpsi's native threads have been seen to end a
+        finished driver with status 255 as it left."""
         events: queue.Queue[tuple[str, str]] = queue.Queue()
         errors: list[str] = []
         last: list[str] = [""]  # libpsi's last log line: what a native failure said
@@ -347,7 +352,7 @@ class Rr22Engine:
         for thread in readers:  # the pipes close with the driver: its last words are in
             thread.join(timeout=self._timeout)
         self._drain(events, run)
-        if code != 0:
+        if code != 0 and not finished():
             why = errors[-1] if errors else f"exit status {code} after: {last[0]}"
             raise Aborted(
                 f"{self._node}: the rr22 engine failed with node {run.peer}: {why}; "
