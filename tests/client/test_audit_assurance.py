@@ -14,6 +14,7 @@ honest verdicts.
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import shutil
@@ -260,6 +261,7 @@ def rewrite_log(path: Path, *, keep: int, edit: int | None = None) -> None:
     with sqlite3.connect(path) as db:
         rows = db.execute("SELECT data FROM entries ORDER BY idx LIMIT ?", (keep,)).fetchall()
     remove_database(path)
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))  # private, as the node's was
     clock = [0]
     with AuditLog.open(path, clock=lambda: clock[0]) as log:
         for (data,) in rows:
@@ -361,6 +363,7 @@ def test_restored_old_copy_is_refused_and_lacks_the_quorum(cluster: Cluster) -> 
     cluster.stop("pension")
     remove_database(path)
     shutil.copyfile(backup, path)
+    path.chmod(0o600)  # restored private, as the node's file was
     restart_forged(cluster)
     forged_first_pull(cluster, "witness.rollback")
 
