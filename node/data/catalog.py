@@ -69,7 +69,7 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from itertools import compress
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from govshare.model.conditions import OPERATORS, Condition
 from govshare.model.governance import (
@@ -799,11 +799,11 @@ def _columns_of(rows: Sequence[Sequence[Cell]]) -> builtins.list[builtins.list[C
     return [builtins.list(column) for column in zip(*rows, strict=True)]
 
 
-def _clip(values: Sequence[Cell], bound: int) -> builtins.list[int]:
+def _clip(values: Sequence[int], bound: int) -> builtins.list[int]:
     """``MIN(MAX(value, 0), bound)`` of each value, as the SQL of ``group_sums`` computes it."""
     if bound < 0:
         return [bound] * len(values)
-    return [0 if v < 0 else bound if v > bound else v for v in map(int, values)]
+    return [0 if v < 0 else bound if v > bound else v for v in values]
 
 
 def _drop_table(conn: sqlite3.Connection, table: str) -> None:
@@ -1948,24 +1948,28 @@ class Catalogue:
         bounds = [int(bound) for _, bound in sums]
         groups: dict[str, builtins.list[int]] = {}
         for chosen in self._matching_columns(conn, info, table, sealed, where, picked or [0]):
-            cells = [builtins.list(column) for column in chosen]
+            cells = [c if isinstance(c, builtins.list) else builtins.list(c) for c in chosen]
             count = len(cells[0])
             if not count:
                 continue
-            clipped = [_clip(column, bound) for column, bound in zip(cells, bounds, strict=False)]
+            clipped = [
+                # Aggregate cells are stored, and decoded, as int.
+                _clip(cast("builtins.list[int]", column), bound)
+                for column, bound in zip(cells, bounds, strict=False)
+            ]
             if group_by is None:
                 totals = groups.setdefault("", [0] * (1 + len(bounds)))
                 totals[0] += count
                 for slot, values in enumerate(clipped, start=1):
                     totals[slot] += sum(values)
                 continue
-            labels = builtins.list(map(str, cells[-1]))
+            labels = cells[-1]  # group_key cells: text
             for group, rows in Counter(labels).items():
-                groups.setdefault(group, [0] * (1 + len(bounds)))[0] += rows
+                groups.setdefault(str(group), [0] * (1 + len(bounds)))[0] += rows
             for slot, values in enumerate(clipped, start=1):
-                sums_by_group: dict[str, int] = {}
+                sums_by_group: dict[Cell, int] = {}
                 for group, value in zip(labels, values, strict=True):
                     sums_by_group[group] = sums_by_group.get(group, 0) + value
                 for group, total in sums_by_group.items():
-                    groups[group][slot] += total
+                    groups[str(group)][slot] += total
         return {group: tuple(totals) for group, totals in groups.items()}
