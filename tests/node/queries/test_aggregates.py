@@ -794,17 +794,14 @@ def two_sums(agg: Agg) -> Path:
 
 
 def _two_sum_plan(side: str, column: str, domain: tuple[str, ...]) -> IntersectionPlan:
-    return IntersectionPlan(
-        QueryKind.INTERSECTION_AGGREGATE,
-        PURPOSE,
-        values=Side("civil", "assistance_months", "id_number", (Condition("year", "=", 2025),)),
+    """COUNT, SUM(amount) and SUM(months) of civil's 2025 rows over all of tax's residents,
+    grouped by ``column`` of civil's (``values``) or of tax's (``matcher``)."""
+    sums = (SumSpec("amount", AMOUNT_BOUND), SumSpec("months", MONTHS_BOUND))
+    return replace(
+        district_plan(),
+        values=replace(district_plan().values, dataset="assistance_months"),
         matcher=Side("tax", "residents", "id_number"),
-        figures=Figures(
-            GroupSpec(column, domain, side),
-            (SumSpec("amount", AMOUNT_BOUND), SumSpec("months", MONTHS_BOUND)),
-            Fraction(1),
-        ),
-        public_key=b"",
+        figures=Figures(GroupSpec(column, domain, side), sums, Fraction(1)),
     )
 
 
