@@ -67,6 +67,17 @@ serialisation (header, parms_id, size, polynomials in RNS form) and loaded with 
 :func:`_transparent` documents the layout. Galois keys are made for the fold's rotations only
 (``KeyGenerator.create_galois_keys`` with explicit Galois elements 3^step mod 2N and 2N - 1).
 
+**Bytes.** V's stream is nearly all of them: per ciphertext of ``N / block`` keys, one BFV
+ciphertext per modulus of 2 x 3 x N coefficients, about 370 kB as SEAL writes it (zstd; 393 kB
+raw). Modulus switching (``Evaluator.mod_switch_to_next``, exposed by ``sealapi``) cannot cut
+it: with the flooding, decryption needs log2(q) > log2(4 t (E3 + F)) = 160 of the 163 bits of
+the three data primes (K = 3,907 ciphertexts, R = 8; :func:`noise_bounds`), so no prime can go,
+before the sum or after the flooding. V encrypts under the analyst's public key, so SEAL's
+seeded (half-size) ciphertexts, which need the secret key, do not apply; packing each 54-55-bit
+coefficient tightly would save another ~10% at a Python pass over 49,152 coefficients per
+ciphertext on each side. What does cut them is the layout: with the groups on M's side V packs
+only the figures (2 cells a key instead of 32 for 16 groups by district: 13 x fewer bytes).
+
 **Who learns what, beside Private Join and Compute** (semi-honest, as today):
 
 =====================  ====================================  ====================================
