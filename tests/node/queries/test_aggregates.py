@@ -932,3 +932,27 @@ def test_matcher_side_groups_in_plans_round_trip_and_are_bounded() -> None:
     horizontal["group_by"]["side"] = "matcher"
     with pytest.raises(MalformedInput, match="horizontal"):
         parse_aggregate_plan(horizontal, kind=QueryKind.HORIZONTAL_AGGREGATE.value)
+
+
+def test_matcher_groups_need_the_matchers_grant_of_the_group_column(
+    agg: Agg, two_sums: Path
+) -> None:
+    """The GROUP use moves with the column: an analyst whose tax grant lacks district is
+    refused by tax for tax's districts, while civil's grant decides civil's districts."""
+    civil, tax = agg.nodes["civil"], agg.nodes["tax"]
+    grant(civil, "assistance_months", "hkana", ["id_number", "year", "amount", "months"], KINDS)
+    grant(tax, "residents", "hkana", ["id_number", "income_band", "year"], KINDS)
+    hkana = agg.fed.identity("hkana")
+    before = tax.audit.size
+    with pytest.raises(PolicyRefused) as refused:
+        run_intersection_aggregate(
+            hkana, _two_sum_plan("matcher", "district", synth.DISTRICTS), scheme=BFV_SIMD
+        )
+    assert refused.value.rule == "grant.column"
+    decisions = [e.decode() for e in tax.audit.entries(before, tax.audit.size)]
+    assert [e.fields["rule"] for e in decisions if e.kind == "policy.decision"] == ["grant.column"]
+    # Grouped by tax's income band (granted), the same sums run.
+    outcome = run_intersection_aggregate(
+        hkana, _two_sum_plan("matcher", "income_band", ("low", "middle", "high")), scheme=BFV_SIMD
+    )
+    assert [g.label for g in outcome.groups] == ["low", "middle", "high"]
