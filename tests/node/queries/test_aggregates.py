@@ -938,7 +938,8 @@ def test_matcher_groups_need_the_matchers_grant_of_the_group_column(
     agg: Agg, two_sums: Path
 ) -> None:
     """The GROUP use moves with the column: an analyst whose tax grant lacks district is
-    refused by tax for tax's districts, while civil's grant decides civil's districts."""
+    refused by tax for tax's districts; civil, which reads no group column then, is not asked
+    for one (hkana's civil grant names no group column, and the income-band query runs)."""
     civil, tax = agg.nodes["civil"], agg.nodes["tax"]
     grant(civil, "assistance_months", "hkana", ["id_number", "year", "amount", "months"], KINDS)
     grant(tax, "residents", "hkana", ["id_number", "income_band", "year"], KINDS)
