@@ -132,3 +132,23 @@ def test_unsupported_union_forms_are_named(sql: str, named: str) -> None:
 def test_a_union_is_not_a_join() -> None:
     with pytest.raises(MalformedInput, match="horizontal aggregate"):
         parse_join(UNION)
+
+
+def test_a_join_may_group_by_the_other_tables_column_but_sums_stay_on_one() -> None:
+    from govshare.client.sql import aggregate_columns, parse_query
+
+    join = (
+        "SELECT t.income_band, COUNT(*), SUM(a.amount), AVG(a.amount) FROM civil.assistance a "
+        "JOIN tax.residents t ON a.id_number = t.id_number GROUP BY t.income_band"
+    )
+    query = parse_query(join)
+    columns = aggregate_columns(query.select, query.group_by)
+    assert (columns.alias, columns.sums, columns.group, columns.group_alias) == (
+        "a", ("amount",), "income_band", "t",
+    )  # fmt: skip
+    counted = parse_query(join.replace(", SUM(a.amount), AVG(a.amount)", ""))
+    columns = aggregate_columns(counted.select, counted.group_by)
+    assert (columns.alias, columns.group_alias) == ("t", "t")  # no SUM: the group's table
+    both = parse_query(join.replace("AVG(a.amount)", "SUM(t.annual_income)"))
+    with pytest.raises(MalformedInput, match="aggregates over the columns of one table"):
+        aggregate_columns(both.select, both.group_by)
