@@ -48,6 +48,7 @@ def _party(
     ports: list[int],
     cert_dir: str | None,
     queue: Any,
+    leave: Any,
 ) -> None:
     # The spu environment only: not installed beside govshare, so mypy does not see it.
     import spu.libspu.link as link  # type: ignore[import-not-found]
@@ -84,11 +85,6 @@ def _party(
     config.output_params.path = os.path.join(out_dir, f"{protocol}-party{rank}.csv")
     config.output_params.disable_alignment = True
     report = psi.psi_execute(config, lctx)
-    # Both parties past the protocol before either leaves (as govshare's RR22 driver does):
-    # libpsi's last messages may still be in flight, and a party leaving with them left its
-    # peer waiting for the link's timeout (seen at 100k).
-    lctx.send(1 - rank, "done")
-    lctx.recv(1 - rank)
     queue.put(
         {
             "rank": rank,
@@ -100,8 +96,11 @@ def _party(
     )
     queue.close()
     queue.join_thread()
-    # Tearing down the link's threads can take minutes after the protocol has ended; the result
-    # is out, so the party leaves at once.
+    # Both parties done before either leaves (as govshare's RR22 driver does): psi_execute may
+    # return while the peer still sends its last messages, and a party leaving then left its
+    # peer waiting for the link's timeout (a 100k run). Then at once: tearing down the link's
+    # threads can take minutes.
+    leave.wait()
     os._exit(0)
 
 
@@ -116,10 +115,11 @@ def run(
     ports = [_free_port(), _free_port()]
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
+    leave = context.Event()
     parties = [
         context.Process(
             target=_party,
-            args=(rank, protocol, inputs, key, out_dir, ports, cert_dir, queue),
+            args=(rank, protocol, inputs, key, out_dir, ports, cert_dir, queue, leave),
             daemon=True,  # ended with this process on a normal exit
         )
         for rank in (0, 1)
@@ -139,6 +139,7 @@ def run(
     # From both parties ready to both done; perf_counter is the system's monotonic clock,
     # shared by the parties' processes.
     wall = max(r["end"] for r in results) - max(r["ready"] for r in results)
+    leave.set()
     for process in parties:
         process.join(timeout=60)
         if process.exitcode != 0:

@@ -180,6 +180,8 @@ class Rr22Run:
     ended: Callable[[], str | None]
     # Log one step: (word, digest, size).
     step: Callable[[str, str, int], None]
+    # Tell the peer node this driver finished and wait until the peer's has (over gRPC).
+    finish: Callable[[], None]
 
 
 class Rr22Engine:
@@ -268,11 +270,18 @@ class Rr22Engine:
             except OSError:
                 pass  # the driver has ended: _wait says why
             self._wait(process, run, finished=(folder / RESULT).exists)
+            # Both drivers past the protocol and idle: only now may either leave. A driver that
+            # leaves while its peer still awaits the answer to its last message makes brpc's
+            # TLS path abort the peer ("Check failed ... error_code is 0").
+            run.finish()
+            assert process.stdin is not None
+            process.stdin.close()  # the driver leaves
+            process.wait(timeout=self._timeout)
         finally:
             if process.poll() is None:
                 process.kill()
             process.wait()
-            if process.stdin is not None:
+            if process.stdin is not None and not process.stdin.closed:
                 try:
                     process.stdin.close()
                 except OSError:
@@ -297,10 +306,9 @@ class Rr22Engine:
     def _wait(
         self, process: subprocess.Popen[str], run: Rr22Run, *, finished: Callable[[], bool]
     ) -> None:
-        """Until the driver exits having ``finished`` (written its result, which it does past
-        the protocol and the closing exchange with its peer); raises Aborted on anything else.
-        The exit status alone does not decide: libpsi's native threads have been seen to end a
-        finished driver with status 255 as it left."""
+        """Until the driver says it is done, having ``finished`` (written its result, past the
+        protocol and the link's closing); it then waits, idle, for its node. Raises Aborted on
+        anything else (an exit before, a refused handshake, the query's end, the timeout)."""
         events: queue.Queue[tuple[str, str]] = queue.Queue()
         errors: list[str] = []
         last: list[str] = [""]  # libpsi's last log line: what a native failure said
@@ -336,7 +344,8 @@ class Rr22Engine:
             thread.start()
         deadline = time.monotonic() + self._timeout
         code: int | None = None
-        while code is None:
+        done: list[bool] = []
+        while code is None and not done:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise Aborted(
@@ -345,21 +354,25 @@ class Rr22Engine:
                 )
             run.wake.wait(remaining)
             run.wake.clear()
-            code = self._drain(events, run)
+            code = self._drain(events, run, done)
             reason = run.ended()
             if reason is not None:
                 raise Aborted(f"{self._node}: {reason}; nothing released")
+        if done and finished():
+            return
         for thread in readers:  # the pipes close with the driver: its last words are in
             thread.join(timeout=self._timeout)
-        self._drain(events, run)
-        if code != 0 and not finished():
+        self._drain(events, run, done)
+        if not finished():
             why = errors[-1] if errors else f"exit status {code} after: {last[0]}"
             raise Aborted(
                 f"{self._node}: the rr22 engine failed with node {run.peer}: {why}; "
                 "query aborted, nothing released"
             )
 
-    def _drain(self, events: queue.Queue[tuple[str, str]], run: Rr22Run) -> int | None:
+    def _drain(
+        self, events: queue.Queue[tuple[str, str]], run: Rr22Run, done: list[bool]
+    ) -> int | None:
         """Log the driver's news; returns its exit status once it exited.
 
         Raises:
@@ -369,6 +382,8 @@ class Rr22Engine:
             kind, text = events.get()
             if kind == "status" and text == LINKED:
                 run.step(LINKED, "", 0)
+            elif kind == "status" and text == DONE:
+                done.append(True)
             elif kind == "tls":
                 raise Aborted(
                     f"{self._node}: the rr22 engine's link to node {run.peer} was refused "

@@ -16,8 +16,12 @@ over the nodes' gRPC channel. After the link is up each driver sends its token a
 peer's against the expected one, so only the peer node's own driver is taken as the peer.
 
 Prints one status word a line on stdout, which the node logs: ``ready`` (spu imported),
-``linked`` (the link is up and the peer's token checked), ``done`` (the result written). On
-any failure it prints ``error: <one line>`` on stderr and exits 1.
+``linked`` (the link is up and the peer's token checked), ``done`` (the result written). It
+runs the protocol when the node writes ``go`` on its stdin (its input is then written), and
+after ``done`` waits, idle, until the node closes its stdin (both nodes' drivers done); it
+leaves at once (os._exit: tearing down the link's threads can take minutes). Its stdin closing
+before ``done`` (the node died) ends it. On any failure it prints ``error: <one line>`` on
+stderr and exits 1.
 """
 
 from __future__ import annotations
@@ -87,15 +91,6 @@ def _check_peer(lctx: Any, job: dict[str, Any]) -> None:
         raise RuntimeError(TOKEN_MISMATCH)
 
 
-def _farewell(lctx: Any, rank: int) -> None:
-    """Both parties past the protocol before either leaves: libpsi's last messages may still be
-    in flight when psi_execute returns (sent asynchronously), and a driver leaving with them
-    would leave its peer waiting until the link's timeout. ``send`` returns once the peer has
-    taken the message."""
-    lctx.send(1 - rank, "done")
-    lctx.recv(1 - rank)
-
-
 def run(job: dict[str, Any]) -> dict[str, int]:
     link, psi = _spu()
     _status("ready")
@@ -118,17 +113,18 @@ def run(job: dict[str, Any]) -> dict[str, int]:
     config.output_params.path = str(job["output"])
     config.output_params.disable_alignment = True
     report = psi.psi_execute(config, lctx)
-    _farewell(lctx, rank)
     outcome = {"rank": rank, "intersection": int(report.intersection_count),
                "size": int(report.original_count)}  # fmt: skip
     fd = os.open(str(job["result"]), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as out:
         json.dump(outcome, out)
+    FINISHED.set()
     _status("done")
     return outcome
 
 
 GO = threading.Event()
+FINISHED = threading.Event()
 
 
 def _listen_to_node() -> None:
@@ -137,6 +133,8 @@ def _listen_to_node() -> None:
     for line in sys.stdin:
         if line.strip() == "go":
             GO.set()
+    if FINISHED.is_set():  # both nodes saw their drivers finish: leave
+        os._exit(0)
     sys.stderr.write("error: the node that started this driver has gone\n")
     sys.stderr.flush()
     os._exit(1)
@@ -151,16 +149,17 @@ def main() -> None:
         with open(sys.argv[1], encoding="utf-8") as file:
             job = json.load(file)
         run(job)
+        # Idle, the link still up, until the node closes our stdin once its peer's driver has
+        # finished too: psi_execute may return while the peer still sends its last messages,
+        # and a driver leaving then leaves its peer waiting for the link's timeout, or makes
+        # brpc's TLS path abort it.
+        threading.Event().wait()
     except BaseException as exc:  # one line for the node's log, whatever failed
         # libpsi's errors carry a native stack trace: the first words say what failed.
         message = " ".join(str(exc).split(" stacktrace:")[0].split()) or type(exc).__name__
         sys.stderr.write(f"error: {message[:400]}\n")
         sys.stderr.flush()
         os._exit(1)
-    sys.stdout.flush()
-    # Tearing down the link's threads can take minutes after the protocol has ended; the
-    # result is written, so the driver leaves at once.
-    os._exit(0)
 
 
 if __name__ == "__main__":

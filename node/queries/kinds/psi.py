@@ -65,6 +65,8 @@ RETURNED = "returned"
 DUMMIES = "dummies"
 # RR22: each node's link offer (port and token) for its engine's driver, one item.
 LINK = "link"
+# RR22: this node's driver finished (one item); each node's driver leaves only once both have.
+FINISHED = "finished"
 # RR22: this node's own driver's news (never a peer's message); the query's end wakes it too.
 ENGINE = "engine"
 # The refusal (policy.decision, then FAILED_PRECONDITION) of an engine this node does not offer.
@@ -85,7 +87,7 @@ class Session:
     obligations: Obligations
     request_digest: str
     mailbox: Mailbox = field(
-        default_factory=lambda: Mailbox((OWN, RETURNED, DUMMIES, LINK, ENGINE))
+        default_factory=lambda: Mailbox((OWN, RETURNED, DUMMIES, LINK, FINISHED, ENGINE))
     )
 
     @property
@@ -362,16 +364,10 @@ class PsiKind:
             return keys
 
         def exchange(offer: bytes) -> bytes:
-            self._send(peer, query_id, LINK, (), [offer])
-            self._step(query_id, peer, "sent", LINK, self._digests.digest(offer), 1)
-            inbox = session.mailbox.wait(
-                LINK, node=self.name, peer=peer, what="link offer", timeout=self._timeout,
-                waiting=self._waiting,
-            )  # fmt: skip
-            if len(inbox.items) != 1:
-                raise MalformedInput("a link offer is one item", field="items")
-            self._step(query_id, peer, "received", LINK, self._digests.digest(inbox.items[0]), 1)
-            return inbox.items[0]
+            return self._one_item(session, query_id, LINK, offer, "link offer")
+
+        def finish() -> None:
+            self._one_item(session, query_id, FINISHED, b"finished", "engine's end")
 
         def step(word: str, step_digest: str, size: int) -> None:
             if word == "input":
@@ -389,6 +385,7 @@ class PsiKind:
                 wake=session.mailbox.inboxes[ENGINE].done,
                 ended=lambda: session.mailbox.ended,
                 step=step,
+                finish=finish,
             )
         )
         if not session.releasing:
@@ -397,6 +394,22 @@ class PsiKind:
             )
             return Release()
         return self._membership(session, query_id, record, keys, positions)
+
+    def _one_item(
+        self, session: Session, query_id: str, phase: str, item: bytes, what: str
+    ) -> bytes:
+        """Send the peer one item for ``phase`` and return the peer's, each logged."""
+        peer = session.peer.node
+        self._send(peer, query_id, phase, (), [item])
+        self._step(query_id, peer, "sent", phase, self._digests.digest(item), 1)
+        inbox = session.mailbox.wait(
+            phase, node=self.name, peer=peer, what=what, timeout=self._timeout,
+            waiting=self._waiting,
+        )  # fmt: skip
+        if len(inbox.items) != 1:
+            raise MalformedInput(f"the peer's {what} is one item", field="items")
+        self._step(query_id, peer, "received", phase, self._digests.digest(inbox.items[0]), 1)
+        return inbox.items[0]
 
     def _step(
         self, query_id: str, peer: str, direction: str, phase: str, step_digest: str, size: int
@@ -461,7 +474,7 @@ class PsiKind:
 
         def decoded() -> Iterator[tuple[int, list[bytes], list[bytes]]]:
             for chunk in itertools.chain([first], chunks):
-                yield _offer(chunk) if phase == LINK else _points(chunk)
+                yield _one(chunk) if phase in (LINK, FINISHED) else _points(chunk)
 
         return inbox.fill(first[0], decoded())
 
@@ -479,10 +492,10 @@ class PsiKind:
             session.mailbox.end(reason)
 
 
-def _offer(chunk: tuple[int, bytes, list[bytes]]) -> tuple[int, list[bytes], list[bytes]]:
+def _one(chunk: tuple[int, bytes, list[bytes]]) -> tuple[int, list[bytes], list[bytes]]:
     total, packed, items = chunk
     if packed or total != 1 or len(items) != 1 or len(items[0]) > MAX_OFFER:
-        raise MalformedInput("a link offer is one short item and no points", field="items")
+        raise MalformedInput("an engine's message is one short item, no points", field="items")
     return total, [], items
 
 

@@ -206,7 +206,8 @@ def test_rr22_steps_are_logged_and_reconcile(nodes: Nodes, tmp_path: Path) -> No
         assert start == [("sent", "link", 1), ("received", "link", 1),
                          ("engine", "rr22.started", 0)]  # fmt: skip
         assert sorted(middle) == [("engine", "rr22.input", size), ("engine", "rr22.linked", 0)]
-        assert end == [("engine", "rr22.done", matched)]
+        assert end == [("sent", "finished", 1), ("received", "finished", 1),
+                       ("engine", "rr22.done", matched)]  # fmt: skip
     assert len(nodes.tax.query_store.matches(outcome.query_id)) == 30
 
 
