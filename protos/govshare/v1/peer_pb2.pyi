@@ -134,8 +134,9 @@ class PeerMessage(_message.Message):
     query_id: _builtins.str
     phase: _builtins.str
     """The step the message belongs to. Its names belong to the query kind: "dummies", "own",
-    "returned", "link" (PSI; "link" carries an engine's port and token, govshare.node.queries
-    .engines); "matcher_keys", "matcher_again", "values", "contribution" (aggregates).
+    "returned", "link", "finished" (PSI; an engine's port and token, and its driver's end:
+    govshare.node.queries.engines); "matcher_keys", "matcher_again", "values", "contribution"
+    (aggregates).
     """
     @_builtins.property
     def chunk(self) -> Global___Chunk: ...
@@ -175,7 +176,7 @@ class Chunk(_message.Message):
     @_builtins.property
     def items(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
         """One entry per item, when the phase carries them: a row's fixed-width Paillier ciphertexts,
-        one framed ciphertext of a contribution, or a PSI engine's link offer (JSON).
+        one framed ciphertext of a contribution, or a PSI engine's message (its link offer, JSON).
         """
 
     def __init__(
