@@ -197,6 +197,9 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2, help="queries of each federation")
     parser.add_argument("--suite", default="standard", choices=("standard", "sm"))
     parser.add_argument("--dir", type=Path, default=Path("bench-run/at_rest"))
+    parser.add_argument(
+        "--sealed-first", action="store_true", help="alternate sealed, clear (an order check)"
+    )
     options = parser.parse_args()
     shutil.rmtree(options.dir, ignore_errors=True)
     options.dir.mkdir(parents=True)
@@ -222,6 +225,7 @@ def main() -> None:
             "group_sums": fastest(lambda: tax.group_sums(  # noqa: B023
                 "residents", group_by="district", sums=[(SUM_COLUMN["tax"], 10**9)])),
         }  # fmt: skip
+    order = ("sealed", "clear") if options.sealed_first else ("clear", "sealed")
     walls: dict[str, list[float]] = {"clear": [], "sealed": []}
     horizontal: dict[str, list[float]] = {"clear": [], "sealed": []}
     alices = {v: Identity.load(options.dir / v / "alice") for v in feds}
@@ -229,7 +233,7 @@ def main() -> None:
         for variant in feds:
             run_psi(alices[variant], PLAN)  # warm-up: the nodes' process pools start
             run_horizontal_aggregate(alices[variant], HORIZONTAL)
-        for variant in ("clear", "sealed") * options.repeat:
+        for variant in order * options.repeat:
             start: list[float] = []
             outcome = run_psi(alices[variant], PLAN, on_status=timed(start))
             walls[variant].append(time.perf_counter() - start[0])
@@ -237,7 +241,7 @@ def main() -> None:
             shift = dp.truncation_shift(EPSILON)
             if abs(outcome.count - expected) > shift:
                 raise SystemExit(f"{variant}: count {outcome.count} is not {expected} +- {shift}")
-        for variant in ("clear", "sealed") * options.repeat:
+        for variant in order * options.repeat:
             started = time.perf_counter()
             summed = run_horizontal_aggregate(alices[variant], HORIZONTAL)
             horizontal[variant].append(time.perf_counter() - started)
