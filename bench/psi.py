@@ -54,6 +54,7 @@ import time
 from dataclasses import replace
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -265,16 +266,20 @@ def run_path(
         os.environ.pop(x25519_batch.DISABLE_ENV, None)
 
 
+def bench_plan(kind: QueryKind, **release: Any) -> PsiPlan:
+    """The benchmark's query: tax.residents against civil.assistance on id_number."""
+    return PsiPlan(
+        kind=kind, purpose=PURPOSE, left=Side("tax", "residents", "id_number"),
+        right=Side("civil", "assistance", "id_number"), **release,
+    )  # fmt: skip
+
+
 def _run_nodes(
     root: Path, n: int, expected: int, raw_rate: float, *, with_dp: bool
 ) -> dict[str, float]:
     with node_processes(root, list(DATASETS)) as processes:
         alice = Identity.load(root / "alice")
-        plan = PsiPlan(
-            kind=QueryKind.PSI_CARDINALITY, purpose=PURPOSE,
-            left=Side("tax", "residents", "id_number"),
-            right=Side("civil", "assistance", "id_number"),
-        )  # fmt: skip
+        plan = bench_plan(QueryKind.PSI_CARDINALITY)
         noised = replace(plan, epsilon=DP_EPSILON)
         run_psi(alice, noised)  # warm-up: the nodes' process pools start
         # Both runs timed from the moment the nodes start their parts to the verified receipt.
@@ -323,12 +328,7 @@ def run_membership(
     rows: dict[str, dict[str, float]] = {}
     with node_processes(root, list(DATASETS)) as processes:
         alice = Identity.load(root / "alice")
-        plan = PsiPlan(
-            kind=QueryKind.PSI_MEMBERSHIP, purpose=PURPOSE,
-            left=Side("tax", "residents", "id_number"),
-            right=Side("civil", "assistance", "id_number"),
-            recipient="tax", epsilon=DP_EPSILON,
-        )  # fmt: skip
+        plan = bench_plan(QueryKind.PSI_MEMBERSHIP, recipient="tax", epsilon=DP_EPSILON)
         for engine in engines:
             engined = replace(plan, engine=engine)
             run_psi(alice, engined, on_status=approve_when_pending(root, []), poll=0.05)  # warm-up
