@@ -33,6 +33,7 @@ __all__ = [
     "HomeNotPrivate",
     "Offence",
     "check_home_permissions",
+    "create_private",
     "make_private",
     "refuse_unless_private",
 ]
@@ -133,3 +134,13 @@ def make_private(home: Path) -> None:
             path = Path(folder) / name
             if not path.is_symlink():
                 os.chmod(path, FILE_MODE)
+
+
+def create_private(path: Path | str) -> None:
+    """Create ``path`` empty with mode 0600 unless it exists (a store before SQLite first opens
+    it: its -wal and -shm files take the database's mode). An existing file is left alone, and
+    no descriptor of it is opened (closing one would drop SQLite's POSIX locks on it)."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE))
+    except FileExistsError:
+        pass

@@ -6,7 +6,6 @@ the verified caller as an argument so it can be tested without a server.
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -38,7 +37,7 @@ from govshare.node.data.at_rest import open_at_rest
 from govshare.node.data.catalog import Catalogue
 from govshare.node.data.mask_key import MaskSecret
 from govshare.node.home_lock import HomeLock
-from govshare.node.home_permissions import FILE_MODE, refuse_unless_private
+from govshare.node.home_permissions import create_private, refuse_unless_private
 from govshare.node.observability.events import QueryEvents
 from govshare.node.policy.alerts import RiskMonitor, SuspensionStore
 from govshare.node.policy.applications import Application, ApplicationStore
@@ -320,13 +319,7 @@ class Node:
     def _from_config(cls, config: NodeConfig, lock: HomeLock) -> Node:
         refuse_unless_private(config.home)
         for store in (config.database_path, config.audit_database_path):
-            # Made 0600 before SQLite first opens them; their -wal and -shm take the same mode.
-            # Only a file that does not exist yet: closing a descriptor of a database that this
-            # process has open would drop SQLite's POSIX locks on it.
-            try:
-                os.close(os.open(store, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE))
-            except FileExistsError:
-                pass
+            create_private(store)  # before SQLite first opens it: -wal and -shm follow
         identity = Identity.load(config.identity_dir)
         at_rest = open_at_rest(config.home, config.database_path, identity.roster.crypto)
         return cls(

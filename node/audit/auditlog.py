@@ -52,6 +52,7 @@ from pathlib import Path
 from types import TracebackType
 
 from govshare.model.events import Event
+from govshare.node.home_permissions import create_private
 from govshare.protocols.auditverify import (
     AuditEntry,
     LogVerification,
@@ -245,6 +246,7 @@ class AuditLog:
                 tree hashes with another suite's hash. (A file whose stored tree is damaged opens
                 sealed: see :attr:`broken`.)
         """
+        create_private(path)  # 0600, as a node's home requires; -wal and -shm follow
         connection = sqlite3.connect(
             str(path), isolation_level=None, check_same_thread=False, timeout=30.0
         )

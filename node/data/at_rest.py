@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, overload
 
+from govshare.node.home_permissions import create_private
 from govshare.node.keystore import (
     at_rest_key,
     create_data_key,
@@ -199,6 +200,7 @@ class AtRest:
             WrongDataKey: ``database`` was sealed under another data key.
             MalformedInput: ``database`` was sealed under another suite.
         """
+        create_private(database)  # 0600, as a node's home requires; -wal and -shm follow
         conn = sqlite3.connect(database, isolation_level=None, timeout=30.0)
         try:
             conn.executescript(_SCHEMA)

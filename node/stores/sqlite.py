@@ -14,12 +14,16 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import ClassVar
 
+from govshare.node.home_permissions import create_private
+
 # Seconds a write waits for another process's write lock before failing.
 LOCK_TIMEOUT = 30.0
 
 
 def connect(path: Path, *, shared: bool = False) -> sqlite3.Connection:
-    """A configured connection; ``shared`` lets several threads use it (callers then lock)."""
+    """A configured connection; ``shared`` lets several threads use it (callers then lock). A
+    database file made here is private (0600), as a node's home requires."""
+    create_private(path)
     conn = sqlite3.connect(
         path, isolation_level=None, timeout=LOCK_TIMEOUT, check_same_thread=not shared
     )
