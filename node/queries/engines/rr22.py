@@ -74,7 +74,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from govshare.model.digests import digest
 from govshare.model.identity import CA_CERT, TLS_CERT, TLS_KEY
 from govshare.node.queries.engines import EngineSettings
 from govshare.protocols.errors import Aborted, Conflict, MalformedInput
@@ -178,8 +177,8 @@ class Rr22Run:
     wake: threading.Event
     # Why the query ended early (the peer's abort, a withdrawal, the node stopping), or None.
     ended: Callable[[], str | None]
-    # Log one step: (word, digest, size).
-    step: Callable[[str, str, int], None]
+    # Log one step: (word, the bytes it digests with the federation's suite, size).
+    step: Callable[[str, bytes, int], None]
     # Tell the peer node this driver finished and wait until the peer's has (over gRPC).
     finish: Callable[[], None]
 
@@ -257,12 +256,12 @@ class Rr22Engine:
                 f"{exc.strerror or exc}; query aborted, nothing released"
             ) from None
         try:
-            run.step(STARTED, digest(b""), 0)
+            run.step(STARTED, b"", 0)
             # The driver starts and links meanwhile; it reads nothing before "go".
             hashed = hashed_keys(run.query_id, run.prepare())
             data = ("key\n" + "".join(h + "\n" for h in hashed)).encode()
             _write_private(folder / INPUT, data)
-            run.step(INPUT, digest(data), len(hashed))
+            run.step(INPUT, data, len(hashed))
             assert process.stdin is not None
             try:
                 process.stdin.write(GO + "\n")
@@ -287,7 +286,7 @@ class Rr22Engine:
                 except OSError:
                     pass
         if not run.receiver:
-            run.step(DONE, digest(b""), 0)
+            run.step(DONE, b"", 0)
             return []
         try:
             lines = (folder / OUTPUT).read_text(encoding="utf-8").splitlines()
@@ -300,7 +299,7 @@ class Rr22Engine:
         matched = sorted({index.get(line.strip().strip('"'), -1) for line in lines[1:]})
         if matched and matched[0] < 0:
             raise Aborted(f"{self._node}: the rr22 engine's output names a key it was not given")
-        run.step(DONE, digest("\n".join(hashed[i] for i in matched).encode()), len(matched))
+        run.step(DONE, "\n".join(hashed[i] for i in matched).encode(), len(matched))
         return matched
 
     def _wait(
@@ -381,7 +380,7 @@ class Rr22Engine:
         while not events.empty():
             kind, text = events.get()
             if kind == "status" and text == LINKED:
-                run.step(LINKED, "", 0)
+                run.step(LINKED, b"", 0)
             elif kind == "status" and text == DONE:
                 done.append(True)
             elif kind == "tls":

@@ -369,7 +369,8 @@ class PsiKind:
         def finish() -> None:
             self._one_item(session, query_id, FINISHED, b"finished", "engine's end")
 
-        def step(word: str, step_digest: str, size: int) -> None:
+        def step(word: str, data: bytes, size: int) -> None:
+            step_digest = self._digests.digest(data)
             if word == "input":
                 put_in.append(step_digest)
             self._step(query_id, peer, "engine", f"rr22.{word}", step_digest, size)
