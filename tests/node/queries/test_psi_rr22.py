@@ -328,13 +328,13 @@ def test_cli_asks_membership_on_rr22(nodes: Nodes, tmp_path: Path) -> None:
     ]  # fmt: skip
     asked = subprocess.run(
         [*base, "--reveal", "members", "--to", "tax", "--epsilon", "2", "--json"],
-        capture_output=True, text=True, timeout=WAIT, cwd=REPO,
+        capture_output=True, text=True, timeout=WAIT, cwd=tmp_path,  # its receipt lands here
     )  # fmt: skip
     assert asked.returncode == 0, asked.stderr
     done = [r for r in nodes.tax.query_store.with_state(DONE) if r.dataset == names[0]]
     assert len(done) == 1 and len(nodes.tax.query_store.matches(done[0].query_id)) == 30
     refused = subprocess.run(
-        [*base, "--reveal", "count"], capture_output=True, text=True, timeout=WAIT, cwd=REPO
+        [*base, "--reveal", "count"], capture_output=True, text=True, timeout=WAIT, cwd=tmp_path
     )
     assert refused.returncode == 2
     assert "rr22 serves --reveal members only" in refused.stderr
