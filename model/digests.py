@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Final
 
-from govshare.protocols.suite import STANDARD, Suite
+from govshare.protocols.suite import Suite
 
 # Bytes kept of each item's digest for the tracker check: 128 bits, no collisions in practice.
 ITEM_DIGEST_BYTES = 16
@@ -80,13 +80,3 @@ def digests_for(suite: Suite) -> Digests:
     if found is None:
         found = _BY_SUITE.setdefault(suite.name, Digests(suite))
     return found
-
-
-# The standard suite's digests as module functions, for code that is the standard suite's only.
-_STANDARD: Final = digests_for(STANDARD)
-item_digest = _STANDARD.item_digest
-digest = _STANDARD.digest
-request_digest = _STANDARD.request_digest
-points_digest = _STANDARD.points_digest
-message_digest = _STANDARD.message_digest
-key_fingerprint = _STANDARD.key_fingerprint

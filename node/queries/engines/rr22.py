@@ -17,7 +17,7 @@ approvals, the filtered-set floor and the tracker check, and with the matches th
    plan's recipient, else the left node) is rank 0 and alone gets libpsi's output.
 3. Meanwhile the node reads its distinct, filtered, normalised join keys and runs the data
    checks (the filtered-set floor, the tracker check of an exact release), hashes the keys
-   (SHA-256 over a domain tag, the query id and the key, 128 bits) into a CSV in a private
+   (the suite's hash over a domain tag, the query id and the key, 128 bits) into a CSV in a private
    temporary folder (0700, files 0600, removed when the run ends, however it ends), and only
    then tells its driver to go: no driver reads a key before its node's checks passed.
 4. The node logs each step (``protocol.step``, direction ``engine``: ``rr22.started``,
@@ -59,7 +59,6 @@ Who learns what (semi-honest model, as ECDH-PSI's; ``govshare.protocols.ecdh_psi
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import queue
@@ -77,11 +76,12 @@ from pathlib import Path
 from govshare.model.identity import CA_CERT, TLS_CERT, TLS_KEY
 from govshare.node.queries.engines import EngineSettings
 from govshare.protocols.errors import Aborted, Conflict, MalformedInput
+from govshare.protocols.suite import Suite
 
 ENGINE = "rr22"
 DRIVER = Path(__file__).resolve().with_name("rr22_driver.py")
 KEY_DOMAIN = b"govshare/rr22/key/v1\x00"
-HASH_HEX = 32  # 128 bits of SHA-256, in hex: the CSV's key column
+HASH_HEX = 32  # 128 bits of the suite's hash, in hex: the CSV's key column
 INPUT, OUTPUT, RESULT, JOB = "keys.csv", "intersection.csv", "result.json", "job.json"
 RANK_RECEIVER = 0
 # The driver's link: a connection attempt a second, as long as the protocol timeout allows.
@@ -102,14 +102,16 @@ def not_configured(node: str) -> Conflict:
     )
 
 
-def hashed_keys(query_id: str, keys: Sequence[bytes]) -> list[str]:
-    """The driver's input: each key hashed with the domain tag and the query id, in order."""
-    prefix = hashlib.sha256(KEY_DOMAIN + query_id.encode() + b"\x00")
+def hashed_keys(query_id: str, keys: Sequence[bytes], suite: Suite) -> list[str]:
+    """The driver's input: each key hashed with the domain tag and the query id, in order, with
+    the federation's suite's hash (SHA-256, or SM3 under ``sm``; both nodes hash alike)."""
+    prefix = suite.new_hasher()
+    prefix.update(KEY_DOMAIN + query_id.encode() + b"\x00")
     out = []
     for key in keys:
         h = prefix.copy()
         h.update(key)
-        out.append(h.hexdigest()[:HASH_HEX])
+        out.append(h.digest().hex()[:HASH_HEX])
     return out
 
 
@@ -179,6 +181,8 @@ class Rr22Run:
     ended: Callable[[], str | None]
     # Log one step: (word, the bytes it digests with the federation's suite, size).
     step: Callable[[str, bytes, int], None]
+    # The federation's suite: the hash of the keys handed to the driver.
+    suite: Suite
     # Tell the peer node this driver finished and wait until the peer's has (over gRPC).
     finish: Callable[[], None]
 
@@ -258,7 +262,7 @@ class Rr22Engine:
         try:
             run.step(STARTED, b"", 0)
             # The driver starts and links meanwhile; it reads nothing before "go".
-            hashed = hashed_keys(run.query_id, run.prepare())
+            hashed = hashed_keys(run.query_id, run.prepare(), run.suite)
             data = ("key\n" + "".join(h + "\n" for h in hashed)).encode()
             _write_private(folder / INPUT, data)
             run.step(INPUT, data, len(hashed))

@@ -387,6 +387,7 @@ class PsiKind:
                 ended=lambda: session.mailbox.ended,
                 step=step,
                 finish=finish,
+                suite=self._roster().crypto,
             )
         )
         if not session.releasing:
