@@ -82,6 +82,13 @@ REQUEST_SUFFIX = ".csr"
 # by the suite's 64-byte signature over REQUEST_CONTEXT, the member name, a zero byte and the TLS
 # key's DER SubjectPublicKeyInfo. The key's length tells the suite the member chose.
 SIGNING_KEY_EXTENSION = x509.ObjectIdentifier("2.25.2239641521776467427014717858674256279")
+# A federation on a suite other than the standard one signs its roster with that suite's key
+# (SM2 under ``sm``), not with the CA's ECDSA P-256 key, which stays for X.509 and TLS. The
+# roster key's public half is bound to the CA in the CA certificate, as a private extension
+# under the same UUID arc: the suite's name, a zero byte, the raw public key. Members trust
+# ca.crt (checked by its fingerprint), so they trust the roster key in it.
+ROSTER_KEY_EXTENSION = x509.ObjectIdentifier("2.25.224022967085304946810465934841850645718")
+ROSTER_KEY = "roster.key"
 REQUEST_CONTEXT = b"govshare enrolment request v1\x00"
 # A CSR is well under 2 KiB; the bound keeps a hostile file from being parsed at all.
 MAX_REQUEST_BYTES = 64 * 1024
@@ -264,9 +271,16 @@ class Roster:
     def canonical_bytes(self) -> bytes:
         return canonical_json(self.to_json())
 
-    def sign(self, ca_key: ec.EllipticCurvePrivateKey) -> bytes:
-        """The signed-roster file: the roster and the CA's ECDSA signature over its bytes."""
-        signature = ca_key.sign(self.canonical_bytes(), ec.ECDSA(hashes.SHA256()))
+    def sign(
+        self, ca_key: ec.EllipticCurvePrivateKey, roster_key: SigningKey | None = None
+    ) -> bytes:
+        """The signed-roster file: the roster and the federation's signature over its bytes —
+        the CA's ECDSA signature, or, in a federation on another suite, the signature of the
+        roster key its CA certificate names (:data:`ROSTER_KEY_EXTENSION`)."""
+        if roster_key is not None:
+            signature = roster_key.sign(self.canonical_bytes())
+        else:
+            signature = ca_key.sign(self.canonical_bytes(), ec.ECDSA(hashes.SHA256()))
         envelope = {"roster": self.to_json(), "signature": base64.b64encode(signature).decode()}
         return json.dumps(envelope, indent=2, sort_keys=True, ensure_ascii=False).encode()
 
@@ -294,6 +308,21 @@ class Roster:
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise MalformedInput(f"roster file is malformed: {exc}", field="roster") from None
+        # The CA certificate, not the roster, says which key signs: a roster cannot pick the
+        # weaker check by naming another suite.
+        roster_key = roster_key_of(ca_cert)
+        expected = STANDARD.name if roster_key is None else roster_key.suite
+        if roster.suite != expected:
+            raise VerificationFailed(
+                f"roster names the {roster.suite!r} suite but the federation CA signs rosters "
+                f"on {expected!r}"
+            )
+        if roster_key is not None:
+            try:
+                roster_key.verify(signature, roster.canonical_bytes())
+            except VerificationFailed:
+                raise VerificationFailed("roster signature does not verify") from None
+            return roster
         public_key = ca_cert.public_key()
         if not isinstance(public_key, ec.EllipticCurvePublicKey):
             raise MalformedInput("federation CA key is not ECDSA")
@@ -302,6 +331,23 @@ class Roster:
         except InvalidSignature:
             raise VerificationFailed("roster signature does not verify") from None
         return roster
+
+
+def roster_key_of(ca_cert: x509.Certificate) -> VerifyKey | None:
+    """The roster key a federation CA certificate names (None: the CA's ECDSA key signs).
+
+    Raises:
+        MalformedInput: the extension is malformed, names an unknown suite or a bad key.
+    """
+    try:
+        value = ca_cert.extensions.get_extension_for_oid(ROSTER_KEY_EXTENSION).value
+    except x509.ExtensionNotFound:
+        return None
+    raw = value.value if isinstance(value, x509.UnrecognizedExtension) else b""
+    name, sep, public = raw.partition(b"\x00")
+    if not sep:
+        raise MalformedInput("the CA certificate's roster key is malformed", field="ca")
+    return suite_by_name(name.decode("ascii", "replace")).verify_key(public)
 
 
 def _load_cert(path: Path) -> x509.Certificate:
@@ -364,13 +410,14 @@ def init_federation(
         raise AlreadyExists(f"{directory} already holds a federation CA")
     now = now or _now()
     key = ec.generate_private_key(ec.SECP256R1())
+    roster_key = None if suite is STANDARD else suite.generate_signing_key()
     subject = x509.Name(
         [
             x509.NameAttribute(NameOID.ORGANIZATION_NAME, name),
             x509.NameAttribute(NameOID.COMMON_NAME, f"{name} federation CA"),
         ]
     )
-    cert = (
+    builder = (
         x509.CertificateBuilder()
         .subject_name(subject)
         .issuer_name(subject)
@@ -394,8 +441,14 @@ def init_federation(
             critical=True,
         )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
-        .sign(key, hashes.SHA256())
     )
+    if roster_key is not None:
+        value = suite.name.encode("ascii") + b"\x00" + roster_key.public_key().raw
+        builder = builder.add_extension(
+            x509.UnrecognizedExtension(ROSTER_KEY_EXTENSION, value), critical=False
+        )
+        _write_private(directory / ROSTER_KEY, roster_key.to_pem())
+    cert = builder.sign(key, hashes.SHA256())
     _write_private(
         directory / CA_KEY,
         key.private_bytes(
@@ -408,7 +461,7 @@ def init_federation(
     roster = Roster(
         federation=name, version=1, issued_at=int(now.timestamp()), members=(), suite=suite.name
     )
-    _write_atomic(directory / ROSTER, roster.sign(key))
+    _write_atomic(directory / ROSTER, roster.sign(key, roster_key))
     return cert, roster
 
 
@@ -420,6 +473,8 @@ class Federation:
     ca_key: ec.EllipticCurvePrivateKey
     ca_cert: x509.Certificate
     roster: Roster
+    # The roster's signing key when the federation is on a suite other than the standard one.
+    roster_key: SigningKey | None = None
 
     @classmethod
     def load(cls, directory: Path) -> Federation:
@@ -433,7 +488,12 @@ class Federation:
             raise MalformedInput(f"{directory / CA_KEY} is not an ECDSA key")
         cert = _load_cert(directory / CA_CERT)
         roster = Roster.verify((directory / ROSTER).read_bytes(), cert)
-        return cls(directory, key, cert, roster)
+        roster_key = None
+        if roster_key_of(cert) is not None:
+            roster_key = roster.crypto.signing_key_from_pem((directory / ROSTER_KEY).read_bytes())
+            if roster_key.public_key() != roster_key_of(cert):
+                raise MalformedInput(f"{directory / ROSTER_KEY} is not the key ca.crt names")
+        return cls(directory, key, cert, roster, roster_key)
 
     def enrol(
         self,
@@ -485,7 +545,7 @@ class Federation:
             node=node,
             duties=duties,
         )
-        signed = roster.sign(self.ca_key)
+        signed = roster.sign(self.ca_key, self.roster_key)
         _write_private(out / TLS_KEY, _pem_private(tls_key))
         _write_private(out / SIGNING_KEY, signing_key.to_pem())
         self._write_public(out, cert, signed)
@@ -543,7 +603,7 @@ class Federation:
             duties=duties,
         )
         out.mkdir(parents=True, exist_ok=True)
-        self._write_public(out, cert, roster.sign(self.ca_key))
+        self._write_public(out, cert, roster.sign(self.ca_key, self.roster_key))
         return replace(self, roster=roster), member, cert
 
     def _admission(
@@ -700,7 +760,7 @@ class Federation:
             members=tuple(m for m in self.roster.members if m.name != name),
             note=note,
         )
-        _write_atomic(self.directory / ROSTER, roster.sign(self.ca_key))
+        _write_atomic(self.directory / ROSTER, roster.sign(self.ca_key, self.roster_key))
         return replace(self, roster=roster)
 
     def publish_roster(self, bundle: Path) -> None:

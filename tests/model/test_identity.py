@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -24,6 +26,7 @@ from govshare.model.identity import (
     create_request,
     init_federation,
     install_roster,
+    roster_key_of,
 )
 from govshare.protocols.errors import (
     AlreadyExists,
@@ -240,9 +243,10 @@ def test_load_as_says_what_to_do_before_enrolment(tmp_path: Path) -> None:
 
 
 def test_roster_records_its_suite_and_refuses_keys_of_another(tmp_path: Path) -> None:
-    init_federation(tmp_path / "federation", "cityfed")
-    federation = Federation.load(tmp_path / "federation")
-    ca_key, ca_cert = federation.ca_key, federation.ca_cert
+    init_federation(tmp_path / "sm", "smfed", suite=SM)
+    sm_fed = Federation.load(tmp_path / "sm")
+    init_federation(tmp_path / "std", "stdfed")
+    std_fed = Federation.load(tmp_path / "std")
     sm_member = Member(
         name="tax",
         role=Role.NODE,
@@ -252,13 +256,47 @@ def test_roster_records_its_suite_and_refuses_keys_of_another(tmp_path: Path) ->
         tls_fingerprint="00",
     )
     roster = Roster(federation="f", version=1, issued_at=1, members=(sm_member,), suite="sm")
-    back = Roster.verify(roster.sign(ca_key), ca_cert)
+    back = Roster.verify(roster.sign(sm_fed.ca_key, sm_fed.roster_key), sm_fed.ca_cert)
     assert back.suite == "sm" and back.crypto is SM
     assert back.member("tax").suite == "sm"
     ed_member = replace(sm_member, signing_key=STANDARD.public_key(STANDARD.generate_signing_key()))
     mixed = Roster(federation="f", version=1, issued_at=1, members=(ed_member,), suite="sm")
     with pytest.raises(MalformedInput, match="not a SM2-with-SM3 key"):
-        Roster.verify(mixed.sign(ca_key), ca_cert)
+        Roster.verify(mixed.sign(sm_fed.ca_key, sm_fed.roster_key), sm_fed.ca_cert)
     unknown = Roster(federation="f", version=1, issued_at=1, members=(), suite="rot13")
     with pytest.raises(MalformedInput, match="unknown crypto suite"):
-        Roster.verify(unknown.sign(ca_key), ca_cert)
+        Roster.verify(unknown.sign(std_fed.ca_key), std_fed.ca_cert)
+
+
+def test_an_sm_roster_is_signed_with_sm2_by_the_key_the_ca_certificate_names(
+    tmp_path: Path,
+) -> None:
+    init_federation(tmp_path / "sm", "smfed", suite=SM)
+    fed = Federation.load(tmp_path / "sm")
+    assert fed.roster_key is not None and fed.roster_key.suite == "sm"
+    assert (tmp_path / "sm" / "roster.key").stat().st_mode & 0o777 == 0o600
+    assert roster_key_of(fed.ca_cert) == fed.roster_key.public_key()
+    signed = (tmp_path / "sm" / "roster.json").read_bytes()
+    envelope = json.loads(signed)
+    signature = base64.b64decode(envelope["signature"])
+    # SM2 r || s under the CA certificate's roster key, not the CA's ECDSA signature.
+    fed.roster_key.public_key().verify(signature, fed.roster.canonical_bytes())
+    # The CA's ECDSA key cannot sign an SM federation's roster, nor can a roster claim to be
+    # a standard one to be checked under the CA's key.
+    with pytest.raises(VerificationFailed):
+        Roster.verify(fed.roster.sign(fed.ca_key), fed.ca_cert)
+    downgraded = replace(fed.roster, suite="standard")
+    with pytest.raises(VerificationFailed, match="federation CA signs rosters on 'sm'"):
+        Roster.verify(downgraded.sign(fed.ca_key), fed.ca_cert)
+    # An SM roster presented to a standard federation's members is refused as well.
+    init_federation(tmp_path / "std", "stdfed")
+    std = Federation.load(tmp_path / "std")
+    with pytest.raises(VerificationFailed, match="signs rosters on 'standard'"):
+        Roster.verify(replace(std.roster, suite="sm").sign(std.ca_key), std.ca_cert)
+    # Tampering after signing is caught.
+    envelope["roster"]["version"] = 99
+    with pytest.raises(VerificationFailed):
+        Roster.verify(json.dumps(envelope).encode(), fed.ca_cert)
+    # Enrolment re-signs with the roster key: the new roster still verifies.
+    fed, _ = fed.enrol(role=Role.ANALYST, name="alice", jurisdiction="CN", out=tmp_path / "alice")
+    assert Identity.load(tmp_path / "alice").roster.version == fed.roster.version
