@@ -167,8 +167,12 @@ def test_check_writes_nothing_and_remove_leaves_the_table(tmp_path: Path, pg: Pg
     assert json.loads(checked.output)["check"] is True
     assert run("dataset", "list", "--home", str(home), "--json").output.strip() == "[]"
     assert run(*add_args(home, pg.location())).exit_code == 0
-    removed = run("dataset", "remove", "benefits", "--home", str(home), "--yes", "--json")
-    assert json.loads(removed.output) == {"removed": "benefits", "row_count": 6}
+    removed = json.loads(
+        run("dataset", "remove", "benefits", "--home", str(home), "--yes", "--json").output
+    )
+    assert (removed["removed"], removed["row_count"]) == ("benefits", 6)
+    # The node held none of a live table's rows: nothing of them to destroy here, no key.
+    assert removed["destroyed"]["rows"] == 0 and removed["destroyed"]["key_shredded"] is False
     with pg.admin() as conn:
         row = conn.execute("SELECT count(*) FROM benefits").fetchone()
     assert row is not None and row[0] == 6  # the department's table is untouched
