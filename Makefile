@@ -38,7 +38,7 @@ typecheck: $(VENV)/.installed-dev
 	$(BIN)/mypy tests bench
 
 pytest: $(VENV)/.installed-dev browser systemd libsodium postgresql secretflow
-	$(BIN)/pytest
+	$(BIN)/pytest --durations=25  # the slowest tests: make test stays within ~15 min
 
 # Membership's RR22 engine (node/queries/engines/rr22.py) runs SecretFlow's libpsi (spu,
 # Apache-2.0) under an interpreter of its own: spu needs numpy < 2 and jax, which clash with
