@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import re
 import struct
 import time
@@ -93,17 +92,6 @@ def _signing_suite(key: object) -> Suite:
     if not isinstance(key, SigningKey):
         raise TypeError("private_key must be a suite's SigningKey")
     return suite_by_name(key.suite)
-
-
-def key_id(name: str, signature_type: int, public_key: bytes) -> bytes:
-    """signed-note key ID of an Ed25519 key: ``SHA-256(name || 0x0A || type || key)[:4]``."""
-    _check_key_name(name)
-    if not 0 <= signature_type <= 0xFF:
-        raise MalformedInput("signature type is one byte", field="signature_type")
-    digest = hashlib.sha256(
-        name.encode("utf-8") + b"\n" + bytes([signature_type]) + public_key
-    ).digest()
-    return digest[:KEY_ID_SIZE]
 
 
 def signer_key_id(name: str, public_key: VerifyKey) -> bytes:

@@ -107,15 +107,21 @@ def _hkdf_sha256(ikm: bytes, info: bytes, length: int) -> bytes:
     return out[:length]
 
 
-def test_pairwise_key_is_hkdf_over_ordered_names() -> None:
+def _alpha_and_beta() -> tuple[X25519PrivateKey, X25519PrivateKey, bytes, bytes]:
+    """Two fixed ephemeral keys, their shared secret, and the HKDF info of ``alpha``/``beta``
+    (length-prefixed domain tag, query id and the ordered names), written out by hand."""
     a = X25519PrivateKey.from_private_bytes(bytes(range(32)))
     b = X25519PrivateKey.from_private_bytes(bytes(range(32, 64)))
-    shared = a.exchange(b.public_key())
 
     def lp(x: bytes) -> bytes:
         return struct.pack(">I", len(x)) + x
 
     info = lp(b"govshare/masks/pairwise/v1") + lp(QUERY) + lp(b"alpha") + lp(b"beta")
+    return a, b, a.exchange(b.public_key()), info
+
+
+def test_pairwise_key_is_hkdf_over_ordered_names() -> None:
+    a, b, shared, info = _alpha_and_beta()
     expected = _hkdf_sha256(shared, info, 32)
     k_ab = masks.pairwise_key(a, masks.public_bytes(b), query_id=QUERY, own="alpha", peer="beta")
     k_ba = masks.pairwise_key(b, masks.public_bytes(a), query_id=QUERY, own="beta", peer="alpha")
@@ -209,41 +215,21 @@ def test_u64_signed_round_trip(v: int) -> None:
 
 
 def test_sm_suite_masks_are_hkdf_sm3_and_sm4_ctr_and_cancel() -> None:
-    """Under the SM suite the pairwise key is HKDF-SM3 (16 bytes, SM4's) and the stream SM4-CTR:
-    checked against gmssl's SM3 and SM4, a second implementation."""
-    from gmssl import sm3 as gm_sm3
-    from gmssl import sm4 as gm_sm4
-
-    def sm3(data: bytes) -> bytes:
-        return bytes.fromhex(gm_sm3.sm3_hash(list(data)))
-
-    def hmac_sm3(key: bytes, data: bytes) -> bytes:
-        key = key.ljust(64, b"\0")
-        inner = sm3(bytes(k ^ 0x36 for k in key) + data)
-        return sm3(bytes(k ^ 0x5C for k in key) + inner)
-
-    a = X25519PrivateKey.from_private_bytes(bytes(range(32)))
-    b = X25519PrivateKey.from_private_bytes(bytes(range(32, 64)))
-    shared = a.exchange(b.public_key())
-
-    def lp(x: bytes) -> bytes:
-        return struct.pack(">I", len(x)) + x
-
-    info = lp(b"govshare/masks/pairwise/v1") + lp(QUERY) + lp(b"alpha") + lp(b"beta")
-    prk = hmac_sm3(bytes(32), shared)  # RFC 5869 extract, salt = HashLen zeros
-    expected_key = hmac_sm3(prk, info + b"\x01")[:16]
+    """Under the SM suite the pairwise key is HKDF-SM3 over the same info (16 bytes, SM4's) and
+    the stream SM4-CTR from the zero block: the suite's HKDF-SM3 and SM4-CTR are themselves
+    checked against gmssl in test_suite.py."""
+    a, b, shared, info = _alpha_and_beta()
     key = masks.pairwise_key(
         a, masks.public_bytes(b), query_id=QUERY, own="alpha", peer="beta", suite=SM
     )
-    assert key == expected_key
-    assert key != masks.pairwise_key(a, masks.public_bytes(b), query_id=QUERY, own="alpha",
-                                     peer="beta")[:16]  # fmt: skip
-    cipher = gm_sm4.CryptSM4()
-    cipher.set_key(key, gm_sm4.SM4_ENCRYPT)
-    blocks = b"".join(
-        bytes(cipher.crypt_ecb(i.to_bytes(16, "big"))[:16]) for i in range(2)
-    )  # CTR from the zero counter block
-    assert masks.pairwise_stream(key, 4, suite=SM) == list(struct.unpack("<4Q", blocks))
+    assert key == SM.kdf(shared, info=info, length=16)
+    standard = masks.pairwise_key(
+        a, masks.public_bytes(b), query_id=QUERY, own="alpha", peer="beta"
+    )
+    assert key != standard[:16]
+    stream = SM.stream(key, bytes(16), 32)
+    assert masks.pairwise_stream(key, 4, suite=SM) == list(struct.unpack("<4Q", stream))
+    assert masks.pairwise_stream(key, 4, suite=SM) != masks.pairwise_stream(standard, 4)[:4]
     with pytest.raises(TypeError):
         masks.pairwise_stream(bytes(32), 4, suite=SM)  # an AES-256 key is not SM4's
     # Whole vectors still cancel.
