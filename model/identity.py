@@ -973,12 +973,6 @@ def install_roster(bundle: Path, data: bytes) -> tuple[Roster | None, Roster]:
                 f"{held.federation!r}",
                 field="roster",
             )
-        if candidate.suite != held.suite:
-            raise MalformedInput(
-                f"roster on the {candidate.suite!r} crypto suite; federation "
-                f"{held.federation!r} runs on {held.suite!r} (a federation keeps its suite)",
-                field="roster",
-            )
         if candidate.version < held.version:
             raise Conflict(
                 f"roster version {candidate.version} is older than version {held.version} "

@@ -66,13 +66,6 @@ class RosterFile:
         if candidate.federation != self._roster.federation:
             self._record("roster.refused", {"reason": "roster of another federation"})
             return
-        if candidate.suite != self._roster.suite:
-            self._record(
-                "roster.refused",
-                {"reason": f"roster on the {candidate.suite!r} crypto suite, the federation's "
-                 f"is {self._roster.suite!r}"},
-            )  # fmt: skip
-            return
         if candidate.version < self._roster.version:
             self._record(
                 "roster.refused",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -99,3 +100,23 @@ def test_revoked_member_is_refused(serving: tuple[FederationFixture, Node]) -> N
     assert auditor.name in {m.name for m in node.roster().members}
     with pytest.raises(NotFound):
         federation.revoke("hkana")
+
+
+def test_a_roster_that_changes_the_suite_is_refused(
+    serving: tuple[FederationFixture, Node],
+) -> None:
+    """Even the administrator's CA key cannot move a federation to another suite: the CA
+    certificate says which suite its rosters are on, and the serving node logs the refusal."""
+    fed, node = serving
+    held = node.roster()
+    # No members, so that no member key of the old suite is what refuses it.
+    moved = replace(fed.federation.roster, version=held.version + 1, suite="sm", members=())
+    (fed.node_home("tax") / ROSTER).write_bytes(moved.sign(fed.federation.ca_key))
+    with NodeClient.to(fed.identity("civil"), "tax") as client:
+        assert client.ping().roster_version == held.version
+    refused = [
+        e.decode().fields for e in node.audit.entries(0, node.audit.size)
+        if e.decode().kind == "roster.refused"
+    ]  # fmt: skip
+    assert refused and "signs rosters on 'standard'" in str(refused[-1]["reason"])
+    assert node.roster().suite == "standard"
