@@ -148,7 +148,7 @@ def show(identity: Path, dataset: str, as_json: bool) -> None:
     for column in info.columns:
         places = entry.scales.get(column.name)
         unit = (
-            f", kept to {places} decimal places (SUM bounds in 1/10^{places} units)"
+            f", kept to {places} decimal places (its sums and --sum-bound in its declared unit)"
             if places
             else ""
         )

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import replace
+from decimal import Decimal
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -163,6 +165,20 @@ def _save_receipt(query_id: str, receipt: Receipt, path: Path | None) -> tuple[P
     except OSError as exc:
         return target, f"the receipt could not be saved to {target}: {exc.strerror or exc}"
     return target, None
+
+
+# A SUM bound as written: plain decimal notation (no sign, exponent or separators), short.
+_BOUND = re.compile(r"^[0-9]{1,24}(?:\.[0-9]{1,24})?$")
+
+
+def _sum_bound(ctx: click.Context, param: click.Parameter, value: str) -> Decimal:
+    """``--sum-bound`` as an exact Decimal in the SUM column's declared unit; the client checks
+    it against the column's scale (``stored_bound``) once the catalogue told it."""
+    if not _BOUND.match(value) or Decimal(value) <= 0:
+        raise click.BadParameter(
+            f"{value!r} is not a positive decimal number (e.g. 5000 or 5000.50)"
+        )
+    return Decimal(value)
 
 
 def _release(epsilon: str, exact: bool) -> tuple[Fraction | None, bool]:
@@ -385,11 +401,12 @@ def psi(
 @_exact
 @click.option(
     "--sum-bound",
-    type=click.IntRange(min=1),
-    default=DEFAULT_SUM_BOUND,
+    default=str(DEFAULT_SUM_BOUND),
+    callback=_sum_bound,
     show_default=True,
     help="Each SUM clips every value to [0, bound] (its DP sensitivity), in the column's "
-    "stored units: for a column kept to 2 decimal places (catalog show says), 30000 is 300.00.",
+    "declared unit: 5000 is 5,000 yuan for a column kept to 2 decimal places (catalog show "
+    "says), and may have as many decimals as the column keeps.",
 )
 @scheme_option
 @_receipt
@@ -402,7 +419,7 @@ def sql(
     purpose: str,
     epsilon: str,
     exact: bool,
-    sum_bound: int,
+    sum_bound: Decimal,
     scheme: str,
     receipt_path: Path | None,
     approval_timeout: float,

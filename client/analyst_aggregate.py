@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from decimal import Decimal
 from fractions import Fraction
 from typing import Any
 
@@ -33,6 +34,7 @@ from govshare.model.aggregate_plan import (
     BFV_SIMD,
     COUNT,
     MATCHER_SIDE,
+    MAX_BOUND,
     MAX_MATCHER_GROUPS,
     PAILLIER,
     VALUES_SIDE,
@@ -53,7 +55,7 @@ from govshare.model.query_plan import Side
 from govshare.protocols import dp, masks
 from govshare.protocols.bfv import BfvSecretContext
 from govshare.protocols.bfv_simd import SimdSecretKeys
-from govshare.protocols.errors import MalformedInput
+from govshare.protocols.errors import MalformedInput, Unavailable
 from govshare.protocols.paillier import DEFAULT_N_BITS, decrypt_unpack, generate_keypair
 from govshare.protocols.receipt import Receipt
 from govshare.rpc.client import NodeClient
@@ -354,8 +356,9 @@ def plan_nodes(plan: AggregatePlan) -> Sequence[str]:
     return plan.nodes
 
 
-# Clipping bound of a SUM written without one in SQL (its sensitivity under DP).
-DEFAULT_SUM_BOUND = 100_000
+# Clipping bound of a SUM written without one in SQL (its sensitivity under DP), in the
+# column's declared unit (100,000 yuan for a column kept to 2 decimal places).
+DEFAULT_SUM_BOUND = Decimal(100_000)
 # The intersection aggregate's scheme unless the analyst picks one: bfv-simd measured well ahead
 # of per-key Paillier in bench/aggregate.py (README, "Benchmarks").
 DEFAULT_INTERSECTION_SCHEME = BFV_SIMD
@@ -368,7 +371,7 @@ def run_aggregate_sql(
     epsilon: Fraction | None,
     *,
     exact: bool = False,
-    sum_bound: int = DEFAULT_SUM_BOUND,
+    sum_bound: Decimal | int = DEFAULT_SUM_BOUND,
     scheme: str = DEFAULT_INTERSECTION_SCHEME,
     on_status: StatusCallback | None = None,
     approval_timeout: float = DEFAULT_APPROVAL_TIMEOUT,
@@ -384,13 +387,17 @@ def run_aggregate_sql(
       horizontal aggregate over every listed node, summed by the first.
 
     The GROUP BY domain is the group_key column's declared domain from the catalogue; each SUM
-    is clipped to ``[0, sum_bound]`` (its sensitivity under DP). The figures carry DP noise of
-    ``epsilon``, or are an exact release when ``exact`` (the nodes then wait for every
-    operator's approval, and refuse GROUP BY).
+    is clipped to ``[0, sum_bound]`` (its sensitivity under DP), ``sum_bound`` in the column's
+    declared unit: the scale the value holders' catalogues give turns it into the stored units
+    the signed plan carries (:func:`stored_bound`). The figures carry DP noise of ``epsilon``,
+    or are an exact release when ``exact`` (the nodes then wait for every operator's approval,
+    and refuse GROUP BY).
 
     Raises:
-        MalformedInput: SQL outside the dialect (named), or columns of both tables in the
-            aggregates.
+        MalformedInput: SQL outside the dialect (named), columns of both tables in the
+            aggregates, or a ``sum_bound`` a SUM column cannot take (:func:`stored_bound`).
+        Unavailable: a value holder's catalogue could not be read, so a SUM column's scale is
+            unknown; nothing was signed.
     """
     query = parse_query(sql)
     if isinstance(query, UnionQuery):
@@ -398,7 +405,9 @@ def run_aggregate_sql(
         if {columns.alias, columns.group_alias} - {"", query.alias}:
             raise MalformedInput(f"unknown table alias {columns.alias!r}", field="sql")
         first = query.parts[0]
-        figures = _figures(identity, first.node, first.dataset, columns, sum_bound, epsilon, exact)
+        holders = [(p.node, p.dataset) for p in query.parts]
+        sums = sum_specs(identity, holders, columns.sums, sum_bound)
+        figures = _figures(identity, first.node, first.dataset, columns, sums, epsilon, exact)
         horizontal = HorizontalPlan(
             QueryKind.HORIZONTAL_AGGREGATE, purpose,
             tuple(Part(p.node, p.dataset, query.filters) for p in query.parts),
@@ -420,8 +429,10 @@ def run_aggregate_sql(
     # GROUP BY the other table's column (SUMs on one table, groups on the other): the
     # matcher groups (at most MAX_MATCHER_GROUPS labels).
     group_table = tables[columns.group_alias or alias]
+    values = tables[alias]
+    sums = sum_specs(identity, [(values.node, values.dataset)], columns.sums, sum_bound)
     figures = _figures(
-        identity, group_table.node, group_table.dataset, columns, sum_bound, epsilon, exact,
+        identity, group_table.node, group_table.dataset, columns, sums, epsilon, exact,
         side=MATCHER_SIDE if columns.group_alias == other else VALUES_SIDE,
     )  # fmt: skip
 
@@ -442,7 +453,7 @@ def _figures(
     node: str,
     dataset: str,
     columns: AggregateColumns,
-    sum_bound: int,
+    sums: tuple[SumSpec, ...],
     epsilon: Fraction | None,
     exact: bool = False,
     side: str = VALUES_SIDE,
@@ -462,5 +473,80 @@ def _figures(
                 field="sql",
             )
         group = GroupSpec(columns.group, rule.domain, side)
-    sums = tuple(SumSpec(column, sum_bound) for column in columns.sums)
     return Figures(group, sums, epsilon, exact)
+
+
+def sum_specs(
+    identity: Identity,
+    holders: Sequence[tuple[str, str]],
+    columns: Sequence[str],
+    bound: Decimal | int,
+) -> tuple[SumSpec, ...]:
+    """Each SUM column with ``bound`` (in its declared unit) in the stored units the plan
+    carries, at the scale the catalogues of its holders (``(node, dataset)`` pairs) give.
+
+    Raises:
+        Unavailable: a holder's catalogue could not be read (its scale is not guessed).
+        MalformedInput: the holders keep a column at different scales (a bound in the declared
+            unit has no one stored value), or :func:`stored_bound` refuses the bound.
+    """
+    if not columns:
+        return ()
+    scales: dict[str, Mapping[str, int]] = {}
+    for node, dataset in holders:
+        try:
+            with NodeClient.to(identity, node) as client:
+                scales[node] = client.catalog_entry(dataset).scales
+        except Unavailable as exc:
+            raise Unavailable(
+                f"the SUM bound is in each column's declared unit, and {node}.{dataset}'s "
+                f"scale could not be read from its catalogue ({exc}); nothing was signed"
+            ) from None
+    specs = []
+    for column in columns:
+        kept = {node: scales[node].get(column, 0) for node, _ in holders}
+        if len(set(kept.values())) > 1:
+            told = ", ".join(f"{n} {p}" for n, p in kept.items())
+            raise MalformedInput(
+                f"SUM({column}): the nodes keep it to different decimal places ({told}), so "
+                "a bound in its declared unit has no one stored value",
+                field="sum_bound",
+            )
+        specs.append(SumSpec(column, stored_bound(column, bound, kept[holders[0][0]])))
+    return tuple(specs)
+
+
+def stored_bound(column: str, bound: Decimal | int, places: int) -> int:
+    """``bound`` in SUM(``column``)'s declared unit as the integer the node stores
+    (``bound * 10**places``), exactly.
+
+    Raises:
+        MalformedInput: a bound that is not positive, that has more decimal places than the
+            column keeps (it would have to be rounded), or that is over :data:`MAX_BOUND`
+            stored units.
+    """
+    bound = Decimal(bound)
+    kept = f"kept to {places} decimal places" if places else "kept in whole units"
+    if places == 1:
+        kept = "kept to 1 decimal place"
+    if not bound.is_finite() or bound <= 0:
+        raise MalformedInput(f"the SUM bound {bound} is not a positive number", field="sum_bound")
+    largest = Decimal(MAX_BOUND).scaleb(-places)
+    if bound > largest:
+        raise MalformedInput(
+            f"the SUM bound {bound} is over the largest SUM({column}) takes: {largest:f} ({kept})",
+            field="sum_bound",
+        )
+    _, digits, exponent = bound.as_tuple()  # exactly as written: normalize() would round
+    if not isinstance(exponent, int):  # pragma: no cover - finite above
+        raise MalformedInput(f"the SUM bound {bound} is not a number", field="sum_bound")
+    while exponent < 0 and len(digits) > 1 and digits[-1] == 0:  # 12.50 has 1 place
+        digits, exponent = digits[:-1], exponent + 1
+    if -exponent > places:
+        written = f"{-exponent} decimal place" + ("s" if -exponent > 1 else "")
+        raise MalformedInput(
+            f"the SUM bound {bound} has {written}; SUM({column}) is {kept} "
+            "(catalog show), so the bound cannot be exact",
+            field="sum_bound",
+        )
+    return int("".join(map(str, digits)) + "0" * (exponent + places))

@@ -51,7 +51,9 @@ Horizontal aggregate (``horizontal_aggregate``, protocol 3)::
 **Figures.** Per group (in domain order; a single unnamed group without GROUP BY): ``count``
 (rows), then ``sum:<column>`` for each SUM column. A row's SUM value is clipped to ``[0,
 bound]``; the bound is the SUM's sensitivity, so the analyst picks it at or above the column's
-true maximum to get an exact (noise-free) sum.
+true maximum to get an exact (noise-free) sum. It is in the column's stored units (fen for yuan
+kept to 2 decimal places): the analyst's client converts the bound written in the declared unit
+with the scale the value holder's catalogue gives, before it signs.
 
 **DP** (DESIGN.md protocol 4). Unit of privacy: one row of a dataset (record-level DP; a resident
 with ``r`` rows is protected at ``r * epsilon``). One row changes exactly one group's figures
