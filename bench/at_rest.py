@@ -63,6 +63,7 @@ from govshare.node.policy.crossborder import CrossBorderStore
 from govshare.node.policy.grants import GrantStore
 from govshare.node.stores.query_store import QueryStore
 from govshare.protocols import dp
+from govshare.protocols.suite import STANDARD
 
 PURPOSE = "benchmark"
 EPSILON = Fraction(1)
@@ -102,7 +103,7 @@ def build_node(home: Path, *, sealed: bool, suite: str) -> Node:
         grants=GrantStore(database),
         crossborder_store=CrossBorderStore(database),
         query_store=QueryStore(database, at_rest=at_rest),
-        audit=AuditLog.open(config.audit_database_path),
+        audit=AuditLog.open(config.audit_database_path, suite=STANDARD),
         witness_store=WitnessStore(database),
         mask_secret=MaskSecret.load_or_create(home),
         protocol_timeout=PROTOCOL_TIMEOUT,

@@ -76,7 +76,7 @@ def _events(start: int, count: int) -> list[Event]:
 
 def bench_appends(folder: Path, total: int, batch: int, key: SigningKey) -> Path:
     path = folder / "audit.db"
-    with AuditLog.open(path) as log:
+    with AuditLog.open(path, suite=STANDARD) as log:
         elapsed = 0.0
         every = max(1, total // (10 * batch))  # about ten checkpoints, as after batches
         for start in range(0, total, batch):
@@ -105,7 +105,7 @@ def bench_appends(folder: Path, total: int, batch: int, key: SigningKey) -> Path
     raw.close()
 
     singles = min(500, total)
-    with AuditLog.open(folder / "singles.db") as log:
+    with AuditLog.open(folder / "singles.db", suite=STANDARD) as log:
         events = _events(0, singles)
         begin = time.perf_counter()
         for event in events:
@@ -158,7 +158,7 @@ def bench_verify(path: Path, key: SigningKey, total: int) -> None:
 
 def bench_proofs(path: Path, key: SigningKey, samples: int) -> None:
     rng = random.Random(7)
-    with AuditLog.open(path) as log:
+    with AuditLog.open(path, suite=STANDARD) as log:
         latest = log.latest_checkpoint()
         if latest is None:
             sys.exit("no checkpoint")
@@ -211,7 +211,7 @@ def bench_proofs(path: Path, key: SigningKey, samples: int) -> None:
 def _build(path: Path, total: int, batch: int, key: SigningKey) -> None:
     """A log like bench_appends builds (about ten checkpoints), untimed."""
     every = max(1, total // (10 * batch))
-    with AuditLog.open(path) as log:
+    with AuditLog.open(path, suite=STANDARD) as log:
         for start in range(0, total, batch):
             log.record_many(_events(start, min(batch, total - start)))
             if (start // batch) % every == every - 1:
@@ -230,17 +230,17 @@ def bench_selfcheck(
         if size != total:
             log_path = folder / f"selfcheck-{size}.db"
             _build(log_path, size, batch, key)
-        with AuditLog.open(log_path) as log:
+        with AuditLog.open(log_path, suite=STANDARD) as log:
             log.record_many(_events(log.size, tail))
             entries = log.size
         raw_s = _raw_read_and_hash(log_path)
 
         begin = time.perf_counter()
-        with AuditLog.open(log_path) as log:
+        with AuditLog.open(log_path, suite=STANDARD) as log:
             whole = log.check_whole(public_key, ORIGIN)
         whole_s = time.perf_counter() - begin
         begin = time.perf_counter()
-        with AuditLog.open(log_path) as log:
+        with AuditLog.open(log_path, suite=STANDARD) as log:
             recent = log.check_tail(public_key, ORIGIN)
         tail_s = time.perf_counter() - begin
         if not (whole.ok and recent.ok):
@@ -303,7 +303,7 @@ def _query_events(q: int, key: SigningKey) -> list[Event]:
 
 def bench_check(folder: Path, total: int, key: SigningKey) -> None:
     path = folder / "queries.db"
-    with AuditLog.open(path) as log:
+    with AuditLog.open(path, suite=STANDARD) as log:
         events: list[Event] = []
         for q in range(max(total // QUERY_ENTRIES, 1)):
             events += _query_events(q, key)

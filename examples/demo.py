@@ -370,9 +370,7 @@ LIVE = {
 }
 
 
-def run(
-    workdir: Path, size: int, seed: int, *, live: bool = False, suite: str = STANDARD.name
-) -> None:
+def run(workdir: Path, size: int, seed: int, *, suite: str, live: bool = False) -> None:
     started = time.monotonic()
     if workdir.exists():
         shutil.rmtree(workdir)

@@ -185,7 +185,7 @@ class Member:
     duties: tuple[str, ...] = ()
     # The roster's crypto suite (govshare.protocols.suite), which its signing key is of; set by
     # the roster, not serialised per member.
-    suite: str = field(default=STANDARD.name, compare=False)
+    suite: str = field(kw_only=True, compare=False)
 
     def verify_key(self) -> VerifyKey:
         """The member's public signing key under the roster's suite."""
@@ -202,7 +202,7 @@ class Member:
         } | ({"node": self.node, "duties": list(self.duties)} if self.role is Role.OPERATOR else {})
 
     @classmethod
-    def from_json(cls, raw: Any, suite: Suite = STANDARD) -> Member:
+    def from_json(cls, raw: Any, suite: Suite) -> Member:
         try:
             key = base64.b64decode(raw["signing_key"], validate=True)
             member = cls(
@@ -243,7 +243,7 @@ class Roster:
     note: dict[str, str] | None = None
     # The federation's crypto suite (govshare.protocols.suite.SUITE_NAMES), chosen at
     # `federation init --suite` and fixed for the federation's life.
-    suite: str = STANDARD.name
+    suite: str = field(kw_only=True)
 
     @property
     def crypto(self) -> Suite:
@@ -400,7 +400,7 @@ class CertIdentity:
 
 
 def init_federation(
-    directory: Path, name: str, *, now: dt.datetime | None = None, suite: Suite = STANDARD
+    directory: Path, name: str, *, suite: Suite, now: dt.datetime | None = None
 ) -> tuple[x509.Certificate, Roster]:
     """Create the federation CA and an empty signed roster (version 1) in ``directory``, on the
     crypto ``suite`` every member will sign and hash with (fixed for the federation's life)."""
@@ -900,7 +900,7 @@ class EnrolmentRequest:
         return cls(name=name, csr=csr, tls_public_key=public, signing_key=key, suite=suite)
 
 
-def create_request(home: Path, name: str, suite: Suite = STANDARD) -> tuple[EnrolmentRequest, Path]:
+def create_request(home: Path, name: str, suite: Suite) -> tuple[EnrolmentRequest, Path]:
     """Make a member's TLS and ``suite`` signing keys in ``home`` (0600) and its request beside
     them (the suite is the federation's: its administrator says which).
 

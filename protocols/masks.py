@@ -41,7 +41,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from govshare.protocols.errors import MalformedInput, VerificationFailed
-from govshare.protocols.suite import STANDARD, SigningKey, Suite, VerifyKey
+from govshare.protocols.suite import SigningKey, Suite, VerifyKey
 
 __all__ = [
     "MASK_MODULUS",
@@ -168,7 +168,7 @@ def pairwise_key(
     query_id: bytes,
     own: str,
     peer: str,
-    suite: Suite = STANDARD,
+    suite: Suite,
 ) -> bytes:
     """The stream-cipher key shared by ``own`` and ``peer`` for this query: HKDF with the
     federation's suite's hash, of its cipher's key size (AES-256: 32 bytes; SM4: 16).
@@ -197,7 +197,7 @@ def pairwise_key(
     return suite.kdf(shared, info=info, length=suite.cipher_key_size)
 
 
-def pairwise_stream(key: bytes, length: int, *, suite: Suite = STANDARD) -> list[int]:
+def pairwise_stream(key: bytes, length: int, *, suite: Suite) -> list[int]:
     """CTR keystream of the suite's cipher (AES-256 or SM4; zero counter block) read as
     ``length`` little-endian u64 words."""
     if not isinstance(key, bytes) or len(key) != suite.cipher_key_size:
@@ -221,7 +221,7 @@ def node_mask(
     own: str,
     peers: Mapping[str, bytes],
     length: int,
-    suite: Suite = STANDARD,
+    suite: Suite,
 ) -> list[int]:
     """The total mask node ``own`` adds: ``sum_{j>own} m - sum_{j<own} m`` modulo 2^64.
 

@@ -4,6 +4,7 @@ logs and receipts verify under SM2 and SM3, and a signature of the other suite i
 
 from __future__ import annotations
 
+import csv
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,15 +38,23 @@ from govshare.model.aggregate_plan import (
     SumSpec,
 )
 from govshare.model.conditions import Condition
-from govshare.model.governance import QueryKind, Role
+from govshare.model.digests import digests_for
+from govshare.model.governance import QueryKind, Role, SharingType
 from govshare.model.identity import Identity, create_request
+from govshare.model.operator_act import ActSigner, OperatorAct, verify_act
 from govshare.model.query_plan import PsiPlan, Side
+from govshare.model.states import PENDING
 from govshare.node.api.server import RunningNode, create_server
 from govshare.node.audit.auditlog import AuditLog
 from govshare.node.audit.witness import WitnessStore
 from govshare.node.config import NodeConfig
+from govshare.node.data import resident_id
 from govshare.node.data.catalog import Catalogue
+from govshare.node.data.mask_key import MASK_SECRET, MaskSecret
+from govshare.node.data.masking import apply_mask
 from govshare.node.node import Node
+from govshare.node.operator import Operator
+from govshare.node.policy.approvals import PendingQuery
 from govshare.node.policy.grants import GrantStore
 from govshare.node.queries.kinds.aggregate import AggregateOptions
 from govshare.node.stores.query_store import QueryStore
@@ -88,6 +97,7 @@ def _node(fed: FederationFixture, name: str) -> Node:
         protocol_timeout=600.0,
         workers=1,
         aggregate_options=EXACT,
+        mask_secret=MaskSecret.load_or_create(config.home),
     )
 
 
@@ -114,6 +124,19 @@ def _story(root: Path, suite: Suite) -> Iterator[Story]:
         part.write_text("\n".join([rows[0], *rows[1 + i :: 2]]) + "\n", encoding="utf-8")
         register(node, part, name="incomes", columns=TAX_COLUMNS)
         grant(node, "incomes", "alice", ["annual_income"], KINDS)
+    # Both registries again, their keys released by pseudonym; tax's only once its operator has
+    # approved.
+    pseudonym = "id_number=join_key:resident_id:mask=hash_prefix"
+    register(
+        tax, data / f"{synth.TAX}.csv", name="pseudonyms", require_approval=True,
+        sharing=SharingType.UNCONDITIONAL, columns=(pseudonym, *TAX_COLUMNS[1:]),
+    )  # fmt: skip
+    register(
+        civil, data / f"{synth.CIVIL}.csv", name="pseudonyms",
+        sharing=SharingType.UNCONDITIONAL, columns=(pseudonym, *CIVIL_COLUMNS[1:]),
+    )  # fmt: skip
+    for node in (tax, civil):
+        grant(node, "pseudonyms", "alice", ["id_number"], [QueryKind.PSI_MEMBERSHIP])
     try:
         yield Story(suite, fed, nodes, manifest, root)
     finally:
@@ -266,3 +289,63 @@ def test_a_signature_of_the_other_suite_is_refused(sm: Story) -> None:
             request, role=Role.NODE, jurisdiction="CN", address="127.0.0.1:1",
             out=sm.root / "newdept-public",
         )  # fmt: skip
+
+
+def test_an_approved_pseudonymous_release_is_the_sm_suites_throughout(sm: Story) -> None:
+    """A membership query on a dataset that needs approval, its keys released by ``hash_prefix``:
+    the operator's queue, the signed approval act and every log entry name the request by one SM3
+    digest, and the pseudonyms are HMAC-SM3 under an HKDF-SM3 key of tax's secret. (An approval
+    or masking path left on the standard suite logs a SHA-256 digest the query's other entries
+    do not share, or releases HMAC-SHA256 pseudonyms.)"""
+    home = sm.fed.node_home("tax")
+    me = sm.fed.identity("op-tax")
+    operator = Operator(home, signer=ActSigner(me.name, me.signing_key))
+    queued: list[PendingQuery] = []
+
+    def approve(node: str, state: str, message: str) -> None:
+        if node == "tax" and state == PENDING and not queued:
+            queued.extend(operator.pending())
+            for waiting in queued:
+                operator.decide(waiting.record.query_id, approve=True, reason="checked")
+
+    plan = PsiPlan(
+        kind=QueryKind.PSI_MEMBERSHIP, purpose=PURPOSE,
+        left=Side("tax", "pseudonyms", "id_number"), right=Side("civil", "pseudonyms", "id_number"),
+    )  # fmt: skip
+    outcome = run_psi(sm.fed.identity("alice"), plan, on_status=approve, poll=0.05)
+
+    (waiting,) = queued
+    request = waiting.record.request
+    digest = digests_for(SM).request_digest(request)
+    assert digest != digests_for(STANDARD).request_digest(request)
+    assert waiting.record.query_id == outcome.query_id and waiting.request_digest == digest
+    assert operator.query_details(outcome.query_id).request_digest == digest
+    tax = sm.nodes["tax"]
+    entries = [e.decode() for e in tax.audit.entries_for_query(outcome.query_id)]
+    named = {e.kind: e.fields["request_digest"] for e in entries if "request_digest" in e.fields}
+    assert {"query.received", "approval.granted"} <= named.keys()
+    assert set(named.values()) == {digest}
+    # The operator's approval act (logged beside the query's entries) is signed with op-tax's SM2
+    # key over the same digest.
+    (act,) = [
+        OperatorAct.decode(fields["act"])
+        for fields in (e.decode().fields for e in tax.audit.iter_entries())
+        if fields.get("action") == "approval.approve"
+    ]
+    assert act.operator == "op-tax" and act.body["request_digest"] == digest
+    verify_act(act, sm.fed.federation.roster.member("op-tax").verify_key(), now=act.issued_at)
+
+    secret = MaskSecret.load(home / MASK_SECRET)
+    rows = list(csv.DictReader((sm.root / "data" / f"{synth.TAX}.csv").open(encoding="utf-8")))
+    civil = list(csv.DictReader((sm.root / "data" / f"{synth.CIVIL}.csv").open(encoding="utf-8")))
+    shared = {resident_id.normalise(r["id_number"]) for r in rows} & {
+        resident_id.normalise(r["id_number"]) for r in civil
+    }
+    assert shared
+
+    def pseudonyms(suite: Suite) -> list[str]:
+        key = secret.key("pseudonyms", "id_number", suite)
+        return sorted(apply_mask("hash_prefix", k, key=key, suite=suite) for k in shared)
+
+    assert sorted(outcome.records) == pseudonyms(SM)
+    assert not set(outcome.records) & set(pseudonyms(STANDARD))

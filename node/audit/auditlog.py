@@ -207,8 +207,8 @@ class AuditLog:
         self,
         connection: sqlite3.Connection,
         *,
+        suite: Suite,
         clock: Clock = system_clock_ms,
-        suite: Suite = STANDARD,
     ) -> None:
         """Use :meth:`open`; this takes an already configured connection.
 
@@ -235,9 +235,7 @@ class AuditLog:
             self._broken = f"its stored tree cannot be loaded: {exc}"
 
     @classmethod
-    def open(
-        cls, path: str | Path, *, clock: Clock = system_clock_ms, suite: Suite = STANDARD
-    ) -> AuditLog:
+    def open(cls, path: str | Path, *, suite: Suite, clock: Clock = system_clock_ms) -> AuditLog:
         """Open (creating if needed) the log file at ``path``, whose tree hashes with ``suite``'s
         hash (recorded when the log is made; a log made before that record is SHA-256's).
 

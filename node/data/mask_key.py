@@ -35,7 +35,7 @@ import struct
 from pathlib import Path
 
 from govshare.protocols.errors import AlreadyExists, MalformedInput, NotFound
-from govshare.protocols.suite import STANDARD, Suite
+from govshare.protocols.suite import Suite
 
 MASK_SECRET = "mask.secret"
 # 256 bits of secret: HKDF-SHA256's full strength.
@@ -46,7 +46,7 @@ KEY_BYTES = 32
 INFO_PREFIX = b"govshare/v1/mask-key/hash_prefix"
 
 
-def derive_mask_key(secret: bytes, dataset: str, column: str, suite: Suite = STANDARD) -> bytes:
+def derive_mask_key(secret: bytes, dataset: str, column: str, suite: Suite) -> bytes:
     """The ``hash_prefix`` HMAC key of ``dataset.column`` under a node's masking secret, with
     HKDF of the federation ``suite``'s hash (HKDF-SHA256, or HKDF-SM3 under ``sm``).
 
@@ -82,7 +82,7 @@ class MaskSecret:
     def __repr__(self) -> str:
         return "MaskSecret(<hidden>)"
 
-    def key(self, dataset: str, column: str, suite: Suite = STANDARD) -> bytes:
+    def key(self, dataset: str, column: str, suite: Suite) -> bytes:
         """The ``hash_prefix`` key of ``dataset.column`` (see :func:`derive_mask_key`)."""
         return derive_mask_key(self._secret, dataset, column, suite)
 

@@ -25,7 +25,7 @@ import re
 from dataclasses import dataclass
 
 from govshare.protocols.errors import MalformedInput
-from govshare.protocols.suite import STANDARD, Suite
+from govshare.protocols.suite import Suite
 
 KEEP_LAST = "keep_last"
 KEEP_FIRST = "keep_first"
@@ -104,9 +104,7 @@ def needs_key(rule: str | MaskRule) -> bool:
     return parsed.name == HASH_PREFIX
 
 
-def apply_mask(
-    rule: str | MaskRule, value: str, *, key: bytes | None = None, suite: Suite = STANDARD
-) -> str:
+def apply_mask(rule: str | MaskRule, value: str, *, suite: Suite, key: bytes | None = None) -> str:
     """Return ``value`` as the masking rule lets it be released.
 
     Args:

@@ -52,7 +52,7 @@ from govshare.node.stores.query_store import QueryRecord, QueryStore
 from govshare.node.stores.sqlite import immediate, opened
 from govshare.protocols.errors import Conflict, PolicyRefused
 from govshare.protocols.signed_request import SignedRequest
-from govshare.protocols.suite import STANDARD, Suite
+from govshare.protocols.suite import Suite
 
 # The words QueryEngine.expire_stale records for a query it expires; the same here, so that
 # the log reads alike whichever side found the query expired.
@@ -138,9 +138,7 @@ def expires_at_of(record: QueryRecord) -> int:
     return SignedRequest.decode(record.request).expires_at
 
 
-def pending(
-    store: QueryStore, *, now: int | None = None, suite: Suite = STANDARD
-) -> list[PendingQuery]:
+def pending(store: QueryStore, *, suite: Suite, now: int | None = None) -> list[PendingQuery]:
     """The queries waiting for this operator's decision whose signed request has not expired
     (an expired one can never run; the node marks it ``expired`` when it next looks).
     ``suite``: the federation's, whose hash names the requests."""
@@ -228,7 +226,7 @@ def _parties(kind: str, body: Any) -> tuple[tuple[Party, ...], str | None, str |
     return tuple(found), None, None
 
 
-def describe(record: QueryRecord, *, suite: Suite = STANDARD) -> QueryDetails:
+def describe(record: QueryRecord, *, suite: Suite) -> QueryDetails:
     """What the query asks, read from its signed request (see the module docstring).
 
     Raises:
@@ -254,7 +252,7 @@ def describe(record: QueryRecord, *, suite: Suite = STANDARD) -> QueryDetails:
     )
 
 
-def details(store: QueryStore, query_id: str, *, suite: Suite = STANDARD) -> QueryDetails:
+def details(store: QueryStore, query_id: str, *, suite: Suite) -> QueryDetails:
     """:func:`describe` the query ``query_id`` names (a unique prefix will do)."""
     return describe(store.get(store.resolve(query_id)), suite=suite)
 
@@ -269,7 +267,7 @@ def decide(
     reason: str = "",
     now: int | None = None,
     duties: Duties | None = None,
-    suite: Suite = STANDARD,
+    suite: Suite,
 ) -> QueryRecord:
     """Approve or deny a pending query and log the decision (``request_digest`` with the
     federation ``suite``'s hash).

@@ -8,17 +8,27 @@ protocol timeout, giving its computing turn back meanwhile (``govshare.node.quer
 
 A query ends early — a participant's part failed, the analyst withdrew it, the node is stopping
 — through :meth:`Mailbox.end`: every wait wakes at once and raises
-:class:`~govshare.protocols.errors.Aborted` with the reason; nothing is released.
+:class:`~govshare.protocols.errors.Aborted` with the reason; nothing is released. The part's
+long local steps end too, within one batch: its loops over rows call :meth:`Mailbox.check`
+between batches, and its work on the process pool goes through :meth:`Mailbox.pool`, whose
+jobs not yet started are cancelled at the end and whose waits wake at once (a job already
+running finishes: one chunk or batch). So a stopping node is not held by a query that is
+reading, normalising or masking a million keys.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Executor, Future, wait
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from typing import Any, ParamSpec, TypeVar
 
 from govshare.protocols.errors import Aborted, MalformedInput
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 Waiting = Callable[[], AbstractContextManager[None]]
 """Entered while a query's thread waits for a peer (a turn given back; see ``capacity``)."""
@@ -85,13 +95,34 @@ class Mailbox:
     def __init__(self, phases: Iterable[str]) -> None:
         self.inboxes: dict[str, Inbox] = {phase: Inbox() for phase in phases}
         self.ended: str | None = None
+        # Done once the part ended: wakes a wait on pool jobs (concurrent.futures.wait).
+        self._ending: Future[str] = Future()
+        self._lock = threading.Lock()
 
     def end(self, reason: str) -> None:
-        """End the query's part: every wait wakes and raises Aborted with ``reason``."""
-        if self.ended is None:
-            self.ended = reason
+        """End the query's part: every wait wakes and raises Aborted with ``reason``, and so
+        does the next :meth:`check` or wait on the part's pool."""
+        with self._lock:
+            first = self.ended is None
+            if first:
+                self.ended = reason
         for inbox in self.inboxes.values():
             inbox.done.set()
+        if first:
+            self._ending.set_result(reason)  # runs the pools' cancellations
+
+    def check(self, node: str) -> None:
+        """Between two batches of long local work: go on, unless the part ended.
+
+        Raises:
+            Aborted: the query's part ended (as a wait would).
+        """
+        if self.ended is not None:
+            raise Aborted(f"{node}: {self.ended}; nothing released")
+
+    def pool(self, executor: Executor, node: str) -> EndingPool:
+        """``executor`` (the node's process pool) for this part's jobs: see :class:`EndingPool`."""
+        return EndingPool(executor, self, node)
 
     def wait(
         self,
@@ -119,3 +150,84 @@ class Mailbox:
                 "query aborted, nothing released"
             )
         return inbox
+
+
+class EndingPool(Executor):
+    """The node's pool as one query's part uses it: ended with the part.
+
+    When the part ends (:meth:`Mailbox.end`), every job submitted here that has not started is
+    cancelled, and :meth:`result` and :meth:`map` stop waiting and raise
+    :class:`~govshare.protocols.errors.Aborted`; a job already running in a worker finishes
+    (one chunk of work) and its result is dropped. Shutting this down leaves the node's pool
+    alone.
+    """
+
+    def __init__(self, executor: Executor, mailbox: Mailbox, node: str) -> None:
+        self._executor = executor
+        self._mailbox = mailbox
+        self._node = node
+        self._jobs: list[Future[Any]] = []
+        self._lock = threading.Lock()
+        mailbox._ending.add_done_callback(lambda _: self._cancel())
+
+    def _cancel(self) -> None:
+        with self._lock:
+            jobs, self._jobs = self._jobs, []
+        for job in jobs:
+            job.cancel()
+
+    def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
+        """Submit a job, unless the part ended.
+
+        Raises:
+            Aborted: the part ended.
+        """
+        self._mailbox.check(self._node)
+        job = self._executor.submit(fn, *args, **kwargs)
+        with self._lock:
+            self._jobs = [j for j in self._jobs if not j.done()]
+            self._jobs.append(job)
+        if self._mailbox.ended is not None:  # ended meanwhile: its cancellation ran before
+            job.cancel()
+            self._mailbox.check(self._node)
+        return job
+
+    def result(self, job: Future[T]) -> T:
+        """``job``'s result, once it is done or the part ended, whichever comes first.
+
+        Raises:
+            Aborted: the part ended first.
+        """
+        either: list[Future[Any]] = [job, self._mailbox._ending]
+        wait(either, return_when=FIRST_COMPLETED)
+        self._mailbox.check(self._node)
+        return job.result()
+
+    def map(
+        self,
+        fn: Callable[..., T],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int = 1,
+    ) -> Iterator[T]:
+        """Results in order, as :meth:`Executor.map`; every job is submitted at once.
+
+        Raises (while iterating):
+            Aborted: the part ended; the jobs left are cancelled.
+        """
+        jobs = [self.submit(fn, *args) for args in zip(*iterables, strict=False)]
+
+        def results() -> Iterator[T]:
+            try:
+                for job in jobs:
+                    yield self.result(job)
+            finally:
+                for job in jobs:
+                    job.cancel()
+
+        return results()
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """The node's pool outlives the query: only this part's jobs are cancelled."""
+        if cancel_futures:
+            self._cancel()

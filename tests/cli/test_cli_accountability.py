@@ -39,6 +39,7 @@ from govshare.node.policy.grants import GrantStore
 from govshare.protocols.auditverify import decode_entry, encode_entry
 from govshare.protocols.errors import GovshareError, PolicyRefused
 from govshare.protocols.signed_request import sign_request
+from govshare.protocols.suite import STANDARD
 from govshare.rpc.client import NodeClient
 
 IDS = [resident_id.make("320102", date(1955 + i, 1 + i % 12, 1 + i % 28), i) for i in range(40)]
@@ -74,7 +75,7 @@ def ok_json(*args: str) -> object:
 
 
 def entries(home: str) -> list[tuple[str, str, dict[str, object]]]:
-    with AuditLog.open(NodeConfig.load(Path(home)).audit_database_path) as log:
+    with AuditLog.open(NodeConfig.load(Path(home)).audit_database_path, suite=STANDARD) as log:
         return [(e.kind, e.actor, dict(e.fields)) for e in (x.decode() for x in log.iter_entries())]
 
 

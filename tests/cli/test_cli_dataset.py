@@ -23,6 +23,7 @@ from govshare.node.data import resident_id
 from govshare.node.data.catalog import Catalogue
 from govshare.node.policy.grants import GrantStore, verify_grant
 from govshare.protocols.errors import MalformedInput, NotFound
+from govshare.protocols.suite import STANDARD
 
 IDS = [resident_id.make("310101", date(1960 + i, 1 + i % 12, 1 + i), 2 * i) for i in range(8)]
 COLUMNS = [
@@ -37,7 +38,7 @@ COLUMNS = [
 def make_home(root: Path) -> Path:
     """A federation with one node, 'social' (CN), an analyst, and social's operator zhang-wei
     (every duty; bundle in HOME/operators/zhang-wei); returns the node's home."""
-    init_federation(root / "federation", "testfed")
+    init_federation(root / "federation", "testfed", suite=STANDARD)
     federation = Federation.load(root / "federation")
     federation, _ = federation.enrol(
         role=Role.NODE,
@@ -69,7 +70,7 @@ def write_csv(path: Path, amounts: list[str]) -> Path:
 
 def audit_kinds(home: Path) -> list[tuple[str, str]]:
     """(kind, actor) of every entry in the node's audit log."""
-    with AuditLog.open(NodeConfig.load(home).audit_database_path) as log:
+    with AuditLog.open(NodeConfig.load(home).audit_database_path, suite=STANDARD) as log:
         return [(e.decode().kind, e.decode().actor) for e in log.iter_entries()]
 
 

@@ -38,6 +38,7 @@ from govshare.node.data.at_rest import open_at_rest
 from govshare.node.data.catalog import Catalogue
 from govshare.node.policy.decision import ALLOWED, AccessRequest, decide
 from govshare.node.policy.grants import GrantStore
+from govshare.protocols.suite import STANDARD
 
 IDS = [resident_id.make("440106", date(1950 + i, 1 + i % 12, 1 + i % 28), i) for i in range(40)]
 
@@ -46,7 +47,7 @@ def make_home(root: Path) -> Path:
     """A federation with one node, 'social' (CN), an analyst, and social's operator zhang-wei
     (bundle in HOME/operators/zhang-wei, $GOVSHARE_OPERATOR of every command here); returns
     the node's home."""
-    init_federation(root / "federation", "testfed")
+    init_federation(root / "federation", "testfed", suite=STANDARD)
     federation = Federation.load(root / "federation")
     federation, _ = federation.enrol(
         role=Role.NODE, name="social", jurisdiction="CN", address="127.0.0.1:7999",
@@ -74,7 +75,7 @@ def govshare(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 
 
 def audit_entries(home: Path) -> list[tuple[str, dict[str, object]]]:
-    with AuditLog.open(NodeConfig.load(home).audit_database_path) as log:
+    with AuditLog.open(NodeConfig.load(home).audit_database_path, suite=STANDARD) as log:
         return [(e.decode().kind, dict(e.decode().fields)) for e in log.iter_entries()]
 
 

@@ -23,6 +23,7 @@ from govshare.model.identity import Federation, init_federation
 from govshare.node.audit.auditlog import AuditLog
 from govshare.node.config import NodeConfig, write_default
 from govshare.node.data import resident_id
+from govshare.protocols.suite import STANDARD
 
 IDS = [resident_id.make("310101", date(1960 + i, 1 + i % 12, 1 + i), 2 * i) for i in range(6)]
 COLUMNS = [
@@ -36,7 +37,7 @@ COLUMNS = [
 
 def make_home(root: Path) -> Path:
     """One node, 'social', and its operator zhang-wei (bundle in HOME/operators/zhang-wei)."""
-    init_federation(root / "federation", "testfed")
+    init_federation(root / "federation", "testfed", suite=STANDARD)
     federation = Federation.load(root / "federation")
     federation, _ = federation.enrol(
         role=Role.NODE, name="social", jurisdiction="CN", address="127.0.0.1:7999",
@@ -52,7 +53,7 @@ def make_home(root: Path) -> Path:
 
 
 def audit_kinds(home: Path) -> list[tuple[str, str]]:
-    with AuditLog.open(NodeConfig.load(home).audit_database_path) as log:
+    with AuditLog.open(NodeConfig.load(home).audit_database_path, suite=STANDARD) as log:
         return [(e.decode().kind, e.decode().actor) for e in log.iter_entries()]
 
 

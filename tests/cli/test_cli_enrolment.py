@@ -19,6 +19,7 @@ from conftest import free_port
 
 from govshare.model.governance import Role
 from govshare.model.identity import Federation, Identity, init_federation
+from govshare.protocols.suite import STANDARD
 
 TIMEOUT = 120  # seconds: a bound on a broken run, never a pace the test relies on
 
@@ -57,7 +58,7 @@ def keygen_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KeygenNode
     root = tmp_path_factory.mktemp("enrolment")
     home, public = root / "homes" / "tax", root / "tax-public"
     address = f"127.0.0.1:{free_port()}"
-    init_federation(root / "federation", "cityfed")
+    init_federation(root / "federation", "cityfed", suite=STANDARD)
     # The department makes its keys; the administrator sees only the request.
     ok(govshare("node", "keygen", "--home", str(home), "--name", "tax", cwd=root))
     ok(govshare(
@@ -167,7 +168,7 @@ def test_reissue_bumps_the_roster_and_the_node_refuses_the_old_certificate(
 
 
 def test_reissue_of_a_member_never_enrolled_is_refused(tmp_path: Path) -> None:
-    init_federation(tmp_path / "federation", "cityfed")
+    init_federation(tmp_path / "federation", "cityfed", suite=STANDARD)
     result = govshare(
         "federation", "enrol", "--reissue", "--name", "carol", "--out", "c", cwd=tmp_path
     )
@@ -179,7 +180,7 @@ def test_reissue_of_a_member_never_enrolled_is_refused(tmp_path: Path) -> None:
 def test_roster_install_refuses_a_roster_the_ca_did_not_sign_or_an_older_one(
     tmp_path: Path,
 ) -> None:
-    init_federation(tmp_path / "federation", "cityfed")
+    init_federation(tmp_path / "federation", "cityfed", suite=STANDARD)
     federation, _ = Federation.load(tmp_path / "federation").enrol(
         role=Role.NODE, name="tax", jurisdiction="CN", address="127.0.0.1:7102",
         out=tmp_path / "tax",
@@ -190,7 +191,7 @@ def test_roster_install_refuses_a_roster_the_ca_did_not_sign_or_an_older_one(
     )
     federation.export_roster(tmp_path / "v3.json")
     # Another federation of the same name: its CA is not the one in tax's bundle.
-    init_federation(tmp_path / "impostor", "cityfed")
+    init_federation(tmp_path / "impostor", "cityfed", suite=STANDARD)
     Federation.load(tmp_path / "impostor").export_roster(tmp_path / "forged.json")
     held = (tmp_path / "tax" / "roster.json").read_bytes()
 
@@ -215,7 +216,7 @@ def test_roster_install_refuses_a_roster_the_ca_did_not_sign_or_an_older_one(
 
 def test_sign_refuses_what_is_not_a_request(tmp_path: Path) -> None:
     # (A request whose proofs do not verify: tests/model/test_identity.py.)
-    init_federation(tmp_path / "federation", "cityfed")
+    init_federation(tmp_path / "federation", "cityfed", suite=STANDARD)
     (tmp_path / "junk.csr").write_text("not a request\n")
     junk = govshare(
         "federation", "sign", "junk.csr", "--role", "node", "--jurisdiction", "CN",

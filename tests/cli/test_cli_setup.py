@@ -20,6 +20,7 @@ from govshare.model.governance import Role
 from govshare.model.identity import Federation, init_federation
 from govshare.node.api.server import RunningNode
 from govshare.node.node import Node
+from govshare.protocols.suite import STANDARD
 
 TIMEOUT = 120  # seconds: a bound on a broken run, never a pace the test relies on
 GOVSHARE = [sys.executable, "-m", "govshare.cli"]
@@ -35,7 +36,7 @@ def govshare(
 
 def enrolled(root: Path, *members: tuple[Role, str, str]) -> Federation:
     """A federation in ``root/federation`` with ``members`` (role, name, address) enrolled."""
-    init_federation(root / "federation", "cityfed")
+    init_federation(root / "federation", "cityfed", suite=STANDARD)
     federation = Federation.load(root / "federation")
     for role, name, address in members:
         federation, _ = federation.enrol(
@@ -199,7 +200,7 @@ def test_verify_export_needs_only_the_ca_certificate(
     assert as_identity.returncode == 0, as_identity.stderr
     # Another federation's CA refuses the bundle's roster.
     other = tmp_path / "other"
-    init_federation(other, "testfed")
+    init_federation(other, "testfed", suite=STANDARD)
     forged = govshare(
         "audit", "verify-export", "bundle.json", "--ca", str(other / "ca.crt"), "--quorum", "1",
         cwd=elsewhere, env=env,

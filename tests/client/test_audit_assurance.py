@@ -46,6 +46,7 @@ from govshare.node.config import NodeConfig, write_default
 from govshare.node.node import Node
 from govshare.protocols.auditverify import decode_entry
 from govshare.protocols.errors import MalformedInput, VerificationFailed
+from govshare.protocols.suite import STANDARD
 
 RUNNING = ("tax", "civil", "pension")
 DOWN = ("archive",)  # enrolled, never started: a witness that is away
@@ -107,7 +108,7 @@ class Cluster:
 def build_cluster(root: Path, running: tuple[str, ...], down: tuple[str, ...] = ()) -> Cluster:
     """Enrol ``running`` and ``down`` nodes and an auditor; start the ``running`` nodes, each
     with a few entries witnessed by its running peers."""
-    init_federation(root / "federation", "assurance")
+    init_federation(root / "federation", "assurance", suite=STANDARD)
     federation = Federation.load(root / "federation")
     bundles: dict[str, Path] = {}
     for name in (*running, *down):
@@ -263,7 +264,7 @@ def rewrite_log(path: Path, *, keep: int, edit: int | None = None) -> None:
     remove_database(path)
     os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))  # private, as the node's was
     clock = [0]
-    with AuditLog.open(path, clock=lambda: clock[0]) as log:
+    with AuditLog.open(path, clock=lambda: clock[0], suite=STANDARD) as log:
         for (data,) in rows:
             entry = decode_entry(bytes(data))
             fields = {**entry.fields, "forged": True} if entry.index == edit else entry.fields

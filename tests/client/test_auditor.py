@@ -404,7 +404,7 @@ def rewrite_log(lab: Lab, name: str, *, keep: int, edit: int | None = None) -> N
     for suffix in ("", "-wal", "-shm"):
         Path(f"{path}{suffix}").unlink(missing_ok=True)
     clock_value = [0]
-    with AuditLog.open(path, clock=lambda: clock_value[0]) as log:
+    with AuditLog.open(path, clock=lambda: clock_value[0], suite=STANDARD) as log:
         for (data,) in rows:
             entry = decode_entry(bytes(data))
             fields = dict(entry.fields)

@@ -79,7 +79,7 @@ class Log:
     def __init__(self, path: Path, node: str) -> None:
         self.node = node
         self.now = float(T0)
-        self.audit = AuditLog.open(path, clock=lambda: int(self.now * 1000))
+        self.audit = AuditLog.open(path, clock=lambda: int(self.now * 1000), suite=STANDARD)
 
     def add(
         self,
@@ -457,10 +457,10 @@ def approve_pending(nodes: dict[str, Node]) -> Any:
     def on_status(node: str, state: str, message: str) -> None:
         if state == PENDING:
             store = nodes[node].query_store
-            for waiting in approvals.pending(store):
+            for waiting in approvals.pending(store, suite=STANDARD):
                 approvals.decide(
                     store, nodes[node].audit, waiting.record.query_id, approve=True,
-                    operator=f"operator:{node}", reason="reviewed",
+                    operator=f"operator:{node}", reason="reviewed", suite=STANDARD,
                 )  # fmt: skip
 
     return on_status

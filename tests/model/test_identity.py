@@ -42,7 +42,7 @@ ADDRESS = "127.0.0.1:7102"
 
 @pytest.fixture
 def federation(tmp_path: Path) -> Federation:
-    init_federation(tmp_path / "federation", "cityfed")
+    init_federation(tmp_path / "federation", "cityfed", suite=STANDARD)
     return Federation.load(tmp_path / "federation")
 
 
@@ -77,7 +77,7 @@ def _request_pem(
 
 def test_request_round_trip_and_signed_bundle_loads(federation: Federation, tmp_path: Path) -> None:
     home = tmp_path / "tax"
-    request, path = create_request(home, "tax")
+    request, path = create_request(home, "tax", STANDARD)
     assert path == home / "tax.csr"
     for private in ("tls.key", "signing.key"):
         assert (home / private).stat().st_mode & 0o777 == 0o600
@@ -138,10 +138,10 @@ def test_request_refusals_name_what_is_wrong() -> None:
 
 
 def test_create_request_never_overwrites_keys(tmp_path: Path) -> None:
-    create_request(tmp_path, "tax")
+    create_request(tmp_path, "tax", STANDARD)
     key = (tmp_path / "tls.key").read_bytes()
     with pytest.raises(AlreadyExists):
-        create_request(tmp_path, "tax")
+        create_request(tmp_path, "tax", STANDARD)
     assert (tmp_path / "tls.key").read_bytes() == key
 
 
@@ -202,7 +202,7 @@ def test_install_roster_checks_signature_federation_version_and_listing(
     assert held is not None and (held.version, installed.version) == (2, 3)
     with pytest.raises(Conflict, match="rollback"):
         install_roster(bundle, (tmp_path / "v2.json").read_bytes())
-    init_federation(tmp_path / "impostor", "cityfed")
+    init_federation(tmp_path / "impostor", "cityfed", suite=STANDARD)
     with pytest.raises(VerificationFailed):
         install_roster(bundle, (tmp_path / "impostor" / "roster.json").read_bytes())
     with pytest.raises(MalformedInput):
@@ -237,7 +237,7 @@ def test_load_as_says_what_to_do_before_enrolment(tmp_path: Path) -> None:
     with pytest.raises(NotFound, match="holds no analyst identity") as caught:
         Identity.load_as(tmp_path, Role.ANALYST)
     assert "keygen" not in str(caught.value)
-    create_request(tmp_path, "tax")
+    create_request(tmp_path, "tax", STANDARD)
     with pytest.raises(NotFound, match="keys but no certificate yet"):
         Identity.load_as(tmp_path, Role.NODE)
 
@@ -245,7 +245,7 @@ def test_load_as_says_what_to_do_before_enrolment(tmp_path: Path) -> None:
 def test_roster_records_its_suite_and_refuses_keys_of_another(tmp_path: Path) -> None:
     init_federation(tmp_path / "sm", "smfed", suite=SM)
     sm_fed = Federation.load(tmp_path / "sm")
-    init_federation(tmp_path / "std", "stdfed")
+    init_federation(tmp_path / "std", "stdfed", suite=STANDARD)
     std_fed = Federation.load(tmp_path / "std")
     sm_member = Member(
         name="tax",
@@ -254,6 +254,7 @@ def test_roster_records_its_suite_and_refuses_keys_of_another(tmp_path: Path) ->
         address="localhost:1",
         signing_key=SM.public_key(SM.generate_signing_key()),
         tls_fingerprint="00",
+        suite="sm",
     )
     roster = Roster(federation="f", version=1, issued_at=1, members=(sm_member,), suite="sm")
     back = Roster.verify(roster.sign(sm_fed.ca_key, sm_fed.roster_key), sm_fed.ca_cert)
@@ -289,7 +290,7 @@ def test_an_sm_roster_is_signed_with_sm2_by_the_key_the_ca_certificate_names(
     with pytest.raises(VerificationFailed, match="federation CA signs rosters on 'sm'"):
         Roster.verify(downgraded.sign(fed.ca_key), fed.ca_cert)
     # An SM roster presented to a standard federation's members is refused as well.
-    init_federation(tmp_path / "std", "stdfed")
+    init_federation(tmp_path / "std", "stdfed", suite=STANDARD)
     std = Federation.load(tmp_path / "std")
     with pytest.raises(VerificationFailed, match="signs rosters on 'standard'"):
         Roster.verify(replace(std.roster, suite="sm").sign(std.ca_key), std.ca_cert)

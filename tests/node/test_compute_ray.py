@@ -47,6 +47,7 @@ from govshare.node.stores.query_store import QueryStore
 from govshare.node.workers import make_pool
 from govshare.protocols import ecdh_psi
 from govshare.protocols.errors import Aborted, MalformedInput, Unavailable
+from govshare.protocols.suite import STANDARD
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -234,7 +235,7 @@ def _node(fed: FederationFixture, name: str, settings: compute.ComputeSettings) 
         catalogue=Catalogue(config.database_path),
         grants=GrantStore(config.database_path),
         query_store=QueryStore(config.database_path),
-        audit=AuditLog.open(config.audit_database_path),
+        audit=AuditLog.open(config.audit_database_path, suite=STANDARD),
         witness_store=WitnessStore(config.database_path),
         protocol_timeout=600.0,
         workers=2,

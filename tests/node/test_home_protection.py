@@ -242,7 +242,7 @@ def test_results_are_deleted_after_their_retention_and_it_is_logged(tmp_path: Pa
     saved = 1_700_000_000
     store.save_matches("q-old", ["110101197001010008", "110101197002020003"], now=saved)
     store.save_matches("q-new", ["110101197003030007"], now=saved + 5 * DAY)
-    audit = AuditLog.open(tmp_path / "audit.db")
+    audit = AuditLog.open(tmp_path / "audit.db", suite=STANDARD)
     retention = ResultsRetention(store, audit, days=30, actor="tax")
     assert retention.run(now=saved + 30 * DAY - 1) == []  # not yet
     assert logged(audit) == []
@@ -267,7 +267,7 @@ def test_a_pass_runs_at_start_with_the_clock_it_is_given(tmp_path: Path) -> None
     db = home / "node.db"
     store = QueryStore(db, at_rest=open_at_rest(home, db, STANDARD))
     store.save_matches("q-1", ["110101197001010008"], now=1_000)
-    audit = AuditLog.open(tmp_path / "audit.db")
+    audit = AuditLog.open(tmp_path / "audit.db", suite=STANDARD)
     retention = ResultsRetention(
         store, audit, days=1, actor="tax", clock=lambda: 1_000 + DAY + 1, interval=10**9
     )

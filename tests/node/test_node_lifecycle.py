@@ -49,6 +49,7 @@ from govshare.node.policy.grants import GrantStore
 from govshare.node.stores.query_store import QueryStore
 from govshare.protocols.errors import GovshareError
 from govshare.protocols.signed_request import SignedRequest, sign_request
+from govshare.protocols.suite import STANDARD
 from govshare.rpc.client import NodeClient
 
 # Generous: the machine that runs the suite is shared and slow at times.
@@ -313,7 +314,7 @@ def test_kill_9_mid_query_leaves_no_process_and_the_home_restarts(
         status = client.status(query_id)
     assert status.state == "failed" and "nothing released" in status.message, status
     assert stop(processes["tax"]) == 0
-    log = AuditLog.open(NodeConfig.load(fed.node_home("tax")).audit_database_path)
+    log = AuditLog.open(NodeConfig.load(fed.node_home("tax")).audit_database_path, suite=STANDARD)
     try:
         kinds = [e.decode().kind for e in log.entries_for_query(query_id)]
     finally:
@@ -384,7 +385,7 @@ def civil_at(fed: FederationFixture, now: float) -> Node:
         grants=GrantStore(config.database_path),
         crossborder_store=CrossBorderStore(config.database_path),
         query_store=QueryStore(config.database_path),
-        audit=AuditLog.open(config.audit_database_path),
+        audit=AuditLog.open(config.audit_database_path, suite=STANDARD),
         witness_store=WitnessStore(config.database_path),
         clock=lambda: now,
     )
@@ -405,7 +406,7 @@ def test_an_expired_query_cannot_be_approved(tmp_path: Path) -> None:
         with pytest.raises(approvals.QueryExpired, match=rf"query {late.query_id_hex} expired"):
             approvals.decide(
                 node.query_store, node.audit, late.query_id_hex, approve=True,
-                operator="operator:civil", now=deadline,
+                operator="operator:civil", now=deadline, suite=STANDARD,
             )  # fmt: skip
         record = node.query_store.get(late.query_id_hex)
         assert record.state == EXPIRED
@@ -416,12 +417,12 @@ def test_an_expired_query_cannot_be_approved(tmp_path: Path) -> None:
         with pytest.raises(approvals.QueryExpired):
             approvals.decide(
                 node.query_store, node.audit, late.query_id_hex, approve=False,
-                operator="operator:civil", reason="too late", now=deadline,
+                operator="operator:civil", reason="too late", now=deadline, suite=STANDARD,
             )  # fmt: skip
         # A second before its deadline, a query is approved as ever.
         approved = approvals.decide(
             node.query_store, node.audit, on_time.query_id_hex, approve=True,
-            operator="operator:civil", now=on_time.expires_at - 1,
+            operator="operator:civil", now=on_time.expires_at - 1, suite=STANDARD,
         )  # fmt: skip
         assert approved.state == "approved"
     finally:
@@ -451,7 +452,7 @@ def test_a_node_expires_stale_queries_when_it_starts(tmp_path: Path) -> None:
     try:
         assert node.query_store.get(query_id).state == EXPIRED
         assert node.query_store.reservation(query_id) == "returned"
-        assert approvals.pending(node.query_store) == []
+        assert approvals.pending(node.query_store, suite=STANDARD) == []
         assert "budget.settled" in settled_kinds(node, query_id)
     finally:
         node.close()

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from govshare.protocols import bfv, masks
 from govshare.protocols.bfv import BfvPublicContext, BfvSecretContext
 from govshare.protocols.errors import MalformedInput
+from govshare.protocols.suite import STANDARD
 
 U64 = 2**64
 
@@ -80,7 +81,9 @@ def test_masked_vectors_sum_to_the_plain_sum(small_analyst: BfvSecretContext) ->
     contributions = []
     for name in names:
         peers = {n: p for n, p in publics.items() if n != name}
-        mask = masks.node_mask(keys[name], query_id=b"q1", own=name, peers=peers, length=4)
+        mask = masks.node_mask(
+            keys[name], query_id=b"q1", own=name, peers=peers, length=4, suite=STANDARD
+        )
         contributions.append(node_ctx.encrypt(masks.mask_vector(values[name], mask)))
     total = small_analyst.decrypt(node_ctx.sum(contributions))
     assert [masks.from_u64_signed(v) for v in total] == [4, 4, -8, 10]

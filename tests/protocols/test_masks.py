@@ -38,7 +38,9 @@ def _run(
     out = []
     for i, (name, key) in enumerate(zip(names, privates, strict=True)):
         peers = {n: publics[j] for j, n in enumerate(names) if j != i}
-        mask = masks.node_mask(key, query_id=QUERY, own=name, peers=peers, length=length)
+        mask = masks.node_mask(
+            key, query_id=QUERY, own=name, peers=peers, length=length, suite=STANDARD
+        )
         out.append(masks.mask_vector(values[i], mask))
     return out
 
@@ -91,8 +93,8 @@ def test_wrong_key_does_not_cancel() -> None:
 def test_query_id_separates_masks() -> None:
     a, b = masks.generate_ephemeral(), masks.generate_ephemeral()
     pub_b = masks.public_bytes(b)
-    m1 = masks.node_mask(a, query_id=b"q1", own="a", peers={"b": pub_b}, length=4)
-    m2 = masks.node_mask(a, query_id=b"q2", own="a", peers={"b": pub_b}, length=4)
+    m1 = masks.node_mask(a, query_id=b"q1", own="a", peers={"b": pub_b}, length=4, suite=STANDARD)
+    m2 = masks.node_mask(a, query_id=b"q2", own="a", peers={"b": pub_b}, length=4, suite=STANDARD)
     assert m1 != m2
 
 
@@ -123,8 +125,12 @@ def _alpha_and_beta() -> tuple[X25519PrivateKey, X25519PrivateKey, bytes, bytes]
 def test_pairwise_key_is_hkdf_over_ordered_names() -> None:
     a, b, shared, info = _alpha_and_beta()
     expected = _hkdf_sha256(shared, info, 32)
-    k_ab = masks.pairwise_key(a, masks.public_bytes(b), query_id=QUERY, own="alpha", peer="beta")
-    k_ba = masks.pairwise_key(b, masks.public_bytes(a), query_id=QUERY, own="beta", peer="alpha")
+    k_ab = masks.pairwise_key(
+        a, masks.public_bytes(b), query_id=QUERY, own="alpha", peer="beta", suite=STANDARD
+    )
+    k_ba = masks.pairwise_key(
+        b, masks.public_bytes(a), query_id=QUERY, own="beta", peer="alpha", suite=STANDARD
+    )
     assert k_ab == k_ba == expected
 
 
@@ -132,9 +138,9 @@ def test_pairwise_stream_is_aes_ctr_little_endian() -> None:
     key = bytes(32)
     # AES-256 of the all-zero block under the all-zero key (FIPS-197-style known value).
     first_block = bytes.fromhex("dc95c078a2408989ad48a21492842087")
-    words = masks.pairwise_stream(key, 2)
+    words = masks.pairwise_stream(key, 2, suite=STANDARD)
     assert words == list(struct.unpack("<2Q", first_block))
-    assert masks.pairwise_stream(key, 0) == []
+    assert masks.pairwise_stream(key, 0, suite=STANDARD) == []
 
 
 def test_signed_ephemeral_round_trip_and_tamper() -> None:
@@ -179,19 +185,19 @@ def test_malformed_inputs() -> None:
     key = masks.generate_ephemeral()
     good = masks.public_bytes(masks.generate_ephemeral())
     with pytest.raises(MalformedInput):
-        masks.pairwise_key(key, good[:31], query_id=QUERY, own="a", peer="b")
+        masks.pairwise_key(key, good[:31], query_id=QUERY, own="a", peer="b", suite=STANDARD)
     with pytest.raises(MalformedInput):
-        masks.pairwise_key(key, good, query_id=QUERY, own="a", peer="a")
+        masks.pairwise_key(key, good, query_id=QUERY, own="a", peer="a", suite=STANDARD)
     with pytest.raises(MalformedInput):
-        masks.pairwise_key(key, good, query_id=b"", own="a", peer="b")
+        masks.pairwise_key(key, good, query_id=b"", own="a", peer="b", suite=STANDARD)
     with pytest.raises(MalformedInput):
-        masks.pairwise_key(key, good, query_id=QUERY, own="", peer="b")
+        masks.pairwise_key(key, good, query_id=QUERY, own="", peer="b", suite=STANDARD)
     with pytest.raises(VerificationFailed):  # low-order point
-        masks.pairwise_key(key, bytes(32), query_id=QUERY, own="a", peer="b")
+        masks.pairwise_key(key, bytes(32), query_id=QUERY, own="a", peer="b", suite=STANDARD)
     with pytest.raises(MalformedInput):
-        masks.node_mask(key, query_id=QUERY, own="a", peers={}, length=3)
+        masks.node_mask(key, query_id=QUERY, own="a", peers={}, length=3, suite=STANDARD)
     with pytest.raises(MalformedInput):
-        masks.node_mask(key, query_id=QUERY, own="a", peers={"b": good}, length=-1)
+        masks.node_mask(key, query_id=QUERY, own="a", peers={"b": good}, length=-1, suite=STANDARD)
     with pytest.raises(MalformedInput):
         masks.ephemeral_statement(query_id=QUERY, node="a", public_key=b"short")
     with pytest.raises(MalformedInput):
@@ -205,7 +211,7 @@ def test_malformed_inputs() -> None:
     with pytest.raises(MalformedInput):
         masks.add_vectors([[1], [1, 2]])
     with pytest.raises(TypeError):
-        masks.pairwise_key(key, good, query_id="q", own="a", peer="b")  # type: ignore[arg-type]
+        masks.pairwise_key(key, good, query_id="q", own="a", peer="b", suite=STANDARD)  # type: ignore[arg-type]
 
 
 @settings(max_examples=50)
@@ -224,12 +230,15 @@ def test_sm_suite_masks_are_hkdf_sm3_and_sm4_ctr_and_cancel() -> None:
     )
     assert key == SM.kdf(shared, info=info, length=16)
     standard = masks.pairwise_key(
-        a, masks.public_bytes(b), query_id=QUERY, own="alpha", peer="beta"
+        a, masks.public_bytes(b), query_id=QUERY, own="alpha", peer="beta", suite=STANDARD
     )
     assert key != standard[:16]
     stream = SM.stream(key, bytes(16), 32)
     assert masks.pairwise_stream(key, 4, suite=SM) == list(struct.unpack("<4Q", stream))
-    assert masks.pairwise_stream(key, 4, suite=SM) != masks.pairwise_stream(standard, 4)[:4]
+    assert (
+        masks.pairwise_stream(key, 4, suite=SM)
+        != masks.pairwise_stream(standard, 4, suite=STANDARD)[:4]
+    )
     with pytest.raises(TypeError):
         masks.pairwise_stream(bytes(32), 4, suite=SM)  # an AES-256 key is not SM4's
     # Whole vectors still cancel.

@@ -63,7 +63,7 @@ class FakeClock:
 
 @pytest.fixture
 def log(tmp_path: Path) -> Iterator[AuditLog]:
-    with AuditLog.open(tmp_path / "audit.db", clock=FakeClock()) as opened:
+    with AuditLog.open(tmp_path / "audit.db", clock=FakeClock(), suite=STANDARD) as opened:
         yield opened
 
 
@@ -234,7 +234,7 @@ def test_unrecordable_fields_write_nothing(log: AuditLog, fields: dict[str, obje
 
 def test_record_round_trip_with_injected_clock(tmp_path: Path) -> None:
     clock = FakeClock(1_000)
-    with AuditLog.open(tmp_path / "a.db", clock=clock) as log:
+    with AuditLog.open(tmp_path / "a.db", clock=clock, suite=STANDARD) as log:
         sink: AuditSink = log
         first = sink.record(
             "rpc.received", {"digest": b"\x00\xff", "rows": 7}, actor="m1", query_id="q1"
@@ -327,7 +327,7 @@ def test_file_is_wal_with_full_sync(tmp_path: Path, log: AuditLog) -> None:
 )
 def test_triggers_refuse_update_and_delete(tmp_path: Path, statement: str) -> None:
     path = tmp_path / "audit.db"
-    with AuditLog.open(path) as log:
+    with AuditLog.open(path, suite=STANDARD) as log:
         log.record_many([Event("a.b", {"i": i}, "x") for i in range(4)])
         note = log.checkpoint(LOG_KEY, ORIGIN)
         stored = log.latest_checkpoint()
@@ -413,10 +413,10 @@ def test_cosignatures_are_verified_then_served(log: AuditLog) -> None:
 
 def test_reopen_resumes_the_same_tree(tmp_path: Path) -> None:
     path = tmp_path / "audit.db"
-    with AuditLog.open(path) as log:
+    with AuditLog.open(path, suite=STANDARD) as log:
         old_note = _build(log, [3, 10, 7])[-1]
         root, size = log.root(), log.size
-    with AuditLog.open(path) as log:
+    with AuditLog.open(path, suite=STANDARD) as log:
         assert (log.root(), log.size) == (root, size)
         new_note = _build(log, [11])[-1]
         old = open_checkpoint(old_note, PUBLIC, origin=ORIGIN)
@@ -431,7 +431,7 @@ def test_not_an_audit_log_is_malformed(tmp_path: Path) -> None:
     bad = tmp_path / "junk.db"
     bad.write_bytes(b"this is not sqlite" * 100)
     with pytest.raises(MalformedInput):
-        AuditLog.open(bad)
+        AuditLog.open(bad, suite=STANDARD)
     with pytest.raises(MalformedInput):
         verify_log_file(bad, public_key=PUBLIC, origin=ORIGIN)
 
@@ -446,7 +446,7 @@ TARGET = 57
 def pristine(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, bytes]:
     """A log of 200 entries with a checkpoint every 20; returns it and its last checkpoint."""
     path = tmp_path_factory.mktemp("pristine") / "audit.db"
-    with AuditLog.open(path, clock=FakeClock()) as log:
+    with AuditLog.open(path, clock=FakeClock(), suite=STANDARD) as log:
         notes = _build(log, [20] * (TAMPER_SIZE // 20))
     return path, notes[-1]
 
@@ -613,7 +613,7 @@ def test_fork_between_checkpoints_is_named(pristine: tuple[Path, bytes], tmp_pat
 
 
 def test_verify_log_is_pure_over_bytes(pristine: tuple[Path, bytes]) -> None:
-    with AuditLog.open(pristine[0]) as log:
+    with AuditLog.open(pristine[0], suite=STANDARD) as log:
         rows = [(e.index, e.data, None) for e in log.iter_entries()]
         notes = [c.note for c in log.checkpoints()]
     assert verify_log(rows, notes, public_key=PUBLIC, origin=ORIGIN).ok
@@ -627,7 +627,7 @@ def test_verify_log_is_pure_over_bytes(pristine: tuple[Path, bytes]) -> None:
 @pytest.mark.slow
 def test_clean_log_of_100000_entries_verifies(tmp_path: Path) -> None:
     path = tmp_path / "big.db"
-    with AuditLog.open(path) as log:
+    with AuditLog.open(path, suite=STANDARD) as log:
         for batch in range(100):
             log.record_many(
                 [
@@ -649,7 +649,7 @@ from govshare.node.audit.auditlog import AuditLog
 from govshare.model.events import Event
 from govshare.protocols.suite import STANDARD
 key = STANDARD.signing_key_from_bytes(hashlib.sha256(b"test log key").digest())
-log = AuditLog.open(sys.argv[1])
+log = AuditLog.open(sys.argv[1], suite=STANDARD)
 round = 0
 while True:
     round += 1
@@ -685,7 +685,7 @@ def test_kill_9_during_appends_leaves_a_log_that_verifies(
             child.kill()
     assert child.returncode == -signal.SIGKILL
     reported = [int(line) for line in (first + rest).split()]
-    with AuditLog.open(path) as log:
+    with AuditLog.open(path, suite=STANDARD) as log:
         # Every size the child reported was durable before it printed it.
         assert log.size >= reported[-1]
         report = log.verify(PUBLIC, ORIGIN)
@@ -701,7 +701,7 @@ def test_random_batches_give_verifying_proofs(
     tmp_path: Path, batches: list[int], data: st.DataObject
 ) -> None:
     path = tmp_path / f"prop-{time.monotonic_ns()}.db"
-    with AuditLog.open(path) as log:
+    with AuditLog.open(path, suite=STANDARD) as log:
         notes = _build(log, batches)
         new = open_checkpoint(notes[-1], PUBLIC, origin=ORIGIN)
         old = open_checkpoint(data.draw(st.sampled_from(notes)), PUBLIC, origin=ORIGIN)
@@ -716,7 +716,10 @@ def test_random_batches_give_verifying_proofs(
 def test_two_handles_on_one_file_append_in_turn(tmp_path: Path) -> None:
     """An operator command appends beside the serving node: neither handle loses or clashes."""
     path = tmp_path / "shared.db"
-    node_log, operator_log = AuditLog.open(path), AuditLog.open(path)
+    node_log, operator_log = (
+        AuditLog.open(path, suite=STANDARD),
+        AuditLog.open(path, suite=STANDARD),
+    )
     try:
         indices = []
         for n in range(6):

@@ -68,7 +68,7 @@ BULK = auditlog.BULK_PAGE
 
 def build(path: Path, batches: list[int], *, tail: int = 0) -> None:
     """A log with a checkpoint after each batch, then ``tail`` entries after the last one."""
-    with AuditLog.open(path, clock=lambda: 1_700_000_000_000) as log:
+    with AuditLog.open(path, clock=lambda: 1_700_000_000_000, suite=STANDARD) as log:
         for count in batches:
             log.record_many([Event("test.event", {"n": i}, "tester") for i in range(count)])
             log.checkpoint(KEY, ORIGIN)
@@ -137,12 +137,12 @@ def counts(path: Path) -> tuple[int, int, int]:
 
 
 def whole(path: Path) -> SelfCheck:
-    with AuditLog.open(path) as log:
+    with AuditLog.open(path, suite=STANDARD) as log:
         return log.check_whole(PUBLIC, ORIGIN)
 
 
 def tail(path: Path) -> SelfCheck:
-    with AuditLog.open(path) as log:
+    with AuditLog.open(path, suite=STANDARD) as log:
         return log.check_tail(PUBLIC, ORIGIN)
 
 
@@ -222,7 +222,7 @@ def test_edited_subtree_hash_is_named(copy: Path) -> None:
 def test_deleted_entry_is_named(copy: Path) -> None:
     tamper(copy, ("DELETE FROM entries WHERE idx = 20", ()))
     assert damage_of(whole(copy)) == ("entry 20", "missing (deleted)")
-    with AuditLog.open(copy) as log:  # opens sealed: its tree cannot be loaded
+    with AuditLog.open(copy, suite=STANDARD) as log:  # opens sealed: its tree cannot be loaded
         assert log.broken is not None and "not contiguous" in log.broken
         assert damage_of(log.check_tail(PUBLIC, ORIGIN)) == ("entry 20", "missing (deleted)")
         assert [e.index for e in log.entries(19, 22)] == [19, 21]  # evidence still readable
@@ -276,7 +276,7 @@ def test_checkpoint_with_a_broken_signature_is_named(copy: Path) -> None:
 
 
 def test_checkpoint_signed_by_another_key_is_refused(copy: Path) -> None:
-    with AuditLog.open(copy) as log:
+    with AuditLog.open(copy, suite=STANDARD) as log:
         root = log.root_at(40)
     forged = sign_checkpoint(Checkpoint(ORIGIN, 40, root), STANDARD.generate_signing_key())
     tamper(copy, ("UPDATE checkpoints SET note = ? WHERE size = 40", (forged,)))
@@ -388,7 +388,7 @@ def test_page_path_names_the_expected_entries(big: Path, tmp_path: Path) -> None
 def test_an_interrupted_check_says_so(big: Path) -> None:
     stop = threading.Event()
     stop.set()
-    with AuditLog.open(big) as log:
+    with AuditLog.open(big, suite=STANDARD) as log:
         verdict = log.check_whole(PUBLIC, ORIGIN, stop=stop)
     assert verdict.interrupted and not verdict.ok and verdict.damage is None
 
@@ -428,7 +428,7 @@ def tax_node(fed: FederationFixture, **options: Any) -> Node:
         grants=GrantStore(config.database_path),
         crossborder_store=CrossBorderStore(config.database_path),
         query_store=QueryStore(config.database_path),
-        audit=AuditLog.open(config.audit_database_path),
+        audit=AuditLog.open(config.audit_database_path, suite=STANDARD),
         witness_store=WitnessStore(config.database_path),
         checkpoint_interval=3600.0,
         **options,
@@ -599,7 +599,7 @@ def test_latest_checkpoint_that_does_not_match_is_refused(
 ) -> None:
     fed, path = tax_fed
     note = entry_note(path, 40)
-    with AuditLog.open(path) as log:
+    with AuditLog.open(path, suite=STANDARD) as log:
         root = log.root_at(40)
     if forgery == "bad_signature":
         forged = corrupt_signature(note)

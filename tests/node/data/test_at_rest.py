@@ -226,7 +226,7 @@ def test_remove_destroys_rows_stored_in_the_clear(tmp_path: Path) -> None:
     )
     add(catalogue, kept, name="kept")
     assert holding(home, IDS[3].encode())
-    audit = AuditLog.open(tmp_path / "audit.db")
+    audit = AuditLog.open(tmp_path / "audit.db", suite=STANDARD)
     destroyed = catalogue.destroy("gone", actor=ACTOR, audit=audit)
     for i in (0, 3, 399):
         assert holding(home, IDS[i].encode()) == [], IDS[i]
@@ -257,7 +257,7 @@ def test_remove_shreds_a_sealed_dataset_and_logs_its_digest(tmp_path: Path) -> N
     ]
     chunk = _bytes_of(db, f'SELECT sealed FROM "{table}" ORDER BY chunk LIMIT 1')
     assert holding(home, wrapped[-16:]) and holding(home, chunk[0][100:132])
-    audit = AuditLog.open(tmp_path / "audit.db")
+    audit = AuditLog.open(tmp_path / "audit.db", suite=STANDARD)
     destroyed = catalogue.destroy("benefits", actor=ACTOR, audit=audit)
     assert holding(home, wrapped[-16:]) == []  # the key is gone: the rows are shredded
     assert holding(home, chunk[0][100:132]) == []  # and their ciphertext overwritten too

@@ -18,6 +18,7 @@ from govshare.node.data.mask_key import (
 )
 from govshare.node.data.masking import MaskRule, apply_mask, needs_key, parse_mask
 from govshare.protocols.errors import AlreadyExists, MalformedInput, NotFound
+from govshare.protocols.suite import STANDARD
 
 KEY = b"k" * 16
 
@@ -36,18 +37,18 @@ KEY = b"k" * 16
     ],
 )
 def test_rules(rule: str, value: str, expected: str) -> None:
-    assert apply_mask(rule, value) == expected
+    assert apply_mask(rule, value, suite=STANDARD) == expected
 
 
 def test_hash_prefix_is_keyed_and_stable() -> None:
-    a = apply_mask("hash_prefix", "110101199003071234", key=KEY)
+    a = apply_mask("hash_prefix", "110101199003071234", key=KEY, suite=STANDARD)
     assert len(a) == 16 and int(a, 16) >= 0
-    assert apply_mask("hash_prefix", "110101199003071234", key=KEY) == a
-    assert apply_mask("hash_prefix", "110101199003071234", key=b"j" * 16) != a
+    assert apply_mask("hash_prefix", "110101199003071234", key=KEY, suite=STANDARD) == a
+    assert apply_mask("hash_prefix", "110101199003071234", key=b"j" * 16, suite=STANDARD) != a
     with pytest.raises(TypeError):
-        apply_mask("hash_prefix", "x")
+        apply_mask("hash_prefix", "x", suite=STANDARD)
     with pytest.raises(TypeError):
-        apply_mask("hash_prefix", "x", key=b"short")
+        apply_mask("hash_prefix", "x", key=b"short", suite=STANDARD)
 
 
 def test_parse_gives_canonical_text() -> None:
@@ -65,7 +66,7 @@ def test_bad_rules_are_malformed(text: str) -> None:
 
 def test_year_only_refuses_non_dates() -> None:
     with pytest.raises(MalformedInput, match="dates"):
-        apply_mask("year_only", "March 1990")
+        apply_mask("year_only", "March 1990", suite=STANDARD)
 
 
 # --- the node's masking secret and its per-column hash_prefix keys --------------------------
@@ -74,21 +75,24 @@ SECRET = bytes(range(32))
 
 
 def test_key_is_deterministic_per_secret_dataset_and_column() -> None:
-    key = derive_mask_key(SECRET, "residents", "id_number")
+    key = derive_mask_key(SECRET, "residents", "id_number", STANDARD)
     assert len(key) == KEY_BYTES == 32
-    assert derive_mask_key(SECRET, "residents", "id_number") == key
-    assert MaskSecret(SECRET).key("residents", "id_number") == key
+    assert derive_mask_key(SECRET, "residents", "id_number", STANDARD) == key
+    assert MaskSecret(SECRET).key("residents", "id_number", STANDARD) == key
     others = {
-        derive_mask_key(SECRET, "residents", "spouse_id"),
-        derive_mask_key(SECRET, "registry", "id_number"),
-        derive_mask_key(bytes(32), "residents", "id_number"),
+        derive_mask_key(SECRET, "residents", "spouse_id", STANDARD),
+        derive_mask_key(SECRET, "registry", "id_number", STANDARD),
+        derive_mask_key(bytes(32), "residents", "id_number", STANDARD),
         # Length prefixes keep the split between dataset and column in the derivation.
-        derive_mask_key(SECRET, "residentsi", "d_number"),
+        derive_mask_key(SECRET, "residentsi", "d_number", STANDARD),
     }
     assert key not in others and len(others) == 4
-    released = apply_mask("hash_prefix", "110101199003071234", key=key)
+    released = apply_mask("hash_prefix", "110101199003071234", key=key, suite=STANDARD)
     assert released != apply_mask(
-        "hash_prefix", "110101199003071234", key=derive_mask_key(SECRET, "residents", "spouse_id")
+        "hash_prefix",
+        "110101199003071234",
+        key=derive_mask_key(SECRET, "residents", "spouse_id", STANDARD),
+        suite=STANDARD,
     )
 
 
@@ -96,14 +100,14 @@ def test_key_is_hkdf_sha256_over_the_named_info() -> None:
     """Pins the derivation (a changed one would silently change every released pseudonym)."""
     info = INFO_PREFIX + b"\x00\x09residents" + b"\x00\x09id_number"
     expected = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(SECRET)
-    assert derive_mask_key(SECRET, "residents", "id_number") == expected
+    assert derive_mask_key(SECRET, "residents", "id_number", STANDARD) == expected
     assert b"govshare" in INFO_PREFIX
 
 
 @pytest.mark.parametrize("secret", [b"", b"x" * 31, b"x" * 33, "x" * 32])
 def test_key_needs_a_32_byte_secret(secret: object) -> None:
     with pytest.raises(TypeError):
-        derive_mask_key(secret, "residents", "id_number")  # type: ignore[arg-type]
+        derive_mask_key(secret, "residents", "id_number", STANDARD)  # type: ignore[arg-type]
     with pytest.raises(TypeError):
         MaskSecret(secret)  # type: ignore[arg-type]
 
@@ -113,26 +117,32 @@ def test_secret_file_is_created_once_with_mode_0600(tmp_path: Path) -> None:
     path = tmp_path / MASK_SECRET
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert len(path.read_bytes()) == 32
-    assert MaskSecret.load_or_create(tmp_path).key("d", "c") == first.key("d", "c")
-    assert MaskSecret.load(path).key("d", "c") == first.key("d", "c")
+    assert MaskSecret.load_or_create(tmp_path).key("d", "c", STANDARD) == first.key(
+        "d", "c", STANDARD
+    )
+    assert MaskSecret.load(path).key("d", "c", STANDARD) == first.key("d", "c", STANDARD)
     assert sorted(p.name for p in tmp_path.iterdir()) == [MASK_SECRET]  # no temporary left
     assert SECRET.hex() not in repr(first) and "hidden" in repr(first)
     with pytest.raises(AlreadyExists):
         MaskSecret.create(path, secret=SECRET)
-    assert MaskSecret.load(path).key("d", "c") == first.key("d", "c")  # never overwritten
+    assert MaskSecret.load(path).key("d", "c", STANDARD) == first.key(
+        "d", "c", STANDARD
+    )  # never overwritten
 
 
 def test_secrets_of_two_homes_differ(tmp_path: Path) -> None:
     for home in ("a", "b"):
         (tmp_path / home).mkdir()
     a, b = (MaskSecret.load_or_create(tmp_path / home) for home in ("a", "b"))
-    assert a.key("d", "c") != b.key("d", "c")
+    assert a.key("d", "c", STANDARD) != b.key("d", "c", STANDARD)
 
 
 def test_create_with_an_explicit_secret(tmp_path: Path) -> None:
     made = MaskSecret.create(tmp_path / MASK_SECRET, secret=SECRET)
     assert (tmp_path / MASK_SECRET).read_bytes() == SECRET
-    assert made.key("residents", "id_number") == derive_mask_key(SECRET, "residents", "id_number")
+    assert made.key("residents", "id_number", STANDARD) == derive_mask_key(
+        SECRET, "residents", "id_number", STANDARD
+    )
 
 
 @pytest.mark.parametrize("size", [0, 16, 31, 33])

@@ -56,6 +56,7 @@ from govshare.node.queries.kinds.aggregate import AggregateOptions
 from govshare.node.stores.query_store import QueryStore
 from govshare.protocols import dp
 from govshare.protocols.errors import Conflict, MalformedInput, Unavailable
+from govshare.protocols.suite import STANDARD
 
 KEY_BITS = 1024  # small test keys; the aggregate tests run 3072
 EXACT = AggregateOptions(unsafe_allow_short_modulus=True, unsafe_without_noise=True)
@@ -158,7 +159,7 @@ def _node(fed: FederationFixture, name: str) -> Node:
         catalogue=Catalogue(config.database_path),
         grants=GrantStore(config.database_path),
         query_store=QueryStore(config.database_path),
-        audit=AuditLog.open(config.audit_database_path),
+        audit=AuditLog.open(config.audit_database_path, suite=STANDARD),
         witness_store=WitnessStore(config.database_path),
         protocol_timeout=600.0,
         workers=1,
@@ -270,7 +271,7 @@ def test_psi_membership_is_the_same_from_postgresql_and_sqlite(live: Live) -> No
     matching = csv_keys(live.csvs["residents"], income_band="high") & csv_keys(
         live.csvs["assistance"]
     )
-    expected = sorted(apply_mask(MASK, k) for k in matching)
+    expected = sorted(apply_mask(MASK, k, suite=STANDARD) for k in matching)
     assert len(expected) > 5
     assert sorted(answers["sql"].records) == expected
     assert sorted(answers["pg"].records) == expected
@@ -499,7 +500,7 @@ def test_a_row_inserted_once_the_query_runs_stays_out_of_its_psi(
         with live.pg.admin() as conn:
             conn.execute("DELETE FROM residents WHERE id_number = %s", (civil_only,))
     assert during == before
-    assert after == sorted([*before, apply_mask(MASK, civil_only)])
+    assert after == sorted([*before, apply_mask(MASK, civil_only, suite=STANDARD)])
 
 
 # --------------------------------------------------------------------------- bad rows

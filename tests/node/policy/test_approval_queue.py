@@ -111,14 +111,16 @@ def test_a_prefix_names_one_query_or_is_refused_naming_the_candidates(tmp_path: 
 
 def test_the_queue_holds_only_requests_that_have_not_expired(tmp_path: Path) -> None:
     store = store_with(tmp_path, b"\x10" * 16, lifetime=60)
-    assert [p.record.query_id for p in approvals.pending(store, now=NOW + 59)] == ["10" * 16]
-    assert approvals.pending(store, now=NOW + 60) == []
+    assert [p.record.query_id for p in approvals.pending(store, now=NOW + 59, suite=STANDARD)] == [
+        "10" * 16
+    ]
+    assert approvals.pending(store, now=NOW + 60, suite=STANDARD) == []
 
 
 def test_details_of_a_horizontal_aggregate_name_every_part(tmp_path: Path) -> None:
     sql = "SELECT h.age_band, COUNT(*), SUM(h.visits) FROM (...) AS h GROUP BY h.age_band"
     store = store_with(tmp_path, b"\x20" * 16, sql=sql)
-    d = approvals.details(store, "2020")
+    d = approvals.details(store, "2020", suite=STANDARD)
     assert d.sql == sql and d.epsilon == "1" and not d.exact and d.release == "ε 1"
     assert d.expires_at == NOW + 3600 and d.issued_at == NOW
     health, haidian = d.parties
@@ -133,7 +135,9 @@ def test_a_withdrawn_query_cannot_be_decided_and_its_state_is_named(tmp_path: Pa
                      message="withdrawn by the analyst before it ran")  # fmt: skip
     sink = Sink()
     with pytest.raises(approvals.QueryNotPending) as refused:
-        approvals.decide(store, sink, "3030", approve=True, operator="op", now=NOW + 1)
+        approvals.decide(
+            store, sink, "3030", approve=True, operator="op", now=NOW + 1, suite=STANDARD
+        )
     assert str(refused.value) == (
         f"query {'30' * 16} is cancelled (withdrawn by the analyst before it ran): only a "
         "query waiting for approval can be approved"

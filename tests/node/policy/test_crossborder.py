@@ -292,7 +292,7 @@ def test_tampered_record_covers_nothing_under_the_key(store: CrossBorderStore) -
 
 def test_approve_and_revoke_are_in_the_real_audit_log(tmp_path: Path) -> None:
     store = CrossBorderStore(tmp_path / "node.db")
-    with AuditLog.open(tmp_path / "audit.db") as log:
+    with AuditLog.open(tmp_path / "audit.db", suite=STANDARD) as log:
         record = approve(store, log)
         store.revoke(record.record_id, actor=ACTOR, reason="ended", audit=log, now=NOW + 5)
         entries = [e.decode() for e in log.iter_entries()]
@@ -454,7 +454,7 @@ def test_cli_approve_list_revoke_as_subprocess(running: Running) -> None:
         f"error: cross-border record {record_id} was already revoked at {when}"
     ]
 
-    with AuditLog.open(NodeConfig.load(running.home).audit_database_path) as log:
+    with AuditLog.open(NodeConfig.load(running.home).audit_database_path, suite=STANDARD) as log:
         entries = [e.decode() for e in log.iter_entries()]
     ours = [
         (e.kind, e.actor)

@@ -64,7 +64,7 @@ def signer(fed: FederationFixture, name: str) -> ActSigner:
 
 
 def entries(home: Path) -> list[AuditEntry]:
-    with AuditLog.open(NodeConfig.load(home).audit_database_path) as log:
+    with AuditLog.open(NodeConfig.load(home).audit_database_path, suite=STANDARD) as log:
         return [e.decode() for e in log.iter_entries()]
 
 

@@ -31,6 +31,7 @@ from govshare.node.stores.query_store import QueryRecord, QueryStore
 from govshare.protocols.auditverify import AuditEntry
 from govshare.protocols.errors import PolicyRefused
 from govshare.protocols.signed_request import sign_request
+from govshare.protocols.suite import STANDARD
 
 IDS = [resident_id.make("110101", date(1960 + i, 1 + i % 12, 1 + i % 28), i) for i in range(30)]
 RULES = [
@@ -108,7 +109,9 @@ def state(fed: FederationFixture, query_id: str) -> str:
 
 
 def logged(fed: FederationFixture, query_id: str) -> list[AuditEntry]:
-    with AuditLog.open(NodeConfig.load(fed.node_home("tax")).audit_database_path) as log:
+    with AuditLog.open(
+        NodeConfig.load(fed.node_home("tax")).audit_database_path, suite=STANDARD
+    ) as log:
         return [e.decode() for e in log.entries_for_query(query_id)]
 
 

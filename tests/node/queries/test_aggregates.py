@@ -53,6 +53,7 @@ from govshare.protocols.errors import Aborted, MalformedInput, PermissionDenied,
 from govshare.protocols.paillier import generate_keypair
 from govshare.protocols.receipt import verify_receipt
 from govshare.protocols.signed_request import sign_request
+from govshare.protocols.suite import STANDARD
 from govshare.rpc.client import NodeClient
 
 KEY_BITS = 1024  # small test keys (two plaintexts per row here); one test runs 3072
@@ -103,7 +104,7 @@ def _node(fed: FederationFixture, name: str, options: AggregateOptions) -> Node:
         catalogue=Catalogue(config.database_path),
         grants=GrantStore(config.database_path),
         query_store=QueryStore(config.database_path),
-        audit=AuditLog.open(config.audit_database_path),
+        audit=AuditLog.open(config.audit_database_path, suite=STANDARD),
         witness_store=WitnessStore(config.database_path),
         protocol_timeout=TIMEOUT,
         workers=1,
@@ -205,11 +206,12 @@ def approve_when_pending(agg: Agg) -> StatusCallback:
 
     def on_status(node: str, state: str, message: str) -> None:
         if state == PENDING:
-            store = agg.nodes[node].query_store
-            for waiting in approvals.pending(store):
+            store, suite = agg.nodes[node].query_store, agg.nodes[node].identity.roster.crypto
+            for waiting in approvals.pending(store, suite=suite):
                 approvals.decide(
                     store, agg.nodes[node].audit, waiting.record.query_id, approve=True,
                     operator=f"operator:{node}", reason="checked: exact total for a review",
+                    suite=suite,
                 )  # fmt: skip
 
     return on_status

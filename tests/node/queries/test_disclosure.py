@@ -76,6 +76,7 @@ from govshare.protocols import dp, ecdh_psi, masks
 from govshare.protocols.errors import GovshareError, PermissionDenied, PolicyRefused
 from govshare.protocols.paillier import decrypt_unpack, generate_keypair
 from govshare.protocols.signed_request import SignedRequest, sign_request
+from govshare.protocols.suite import STANDARD
 from govshare.rpc.client import NodeClient
 from govshare.v1 import aggregate_pb2, query_pb2, query_pb2_grpc
 
@@ -178,7 +179,7 @@ def make_node(fed: FederationFixture, name: str, *, rate_limit: int = 100_000) -
         grants=GrantStore(config.database_path),
         crossborder_store=CrossBorderStore(config.database_path),
         query_store=QueryStore(config.database_path),
-        audit=AuditLog.open(config.audit_database_path),
+        audit=AuditLog.open(config.audit_database_path, suite=STANDARD),
         witness_store=WitnessStore(config.database_path),
         protocol_timeout=TIMEOUT,
         rate_limit_per_minute=rate_limit,
@@ -384,7 +385,7 @@ def psi_count(plan: PsiPlan, outputs: dict[str, Outcome]) -> int:
 def approve(node: Node, query_id: str, *, approve: bool = True) -> None:
     approvals.decide(
         node.query_store, node.audit, query_id, approve=approve,
-        operator=f"operator:{node.name}", reason="reviewed",
+        operator=f"operator:{node.name}", reason="reviewed", suite=STANDARD,
     )  # fmt: skip
 
 
@@ -1023,7 +1024,7 @@ def test_kill_9_mid_query_returns_the_reservation_exactly_once(
         stop_process(processes["tax"])
 
     store = QueryStore(tax_config.database_path)
-    log = AuditLog.open(tax_config.audit_database_path)
+    log = AuditLog.open(tax_config.audit_database_path, suite=STANDARD)
     try:
         assert store.reservation(query_id) == "returned"
         assert store.reservation(done.query_id) == "spent"

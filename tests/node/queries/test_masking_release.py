@@ -21,6 +21,7 @@ from govshare.node.data import keys as key_types
 from govshare.node.data import resident_id
 from govshare.node.data.mask_key import MASK_SECRET, MaskSecret
 from govshare.node.data.masking import apply_mask
+from govshare.protocols.suite import STANDARD
 
 # Rules released from resident IDs; year_only needs dates and has its own datasets.
 ID_RULES = ("keep_last:4", "keep_first:3", "redact", "hash_prefix")
@@ -166,7 +167,7 @@ def test_unkeyed_rules_release_exactly_the_masked_intersection(
 ) -> None:
     outcome = release(fed, rule, tax_dataset(rule), "id_number", civil_dataset(rule), "id_number")
     shared = id_intersection(files)
-    assert sorted(outcome.records) == sorted(apply_mask(rule, k) for k in shared)
+    assert sorted(outcome.records) == sorted(apply_mask(rule, k, suite=STANDARD) for k in shared)
     assert outcome.count == len(shared)
     assert not set(outcome.records) & shared  # never a whole key
 
@@ -180,7 +181,7 @@ def test_year_only_releases_the_years_of_the_shared_dates(
     shared = column_values(files.tax_dates, "birth_date", key_types.TEXT) & column_values(
         files.civil_dates, "birth_date", key_types.TEXT
     )
-    expected = sorted(apply_mask("year_only", d) for d in shared)
+    expected = sorted(apply_mask("year_only", d, suite=STANDARD) for d in shared)
     assert len(shared) == len(set(TAX_PEOPLE) & set(CIVIL_PEOPLE))
     assert len(set(expected)) < len(expected)  # some years repeat: a multiset, not a set
     assert sorted(outcome.records) == expected
@@ -201,8 +202,8 @@ def test_hash_prefix_is_keyed_per_column_from_the_node_secret(
     civil = civil_dataset(HASH)
 
     def expected(dataset: str, column: str) -> list[str]:
-        key = secret.key(dataset, column)
-        return sorted(apply_mask(HASH, k, key=key) for k in shared)
+        key = secret.key(dataset, column, STANDARD)
+        return sorted(apply_mask(HASH, k, key=key, suite=STANDARD) for k in shared)
 
     first = release(fed, HASH, tax_dataset(HASH), "id_number", civil, "id_number")
     assert sorted(first.records) == expected(tax_dataset(HASH), "id_number")
@@ -221,7 +222,7 @@ def test_hash_prefix_is_keyed_per_column_from_the_node_secret(
 
     # Neither the secret nor a key derived from it is in the releasing node's audit log.
     raw = tax_secret(fed)
-    leaked = [raw, secret.key(tax_dataset(HASH), "id_number")]
+    leaked = [raw, secret.key(tax_dataset(HASH), "id_number", STANDARD)]
     forms = [f for b in leaked for f in (b, b.hex().encode(), base64.b64encode(b))]
     log = psi_data.tax.audit
     for entry in log.entries(0, log.size):

@@ -25,6 +25,7 @@ from govshare.node.node import Node
 from govshare.node.policy import approvals
 from govshare.protocols.errors import PolicyRefused
 from govshare.protocols.signed_request import sign_request
+from govshare.protocols.suite import STANDARD
 from govshare.rpc.client import NodeClient
 
 LIMIT = 3
@@ -95,7 +96,9 @@ def test_small_filtered_set_is_refused_by_rule(strict_tax: tuple[Node, Identity]
     assert submit(alice, where) == "approved"
     # An exact count waits for approval; then, before any message leaves tax, the floor refuses.
     query_id = signed(alice, where, exact=True)
-    approvals.decide(node.query_store, node.audit, query_id, approve=True, operator="op")
+    approvals.decide(
+        node.query_store, node.audit, query_id, approve=True, operator="op", suite=STANDARD
+    )
     with NodeClient.to(alice, "tax") as client:
         with pytest.raises(PolicyRefused) as refused:
             client.run(query_id, timeout=30)

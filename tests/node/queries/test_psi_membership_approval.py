@@ -31,6 +31,7 @@ from govshare.model.states import PENDING
 from govshare.node.data.masking import apply_mask
 from govshare.node.policy import approvals
 from govshare.protocols.errors import Aborted, Conflict, MalformedInput, PolicyRefused
+from govshare.protocols.suite import STANDARD
 
 MASK = "keep_last:4"
 
@@ -99,7 +100,7 @@ def test_membership_releases_matching_keys_masked(
         open_registry / f"{synth.CIVIL}.csv"
     )
     assert outcome.count == len(matching) > 0
-    assert sorted(outcome.records) == sorted(apply_mask(MASK, k) for k in matching)
+    assert sorted(outcome.records) == sorted(apply_mask(MASK, k, suite=STANDARD) for k in matching)
     assert all(len(r.replace("*", "")) == 4 for r in outcome.records)  # never the whole key
 
 
@@ -136,7 +137,9 @@ def _decide_when_pending(psi_data: PsiData, approve: bool, seen: list[str]) -> N
         # session's civil node.
         waiting = [
             p
-            for p in approvals.pending(psi_data.civil.query_store)
+            for p in approvals.pending(
+                psi_data.civil.query_store, suite=psi_data.civil.identity.roster.crypto
+            )
             if p.record.dataset == "assistance_review"
         ]
         if waiting:
@@ -145,6 +148,7 @@ def _decide_when_pending(psi_data: PsiData, approve: bool, seen: list[str]) -> N
             approvals.decide(
                 psi_data.civil.query_store, psi_data.civil.audit, query_id, approve=approve,
                 operator="operator:civil", reason="checked" if approve else "purpose too broad",
+                suite=psi_data.civil.identity.roster.crypto,
             )  # fmt: skip
             return
         time.sleep(0.05)
@@ -183,7 +187,7 @@ def test_denied_query_ends_with_the_operators_message(
     with pytest.raises(Conflict, match="is denied"):
         approvals.decide(
             psi_data.civil.query_store, psi_data.civil.audit, seen[0], approve=True,
-            operator="operator:civil",
+            operator="operator:civil", suite=STANDARD,
         )  # fmt: skip
     # A denied query never runs: civil gives its reserved ε and query back.
     assert psi_data.civil.query_store.reservation(seen[0]) == "returned"
