@@ -8,7 +8,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -18,6 +19,8 @@ import pytest
 from hypothesis import settings
 
 from govshare.examples import synth
+from govshare.model.aggregate_plan import Figures, GroupSpec, IntersectionPlan, SumSpec
+from govshare.model.conditions import Condition
 from govshare.model.governance import (
     ColumnRule,
     Grade,
@@ -29,9 +32,17 @@ from govshare.model.governance import (
 )
 from govshare.model.identity import Federation, Identity, init_federation
 from govshare.model.operator_act import Duty
+from govshare.model.query_plan import Side
 from govshare.node.api.server import RunningNode, create_server
+from govshare.node.audit.auditlog import AuditLog
+from govshare.node.audit.witness import WitnessStore
 from govshare.node.config import NodeConfig, write_default
+from govshare.node.data.catalog import Catalogue
+from govshare.node.data.mask_key import MaskSecret
 from govshare.node.node import Node
+from govshare.node.policy.grants import GrantStore
+from govshare.node.queries.kinds.aggregate import AggregateOptions
+from govshare.node.stores.query_store import QueryStore
 from govshare.protocols import dp
 from govshare.protocols.suite import STANDARD, Suite
 
@@ -158,6 +169,52 @@ def foreign(tmp_path_factory: pytest.TempPathFactory) -> FederationFixture:
     return build_federation(tmp_path_factory.mktemp("foreign"), "otherfed")
 
 
+# Test-only switches of the aggregate engine: exact figures (no DP noise), short moduli allowed.
+EXACT = AggregateOptions(unsafe_allow_short_modulus=True, unsafe_without_noise=True)
+
+
+def in_process_node(fed: FederationFixture, name: str, **options: Any) -> Node:
+    """Node ``name`` of ``fed`` built in this process on its home's stores (identity, catalogue,
+    grants, queries, witness, masking secret, and the audit log on the roster's suite), for tests
+    that set a node's test-only switches. ``options`` are further :class:`Node` fields; unless
+    given: a 600 s protocol timeout, one worker and :data:`EXACT` aggregates."""
+    config = NodeConfig.load(fed.node_home(name))
+    identity = Identity.load(config.identity_dir)
+    fields: dict[str, Any] = {
+        "protocol_timeout": 600.0, "workers": 1, "aggregate_options": EXACT,
+        "mask_secret": MaskSecret.load_or_create(config.home),
+    } | options  # fmt: skip
+    return Node(
+        identity=identity,
+        catalogue=Catalogue(config.database_path),
+        grants=GrantStore(config.database_path),
+        query_store=QueryStore(config.database_path),
+        audit=AuditLog.open(config.audit_database_path, suite=identity.roster.crypto),
+        witness_store=WitnessStore(config.database_path),
+        **fields,
+    )
+
+
+@contextmanager
+def served(
+    fed: FederationFixture, names: Iterable[str], **options: Any
+) -> Iterator[dict[str, Node]]:
+    """:func:`in_process_node` for each of ``names`` (with ``options``), each served over mutual
+    TLS at its roster address; the servers are stopped and the nodes closed on leaving."""
+    nodes: dict[str, Node] = {}
+    servers: list[RunningNode] = []
+    try:
+        for name in names:
+            nodes[name] = in_process_node(fed, name, **options)
+            servers.append(create_server(nodes[name], NodeConfig.load(fed.node_home(name)).listen))
+        yield nodes
+    finally:
+        for server in servers:
+            server.stop(0)
+        for node in nodes.values():
+            node.close()
+
+
 @pytest.fixture(scope="session")
 def tax_node(fed: FederationFixture) -> Iterator[tuple[Node, RunningNode]]:
     config = NodeConfig.load(fed.node_home("tax"))
@@ -183,6 +240,32 @@ PURPOSE = "assistance eligibility review"
 GRANT_EPSILON = Fraction(1000)
 # The ε of the tests' noised PSI counts: shift t = 11, so a count is within 11 of the truth.
 PSI_EPSILON = Fraction(2)
+
+
+# Above every synthetic assistance amount (at most 12 x 2,093): no sum is clipped.
+AMOUNT_BOUND = 30_000
+BY_DISTRICT = GroupSpec("district", synth.DISTRICTS)
+
+
+def intersection_plan(
+    values: str = "assistance",
+    matcher: str = "residents",
+    *,
+    matcher_where: tuple[Condition, ...] = (),
+    group: GroupSpec = BY_DISTRICT,
+    epsilon: Fraction | None = Fraction(1),
+) -> IntersectionPlan:
+    """The node tests' intersection aggregate: the 2025 amounts of civil's ``values`` dataset
+    summed per ``group`` (district) over the residents tax's ``matcher`` dataset also holds
+    (those ``matcher_where`` selects); ε ``epsilon`` (None: exact)."""
+    return IntersectionPlan(
+        QueryKind.INTERSECTION_AGGREGATE,
+        PURPOSE,
+        values=Side("civil", values, "id_number", (Condition("year", "=", 2025),)),
+        matcher=Side("tax", matcher, "id_number", matcher_where),
+        figures=Figures(group, (SumSpec("amount", AMOUNT_BOUND),), epsilon),
+        public_key=b"",
+    )
 
 
 def psi_shift(epsilon: Fraction = PSI_EPSILON) -> int:

@@ -20,8 +20,10 @@ from conftest import (
     FederationFixture,
     build_federation,
     grant,
+    intersection_plan,
     psi_shift,
     register,
+    served,
 )
 
 from govshare.client.analyst import log_keys, run_psi
@@ -31,33 +33,22 @@ from govshare.examples import synth
 from govshare.model.aggregate_plan import (
     BFV,
     Figures,
-    GroupSpec,
     HorizontalPlan,
-    IntersectionPlan,
     Part,
     SumSpec,
 )
-from govshare.model.conditions import Condition
 from govshare.model.digests import digests_for
 from govshare.model.governance import QueryKind, Role, SharingType
-from govshare.model.identity import Identity, create_request
+from govshare.model.identity import create_request
 from govshare.model.operator_act import ActSigner, OperatorAct, verify_act
 from govshare.model.query_plan import PsiPlan, Side
 from govshare.model.states import PENDING
-from govshare.node.api.server import RunningNode, create_server
-from govshare.node.audit.auditlog import AuditLog
-from govshare.node.audit.witness import WitnessStore
-from govshare.node.config import NodeConfig
 from govshare.node.data import resident_id
-from govshare.node.data.catalog import Catalogue
 from govshare.node.data.mask_key import MASK_SECRET, MaskSecret
 from govshare.node.data.masking import apply_mask
 from govshare.node.node import Node
 from govshare.node.operator import Operator
 from govshare.node.policy.approvals import PendingQuery
-from govshare.node.policy.grants import GrantStore
-from govshare.node.queries.kinds.aggregate import AggregateOptions
-from govshare.node.stores.query_store import QueryStore
 from govshare.protocols.checkpoint import open_checkpoint
 from govshare.protocols.errors import MalformedInput, NotFound, VerificationFailed
 from govshare.protocols.receipt import verify_receipt
@@ -65,14 +56,11 @@ from govshare.protocols.signed_request import sign_request
 from govshare.protocols.suite import SM, STANDARD, Suite
 from govshare.rpc.client import NodeClient
 
-AMOUNT_BOUND = 30_000
 KINDS = [
     QueryKind.PSI_CARDINALITY,
     QueryKind.INTERSECTION_AGGREGATE,
     QueryKind.HORIZONTAL_AGGREGATE,
 ]
-# Exact figures (test-only): the two suites must then give identical answers.
-EXACT = AggregateOptions(unsafe_allow_short_modulus=True, unsafe_without_noise=True)
 
 
 @dataclass
@@ -84,32 +72,17 @@ class Story:
     root: Path
 
 
-def _node(fed: FederationFixture, name: str) -> Node:
-    config = NodeConfig.load(fed.node_home(name))
-    identity = Identity.load(config.identity_dir)
-    return Node(
-        identity=identity,
-        catalogue=Catalogue(config.database_path),
-        grants=GrantStore(config.database_path),
-        query_store=QueryStore(config.database_path),
-        audit=AuditLog.open(config.audit_database_path, suite=identity.roster.crypto),
-        witness_store=WitnessStore(config.database_path),
-        protocol_timeout=600.0,
-        workers=1,
-        aggregate_options=EXACT,
-        mask_secret=MaskSecret.load_or_create(config.home),
-    )
-
-
 def _story(root: Path, suite: Suite) -> Iterator[Story]:
     fed = build_federation(root / "fed", f"{suite.name}fed", suite=suite)
     data = root / "data"
     manifest = synth.generate(data, size=300, seed=11)  # same data on both suites
-    nodes = {name: _node(fed, name) for name in ("tax", "civil")}
-    servers: list[RunningNode] = [
-        create_server(node, NodeConfig.load(fed.node_home(name)).listen)
-        for name, node in nodes.items()
-    ]
+    # Exact figures (served's default, test-only): the two suites must then give equal answers.
+    with served(fed, ("tax", "civil")) as nodes:
+        _register(data, nodes)
+        yield Story(suite, fed, nodes, manifest, root)
+
+
+def _register(data: Path, nodes: dict[str, Node]) -> None:
     tax, civil = nodes["tax"], nodes["civil"]
     register(tax, data / f"{synth.TAX}.csv", name="residents", columns=TAX_COLUMNS)
     register(civil, data / f"{synth.CIVIL}.csv", name="assistance", columns=CIVIL_COLUMNS)
@@ -137,13 +110,6 @@ def _story(root: Path, suite: Suite) -> Iterator[Story]:
     )  # fmt: skip
     for node in (tax, civil):
         grant(node, "pseudonyms", "alice", ["id_number"], [QueryKind.PSI_MEMBERSHIP])
-    try:
-        yield Story(suite, fed, nodes, manifest, root)
-    finally:
-        for server in servers:
-            server.stop(0)
-        for node in nodes.values():
-            node.close()
 
 
 @pytest.fixture(scope="module")
@@ -154,21 +120,6 @@ def standard(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Story]:
 @pytest.fixture(scope="module")
 def sm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Story]:
     yield from _story(tmp_path_factory.mktemp("sm-story"), SM)
-
-
-def _district_plan() -> IntersectionPlan:
-    return IntersectionPlan(
-        QueryKind.INTERSECTION_AGGREGATE,
-        PURPOSE,
-        values=Side("civil", "assistance", "id_number", (Condition("year", "=", 2025),)),
-        matcher=Side("tax", "residents", "id_number"),
-        figures=Figures(
-            GroupSpec("district", synth.DISTRICTS),
-            (SumSpec("amount", AMOUNT_BOUND),),
-            Fraction(1),
-        ),
-        public_key=b"",
-    )
 
 
 def _income_plan() -> HorizontalPlan:
@@ -185,7 +136,7 @@ def _income_plan() -> HorizontalPlan:
 
 def _figures(story: Story) -> dict[str, object]:
     alice = story.fed.identity("alice")
-    joined = run_intersection_aggregate(alice, _district_plan())
+    joined = run_intersection_aggregate(alice, intersection_plan())
     assert joined.receipt is not None, joined.receipt_error
     verified = verify_receipt(joined.receipt, log_keys(story.fed.federation.roster))
     assert {p.node for p in verified} == {"tax", "civil"}

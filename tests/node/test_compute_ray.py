@@ -16,54 +16,43 @@ import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, Future
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 import pytest
-from conftest import PURPOSE, TAX_COLUMNS, FederationFixture, build_federation, free_port, grant
+from conftest import (
+    CIVIL_COLUMNS,
+    TAX_COLUMNS,
+    FederationFixture,
+    build_federation,
+    free_port,
+    grant,
+    in_process_node,
+    intersection_plan,
+    served,
+)
 from conftest import register as register_csv
 
 from govshare.client.analyst_aggregate import AggregateOutcome, run_intersection_aggregate
 from govshare.examples import synth
-from govshare.model.aggregate_plan import Figures, GroupSpec, IntersectionPlan, SumSpec
-from govshare.model.conditions import Condition
 from govshare.model.governance import QueryKind
-from govshare.model.identity import Identity
-from govshare.model.query_plan import Side
 from govshare.model.states import FAILED
 from govshare.node import compute
-from govshare.node.api.server import RunningNode, create_server
-from govshare.node.audit.auditlog import AuditLog
-from govshare.node.audit.witness import WitnessStore
 from govshare.node.compute.ray_cluster import RayExecutor
 from govshare.node.config import NodeConfig, write_default
-from govshare.node.data.catalog import Catalogue
 from govshare.node.node import Node
-from govshare.node.policy.grants import GrantStore
-from govshare.node.queries.kinds.aggregate import AggregateOptions
-from govshare.node.stores.query_store import QueryStore
 from govshare.node.workers import make_pool
 from govshare.protocols import ecdh_psi
 from govshare.protocols.errors import Aborted, MalformedInput, Unavailable
-from govshare.protocols.suite import STANDARD
 
 P = ParamSpec("P")
 T = TypeVar("T")
 
 RAY = str(Path(sys.executable).parent / "ray")
 KEY_BITS = 1024  # small test keys; the 3072-bit path is the same code on another backend
-AMOUNT_BOUND = 30_000
-EXACT = AggregateOptions(unsafe_allow_short_modulus=True, unsafe_without_noise=True)
 KINDS = [QueryKind.INTERSECTION_AGGREGATE]
-CIVIL_COLUMNS = (
-    "id_number=join_key:resident_id",
-    "district=group_key:domain={districts}",
-    "year=plaintext",
-    "assistance_type=group_key:domain=" + "|".join(synth.ASSISTANCE_TYPES),
-    "amount=aggregate",
-)
 
 
 @dataclass
@@ -211,7 +200,7 @@ def fed(tmp_path_factory: pytest.TempPathFactory) -> Fed:
     fixture = build_federation(tmp_path_factory.mktemp("rayfed"), "rayfed")
     data = tmp_path_factory.mktemp("raydata")
     manifest = synth.generate(data, size=3000, seed=11)
-    nodes = {n: _node(fixture, n, compute.ComputeSettings()) for n in ("tax", "civil")}
+    nodes = {n: in_process_node(fixture, n, workers=2) for n in ("tax", "civil")}
     try:
         register_csv(nodes["tax"], data / f"{synth.TAX}.csv", name="residents", columns=TAX_COLUMNS)
         register_csv(
@@ -228,56 +217,15 @@ def fed(tmp_path_factory: pytest.TempPathFactory) -> Fed:
     return Fed(fixture, data, manifest)
 
 
-def _node(fed: FederationFixture, name: str, settings: compute.ComputeSettings) -> Node:
-    config = NodeConfig.load(fed.node_home(name))
-    return Node(
-        identity=Identity.load(config.identity_dir),
-        catalogue=Catalogue(config.database_path),
-        grants=GrantStore(config.database_path),
-        query_store=QueryStore(config.database_path),
-        audit=AuditLog.open(config.audit_database_path, suite=STANDARD),
-        witness_store=WitnessStore(config.database_path),
-        protocol_timeout=600.0,
-        workers=2,
-        compute_settings=settings,
-        aggregate_options=EXACT,
-    )
-
-
-class Serving:
+def serving(fed: Fed, settings: compute.ComputeSettings) -> AbstractContextManager[dict[str, Node]]:
     """tax and civil served over mutual TLS with one compute backend."""
-
-    def __init__(self, fed: Fed, settings: compute.ComputeSettings) -> None:
-        self.nodes = {n: _node(fed.fed, n, settings) for n in ("tax", "civil")}
-        self.servers: list[RunningNode] = [
-            create_server(node, NodeConfig.load(fed.fed.node_home(name)).listen)
-            for name, node in self.nodes.items()
-        ]
-
-    def close(self) -> None:
-        for server in self.servers:
-            server.stop(0)
-        for node in self.nodes.values():
-            node.close()
-
-
-def plan() -> IntersectionPlan:
-    return IntersectionPlan(
-        QueryKind.INTERSECTION_AGGREGATE,
-        PURPOSE,
-        values=Side("civil", "assistance", "id_number", (Condition("year", "=", 2025),)),
-        matcher=Side("tax", "residents", "id_number"),
-        figures=Figures(
-            GroupSpec("district", synth.DISTRICTS), (SumSpec("amount", AMOUNT_BOUND),), Fraction(1)
-        ),
-        public_key=b"",
-    )
+    return served(fed.fed, ("tax", "civil"), workers=2, compute_settings=settings)
 
 
 def ask(fed: Fed) -> AggregateOutcome:
     return run_intersection_aggregate(
-        fed.fed.identity("alice"), plan(), key_bits=KEY_BITS, unsafe_allow_short_modulus=True,
-        run_timeout=600,
+        fed.fed.identity("alice"), intersection_plan(), key_bits=KEY_BITS,
+        unsafe_allow_short_modulus=True, run_timeout=600,
     )  # fmt: skip
 
 
@@ -325,11 +273,8 @@ def test_real_nodes_on_ray_give_the_local_sums(
     opened = watch(monkeypatch)
     answers = {}
     for settings in (compute.ComputeSettings(), compute.ComputeSettings("ray", head.address)):
-        serving = Serving(fed, settings)
-        try:
+        with serving(fed, settings):
             answers[settings.backend] = figures(ask(fed))
-        finally:
-            serving.close()
     assert answers["ray"] == answers["local"]
     expected = plain_join(fed.data)
     released = {label: v for label, v in answers["ray"].items() if v[1] is not None}
@@ -347,15 +292,14 @@ def test_head_killed_mid_query_aborts_with_nothing_released_and_the_node_serves_
 ) -> None:
     doomed = start_head()
     opened = watch(monkeypatch, on_first=doomed.kill)
-    serving = Serving(fed, compute.ComputeSettings("ray", doomed.address))
-    try:
+    with serving(fed, compute.ComputeSettings("ray", doomed.address)) as nodes:
         with pytest.raises((Aborted, Unavailable)) as failure:
             ask(fed)
         assert "Ray cluster" in str(failure.value) or "nothing released" in str(failure.value)
         assert doomed.process.poll() is not None and opened[0].calls >= 1
         reasons = []
-        (query_id,) = {r.query_id for r in serving.nodes["tax"].query_store.with_state(FAILED)}
-        for name, node in serving.nodes.items():
+        (query_id,) = {r.query_id for r in nodes["tax"].query_store.with_state(FAILED)}
+        for name, node in nodes.items():
             assert node.query_store.get(query_id).state == FAILED, name
             entries = [e.decode() for e in node.audit.entries_for_query(query_id)]
             kinds = [e.kind for e in entries]
@@ -372,8 +316,6 @@ def test_head_killed_mid_query_aborts_with_nothing_released_and_the_node_serves_
             revived.kill()
         assert sum(count or 0 for count, _ in figures(outcome).values()) > 0
         assert len(opened) > 2  # the nodes opened new executors on the new cluster
-    finally:
-        serving.close()
 
 
 # --- configuration ----------------------------------------------------------------------------

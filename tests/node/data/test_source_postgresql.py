@@ -21,7 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import PURPOSE, FederationFixture, build_federation, free_port
+from conftest import (
+    PURPOSE,
+    FederationFixture,
+    build_federation,
+    free_port,
+    intersection_plan,
+    served,
+)
 
 from govshare.client.analyst import run_psi
 from govshare.client.analyst_aggregate import run_horizontal_aggregate, run_intersection_aggregate
@@ -37,31 +44,21 @@ from govshare.model.aggregate_plan import (
 )
 from govshare.model.conditions import Condition
 from govshare.model.governance import Grade, Owner, OwnerKind, QueryKind, SharingType
-from govshare.model.identity import Identity
 from govshare.model.query_plan import PsiPlan, Side
 from govshare.model.states import FAILED
-from govshare.node.api.server import RunningNode, create_server
-from govshare.node.audit.auditlog import AuditLog
-from govshare.node.audit.witness import WitnessStore
 from govshare.node.config import NodeConfig
 from govshare.node.data import resident_id
-from govshare.node.data.catalog import Catalogue
 from govshare.node.data.live import READ_EVENT
 from govshare.node.data.masking import apply_mask
 from govshare.node.data.sources import LiveSource, parse_source
 from govshare.node.data.sources.postgresql import WHITESPACE, PostgresSource
 from govshare.node.node import Node
-from govshare.node.policy.grants import GrantStore
-from govshare.node.queries.kinds.aggregate import AggregateOptions
-from govshare.node.stores.query_store import QueryStore
 from govshare.protocols import dp
 from govshare.protocols.errors import Conflict, MalformedInput, Unavailable
 from govshare.protocols.suite import STANDARD
 
 KEY_BITS = 1024  # small test keys; the aggregate tests run 3072
-EXACT = AggregateOptions(unsafe_allow_short_modulus=True, unsafe_without_noise=True)
 MASK = "keep_last:4"
-AMOUNT_BOUND = 30_000
 VISITS_BOUND = 100
 KINDS = [
     QueryKind.PSI_CARDINALITY,
@@ -152,28 +149,11 @@ def load(
                 cursor.execute(f"INSERT INTO {table} VALUES ({marks})", row)
 
 
-def _node(fed: FederationFixture, name: str) -> Node:
-    config = NodeConfig.load(fed.node_home(name))
-    return Node(
-        identity=Identity.load(config.identity_dir),
-        catalogue=Catalogue(config.database_path),
-        grants=GrantStore(config.database_path),
-        query_store=QueryStore(config.database_path),
-        audit=AuditLog.open(config.audit_database_path, suite=STANDARD),
-        witness_store=WitnessStore(config.database_path),
-        protocol_timeout=600.0,
-        workers=1,
-        aggregate_options=EXACT,
-    )
-
-
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     pg = PgServer(free_port(), secrets.token_hex(16))
     pg.init()
     pg.start()
-    servers: list[RunningNode] = []
-    nodes: dict[str, Node] = {}
     try:
         with pytest.MonkeyPatch.context() as env:
             # The node's credential, where a department keeps it: a libpq password file.
@@ -197,23 +177,16 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
                 csvs[f"visits_{owner}"] = part
             for table, path in csvs.items():
                 load(pg, table, path)
-            for name in ("tax", "civil"):
-                nodes[name] = _node(fed, name)
-                servers.append(
-                    create_server(nodes[name], NodeConfig.load(fed.node_home(name)).listen)
-                )
             homes = {"tax": ("residents", "visits_tax"), "civil": ("assistance", "visits_civil")}
-            for name, tables in homes.items():
-                for table in tables:
-                    kind = table.split("_")[0]
-                    add(nodes[name], csvs[table], f"{kind}_sql", kind)
-                    add(nodes[name], PostgresSource.parse(pg.location(), table), f"{kind}_pg", kind)
-            yield Live(fed, pg, nodes, data, csvs)
+            with served(fed, homes) as nodes:
+                for name, tables in homes.items():
+                    for table in tables:
+                        kind = table.split("_")[0]
+                        add(nodes[name], csvs[table], f"{kind}_sql", kind)
+                        source = PostgresSource.parse(pg.location(), table)
+                        add(nodes[name], source, f"{kind}_pg", kind)
+                yield Live(fed, pg, nodes, data, csvs)
     finally:
-        for server in servers:
-            server.stop(0)
-        for node in nodes.values():
-            node.close()
         pg.stop()
         pg.remove()
 
@@ -228,20 +201,11 @@ def membership(source: str, where: tuple[Condition, ...] = ()) -> PsiPlan:
 
 
 def district_plan(source: str) -> IntersectionPlan:
-    return IntersectionPlan(
-        QueryKind.INTERSECTION_AGGREGATE,
-        PURPOSE,
-        values=Side("civil", f"assistance_{source}", "id_number", (Condition("year", "=", 2025),)),
-        matcher=Side(
-            "tax", f"residents_{source}", "id_number", (Condition("income_band", "!=", "low"),)
-        ),
-        figures=Figures(
-            GroupSpec("assistance_type", synth.ASSISTANCE_TYPES),
-            (SumSpec("amount", AMOUNT_BOUND),),
-            Fraction(1),
-        ),
-        public_key=b"",
-    )
+    return intersection_plan(
+        f"assistance_{source}", f"residents_{source}",
+        matcher_where=(Condition("income_band", "!=", "low"),),
+        group=GroupSpec("assistance_type", synth.ASSISTANCE_TYPES),
+    )  # fmt: skip
 
 
 def reads(node: Node, query_id: str) -> list[dict[str, Any]]:

@@ -14,7 +14,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import PURPOSE, FederationFixture, build_federation, grant, register
+from conftest import (
+    AMOUNT_BOUND,
+    CIVIL_COLUMNS,
+    EXACT,
+    PURPOSE,
+    TAX_COLUMNS,
+    FederationFixture,
+    build_federation,
+    grant,
+    intersection_plan,
+    register,
+    served,
+)
 
 from govshare.client.analyst import StatusCallback
 from govshare.client.analyst_aggregate import run_horizontal_aggregate, run_intersection_aggregate
@@ -33,37 +45,26 @@ from govshare.model.aggregate_plan import (
 )
 from govshare.model.conditions import Condition
 from govshare.model.governance import Grade, QueryKind
-from govshare.model.identity import Identity
 from govshare.model.query_plan import Side
 from govshare.model.states import PENDING
-from govshare.node.api.server import RunningNode, create_server
-from govshare.node.audit.auditlog import AuditLog
-from govshare.node.audit.witness import WitnessStore
-from govshare.node.config import NodeConfig
-from govshare.node.data.catalog import Catalogue
 from govshare.node.node import Node
 from govshare.node.policy import approvals
-from govshare.node.policy.grants import GrantStore
 from govshare.node.queries.kinds.aggregate import AggregateEngine, AggregateOptions
 from govshare.node.queries.session import Send
-from govshare.node.stores.query_store import QueryStore
 from govshare.protocols import bfv_simd, dp
 from govshare.protocols.bfv_simd import SimdPublic, SimdSecretKeys
 from govshare.protocols.errors import Aborted, MalformedInput, PermissionDenied, PolicyRefused
 from govshare.protocols.paillier import generate_keypair
 from govshare.protocols.receipt import verify_receipt
 from govshare.protocols.signed_request import sign_request
-from govshare.protocols.suite import STANDARD
 from govshare.rpc.client import NodeClient
 
 KEY_BITS = 1024  # small test keys (two plaintexts per row here); one test runs 3072
-AMOUNT_BOUND = 30_000  # above every synth amount (at most 12 x 2,093)
 VISITS_BOUND = 100
 # Seconds a node waits for its peer. Generous on purpose: a 3072-bit step is tens of seconds
 # of work on one worker, and a loaded CI machine stretches it; only the dropout test, which
 # waits for a peer that never comes, sets a short one.
 TIMEOUT = 600.0
-EXACT = AggregateOptions(unsafe_allow_short_modulus=True, unsafe_without_noise=True)
 KINDS = [QueryKind.INTERSECTION_AGGREGATE, QueryKind.HORIZONTAL_AGGREGATE]
 HEALTH_COLUMNS = (
     "id_number=join_key:resident_id",
@@ -71,20 +72,6 @@ HEALTH_COLUMNS = (
     "age_band=group_key:domain=" + "|".join(synth.AGE_BANDS),
     "year=plaintext",
     "visits=aggregate",
-)
-CIVIL_COLUMNS = (
-    "id_number=join_key:resident_id",
-    "district=group_key:domain={districts}",
-    "year=plaintext",
-    "assistance_type=group_key:domain=" + "|".join(synth.ASSISTANCE_TYPES),
-    "amount=aggregate",
-)
-TAX_COLUMNS = (
-    "id_number=join_key:resident_id",
-    "district=group_key:domain={districts}",
-    "year=plaintext",
-    "income_band=group_key:domain=low|middle|high",
-    "annual_income=aggregate",
 )
 
 
@@ -95,21 +82,6 @@ class Agg:
     manifest: dict[str, Any]
     visits: dict[str, tuple[int, int]]  # age band -> (count, sum) over all parts
     data: Path
-
-
-def _node(fed: FederationFixture, name: str, options: AggregateOptions) -> Node:
-    config = NodeConfig.load(fed.node_home(name))
-    return Node(
-        identity=Identity.load(config.identity_dir),
-        catalogue=Catalogue(config.database_path),
-        grants=GrantStore(config.database_path),
-        query_store=QueryStore(config.database_path),
-        audit=AuditLog.open(config.audit_database_path, suite=STANDARD),
-        witness_store=WitnessStore(config.database_path),
-        protocol_timeout=TIMEOUT,
-        workers=1,
-        aggregate_options=options,
-    )
 
 
 def set_options(
@@ -130,60 +102,46 @@ def agg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Agg]:
     data = tmp_path_factory.mktemp("aggdata")
     manifest = synth.generate(data, size=20000, seed=3)
     names = ("tax", "civil", "ghost")
-    nodes = {n: _node(fed, n, EXACT) for n in names}
-    servers: list[RunningNode] = []
-    for name, node in nodes.items():
-        servers.append(create_server(node, NodeConfig.load(fed.node_home(name)).listen))
-    tax, civil = nodes["tax"], nodes["civil"]
-    register(tax, data / f"{synth.TAX}.csv", name="residents", columns=TAX_COLUMNS)
-    register(civil, data / f"{synth.CIVIL}.csv", name="assistance", columns=CIVIL_COLUMNS)
-    grant(tax, "residents", "alice", ["id_number", "income_band", "year"], KINDS)
-    grant(
-        civil, "assistance", "alice",
-        ["id_number", "year", "district", "amount", "assistance_type"], KINDS,
-    )  # fmt: skip
-    register(
-        civil, data / f"{synth.CIVIL}.csv", name="assistance_imp", columns=CIVIL_COLUMNS,
-        grade=Grade.IMPORTANT,
-    )  # fmt: skip
-    grant(civil, "assistance_imp", "alice", ["id_number", "year", "district", "amount"], KINDS)
-    # The health dataset cut in three same-schema parts, one per node.
-    with open(data / f"{synth.HEALTH}.csv", newline="", encoding="utf-8") as handle:
-        rows = list(csv.reader(handle))
-    header, body = rows[0], rows[1:]
-    visits: dict[str, tuple[int, int]] = {}
-    for row in body:
-        band, value = row[header.index("age_band")], int(row[header.index("visits")])
-        count, total = visits.get(band, (0, 0))
-        visits[band] = (count + 1, total + value)
-    for i, name in enumerate(names):
-        part = data / f"visits_{name}.csv"
-        with open(part, "w", newline="", encoding="utf-8") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(header)
-            writer.writerows(body[i :: len(names)])
-        register(nodes[name], part, name="visits", columns=HEALTH_COLUMNS)
-        grant(nodes[name], "visits", "alice", ["age_band", "visits"], KINDS)
-    yield Agg(fed, nodes, manifest, visits, data)
-    for server in servers:
-        server.stop(0)
-    for node in nodes.values():
-        node.close()
+    with served(fed, names, protocol_timeout=TIMEOUT) as nodes:
+        tax, civil = nodes["tax"], nodes["civil"]
+        register(tax, data / f"{synth.TAX}.csv", name="residents", columns=TAX_COLUMNS)
+        register(civil, data / f"{synth.CIVIL}.csv", name="assistance", columns=CIVIL_COLUMNS)
+        grant(tax, "residents", "alice", ["id_number", "income_band", "year"], KINDS)
+        grant(
+            civil, "assistance", "alice",
+            ["id_number", "year", "district", "amount", "assistance_type"], KINDS,
+        )  # fmt: skip
+        register(
+            civil, data / f"{synth.CIVIL}.csv", name="assistance_imp", columns=CIVIL_COLUMNS,
+            grade=Grade.IMPORTANT,
+        )  # fmt: skip
+        grant(civil, "assistance_imp", "alice", ["id_number", "year", "district", "amount"], KINDS)
+        # The health dataset cut in three same-schema parts, one per node.
+        with open(data / f"{synth.HEALTH}.csv", newline="", encoding="utf-8") as handle:
+            rows = list(csv.reader(handle))
+        header, body = rows[0], rows[1:]
+        visits: dict[str, tuple[int, int]] = {}
+        for row in body:
+            band, value = row[header.index("age_band")], int(row[header.index("visits")])
+            count, total = visits.get(band, (0, 0))
+            visits[band] = (count + 1, total + value)
+        for i, name in enumerate(names):
+            part = data / f"visits_{name}.csv"
+            with open(part, "w", newline="", encoding="utf-8") as handle:
+                writer = csv.writer(handle)
+                writer.writerow(header)
+                writer.writerows(body[i :: len(names)])
+            register(nodes[name], part, name="visits", columns=HEALTH_COLUMNS)
+            grant(nodes[name], "visits", "alice", ["age_band", "visits"], KINDS)
+        yield Agg(fed, nodes, manifest, visits, data)
 
 
 def district_plan(
     epsilon: Fraction | None = Fraction(1), dataset: str = "assistance"
 ) -> IntersectionPlan:
-    year = 2025
-    return IntersectionPlan(
-        QueryKind.INTERSECTION_AGGREGATE,
-        PURPOSE,
-        values=Side("civil", dataset, "id_number", (Condition("year", "=", year),)),
-        matcher=Side("tax", "residents", "id_number", (Condition("income_band", "=", "high"),)),
-        figures=Figures(
-            GroupSpec("district", synth.DISTRICTS), (SumSpec("amount", AMOUNT_BOUND),), epsilon
-        ),
-        public_key=b"",
+    """civil's 2025 amounts per district over the residents tax's high band holds."""
+    return intersection_plan(
+        dataset, matcher_where=(Condition("income_band", "=", "high"),), epsilon=epsilon
     )
 
 
