@@ -97,7 +97,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
@@ -123,7 +123,15 @@ from govshare.node.data.catalog import Catalogue
 from govshare.node.policy.decision import AccessRequest, Obligations, dataset_epsilon_cap
 from govshare.node.policy.grants import GrantStore
 from govshare.node.queries.engine import Admission, QueryEngine
-from govshare.node.queries.session import NO_GATE, Chunks, Inbox, Mailbox, Send, Waiting
+from govshare.node.queries.session import (
+    NO_GATE,
+    Chunks,
+    EndingPool,
+    Inbox,
+    Mailbox,
+    Send,
+    Waiting,
+)
 from govshare.node.stores.query_store import QueryRecord, QueryStore
 from govshare.protocols import bfv_simd, dp, ecdh_psi, masks
 from govshare.protocols.bfv import BfvPublicContext
@@ -135,12 +143,17 @@ from govshare.protocols.errors import (
 from govshare.protocols.paillier import DjnPublicKey, PackingLayout
 from govshare.protocols.signed_request import SignedRequest
 
+T = TypeVar("T")
+
 MATCHER_KEYS: Final = "matcher_keys"
 MATCHER_AGAIN: Final = "matcher_again"
 VALUES: Final = "values"
 CONTRIBUTION: Final = "contribution"
 # Rows per encryption task sent to the process pool.
 ENCRYPT_BATCH: Final = 2048
+# Rows read between two looks at whether the query's part ended (the analyst withdrew it, the
+# node is stopping): a stopping node waits for at most this many rows of a read.
+ROWS_PER_CHECK: Final = 4096
 # Fixed-base window of the encryption workers' tables for large inputs: at 3072 bits, 11 bits
 # takes about 230 MiB and 2.7 s to build per worker (10 bits: 120 MiB, 1.5 s) and encrypts
 # about 12% faster, which pays for the build from about 7,000 encryptions per worker on.
@@ -573,16 +586,20 @@ class AggregateEngine:
         ]
         domain = group.domain if group else ("",)
         table = _KeyValues(len(domain), len(figures.names))
+        executor = self._pool(session)
         # Let the pool's workers build their fixed-base tables while the rows are read.
         window = (
             None
             if key is None
             else self._warm_encryptors(
-                key, len(layouts) * self._catalogue.count(side.dataset, where=side.where)
+                key,
+                len(layouts) * self._catalogue.count(side.dataset, where=side.where),
+                executor,
             )
         )
         numbers = {label: i for i, label in enumerate(domain)}
-        for row in self._catalogue.rows(side.dataset, columns, where=side.where):
+        rows = self._catalogue.rows(side.dataset, columns, where=side.where)
+        for row in _checked(rows, session.mailbox, self.name):
             g = numbers.get(str(row[1])) if group else 0
             if g is None:
                 continue  # outside the groups asked for, like a WHERE on the label
@@ -627,7 +644,6 @@ class AggregateEngine:
         # A fresh scalar for this query: the pool's jobs mask each batch's keys with it.
         scalar = ecdh_psi.generate_scalar()
         party = ecdh_psi.PsiParty(session.query_id, scalar)
-        executor = self._executor()
         workers = None if executor is not None else 1
         batch = self._options.stream_batch_keys
         if simd:
@@ -663,7 +679,7 @@ class AggregateEngine:
         stats = StreamStats(self._options.stream_window)
         self._keep_stats(query_id, stats)
         # The pool starts on the first window of batches while M's keys are masked again.
-        pending = self._encrypt_ahead(jobs, stats)
+        pending = self._encrypt_ahead(jobs, stats, executor)
         theirs = self._wait(session, query_id, plan.matcher.node, MATCHER_KEYS)
         again = ecdh_psi.shuffle(party.mask_peer(theirs.points, workers=workers, executor=executor))
         del theirs
@@ -689,14 +705,17 @@ class AggregateEngine:
         return []
 
     def _encrypt_ahead(
-        self, jobs: Iterator[tuple[Callable[..., Any], tuple[Any, ...]]], stats: StreamStats
+        self,
+        jobs: Iterator[tuple[Callable[..., Any], tuple[Any, ...]]],
+        stats: StreamStats,
+        executor: EndingPool | None,
     ) -> Iterator[Any]:
         """Each batch's ciphertexts, encrypted on the pool up to ``stats.window`` batches ahead.
 
         A batch counts as in flight from its submission until the consumer asks for the next
         one (by then it has been sent and acknowledged); the first window is submitted at once.
+        The part's end cancels the batches not started and wakes the wait for the next one.
         """
-        executor = self._executor()
         if executor is None:
 
             def inline() -> Iterator[Any]:
@@ -721,7 +740,7 @@ class AggregateEngine:
         def results() -> Iterator[Any]:
             try:
                 while queue:
-                    encrypted = queue[0].result()
+                    encrypted = executor.result(queue[0])
                     yield encrypted
                     queue.popleft()  # sent and acknowledged: its place goes to the next batch
                     submit()
@@ -731,10 +750,12 @@ class AggregateEngine:
 
         return results()
 
-    def _warm_encryptors(self, key: DjnPublicKey, expected: int) -> int | None:
-        """Start the table builds in the pool for about ``expected`` encryptions; the window."""
+    def _warm_encryptors(
+        self, key: DjnPublicKey, expected: int, executor: EndingPool | None
+    ) -> int | None:
+        """Start the table builds in the pool for about ``expected`` encryptions; the window.
+        (The part's end cancels the builds not started.)"""
         window = WIDE_WINDOW_BITS if expected >= WIDE_WINDOW_MIN_ROWS else None
-        executor = self._executor()
         if executor is not None and expected > ENCRYPT_BATCH:
             key_bytes, unsafe = key.to_bytes(), self._options.unsafe_allow_short_modulus
             for _ in range(os.cpu_count() or 1):  # a worker that has the table returns at once
@@ -759,7 +780,7 @@ class AggregateEngine:
             session.simd = simd  # before M's keys go out: V's batches come after them
         # Every key under one fresh scalar; with M's groups, each group's keys once more under a
         # fresh scalar of the group's.
-        grouped = self._matcher_keys(plan)
+        grouped = self._matcher_keys(session, plan)
         keys = [k for group in grouped for k in group]
         self._check_data(session, query_id, side.where, keys, len(keys))
         party = ecdh_psi.PsiParty.fresh(session.query_id)
@@ -768,7 +789,7 @@ class AggregateEngine:
             if plan.groups_on_matcher
             else []
         )
-        executor = self._executor()
+        executor = self._pool(session)
         workers = None if executor is not None else 1
         masked = party.mask_own(keys, workers=workers, executor=executor)
         for group_party, group in zip(parties, grouped if parties else [], strict=True):
@@ -832,7 +853,7 @@ class AggregateEngine:
         self._released(session, query_id, analyst, self._digests.digest(b"".join(out)), len(out))
         return out
 
-    def _matcher_keys(self, plan: IntersectionPlan) -> list[list[bytes]]:
+    def _matcher_keys(self, session: _Session, plan: IntersectionPlan) -> list[list[bytes]]:
         """M's distinct filtered keys: one list, or one per group of M's (in domain order).
 
         Raises:
@@ -841,15 +862,13 @@ class AggregateEngine:
         """
         side, group = plan.matcher, plan.figures.group_by
         if group is None or not plan.groups_on_matcher:
-            return [
-                [k.encode() for k in self._catalogue.keys(side.dataset, side.column,
-                                                          where=side.where)]
-            ]  # fmt: skip
+            keys = self._catalogue.keys(side.dataset, side.column, where=side.where)
+            session.mailbox.check(self.name)
+            return [[k.encode() for k in keys]]
         index = {label: i for i, label in enumerate(group.domain)}
         labels: dict[str, int] = {}
-        for key, label in self._catalogue.rows(
-            side.dataset, [side.column, group.column], where=side.where
-        ):
+        rows = self._catalogue.rows(side.dataset, [side.column, group.column], where=side.where)
+        for key, label in _checked(rows, session.mailbox, self.name):
             g = index.get(str(label))
             if g is None:
                 continue  # outside the groups asked for, like a WHERE on the label
@@ -968,6 +987,7 @@ class AggregateEngine:
             sums=[(s.column, s.bound) for s in figures.sums],
             where=part.where,
         )
+        session.mailbox.check(self.name)
         self._check_data(session, query_id, part.where, (), sum(v[0] for v in partial.values()))
         zeros = (0,) * len(figures.names)
         values = [v for g in figures.groups for v in partial.get(g, zeros)]
@@ -1037,6 +1057,11 @@ class AggregateEngine:
                 query_id, self._analyst(query_id), session.dataset, where, ob.min_group_size,
                 keys=keys,
             )  # fmt: skip
+
+    def _pool(self, session: _Session) -> EndingPool | None:
+        """The node's pool for this part (None: work inline), ended with it."""
+        executor = self._executor()
+        return None if executor is None else session.mailbox.pool(executor, self.name)
 
     def _analyst(self, query_id: str) -> str:
         return self._store.get(query_id).analyst
@@ -1301,6 +1326,16 @@ class _KeyValues:
             out[base : base + figures] = part
             row = self._previous[row]
         return out
+
+
+def _checked(rows: Iterable[T], mailbox: Mailbox, node: str) -> Iterator[T]:
+    """``rows`` as they are read, ending the read every :data:`ROWS_PER_CHECK` rows if the
+    query's part ended meanwhile (:meth:`Mailbox.check`)."""
+    for n, row in enumerate(rows):
+        if n % ROWS_PER_CHECK == 0:
+            mailbox.check(node)
+        yield row
+    mailbox.check(node)
 
 
 def _end(session: _Session, reason: str) -> None:

@@ -50,7 +50,7 @@ from govshare.node.data.masking import apply_mask, needs_key
 from govshare.node.policy.decision import AccessRequest, Decision, Obligations
 from govshare.node.queries.engine import Admission, QueryEngine
 from govshare.node.queries.engines.rr22 import Rr22Engine, Rr22Run, not_configured
-from govshare.node.queries.session import NO_GATE, Chunks, Mailbox, Send, Waiting
+from govshare.node.queries.session import NO_GATE, Chunks, EndingPool, Mailbox, Send, Waiting
 from govshare.node.stores.query_store import QueryRecord, QueryStore
 from govshare.protocols import dp, ecdh_psi
 from govshare.protocols.errors import Aborted, MalformedInput, PermissionDenied, PolicyRefused
@@ -247,7 +247,7 @@ class PsiKind:
             return self._run_rr22(session, query_id, record)
         own, plan = session.own, session.plan
         keys = self._checked_keys(session, query_id, record)
-        executor = self._executor()
+        executor = self._pool(session)
         workers = None if executor is not None else 1
         masked_keys = keys
         if plan.kind is QueryKind.PSI_CARDINALITY and plan.epsilon is not None:
@@ -293,9 +293,11 @@ class PsiKind:
 
     def _checked_keys(self, session: Session, query_id: str, record: QueryRecord) -> list[bytes]:
         """This node's distinct filtered keys, once the filtered-set floor and (for an exact
-        release) the tracker check pass."""
-        own, queries = session.own, self._queries
+        release) the tracker check pass; each step ends the part if it ended meanwhile (the
+        analyst withdrew it, the node is stopping)."""
+        own, queries, mailbox = session.own, self._queries, session.mailbox
         own_keys = self._catalogue.keys(own.dataset, own.column, where=own.where)
+        mailbox.check(self.name)
         keys = [k.encode() for k in own_keys]
         queries.check_set_size(query_id, own.dataset, len(keys), session.obligations.min_set_size)
         if session.obligations.exact:
@@ -303,7 +305,13 @@ class PsiKind:
                 query_id, record.analyst, own.dataset, own.where,
                 session.obligations.min_group_size, keys=keys,
             )  # fmt: skip
+            mailbox.check(self.name)
         return keys
+
+    def _pool(self, session: Session) -> EndingPool | None:
+        """The node's pool for this part (None: work inline), ended with it."""
+        executor = self._executor()
+        return None if executor is None else session.mailbox.pool(executor, self.name)
 
     def _membership(
         self,
