@@ -21,9 +21,10 @@ approvals, the filtered-set floor and the tracker check, and with the matches th
    temporary folder (0700, files 0600, removed when the run ends, however it ends), and only
    then tells its driver to go: no driver reads a key before its node's checks passed.
 4. The node logs each step (``protocol.step``, direction ``engine``: ``rr22.started``,
-   ``rr22.input`` with the digest and size of its input, ``rr22.linked``, ``rr22.done`` with
-   the digest and size of the output), reads the receiver's output and maps the hashes back to
-   its keys.
+   ``rr22.input`` with the digest and size of its input file (its keys in import order, each
+   where it first appears, so that an auditor with the node's data can re-derive the digest),
+   ``rr22.linked``, ``rr22.done`` with the digest and size of the output), reads the
+   receiver's output and maps the hashes back to its keys.
 
 Any failure ends the run with nothing released: the driver killed, the folder removed, the
 query failed and the peer told (``query.failed`` names why). A driver that exits non-zero (its
@@ -59,6 +60,7 @@ Who learns what (semi-honest model, as ECDH-PSI's; ``govshare.protocols.ecdh_psi
 
 from __future__ import annotations
 
+import binascii
 import json
 import os
 import queue
@@ -81,11 +83,13 @@ from govshare.protocols.suite import Suite
 ENGINE = "rr22"
 DRIVER = Path(__file__).resolve().with_name("rr22_driver.py")
 KEY_DOMAIN = b"govshare/rr22/key/v1\x00"
-HASH_HEX = 32  # 128 bits of the suite's hash, in hex: the CSV's key column
+HASH_BYTES = 16  # 128 bits of the suite's hash (in hex: the CSV's key column)
 INPUT, OUTPUT, RESULT, JOB = "keys.csv", "intersection.csv", "result.json", "job.json"
 RANK_RECEIVER = 0
-# The driver's link: a connection attempt a second, as long as the protocol timeout allows.
-CONNECT_RETRY_INTERVAL_MS = 1000
+# The driver's link: a connection attempt every 100 ms, as long as the protocol timeout allows.
+# The two drivers start within moments of each other; the first to listen waits for the other,
+# and an attempt a second cost up to a second of every query's link set-up.
+CONNECT_RETRY_INTERVAL_MS = 100
 # brpc's log line when a TLS handshake on the link fails.
 HANDSHAKE_FAILED = "SSL_do_handshake"
 # The steps logged (``protocol.step`` phase ``rr22.<word>``), from the driver's status lines.
@@ -102,17 +106,37 @@ def not_configured(node: str) -> Conflict:
     )
 
 
-def hashed_keys(query_id: str, keys: Sequence[bytes], suite: Suite) -> list[str]:
+def hashed_keys(query_id: str, keys: Sequence[bytes], suite: Suite) -> bytes:
     """The driver's input: each key hashed with the domain tag and the query id, in order, with
-    the federation's suite's hash (SHA-256, or SM3 under ``sm``; both nodes hash alike)."""
+    the federation's suite's hash (SHA-256, or SM3 under ``sm``; both nodes hash alike), cut
+    to ``HASH_BYTES`` and packed (no Python object per key)."""
     prefix = suite.new_hasher()
     prefix.update(KEY_DOMAIN + query_id.encode() + b"\x00")
-    out = []
+    out = bytearray()
     for key in keys:
         h = prefix.copy()
         h.update(key)
-        out.append(h.digest().hex()[:HASH_HEX])
-    return out
+        out += h.digest()[:HASH_BYTES]
+    return bytes(out)
+
+
+def input_file(hashed: bytes) -> bytes:
+    """The driver's input CSV: one column, ``key``, a hash in hex a line, in the keys' order."""
+    return b"key\n" + binascii.hexlify(hashed, b"\n", HASH_BYTES) + b"\n" if hashed else b"key\n"
+
+
+def matched_positions(hashed: bytes, output: Sequence[str]) -> list[int] | None:
+    """The positions in ``hashed`` of the hashes the driver's output lines name (CSV cells in
+    hex, quoted or not), in order; None when a line names anything that is not in ``hashed``."""
+    try:
+        found = {bytes.fromhex(line.strip().strip('"')) for line in output}
+    except ValueError:
+        return None
+    # The hashes are distinct (the keys are), so each found hash has at most one position: a
+    # hash this node did not hand over leaves one found hash without one.
+    size = HASH_BYTES
+    matched = [i for i in range(len(hashed) // size) if hashed[i * size : i * size + size] in found]
+    return matched if len(matched) == len(found) else None
 
 
 @dataclass(frozen=True)
@@ -263,9 +287,10 @@ class Rr22Engine:
             run.step(STARTED, b"", 0)
             # The driver starts and links meanwhile; it reads nothing before "go".
             hashed = hashed_keys(run.query_id, run.prepare(), run.suite)
-            data = ("key\n" + "".join(h + "\n" for h in hashed)).encode()
+            data = input_file(hashed)
             _write_private(folder / INPUT, data)
-            run.step(INPUT, data, len(hashed))
+            run.step(INPUT, data, len(hashed) // HASH_BYTES)
+            del data
             assert process.stdin is not None
             try:
                 process.stdin.write(GO + "\n")
@@ -299,11 +324,13 @@ class Rr22Engine:
                 f"{self._node}: the rr22 engine wrote no intersection ({exc.strerror}); "
                 "nothing released"
             ) from None
-        index = {h: i for i, h in enumerate(hashed)}
-        matched = sorted({index.get(line.strip().strip('"'), -1) for line in lines[1:]})
-        if matched and matched[0] < 0:
+        matched = matched_positions(hashed, lines[1:])
+        if matched is None:
             raise Aborted(f"{self._node}: the rr22 engine's output names a key it was not given")
-        run.step(DONE, "\n".join(hashed[i] for i in matched).encode(), len(matched))
+        found = b"\n".join(
+            binascii.hexlify(hashed[i * HASH_BYTES : (i + 1) * HASH_BYTES]) for i in matched
+        )
+        run.step(DONE, found, len(matched))
         return matched
 
     def _wait(

@@ -291,12 +291,16 @@ class PsiKind:
         positions = ecdh_psi.matching_positions(returned, again)
         return self._membership(session, query_id, record, keys, positions)
 
-    def _checked_keys(self, session: Session, query_id: str, record: QueryRecord) -> list[bytes]:
-        """This node's distinct filtered keys, once the filtered-set floor and (for an exact
-        release) the tracker check pass; each step ends the part if it ended meanwhile (the
-        analyst withdrew it, the node is stopping)."""
+    def _checked_keys(
+        self, session: Session, query_id: str, record: QueryRecord, *, import_order: bool = False
+    ) -> list[bytes]:
+        """This node's distinct filtered keys (sorted, or in ``import_order``), once the
+        filtered-set floor and (for an exact release) the tracker check pass; each step ends
+        the part if it ended meanwhile (the analyst withdrew it, the node is stopping)."""
         own, queries, mailbox = session.own, self._queries, session.mailbox
-        own_keys = self._catalogue.keys(own.dataset, own.column, where=own.where)
+        own_keys = self._catalogue.keys(
+            own.dataset, own.column, where=own.where, import_order=import_order
+        )
         mailbox.check(self.name)
         keys = [k.encode() for k in own_keys]
         queries.check_set_size(query_id, own.dataset, len(keys), session.obligations.min_set_size)
@@ -368,7 +372,9 @@ class PsiKind:
         keys: list[bytes] = []
 
         def prepare() -> list[bytes]:
-            keys.extend(self._checked_keys(session, query_id, record))
+            # In import order: reproducible from the data (the engine's input digest is an
+            # auditor's to re-derive) without sorting a million keys; matches are sorted kept.
+            keys.extend(self._checked_keys(session, query_id, record, import_order=True))
             return keys
 
         def exchange(offer: bytes) -> bytes:

@@ -132,6 +132,11 @@ def test_sealed_reads_give_the_same_answers_as_rows_in_the_clear(
     assert sealed.keys("benefits", "id_number", where=where) == clear.keys(
         "benefits", "id_number", where=where
     )
+    # In import order: each key where its first row is, sealed or not.
+    imported = [row[0] for row in clear.rows("benefits", ["id_number"], where=where)]
+    first_seen = list(dict.fromkeys(imported))
+    assert sealed.keys("benefits", "id_number", where=where, import_order=True) == first_seen
+    assert clear.keys("benefits", "id_number", where=where, import_order=True) == first_seen
     columns = ["name", "amount", "id_number", "year"]
     assert list(sealed.rows("benefits", columns, where=where)) == list(
         clear.rows("benefits", columns, where=where)

@@ -9,6 +9,7 @@ killed mid-protocol aborts both nodes. After each run no driver and no temporary
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import re
@@ -42,9 +43,17 @@ from govshare.node.api.server import RunningNode, create_server
 from govshare.node.config import NodeConfig
 from govshare.node.data import resident_id
 from govshare.node.node import Node
-from govshare.node.queries.engines.rr22 import DRIVER, LinkTls
+from govshare.node.queries.engines.rr22 import (
+    DRIVER,
+    KEY_DOMAIN,
+    LinkTls,
+    hashed_keys,
+    input_file,
+    matched_positions,
+)
 from govshare.node.queries.kinds.psi import ENGINE_RULE
 from govshare.protocols.errors import Conflict, GovshareError, MalformedInput
+from govshare.protocols.suite import STANDARD
 
 ENGINE_PYTHON = REPO / ".venv" / "secretflow" / "bin" / "python"
 # Generous: a run here takes seconds; a failure mode that hangs fails the test, not the suite.
@@ -191,13 +200,22 @@ def test_rr22_steps_are_logged_and_reconcile(nodes: Nodes, tmp_path: Path) -> No
     names = datasets(nodes, tmp_path, "logged", pool[:70], pool[40:])
     outcome = run_psi(nodes.fed.identity("alice"), plan(names, RR22))
     steps = {}
-    for node in (nodes.tax, nodes.civil):
+    for node, imported in ((nodes.tax, pool[:70]), (nodes.civil, pool[40:])):
         entries = [e.decode() for e in node.audit.entries_for_query(outcome.query_id)]
         steps[node.name] = [
             (e.fields["direction"], e.fields["phase"], e.fields["size"])
             for e in entries
             if e.kind == "protocol.step"
         ]
+        # An auditor with the node's data re-derives its input's digest: its keys in import
+        # order, each hashed with the query id, 128 bits in hex a line.
+        prefix = KEY_DOMAIN + outcome.query_id.encode() + b"\x00"
+        data = "key\n" + "".join(
+            hashlib.sha256(prefix + key.encode()).hexdigest()[:32] + "\n"
+            for key in dict.fromkeys(imported)
+        )
+        [logged] = [e.fields["digest"] for e in entries if e.fields.get("phase") == "rr22.input"]
+        assert logged == hashlib.sha256(data.encode()).hexdigest()
         released = [e.fields for e in entries if e.kind == "result.released"]
         assert [r["recipient"] for r in released] == ["tax"]
     # tax receives (30 matched of its 70 keys); civil sends its 60 and learns nothing. The node
@@ -245,6 +263,20 @@ def test_rr22_is_for_membership_only() -> None:
         parse_plan(cardinality, kind="psi_cardinality")
     with pytest.raises(MalformedInput, match="'engine': 'kkrt' is not one of ecdh, rr22"):
         parse_plan({**cardinality, "engine": "kkrt"}, kind="psi_cardinality")
+
+
+def test_the_receivers_output_maps_back_to_its_keys_and_nothing_else() -> None:
+    keys = [f"1101011990010{i:05d}".encode() for i in range(50)]
+    hashed = hashed_keys("q-1", keys, STANDARD)
+    lines = input_file(hashed).decode().splitlines()
+    assert lines[0] == "key" and len(lines) == 51 and len(set(lines)) == 51
+    output = [f'"{lines[1 + i]}"' for i in (41, 3, 17)] + [lines[1]]  # libpsi's order, any quotes
+    assert matched_positions(hashed, output) == [0, 3, 17, 41]
+    assert matched_positions(hashed, []) == []
+    # A hash of another query's keys (or no hash at all) is not one this node handed over.
+    stranger = input_file(hashed_keys("q-2", keys[:1], STANDARD)).decode().splitlines()[1]
+    assert matched_positions(hashed, [lines[4], stranger]) is None
+    assert matched_positions(hashed, [lines[4], "not hex"]) is None
 
 
 def failed_query(node: Node, dataset: str) -> str:
