@@ -633,7 +633,7 @@ def test_sums_of_a_decimal_column_are_shown_in_its_declared_unit(
     )
     asked = govshare(
         "query", "sql", "--identity", alice, "--purpose", PURPOSE, "--epsilon", "8",
-        "--sum-bound", "50000", "--json", sql, cwd=tmp_path,
+        "--sum-bound", "500", "--json", sql, cwd=tmp_path,
     )  # fmt: skip
     assert asked.returncode == 0, asked.stderr
     answer = json.loads(asked.stdout)
@@ -650,7 +650,7 @@ def test_sums_of_a_decimal_column_are_shown_in_its_declared_unit(
 
     table = govshare(
         "query", "sql", "--identity", alice, "--purpose", PURPOSE, "--epsilon", "8",
-        "--sum-bound", "50000", sql, cwd=tmp_path,
+        "--sum-bound", "500", sql, cwd=tmp_path,
     )  # fmt: skip
     assert table.returncode == 0, table.stderr
     assert "sums and averages in each column's declared unit" in table.stdout
