@@ -100,7 +100,10 @@ def set_options(
 def agg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Agg]:
     fed = build_federation(tmp_path_factory.mktemp("aggfed"), "aggfed")
     data = tmp_path_factory.mktemp("aggdata")
-    manifest = synth.generate(data, size=20000, seed=3)
+    # 12,000 rows: enough that at least three districts of civil's 2025 rows joined to tax's high
+    # band reach k = 5 (nine do), and that all years' amounts exceed one 24-bit SIMD plaintext
+    # modulus (SIMD_PLANS); every query here encrypts each of civil's rows it reads.
+    manifest = synth.generate(data, size=12000, seed=3)
     names = ("tax", "civil", "ghost")
     with served(fed, names, protocol_timeout=TIMEOUT) as nodes:
         tax, civil = nodes["tax"], nodes["civil"]
@@ -618,7 +621,7 @@ def _plain_sql(agg: Agg, plan: IntersectionPlan) -> dict[str, tuple[int, int]]:
 
 SIMD_PLANS = {
     "by_district_2025_high": district_plan(Fraction(1)),
-    # about 3e7 in all: beyond one 24-bit plaintext modulus
+    # about 1.8e7 in all: beyond one 24-bit plaintext modulus
     "all_years_all_residents_one_total": replace(
         district_plan(Fraction(1)),
         values=Side("civil", "assistance", "id_number"),
