@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Executor, Future, wait
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar, overload
 
 from govshare.protocols.errors import Aborted, MalformedInput
 
@@ -120,9 +120,16 @@ class Mailbox:
         if self.ended is not None:
             raise Aborted(f"{node}: {self.ended}; nothing released")
 
-    def pool(self, executor: Executor, node: str) -> EndingPool:
-        """``executor`` (the node's process pool) for this part's jobs: see :class:`EndingPool`."""
-        return EndingPool(executor, self, node)
+    @overload
+    def pool(self, executor: Executor, node: str) -> EndingPool: ...
+
+    @overload
+    def pool(self, executor: None, node: str) -> None: ...
+
+    def pool(self, executor: Executor | None, node: str) -> EndingPool | None:
+        """``executor`` (the node's process pool) for this part's jobs: see :class:`EndingPool`;
+        None when the node has no pool (its parts work inline)."""
+        return None if executor is None else EndingPool(executor, self, node)
 
     def wait(
         self,

@@ -586,7 +586,7 @@ class AggregateEngine:
         ]
         domain = group.domain if group else ("",)
         table = _KeyValues(len(domain), len(figures.names))
-        executor = self._pool(session)
+        executor = session.mailbox.pool(self._executor(), self.name)
         # Let the pool's workers build their fixed-base tables while the rows are read.
         window = (
             None
@@ -789,7 +789,7 @@ class AggregateEngine:
             if plan.groups_on_matcher
             else []
         )
-        executor = self._pool(session)
+        executor = session.mailbox.pool(self._executor(), self.name)
         workers = None if executor is not None else 1
         masked = party.mask_own(keys, workers=workers, executor=executor)
         for group_party, group in zip(parties, grouped if parties else [], strict=True):
@@ -1057,11 +1057,6 @@ class AggregateEngine:
                 query_id, self._analyst(query_id), session.dataset, where, ob.min_group_size,
                 keys=keys,
             )  # fmt: skip
-
-    def _pool(self, session: _Session) -> EndingPool | None:
-        """The node's pool for this part (None: work inline), ended with it."""
-        executor = self._executor()
-        return None if executor is None else session.mailbox.pool(executor, self.name)
 
     def _analyst(self, query_id: str) -> str:
         return self._store.get(query_id).analyst

@@ -50,7 +50,7 @@ from govshare.node.data.masking import apply_mask, needs_key
 from govshare.node.policy.decision import AccessRequest, Decision, Obligations
 from govshare.node.queries.engine import Admission, QueryEngine
 from govshare.node.queries.engines.rr22 import Rr22Engine, Rr22Run, not_configured
-from govshare.node.queries.session import NO_GATE, Chunks, EndingPool, Mailbox, Send, Waiting
+from govshare.node.queries.session import NO_GATE, Chunks, Mailbox, Send, Waiting
 from govshare.node.stores.query_store import QueryRecord, QueryStore
 from govshare.protocols import dp, ecdh_psi
 from govshare.protocols.errors import Aborted, MalformedInput, PermissionDenied, PolicyRefused
@@ -247,7 +247,7 @@ class PsiKind:
             return self._run_rr22(session, query_id, record)
         own, plan = session.own, session.plan
         keys = self._checked_keys(session, query_id, record)
-        executor = self._pool(session)
+        executor = session.mailbox.pool(self._executor(), self.name)
         workers = None if executor is not None else 1
         masked_keys = keys
         if plan.kind is QueryKind.PSI_CARDINALITY and plan.epsilon is not None:
@@ -311,11 +311,6 @@ class PsiKind:
             )  # fmt: skip
             mailbox.check(self.name)
         return keys
-
-    def _pool(self, session: Session) -> EndingPool | None:
-        """The node's pool for this part (None: work inline), ended with it."""
-        executor = self._executor()
-        return None if executor is None else session.mailbox.pool(executor, self.name)
 
     def _membership(
         self,
