@@ -120,9 +120,14 @@ def hashed_keys(query_id: str, keys: Sequence[bytes], suite: Suite) -> bytes:
     return bytes(out)
 
 
+def hex_lines(hashed: bytes) -> bytes:
+    """Packed hashes as the driver's CSV cells: one in hex a line, no newline after the last."""
+    return binascii.hexlify(hashed, b"\n", HASH_BYTES)
+
+
 def input_file(hashed: bytes) -> bytes:
     """The driver's input CSV: one column, ``key``, a hash in hex a line, in the keys' order."""
-    return b"key\n" + binascii.hexlify(hashed, b"\n", HASH_BYTES) + b"\n" if hashed else b"key\n"
+    return b"key\n" + hex_lines(hashed) + b"\n" if hashed else b"key\n"
 
 
 def matched_positions(hashed: bytes, output: Sequence[str]) -> list[int] | None:
@@ -327,10 +332,8 @@ class Rr22Engine:
         matched = matched_positions(hashed, lines[1:])
         if matched is None:
             raise Aborted(f"{self._node}: the rr22 engine's output names a key it was not given")
-        found = b"\n".join(
-            binascii.hexlify(hashed[i * HASH_BYTES : (i + 1) * HASH_BYTES]) for i in matched
-        )
-        run.step(DONE, found, len(matched))
+        found = b"".join(hashed[i * HASH_BYTES : (i + 1) * HASH_BYTES] for i in matched)
+        run.step(DONE, hex_lines(found), len(matched))
         return matched
 
     def _wait(
