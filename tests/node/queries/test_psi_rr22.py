@@ -217,9 +217,7 @@ def test_rr22_steps_are_logged_and_reconcile(nodes: Nodes, tmp_path: Path) -> No
         [logged] = [e.fields["digest"] for e in entries if e.fields.get("phase") == "rr22.input"]
         assert logged == hashlib.sha256(data.encode()).hexdigest()
         # The receiver's output: the matched keys' hashes, in its input's order (civil: none).
-        kept = (
-            [k for k in dict.fromkeys(imported) if k in pool[40:70]] if node is nodes.tax else []
-        )
+        kept = [k for k in dict.fromkeys(imported) if k in pool[40:70]] if node is nodes.tax else []
         done = "\n".join(hashlib.sha256(prefix + k.encode()).hexdigest()[:32] for k in kept)
         [logged] = [e.fields["digest"] for e in entries if e.fields.get("phase") == "rr22.done"]
         assert logged == hashlib.sha256(done.encode()).hexdigest()
