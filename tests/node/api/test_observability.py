@@ -212,8 +212,18 @@ def test_a_refusal_and_a_forbidden_call_are_counted_by_outcome_and_code(
         value(before, "govshare_queries_total", kind=KIND, outcome="refused") + 1
     )
     method = "govshare.v1.Catalog/ListDatasets"
+    denied = value(before, "govshare_rpcs_total", method=method, code="PERMISSION_DENIED")
+    # The server counts an RPC once its status is sent, so the client may see the refusal
+    # first: wait (generously) for the count, then check it moved by exactly one.
+    deadline = time.monotonic() + 60
+    while (
+        value(after, "govshare_rpcs_total", method=method, code="PERMISSION_DENIED") == denied
+        and time.monotonic() < deadline
+    ):
+        threading.Event().wait(0.05)
+        after = scrape(tax)
     assert value(after, "govshare_rpcs_total", method=method, code="PERMISSION_DENIED") == (
-        value(before, "govshare_rpcs_total", method=method, code="PERMISSION_DENIED") + 1
+        denied + 1
     )
 
 
