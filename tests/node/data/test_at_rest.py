@@ -152,6 +152,25 @@ def test_sealed_reads_give_the_same_answers_as_rows_in_the_clear(
         )
 
 
+def test_repeated_keys_come_once_each_where_first_seen_across_chunks(tmp_path: Path) -> None:
+    # Each resident on several rows, the repeats chunks apart (the rows of one ID are
+    # BATCH_ROWS + 1 apart): the distinct keys in import order, sealed as in the clear.
+    lines = ["id_number,district,amount,name,year"]
+    order = [i % 5 for i in range(2 * BATCH_ROWS + 10)][::-1]
+    lines += [f"{IDS[i]},east,{n},zed,2020" for n, i in enumerate(order)]
+    csv = tmp_path / "repeats.csv"
+    csv.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    clear = Catalogue(tmp_path / "clear.db")
+    sealed = Catalogue(tmp_path / "sealed" / "node.db", at_rest=at_rest_in(tmp_path / "sealed"))
+    add(clear, csv)
+    add(sealed, csv)
+    first_seen = [IDS[i] for i in dict.fromkeys(order)]
+    assert len(first_seen) == 5
+    for catalogue in (clear, sealed):
+        assert catalogue.keys("benefits", "id_number", import_order=True) == first_seen
+        assert catalogue.keys("benefits", "id_number") == sorted(first_seen)
+
+
 def test_the_filters_still_refuse_what_they_refused(pair: tuple[Catalogue, Catalogue]) -> None:
     _, sealed = pair
     with pytest.raises(MalformedInput, match="holds integers"):
