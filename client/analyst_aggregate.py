@@ -49,6 +49,7 @@ from govshare.model.aggregate_plan import (
 )
 from govshare.model.digests import digests_for
 from govshare.model.epsilon import parse_epsilon
+from govshare.model.fixed_point import OutOfRange, TooManyPlaces, to_fixed_point
 from govshare.model.governance import QueryKind, column_scales
 from govshare.model.identity import Identity
 from govshare.model.query_plan import Side
@@ -518,7 +519,8 @@ def sum_specs(
 
 def stored_bound(column: str, bound: Decimal | int, places: int) -> int:
     """``bound`` in SUM(``column``)'s declared unit as the integer the node stores
-    (``bound * 10**places``), exactly.
+    (``bound * 10**places``), exactly, as the node converts a cell it imports
+    (:func:`govshare.model.fixed_point.to_fixed_point`).
 
     Raises:
         MalformedInput: a bound that is not positive, that has more decimal places than the
@@ -531,22 +533,23 @@ def stored_bound(column: str, bound: Decimal | int, places: int) -> int:
         kept = "kept to 1 decimal place"
     if not bound.is_finite() or bound <= 0:
         raise MalformedInput(f"the SUM bound {bound} is not a positive number", field="sum_bound")
-    largest = Decimal(MAX_BOUND).scaleb(-places)
-    if bound > largest:
-        raise MalformedInput(
-            f"the SUM bound {bound} is over the largest SUM({column}) takes: {largest:f} ({kept})",
-            field="sum_bound",
-        )
-    _, digits, exponent = bound.as_tuple()  # exactly as written: normalize() would round
+    sign, digits, exponent = bound.as_tuple()  # exactly as written: normalize() would round
     if not isinstance(exponent, int):  # pragma: no cover - finite above
         raise MalformedInput(f"the SUM bound {bound} is not a number", field="sum_bound")
-    while exponent < 0 and len(digits) > 1 and digits[-1] == 0:  # 12.50 has 1 place
-        digits, exponent = digits[:-1], exponent + 1
-    if -exponent > places:
-        written = f"{-exponent} decimal place" + ("s" if -exponent > 1 else "")
+    try:
+        return to_fixed_point(
+            bool(sign), "".join(map(str, digits)), exponent, places, limit=MAX_BOUND
+        )
+    except TooManyPlaces as exc:
+        written = f"{exc.written} decimal place" + ("s" if exc.written > 1 else "")
         raise MalformedInput(
             f"the SUM bound {bound} has {written}; SUM({column}) is {kept} "
             "(catalog show), so the bound cannot be exact",
             field="sum_bound",
-        )
-    return int("".join(map(str, digits)) + "0" * (exponent + places))
+        ) from None
+    except OutOfRange:
+        largest = Decimal(MAX_BOUND).scaleb(-places)
+        raise MalformedInput(
+            f"the SUM bound {bound} is over the largest SUM({column}) takes: {largest:f} ({kept})",
+            field="sum_bound",
+        ) from None

@@ -27,11 +27,12 @@ import re
 from dataclasses import dataclass
 from enum import StrEnum
 
+from govshare.model.fixed_point import MAX_STORED, OutOfRange, TooManyPlaces, to_fixed_point
 from govshare.model.governance import MAX_SCALE, ColumnKind, ColumnRule
 from govshare.protocols.errors import MalformedInput
 
 # Aggregate cells are signed 64-bit integers, SQLite's INTEGER.
-MAX_ABS_AGGREGATE = 2**63 - 1
+MAX_ABS_AGGREGATE = MAX_STORED
 
 _DECIMAL = re.compile(r"^([+-]?)([0-9]+)(?:\.([0-9]+))?$")
 # Longer than any 64-bit value at any scale, with sign, point and trailing zeros to spare:
@@ -118,7 +119,8 @@ def format_from_json(raw: dict[str, object], kind: ColumnKind) -> ColumnFormat:
 
 
 def parse_fixed_point(cell: str, scale: int) -> int:
-    """The integer ``cell * 10**scale`` for a decimal ``cell`` (see the module docstring).
+    """The integer ``cell * 10**scale`` for a decimal ``cell`` (see the module docstring): the
+    cell's plain notation read here, converted by :func:`govshare.model.fixed_point.to_fixed_point`.
 
     Raises:
         MalformedInput: not a decimal number, more significant decimal places than ``scale``,
@@ -129,22 +131,24 @@ def parse_fixed_point(cell: str, scale: int) -> int:
     match = _DECIMAL.match(cell) if len(cell) <= _MAX_NUMBER_CHARS else None
     if match is None:
         raise MalformedInput("not an integer" if scale == 0 else "not a decimal number")
-    sign, whole, fraction = match.group(1), match.group(2), (match.group(3) or "").rstrip("0")
-    if len(fraction) > scale:
+    fraction = match.group(3) or ""
+    try:
+        return to_fixed_point(
+            match.group(1) == "-", match.group(2) + fraction, -len(fraction), scale
+        )
+    except TooManyPlaces as exc:
         if scale == 0:
             raise MalformedInput(
                 "not an integer: it has decimal places; declare the column's scale "
                 "(aggregate:scale=N) to import decimals"
-            )
+            ) from None
         raise MalformedInput(
-            f"{len(fraction)} decimal places, more than the column's scale {scale}"
-        )
-    value = int(whole + fraction.ljust(scale, "0"))
-    if value > MAX_ABS_AGGREGATE:
+            f"{exc.written} decimal places, more than the column's scale {scale}"
+        ) from None
+    except OutOfRange:
         raise MalformedInput(
             "not an integer: out of the signed 64-bit range"
             if scale == 0
             else f"out of range: at scale {scale} the column holds at most "
             f"{MAX_ABS_AGGREGATE // 10**scale} whole units"
-        )
-    return -value if sign == "-" else value
+        ) from None
