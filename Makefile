@@ -12,12 +12,12 @@ $(BIN)/python:
 
 # Runtime install (what `make demo` needs). setup.py builds ECDH-PSI's native batch path
 # (protocols/x25519_batch.c) against libsodium when its headers are there (see `libsodium`).
-$(VENV)/.installed: pyproject.toml setup.py protocols/x25519_batch.c | $(BIN)/python libsodium
+$(VENV)/.installed: pyproject.toml setup.py protocols/x25519_batch.c protocols/x25519_batch_build.py | $(BIN)/python libsodium
 	$(BIN)/pip install -q -e .
 	touch $@
 
 # Development install: runtime plus lint, type checks, tests.
-$(VENV)/.installed-dev: pyproject.toml setup.py protocols/x25519_batch.c | $(BIN)/python libsodium
+$(VENV)/.installed-dev: pyproject.toml setup.py protocols/x25519_batch.c protocols/x25519_batch_build.py | $(BIN)/python libsodium
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(VENV)/.installed $@
 
