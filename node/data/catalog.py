@@ -64,8 +64,8 @@ import secrets
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, closing, contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from itertools import compress
 from pathlib import Path
@@ -101,7 +101,7 @@ from govshare.node.policy.decision import (
     GRADE_MIN_GROUP_SIZE,
     IMPORTANT_MIN_GROUP_SIZE,
 )
-from govshare.node.stores.sqlite import immediate, opened
+from govshare.node.stores.sqlite import connect, immediate, opened
 from govshare.protocols.errors import AlreadyExists, MalformedInput, NotFound, PolicyRefused
 from govshare.protocols.suite import STANDARD, Suite
 
@@ -620,13 +620,16 @@ def _record_from_row(row: sqlite3.Row) -> DatasetRecord:
 
 
 @contextmanager
-def _opened_read_only(path: Path) -> Iterator[sqlite3.Connection]:
+def _opened_read_only(path: Path, *, shared: bool = False) -> Iterator[sqlite3.Connection]:
     """A connection SQLite itself keeps from writing (``mode=ro``): what a check reads with.
-    A store not created yet reads as an empty one (an empty database in memory)."""
+    A store not created yet reads as an empty one (an empty database in memory). ``shared``:
+    usable from another thread than this one (see :meth:`Catalogue._open_stream`)."""
     if path.exists():
-        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        conn = sqlite3.connect(
+            f"{path.resolve().as_uri()}?mode=ro", uri=True, check_same_thread=not shared
+        )
     else:
-        conn = sqlite3.connect(":memory:")
+        conn = sqlite3.connect(":memory:", check_same_thread=not shared)
         conn.executescript(_SCHEMA)
     conn.row_factory = sqlite3.Row
     try:
@@ -1016,6 +1019,17 @@ class Catalogue:
 
     def _open(self) -> AbstractContextManager[sqlite3.Connection]:
         return _opened_read_only(self.path) if self._read_only else _opened_overwriting(self.path)
+
+    def _open_stream(self) -> AbstractContextManager[sqlite3.Connection]:
+        """The connection of one stream of rows (:meth:`rows`), which only that stream's
+        generator uses, and closes once when it ends. It may end in another thread than the
+        one that opened it: a reader that stops early leaves it to whoever drops it last (the
+        garbage collector, in any of the node's threads), so SQLite's same-thread check is off
+        for it. Safe: a generator never runs in two threads at once. A stream only reads, so
+        it needs no ``secure_delete``."""
+        if self._read_only:
+            return _opened_read_only(self.path, shared=True)
+        return closing(connect(self.path, shared=True))
 
     # ----------------------------------------------------------------- registration
 
@@ -1823,11 +1837,17 @@ class Catalogue:
 
     def rows(
         self, name: str, columns: Sequence[str], *, where: Sequence[Condition] = ()
-    ) -> Iterator[tuple[Cell, ...]]:
+    ) -> Generator[tuple[Cell, ...], None, None]:
         """Stream the stored values of ``columns`` for the filtered rows, in import order.
 
         Values are as stored (join keys normalised, aggregates as int, masked columns raw): the
         caller applies the policy decision's obligations before anything leaves the node.
+
+        A reader that may stop before the end (a query that fails or ends midway) closes the
+        stream when it stops (``with contextlib.closing(catalogue.rows(...)) as rows``): its
+        connection, or a live source's snapshot, is released then, in the reader's thread.
+        One left open is closed when it is collected, in whatever thread that happens, which
+        its SQLite connection allows (:meth:`_open_stream`).
 
         Raises: as :meth:`keys` (``columns`` may be of any kind but ``deny``).
         """
@@ -1857,14 +1877,14 @@ class Catalogue:
         sealed: _SealedTable,
         columns: Sequence[str],
         where: Sequence[Condition],
-    ) -> Iterator[tuple[Cell, ...]]:
+    ) -> Generator[tuple[Cell, ...], None, None]:
         picked = [sealed.columns.index(column) + 1 for column in columns]
-        with self._open() as conn:
+        with self._open_stream() as conn:
             for chosen in self._matching_columns(conn, info, table, sealed, where, picked):
                 yield from zip(*chosen, strict=True)
 
-    def _stream(self, sql: str, params: Sequence[Cell]) -> Iterator[tuple[Cell, ...]]:
-        with self._open() as conn:
+    def _stream(self, sql: str, params: Sequence[Cell]) -> Generator[tuple[Cell, ...], None, None]:
+        with self._open_stream() as conn:
             try:
                 cursor = conn.execute(sql, params)
             except sqlite3.OperationalError:

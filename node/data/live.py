@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -340,7 +340,7 @@ class LiveDataset:
 
     def rows(
         self, columns: Sequence[str], where: Sequence[Condition]
-    ) -> Iterator[tuple[Cell, ...]]:
+    ) -> Generator[tuple[Cell, ...], None, None]:
         at = [self._index(c) for c in columns]
         totals = ReadTotals()
         with self._snapshot("rows") as (snapshot, log):

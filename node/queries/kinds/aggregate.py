@@ -95,6 +95,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor
+from contextlib import closing
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any, Final, TypeVar
@@ -598,17 +599,18 @@ class AggregateEngine:
             )
         )
         numbers = {label: i for i, label in enumerate(domain)}
-        rows = self._catalogue.rows(side.dataset, columns, where=side.where)
-        for row in _checked(rows, session.mailbox, self.name):
-            g = numbers.get(str(row[1])) if group else 0
-            if g is None:
-                continue  # outside the groups asked for, like a WHERE on the label
-            values = figures.row_values(tuple(int(v) for v in row[2 if group else 1 :]))
-            if not table.add(str(row[0]), g, values):
-                raise MalformedInput(
-                    f"more than {MAX_ROWS_PER_KEY} rows of {side.dataset} share one join key",
-                    field="values",
-                )
+        # Closed however the read ends (a refusal below, the query's end): see _checked.
+        with closing(self._catalogue.rows(side.dataset, columns, where=side.where)) as rows:
+            for row in _checked(rows, session.mailbox, self.name):
+                g = numbers.get(str(row[1])) if group else 0
+                if g is None:
+                    continue  # outside the groups asked for, like a WHERE on the label
+                values = figures.row_values(tuple(int(v) for v in row[2 if group else 1 :]))
+                if not table.add(str(row[0]), g, values):
+                    raise MalformedInput(
+                        f"more than {MAX_ROWS_PER_KEY} rows of {side.dataset} share one join key",
+                        field="values",
+                    )
         self._check_data(
             session, query_id, side.where, (k.encode() for k in table.keys), len(table.keys)
         )
@@ -867,17 +869,18 @@ class AggregateEngine:
             return [[k.encode() for k in keys]]
         index = {label: i for i, label in enumerate(group.domain)}
         labels: dict[str, int] = {}
-        rows = self._catalogue.rows(side.dataset, [side.column, group.column], where=side.where)
-        for key, label in _checked(rows, session.mailbox, self.name):
-            g = index.get(str(label))
-            if g is None:
-                continue  # outside the groups asked for, like a WHERE on the label
-            if labels.setdefault(str(key), g) != g:
-                raise MalformedInput(
-                    f"a join key of {side.dataset} has rows in two groups of {group.column}: "
-                    "the groups must not share a key",
-                    field="group_by",
-                )
+        columns = [side.column, group.column]
+        with closing(self._catalogue.rows(side.dataset, columns, where=side.where)) as rows:
+            for key, label in _checked(rows, session.mailbox, self.name):
+                g = index.get(str(label))
+                if g is None:
+                    continue  # outside the groups asked for, like a WHERE on the label
+                if labels.setdefault(str(key), g) != g:
+                    raise MalformedInput(
+                        f"a join key of {side.dataset} has rows in two groups of "
+                        f"{group.column}: the groups must not share a key",
+                        field="group_by",
+                    )
         out: list[list[bytes]] = [[] for _ in group.domain]
         for key, g in labels.items():
             out[g].append(key.encode())
@@ -1325,7 +1328,11 @@ class _KeyValues:
 
 def _checked(rows: Iterable[T], mailbox: Mailbox, node: str) -> Iterator[T]:
     """``rows`` as they are read, ending the read every :data:`ROWS_PER_CHECK` rows if the
-    query's part ended meanwhile (:meth:`Mailbox.check`)."""
+    query's part ended meanwhile (:meth:`Mailbox.check`).
+
+    A read that ends early leaves ``rows`` unfinished: the caller closes it
+    (``contextlib.closing``), so that a catalogue stream's connection is closed in the query's
+    thread when the read stops, not by the garbage collector later, in any thread."""
     for n, row in enumerate(rows):
         if n % ROWS_PER_CHECK == 0:
             mailbox.check(node)

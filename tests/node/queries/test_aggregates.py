@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import csv
+import inspect
 import random
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass, replace
 from fractions import Fraction
 from pathlib import Path
@@ -35,6 +36,7 @@ from govshare.examples import synth
 from govshare.model.aggregate_plan import (
     BFV,
     BFV_SIMD,
+    MAX_ROWS_PER_KEY,
     PAILLIER,
     Figures,
     GroupSpec,
@@ -831,19 +833,67 @@ def test_groups_on_either_side_are_exact_against_plain_sql(
     assert reconciled.ok, reconciled.disagreements
 
 
-def test_matcher_groups_that_share_a_key_are_refused(agg: Agg, two_sums: Path) -> None:
+def opened_streams(monkeypatch: pytest.MonkeyPatch, node: Node) -> list[Generator[Any, None, None]]:
+    """Every stream of rows ``node``'s catalogue hands out from here on, kept for the test to
+    look at (kept: so that only its reader, never the garbage collector, can have closed it)."""
+    streams: list[Generator[Any, None, None]] = []
+    rows = node.catalogue.rows
+
+    def recorded(*args: Any, **kwargs: Any) -> Generator[Any, None, None]:
+        streams.append(rows(*args, **kwargs))
+        return streams[-1]
+
+    monkeypatch.setattr(node.catalogue, "rows", recorded)
+    return streams
+
+
+def assert_closed(streams: list[Generator[Any, None, None]]) -> None:
+    """The read stopped midway, and its reader closed the stream then, in the query's thread:
+    its connection is not left for the garbage collector to close in another thread."""
+    assert streams
+    assert [inspect.getgeneratorstate(s) for s in streams] == [inspect.GEN_CLOSED] * len(streams)
+
+
+def test_matcher_groups_that_share_a_key_are_refused(
+    agg: Agg, two_sums: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     plan = replace(
         _two_sum_plan("matcher", "district", synth.DISTRICTS),
         matcher=Side("tax", "split", "id_number"),
     )
+    streams = opened_streams(monkeypatch, agg.nodes["tax"])
     with pytest.raises(MalformedInput, match="rows in two groups of district"):
         run_intersection_aggregate(agg.fed.identity("alice"), plan, scheme=BFV_SIMD)
+    assert_closed(streams)
     # The node keeps serving: the same plan over residents runs.
     outcome = run_intersection_aggregate(
         agg.fed.identity("alice"), _two_sum_plan("matcher", "income_band", ("low", "high")),
         scheme=BFV_SIMD,
     )  # fmt: skip
     assert [g.label for g in outcome.groups] == ["low", "high"]
+
+
+def test_a_key_with_too_many_rows_at_the_values_holder_is_refused_midway(
+    agg: Agg, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """civil's ``crowded`` repeats one 2025 row more often than one ciphertext may carry: the
+    value holder's read stops there, closing its stream, and the query is refused."""
+    rows = _csv(agg.data / f"{synth.CIVIL}.csv")
+    crowded = agg.data / "crowded.csv"
+    with open(crowded, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, list(rows[0]))
+        writer.writeheader()
+        repeated = next(r for r in rows if r["year"] == "2025")
+        writer.writerows([*rows, *[repeated] * MAX_ROWS_PER_KEY])
+    civil = agg.nodes["civil"]
+    register(civil, crowded, name="crowded", columns=CIVIL_COLUMNS)
+    grant(civil, "crowded", "alice", ["id_number", "year", "district", "amount"], KINDS)
+    streams = opened_streams(monkeypatch, civil)
+    with pytest.raises(MalformedInput, match=f"more than {MAX_ROWS_PER_KEY} rows of crowded"):
+        run_intersection_aggregate(
+            agg.fed.identity("alice"), intersection_plan("crowded"), scheme=BFV_SIMD
+        )
+    assert_closed(streams)
 
 
 def test_sql_groups_by_the_matchers_column_when_the_sums_are_the_other_tables(
