@@ -18,7 +18,9 @@ reading, normalising or masking a million keys.
 
 from __future__ import annotations
 
+import itertools
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Executor, Future, wait
 from contextlib import AbstractContextManager, nullcontext
@@ -199,16 +201,18 @@ class EndingPool(Executor):
             self._mailbox.check(self._node)
         return job
 
-    def result(self, job: Future[T]) -> T:
-        """``job``'s result, once it is done or the part ended, whichever comes first.
+    def result(self, job: Future[T], timeout: float | None = None) -> T:
+        """``job``'s result, once it is done or the part ended, whichever comes first; with
+        ``timeout``, after at most that many seconds.
 
         Raises:
             Aborted: the part ended first.
+            TimeoutError: ``job`` was not done within ``timeout`` seconds.
         """
         either: list[Future[Any]] = [job, self._mailbox._ending]
-        wait(either, return_when=FIRST_COMPLETED)
+        wait(either, timeout=timeout, return_when=FIRST_COMPLETED)
         self._mailbox.check(self._node)
-        return job.result()
+        return job.result(timeout=0)  # done, unless the timeout passed first
 
     def map(
         self,
@@ -219,15 +223,38 @@ class EndingPool(Executor):
     ) -> Iterator[T]:
         """Results in order, as :meth:`Executor.map`; every job is submitted at once.
 
+        ``timeout``: seconds from this call after which a result not yet done is no longer
+        waited for (the iterator raises TimeoutError; the jobs left are cancelled). ``chunksize``:
+        calls that go to the pool as one job, as :meth:`ProcessPoolExecutor.map
+        <concurrent.futures.ProcessPoolExecutor.map>` chops them (fewer, larger jobs: less
+        pickling and fewer round trips; a job running when the part ends finishes its chunk).
+
+        Raises:
+            ValueError: ``chunksize`` below 1.
+
         Raises (while iterating):
             Aborted: the part ended; the jobs left are cancelled.
+            TimeoutError: a result was not done ``timeout`` seconds after this call.
         """
-        jobs = [self.submit(fn, *args) for args in zip(*iterables, strict=False)]
+        if chunksize < 1:
+            raise ValueError("chunksize must be >= 1")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        calls = zip(*iterables, strict=False)
+        jobs: list[Future[Any]]
+        if chunksize == 1:
+            jobs = [self.submit(fn, *args) for args in calls]
+        else:
+            chunks = iter(lambda: list(itertools.islice(calls, chunksize)), [])
+            jobs = [self.submit(_calls, fn, chunk) for chunk in chunks]
 
         def results() -> Iterator[T]:
             try:
                 for job in jobs:
-                    yield self.result(job)
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if chunksize == 1:
+                        yield self.result(job, left)
+                    else:
+                        yield from self.result(job, left)
             finally:
                 for job in jobs:
                     job.cancel()
@@ -238,3 +265,8 @@ class EndingPool(Executor):
         """The node's pool outlives the query: only this part's jobs are cancelled."""
         if cancel_futures:
             self._cancel()
+
+
+def _calls(fn: Callable[..., T], chunk: Sequence[tuple[Any, ...]]) -> list[T]:
+    """``fn`` over one chunk of :meth:`EndingPool.map`'s arguments, in a worker: one job."""
+    return [fn(*args) for args in chunk]
