@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import datetime as dt
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from govshare.cli.common import console, emit_json, home_option, json_option, render_table
 from govshare.cli.operator_identity import operator_for, operator_option
 from govshare.model.states import PENDING
-from govshare.node.operator import Operator, QueryDetails
+
+# For annotations only: the façade is imported where it is called (see cli/main.py).
+if TYPE_CHECKING:
+    from govshare.node.operator import QueryDetails
 
 
 @click.group("approvals")
@@ -28,6 +31,8 @@ def group() -> None:
 @json_option
 def list_(home: Path, as_json: bool) -> None:
     """Queries waiting for approval at this node (those whose request has not expired)."""
+    from govshare.node.operator import Operator
+
     waiting = Operator(home).pending()
     if as_json:
         emit_json(
@@ -113,6 +118,8 @@ def details_to_json(d: QueryDetails) -> dict[str, Any]:
 def show(home: Path, query_id: str, as_json: bool) -> None:
     """Everything a query asks, from its signed request: analyst, purpose, every party with
     its dataset, columns and filters, the release (ε or exact), the SQL, the deadline."""
+    from govshare.node.operator import Operator
+
     operator = Operator(home)
     d = operator.query_details(query_id)
     me = operator.identity().name

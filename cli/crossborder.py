@@ -22,7 +22,6 @@ from govshare.cli.operator_identity import operator_for, operator_option
 from govshare.model.crossborder import Assessment, verify_assessment
 from govshare.model.governance import OwnerKind
 from govshare.model.identity import Identity
-from govshare.node.operator import Operator
 from govshare.protocols.errors import VerificationFailed
 
 
@@ -99,6 +98,8 @@ def approve(
 @json_option
 def list_(home: Path, dataset: str | None, as_json: bool) -> None:
     """List cross-border records, revoked and expired ones included, with their status."""
+    from govshare.node.operator import Operator
+
     operator = Operator(home)
     me = operator.identity()
     records = operator.assessments(dataset)

@@ -27,7 +27,7 @@ import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 from rich.progress import (
@@ -48,20 +48,18 @@ from govshare.model.governance import (
     OwnerKind,
     SharingType,
 )
-from govshare.node.operator import (
-    ColumnFormat,
-    DatasetRecord,
-    ImportReport,
-    LiveSource,
-    NullPolicy,
-    Operator,
-    ProgressCallback,
-    Restatement,
-    SourceFormat,
-    parse_source,
-    record_to_json,
-)
 from govshare.protocols.errors import MalformedInput
+
+# For annotations only: the façade is imported where it is called (see cli/main.py).
+if TYPE_CHECKING:
+    from govshare.node.operator import (
+        ColumnFormat,
+        DatasetRecord,
+        ImportReport,
+        LiveSource,
+        ProgressCallback,
+        SourceFormat,
+    )
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -85,6 +83,8 @@ def parse_column_spec(spec: str) -> tuple[ColumnRule, ColumnFormat]:
         MalformedInput: the spec does not have the form ``NAME=KIND[:ARGS]`` for its kind, or a
             bad or repeated ``scale=``/``null=``.
     """
+    from govshare.node.operator import ColumnFormat, NullPolicy
+
     body, found = spec, {}
     while match := _FORMAT_SUFFIX.search(body):
         key, value = match.group(1), match.group(2)
@@ -295,6 +295,8 @@ def _progress(csv_file: Path) -> Iterator[ProgressCallback | None]:
 
 
 def _source(encoding: str | None, delimiter: str | None, maps: tuple[str, ...]) -> SourceFormat:
+    from govshare.node.operator import SourceFormat
+
     return SourceFormat(
         encoding=encoding,
         delimiter=parse_delimiter(delimiter or ","),
@@ -418,6 +420,8 @@ def add(
     rules (--map COLUMN=NAME renames), every row read once as an import would read it, nothing
     copied; each query then reads it in a snapshot of its own.
     """
+    from govshare.node.operator import parse_source
+
     live: LiveSource | None = None
     if csv_file is None and source_location is not None and table is not None:
         live = parse_source(source_location, table)
@@ -514,6 +518,8 @@ def replace(
     but not changed: to change them, remove the dataset and add it again. Without --encoding,
     --delimiter or --map the file is read as the current version's was.
     """
+    from govshare.node.operator import Restatement
+
     rules, formats = _columns(columns) if columns else (None, {})
     stated = Restatement(
         grade=None if grade is None else Grade(grade),
@@ -558,6 +564,8 @@ def replace(
 @json_option
 def list_(home: Path, as_json: bool) -> None:
     """List the node's datasets with their governance metadata."""
+    from govshare.node.operator import Operator, record_to_json
+
     records = Operator(home).dataset_records()
     if as_json:
         emit_json([record_to_json(r) for r in records])
@@ -626,6 +634,8 @@ def _show(record: DatasetRecord) -> None:
 @json_option
 def show(home: Path, name: str, as_json: bool) -> None:
     """Show one dataset's registration, column rules and version."""
+    from govshare.node.operator import Operator, record_to_json
+
     record = Operator(home).dataset_record(name)
     if as_json:
         emit_json(record_to_json(record))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 from fractions import Fraction
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from rich.table import Table
@@ -16,8 +17,11 @@ from rich.table import Table
 from govshare.cli.common import console, emit_json, home_option, json_option
 from govshare.cli.operator_identity import operator_for, operator_option
 from govshare.model.epsilon import format_epsilon
-from govshare.node.operator import GRANT_EXPIRED, GRANT_REVOKED, Grant, GrantUsage, Operator
 from govshare.protocols.errors import MalformedInput
+
+# For annotations only: the façade is imported where it is called (see cli/main.py).
+if TYPE_CHECKING:
+    from govshare.node.operator import Grant, GrantUsage
 
 
 def parse_expiry(text: str) -> int:
@@ -56,6 +60,8 @@ def _when(seconds: int | None) -> str:
 def _status(grant: Grant, standing: tuple[str, str] | None) -> str:
     """A grant's status in a word or two: active, revoked, expired, or void (its dataset was
     removed or registered again after it: queries are refused with grant.predates_dataset)."""
+    from govshare.node.operator import GRANT_EXPIRED, GRANT_REVOKED
+
     if standing is None:
         return "active"
     rule, why = standing
@@ -185,6 +191,8 @@ def list_(
     home: Path, grantee: str | None, dataset: str | None, active: bool, as_json: bool
 ) -> None:
     """List grants with what each has used, revoked ones included unless --active."""
+    from govshare.node.operator import Operator
+
     found = Operator(home).grants(grantee=grantee, dataset=dataset, include_revoked=not active)
     grants = [g for g, _ in found]
     usage = {g.grant_id: _usage(g, used) for g, used in found}
@@ -204,6 +212,8 @@ def list_(
 @json_option
 def ledger(home: Path, dataset: str | None, as_json: bool) -> None:
     """Each analyst's ε on each dataset, over all its grants: spent, reserved, left."""
+    from govshare.node.operator import Operator
+
     rows = Operator(home).ledgers(dataset)
     if as_json:
         emit_json([
@@ -226,6 +236,8 @@ def ledger(home: Path, dataset: str | None, as_json: bool) -> None:
 @json_option
 def show(home: Path, grant_id: str, as_json: bool) -> None:
     """Show one grant, with its signature."""
+    from govshare.node.operator import Operator
+
     operator = Operator(home)
     grant, used = operator.grant(grant_id)
     usage = _usage(grant, used)

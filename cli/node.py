@@ -21,11 +21,11 @@ from govshare.cli.common import (
 from govshare.cli.node_key import key as key_group
 from govshare.cli.operator_identity import operator_for, operator_option
 from govshare.model.identity import Identity, create_request, install_roster
-from govshare.node.api.server import serve as serve_node
 from govshare.node.config import CONFIG_NAME, NodeConfig
-from govshare.node.operator import Operator, initialise
 from govshare.protocols.suite import suite_by_name
 from govshare.rpc.client import NodeClient
+
+# The node's façade and server are imported in the commands that use them (see cli/main.py).
 
 
 @click.group("node")
@@ -53,6 +53,8 @@ def init(home: Path, listen: str, identity: str, as_json: bool) -> None:
     The node must be enrolled first (its identity bundle in the home): otherwise nothing is
     written, and the error says how to enrol.
     """
+    from govshare.node.operator import initialise
+
     name, path = initialise(home, listen=listen, identity=identity)
     if as_json:
         emit_json({"node": name, "config": str(path), "listen": listen})
@@ -100,6 +102,8 @@ def serve(home: Path) -> None:
     only auditors (read-only) and names the first broken entry. One node per home: while a node
     serves a home, another refuses at once, naming the process that holds the home's lock.
     """
+    from govshare.node.api.server import serve as serve_node
+
     serve_node(NodeConfig.load(home))
 
 
@@ -170,6 +174,8 @@ def roster_show(home: Path, as_json: bool) -> None:
 @json_option
 def results(home: Path, query_id: str, as_json: bool) -> None:
     """This node's own keys that matched a membership query it received."""
+    from govshare.node.operator import Operator
+
     keys = Operator(home).matches(query_id)
     if as_json:
         emit_json({"query_id": query_id, "matched": keys})
@@ -212,6 +218,8 @@ def alerts(ctx: click.Context, home: Path, as_json: bool) -> None:
     ctx.obj["alerts_home"] = home
     if ctx.invoked_subcommand is not None:
         return
+    from govshare.node.operator import Operator
+
     operator = Operator(home)
     found, suspended = operator.alerts()
     if as_json:
@@ -321,6 +329,8 @@ def unfreeze(home: Path, reason: str, operator_identity: str | None, as_json: bo
 @json_option
 def freezes(home: Path, as_json: bool) -> None:
     """The freezes in force at this node: the node's own, and each dataset's."""
+    from govshare.node.operator import Operator
+
     held = Operator(home).freezes()
     if as_json:
         emit_json([f.to_json() for f in held])

@@ -14,15 +14,18 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from govshare.model.governance import Role
 from govshare.model.identity import Identity
 from govshare.model.operator_act import ActSigner, NoSigner
-from govshare.node.operator import Operator
 from govshare.protocols.errors import GovshareError
+
+# For annotations only: the façade is imported where it is called (see cli/main.py).
+if TYPE_CHECKING:
+    from govshare.node.operator import Operator
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -59,4 +62,6 @@ def signer_for(home: Path, identity: str | None) -> ActSigner | NoSigner:
 
 def operator_for(home: Path, identity: str | None) -> Operator:
     """The node's façade, opened for the person ``identity`` names."""
+    from govshare.node.operator import Operator
+
     return Operator(home, signer=signer_for(home, identity))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime as dt
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from rich.markup import escape
@@ -35,8 +36,11 @@ from govshare.cli.operator_identity import operator_for, operator_option
 from govshare.client.rights import apply_for, rights_everywhere
 from govshare.model.governance import Role
 from govshare.model.identity import Identity
-from govshare.node.operator import Application, Operator
 from govshare.v1 import rights_pb2
+
+# For annotations only: the façade is imported where it is called (see cli/main.py).
+if TYPE_CHECKING:
+    from govshare.node.operator import Application
 
 # What an approval grants unless the operator says otherwise: a modest budget, a year.
 DEFAULT_EPSILON = "1"
@@ -169,6 +173,8 @@ def mine(identity: Path, as_json: bool) -> None:
 @json_option
 def requests(home: Path, show_all: bool, as_json: bool) -> None:
     """Access applications waiting for an answer at this node, with the time left (operator)."""
+    from govshare.node.operator import Operator
+
     found = Operator(home).applications(state=None if show_all else "pending")
     now = int(time.time())
     if as_json:
