@@ -55,7 +55,6 @@ from govshare.node.data.catalog import (
 from govshare.node.data.column_format import ColumnFormat, NullPolicy
 from govshare.node.data.source_file import ProgressCallback, SourceFormat
 from govshare.node.data.sources import LiveSource, parse_source
-from govshare.node.node import Node
 from govshare.node.policy import approvals
 from govshare.node.policy.alerts import LoggedAlert, Suspension, SuspensionStore, logged_alerts
 from govshare.node.policy.applications import PENDING as APPLICATION_PENDING
@@ -114,6 +113,10 @@ def initialise(home: Path, *, listen: str, identity: str = ".") -> tuple[str, Pa
     cannot be made, so that a rerun starts afresh. Returns the node's name and the config's
     path.
     """
+    # The whole node (its query kinds, HE libraries) loads only here: the façade's other
+    # methods read the stores, and the CLI commands that call them start without it.
+    from govshare.node.node import Node
+
     Identity.load_as(home / identity, Role.NODE)
     path = write_default(home, listen=listen, identity=identity)
     try:

@@ -109,6 +109,24 @@ def test_a_command_that_opens_the_node_loads_it(tmp_path: Path) -> None:
     assert "govshare.node.operator" in imported
 
 
+def test_an_operator_command_reads_the_node_without_its_query_engine(tmp_path: Path) -> None:
+    # The façade opens the node's stores; the node itself (query kinds, HE libraries) loads
+    # only to initialise a home or serve it.
+    for setup in (
+        ["federation", "init", "--name", "demo"],
+        ["federation", "enrol", "--role", "node", "--name", "tax", "--jurisdiction", "CN",
+         "--address", "127.0.0.1:7101", "--out", "tax"],
+        ["node", "init", "--home", "tax", "--listen", "127.0.0.1:7101"],
+    ):  # fmt: skip
+        done, _ = govshare_imports(*setup, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+    done, imported = govshare_imports("dataset", "list", "--home", "tax", "--json", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == []
+    assert "govshare.node.operator" in imported
+    assert sorted(imported & (NODE - {"govshare.node.operator"})) == []
+
+
 def test_completing_a_command_name_imports_no_command(tmp_path: Path) -> None:
     env = {
         **os.environ,
