@@ -9,6 +9,8 @@ killed mid-protocol aborts both nodes. After each run no driver and no temporary
 
 from __future__ import annotations
 
+import base64
+import functools
 import hashlib
 import os
 import random
@@ -194,6 +196,12 @@ def test_rr22_and_ecdh_keep_the_same_matches(nodes: Nodes, tmp_path: Path) -> No
     assert leftovers() == ([], [])
 
 
+def rederived_cell(prefix: bytes, key: str) -> bytes:
+    """A key's cell in the driver's input, as an auditor derives it: SHA-256 of the prefix and
+    the key, 12 bytes, in base64."""
+    return base64.b64encode(hashlib.sha256(prefix + key.encode()).digest()[:12])
+
+
 def test_rr22_steps_are_logged_and_reconcile(nodes: Nodes, tmp_path: Path) -> None:
     rng = random.Random(7)
     pool = [resident(rng, i) for i in range(100)]
@@ -208,19 +216,17 @@ def test_rr22_steps_are_logged_and_reconcile(nodes: Nodes, tmp_path: Path) -> No
             if e.kind == "protocol.step"
         ]
         # An auditor with the node's data re-derives its input's digest: its keys in import
-        # order, each hashed with the query id, 128 bits in hex a line.
+        # order, each hashed with the query id, 96 bits in base64 a line.
         prefix = KEY_DOMAIN + outcome.query_id.encode() + b"\x00"
-        data = "key\n" + "".join(
-            hashlib.sha256(prefix + key.encode()).hexdigest()[:32] + "\n"
-            for key in dict.fromkeys(imported)
-        )
+        cell = functools.partial(rederived_cell, prefix)
+        data = b"key\n" + b"".join(cell(key) + b"\n" for key in dict.fromkeys(imported))
         [logged] = [e.fields["digest"] for e in entries if e.fields.get("phase") == "rr22.input"]
-        assert logged == hashlib.sha256(data.encode()).hexdigest()
+        assert logged == hashlib.sha256(data).hexdigest()
         # The receiver's output: the matched keys' hashes, in its input's order (civil: none).
         kept = [k for k in dict.fromkeys(imported) if k in pool[40:70]] if node is nodes.tax else []
-        done = "\n".join(hashlib.sha256(prefix + k.encode()).hexdigest()[:32] for k in kept)
+        done = b"\n".join(cell(k) for k in kept)
         [logged] = [e.fields["digest"] for e in entries if e.fields.get("phase") == "rr22.done"]
-        assert logged == hashlib.sha256(done.encode()).hexdigest()
+        assert logged == hashlib.sha256(done).hexdigest()
         released = [e.fields for e in entries if e.kind == "result.released"]
         assert [r["recipient"] for r in released] == ["tax"]
     # tax receives (30 matched of its 70 keys); civil sends its 60 and learns nothing. The node
@@ -273,15 +279,21 @@ def test_rr22_is_for_membership_only() -> None:
 def test_the_receivers_output_maps_back_to_its_keys_and_nothing_else() -> None:
     keys = [f"1101011990010{i:05d}".encode() for i in range(50)]
     hashed = hashed_keys("q-1", keys, STANDARD)
-    lines = input_file(hashed).decode().splitlines()
-    assert lines[0] == "key" and len(lines) == 51 and len(set(lines)) == 51
-    output = [f'"{lines[1 + i]}"' for i in (41, 3, 17)] + [lines[1]]  # libpsi's order, any quotes
+    lines = input_file(hashed).splitlines()
+    assert lines[0] == b"key" and len(lines) == 51 and len(set(lines)) == 51
+    # Each cell is the base64 of its key's 12 hash bytes, whatever the base64 digits are.
+    assert [base64.b64decode(cell, validate=True) for cell in lines[1:]] == [
+        hashed[i * 12 : i * 12 + 12] for i in range(50)
+    ]
+    output = [b'"' + lines[1 + i] + b'"' for i in (41, 3, 17)] + [lines[1]]  # any order, quotes
     assert matched_positions(hashed, output) == [0, 3, 17, 41]
     assert matched_positions(hashed, []) == []
+    assert matched_positions(b"", []) == []
     # A hash of another query's keys (or no hash at all) is not one this node handed over.
-    stranger = input_file(hashed_keys("q-2", keys[:1], STANDARD)).decode().splitlines()[1]
+    stranger = input_file(hashed_keys("q-2", keys[:1], STANDARD)).splitlines()[1]
     assert matched_positions(hashed, [lines[4], stranger]) is None
-    assert matched_positions(hashed, [lines[4], "not hex"]) is None
+    assert matched_positions(hashed, [lines[4], b"not base64"]) is None
+    assert matched_positions(hashed, [lines[4][:-1]]) is None  # a cell cut short
 
 
 def failed_query(node: Node, dataset: str) -> str:
