@@ -10,6 +10,11 @@ Released figures: per group the noisy count and sums, each with its discrete Lap
 the half-width of its 95% interval (``dp.laplace_interval``); AVG = sum / count. A group whose
 noisy count is below k (the largest of the nodes' ``min_group_size``) is suppressed: all its
 figures are withheld.
+
+The BFV modules (``protocols.bfv``, ``protocols.bfv_simd``: tenseal and numpy) are imported
+where a query draws or uses a BFV key, so that a Paillier query and the ``govshare query``
+commands that only read this module's defaults and types (``query psi``, ``query results``,
+every ``--help``) start without them; tests/cli/test_cli_lazy.py checks it.
 """
 
 from __future__ import annotations
@@ -54,8 +59,6 @@ from govshare.model.governance import QueryKind, column_scales
 from govshare.model.identity import Identity
 from govshare.model.query_plan import Side
 from govshare.protocols import dp, masks
-from govshare.protocols.bfv import BfvSecretContext
-from govshare.protocols.bfv_simd import SimdSecretKeys
 from govshare.protocols.errors import MalformedInput, Unavailable
 from govshare.protocols.paillier import DEFAULT_N_BITS, decrypt_unpack, generate_keypair
 from govshare.protocols.receipt import Receipt
@@ -148,6 +151,8 @@ def run_intersection_aggregate(
     """
     scheme = scheme or plan.scheme
     if scheme == BFV_SIMD:
+        from govshare.protocols.bfv_simd import SimdSecretKeys
+
         plan = replace(plan, scheme=BFV_SIMD)
         secret = SimdSecretKeys(plan.simd_shape())
         bundle = secret.public_bundle()
@@ -180,6 +185,8 @@ def run_horizontal_aggregate(
     Raises: as :func:`govshare.client.analyst.run_psi`.
     """
     if plan.scheme == BFV:
+        from govshare.protocols.bfv import BfvSecretContext
+
         context = BfvSecretContext.create()
         public_context = context.public_bytes()
         fingerprint = digests_for(identity.roster.crypto).key_fingerprint(public_context)
@@ -290,11 +297,15 @@ def _decrypt(plan: AggregatePlan, key: _Key, ciphertexts: list[bytes]) -> dict[s
     """Slot name -> decrypted total (noise included, masks removed)."""
     figures = plan.figures
     if key.scheme == BFV_SIMD:
+        from govshare.protocols.bfv_simd import SimdSecretKeys
+
         if not isinstance(key.secret, SimdSecretKeys):  # pragma: no cover - built above
             raise TypeError("BFV-SIMD keys expected")
         cells = key.secret.decrypt(ciphertexts)
         return {slot_name(g, f): v for (g, f), v in zip(figures.cells, cells, strict=True)}
     if key.scheme == BFV:
+        from govshare.protocols.bfv import BfvSecretContext
+
         if not isinstance(key.secret, BfvSecretContext):  # pragma: no cover - built above
             raise TypeError("BFV key expected")
         words = key.secret.decrypt(ciphertexts)

@@ -11,12 +11,18 @@ import json
 import os
 import subprocess
 import sys
+from fractions import Fraction
 from pathlib import Path
 
 import pytest
 
 import govshare.cli.main as main_module
+from govshare.cli.aggregate import outcome_to_json
 from govshare.cli.main import COMMANDS
+from govshare.client.analyst_aggregate import AggregateOutcome, Figure, GroupResult
+from govshare.client.results import ResultsStore
+from govshare.model.aggregate_plan import BFV_SIMD
+from govshare.model.governance import QueryKind
 
 TIMEOUT = 120
 # The console script's entry point; what was imported is written however it exits.
@@ -78,6 +84,11 @@ def test_help_lists_every_command_and_imports_none(tmp_path: Path) -> None:
         (["catalog", "list", "--help"], "govshare.cli.catalog"),
         (["node", "--help"], "govshare.cli.node"),
         (["node", "alerts", "clear", "--help"], "govshare.cli.node"),
+        # The analyst's commands read the aggregate client's defaults and types; its BFV
+        # modules (tenseal, numpy) load only when a query draws a BFV key.
+        (["query", "--help"], "govshare.cli.query"),
+        (["query", "psi", "--help"], "govshare.cli.query"),
+        (["query", "sql", "--help"], "govshare.client.analyst_aggregate"),
     ],
 )
 def test_a_commands_help_loads_its_module_and_not_the_node(
@@ -97,6 +108,32 @@ def test_keygen_runs_without_the_node(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["name"] == "tax"
     assert (tmp_path / "home" / "tax.csr").is_file()
+    assert sorted(imported & NODE) == []
+
+
+def test_an_analysts_saved_aggregate_is_shown_without_the_he_libraries(tmp_path: Path) -> None:
+    # 'query result' and 'query results' read the results folder: no node, no HE library, even
+    # for a bfv-simd aggregate's result (saved as 'query sql' saves it).
+    query_id = "ab" * 16
+    outcome = AggregateOutcome(
+        query_id, QueryKind.INTERSECTION_AGGREGATE,
+        (GroupResult("Dongcheng", Figure(42, Fraction(6), 18), {}, {}, False),),
+        Fraction(1, 2), 5, {}, BFV_SIMD, None,
+    )  # fmt: skip
+    ResultsStore(tmp_path / "kept").save(
+        query_id, kind=outcome.kind.value, plan={}, result=outcome_to_json(outcome), receipt=None
+    )
+    args = ("--identity", "me", "--results", "kept")
+    shown, imported = govshare_imports("query", "result", "abab", *args, cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    # The table (its title wraps to the table's width), then the line naming the query.
+    assert "(bfv-simd)" in shown.stdout and "Dongcheng" in shown.stdout
+    assert f"query {query_id} (intersection_aggregate), saved " in shown.stdout
+    assert "42 ±18" in shown.stdout
+    assert sorted(imported & NODE) == []
+    listed, imported = govshare_imports("query", "results", *args, "--json", cwd=tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    assert [r["query_id"] for r in json.loads(listed.stdout)] == [query_id]
     assert sorted(imported & NODE) == []
 
 
