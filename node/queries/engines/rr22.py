@@ -6,21 +6,24 @@ the PSI kind's as for ECDH (``govshare.node.queries.kinds.psi``): admission, the
 approvals, the filtered-set floor and the tracker check, and with the matches the same storage
 (``govshare node results``) or masked release. Flow at each of the two nodes, once approved:
 
-1. The node picks a free port on the host of its ``[node] listen`` and a random token, and sends
-   both to the peer node over their gRPC channel (``Peer.Deliver``, phase ``link``, logged sent
-   and received like every protocol message); it waits for the peer's.
-2. It starts the driver (``rr22_driver.py``, importing only spu and the standard library) under
-   the interpreter of ``[engines] rr22_python``. The two drivers connect over libpsi's link
-   (brpc) with mutual TLS: each presents its node's federation TLS certificate and key and
-   accepts only a certificate chaining to the federation CA; then each sends its token and
-   checks the peer's against the one the peer node sent over gRPC. The receiving node (the
-   plan's recipient, else the left node) is rank 0 and alone gets libpsi's output.
-3. Meanwhile the node reads its distinct, filtered, normalised join keys and runs the data
+1. The node starts the driver (``rr22_driver.py``, importing only spu and the standard library)
+   under the interpreter of ``[engines] rr22_python``; the driver imports its library and waits.
+2. Meanwhile the node reads its distinct, filtered, normalised join keys and runs the data
    checks (the filtered-set floor, the tracker check of an exact release), hashes the keys
    (the suite's hash over a domain tag, the query id and the key, 96 bits in base64) into a
    CSV in a private temporary folder (0700, files 0600, removed when the run ends, however it
-   ends), and only then tells its driver to go: no driver reads a key before its node's checks
-   passed.
+   ends). No driver reads a key before its node's checks passed.
+3. Once its input is written and its driver ready, the node picks a free port on the host of
+   its ``[node] listen`` and a random token, and sends both to the peer node over their gRPC
+   channel (``Peer.Deliver``, phase ``link``, logged sent and received like every protocol
+   message); with the peer's it tells its driver to go. The offers cross when both nodes are
+   ready, so the two drivers start their links within a message's time of each other (a link
+   that tries its peer before the peer listens is refused, and brpc holds the peer as down for
+   seconds). The drivers connect over libpsi's link (brpc) with mutual TLS: each presents its
+   node's federation TLS certificate and key and accepts only a certificate chaining to the
+   federation CA; then each sends its token and checks the peer's against the one the peer
+   node sent over gRPC. The receiving node (the plan's recipient, else the left node) is rank
+   0 and alone gets libpsi's output.
 4. The node logs each step (``protocol.step``, direction ``engine``: ``rr22.started``,
    ``rr22.input`` with the digest and size of its input file (its keys in import order, each
    where it first appears, so that an auditor with the node's data can re-derive the digest),
@@ -76,6 +79,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import compress
 from pathlib import Path
+from typing import Any
 
 from govshare.model.identity import CA_CERT, TLS_CERT, TLS_KEY
 from govshare.node.queries.engines import EngineSettings
@@ -100,8 +104,12 @@ RANK_RECEIVER = 0
 CONNECT_RETRY_INTERVAL_MS = 100
 # brpc's log line when a TLS handshake on the link fails.
 HANDSHAKE_FAILED = "SSL_do_handshake"
+# A refused message on the link is tried again after 100 ms, then 1.1 s, then 2.1 s (yacl's
+# defaults: 1, 3 and 5 s): the first retry catches a peer link that starts a moment later.
+RETRY_INTERVAL_MS, RETRY_INTERVAL_INCREMENT_MS = 100, 1000
 # The steps logged (``protocol.step`` phase ``rr22.<word>``), from the driver's status lines.
 STARTED, INPUT, LINKED, DONE = "started", "input", "linked", "done"
+READY = "ready"  # the driver's first word: its library imported
 GO = "go"  # the node to its driver, on stdin: the input is written, run the protocol
 
 
@@ -269,27 +277,6 @@ class Rr22Engine:
             shutil.rmtree(folder, ignore_errors=True)
 
     def _run(self, run: Rr22Run, folder: Path) -> list[int]:
-        offer = LinkOffer(_free_port(self._host), secrets.token_hex(16))
-        peer = LinkOffer.decode(run.exchange(offer.encode()))
-        own_address = f"{self._host}:{offer.port}"
-        peer_address = f"{run.peer_host}:{peer.port}"
-        parties = [own_address, peer_address] if run.receiver else [peer_address, own_address]
-        job = {
-            "rank": RANK_RECEIVER if run.receiver else 1 - RANK_RECEIVER,
-            "link_id": f"govshare-{run.query_id}",
-            "parties": parties,
-            "tls": {"cert": str(self.tls.cert), "key": str(self.tls.key), "ca": str(self.tls.ca)},
-            "input": str(folder / INPUT),
-            "output": str(folder / OUTPUT),
-            "result": str(folder / RESULT),
-            "timeout_ms": int(self._timeout * 1000),
-            "connect_retries": max(1, int(self._timeout * 1000 / CONNECT_RETRY_INTERVAL_MS)),
-            "connect_retry_interval_ms": CONNECT_RETRY_INTERVAL_MS,
-            "low_comm": self._low_comm,
-            "token": offer.token,
-            "peer_token": peer.token,
-        }
-        _write_private(folder / JOB, json.dumps(job).encode())
         try:
             process = subprocess.Popen(
                 [str(self._python), str(DRIVER), str(folder / JOB)],
@@ -305,20 +292,27 @@ class Rr22Engine:
                 f"{exc.strerror or exc}; query aborted, nothing released"
             ) from None
         try:
+            driver = _Driver(process, run, node=self._node, timeout=self._timeout)
             run.step(STARTED, b"", 0)
-            # The driver starts and links meanwhile; it reads nothing before "go".
+            # The driver imports its library meanwhile; it reads nothing before "go".
             hashed = hashed_keys(run.query_id, run.prepare(), run.suite)
             data = input_file(hashed)
             _write_private(folder / INPUT, data)
             run.step(INPUT, data, len(hashed) // HASH_BYTES)
             del data
+            driver.wait_for(READY)
+            # The offers cross once both nodes are ready: each then tells its driver to go, and
+            # the two links start within a message's time of each other.
+            offer = LinkOffer(_free_port(self._host), secrets.token_hex(16))
+            peer = LinkOffer.decode(run.exchange(offer.encode()))
+            _write_private(folder / JOB, json.dumps(self._job(run, folder, offer, peer)).encode())
             assert process.stdin is not None
             try:
                 process.stdin.write(GO + "\n")
                 process.stdin.flush()
             except OSError:
-                pass  # the driver has ended: _wait says why
-            self._wait(process, run, finished=(folder / RESULT).exists)
+                pass  # the driver has ended: wait_for says why
+            driver.wait_for(DONE, finished=(folder / RESULT).exists)
             # Both drivers past the protocol and idle: only now may either leave. A driver that
             # leaves while its peer still awaits the answer to its last message makes brpc's
             # TLS path abort the peer ("Check failed ... error_code is 0").
@@ -352,50 +346,83 @@ class Rr22Engine:
         run.step(DONE, cells(found), len(matched))
         return matched
 
-    def _wait(
-        self, process: subprocess.Popen[str], run: Rr22Run, *, finished: Callable[[], bool]
+    def _job(self, run: Rr22Run, folder: Path, offer: LinkOffer, peer: LinkOffer) -> dict[str, Any]:
+        """The driver's job file: its rank, the link's parties and TLS files, its files."""
+        own_address = f"{self._host}:{offer.port}"
+        peer_address = f"{run.peer_host}:{peer.port}"
+        parties = [own_address, peer_address] if run.receiver else [peer_address, own_address]
+        return {
+            "rank": RANK_RECEIVER if run.receiver else 1 - RANK_RECEIVER,
+            "link_id": f"govshare-{run.query_id}",
+            "parties": parties,
+            "tls": {"cert": str(self.tls.cert), "key": str(self.tls.key), "ca": str(self.tls.ca)},
+            "input": str(folder / INPUT),
+            "output": str(folder / OUTPUT),
+            "result": str(folder / RESULT),
+            "timeout_ms": int(self._timeout * 1000),
+            "connect_retries": max(1, int(self._timeout * 1000 / CONNECT_RETRY_INTERVAL_MS)),
+            "connect_retry_interval_ms": CONNECT_RETRY_INTERVAL_MS,
+            "retry_interval_ms": RETRY_INTERVAL_MS,
+            "retry_interval_incr_ms": RETRY_INTERVAL_INCREMENT_MS,
+            "low_comm": self._low_comm,
+            "token": offer.token,
+            "peer_token": peer.token,
+        }
+
+
+class _Driver:
+    """What a running driver says, as its node reads it (from the moment it starts): its
+    status words, its errors, a refused TLS handshake on its link, its exit."""
+
+    def __init__(
+        self, process: subprocess.Popen[str], run: Rr22Run, *, node: str, timeout: float
     ) -> None:
-        """Until the driver says it is done, having ``finished`` (written its result, past the
-        protocol and the link's closing); it then waits, idle, for its node. Raises Aborted on
-        anything else (an exit before, a refused handshake, the query's end, the timeout)."""
-        events: queue.Queue[tuple[str, str]] = queue.Queue()
-        errors: list[str] = []
-        last: list[str] = [""]  # libpsi's last log line: what a native failure said
-
-        def said(kind: str, text: str) -> None:
-            events.put((kind, text))
-            run.wake.set()
-
-        def read_stdout() -> None:
-            assert process.stdout is not None
-            with process.stdout:  # closed at the driver's end, by this reader
-                for line in process.stdout:
-                    word = line.strip()
-                    if word in (LINKED, DONE):
-                        said("status", word)
-
-        def read_stderr() -> None:
-            assert process.stderr is not None
-            with process.stderr:
-                for line in process.stderr:
-                    if line.startswith("error:"):
-                        errors.append(line[len("error:") :].strip())
-                    elif HANDSHAKE_FAILED in line:
-                        said("tls", line.rsplit(":", 1)[-1].strip())
-                    elif line.strip():
-                        last[0] = " ".join(line.split())[:300]
-
-        def watch() -> None:
-            said("exit", str(process.wait()))
-
-        readers = [threading.Thread(target=t, daemon=True) for t in (read_stdout, read_stderr)]
-        for thread in [*readers, threading.Thread(target=watch, daemon=True)]:
+        self._process, self._run, self._node, self._timeout = process, run, node, timeout
+        self._deadline = time.monotonic() + timeout  # for the whole run
+        self._events: queue.Queue[tuple[str, str]] = queue.Queue()
+        self._errors: list[str] = []
+        self._last = ""  # libpsi's last log line: what a native failure said
+        self._said: set[str] = set()
+        self._code: int | None = None
+        self._readers = [
+            threading.Thread(target=t, daemon=True) for t in (self._stdout, self._stderr)
+        ]
+        for thread in [*self._readers, threading.Thread(target=self._watch, daemon=True)]:
             thread.start()
-        deadline = time.monotonic() + self._timeout
-        code: int | None = None
-        done: list[bool] = []
-        while code is None and not done:
-            remaining = deadline - time.monotonic()
+
+    def _tell(self, kind: str, text: str) -> None:
+        self._events.put((kind, text))
+        self._run.wake.set()
+
+    def _stdout(self) -> None:
+        assert self._process.stdout is not None
+        with self._process.stdout:  # closed at the driver's end, by this reader
+            for line in self._process.stdout:
+                word = line.strip()
+                if word in (READY, LINKED, DONE):
+                    self._tell("status", word)
+
+    def _stderr(self) -> None:
+        assert self._process.stderr is not None
+        with self._process.stderr:
+            for line in self._process.stderr:
+                if line.startswith("error:"):
+                    self._errors.append(line[len("error:") :].strip())
+                elif HANDSHAKE_FAILED in line:
+                    self._tell("tls", line.rsplit(":", 1)[-1].strip())
+                elif line.strip():
+                    self._last = " ".join(line.split())[:300]
+
+    def _watch(self) -> None:
+        self._tell("exit", str(self._process.wait()))
+
+    def wait_for(self, word: str, *, finished: Callable[[], bool] | None = None) -> None:
+        """Until the driver has said ``word`` (and, if given, ``finished`` holds: ``done`` with
+        its result written). Raises Aborted on anything else: an exit before, a refused
+        handshake, the query's end, the run's timeout."""
+        run = self._run
+        while word not in self._said and self._code is None:
+            remaining = self._deadline - time.monotonic()
             if remaining <= 0:
                 raise Aborted(
                     f"{self._node}: the rr22 engine did not finish with node {run.peer} within "
@@ -403,44 +430,44 @@ class Rr22Engine:
                 )
             run.wake.wait(remaining)
             run.wake.clear()
-            code = self._drain(events, run, done)
+            self._drain()
             reason = run.ended()
             if reason is not None:
                 raise Aborted(f"{self._node}: {reason}; nothing released")
-        if done and finished():
+        if word in self._said and (finished is None or finished()):
             return
-        for thread in readers:  # the pipes close with the driver: its last words are in
+        for thread in self._readers:  # the pipes close with the driver: its last words are in
             thread.join(timeout=self._timeout)
-        self._drain(events, run, done)
-        if not finished():
-            why = errors[-1] if errors else f"exit status {code} after: {last[0]}"
+        self._drain()
+        if not (word in self._said and (finished is None or finished())):
+            why = (
+                self._errors[-1]
+                if self._errors
+                else f"exit status {self._code} after: {self._last}"
+            )
             raise Aborted(
                 f"{self._node}: the rr22 engine failed with node {run.peer}: {why}; "
                 "query aborted, nothing released"
             )
 
-    def _drain(
-        self, events: queue.Queue[tuple[str, str]], run: Rr22Run, done: list[bool]
-    ) -> int | None:
-        """Log the driver's news; returns its exit status once it exited.
+    def _drain(self) -> None:
+        """Log the driver's news and note its words and exit.
 
         Raises:
             Aborted: a TLS handshake on the link failed."""
-        code = None
-        while not events.empty():
-            kind, text = events.get()
-            if kind == "status" and text == LINKED:
-                run.step(LINKED, b"", 0)
-            elif kind == "status" and text == DONE:
-                done.append(True)
+        while not self._events.empty():
+            kind, text = self._events.get()
+            if kind == "status":
+                self._said.add(text)
+                if text == LINKED:
+                    self._run.step(LINKED, b"", 0)
             elif kind == "tls":
                 raise Aborted(
-                    f"{self._node}: the rr22 engine's link to node {run.peer} was refused "
-                    f"in the TLS handshake ({text}); query aborted, nothing released"
+                    f"{self._node}: the rr22 engine's link to node {self._run.peer} was "
+                    f"refused in the TLS handshake ({text}); query aborted, nothing released"
                 )
             elif kind == "exit":
-                code = int(text)
-        return code
+                self._code = int(text)
 
 
 def _write_private(path: Path, data: bytes) -> None:

@@ -17,11 +17,14 @@ peer's against the expected one, so only the peer node's own driver is taken as 
 
 Prints one status word a line on stdout, which the node logs: ``ready`` (spu imported),
 ``linked`` (the link is up and the peer's token checked), ``done`` (the result written). It
-runs the protocol when the node writes ``go`` on its stdin (its input is then written), and
-after ``done`` waits, idle, until the node closes its stdin (both nodes' drivers done); it
-leaves at once (os._exit: tearing down the link's threads can take minutes). Its stdin closing
-before ``done`` (the node died) ends it. On any failure it prints ``error: <one line>`` on
-stderr and exits 1.
+waits, imported, until the node writes ``go`` on its stdin: the job file and the input are then
+written, and the peer node's driver is told to go at the same moment (the two nodes exchange
+their link offers just before), so that the two links start within milliseconds of each other.
+A link that tries its peer before the peer listens is refused, and brpc then holds the peer as
+down for seconds. After ``done`` it waits, idle, until the node closes its stdin (both nodes'
+drivers done); it leaves at once (os._exit: tearing down the link's threads can take minutes).
+Its stdin closing before ``done`` (the node died) ends it. On any failure it prints ``error:
+<one line>`` on stderr and exits 1.
 """
 
 from __future__ import annotations
@@ -70,6 +73,10 @@ def _link(link: Any, job: dict[str, Any]) -> Any:
     desc.http_timeout_ms = timeout_ms
     desc.connect_retry_times = int(job["connect_retries"])
     desc.connect_retry_interval_ms = int(job["connect_retry_interval_ms"])
+    # A refused message is first tried again soon (the peer's link may start a few
+    # milliseconds after this one), then with growing pauses, as many times as by default.
+    desc.retry_opts.retry_interval_ms = int(job["retry_interval_ms"])
+    desc.retry_opts.retry_interval_incr_ms = int(job["retry_interval_incr_ms"])
     desc.brpc_channel_protocol = "baidu_std"
     desc.enable_ssl = True
     tls = job["tls"]
@@ -91,14 +98,15 @@ def _check_peer(lctx: Any, job: dict[str, Any]) -> None:
         raise RuntimeError(TOKEN_MISMATCH)
 
 
-def run(job: dict[str, Any]) -> dict[str, int]:
+def run(job_path: str) -> dict[str, int]:
     link, psi = _spu()
     _status("ready")
+    GO.wait()  # the node ends this process if it gives up first
+    with open(job_path, encoding="utf-8") as file:
+        job = json.load(file)
     lctx = _link(link, job)
     _check_peer(lctx, job)
     _status("linked")
-    if not GO.wait(int(job["timeout_ms"]) / 1000):
-        raise RuntimeError("the node did not write the input in time")
     rank = int(job["rank"])
     config = psi.PsiExecuteConfig()
     config.protocol_conf.protocol = psi.PsiProtocol.PROTOCOL_RR22
@@ -128,8 +136,8 @@ FINISHED = threading.Event()
 
 
 def _listen_to_node() -> None:
-    """The node says "go" on our standard input once our input file is written, and holds it
-    open while it runs: at its end (the node died, or killed us), leave at once."""
+    """The node says "go" on our standard input once our job and input files are written, and
+    holds it open while it runs: at its end (the node died, or killed us), leave at once."""
     for line in sys.stdin:
         if line.strip() == "go":
             GO.set()
@@ -146,9 +154,7 @@ def main() -> None:
         sys.exit(2)
     threading.Thread(target=_listen_to_node, daemon=True).start()
     try:
-        with open(sys.argv[1], encoding="utf-8") as file:
-            job = json.load(file)
-        run(job)
+        run(sys.argv[1])
         # Idle, the link still up, until the node closes our stdin once its peer's driver has
         # finished too: psi_execute may return while the peer still sends its last messages,
         # and a driver leaving then leaves its peer waiting for the link's timeout, or makes
