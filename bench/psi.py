@@ -23,18 +23,21 @@ With ``--engine rr22`` it times membership kept by a receiving node instead (tax
 of its keys match, the analyst how many, noised; after a warm-up query): on the RR22 engine
 (``govshare.node.queries.engines.rr22``, its driver under the engine's interpreter) and on
 ECDH-PSI's batched path, on the same running nodes, with the ratio of the two. Peak RSS there
-is the node's process tree, and a driver's own peak (sampled) beside it.
+is the node's process tree, and a driver's own peak (sampled) beside it. It runs ``--rounds``
+timed queries per engine (3 by default) and prints medians: on a shared machine one run moves
+by a quarter from the next, for govshare and SecretFlow alike.
 
 With ``--anchor secretflow`` it also runs SecretFlow's PSI (``spu`` 0.9.5's libpsi, two local
 processes, ECDH on Curve25519 and RR22) on the same keys (``bench/secretflow_psi.py``), and
 prints govshare's ratios to both: PSI-CA's to SecretFlow's ECDH and RR22, or with ``--engine
-rr22`` membership on RR22 to SecretFlow's RR22 (target <= 1.5 x). SecretFlow and the RR22
+rr22`` membership on RR22 to SecretFlow's RR22 (target <= 1.5 x), there run after each round's
+queries and the ratio taken round by round (the median printed). SecretFlow and the RR22
 engine run in the engine's own virtual environment (spu's numpy < 2 and jax clash with
 govshare's): ``make secretflow`` builds .venv/secretflow, run here when missing; or
 ``--secretflow-python``.
 
     .venv/bin/python bench/psi.py [--sizes 10000,100000,1000000] [--dir bench-run/psi]
-        [--paths batched,pointwise] [--no-dp] [--engine ecdh|rr22 [--no-ecdh]]
+        [--paths batched,pointwise] [--no-dp] [--engine ecdh|rr22 [--no-ecdh] [--rounds N]]
         [--anchor secretflow]
 
 Targets (DESIGN.md): 1M x 1M <= 60 s on 2 cores, ratio <= 1.3, <= 1.5 GB per node.
@@ -47,6 +50,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import threading
@@ -320,65 +324,83 @@ def _run_nodes(
     }
 
 
+def timed_membership(
+    root: Path, alice: Identity, plan: PsiPlan, expected: int
+) -> tuple[float, dict[int, float]]:
+    """One membership query kept by tax: its wall time from the nodes' start, and the drivers'
+    peaks."""
+    start: list[float] = []
+    with DriverPeak() as drivers:
+        outcome = run_psi(alice, plan, on_status=approve_when_pending(root, start), poll=0.05)
+        wall = time.perf_counter() - start[0]
+    # The count is noised (ε 1, discrete Laplace of scale 1: |noise| > 30 has p < 1e-12); tax
+    # keeps the exact matches.
+    if abs(outcome.count - expected) > 30:
+        raise SystemExit(f"{plan.engine}: about {outcome.count} matched, not {expected}")
+    return wall, drivers.peak_mb
+
+
 def run_membership(
-    root: Path, expected: int, python: Path, engines: tuple[str, ...]
-) -> dict[str, dict[str, float]]:
-    """Membership kept by tax on each of ``engines`` in turn, on the same running nodes."""
+    root: Path, expected: int, python: Path, engines: tuple[str, ...], *, rounds: int,
+    anchor: bool,
+) -> tuple[dict[str, dict[str, Any]], dict[str, list[float]]]:  # fmt: skip
+    """Membership kept by tax on each of ``engines``, ``rounds`` times on the same running
+    nodes after a warm-up each; with ``anchor``, SecretFlow's RR22 (plain, then over mTLS on
+    the nodes' certificates, as the engine's link always runs) after each round's queries, so
+    that each round's figures are taken side by side. Returns per engine its walls and peaks,
+    and SecretFlow's walls by link."""
     enable_rr22(root, python)
-    rows: dict[str, dict[str, float]] = {}
+    rows: dict[str, dict[str, Any]] = {}
+    theirs: dict[str, list[float]] = {"plain": [], "mTLS": []}
     with node_processes(root, list(DATASETS)) as processes:
         alice = Identity.load(root / "alice")
         plan = bench_plan(QueryKind.PSI_MEMBERSHIP, recipient="tax", epsilon=DP_EPSILON)
-        for engine in engines:
-            engined = replace(plan, engine=engine)
+        plans = {engine: replace(plan, engine=engine) for engine in engines}
+        for engined in plans.values():
             run_psi(alice, engined, on_status=approve_when_pending(root, []), poll=0.05)  # warm-up
-            start: list[float] = []
-            with DriverPeak() as drivers:
-                outcome = run_psi(
-                    alice, engined, on_status=approve_when_pending(root, start), poll=0.05
-                )
-                wall = time.perf_counter() - start[0]
-            # The count is noised (ε 1, discrete Laplace of scale 1: |noise| > 30 has p < 1e-12);
-            # tax keeps the exact matches.
-            if abs(outcome.count - expected) > 30:
-                raise SystemExit(f"{engine}: about {outcome.count} matched, not {expected}")
-            rss = {name: tree_peak_rss_mb(p.pid) for name, p in processes.items()}
-            driver_peaks = sorted(drivers.peak_mb.values())
-            rows[engine] = {
-                "wall": wall,
-                "count": outcome.count,
-                "rss_tax": rss["tax"],
-                "rss_civil": rss["civil"],
-                "driver_mb": max(driver_peaks) if driver_peaks else 0.0,
-            }
-    return rows
+        for _ in range(rounds):
+            for engine, engined in plans.items():
+                wall, peaks = timed_membership(root, alice, engined, expected)
+                row = rows.setdefault(engine, {"walls": [], "driver_mb": 0.0})
+                row["walls"].append(wall)
+                row["driver_mb"] = max([row["driver_mb"], *peaks.values()])
+            for link in theirs if anchor else ():
+                outcome = run_secretflow(python, root, RR22, mtls=link == "mTLS")
+                if outcome["intersection"] != expected:
+                    raise SystemExit(f"SecretFlow rr22 found {outcome['intersection']}")
+                theirs[link].append(outcome["wall"])
+        rss = {name: tree_peak_rss_mb(p.pid) for name, p in processes.items()}
+    for row in rows.values():
+        row.update(rss_tax=rss["tax"], rss_civil=rss["civil"])
+    return rows, theirs
 
 
 def membership_bench(
-    root: Path, n: int, expected: int, python: Path, *, anchor: bool, with_ecdh: bool
-) -> None:
-    rows = run_membership(root, expected, python, (RR22, ECDH) if with_ecdh else (RR22,))
-    for engine in rows:
-        row = rows[engine]
-        print(f"{n:>12,} membership to tax on {engine.upper():<4}: wall {row['wall']:.1f} s, "
-              f"{2 * n / row['wall']:,.0f} items/s, about {row['count']:,} kept; peak RSS tax "
-              f"{row['rss_tax']:.0f} MB, civil {row['rss_civil']:.0f} MB, a driver "
-              f"{row['driver_mb']:.0f} MB", flush=True)  # fmt: skip
+    root: Path, n: int, expected: int, python: Path, *, anchor: bool, with_ecdh: bool,
+    rounds: int,
+) -> None:  # fmt: skip
+    engines = (RR22, ECDH) if with_ecdh else (RR22,)
+    rows, theirs = run_membership(root, expected, python, engines, rounds=rounds, anchor=anchor)
+    for engine, row in rows.items():
+        walls = row["walls"]
+        wall = statistics.median(walls)
+        print(f"{n:>12,} membership to tax on {engine.upper():<4}: wall {wall:.1f} s (median of "
+              f"{len(walls)}: {', '.join(f'{w:.1f}' for w in walls)}), {2 * n / wall:,.0f} "
+              f"items/s; peak RSS tax {row['rss_tax']:.0f} MB, civil {row['rss_civil']:.0f} MB, "
+              f"a driver {row['driver_mb']:.0f} MB", flush=True)  # fmt: skip
     if with_ecdh:
-        print(f"{n:>12,} membership RR22 vs ECDH: {rows[ECDH]['wall'] / rows[RR22]['wall']:.2f} "
-              "x faster", flush=True)  # fmt: skip
-    if anchor:
-        # SecretFlow as its bench runs it (plain TCP), and with mutual TLS on the nodes'
-        # certificates, as the engine's link always runs.
-        for mtls in (False, True):
-            theirs = run_secretflow(python, root, RR22, mtls=mtls)
-            if theirs["intersection"] != expected:
-                raise SystemExit(f"SecretFlow rr22 found {theirs['intersection']}")
-            ours = rows[RR22]["wall"]
-            link = "mTLS" if mtls else "plain"
-            print(f"{n:>12,} SecretFlow RR22 ({link:<5}, spu 0.9.5): wall {theirs['wall']:.1f} s; "
-                  f"govshare membership on RR22 {ours:.1f} s is {ours / theirs['wall']:.2f} x its "
-                  "time (target <= 1.5 x)", flush=True)  # fmt: skip
+        ratio = statistics.median(rows[ECDH]["walls"]) / statistics.median(rows[RR22]["walls"])
+        print(f"{n:>12,} membership RR22 vs ECDH: {ratio:.2f} x faster", flush=True)
+    ours = rows[RR22]["walls"]
+    for link, walls in theirs.items() if anchor else ():
+        # Each round's govshare query beside SecretFlow's run of the same round.
+        ratios = [a / b for a, b in zip(ours, walls, strict=True)]
+        print(f"{n:>12,} SecretFlow RR22 ({link:<5}, spu 0.9.5): wall "
+              f"{statistics.median(walls):.1f} s (median of {len(walls)}: "
+              f"{', '.join(f'{w:.1f}' for w in walls)}); govshare membership on RR22 is "
+              f"{statistics.median(ratios):.2f} x its time, the median of the rounds' "
+              f"ratios ({', '.join(f'{r:.2f}' for r in ratios)}; target <= 1.5 x)",
+              flush=True)  # fmt: skip
 
 
 def main() -> None:
@@ -394,6 +416,11 @@ def main() -> None:
         help="with --engine rr22: skip membership on ECDH-PSI (many minutes at 1M)",
     )  # fmt: skip
     parser.add_argument("--anchor", choices=["none", "secretflow"], default="none")
+    parser.add_argument(
+        "--rounds", type=int, default=3,
+        help="with --engine rr22: timed queries per engine (each beside SecretFlow's runs of "
+        "the same round with --anchor); medians are printed",
+    )  # fmt: skip
     parser.add_argument(
         "--engine", choices=ENGINES, default=ECDH,
         help="ecdh: PSI cardinality on the masking paths; rr22: membership kept by a node, on "
@@ -422,7 +449,7 @@ def main() -> None:
             expected = setup(root, n)
             membership_bench(
                 root, n, expected, anchor, anchor=options.anchor == "secretflow",
-                with_ecdh=not options.no_ecdh,
+                with_ecdh=not options.no_ecdh, rounds=options.rounds,
             )  # fmt: skip
         return
     print(f"PSI cardinality, two node processes over mTLS on loopback, {workers} cores")
