@@ -37,7 +37,7 @@ from govshare.protocols.errors import (
 )
 from govshare.protocols.receipt import LogKey, Receipt, make_receipt, verify_receipt
 from govshare.protocols.signed_request import DEFAULT_LIFETIME_SECONDS, sign_request
-from govshare.rpc.client import NodeClient
+from govshare.rpc.client import DEFAULT_TIMEOUT, NodeClient
 from govshare.v1 import query_pb2
 
 # Seconds to wait for operators' approvals before giving up.
@@ -90,9 +90,9 @@ def signed_body(plan: dict[str, Any], sql: str | None) -> dict[str, Any]:
     return plan if sql is None else {**plan, "sql": sql}
 
 
-def release_mask(identity: Identity, plan: PsiPlan) -> str:
+def release_mask(identity: Identity, plan: PsiPlan, *, timeout: float = DEFAULT_TIMEOUT) -> str:
     """The masking rule the releasing (left) side's catalogue gives its join key."""
-    with NodeClient.to(identity, plan.left.node) as client:
+    with NodeClient.to(identity, plan.left.node, timeout=timeout) as client:
         rule = client.describe_dataset(plan.left.dataset).column(plan.left.column)
     if rule is None or rule.mask is None:
         raise PolicyRefused(
@@ -132,12 +132,15 @@ def ask(
     approval_timeout: float = DEFAULT_APPROVAL_TIMEOUT,
     lifetime: int = DEFAULT_LIFETIME_SECONDS,
     poll: float = POLL_SECONDS,
+    call_timeout: float = DEFAULT_TIMEOUT,
 ) -> Asked[T]:
     """The analyst's side of any joint query.
 
     Signs ``body`` once, submits the signed request to every node, waits while any node holds
     it for approval, calls ``prepare`` (if given) then ``run`` on every node at once, and
     collects each node's receipt part into a receipt verified against the roster.
+    ``call_timeout`` is the deadline of each call but the run (submit, status, prepare,
+    cancel, receipt): past it the node counts as unreachable.
 
     Raises:
         PermissionDenied: a node refused (the message names the node and the rule).
@@ -158,7 +161,7 @@ def ask(
     )
     query_id = request.query_id_hex
     signed = request.encode()
-    clients = {n: NodeClient.to(identity, n) for n in nodes}
+    clients = {n: NodeClient.to(identity, n, timeout=call_timeout) for n in nodes}
     try:
         with ThreadPoolExecutor(max_workers=len(nodes)) as pool:
             submitted = {n: pool.submit(_submit, clients[n], signed) for n in nodes}
@@ -275,15 +278,17 @@ def run_psi(
     lifetime: int = DEFAULT_LIFETIME_SECONDS,
     poll: float = POLL_SECONDS,
     sql: str | None = None,
+    call_timeout: float = DEFAULT_TIMEOUT,
 ) -> PsiOutcome:
     """Ask a PSI query of its two nodes and return the verified outcome.
 
     ``sql``: the statement the plan came from, signed with it so that operators see it.
+    ``call_timeout``: the deadline of each call to a node but the run (:func:`ask`).
 
     Raises: as :func:`ask`.
     """
     if plan.kind is QueryKind.PSI_MEMBERSHIP and plan.recipient is None and plan.mask is None:
-        plan = replace(plan, mask=release_mask(identity, plan))
+        plan = replace(plan, mask=release_mask(identity, plan, timeout=call_timeout))
     nodes = plan.nodes
     body = signed_body(plan.to_json(), sql)
     asked = ask(
@@ -297,6 +302,7 @@ def run_psi(
         approval_timeout=approval_timeout,
         lifetime=lifetime,
         poll=poll,
+        call_timeout=call_timeout,
     )
     query_id, outputs, receipt = asked.query_id, asked.outputs, asked.receipt
     sets = {n: [c.points for c in outputs[n]] for n in nodes}
