@@ -39,6 +39,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from fractions import Fraction
+from itertools import groupby
 from pathlib import Path
 
 from govshare.model.digests import ITEM_DIGEST_BYTES
@@ -330,7 +331,10 @@ class QueryStore:
                         ((query_id, key) for key in keys),
                     )
                     return
-                ordered = sorted(set(keys))
+                # Sorted first (one pass when the caller sorted them, as membership does),
+                # then each once, by neighbours: a set first would make the sort start from
+                # scratch, and hashes every key.
+                ordered = [key for key, _ in groupby(sorted(keys))]
                 self._db.execute(
                     "INSERT OR IGNORE INTO sealed_matches VALUES (?, ?, ?, ?)",
                     (
