@@ -110,6 +110,7 @@ RETRY_INTERVAL_MS, RETRY_INTERVAL_INCREMENT_MS = 100, 1000
 # The steps logged (``protocol.step`` phase ``rr22.<word>``), from the driver's status lines.
 STARTED, INPUT, LINKED, DONE = "started", "input", "linked", "done"
 READY = "ready"  # the driver's first word: its library imported
+LINK = "link"  # the node to its driver, on stdin: the job file is written, link to the peer
 GO = "go"  # the node to its driver, on stdin: the input is written, run the protocol
 
 
@@ -238,6 +239,8 @@ class Rr22Run:
     suite: Suite
     # Tell the peer node this driver finished and wait until the peer's has (over gRPC).
     finish: Callable[[], None]
+    # End the part's waits (the peer's link offer) with a reason: the run is over.
+    end: Callable[[str], None]
 
 
 class Rr22Engine:
@@ -248,12 +251,12 @@ class Rr22Engine:
     ) -> None:
         if settings.rr22_python is None:
             raise ValueError("no rr22_python configured")
-        self._node = node
+        self.node = node
         self._python = settings.rr22_python
         self._low_comm = settings.rr22_low_comm
-        self._host = settings.link_host
+        self.host = settings.link_host
         self.tls = LinkTls.of_identity(identity_dir)
-        self._timeout = timeout
+        self.timeout = timeout
 
     @classmethod
     def configured(
@@ -270,7 +273,7 @@ class Rr22Engine:
             Aborted: the run failed or was ended; nothing was released, no file is left.
             MalformedInput: the peer's link offer was malformed.
         """
-        folder = Path(tempfile.mkdtemp(prefix=f"govshare-rr22-{self._node}-"))
+        folder = Path(tempfile.mkdtemp(prefix=f"govshare-rr22-{self.node}-"))
         try:
             return self._run(run, folder)
         finally:
@@ -288,30 +291,22 @@ class Rr22Engine:
             )
         except OSError as exc:
             raise Aborted(
-                f"{self._node}: cannot start the rr22 engine with {self._python}: "
+                f"{self.node}: cannot start the rr22 engine with {self._python}: "
                 f"{exc.strerror or exc}; query aborted, nothing released"
             ) from None
+        linking: _Linking | None = None
         try:
-            driver = _Driver(process, run, node=self._node, timeout=self._timeout)
+            driver = _Driver(process, run, node=self.node, timeout=self.timeout)
             run.step(STARTED, b"", 0)
-            # The driver imports its library meanwhile; it reads nothing before "go".
+            # The driver imports its library and links meanwhile; it reads nothing before "go".
+            linking = _Linking(self, run, folder, driver)
             hashed = hashed_keys(run.query_id, run.prepare(), run.suite)
             data = input_file(hashed)
             _write_private(folder / INPUT, data)
             run.step(INPUT, data, len(hashed) // HASH_BYTES)
             del data
-            driver.wait_for(READY)
-            # The offers cross once both nodes are ready: each then tells its driver to go, and
-            # the two links start within a message's time of each other.
-            offer = LinkOffer(_free_port(self._host), secrets.token_hex(16))
-            peer = LinkOffer.decode(run.exchange(offer.encode()))
-            _write_private(folder / JOB, json.dumps(self._job(run, folder, offer, peer)).encode())
-            assert process.stdin is not None
-            try:
-                process.stdin.write(GO + "\n")
-                process.stdin.flush()
-            except OSError:
-                pass  # the driver has ended: wait_for says why
+            linking.finish()
+            _tell(process, GO)
             driver.wait_for(DONE, finished=(folder / RESULT).exists)
             # Both drivers past the protocol and idle: only now may either leave. A driver that
             # leaves while its peer still awaits the answer to its last message makes brpc's
@@ -319,8 +314,10 @@ class Rr22Engine:
             run.finish()
             assert process.stdin is not None
             process.stdin.close()  # the driver leaves
-            process.wait(timeout=self._timeout)
+            process.wait(timeout=self.timeout)
         finally:
+            if linking is not None:
+                linking.stop()
             if process.poll() is None:
                 process.kill()
             process.wait()
@@ -336,19 +333,19 @@ class Rr22Engine:
             lines = (folder / OUTPUT).read_bytes().splitlines()
         except OSError as exc:
             raise Aborted(
-                f"{self._node}: the rr22 engine wrote no intersection ({exc.strerror}); "
+                f"{self.node}: the rr22 engine wrote no intersection ({exc.strerror}); "
                 "nothing released"
             ) from None
         matched = matched_positions(hashed, lines[1:])
         if matched is None:
-            raise Aborted(f"{self._node}: the rr22 engine's output names a key it was not given")
+            raise Aborted(f"{self.node}: the rr22 engine's output names a key it was not given")
         found = b"".join(hashed[i * HASH_BYTES : (i + 1) * HASH_BYTES] for i in matched)
         run.step(DONE, cells(found), len(matched))
         return matched
 
-    def _job(self, run: Rr22Run, folder: Path, offer: LinkOffer, peer: LinkOffer) -> dict[str, Any]:
+    def job(self, run: Rr22Run, folder: Path, offer: LinkOffer, peer: LinkOffer) -> dict[str, Any]:
         """The driver's job file: its rank, the link's parties and TLS files, its files."""
-        own_address = f"{self._host}:{offer.port}"
+        own_address = f"{self.host}:{offer.port}"
         peer_address = f"{run.peer_host}:{peer.port}"
         parties = [own_address, peer_address] if run.receiver else [peer_address, own_address]
         return {
@@ -359,8 +356,8 @@ class Rr22Engine:
             "input": str(folder / INPUT),
             "output": str(folder / OUTPUT),
             "result": str(folder / RESULT),
-            "timeout_ms": int(self._timeout * 1000),
-            "connect_retries": max(1, int(self._timeout * 1000 / CONNECT_RETRY_INTERVAL_MS)),
+            "timeout_ms": int(self.timeout * 1000),
+            "connect_retries": max(1, int(self.timeout * 1000 / CONNECT_RETRY_INTERVAL_MS)),
             "connect_retry_interval_ms": CONNECT_RETRY_INTERVAL_MS,
             "retry_interval_ms": RETRY_INTERVAL_MS,
             "retry_interval_incr_ms": RETRY_INTERVAL_INCREMENT_MS,
@@ -370,6 +367,62 @@ class Rr22Engine:
         }
 
 
+class _Linking(threading.Thread):
+    """The link's set-up, beside the node's reading of its keys: once the driver is ready, the
+    link offers cross with the peer node's (each node's driver ready by then: the two links
+    start within a message's time of each other), the job file is written and the driver told
+    to link."""
+
+    def __init__(self, engine: Rr22Engine, run: Rr22Run, folder: Path, driver: _Driver) -> None:
+        super().__init__(daemon=True)
+        self._engine, self._run, self._folder, self._driver = engine, run, folder, driver
+        self._stopped = threading.Event()
+        self._failure: BaseException | None = None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            if not self._driver.started.wait(self._engine.timeout) or self._stopped.is_set():
+                return  # the driver's own wait says what happened
+            if self._driver.exited:
+                return
+            offer = LinkOffer(_free_port(self._engine.host), secrets.token_hex(16))
+            peer = LinkOffer.decode(self._run.exchange(offer.encode()))
+            job = self._engine.job(self._run, self._folder, offer, peer)
+            _write_private(self._folder / JOB, json.dumps(job).encode())
+            if not self._stopped.is_set():
+                _tell(self._driver.process, LINK)
+        except BaseException as exc:  # the node's thread raises it
+            self._failure = exc
+
+    def finish(self) -> None:
+        """Wait for the set-up; raises what it failed with (Aborted, MalformedInput)."""
+        self.join(self._engine.timeout)
+        if self._failure is not None:
+            raise self._failure
+        if self.is_alive():
+            raise Aborted(
+                f"{self._engine.node}: the rr22 engine's link to node {self._run.peer} was not "
+                f"set up within {self._engine.timeout:g} s; query aborted, nothing released"
+            )
+
+    def stop(self) -> None:
+        """The run is over: no offer after this, and a wait for the peer's offer ends."""
+        self._stopped.set()
+        if self.is_alive():
+            self._run.end("the rr22 engine's run ended")
+
+
+def _tell(process: subprocess.Popen[str], word: str) -> None:
+    """One word to the driver on its stdin; a driver that has ended says why elsewhere."""
+    assert process.stdin is not None
+    try:
+        process.stdin.write(word + "\n")
+        process.stdin.flush()
+    except (OSError, ValueError):
+        pass  # the driver has ended (or its stdin is closed): its exit is waited for
+
+
 class _Driver:
     """What a running driver says, as its node reads it (from the moment it starts): its
     status words, its errors, a refused TLS handshake on its link, its exit."""
@@ -377,7 +430,9 @@ class _Driver:
     def __init__(
         self, process: subprocess.Popen[str], run: Rr22Run, *, node: str, timeout: float
     ) -> None:
-        self._process, self._run, self._node, self._timeout = process, run, node, timeout
+        self.process, self._run, self.node, self._timeout = process, run, node, timeout
+        self.started = threading.Event()  # the driver said "ready", or exited
+        self.exited = False
         self._deadline = time.monotonic() + timeout  # for the whole run
         self._events: queue.Queue[tuple[str, str]] = queue.Queue()
         self._errors: list[str] = []
@@ -395,17 +450,19 @@ class _Driver:
         self._run.wake.set()
 
     def _stdout(self) -> None:
-        assert self._process.stdout is not None
-        with self._process.stdout:  # closed at the driver's end, by this reader
-            for line in self._process.stdout:
+        assert self.process.stdout is not None
+        with self.process.stdout:  # closed at the driver's end, by this reader
+            for line in self.process.stdout:
                 word = line.strip()
+                if word == READY:
+                    self.started.set()
                 if word in (READY, LINKED, DONE):
                     self._tell("status", word)
 
     def _stderr(self) -> None:
-        assert self._process.stderr is not None
-        with self._process.stderr:
-            for line in self._process.stderr:
+        assert self.process.stderr is not None
+        with self.process.stderr:
+            for line in self.process.stderr:
                 if line.startswith("error:"):
                     self._errors.append(line[len("error:") :].strip())
                 elif HANDSHAKE_FAILED in line:
@@ -414,7 +471,10 @@ class _Driver:
                     self._last = " ".join(line.split())[:300]
 
     def _watch(self) -> None:
-        self._tell("exit", str(self._process.wait()))
+        code = self.process.wait()
+        self.exited = True
+        self.started.set()
+        self._tell("exit", str(code))
 
     def wait_for(self, word: str, *, finished: Callable[[], bool] | None = None) -> None:
         """Until the driver has said ``word`` (and, if given, ``finished`` holds: ``done`` with
@@ -425,7 +485,7 @@ class _Driver:
             remaining = self._deadline - time.monotonic()
             if remaining <= 0:
                 raise Aborted(
-                    f"{self._node}: the rr22 engine did not finish with node {run.peer} within "
+                    f"{self.node}: the rr22 engine did not finish with node {run.peer} within "
                     f"{self._timeout:g} s; query aborted, nothing released"
                 )
             run.wake.wait(remaining)
@@ -433,7 +493,7 @@ class _Driver:
             self._drain()
             reason = run.ended()
             if reason is not None:
-                raise Aborted(f"{self._node}: {reason}; nothing released")
+                raise Aborted(f"{self.node}: {reason}; nothing released")
         if word in self._said and (finished is None or finished()):
             return
         for thread in self._readers:  # the pipes close with the driver: its last words are in
@@ -446,7 +506,7 @@ class _Driver:
                 else f"exit status {self._code} after: {self._last}"
             )
             raise Aborted(
-                f"{self._node}: the rr22 engine failed with node {run.peer}: {why}; "
+                f"{self.node}: the rr22 engine failed with node {run.peer}: {why}; "
                 "query aborted, nothing released"
             )
 
@@ -463,7 +523,7 @@ class _Driver:
                     self._run.step(LINKED, b"", 0)
             elif kind == "tls":
                 raise Aborted(
-                    f"{self._node}: the rr22 engine's link to node {self._run.peer} was "
+                    f"{self.node}: the rr22 engine's link to node {self._run.peer} was "
                     f"refused in the TLS handshake ({text}); query aborted, nothing released"
                 )
             elif kind == "exit":

@@ -17,14 +17,15 @@ peer's against the expected one, so only the peer node's own driver is taken as 
 
 Prints one status word a line on stdout, which the node logs: ``ready`` (spu imported),
 ``linked`` (the link is up and the peer's token checked), ``done`` (the result written). It
-waits, imported, until the node writes ``go`` on its stdin: the job file and the input are then
-written, and the peer node's driver is told to go at the same moment (the two nodes exchange
-their link offers just before), so that the two links start within milliseconds of each other.
-A link that tries its peer before the peer listens is refused, and brpc then holds the peer as
-down for seconds. After ``done`` it waits, idle, until the node closes its stdin (both nodes'
-drivers done); it leaves at once (os._exit: tearing down the link's threads can take minutes).
-Its stdin closing before ``done`` (the node died) ends it. On any failure it prints ``error:
-<one line>`` on stderr and exits 1.
+waits, imported, until the node writes ``link`` on its stdin: its job file is then written, and
+the peer node's driver is told to link at the same moment (the two nodes exchange their link
+offers just before, once both drivers are ready), so that the two links start within
+milliseconds of each other. A link that tries its peer before the peer listens is refused, and
+brpc then holds the peer as down for seconds. It runs the protocol when the node writes ``go``
+(its input is then written). After ``done`` it waits, idle, until the node closes its stdin
+(both nodes' drivers done); it leaves at once (os._exit: tearing down the link's threads can
+take minutes). Its stdin closing before ``done`` (the node died) ends it. On any failure it
+prints ``error: <one line>`` on stderr and exits 1.
 """
 
 from __future__ import annotations
@@ -101,12 +102,13 @@ def _check_peer(lctx: Any, job: dict[str, Any]) -> None:
 def run(job_path: str) -> dict[str, int]:
     link, psi = _spu()
     _status("ready")
-    GO.wait()  # the node ends this process if it gives up first
+    LINK.wait()  # the node ends this process if it gives up first
     with open(job_path, encoding="utf-8") as file:
         job = json.load(file)
     lctx = _link(link, job)
     _check_peer(lctx, job)
     _status("linked")
+    GO.wait()
     rank = int(job["rank"])
     config = psi.PsiExecuteConfig()
     config.protocol_conf.protocol = psi.PsiProtocol.PROTOCOL_RR22
@@ -131,15 +133,19 @@ def run(job_path: str) -> dict[str, int]:
     return outcome
 
 
+LINK = threading.Event()
 GO = threading.Event()
 FINISHED = threading.Event()
 
 
 def _listen_to_node() -> None:
-    """The node says "go" on our standard input once our job and input files are written, and
-    holds it open while it runs: at its end (the node died, or killed us), leave at once."""
+    """The node says "link" on our standard input once our job file is written, "go" once our
+    input is, and holds it open while it runs: at its end (the node died, or killed us), leave
+    at once."""
     for line in sys.stdin:
-        if line.strip() == "go":
+        if line.strip() == "link":
+            LINK.set()
+        elif line.strip() == "go":
             GO.set()
     if FINISHED.is_set():  # both nodes saw their drivers finish: leave
         os._exit(0)

@@ -396,6 +396,7 @@ class PsiKind:
                 ended=lambda: session.mailbox.ended,
                 step=step,
                 finish=finish,
+                end=session.mailbox.end,
                 suite=self._roster().crypto,
             )
         )
