@@ -6,19 +6,19 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.table import Table
 
 from govshare.cli.common import console, err_console
-from govshare.client.analyst_aggregate import (
-    DEFAULT_INTERSECTION_SCHEME,
-    AggregateOutcome,
-    Figure,
-)
+from govshare.client.aggregate_defaults import DEFAULT_INTERSECTION_SCHEME
 from govshare.model.aggregate_plan import INTERSECTION_SCHEMES
 from govshare.model.epsilon import format_epsilon
+
+if TYPE_CHECKING:
+    # The aggregate client (grpc, sqlglot) loads only in the command that runs an aggregate.
+    from govshare.client.analyst_aggregate import AggregateOutcome, Figure
 
 scheme_option = click.option(
     "--scheme",

@@ -10,7 +10,7 @@ from dataclasses import replace
 from decimal import Decimal
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.status import Status
@@ -29,16 +29,19 @@ from govshare.cli.common import (
     json_option,
     render_table,
 )
-from govshare.client.analyst import PsiOutcome, StatusCallback, run_psi
-from govshare.client.analyst_aggregate import DEFAULT_SUM_BOUND, run_aggregate_sql
+from govshare.client.aggregate_defaults import DEFAULT_SUM_BOUND
 from govshare.client.results import ResultsStore, SavedResult, default_folder
-from govshare.client.sql import JoinQuery, parse_filter, parse_query
 from govshare.model.conditions import Condition
 from govshare.model.epsilon import format_epsilon, parse_epsilon
 from govshare.model.governance import QueryKind
 from govshare.model.identity import Identity
 from govshare.model.query_plan import ECDH, ENGINES, PsiPlan, Side
 from govshare.protocols.receipt import Receipt, encode_receipt
+
+if TYPE_CHECKING:
+    # The clients that talk to nodes (grpc) and parse SQL (sqlglot) load in the commands that
+    # ask a query: '--help', 'query result' and 'query results' start without them.
+    from govshare.client.analyst import PsiOutcome, StatusCallback
 
 _purpose = click.option(
     "--purpose", required=True, help="Why you ask; must match the purpose of your grants."
@@ -127,6 +130,8 @@ def _column_ref(text: str, option: str) -> tuple[str, str, str]:
 def _run(
     identity: Path, plan: PsiPlan, approval_timeout: float, as_json: bool, sql: str | None = None
 ) -> PsiOutcome:
+    from govshare.client.analyst import run_psi
+
     me = Identity.load(identity)
     if as_json:
         return run_psi(me, plan, approval_timeout=approval_timeout, sql=sql)
@@ -355,6 +360,8 @@ def psi(
     as_json: bool,
 ) -> None:
     """Private set intersection between two departments' datasets."""
+    from govshare.client.sql import parse_filter
+
     _check_receipt_path(receipt_path)
     sides = [_column_ref(left, "--left"), _column_ref(right, "--right")]
     where: dict[tuple[str, str], list[Condition]] = {(n, d): [] for n, d, _ in sides}
@@ -440,6 +447,9 @@ def sql(
       SELECT h.age_band, COUNT(*), SUM(h.visits) FROM (SELECT * FROM health.clinic_visits
       UNION ALL SELECT * FROM health_north.clinic_visits) AS h GROUP BY h.age_band
     """
+    from govshare.client.analyst_aggregate import run_aggregate_sql
+    from govshare.client.sql import JoinQuery, parse_query
+
     _check_receipt_path(receipt_path)
     store = _store(identity, results_dir)
     query = parse_query(statement)

@@ -12,9 +12,10 @@ noisy count is below k (the largest of the nodes' ``min_group_size``) is suppres
 figures are withheld.
 
 The BFV modules (``protocols.bfv``, ``protocols.bfv_simd``: tenseal and numpy) are imported
-where a query draws or uses a BFV key, so that a Paillier query and the ``govshare query``
-commands that only read this module's defaults and types (``query psi``, ``query results``,
-every ``--help``) start without them; tests/cli/test_cli_lazy.py checks it.
+where a query draws or uses a BFV key, so that a Paillier query starts without them. The
+``govshare query`` commands that run no aggregate (``query psi``, ``query results``, every
+``--help``) do not import this module at all (it loads grpc and sqlglot): its defaults are in
+``client/aggregate_defaults.py``; tests/cli/test_cli_lazy.py checks it.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from decimal import Decimal
 from fractions import Fraction
 from typing import Any
 
+from govshare.client.aggregate_defaults import DEFAULT_INTERSECTION_SCHEME, DEFAULT_SUM_BOUND
 from govshare.client.analyst import (
     DEFAULT_APPROVAL_TIMEOUT,
     DEFAULT_RUN_TIMEOUT,
@@ -366,14 +368,6 @@ def release_groups(figures: Figures, totals: Mapping[str, int], k: int) -> tuple
 
 def plan_nodes(plan: AggregatePlan) -> Sequence[str]:
     return plan.nodes
-
-
-# Clipping bound of a SUM written without one in SQL (its sensitivity under DP), in the
-# column's declared unit (100,000 yuan for a column kept to 2 decimal places).
-DEFAULT_SUM_BOUND = Decimal(100_000)
-# The intersection aggregate's scheme unless the analyst picks one: bfv-simd measured well ahead
-# of per-key Paillier in bench/aggregate.py (README, "Benchmarks").
-DEFAULT_INTERSECTION_SCHEME = BFV_SIMD
 
 
 def run_aggregate_sql(

@@ -43,6 +43,8 @@ NODE = {
     "govshare.node.operator",
     "govshare.protocols.bfv_simd",
 }
+# What only a command that talks to a node (grpc) or parses SQL (sqlglot) needs.
+CLIENT = {"grpc", "sqlglot", "govshare.client.analyst", "govshare.client.analyst_aggregate"}
 # The modules that define commands: every one in cli/ but the entry point itself.
 COMMAND_MODULES = {
     f"govshare.cli.{path.stem}" for path in Path(main_module.__file__).parent.glob("*.py")
@@ -84,11 +86,9 @@ def test_help_lists_every_command_and_imports_none(tmp_path: Path) -> None:
         (["catalog", "list", "--help"], "govshare.cli.catalog"),
         (["node", "--help"], "govshare.cli.node"),
         (["node", "alerts", "clear", "--help"], "govshare.cli.node"),
-        # The analyst's commands read the aggregate client's defaults and types; its BFV
-        # modules (tenseal, numpy) load only when a query draws a BFV key.
         (["query", "--help"], "govshare.cli.query"),
         (["query", "psi", "--help"], "govshare.cli.query"),
-        (["query", "sql", "--help"], "govshare.client.analyst_aggregate"),
+        (["query", "sql", "--help"], "govshare.cli.aggregate"),
     ],
 )
 def test_a_commands_help_loads_its_module_and_not_the_node(
@@ -99,6 +99,28 @@ def test_a_commands_help_loads_its_module_and_not_the_node(
     assert done.stdout.startswith(f"Usage: govshare {' '.join(args[:-1])} ")
     assert module in imported
     assert sorted(imported & NODE) == []
+
+
+@pytest.mark.parametrize("args", [["query"], ["query", "psi"], ["query", "sql"]])
+def test_the_analysts_help_loads_neither_grpc_nor_sqlglot(args: list[str], tmp_path: Path) -> None:
+    # The analyst's options show the aggregate defaults (client/aggregate_defaults.py); the
+    # clients that talk to nodes and parse SQL load in the commands that ask a query.
+    done, imported = govshare_imports(*args, "--help", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "govshare.cli.query" in imported
+    assert sorted(imported & CLIENT) == []
+
+
+def test_asking_a_query_loads_the_client(tmp_path: Path) -> None:
+    # The counterpart: 'query psi' imports the PSI client (and grpc) in the command, and
+    # reaches it: with no identity bundle the client's Identity.load is what fails.
+    done, imported = govshare_imports(
+        "query", "psi", "--identity", "nobody", "--left", "tax.residents.id_number",
+        "--right", "civil.assistance.id_number", "--purpose", "audit", cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.startswith("error: "), done.stderr
+    assert {"grpc", "govshare.client.analyst", "sqlglot"} <= imported
 
 
 def test_keygen_runs_without_the_node(tmp_path: Path) -> None:
@@ -112,8 +134,8 @@ def test_keygen_runs_without_the_node(tmp_path: Path) -> None:
 
 
 def test_an_analysts_saved_aggregate_is_shown_without_the_he_libraries(tmp_path: Path) -> None:
-    # 'query result' and 'query results' read the results folder: no node, no HE library, even
-    # for a bfv-simd aggregate's result (saved as 'query sql' saves it).
+    # 'query result' and 'query results' read the results folder: no node, no HE library, no
+    # grpc or sqlglot, even for a bfv-simd aggregate's result (saved as 'query sql' saves it).
     query_id = "ab" * 16
     outcome = AggregateOutcome(
         query_id, QueryKind.INTERSECTION_AGGREGATE,
@@ -130,11 +152,11 @@ def test_an_analysts_saved_aggregate_is_shown_without_the_he_libraries(tmp_path:
     assert "(bfv-simd)" in shown.stdout and "Dongcheng" in shown.stdout
     assert f"query {query_id} (intersection_aggregate), saved " in shown.stdout
     assert "42 ±18" in shown.stdout
-    assert sorted(imported & NODE) == []
+    assert sorted(imported & (NODE | CLIENT)) == []
     listed, imported = govshare_imports("query", "results", *args, "--json", cwd=tmp_path)
     assert listed.returncode == 0, listed.stderr
     assert [r["query_id"] for r in json.loads(listed.stdout)] == [query_id]
-    assert sorted(imported & NODE) == []
+    assert sorted(imported & (NODE | CLIENT)) == []
 
 
 def test_a_command_that_opens_the_node_loads_it(tmp_path: Path) -> None:
