@@ -64,7 +64,7 @@ from govshare.protocols import dp, masks
 from govshare.protocols.errors import MalformedInput, Unavailable
 from govshare.protocols.paillier import DEFAULT_N_BITS, decrypt_unpack, generate_keypair
 from govshare.protocols.receipt import Receipt
-from govshare.rpc.client import NodeClient
+from govshare.rpc.client import DEFAULT_TIMEOUT, NodeClient
 from govshare.v1 import aggregate_pb2
 
 # Horizontal vectors up to this many words go under Paillier (a few ciphertexts); wider ones
@@ -142,12 +142,14 @@ def run_intersection_aggregate(
     run_timeout: float = DEFAULT_RUN_TIMEOUT,
     poll: float = POLL_SECONDS,
     sql: str | None = None,
+    call_timeout: float = DEFAULT_TIMEOUT,
 ) -> AggregateOutcome:
     """Ask an intersection aggregate (``plan.public_key`` is replaced by a fresh key).
 
     ``scheme`` (default: the plan's) is ``paillier`` (one DJN-Paillier ciphertext per key,
     ``key_bits``) or ``bfv-simd`` (BFV slots, ``govshare.protocols.bfv_simd``: fresh keys per
-    query; only the public and Galois keys leave this program).
+    query; only the public and Galois keys leave this program). ``call_timeout``: the deadline
+    of each call to a node but the run (:func:`govshare.client.analyst.ask`).
 
     Raises: as :func:`govshare.client.analyst.run_psi`.
     """
@@ -167,7 +169,9 @@ def run_intersection_aggregate(
     plan = IntersectionPlan(
         plan.kind, plan.purpose, plan.values, plan.matcher, plan.figures, key.public, scheme
     )
-    return _run(identity, plan, key, on_status, approval_timeout, run_timeout, poll, sql)
+    return _run(
+        identity, plan, key, on_status, approval_timeout, run_timeout, poll, sql, call_timeout
+    )
 
 
 def run_horizontal_aggregate(
@@ -181,8 +185,11 @@ def run_horizontal_aggregate(
     run_timeout: float = DEFAULT_RUN_TIMEOUT,
     poll: float = POLL_SECONDS,
     sql: str | None = None,
+    call_timeout: float = DEFAULT_TIMEOUT,
 ) -> AggregateOutcome:
     """Ask a horizontal aggregate; ``plan.scheme`` picks Paillier or BFV (fresh key either way).
+    ``call_timeout``: the deadline of each call to a node but the run
+    (:func:`govshare.client.analyst.ask`).
 
     Raises: as :func:`govshare.client.analyst.run_psi`.
     """
@@ -199,7 +206,9 @@ def run_horizontal_aggregate(
         plan.kind, plan.purpose, plan.parts, plan.figures, plan.aggregator, plan.scheme,
         key.public,
     )  # fmt: skip
-    return _run(identity, plan, key, on_status, approval_timeout, run_timeout, poll, sql)
+    return _run(
+        identity, plan, key, on_status, approval_timeout, run_timeout, poll, sql, call_timeout
+    )
 
 
 def pick_scheme(figures: Figures) -> str:
@@ -215,7 +224,8 @@ def _run(
     approval_timeout: float,
     run_timeout: float,
     poll: float,
-    sql: str | None = None,
+    sql: str | None,
+    call_timeout: float,
 ) -> AggregateOutcome:
     keys: list[aggregate_pb2.EphemeralKey] = []
     body = signed_body(plan.to_json(), sql)
@@ -237,6 +247,7 @@ def _run(
         running="encrypting and exchanging",
         approval_timeout=approval_timeout,
         poll=poll,
+        call_timeout=call_timeout,
     )
     query_id, results, receipt = asked.query_id, asked.outputs, asked.receipt
     releasing = plan.matcher.node if isinstance(plan, IntersectionPlan) else plan.aggregator
@@ -381,10 +392,13 @@ def run_aggregate_sql(
     scheme: str = DEFAULT_INTERSECTION_SCHEME,
     on_status: StatusCallback | None = None,
     approval_timeout: float = DEFAULT_APPROVAL_TIMEOUT,
+    call_timeout: float = DEFAULT_TIMEOUT,
 ) -> AggregateOutcome:
     """Run an aggregate in govshare's SQL dialect (``govshare.client.sql``).
 
     ``scheme`` is the intersection aggregate's (``bfv-simd`` or ``paillier``).
+    ``call_timeout`` is the deadline of each call to a node but the run: the catalogue reads
+    below as well as the query's (:func:`govshare.client.analyst.ask`).
 
     - ``SELECT g, COUNT(*), SUM(v), AVG(v) FROM a JOIN b ON ... GROUP BY g``: an intersection
       aggregate; the table carrying the SUM columns (without SUMs, the GROUP BY column) holds
@@ -412,16 +426,20 @@ def run_aggregate_sql(
             raise MalformedInput(f"unknown table alias {columns.alias!r}", field="sql")
         first = query.parts[0]
         holders = [(p.node, p.dataset) for p in query.parts]
-        sums = sum_specs(identity, holders, columns.sums, sum_bound)
-        figures = _figures(identity, first.node, first.dataset, columns, sums, epsilon, exact)
+        sums = sum_specs(identity, holders, columns.sums, sum_bound, timeout=call_timeout)
+        figures = _figures(
+            identity, first.node, first.dataset, columns, sums, epsilon, exact,
+            timeout=call_timeout,
+        )  # fmt: skip
         horizontal = HorizontalPlan(
             QueryKind.HORIZONTAL_AGGREGATE, purpose,
             tuple(Part(p.node, p.dataset, query.filters) for p in query.parts),
             figures, first.node, pick_scheme(figures), b"",
         )  # fmt: skip
         return run_horizontal_aggregate(
-            identity, horizontal, on_status=on_status, approval_timeout=approval_timeout, sql=sql
-        )
+            identity, horizontal, on_status=on_status, approval_timeout=approval_timeout, sql=sql,
+            call_timeout=call_timeout,
+        )  # fmt: skip
     if query.is_count_star:
         raise MalformedInput(
             "a COUNT(*) join is a PSI cardinality: use 'govshare query sql' or 'query psi'",
@@ -436,10 +454,12 @@ def run_aggregate_sql(
     # matcher groups (at most MAX_MATCHER_GROUPS labels).
     group_table = tables[columns.group_alias or alias]
     values = tables[alias]
-    sums = sum_specs(identity, [(values.node, values.dataset)], columns.sums, sum_bound)
+    sums = sum_specs(
+        identity, [(values.node, values.dataset)], columns.sums, sum_bound, timeout=call_timeout
+    )
     figures = _figures(
         identity, group_table.node, group_table.dataset, columns, sums, epsilon, exact,
-        side=MATCHER_SIDE if columns.group_alias == other else VALUES_SIDE,
+        side=MATCHER_SIDE if columns.group_alias == other else VALUES_SIDE, timeout=call_timeout,
     )  # fmt: skip
 
     def side(a: str) -> Side:
@@ -450,7 +470,7 @@ def run_aggregate_sql(
     )  # fmt: skip
     return run_intersection_aggregate(
         identity, plan, scheme=scheme, on_status=on_status, approval_timeout=approval_timeout,
-        sql=sql,
+        sql=sql, call_timeout=call_timeout,
     )  # fmt: skip
 
 
@@ -463,12 +483,14 @@ def _figures(
     epsilon: Fraction | None,
     exact: bool = False,
     side: str = VALUES_SIDE,
+    *,
+    timeout: float = DEFAULT_TIMEOUT,
 ) -> Figures:
     """The figures to release; a group column's domain comes from its catalogue entry (at
     ``node``'s ``dataset``, the group column's table; ``side`` says whose it is)."""
     group = None
     if columns.group is not None:
-        with NodeClient.to(identity, node) as client:
+        with NodeClient.to(identity, node, timeout=timeout) as client:
             rule = client.describe_dataset(dataset).column(columns.group)
         if rule is None or not rule.domain:
             raise MalformedInput(f"{columns.group} has no declared group domain", field="sql")
@@ -487,9 +509,12 @@ def sum_specs(
     holders: Sequence[tuple[str, str]],
     columns: Sequence[str],
     bound: Decimal | int,
+    *,
+    timeout: float = DEFAULT_TIMEOUT,
 ) -> tuple[SumSpec, ...]:
     """Each SUM column with ``bound`` (in its declared unit) in the stored units the plan
-    carries, at the scale the catalogues of its holders (``(node, dataset)`` pairs) give.
+    carries, at the scale the catalogues of its holders (``(node, dataset)`` pairs) give
+    (each read with the call deadline ``timeout``).
 
     Raises:
         Unavailable: a holder's catalogue could not be read (its scale is not guessed).
@@ -501,7 +526,7 @@ def sum_specs(
     scales: dict[str, Mapping[str, int]] = {}
     for node, dataset in holders:
         try:
-            with NodeClient.to(identity, node) as client:
+            with NodeClient.to(identity, node, timeout=timeout) as client:
                 scales[node] = client.catalog_entry(dataset).scales
         except Unavailable as exc:
             raise Unavailable(
