@@ -22,6 +22,7 @@ from govshare.examples import synth
 from govshare.model.aggregate_plan import Figures, GroupSpec, IntersectionPlan, SumSpec
 from govshare.model.conditions import Condition
 from govshare.model.governance import (
+    ColumnKind,
     ColumnRule,
     Grade,
     Owner,
@@ -37,6 +38,7 @@ from govshare.node.api.server import RunningNode, create_server
 from govshare.node.audit.auditlog import AuditLog
 from govshare.node.audit.witness import WitnessStore
 from govshare.node.config import NodeConfig, write_default
+from govshare.node.data.at_rest import open_at_rest
 from govshare.node.data.catalog import Catalogue
 from govshare.node.data.mask_key import MaskSecret
 from govshare.node.node import Node
@@ -371,3 +373,25 @@ def psi_data(
     grant(tax, "residents", "alice", ["id_number", "income_band", "year"], kinds)
     grant(civil, "assistance", "alice", ["id_number", "year"], kinds)
     return PsiData(manifest, tax, civil)
+
+
+def benefits(root: Path, storage: str, rows: int) -> Catalogue:
+    """A catalogue in ``root`` with dataset ``benefits`` of ``rows`` rows — ``id_number`` (a
+    text join key ``k<i>``), ``district`` (east, west) and ``amount`` (``i``) — stored in the
+    clear or sealed at rest (``storage``: ``"clear"`` or ``"sealed"``)."""
+    at_rest = open_at_rest(root, root / "node.db", STANDARD) if storage == "sealed" else None
+    catalogue = Catalogue(root / "node.db", at_rest=at_rest)
+    csv = root / "rows.csv"
+    lines = [f"k{i},{('east', 'west')[i % 2]},{i}" for i in range(rows)]
+    csv.write_text("\n".join(["id_number,district,amount", *lines]) + "\n", encoding="utf-8")
+    rules = [
+        ColumnRule("id_number", ColumnKind.JOIN_KEY, key_type="text"),
+        ColumnRule("district", ColumnKind.GROUP_KEY, domain=("east", "west")),
+        ColumnRule("amount", ColumnKind.AGGREGATE),
+    ]
+    catalogue.add(
+        csv, name="benefits", grade="general", sharing_type="conditional",
+        owner=Owner(OwnerKind.STATE, "the state", "civil"), columns=rules, actor="op-civil",
+        audit=None,
+    )  # fmt: skip
+    return catalogue

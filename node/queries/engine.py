@@ -64,7 +64,7 @@ from govshare.node.api.auth import Caller
 from govshare.node.audit.auditlog import AuditLog
 from govshare.node.audit.checkpointer import CheckpointPublisher
 from govshare.node.audit.sink import AuditSink
-from govshare.node.data.catalog import Catalogue
+from govshare.node.data.catalog import Catalogue, Stop
 from govshare.node.observability import events
 from govshare.node.observability.events import QueryEvent
 from govshare.node.policy import approvals
@@ -602,6 +602,7 @@ class QueryEngine:
         k: int,
         *,
         keys: Iterable[bytes] = (),
+        stop: Stop | None = None,
     ) -> None:
         """The tracker check of an exact release, then remember its filtered set.
 
@@ -610,8 +611,12 @@ class QueryEngine:
         both matched on join keys, by fewer than ``k`` distinct keys (symmetric differences, on
         this node's own data): two such releases would give away the few rows, or the one
         person, between them. The same set again is allowed: it releases nothing new.
+
+        ``stop``: the read of the filtered rows ends when it says so (the query's part ended),
+        with its error (see :data:`~govshare.node.data.catalog.Stop`); nothing is recorded.
         """
-        rows = (str(r).encode() for r in self._catalogue.row_ids(dataset, where=where))
+        read = self._catalogue.row_ids(dataset, where=where, stop=stop)
+        rows = (str(r).encode() for r in read)
         mine = frozenset(
             [*(self.digests.item_digest(dataset, ROW_ITEM, r) for r in rows),
              *(self.digests.item_digest(dataset, KEY_ITEM, key) for key in keys)]

@@ -120,7 +120,7 @@ from govshare.model.identity import Identity, Roster
 from govshare.model.states import APPROVED
 from govshare.node.api.auth import Caller
 from govshare.node.audit.sink import AuditSink
-from govshare.node.data.catalog import Catalogue
+from govshare.node.data.catalog import Catalogue, Stop
 from govshare.node.policy.decision import AccessRequest, Obligations, dataset_epsilon_cap
 from govshare.node.policy.grants import GrantStore
 from govshare.node.queries.engine import Admission, QueryEngine
@@ -594,7 +594,10 @@ class AggregateEngine:
             if key is None
             else self._warm_encryptors(
                 key,
-                len(layouts) * self._catalogue.count(side.dataset, where=side.where),
+                len(layouts)
+                * self._catalogue.count(
+                    side.dataset, where=side.where, stop=_stop(session.mailbox, self.name)
+                ),
                 executor,
             )
         )
@@ -864,7 +867,9 @@ class AggregateEngine:
         """
         side, group = plan.matcher, plan.figures.group_by
         if group is None or not plan.groups_on_matcher:
-            keys = self._catalogue.keys(side.dataset, side.column, where=side.where)
+            keys = self._catalogue.keys(
+                side.dataset, side.column, where=side.where, stop=_stop(session.mailbox, self.name)
+            )
             session.mailbox.check(self.name)
             return [[k.encode() for k in keys]]
         index = {label: i for i, label in enumerate(group.domain)}
@@ -989,6 +994,7 @@ class AggregateEngine:
             group_by=group.column if group else None,
             sums=[(s.column, s.bound) for s in figures.sums],
             where=part.where,
+            stop=_stop(session.mailbox, self.name),
         )
         session.mailbox.check(self.name)
         self._check_data(session, query_id, part.where, (), sum(v[0] for v in partial.values()))
@@ -1058,7 +1064,7 @@ class AggregateEngine:
         if ob.exact:
             self._queries.check_exact(
                 query_id, self._analyst(query_id), session.dataset, where, ob.min_group_size,
-                keys=keys,
+                keys=keys, stop=_stop(session.mailbox, self.name),
             )  # fmt: skip
 
     def _analyst(self, query_id: str) -> str:
@@ -1338,6 +1344,13 @@ def _checked(rows: Iterable[T], mailbox: Mailbox, node: str) -> Iterator[T]:
             mailbox.check(node)
         yield row
     mailbox.check(node)
+
+
+def _stop(mailbox: Mailbox, node: str) -> Stop:
+    """The stop check of one of the part's catalogue reads (a key read, a count, a GROUP BY,
+    the tracker check's read): the read ends, as :meth:`Mailbox.check` does, once the part
+    ended — within one SQLite progress step or sealed chunk, not after the whole read."""
+    return lambda: mailbox.check(node)
 
 
 def _end(session: _Session, reason: str) -> None:

@@ -299,8 +299,9 @@ class PsiKind:
         the part if it ended meanwhile (the analyst withdrew it, the node is stopping)."""
         own, queries, mailbox = session.own, self._queries, session.mailbox
         own_keys = self._catalogue.keys(
-            own.dataset, own.column, where=own.where, import_order=import_order
-        )
+            own.dataset, own.column, where=own.where, import_order=import_order,
+            stop=lambda: mailbox.check(self.name),
+        )  # fmt: skip
         mailbox.check(self.name)
         keys = [k.encode() for k in own_keys]
         queries.check_set_size(query_id, own.dataset, len(keys), session.obligations.min_set_size)
@@ -308,6 +309,7 @@ class PsiKind:
             queries.check_exact(
                 query_id, record.analyst, own.dataset, own.where,
                 session.obligations.min_group_size, keys=keys,
+                stop=lambda: mailbox.check(self.name),
             )  # fmt: skip
             mailbox.check(self.name)
         return keys

@@ -12,19 +12,12 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from conftest import benefits
 
-from govshare.model.governance import ColumnKind, ColumnRule, Owner, OwnerKind
-from govshare.node.data.at_rest import open_at_rest
 from govshare.node.data.catalog import BATCH_ROWS, Catalogue
-from govshare.protocols.suite import STANDARD
 
 WAIT = 60.0  # generous: only a hung thread would reach it
 ROWS = BATCH_ROWS + 10  # more than one sealed chunk: the stream is mid-read when dropped
-RULES = [
-    ColumnRule("id_number", ColumnKind.JOIN_KEY, key_type="text"),
-    ColumnRule("district", ColumnKind.GROUP_KEY, domain=("east", "west")),
-    ColumnRule("amount", ColumnKind.AGGREGATE),
-]
 
 
 @pytest.fixture(scope="module", params=["clear", "sealed"])
@@ -32,18 +25,7 @@ def catalogue(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Catalogue:
     """A dataset of ``ROWS`` rows, stored in the clear or sealed at rest."""
-    root = tmp_path_factory.mktemp(request.param)
-    at_rest = open_at_rest(root, root / "node.db", STANDARD) if request.param == "sealed" else None
-    catalogue = Catalogue(root / "node.db", at_rest=at_rest)
-    csv = root / "rows.csv"
-    lines = [f"k{i},{('east', 'west')[i % 2]},{i}" for i in range(ROWS)]
-    csv.write_text("\n".join(["id_number,district,amount", *lines]) + "\n", encoding="utf-8")
-    catalogue.add(
-        csv, name="benefits", grade="general", sharing_type="conditional",
-        owner=Owner(OwnerKind.STATE, "the state", "civil"), columns=RULES, actor="op-civil",
-        audit=None,
-    )  # fmt: skip
-    return catalogue
+    return benefits(tmp_path_factory.mktemp(request.param), request.param, ROWS)
 
 
 @pytest.fixture
