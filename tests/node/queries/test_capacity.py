@@ -46,9 +46,11 @@ from govshare.rpc.client import NodeClient
 from govshare.v1 import query_pb2, query_pb2_grpc
 
 WAIT = 120.0  # generous: a condition polled, never a duration assumed
-# The deadline of the hundred analysts' calls other than the run (submit, status, receipt),
-# instead of the client's 10 s: on a loaded machine a node busy with a hundred runs takes its
-# submissions seconds apart, and this test is about what it admits and answers, not how fast.
+# The deadline of the analysts' calls other than the run (submit, status, cancel, receipt, the
+# catalogue), instead of the client's 10 s, in every test here: on a loaded machine a node busy
+# with a hundred runs takes its submissions seconds apart, and these tests are about what a node
+# admits and answers, not how fast. Where a test says a node answers "meanwhile", a condition
+# checked after the answer says so (the runs still held their places), never its deadline.
 CALL_TIMEOUT = 600.0
 
 CIVIL_COLUMNS = (
@@ -240,7 +242,7 @@ def _submitted(alice: Identity) -> str:
         now=int(time.time()),
     )  # fmt: skip
     for node in ("tax", "civil"):
-        with NodeClient.to(alice, node) as client:
+        with NodeClient.to(alice, node, timeout=CALL_TIMEOUT) as client:
             assert client.submit(request.encode()).state == "approved"
     return request.query_id_hex
 
@@ -299,17 +301,20 @@ def test_a_run_beyond_the_queue_is_resource_exhausted_then_admitted_on_retry(bus
     eventually(lambda: _states(alice, first, second) == {"running"}, "both running at tax")
 
     # The attacker's view too: the raw status and its ErrorInfo, not only the client's error.
-    with NodeClient.to(alice, "tax") as client:
+    with NodeClient.to(alice, "tax", timeout=CALL_TIMEOUT) as client:
         with pytest.raises(ResourceExhausted) as refused:
             client.run(third, timeout=WAIT)
         assert refused.value.retry_after >= MIN_RETRY_AFTER
         assert str(refused.value).startswith("node tax: at capacity; retry in ")
         assert client.status(third).state == "approved"  # refused at the door: not consumed
-        # The node still answers everything else at once.
+        # The node still answers everything else at once: while both runs hold their places
+        # (a catalogue starved by them would answer only once their deadlines freed them).
         assert [d.name for d in client.list_datasets()] == ["residents"]
+        assert busy.tax.gate.load().admitted == 2
+        assert _states(alice, first, second) == {"running"}
 
     # The analyst withdraws the first: it stops waiting, fails, nothing released.
-    with NodeClient.to(alice, "tax") as client:
+    with NodeClient.to(alice, "tax", timeout=CALL_TIMEOUT) as client:
         client.cancel(first)
     runners[0].join(WAIT)
     assert isinstance(errors.get(first), Aborted), errors
@@ -327,7 +332,7 @@ def test_a_run_beyond_the_queue_is_resource_exhausted_then_admitted_on_retry(bus
         for future in [pool.submit(run_at, n) for n in ("tax", "civil")]:
             future.result(timeout=WAIT)
     assert set(outputs) == {"tax", "civil"}
-    with NodeClient.to(alice, "tax") as client:
+    with NodeClient.to(alice, "tax", timeout=CALL_TIMEOUT) as client:
         assert client.status(third).state == "done"
         assert client.status(first).state == "failed"
         client.cancel(second)
@@ -348,7 +353,7 @@ def test_resource_exhausted_travels_as_a_status_with_its_retry_hint(busy: Busy) 
     for runner in runners:
         runner.start()
     eventually(lambda: busy.tax.gate.load().admitted == 2, "both runs admitted at tax")
-    with NodeClient.to(alice, "tax") as client:
+    with NodeClient.to(alice, "tax", timeout=CALL_TIMEOUT) as client:
         stub = query_pb2_grpc.QueryStub(client.channel)
         with pytest.raises(grpc.RpcError) as refused:
             list(stub.Run(query_pb2.RunRequest(query_id=extra), timeout=WAIT))
@@ -376,7 +381,7 @@ def test_resource_exhausted_travels_as_a_status_with_its_retry_hint(busy: Busy) 
 
 
 def _states(alice: Identity, *query_ids: str) -> set[str]:
-    with NodeClient.to(alice, "tax") as client:
+    with NodeClient.to(alice, "tax", timeout=CALL_TIMEOUT) as client:
         return {client.status(q).state for q in query_ids}
 
 
