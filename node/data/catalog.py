@@ -55,14 +55,15 @@ outright, whatever the caller decided.
 
 **Stopping a long read.** The reads that run as one long SQL statement or decryption loop
 (:meth:`Catalogue.keys`, :meth:`Catalogue.count`, :meth:`Catalogue.row_ids`,
-:meth:`Catalogue.group_sums`) take an optional ``stop`` check (:data:`Stop`): SQLite calls it
-every :data:`STOP_EVERY` steps of the statement (its progress handler), and a sealed table's
-read calls it before each chunk. A check that returns true ends the read with
-:class:`~govshare.protocols.errors.Aborted` naming the dataset; one that raises ends it with
-its own error. So a caller — a node stopping, a query withdrawn — ends a read of a million rows
-within a fraction of a second, and the catalogue goes on serving the next one (each read has
-its own connection). A live source's reads (:mod:`govshare.node.data.live`, PostgreSQL) are
-not stopped midway: they run to their end, and the caller's own check after them ends its work.
+:meth:`Catalogue.group_sums`, and the stream of :meth:`Catalogue.rows`) take an optional
+``stop`` check (:data:`Stop`): SQLite calls it every :data:`STOP_EVERY` steps of the statement
+(its progress handler), and a sealed table's read calls it before each chunk. A check that
+returns true ends the read with :class:`~govshare.protocols.errors.Aborted` naming the dataset;
+one that raises ends it with its own error. So a caller — a node stopping, a query withdrawn —
+ends a read of a million rows within a fraction of a second, and the catalogue goes on serving
+the next one (each read has its own connection). A live source's reads
+(:mod:`govshare.node.data.live`, PostgreSQL) are not stopped midway: they run to their end, and
+the caller's own check after them ends its work.
 """
 
 from __future__ import annotations
@@ -1927,7 +1928,12 @@ class Catalogue:
         return [str(row[0]) for row in rows]
 
     def rows(
-        self, name: str, columns: Sequence[str], *, where: Sequence[Condition] = ()
+        self,
+        name: str,
+        columns: Sequence[str],
+        *,
+        where: Sequence[Condition] = (),
+        stop: Stop | None = None,
     ) -> Generator[tuple[Cell, ...], None, None]:
         """Stream the stored values of ``columns`` for the filtered rows, in import order.
 
@@ -1940,7 +1946,11 @@ class Catalogue:
         One left open is closed when it is collected, in whatever thread that happens, which
         its SQLite connection allows (:meth:`_open_stream`).
 
-        Raises: as :meth:`keys` (``columns`` may be of any kind but ``deny``).
+        ``stop`` is looked at while the stream reads, between the rows it yields too: a filter
+        that passes few rows of a large table ends within its scan (see :meth:`keys`).
+
+        Raises: as :meth:`keys` (``columns`` may be of any kind but ``deny``; ``stop`` too,
+        while iterating).
         """
         if not columns:
             raise MalformedInput("name at least one column", field="columns")
@@ -1954,12 +1964,12 @@ class Catalogue:
         if live is not None:
             return live.rows(columns, where)
         if sealed is not None:
-            return self._stream_sealed(info, table, sealed, columns, where)
+            return self._stream_sealed(info, table, sealed, columns, where, stop)
         sql = (
             f"SELECT {', '.join(_quote(c) for c in columns)} FROM {_quote(table)}"
             f"{clause} ORDER BY _row"
         )
-        return self._stream(sql, params)
+        return self._stream(name, sql, params, stop)
 
     def _stream_sealed(
         self,
@@ -1968,17 +1978,22 @@ class Catalogue:
         sealed: _SealedTable,
         columns: Sequence[str],
         where: Sequence[Condition],
+        stop: Stop | None,
     ) -> Generator[tuple[Cell, ...], None, None]:
         picked = [sealed.columns.index(column) + 1 for column in columns]
-        with self._open_stream() as conn:
-            for chosen in self._matching_columns(conn, info, table, sealed, where, picked):
+        with self._open_stream() as conn, _stoppable(conn, stop, info.name):
+            for chosen in self._matching_columns(conn, info, table, sealed, where, picked, stop):
                 yield from zip(*chosen, strict=True)
 
-    def _stream(self, sql: str, params: Sequence[Cell]) -> Generator[tuple[Cell, ...], None, None]:
-        with self._open_stream() as conn:
+    def _stream(
+        self, name: str, sql: str, params: Sequence[Cell], stop: Stop | None
+    ) -> Generator[tuple[Cell, ...], None, None]:
+        with self._open_stream() as conn, _stoppable(conn, stop, name):
             try:
                 cursor = conn.execute(sql, params)
-            except sqlite3.OperationalError:
+            except sqlite3.OperationalError as exc:
+                if _interrupted(exc):
+                    raise  # stopped (see _stoppable), not removed
                 # Removed between the check and the read.
                 raise NotFound("the dataset was removed while being read") from None
             for row in cursor:

@@ -588,22 +588,22 @@ class AggregateEngine:
         domain = group.domain if group else ("",)
         table = _KeyValues(len(domain), len(figures.names))
         executor = session.mailbox.pool(self._executor(), self.name)
+        stop = _stop(session.mailbox, self.name)
         # Let the pool's workers build their fixed-base tables while the rows are read.
         window = (
             None
             if key is None
             else self._warm_encryptors(
                 key,
-                len(layouts)
-                * self._catalogue.count(
-                    side.dataset, where=side.where, stop=_stop(session.mailbox, self.name)
-                ),
+                len(layouts) * self._catalogue.count(side.dataset, where=side.where, stop=stop),
                 executor,
             )
         )
         numbers = {label: i for i, label in enumerate(domain)}
         # Closed however the read ends (a refusal below, the query's end): see _checked.
-        with closing(self._catalogue.rows(side.dataset, columns, where=side.where)) as rows:
+        with closing(
+            self._catalogue.rows(side.dataset, columns, where=side.where, stop=stop)
+        ) as rows:
             for row in _checked(rows, session.mailbox, self.name):
                 g = numbers.get(str(row[1])) if group else 0
                 if g is None:
@@ -875,7 +875,10 @@ class AggregateEngine:
         index = {label: i for i, label in enumerate(group.domain)}
         labels: dict[str, int] = {}
         columns = [side.column, group.column]
-        with closing(self._catalogue.rows(side.dataset, columns, where=side.where)) as rows:
+        stop = _stop(session.mailbox, self.name)
+        with closing(
+            self._catalogue.rows(side.dataset, columns, where=side.where, stop=stop)
+        ) as rows:
             for key, label in _checked(rows, session.mailbox, self.name):
                 g = index.get(str(label))
                 if g is None:

@@ -34,6 +34,13 @@ READS: dict[str, Read] = {
     ),
     "count, filtered": lambda c, stop: c.count("benefits", where=EVERY_ROW, stop=stop),
     "row ids": lambda c, stop: c.row_ids("benefits", where=EVERY_ROW, stop=stop),
+    "rows, filtered": lambda c, stop: list(
+        c.rows("benefits", ["id_number", "amount"], where=EVERY_ROW, stop=stop)
+    ),
+    # Only the last row passes: the stream's first row comes after a scan of the whole table.
+    "rows, the last one": lambda c, stop: list(
+        c.rows("benefits", ["id_number"], where=(Condition("amount", "=", ROWS - 1),), stop=stop)
+    ),
     "group sums": lambda c, stop: c.group_sums(
         "benefits", group_by="district", sums=[("amount", 1000)], where=EVERY_ROW, stop=stop
     ),
