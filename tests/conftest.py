@@ -46,7 +46,10 @@ from govshare.node.policy.grants import GrantStore
 from govshare.node.queries.kinds.aggregate import AggregateOptions
 from govshare.node.stores.query_store import QueryStore
 from govshare.protocols import dp
+from govshare.protocols.errors import GovshareError
+from govshare.protocols.signed_request import SignedRequest
 from govshare.protocols.suite import STANDARD, Suite
+from govshare.rpc.client import DEFAULT_TIMEOUT, NodeClient
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -395,3 +398,43 @@ def benefits(root: Path, storage: str, rows: int) -> Catalogue:
         audit=None,
     )  # fmt: skip
     return catalogue
+
+
+def submit_approved(
+    identity: Identity,
+    request: SignedRequest,
+    nodes: Iterable[str] = ("tax", "civil"),
+    *,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> str:
+    """Submit ``request`` to each of ``nodes`` as the analyst's client does; each must approve
+    it at once. Returns the query id."""
+    for node in nodes:
+        with NodeClient.to(identity, node, timeout=timeout) as client:
+            assert client.submit(request.encode()).state == "approved"
+    return request.query_id_hex
+
+
+@dataclass
+class PartRun:
+    """One node's part of a query, run by the analyst's client in a thread: what it raised
+    lands in ``errors``."""
+
+    thread: threading.Thread
+    errors: list[GovshareError]
+
+
+def run_part(identity: Identity, node: str, query_id: str, *, timeout: float) -> PartRun:
+    """Start ``node``'s part of ``query_id`` in a thread (the run waits up to ``timeout``)."""
+    errors: list[GovshareError] = []
+
+    def run() -> None:
+        try:
+            with NodeClient.to(identity, node) as client:
+                client.run(query_id, timeout=timeout)
+        except GovshareError as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return PartRun(thread, errors)

@@ -12,7 +12,6 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -27,7 +26,9 @@ from conftest import (
     build_federation,
     grant,
     register,
+    run_part,
     serve_node,
+    submit_approved,
 )
 
 from govshare.client.analyst import run_psi
@@ -47,7 +48,6 @@ from govshare.node.policy import approvals
 from govshare.node.policy.crossborder import CrossBorderStore
 from govshare.node.policy.grants import GrantStore
 from govshare.node.stores.query_store import QueryStore
-from govshare.protocols.errors import GovshareError
 from govshare.protocols.signed_request import SignedRequest, sign_request
 from govshare.protocols.suite import STANDARD
 from govshare.rpc.client import NodeClient
@@ -269,24 +269,12 @@ def test_kill_9_mid_query_leaves_no_process_and_the_home_restarts(
         processes[name] = serve(fed.node_home(name))
     alice = fed.identity("alice")
     request = signed(alice, psi_plan())
-    query_id = request.query_id_hex
-    for name in ("tax", "civil"):
-        with NodeClient.to(alice, name) as client:
-            assert client.submit(request.encode()).state == "approved"
+    query_id = submit_approved(alice, request)
 
     # Only tax runs: it masks its set in its pool, sends it and waits for civil's, which never
     # comes.
-    failures: list[GovshareError] = []
-
-    def run_tax() -> None:
-        try:
-            with NodeClient.to(alice, "tax") as client:
-                client.run(query_id, timeout=TIMEOUT * 5)
-        except GovshareError as exc:
-            failures.append(exc)
-
-    runner = threading.Thread(target=run_tax, daemon=True)
-    runner.start()
+    part = run_part(alice, "tax", query_id, timeout=TIMEOUT * 5)
+    runner, failures = part.thread, part.errors
 
     def pool_busy() -> bool:
         with NodeClient.to(alice, "tax") as client:

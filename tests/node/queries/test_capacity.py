@@ -26,7 +26,9 @@ from conftest import (
     grant,
     psi_shift,
     register,
+    run_part,
     serve_node,
+    submit_approved,
 )
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
@@ -241,10 +243,7 @@ def _submitted(alice: Identity) -> str:
         alice.signing_key, analyst="alice", kind=PLAN.kind.value, body=PLAN.to_json(),
         now=int(time.time()),
     )  # fmt: skip
-    for node in ("tax", "civil"):
-        with NodeClient.to(alice, node, timeout=CALL_TIMEOUT) as client:
-            assert client.submit(request.encode()).state == "approved"
-    return request.query_id_hex
+    return submit_approved(alice, request, timeout=CALL_TIMEOUT)
 
 
 class Busy:
@@ -450,26 +449,17 @@ def _stopped_mid_run(fed: FederationFixture) -> list[str]:
     processes = {name: _start(fed.node_home(name)) for name in ("tax", "civil")}
     try:
         query_id = _submitted(alice)
-        errors: list[BaseException] = []
-
-        def run_at_tax() -> None:
-            try:
-                with NodeClient.to(alice, "tax") as client:
-                    client.run(query_id, timeout=WAIT)
-            except GovshareError as exc:
-                errors.append(exc)
-
-        runner = threading.Thread(target=run_at_tax)
-        runner.start()
+        part = run_part(alice, "tax", query_id, timeout=WAIT)
         eventually(lambda: _states(alice, query_id) == {"running"}, "running at tax")
         processes["tax"].send_signal(signal.SIGTERM)
         assert processes["tax"].wait(timeout=2 * WAIT) == 0
-        runner.join(WAIT)
+        part.thread.join(WAIT)
     finally:
         for process in processes.values():
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
                 process.wait(timeout=WAIT)
+    errors = part.errors
     assert len(errors) == 1 and isinstance(errors[0], Aborted), errors
     assert "tax is stopping" in str(errors[0]) and "nothing released" in str(errors[0])
     tax = Node.from_home(fed.node_home("tax"))

@@ -25,7 +25,9 @@ from conftest import (
     build_federation,
     grant,
     register,
+    run_part,
     served,
+    submit_approved,
 )
 
 from govshare.examples import synth
@@ -34,7 +36,7 @@ from govshare.model.query_plan import PsiPlan, Side
 from govshare.node.data import catalog
 from govshare.node.data.catalog import Catalogue
 from govshare.node.node import Node
-from govshare.protocols.errors import Aborted, GovshareError
+from govshare.protocols.errors import Aborted
 from govshare.protocols.signed_request import sign_request
 from govshare.rpc.client import NodeClient
 
@@ -112,21 +114,8 @@ def test_a_query_ends_within_its_key_read(
         alice.signing_key, analyst="alice", kind=PLAN.kind.value, body=PLAN.to_json(),
         now=int(time.time()),
     )  # fmt: skip
-    query_id = request.query_id_hex
-    for node in ("tax", "civil"):
-        with NodeClient.to(alice, node) as client:
-            assert client.submit(request.encode()).state == "approved"
-    errors: list[BaseException] = []
-
-    def run_at_tax() -> None:
-        try:
-            with NodeClient.to(alice, "tax") as client:
-                client.run(query_id, timeout=WAIT)
-        except GovshareError as exc:
-            errors.append(exc)
-
-    runner = threading.Thread(target=run_at_tax)
-    runner.start()
+    query_id = submit_approved(alice, request)
+    part = run_part(alice, "tax", query_id, timeout=WAIT)
     assert read.reading.wait(WAIT)  # tax's key read is inside its SQL statement
     if end == "node stopping":
         reason = "node tax is stopping"
@@ -136,13 +125,14 @@ def test_a_query_ends_within_its_key_read(
         with NodeClient.to(alice, "tax") as client:
             client.cancel(query_id)
     read.go.set()
-    runner.join(WAIT)
-    assert not runner.is_alive()
+    part.thread.join(WAIT)
+    assert not part.thread.is_alive()
 
     ended = f"tax: {reason}; nothing released"
     # The read itself ended, at the check after the end: it did not read on to its end.
     assert [str(e) for e in read.stopped] == [ended]
     assert read.calls == 2
+    errors = part.errors
     assert len(errors) == 1 and isinstance(errors[0], Aborted), errors
     assert reason in str(errors[0]) and "nothing released" in str(errors[0])
     record = tax.query_store.get(query_id)
