@@ -152,17 +152,17 @@ def cells(hashed: bytes) -> bytes:
     return bytes(laid_out)
 
 
-def input_file(hashed: bytes) -> bytes:
-    """The driver's input CSV: one column, ``key``, a hash in base64 a line, in the keys'
-    order."""
-    return b"key\n" + cells(hashed) + b"\n" if hashed else b"key\n"
+def input_file(key_cells: bytes) -> bytes:
+    """The driver's input CSV: one column, ``key``, the keys' :func:`cells` in order."""
+    return b"key\n" + key_cells + b"\n" if key_cells else b"key\n"
 
 
-def matched_positions(hashed: bytes, output: Sequence[bytes]) -> list[int] | None:
-    """The positions in ``hashed`` of the hashes the driver's output lines name (CSV cells,
-    quoted or not), in order; None when a line names anything that is not in ``hashed``."""
+def matched_positions(key_cells: bytes, output: Sequence[bytes]) -> list[int] | None:
+    """The positions in ``key_cells`` (this node's :func:`cells`) of the cells the driver's
+    output lines name (quoted or not), in order; None when a line names anything that is not
+    one of them."""
     found = {line.strip().strip(b'"') for line in output}
-    ours = cells(hashed).split(b"\n") if hashed else []
+    ours = key_cells.split(b"\n") if key_cells else []
     # The cells are distinct (the keys are), so each found cell has at most one position: a
     # cell this node did not hand over leaves one found cell without one.
     matched = list(compress(range(len(ours)), map(found.__contains__, ours)))
@@ -283,7 +283,7 @@ class Rr22Engine:
         try:
             process = subprocess.Popen(
                 [str(self._python), str(DRIVER), str(folder / JOB)],
-                stdin=subprocess.PIPE,  # "go", then held open: closes when this node dies
+                stdin=subprocess.PIPE,  # "link", "go", then held open: closes when this node dies
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 text=True,
@@ -301,7 +301,8 @@ class Rr22Engine:
             # The driver imports its library and links meanwhile; it reads nothing before "go".
             linking = _Linking(self, run, folder, driver)
             hashed = hashed_keys(run.query_id, run.prepare(), run.suite)
-            data = input_file(hashed)
+            key_cells = cells(hashed)  # the input's, and what the output is mapped back against
+            data = input_file(key_cells)
             _write_private(folder / INPUT, data)
             run.step(INPUT, data, len(hashed) // HASH_BYTES)
             del data
@@ -336,7 +337,7 @@ class Rr22Engine:
                 f"{self.node}: the rr22 engine wrote no intersection ({exc.strerror}); "
                 "nothing released"
             ) from None
-        matched = matched_positions(hashed, lines[1:])
+        matched = matched_positions(key_cells, lines[1:])
         if matched is None:
             raise Aborted(f"{self.node}: the rr22 engine's output names a key it was not given")
         found = b"".join(hashed[i * HASH_BYTES : (i + 1) * HASH_BYTES] for i in matched)

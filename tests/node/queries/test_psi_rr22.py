@@ -49,6 +49,7 @@ from govshare.node.queries.engines.rr22 import (
     DRIVER,
     KEY_DOMAIN,
     LinkTls,
+    cells,
     hashed_keys,
     input_file,
     matched_positions,
@@ -281,21 +282,22 @@ def test_rr22_is_for_membership_only() -> None:
 def test_the_receivers_output_maps_back_to_its_keys_and_nothing_else() -> None:
     keys = [f"1101011990010{i:05d}".encode() for i in range(50)]
     hashed = hashed_keys("q-1", keys, STANDARD)
-    lines = input_file(hashed).splitlines()
+    key_cells = cells(hashed)
+    lines = input_file(key_cells).splitlines()
     assert lines[0] == b"key" and len(lines) == 51 and len(set(lines)) == 51
     # Each cell is the base64 of its key's 12 hash bytes, whatever the base64 digits are.
     assert [base64.b64decode(cell, validate=True) for cell in lines[1:]] == [
         hashed[i * 12 : i * 12 + 12] for i in range(50)
     ]
     output = [b'"' + lines[1 + i] + b'"' for i in (41, 3, 17)] + [lines[1]]  # any order, quotes
-    assert matched_positions(hashed, output) == [0, 3, 17, 41]
-    assert matched_positions(hashed, []) == []
+    assert matched_positions(key_cells, output) == [0, 3, 17, 41]
+    assert matched_positions(key_cells, []) == []
     assert matched_positions(b"", []) == []
     # A hash of another query's keys (or no hash at all) is not one this node handed over.
-    stranger = input_file(hashed_keys("q-2", keys[:1], STANDARD)).splitlines()[1]
-    assert matched_positions(hashed, [lines[4], stranger]) is None
-    assert matched_positions(hashed, [lines[4], b"not base64"]) is None
-    assert matched_positions(hashed, [lines[4][:-1]]) is None  # a cell cut short
+    stranger = input_file(cells(hashed_keys("q-2", keys[:1], STANDARD))).splitlines()[1]
+    assert matched_positions(key_cells, [lines[4], stranger]) is None
+    assert matched_positions(key_cells, [lines[4], b"not base64"]) is None
+    assert matched_positions(key_cells, [lines[4][:-1]]) is None  # a cell cut short
 
 
 def failed_query(node: Node, dataset: str) -> str:
