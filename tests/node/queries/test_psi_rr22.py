@@ -15,6 +15,7 @@ import hashlib
 import os
 import random
 import re
+import secrets
 import signal
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import (
@@ -333,6 +335,28 @@ def test_a_link_certificate_of_another_federation_is_refused(
     with pytest.raises(GovshareError, match="refused in the TLS handshake"):
         run_psi(nodes.fed.identity("alice"), plan(names, RR22))
     assert_nothing_released(nodes, names, "TLS handshake")
+
+
+def test_a_driver_without_the_peer_nodes_token_is_refused_on_the_link(
+    nodes: Nodes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """civil's driver presents a token other than the one civil sent tax over gRPC, as a party
+    that holds a federation certificate but is not civil's own driver would: tax's driver
+    refuses it on the link, and neither node releases anything."""
+    rng = random.Random(19)
+    pool = [resident(rng, i) for i in range(80)]
+    names = datasets(nodes, tmp_path, "token", pool[:50], pool[25:])
+    engine = nodes.civil.psi.rr22
+    assert engine is not None
+    honest = engine.job
+
+    def forged(*args: Any) -> dict[str, Any]:
+        return {**honest(*args), "token": secrets.token_hex(16)}
+
+    monkeypatch.setattr(engine, "job", forged)
+    with pytest.raises(GovshareError):
+        run_psi(nodes.fed.identity("alice"), plan(names, RR22))
+    assert_nothing_released(nodes, names, "did not present the token its node sent")
 
 
 def test_a_peer_driver_killed_mid_protocol_aborts_both_nodes(nodes: Nodes, tmp_path: Path) -> None:
