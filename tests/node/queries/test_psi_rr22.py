@@ -50,6 +50,7 @@ from govshare.node.node import Node
 from govshare.node.queries.engines.rr22 import (
     DRIVER,
     KEY_DOMAIN,
+    LinkOffer,
     LinkTls,
     cells,
     hashed_keys,
@@ -279,6 +280,25 @@ def test_rr22_is_for_membership_only() -> None:
         parse_plan(cardinality, kind="psi_cardinality")
     with pytest.raises(MalformedInput, match="'engine': 'kkrt' is not one of ecdh, rr22"):
         parse_plan({**cardinality, "engine": "kkrt"}, kind="psi_cardinality")
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (b"not json", "the link offer is not JSON"),
+        (b'{"port": 0, "token": "' + b"a" * 32 + b'"}', "port is not a TCP port"),
+        (b'{"port": 65536, "token": "' + b"a" * 32 + b'"}', "port is not a TCP port"),
+        (b'{"port": true, "token": "' + b"a" * 32 + b'"}', "port is not a TCP port"),
+        (b'{"port": 4000, "token": "' + b"g" * 32 + b'"}', "token is not 32 hex digits"),
+        (b'{"port": 4000, "token": "abc"}', "token is not 32 hex digits"),
+        (b"[4000]", "port is not a TCP port"),
+    ],
+)
+def test_a_malformed_link_offer_is_refused_naming_what_is_wrong(raw: bytes, message: str) -> None:
+    with pytest.raises(MalformedInput, match=message):
+        LinkOffer.decode(raw)
+    offer = LinkOffer(4000, "a" * 32)
+    assert LinkOffer.decode(offer.encode()) == offer
 
 
 def test_the_receivers_output_maps_back_to_its_keys_and_nothing_else() -> None:
