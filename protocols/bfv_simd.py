@@ -271,9 +271,10 @@ class _Modulus:
         self.evaluator = seal.Evaluator(self.context)
         self.primes = [m.value() for m in self.context.first_context_data().parms().coeff_modulus()]
 
-    def encode(self, slots: Sequence[int]) -> Any:
+    def encode(self, slots: Sequence[int], *, reduced: bool = False) -> Any:
+        """The batch encoding of ``slots`` (``reduced``: every value already in [0, t))."""
         plaintext = seal.Plaintext()
-        self.encoder.encode([v % self.plain for v in slots], plaintext)
+        self.encoder.encode(list(slots) if reduced else [v % self.plain for v in slots], plaintext)
         return plaintext
 
 
@@ -404,21 +405,38 @@ class SimdSum:
             public.load_ciphertext(i, c) if isinstance(c, bytes) else c
             for i, c in enumerate(ciphertexts)
         ]
-        groups = [_group_of(s, shape.groups) for s in selected]
-        for group in sorted(set(groups) - {UNSELECTED}):
+        rows: dict[int, list[int]] = {}  # group -> the positions M put in it
+        for r, s in enumerate(selected):
+            group = _group_of(s, shape.groups)
+            if group != UNSELECTED:
+                rows.setdefault(group, []).append(r)
+        if not rows:
+            return
+        ones = [1] * shape.block
+        masks = []
+        for group, positions in sorted(rows.items()):
             mask = [0] * SLOTS
-            for r, g in enumerate(groups):
-                if g == group:
-                    mask[r * shape.block : (r + 1) * shape.block] = [1] * shape.block
-            sums = self._sums[group]
-            for i, (modulus, ciphertext) in enumerate(zip(public._moduli, loaded, strict=True)):
+            for r in positions:
+                mask[r * shape.block : (r + 1) * shape.block] = ones
+            masks.append((group, mask))
+        # The products are taken in NTT form: the ciphertext is transformed once for all its
+        # groups' masks, and the sums stay in NTT form until :meth:`result` (the same integer
+        # products as Evaluator.multiply_plain on coefficient forms, which transforms both
+        # operands and the product back for every mask).
+        for i, (modulus, ciphertext) in enumerate(zip(public._moduli, loaded, strict=True)):
+            evaluator = modulus.evaluator
+            transformed = seal.Ciphertext(modulus.context)
+            evaluator.transform_to_ntt(ciphertext, transformed)
+            for group, mask in masks:
+                plaintext = modulus.encode(mask, reduced=True)
+                evaluator.transform_to_ntt_inplace(plaintext, modulus.context.first_parms_id())
                 product = seal.Ciphertext(modulus.context)
-                modulus.evaluator.multiply_plain(ciphertext, modulus.encode(mask), product)
-                total = sums[i]
-                if total is None:
+                evaluator.multiply_plain(transformed, plaintext, product)
+                sums = self._sums[group]
+                if sums[i] is None:
                     sums[i] = product
                 else:
-                    modulus.evaluator.add_inplace(total, product)
+                    evaluator.add_inplace(sums[i], product)
 
     def result(
         self,
@@ -454,6 +472,8 @@ class SimdSum:
                 if total is None:  # nothing matched: an encryption of zero, flooded like any sum
                     total = seal.Ciphertext(modulus.context)
                     public._encryptors[i].encrypt(modulus.encode([0] * SLOTS), total)
+                else:
+                    evaluator.transform_from_ntt_inplace(total)  # :meth:`add` sums in NTT form
                 rotated = seal.Ciphertext(modulus.context)
                 for step in shape.fold_steps:
                     evaluator.rotate_rows(total, step, galois, rotated)
@@ -562,6 +582,25 @@ def _split_bundle(bundle: bytes, moduli: int) -> list[tuple[bytes, bytes]]:
     return parts
 
 
+def _join_bundle(parts: Sequence[tuple[bytes, bytes]]) -> bytes:
+    out = [_BUNDLE_MAGIC, _U32.pack(len(parts))]
+    for public, galois in parts:
+        out += [_U32.pack(len(public)), public, _U32.pack(len(galois)), galois]
+    return b"".join(out)
+
+
+def encryption_bundle(bundle: bytes, moduli: int) -> bytes:
+    """``bundle`` with its Galois keys left out: the public keys alone, all that encrypting
+    needs (:meth:`SimdPublic.from_bundle` with ``galois=False``), and about a seventeenth of
+    the bundle's bytes at 16 groups. For a value holder's pool jobs, which would otherwise
+    copy the Galois keys to a worker with every batch.
+
+    Raises:
+        MalformedInput: ``bundle`` does not split into ``moduli`` key sets.
+    """
+    return _join_bundle([(public, b"") for public, _ in _split_bundle(bundle, moduli)])
+
+
 class SimdSecretKeys:
     """The analyst's fresh keys for one query: one key set per plaintext modulus."""
 
@@ -583,10 +622,7 @@ class SimdSecretKeys:
 
     def public_bundle(self) -> bytes:
         """Public keys and the fold's Galois keys: all that leaves the analyst."""
-        out = [_BUNDLE_MAGIC, _U32.pack(len(self._bundle_parts))]
-        for public, galois in self._bundle_parts:
-            out += [_U32.pack(len(public)), public, _U32.pack(len(galois)), galois]
-        return b"".join(out)
+        return _join_bundle(self._bundle_parts)
 
     def fingerprint(self) -> bytes:
         return hashlib.sha256(self.public_bundle()).digest()

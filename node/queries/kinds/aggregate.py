@@ -163,6 +163,11 @@ WIDE_WINDOW_MIN_ROWS: Final = 32_768
 # Join keys per streamed batch of the value holder's pairs: at 3072 bits about 0.75 MiB of
 # ciphertexts a batch (one or two Peer.Deliver chunks), and 1.4 s of one worker's encryption.
 STREAM_BATCH_KEYS: Final = 1024
+# The same under bfv-simd, rounded to whole ciphertexts of keys: 4,096 keys are 16 BFV
+# ciphertexts per modulus with the groups on the value holder's side (about 12 MiB at 2
+# moduli) and 0.2 s of one worker's X25519. A quarter of the batches of 1,024 keys: a 200k run
+# took 38.8 s instead of 44.8 s, the difference being per-batch work (pool jobs, RPCs, wakeups).
+SIMD_STREAM_BATCH_KEYS: Final = 4096
 # Batches encrypted ahead and not yet taken by the matcher (and the matcher's queue length):
 # one per pool worker busy encrypting plus one on the wire, with a spare, on 2 cores.
 STREAM_WINDOW: Final = 4
@@ -181,6 +186,7 @@ class AggregateOptions:
     unsafe_without_noise: bool = False
     noise_rng: random.Random | None = None
     stream_batch_keys: int = STREAM_BATCH_KEYS
+    simd_stream_batch_keys: int = SIMD_STREAM_BATCH_KEYS
     stream_window: int = STREAM_WINDOW
 
 
@@ -652,16 +658,18 @@ class AggregateEngine:
         workers = None if executor is not None else 1
         batch = self._options.stream_batch_keys
         if simd:
-            per = shape.keys_per_ciphertext
+            batch, per = self._options.simd_stream_batch_keys, shape.keys_per_ciphertext
             batch = max(per, batch // per * per)  # whole ciphertexts of keys
         starts = range(0, max(count, 1), batch)  # one batch, if empty
         encryption: Callable[[int], tuple[Callable[..., Any], tuple[Any, ...]]]
         if simd:
+            # The public keys alone go with each job: the Galois keys are most of the bundle.
+            public_keys = bfv_simd.encryption_bundle(public_context, shape.moduli)
 
             def encryption(i: int) -> tuple[Callable[..., Any], tuple[Any, ...]]:
                 return _simd_encrypt_task, (
                     plan.public_key,
-                    public_context,
+                    public_keys,
                     shape,
                     plaintexts(i, i + batch),
                 )
@@ -1264,8 +1272,9 @@ def _simd_encrypt_task(
     fingerprint: bytes, bundle: bytes, shape: bfv_simd.SimdShape, rows: Sequence[Sequence[int]]
 ) -> list[bytes]:
     """Encrypt one batch of keys' cell values (in a pool worker): per ciphertext of keys, one
-    ciphertext per plaintext modulus. ``fingerprint``: the bundle's, as the signed plan names it
-    (checked against the bundle before any batch), the worker's cache key."""
+    ciphertext per plaintext modulus. ``bundle``: the public keys of the analyst's bundle
+    (``bfv_simd.encryption_bundle``); ``fingerprint``: the whole bundle's, as the signed plan
+    names it (checked against the bundle before any batch), the worker's cache key."""
     public = _WORKER_SIMD.get(fingerprint)
     if public is None:
         _WORKER_SIMD.clear()

@@ -422,8 +422,9 @@ def test_tampered_ciphertexts_are_refused_and_a_dropout_aborts(agg: Agg) -> None
         client.close()
 
 
-# Small batches and a window of two: the 2025 rows of civil make well over a hundred batches.
-STREAMED = replace(EXACT, stream_batch_keys=16, stream_window=2)
+# Small batches and a window of two: the 2025 rows of civil make well over a hundred batches
+# (under bfv-simd, one ciphertext of keys a batch: eight).
+STREAMED = replace(EXACT, stream_batch_keys=16, simd_stream_batch_keys=16, stream_window=2)
 
 
 def test_stream_keeps_at_most_its_window_of_batches_in_flight(agg: Agg) -> None:
