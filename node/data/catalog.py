@@ -62,8 +62,8 @@ returns true ends the read with :class:`~govshare.protocols.errors.Aborted` nami
 one that raises ends it with its own error. So a caller — a node stopping, a query withdrawn —
 ends a read of a million rows within a fraction of a second, and the catalogue goes on serving
 the next one (each read has its own connection). A live source's reads
-(:mod:`govshare.node.data.live`, PostgreSQL) are not stopped midway: they run to their end, and
-the caller's own check after them ends its work.
+(:mod:`govshare.node.data.live`, PostgreSQL) look at it too, before each batch of rows, and
+cancel the source's statement under way when it says stop.
 """
 
 from __future__ import annotations
@@ -1899,7 +1899,7 @@ class Catalogue:
                 raise MalformedInput(f"column {column!r} of {name!r} is not a join key")
             clause, params = self._where(info, where)
             if (live := self._live(conn, name)) is not None:
-                return live.keys(column, where)
+                return live.keys(column, where, stop)
             if (sealed := self._sealed(conn, table)) is not None:
                 at = sealed.columns.index(column) + 1
                 cells: builtins.list[str] = []  # a join key's cells are its normalised text
@@ -1962,7 +1962,7 @@ class Catalogue:
             live = self._live(conn, name)
             sealed = None if live is not None else self._sealed(conn, table)
         if live is not None:
-            return live.rows(columns, where)
+            return live.rows(columns, where, stop)
         if sealed is not None:
             return self._stream_sealed(info, table, sealed, columns, where, stop)
         sql = (
@@ -2010,7 +2010,7 @@ class Catalogue:
             info, table = self._table(conn, name)
             clause, params = self._where(info, where)
             if (live := self._live(conn, name)) is not None:
-                return live.row_ids(where)
+                return live.row_ids(where, stop)
             sealed = self._sealed(conn, table)
             with _stoppable(conn, stop, name):
                 if sealed is not None:
@@ -2033,7 +2033,7 @@ class Catalogue:
             info, table = self._table(conn, name)
             clause, params = self._where(info, where)
             if (live := self._live(conn, name)) is not None:
-                return live.count(where)
+                return live.count(where, stop)
             sealed = self._sealed(conn, table)
             with _stoppable(conn, stop, name):
                 if sealed is not None:
@@ -2074,7 +2074,7 @@ class Catalogue:
                 self._column(info, column)
             clause, params = self._where(info, where)
             if (live := self._live(conn, name)) is not None:
-                return live.group_sums(group_by, sums, where)
+                return live.group_sums(group_by, sums, where, stop)
             sealed = self._sealed(conn, table)
             with _stoppable(conn, stop, name):
                 if sealed is not None:

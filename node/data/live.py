@@ -27,12 +27,25 @@ rows it read, the rows it rejected and skipped, the source's snapshot marker, an
 normalised readable columns as :meth:`LiveDataset.canonical` text) — order-free, so the reads
 of one snapshot show one digest. A read outside any query (a registration's check, an
 operator's look) opens a snapshot of its own and logs nothing.
+
+**Stopping a read.** The catalogue's reads take its ``stop`` check
+(:data:`~govshare.node.data.catalog.Stop`) for a live dataset too, with the same meaning: true
+ends the read with :class:`~govshare.protocols.errors.Aborted` naming the dataset, an error it
+raises ends the read with that error. The reading thread looks at it before each batch of rows
+the source sends (:data:`~govshare.node.data.catalog.BATCH_ROWS`); while the read runs, a
+watcher thread looks at it every :data:`STOP_POLL` seconds and, once it says stop, cancels the
+source's statement under way (:meth:`~govshare.node.data.sources.SourceSnapshot.cancel`): a
+sort or a scan that has not sent its first row yet ends on the server, not only here. The
+read's cursor is closed, the watcher ended, before the read returns or raises; a cancelled
+statement leaves the snapshot's transaction aborted, which a read of its own closes at once
+and a query's closes when the query ends (a stop ends the query's reads anyway).
 """
 
 from __future__ import annotations
 
 import hashlib
 import itertools
+import threading
 from collections.abc import Callable, Generator, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -50,8 +63,10 @@ from govshare.node.data.catalog import (
     Cell,
     DatasetRecord,
     RejectedRow,
+    Stop,
     _blank_reason,
     _cell_converter,
+    _checked,
 )
 from govshare.node.data.column_format import ColumnFormat, NullPolicy
 from govshare.node.data.sources import (
@@ -64,6 +79,10 @@ from govshare.node.data.sources import (
 from govshare.protocols.errors import Conflict, MalformedInput, Unavailable
 
 READ_EVENT = "dataset.read"
+# Seconds between two looks at a read's stop check while it waits on its source (see
+# :class:`_Watch`): a stop ends a statement under way within about this and the cancel's round
+# trip. A look is a call of the check, well under a microsecond for the node's.
+STOP_POLL = 0.05
 
 
 @dataclass
@@ -229,8 +248,13 @@ class LiveDataset:
         totals: ReadTotals,
         *,
         refuse_bad: bool = False,
+        stop: Stop | None = None,
     ) -> Iterator[tuple[Cell, ...]]:
-        """The readable columns of every good row that passes ``where``, normalised."""
+        """The readable columns of every good row that passes ``where``, normalised; ``stop``
+        ends the read (module docstring, "Stopping a read")."""
+        watch = None if stop is None else _Watch(snapshot, stop, self.info.name)
+        if watch is not None:
+            watch.check()  # a read already stopped does not start
         present = snapshot.columns()
         missing = [c for c in self._source_columns if c not in present]
         if missing:
@@ -239,6 +263,31 @@ class LiveDataset:
                 f"column(s) {', '.join(map(repr, missing))} any more"
             )
         pushdown, checks = self._conditions(snapshot, where)
+        selected = snapshot.select(self._source_columns, pushdown)
+        source_rows = iter(selected)
+
+        def fetch() -> list[Sequence[str | None]]:
+            return list(itertools.islice(source_rows, BATCH_ROWS))
+
+        try:
+            if watch is None:
+                yield from self._rows(fetch, totals, checks, refuse_bad)
+            else:
+                with watch:
+                    yield from self._rows(lambda: watch.fetch(fetch), totals, checks, refuse_bad)
+        finally:
+            if isinstance(selected, Generator):
+                selected.close()  # its cursor, now: a query's snapshot serves its next read
+
+    def _rows(
+        self,
+        fetch: Callable[[], list[Sequence[str | None]]],
+        totals: ReadTotals,
+        checks: list[Callable[[tuple[Cell, ...]], bool]],
+        refuse_bad: bool,
+    ) -> Iterator[tuple[Cell, ...]]:
+        """:meth:`_read`'s rows, from the source's batches of rows (``fetch``, empty at the
+        end)."""
         readers = [
             (rule, fmt, _cell_converter(rule, fmt))
             for rule in self._readable
@@ -247,9 +296,8 @@ class LiveDataset:
         whole = [_column_reader(rule, convert) for rule, _, convert in readers]
         fast = [_fast_reader(convert) for _, _, convert in readers]
         template = self._template
-        selected = iter(snapshot.select(self._source_columns, pushdown))
         number, keep, sha256 = 0, totals.digests.append, hashlib.sha256
-        while batch := list(itertools.islice(selected, BATCH_ROWS)):
+        while batch := fetch():
             rows: list[tuple[Cell, ...] | None]
             try:  # a batch whose every cell is present and good: column by column
                 columns = zip(*batch, strict=True)
@@ -331,37 +379,37 @@ class LiveDataset:
         with self._snapshot("columns") as (snapshot, _):
             return dict(snapshot.columns())
 
-    def keys(self, column: str, where: Sequence[Condition]) -> list[str]:
+    def keys(self, column: str, where: Sequence[Condition], stop: Stop | None = None) -> list[str]:
         totals, at = ReadTotals(), self._index(column)
         with self._snapshot("keys") as (snapshot, log):
-            keys = {str(row[at]) for row in self._read(snapshot, where, totals)}
+            keys = {str(row[at]) for row in self._read(snapshot, where, totals, stop=stop)}
             log(totals)
         return sorted(keys)
 
     def rows(
-        self, columns: Sequence[str], where: Sequence[Condition]
+        self, columns: Sequence[str], where: Sequence[Condition], stop: Stop | None = None
     ) -> Generator[tuple[Cell, ...], None, None]:
         at = [self._index(c) for c in columns]
         totals = ReadTotals()
         with self._snapshot("rows") as (snapshot, log):
-            for row in self._read(snapshot, where, totals):
+            for row in self._read(snapshot, where, totals, stop=stop):
                 yield tuple(row[i] for i in at)
             log(totals)
 
-    def count(self, where: Sequence[Condition]) -> int:
+    def count(self, where: Sequence[Condition], stop: Stop | None = None) -> int:
         totals = ReadTotals()
         with self._snapshot("count") as (snapshot, log):
-            for _ in self._read(snapshot, where, totals):
+            for _ in self._read(snapshot, where, totals, stop=stop):
                 pass
             log(totals)
         return totals.rows
 
-    def row_ids(self, where: Sequence[Condition]) -> list[int]:
+    def row_ids(self, where: Sequence[Condition], stop: Stop | None = None) -> list[int]:
         """A stable id per row: a digest of its normalised values and its occurrence among
         equal rows (a live relation has no import position)."""
         totals, seen, ids = ReadTotals(), dict[str, int](), []
         with self._snapshot("row_ids") as (snapshot, log):
-            for row in self._read(snapshot, where, totals):
+            for row in self._read(snapshot, where, totals, stop=stop):
                 text = self.canonical(row)
                 seen[text] = seen.get(text, 0) + 1
                 digest = hashlib.sha256(f"{text}\x00#{seen[text]}".encode()).digest()
@@ -370,14 +418,18 @@ class LiveDataset:
         return ids
 
     def group_sums(
-        self, group_by: str | None, sums: Sequence[tuple[str, int]], where: Sequence[Condition]
+        self,
+        group_by: str | None,
+        sums: Sequence[tuple[str, int]],
+        where: Sequence[Condition],
+        stop: Stop | None = None,
     ) -> dict[str, tuple[int, ...]]:
         label_at = None if group_by is None else self._index(group_by)
         sum_at = [(self._index(c), int(bound)) for c, bound in sums]
         groups: dict[str, list[int]] = {}
         totals = ReadTotals()
         with self._snapshot("group_sums") as (snapshot, log):
-            for row in self._read(snapshot, where, totals):
+            for row in self._read(snapshot, where, totals, stop=stop):
                 label = "" if label_at is None else str(row[label_at])
                 figures = groups.setdefault(label, [0] * (1 + len(sum_at)))
                 figures[0] += 1
@@ -385,6 +437,83 @@ class LiveDataset:
                     figures[j] += min(max(int(row[i]), 0), bound)
             log(totals)
         return {label: tuple(figures) for label, figures in groups.items()}
+
+
+class _Watch:
+    """A live read's ``stop`` check (module docstring, "Stopping a read"), looked at before
+    each batch by the reading thread and, while the read runs, every :data:`STOP_POLL` seconds
+    by a watcher thread. Once it says stop (or raises), the watcher cancels the source's
+    statement if a fetch is under way, and again at each look until that fetch returns: a
+    cancel that reached the server between two statements is lost there. The fetch then fails,
+    and raises the check's error instead of the source's."""
+
+    def __init__(self, snapshot: SourceSnapshot, stop: Stop, name: str) -> None:
+        self._snapshot, self._stop, self._name = snapshot, stop, name
+        self._lock = threading.Lock()  # guards _stopped and _fetching
+        self._stopped: Exception | None = None  # what the watcher's look raised
+        self._fetching = False
+        self._done = threading.Event()
+        self._thread = threading.Thread(
+            target=self._watch, name=f"govshare read of {name} stop", daemon=True
+        )
+
+    def __enter__(self) -> _Watch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()  # no cancel is sent after the read: the snapshot's next statement
+
+    def check(self) -> None:
+        """Go on, unless the check said stop (to the watcher, or now).
+
+        Raises:
+            Aborted: it returned true (naming the dataset, as :func:`_checked` does); or its own
+                error, if it raised.
+        """
+        with self._lock:
+            stopped = self._stopped
+        if stopped is not None:
+            raise stopped
+        _checked(self._stop, self._name)
+
+    def fetch(self, fetch: Callable[[], list[Sequence[str | None]]]) -> list[Sequence[str | None]]:
+        """``fetch()``, the next batch, unless the check says stop before or during it.
+
+        Raises: as :meth:`check`; or the source's own error (:class:`Unavailable`,
+            :class:`Conflict`) when it failed for another reason.
+        """
+        self.check()
+        with self._lock:
+            if self._stopped is not None:
+                raise self._stopped
+            self._fetching = True
+        try:
+            return fetch()
+        except (Unavailable, Conflict):
+            with self._lock:
+                stopped = self._stopped
+            if stopped is not None:
+                raise stopped from None  # the statement failed for the watcher's cancel
+            raise
+        finally:
+            with self._lock:
+                self._fetching = False
+
+    def _watch(self) -> None:
+        while not self._done.wait(STOP_POLL):
+            with self._lock:
+                stopped, fetching = self._stopped, self._fetching
+            if stopped is None:
+                try:
+                    _checked(self._stop, self._name)
+                    continue
+                except Exception as exc:  # the reading thread raises it
+                    with self._lock:
+                        self._stopped, fetching = exc, self._fetching
+            if fetching:
+                self._snapshot.cancel()
 
 
 class _SlowPathError(Exception):

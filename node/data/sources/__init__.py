@@ -71,6 +71,12 @@ class SourceSnapshot(Protocol):
         """
         ...
 
+    def cancel(self) -> None:
+        """Ask the source to end the statement under way (its :meth:`select` then raises);
+        called from another thread while a read waits; nothing happens when none runs. Never
+        raises: a source that does not answer leaves the read to end at its next batch."""
+        ...
+
     def close(self) -> None: ...
 
 

@@ -25,7 +25,8 @@ down only where SQL gives the very answer the catalogue's own check gives (it ch
 text compared after ``btrim`` of Python's white space, for equality anywhere and for order
 only in a UTF-8 database (``COLLATE "C"``: byte order, there code-point order); numbers
 compared exactly as ``numeric``. Rows stream through a server-side cursor, :data:`FETCH_ROWS`
-at a time. PostgreSQL 13 or later (``pg_current_snapshot``).
+at a time; a read that is stopped cancels its statement (:meth:`PostgresSnapshot.cancel`).
+PostgreSQL 13 or later (``pg_current_snapshot``).
 
 **Failures.** A server that cannot be reached, or stops answering, raises
 :class:`Unavailable`; a relation or column that is gone, or a privilege that is missing,
@@ -55,6 +56,9 @@ SECRET_PARAMETERS = ("password", "sslpassword")
 CONNECT_TIMEOUT = 10
 # Rows per round trip of the server-side cursor: bounded memory, few round trips.
 FETCH_ROWS = 10_000
+# Seconds a cancel request may take to reach the server (it is sent on a connection of its
+# own) before the read gives up asking.
+CANCEL_TIMEOUT = 5.0
 # Python's str.strip() white space (what a CSV cell is stripped of), for btrim(): every
 # character whose str.isspace() is true (a test checks the list against Python's own).
 WHITESPACE = (
@@ -250,6 +254,15 @@ class PostgresSnapshot:
                     yield from cast("list[tuple[str | None, ...]]", batch)
         except psycopg.Error as exc:
             raise self._failure(exc) from None
+
+    def cancel(self) -> None:
+        """Ask the server to end the statement under way on this snapshot's connection (from
+        any thread; libpq's cancel request, encrypted as the connection is where libpq 17
+        allows): the statement fails with ``query_canceled`` and the transaction is aborted."""
+        try:
+            self._conn.cancel_safe(timeout=CANCEL_TIMEOUT)
+        except psycopg.Error:
+            pass  # the server went away or did not answer: the read ends at its next batch
 
     def close(self) -> None:
         try:
