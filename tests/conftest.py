@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import datetime as dt
+import secrets
 import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from hypothesis import settings
@@ -50,6 +51,9 @@ from govshare.protocols.errors import GovshareError
 from govshare.protocols.signed_request import SignedRequest
 from govshare.protocols.suite import STANDARD, Suite
 from govshare.rpc.client import DEFAULT_TIMEOUT, NodeClient
+
+if TYPE_CHECKING:
+    from govshare.examples.postgres import PgServer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -398,6 +402,41 @@ def benefits(root: Path, storage: str, rows: int) -> Catalogue:
         audit=None,
     )  # fmt: skip
     return catalogue
+
+
+class Check:
+    """A catalogue read's stop check that counts its calls and says stop (or runs ``end``) at
+    call ``at`` (``None``: never)."""
+
+    def __init__(self, at: int | None, end: Callable[[], object] | None = None) -> None:
+        self.at, self.end, self.calls = at, end, 0
+
+    def __call__(self) -> object:
+        self.calls += 1
+        if self.calls != self.at:
+            return False
+        return True if self.end is None else self.end()
+
+
+@contextmanager
+def postgres_server() -> Iterator[PgServer]:
+    """A throwaway PostgreSQL server (:mod:`govshare.examples.postgres`) with the department's
+    database, for the block; the node's credential where a department keeps it, a libpq
+    password file (``PGPASSFILE``, set for the block)."""
+    from govshare.examples.postgres import PgServer  # psycopg, for these tests only
+
+    server = PgServer(free_port(), secrets.token_hex(16))
+    server.init()
+    server.start()
+    try:
+        with pytest.MonkeyPatch.context() as env:
+            env.setenv("PGPASSFILE", str(server.passfile))
+            env.delenv("PGPASSWORD", raising=False)
+            server.create_database()
+            yield server
+    finally:
+        server.stop()
+        server.remove()
 
 
 def submit_approved(

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from conftest import benefits
+from conftest import Check, benefits
 
 from govshare.model.conditions import Condition
 from govshare.node.data import catalog
@@ -60,19 +60,6 @@ def catalogue(
 def often(monkeypatch: pytest.MonkeyPatch) -> None:
     """SQLite calls the stop check every 50 steps of a statement: many times in these reads."""
     monkeypatch.setattr(catalog, "STOP_EVERY", 50)
-
-
-class Check:
-    """A stop check that counts its calls and says stop (or runs ``end``) at call ``at``."""
-
-    def __init__(self, at: int | None, end: Callable[[], object] | None = None) -> None:
-        self.at, self.end, self.calls = at, end, 0
-
-    def __call__(self) -> object:
-        self.calls += 1
-        if self.calls != self.at:
-            return False
-        return True if self.end is None else self.end()
 
 
 @pytest.mark.parametrize("read", READS, ids=list(READS))

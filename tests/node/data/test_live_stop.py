@@ -2,8 +2,8 @@
 own tables does: between two batches of a long stream, and — a sort or a scan that has not
 sent its first row yet — by cancelling the statement on the server.
 
-A real PostgreSQL server (:class:`~govshare.examples.postgres.PgServer`, started as
-``test_source_postgresql`` starts it) and a real catalogue file. Nothing waits on a clock: a
+A real PostgreSQL server (``conftest.postgres_server``, as ``test_source_postgresql`` has) and
+a real catalogue file. Nothing waits on a clock: a
 stream is stopped between the rows it yields; the slow read is stopped by a check that says
 stop once the server is sleeping in the read's statement, and would wait out the whole sleep
 (:data:`SLEEP`) if it were not cancelled.
@@ -11,17 +11,15 @@ stop once the server is sleeping in the read's statement, and would wait out the
 
 from __future__ import annotations
 
-import secrets
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
-from conftest import free_port
+from conftest import Check, postgres_server
 
 from govshare.examples.postgres import PgServer
 from govshare.model.conditions import Condition
@@ -52,8 +50,23 @@ CREATE VIEW slow AS SELECT * FROM big
 """
 
 
+NODE_STOPPING = "civil: node civil is stopping; nothing released"
+
+
 def stopped(name: str) -> str:
     return f"the read of dataset {name!r} was stopped"
+
+
+def node_stopping() -> Callable[[], None]:
+    """What the query kinds pass as a read's check (``Mailbox.check``), to run as the node
+    stops: it ends the query's part, and raises."""
+    mailbox = Mailbox(())
+
+    def stopping() -> None:
+        mailbox.end("node civil is stopping")
+        mailbox.check("civil")
+
+    return stopping
 
 
 @dataclass
@@ -68,33 +81,22 @@ class Pg:
 
 @pytest.fixture(scope="module")
 def pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pg]:
-    server = PgServer(free_port(), secrets.token_hex(16))
-    server.init()
-    server.start()
-    try:
-        with pytest.MonkeyPatch.context() as env:
-            env.setenv("PGPASSFILE", str(server.passfile))
-            env.delenv("PGPASSWORD", raising=False)
-            server.create_database()
-            with server.admin() as admin:
-                admin.execute(SETUP)
-                catalogue = Catalogue(tmp_path_factory.mktemp("livestop") / "node.db")
-                rules = [
-                    ColumnRule("id_number", ColumnKind.JOIN_KEY, key_type="text"),
-                    ColumnRule("district", ColumnKind.GROUP_KEY, domain=("east", "west")),
-                    ColumnRule("amount", ColumnKind.AGGREGATE),
-                ]
-                for name in ("big", "slow"):
-                    catalogue.add(
-                        PostgresSource.parse(server.location(), name), name=name,
-                        grade="general", sharing_type="conditional",
-                        owner=Owner(OwnerKind.STATE, "the state", "civil"), columns=rules,
-                        actor="op-civil", audit=None,
-                    )  # fmt: skip
-                yield Pg(server, admin, catalogue)
-    finally:
-        server.stop()
-        server.remove()
+    with postgres_server() as server, server.admin() as admin:
+        admin.execute(SETUP)
+        catalogue = Catalogue(tmp_path_factory.mktemp("livestop") / "node.db")
+        rules = [
+            ColumnRule("id_number", ColumnKind.JOIN_KEY, key_type="text"),
+            ColumnRule("district", ColumnKind.GROUP_KEY, domain=("east", "west")),
+            ColumnRule("amount", ColumnKind.AGGREGATE),
+        ]
+        for name in ("big", "slow"):
+            catalogue.add(
+                PostgresSource.parse(server.location(), name), name=name,
+                grade="general", sharing_type="conditional",
+                owner=Owner(OwnerKind.STATE, "the state", "civil"), columns=rules,
+                actor="op-civil", audit=None,
+            )  # fmt: skip
+        yield Pg(server, admin, catalogue)
 
 
 class Entries:
@@ -108,17 +110,6 @@ class Entries:
     ) -> int:
         self.kinds.append(kind)
         return len(self.kinds) - 1
-
-
-class Never:
-    """A stop check that never says stop, and counts its calls."""
-
-    def __init__(self) -> None:
-        self.calls = 0
-
-    def __call__(self) -> bool:
-        self.calls += 1
-        return False
 
 
 def watchers() -> list[threading.Thread]:
@@ -155,7 +146,7 @@ def test_a_stream_stopped_midway_ends_after_its_batch_and_the_next_read_is_whole
         assert len(got) == BATCH_ROWS  # the batch it had, not the rest of the table
         assert watchers() == []
         # The same snapshot (in a query) or a new one serves the next read, whole.
-        assert sorted(pg.catalogue.rows("big", ["id_number", "amount"], stop=Never())) == whole
+        assert sorted(pg.catalogue.rows("big", ["id_number", "amount"], stop=Check(None))) == whole
     assert audit.kinds == ([READ_EVENT] if scoped else [])  # the stopped read logged nothing
 
 
@@ -171,38 +162,19 @@ READS: dict[str, Read] = {
 }
 
 
-class Third:
-    """A stop check that says stop (or runs ``end``) at its third call: the first two are the
-    reading thread's, before the read and before its first fetch; the third, the watcher's or
-    the reading thread's before the second fetch, comes before the read's end (three batches)."""
-
-    def __init__(self, end: Callable[[], object] | None = None) -> None:
-        self.end, self.calls = end, 0
-
-    def __call__(self) -> object:
-        self.calls += 1
-        if self.calls < 3:
-            return False
-        return True if self.end is None else self.end()
-
-
 @pytest.mark.parametrize("read", READS, ids=list(READS))
 def test_a_read_ends_at_the_check_that_says_stop_or_with_the_error_it_raises(
     pg: Pg, read: str
 ) -> None:
+    """The check says stop at its third call, before the read's end (three batches): the
+    reading thread calls it before the read and before each fetch, the watcher as it runs."""
     with pytest.raises(Aborted) as ended:
-        READS[read](pg.catalogue, Third())
+        READS[read](pg.catalogue, Check(3))
     assert str(ended.value) == stopped("big")
-    mailbox = Mailbox(())
-
-    def stopping() -> None:  # what the query kinds pass: Mailbox.check, the node stopping
-        mailbox.end("node civil is stopping")
-        mailbox.check("civil")
-
     with pytest.raises(Aborted) as ended:
-        READS[read](pg.catalogue, Third(stopping))
-    assert str(ended.value) == "civil: node civil is stopping; nothing released"
-    assert READS[read](pg.catalogue, Never()) == READS[read](pg.catalogue, None)
+        READS[read](pg.catalogue, Check(3, node_stopping()))
+    assert str(ended.value) == NODE_STOPPING
+    assert READS[read](pg.catalogue, Check(None)) == READS[read](pg.catalogue, None)
     assert watchers() == []
 
 
@@ -234,22 +206,15 @@ def log_offset(pg: Pg) -> int:
 
 
 def log_since(pg: Pg, offset: int) -> str:
-    return Path(pg.server.root / "log").read_bytes()[offset:].decode("utf-8", "replace")
+    return (pg.server.root / "log").read_bytes()[offset:].decode("utf-8", "replace")
 
 
 @pytest.mark.parametrize("raises", [False, True], ids=["says stop", "raises"])
 @pytest.mark.parametrize("scoped", SCOPES.values(), ids=list(SCOPES))
 def test_a_slow_first_fetch_is_cancelled_on_the_server(pg: Pg, scoped: bool, raises: bool) -> None:
-    mailbox = Mailbox(())
-
-    def stopping() -> None:
-        mailbox.end("node civil is stopping")
-        mailbox.check("civil")
-
     audit = Entries()
-    sleeping = Sleeping(
-        pg, "govshare stop-test" if scoped else "govshare catalogue", stopping if raises else None
-    )
+    application = "govshare stop-test" if scoped else "govshare catalogue"
+    sleeping = Sleeping(pg, application, node_stopping() if raises else None)
     offset = log_offset(pg)
     pg.sql("UPDATE delay SET seconds = %s RETURNING seconds", SLEEP)
     try:
@@ -266,7 +231,7 @@ def test_a_slow_first_fetch_is_cancelled_on_the_server(pg: Pg, scoped: bool, rai
     finally:
         pg.sql("UPDATE delay SET seconds = 0 RETURNING seconds")
     if raises:
-        assert str(ended.value) == "civil: node civil is stopping; nothing released"
+        assert str(ended.value) == NODE_STOPPING
     else:
         assert str(ended.value) == stopped("slow")
     log = log_since(pg, offset)
@@ -276,26 +241,26 @@ def test_a_slow_first_fetch_is_cancelled_on_the_server(pg: Pg, scoped: bool, rai
     assert audit.kinds == []
     assert watchers() == []
     # The source serves the next read, whole.
-    assert pg.catalogue.count("slow", stop=Never()) == SLOW_ROWS
+    assert pg.catalogue.count("slow", stop=Check(None)) == SLOW_ROWS
 
 
 # ------------------------------------------------------------------ a check that never stops
 
 
 def test_a_read_whose_check_never_stops_gives_the_rows_of_the_plain_sql(pg: Pg) -> None:
-    never = Never()
+    never = Check(None)
     rows = sorted(pg.catalogue.rows("big", ["id_number", "district", "amount"], stop=never))
     assert rows == sorted(pg.sql("SELECT id_number, district, amount FROM big"))
     assert never.calls > ROWS // BATCH_ROWS  # looked at before each batch
     keys = pg.sql('SELECT id_number FROM big ORDER BY id_number COLLATE "C"')
-    assert pg.catalogue.keys("big", "id_number", stop=Never()) == [k for (k,) in keys]
+    assert pg.catalogue.keys("big", "id_number", stop=Check(None)) == [k for (k,) in keys]
     where = (Condition("amount", "<", 12345),)
-    assert pg.catalogue.count("big", where=where, stop=Never()) == 12345
+    assert pg.catalogue.count("big", where=where, stop=Check(None)) == 12345
     sums = pg.sql(
         "SELECT district, count(*), sum(least(greatest(amount, 0), %s)) FROM big GROUP BY 1",
         BOUND,
     )
     assert pg.catalogue.group_sums(
-        "big", group_by="district", sums=[("amount", BOUND)], stop=Never()
+        "big", group_by="district", sums=[("amount", BOUND)], stop=Check(None)
     ) == {district: (int(n), int(total)) for district, n, total in sums}
     assert watchers() == []

@@ -11,7 +11,6 @@ password reaches node.db or the audit log.
 from __future__ import annotations
 
 import csv
-import secrets
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -25,8 +24,8 @@ from conftest import (
     PURPOSE,
     FederationFixture,
     build_federation,
-    free_port,
     intersection_plan,
+    postgres_server,
     served,
 )
 
@@ -151,44 +150,33 @@ def load(
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
-    pg = PgServer(free_port(), secrets.token_hex(16))
-    pg.init()
-    pg.start()
-    try:
-        with pytest.MonkeyPatch.context() as env:
-            # The node's credential, where a department keeps it: a libpq password file.
-            env.setenv("PGPASSFILE", str(pg.passfile))
-            env.delenv("PGPASSWORD", raising=False)
-            pg.create_database()
-            fed = build_federation(tmp_path_factory.mktemp("pgfed"), "pgfed")
-            data = tmp_path_factory.mktemp("pgdata")
-            synth.generate(data, size=1000, seed=5)
-            csvs = {
-                "residents": data / f"{synth.TAX}.csv",
-                "assistance": data / f"{synth.CIVIL}.csv",
-            }
-            # The clinic visits in two parts, one per node (a horizontal aggregate).
-            with open(data / f"{synth.HEALTH}.csv", newline="", encoding="utf-8") as handle:
-                rows = list(csv.reader(handle))
-            for i, owner in enumerate(("tax", "civil")):
-                part = data / f"visits_{owner}.csv"
-                with open(part, "w", newline="", encoding="utf-8") as handle:
-                    csv.writer(handle).writerows([rows[0], *rows[1:][i::2]])
-                csvs[f"visits_{owner}"] = part
-            for table, path in csvs.items():
-                load(pg, table, path)
-            homes = {"tax": ("residents", "visits_tax"), "civil": ("assistance", "visits_civil")}
-            with served(fed, homes) as nodes:
-                for name, tables in homes.items():
-                    for table in tables:
-                        kind = table.split("_")[0]
-                        add(nodes[name], csvs[table], f"{kind}_sql", kind)
-                        source = PostgresSource.parse(pg.location(), table)
-                        add(nodes[name], source, f"{kind}_pg", kind)
-                yield Live(fed, pg, nodes, data, csvs)
-    finally:
-        pg.stop()
-        pg.remove()
+    with postgres_server() as pg:
+        fed = build_federation(tmp_path_factory.mktemp("pgfed"), "pgfed")
+        data = tmp_path_factory.mktemp("pgdata")
+        synth.generate(data, size=1000, seed=5)
+        csvs = {
+            "residents": data / f"{synth.TAX}.csv",
+            "assistance": data / f"{synth.CIVIL}.csv",
+        }
+        # The clinic visits in two parts, one per node (a horizontal aggregate).
+        with open(data / f"{synth.HEALTH}.csv", newline="", encoding="utf-8") as handle:
+            rows = list(csv.reader(handle))
+        for i, owner in enumerate(("tax", "civil")):
+            part = data / f"visits_{owner}.csv"
+            with open(part, "w", newline="", encoding="utf-8") as handle:
+                csv.writer(handle).writerows([rows[0], *rows[1:][i::2]])
+            csvs[f"visits_{owner}"] = part
+        for table, path in csvs.items():
+            load(pg, table, path)
+        homes = {"tax": ("residents", "visits_tax"), "civil": ("assistance", "visits_civil")}
+        with served(fed, homes) as nodes:
+            for name, tables in homes.items():
+                for table in tables:
+                    kind = table.split("_")[0]
+                    add(nodes[name], csvs[table], f"{kind}_sql", kind)
+                    source = PostgresSource.parse(pg.location(), table)
+                    add(nodes[name], source, f"{kind}_pg", kind)
+            yield Live(fed, pg, nodes, data, csvs)
 
 
 def membership(source: str, where: tuple[Condition, ...] = ()) -> PsiPlan:
