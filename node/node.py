@@ -136,6 +136,10 @@ class Node:
     def __post_init__(self) -> None:
         self._pool: Executor | None = None
         self._pool_lock = threading.Lock()
+        # One mutual-TLS channel per peer for protocol messages, kept while the roster lists
+        # the peer as it is (see _peer_client).
+        self._peer_clients: dict[str, NodeClient] = {}
+        self._peer_lock = threading.Lock()
         self.crossborder = self.crossborder_store or CrossBorderStore(self.catalogue.path)
         self.suspensions = self.suspension_store or SuspensionStore(self.catalogue.path)
         self.controls = ControlStore(self.catalogue.path)
@@ -288,15 +292,48 @@ class Node:
         items: Sequence[bytes] = (),
     ) -> None:
         """Stream one protocol message to ``peer`` (Peer.Deliver) in bounded chunks."""
-        member = self.roster().member(peer)
-        with NodeClient(self.identity, member, timeout=self.protocol_timeout) as client:
+        client = self._peer_client(peer)
+        try:
             client.deliver(query_id, phase, points, items)
+        except BaseException:
+            self._drop_peer_client(peer, client)
+            raise
 
     def send_abort(self, peer: str, query_id: str) -> None:
         """Tell ``peer`` this node's part of ``query_id`` ended (Peer.Deliver, an abort)."""
-        member = self.roster().member(peer)
-        with NodeClient(self.identity, member, timeout=self.protocol_timeout) as client:
+        client = self._peer_client(peer)
+        try:
             client.abort(query_id)
+        except BaseException:
+            self._drop_peer_client(peer, client)
+            raise
+
+    def _peer_client(self, peer: str) -> NodeClient:
+        """The node's channel to ``peer``, made on first use and kept: a stream of batches
+        reuses one connection, its TLS session and its grown HTTP/2 flow-control windows,
+        rather than a handshake and a cold window for every message. A roster that lists the
+        peer otherwise (address, keys, certificate fingerprint) gets a new channel, and so
+        does the send after one that failed (:meth:`_drop_peer_client`): it dials afresh
+        instead of waiting out gRPC's reconnection backoff. A channel let go is not closed
+        here: a send of another query may still be using it, and gRPC releases it when the
+        last sender lets go of it (the node's close ends every kept one).
+
+        Raises:
+            NotFound: the roster does not list ``peer``.
+        """
+        member = self.roster().member(peer)
+        with self._peer_lock:
+            held = self._peer_clients.get(peer)
+            if held is not None and held.member == member and held.identity is self.identity:
+                return held
+            client = NodeClient(self.identity, member, timeout=self.protocol_timeout)
+            self._peer_clients[peer] = client
+        return client
+
+    def _drop_peer_client(self, peer: str, client: NodeClient) -> None:
+        with self._peer_lock:
+            if self._peer_clients.get(peer) is client:
+                del self._peer_clients[peer]
 
     @classmethod
     def from_config(cls, config: NodeConfig) -> Node:
@@ -365,6 +402,10 @@ class Node:
             if self._pool is not None:
                 self._pool.shutdown(cancel_futures=True)
                 self._pool = None
+        with self._peer_lock:
+            clients, self._peer_clients = list(self._peer_clients.values()), {}
+        for client in clients:
+            client.close()
         self.query_store.close()
         self.audit.close()
         self.witness_store.close()
