@@ -32,10 +32,10 @@ operator's look) opens a snapshot of its own and logs nothing.
 (:data:`~govshare.node.data.catalog.Stop`) for a live dataset too, with the same meaning: true
 ends the read with :class:`~govshare.protocols.errors.Aborted` naming the dataset, an error it
 raises ends the read with that error. The reading thread looks at it before each batch of rows
-the source sends (:data:`~govshare.node.data.catalog.BATCH_ROWS`); while the read runs, a
-watcher thread looks at it every :data:`STOP_POLL` seconds and, once it says stop, cancels the
-source's statement under way (:meth:`~govshare.node.data.sources.SourceSnapshot.cancel`): a
-sort or a scan that has not sent its first row yet ends on the server, not only here. The
+the source sends (:data:`~govshare.node.data.catalog.BATCH_ROWS`); while it waits for a batch,
+a watcher thread looks at it every :data:`STOP_POLL` seconds and, once it says stop, cancels
+the source's statement under way (:meth:`~govshare.node.data.sources.SourceSnapshot.cancel`):
+a sort or a scan that has not sent its first row yet ends on the server, not only here. The
 read's cursor is closed, the watcher ended, before the read returns or raises; a cancelled
 statement leaves the snapshot's transaction aborted, which a read of its own closes at once
 and a query's closes when the query ends (a stop ends the query's reads anyway).
@@ -79,9 +79,10 @@ from govshare.node.data.sources import (
 from govshare.protocols.errors import Conflict, MalformedInput, Unavailable
 
 READ_EVENT = "dataset.read"
-# Seconds between two looks at a read's stop check while it waits on its source (see
-# :class:`_Watch`): a stop ends a statement under way within about this and the cancel's round
-# trip. A look is a call of the check, well under a microsecond for the node's.
+# Seconds between two looks at a read's stop check while it waits on its source for a batch
+# (see :class:`_Watch`): a stop ends a statement under way within about this and the cancel's
+# round trip (a few ms to a local server). A look is a call of the check, well under a
+# microsecond for the node's.
 STOP_POLL = 0.05
 
 
@@ -440,19 +441,20 @@ class LiveDataset:
 
 
 class _Watch:
-    """A live read's ``stop`` check (module docstring, "Stopping a read"), looked at before
-    each batch by the reading thread and, while the read runs, every :data:`STOP_POLL` seconds
-    by a watcher thread. Once it says stop (or raises), the watcher cancels the source's
-    statement if a fetch is under way, and again at each look until that fetch returns: a
-    cancel that reached the server between two statements is lost there. The fetch then fails,
-    and raises the check's error instead of the source's."""
+    """A live read's ``stop`` check (module docstring, "Stopping a read"), looked at by the
+    reading thread before each batch and, while a fetch waits on the source, every
+    :data:`STOP_POLL` seconds by a watcher thread (idle between fetches: the rows' own work is
+    not interrupted). Once the check says stop (or raises), the watcher cancels the source's
+    statement, and again at each look until that fetch returns: a cancel that reached the
+    server between two statements is lost there. The fetch then raises the check's error
+    instead of the source's."""
 
     def __init__(self, snapshot: SourceSnapshot, stop: Stop, name: str) -> None:
         self._snapshot, self._stop, self._name = snapshot, stop, name
-        self._lock = threading.Lock()  # guards _stopped and _fetching
+        self._changed = threading.Condition()  # guards the three below; told of each change
         self._stopped: Exception | None = None  # what the watcher's look raised
         self._fetching = False
-        self._done = threading.Event()
+        self._done = False
         self._thread = threading.Thread(
             target=self._watch, name=f"govshare read of {name} stop", daemon=True
         )
@@ -462,7 +464,9 @@ class _Watch:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._done.set()
+        with self._changed:
+            self._done = True
+            self._changed.notify_all()
         self._thread.join()  # no cancel is sent after the read: the snapshot's next statement
 
     def check(self) -> None:
@@ -472,7 +476,7 @@ class _Watch:
             Aborted: it returned true (naming the dataset, as :func:`_checked` does); or its own
                 error, if it raised.
         """
-        with self._lock:
+        with self._changed:
             stopped = self._stopped
         if stopped is not None:
             raise stopped
@@ -485,35 +489,44 @@ class _Watch:
             :class:`Conflict`) when it failed for another reason.
         """
         self.check()
-        with self._lock:
+        with self._changed:
             if self._stopped is not None:
                 raise self._stopped
             self._fetching = True
+            self._changed.notify_all()
         try:
             return fetch()
         except (Unavailable, Conflict):
-            with self._lock:
+            with self._changed:
                 stopped = self._stopped
             if stopped is not None:
                 raise stopped from None  # the statement failed for the watcher's cancel
             raise
         finally:
-            with self._lock:
+            with self._changed:
                 self._fetching = False
+                self._changed.notify_all()
 
     def _watch(self) -> None:
-        while not self._done.wait(STOP_POLL):
-            with self._lock:
-                stopped, fetching = self._stopped, self._fetching
+        while True:
+            with self._changed:
+                while not (self._done or self._fetching):
+                    self._changed.wait()  # between fetches: nothing to look at
+                if not self._done:
+                    self._changed.wait(STOP_POLL)
+                if self._done:
+                    return
+                if not self._fetching:
+                    continue  # the fetch returned
+                stopped = self._stopped
             if stopped is None:
                 try:
                     _checked(self._stop, self._name)
                     continue
                 except Exception as exc:  # the reading thread raises it
-                    with self._lock:
-                        self._stopped, fetching = exc, self._fetching
-            if fetching:
-                self._snapshot.cancel()
+                    with self._changed:
+                        self._stopped = exc
+            self._snapshot.cancel()
 
 
 class _SlowPathError(Exception):
