@@ -178,6 +178,7 @@ from fractions import Fraction
 from functools import partial
 from typing import TypeVar
 
+import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
 from govshare.protocols import dp, x25519_batch
@@ -412,12 +413,19 @@ def chunked(items: Sequence[T], chunk_points: int = DEFAULT_CHUNK_POINTS) -> lis
 
 
 def random_permutation(n: int) -> list[int]:
-    """A uniformly random permutation of ``range(n)`` (Fisher-Yates with ``secrets``)."""
-    perm = list(range(n))
-    for i in range(n - 1, 0, -1):
-        j = secrets.randbelow(i + 1)
-        perm[i], perm[j] = perm[j], perm[i]
-    return perm
+    """A uniformly random permutation of ``range(n)``: the positions sorted by fresh 128-bit
+    keys from the operating system's CSPRNG (``os.urandom``).
+
+    When no two keys are equal, every order is equally likely (the keys are independent and
+    identically distributed); a tie, with probability below n^2 / 2^129 (2^-89 at a million),
+    is the only departure from uniform. One NumPy sort instead of a ``secrets`` call per
+    position: 1,000,000 positions in about 0.3 s instead of about 4 s.
+    """
+    if n < 2:
+        return list(range(n))
+    keys = np.frombuffer(os.urandom(16 * n), dtype=np.uint64).reshape(n, 2)
+    order: list[int] = np.lexsort((keys[:, 1], keys[:, 0])).tolist()
+    return order
 
 
 def permute(items: Sequence[T], permutation: Sequence[int]) -> list[T]:
@@ -433,8 +441,9 @@ def permute(items: Sequence[T], permutation: Sequence[int]) -> list[T]:
 
 
 def shuffle(items: Sequence[T]) -> list[T]:
-    """A uniformly shuffled copy of ``items`` (randomness from ``secrets``)."""
-    return permute(items, random_permutation(len(items)))
+    """A uniformly shuffled copy of ``items`` (:func:`random_permutation`, whose output needs
+    none of :func:`permute`'s checks)."""
+    return [items[k] for k in random_permutation(len(items))]
 
 
 def _require_distinct(points: Sequence[bytes], what: str) -> set[bytes]:
