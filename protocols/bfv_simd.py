@@ -15,6 +15,12 @@ ciphertext to its rotations by ``block * 2^j`` (``j < log2(N / 2 / block)``) and
 column swap, so that every block holds the cell totals; the DP noise is added to every block
 alike (an unnoised copy would otherwise be readable in another block).
 
+**The matcher's products** are taken in NTT form (``Evaluator.transform_to_ntt``): each
+received ciphertext is transformed once, each mask's plaintext once, and the running sums stay
+in NTT form until :meth:`SimdSum.result` transforms them back to fold; the same integer
+products as ``multiply_plain`` on coefficient forms, which transforms both operands and the
+product back for every mask (with 16 groups, 35 ms a ciphertext instead of 104 ms).
+
 **Groups on the matcher's side.** When the GROUP BY column is M's, V packs only the figures
 of each key (``cells`` = count and sums) and M keeps one running sum per group and modulus
 (``SimdShape.groups``, at most :data:`MAX_GROUPS`): for group g it multiplies each ciphertext by
