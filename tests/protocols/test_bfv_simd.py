@@ -7,6 +7,7 @@ import math
 import os
 import random
 import tempfile
+from collections import Counter
 from typing import Any
 
 import pytest
@@ -238,3 +239,17 @@ def test_flooding_hides_which_keys_the_matcher_put_in_which_group() -> None:
         seen = evaluate(assignments[secret_input], flood=True)[0]
         budgets = {n: _residual_budget(keys, seen, u[0]) for n, u in unflooded.items()}
         assert budgets["A"] == budgets["B"]
+
+
+def test_flooding_draws_are_uniform_below_their_span() -> None:
+    """The flooding's draws (``_uniform_below``, one ``os.urandom`` buffer a round): in range,
+    every value of a small span reached about equally, and a wide span's draws spread over it."""
+    counts = Counter(bfv_simd._uniform_below(5, 25_000))
+    assert set(counts) == set(range(5))
+    assert all(4_600 < c < 5_400 for c in counts.values()), counts  # sd ~63
+    _, flood = bfv_simd.noise_bounds(3907, 9)
+    span = 2 * flood + 1
+    wide = bfv_simd._uniform_below(span, 8192)
+    assert len(wide) == 8192 and all(0 <= x < span for x in wide)
+    assert sum(x < span // 2 for x in wide) in range(3900, 4300)  # sd ~45
+    assert len(set(wide)) == 8192
