@@ -39,8 +39,9 @@ its digest chains the batches' message digests (SHA-256 over each batch's
 
 Under the plan's ``scheme`` ``bfv-simd`` (``govshare.protocols.bfv_simd``) the same rounds carry
 BFV ciphertexts instead: a batch holds whole ciphertexts of ``N / block`` keys (one per CRT
-plaintext modulus; about ``simd_stream_batch_keys`` keys a batch), M multiplies each by the selection mask of its matched positions and keeps
-one running sum per modulus; after the stream it folds the slots under the analyst's Galois
+plaintext modulus; about ``simd_stream_batch_keys`` keys a batch), M multiplies each by the
+selection mask of its matched positions and keeps one running sum per modulus; after the
+stream it folds the slots under the analyst's Galois
 keys, adds its DP noise to every block, re-randomises and floods the noise. The analyst's
 public and Galois keys come with ``Aggregate.Run`` and must hash to the plan's ``public_key``;
 M loads every ciphertext into contexts it builds itself, so keys or ciphertexts for other
