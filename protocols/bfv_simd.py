@@ -332,15 +332,18 @@ class SimdPublic:
         shape = self.shape
         if len(rows) > shape.keys_per_ciphertext:
             raise TypeError("more keys than one ciphertext holds")
+        block, cells = shape.block, shape.cells
         slots = [0] * SLOTS
         for r, row in enumerate(rows):
-            if len(row) != shape.cells:
+            if len(row) != cells:
                 raise TypeError("one value per cell")
-            slots[r * shape.block : r * shape.block + shape.cells] = row
+            slots[r * block : r * block + cells] = row
+        # Counts and clipped sums are mostly below every modulus: then no reduction is needed.
+        reduced = min(slots) >= 0 and max(slots) < min(m.plain for m in self._moduli)
         out = []
         for modulus, encryptor in zip(self._moduli, self._encryptors, strict=True):
             ciphertext = seal.Ciphertext(modulus.context)
-            encryptor.encrypt(modulus.encode(slots), ciphertext)
+            encryptor.encrypt(modulus.encode(slots, reduced=reduced), ciphertext)
             out.append(self._files.dump(ciphertext))
         return out
 
