@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 import secrets
 import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from fractions import Fraction
@@ -35,6 +36,7 @@ from govshare.model.governance import (
 from govshare.model.identity import Federation, Identity, init_federation
 from govshare.model.operator_act import Duty
 from govshare.model.query_plan import Side
+from govshare.model.states import FAILED
 from govshare.node.api.server import RunningNode, create_server
 from govshare.node.audit.auditlog import AuditLog
 from govshare.node.audit.witness import WitnessStore
@@ -47,7 +49,8 @@ from govshare.node.policy.grants import GrantStore
 from govshare.node.queries.kinds.aggregate import AggregateOptions
 from govshare.node.stores.query_store import QueryStore
 from govshare.protocols import dp
-from govshare.protocols.errors import GovshareError
+from govshare.protocols.auditverify import AuditEntry
+from govshare.protocols.errors import Aborted, GovshareError
 from govshare.protocols.signed_request import SignedRequest
 from govshare.protocols.suite import STANDARD, Suite
 from govshare.rpc.client import DEFAULT_TIMEOUT, NodeClient
@@ -477,3 +480,39 @@ def run_part(identity: Identity, node: str, query_id: str, *, timeout: float) ->
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     return PartRun(thread, errors)
+
+
+def assert_ended_cleanly(
+    node: Node,
+    query_id: str,
+    reason: str | None,
+    *,
+    errors: Sequence[BaseException] | None = None,
+    message: str | None = None,
+    reservation: str | None = None,
+) -> list[AuditEntry]:
+    """Assert that ``query_id`` ended at ``node`` with nothing released: its record is failed,
+    and its audit log has no ``result.released`` and one ``query.failed`` that says nothing
+    was released, its reason found by ``reason`` (a regular expression; None: not checked).
+    Checked too where given: ``errors``, what the analyst's part raised, is one
+    :class:`Aborted` found by ``reason`` and saying "nothing released"; the record's one-line
+    message is ``message``; the ``budget.settled`` entries' reservations are ``[reservation]``
+    (``"returned"``: the budget reserved came back). Returns the query's entries in ``node``'s
+    audit log, for the caller's further checks."""
+    if errors is not None:
+        assert len(errors) == 1 and isinstance(errors[0], Aborted), errors
+        assert reason is None or re.search(reason, str(errors[0])), errors[0]
+        assert "nothing released" in str(errors[0]), errors[0]
+    record = node.query_store.get(query_id)
+    assert record.state == FAILED, record
+    if message is not None:
+        assert record.message == message, record.message
+    entries = [e.decode() for e in node.audit.entries_for_query(query_id)]
+    assert "result.released" not in [e.kind for e in entries]
+    failed = [e.fields for e in entries if e.kind == "query.failed"]
+    assert len(failed) == 1 and failed[0]["released"] is False, failed
+    assert reason is None or re.search(reason, failed[0]["reason"]), failed[0]["reason"]
+    if reservation is not None:
+        settled = [e.fields["reservation"] for e in entries if e.kind == "budget.settled"]
+        assert settled == [reservation], settled
+    return entries

@@ -22,6 +22,7 @@ from conftest import (
     PURPOSE,
     TAX_COLUMNS,
     FederationFixture,
+    assert_ended_cleanly,
     build_federation,
     grant,
     psi_shift,
@@ -459,23 +460,14 @@ def _stopped_mid_run(fed: FederationFixture) -> list[str]:
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
                 process.wait(timeout=WAIT)
-    errors = part.errors
-    assert len(errors) == 1 and isinstance(errors[0], Aborted), errors
-    assert "tax is stopping" in str(errors[0]) and "nothing released" in str(errors[0])
     tax = Node.from_home(fed.node_home("tax"))
     try:
-        record = tax.query_store.get(query_id)
-        entries = [e.decode() for e in tax.audit.entries_for_query(query_id)]
+        entries = assert_ended_cleanly(
+            tax, query_id, "tax is stopping", errors=part.errors,
+            message="tax: node tax is stopping; nothing released", reservation="returned",
+        )  # fmt: skip
     finally:
         tax.close()
-    assert record.state == "failed", record
-    assert record.message == "tax: node tax is stopping; nothing released", record.message
-    kinds = [e.kind for e in entries]
-    assert "result.released" not in kinds
-    (failed,) = [e for e in entries if e.kind == "query.failed"]
-    assert failed.fields["released"] is False and "tax is stopping" in failed.fields["reason"]
-    settled = [e for e in entries if e.kind == "budget.settled"]
-    assert [e.fields["reservation"] for e in settled] == ["returned"], settled
     return [str(e.fields["phase"]) for e in entries if e.kind == "protocol.step"]
 
 

@@ -22,6 +22,7 @@ from conftest import (
     PURPOSE,
     TAX_COLUMNS,
     FederationFixture,
+    assert_ended_cleanly,
     build_federation,
     grant,
     register,
@@ -132,19 +133,9 @@ def test_a_query_ends_within_its_key_read(
     # The read itself ended, at the check after the end: it did not read on to its end.
     assert [str(e) for e in read.stopped] == [ended]
     assert read.calls == 2
-    errors = part.errors
-    assert len(errors) == 1 and isinstance(errors[0], Aborted), errors
-    assert reason in str(errors[0]) and "nothing released" in str(errors[0])
-    record = tax.query_store.get(query_id)
-    assert record.state == "failed", record
-    assert record.message == ended
-    entries = [e.decode() for e in tax.audit.entries_for_query(query_id)]
-    kinds = [e.kind for e in entries]
-    assert "result.released" not in kinds
-    (failed,) = [e for e in entries if e.kind == "query.failed"]
-    assert failed.fields["released"] is False and reason in failed.fields["reason"]
-    settled = [e for e in entries if e.kind == "budget.settled"]
-    assert [e.fields["reservation"] for e in settled] == ["returned"], settled
+    entries = assert_ended_cleanly(
+        tax, query_id, reason, errors=part.errors, message=ended, reservation="returned"
+    )
     # Tax's keys never left: at most the shared dummies went to civil.
     steps = [str(e.fields["phase"]) for e in entries if e.kind == "protocol.step"]
     assert steps in ([], ["dummies"]), steps
