@@ -260,6 +260,6 @@ def message_chunks(
     per = MESSAGE_CHUNK_BYTES // 32
     for start in range(0, len(points), per):
         yield chunk(points[start : start + per], ())
-    per = max(1, MESSAGE_CHUNK_BYTES // widest)
+    per = max(1, MESSAGE_CHUNK_BYTES // max(widest, 1))
     for start in range(0, len(items), per):
         yield chunk((), items[start : start + per])

@@ -56,3 +56,11 @@ def test_points_alone_items_alone_and_an_empty_message() -> None:
     assert _joined(chunks) == ([], items, {5})
     (empty,) = message_chunks("q" * 32, "own", [])
     assert (empty.chunk.total, empty.chunk.points, list(empty.chunk.items)) == (0, b"", [])
+
+
+def test_empty_items_beside_points_are_carried_not_divided_by() -> None:
+    """Items of no bytes beside a different number of points (no pairing): one chunk of points,
+    then the items, each count kept."""
+    points = [os.urandom(32) for _ in range(3)]
+    chunks = list(message_chunks("q" * 32, "values:0:1", points, [b"", b""]))
+    assert _joined(chunks) == (points, [b"", b""], {3})
