@@ -120,7 +120,7 @@ import os
 import struct
 import tempfile
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Final
@@ -450,14 +450,12 @@ class SimdSum:
         self,
         noise: Sequence[int],
         *,
-        rng: Callable[[int], int] | None = None,
         unsafe_without_flooding: bool = False,
     ) -> list[bytes]:
         """Per group, fold, add that group's ``noise`` (one value per cell; ``noise`` lists the
         groups' in turn) to every block, re-randomise, flood; group-major, then modulus.
 
-        ``rng(bits)`` draws the flooding noise and is a parameter for tests (by default the
-        draws come from ``os.urandom``, one buffer a round: :func:`_uniform_below`);
+        The flooding's draws come from ``os.urandom`` (:func:`_uniform_below`);
         ``unsafe_without_flooding`` skips the fresh zero and the flooding (the distinguishing
         test's control: never in a node).
         """
@@ -494,25 +492,13 @@ class SimdSum:
                     zero = seal.Ciphertext(modulus.context)
                     public._encryptors[i].encrypt(modulus.encode([0] * SLOTS), zero)
                     evaluator.add_inplace(total, zero)
-                    evaluator.add_inplace(total, self._flooding(modulus, flood, rng))
+                    evaluator.add_inplace(total, self._flooding(modulus, flood))
                 out.append(public._files.dump(total))
                 sums[i] = None
         return out
 
-    def _flooding(
-        self, modulus: _Modulus, half_width: int, rng: Callable[[int], int] | None
-    ) -> Any:
-        span = 2 * half_width + 1
-        if rng is None:
-            draws = _uniform_below(span, POLY_DEGREE)
-        else:
-            draws = []
-            for _ in range(POLY_DEGREE):
-                while True:  # uniform on [0, span) by rejection
-                    x = rng(span.bit_length())
-                    if x < span:
-                        break
-                draws.append(x)
+    def _flooding(self, modulus: _Modulus, half_width: int) -> Any:
+        draws = _uniform_below(2 * half_width + 1, POLY_DEGREE)
         coefficients = [x - half_width for x in draws]
         data = _transparent(modulus, coefficients)
         return self._public._files.load(seal.Ciphertext(modulus.context), modulus.context, data)
