@@ -125,6 +125,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Final
 
+import numpy as np
 import tenseal.sealapi as seal
 
 from govshare.protocols.errors import MalformedInput
@@ -219,6 +220,43 @@ class SimdShape:
 
     def ciphertexts_for(self, keys: int) -> int:
         return max(1, -(-keys // self.keys_per_ciphertext))
+
+
+def selection_shape(cells: int, moduli: int) -> SimdShape:
+    """The layout of sums at the value holder for ``cells`` cells a key: the matcher's
+    selection bit of a key repeated over a block of ``b`` slots, ``b`` the least power of two
+    that leaves at most :data:`MAX_GROUPS` groups of ``b`` cells; the value holder's plaintext
+    of group ``h`` holds cell ``h * b + j`` of key ``r`` at slot ``r * b + j``
+    (:func:`value_slots`), and each group's sum is one result per modulus. As a
+    :class:`SimdShape`: ``b`` cells a key in ``ceil(cells / b)`` groups."""
+    if not 1 <= cells <= SLOTS // 2:
+        raise MalformedInput(f"1 to {SLOTS // 2} cells per key", field="cells")
+    block = 1
+    while -(-cells // block) > MAX_GROUPS:
+        block *= 2
+    return SimdShape(block, moduli, -(-cells // block))
+
+
+def value_slots(shape: SimdShape, rows: Sequence[Sequence[int]]) -> list[list[int]]:
+    """The value holder's plaintexts for one selection ciphertext of up to
+    ``shape.keys_per_ciphertext`` keys: per group ``h``, key ``r``'s cell ``h * cells + j`` at
+    slot ``r * block + j`` (cells past the last are 0)."""
+    per, cells, groups = shape.keys_per_ciphertext, shape.cells, shape.groups
+    if len(rows) > per:
+        raise TypeError("more keys than one ciphertext holds")
+    table = np.zeros((per, groups * cells), dtype=np.int64)
+    if rows:
+        values = np.asarray(rows, dtype=np.int64)
+        if values.ndim != 2 or values.shape[1] > groups * cells:
+            raise TypeError("at most groups x cells values a key")
+        table[: len(rows), : values.shape[1]] = values
+    planes = table.reshape(per, groups, cells)
+    out = []
+    for group in range(groups):
+        plane = np.zeros((per, shape.block), dtype=np.int64)
+        plane[:, :cells] = planes[:, group, :]
+        out.append(plane.ravel().tolist())
+    return out
 
 
 def moduli_for(max_abs_total: int) -> int:
@@ -347,6 +385,12 @@ class SimdPublic:
             out.append(self._files.dump(ciphertext))
         return out
 
+    def encrypt_selection(self, selected: Sequence[bool]) -> list[bytes]:
+        """Sums at the value holder: the matcher's selection bits of up to
+        ``keys_per_ciphertext`` keys, each over its key's block, one ciphertext per modulus."""
+        cells = self.shape.cells
+        return self.encrypt_keys([[1 if s else 0] * cells for s in selected])
+
     # --- matcher --------------------------------------------------------------------------
 
     def load_ciphertext(self, index: int, data: bytes) -> Any:
@@ -374,6 +418,19 @@ class SimdPublic:
             )
         return ciphertext
 
+    def load_any(self, data: bytes) -> Any:
+        """A fresh ciphertext under any of the query's plaintext moduli (its place unknown).
+
+        Raises:
+            MalformedInput: as :meth:`load_ciphertext`, under every modulus.
+        """
+        for index in range(self.shape.moduli - 1):
+            try:
+                return self.load_ciphertext(index, data)
+            except MalformedInput:
+                continue
+        return self.load_ciphertext(self.shape.moduli - 1, data)
+
     def accumulator(self) -> SimdSum:
         return SimdSum(self)
 
@@ -400,26 +457,15 @@ class SimdSum:
             MalformedInput: a bad ciphertext, the wrong count, or more positions than the
                 noise budget allows (:func:`max_ciphertexts`).
         """
-        public = self._public
-        shape = public.shape
-        if len(ciphertexts) != shape.moduli or len(selected) > shape.keys_per_ciphertext:
+        shape = self._public.shape
+        if len(selected) > shape.keys_per_ciphertext:
             raise MalformedInput("one ciphertext per plaintext modulus", field="items")
-        self.ciphertexts += 1
-        if self.ciphertexts > self._limit:
-            raise MalformedInput(
-                f"more than {self._limit} ciphertexts: beyond the noise budget", field="items"
-            )
-        loaded = [
-            public.load_ciphertext(i, c) if isinstance(c, bytes) else c
-            for i, c in enumerate(ciphertexts)
-        ]
+        loaded = self._counted(ciphertexts)
         rows: dict[int, list[int]] = {}  # group -> the positions M put in it
         for r, s in enumerate(selected):
             group = _group_of(s, shape.groups)
             if group != UNSELECTED:
                 rows.setdefault(group, []).append(r)
-        if not rows:
-            return
         ones = [1] * shape.block
         masks = []
         for group, positions in sorted(rows.items()):
@@ -427,16 +473,57 @@ class SimdSum:
             for r in positions:
                 mask[r * shape.block : (r + 1) * shape.block] = ones
             masks.append((group, mask))
-        # The products are taken in NTT form: the ciphertext is transformed once for all its
-        # groups' masks, and the sums stay in NTT form until :meth:`result` (the same integer
-        # products as Evaluator.multiply_plain on coefficient forms, which transforms both
-        # operands and the product back for every mask).
-        for i, (modulus, ciphertext) in enumerate(zip(public._moduli, loaded, strict=True)):
+        self._products(loaded, masks)
+
+    def add_values(self, ciphertexts: Sequence[Any], slots: Sequence[Sequence[int]]) -> None:
+        """Sums at the value holder: add one position's *selection* ciphertexts (the matcher's
+        encrypted bits, one per modulus, loaded or as bytes) times the value holder's
+        plaintexts, ``slots`` per group (:func:`value_slots`).
+
+        Raises:
+            MalformedInput: a bad ciphertext, the wrong count, or more positions than the
+                noise budget allows (:func:`max_ciphertexts`).
+        """
+        if len(slots) != self._public.shape.groups or any(len(s) != SLOTS for s in slots):
+            raise TypeError("one plaintext of SLOTS values per group")
+        loaded = self._counted(ciphertexts)
+        self._products(loaded, [(g, s) for g, s in enumerate(slots) if any(s)])
+
+    def _counted(self, ciphertexts: Sequence[Any]) -> list[Any]:
+        public = self._public
+        if len(ciphertexts) != public.shape.moduli:
+            raise MalformedInput("one ciphertext per plaintext modulus", field="items")
+        self.ciphertexts += 1
+        if self.ciphertexts > self._limit:
+            raise MalformedInput(
+                f"more than {self._limit} ciphertexts: beyond the noise budget", field="items"
+            )
+        return [
+            public.load_ciphertext(i, c) if isinstance(c, bytes) else c
+            for i, c in enumerate(ciphertexts)
+        ]
+
+    def _products(
+        self, loaded: Sequence[Any], plaintexts: Sequence[tuple[int, Sequence[int]]]
+    ) -> None:
+        """Add each ciphertext times each (group, slots) plaintext to that group's sums.
+
+        The products are taken in NTT form: the ciphertext is transformed once for all its
+        plaintexts, and the sums stay in NTT form until :meth:`result` (the same integer
+        products as Evaluator.multiply_plain on coefficient forms, which transforms both
+        operands and the product back for every plaintext).
+        """
+        if not plaintexts:
+            return
+        moduli = self._public._moduli
+        least = min(m.plain for m in moduli)
+        reduced = [min(slots) >= 0 and max(slots) < least for _, slots in plaintexts]
+        for i, (modulus, ciphertext) in enumerate(zip(moduli, loaded, strict=True)):
             evaluator = modulus.evaluator
             transformed = seal.Ciphertext(modulus.context)
             evaluator.transform_to_ntt(ciphertext, transformed)
-            for group, mask in masks:
-                plaintext = modulus.encode(mask, reduced=True)
+            for (group, slots), small in zip(plaintexts, reduced, strict=True):
+                plaintext = modulus.encode(slots, reduced=small)
                 evaluator.transform_to_ntt_inplace(plaintext, modulus.context.first_parms_id())
                 product = seal.Ciphertext(modulus.context)
                 evaluator.multiply_plain(transformed, plaintext, product)
@@ -648,13 +735,15 @@ class SimdSecretKeys:
     def fingerprint(self) -> bytes:
         return hashlib.sha256(self.public_bundle()).digest()
 
-    def decrypt(self, ciphertexts: Sequence[bytes]) -> list[int]:
-        """Cell totals, CRT-combined and centred in (-T/2, T/2); with several matcher groups
-        the groups' cells in turn (group-major, as :meth:`SimdSum.result` lists them).
+    def decrypt(self, ciphertexts: Sequence[bytes], *, cells: int | None = None) -> list[int]:
+        """Cell totals, CRT-combined and centred in (-T/2, T/2); with several groups the
+        groups' cells in turn (group-major, as :meth:`SimdSum.result` lists them). ``cells``:
+        the first that many (a :func:`selection_shape`'s groups end in padding cells, which
+        must decrypt to 0).
 
         Raises:
-            MalformedInput: the wrong count, a bad ciphertext, or blocks that disagree (the
-                fold did not run as the protocol says).
+            MalformedInput: the wrong count, a bad ciphertext, blocks that disagree (the
+                fold did not run as the protocol says), or padding that is not 0.
         """
         shape = self.shape
         if len(ciphertexts) != shape.moduli * shape.groups:
@@ -667,6 +756,10 @@ class SimdSecretKeys:
             out += self._decrypt_group(
                 ciphertexts[group * shape.moduli : (group + 1) * shape.moduli]
             )
+        if cells is not None:
+            if any(out[cells:]):
+                raise MalformedInput("the result's padding cells are not 0", field="ciphertexts")
+            out = out[:cells]
         return out
 
     def _decrypt_group(self, ciphertexts: Sequence[bytes]) -> list[int]:
