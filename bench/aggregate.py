@@ -373,7 +373,9 @@ def message_bytes(scheme: str, keys: int, m: int, side: str = VALUES_SIDE) -> di
     m masked keys and the result, the value holder m points back and per key a point and its
     ciphertexts (Paillier: one per plaintext of the packing; bfv-simd: whole BFV ciphertexts of
     keys_per_ciphertext keys, one per CRT modulus, sized by encrypting one here); with the
-    groups on the matcher's side its result is one per group."""
+    groups on the matcher's side its result is one per group. Under bfv-simd with the value
+    holder's groups (sums at the value holder) the ciphertexts go the other way: the matcher
+    sends its encrypted selection, and the value holder the result."""
     plan = replace(intersection_plan(side), scheme=scheme)
     if scheme == BFV_SIMD:
         shape = plan.simd_shape()
@@ -391,6 +393,12 @@ def message_bytes(scheme: str, keys: int, m: int, side: str = VALUES_SIDE) -> di
         analyst = DEFAULT_N_BITS // 8
     # With the matcher's groups its keys go twice (common scalar, group scalar) each way.
     twice = 2 if side == MATCHER_SIDE else 1
+    if plan.sums_at_values:
+        return {
+            "civil": 32 * m + 32 * keys + result,
+            "tax": 32 * m + values,
+            "analyst keys to each node": analyst,
+        }
     return {
         "civil": 32 * twice * m + 32 * keys + values,
         "tax": 32 * twice * m + result,

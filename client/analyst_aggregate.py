@@ -250,7 +250,7 @@ def _run(
         call_timeout=call_timeout,
     )
     query_id, results, receipt = asked.query_id, asked.outputs, asked.receipt
-    releasing = plan.matcher.node if isinstance(plan, IntersectionPlan) else plan.aggregator
+    releasing = plan.releasing if isinstance(plan, IntersectionPlan) else plan.aggregator
     totals = _decrypt(plan, key, list(results[releasing].ciphertexts))
     k = max(int(r.min_group_size) for r in results.values())
     budgets = {
@@ -314,7 +314,7 @@ def _decrypt(plan: AggregatePlan, key: _Key, ciphertexts: list[bytes]) -> dict[s
 
         if not isinstance(key.secret, SimdSecretKeys):  # pragma: no cover - built above
             raise TypeError("BFV-SIMD keys expected")
-        cells = key.secret.decrypt(ciphertexts)
+        cells = key.secret.decrypt(ciphertexts, cells=len(figures.cells))
         return {slot_name(g, f): v for (g, f), v in zip(figures.cells, cells, strict=True)}
     if key.scheme == BFV:
         from govshare.protocols.bfv import BfvSecretContext

@@ -246,15 +246,25 @@ class IntersectionPlan:
         largest = max(figures.sensitivity(f) for f in figures.names)
         return MAX_KEYS * MAX_ROWS_PER_KEY * largest + figures.noise_bound()
 
+    @property
+    def sums_at_values(self) -> bool:
+        """``bfv-simd`` without M's groups: M encrypts its selection bits and V sums its own
+        values under them (``govshare.protocols.bfv_simd``, "Sums at the value holder")."""
+        return self.scheme == BFV_SIMD and not self.groups_on_matcher
+
+    @property
+    def releasing(self) -> str:
+        """The node that releases the result to the analyst (and adds the DP noise)."""
+        return self.values.node if self.sums_at_values else self.matcher.node
+
     def simd_shape(self) -> Any:
         """The ``bfv-simd`` layout: one slot per (group, figure) cell, and the CRT moduli."""
         from govshare.protocols import bfv_simd  # TenSEAL is loaded only where it is used
 
-        return bfv_simd.SimdShape(
-            len(self.value_cells),
-            bfv_simd.moduli_for(self.max_abs_total()),
-            len(self.matcher_groups),
-        )
+        moduli = bfv_simd.moduli_for(self.max_abs_total())
+        if self.sums_at_values:
+            return bfv_simd.selection_shape(len(self.value_cells), moduli)
+        return bfv_simd.SimdShape(len(self.value_cells), moduli, len(self.matcher_groups))
 
     def layouts(self, modulus_bits: int) -> tuple[PackingLayout, ...]:
         """The packing of one key's row values (:attr:`value_cells`) into plaintexts; with M's

@@ -30,6 +30,23 @@ groups in turn. The noise bound per sum is unchanged (each still sums at most K 
 ciphertexts), so :func:`max_ciphertexts` holds per group; the cost is one product per group and
 ciphertext at M and ``groups`` times the result's size.
 
+**Sums at the value holder** (:func:`selection_shape`; every plan without M's groups). The
+ciphertexts go the other way: V streams its masked keys alone, M learns which shuffled
+positions match exactly as above and encrypts that **selection** (a bit a key, repeated over
+the key's block of ``b`` slots; :meth:`SimdPublic.encrypt_selection`), and V multiplies each
+selection ciphertext by plaintexts of its own values (:func:`value_slots`: group ``h`` of
+``b`` cells holds cell ``h * b + j`` of key ``r`` at slot ``r * b + j``), adds the products
+(:meth:`SimdSum.add_values`), and folds, adds its DP noise, re-randomises and floods each
+group's sum as M does above; V releases them to the analyst. ``b`` is the least power of two
+that leaves at most :data:`MAX_GROUPS` groups (one result each, per modulus): 32 cells give
+``b = 2``, 16 results a modulus, and 4,096 keys a selection ciphertext. The circuit and its
+noise bounds are the ones above with the factors swapped (a fresh encryption of 0/1 times a
+plaintext in [0, t)), K the selection ciphertexts summed. The point is the cost: V's values
+are never encrypted. With V's 16 groups and 2 figures, V encrypted 32 cells a key (7,814
+ciphertexts at 1M keys, 2.9 GB to M); now M encrypts 2 slots a key (490) and V computes the
+same number of products as plaintext-ciphertext products in NTT form (about 1.3 ms each
+against 5.4 ms to encrypt and save one, and M's load and product after it).
+
 **Sums beyond one plaintext modulus: CRT.** Each plaintext modulus t_i is a 24-bit batching
 prime (``PlainModulus.Batching(N, 24)``: prime, t_i = 1 mod 2N); V encrypts its values modulo
 every t_i under its own key set, M computes the same circuit under each, and the analyst
@@ -73,16 +90,18 @@ serialisation (header, parms_id, size, polynomials in RNS form) and loaded with 
 :func:`_transparent` documents the layout. Galois keys are made for the fold's rotations only
 (``KeyGenerator.create_galois_keys`` with explicit Galois elements 3^step mod 2N and 2N - 1).
 
-**Bytes.** V's stream is nearly all of them: per ciphertext of ``N / block`` keys, one BFV
-ciphertext per modulus of 2 x 3 x N coefficients, about 370 kB as SEAL writes it (zstd; 393 kB
-raw). Modulus switching (``Evaluator.mod_switch_to_next``, exposed by ``sealapi``) cannot cut
-it: with the flooding, decryption needs log2(q) > log2(4 t (E3 + F)) = 160 of the 163 bits of
-the three data primes (K = 3,907 ciphertexts, R = 8; :func:`noise_bounds`), so no prime can go,
-before the sum or after the flooding. V encrypts under the analyst's public key, so SEAL's
-seeded (half-size) ciphertexts, which need the secret key, do not apply; packing each 54-55-bit
-coefficient tightly would save another ~10% at a Python pass over 49,152 coefficients per
-ciphertext on each side. What does cut them is the layout: with the groups on M's side V packs
-only the figures (2 cells a key instead of 32 for 16 groups by district: 13 x fewer bytes).
+**Bytes.** The encrypted direction is nearly all of them (V's stream under M's groups, M's selection
+otherwise): per ciphertext of ``N / block`` keys, one BFV ciphertext per modulus of 2 x 3 x N
+coefficients, about 370 kB as SEAL writes it (zstd; 393 kB raw). Modulus switching
+(``Evaluator.mod_switch_to_next``, exposed by ``sealapi``) cannot cut it: with the flooding,
+decryption needs log2(q) > log2(4 t (E3 + F)) = 160 of the 163 bits of the three data primes (K =
+3,907 ciphertexts, R = 8; :func:`noise_bounds`), so no prime can go, before the sum or after the
+flooding. The nodes encrypt under the analyst's public key, so SEAL's seeded (half-size)
+ciphertexts, which need the secret key, do not apply; packing each 54-55-bit coefficient tightly
+would save another ~10% at a Python pass over 49,152 coefficients per ciphertext on each side. What
+does cut them is the layout: with the groups on M's side V packs only the figures (2 cells a key
+instead of 32 for 16 groups by district: 13 x fewer bytes), and with V's groups M's selection takes
+``b`` slots a key (2 instead of 32).
 
 **Who learns what, beside Private Join and Compute** (semi-honest, as today):
 
@@ -91,10 +110,20 @@ party                  PJC / ``paillier``                      ``bfv-simd``
 =====================  ====================================  ====================================
 matcher M              |V's keys|, |M ∩ V| (which shuffled    the same; |V's keys| rounded up to a
                        masked pairs match, not whose)         ciphertext of N / block keys
-value holder V         |M's keys|                             the same
+value holder V         |M's keys|                             the same (sums at V: also M's
+                                                              selection, encrypted under the
+                                                              analyst's key)
 analyst                the noisy figures                      the same (flooded, re-randomised
                                                               noise: 2^-40 statistical distance)
 =====================  ====================================  ====================================
+
+With the sums at the value holder the table's rows are the same for M (it sees points, not
+ciphertexts) and for the analyst (the flooding is V's, with the same statistical distance); V
+receives M's selection as fresh encryptions under the analyst's key, so it learns nothing of
+it under RLWE (not even |M ∩ V|), and V, not M, adds the DP noise. Should the analyst and V
+collude, they would read which of V's shuffled positions matched (V knows whose they are),
+as the analyst and M colluding read V's values under the other direction: neither direction
+holds against a node that colludes with the analyst, and govshare assumes no such collusion.
 
 With the groups on M's side (either scheme; ``govshare.node.queries.kinds.aggregate``) M masks
 every key under a common scalar and each group's keys again under a scalar of the group's, and
@@ -498,10 +527,14 @@ class SimdSum:
             raise MalformedInput(
                 f"more than {self._limit} ciphertexts: beyond the noise budget", field="items"
             )
-        return [
+        loaded = [
             public.load_ciphertext(i, c) if isinstance(c, bytes) else c
             for i, c in enumerate(ciphertexts)
         ]
+        for modulus, ciphertext in zip(public._moduli, loaded, strict=True):
+            if list(ciphertext.parms_id()) != list(modulus.context.first_parms_id()):
+                raise MalformedInput("the ciphertexts are not in modulus order", field="items")
+        return loaded
 
     def _products(
         self, loaded: Sequence[Any], plaintexts: Sequence[tuple[int, Sequence[int]]]
@@ -757,6 +790,8 @@ class SimdSecretKeys:
                 ciphertexts[group * shape.moduli : (group + 1) * shape.moduli]
             )
         if cells is not None:
+            if not 0 < cells <= len(out):
+                raise TypeError(f"1 to {len(out)} cells")
             if any(out[cells:]):
                 raise MalformedInput("the result's padding cells are not 0", field="ciphertexts")
             out = out[:cells]

@@ -47,6 +47,16 @@ public and Galois keys come with ``Aggregate.Run`` and must hash to the plan's `
 M loads every ciphertext into contexts it builds itself, so keys or ciphertexts for other
 parameters are refused as they arrive.
 
+That is the shape with M's groups. Every other ``bfv-simd`` plan (``plan.sums_at_values``)
+keeps V's values at V: V's batches carry its masked keys alone (``simd_stream_batch_keys``
+keys, no ciphertexts; M refuses a batch that carries any), M encrypts its selection bits in
+V's shuffled order as each ciphertext's worth is known and sends them as one ``selection``
+message after the stream (V refuses, chunk by chunk, a ciphertext that does not load as a
+fresh one under the query's parameters, and the query when the count is wrong); V multiplies
+them by its values, folds, adds the DP noise (V is then the noise node), re-randomises,
+floods and releases the result to the analyst (``plan.releasing``). M's ``result.released``
+names V as the recipient of its selection.
+
 **Groups on the matcher's side** (``group_by.side`` ``matcher``, at most
 ``MAX_MATCHER_GROUPS``): V packs each key's figures without groups; M reads (key, label) rows,
 refuses a key carrying two labels of the domain, and masks every key under its common scalar
@@ -150,6 +160,7 @@ T = TypeVar("T")
 MATCHER_KEYS: Final = "matcher_keys"
 MATCHER_AGAIN: Final = "matcher_again"
 VALUES: Final = "values"
+SELECTION: Final = "selection"
 CONTRIBUTION: Final = "contribution"
 # Rows per encryption task sent to the process pool.
 ENCRYPT_BATCH: Final = 2048
@@ -435,6 +446,8 @@ class AggregateEngine:
         session = _Session(plan, obligations, admission.request_digest, request.query_id, dataset)
         if isinstance(plan, IntersectionPlan):
             phases = [MATCHER_KEYS] if self.name == plan.values.node else [MATCHER_AGAIN]
+            if self.name == plan.values.node and plan.sums_at_values:
+                phases.append(SELECTION)
             if self.name != plan.values.node:
                 session.stream = _BatchStream(self._options.stream_window)
         else:
@@ -494,7 +507,7 @@ class AggregateEngine:
             plan = session.plan
             if isinstance(plan, IntersectionPlan):
                 if self.name == plan.values.node:
-                    out = self._run_values(session, query_id, plan, public_context)
+                    out = self._run_values(session, query_id, record.analyst, plan, public_context)
                 else:
                     out = self._run_matcher(session, query_id, record.analyst, plan, public_context)
             else:
@@ -577,7 +590,12 @@ class AggregateEngine:
     # -- intersection: value holder
 
     def _run_values(
-        self, session: _Session, query_id: str, plan: IntersectionPlan, public_context: bytes
+        self,
+        session: _Session,
+        query_id: str,
+        analyst: str,
+        plan: IntersectionPlan,
+        public_context: bytes,
     ) -> list[bytes]:
         side, figures = plan.values, plan.figures
         simd = plan.scheme == BFV_SIMD
@@ -586,6 +604,8 @@ class AggregateEngine:
         if simd:
             shape = plan.simd_shape()
             _check_bundle(plan, public_context, self._digests)
+            if plan.sums_at_values:  # before M's keys are answered: its selection follows
+                session.simd = bfv_simd.SimdPublic.from_bundle(shape, public_context)
         group = None if plan.groups_on_matcher else figures.group_by  # M's groups: M sums them
         columns = [
             side.column,
@@ -660,10 +680,16 @@ class AggregateEngine:
         batch = self._options.stream_batch_keys
         if simd:
             batch, per = self._options.simd_stream_batch_keys, shape.keys_per_ciphertext
-            batch = max(per, batch // per * per)  # whole ciphertexts of keys
+            if not plan.sums_at_values:  # points alone otherwise: M gathers its selection
+                batch = max(per, batch // per * per)  # whole ciphertexts of keys
         starts = range(0, max(count, 1), batch)  # one batch, if empty
         encryption: Callable[[int], tuple[Callable[..., Any], tuple[Any, ...]]]
-        if simd:
+        if plan.sums_at_values:
+
+            def encryption(i: int) -> tuple[Callable[..., Any], tuple[Any, ...]]:
+                return _no_values, ()  # the values stay here: M's selection comes to them
+
+        elif simd:
             # The public keys alone go with each job: the Galois keys are most of the bundle.
             public_keys = bfv_simd.encryption_bundle(public_context, shape.moduli)
 
@@ -715,8 +741,53 @@ class AggregateEngine:
         self._step(
             session, query_id, plan.matcher.node, "sent", VALUES, chain.digest().hex(), count
         )
-        self._released(session, query_id, plan.matcher.node, chain.digest().hex(), count)
-        return []
+        if not plan.sums_at_values:
+            self._released(session, query_id, plan.matcher.node, chain.digest().hex(), count)
+            return []
+        del pending, own_keys
+        keyed = (table.cells(order[p]) for p in range(count))
+        out = self._sum_values(session, query_id, plan, count, keyed)
+        self._released(session, query_id, analyst, self._digests.digest(b"".join(out)), len(out))
+        return out
+
+    def _sum_values(
+        self,
+        session: _Session,
+        query_id: str,
+        plan: IntersectionPlan,
+        count: int,
+        rows: Iterator[Sequence[int]],
+    ) -> list[bytes]:
+        """Sums at the value holder: M's encrypted selection bits times V's values, per group of
+        cells, folded, noised, re-randomised and flooded (``bfv_simd.SimdSum``; V adds the DP
+        noise). ``rows``: V's cells of each key, in the shuffled order M saw.
+
+        Raises:
+            MalformedInput: M's selection has the wrong number of ciphertexts (the ciphertexts
+                themselves were checked as they arrived).
+        """
+        simd = session.simd
+        if simd is None:  # pragma: no cover - _run_values loads it first
+            raise TypeError("sums at the value holder without the analyst's keys")
+        shape = simd.shape
+        selection = self._wait(session, query_id, plan.matcher.node, SELECTION)
+        items, per = selection.items, shape.keys_per_ciphertext
+        expected = shape.ciphertexts_for(count) * shape.moduli
+        if len(items) != expected:
+            raise MalformedInput(
+                f"the matcher's selection has {len(items)} ciphertexts for {count} keys; "
+                f"{expected} expected",
+                field="items",
+            )
+        total = simd.accumulator()
+        for at in range(0, len(items), shape.moduli):
+            session.mailbox.check(self.name)
+            keys = list(itertools.islice(rows, per))
+            total.add_values(items[at : at + shape.moduli], bfv_simd.value_slots(shape, keys))
+            items[at : at + shape.moduli] = [b""] * shape.moduli  # summed: let it go
+        scales = plan.figures.noise_scales()
+        noise = [self._noise(scales[f]) if scales else 0 for _, f in plan.value_cells]
+        return total.result(noise + [0] * (shape.cells * shape.groups - len(noise)))
 
     def _encrypt_ahead(
         self,
@@ -858,12 +929,20 @@ class AggregateEngine:
 
         if simd is None:
             out = self._sum_paillier(plan, batches())
+        elif plan.sums_at_values:
+            out = self._selection(simd, batches())
         else:
             out = self._sum_simd(plan, simd, batches())
         self._keep_stats(query_id, stream.stats)
         self._step(
             session, query_id, plan.values.node, "received", VALUES, chain.digest().hex(), pairs
         )
+        if plan.sums_at_values:  # the selection goes to V, which releases the sums
+            self._send_step(session, query_id, plan.values.node, SELECTION, [], out)
+            self._released(
+                session, query_id, plan.values.node, self._digests.digest(b"".join(out)), len(out)
+            )
+            return []
         self._released(session, query_id, analyst, self._digests.digest(b"".join(out)), len(out))
         return out
 
@@ -938,6 +1017,23 @@ class AggregateEngine:
             for group_sums in sums
             for total in group_sums
         ]
+
+    def _selection(
+        self, simd: bfv_simd.SimdPublic, batches: Iterator[tuple[list[int], list[Any]]]
+    ) -> list[bytes]:
+        """Sums at the value holder: M's selection bits in V's shuffled order, encrypted as
+        each ciphertext's worth of keys is known (per ciphertext of keys, one per modulus)."""
+        per = simd.shape.keys_per_ciphertext
+        pending: list[bool] = []
+        out: list[bytes] = []
+        for selected, _ in batches:
+            pending += [g != bfv_simd.UNSELECTED for g in selected]
+            while len(pending) >= per:
+                out += simd.encrypt_selection(pending[:per])
+                del pending[:per]
+        if pending or not out:
+            out += simd.encrypt_selection(pending)
+        return out
 
     def _sum_simd(
         self,
@@ -1202,7 +1298,14 @@ class AggregateEngine:
             points.extend(chunk_points)
             items.extend(chunk_items)
         loaded: list[Any] = items
-        if simd is not None:
+        if plan.sums_at_values:
+            if items:
+                raise MalformedInput(
+                    "the value holder's batches carry no ciphertexts under this plan (its "
+                    "sums stay with it)",
+                    field="items",
+                )
+        elif simd is not None:
             shape = simd.shape
             if len(items) != shape.ciphertexts_for(len(points)) * shape.moduli:
                 raise MalformedInput(
@@ -1234,6 +1337,8 @@ class AggregateEngine:
             raise MalformedInput(f"field 'phase': {phase!r} is not expected here", field="phase")
         if phase == MATCHER_KEYS or phase == MATCHER_AGAIN:
             return inbox, _no_items
+        if phase == SELECTION:
+            return inbox, _selection_check(session)
         if isinstance(plan, HorizontalPlan) and plan.scheme == BFV:
             return inbox, _accept_any  # framing and stream checked when summed
         key = self._paillier_key(plan.public_key)
@@ -1243,6 +1348,21 @@ class AggregateEngine:
             key.check_ciphertexts(items, parts=parts)
 
         return inbox, check
+
+
+def _selection_check(session: _Session) -> Callable[[list[bytes]], None]:
+    """The check of M's selection ciphertexts as they arrive at V, chunk by chunk: each loads
+    as a fresh ciphertext under one of the query's plaintext moduli. Its place (which modulus)
+    and the count are checked when they are summed."""
+
+    def check(items: list[bytes]) -> None:
+        simd = session.simd
+        if simd is None:
+            raise MalformedInput("a selection before the value holder's keys", field="phase")
+        for item in items:
+            simd.load_any(item)
+
+    return check
 
 
 def _check_bundle(plan: IntersectionPlan, public_context: bytes, digests: Digests) -> None:
@@ -1267,6 +1387,11 @@ def _values_task(
     points) and what ``encrypt(*encrypt_args)`` makes of their values."""
     packed = ecdh_psi.hash_and_mask_chunk(scalar, query_id, keys) if keys else b""
     return packed, encrypt(*encrypt_args)
+
+
+def _no_values() -> list[bytes]:
+    """A batch's values under sums at the value holder: none leave it."""
+    return []
 
 
 def _simd_encrypt_task(

@@ -523,9 +523,33 @@ def test_value_holder_falling_silent_mid_stream_aborts_with_nothing_released(
         client.close()
 
 
-def test_bfv_simd_refuses_foreign_keys_and_tampered_or_foreign_ciphertexts(agg: Agg) -> None:
+def _bad_ciphertexts(shape: Any, secret: SimdSecretKeys) -> tuple[list[bytes], dict[str, bytes]]:
+    """Fresh ciphertexts of one key under the query's keys (one per modulus), and bad ones in
+    place of the first: tampered in SEAL's header, under another parameter set, truncated."""
+    good = SimdPublic.from_bundle(shape, secret.public_bundle(), galois=False)
+    fresh = good.encrypt_keys([[1] * shape.cells])
+    tampered = bytearray(fresh[0])
+    tampered[9] ^= 0x55  # the SEAL header's size
+    foreign_shape = bfv_simd.SimdShape(shape.cells, shape.moduli + 1)
+    foreign = SimdPublic.from_bundle(
+        foreign_shape, SimdSecretKeys(foreign_shape).public_bundle(), galois=False
+    ).encrypt_keys([[1] * shape.cells])
+    wrong_parameters = next(
+        c for c, t in zip(foreign, foreign_shape.plain_moduli, strict=True)
+        if t not in shape.plain_moduli
+    )  # fmt: skip
+    bad = {"tampered": bytes(tampered), "foreign": wrong_parameters, "truncated": fresh[0][:-40]}
+    return fresh, bad
+
+
+def test_bfv_simd_matcher_refuses_tampered_or_foreign_ciphertexts_in_the_stream(
+    agg: Agg, two_sums: Path
+) -> None:
+    """With the groups on the matcher's side the value holder streams BFV ciphertexts: the
+    matcher refuses bad ones as they arrive."""
     alice = agg.fed.identity("alice")
-    plan, secret = _simd_keyed(district_plan())
+    plan, secret = _simd_keyed(_two_sum_plan("matcher", "income_band", ("low", "middle", "high")))
+    assert not plan.sums_at_values
     query_id, signed = _signed(agg, plan)
     set_options(agg.nodes["tax"], EXACT, timeout=5.0)  # before submit: the session lives there
     clients = {n: NodeClient.to(alice, n) for n in ("tax", "civil")}
@@ -549,28 +573,13 @@ def test_bfv_simd_refuses_foreign_keys_and_tampered_or_foreign_ciphertexts(agg: 
         civil_session = agg.nodes["civil"].aggregates._session(query_id)
         assert civil_session.mailbox.inboxes["matcher_keys"].done.wait(TIMEOUT)
         point = bytes.fromhex("09" + "00" * 31)
-        good = SimdPublic.from_bundle(shape, secret.public_bundle(), galois=False)
-        (fresh,) = good.encrypt_keys([[1] * shape.cells])[:1]
-        tampered = bytearray(fresh)
-        tampered[9] ^= 0x55  # the SEAL header's size
-        foreign_shape = bfv_simd.SimdShape(shape.cells, shape.moduli + 1)
-        foreign = SimdPublic.from_bundle(
-            foreign_shape, SimdSecretKeys(foreign_shape).public_bundle(), galois=False
-        ).encrypt_keys([[1] * shape.cells])
-        wrong_parameters = next(
-            c for c, t in zip(foreign, foreign_shape.plain_moduli, strict=True)
-            if t != shape.plain_moduli[0]
-        )  # fmt: skip
+        fresh, bad = _bad_ciphertexts(shape, secret)
         with NodeClient.to(agg.fed.identity("civil"), "tax") as peer:
-            for items in (
-                [bytes(tampered), fresh],
-                [wrong_parameters, fresh],
-                [fresh[:-40], fresh],
-            ):
+            for item in bad.values():
                 with pytest.raises(MalformedInput, match="BFV ciphertext"):
-                    peer.deliver(query_id, "values:0:1", [point], items)
+                    peer.deliver(query_id, "values:0:1", [point], [item, *fresh[1:]])
             with pytest.raises(MalformedInput, match="one ciphertext per modulus"):
-                peer.deliver(query_id, "values:0:1", [point], [fresh])
+                peer.deliver(query_id, "values:0:1", [point], fresh[:1])
         thread.join()  # civil never answers: tax gives up, nothing released
     finally:
         set_options(agg.nodes["tax"], EXACT)
@@ -587,6 +596,113 @@ def test_bfv_simd_refuses_foreign_keys_and_tampered_or_foreign_ciphertexts(agg: 
     assert clients["civil"].status(query_id).state == "failed"
     for client in clients.values():
         client.close()
+
+
+def test_bfv_simd_value_holder_refuses_a_bad_selection_and_takes_the_good_one(agg: Agg) -> None:
+    """Sums at the value holder: a matcher patched to send tampered, foreign or truncated
+    selection ciphertexts first is refused each time with a precise error; nothing of them is
+    kept, so its good selection that follows is summed and the figures are exact."""
+    civil, tax = agg.nodes["civil"], agg.nodes["tax"]
+    plan = district_plan(Fraction(1))
+    assert replace(plan, scheme=BFV_SIMD).sums_at_values
+    refusals: dict[str, BaseException] = {}
+    shape = replace(plan, scheme=BFV_SIMD).simd_shape()
+    _, bad = _bad_ciphertexts(shape, SimdSecretKeys(shape))  # the same parameters, other keys
+    stream_items: list[int] = []
+
+    def hostile(
+        peer: str, qid: str, phase: str, points: Sequence[bytes], items: Sequence[bytes]
+    ) -> None:
+        if phase == "selection":
+            for name, item in bad.items():
+                try:
+                    tax.send(peer, qid, phase, [], [item, *items[1:]])
+                except MalformedInput as error:
+                    refusals[name] = error
+        tax.send(peer, qid, phase, points, items)
+
+    def counting(
+        peer: str, qid: str, phase: str, points: Sequence[bytes], items: Sequence[bytes]
+    ) -> None:
+        if phase.startswith("values:"):
+            stream_items.append(len(items))
+        civil.send(peer, qid, phase, points, items)
+
+    set_options(tax, EXACT, send=hostile)
+    set_options(civil, EXACT, send=counting)
+    try:
+        outcome = run_intersection_aggregate(agg.fed.identity("alice"), plan, scheme=BFV_SIMD)
+    finally:
+        for name in ("tax", "civil"):
+            set_options(agg.nodes[name], EXACT)
+    assert sorted(refusals) == sorted(bad)
+    for error in refusals.values():
+        assert "BFV ciphertext" in str(error) and str(error).startswith("node civil:")
+    assert stream_items and set(stream_items) == {0}  # civil's values never left it
+    expected = expected_districts(agg)
+    shown = [g for g in outcome.groups if not g.suppressed]
+    assert len(shown) >= 3
+    for group in shown:
+        assert group.count.value == expected[group.label]["count"]
+        assert group.sums["amount"].value == expected[group.label]["sum_amount"]
+    # civil released the sums to alice, tax its selection to civil.
+    released = {
+        n: [e.decode() for e in agg.nodes[n].audit.entries_for_query(outcome.query_id)]
+        for n in ("tax", "civil")
+    }
+    recipients = {
+        n: [e.fields["recipient"] for e in entries if e.kind == "result.released"]
+        for n, entries in released.items()
+    }
+    assert recipients == {"tax": ["civil"], "civil": ["alice"]}
+    reconciled = Auditor(agg.fed.identity("audra"), agg.data / "audit").show_query(outcome.query_id)
+    assert reconciled.ok, reconciled.disagreements
+
+
+def test_bfv_simd_selection_of_the_wrong_size_or_values_with_ciphertexts_are_refused(
+    agg: Agg,
+) -> None:
+    """A matcher patched to drop one selection ciphertext fails the query at the value holder
+    (nothing released, reservations returned); a value holder patched to stream ciphertexts
+    beside its points under sums at the value holder is refused by the matcher."""
+    civil, tax = agg.nodes["civil"], agg.nodes["tax"]
+    plan = district_plan(Fraction(1))
+
+    def short(
+        peer: str, qid: str, phase: str, points: Sequence[bytes], items: Sequence[bytes]
+    ) -> None:
+        tax.send(peer, qid, phase, points, items[:-1] if phase == "selection" else items)
+
+    refused: list[BaseException] = []
+
+    def leaking(
+        peer: str, qid: str, phase: str, points: Sequence[bytes], items: Sequence[bytes]
+    ) -> None:
+        if phase.startswith("values:"):
+            try:
+                civil.send(peer, qid, phase, points, [b"\x00" * 64] * max(len(points), 1))
+            except MalformedInput as error:
+                refused.append(error)
+        civil.send(peer, qid, phase, points, items)
+
+    for node, send in ((tax, short), (civil, leaking)):
+        set_options(node, EXACT, send=send)
+        try:
+            if node is tax:
+                with pytest.raises(MalformedInput, match=r"selection has \d+ ciphertexts for"):
+                    run_intersection_aggregate(agg.fed.identity("alice"), plan, scheme=BFV_SIMD)
+            else:
+                outcome = run_intersection_aggregate(
+                    agg.fed.identity("alice"), plan, scheme=BFV_SIMD
+                )
+        finally:
+            set_options(node, EXACT)
+    assert refused and all("carry no ciphertexts" in str(e) for e in refused)
+    expected = expected_districts(agg)
+    shown = [g for g in outcome.groups if not g.suppressed]
+    assert len(shown) >= 3
+    for group in shown:
+        assert group.count.value == expected[group.label]["count"]
 
 
 def _plain_sql(agg: Agg, plan: IntersectionPlan) -> dict[str, tuple[int, int]]:
