@@ -266,16 +266,20 @@ def selection_shape(cells: int, moduli: int) -> SimdShape:
     return SimdShape(block, moduli, -(-cells // block))
 
 
-def value_slots(shape: SimdShape, rows: Sequence[Sequence[int]]) -> list[list[int]]:
+def value_slots(shape: SimdShape, rows: Sequence[Sequence[int]] | Any) -> list[list[int]]:
     """The value holder's plaintexts for one selection ciphertext of up to
-    ``shape.keys_per_ciphertext`` keys: per group ``h``, key ``r``'s cell ``h * cells + j`` at
-    slot ``r * block + j`` (cells past the last are 0)."""
+    ``shape.keys_per_ciphertext`` keys (a list of rows, or a 2-D integer array): per group
+    ``h``, key ``r``'s cell ``h * cells + j`` at slot ``r * block + j`` (cells past the last
+    are 0)."""
     per, cells, groups = shape.keys_per_ciphertext, shape.cells, shape.groups
     if len(rows) > per:
         raise TypeError("more keys than one ciphertext holds")
     table = np.zeros((per, groups * cells), dtype=np.int64)
-    if rows:
-        values = np.asarray(rows, dtype=np.int64)
+    if len(rows):
+        try:
+            values = np.asarray(rows, dtype=np.int64)
+        except ValueError:
+            raise TypeError("one row of values a key, all of one length") from None
         if values.ndim != 2 or values.shape[1] > groups * cells:
             raise TypeError("at most groups x cells values a key")
         table[: len(rows), : values.shape[1]] = values
@@ -517,6 +521,41 @@ class SimdSum:
             raise TypeError("one plaintext of SLOTS values per group")
         loaded = self._counted(ciphertexts)
         self._products(loaded, [(g, s) for g, s in enumerate(slots) if any(s)])
+
+    def partial(self) -> tuple[int, list[bytes]]:
+        """This sum as a part of another's (:meth:`merge`): its count of positions and its
+        running sums (group-major, then modulus; NTT form; ``b""`` where nothing was added).
+        For a pool worker that sums some of the positions; the sums are not released."""
+        out = [b"" if c is None else self._public._files.dump(c) for g in self._sums for c in g]
+        return self.ciphertexts, out
+
+    def merge(self, count: int, parts: Sequence[bytes]) -> None:
+        """Add a :meth:`partial` of a sum over other positions of the same query (from this
+        node's own pool, never from a peer: NTT-form sums are not checked as fresh).
+
+        Raises:
+            MalformedInput: more positions in all than the noise budget allows.
+        """
+        public = self._public
+        shape = public.shape
+        if len(parts) != shape.groups * shape.moduli:
+            raise TypeError("one part per group and modulus")
+        self.ciphertexts += count
+        if self.ciphertexts > self._limit:
+            raise MalformedInput(
+                f"more than {self._limit} ciphertexts: beyond the noise budget", field="items"
+            )
+        for at, data in enumerate(parts):
+            if not data:
+                continue
+            group, i = divmod(at, shape.moduli)
+            modulus = public._moduli[i]
+            part = public._files.load(seal.Ciphertext(modulus.context), modulus.context, data)
+            sums = self._sums[group]
+            if sums[i] is None:
+                sums[i] = part
+            else:
+                modulus.evaluator.add_inplace(sums[i], part)
 
     def _counted(self, ciphertexts: Sequence[Any]) -> list[Any]:
         public = self._public

@@ -111,6 +111,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any, Final, TypeVar
 
+import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from govshare.model.aggregate_plan import (
@@ -180,6 +181,12 @@ STREAM_BATCH_KEYS: Final = 1024
 # moduli) and 0.2 s of one worker's X25519. A quarter of the batches of 1,024 keys: a 200k run
 # took 38.8 s instead of 44.8 s, the difference being per-batch work (pool jobs, RPCs, wakeups).
 SIMD_STREAM_BATCH_KEYS: Final = 4096
+# Positions (one ciphertext per modulus each) per batch of the matcher's selection under sums at
+# the value holder, and per pool job of the value holder's products: 16 are 12 MiB at 2 moduli
+# (4,096 keys a position: 64k keys) and 0.3 s of one worker at 16 groups; each job returns its
+# partial sums (16 groups x 2 moduli: 12 MiB), so fewer, larger batches would cost less to
+# merge but hold more of the selection at the value holder at once.
+SELECTION_BATCH_POSITIONS: Final = 16
 # Batches encrypted ahead and not yet taken by the matcher (and the matcher's queue length):
 # one per pool worker busy encrypting plus one on the wire, with a spare, on 2 cores.
 STREAM_WINDOW: Final = 4
@@ -220,14 +227,16 @@ _STATS_KEPT: Final = 64
 
 
 class _BatchStream:
-    """The matcher's bounded queue of the value holder's batches, in order.
+    """A bounded queue of a peer's batches, in order: the matcher's of the value holder's
+    ``values`` batches, or the value holder's of the matcher's ``selection`` batches.
 
     ``put`` (the Peer.Deliver thread) blocks while ``window`` batches wait; ``take`` (the
     query's thread) blocks until the next batch is in. Each wait has its own timeout.
     """
 
-    def __init__(self, window: int) -> None:
+    def __init__(self, window: int, what: str = VALUES) -> None:
         self.window = window
+        self.what = what
         self.stats = StreamStats(window)
         self._queue: collections.deque[tuple[list[bytes], list[Any], bytes]] = collections.deque()
         self._cond = threading.Condition()
@@ -264,7 +273,7 @@ class _BatchStream:
             if not self._cond.wait_for(
                 lambda: self.ended is not None or len(self._queue) < self.window, timeout
             ):
-                raise Aborted(f"the matcher took no batch within {timeout:g} s")
+                raise Aborted(f"the receiving node took no batch within {timeout:g} s")
             if self.ended is not None:
                 raise Aborted(f"the query ended: {self.ended}")
             self._count = count
@@ -292,7 +301,7 @@ class _BatchStream:
                 raise Aborted(f"{node}: {self.ended}; nothing released")
             if not arrived:
                 raise Aborted(
-                    f"{node}: node {peer} did not send values batch {self._next_take} within "
+                    f"{node}: node {peer} did not send {self.what} batch {self._next_take} within "
                     f"{timeout:g} s; query aborted, nothing released"
                 )
             batch = self._queue.popleft()
@@ -446,10 +455,10 @@ class AggregateEngine:
         session = _Session(plan, obligations, admission.request_digest, request.query_id, dataset)
         if isinstance(plan, IntersectionPlan):
             phases = [MATCHER_KEYS] if self.name == plan.values.node else [MATCHER_AGAIN]
-            if self.name == plan.values.node and plan.sums_at_values:
-                phases.append(SELECTION)
             if self.name != plan.values.node:
                 session.stream = _BatchStream(self._options.stream_window)
+            elif plan.sums_at_values:
+                session.stream = _BatchStream(self._options.stream_window, SELECTION)
         else:
             phases = (
                 [f"{CONTRIBUTION}:{n}" for n in plan.nodes if n != self.name]
@@ -745,8 +754,7 @@ class AggregateEngine:
             self._released(session, query_id, plan.matcher.node, chain.digest().hex(), count)
             return []
         del pending, own_keys
-        keyed = (table.cells(order[p]) for p in range(count))
-        out = self._sum_values(session, query_id, plan, count, keyed)
+        out = self._sum_values(session, query_id, plan, public_context, table, order)
         self._released(session, query_id, analyst, self._digests.digest(b"".join(out)), len(out))
         return out
 
@@ -755,36 +763,73 @@ class AggregateEngine:
         session: _Session,
         query_id: str,
         plan: IntersectionPlan,
-        count: int,
-        rows: Iterator[Sequence[int]],
+        public_context: bytes,
+        table: _KeyValues,
+        order: array.array[int],
     ) -> list[bytes]:
         """Sums at the value holder: M's encrypted selection bits times V's values, per group of
         cells, folded, noised, re-randomised and flooded (``bfv_simd.SimdSum``; V adds the DP
-        noise). ``rows``: V's cells of each key, in the shuffled order M saw.
+        noise). ``order``: V's keys in the shuffled order M saw. M's selection comes in
+        batches (``_BatchStream``: at most its window queued); each is one pool job, one job a
+        core in flight, each returning its partial sums.
 
         Raises:
             MalformedInput: M's selection has the wrong number of ciphertexts (the ciphertexts
                 themselves were checked as they arrived).
         """
-        simd = session.simd
-        if simd is None:  # pragma: no cover - _run_values loads it first
+        simd, stream = session.simd, session.stream
+        if simd is None or stream is None:  # pragma: no cover - _run_values loads the keys
             raise TypeError("sums at the value holder without the analyst's keys")
         shape = simd.shape
-        selection = self._wait(session, query_id, plan.matcher.node, SELECTION)
-        items, per = selection.items, shape.keys_per_ciphertext
-        expected = shape.ciphertexts_for(count) * shape.moduli
-        if len(items) != expected:
+        count, moduli, per = len(order), shape.moduli, shape.keys_per_ciphertext
+        expected = shape.ciphertexts_for(count)
+        positions, groups, values = table.by_position(order)
+        executor = session.mailbox.pool(self._executor(), self.name)
+        public_keys = bfv_simd.encryption_bundle(public_context, moduli)
+        cores = os.cpu_count() or 1
+        total = simd.accumulator()
+        window: collections.deque[Any] = collections.deque()  # a job a core in flight
+        chain = self._digests.suite.new_hasher()
+        taken = 0
+        while True:
+            batch = stream.take(
+                node=self.name, peer=plan.matcher.node, timeout=self._timeout,
+                waiting=self._waiting,
+            )  # fmt: skip
+            if batch is None:
+                break
+            _, items, batch_digest = batch
+            chain.update(batch_digest)
+            first, taken = taken, taken + len(items) // moduli
+            if taken > expected:
+                raise MalformedInput(
+                    f"the matcher's selection has more than {expected * moduli} ciphertexts "
+                    f"for {count} keys",
+                    field="items",
+                )
+            lo, hi = (int(i) for i in np.searchsorted(positions, [first * per, taken * per]))
+            args = (
+                plan.public_key, public_keys, shape, table.figures, table.width, first * per,
+                items, positions[lo:hi], groups[lo:hi], values[lo:hi],
+            )  # fmt: skip
+            if executor is None:
+                total.merge(*_simd_values_task(*args))
+                continue
+            if len(window) >= cores:
+                total.merge(*executor.result(window.popleft()))
+            window.append(executor.submit(_simd_values_task, *args))
+        while window and executor is not None:
+            total.merge(*executor.result(window.popleft()))
+        if taken != expected:
             raise MalformedInput(
-                f"the matcher's selection has {len(items)} ciphertexts for {count} keys; "
-                f"{expected} expected",
+                f"the matcher's selection has {taken * moduli} ciphertexts for {count} keys; "
+                f"{expected * moduli} expected",
                 field="items",
             )
-        total = simd.accumulator()
-        for at in range(0, len(items), shape.moduli):
-            session.mailbox.check(self.name)
-            keys = list(itertools.islice(rows, per))
-            total.add_values(items[at : at + shape.moduli], bfv_simd.value_slots(shape, keys))
-            items[at : at + shape.moduli] = [b""] * shape.moduli  # summed: let it go
+        self._step(
+            session, query_id, plan.matcher.node, "received", SELECTION, chain.digest().hex(),
+            taken * moduli,
+        )  # fmt: skip
         scales = plan.figures.noise_scales()
         noise = [self._noise(scales[f]) if scales else 0 for _, f in plan.value_cells]
         return total.result(noise + [0] * (shape.cells * shape.groups - len(noise)))
@@ -937,11 +982,9 @@ class AggregateEngine:
         self._step(
             session, query_id, plan.values.node, "received", VALUES, chain.digest().hex(), pairs
         )
-        if plan.sums_at_values:  # the selection goes to V, which releases the sums
-            self._send_step(session, query_id, plan.values.node, SELECTION, [], out)
-            self._released(
-                session, query_id, plan.values.node, self._digests.digest(b"".join(out)), len(out)
-            )
+        if simd is not None and plan.sums_at_values:  # to V, which releases the sums
+            digest = self._send_selection(session, query_id, plan, simd.shape.moduli, out)
+            self._released(session, query_id, plan.values.node, digest, len(out))
             return []
         self._released(session, query_id, analyst, self._digests.digest(b"".join(out)), len(out))
         return out
@@ -1017,6 +1060,28 @@ class AggregateEngine:
             for group_sums in sums
             for total in group_sums
         ]
+
+    def _send_selection(
+        self,
+        session: _Session,
+        query_id: str,
+        plan: IntersectionPlan,
+        moduli: int,
+        ciphertexts: list[bytes],
+    ) -> str:
+        """Send M's selection to V in batches ``selection:<i>:<n>`` of
+        :data:`SELECTION_BATCH_POSITIONS` positions (V sums each as it arrives); one step logged
+        for the whole, its digest chaining the batches' (as for the values stream)."""
+        size = SELECTION_BATCH_POSITIONS * moduli
+        count = -(-len(ciphertexts) // size)
+        chain = self._digests.suite.new_hasher()
+        for index in range(count):
+            batch = ciphertexts[index * size : (index + 1) * size]
+            self._send(plan.values.node, query_id, f"{SELECTION}:{index}:{count}", [], batch)
+            chain.update(bytes.fromhex(self._digests.message_digest([], batch)))
+        digest = chain.digest().hex()
+        self._step(session, query_id, plan.values.node, "sent", SELECTION, digest, len(ciphertexts))
+        return digest
 
     def _selection(
         self, simd: bfv_simd.SimdPublic, batches: Iterator[tuple[list[int], list[Any]]]
@@ -1240,7 +1305,7 @@ class AggregateEngine:
                 is not one under the analyst's key.
         """
         session = self._session(query_id)
-        if phase.startswith(f"{VALUES}:"):
+        if phase.startswith((f"{VALUES}:", f"{SELECTION}:")):
             return self._receive_batch(session, caller, phase, chunks)
         inbox, check = self._inbox_for(session, caller, phase)
         first = next(chunks, None)
@@ -1260,19 +1325,26 @@ class AggregateEngine:
         return inbox.fill(first[0], decoded())
 
     def _receive_batch(self, session: _Session, caller: Caller, phase: str, chunks: Chunks) -> int:
-        """One batch ``values:<index>:<count>`` of the value holder's stream, queued in order.
+        """One batch ``values:<index>:<count>`` of the value holder's stream (or, under sums at
+        the value holder, ``selection:<index>:<count>`` of the matcher's), queued in order.
 
-        Blocks while the matcher's queue is full (the stream's back-pressure).
+        Blocks while the receiving node's queue is full (the stream's back-pressure).
         """
         plan, stream = session.plan, session.stream
-        if not isinstance(plan, IntersectionPlan) or stream is None:
+        what = phase.split(":")[0]
+        if not isinstance(plan, IntersectionPlan) or stream is None or stream.what != what:
             raise MalformedInput(f"field 'phase': {phase!r} is not expected here", field="phase")
-        if caller.name != plan.values.node or caller.name == self.name:
+        sender = plan.matcher.node if what == SELECTION else plan.values.node
+        if caller.name != sender or caller.name == self.name:
             raise PermissionDenied(f"{caller.name} does not take part in this query")
         try:
             index, count = (int(part) for part in phase.split(":")[1:])
         except ValueError:
-            raise MalformedInput("a batch phase is values:<index>:<count>", field="phase") from None
+            raise MalformedInput(
+                f"a batch phase is {what}:<index>:<count>", field="phase"
+            ) from None
+        if what == SELECTION:
+            return self._receive_selection(session, stream, index, count, chunks)
         simd = session.simd
         key = None
         if plan.scheme == BFV_SIMD:
@@ -1320,6 +1392,39 @@ class AggregateEngine:
         stream.put(index, count, points, loaded, batch_digest, self._timeout)
         return total
 
+    def _receive_selection(
+        self, session: _Session, stream: _BatchStream, index: int, count: int, chunks: Chunks
+    ) -> int:
+        """One batch of M's selection at V: whole positions of ciphertexts (one per modulus),
+        each loading as a fresh ciphertext under one of the query's moduli (its place is
+        checked when it is summed)."""
+        simd = session.simd
+        if simd is None:
+            raise MalformedInput("a selection before the value holder's keys", field="phase")
+        items: list[bytes] = []
+        total = -1
+        for chunk_total, packed, chunk_items in chunks:
+            if total not in (-1, chunk_total):
+                raise MalformedInput("field 'total' changed between chunks", field="total")
+            total = chunk_total
+            if packed:
+                raise MalformedInput("a selection batch carries no points", field="points")
+            for item in chunk_items:
+                simd.load_any(item)
+            items.extend(chunk_items)
+        if total < 0 or len(items) != total:
+            raise MalformedInput(
+                f"a batch of {len(items)} ciphertexts announced {total}", field="items"
+            )
+        if not items or len(items) % simd.shape.moduli:
+            raise MalformedInput(
+                "a selection batch holds whole positions: one ciphertext per modulus",
+                field="items",
+            )
+        batch_digest = bytes.fromhex(self._digests.message_digest([], items))
+        stream.put(index, count, [], items, batch_digest, self._timeout)
+        return total
+
     def _inbox_for(
         self, session: _Session, caller: Caller, phase: str
     ) -> tuple[Inbox, Callable[[list[bytes]], None]]:
@@ -1337,8 +1442,6 @@ class AggregateEngine:
             raise MalformedInput(f"field 'phase': {phase!r} is not expected here", field="phase")
         if phase == MATCHER_KEYS or phase == MATCHER_AGAIN:
             return inbox, _no_items
-        if phase == SELECTION:
-            return inbox, _selection_check(session)
         if isinstance(plan, HorizontalPlan) and plan.scheme == BFV:
             return inbox, _accept_any  # framing and stream checked when summed
         key = self._paillier_key(plan.public_key)
@@ -1348,21 +1451,6 @@ class AggregateEngine:
             key.check_ciphertexts(items, parts=parts)
 
         return inbox, check
-
-
-def _selection_check(session: _Session) -> Callable[[list[bytes]], None]:
-    """The check of M's selection ciphertexts as they arrive at V, chunk by chunk: each loads
-    as a fresh ciphertext under one of the query's plaintext moduli. Its place (which modulus)
-    and the count are checked when they are summed."""
-
-    def check(items: list[bytes]) -> None:
-        simd = session.simd
-        if simd is None:
-            raise MalformedInput("a selection before the value holder's keys", field="phase")
-        for item in items:
-            simd.load_any(item)
-
-    return check
 
 
 def _check_bundle(plan: IntersectionPlan, public_context: bytes, digests: Digests) -> None:
@@ -1394,18 +1482,57 @@ def _no_values() -> list[bytes]:
     return []
 
 
-def _simd_encrypt_task(
-    fingerprint: bytes, bundle: bytes, shape: bfv_simd.SimdShape, rows: Sequence[Sequence[int]]
-) -> list[bytes]:
-    """Encrypt one batch of keys' cell values (in a pool worker): per ciphertext of keys, one
-    ciphertext per plaintext modulus. ``bundle``: the public keys of the analyst's bundle
-    (``bfv_simd.encryption_bundle``); ``fingerprint``: the whole bundle's, as the signed plan
-    names it (checked against the bundle before any batch), the worker's cache key."""
+def _worker_simd(
+    fingerprint: bytes, bundle: bytes, shape: bfv_simd.SimdShape
+) -> bfv_simd.SimdPublic:
+    """The query's public keys in a pool worker, loaded once. ``bundle``: the public keys of the
+    analyst's bundle (``bfv_simd.encryption_bundle``); ``fingerprint``: the whole bundle's, as
+    the signed plan names it (checked against the bundle before any job), the cache key."""
     public = _WORKER_SIMD.get(fingerprint)
     if public is None:
         _WORKER_SIMD.clear()
         public = bfv_simd.SimdPublic.from_bundle(shape, bundle, galois=False)
         _WORKER_SIMD[fingerprint] = public
+    return public
+
+
+def _simd_values_task(
+    fingerprint: bytes,
+    bundle: bytes,
+    shape: bfv_simd.SimdShape,
+    figures: int,
+    width: int,
+    first: int,
+    items: Sequence[bytes],
+    positions: Any,
+    groups: Any,
+    values: Any,
+) -> tuple[int, list[bytes]]:
+    """Sums at the value holder, in a pool worker: the selection ciphertexts ``items`` (one per
+    modulus for each ``keys_per_ciphertext`` keys from shuffled position ``first`` on) times
+    V's values, as partial sums (``SimdSum.partial``). ``positions``, ``groups``, ``values``:
+    V's rows of those keys, sorted by position (:meth:`_KeyValues.by_position`)."""
+    public = _worker_simd(fingerprint, bundle, shape)
+    total = public.accumulator()
+    per, moduli = shape.keys_per_ciphertext, shape.moduli
+    for k in range(len(items) // moduli):
+        start = first + k * per
+        lo, hi = (int(i) for i in np.searchsorted(positions, [start, start + per]))
+        cells = np.zeros((per, width), dtype=np.int64)
+        at = positions[lo:hi] - start
+        base = groups[lo:hi].astype(np.int64) * figures
+        for f in range(figures):
+            np.add.at(cells, (at, base + f), values[lo:hi, f])
+        total.add_values(items[k * moduli : (k + 1) * moduli], bfv_simd.value_slots(shape, cells))
+    return total.partial()
+
+
+def _simd_encrypt_task(
+    fingerprint: bytes, bundle: bytes, shape: bfv_simd.SimdShape, rows: Sequence[Sequence[int]]
+) -> list[bytes]:
+    """Encrypt one batch of keys' cell values (in a pool worker): per ciphertext of keys, one
+    ciphertext per plaintext modulus (``bundle``, ``fingerprint``: :func:`_worker_simd`)."""
+    public = _worker_simd(fingerprint, bundle, shape)
     per = shape.keys_per_ciphertext
     out: list[bytes] = []
     for start in range(0, max(len(rows), 1), per):
@@ -1427,6 +1554,7 @@ class _KeyValues:
         self._rows = bytearray()  # per key
         self._last = array.array("i")  # per key: its last row
         self._previous = array.array("i")  # per row: the key's row before it (-1: none)
+        self._key = array.array("i")  # per row: its key's number
         self._group = array.array("H")  # per row
         self._values = array.array("q")  # per row: its figures
 
@@ -1442,6 +1570,7 @@ class _KeyValues:
             return False
         self._rows[number] += 1
         self._previous.append(self._last[number])
+        self._key.append(number)
         self._last[number] = len(self._group)
         self._group.append(group)
         self._values.extend(values)
@@ -1450,6 +1579,17 @@ class _KeyValues:
     def shuffle(self) -> array.array[int]:
         """A fresh random order of the key numbers."""
         return array.array("i", ecdh_psi.random_permutation(len(self.keys)))
+
+    def by_position(self, order: array.array[int]) -> tuple[Any, Any, Any]:
+        """Every row as (its key's place in ``order``, its group, its figures): three arrays
+        sorted by place."""
+        where = np.empty(len(order), dtype=np.int64)
+        where[np.frombuffer(order, dtype=np.int32)] = np.arange(len(order), dtype=np.int64)
+        places = where[np.frombuffer(self._key, dtype=np.int32)]
+        sort = np.argsort(places, kind="stable")
+        groups = np.frombuffer(self._group, dtype=np.uint16)
+        values = np.frombuffer(self._values, dtype=np.int64).reshape(-1, self.figures)
+        return places[sort], groups[sort], values[sort]
 
     def drop_keys(self) -> None:
         self.keys, self._number = [], {}

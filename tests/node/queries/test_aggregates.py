@@ -613,10 +613,14 @@ def test_bfv_simd_value_holder_refuses_a_bad_selection_and_takes_the_good_one(ag
     def hostile(
         peer: str, qid: str, phase: str, points: Sequence[bytes], items: Sequence[bytes]
     ) -> None:
-        if phase == "selection":
-            for name, item in bad.items():
+        if phase.startswith("selection:0:"):
+            variants = {name: [item, *items[1:]] for name, item in bad.items()}
+            variants["half a position"] = list(items[:-1])
+            variants["with points"] = list(items)
+            for name, batch in variants.items():
+                extra = [bytes.fromhex("09" + "00" * 31)] if name == "with points" else []
                 try:
-                    tax.send(peer, qid, phase, [], [item, *items[1:]])
+                    tax.send(peer, qid, phase, extra, batch)
                 except MalformedInput as error:
                     refusals[name] = error
         tax.send(peer, qid, phase, points, items)
@@ -635,9 +639,12 @@ def test_bfv_simd_value_holder_refuses_a_bad_selection_and_takes_the_good_one(ag
     finally:
         for name in ("tax", "civil"):
             set_options(agg.nodes[name], EXACT)
-    assert sorted(refusals) == sorted(bad)
-    for error in refusals.values():
-        assert "BFV ciphertext" in str(error) and str(error).startswith("node civil:")
+    assert sorted(refusals) == sorted([*bad, "half a position", "with points"])
+    for name in bad:
+        assert "BFV ciphertext" in str(refusals[name])
+    assert "whole positions" in str(refusals["half a position"])
+    assert "carries no points" in str(refusals["with points"])
+    assert all(str(e).startswith("node civil:") for e in refusals.values())
     assert stream_items and set(stream_items) == {0}  # civil's values never left it
     expected = expected_districts(agg)
     shown = [g for g in outcome.groups if not g.suppressed]
@@ -659,19 +666,82 @@ def test_bfv_simd_value_holder_refuses_a_bad_selection_and_takes_the_good_one(ag
     assert reconciled.ok, reconciled.disagreements
 
 
+def test_matcher_falling_silent_mid_selection_aborts_with_nothing_released(agg: Agg) -> None:
+    """Sums at the value holder: the matcher announces two selection batches, sends one and
+    hangs; the value holder gives up on the second within its timeout and releases nothing."""
+    alice = agg.fed.identity("alice")
+    plan, secret = _simd_keyed(district_plan())
+    assert plan.sums_at_values
+    query_id, signed = _signed(agg, plan)
+    civil, tax = agg.nodes["civil"], agg.nodes["tax"]
+    release = threading.Event()
+    sent: list[str] = []
+
+    def silent_after_one(
+        peer: str, qid: str, phase: str, points: Sequence[bytes], items: Sequence[bytes]
+    ) -> None:
+        if phase.startswith("selection:"):
+            civil.aggregates.protocol_timeout = 2.0  # civil's wait for the next batch
+            sent.append(phase)
+            tax.send(peer, qid, "selection:0:2", points, items)
+            release.wait(TIMEOUT)
+            raise ConnectionError("matcher gone")
+        tax.send(peer, qid, phase, points, items)
+
+    set_options(tax, EXACT, send=silent_after_one)
+    set_options(civil, EXACT)
+    clients = {n: NodeClient.to(alice, n) for n in ("tax", "civil")}
+    failures: list[BaseException] = []
+
+    def run_tax() -> None:
+        try:
+            clients["tax"].aggregate_run(
+                query_id, public_context=secret.public_bundle(), timeout=TIMEOUT
+            )
+        except Exception as error:
+            failures.append(error)
+
+    try:
+        for client in clients.values():
+            assert client.submit(signed).state == "approved"
+        thread = threading.Thread(target=run_tax)
+        thread.start()
+        with pytest.raises(Aborted, match=r"selection batch 1 within 2 s; .*nothing released"):
+            clients["civil"].aggregate_run(
+                query_id, public_context=secret.public_bundle(), timeout=TIMEOUT
+            )
+        release.set()
+        thread.join()
+    finally:
+        release.set()
+        for name in ("tax", "civil"):
+            set_options(agg.nodes[name], EXACT)
+    assert sent == ["selection:0:1"]
+    assert len(failures) == 1 and isinstance(failures[0], Aborted)
+    for node in (tax, civil):
+        kinds = [e.decode().kind for e in node.audit.entries_for_query(query_id)]
+        assert "result.released" not in kinds and "query.failed" in kinds
+        assert node.query_store.reservation(query_id) == "returned"
+    for client in clients.values():
+        client.close()
+
+
 def test_bfv_simd_selection_of_the_wrong_size_or_values_with_ciphertexts_are_refused(
     agg: Agg,
 ) -> None:
-    """A matcher patched to drop one selection ciphertext fails the query at the value holder
-    (nothing released, reservations returned); a value holder patched to stream ciphertexts
-    beside its points under sums at the value holder is refused by the matcher."""
+    """A matcher patched to add a position to its selection fails the query at the value
+    holder; a value holder patched to stream ciphertexts beside its points under sums at the
+    value holder is refused by the matcher."""
     civil, tax = agg.nodes["civil"], agg.nodes["tax"]
     plan = district_plan(Fraction(1))
+    moduli = replace(plan, scheme=BFV_SIMD).simd_shape().moduli
 
-    def short(
+    def longer(
         peer: str, qid: str, phase: str, points: Sequence[bytes], items: Sequence[bytes]
     ) -> None:
-        tax.send(peer, qid, phase, points, items[:-1] if phase == "selection" else items)
+        if phase.startswith("selection:"):
+            items = [*items, *items[:moduli]]  # one position more than civil's keys fill
+        tax.send(peer, qid, phase, points, items)
 
     refused: list[BaseException] = []
 
@@ -685,11 +755,11 @@ def test_bfv_simd_selection_of_the_wrong_size_or_values_with_ciphertexts_are_ref
                 refused.append(error)
         civil.send(peer, qid, phase, points, items)
 
-    for node, send in ((tax, short), (civil, leaking)):
+    for node, send in ((tax, longer), (civil, leaking)):
         set_options(node, EXACT, send=send)
         try:
             if node is tax:
-                with pytest.raises(MalformedInput, match=r"selection has \d+ ciphertexts for"):
+                with pytest.raises(MalformedInput, match=r"selection has more than \d+ ciphert"):
                     run_intersection_aggregate(agg.fed.identity("alice"), plan, scheme=BFV_SIMD)
             else:
                 outcome = run_intersection_aggregate(
