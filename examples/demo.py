@@ -522,9 +522,11 @@ def run(workdir: Path, size: int, seed: int, *, suite: str, live: bool = False) 
             "--sum-bound", "30000", "--receipt", "receipts/aggregate.json", SQL_AGGREGATE,
         )  # fmt: skip
         console.print(
-            "[dim]civil streamed its values in the slots of BFV ciphertexts under the analyst's "
-            "fresh keys; tax masked out the non-matches, summed, added the noise and flooded "
-            "it; only the analyst decrypted (--scheme paillier: one ciphertext per row).[/]"
+            "[dim]civil's amounts never left it: tax found the matches among civil's masked "
+            "keys and sent its selection encrypted under the analyst's fresh BFV keys; civil "
+            "multiplied it by its amounts in the ciphertexts' slots, summed, added the noise and "
+            "flooded it; only the analyst decrypted (--scheme paillier: one ciphertext per "
+            "row).[/]"
         )
 
         demo.step("10. A horizontal aggregate over two health authorities, with approval")

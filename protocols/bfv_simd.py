@@ -492,7 +492,9 @@ class SimdSum:
         """
         shape = self._public.shape
         if len(selected) > shape.keys_per_ciphertext:
-            raise MalformedInput("one ciphertext per plaintext modulus", field="items")
+            raise MalformedInput(
+                f"at most {shape.keys_per_ciphertext} keys a ciphertext", field="selected"
+            )
         loaded = self._counted(ciphertexts)
         rows: dict[int, list[int]] = {}  # group -> the positions M put in it
         for r, s in enumerate(selected):
