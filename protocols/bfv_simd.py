@@ -508,7 +508,7 @@ class SimdSum:
             for r in positions:
                 mask[r * shape.block : (r + 1) * shape.block] = ones
             masks.append((group, mask))
-        self._products(loaded, masks)
+        self._products(loaded, masks, reduced=True)  # 0 and 1
 
     def add_values(self, ciphertexts: Sequence[Any], slots: Sequence[Sequence[int]]) -> None:
         """Sums at the value holder: add one position's *selection* ciphertexts (the matcher's
@@ -522,7 +522,10 @@ class SimdSum:
         if len(slots) != self._public.shape.groups or any(len(s) != SLOTS for s in slots):
             raise TypeError("one plaintext of SLOTS values per group")
         loaded = self._counted(ciphertexts)
-        self._products(loaded, [(g, s) for g, s in enumerate(slots) if any(s)])
+        plaintexts = [(g, s) for g, s in enumerate(slots) if any(s)]
+        least = min(m.plain for m in self._public._moduli)
+        small = all(min(s) >= 0 and max(s) < least for _, s in plaintexts)
+        self._products(loaded, plaintexts, reduced=small)
 
     def partial(self) -> tuple[int, list[bytes]]:
         """This sum as a part of another's (:meth:`merge`): its count of positions and its
@@ -578,26 +581,28 @@ class SimdSum:
         return loaded
 
     def _products(
-        self, loaded: Sequence[Any], plaintexts: Sequence[tuple[int, Sequence[int]]]
+        self,
+        loaded: Sequence[Any],
+        plaintexts: Sequence[tuple[int, Sequence[int]]],
+        *,
+        reduced: bool,
     ) -> None:
         """Add each ciphertext times each (group, slots) plaintext to that group's sums.
 
         The products are taken in NTT form: the ciphertext is transformed once for all its
         plaintexts, and the sums stay in NTT form until :meth:`result` (the same integer
         products as Evaluator.multiply_plain on coefficient forms, which transforms both
-        operands and the product back for every plaintext).
+        operands and the product back for every plaintext). ``reduced``: every slot value is
+        already in [0, t) of every modulus.
         """
         if not plaintexts:
             return
-        moduli = self._public._moduli
-        least = min(m.plain for m in moduli)
-        reduced = [min(slots) >= 0 and max(slots) < least for _, slots in plaintexts]
-        for i, (modulus, ciphertext) in enumerate(zip(moduli, loaded, strict=True)):
+        for i, (modulus, ciphertext) in enumerate(zip(self._public._moduli, loaded, strict=True)):
             evaluator = modulus.evaluator
             transformed = seal.Ciphertext(modulus.context)
             evaluator.transform_to_ntt(ciphertext, transformed)
-            for (group, slots), small in zip(plaintexts, reduced, strict=True):
-                plaintext = modulus.encode(slots, reduced=small)
+            for group, slots in plaintexts:
+                plaintext = modulus.encode(slots, reduced=reduced)
                 evaluator.transform_to_ntt_inplace(plaintext, modulus.context.first_parms_id())
                 product = seal.Ciphertext(modulus.context)
                 evaluator.multiply_plain(transformed, plaintext, product)
