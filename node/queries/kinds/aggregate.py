@@ -310,6 +310,19 @@ class _BatchStream:
             self._cond.notify_all()
             return batch
 
+    def drain(
+        self, chain: Any, *, node: str, peer: str, timeout: Callable[[], float], waiting: Waiting
+    ) -> Iterator[tuple[list[bytes], list[Any]]]:
+        """Every batch ``(points, items)`` in order (:meth:`take`, each wait ``timeout()`` as it
+        is then), each one's digest chained into ``chain`` (a hasher) as it is taken."""
+        while True:
+            batch = self.take(node=node, peer=peer, timeout=timeout(), waiting=waiting)
+            if batch is None:
+                return
+            points, items, batch_digest = batch
+            chain.update(batch_digest)
+            yield points, items
+
 
 @dataclass
 class _Session:
@@ -791,15 +804,10 @@ class AggregateEngine:
         window: collections.deque[Any] = collections.deque()  # a job a core in flight
         chain = self._digests.suite.new_hasher()
         taken = 0
-        while True:
-            batch = stream.take(
-                node=self.name, peer=plan.matcher.node, timeout=self._timeout,
-                waiting=self._waiting,
-            )  # fmt: skip
-            if batch is None:
-                break
-            _, items, batch_digest = batch
-            chain.update(batch_digest)
+        for _, items in stream.drain(
+            chain, node=self.name, peer=plan.matcher.node, timeout=lambda: self._timeout,
+            waiting=self._waiting,
+        ):  # fmt: skip
             first, taken = taken, taken + len(items) // moduli
             if taken > expected:
                 raise MalformedInput(
@@ -944,15 +952,10 @@ class AggregateEngine:
 
         def batches() -> Iterator[tuple[list[int], list[Any]]]:
             nonlocal pairs
-            while True:
-                batch = stream.take(
-                    node=self.name, peer=plan.values.node, timeout=self._timeout,
-                    waiting=self._waiting,
-                )  # fmt: skip
-                if batch is None:
-                    return
-                points, items, batch_digest = batch
-                chain.update(batch_digest)
+            for points, items in stream.drain(
+                chain, node=self.name, peer=plan.values.node, timeout=lambda: self._timeout,
+                waiting=self._waiting,
+            ):  # fmt: skip
                 pairs += len(points)
                 doubled = party.mask_peer(points, workers=workers, executor=executor)
                 found = [0 if p in own else bfv_simd.UNSELECTED for p in doubled]
