@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import collections
 import datetime as dt
+import os
 import re
 import secrets
+import signal
 import socket
 import subprocess
 import sys
@@ -67,20 +70,52 @@ settings.register_profile("govshare", deadline=None)
 settings.load_profile("govshare")
 
 
+# The last lines each node process started by serve_node printed, by pid (for stop_node).
+_SERVED_OUTPUT: dict[int, collections.deque[str]] = {}
+
+
 def serve_node(home: Path) -> subprocess.Popen[str]:
-    """``govshare node serve`` on ``home`` as a real process, returned once it serves."""
+    """``govshare node serve`` on ``home`` as a real process, returned once it serves. Python's
+    faulthandler is on in it, so that :func:`stop_node` can have it print its threads."""
     process = subprocess.Popen(
         [sys.executable, "-m", "govshare.cli", "node", "serve", "--home", str(home)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        env={**os.environ, "PYTHONFAULTHANDLER": "1"},
     )
     assert process.stdout is not None
     line = process.stdout.readline()  # blocks until the node serves (or dies)
     assert "serving on" in line, line
-    # Keep reading, so that a node printing more never blocks on a full pipe.
-    threading.Thread(target=process.stdout.read, daemon=True).start()
+    # Keep reading, so that a node printing more never blocks on a full pipe; keep the tail.
+    tail = _SERVED_OUTPUT[process.pid] = collections.deque(maxlen=400)
+    threading.Thread(target=tail.extend, args=(process.stdout,), daemon=True).start()
     return process
+
+
+def stop_node(process: subprocess.Popen[str], *, timeout: float = 60.0) -> int:
+    """SIGTERM a node :func:`serve_node` started and return its exit code. A node still
+    running after ``timeout`` seconds gets SIGABRT, which makes faulthandler print every
+    thread's stack, and the test fails with the node's last lines."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+    try:
+        return process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGABRT)
+        process.wait(timeout=60.0)
+        tail = _SERVED_OUTPUT.get(process.pid)
+        deadline = time.monotonic() + 60.0
+        while (
+            tail is not None
+            and time.monotonic() < deadline
+            and not any("most recent call first" in line for line in tail)
+        ):
+            time.sleep(0.05)  # the reader thread is still taking the dump from the pipe
+        lines = "".join(tail or ())
+        raise AssertionError(
+            f"the node did not stop within {timeout:g} s of SIGTERM; its last lines:\n{lines}"
+        ) from None
 
 
 def wait_for_next_second(second: int) -> None:

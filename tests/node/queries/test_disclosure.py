@@ -39,6 +39,7 @@ from conftest import (
     build_federation,
     psi_shift,
     serve_node,
+    stop_node,
 )
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
@@ -923,9 +924,7 @@ start_process = serve_node
 
 
 def stop_process(process: subprocess.Popen[str]) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=TIMEOUT)
+    stop_node(process, timeout=TIMEOUT)
 
 
 def wait_for(condition: Callable[[], bool], what: str, *, timeout: float = TIMEOUT) -> None:
