@@ -768,8 +768,7 @@ class AggregateEngine:
             return []
         del pending, own_keys
         out = self._sum_values(session, query_id, plan, public_context, table, order)
-        self._released(session, query_id, analyst, self._digests.digest(b"".join(out)), len(out))
-        return out
+        return self._release(session, query_id, analyst, out)
 
     def _sum_values(
         self,
@@ -989,8 +988,7 @@ class AggregateEngine:
             digest = self._send_selection(session, query_id, plan, simd.shape.moduli, out)
             self._released(session, query_id, plan.values.node, digest, len(out))
             return []
-        self._released(session, query_id, analyst, self._digests.digest(b"".join(out)), len(out))
-        return out
+        return self._release(session, query_id, analyst, out)
 
     def _matcher_keys(self, session: _Session, plan: IntersectionPlan) -> list[list[bytes]]:
         """M's distinct filtered keys: one list, or one per group of M's (in domain order).
@@ -1220,8 +1218,7 @@ class AggregateEngine:
             for j in range(len(layouts)):
                 terms = [key.ciphertext_from_bytes(c[j]) for c in contributions]
                 out.append(key.ciphertext_to_bytes(key.rerandomize(key.sum_ciphertexts(terms))))
-        self._released(session, query_id, analyst, self._digests.digest(b"".join(out)), len(out))
-        return out
+        return self._release(session, query_id, analyst, out)
 
     # --- shared steps ----------------------------------------------------------------------------
 
@@ -1278,6 +1275,13 @@ class AggregateEngine:
             len(inbox.points) or len(inbox.items),
         )  # fmt: skip
         return inbox
+
+    def _release(
+        self, session: _Session, query_id: str, analyst: str, out: list[bytes]
+    ) -> list[bytes]:
+        """Log ``out``, the ciphertexts this node releases to ``analyst``, and return them."""
+        self._released(session, query_id, analyst, self._digests.digest(b"".join(out)), len(out))
+        return out
 
     def _released(
         self, session: _Session, query_id: str, recipient: str, result_digest: str, size: int
