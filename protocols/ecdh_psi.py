@@ -176,7 +176,7 @@ from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import dataclass
 from fractions import Fraction
 from functools import partial
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
@@ -287,33 +287,35 @@ def mask(scalar: bytes, point: bytes) -> bytes:
     return _exchange(X25519PrivateKey.from_private_bytes(scalar), point, 0)
 
 
-def mask_chunk(scalar: bytes, packed: bytes) -> bytes:
+def mask_chunk(scalar: bytes, packed: bytes, first: int = 0) -> bytes:
     """Mask every point of a packed chunk (see :func:`encode_points`); same order, packed.
 
     The chunk is parsed strictly first (as :func:`decode_points` does). Runs on the native batch
     path when it is available, else :func:`mask_chunk_pointwise`: the same bytes either way.
+    ``first``: the place of the chunk's first point in the whole set, so that a refusal names
+    the point's place in the set, not in the chunk.
 
     Raises:
         MalformedInput: bad chunk encoding, or a point of small order.
     """
     if not x25519_batch.available():
         x25519_batch.warn_fallback()
-        return mask_chunk_pointwise(scalar, packed)
+        return mask_chunk_pointwise(scalar, packed, first)
     _check_scalar(scalar)
     _chunk_count(packed, MAX_CHUNK_POINTS)
     try:
         return x25519_batch.mask_batch(scalar, packed)
     except x25519_batch.RefusedPointError as refused:
         error = _small_order if refused.small_order else _not_canonical
-        raise error(refused.index) from None
+        raise error(first + refused.index) from None
 
 
-def mask_chunk_pointwise(scalar: bytes, packed: bytes) -> bytes:
+def mask_chunk_pointwise(scalar: bytes, packed: bytes, first: int = 0) -> bytes:
     """:func:`mask_chunk` point by point through pyca/cryptography (the fallback path)."""
     _check_scalar(scalar)
-    points = decode_points(packed)
+    points = decode_points(packed, first=first)
     private = X25519PrivateKey.from_private_bytes(scalar)
-    return b"".join(_exchange(private, point, i) for i, point in enumerate(points))
+    return b"".join(_exchange(private, point, first + i) for i, point in enumerate(points))
 
 
 def hash_and_mask_chunk(scalar: bytes, query_id: bytes, keys: Sequence[bytes]) -> bytes:
@@ -370,9 +372,12 @@ def encode_points(points: Iterable[bytes]) -> bytes:
     return b"".join(out)
 
 
-def decode_points(packed: bytes, *, max_points: int = MAX_CHUNK_POINTS) -> list[bytes]:
+def decode_points(
+    packed: bytes, *, max_points: int = MAX_CHUNK_POINTS, first: int = 0
+) -> list[bytes]:
     """Parse a chunk strictly: a multiple of 32 bytes, at most ``max_points`` points, each a
-    canonical u-coordinate (bit 255 clear, value below 2^255 - 19).
+    canonical u-coordinate (bit 255 clear, value below 2^255 - 19). A refusal names the point
+    as ``first`` plus its index in the chunk.
 
     Raises:
         TypeError: ``packed`` is not bytes.
@@ -384,7 +389,7 @@ def decode_points(packed: bytes, *, max_points: int = MAX_CHUNK_POINTS) -> list[
         # Bit 255 set, or u in [p, 2^255): both rare enough that only the top byte is tested
         # before the exact comparison.
         if point[31] >= 0x7F and (point[31] & 0x80 or int.from_bytes(point, "little") >= P):
-            raise _not_canonical(i)
+            raise _not_canonical(first + i)
     return points
 
 
@@ -502,19 +507,22 @@ def _pool_chunk_size(n: int, workers: int, chunk_points: int) -> int:
 
 
 def _run_chunks(
-    function: Callable[[C], bytes],
+    function: Callable[..., bytes],
     chunks: list[C],
     *,
     workers: int | None,
     executor: Executor | None,
+    firsts: Sequence[int] | None = None,
 ) -> list[bytes]:
+    """``function`` over ``chunks`` (and, given ``firsts``, each chunk's first place)."""
+    args: list[Sequence[Any]] = [chunks] if firsts is None else [chunks, firsts]
     if executor is not None:
-        packed = list(executor.map(function, chunks))
+        packed = list(executor.map(function, *args))
     elif workers == 1 or len(chunks) <= 1:
-        packed = [function(chunk) for chunk in chunks]
+        packed = [function(*one) for one in zip(*args, strict=True)]
     else:
         with make_pool(workers) as pool:
-            packed = list(pool.map(function, chunks))
+            packed = list(pool.map(function, *args))
     return [blob[i : i + POINT_SIZE] for blob in packed for i in range(0, len(blob), POINT_SIZE)]
 
 
@@ -545,8 +553,14 @@ def mask_many(
     packed = encode_points(points)
     size = _pool_chunk_size(len(points), _worker_count(workers), chunk_points)
     stride = size * POINT_SIZE
-    chunks = [packed[i : i + stride] for i in range(0, len(packed), stride)]
-    return _run_chunks(partial(mask_chunk, scalar), chunks, workers=workers, executor=executor)
+    starts = range(0, len(packed), stride)
+    return _run_chunks(
+        partial(mask_chunk, scalar),
+        [packed[i : i + stride] for i in starts],
+        workers=workers,
+        executor=executor,
+        firsts=[i // POINT_SIZE for i in starts],
+    )
 
 
 def hash_and_mask_many(

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from govshare.examples import synth
-from govshare.protocols import ecdh_psi
+from govshare.protocols import ecdh_psi, x25519_batch
 from govshare.protocols.ecdh_psi import (
     P,
     PsiParty,
@@ -337,8 +337,25 @@ def test_small_order_refused_inside_a_chunk() -> None:
 def test_small_order_refused_through_the_pool(pool: ProcessPoolExecutor) -> None:
     points = [mask(SCALAR_A, hash_to_point(QID, bytes([i]))) for i in range(20)]
     points[13] = bytes.fromhex(SMALL_ORDER[2])
-    with pytest.raises(MalformedInput, match="small order"):
-        mask_many(SCALAR_B, points, executor=pool)
+    with pytest.raises(MalformedInput, match="point 13 has small order"):
+        mask_many(SCALAR_B, points, executor=pool, chunk_points=4)
+
+
+@pytest.mark.parametrize("batch", ["on", "off"])
+def test_a_refusal_names_the_points_place_in_the_set_not_in_its_chunk(
+    batch: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """12 points in chunks of at most 4, so that point 9 is not in the first: a refusal names
+    it 9, not its index in its chunk, on the native batch path and on the point-by-point one."""
+    if batch == "off":
+        monkeypatch.setenv(x25519_batch.DISABLE_ENV, "off")  # no fallback warning
+        monkeypatch.setattr(x25519_batch, "_lib", None)
+    assert x25519_batch.available() == (batch == "on")
+    points = [mask(SCALAR_A, hash_to_point(QID, bytes([i]))) for i in range(12)]
+    for bad, reason in ((bytes(32), "small order"), (b"\xff" * 32, "not a canonical")):
+        points[9] = bad
+        with pytest.raises(MalformedInput, match=f"point 9 (has|is) {reason}"):
+            mask_many(SCALAR_B, points, workers=1, chunk_points=4)
 
 
 def test_duplicates_refused() -> None:
