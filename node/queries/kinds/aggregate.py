@@ -105,7 +105,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future
 from contextlib import closing
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -579,8 +579,8 @@ class AggregateEngine:
     def _close(self, query_id: str) -> None:
         with self._lock:
             session = self._sessions.pop(query_id, None)
-        if session is not None and session.stream is not None:
-            session.stream.end("the query's part ended")  # frees a queue left by a failure
+        if session is not None:  # wakes a wait left by a failure, and frees its queues
+            _end(session, "the query's part ended")
 
     def _keep_stats(self, query_id: str, stats: StreamStats) -> None:
         with self._lock:
@@ -648,6 +648,15 @@ class AggregateEngine:
                 executor,
             )
         )
+        # A fresh scalar for this query: the pool's jobs mask each batch's keys with it.
+        scalar = ecdh_psi.generate_scalar()
+        party = ecdh_psi.PsiParty(session.query_id, scalar)
+        # V's answer to M's keys needs V's scalar, not its rows: it is taken beside the read
+        # (this thread reads, the pool masks), so that the stream starts once the rows are read.
+        answer = _beside(
+            f"govshare-{self.name}-answer",
+            lambda: self._answer_keys(session, query_id, plan, party, executor),
+        )
         numbers = {label: i for i, label in enumerate(domain)}
         # Closed however the read ends (a refusal below, the query's end): see _checked.
         with closing(
@@ -695,10 +704,6 @@ class AggregateEngine:
                 ]  # fmt: skip
 
         count = len(own_keys)
-        # A fresh scalar for this query: the pool's jobs mask each batch's keys with it.
-        scalar = ecdh_psi.generate_scalar()
-        party = ecdh_psi.PsiParty(session.query_id, scalar)
-        workers = None if executor is not None else 1
         batch = self._options.stream_batch_keys
         if simd:
             batch, per = self._options.simd_stream_batch_keys, shape.keys_per_ciphertext
@@ -740,13 +745,9 @@ class AggregateEngine:
         )
         stats = StreamStats(self._options.stream_window)
         self._keep_stats(query_id, stats)
-        # The pool starts on the first window of batches while M's keys are masked again.
+        # M's keys are answered before the stream's first batch is made: M reads none before.
+        answer.result()
         pending = self._encrypt_ahead(jobs, stats, executor)
-        theirs = self._wait(session, query_id, plan.matcher.node, MATCHER_KEYS)
-        again = ecdh_psi.shuffle(party.mask_peer(theirs.points, workers=workers, executor=executor))
-        del theirs
-        self._send_step(session, query_id, plan.matcher.node, MATCHER_AGAIN, again, [])
-        del again
         width = 0 if key is None else key.ciphertext_bytes * len(layouts)
         chain = self._digests.suite.new_hasher()
         for index, (packed, encrypted) in enumerate(pending):
@@ -769,6 +770,21 @@ class AggregateEngine:
         del pending, own_keys
         out = self._sum_values(session, query_id, plan, public_context, table, order)
         return self._release(session, query_id, analyst, out)
+
+    def _answer_keys(
+        self,
+        session: _Session,
+        query_id: str,
+        plan: IntersectionPlan,
+        party: ecdh_psi.PsiParty,
+        executor: EndingPool | None,
+    ) -> None:
+        """V's answer to M's masked keys: each masked again under V's scalar, shuffled."""
+        theirs = self._wait(session, query_id, plan.matcher.node, MATCHER_KEYS)
+        workers = None if executor is not None else 1
+        again = ecdh_psi.shuffle(party.mask_peer(theirs.points, workers=workers, executor=executor))
+        del theirs
+        self._send_step(session, query_id, plan.matcher.node, MATCHER_AGAIN, again, [])
 
     def _sum_values(
         self,
@@ -1636,6 +1652,24 @@ def _stop(mailbox: Mailbox, node: str) -> Stop:
     the tracker check's read): the read ends, as :meth:`Mailbox.check` does, once the part
     ended — within one SQLite progress step or sealed chunk, not after the whole read."""
     return lambda: mailbox.check(node)
+
+
+def _beside(name: str, work: Callable[[], T]) -> Future[T]:
+    """Run ``work`` on a thread of its own, beside the caller's; its outcome as a future.
+
+    The part's end (:func:`_end`, which :meth:`AggregateEngine._close` calls however the part
+    ends) wakes any wait of ``work`` on the part's mailbox or pool, so the thread ends with it.
+    """
+    future: Future[T] = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(work())
+        except BaseException as error:  # the caller's result() raises it
+            future.set_exception(error)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return future
 
 
 def _end(session: _Session, reason: str) -> None:

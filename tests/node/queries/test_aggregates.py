@@ -724,6 +724,67 @@ def test_matcher_falling_silent_mid_selection_aborts_with_nothing_released(agg: 
         client.close()
 
 
+def _answering_threads(node: str) -> list[threading.Thread]:
+    """The value holder's threads that answer a matcher's keys beside its read, joined: each
+    must end with its query's part (within the generous TIMEOUT, never by a sleep)."""
+    threads = [t for t in threading.enumerate() if t.name == f"govshare-{node}-answer"]
+    for thread in threads:
+        thread.join(TIMEOUT)
+    return [t for t in threads if t.is_alive()]
+
+
+@pytest.mark.parametrize("groups", ["values", "matcher"])
+def test_value_holder_refuses_a_small_order_point_among_the_matchers_keys(
+    agg: Agg, two_sums: Path, groups: str
+) -> None:
+    """A matcher patched to slip a small-order point into its masked keys (the last of them,
+    so the refusal names it): the value holder, which answers the keys beside its read of
+    its rows, refuses the query with that point named; nothing is released on either side,
+    the budget comes back, and the answering thread ends with the part."""
+    alice = agg.fed.identity("alice")
+    base = (
+        district_plan()
+        if groups == "values"
+        else _two_sum_plan("matcher", "income_band", ("low", "middle", "high"))
+    )
+    plan, secret = _simd_keyed(base)
+    query_id, signed = _signed(agg, plan)
+    civil, tax = agg.nodes["civil"], agg.nodes["tax"]
+    slipped: list[int] = []
+
+    def hostile(
+        peer: str, qid: str, phase: str, points: Sequence[bytes], items: Sequence[bytes]
+    ) -> None:
+        if phase == "matcher_keys":
+            points = [*points[:-1], bytes(32)]  # u = 0: X25519 gives all zeros
+            slipped.append(len(points) - 1)
+        tax.send(peer, qid, phase, points, items)
+
+    set_options(tax, EXACT, send=hostile)
+    set_options(civil, EXACT)
+    clients = {n: NodeClient.to(alice, n) for n in ("tax", "civil")}
+    try:
+        for client in clients.values():
+            assert client.submit(signed).state == "approved"
+        thread, failures = _part_in_thread(clients["tax"], query_id, secret.public_bundle())
+        with pytest.raises(MalformedInput, match=r"point \d+ has small order"):
+            clients["civil"].aggregate_run(
+                query_id, public_context=secret.public_bundle(), timeout=TIMEOUT
+            )
+        thread.join()
+    finally:
+        for name in ("tax", "civil"):
+            set_options(agg.nodes[name], EXACT)
+    assert len(slipped) == 1
+    assert_ended_cleanly(
+        civil, query_id, f"point {slipped[0]} has small order", reservation="returned"
+    )
+    assert_ended_cleanly(tax, query_id, None, errors=failures, reservation="returned")
+    assert _answering_threads("civil") == []
+    for client in clients.values():
+        client.close()
+
+
 def test_bfv_simd_selection_of_the_wrong_size_or_values_with_ciphertexts_are_refused(
     agg: Agg,
 ) -> None:
@@ -1079,6 +1140,7 @@ def test_a_key_with_too_many_rows_at_the_values_holder_is_refused_midway(
             agg.fed.identity("alice"), intersection_plan("crowded"), scheme=BFV_SIMD
         )
     assert_closed(streams)
+    assert _answering_threads("civil") == []  # its wait for tax's keys ended with the part
 
 
 def test_sql_groups_by_the_matchers_column_when_the_sums_are_the_other_tables(
