@@ -398,19 +398,24 @@ class SimdPublic:
 
     # --- value holder ---------------------------------------------------------------------
 
-    def encrypt_keys(self, rows: Sequence[Sequence[int]]) -> list[bytes]:
-        """One ciphertext per modulus holding up to ``keys_per_ciphertext`` keys' cell values."""
+    def encrypt_keys(self, rows: Sequence[Sequence[int]] | Any) -> list[bytes]:
+        """One ciphertext per modulus holding up to ``keys_per_ciphertext`` keys' cell values
+        (a list of rows, or a 2-D integer array: one row of ``cells`` values a key)."""
         shape = self.shape
         if len(rows) > shape.keys_per_ciphertext:
             raise TypeError("more keys than one ciphertext holds")
-        block, cells = shape.block, shape.cells
-        slots = [0] * SLOTS
-        for r, row in enumerate(rows):
-            if len(row) != cells:
+        table = np.zeros((shape.keys_per_ciphertext, shape.block), dtype=np.int64)
+        if len(rows):
+            try:
+                values = np.asarray(rows, dtype=np.int64)
+            except ValueError:
+                raise TypeError("one value per cell") from None
+            if values.ndim != 2 or values.shape[1] != shape.cells:
                 raise TypeError("one value per cell")
-            slots[r * block : r * block + cells] = row
+            table[: len(values), : shape.cells] = values
         # Counts and clipped sums are mostly below every modulus: then no reduction is needed.
-        reduced = min(slots) >= 0 and max(slots) < min(m.plain for m in self._moduli)
+        reduced = int(table.min()) >= 0 and int(table.max()) < min(m.plain for m in self._moduli)
+        slots = table.ravel().tolist()
         out = []
         for modulus, encryptor in zip(self._moduli, self._encryptors, strict=True):
             ciphertext = seal.Ciphertext(modulus.context)

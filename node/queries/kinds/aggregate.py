@@ -688,15 +688,16 @@ class AggregateEngine:
                 for p in range(start, min(stop, len(order)))
             ]
 
-        plaintexts: Callable[[int, int], list[Sequence[int]]]
-        if simd:
+        plaintexts: Callable[[int, int], Any]
+        if simd and not plan.sums_at_values:  # M's groups: the figures of each key, summed
+            by_place = table.cells_by_position(order)
 
-            def plaintexts(start: int, stop: int) -> list[Sequence[int]]:
-                return [table.cells(order[p]) for p in range(start, min(stop, len(order)))]
+            def plaintexts(start: int, stop: int) -> Any:
+                return by_place[start:stop]
 
         else:
 
-            def plaintexts(start: int, stop: int) -> list[Sequence[int]]:
+            def plaintexts(start: int, stop: int) -> Any:
                 return [
                     tuple(layout.pack_named({s: v for s, v in c.items() if s in layout.names})
                           for layout in layouts)
@@ -1613,6 +1614,15 @@ class _KeyValues:
         groups = np.frombuffer(self._group, dtype=np.uint16)
         values = np.frombuffer(self._values, dtype=np.int64).reshape(-1, self.figures)
         return places[sort], groups[sort], values[sort]
+
+    def cells_by_position(self, order: array.array[int]) -> Any:
+        """Every key's :meth:`cells` at its place in ``order``: an array of ``len(order)`` rows
+        of ``width`` values (for narrow cells: the figures alone, under M's groups)."""
+        places, groups, values = self.by_position(order)
+        out = np.zeros((len(order), self.width), dtype=np.int64)
+        columns = groups.astype(np.int64)[:, None] * self.figures + np.arange(self.figures)
+        np.add.at(out, (places[:, None], columns), values)
+        return out
 
     def drop_keys(self) -> None:
         self.keys, self._number = [], {}

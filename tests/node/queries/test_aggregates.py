@@ -52,7 +52,7 @@ from govshare.model.query_plan import Side
 from govshare.model.states import PENDING
 from govshare.node.node import Node
 from govshare.node.policy import approvals
-from govshare.node.queries.kinds.aggregate import AggregateEngine, AggregateOptions
+from govshare.node.queries.kinds.aggregate import AggregateEngine, AggregateOptions, _KeyValues
 from govshare.node.queries.session import Send
 from govshare.protocols import bfv_simd, dp
 from govshare.protocols.bfv_simd import SimdPublic, SimdSecretKeys
@@ -1217,3 +1217,19 @@ def test_matcher_groups_need_the_matchers_grant_of_the_group_column(
         hkana, _two_sum_plan("matcher", "income_band", ("low", "middle", "high")), scheme=BFV_SIMD
     )
     assert [g.label for g in outcome.groups] == ["low", "middle", "high"]
+
+
+def test_key_cells_by_position_sum_each_keys_rows_in_the_shuffled_order() -> None:
+    """The value holder's figures per key for M's groups (one array, in the order M sees) are
+    its rows' figures summed, as :meth:`_KeyValues.cells` gives them key by key."""
+    rng = random.Random(7)
+    for groups, figures in ((1, 2), (3, 3)):
+        table = _KeyValues(groups, figures)
+        for _ in range(500):
+            values = [1, *(rng.randrange(-5, 1000) for _ in range(figures - 1))]
+            assert table.add(f"k{rng.randrange(120)}", rng.randrange(groups), values)
+        order = table.shuffle()
+        by_place = table.cells_by_position(order)
+        assert by_place.shape == (len(table.keys), groups * figures)
+        assert by_place.tolist() == [table.cells(k) for k in order]
+        assert int(by_place[:, 0::figures].sum()) == 500  # every row counted once
