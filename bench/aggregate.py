@@ -13,6 +13,9 @@ with it, from the same run on the same cores:
   built table, all cores at once), its share of the wall time, and the ratio wall / raw;
 - the ratio wall / (raw encryptions + raw X25519 cost of the protocol's 2n + 2m scalar
   multiplications, m the matcher's filtered set), i.e. the overhead over the crypto floor;
+- under ``bfv-simd``, the raw X25519 cost of the run's scalar multiplications (libsodium's
+  batch loop, as the nodes mask, all cores at once; :func:`simd_scalar_mults` counts them) and
+  the ratio wall / raw X25519: the PSI under the sums is most of the floor;
 - peak RSS per node, its process tree summed;
 - with ``--baseline REV`` (default: the last commit before the streaming path), the same query
   on the same stores with the nodes run from that revision's code (``git archive`` into the run
@@ -73,7 +76,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import ANALYST, make_federation, node_processes, tree_peak_rss_mb
-from x25519_raw import raw_x25519_ops_per_second
+from x25519_raw import raw_native_ops_per_second, raw_x25519_ops_per_second
 
 from govshare.cli.dataset import parse_column
 from govshare.client.analyst_aggregate import (
@@ -227,6 +230,25 @@ def raw_encryptions_per_second(
 def raw_x25519_rate(n: int, workers: int) -> float:
     with ecdh_psi.make_pool(workers) as pool:
         return raw_x25519_ops_per_second(min(n, 400_000), executor=pool, workers=workers)
+
+
+def raw_native_rate(n: int, workers: int) -> float:
+    with ecdh_psi.make_pool(workers) as pool:
+        return raw_native_ops_per_second(min(n, 400_000), executor=pool, workers=workers)
+
+
+def simd_scalar_mults(
+    keys: int, m: int, expected: dict[str, tuple[int, int]], side: str
+) -> tuple[int, str]:
+    """The X25519 scalar multiplications of one bfv-simd run, and how they are counted: each
+    side's keys masked by each party (2n + 2m); with the matcher's groups, its keys once more
+    under their group's scalar, masked again by the value holder (2m more), and each matched
+    position tried under the groups' scalars in domain order until one lands (g + 1 for a key
+    of group g; counted per matched row, as ``expected`` counts them)."""
+    if side == VALUES_SIDE:
+        return 2 * keys + 2 * m, "2n + 2m"
+    trials = sum((g + 1) * expected.get(d, (0, 0))[0] for g, d in enumerate(synth.DISTRICTS))
+    return 2 * keys + 4 * m + trials, "2n + 4m + group trials"
 
 
 # --- intersection aggregate ----------------------------------------------------------------------
@@ -416,6 +438,7 @@ def run_intersection(
     print(f"\nIntersection aggregate, {n:,} x {n:,} rows, 2 node processes over mTLS, "
           f"{workers} cores; matcher's filtered set m = {m:,}, |A ∩ B| = {matched:,}")  # fmt: skip
     walls: dict[str, float] = {}
+    native_rate: list[float] = []  # measured once, when the first bfv-simd run is printed
     for scheme, side in ((scheme, side) for side in sides for scheme in schemes):
         expected = everything[side]
         wall, rss = timed_intersection(
@@ -431,6 +454,14 @@ def run_intersection(
         line("bytes sent civil; tax",
              f"{sent['civil'] / 1e6:,.1f} MB; {sent['tax'] / 1e6:,.2f} MB",
              f"analyst's keys to each node {keys_mb:.2f} MB")  # fmt: skip
+        if scheme == BFV_SIMD:
+            mults, what = simd_scalar_mults(keys, m, expected, side)
+            if not native_rate:
+                native_rate.append(raw_native_rate(mults, workers))
+            raw_x = mults / native_rate[0]
+            line(f"raw X25519 ({what} = {mults:,})", f"{raw_x:.1f} s",
+                 f"{native_rate[0]:,.0f}/s on all cores, libsodium as on the nodes")  # fmt: skip
+            line("ratio wall / raw X25519", f"{wall / raw_x:.2f}", "the rest over PSI's floor")
         if scheme == PAILLIER and side == VALUES_SIDE:
             window = WIDE_WINDOW_BITS if n >= WIDE_WINDOW_MIN_ROWS else None
             enc_rate = raw_encryptions_per_second(workers, window)
