@@ -5,6 +5,12 @@ and at an interval, the node signs a checkpoint of its log and submits it to eve
 ``Peer.Witness`` with a consistency proof from the size that peer last cosigned. Valid
 cosignatures are stored beside the checkpoint; a peer that is down or refuses is recorded in
 the log and tried again next time — never fatal to the node.
+
+A round never holds up the node's stop: :meth:`CheckpointPublisher.stop` closes the channels of
+the witness calls in flight, which end at once, asks no further peer, and waits for the thread
+a bounded time. The checkpoint stays stored with the cosignatures it had; nothing is logged as
+a witness's failure, since no witness failed, and the peers not asked are named in
+:attr:`~CheckpointPublisher.abandoned` for the node's one line at its stop.
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ log = logging.getLogger(__name__)
 
 # Seconds a peer has to answer a witness request.
 WITNESS_TIMEOUT = 5.0
+# Seconds stop() waits for the publishing thread once its calls are closed: a store write at most.
+STOP_SECONDS = 2.0
 
 
 class CheckpointPublisher:
@@ -35,15 +43,22 @@ class CheckpointPublisher:
         *,
         interval: float,
         peers: Callable[[], Sequence[Member]] | None = None,
+        witness_timeout: float = WITNESS_TIMEOUT,
     ) -> None:
         self._identity = identity
         self._audit = audit
         self._interval = interval
+        self._witness_timeout = witness_timeout
         self._peers = peers or self._roster_peers
         self._held: dict[str, int] = {}  # witness name -> size it last cosigned
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # Channels of the witness calls in flight, closed by stop().
+        self._calls: set[NodeClient] = set()
+        self._calls_lock = threading.Lock()
+        # "witnessing of checkpoint N by <peer>" for each peer a stop left unasked or cut off.
+        self.abandoned: list[str] = []
 
     @property
     def origin(self) -> str:
@@ -81,15 +96,19 @@ class CheckpointPublisher:
         if latest is None:  # checkpoint() always stores one
             raise RuntimeError("checkpoint was not stored")
         for peer in self._peers():
-            self._witness(peer, latest)
+            self._witness(peer, latest)  # after a stop: only noted as abandoned
         stored = self._audit.latest_checkpoint()
         return stored if stored is not None else latest
 
     def _witness(self, peer: Member, checkpoint: StoredCheckpoint) -> None:
         if f"\n— {peer.name} ".encode() in checkpoint.note:
             return  # already cosigned by this peer
+        client = self._call(peer)
+        if client is None:
+            self._abandon(peer, checkpoint)
+            return
         try:
-            with NodeClient(self._identity, peer, timeout=WITNESS_TIMEOUT) as client:
+            with client:
                 for _ in range(2):  # a second try when the peer holds another size
                     old = self._held.get(peer.name, 0)
                     proof = (
@@ -110,12 +129,30 @@ class CheckpointPublisher:
                         )
                         return
         except GovshareError as exc:
+            if self._stop.is_set():  # the stop closed the channel: the peer did not fail
+                self._abandon(peer, checkpoint)
+                return
             log.warning("witness %s: %s", peer.name, exc)
             self._audit.record(
                 "witness.failed",
                 {"witness": peer.name, "size": checkpoint.size, "reason": str(exc)},
                 actor=self._identity.name,
             )
+        finally:
+            with self._calls_lock:
+                self._calls.discard(client)
+
+    def _call(self, peer: Member) -> NodeClient | None:
+        """A channel to ``peer`` for one witness call, that stop() can close; None once stopped."""
+        with self._calls_lock:
+            if self._stop.is_set():
+                return None
+            client = NodeClient(self._identity, peer, timeout=self._witness_timeout)
+            self._calls.add(client)
+            return client
+
+    def _abandon(self, peer: Member, checkpoint: StoredCheckpoint) -> None:
+        self.abandoned.append(f"witnessing of checkpoint {checkpoint.size} by {peer.name}")
 
     def _run(self) -> None:
         last_size = -1
@@ -130,7 +167,16 @@ class CheckpointPublisher:
         self._thread = threading.Thread(target=self._run, name="govshare-checkpoints", daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
+    def stop(self, timeout: float = STOP_SECONDS) -> bool:
+        """End the background rounds and any round in flight, also one a query asked for:
+        close the channels of the calls in flight (they end at once), ask no further peer, and
+        wait up to ``timeout`` seconds for the thread. Whether it ended."""
+        with self._calls_lock:
+            self._stop.set()
+            calls = list(self._calls)
+        for client in calls:
+            client.close()
+        if self._thread is None:
+            return True
+        self._thread.join(timeout)
+        return not self._thread.is_alive()

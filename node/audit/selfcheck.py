@@ -65,6 +65,10 @@ log = logging.getLogger(__name__)
 # whole log in the background.
 WHOLE_AT_START_MAX = 1_000_000
 
+# Seconds stop() waits for the background check to reach its next page (a page of entries
+# hashed: well under a second, see the module docstring's rates).
+STOP_SECONDS = 2.0
+
 # Services a node with a broken log still serves: the read-only evidence, and health.
 SERVED_WHEN_BROKEN = frozenset(
     {
@@ -160,12 +164,15 @@ class LogSelfCheck:
             listener(verdict)
         self.whole_checked.set()  # after the listeners: the verdict has been acted on
 
-    def stop(self) -> None:
-        """Interrupt the background check (at its next page) and wait for it."""
+    def stop(self, timeout: float = STOP_SECONDS) -> bool:
+        """Interrupt the background check (at its next page) and wait up to ``timeout`` seconds
+        for it; whether it ended."""
         self._stop.set()
         thread = self._thread
-        if thread is not None:
-            thread.join()
+        if thread is None:
+            return True
+        thread.join(timeout)
+        return not thread.is_alive()
 
     def _mark_broken(self, damage: LogDamage) -> None:
         with self._lock:
