@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
+import sys
 from pathlib import Path
 
 import click
@@ -104,7 +106,12 @@ def serve(home: Path) -> None:
     """
     from govshare.node.api.server import serve as serve_node
 
-    serve_node(NodeConfig.load(home))
+    if serve_node(NodeConfig.load(home)):
+        # Threads still running after the bounded stop (named in the node's last lines) would
+        # hold the interpreter's exit; its stores and audit log are closed, so end without them.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def _identity_dir(home: Path) -> Path:

@@ -17,10 +17,10 @@ from pathlib import Path
 from govshare.model.crossborder import Assessment
 from govshare.model.governance import DatasetInfo, Grade, Role
 from govshare.model.identity import ROSTER, Identity, Member, Roster
-from govshare.node import compute
+from govshare.node import compute, shutdown
 from govshare.node.api.auth import Caller
 from govshare.node.audit.auditlog import AuditLog, LogBroken, LogEntry
-from govshare.node.audit.checkpointer import CheckpointPublisher
+from govshare.node.audit.checkpointer import WITNESS_TIMEOUT, CheckpointPublisher
 from govshare.node.audit.selfcheck import WHOLE_AT_START_MAX, LogSelfCheck
 from govshare.node.audit.witness import Witness, WitnessStore
 from govshare.node.config import (
@@ -55,7 +55,7 @@ from govshare.node.queries.kinds.psi import PsiKind
 from govshare.node.roster_file import RosterFile
 from govshare.node.stores.query_store import QueryStore, ledger_view
 from govshare.node.stores.retention import ResultsRetention
-from govshare.protocols.errors import MalformedInput, NotFound
+from govshare.protocols.errors import MalformedInput, NotFound, Unavailable
 from govshare.rpc.client import NodeClient
 
 # Points per Query.Run result chunk: 4096 x 32 bytes = 128 KiB messages.
@@ -86,6 +86,8 @@ class Node:
     crossborder_store: CrossBorderStore | None = None
     clock: Callable[[], float] = field(default=time.time)
     checkpoint_interval: float = DEFAULT_CHECKPOINT_INTERVAL
+    # Seconds a peer has to answer a witness request (govshare.node.audit.checkpointer).
+    witness_timeout: float = WITNESS_TIMEOUT
     protocol_timeout: float = DEFAULT_PROTOCOL_TIMEOUT
     rate_limit_per_minute: int = DEFAULT_RATE_LIMIT_PER_MINUTE
     workers: int = 0  # processes for masking; 0 = one per CPU
@@ -140,6 +142,7 @@ class Node:
         # the peer as it is (see _peer_client).
         self._peer_clients: dict[str, NodeClient] = {}
         self._peer_lock = threading.Lock()
+        self._closing = False  # set by close(): no new channel to a peer
         self.crossborder = self.crossborder_store or CrossBorderStore(self.catalogue.path)
         self.suspensions = self.suspension_store or SuspensionStore(self.catalogue.path)
         self.controls = ControlStore(self.catalogue.path)
@@ -158,8 +161,9 @@ class Node:
             actor=self.identity.name,
         )
         self.publisher = CheckpointPublisher(
-            self.identity, self.audit, interval=self.checkpoint_interval, peers=self.peers
-        )
+            self.identity, self.audit, interval=self.checkpoint_interval, peers=self.peers,
+            witness_timeout=self.witness_timeout,
+        )  # fmt: skip
         self.witness = Witness(
             self.identity, self.witness_store, audit=self.audit, clock=self.clock
         )
@@ -320,9 +324,12 @@ class Node:
 
         Raises:
             NotFound: the roster does not list ``peer``.
+            Unavailable: the node is stopping.
         """
         member = self.roster().member(peer)
         with self._peer_lock:
+            if self._closing:
+                raise Unavailable(f"node {self.name} is stopping; nothing sent to {peer}")
             held = self._peer_clients.get(peer)
             if held is not None and held.member == member and held.identity is self.identity:
                 return held
@@ -391,27 +398,57 @@ class Node:
     def name(self) -> str:
         return self.identity.name
 
-    def close(self) -> None:
-        self.gate.shutdown()
-        self.control.shutdown(wait=False, cancel_futures=True)
-        self.log_check.stop()
-        self.publisher.stop()
-        self.risk.stop()
-        self.retention.stop()
-        with self._pool_lock:
-            if self._pool is not None:
-                self._pool.shutdown(cancel_futures=True)
-                self._pool = None
+    def close(self) -> list[str]:
+        """Stop the node's work and close its stores, each wait bounded (govshare.node.shutdown).
+
+        Queries still running here are interrupted; the peer channels are closed, so sends in
+        flight end at once (no new channel opens: an abort notice not yet sent is left to the
+        peer's protocol timeout); the background services get :data:`~shutdown.STEP_SECONDS`
+        together (a witnessing round is cut off, not waited out); the process pool's running jobs
+        :data:`~shutdown.POOL_SECONDS`, then their workers are killed; the query threads
+        :data:`~shutdown.STEP_SECONDS` to log how they ended. Then the stores close; the audit
+        log's close waits for an entry being written, never cuts one.
+
+        Returns what was abandoned (nothing when every wait ended in time), for the caller's
+        one line. A second call does nothing.
+        """
         with self._peer_lock:
+            if self._closing:
+                return []  # closed already
+            self._closing = True
             clients, self._peer_clients = list(self._peer_clients.values()), {}
+        reason = f"node {self.name} is stopping"
+        self.gate.close(reason)
+        self.queries.interrupt_all(reason)
         for client in clients:
             client.close()
+        self.gate.shutdown()
+        self.control.shutdown(wait=False, cancel_futures=True)
+        services: dict[str, Callable[[], object]] = {
+            "the log check": self.log_check.stop,
+            "the checkpoint publisher": self.publisher.stop,
+            "the risk monitor": self.risk.stop,
+            "the results retention": self.retention.stop,
+        }
+        left = shutdown.within(shutdown.STEP_SECONDS, services)
+        abandoned = [f"{name} (still running after {shutdown.STEP_SECONDS:g} s)" for name in left]
+        abandoned += self.publisher.abandoned
+        with self._pool_lock:
+            pool, self._pool = self._pool, None
+        if pool is not None and (killed := shutdown.stop_pool(pool)) is not None:
+            abandoned.append(killed)
+        if not self.gate.drain(shutdown.STEP_SECONDS):
+            abandoned.append(
+                f"{self.gate.load().admitted} query run(s) still ending after "
+                f"{shutdown.STEP_SECONDS:g} s"
+            )
         self.query_store.close()
         self.audit.close()
         self.witness_store.close()
         self.suspensions.close()
         if self.home_lock is not None:
             self.home_lock.release()  # last: the home's stores are closed
+        return abandoned
 
     # --- catalogue ----------------------------------------------------------------------------
 

@@ -42,6 +42,7 @@ from govshare.node.observability.endpoint import ServiceEndpoint
 from govshare.node.observability.logs import JsonLogs, level_of, log_query_event
 from govshare.node.observability.metrics import NodeMetrics
 from govshare.node.observability.rpc_metrics import RpcMetricsInterceptor
+from govshare.node.shutdown import SERVER_MARGIN, STEP_SECONDS, joined, lingering
 from govshare.protocols.errors import Unavailable
 from govshare.rpc.tls import CHANNEL_OPTIONS, server_credentials
 from govshare.v1 import (
@@ -94,6 +95,7 @@ class RunningNode:
         metrics: NodeMetrics | None = None,
         endpoint: ServiceEndpoint | None = None,
         unsubscribe: tuple[Callable[[], None], ...] = (),
+        executor: ThreadPoolExecutor | None = None,
     ) -> None:
         self.node = node
         self.loop = loop
@@ -105,6 +107,8 @@ class RunningNode:
         self.metrics = metrics
         self.endpoint = endpoint
         self._unsubscribe = unsubscribe
+        # The loop's default executor (store and log calls), shut down with the server.
+        self.executor = executor
         self.stopping = False
         self._stopped = False
 
@@ -118,21 +122,33 @@ class RunningNode:
         """Run ``coroutine`` on the server's loop from another thread; its result."""
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
 
-    def stop(self, grace: float) -> None:
-        """Stop within about ``grace`` seconds: refuse new calls, end the queries running here
-        (each fails with nothing released and its reservation returned), let other in-flight
-        calls finish, then cancel what is left."""
+    def stop(self, grace: float) -> list[str]:
+        """Stop within ``grace`` + :data:`~govshare.node.shutdown.SERVER_MARGIN` +
+        :data:`~govshare.node.shutdown.STEP_SECONDS` seconds: refuse new calls, end the queries
+        running here (each fails with nothing released and its reservation returned), let other
+        in-flight calls finish, then cancel what is left. Returns what was abandoned: a stop
+        that did not complete in time, calls whose threads still run (they do not hold the
+        loop: their results go nowhere)."""
         if self._stopped:
-            return
+            return []
         self._stopped = True
         self.stopping = True
-        self.call(self._stop(grace))
+        abandoned: list[str] = []
+        bound = grace + SERVER_MARGIN
+        try:
+            self.call(self._stop(grace), timeout=bound)
+        except TimeoutError:
+            abandoned.append(f"the server's stop (not done after {bound:g} s)")
         self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join()
+        if joined({"loop": self.thread}, STEP_SECONDS):
+            abandoned.append(f"the server's event loop (still running after {STEP_SECONDS:g} s)")
+        if self.executor is not None:
+            self.executor.shutdown(wait=False, cancel_futures=True)
         if self.endpoint is not None:
             self.endpoint.stop()
         for unsubscribe in self._unsubscribe:
             unsubscribe()
+        return abandoned
 
     async def _stop(self, grace: float) -> None:
         await self.health.enter_graceful_shutdown()
@@ -174,9 +190,10 @@ def create_server(
             refusal=lambda: state[0].refusal() if state else "the node is starting",
         ).start()
     loop = asyncio.new_event_loop()
-    loop.set_default_executor(
-        ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=f"govshare-{node.name}")
+    executor = ThreadPoolExecutor(
+        max_workers=max_workers, thread_name_prefix=f"govshare-{node.name}"
     )
+    loop.set_default_executor(executor)
     thread = threading.Thread(
         target=loop.run_forever, name=f"govshare-{node.name}-loop", daemon=True
     )
@@ -194,7 +211,7 @@ def create_server(
     subscriptions = (node.events.subscribe(metrics.observe), node.events.subscribe(log_query_event))
     running = RunningNode(
         node, loop, thread, server, port, health_servicer,
-        metrics=metrics, endpoint=endpoint, unsubscribe=subscriptions,
+        metrics=metrics, endpoint=endpoint, unsubscribe=subscriptions, executor=executor,
     )  # fmt: skip
     state.append(running)
 
@@ -264,8 +281,13 @@ async def _start(
     return server, port, health_servicer
 
 
-def serve(config: NodeConfig, *, ready: threading.Event | None = None) -> None:
-    """Run the node until SIGTERM or SIGINT, then stop gracefully.
+def serve(config: NodeConfig, *, ready: threading.Event | None = None) -> list[str]:
+    """Run the node until SIGTERM or SIGINT, then stop gracefully, within a bounded time
+    (``govshare.node.shutdown``); what had to be abandoned is printed and logged in one line.
+
+    Returns the threads still running at the end, which would hold the interpreter's exit: the
+    caller ends the process without waiting for them (the stores, audit log included, are
+    closed by then).
 
     Prints the node's address, then the verdict of its log check at start (and, for a log
     checked in the background, that verdict when it comes). Its JSON logs
@@ -338,11 +360,22 @@ def serve(config: NodeConfig, *, ready: threading.Event | None = None) -> None:
             "node %s stopping", node.name,
             extra={"event": "node.stopping", "fields": {**fields, "grace": config.grace_seconds}},
         )  # fmt: skip
-        running.stop(config.grace_seconds)
-        node.close()
+        abandoned = running.stop(config.grace_seconds)
+        abandoned += node.close()
+        left = lingering()
+        abandoned += [f"thread {name}" for name in left]
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+    if abandoned:
+        line = f"node {node.name} stopped without waiting for: {'; '.join(abandoned)}"
+        print(line, flush=True)
+        _log.warning(
+            "%s",
+            line,
+            extra={"event": "node.abandoned", "fields": {**fields, "abandoned": abandoned}},
+        )
     print(f"node {node.name} stopped", flush=True)
     _log.info("node %s stopped", node.name, extra={"event": "node.stopped", "fields": fields})
     logs.close()
+    return left

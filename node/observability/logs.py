@@ -46,7 +46,10 @@ _queries = logging.getLogger("govshare.node.queries")
 
 
 def _plain(value: object) -> object:
-    """A JSON value for a field: ε as its exact text ("1/2"), bytes as hex."""
+    """A JSON value for a field: ε as its exact text ("1/2"), bytes as hex, a list or tuple as
+    a list of such values."""
+    if isinstance(value, list | tuple):
+        return [_plain(item) for item in value]
     if isinstance(value, Fraction):
         return str(value)
     if isinstance(value, bytes):

@@ -1,0 +1,177 @@
+"""A node's stop is bounded whatever its peers do, and names what it abandoned.
+
+The peer here is a real TCP server at the peer's roster address that accepts connections and
+never answers (not even the TLS handshake): every call to it waits out its deadline. The node's
+witnessing rounds (with a 600 s witness deadline where the node is built in this process) and
+its pool jobs (one that never ends) would hold a stop that waited for them; the tests show the
+stop returns, says what it abandoned, and leaves an audit log that verifies. Nothing waits a
+fixed time: each wait is on an event or a thread, under a generous timeout.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+
+import pytest
+from conftest import FederationFixture, build_federation, in_process_node, serve_node, stop_node
+
+from govshare.model.events import log_origin
+from govshare.node.api.server import create_server
+from govshare.node.audit.auditlog import AuditLog, StoredCheckpoint
+from govshare.node.audit.checkpointer import CheckpointPublisher
+from govshare.node.config import NodeConfig
+from govshare.node.shutdown import POOL_SECONDS
+from govshare.protocols.suite import STANDARD
+
+# Generous: the machine that runs the suite is shared and slow at times.
+TIMEOUT = 120.0
+# A witness deadline no stop may wait out.
+NEVER = 600.0
+
+
+class SilentPeer:
+    """Listens on ``address`` and accepts connections, never sending a byte."""
+
+    def __init__(self, address: str) -> None:
+        host, port = address.rsplit(":", 1)
+        self._socket = socket.create_server((host, int(port)))
+        self._held: list[socket.socket] = []
+        self.connected = threading.Event()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                connection, _ = self._socket.accept()
+            except OSError:  # closed
+                return
+            self._held.append(connection)
+            self.connected.set()
+
+    def close(self) -> None:
+        self._socket.close()
+        for connection in self._held:
+            connection.close()
+
+
+@pytest.fixture
+def shutdown_fed(tmp_path: Path) -> FederationFixture:
+    return build_federation(tmp_path, "stopfed")
+
+
+@pytest.fixture
+def civil_silent(shutdown_fed: FederationFixture) -> Iterator[SilentPeer]:
+    peer = SilentPeer(shutdown_fed.federation.roster.member("civil").address)
+    yield peer
+    peer.close()
+
+
+def wait_for(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + TIMEOUT
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {TIMEOUT:g} s waiting for {what}")
+        time.sleep(0.02)
+
+
+def in_thread(call: Callable[[], object]) -> tuple[threading.Thread, list[object]]:
+    """``call`` in a daemon thread, its return value landing in the list."""
+    out: list[object] = []
+    thread = threading.Thread(target=lambda: out.append(call()), daemon=True)
+    thread.start()
+    return thread, out
+
+
+def verified(fed: FederationFixture, name: str) -> tuple[list[str], StoredCheckpoint | None]:
+    """The kinds of ``name``'s audit log entries and its latest checkpoint, after checking the
+    log whole (entries, tree, checkpoint signatures) under the node's roster key."""
+    config = NodeConfig.load(fed.node_home(name))
+    log = AuditLog.open(config.audit_database_path, suite=STANDARD)
+    try:
+        verdict = log.check_whole(
+            fed.federation.roster.member(name).verify_key(),
+            log_origin(fed.federation.roster.federation, name),
+        )
+        kinds = [e.decode().kind for e in log.entries(0, log.size)]
+        checkpoint = log.latest_checkpoint()
+    finally:
+        log.close()
+    assert verdict.damage is None, verdict
+    return kinds, checkpoint
+
+
+def test_the_publisher_stops_while_its_round_waits_on_a_peer_that_never_answers(
+    shutdown_fed: FederationFixture, civil_silent: SilentPeer, tmp_path: Path
+) -> None:
+    tax = shutdown_fed.identity("tax")
+    civil = shutdown_fed.federation.roster.member("civil")
+    audit = AuditLog.open(tmp_path / "audit.db", suite=STANDARD)
+    audit.record("test.entry", {}, actor="tax")
+    publisher = CheckpointPublisher(
+        tax, audit, interval=0.01, peers=lambda: [civil], witness_timeout=NEVER
+    )
+    publisher.start()
+    try:
+        assert civil_silent.connected.wait(TIMEOUT), "no witness call reached the peer"
+        stopping, ended = in_thread(publisher.stop)
+        stopping.join(TIMEOUT)
+        assert not stopping.is_alive(), "stop() waited for a witness call due in 600 s"
+        assert ended == [True]
+        assert publisher.abandoned == ["witnessing of checkpoint 1 by civil"]
+        kinds = [e.decode().kind for e in audit.entries(0, audit.size)]
+        assert kinds == ["test.entry"], kinds
+    finally:
+        audit.close()
+
+
+def test_a_served_node_closes_while_a_pool_job_and_a_witness_round_never_end(
+    shutdown_fed: FederationFixture, civil_silent: SilentPeer
+) -> None:
+    node = in_process_node(
+        shutdown_fed, "tax", checkpoint_interval=0.01, witness_timeout=NEVER, workers=1
+    )
+    running = create_server(node, NodeConfig.load(shutdown_fed.node_home("tax")).listen)
+    job = node.executor().submit(signal.pause)  # a pool job that never returns
+    assert civil_silent.connected.wait(TIMEOUT), "no witness call reached the peer"
+    wait_for(job.running, "the pool job to be handed to the worker")
+
+    def stop() -> list[str]:
+        return running.stop(0) + node.close()
+
+    stopping, out = in_thread(stop)
+    stopping.join(TIMEOUT)
+    assert not stopping.is_alive(), "the stop waited for the pool job or the witness round"
+    (abandoned,) = out
+    assert isinstance(abandoned, list)
+    assert any(a.startswith("witnessing of checkpoint ") and a.endswith(" by civil")
+               for a in abandoned), abandoned  # fmt: skip
+    assert f"1 pool worker(s) still computing after {POOL_SECONDS:g} s (killed)" in abandoned
+    with pytest.raises(BrokenProcessPool):
+        job.result(TIMEOUT)
+    kinds, _ = verified(shutdown_fed, "tax")
+    assert "witness.failed" not in kinds, kinds  # a round the stop cut is no witness's failure
+
+
+def test_a_node_whose_peer_never_answers_exits_on_sigterm_with_its_log_sound(
+    shutdown_fed: FederationFixture, civil_silent: SilentPeer
+) -> None:
+    home = shutdown_fed.node_home("tax")
+    config = home / "node.toml"
+    text = config.read_text()
+    assert "checkpoint_interval = 10.0" in text
+    config.write_text(text.replace("checkpoint_interval = 10.0", "checkpoint_interval = 0.05"))
+    process = serve_node(home)
+    try:
+        assert civil_silent.connected.wait(TIMEOUT), "no witness call reached the peer"
+    finally:
+        code = stop_node(process, timeout=TIMEOUT)
+    assert code == 0
+    _, checkpoint = verified(shutdown_fed, "tax")
+    assert checkpoint is not None  # the round's checkpoint, signed before the peer was asked
