@@ -426,8 +426,8 @@ class SimdPublic:
     def encrypt_selection(self, selected: Sequence[bool]) -> list[bytes]:
         """Sums at the value holder: the matcher's selection bits of up to
         ``keys_per_ciphertext`` keys, each over its key's block, one ciphertext per modulus."""
-        cells = self.shape.cells
-        return self.encrypt_keys([[1 if s else 0] * cells for s in selected])
+        bits = np.asarray(selected, dtype=bool).reshape(-1, 1).astype(np.int64)
+        return self.encrypt_keys(np.repeat(bits, self.shape.cells, axis=1))
 
     # --- matcher --------------------------------------------------------------------------
 
@@ -455,19 +455,6 @@ class SimdPublic:
                 "not a fresh BFV ciphertext under the query's parameters", field="items"
             )
         return ciphertext
-
-    def load_any(self, data: bytes) -> Any:
-        """A fresh ciphertext under any of the query's plaintext moduli (its place unknown).
-
-        Raises:
-            MalformedInput: as :meth:`load_ciphertext`, under every modulus.
-        """
-        for index in range(self.shape.moduli - 1):
-            try:
-                return self.load_ciphertext(index, data)
-            except MalformedInput:
-                continue
-        return self.load_ciphertext(self.shape.moduli - 1, data)
 
     def accumulator(self) -> SimdSum:
         return SimdSum(self)

@@ -379,11 +379,13 @@ def test_encrypted_selection_repeats_each_bit_over_its_keys_block(
         slots = _slots(selection_keys, index, data)
         assert slots[: 4 * block] == [1] * block + [0] * block + [1] * block + [0] * block
         assert not any(slots[3 * block :])
-        # load_any finds each ciphertext's modulus, whichever place it has.
-        loaded = selection_public.load_any(data)
+        # Each loads under its own modulus, and under no other.
+        loaded = selection_public.load_ciphertext(index, data)
         assert list(loaded.parms_id()) == list(
             selection_keys.unsafe_modulus(index).context.first_parms_id()
         )
+        with pytest.raises(MalformedInput, match="parameters"):
+            selection_public.load_ciphertext((index + 1) % SELECTION.moduli, data)
     with pytest.raises(TypeError, match="more keys"):
         selection_public.encrypt_selection([True] * (SELECTION.keys_per_ciphertext + 1))
 
@@ -410,7 +412,7 @@ def test_sums_at_the_value_holder_are_exact_across_crt_moduli(
     for start in range(0, keys, per):
         items = selection_public.encrypt_selection(selected[start : start + per])  # at M
         if start == 0:  # loaded as V's transport checks them; the rest as bytes
-            items = [selection_public.load_any(c) for c in items]
+            items = [selection_public.load_ciphertext(i, c) for i, c in enumerate(items)]
         total.add_values(items, bfv_simd.value_slots(SELECTION, rows[start : start + per]))
     assert total.ciphertexts == -(-keys // per)
     noise = [(-1) ** c * (1000 * c + 7) if noisy else 0 for c in range(n)]
@@ -504,16 +506,16 @@ def test_sums_at_the_value_holder_refuse_bad_input(
         tampered = bytearray(selection[1])
         tampered[at] ^= 0x55
         with pytest.raises(MalformedInput, match="parameters"):
-            selection_public.load_any(bytes(tampered))
+            selection_public.load_ciphertext(1, bytes(tampered))
         with pytest.raises(MalformedInput, match="parameters"):
             total.add_values([selection[0], bytes(tampered)], slots)
     with pytest.raises(MalformedInput, match="parameters"):
-        selection_public.load_any(selection[0][:-10])
+        selection_public.load_ciphertext(0, selection[0][:-10])
     transparent = bfv_simd._transparent(
         selection_keys.unsafe_modulus(1), [5] * bfv_simd.POLY_DEGREE
     )
     with pytest.raises(MalformedInput, match="fresh"):
-        selection_public.load_any(transparent)
+        selection_public.load_ciphertext(1, transparent)
     (t,) = [t for t in SimdShape(1, 3).plain_moduli if t not in SELECTION.plain_moduli]
     foreign = bfv_simd._Modulus(t)
     keygen = seal.KeyGenerator(foreign.context)
@@ -524,7 +526,7 @@ def test_sums_at_the_value_holder_refuse_bad_input(
     alien = bfv_simd._Files().dump(ciphertext)
     assert alien[:2] == selection[0][:2]  # a SEAL ciphertext, only its parameters differ
     with pytest.raises(MalformedInput, match="parameters"):
-        selection_public.load_any(alien)
+        selection_public.load_ciphertext(0, alien)
     with pytest.raises(MalformedInput, match="parameters"):
         total.add_values([alien, selection[1]], slots)
 
@@ -544,7 +546,8 @@ def test_sums_at_the_value_holder_stop_at_the_noise_budget(
     assert 4 * t * (e3 + flood + e0) < q
     e3, flood = bfv_simd.noise_bounds(limit + 1, steps)
     assert 4 * t * (e3 + flood + e0) >= q
-    loaded = [bit_public.load_any(c) for c in bit_public.encrypt_selection([True, False])]
+    selection = bit_public.encrypt_selection([True, False])
+    loaded = [bit_public.load_ciphertext(i, c) for i, c in enumerate(selection)]
     values = bfv_simd.value_slots(BITS, [[3], [4]])
     zeros = bfv_simd.value_slots(BITS, [])
     for refuse_one_more in (False, True):

@@ -1419,9 +1419,9 @@ class AggregateEngine:
     def _receive_selection(
         self, session: _Session, stream: _BatchStream, index: int, count: int, chunks: Chunks
     ) -> int:
-        """One batch of M's selection at V: whole positions of ciphertexts (one per modulus),
-        each loading as a fresh ciphertext under one of the query's moduli (its place is
-        checked when it is summed)."""
+        """One batch of M's selection at V: whole positions of ciphertexts, one per modulus in
+        turn, each loading as a fresh ciphertext under its modulus (a batch starts a position,
+        so item ``j`` of the batch, across its chunks, is under modulus ``j % moduli``)."""
         simd = session.simd
         if simd is None:
             raise MalformedInput("a selection before the value holder's keys", field="phase")
@@ -1434,8 +1434,8 @@ class AggregateEngine:
             if packed:
                 raise MalformedInput("a selection batch carries no points", field="points")
             for item in chunk_items:
-                simd.load_any(item)
-            items.extend(chunk_items)
+                simd.load_ciphertext(len(items) % simd.shape.moduli, item)
+                items.append(item)
         if total < 0 or len(items) != total:
             raise MalformedInput(
                 f"a batch of {len(items)} ciphertexts announced {total}", field="items"
