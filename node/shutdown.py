@@ -8,7 +8,8 @@ step                           bound
 =============================  ===================================================================
 the server (``RunningNode``)   ``grace`` (``node.toml``, 5 s by default) + :data:`SERVER_MARGIN`
                                to refuse new calls, interrupt the queries and let calls finish;
-                               then :data:`STEP_SECONDS` for its event loop to end
+                               then :data:`STEP_SECONDS` for its event loop to end, and its
+                               HTTP endpoint's accept loop (0.5 s, its poll) if it has one
 background services            :data:`STEP_SECONDS` together (log check, checkpoint publisher,
                                risk monitor, results retention); a witnessing round is cut at
                                once: its channels are closed
@@ -19,10 +20,11 @@ threads left at exit           :data:`STEP_SECONDS`, then the process ends witho
 the JSON logs                  2 s to write what is queued (``observability.logs.CLOSE_TIMEOUT``)
 =============================  ===================================================================
 
-That is ``grace`` + 14 s: 19 s with the default grace. What was abandoned is printed and logged
-in one line (``node.abandoned``). The one wait kept whole is the audit log's own close: it waits
-for the entry being written, if any, to commit (a write is never cut in half). That is one
-SQLite transaction, longer only while another process holds the log's write lock.
+That is ``grace`` + 14.5 s: 19.5 s with the default grace. What was abandoned is printed and
+logged in one line (``node.abandoned``). The waits kept whole are the stores' own closes: the
+audit log's waits for the entry being written, if any, to commit (a write is never cut in half).
+That is one SQLite transaction, longer only while another process holds the file's write lock
+(up to ``stores.sqlite.LOCK_TIMEOUT``).
 """
 
 from __future__ import annotations

@@ -19,14 +19,34 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import pytest
-from conftest import FederationFixture, build_federation, in_process_node, serve_node, stop_node
+from conftest import (
+    PSI_EPSILON,
+    PURPOSE,
+    TAX_COLUMNS,
+    FederationFixture,
+    build_federation,
+    grant,
+    in_process_node,
+    register,
+    run_part,
+    serve_node,
+    stop_node,
+    submit_approved,
+)
 
+from govshare.examples import synth
 from govshare.model.events import log_origin
+from govshare.model.governance import QueryKind
+from govshare.model.query_plan import PsiPlan, Side
+from govshare.model.states import FAILED
 from govshare.node.api.server import create_server
 from govshare.node.audit.auditlog import AuditLog, StoredCheckpoint
 from govshare.node.audit.checkpointer import CheckpointPublisher
 from govshare.node.config import NodeConfig
+from govshare.node.node import Node
 from govshare.node.shutdown import POOL_SECONDS
+from govshare.node.stores.query_store import QueryStore
+from govshare.protocols.signed_request import sign_request
 from govshare.protocols.suite import STANDARD
 
 # Generous: the machine that runs the suite is shared and slow at times.
@@ -175,3 +195,70 @@ def test_a_node_whose_peer_never_answers_exits_on_sigterm_with_its_log_sound(
     assert code == 0
     _, checkpoint = verified(shutdown_fed, "tax")
     assert checkpoint is not None  # the round's checkpoint, signed before the peer was asked
+
+
+def set_options(home: Path, **options: str) -> None:
+    """Set ``name = value`` lines of ``home``'s node.toml (each line must be there)."""
+    config = home / "node.toml"
+    lines = config.read_text().splitlines()
+    for name, value in options.items():
+        (at,) = [i for i, line in enumerate(lines) if line.startswith(f"{name} = ")]
+        lines[at] = f"{name} = {value}"
+    config.write_text("\n".join(lines) + "\n")
+
+
+def test_a_node_stopped_mid_query_whose_peer_never_answers_logs_the_query_failed(
+    shutdown_fed: FederationFixture, civil_silent: SilentPeer, tmp_path: Path
+) -> None:
+    """tax runs its part of a PSI query and sends its set to civil, which never answers: the
+    stop cuts the send, and the query's end (failed, nothing released, the reservation
+    returned) is in tax's log before the log closes."""
+    home = shutdown_fed.node_home("tax")
+    # No witnessing round: the only call to civil is the query's. A short grace: the query's
+    # send outlives it whatever its length.
+    set_options(home, checkpoint_interval="3600.0", grace_seconds="1.0", workers="1")
+    synth.generate(tmp_path / "data", size=100, seed=5)
+    node = Node.from_home(home)
+    try:
+        register(
+            node, tmp_path / "data" / f"{synth.TAX}.csv", name="residents", columns=TAX_COLUMNS
+        )
+        grant(node, "residents", "alice", ["id_number"], [QueryKind.PSI_CARDINALITY])
+    finally:
+        node.close()
+    alice = shutdown_fed.identity("alice")
+    plan = PsiPlan(
+        kind=QueryKind.PSI_CARDINALITY, purpose=PURPOSE, epsilon=PSI_EPSILON,
+        left=Side("tax", "residents", "id_number"), right=Side("civil", "assistance", "id_number"),
+    )  # fmt: skip
+    request = sign_request(
+        alice.signing_key, analyst="alice", kind=plan.kind.value, body=plan.to_json(),
+        now=int(time.time()),
+    )  # fmt: skip
+    process = serve_node(home)
+    try:
+        query_id = submit_approved(alice, request, ["tax"])
+        part = run_part(alice, "tax", query_id, timeout=TIMEOUT)
+        assert civil_silent.connected.wait(TIMEOUT), "tax's part never sent to civil"
+    finally:
+        code = stop_node(process, timeout=TIMEOUT)
+    assert code == 0
+    part.thread.join(TIMEOUT)
+    assert not part.thread.is_alive() and len(part.errors) == 1, part.errors
+    config = NodeConfig.load(home)
+    store = QueryStore(config.database_path)
+    try:
+        assert store.get(query_id).state == FAILED
+        assert store.reservation(query_id) == "returned"
+    finally:
+        store.close()
+    log = AuditLog.open(config.audit_database_path, suite=STANDARD)
+    try:
+        entries = [e.decode() for e in log.entries_for_query(query_id)]
+    finally:
+        log.close()
+    kinds = [e.kind for e in entries]
+    assert "result.released" not in kinds and "budget.recovered" not in kinds, kinds
+    (failed,) = [e.fields for e in entries if e.kind == "query.failed"]
+    assert failed["released"] is False, failed
+    verified(shutdown_fed, "tax")
