@@ -176,10 +176,6 @@ class Figures:
             return 0
         return dp.laplace_tail_bound(max(scales.values()), failure_bits=NOISE_FAILURE_BITS)
 
-    def row_values(self, values: tuple[int, ...]) -> tuple[int, ...]:
-        """(1, clipped sums...) for one row whose SUM columns hold ``values``."""
-        return (1, *(min(max(v, 0), s.bound) for v, s in zip(values, self.sums, strict=True)))
-
     def to_json(self) -> dict[str, Any]:
         group: dict[str, Any] | None = None
         if self.group_by is not None:

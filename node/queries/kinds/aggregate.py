@@ -107,7 +107,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, Future
 from contextlib import closing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from typing import Any, Final, TypeVar
 
@@ -658,16 +658,23 @@ class AggregateEngine:
             lambda: self._answer_keys(session, query_id, plan, party, executor),
         )
         numbers = {label: i for i, label in enumerate(domain)}
+        bounds = [s.bound for s in figures.sums]
         # Closed however the read ends (a refusal below, the query's end): see _checked.
         with closing(
             self._catalogue.rows(side.dataset, columns, where=side.where, stop=stop)
         ) as rows:
-            for row in _checked(rows, session.mailbox, self.name):
-                g = numbers.get(str(row[1])) if group else 0
-                if g is None:
-                    continue  # outside the groups asked for, like a WHERE on the label
-                values = figures.row_values(tuple(int(v) for v in row[2 if group else 1 :]))
-                if not table.add(str(row[0]), g, values):
+            for chunk in _chunks(_checked(rows, session.mailbox, self.name), ROWS_PER_CHECK):
+                cut: list[Sequence[Any]] = list(zip(*chunk, strict=True))
+                groups: Sequence[int] = [0] * len(chunk)
+                if group:  # labels outside the groups asked for go, like a WHERE on the label
+                    found = [numbers.get(str(label)) for label in cut[1]]
+                    kept = [i for i, g in enumerate(found) if g is not None]
+                    if len(kept) < len(chunk):
+                        cut = [[column[i] for i in kept] for column in cut]
+                    groups = [g for g in found if g is not None]
+                sums = [list(map(int, column)) for column in cut[2 if group else 1 :]]
+                values = _figures(len(groups), sums, bounds)
+                if not table.add_rows(list(map(str, cut[0])), groups, values):
                     raise MalformedInput(
                         f"more than {MAX_ROWS_PER_KEY} rows of {side.dataset} share one join key",
                         field="values",
@@ -678,30 +685,26 @@ class AggregateEngine:
         # Shuffle once; from here on everything is in the shuffled order M sees.
         order = table.shuffle()
         own_keys = [table.keys[k].encode() for k in order]
-        table.drop_keys()
+        by_place = table.by_place(order)
+        del table
         names = [slot_name(g, f) for g, f in plan.value_cells]
 
-        def cells(start: int, stop: int) -> list[dict[str, int]]:
-            """The cells of the keys at shuffled positions ``start`` to ``stop``, by name."""
-            return [
-                {n: v for n, v in zip(names, table.cells(order[p]), strict=True) if v}
-                for p in range(start, min(stop, len(order)))
-            ]
-
         plaintexts: Callable[[int, int], Any]
-        if simd and not plan.sums_at_values:  # M's groups: the figures of each key, summed
-            by_place = table.cells_by_position(order)
+        if simd:  # under M's groups: the figures of each key, summed
 
             def plaintexts(start: int, stop: int) -> Any:
-                return by_place[start:stop]
+                return by_place.cells(start, stop)
 
         else:
 
             def plaintexts(start: int, stop: int) -> Any:
                 return [
-                    tuple(layout.pack_named({s: v for s, v in c.items() if s in layout.names})
+                    tuple(layout.pack_named({s: v for s, v in cells.items() if s in layout.names})
                           for layout in layouts)
-                    for c in cells(start, stop)
+                    for cells in (
+                        {n: v for n, v in zip(names, row, strict=True) if v}
+                        for row in by_place.cells(start, stop).tolist()
+                    )
                 ]  # fmt: skip
 
         count = len(own_keys)
@@ -769,7 +772,7 @@ class AggregateEngine:
             self._released(session, query_id, plan.matcher.node, chain.digest().hex(), count)
             return []
         del pending, own_keys
-        out = self._sum_values(session, query_id, plan, public_context, table, order)
+        out = self._sum_values(session, query_id, plan, public_context, by_place)
         return self._release(session, query_id, analyst, out)
 
     def _answer_keys(
@@ -793,14 +796,13 @@ class AggregateEngine:
         query_id: str,
         plan: IntersectionPlan,
         public_context: bytes,
-        table: _KeyValues,
-        order: array.array[int],
+        by_place: _ByPlace,
     ) -> list[bytes]:
         """Sums at the value holder: M's encrypted selection bits times V's values, per group of
         cells, folded, noised, re-randomised and flooded (``bfv_simd.SimdSum``; V adds the DP
-        noise). ``order``: V's keys in the shuffled order M saw. M's selection comes in
-        batches (``_BatchStream``: at most its window queued); each is one pool job, one job a
-        core in flight, each returning its partial sums.
+        noise). ``by_place``: V's rows by their keys' places in the order M saw. M's selection
+        comes in batches (``_BatchStream``: at most its window queued); each is one pool job, one
+        job a core in flight, each returning its partial sums.
 
         Raises:
             MalformedInput: M's selection has the wrong number of ciphertexts (the ciphertexts
@@ -810,9 +812,8 @@ class AggregateEngine:
         if simd is None or stream is None:  # pragma: no cover - _run_values loads the keys
             raise TypeError("sums at the value holder without the analyst's keys")
         shape = simd.shape
-        count, moduli, per = len(order), shape.moduli, shape.keys_per_ciphertext
+        count, moduli, per = by_place.keys, shape.moduli, shape.keys_per_ciphertext
         expected = shape.ciphertexts_for(count)
-        positions, groups, values = table.by_position(order)
         executor = session.mailbox.pool(self._executor(), self.name)
         public_keys = bfv_simd.encryption_bundle(public_context, moduli)
         cores = os.cpu_count() or 1
@@ -831,10 +832,9 @@ class AggregateEngine:
                     f"for {count} keys",
                     field="items",
                 )
-            lo, hi = (int(i) for i in np.searchsorted(positions, [first * per, taken * per]))
             args = (
-                plan.public_key, public_keys, shape, table.figures, table.width, first * per,
-                items, positions[lo:hi], groups[lo:hi], values[lo:hi],
+                plan.public_key, public_keys, shape, first * per, items,
+                by_place.between(first * per, taken * per),
             )  # fmt: skip
             if executor is None:
                 total.merge(*_simd_values_task(*args))
@@ -1524,29 +1524,20 @@ def _simd_values_task(
     fingerprint: bytes,
     bundle: bytes,
     shape: bfv_simd.SimdShape,
-    figures: int,
-    width: int,
     first: int,
     items: Sequence[bytes],
-    positions: Any,
-    groups: Any,
-    values: Any,
+    rows: _ByPlace,
 ) -> tuple[int, list[bytes]]:
     """Sums at the value holder, in a pool worker: the selection ciphertexts ``items`` (one per
-    modulus for each ``keys_per_ciphertext`` keys from shuffled position ``first`` on) times
-    V's values, as partial sums (``SimdSum.partial``). ``positions``, ``groups``, ``values``:
-    V's rows of those keys, sorted by position (:meth:`_KeyValues.by_position`)."""
+    modulus for each ``keys_per_ciphertext`` keys from shuffled place ``first`` on) times V's
+    values, as partial sums (``SimdSum.partial``). ``rows``: V's rows of those keys
+    (:meth:`_ByPlace.between`)."""
     public = _worker_simd(fingerprint, bundle, shape)
     total = public.accumulator()
     per, moduli = shape.keys_per_ciphertext, shape.moduli
     for k in range(len(items) // moduli):
         start = first + k * per
-        lo, hi = (int(i) for i in np.searchsorted(positions, [start, start + per]))
-        cells = np.zeros((per, width), dtype=np.int64)
-        at = positions[lo:hi] - start
-        base = groups[lo:hi].astype(np.int64) * figures
-        for f in range(figures):
-            np.add.at(cells, (at, base + f), values[lo:hi, f])
+        cells = rows.cells(start, start + per)
         total.add_values(items[k * moduli : (k + 1) * moduli], bfv_simd.value_slots(shape, cells))
     return total.partial()
 
@@ -1565,82 +1556,105 @@ def _simd_encrypt_task(
 
 
 class _KeyValues:
-    """The value holder's filtered rows combined per join key, in flat arrays: per row its
-    group and figure values, chained to the key's previous row; per key its first-seen number,
-    row count and last row. About 30 bytes a row and a byte and a word a key, beside the keys'
-    own strings (dropped once they are encoded in the shuffled order)."""
+    """The value holder's filtered rows, in flat arrays: per row its key's first-seen number,
+    its group and its figure values (6 + 8 x figures bytes); per key its row count. Beside
+    them the keys' own strings, until they are encoded in the shuffled order."""
 
     def __init__(self, groups: int, figures: int) -> None:
         self.figures = figures
         self.width = groups * figures
         self.keys: list[str] = []
         self._number: dict[str, int] = {}
-        self._rows = bytearray()  # per key
-        self._last = array.array("i")  # per key: its last row
-        self._previous = array.array("i")  # per row: the key's row before it (-1: none)
-        self._key = array.array("i")  # per row: its key's number
+        self._rows = np.zeros(0, dtype=np.int64)  # per key
+        self._key = array.array("i")  # per row
         self._group = array.array("H")  # per row
         self._values = array.array("q")  # per row: its figures
 
-    def add(self, key: str, group: int, values: Sequence[int]) -> bool:
-        """Add one row; False when its key already has ``MAX_ROWS_PER_KEY`` rows."""
-        number = self._number.get(key)
-        if number is None:
-            number = self._number[key] = len(self.keys)
-            self.keys.append(key)
-            self._rows.append(0)
-            self._last.append(-1)
-        if self._rows[number] >= MAX_ROWS_PER_KEY:
+    def add_rows(self, keys: Sequence[str], groups: Sequence[int], values: Any) -> bool:
+        """Add rows: their keys, groups and figures (an array of ``len(keys)`` rows of
+        ``figures`` values). False when a key would have more than ``MAX_ROWS_PER_KEY`` rows
+        (the rows are not added; the table is then for the bin)."""
+        number = self._number
+        new = [k for k in dict.fromkeys(keys) if k not in number]
+        number.update(zip(new, range(len(self.keys), len(self.keys) + len(new)), strict=True))
+        self.keys.extend(new)
+        numbers = np.fromiter(map(number.__getitem__, keys), dtype=np.int64, count=len(keys))
+        rows = np.zeros(len(self.keys), dtype=np.int64)
+        rows[: len(self._rows)] = self._rows
+        rows += np.bincount(numbers, minlength=len(self.keys))
+        if len(rows) and int(rows.max()) > MAX_ROWS_PER_KEY:
             return False
-        self._rows[number] += 1
-        self._previous.append(self._last[number])
-        self._key.append(number)
-        self._last[number] = len(self._group)
-        self._group.append(group)
-        self._values.extend(values)
+        self._rows = rows
+        self._key.frombytes(numbers.astype(np.int32).tobytes())
+        self._group.frombytes(np.asarray(groups, dtype=np.uint16).tobytes())
+        self._values.frombytes(np.ascontiguousarray(values, dtype=np.int64).tobytes())
         return True
 
     def shuffle(self) -> array.array[int]:
         """A fresh random order of the key numbers."""
         return array.array("i", ecdh_psi.random_permutation(len(self.keys)))
 
-    def by_position(self, order: array.array[int]) -> tuple[Any, Any, Any]:
-        """Every row as (its key's place in ``order``, its group, its figures): three arrays
-        sorted by place."""
+    def by_place(self, order: array.array[int]) -> _ByPlace:
+        """Every row by its key's place in ``order``."""
         where = np.empty(len(order), dtype=np.int64)
         where[np.frombuffer(order, dtype=np.int32)] = np.arange(len(order), dtype=np.int64)
         places = where[np.frombuffer(self._key, dtype=np.int32)]
         sort = np.argsort(places, kind="stable")
         groups = np.frombuffer(self._group, dtype=np.uint16)
         values = np.frombuffer(self._values, dtype=np.int64).reshape(-1, self.figures)
-        return places[sort], groups[sort], values[sort]
+        return _ByPlace(
+            places[sort], groups[sort], values[sort], self.figures, self.width, len(order)
+        )
 
-    def cells_by_position(self, order: array.array[int]) -> Any:
-        """Every key's :meth:`cells` at its place in ``order``: an array of ``len(order)`` rows
-        of ``width`` values (for narrow cells: the figures alone, under M's groups)."""
-        places, groups, values = self.by_position(order)
-        out = np.zeros((len(order), self.width), dtype=np.int64)
-        columns = groups.astype(np.int64)[:, None] * self.figures + np.arange(self.figures)
-        np.add.at(out, (places[:, None], columns), values)
+
+@dataclass(frozen=True)
+class _ByPlace:
+    """The value holder's rows sorted by their key's place in the shuffled order M sees: per
+    row its place, group and figures; ``keys`` places in all."""
+
+    places: Any
+    groups: Any
+    values: Any
+    figures: int
+    width: int
+    keys: int
+
+    def between(self, start: int, stop: int) -> _ByPlace:
+        """The rows of the keys at places ``start`` to ``stop`` (for a pool job)."""
+        lo, hi = (int(i) for i in np.searchsorted(self.places, [start, stop]))
+        return replace(
+            self, places=self.places[lo:hi], groups=self.groups[lo:hi], values=self.values[lo:hi]
+        )
+
+    def cells(self, start: int, stop: int) -> Any:
+        """The cells of the keys at places ``start`` to ``stop`` (up to ``keys``): per key its
+        rows' figures summed, group-major; an array of one row a key."""
+        lo, hi = (int(i) for i in np.searchsorted(self.places, [start, stop]))
+        out = np.zeros((max(0, min(stop, self.keys) - start), self.width), dtype=np.int64)
+        columns = self.groups[lo:hi].astype(np.int64)[:, None] * self.figures
+        columns = columns + np.arange(self.figures)
+        np.add.at(out, (self.places[lo:hi, None] - start, columns), self.values[lo:hi])
         return out
 
-    def drop_keys(self) -> None:
-        self.keys, self._number = [], {}
 
-    def cells(self, number: int) -> list[int]:
-        """Key ``number``'s cells: its rows' figures summed, group-major."""
-        out = [0] * self.width
-        figures, row = self.figures, self._last[number]
-        values = self._values
-        while row >= 0:
-            base = self._group[row] * figures
-            part = values[row * figures : (row + 1) * figures]
-            held = out[base : base + figures]
-            if any(held):
-                part = array.array("q", map(sum, zip(part, held, strict=True)))
-            out[base : base + figures] = part
-            row = self._previous[row]
-        return out
+def _figures(rows: int, sums: Sequence[Sequence[int]], bounds: Sequence[int]) -> Any:
+    """The figures of ``rows`` rows, (1, clipped sums...) each, from their SUM columns
+    (``sums``, a list a column) and the columns' bounds: an array of one row a row."""
+    out = [np.ones(rows, dtype=np.int64)]
+    for column, bound in zip(sums, bounds, strict=True):
+        try:
+            values = np.asarray(column, dtype=np.int64)
+        except OverflowError:  # beyond 64 bits: clipped one by one, then they fit
+            values = np.asarray([min(max(v, 0), bound) for v in column], dtype=np.int64)
+        out.append(np.clip(values, 0, bound))
+    return np.stack(out, axis=1)
+
+
+def _chunks(rows: Iterable[T], size: int) -> Iterator[list[T]]:
+    """``rows`` in lists of up to ``size``."""
+    iterator = iter(rows)
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk
 
 
 def _checked(rows: Iterable[T], mailbox: Mailbox, node: str) -> Iterator[T]:

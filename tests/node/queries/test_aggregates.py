@@ -1219,17 +1219,34 @@ def test_matcher_groups_need_the_matchers_grant_of_the_group_column(
     assert [g.label for g in outcome.groups] == ["low", "middle", "high"]
 
 
-def test_key_cells_by_position_sum_each_keys_rows_in_the_shuffled_order() -> None:
-    """The value holder's figures per key for M's groups (one array, in the order M sees) are
-    its rows' figures summed, as :meth:`_KeyValues.cells` gives them key by key."""
+def test_value_holders_cells_are_its_rows_figures_summed_per_key_in_the_shuffled_order() -> None:
+    """The value holder's rows, added in chunks as it reads them, come out per key at the key's
+    place in the order M sees: the key's rows' figures summed in its group's cells (counted
+    here row by row in plain Python); a key past MAX_ROWS_PER_KEY rows is refused."""
     rng = random.Random(7)
     for groups, figures in ((1, 2), (3, 3)):
         table = _KeyValues(groups, figures)
-        for _ in range(500):
-            values = [1, *(rng.randrange(-5, 1000) for _ in range(figures - 1))]
-            assert table.add(f"k{rng.randrange(120)}", rng.randrange(groups), values)
+        plain: dict[str, list[int]] = {}
+        for _ in range(5):
+            chunk = [
+                (f"k{rng.randrange(120)}", rng.randrange(groups),
+                 [1, *(rng.randrange(0, 1000) for _ in range(figures - 1))])
+                for _ in range(100)
+            ]  # fmt: skip
+            keys, labels, values = zip(*chunk, strict=True)
+            assert table.add_rows(list(keys), list(labels), values)
+            for key, g, row in chunk:
+                cells = plain.setdefault(key, [0] * groups * figures)
+                for f, v in enumerate(row):
+                    cells[g * figures + f] += v
         order = table.shuffle()
-        by_place = table.cells_by_position(order)
-        assert by_place.shape == (len(table.keys), groups * figures)
-        assert by_place.tolist() == [table.cells(k) for k in order]
-        assert int(by_place[:, 0::figures].sum()) == 500  # every row counted once
+        by_place = table.by_place(order)
+        wanted = [plain[table.keys[k]] for k in order]
+        assert by_place.cells(0, len(order)).tolist() == wanted
+        assert by_place.cells(5, 17).tolist() == wanted[5:17]
+        assert by_place.between(5, 17).cells(5, 17).tolist() == wanted[5:17]
+        assert int(by_place.cells(0, len(order))[:, 0::figures].sum()) == 500
+    crowded = _KeyValues(1, 1)
+    full = MAX_ROWS_PER_KEY
+    assert crowded.add_rows(["a"] * full, [0] * full, [[1]] * full)
+    assert not crowded.add_rows(["b", "a"], [0, 0], [[1], [1]])
