@@ -1025,19 +1025,27 @@ class AggregateEngine:
         labels: dict[str, int] = {}
         columns = [side.column, group.column]
         stop = _stop(session.mailbox, self.name)
+        shared = MalformedInput(
+            f"a join key of {side.dataset} has rows in two groups of {group.column}: the "
+            "groups must not share a key",
+            field="group_by",
+        )
         with closing(
             self._catalogue.rows(side.dataset, columns, where=side.where, stop=stop)
         ) as rows:
-            for key, label in _checked(rows, session.mailbox, self.name):
-                g = index.get(str(label))
-                if g is None:
-                    continue  # outside the groups asked for, like a WHERE on the label
-                if labels.setdefault(str(key), g) != g:
-                    raise MalformedInput(
-                        f"a join key of {side.dataset} has rows in two groups of "
-                        f"{group.column}: the groups must not share a key",
-                        field="group_by",
-                    )
+            for chunk in _chunks(_checked(rows, session.mailbox, self.name), ROWS_PER_CHECK):
+                # Labels outside the groups asked for go, like a WHERE on the label.
+                pairs = [
+                    (str(key), g)
+                    for key, label in chunk
+                    if (g := index.get(str(label))) is not None
+                ]
+                kept = dict(pairs)
+                if len(kept) < len(pairs) and any(kept[k] != g for k, g in pairs):
+                    raise shared  # a key of the chunk in two groups
+                if any(labels[k] != kept[k] for k in labels.keys() & kept.keys()):
+                    raise shared
+                labels.update(kept)
         out: list[list[bytes]] = [[] for _ in group.domain]
         for key, g in labels.items():
             out[g].append(key.encode())

@@ -52,6 +52,7 @@ from govshare.model.query_plan import Side
 from govshare.model.states import PENDING
 from govshare.node.node import Node
 from govshare.node.policy import approvals
+from govshare.node.queries.kinds import aggregate as aggregate_kind
 from govshare.node.queries.kinds.aggregate import AggregateEngine, AggregateOptions, _KeyValues
 from govshare.node.queries.session import Send
 from govshare.protocols import bfv_simd, dp
@@ -1100,9 +1101,13 @@ def assert_closed(streams: list[Generator[Any, None, None]]) -> None:
     assert [inspect.getgeneratorstate(s) for s in streams] == [inspect.GEN_CLOSED] * len(streams)
 
 
+@pytest.mark.parametrize("chunk_rows", [16, 1_000_000])
 def test_matcher_groups_that_share_a_key_are_refused(
-    agg: Agg, two_sums: Path, monkeypatch: pytest.MonkeyPatch
+    agg: Agg, two_sums: Path, monkeypatch: pytest.MonkeyPatch, chunk_rows: int
 ) -> None:
+    """``split`` repeats its first key, in another district, as its last row: in chunks far
+    apart of the matcher's read (16 rows a chunk), or in its one chunk."""
+    monkeypatch.setattr(aggregate_kind, "ROWS_PER_CHECK", chunk_rows)
     plan = replace(
         _two_sum_plan("matcher", "district", synth.DISTRICTS),
         matcher=Side("tax", "split", "id_number"),
