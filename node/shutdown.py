@@ -6,6 +6,7 @@ whatever its peers do (gone, blackholed, or accepting connections and never answ
 =============================  ===================================================================
 step                           bound
 =============================  ===================================================================
+noticing SIGTERM               ``api.server.SIGNAL_POLL`` (0.5 s): the main thread's wait is timed
 the server (``RunningNode``)   ``grace`` (``node.toml``, 5 s by default) + :data:`SERVER_MARGIN`
                                to refuse new calls, interrupt the queries and let calls finish;
                                then :data:`STEP_SECONDS` for its event loop to end, and its
@@ -16,11 +17,11 @@ background services            :data:`STEP_SECONDS` together (log check, checkpo
 the process pool               :data:`POOL_SECONDS` for running jobs, then their workers are
                                killed (they only compute: nothing of theirs is logged)
 query threads                  :data:`STEP_SECONDS` to log how they ended (``query.failed``)
-threads left at exit           :data:`STEP_SECONDS`, then the process ends without them
+threads left at exit           :data:`LINGER_SECONDS`, then the process ends without them
 the JSON logs                  2 s to write what is queued (``observability.logs.CLOSE_TIMEOUT``)
 =============================  ===================================================================
 
-That is ``grace`` + 14.5 s: 19.5 s with the default grace. What was abandoned is printed and
+That is ``grace`` + 14 s: 19 s with the default grace. What was abandoned is printed and
 logged in one line (``node.abandoned``). The waits kept whole are the stores' own closes: the
 audit log's waits for the entry being written, if any, to commit (a write is never cut in half).
 That is one SQLite transaction, longer only while another process holds the file's write lock
@@ -42,6 +43,8 @@ log = logging.getLogger(__name__)
 SERVER_MARGIN = 1.0
 # Seconds one step of a stop may take once told to end (a thread's next page, a closed channel).
 STEP_SECONDS = 2.0
+# Seconds for the threads still running once the stores are closed (they would hold the exit).
+LINGER_SECONDS = 1.0
 # Seconds running pool jobs (a chunk of X25519 or Paillier work) may take to finish.
 POOL_SECONDS = 3.0
 
@@ -95,7 +98,7 @@ def stop_pool(pool: Executor, seconds: float = POOL_SECONDS) -> str | None:
     return f"{len(running)} pool worker(s) still computing after {seconds:g} s (killed)"
 
 
-def lingering(seconds: float = STEP_SECONDS) -> list[str]:
+def lingering(seconds: float = LINGER_SECONDS) -> list[str]:
     """Wait up to ``seconds`` for the threads that would hold the interpreter's exit; the names
     of those still running then.
 

@@ -39,7 +39,7 @@ from govshare.node.audit.selfcheck import SERVED_WHEN_BROKEN
 from govshare.node.config import DEFAULT_MAX_WORKERS, NodeConfig
 from govshare.node.node import Node
 from govshare.node.observability.endpoint import ServiceEndpoint
-from govshare.node.observability.logs import JsonLogs, level_of, log_query_event
+from govshare.node.observability.logs import JsonLogs, level_of, log_query_event, say
 from govshare.node.observability.metrics import NodeMetrics
 from govshare.node.observability.rpc_metrics import RpcMetricsInterceptor
 from govshare.node.shutdown import SERVER_MARGIN, STEP_SECONDS, joined, lingering
@@ -63,6 +63,12 @@ from govshare.v1 import (
 T = TypeVar("T")
 
 _log = logging.getLogger("govshare.node")
+
+# Seconds between two looks at whether SIGTERM or SIGINT came. Python runs a signal's handler in
+# the main thread once that thread runs again; the kernel may deliver the signal to any of the
+# node's threads, and then a main thread blocked in an untimed wait is never woken: the node
+# went on serving after SIGTERM (seen on a node whose query thread was in a TLS handshake).
+SIGNAL_POLL = 0.5
 
 SERVICE_NAMES = (
     catalog_pb2.DESCRIPTOR.services_by_name["Catalog"].full_name,
@@ -354,8 +360,9 @@ def serve(config: NodeConfig, *, ready: threading.Event | None = None) -> list[s
         )  # fmt: skip
         if ready is not None:
             ready.set()
-        stop.wait()
-        print(f"node {node.name} stopping", flush=True)
+        while not stop.wait(SIGNAL_POLL):
+            pass  # the handler of a signal delivered to another thread runs here
+        say(f"node {node.name} stopping")
         _log.info(
             "node %s stopping", node.name,
             extra={"event": "node.stopping", "fields": {**fields, "grace": config.grace_seconds}},
@@ -369,13 +376,13 @@ def serve(config: NodeConfig, *, ready: threading.Event | None = None) -> list[s
             signal.signal(signum, handler)
     if abandoned:
         line = f"node {node.name} stopped without waiting for: {'; '.join(abandoned)}"
-        print(line, flush=True)
+        say(line)
         _log.warning(
             "%s",
             line,
             extra={"event": "node.abandoned", "fields": {**fields, "abandoned": abandoned}},
         )
-    print(f"node {node.name} stopped", flush=True)
+    say(f"node {node.name} stopped")
     _log.info("node %s stopped", node.name, extra={"event": "node.stopped", "fields": fields})
     logs.close()
     return left

@@ -66,6 +66,20 @@ def pipe_has_room(fd: int, size: int) -> bool:
     return unread[0] + size <= fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ) // 2
 
 
+def say(line: str) -> None:
+    """Print ``line`` for the operator on stdout, unless stdout is a pipe without room for it
+    or is gone: a stopping node must not wait on a reader that stopped reading (the JSON log
+    says the same, or counts it dropped)."""
+    data = (line + "\n").encode("utf-8")
+    try:
+        fd = sys.stdout.fileno()
+        if stat.S_ISFIFO(os.fstat(fd).st_mode) and not pipe_has_room(fd, len(data)):
+            return
+        print(line, flush=True)
+    except (OSError, ValueError):  # closed, or not a file
+        return
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per record: ``ts``, ``level``, ``event``, ``message`` and its fields.
 

@@ -10,8 +10,11 @@ fixed time: each wait is on an event or a thread, under a generous timeout.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -44,6 +47,7 @@ from govshare.node.audit.auditlog import AuditLog, StoredCheckpoint
 from govshare.node.audit.checkpointer import CheckpointPublisher
 from govshare.node.config import NodeConfig
 from govshare.node.node import Node
+from govshare.node.observability.logs import say
 from govshare.node.shutdown import POOL_SECONDS
 from govshare.node.stores.query_store import QueryStore
 from govshare.protocols.signed_request import sign_request
@@ -262,3 +266,34 @@ def test_a_node_stopped_mid_query_whose_peer_never_answers_logs_the_query_failed
     (failed,) = [e.fields for e in entries if e.kind == "query.failed"]
     assert failed["released"] is False, failed
     verified(shutdown_fed, "tax")
+
+
+def test_the_stop_lines_never_wait_on_a_stdout_pipe_nobody_reads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    with contextlib.suppress(BlockingIOError):
+        while True:  # full: a plain print would block until someone reads
+            os.write(write_end, b"x" * 4096)
+    os.set_blocking(write_end, True)  # as a node's stdout is
+    with os.fdopen(write_end, "w") as stdout:
+        monkeypatch.setattr(sys, "stdout", stdout)
+        saying, _ = in_thread(lambda: say("node tax stopped"))
+        saying.join(TIMEOUT)
+        assert not saying.is_alive(), "say() waited on the full pipe"
+    os.close(read_end)
+
+
+def test_the_stop_lines_do_not_fail_when_the_reader_of_stdout_is_gone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    stdout = os.fdopen(write_end, "w")
+    monkeypatch.setattr(sys, "stdout", stdout)
+    try:
+        say("node tax stopped")  # EPIPE (a print raises BrokenPipeError): lost, the stop goes on
+    finally:
+        with contextlib.suppress(BrokenPipeError):
+            stdout.close()  # the unwritten line is still buffered
