@@ -11,7 +11,9 @@ fixed time: each wait is on an event or a thread, under a generous timeout.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
+import platform
 import signal
 import socket
 import sys
@@ -57,6 +59,8 @@ from govshare.protocols.suite import STANDARD
 TIMEOUT = 120.0
 # A witness deadline no stop may wait out.
 NEVER = 600.0
+# tgkill(2)'s number in Linux's syscall table of each architecture.
+SYS_TGKILL = {"x86_64": 234, "aarch64": 131}[platform.machine()]
 
 
 class SilentPeer:
@@ -297,3 +301,20 @@ def test_the_stop_lines_do_not_fail_when_the_reader_of_stdout_is_gone(
     finally:
         with contextlib.suppress(BrokenPipeError):
             stdout.close()  # the unwritten line is still buffered
+
+
+def test_a_node_stops_when_sigterm_is_delivered_to_a_thread_other_than_its_main_one(
+    shutdown_fed: FederationFixture,
+) -> None:
+    """The kernel may hand a process's SIGTERM to any of its threads (tgkill picks one here, as
+    the kernel did to a query thread in a gRPC call); Python runs the handler in the main
+    thread only, so the node must not wait for the signal in an untimed wait."""
+    process = serve_node(shutdown_fed.node_home("tax"))
+    try:
+        tasks = sorted(int(t) for t in os.listdir(f"/proc/{process.pid}/task"))
+        other = next(t for t in tasks if t != process.pid)
+        libc = ctypes.CDLL(None, use_errno=True)
+        assert libc.syscall(SYS_TGKILL, process.pid, other, signal.SIGTERM) == 0
+        assert process.wait(TIMEOUT) == 0
+    finally:
+        stop_node(process, timeout=TIMEOUT)
