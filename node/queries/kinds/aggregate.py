@@ -109,6 +109,7 @@ from concurrent.futures import Executor, Future
 from contextlib import closing
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
+from functools import partial
 from typing import Any, Final, TypeVar
 
 import numpy as np
@@ -966,30 +967,43 @@ class AggregateEngine:
         chain = self._digests.suite.new_hasher()
         pairs = 0
 
+        def matched(points: list[bytes]) -> list[int]:
+            """Per point of V's, its group of M's if it matched (0 without M's groups), else
+            ``UNSELECTED``."""
+            doubled = party.mask_peer(points, workers=workers, executor=executor)
+            found = [0 if p in own else bfv_simd.UNSELECTED for p in doubled]
+            if parties:
+                # A matched position's group: the one whose scalar lands it in M's set.
+                left = [i for i, g in enumerate(found) if g == 0]
+                found = [bfv_simd.UNSELECTED] * len(points)
+                for g, group_party in enumerate(parties):
+                    if not left:
+                        break
+                    doubled = group_party.mask_peer(
+                        [points[i] for i in left], workers=workers, executor=executor
+                    )
+                    for i, point in zip(left, doubled, strict=True):
+                        if point in own:
+                            found[i] = g
+                    left = [i for i in left if found[i] == bfv_simd.UNSELECTED]
+            return found
+
         def batches() -> Iterator[tuple[list[int], list[Any]]]:
+            """Each batch's matches and items, in order; a batch is matched (on the pool)
+            while this thread sums the one before it."""
             nonlocal pairs
+            ahead: tuple[Future[list[int]], list[Any]] | None = None
             for points, items in stream.drain(
                 chain, node=self.name, peer=plan.values.node, timeout=lambda: self._timeout,
                 waiting=self._waiting,
             ):  # fmt: skip
                 pairs += len(points)
-                doubled = party.mask_peer(points, workers=workers, executor=executor)
-                found = [0 if p in own else bfv_simd.UNSELECTED for p in doubled]
-                if parties:
-                    # A matched position's group: the one whose scalar lands it in M's set.
-                    left = [i for i, g in enumerate(found) if g == 0]
-                    found = [bfv_simd.UNSELECTED] * len(points)
-                    for g, group_party in enumerate(parties):
-                        if not left:
-                            break
-                        doubled = group_party.mask_peer(
-                            [points[i] for i in left], workers=workers, executor=executor
-                        )
-                        for i, point in zip(left, doubled, strict=True):
-                            if point in own:
-                                found[i] = g
-                        left = [i for i in left if found[i] == bfv_simd.UNSELECTED]
-                yield found, items
+                batch = (_beside(f"govshare-{self.name}-match", partial(matched, points)), items)
+                if ahead is not None:
+                    yield ahead[0].result(), ahead[1]
+                ahead = batch
+            if ahead is not None:
+                yield ahead[0].result(), ahead[1]
 
         if simd is None:
             out = self._sum_paillier(plan, batches())

@@ -530,6 +530,7 @@ def test_value_holder_falling_silent_mid_stream_aborts_with_nothing_released(
         assert "result.released" not in kinds and "query.failed" in kinds
         assert node.query_store.reservation(query_id) == "returned"
     assert clients["tax"].status(query_id).state == "failed"
+    assert _side_threads("tax") == [] and _side_threads("civil") == []
     for client in clients.values():
         client.close()
 
@@ -725,10 +726,12 @@ def test_matcher_falling_silent_mid_selection_aborts_with_nothing_released(agg: 
         client.close()
 
 
-def _answering_threads(node: str) -> list[threading.Thread]:
-    """The value holder's threads that answer a matcher's keys beside its read, joined: each
+def _side_threads(node: str) -> list[threading.Thread]:
+    """The threads a part runs beside its own (the value holder answering the matcher's keys
+    while it reads, the matcher matching a batch while it sums the one before), joined: each
     must end with its query's part (within the generous TIMEOUT, never by a sleep)."""
-    threads = [t for t in threading.enumerate() if t.name == f"govshare-{node}-answer"]
+    names = {f"govshare-{node}-answer", f"govshare-{node}-match"}
+    threads = [t for t in threading.enumerate() if t.name in names]
     for thread in threads:
         thread.join(TIMEOUT)
     return [t for t in threads if t.is_alive()]
@@ -781,7 +784,7 @@ def test_value_holder_refuses_a_small_order_point_among_the_matchers_keys(
         civil, query_id, f"point {slipped[0]} has small order", reservation="returned"
     )
     assert_ended_cleanly(tax, query_id, None, errors=failures, reservation="returned")
-    assert _answering_threads("civil") == []
+    assert _side_threads("civil") == []
     for client in clients.values():
         client.close()
 
@@ -1145,7 +1148,7 @@ def test_a_key_with_too_many_rows_at_the_values_holder_is_refused_midway(
             agg.fed.identity("alice"), intersection_plan("crowded"), scheme=BFV_SIMD
         )
     assert_closed(streams)
-    assert _answering_threads("civil") == []  # its wait for tax's keys ended with the part
+    assert _side_threads("civil") == []  # its wait for tax's keys ended with the part
 
 
 def test_sql_groups_by_the_matchers_column_when_the_sums_are_the_other_tables(
