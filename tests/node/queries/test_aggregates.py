@@ -681,7 +681,6 @@ def test_bfv_simd_value_holder_refuses_a_bad_selection_and_takes_the_good_one(ag
 def test_matcher_falling_silent_mid_selection_aborts_with_nothing_released(agg: Agg) -> None:
     """Sums at the value holder: the matcher announces two selection batches, sends one and
     hangs; the value holder gives up on the second within its timeout and releases nothing."""
-    alice = agg.fed.identity("alice")
     plan, secret = _simd_keyed(district_plan())
     assert plan.sums_at_values
     query_id, signed = _signed(agg, plan)
@@ -700,30 +699,45 @@ def test_matcher_falling_silent_mid_selection_aborts_with_nothing_released(agg: 
             raise ConnectionError("matcher gone")
         tax.send(peer, qid, phase, points, items)
 
-    set_options(tax, EXACT, send=silent_after_one)
-    set_options(civil, EXACT)
-    clients = {n: NodeClient.to(alice, n) for n in ("tax", "civil")}
-    try:
-        for client in clients.values():
-            assert client.submit(signed).state == "approved"
-        thread, failures = _part_in_thread(clients["tax"], query_id, secret.public_bundle())
-        with pytest.raises(Aborted, match=r"selection batch 1 within 2 s; .*nothing released"):
-            clients["civil"].aggregate_run(
-                query_id, public_context=secret.public_bundle(), timeout=TIMEOUT
-            )
-        release.set()
-        thread.join()
-    finally:
-        release.set()
-        for name in ("tax", "civil"):
-            set_options(agg.nodes[name], EXACT)
+    failures = _civil_fails_beside_patched_tax(
+        agg, query_id, signed, secret.public_bundle(), silent_after_one,
+        Aborted, r"selection batch 1 within 2 s; .*nothing released", release=release,
+    )  # fmt: skip
     assert sent == ["selection:0:1"]
     assert_ended_cleanly(tax, query_id, None, errors=failures, reservation="returned")
     assert_ended_cleanly(
         civil, query_id, "did not send selection batch 1 within 2 s", reservation="returned"
     )
-    for client in clients.values():
-        client.close()
+
+
+def _civil_fails_beside_patched_tax(
+    agg: Agg, query_id: str, signed: bytes, bundle: bytes, send: Send,
+    error: type[Exception], match: str, *, release: threading.Event | None = None,
+) -> list[BaseException]:  # fmt: skip
+    """Submit ``query_id`` to both nodes and run it with tax's sends patched to ``send``: tax's
+    part in a thread, civil's here, which must raise ``error`` found by ``match``. Returns
+    what tax's part raised. ``release``, set once civil failed, frees a send that holds."""
+    alice = agg.fed.identity("alice")
+    set_options(agg.nodes["tax"], EXACT, send=send)
+    set_options(agg.nodes["civil"], EXACT)
+    clients = {n: NodeClient.to(alice, n) for n in ("tax", "civil")}
+    try:
+        for client in clients.values():
+            assert client.submit(signed).state == "approved"
+        thread, failures = _part_in_thread(clients["tax"], query_id, bundle)
+        with pytest.raises(error, match=match):
+            clients["civil"].aggregate_run(query_id, public_context=bundle, timeout=TIMEOUT)
+        if release is not None:
+            release.set()
+        thread.join()
+    finally:
+        if release is not None:
+            release.set()
+        for name in ("tax", "civil"):
+            set_options(agg.nodes[name], EXACT)
+        for client in clients.values():
+            client.close()
+    return failures
 
 
 def _side_threads(node: str) -> list[threading.Thread]:
@@ -745,7 +759,6 @@ def test_value_holder_refuses_a_small_order_point_among_the_matchers_keys(
     so the refusal names it): the value holder, which answers the keys beside its read of
     its rows, refuses the query with that point named; nothing is released on either side,
     the budget comes back, and the answering thread ends with the part."""
-    alice = agg.fed.identity("alice")
     base = (
         district_plan()
         if groups == "values"
@@ -764,29 +777,16 @@ def test_value_holder_refuses_a_small_order_point_among_the_matchers_keys(
             slipped.append(len(points) - 1)
         tax.send(peer, qid, phase, points, items)
 
-    set_options(tax, EXACT, send=hostile)
-    set_options(civil, EXACT)
-    clients = {n: NodeClient.to(alice, n) for n in ("tax", "civil")}
-    try:
-        for client in clients.values():
-            assert client.submit(signed).state == "approved"
-        thread, failures = _part_in_thread(clients["tax"], query_id, secret.public_bundle())
-        with pytest.raises(MalformedInput, match=r"point \d+ has small order"):
-            clients["civil"].aggregate_run(
-                query_id, public_context=secret.public_bundle(), timeout=TIMEOUT
-            )
-        thread.join()
-    finally:
-        for name in ("tax", "civil"):
-            set_options(agg.nodes[name], EXACT)
+    failures = _civil_fails_beside_patched_tax(
+        agg, query_id, signed, secret.public_bundle(), hostile,
+        MalformedInput, r"point \d+ has small order",
+    )  # fmt: skip
     assert len(slipped) == 1
     assert_ended_cleanly(
         civil, query_id, f"point {slipped[0]} has small order", reservation="returned"
     )
     assert_ended_cleanly(tax, query_id, None, errors=failures, reservation="returned")
     assert _side_threads("civil") == []
-    for client in clients.values():
-        client.close()
 
 
 def test_bfv_simd_selection_of_the_wrong_size_or_values_with_ciphertexts_are_refused(
