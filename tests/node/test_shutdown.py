@@ -1,11 +1,13 @@
 """A node's stop is bounded whatever its peers do, and names what it abandoned.
 
 The peer here is a real TCP server at the peer's roster address that accepts connections and
-never answers (not even the TLS handshake): every call to it waits out its deadline. The node's
-witnessing rounds (with a 600 s witness deadline where the node is built in this process) and
-its pool jobs (one that never ends) would hold a stop that waited for them; the tests show the
-stop returns, says what it abandoned, and leaves an audit log that verifies. Nothing waits a
-fixed time: each wait is on an event or a thread, under a generous timeout.
+never answers (not even the TLS handshake): every call to it waits out its deadline. A witnessing
+round (with a 600 s witness deadline where the node is built in this process), a query's send
+and a pool job (one that reads a FIFO nobody writes) would each hold a stop that waited for
+them; the tests show the stop returns, says what it abandoned, and leaves an audit log that
+verifies, with the interrupted query's end in it. A SIGTERM the kernel hands to a thread other
+than the main one still stops the node, and the stop's lines never wait on stdout. Nothing
+waits a fixed time: each wait is on an event, a thread or a process, under a generous timeout.
 """
 
 from __future__ import annotations
@@ -101,14 +103,6 @@ def civil_silent(shutdown_fed: FederationFixture) -> Iterator[SilentPeer]:
     peer.close()
 
 
-def wait_for(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + TIMEOUT
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {TIMEOUT:g} s waiting for {what}")
-        time.sleep(0.02)
-
-
 def in_thread(call: Callable[[], object]) -> tuple[threading.Thread, list[object]]:
     """``call`` in a daemon thread, its return value landing in the list."""
     out: list[object] = []
@@ -160,15 +154,21 @@ def test_the_publisher_stops_while_its_round_waits_on_a_peer_that_never_answers(
 
 
 def test_a_served_node_closes_while_a_pool_job_and_a_witness_round_never_end(
-    shutdown_fed: FederationFixture, civil_silent: SilentPeer
+    shutdown_fed: FederationFixture, civil_silent: SilentPeer, tmp_path: Path
 ) -> None:
     node = in_process_node(
         shutdown_fed, "tax", checkpoint_interval=0.01, witness_timeout=NEVER, workers=1
     )
     running = create_server(node, NodeConfig.load(shutdown_fed.node_home("tax")).listen)
-    job = node.executor().submit(signal.pause)  # a pool job that never returns
+    # A pool job that never returns: the worker reads a FIFO whose writer never writes. The
+    # test's open for writing returns once the worker has opened it: the job is running.
+    fifo = tmp_path / "never"
+    os.mkfifo(fifo)
+    job = node.executor().submit(fifo.read_bytes)
+    opening, writer = in_thread(lambda: os.open(fifo, os.O_WRONLY))
+    opening.join(TIMEOUT)
+    assert writer, "the pool job never started"
     assert civil_silent.connected.wait(TIMEOUT), "no witness call reached the peer"
-    wait_for(job.running, "the pool job to be handed to the worker")
 
     def stop() -> list[str]:
         return running.stop(0) + node.close()
@@ -183,6 +183,9 @@ def test_a_served_node_closes_while_a_pool_job_and_a_witness_round_never_end(
     assert f"1 pool worker(s) still computing after {POOL_SECONDS:g} s (killed)" in abandoned
     with pytest.raises(BrokenProcessPool):
         job.result(TIMEOUT)
+    (fd,) = writer
+    assert isinstance(fd, int)
+    os.close(fd)
     kinds, _ = verified(shutdown_fed, "tax")
     assert "witness.failed" not in kinds, kinds  # a round the stop cut is no witness's failure
 
