@@ -52,7 +52,7 @@ from govshare.node.audit.checkpointer import CheckpointPublisher
 from govshare.node.config import NodeConfig
 from govshare.node.node import Node
 from govshare.node.observability.logs import say
-from govshare.node.shutdown import POOL_SECONDS
+from govshare.node.shutdown import POOL_SECONDS, lingering
 from govshare.node.stores.query_store import QueryStore
 from govshare.protocols.signed_request import sign_request
 from govshare.protocols.suite import STANDARD
@@ -321,3 +321,25 @@ def test_a_node_stops_when_sigterm_is_delivered_to_a_thread_other_than_its_main_
         assert process.wait(TIMEOUT) == 0
     finally:
         stop_node(process, timeout=TIMEOUT)
+
+
+def test_lingering_names_the_threads_that_would_hold_the_interpreters_exit() -> None:
+    """Non-daemon threads and thread-pool workers (which concurrent.futures joins at exit,
+    daemon or not) are waited for and named; other daemon threads are not."""
+    release = threading.Event()
+    threads = [
+        threading.Thread(target=release.wait, name="govshare-held", daemon=False),
+        threading.Thread(target=release.wait, name="govshare-stopfed-query_0", daemon=True),
+        threading.Thread(target=release.wait, name="govshare-watch", daemon=True),
+    ]
+    for thread in threads:
+        thread.start()
+    try:
+        left = lingering(0.1)
+        assert {"govshare-held", "govshare-stopfed-query_0"} <= set(left), left
+        assert "govshare-watch" not in left, left
+    finally:
+        release.set()
+    for thread in threads:
+        thread.join(TIMEOUT)
+        assert not thread.is_alive(), thread.name
