@@ -109,7 +109,6 @@ from concurrent.futures import Executor, Future
 from contextlib import closing
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
-from functools import partial
 from typing import Any, Final, TypeVar
 
 import numpy as np
@@ -990,21 +989,13 @@ class AggregateEngine:
             return found
 
         def batches() -> Iterator[tuple[list[int], list[Any]]]:
-            """Each batch's matches and items, in order; a batch is matched (on the pool)
-            while this thread sums the one before it."""
             nonlocal pairs
-            ahead: tuple[Future[list[int]], list[Any]] | None = None
             for points, items in stream.drain(
                 chain, node=self.name, peer=plan.values.node, timeout=lambda: self._timeout,
                 waiting=self._waiting,
             ):  # fmt: skip
                 pairs += len(points)
-                batch = (_beside(f"govshare-{self.name}-match", partial(matched, points)), items)
-                if ahead is not None:
-                    yield ahead[0].result(), ahead[1]
-                ahead = batch
-            if ahead is not None:
-                yield ahead[0].result(), ahead[1]
+                yield matched(points), items
 
         if simd is None:
             out = self._sum_paillier(plan, batches())
