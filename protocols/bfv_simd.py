@@ -471,10 +471,6 @@ class SimdSum:
         self._done = False
         self._limit = max_ciphertexts(len(shape.fold_steps) + 1)
 
-    @property
-    def shape(self) -> SimdShape:
-        return self._public.shape
-
     def add(self, ciphertexts: Sequence[Any], selected: Sequence[bool | int]) -> None:
         """Add one position's ciphertexts (one per modulus; encodings, or ciphertexts that
         :meth:`SimdPublic.load_ciphertext` checked) times the selection masks.
@@ -612,15 +608,12 @@ class SimdSum:
         self,
         noise: Sequence[int],
         *,
-        groups: Sequence[int] | None = None,
         unsafe_without_flooding: bool = False,
     ) -> list[bytes]:
         """Per group, fold, add that group's ``noise`` (one value per cell; ``noise`` lists the
         groups' in turn) to every block, re-randomise, flood; group-major, then modulus.
 
-        ``groups``: these groups only, in this order (a pool worker's share of a sum
-        :meth:`merge` gave it: the flooding's width follows the whole sum's count). The
-        flooding's draws come from ``os.urandom`` (:func:`_uniform_below`);
+        The flooding's draws come from ``os.urandom`` (:func:`_uniform_below`);
         ``unsafe_without_flooding`` skips the fresh zero and the flooding (the distinguishing
         test's control: never in a node).
         """
@@ -633,8 +626,7 @@ class SimdSum:
         self._done = True
         _, flood = noise_bounds(max(self.ciphertexts, 1), len(shape.fold_steps) + 1)
         out = []
-        for group in range(shape.groups) if groups is None else groups:
-            sums = self._sums[group]
+        for group, sums in enumerate(self._sums):
             cells = noise[group * shape.cells : (group + 1) * shape.cells]
             tiled = [0] * SLOTS
             for start in range(0, SLOTS, shape.block):

@@ -210,7 +210,10 @@ def test_matcher_groups_sum_apart_and_exact_across_crt_moduli(rows: int) -> None
     public = SimdPublic.from_bundle(shape, secret.public_bundle())
     values = [[1, rng.randrange(bound)] for _ in range(rows)]
     chosen = [rng.choice([bfv_simd.UNSELECTED, *range(groups - 1)]) for _ in range(rows)]
-    total = _sum(public, values, chosen)
+    total = public.accumulator()
+    per = shape.keys_per_ciphertext
+    for start in range(0, rows, per):
+        total.add(public.encrypt_keys(values[start : start + per]), chosen[start : start + per])
     noise = [g * 10 + c for g in range(groups) for c in range(2)]
     result = total.result(noise)
     assert len(result) == groups * shape.moduli
@@ -222,30 +225,10 @@ def test_matcher_groups_sum_apart_and_exact_across_crt_moduli(rows: int) -> None
     ]
     assert got == want
     assert want[-2:] == noise[-2:]  # the last group had no key: its noise alone
-    # As a node's pool folds it: each worker merges the sums of its share of the groups and
-    # folds those alone; the shares put back in group order read the same.
-    count, parts = _sum(public, values, chosen).partial()
-    folded: dict[int, list[bytes]] = {}
-    for share in ([0, 2, 4], [1, 3]):
-        worker = SimdPublic.from_bundle(shape, secret.public_bundle()).accumulator()
-        worker.merge(count, [p if i // shape.moduli in share else b"" for i, p in enumerate(parts)])
-        out = worker.result(noise, groups=share)
-        folded.update(
-            {g: out[k * shape.moduli : (k + 1) * shape.moduli] for k, g in enumerate(share)}
-        )
-    assert secret.decrypt([c for g in range(groups) for c in folded[g]]) == want
     with pytest.raises(MalformedInput, match="per matcher group"):
         secret.decrypt(result[:-1])
     with pytest.raises(TypeError, match="group"):
         public.accumulator().add(public.encrypt_keys(values[:1]), [groups])
-
-
-def _sum(public: SimdPublic, values: list[list[int]], chosen: list[int]) -> bfv_simd.SimdSum:
-    total = public.accumulator()
-    per = public.shape.keys_per_ciphertext
-    for start in range(0, len(values), per):
-        total.add(public.encrypt_keys(values[start : start + per]), chosen[start : start + per])
-    return total
 
 
 def test_flooding_hides_which_keys_the_matcher_put_in_which_group() -> None:

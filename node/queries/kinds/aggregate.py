@@ -856,8 +856,7 @@ class AggregateEngine:
         )  # fmt: skip
         scales = plan.figures.noise_scales()
         noise = [self._noise(scales[f]) if scales else 0 for _, f in plan.value_cells]
-        noise += [0] * (shape.cells * shape.groups - len(noise))
-        return self._folded(session, plan, public_context, total, noise)
+        return total.result(noise + [0] * (shape.cells * shape.groups - len(noise)))
 
     def _encrypt_ahead(
         self,
@@ -1002,7 +1001,7 @@ class AggregateEngine:
         elif plan.sums_at_values:
             out = self._selection(simd, batches())
         else:
-            out = self._sum_simd(session, plan, public_context, simd, batches())
+            out = self._sum_simd(plan, simd, batches())
         self._keep_stats(query_id, stream.stats)
         self._step(
             session, query_id, plan.values.node, "received", VALUES, chain.digest().hex(), pairs
@@ -1134,9 +1133,7 @@ class AggregateEngine:
 
     def _sum_simd(
         self,
-        session: _Session,
         plan: IntersectionPlan,
-        public_context: bytes,
         simd: bfv_simd.SimdPublic,
         batches: Iterator[tuple[list[int], list[Any]]],
     ) -> list[bytes]:
@@ -1152,37 +1149,7 @@ class AggregateEngine:
         scales = plan.figures.noise_scales()
         # Per group of M's, its cells (figures.cells is group-major either way).
         noise = [self._noise(scales[f]) if scales else 0 for _, f in plan.figures.cells]
-        return self._folded(session, plan, public_context, total, noise)
-
-    def _folded(
-        self,
-        session: _Session,
-        plan: IntersectionPlan,
-        public_context: bytes,
-        total: bfv_simd.SimdSum,
-        noise: list[int],
-    ) -> list[bytes]:
-        """``total.result(noise)``, its groups folded on the pool: a share of the groups a core,
-        each job given the sums of its share (the fold's rotations need the Galois keys, so
-        each job carries the whole bundle)."""
-        executor = session.mailbox.pool(self._executor(), self.name)
-        shape = total.shape
-        cores = min(os.cpu_count() or 1, shape.groups)
-        if executor is None or cores < 2:
-            return total.result(noise)
-        count, parts = total.partial()
-        shares = [list(range(shape.groups))[i::cores] for i in range(cores)]
-        jobs = []
-        for share in shares:
-            mine = [p if at // shape.moduli in share else b"" for at, p in enumerate(parts)]
-            args = (plan.public_key, public_context, shape, count, mine, noise, share)
-            jobs.append(executor.submit(_simd_result_task, *args))
-        folded: dict[int, list[bytes]] = {}
-        for share, job in zip(shares, jobs, strict=True):
-            out = executor.result(job)
-            for k, group in enumerate(share):
-                folded[group] = out[k * shape.moduli : (k + 1) * shape.moduli]
-        return [c for group in range(shape.groups) for c in folded[group]]
+        return total.result(noise)
 
     def _noise(self, scale: Fraction) -> int:
         if self._options.unsafe_without_noise:
@@ -1531,7 +1498,7 @@ def _check_bundle(plan: IntersectionPlan, public_context: bytes, digests: Digest
 
 
 # Worker-process cache of the bfv-simd public keys: one query's at a time.
-_WORKER_SIMD: dict[tuple[bytes, bool], bfv_simd.SimdPublic] = {}
+_WORKER_SIMD: dict[bytes, bfv_simd.SimdPublic] = {}
 
 
 def _values_task(
@@ -1553,37 +1520,17 @@ def _no_values() -> list[bytes]:
 
 
 def _worker_simd(
-    fingerprint: bytes, bundle: bytes, shape: bfv_simd.SimdShape, *, galois: bool = False
+    fingerprint: bytes, bundle: bytes, shape: bfv_simd.SimdShape
 ) -> bfv_simd.SimdPublic:
     """The query's public keys in a pool worker, loaded once. ``bundle``: the public keys of the
-    analyst's bundle (``bfv_simd.encryption_bundle``), or with ``galois`` the whole bundle;
-    ``fingerprint``: the whole bundle's, as the signed plan names it (checked against the
-    bundle before any job); with ``galois``, the cache key."""
-    public = _WORKER_SIMD.get((fingerprint, galois))
+    analyst's bundle (``bfv_simd.encryption_bundle``); ``fingerprint``: the whole bundle's, as
+    the signed plan names it (checked against the bundle before any job), the cache key."""
+    public = _WORKER_SIMD.get(fingerprint)
     if public is None:
-        if any(key[0] != fingerprint for key in _WORKER_SIMD):
-            _WORKER_SIMD.clear()  # another query's
-        public = bfv_simd.SimdPublic.from_bundle(shape, bundle, galois=galois)
-        _WORKER_SIMD[(fingerprint, galois)] = public
+        _WORKER_SIMD.clear()
+        public = bfv_simd.SimdPublic.from_bundle(shape, bundle, galois=False)
+        _WORKER_SIMD[fingerprint] = public
     return public
-
-
-def _simd_result_task(
-    fingerprint: bytes,
-    bundle: bytes,
-    shape: bfv_simd.SimdShape,
-    count: int,
-    parts: Sequence[bytes],
-    noise: Sequence[int],
-    groups: Sequence[int],
-) -> list[bytes]:
-    """Fold, noise, re-randomise and flood ``groups`` of a sum over ``count`` positions (in a
-    pool worker): ``parts``, the sum's :meth:`SimdSum.partial` with the other groups' empty;
-    ``bundle``, the analyst's whole bundle (``fingerprint``: its digest)."""
-    public = _worker_simd(fingerprint, bundle, shape, galois=True)
-    total = public.accumulator()
-    total.merge(count, parts)
-    return total.result(noise, groups=groups)
 
 
 def _simd_values_task(
