@@ -1578,7 +1578,7 @@ class _KeyValues:
         self.width = groups * figures
         self.keys: list[str] = []
         self._number: dict[str, int] = {}
-        self._rows = np.zeros(0, dtype=np.int64)  # per key
+        self._rows = bytearray()  # per key: its rows (at most MAX_ROWS_PER_KEY)
         self._key = array.array("i")  # per row
         self._group = array.array("H")  # per row
         self._values = array.array("q")  # per row: its figures
@@ -1592,12 +1592,15 @@ class _KeyValues:
         number.update(zip(new, range(len(self.keys), len(self.keys) + len(new)), strict=True))
         self.keys.extend(new)
         numbers = np.fromiter(map(number.__getitem__, keys), dtype=np.int64, count=len(keys))
-        rows = np.zeros(len(self.keys), dtype=np.int64)
-        rows[: len(self._rows)] = self._rows
-        rows += np.bincount(numbers, minlength=len(self.keys))
-        if len(rows) and int(rows.max()) > MAX_ROWS_PER_KEY:
+        self._rows.extend(bytes(len(new)))
+        # The chunk's keys alone: their counts so far, plus the chunk's rows of each.
+        touched, added = np.unique(numbers, return_counts=True)
+        rows = np.frombuffer(self._rows, dtype=np.uint8)  # a view: released below
+        counts = rows[touched].astype(np.int64) + added
+        if len(counts) and int(counts.max()) > MAX_ROWS_PER_KEY:
             return False
-        self._rows = rows
+        rows[touched] = counts
+        del rows
         self._key.frombytes(numbers.astype(np.int32).tobytes())
         self._group.frombytes(np.asarray(groups, dtype=np.uint16).tobytes())
         self._values.frombytes(np.ascontiguousarray(values, dtype=np.int64).tobytes())
