@@ -53,7 +53,12 @@ from govshare.model.states import PENDING
 from govshare.node.node import Node
 from govshare.node.policy import approvals
 from govshare.node.queries.kinds import aggregate as aggregate_kind
-from govshare.node.queries.kinds.aggregate import AggregateEngine, AggregateOptions, _KeyValues
+from govshare.node.queries.kinds.aggregate import (
+    AggregateEngine,
+    AggregateOptions,
+    _figures,
+    _KeyValues,
+)
 from govshare.node.queries.session import Send
 from govshare.protocols import bfv_simd, dp
 from govshare.protocols.bfv_simd import SimdPublic, SimdSecretKeys
@@ -1257,3 +1262,12 @@ def test_value_holders_cells_are_its_rows_figures_summed_per_key_in_the_shuffled
     full = MAX_ROWS_PER_KEY
     assert crowded.add_rows(["a"] * full, [0] * full, [[1]] * full)
     assert not crowded.add_rows(["b", "a"], [0, 0], [[1], [1]])
+
+
+def test_row_figures_are_a_count_and_each_sum_clipped_to_its_bound() -> None:
+    """(1, clipped sums) per row, read a column at a time: below 0 gives 0, above the bound
+    gives the bound, even beyond 64 bits (clipped one by one, then stored)."""
+    huge = 1 << 80
+    got = _figures(4, [[5, -3, 900, huge], [0, 7, 8, 9]], [100, 8])
+    assert got.tolist() == [[1, 5, 0], [1, 0, 7], [1, 100, 8], [1, 100, 8]]
+    assert _figures(2, [], []).tolist() == [[1], [1]]  # COUNT alone
