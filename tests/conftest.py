@@ -71,7 +71,7 @@ settings.load_profile("govshare")
 
 
 # The last lines each node process started by serve_node printed, by pid (for stop_node).
-_SERVED_OUTPUT: dict[int, collections.deque[str]] = {}
+_SERVED_OUTPUT: dict[int, tuple[collections.deque[str], threading.Thread]] = {}
 
 
 def serve_node(home: Path) -> subprocess.Popen[str]:
@@ -88,8 +88,10 @@ def serve_node(home: Path) -> subprocess.Popen[str]:
     line = process.stdout.readline()  # blocks until the node serves (or dies)
     assert "serving on" in line, line
     # Keep reading, so that a node printing more never blocks on a full pipe; keep the tail.
-    tail = _SERVED_OUTPUT[process.pid] = collections.deque(maxlen=400)
-    threading.Thread(target=tail.extend, args=(process.stdout,), daemon=True).start()
+    tail: collections.deque[str] = collections.deque(maxlen=400)
+    reader = threading.Thread(target=tail.extend, args=(process.stdout,), daemon=True)
+    _SERVED_OUTPUT[process.pid] = (tail, reader)
+    reader.start()
     return process
 
 
@@ -104,14 +106,9 @@ def stop_node(process: subprocess.Popen[str], *, timeout: float = 60.0) -> int:
     except subprocess.TimeoutExpired:
         process.send_signal(signal.SIGABRT)
         process.wait(timeout=60.0)
-        tail = _SERVED_OUTPUT.get(process.pid)
-        deadline = time.monotonic() + 60.0
-        while (
-            tail is not None
-            and time.monotonic() < deadline
-            and not any("most recent call first" in line for line in tail)
-        ):
-            time.sleep(0.05)  # the reader thread is still taking the dump from the pipe
+        tail, reader = _SERVED_OUTPUT.get(process.pid, (None, None))
+        if reader is not None:
+            reader.join(60.0)  # it ends at the pipe's end, once it took the dump
         lines = "".join(tail or ())
         raise AssertionError(
             f"the node did not stop within {timeout:g} s of SIGTERM; its last lines:\n{lines}"
