@@ -266,11 +266,11 @@ def selection_shape(cells: int, moduli: int) -> SimdShape:
     return SimdShape(block, moduli, -(-cells // block))
 
 
-def value_slots(shape: SimdShape, rows: Sequence[Sequence[int]] | Any) -> list[list[int]]:
+def value_slots(shape: SimdShape, rows: Sequence[Sequence[int]] | Any) -> Any:
     """The value holder's plaintexts for one selection ciphertext of up to
-    ``shape.keys_per_ciphertext`` keys (a list of rows, or a 2-D integer array): per group
-    ``h``, key ``r``'s cell ``h * cells + j`` at slot ``r * block + j`` (cells past the last
-    are 0)."""
+    ``shape.keys_per_ciphertext`` keys (a list of rows, or a 2-D integer array): an array of
+    one row of :data:`SLOTS` values per group ``h``, key ``r``'s cell ``h * cells + j`` at slot
+    ``r * block + j`` (cells past the last are 0)."""
     per, cells, groups = shape.keys_per_ciphertext, shape.cells, shape.groups
     if len(rows) > per:
         raise TypeError("more keys than one ciphertext holds")
@@ -283,13 +283,10 @@ def value_slots(shape: SimdShape, rows: Sequence[Sequence[int]] | Any) -> list[l
         if values.ndim != 2 or values.shape[1] > groups * cells:
             raise TypeError("at most groups x cells values a key")
         table[: len(rows), : values.shape[1]] = values
-    planes = table.reshape(per, groups, cells)
-    out = []
-    for group in range(groups):
-        plane = np.zeros((per, shape.block), dtype=np.int64)
-        plane[:, :cells] = planes[:, group, :]
-        out.append(plane.ravel().tolist())
-    return out
+    # (key, group, cell) -> (group, key, slot of the key's block): each group's row is its plane.
+    planes = np.zeros((groups, per, shape.block), dtype=np.int64)
+    planes[:, :, :cells] = table.reshape(per, groups, cells).transpose(1, 0, 2)
+    return planes.reshape(groups, SLOTS)
 
 
 def moduli_for(max_abs_total: int) -> int:
@@ -347,10 +344,15 @@ class _Modulus:
         self.evaluator = seal.Evaluator(self.context)
         self.primes = [m.value() for m in self.context.first_context_data().parms().coeff_modulus()]
 
-    def encode(self, slots: Sequence[int], *, reduced: bool = False) -> Any:
-        """The batch encoding of ``slots`` (``reduced``: every value already in [0, t))."""
+    def encode(self, slots: Sequence[int] | Any, *, reduced: bool = False) -> Any:
+        """The batch encoding of ``slots``, a list or an integer array (``reduced``: every value
+        already in [0, t))."""
         plaintext = seal.Plaintext()
-        self.encoder.encode(list(slots) if reduced else [v % self.plain for v in slots], plaintext)
+        if isinstance(slots, np.ndarray):
+            slots = (slots if reduced else np.mod(slots, self.plain)).tolist()
+        elif not reduced:
+            slots = [v % self.plain for v in slots]
+        self.encoder.encode(slots, plaintext)
         return plaintext
 
 
@@ -488,21 +490,13 @@ class SimdSum:
                 f"at most {shape.keys_per_ciphertext} keys a ciphertext", field="selected"
             )
         loaded = self._counted(ciphertexts)
-        rows: dict[int, list[int]] = {}  # group -> the positions M put in it
-        for r, s in enumerate(selected):
-            group = _group_of(s, shape.groups)
-            if group != UNSELECTED:
-                rows.setdefault(group, []).append(r)
-        ones = [1] * shape.block
-        masks = []
-        for group, positions in sorted(rows.items()):
-            mask = [0] * SLOTS
-            for r in positions:
-                mask[r * shape.block : (r + 1) * shape.block] = ones
-            masks.append((group, mask))
+        groups = np.full(shape.keys_per_ciphertext, UNSELECTED, dtype=np.int64)
+        groups[: len(selected)] = [_group_of(s, shape.groups) for s in selected]
+        blocks = np.repeat(groups, shape.block)  # each key's group over its block of slots
+        masks = [(int(g), (blocks == g).astype(np.int64)) for g in np.unique(groups) if g >= 0]
         self._products(loaded, masks, reduced=True)  # 0 and 1
 
-    def add_values(self, ciphertexts: Sequence[Any], slots: Sequence[Sequence[int]]) -> None:
+    def add_values(self, ciphertexts: Sequence[Any], slots: Sequence[Sequence[int]] | Any) -> None:
         """Sums at the value holder: add one position's *selection* ciphertexts (the matcher's
         encrypted bits, one per modulus, loaded or as bytes) times the value holder's
         plaintexts, ``slots`` per group (:func:`value_slots`).
@@ -511,12 +505,16 @@ class SimdSum:
             MalformedInput: a bad ciphertext, the wrong count, or more positions than the
                 noise budget allows (:func:`max_ciphertexts`).
         """
-        if len(slots) != self._public.shape.groups or any(len(s) != SLOTS for s in slots):
+        try:
+            planes = np.asarray(slots, dtype=np.int64)
+        except ValueError:
+            raise TypeError("one plaintext of SLOTS values per group") from None
+        if planes.shape != (self._public.shape.groups, SLOTS):
             raise TypeError("one plaintext of SLOTS values per group")
         loaded = self._counted(ciphertexts)
-        plaintexts = [(g, s) for g, s in enumerate(slots) if any(s)]
+        plaintexts = [(g, plane) for g, plane in enumerate(planes) if plane.any()]
         least = min(m.plain for m in self._public._moduli)
-        small = all(min(s) >= 0 and max(s) < least for _, s in plaintexts)
+        small = bool(plaintexts) and int(planes.min()) >= 0 and int(planes.max()) < least
         self._products(loaded, plaintexts, reduced=small)
 
     def partial(self) -> tuple[int, list[bytes]]:
@@ -575,7 +573,7 @@ class SimdSum:
     def _products(
         self,
         loaded: Sequence[Any],
-        plaintexts: Sequence[tuple[int, Sequence[int]]],
+        plaintexts: Sequence[tuple[int, Any]],
         *,
         reduced: bool,
     ) -> None:
@@ -593,16 +591,19 @@ class SimdSum:
             evaluator = modulus.evaluator
             transformed = seal.Ciphertext(modulus.context)
             evaluator.transform_to_ntt(ciphertext, transformed)
+            product = None  # one buffer for the products added to a sum already there
             for group, slots in plaintexts:
                 plaintext = modulus.encode(slots, reduced=reduced)
                 evaluator.transform_to_ntt_inplace(plaintext, modulus.context.first_parms_id())
-                product = seal.Ciphertext(modulus.context)
-                evaluator.multiply_plain(transformed, plaintext, product)
                 sums = self._sums[group]
                 if sums[i] is None:
-                    sums[i] = product
-                else:
-                    evaluator.add_inplace(sums[i], product)
+                    sums[i] = seal.Ciphertext(modulus.context)
+                    evaluator.multiply_plain(transformed, plaintext, sums[i])
+                    continue
+                if product is None:
+                    product = seal.Ciphertext(modulus.context)
+                evaluator.multiply_plain(transformed, plaintext, product)
+                evaluator.add_inplace(sums[i], product)
 
     def result(
         self,

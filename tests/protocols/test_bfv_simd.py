@@ -337,7 +337,7 @@ def test_value_slots_put_each_keys_cells_in_its_block_of_each_group() -> None:
     shape = bfv_simd.selection_shape(SELECTION_CELLS, 1)
     block, groups, per = shape.block, shape.groups, shape.keys_per_ciphertext
     rows = [[(-1) ** c * (1000 * r + c + 1) for c in range(SELECTION_CELLS)] for r in range(3)]
-    planes = bfv_simd.value_slots(shape, rows)
+    planes = bfv_simd.value_slots(shape, rows).tolist()
     assert len(planes) == groups and all(len(p) == bfv_simd.SLOTS for p in planes)
     for h, plane in enumerate(planes):
         want = [0] * bfv_simd.SLOTS
@@ -350,10 +350,10 @@ def test_value_slots_put_each_keys_cells_in_its_block_of_each_group() -> None:
     assert planes[-1][0] == rows[0][32]
     # Block 1: key r's cell h at slot r of group h's plaintext; a short row ends in zeros.
     narrow = bfv_simd.selection_shape(5, 1)
-    planes = bfv_simd.value_slots(narrow, [[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]])
+    planes = bfv_simd.value_slots(narrow, [[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]]).tolist()
     assert [p[:3] for p in planes] == [[1, 6, 0], [2, 7, 0], [3, 8, 0], [4, 9, 0], [5, 10, 0]]
-    assert [p[0] for p in bfv_simd.value_slots(narrow, [[7, 8]])] == [7, 8, 0, 0, 0]
-    assert bfv_simd.value_slots(narrow, []) == [[0] * bfv_simd.SLOTS] * 5
+    assert [p[0] for p in bfv_simd.value_slots(narrow, [[7, 8]]).tolist()] == [7, 8, 0, 0, 0]
+    assert bfv_simd.value_slots(narrow, []).tolist() == [[0] * bfv_simd.SLOTS] * 5
     with pytest.raises(TypeError, match="more keys"):
         bfv_simd.value_slots(shape, [[1] * SELECTION_CELLS] * (per + 1))
     with pytest.raises(TypeError, match="values a key"):
