@@ -4,20 +4,20 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 TYPECHECK := $(VENV)/typecheck/govshare
 
-.PHONY: demo test lint typecheck pytest browser systemd libsodium postgresql secretflow protos bench clean
+.PHONY: demo test lint typecheck pytest browser systemd libcrypto postgresql secretflow protos bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
 # Runtime install (what `make demo` needs). setup.py builds ECDH-PSI's native batch path
-# (protocols/x25519_batch.c) against libsodium when its headers are there (see `libsodium`).
-$(VENV)/.installed: pyproject.toml setup.py protocols/x25519_batch.c protocols/x25519_batch_build.py | $(BIN)/python libsodium
+# (protocols/x25519_batch.c) against OpenSSL's libcrypto when its headers are there (see `libcrypto`).
+$(VENV)/.installed: pyproject.toml setup.py protocols/x25519_batch.c protocols/x25519_batch_build.py | $(BIN)/python libcrypto
 	$(BIN)/pip install -q -e .
 	touch $@
 
 # Development install: runtime plus lint, type checks, tests.
-$(VENV)/.installed-dev: pyproject.toml setup.py protocols/x25519_batch.c protocols/x25519_batch_build.py | $(BIN)/python libsodium
+$(VENV)/.installed-dev: pyproject.toml setup.py protocols/x25519_batch.c protocols/x25519_batch_build.py | $(BIN)/python libcrypto
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(VENV)/.installed $@
 
@@ -37,7 +37,7 @@ typecheck: $(VENV)/.installed-dev
 	$(BIN)/mypy -p govshare
 	$(BIN)/mypy tests bench
 
-pytest: $(VENV)/.installed-dev browser systemd libsodium postgresql secretflow
+pytest: $(VENV)/.installed-dev browser systemd libcrypto postgresql secretflow
 	$(BIN)/pytest --durations=25  # the slowest tests: make test stays within ~15 min
 
 # Membership's RR22 engine (node/queries/engines/rr22.py) runs SecretFlow's libpsi (spu,
@@ -86,20 +86,21 @@ systemd:
 	fi
 
 # ECDH-PSI's native batch path (protocols/x25519_batch.c, built by setup.py with cffi) links
-# libsodium: Debian's libsodium-dev, installed here when missing (as root, with apt-get). Without
-# it the install still succeeds and PSI masks point by point (a warning says so at run time);
-# tests/protocols/test_x25519_batch.py then fails, as it needs the native path.
-SODIUM_H := /usr/include/sodium.h
-libsodium:
-	@if [ ! -f $(SODIUM_H) ]; then \
+# OpenSSL 3's libcrypto: its headers are Debian's libssl-dev, installed here when missing (as
+# root, with apt-get). Without them the install still succeeds and PSI masks point by point (a
+# warning says so at run time); tests/protocols/test_x25519_batch.py then fails, as it needs
+# the native path.
+OPENSSL_H := /usr/include/openssl/evp.h
+libcrypto:
+	@if [ ! -f $(OPENSSL_H) ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    echo "installing libsodium-dev for ECDH-PSI's native batch path (apt-get)"; \
+	    echo "installing libssl-dev for ECDH-PSI's native batch path (apt-get)"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-	      --no-install-recommends libsodium-dev >/dev/null \
-	      || { echo "make: apt-get could not install libsodium-dev" >&2; exit 1; }; \
+	      --no-install-recommends libssl-dev >/dev/null \
+	      || { echo "make: apt-get could not install libssl-dev" >&2; exit 1; }; \
 	  else \
-	    echo "make: warning: $(SODIUM_H) is missing (Debian's libsodium-dev): PSI will mask" \
-	      "point by point, and make pytest fails; run 'sudo apt-get install libsodium-dev'," \
+	    echo "make: warning: $(OPENSSL_H) is missing (Debian's libssl-dev): PSI will mask" \
+	      "point by point, and make pytest fails; run 'sudo apt-get install libssl-dev'," \
 	      "then 'rm $(VENV)/.installed*' and make again" >&2; \
 	  fi; \
 	fi

@@ -1,5 +1,5 @@
-"""Builds the optional native batch path of ECDH-PSI (protocols/x25519_batch.c over libsodium)
-with cffi; everything else about the package is in pyproject.toml."""
+"""Builds the optional native batch path of ECDH-PSI (protocols/x25519_batch.c over OpenSSL's
+libcrypto) with cffi; everything else about the package is in pyproject.toml."""
 
 from setuptools import setup
 

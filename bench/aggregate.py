@@ -13,9 +13,9 @@ with it, from the same run on the same cores:
   built table, all cores at once), its share of the wall time, and the ratio wall / raw;
 - the ratio wall / (raw encryptions + raw X25519 cost of the protocol's 2n + 2m scalar
   multiplications, m the matcher's filtered set), i.e. the overhead over the crypto floor;
-- under ``bfv-simd``, the raw X25519 cost of the run's scalar multiplications (libsodium's
-  batch loop, as the nodes mask, all cores at once; :func:`simd_scalar_mults` counts them) and
-  the ratio wall / raw X25519: the PSI under the sums is most of the floor;
+- under ``bfv-simd``, the raw X25519 cost of the run's scalar multiplications (the native
+  batch loop over OpenSSL, as the nodes mask, all cores at once; :func:`simd_scalar_mults`
+  counts them) and the ratio wall / raw X25519: the PSI under the sums is most of the floor;
 - peak RSS per node, its process tree summed;
 - with ``--baseline REV`` (default: the last commit before the streaming path), the same query
   on the same stores with the nodes run from that revision's code (``git archive`` into the run
@@ -460,7 +460,7 @@ def run_intersection(
                 native_rate.append(raw_native_rate(mults, workers))
             raw_x = mults / native_rate[0]
             line(f"raw X25519 ({what} = {mults:,})", f"{raw_x:.1f} s",
-                 f"{native_rate[0]:,.0f}/s on all cores, libsodium as on the nodes")  # fmt: skip
+                 f"{native_rate[0]:,.0f}/s on all cores, batch loop as on the nodes")  # fmt: skip
             line("ratio wall / raw X25519", f"{wall / raw_x:.2f}", "the rest over PSI's floor")
         if scheme == PAILLIER and side == VALUES_SIDE:
             window = WIDE_WINDOW_BITS if n >= WIDE_WINDOW_MIN_ROWS else None

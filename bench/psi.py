@@ -4,7 +4,7 @@ For each size n, generates n rows per department (tax, civil), registers them in
 store, starts both nodes as separate processes, and times one PSI-cardinality query end to end
 through the analyst client (sign, submit, policy, masking on all cores, exchange, counting,
 receipt). It does so once per masking path on the same data — ``batched`` (the native batch
-loop over libsodium, the default) and ``pointwise`` (pyca/cryptography point by point, the
+loop over OpenSSL, the default) and ``pointwise`` (pyca/cryptography point by point, the
 fallback; the nodes run with ``GOVSHARE_X25519_BATCH=off``) — and prints the ratio of the two.
 Printed with each, from the same run on the same cores:
 
@@ -13,8 +13,8 @@ Printed with each, from the same run on the same cores:
   figure other work on the machine disturbs less than the wall time;
 - peak RSS per node, its process tree (the node and its masking workers) summed;
 - the ratio of the wall time to the raw cost of the protocol's 4n X25519 scalar
-  multiplications on the path's own library (libsodium's batch loop, or OpenSSL), measured by
-  ``bench/x25519_raw.py``'s worker loops on all cores;
+  multiplications on the path's own loop (the native batch loop, or pyca/cryptography's calls;
+  OpenSSL under both), measured by ``bench/x25519_raw.py``'s worker loops on all cores;
 - on the batched path, the DP PSI-CA overhead: the noised query (ε 1, shared and private dummy
   keys, the dummies' extra message) timed against the exact release of the same query on the
   same running nodes (approved by both operators), after a warm-up query. Target: <= 1.05 x.
@@ -485,8 +485,8 @@ def main() -> None:
             print(f"{n:>12,} batched vs point by point: wall {fast['wall']:.1f} s vs "
                   f"{slow['wall']:.1f} s ({slow['wall'] / fast['wall']:.2f} x faster); node CPU "
                   f"{fast['cpu']:.1f} s vs {slow['cpu']:.1f} s "
-                  f"({slow['cpu'] / fast['cpu']:.2f} x less); raw X25519 libsodium "
-                  f"{raw_rates['batched']:,.0f}/s vs OpenSSL {raw_rates['pointwise']:,.0f}/s",
+                  f"({slow['cpu'] / fast['cpu']:.2f} x less); raw X25519 batch loop "
+                  f"{raw_rates['batched']:,.0f}/s vs pyca {raw_rates['pointwise']:,.0f}/s",
                   flush=True)  # fmt: skip
         if anchor is not None:
             ours = rows[paths[0]]

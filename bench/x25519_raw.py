@@ -3,7 +3,7 @@
 DESIGN.md asks PSI to cost at most 1.3 x "the raw X25519 cost of its scalar multiplications
 measured in the same run". This script measures that raw cost twice — OpenSSL through
 pyca/cryptography (``exchange`` calls on key objects built before the clock starts) and
-libsodium through the native batch loop (``x25519_batch.mask_batch`` over prebuilt packed
+OpenSSL through the native batch loop (``x25519_batch.mask_batch`` over prebuilt packed
 chunks), one loop per core, timed inside each worker — and, in the same run, what
 :func:`govshare.protocols.ecdh_psi.mask_many` and ``hash_and_mask_many`` achieve through a
 process pool on the batch path, against the point-by-point path (``mask_chunk_pointwise``,
@@ -51,7 +51,7 @@ def _raw_worker(count: int, clock: Callable[[], float] = time.perf_counter) -> t
 def _raw_native_worker(
     count: int, clock: Callable[[], float] = time.perf_counter
 ) -> tuple[int, float]:
-    """Time ``count`` libsodium scalar multiplications through the batch loop, over prebuilt
+    """Time ``count`` OpenSSL scalar multiplications through the native batch loop, over prebuilt
     packed chunks of the protocol's chunk size; returns (count, seconds)."""
     scalar = ecdh_psi.generate_scalar()
     packed = b"".join(_bench_points(count))
@@ -85,7 +85,7 @@ def raw_x25519_ops_per_second(n: int, *, executor: Executor | None, workers: int
 
 
 def raw_native_ops_per_second(n: int, *, executor: Executor | None, workers: int) -> float:
-    """libsodium scalar multiplications per second through the batch loop, measured like
+    """OpenSSL scalar multiplications per second through the native batch loop, measured like
     :func:`raw_x25519_ops_per_second`.
 
     Raises:
@@ -140,14 +140,14 @@ def main() -> None:
     # Each round measures raw and protocol back to back, so a machine shared with other work
     # slows both alike; the ratio of each round is reported, and its median.
     rows: dict[str, list[float]] = {
-        "raw OpenSSL 1 core": [],
-        "raw libsodium 1 core": [],
+        "raw pyca 1 core": [],
+        "raw batch loop 1 core": [],
         "mask_many 1 core": [],
         "mask pointwise 1 core": [],
         "hash+mask batched 1 core": [],
         "hash+mask pointwise 1 core": [],
-        "raw OpenSSL pool": [],
-        "raw libsodium pool": [],
+        "raw pyca pool": [],
+        "raw batch loop pool": [],
         "mask_many pool": [],
         "mask pointwise pool": [],
         "hash_and_mask_many pool": [],
@@ -159,9 +159,9 @@ def main() -> None:
             # One core in this process, timed in CPU seconds: steadier than the wall clock
             # where other work shares the machine.
             count, seconds = _raw_worker(single_n, time.process_time)
-            rows["raw OpenSSL 1 core"].append(count / seconds)
+            rows["raw pyca 1 core"].append(count / seconds)
             count, seconds = _raw_native_worker(single_n, time.process_time)
-            rows["raw libsodium 1 core"].append(count / seconds)
+            rows["raw batch loop 1 core"].append(count / seconds)
             start = time.process_time()
             ecdh_psi.mask_many(scalar, points[:single_n], workers=1)
             rows["mask_many 1 core"].append(single_n / (time.process_time() - start))
@@ -174,10 +174,10 @@ def main() -> None:
             start = time.process_time()
             ecdh_psi.hash_and_mask_chunk_pointwise(scalar, query_id, keys[:single_n])
             rows["hash+mask pointwise 1 core"].append(single_n / (time.process_time() - start))
-            rows["raw OpenSSL pool"].append(
+            rows["raw pyca pool"].append(
                 raw_x25519_ops_per_second(n, executor=pool, workers=workers)
             )
-            rows["raw libsodium pool"].append(
+            rows["raw batch loop pool"].append(
                 raw_native_ops_per_second(n, executor=pool, workers=workers)
             )
             start = time.perf_counter()
@@ -207,33 +207,33 @@ def main() -> None:
             "hash+mask batched 1 core",
             "hash+mask pointwise 1 core",
         ),
-        ("libsodium / OpenSSL, raw, 1 core", "raw libsodium 1 core", "raw OpenSSL 1 core"),
+        ("batch loop / pyca, raw, 1 core", "raw batch loop 1 core", "raw pyca 1 core"),
         ("batched / pointwise, mask, pool", "mask_many pool", "mask pointwise pool"),
         (
             "batched / pointwise, hash+mask, pool",
             "hash_and_mask_many pool",
             "hash+mask pointwise pool",
         ),
-        ("libsodium / OpenSSL, raw, pool", "raw libsodium pool", "raw OpenSSL pool"),
+        ("batch loop / pyca, raw, pool", "raw batch loop pool", "raw pyca pool"),
     ):
         ratios = [f / s for f, s in zip(rows[fast], rows[slow], strict=True)]
         shown = " ".join(f"{x:.3f}" for x in ratios)
         print(f"speed-up {label:<38} median {statistics.median(ratios):.3f}  rounds: {shown}")
     for label, protocol, raw in (
-        ("mask_many / raw libsodium, pool", "mask_many pool", "raw libsodium pool"),
+        ("mask_many / raw batch loop, pool", "mask_many pool", "raw batch loop pool"),
         (
-            "hash_and_mask_many / raw libsodium, pool",
+            "hash_and_mask_many / raw batch loop, pool",
             "hash_and_mask_many pool",
-            "raw libsodium pool",
+            "raw batch loop pool",
         ),
-        ("mask pointwise / raw OpenSSL, pool", "mask pointwise pool", "raw OpenSSL pool"),
+        ("mask pointwise / raw pyca, pool", "mask pointwise pool", "raw pyca pool"),
     ):
         ratios = [r / p for r, p in zip(rows[raw], rows[protocol], strict=True)]
         shown = " ".join(f"{x:.3f}" for x in ratios)
         print(f"cost ratio {label:<42} median {statistics.median(ratios):.3f}  rounds: {shown}")
-    best = max(rows["raw libsodium pool"])
+    best = max(rows["raw batch loop pool"])
     print(
-        "4,000,000 raw multiplications (1M x 1M PSI) at best libsodium pool rate: "
+        "4,000,000 raw multiplications (1M x 1M PSI) at the best batch loop pool rate: "
         f"{4e6 / best:.1f} s"
     )
 

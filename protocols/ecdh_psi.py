@@ -149,16 +149,16 @@ processes). Pools use the ``forkserver`` start method, because forking a process
 threads is unsafe.
 
 Batch path: :func:`mask_chunk` and :func:`hash_and_mask_chunk` hand a whole chunk to
-:mod:`govshare.protocols.x25519_batch`, a native loop over libsodium's X25519 and SHA-256 built
+:mod:`govshare.protocols.x25519_batch`, a native loop over OpenSSL's X25519 and SHA-256 built
 with cffi at install time: packed bytes in, packed bytes out, no Python object per point. It
 computes the same function as the point-by-point path through pyca/cryptography
 (:func:`mask_chunk_pointwise`, :func:`hash_and_mask_chunk_pointwise`), byte for byte, with the
 same refusals and messages (the tests compare them on random and edge inputs), so who learns
 what above is unchanged: the same party computes the same points in its own process. Where the
 extension is missing, the point-by-point path runs and warns once per process;
-``GOVSHARE_X25519_BATCH=off`` forces it. Here (2 cores, CPU time per core) the batch path masks
-about 28,000 points per second against about 24,500 point by point: libsodium's ladder costs
-about what OpenSSL's does, and the gain is the per-point Python work (``bench/x25519_raw.py``).
+``GOVSHARE_X25519_BATCH=off`` forces it. Here (2 cores, one core's CPU time) the batch path
+masks about 35,200 points per second against about 32,900 point by point: the same ladder, and
+the gain is the per-point Python work (``bench/x25519_raw.py``).
 
 Pure: this module imports no transport or storage code.
 """

@@ -1,8 +1,9 @@
 """cffi builder of ``govshare.protocols.x25519_batch_native`` (the batch loops of
-``x25519_batch.c`` over libsodium), run by setup.py at install time (``cffi_modules``).
+``x25519_batch.c`` over OpenSSL 3's libcrypto), run by setup.py at install time
+(``cffi_modules``).
 
-The extension is optional: where libsodium's headers or library are missing (Debian's
-``libsodium-dev``; ``make`` installs it as root) the install still succeeds without it, and
+The extension is optional: where OpenSSL's headers or library are missing (Debian's
+``libssl-dev``; ``make`` installs it as root) the install still succeeds without it, and
 :mod:`govshare.protocols.x25519_batch` warns and falls back to the point-by-point path.
 """
 
@@ -36,7 +37,7 @@ ffibuilder.set_source(
     "#include <stddef.h>\n#include <stdint.h>\n" + DECLARATIONS,
     # A path relative to the project root keeps setuptools' sdist and editable builds happy.
     sources=[os.path.relpath(SOURCE)],
-    libraries=["sodium"],
+    libraries=["crypto"],
     # setuptools turns a failed build of an optional extension into a warning.
     optional=True,
 )

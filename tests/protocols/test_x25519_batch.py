@@ -86,11 +86,11 @@ def good_points(n: int) -> list[bytes]:
 
 
 def test_native_batch_path_is_built() -> None:
-    # make pytest installs libsodium-dev first; without it the extension is not built and
+    # make pytest installs libssl-dev first; without it the extension is not built and
     # the tests below would only compare the fallback with itself.
     assert x25519_batch.available(), (
         f"native batch path unavailable: {x25519_batch.unavailable_reason()}; install "
-        "libsodium-dev and reinstall govshare (pip install -e .)"
+        "libssl-dev and reinstall govshare (pip install -e .)"
     )
     assert x25519_batch.unavailable_reason() is None
 
