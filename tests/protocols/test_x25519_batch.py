@@ -12,7 +12,9 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -35,6 +37,8 @@ QID = b"query-0001"
 SCALAR = bytes.fromhex("a546e36bf0527c9d3b16154b82465edd62144c0ac1fc5a18506a2244ba449ac4")
 RFC_U = "e6db6867583030db3594c1a424b15f7c726624ec26b3353b10a903a6d0ab1c4c"
 RFC_OUT = "c3da55379de9c6908e94ea4df28d084f32eccf03491c71f754b4075577a28552"
+# Generous: a wait on the other threads, never a measure of speed.
+TIMEOUT = 120.0
 
 
 def u(value: int) -> bytes:
@@ -182,6 +186,37 @@ def test_a_realistic_chunk_gives_identical_masks() -> None:
     # Keys of every length around SHA-256's 64-byte block boundary.
     odd = [bytes(range(n % 256)) * (1 + n // 256) for n in range(0, 140)]
     assert hash_and_mask_chunk(scalar, QID, odd) == hash_and_mask_chunk_pointwise(scalar, QID, odd)
+
+
+def test_threads_masking_at_once_each_get_their_own_scalars_masks() -> None:
+    """The loop keeps its OpenSSL objects per call: threads of one process masking under their
+    own scalars at once (a node without a pool answers and streams on two threads) each get
+    the point-by-point bytes, and a refused point in one thread's chunk leaves the next chunk
+    of that thread, and the other threads, unharmed."""
+    points = b"".join(good_points(400))
+    refused = points[:64] + SMALL_ORDER["order 8 (a)"]
+    scalars = [ecdh_psi.generate_scalar() for _ in range(4)]
+    start = threading.Barrier(len(scalars))
+
+    def work(scalar: bytes) -> list[tuple[str, ...]]:
+        start.wait(TIMEOUT)
+        out = []
+        for _ in range(5):
+            out.append(outcome(mask_chunk, scalar, points))
+            out.append(outcome(mask_chunk, scalar, refused))
+            out.append(outcome(hash_and_mask_chunk, scalar, QID, [b"one", b"two"]))
+        return out
+
+    with ThreadPoolExecutor(len(scalars)) as pool:
+        results = list(pool.map(work, scalars))
+    for scalar, got in zip(scalars, results, strict=True):
+        want = [
+            outcome(mask_chunk_pointwise, scalar, points),
+            ("MalformedInput", "point 2 has small order (all-zero X25519 output)", "point"),
+            outcome(hash_and_mask_chunk_pointwise, scalar, QID, [b"one", b"two"]),
+        ]
+        assert got == want * 5
+    assert len({r[0] for r in results}) == len(scalars)  # four scalars, four different masks
 
 
 # --- edge inputs -----------------------------------------------------------------------------
