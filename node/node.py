@@ -299,8 +299,10 @@ class Node:
         client = self._peer_client(peer)
         try:
             client.deliver(query_id, phase, points, items)
-        except BaseException:
+        except BaseException as error:
             self._drop_peer_client(peer, client)
+            if self._closing and isinstance(error, Exception):
+                raise self._stopping(peer, phase) from error
             raise
 
     def send_abort(self, peer: str, query_id: str) -> None:
@@ -308,9 +310,16 @@ class Node:
         client = self._peer_client(peer)
         try:
             client.abort(query_id)
-        except BaseException:
+        except BaseException as error:
             self._drop_peer_client(peer, client)
+            if self._closing and isinstance(error, Exception):
+                raise self._stopping(peer, "abort") from error
             raise
+
+    def _stopping(self, peer: str, what: str) -> Unavailable:
+        """What a send reports when this node's stop closed its channel under it: gRPC's own
+        "Channel closed!" would name the peer, which did nothing wrong."""
+        return Unavailable(f"node {self.name} is stopping; {what} not sent to {peer}")
 
     def _peer_client(self, peer: str) -> NodeClient:
         """The node's channel to ``peer``, made on first use and kept: a stream of batches

@@ -4,14 +4,20 @@ mutual TLS; ``ghost`` is enrolled in the roster and never started."""
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
-from conftest import build_federation, served
+from conftest import build_federation, in_process_node, served
 
 from govshare.protocols.errors import Aborted, Unavailable
+from govshare.rpc import client as rpc_client
 
 UNKNOWN_QUERY = "0" * 32
+# Generous: a wait on another thread, never a measure of speed.
+TIMEOUT = 120.0
 
 
 def test_sends_to_a_peer_share_one_channel_until_one_fails(tmp_path: Path) -> None:
@@ -34,3 +40,49 @@ def test_sends_to_a_peer_share_one_channel_until_one_fails(tmp_path: Path) -> No
         assert tax._peer_client("ghost") is not ghost
         # The peer's own channel is untouched by the other peer's failure.
         assert tax._peer_client("civil") is after
+
+
+def test_a_send_cut_by_its_own_nodes_stop_says_the_node_is_stopping(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """tax streams a message to civil; tax stops while the stream is on the wire and closes its
+    channels under it. gRPC then cancels the call ("Channel closed!"), which the send used to
+    report as civil's failure; the sender now hears that tax is stopping, and so does a send
+    (or an abort) after the stop."""
+    fed = build_federation(tmp_path)
+    on_the_wire, stopped = threading.Event(), threading.Event()
+    chunks = rpc_client.message_chunks
+
+    def held_chunks(*args: Any) -> Iterator[Any]:
+        stream = chunks(*args)
+        yield next(stream)  # the call is open at civil
+        on_the_wire.set()
+        assert stopped.wait(TIMEOUT)
+        yield from stream
+
+    monkeypatch.setattr(rpc_client, "message_chunks", held_chunks)
+    # civil serves; tax only sends (a node with no server of its own stops by its close alone).
+    with served(fed, ["civil"]):
+        tax = in_process_node(fed, "tax")
+        failures: list[BaseException] = []
+
+        def send() -> None:
+            try:
+                tax.send("civil", UNKNOWN_QUERY, "values:0:1", [b"\x01" * 32] * 2000)
+            except BaseException as error:
+                failures.append(error)
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        try:
+            assert on_the_wire.wait(TIMEOUT)
+            tax.close()
+        finally:
+            stopped.set()
+            sender.join(TIMEOUT)
+        assert not sender.is_alive()
+        assert [(type(f), str(f)) for f in failures] == [
+            (Unavailable, "node tax is stopping; values:0:1 not sent to civil")
+        ]
+        with pytest.raises(Unavailable, match=r"^node tax is stopping; nothing sent to civil$"):
+            tax.send_abort("civil", UNKNOWN_QUERY)
