@@ -11,7 +11,8 @@ $(BIN)/python:
 	$(BIN)/python -m pip install -q --upgrade pip
 
 # Runtime install (what `make demo` needs). setup.py builds ECDH-PSI's native batch path
-# (protocols/x25519_batch.c) against OpenSSL's libcrypto when its headers are there (see `libcrypto`).
+# (protocols/x25519_batch.c) against OpenSSL's libcrypto when its headers are there (see
+# `libcrypto`).
 $(VENV)/.installed: pyproject.toml setup.py protocols/x25519_batch.c protocols/x25519_batch_build.py | $(BIN)/python libcrypto
 	$(BIN)/pip install -q -e .
 	touch $@

@@ -25,7 +25,7 @@
 #define GOVSHARE_OK 0
 #define GOVSHARE_NOT_CANONICAL 1
 #define GOVSHARE_SMALL_ORDER 2
-#define GOVSHARE_INIT_FAILED 3
+#define GOVSHARE_LIBRARY_FAILED 3 /* OpenSSL itself failed: not a refused point */
 
 /* The base point, u = 9: the peer key's value until the first point replaces it. */
 static const unsigned char BASE_POINT[GOVSHARE_POINT_SIZE] = {9};
@@ -38,7 +38,7 @@ int govshare_x25519_batch_init(void) {
     EVP_PKEY_CTX_free(ctx);
     EVP_MD_free(sha256);
     ERR_clear_error();
-    return ok ? GOVSHARE_OK : GOVSHARE_INIT_FAILED;
+    return ok ? GOVSHARE_OK : GOVSHARE_LIBRARY_FAILED;
 }
 
 /* 1 when the 32 little-endian bytes are >= p = 2^255 - 19 once bit 255 is ignored, i.e. the
@@ -90,7 +90,7 @@ static int masker_open(masker *m, const unsigned char *scalar) {
     m->ctx = m->own == NULL ? NULL : EVP_PKEY_CTX_new(m->own, NULL);
     if (m->peer == NULL || m->ctx == NULL || EVP_PKEY_derive_init(m->ctx) <= 0) {
         masker_close(m);
-        return GOVSHARE_INIT_FAILED;
+        return GOVSHARE_LIBRARY_FAILED;
     }
     return GOVSHARE_OK;
 }
@@ -101,7 +101,7 @@ static int masker_mask(masker *m, const unsigned char *point, unsigned char *out
     size_t length = GOVSHARE_POINT_SIZE;
     if (EVP_PKEY_set1_encoded_public_key(m->peer, point, GOVSHARE_POINT_SIZE) <= 0 ||
         EVP_PKEY_derive_set_peer_ex(m->ctx, m->peer, 0) <= 0) {
-        return GOVSHARE_INIT_FAILED;
+        return GOVSHARE_LIBRARY_FAILED;
     }
     if (EVP_PKEY_derive(m->ctx, out, &length) <= 0 || length != GOVSHARE_POINT_SIZE) {
         return GOVSHARE_SMALL_ORDER;
@@ -130,7 +130,7 @@ int govshare_x25519_mask_batch(const unsigned char *scalar, const unsigned char 
         return GOVSHARE_OK;
     }
     if (masker_open(&m, scalar) != GOVSHARE_OK) {
-        return GOVSHARE_INIT_FAILED;
+        return GOVSHARE_LIBRARY_FAILED;
     }
     for (i = 0; i < count && status == GOVSHARE_OK; i++) {
         status = masker_mask(&m, points + i * GOVSHARE_POINT_SIZE, out + i * GOVSHARE_POINT_SIZE);
@@ -160,7 +160,7 @@ int govshare_x25519_hash_and_mask_batch(const unsigned char *scalar, const unsig
         return GOVSHARE_OK;
     }
     if (masker_open(&m, scalar) != GOVSHARE_OK) {
-        return GOVSHARE_INIT_FAILED;
+        return GOVSHARE_LIBRARY_FAILED;
     }
     sha256 = EVP_MD_fetch(NULL, "SHA256", NULL);
     prefixed = EVP_MD_CTX_new();
@@ -168,14 +168,14 @@ int govshare_x25519_hash_and_mask_batch(const unsigned char *scalar, const unsig
     if (sha256 == NULL || prefixed == NULL || state == NULL ||
         EVP_DigestInit_ex(prefixed, sha256, NULL) <= 0 ||
         EVP_DigestUpdate(prefixed, prefix, prefix_len) <= 0) {
-        status = GOVSHARE_INIT_FAILED;
+        status = GOVSHARE_LIBRARY_FAILED;
     }
     for (i = 0; i < count && status == GOVSHARE_OK; i++) {
         *bad_index = i;
         if (EVP_MD_CTX_copy_ex(state, prefixed) <= 0 ||
             EVP_DigestUpdate(state, keys + start, (size_t)(ends[i] - start)) <= 0 ||
             EVP_DigestFinal_ex(state, point, NULL) <= 0) {
-            status = GOVSHARE_INIT_FAILED;
+            status = GOVSHARE_LIBRARY_FAILED;
             break;
         }
         start = ends[i];

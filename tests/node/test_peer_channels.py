@@ -76,8 +76,8 @@ def test_a_send_cut_by_its_own_nodes_stop_says_the_node_is_stopping(
         sender.start()
         try:
             assert on_the_wire.wait(TIMEOUT)
-            tax.close()
         finally:
+            tax.close()  # the stop, with the stream on the wire (and however the wait ended)
             stopped.set()
             sender.join(TIMEOUT)
         assert not sender.is_alive()
